@@ -1,0 +1,3 @@
+"""grads/noise_scale (under construction)."""
+
+__all__: list[str] = []

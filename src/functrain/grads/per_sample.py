@@ -1,0 +1,3 @@
+"""grads/per_sample (under construction)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""grads/privacy (under construction)."""
+
+__all__: list[str] = []

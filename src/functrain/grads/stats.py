@@ -1,0 +1,3 @@
+"""grads/stats (under construction)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""logging/base (under construction)."""
+
+__all__: list[str] = []

@@ -1,0 +1,87 @@
+"""Private helpers shared by transforms: counters, hyperparameters, leaf lists."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union
+
+import torch
+
+from functrain import tree
+
+Scalar = Union[float, int, torch.Tensor]
+ScalarOrSchedule = Union[Scalar, Callable[[Any], Scalar]]
+
+INT32_MAX = 2**31 - 1
+
+
+def default_device(params: Any) -> torch.device:
+    """The device of the first tensor leaf of ``params``; CPU when there is none."""
+    for leaf in tree.leaves(params):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+
+def zero_count(params: Any) -> torch.Tensor:
+    """An int32 step counter on the params' device, as optax's ``jnp.zeros([], jnp.int32)``."""
+    return torch.zeros((), dtype=torch.int32, device=default_device(params))
+
+
+def safe_increment(count: torch.Tensor) -> torch.Tensor:
+    """``count + 1`` that saturates at the int32 maximum instead of wrapping around."""
+    return torch.where(count < INT32_MAX, count + 1, count)
+
+
+def resolve(value: ScalarOrSchedule, count: torch.Tensor) -> Scalar:
+    """Evaluates a schedule at ``count``; returns numbers and tensors unchanged."""
+    return value(count) if callable(value) else value
+
+
+def float_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
+    """The widest floating dtype among ``leaves`` (float32 when there is none)."""
+    dtype = None
+    for leaf in leaves:
+        if leaf.is_floating_point():
+            dtype = leaf.dtype if dtype is None else torch.promote_types(dtype, leaf.dtype)
+    return dtype or torch.float32
+
+
+def power(base: Scalar, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``base ** count`` as a 0-d tensor of ``dtype`` on ``count``'s device (no host sync)."""
+    exponent = count.to(dtype)
+    if isinstance(base, torch.Tensor):
+        return torch.pow(base.to(dtype=dtype, device=count.device), exponent)
+    return torch.pow(torch.tensor(base, dtype=dtype, device=count.device), exponent)
+
+
+def check_finite_number(name: str, value: Any, *, minimum: float | None = None) -> None:
+    """Validates a Python-number hyperparameter at construction (tensors and schedules pass)."""
+    if isinstance(value, bool) or callable(value) or isinstance(value, torch.Tensor):
+        return
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, a tensor or a schedule, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def flat(updates: Any, state_trees: dict[str, Any]) -> tuple[list[torch.Tensor], Any, dict]:
+    """Flattens ``updates`` and checks each state tree has its structure and shapes.
+
+    Returns the update leaves, the treespec, and the leaves of each named state tree.
+    Mismatches raise :class:`functrain.tree.TreeMismatchError` naming the path.
+    """
+    paths, u_leaves, spec = tree.flatten_with_paths(updates)
+    out = {}
+    for name, other in state_trees.items():
+        leaves = tree.flatten_up_to(spec, other, ("updates", name), updates)
+        for p, u, s in zip(paths, u_leaves, leaves):
+            if isinstance(s, torch.Tensor) and isinstance(u, torch.Tensor) and s.shape != u.shape:
+                raise tree.TreeMismatchError(
+                    f"{tree.path_str(p, 'updates')}: shape {tuple(u.shape)} does not match "
+                    f"{tree.path_str(p, name)} shape {tuple(s.shape)}"
+                )
+        out[name] = leaves
+    return u_leaves, spec, out

@@ -1,0 +1,268 @@
+"""The gradient-transformation core: ``GradientTransformation``, ``chain`` and friends.
+
+A transform is a pair of pure functions. ``init(params)`` builds its state (a NamedTuple of
+tensors); ``update(updates, state, params=None, **extra)`` returns ``(new_updates, new_state)``
+and never mutates its arguments. Chains thread the state of each member.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from functrain import tree
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "TransformInitFn",
+    "TransformUpdateFn",
+    "apply_updates",
+    "chain",
+    "identity",
+    "named_chain",
+    "set_to_zero",
+    "stateless",
+]
+
+PyTree = Any
+Params = Any
+Updates = Any
+OptState = Any
+
+
+class TransformInitFn(Protocol):
+    """``init(params) -> state``."""
+
+    def __call__(self, params: Params) -> OptState: ...
+
+
+class TransformUpdateFn(Protocol):
+    """``update(updates, state, params=None, **extra) -> (updates, state)``."""
+
+    def __call__(
+        self, updates: Updates, state: OptState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, OptState]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """A pure gradient transformation: ``init`` and ``update``, as in optax.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.chain(ft.clip_by_global_norm(1.0), ft.scale(-0.1))
+        >>> params = {"w": torch.ones(2)}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": torch.tensor([3.0, 4.0])}, state, params)
+        >>> updates["w"]
+        tensor([-0.0600, -0.0800])
+    """
+
+    init: TransformInitFn
+    update: TransformUpdateFn
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transform.
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.EmptyState()
+        EmptyState()
+    """
+
+
+def identity() -> GradientTransformation:
+    """Passes updates through unchanged.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.identity()
+        >>> tx.update([torch.ones(1)], tx.init(None))[0]
+        [tensor([1.])]
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update_fn(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        del params, extra
+        return updates, state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def set_to_zero() -> GradientTransformation:
+    """Replaces every update with zeros (used by :func:`freeze` and ``partition``).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.set_to_zero()
+        >>> tx.update([torch.ones(2)], tx.init(None))[0]
+        [tensor([0., 0.])]
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update_fn(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        del params, extra
+        return tree.zeros_like(updates), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def stateless(f: Callable[[Updates, Params | None], Updates]) -> GradientTransformation:
+    """Builds a stateless transform from ``f(updates, params) -> updates``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.stateless(lambda u, p: ft.tree.scale(2.0, u))
+        >>> tx.update([torch.ones(1)], tx.init(None))[0]
+        [tensor([2.])]
+    """
+
+    def init_fn(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update_fn(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        del extra
+        return f(updates, params), state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def _accepts_extra(update_fn: Callable[..., Any]) -> bool:
+    try:
+        sig = inspect.signature(update_fn)
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def _call_update(
+    tx: GradientTransformation,
+    passes_extra: bool,
+    updates: Updates,
+    state: OptState,
+    params: Params | None,
+    extra: dict[str, Any],
+) -> tuple[Updates, OptState]:
+    if passes_extra:
+        return tx.update(updates, state, params, **extra)
+    return tx.update(updates, state, params)
+
+
+def _check_transform(tx: Any, where: str) -> GradientTransformation:
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise TypeError(
+            f"{where} must be a GradientTransformation (init, update), got {type(tx).__name__}"
+        )
+    return tx
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Applies transforms one after another; the state is a tuple of their states.
+
+    Keyword arguments given to ``update`` (``**extra``) reach every member whose ``update``
+    accepts ``**kwargs``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.chain(ft.scale(2.0), ft.scale(-0.5))
+        >>> tx.update([torch.ones(1)], tx.init(None))[0]
+        [tensor([-1.])]
+    """
+    txs = tuple(_check_transform(t, f"chain argument {i}") for i, t in enumerate(transforms))
+    extras = tuple(_accepts_extra(t.update) for t in txs)
+
+    def init_fn(params: Params) -> tuple[OptState, ...]:
+        return tuple(t.init(params) for t in txs)
+
+    def update_fn(
+        updates: Updates, state: tuple[OptState, ...], params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, tuple[OptState, ...]]:
+        if not isinstance(state, tuple) or len(state) != len(txs):
+            got = f"tuple of {len(state)}" if isinstance(state, tuple) else type(state).__name__
+            raise ValueError(
+                f"chain of {len(txs)} transforms got a state that is a {got}; "
+                "was it made by this chain's init?"
+            )
+        new_states = []
+        for t, passes, s in zip(txs, extras, state):
+            updates, s = _call_update(t, passes, updates, s, params, extra)
+            new_states.append(s)
+        return updates, tuple(new_states)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
+    """Like :func:`chain`, but the state is a dict keyed by the given names.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.named_chain(("clip", ft.clip(1.0)), ("lr", ft.scale(-0.1)))
+        >>> sorted(tx.init({"w": torch.ones(1)}))
+        ['clip', 'lr']
+    """
+    names = [name for name, _ in transforms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"named_chain names must be unique, got {names}")
+    txs = [(n, _check_transform(t, f"named_chain[{n!r}]")) for n, t in transforms]
+    extras = {n: _accepts_extra(t.update) for n, t in txs}
+
+    def init_fn(params: Params) -> dict[str, OptState]:
+        return {n: t.init(params) for n, t in txs}
+
+    def update_fn(
+        updates: Updates, state: dict[str, OptState], params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, dict[str, OptState]]:
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise ValueError(f"named_chain state has no entry for {missing}")
+        new_state = {}
+        for n, t in txs:
+            updates, new_state[n] = _call_update(t, extras[n], updates, state[n], params, extra)
+        return updates, new_state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Returns ``params + updates``, each result cast back to its parameter's dtype.
+
+    ``None`` updates leave the matching parameter unchanged. Nothing is mutated.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
+        {'w': tensor([1.5000, 0.0000])}
+    """
+    p_paths, p_leaves, spec = tree.flatten_with_paths(params)
+    u_leaves = tree.flatten_up_to(spec, updates, ("params", "updates"), params)
+    for path, p, u in zip(p_paths, p_leaves, u_leaves):
+        if u is not None and p.shape != u.shape:
+            raise tree.TreeMismatchError(
+                f"{tree.path_str(path, 'updates')}: shape {tuple(u.shape)} does not match "
+                f"{tree.path_str(path, 'params')} shape {tuple(p.shape)}"
+            )
+    pairs = [(i, p, u) for i, (p, u) in enumerate(zip(p_leaves, u_leaves)) if u is not None]
+    out = list(p_leaves)
+    if pairs:
+        sums = torch._foreach_add([p for _, p, _ in pairs], [u for _, _, u in pairs])
+        for (i, p, _), s in zip(pairs, sums):
+            out[i] = s if s.dtype == p.dtype else s.to(p.dtype)
+    return tree.unflatten(spec, out)

@@ -1,0 +1,3 @@
+"""optim/hyperparams (under construction)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""optim/multi_steps (under construction)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""optim/schedules (under construction)."""
+
+__all__: list[str] = []

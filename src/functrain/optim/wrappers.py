@@ -1,0 +1,3 @@
+"""optim/wrappers (under construction)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""train/module (under construction)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""train/state (under construction)."""
+
+__all__: list[str] = []

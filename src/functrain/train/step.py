@@ -1,0 +1,3 @@
+"""train/step (under construction)."""
+
+__all__: list[str] = []
