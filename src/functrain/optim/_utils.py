@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from functrain import tree
 
-Scalar = Union[float, int, torch.Tensor]
-ScalarOrSchedule = Union[Scalar, Callable[[Any], Scalar]]
+Scalar = float | int | torch.Tensor
+ScalarOrSchedule = Scalar | Callable[[Any], Scalar]
 
 INT32_MAX = 2**31 - 1
 
