@@ -228,12 +228,27 @@ def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree
     return optree.tree_unflatten(spec, [fn(p, *xs) for p, *xs in zip(paths, tree_leaves, *others)])
 
 
+def _check_same(a: PyTree, b: PyTree, names: tuple[str, str] = ("a", "b")) -> None:
+    """Like :func:`check_shapes`, and ``b`` may not hold ``None`` where ``a`` has a leaf."""
+    check_shapes(a, b, names)
+    spec = structure(a)
+    if spec == structure(b):
+        return
+    paths, _, _ = flatten_with_paths(a)
+    for p, leaf in zip(paths, spec.flatten_up_to(b)):
+        if leaf is None:
+            raise TreeMismatchError(
+                f"tree structures differ: {path_str(p, names[1])} is None but "
+                f"{path_str(p, names[0])} is a leaf"
+            )
+
+
 def _binary(
     a: PyTree,
     b: PyTree,
     foreach: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]],
 ) -> PyTree:
-    check_shapes(a, b, ("a", "b"))
+    _check_same(a, b)
     a_leaves, spec = flatten(a)
     b_leaves = flatten(b)[0]
     if not a_leaves:
@@ -300,8 +315,16 @@ def scale(scalar: float | torch.Tensor, tree: PyTree) -> PyTree:
     if not tree_leaves:
         return tree
     if isinstance(scalar, torch.Tensor):
-        return unflatten(spec, [leaf * scalar.to(leaf.dtype) for leaf in tree_leaves])
+        return unflatten(spec, [leaf * _like(scalar, leaf) for leaf in tree_leaves])
     return unflatten(spec, torch._foreach_mul(tree_leaves, scalar))
+
+
+def _like(scalar: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    # A float64 0-d scalar must not promote a float32 0-d leaf, but an integer leaf times a
+    # fractional scalar must become floating point (as with a Python float), not truncate it.
+    if leaf.is_floating_point() or leaf.is_complex():
+        return scalar.to(leaf.dtype)
+    return scalar
 
 
 def add_scale(a: PyTree, scalar: float | torch.Tensor, b: PyTree) -> PyTree:
@@ -312,13 +335,13 @@ def add_scale(a: PyTree, scalar: float | torch.Tensor, b: PyTree) -> PyTree:
         >>> ft.tree.add_scale([torch.ones(1)], 2.0, [torch.ones(1)])
         [tensor([3.])]
     """
-    check_shapes(a, b, ("a", "b"))
+    _check_same(a, b)
     a_leaves, spec = flatten(a)
     b_leaves = flatten(b)[0]
     if not a_leaves:
         return a
     if isinstance(scalar, torch.Tensor):
-        return unflatten(spec, [x + scalar.to(y.dtype) * y for x, y in zip(a_leaves, b_leaves)])
+        return unflatten(spec, [x + _like(scalar, y) * y for x, y in zip(a_leaves, b_leaves)])
     return unflatten(spec, torch._foreach_add(a_leaves, b_leaves, alpha=scalar))
 
 
@@ -330,20 +353,27 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
         >>> ft.tree.vdot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
         tensor(11.)
     """
-    check_shapes(a, b, ("a", "b"))
+    _check_same(a, b)
     a_leaves, b_leaves = flatten(a)[0], flatten(b)[0]
     if not a_leaves:
         return torch.zeros(())
-    dots = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a_leaves, b_leaves)]
+    dots = []
+    for x, y in zip(a_leaves, b_leaves):
+        dtype = torch.promote_types(x.dtype, y.dtype)  # torch.vdot wants equal dtypes
+        dots.append(torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
     return _sum_scalars(dots)
 
 
-def _sum_scalars(values: list[torch.Tensor]) -> torch.Tensor:
+def _stack_promoted(values: list[torch.Tensor]) -> torch.Tensor:
     dtype = values[0].dtype
     for v in values[1:]:
         dtype = torch.promote_types(dtype, v.dtype)
     device = values[0].device
-    return torch.stack([v.to(dtype=dtype, device=device) for v in values]).sum()
+    return torch.stack([v.to(dtype=dtype, device=device) for v in values])
+
+
+def _sum_scalars(values: list[torch.Tensor]) -> torch.Tensor:
+    return _stack_promoted(values).sum()
 
 
 def sum(tree: PyTree) -> torch.Tensor:
@@ -368,10 +398,13 @@ def max(tree: PyTree) -> torch.Tensor:
         >>> ft.tree.max({"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([3.0])})
         tensor(5.)
     """
-    tree_leaves = leaves(tree)
+    all_leaves = leaves(tree)
+    # Shapes are static, so skipping empty leaves costs no device synchronization.
+    tree_leaves = [leaf for leaf in all_leaves if leaf.numel()]
     if not tree_leaves:
-        raise ValueError("tree.max of an empty tree is undefined")
-    return torch.stack([leaf.max() for leaf in tree_leaves]).max()
+        raise ValueError("tree.max of a tree without elements is undefined")
+    dtype = _stack_promoted([x.new_zeros(()) for x in all_leaves]).dtype
+    return _stack_promoted([leaf.max() for leaf in tree_leaves]).max().to(dtype)
 
 
 def size(tree: PyTree) -> int:
@@ -403,23 +436,26 @@ def norm(tree: PyTree, ord: float = 2, squared: bool = False) -> torch.Tensor:
         >>> ft.tree.norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, squared=True)
         tensor(25.)
     """
-    tree_leaves = leaves(tree)
     if squared and ord != 2:
         raise ValueError(f"squared=True needs ord=2, got ord={ord!r}")
-    if not tree_leaves:
+    if ord not in (1, 2, float("inf")):
+        raise ValueError(f"ord must be 1, 2 or inf, got {ord!r}")
+    all_leaves = leaves(tree)
+    if not all_leaves:
         return torch.zeros(())
+    # The result dtype comes from every leaf; empty leaves add nothing to any of these norms
+    # (and the inf-norm kernel rejects them). Shapes are static: skipping them does not sync.
+    zero = _stack_promoted([x.new_zeros(()) for x in all_leaves]).sum()
+    tree_leaves = [leaf for leaf in all_leaves if leaf.numel()]
+    if not tree_leaves:
+        return zero
     per_leaf = torch._foreach_norm(tree_leaves, ord)
     if ord == 2:
-        total = _sum_scalars([n.square() for n in per_leaf])
+        total = _sum_scalars([zero, *(n.square() for n in per_leaf)])
         return total if squared else total.sqrt()
     if ord == 1:
-        return _sum_scalars(per_leaf)
-    if ord == float("inf"):
-        dtype = per_leaf[0].dtype
-        for n in per_leaf[1:]:
-            dtype = torch.promote_types(dtype, n.dtype)
-        return torch.stack([n.to(dtype=dtype, device=per_leaf[0].device) for n in per_leaf]).max()
-    raise ValueError(f"ord must be 1, 2 or inf, got {ord!r}")
+        return _sum_scalars([zero, *per_leaf])
+    return _stack_promoted([zero, *per_leaf]).max()
 
 
 def zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
@@ -480,7 +516,7 @@ def where(condition: torch.Tensor | PyTree, a: PyTree, b: PyTree) -> PyTree:
         >>> ft.tree.where(torch.tensor(False), [torch.ones(1)], [torch.zeros(1)])
         [tensor([0.])]
     """
-    check_shapes(a, b, ("a", "b"))
+    _check_same(a, b)
     if isinstance(condition, torch.Tensor):
         return map(lambda x, y: torch.where(condition, x, y), a, b)
     return map(lambda c, x, y: torch.where(c, x, y), condition, a, b)
@@ -494,6 +530,8 @@ def clip(tree: PyTree, min_value: float | None = None, max_value: float | None =
         >>> ft.tree.clip([torch.tensor([-2.0, 0.5, 2.0])], -1.0, 1.0)
         [tensor([-1.0000,  0.5000,  1.0000])]
     """
+    if min_value is None and max_value is None:
+        return tree
     return optree.tree_map(lambda x: torch.clamp(x, min_value, max_value), tree)
 
 
@@ -511,7 +549,10 @@ def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8) -> bo
     b_leaves, spec_b = flatten(b)
     if spec_a != spec_b:
         return False
-    return all(
-        x.shape == y.shape and bool(torch.allclose(x, y, rtol=rtol, atol=atol))
-        for x, y in zip(a_leaves, b_leaves)
-    )
+    for x, y in zip(a_leaves, b_leaves):
+        if x.shape != y.shape:
+            return False
+        dtype = torch.promote_types(x.dtype, y.dtype)  # torch.allclose wants equal dtypes
+        if not bool(torch.allclose(x.to(dtype), y.to(x.device, dtype), rtol=rtol, atol=atol)):
+            return False
+    return True

@@ -1,3 +1,457 @@
-"""grads/noise_scale (under construction)."""
+r"""Gradient noise scale, gradient diversity and micro-batch agreement, from accumulation.
 
-__all__: list[str] = []
+A step that accumulates ``K ≥ 2`` micro-batches already holds ``K`` gradient estimates. From
+their squared norms alone (no stored gradients) we estimate, without bias and for unequal
+micro-batch sizes, the squared norm of the true gradient ``|G|²`` and the trace of the
+per-example gradient covariance ``tr(Σ)``, and from these the *simple noise scale*
+``B_simple = tr(Σ) / |G|²`` of McCandlish et al. 2018 ("An empirical model of large-batch
+training"): the batch size beyond which larger batches stop paying off.
+
+Derivation (unequal sizes). Micro-batch ``i`` has ``bᵢ`` examples and mean gradient
+``ĝᵢ = G + εᵢ`` with independent ``εᵢ``, ``E[εᵢ] = 0`` and ``Cov(εᵢ) = Σ/bᵢ``. The step gradient is
+``ĝ = Σᵢ bᵢĝᵢ / B`` with ``B = Σᵢ bᵢ``, so ``Cov(ĝ) = Σᵢ bᵢ² (Σ/bᵢ) / B² = Σ/B``. Hence
+``E‖ĝᵢ‖² = |G|² + tr(Σ)/bᵢ`` and ``E‖ĝ‖² = |G|² + tr(Σ)/B``, and::
+
+    E[Σᵢ bᵢ‖ĝᵢ‖² − B‖ĝ‖²] = B|G|² + K·tr(Σ) − B|G|² − tr(Σ) = (K − 1)·tr(Σ)
+
+so ``S = (Σᵢ bᵢ‖ĝᵢ‖² − B‖ĝ‖²) / (K − 1)`` is unbiased for ``tr(Σ)``, and
+``|G|²_est = ‖ĝ‖² − S/B`` is unbiased for ``|G|²`` (``E = |G|² + tr(Σ)/B − tr(Σ)/B``). Both hold
+for any sizes; the numerator equals ``Σᵢ bᵢ‖ĝᵢ − ĝ‖² ≥ 0``. With two micro-batches this is
+McCandlish et al.'s two-batch-size estimator (their Appendix A).
+
+``B_simple`` is the ratio of exponential moving averages of the two unbiased estimates (a ratio
+of noisy estimates is biased, so the averages come first), kept in a :class:`NoiseScaleState`.
+Nothing here reads a tensor on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.grads.stats import GradMoments
+from functrain.optim import _utils
+
+__all__ = [
+    "CosineAccumulator",
+    "NoiseScaleEstimate",
+    "NoiseScaleState",
+    "cosine_accumulator_add",
+    "cosine_accumulator_init",
+    "gradient_diversity",
+    "gradient_diversity_from_moments",
+    "mean_pairwise_cosine",
+    "noise_scale_estimate",
+    "noise_scale_from_moments",
+    "noise_scale_hook",
+    "noise_scale_init",
+    "noise_scale_metrics",
+    "noise_scale_update",
+    "simple_noise_scale",
+]
+
+PyTree = Any
+Numbers = Sequence[float | int | torch.Tensor] | torch.Tensor
+
+
+class NoiseScaleEstimate(NamedTuple):
+    """Unbiased estimates from one step.
+
+    Attributes:
+        trace_sigma: ``tr(Σ)``, the total variance of a single example's gradient.
+        grad_sq: ``|G|²``, the squared norm of the expected gradient (may be negative when the
+            gradient is small compared with the noise; it is unbiased, not clamped).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> est = ft.NoiseScaleEstimate(trace_sigma=torch.tensor(8.0), grad_sq=torch.tensor(2.0))
+        >>> est.trace_sigma / est.grad_sq  # the instantaneous B_simple
+        tensor(4.)
+    """
+
+    trace_sigma: torch.Tensor
+    grad_sq: torch.Tensor
+
+
+def _stack_sq_norms(values: Numbers) -> torch.Tensor:
+    """``K`` squared norms as a tensor with last dimension ``K``."""
+    if isinstance(values, torch.Tensor):
+        out = values
+    else:
+        values = list(values)
+        if not values:
+            raise ValueError("sq_norms is empty")
+        if all(isinstance(v, torch.Tensor) for v in values):
+            out = torch.stack(values, dim=-1)
+        else:  # Python numbers (tests, notebooks): a CPU tensor
+            out = torch.tensor([float(v) for v in values])
+    if out.dim() == 0:
+        raise ValueError("sq_norms must hold K values (a list, or a tensor with last dim K)")
+    return out if out.is_floating_point() else out.to(torch.get_default_dtype())
+
+
+def _weighted_sums(
+    sizes: Numbers, sq: torch.Tensor, power: int
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """``(Σᵢ bᵢ^power · sqᵢ, Σᵢ bᵢ)`` over the last dimension.
+
+    Python-number sizes stay Python numbers: building a device tensor from host values would
+    copy and synchronize on CUDA.
+    """
+    k = sq.shape[-1]
+    if isinstance(sizes, torch.Tensor):
+        b = sizes.to(device=sq.device, dtype=sq.dtype)
+        if b.shape[-1:] != (k,):
+            raise ValueError(f"sizes has shape {tuple(b.shape)}; its last dim must be K={k}")
+        return (b**power * sq).sum(-1), b.sum(-1)
+    sizes = list(sizes)
+    if len(sizes) != k:
+        raise ValueError(f"got {len(sizes)} sizes for K={k} squared norms")
+    weighted = sq[..., 0] * sizes[0] ** power
+    for i in range(1, k):
+        weighted = weighted + sq[..., i] * sizes[i] ** power
+    total = sizes[0]
+    for b in sizes[1:]:
+        total = total + b
+    return weighted, total
+
+
+def noise_scale_estimate(
+    sq_norms: Numbers, sizes: Numbers, combined_sq_norm: torch.Tensor | float
+) -> NoiseScaleEstimate:
+    """Unbiased ``tr(Σ)`` and ``|G|²`` from ``K ≥ 2`` micro-batch mean gradients.
+
+    ``tr(Σ) ≈ (Σᵢ bᵢ‖ĝᵢ‖² − B‖ĝ‖²)/(K − 1)`` and ``|G|² ≈ ‖ĝ‖² − tr(Σ)/B``, unbiased for any sizes
+    (derivation in the module docstring).
+
+    Args:
+        sq_norms: ``‖ĝᵢ‖²`` of each micro-batch's *mean* gradient: a list of ``K`` 0-d tensors as
+            they come, or a tensor whose last dimension is ``K`` (leading dimensions broadcast).
+        sizes: ``bᵢ``, examples (or loss weights, e.g. tokens) per micro-batch: ``K`` numbers or
+            tensors, or a tensor with last dimension ``K``.
+        combined_sq_norm: ``‖ĝ‖²`` of the step gradient ``ĝ = Σᵢ bᵢĝᵢ / B``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+        >>> g = (2 * g1 + 2 * g2) / 4
+        >>> est = ft.noise_scale_estimate([g1 @ g1, g2 @ g2], [2, 2], g @ g)
+        >>> est.trace_sigma, est.grad_sq
+        (tensor(2.), tensor(0.))
+    """
+    sq = _stack_sq_norms(sq_norms)
+    k = sq.shape[-1]
+    if k < 2:
+        raise ValueError(f"noise_scale_estimate needs K >= 2 micro-batches, got K={k}")
+    weighted, total = _weighted_sums(sizes, sq, 1)
+    trace_sigma = (weighted - total * combined_sq_norm) / (k - 1)
+    if not isinstance(trace_sigma, torch.Tensor):
+        trace_sigma = torch.as_tensor(trace_sigma, dtype=sq.dtype)
+    return NoiseScaleEstimate(trace_sigma, combined_sq_norm - trace_sigma / total)
+
+
+def noise_scale_from_moments(m: GradMoments) -> NoiseScaleEstimate:
+    """``tr(Σ)`` and ``|G|²`` from per-sample gradient moments (each example a micro-batch of 1).
+
+    ``tr(Σ) = Σ_p m2_p / (n − 1)`` (the summed unbiased variances) and
+    ``|G|² = ‖mean‖² − tr(Σ)/n``: :func:`noise_scale_estimate` with ``K = n``, ``bᵢ = 1``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> m = ft.grad_moments({"w": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
+        >>> ft.noise_scale_from_moments(m)
+        NoiseScaleEstimate(trace_sigma=tensor(1.), grad_sq=tensor(0.))
+    """
+    if m.count < 2:
+        raise ValueError(f"noise_scale_from_moments needs at least 2 examples, got {m.count}")
+    trace_sigma = tree.sum(m.m2) / (m.count - 1)
+    return NoiseScaleEstimate(trace_sigma, tree.norm(m.mean, squared=True) - trace_sigma / m.count)
+
+
+def gradient_diversity(
+    sq_norms: Numbers, combined_sq_norm: torch.Tensor | float, sizes: Numbers | None = None
+) -> torch.Tensor:
+    """Gradient diversity (Yin et al. 2018): ``Σᵢ‖gᵢ‖² / ‖Σᵢ gᵢ‖²``.
+
+    Large when the gradients point in different directions (more parallelism pays off), ``1/K``
+    at the minimum when they are all equal.
+
+    Args:
+        sq_norms: ``‖gᵢ‖²`` of ``K`` gradients (list of 0-d tensors or a tensor, last dim ``K``).
+        combined_sq_norm: without ``sizes``, ``‖Σᵢ gᵢ‖²``. With ``sizes``, the ``sq_norms`` are of
+            micro-batch *mean* gradients ``ĝᵢ`` and this is ``‖ĝ‖²`` of ``ĝ = Σ bᵢĝᵢ / B``; the
+            diversity is then that of the micro-batch sum gradients ``bᵢĝᵢ``:
+            ``Σ bᵢ²‖ĝᵢ‖² / (B²‖ĝ‖²)``.
+        sizes: micro-batch sizes ``bᵢ``, or ``None``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.gradient_diversity([torch.tensor(1.0), torch.tensor(1.0)], torch.tensor(2.0))
+        tensor(1.)
+    """
+    sq = _stack_sq_norms(sq_norms)
+    if sizes is None:
+        return sq.sum(-1) / combined_sq_norm
+    weighted, total = _weighted_sums(sizes, sq, 2)
+    return weighted / (total * total * combined_sq_norm)
+
+
+def gradient_diversity_from_moments(m: GradMoments) -> torch.Tensor:
+    """Gradient diversity of the per-sample gradients: ``Σᵢ‖gᵢ‖² / ‖Σᵢ gᵢ‖²`` from moments.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.gradient_diversity_from_moments(ft.grad_moments([torch.tensor([[1.0, 0.0], [0.0, 1.0]])]))
+        tensor(1.)
+    """
+    return tree.sum(m.sum_of_squares()) / (m.count**2 * tree.norm(m.mean, squared=True))
+
+
+class NoiseScaleState(NamedTuple):
+    """Moving averages behind ``B_simple``.
+
+    Attributes:
+        count: number of updates (int32).
+        trace_sigma: exponential moving average of ``tr(Σ)`` estimates (zero-initialised, not
+            bias-corrected).
+        grad_sq: exponential moving average of ``|G|²`` estimates (same).
+    """
+
+    count: torch.Tensor
+    trace_sigma: torch.Tensor
+    grad_sq: torch.Tensor
+
+
+def noise_scale_init(
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> NoiseScaleState:
+    """A fresh :class:`NoiseScaleState` (zeros) on ``device``.
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.noise_scale_init().count
+        tensor(0, dtype=torch.int32)
+    """
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return NoiseScaleState(torch.zeros((), dtype=torch.int32, device=device), zero, zero.clone())
+
+
+def noise_scale_update(
+    state: NoiseScaleState, estimate: NoiseScaleEstimate, decay: float | torch.Tensor = 0.99
+) -> NoiseScaleState:
+    """Folds one step's estimates into the moving averages: ``ema ← decay·ema + (1−decay)·x``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> est = ft.NoiseScaleEstimate(torch.tensor(8.0), torch.tensor(2.0))
+        >>> state = ft.noise_scale_update(ft.noise_scale_init(), est, decay=0.9)
+        >>> ft.simple_noise_scale(state)
+        tensor(4.)
+    """
+    dtype = state.trace_sigma.dtype
+    s = torch.as_tensor(estimate.trace_sigma).to(dtype)
+    g = torch.as_tensor(estimate.grad_sq).to(dtype)
+    weight = (1 - decay).to(dtype) if isinstance(decay, torch.Tensor) else 1 - decay
+    return NoiseScaleState(
+        _utils.safe_increment(state.count),
+        torch.lerp(state.trace_sigma, s, weight),
+        torch.lerp(state.grad_sq, g, weight),
+    )
+
+
+def simple_noise_scale(state: NoiseScaleState) -> torch.Tensor:
+    """``B_simple = EMA[tr(Σ)] / EMA[|G|²]`` (McCandlish et al. 2018).
+
+    Both averages share the bias-correction factor ``1 − decayᵗ``, so it cancels in the ratio.
+    Before the first update the ratio is NaN; while ``EMA[|G|²] ≤ 0`` (noise dominates) it is
+    negative or infinite: read it once the averages have settled.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> state = ft.NoiseScaleState(torch.tensor(3), torch.tensor(6.0), torch.tensor(2.0))
+        >>> ft.simple_noise_scale(state)
+        tensor(3.)
+    """
+    return state.trace_sigma / state.grad_sq
+
+
+def noise_scale_metrics(
+    state: NoiseScaleState,
+    estimate: NoiseScaleEstimate,
+    decay: float | torch.Tensor = 0.99,
+    prefix: str = "noise_scale/",
+) -> tuple[NoiseScaleState, dict[str, torch.Tensor]]:
+    """Updates the state and returns metrics for a train step (all tensors, no host reads).
+
+    Metrics: ``{prefix}b_simple`` (ratio of averages), ``{prefix}trace_sigma`` and
+    ``{prefix}grad_sq`` (bias-corrected moving averages).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> est = ft.noise_scale_estimate([torch.tensor(2.0), torch.tensor(1.0)], [1, 1], 1.0)
+        >>> state, metrics = ft.noise_scale_metrics(ft.noise_scale_init(), est)
+        >>> sorted(metrics)
+        ['noise_scale/b_simple', 'noise_scale/grad_sq', 'noise_scale/trace_sigma']
+    """
+    new = noise_scale_update(state, estimate, decay)
+    count = new.count.to(new.trace_sigma.dtype)
+    if isinstance(decay, torch.Tensor):
+        correction = 1 - torch.pow(decay.to(count), count)
+    else:  # a Python base: torch.pow(Number, Tensor) needs no host-to-device copy
+        correction = 1 - torch.pow(decay, count)
+    metrics = {
+        f"{prefix}b_simple": simple_noise_scale(new),
+        f"{prefix}trace_sigma": new.trace_sigma / correction,
+        f"{prefix}grad_sq": new.grad_sq / correction,
+    }
+    return new, metrics
+
+
+class CosineAccumulator(NamedTuple):
+    """Running sum of normalized gradients, for the mean pairwise cosine.
+
+    Attributes:
+        unit_sum: ``Σᵢ gᵢ/‖gᵢ‖`` (a pytree like the gradients; zero gradients add nothing).
+        unit_sq_sum: ``Σᵢ ‖gᵢ/‖gᵢ‖‖²``: the number of non-zero gradients, as a tensor.
+        count: ``K``, gradients added so far (a Python int: the loop is static).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> acc = ft.cosine_accumulator_add(ft.cosine_accumulator_init([torch.zeros(2)]), [torch.ones(2)])
+        >>> acc.count, acc.unit_sq_sum
+        (1, tensor(1.))
+    """
+
+    unit_sum: PyTree
+    unit_sq_sum: torch.Tensor
+    count: int
+
+
+def cosine_accumulator_init(params: PyTree) -> CosineAccumulator:
+    """An empty :class:`CosineAccumulator` shaped like ``params``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.cosine_accumulator_init({"w": torch.zeros(2)}).count
+        0
+    """
+    leaves = tree.leaves(params)
+    dtype = _utils.float_dtype(leaves)
+    return CosineAccumulator(
+        tree.zeros_like(params),
+        torch.zeros((), dtype=dtype, device=_utils.default_device(params)),
+        0,
+    )
+
+
+def cosine_accumulator_add(
+    acc: CosineAccumulator, grad: PyTree, sq_norm: torch.Tensor | None = None
+) -> CosineAccumulator:
+    """Adds ``grad/‖grad‖`` to the running sum (one parameter-sized buffer, no list of grads).
+
+    Args:
+        acc: the accumulator.
+        grad: a gradient pytree (e.g. one micro-batch's mean gradient).
+        sq_norm: ``‖grad‖²`` when already computed (e.g. for :func:`noise_scale_estimate`).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> acc = ft.cosine_accumulator_init([torch.zeros(2)])
+        >>> acc = ft.cosine_accumulator_add(acc, [torch.tensor([3.0, 4.0])])
+        >>> acc.unit_sum
+        [tensor([0.6000, 0.8000])]
+    """
+    a_leaves, spec, other = _utils.flat(acc.unit_sum, {"grad": grad})
+    g_leaves = other["grad"]
+    if sq_norm is None:
+        sq_norm = tree.norm(grad, squared=True)
+    positive = sq_norm > 0
+    inv = torch.where(positive, sq_norm.clamp_min(torch.finfo(sq_norm.dtype).tiny).rsqrt(), 0.0)
+    new_sum = torch._foreach_add(a_leaves, torch._foreach_mul(g_leaves, inv))
+    unit_sq = acc.unit_sq_sum + positive.to(acc.unit_sq_sum.dtype)
+    return CosineAccumulator(tree.unflatten(spec, new_sum), unit_sq, acc.count + 1)
+
+
+def mean_pairwise_cosine(acc: CosineAccumulator) -> torch.Tensor:
+    """Mean of ``cos(gᵢ, gⱼ)`` over pairs ``i ≠ j``: ``(‖Σuᵢ‖² − Σ‖uᵢ‖²) / (K(K − 1))``.
+
+    Near 1 when micro-batches agree (the gradient is mostly signal), near 0 when their
+    gradients are mostly noise. Needs ``K ≥ 2``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> acc = ft.cosine_accumulator_init([torch.zeros(2)])
+        >>> acc = ft.cosine_accumulator_add(acc, [torch.tensor([1.0, 0.0])])
+        >>> acc = ft.cosine_accumulator_add(acc, [torch.tensor([1.0, 1.0])])
+        >>> ft.mean_pairwise_cosine(acc)
+        tensor(0.7071)
+    """
+    k = acc.count
+    if k < 2:
+        raise ValueError(f"mean_pairwise_cosine needs at least 2 gradients, got {k}")
+    return (tree.norm(acc.unit_sum, squared=True) - acc.unit_sq_sum) / (k * (k - 1))
+
+
+def _sq_norm_vmappable(grad: PyTree) -> torch.Tensor:
+    # Foreach kernels have no vmap batching rule; per-leaf vector norms do.
+    sq = [torch.linalg.vector_norm(x).square() for x in tree.leaves(grad)]
+    return torch.stack(sq).sum() if len(sq) > 1 else sq[0]
+
+
+def noise_scale_hook(
+    decay: float | torch.Tensor = 0.99, prefix: str = "noise_scale/", name: str = "noise_scale"
+) -> Any:
+    """A ``GradStatsHook`` for ``make_train_step``: noise scale and diversity from accumulation.
+
+    With ``micro_batches=K ≥ 2`` the step hands each micro-batch's mean gradient ``ĝᵢ`` to the
+    hook, which keeps only ``‖ĝᵢ‖²``; at the end of the step it computes the unbiased ``tr(Σ)``
+    and ``|G|²`` (:func:`noise_scale_estimate`, unequal sizes allowed), updates a
+    :class:`NoiseScaleState` kept in ``state.extra[name]`` and reports, with no host sync:
+    ``{prefix}b_simple``, ``{prefix}trace_sigma``, ``{prefix}grad_sq`` (bias-corrected moving
+    averages, see :func:`noise_scale_metrics`) and ``{prefix}gradient_diversity`` (this step's,
+    of the micro-batch sum gradients). The cost is one squared norm per micro-batch and one of
+    the combined gradient.
+
+    Args:
+        decay: moving-average decay for ``B_simple``.
+        prefix: metric-name prefix.
+        name: key of the state in ``state.extra``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> step = ft.make_train_step(lambda p, b: ((p["w"] - b) ** 2).mean(), ft.sgd(0.1),
+        ...                           micro_batches=2, grad_stats=ft.noise_scale_hook())
+        >>> state = ft.TrainState.create(params={"w": torch.zeros(())}, tx=ft.sgd(0.1))
+        >>> _, metrics = step(state, torch.tensor([1.0, 3.0, 2.0, 4.0]))
+        >>> # ĝ₁ = -4, ĝ₂ = -6, ĝ = -5: tr(Σ) = 2·16 + 2·36 − 4·25 = 4, |G|² = 25 − 4/4 = 24
+        >>> [round(float(metrics[f"noise_scale/{k}"]), 4) for k in ("trace_sigma", "b_simple")]
+        [4.0, 0.1667]
+    """
+    from functrain.train.gradient import GradStatsHook  # functrain.train may import grads
+
+    def init(params: PyTree) -> NoiseScaleState:
+        dtype = _utils.float_dtype(tree.leaves(params))
+        return noise_scale_init(_utils.default_device(params), dtype)
+
+    def per_micro_batch(grad: PyTree, size: torch.Tensor) -> dict[str, torch.Tensor]:
+        del size
+        return {"sq_norm": _sq_norm_vmappable(grad)}
+
+    def update(
+        stats: Any, grads: PyTree, state: NoiseScaleState
+    ) -> tuple[dict[str, torch.Tensor], NoiseScaleState]:
+        sq = stats.values["sq_norm"]
+        if sq.shape[-1] < 2:
+            raise ValueError(
+                "noise_scale_hook needs make_train_step(..., micro_batches=K) with K >= 2"
+            )
+        combined = _sq_norm_vmappable(grads).to(sq.dtype)
+        estimate = noise_scale_estimate(sq, stats.sizes, combined)
+        new_state, metrics = noise_scale_metrics(state, estimate, decay, prefix)
+        metrics[f"{prefix}gradient_diversity"] = gradient_diversity(sq, combined, stats.sizes)
+        return metrics, new_state
+
+    return GradStatsHook(init=init, per_micro_batch=per_micro_batch, update=update, name=name)

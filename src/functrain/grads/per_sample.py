@@ -1,3 +1,333 @@
-"""grads/per_sample (under construction)."""
+"""Per-sample gradients with ``torch.func``: one gradient per example, as a pytree.
 
-__all__: list[str] = []
+``loss_fn(params, batch) -> scalar mean loss`` is the same function a train step uses. Each
+example is given back its leading batch dimension (size 1) and differentiated on its own with
+``torch.func.vmap(torch.func.grad(...))``, so any model works: tied weights, custom layers,
+attention, functional code. Nothing hooks into modules.
+
+Two extra inputs are explicit rather than hidden:
+
+* **Buffers** (e.g. BatchNorm running statistics in eval mode) are passed as ``buffers=`` and
+  reach ``loss_fn(params, batch, buffers=...)`` when its signature names ``buffers``, as in
+  :func:`make_train_step`. Buffers are shared by every example and are not differentiated;
+  updated buffers returned in a ``LossOutput`` are ignored. Batch statistics (a BatchNorm in train mode) couple the
+  examples, so per-sample gradients of such a model are not defined: use eval mode.
+* **Randomness** inside ``loss_fn`` (dropout) follows ``torch.func.vmap``'s ``randomness``:
+  ``"error"`` (default: random ops raise), ``"different"`` (independent draws per example) or
+  ``"same"`` (one draw shared by the examples of a chunk; each chunk draws anew).
+
+``loss_fn`` may return what a train step accepts: a 0-d mean loss, ``ft.LossSum(total, count)``
+(the per-example loss is then the example's own mean ``total / count``, so with unequal counts
+the mean of per-sample gradients is not the token-weighted batch gradient) or
+``ft.LossOutput(loss, aux=...)``. A ``key`` argument is not supplied: randomness goes through
+``randomness``.
+
+``chunk_size`` bounds memory: examples are processed ``chunk_size`` at a time. The streaming
+reductions in :mod:`functrain.grads.stats` and :mod:`functrain.grads.privacy` consume
+:func:`per_sample_chunks` and never hold more than one chunk of per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+
+__all__ = [
+    "PerSampleChunk",
+    "per_sample_chunks",
+    "per_sample_grads",
+    "per_sample_value_and_grads",
+]
+
+PyTree = Any
+_RANDOMNESS = ("error", "different", "same")
+
+
+class PerSampleChunk(NamedTuple):
+    """One chunk of per-sample results: examples ``start:stop`` of the batch.
+
+    Attributes:
+        start: index of the chunk's first example in the batch.
+        stop: one past the chunk's last example.
+        grads: pytree like ``params``, each leaf with a leading dimension ``stop - start``.
+        losses: the per-example losses, shape ``(stop - start,)``.
+        aux: per-example auxiliary outputs (``has_aux=True``), else ``None``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> loss_fn = lambda p, x: (x * p).sum(-1).mean()
+        >>> chunk = next(ft.per_sample_chunks(loss_fn, torch.ones(2), torch.ones(3, 2)))
+        >>> chunk.start, chunk.stop, tuple(chunk.grads.shape), chunk.losses
+        (0, 3, (3, 2), tensor([2., 2., 2.]))
+    """
+
+    start: int
+    stop: int
+    grads: PyTree
+    losses: torch.Tensor
+    aux: Any
+
+
+def batch_size_of(batch: PyTree, name: str = "batch") -> int:
+    """The common leading dimension of every tensor leaf of ``batch``; raises if they differ."""
+    paths, leaves, _ = tree.flatten_with_paths(batch)
+    size = None
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            raise ValueError(
+                f"{tree.path_str(path, name)} must be a tensor with a leading batch dimension, "
+                f"got {type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else 'a 0-d tensor'}"
+            )
+        if size is None:
+            size = leaf.shape[0]
+        elif leaf.shape[0] != size:
+            raise ValueError(
+                f"{tree.path_str(path, name)} has leading dimension {leaf.shape[0]}, but earlier "
+                f"leaves of {name} have {size}: every leaf must share the batch dimension"
+            )
+    if size is None:
+        raise ValueError(f"{name} has no tensor leaves")
+    return size
+
+
+def _check_options(chunk_size: int | None, randomness: str) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
+
+
+def _accepts_buffers(loss_fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "buffers" in params  # as the train step decides (functrain.train.loss)
+
+
+def _split_result(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    """``(loss, aux)`` from a plain loss, ``(loss, aux)`` tuple, LossOutput or LossSum."""
+    # Imported here: functrain.train imports functrain.grads.
+    from functrain.train.loss import LossOutput, LossSum
+
+    aux = None
+    if isinstance(out, LossOutput):
+        out, aux = out.loss, out.aux
+    elif has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2) or isinstance(out, LossSum):
+            raise ValueError("with has_aux=True, loss_fn must return (loss, aux) or ft.LossOutput")
+        out, aux = out
+    if isinstance(out, LossSum):
+        # The example's own mean: the loss of a batch of one, like a mean loss_fn.
+        out = out.total / out.count
+    return out, aux
+
+
+def _vmapped_value_and_grad(
+    loss_fn: Callable[..., Any],
+    param_spec: Any,
+    batch_spec: Any,
+    buffers: PyTree | None,
+    randomness: str,
+    has_aux: bool,
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
+    """``(param_leaves, batch_leaves) -> ((losses, aux), grad_leaves)`` over a chunk."""
+    pass_buffers = _accepts_buffers(loss_fn)
+    if buffers is not None and not pass_buffers:
+        raise TypeError("buffers were given but loss_fn has no `buffers` keyword argument")
+
+    # Work on flat leaf lists so that any optree pytree (not only torch's) passes through vmap.
+    def one_example(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:
+        params = tree.unflatten(param_spec, param_leaves)
+        example = tree.unflatten(batch_spec, [x.unsqueeze(0) for x in example_leaves])
+        out = (
+            loss_fn(params, example, buffers=buffers) if pass_buffers else loss_fn(params, example)
+        )
+        loss, aux = _split_result(out, has_aux)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                "loss_fn must return a scalar mean loss (or ft.LossSum / ft.LossOutput)"
+                + (" as the first element of (loss, aux)" if has_aux else "")
+                + f", got {shape}"
+            )
+        loss = loss.reshape(())
+        # torch.func only passes tensors through as aux, so ``aux`` is wrapped only when present.
+        return loss, ((loss.detach(), aux) if has_aux else (loss.detach(),))
+
+    grad_fn = torch.func.grad(one_example, has_aux=True)
+    vmapped = torch.func.vmap(grad_fn, in_dims=(None, 0), randomness=randomness)
+
+    def run(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
+        grads, out = vmapped(param_leaves, batch_leaves)
+        return (out[0], out[1] if has_aux else None), grads
+
+    return run
+
+
+def per_sample_chunks(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+    buffers: PyTree | None = None,
+    randomness: str = "error",
+    has_aux: bool = False,
+) -> Iterator[PerSampleChunk]:
+    """Yields per-sample gradients chunk by chunk; the building block of streaming reductions.
+
+    Only one chunk (``chunk_size`` × parameters) is alive at a time if the caller drops each
+    chunk before asking for the next.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar mean loss`` (called with ``buffers=`` when
+            its signature names it; returning ``(loss, aux)`` when ``has_aux``).
+        params: pytree of floating-point tensors to differentiate.
+        batch: pytree of tensors sharing a leading batch dimension.
+        chunk_size: examples per chunk (``None``: the whole batch in one chunk).
+        buffers: non-differentiated state shared by all examples (eval-mode statistics).
+        randomness: ``torch.func.vmap`` randomness mode: ``"error"``, ``"different"``, ``"same"``.
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is batched per example.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> batch = torch.arange(6.0).reshape(3, 2)
+        >>> loss_fn = lambda p, x: (x @ p["w"]).mean()
+        >>> [(c.start, c.stop) for c in ft.per_sample_chunks(loss_fn, params, batch, chunk_size=2)]
+        [(0, 2), (2, 3)]
+    """
+    _check_options(chunk_size, randomness)
+    n = batch_size_of(batch)
+    param_leaves, param_spec = tree.flatten(params)
+    batch_leaves, batch_spec = tree.flatten(batch)
+    run = _vmapped_value_and_grad(loss_fn, param_spec, batch_spec, buffers, randomness, has_aux)
+    step = n if chunk_size is None else chunk_size
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        chunk = batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]
+        (losses, aux), grads = run(param_leaves, chunk)
+        yield PerSampleChunk(start, stop, tree.unflatten(param_spec, grads), losses, aux)
+
+
+def _concat(chunks: list[Any]) -> Any:
+    if len(chunks) == 1:
+        return chunks[0]
+    return tree.map(lambda *xs: torch.cat(xs), chunks[0], *chunks[1:])
+
+
+def per_sample_value_and_grads(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+    buffers: PyTree | None = None,
+    randomness: str = "error",
+    has_aux: bool = False,
+) -> tuple[Any, PyTree]:
+    """Per-example losses and gradients: ``(losses, grads)``, or ``((losses, aux), grads)``.
+
+    The convention of ``jax.value_and_grad``, vmapped over the examples. Arguments are those of
+    :func:`per_sample_grads`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> batch = {"x": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "y": torch.zeros(2)}
+        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+        >>> losses, grads = ft.per_sample_value_and_grads(loss_fn, params, batch)
+        >>> losses
+        tensor([ 9., 49.])
+        >>> grads["w"]
+        tensor([[ 6., 12.],
+                [42., 56.]])
+    """
+    chunks = list(
+        per_sample_chunks(
+            loss_fn,
+            params,
+            batch,
+            chunk_size=chunk_size,
+            buffers=buffers,
+            randomness=randomness,
+            has_aux=has_aux,
+        )
+    )
+    grads = _concat([c.grads for c in chunks])
+    losses = torch.cat([c.losses for c in chunks]) if len(chunks) > 1 else chunks[0].losses
+    if not has_aux:
+        return losses, grads
+    return (losses, _concat([c.aux for c in chunks])), grads
+
+
+def per_sample_grads(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+    buffers: PyTree | None = None,
+    randomness: str = "error",
+    has_aux: bool = False,
+) -> PyTree:
+    """The gradient of ``loss_fn`` at each example of ``batch``, stacked on a leading dimension.
+
+    ``result[leaf][i] = ∇ loss_fn(params, batch[i:i+1])``: the loss of a batch of one. For a
+    mean loss, the batch gradient is the mean of the per-sample gradients.
+
+    Compared with Opacus or BackPACK there are no module hooks and no list of supported layers:
+    tied weights, attention and arbitrary functional code work, at the price of holding
+    ``chunk_size`` gradients at a time. To reduce them without storing the whole batch (norms,
+    clipped sums, moments, Gram matrices), use :mod:`functrain.grads.stats` or
+    :func:`clipped_grad_sum`.
+
+    Attention on CPU: ``vmap`` has no batching rule for the fused CPU attention kernel and
+    falls back to a slow per-example loop with a warning; call the model under
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` inside ``loss_fn``.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar mean loss``, the train step's loss (or a
+            ``LossSum`` / ``LossOutput``). It gets ``buffers=`` when its signature names it.
+            With ``has_aux``, it returns ``(loss, aux)`` or a ``LossOutput`` with ``aux``.
+        params: pytree of floating-point tensors (any optree pytree).
+        batch: pytree of tensors sharing a leading batch dimension.
+        chunk_size: examples per ``vmap`` call, bounding the memory of intermediate activations
+            (the output itself holds the whole batch). ``None``: one call.
+        buffers: non-differentiated state shared by all examples, e.g. a model's eval-mode
+            BatchNorm statistics from ``dict(model.named_buffers())``; passed as
+            ``loss_fn(params, batch, buffers=buffers)``.
+        randomness: ``"error"`` (random ops inside ``loss_fn`` raise), ``"different"``
+            (independent draws per example) or ``"same"`` (one draw per chunk).
+        has_aux: return ``(grads, aux)`` with per-example ``aux`` (from ``(loss, aux)`` or
+            ``LossOutput.aux``).
+
+    Returns:
+        A pytree like ``params`` whose leaves have shape ``(batch_size, *param.shape)``; with
+        ``has_aux``, ``(grads, aux)``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> batch = {"x": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "y": torch.zeros(2)}
+        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+        >>> ft.per_sample_grads(loss_fn, params, batch)["w"]
+        tensor([[ 6., 12.],
+                [42., 56.]])
+    """
+    values, grads = per_sample_value_and_grads(
+        loss_fn,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        buffers=buffers,
+        randomness=randomness,
+        has_aux=has_aux,
+    )
+    return (grads, values[1]) if has_aux else grads

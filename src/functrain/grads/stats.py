@@ -1,3 +1,390 @@
-"""grads/stats (under construction)."""
+"""Statistics of per-sample gradients, computed chunk by chunk.
 
-__all__: list[str] = []
+Each statistic exists in two forms:
+
+* on a materialized pytree of per-sample gradients (leading batch dimension), e.g. from
+  :func:`per_sample_grads`: :func:`per_sample_norms`, :func:`grad_moments`, :func:`grad_gram`;
+* streaming from ``loss_fn``: :func:`per_sample_grad_norms`, :func:`per_sample_grad_moments`,
+  :func:`per_sample_gram`. These compute ``chunk_size`` per-sample gradients at a time, reduce
+  them and drop them, so memory is ``chunk_size × parameters`` instead of ``batch × parameters``.
+
+:func:`tree_gram` gives the Gram / cosine matrix of a list of gradient pytrees, e.g. the
+micro-batch gradients of one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.grads.per_sample import batch_size_of, per_sample_chunks
+
+__all__ = [
+    "GradMoments",
+    "GradNorms",
+    "grad_gram",
+    "grad_moments",
+    "grad_snr",
+    "grad_variance",
+    "merge_grad_moments",
+    "per_sample_grad_moments",
+    "per_sample_grad_norms",
+    "per_sample_gram",
+    "per_sample_norms",
+    "tree_gram",
+]
+
+PyTree = Any
+
+
+class GradNorms(NamedTuple):
+    """Per-sample gradient L2 norms.
+
+    Attributes:
+        global_norm: shape ``(batch,)``, the norm of each example's whole gradient.
+        leaf_norms: pytree like ``params``, each leaf of shape ``(batch,)``: the norm of each
+            example's gradient for that parameter (per layer: weight and bias separately).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> norms = ft.per_sample_norms({"w": torch.tensor([[3.0, 4.0]]), "b": torch.zeros(1, 1)})
+        >>> norms.global_norm, norms.leaf_norms["w"]
+        (tensor([5.]), tensor([5.]))
+    """
+
+    global_norm: torch.Tensor
+    leaf_norms: PyTree
+
+
+class GradMoments(NamedTuple):
+    """First and second moments of per-sample gradients, per parameter element.
+
+    Attributes:
+        count: number of examples (a Python int: batch shapes are static).
+        mean: pytree like ``params``, the mean gradient (the batch gradient of a mean loss).
+        m2: pytree like ``params``, the sum of squared deviations ``Σᵢ (gᵢ − mean)²``.
+
+    The sum of squares is ``m2 + count · mean²`` and the mean of squares ``m2 / count + mean²``;
+    see :func:`grad_variance` and :func:`grad_snr`. Moments of two groups of examples merge
+    exactly with :func:`merge_grad_moments`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> m = ft.grad_moments({"w": torch.tensor([[1.0], [3.0]])})
+        >>> m.count, m.mean["w"], m.m2["w"], m.sum_of_squares()["w"]
+        (2, tensor([2.]), tensor([2.]), tensor([10.]))
+    """
+
+    count: int
+    mean: PyTree
+    m2: PyTree
+
+    def mean_square(self) -> PyTree:
+        """``(1/n) Σᵢ gᵢ²`` per element."""
+        return tree.map(lambda m, s: s / self.count + m * m, self.mean, self.m2)
+
+    def sum_of_squares(self) -> PyTree:
+        """``Σᵢ gᵢ²`` per element."""
+        return tree.map(lambda m, s: s + self.count * (m * m), self.mean, self.m2)
+
+
+def leaf_row_norms(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-example L2 norm of each leaf: ``(batch,)`` tensors (``vector_norm`` was fastest)."""
+    return [torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1) for x in leaves]
+
+
+def global_row_norms(leaf_norms: list[torch.Tensor]) -> torch.Tensor:
+    """Per-example global norm from per-leaf norms: ``sqrt(Σ_leaves norm²)``."""
+    if len(leaf_norms) == 1:
+        return leaf_norms[0]
+    return torch.linalg.vector_norm(torch.stack(leaf_norms), dim=0)
+
+
+def per_sample_norms(grads: PyTree) -> GradNorms:
+    """Global and per-leaf L2 norms of each example's gradient.
+
+    Args:
+        grads: per-sample gradients, every leaf with the same leading batch dimension.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> g = {"a": torch.tensor([[3.0], [0.0]]), "b": torch.tensor([[4.0, 0.0], [0.0, 1.0]])}
+        >>> ft.per_sample_norms(g).global_norm
+        tensor([5., 1.])
+    """
+    leaves, spec = tree.flatten(grads)
+    if not leaves:
+        raise ValueError("per_sample_norms needs at least one gradient leaf")
+    norms = leaf_row_norms(leaves)
+    return GradNorms(global_row_norms(norms), tree.unflatten(spec, norms))
+
+
+def grad_moments(grads: PyTree) -> GradMoments:
+    """Mean and sum of squared deviations of per-sample gradients, per parameter element.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> m = ft.grad_moments({"w": torch.tensor([[1.0], [3.0]])})
+        >>> m.mean["w"], ft.grad_variance(m)["w"]
+        (tensor([2.]), tensor([2.]))
+    """
+    leaves, spec = tree.flatten(grads)
+    if not leaves:
+        raise ValueError("grad_moments needs at least one gradient leaf")
+    count = leaves[0].shape[0]
+    means = [x.mean(0) for x in leaves]
+    m2 = [(x - m).square().sum(0) for x, m in zip(leaves, means)]
+    return GradMoments(count, tree.unflatten(spec, means), tree.unflatten(spec, m2))
+
+
+def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
+    """Moments of the union of two groups of examples (Chan et al.'s parallel update).
+
+    Exact and numerically stable: ``mean = mean_a + δ·n_b/n``, ``m2 = m2_a + m2_b + δ²·n_a·n_b/n``
+    with ``δ = mean_b − mean_a``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> g = {"w": torch.tensor([[1.0], [2.0], [6.0]])}
+        >>> a, b = ft.grad_moments({"w": g["w"][:1]}), ft.grad_moments({"w": g["w"][1:]})
+        >>> m = ft.merge_grad_moments(a, b)
+        >>> m.count, m.mean["w"], ft.grad_variance(m)["w"]
+        (3, tensor([3.]), tensor([7.]))
+    """
+    n = a.count + b.count
+    if a.count == 0:
+        return b
+    if b.count == 0:
+        return a
+    mean_a, spec = tree.flatten(a.mean)
+    mean_b = tree.flatten_up_to(spec, b.mean, ("a.mean", "b.mean"), a.mean)
+    m2_a = tree.flatten_up_to(spec, a.m2, ("a.mean", "a.m2"), a.mean)
+    m2_b = tree.flatten_up_to(spec, b.m2, ("a.mean", "b.m2"), a.mean)
+    delta = torch._foreach_sub(mean_b, mean_a)
+    mean = torch._foreach_add(mean_a, delta, alpha=b.count / n)
+    m2 = torch._foreach_add(m2_a, m2_b)
+    torch._foreach_addcmul_(m2, delta, delta, value=a.count * b.count / n)
+    return GradMoments(n, tree.unflatten(spec, mean), tree.unflatten(spec, m2))
+
+
+def grad_variance(m: GradMoments, ddof: int = 1) -> PyTree:
+    """Per-element variance of the per-sample gradients, ``m2 / (n − ddof)``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.grad_variance(ft.grad_moments([torch.tensor([[0.0], [2.0]])]), ddof=0)
+        [tensor([1.])]
+    """
+    if m.count - ddof <= 0:
+        raise ValueError(
+            f"variance with ddof={ddof} needs more than {ddof} examples, got {m.count}"
+        )
+    return tree.scale(1.0 / (m.count - ddof), m.m2)
+
+
+def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
+    """Gradient signal-to-noise ratio per parameter element: ``mean² / variance``.
+
+    The GSNR of Liu et al. 2020 ("Understanding why neural networks generalize well through
+    GSNR of parameters"): large when examples agree on a coordinate's gradient. ``eps`` keeps
+    coordinates with zero variance finite (they get ``mean² / eps``).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.grad_snr(ft.grad_moments([torch.tensor([[1.0], [3.0]])]))
+        [tensor([2.])]
+    """
+    var = grad_variance(m, ddof)
+    return tree.map(lambda mu, v: mu * mu / v.clamp_min(eps), m.mean, var)
+
+
+def _flat_rows(grads: PyTree) -> list[torch.Tensor]:
+    return [x.reshape(x.shape[0], -1) for x in tree.leaves(grads)]
+
+
+def _cross_gram(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    out = a[0] @ b[0].T
+    for x, y in zip(a[1:], b[1:]):
+        out = out.addmm(x, y.T)
+    return out
+
+
+def _to_cosine(g: torch.Tensor, eps: float) -> torch.Tensor:
+    norms = g.diagonal().clamp_min(0).sqrt().clamp_min(eps)
+    return g / norms[:, None] / norms[None, :]
+
+
+def grad_gram(grads: PyTree, cosine: bool = False, eps: float = 1e-30) -> torch.Tensor:
+    """Gram matrix ``⟨gᵢ, gⱼ⟩`` (or cosine similarities) between per-sample gradients.
+
+    Args:
+        grads: per-sample gradients with a leading batch dimension ``n``.
+        cosine: divide by ``‖gᵢ‖·‖gⱼ‖`` (a zero gradient gets cosine 0 with everything).
+        eps: floor on norms when ``cosine``.
+
+    Returns:
+        An ``(n, n)`` tensor.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.grad_gram({"w": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}, cosine=True)
+        tensor([[1.0000, 0.7071],
+                [0.7071, 1.0000]])
+    """
+    rows = _flat_rows(grads)
+    if not rows:
+        raise ValueError("gram needs at least one gradient leaf")
+    g = _cross_gram(rows, rows)
+    return _to_cosine(g, eps) if cosine else g
+
+
+def tree_gram(trees: Sequence[PyTree], cosine: bool = False, eps: float = 1e-30) -> torch.Tensor:
+    """Gram / cosine matrix between ``K`` gradient pytrees (e.g. the micro-batch gradients).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> g1, g2 = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.0, 2.0])}
+        >>> ft.tree_gram([g1, g2])
+        tensor([[1., 2.],
+                [2., 8.]])
+    """
+    if len(trees) == 0:
+        raise ValueError("tree_gram needs at least one tree")
+    first, spec = tree.flatten(trees[0])
+    columns = [first] + [
+        tree.flatten_up_to(spec, t, ("trees[0]", f"trees[{k}]"), trees[0])
+        for k, t in enumerate(trees[1:], 1)
+    ]
+    # One (K, size) matrix per leaf: K inner products per leaf via a single matmul.
+    stacked = [torch.stack(leaf_k).reshape(len(trees), -1) for leaf_k in zip(*columns)]
+    if not stacked:
+        raise ValueError("tree_gram needs trees with at least one leaf")
+    g = _cross_gram(stacked, stacked)
+    return _to_cosine(g, eps) if cosine else g
+
+
+def per_sample_grad_norms(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+    buffers: PyTree | None = None,
+    randomness: str = "error",
+) -> GradNorms:
+    """Per-sample gradient norms (global and per leaf), computed chunk by chunk.
+
+    Arguments are those of :func:`per_sample_grads`; only ``chunk_size`` gradients are alive at
+    a time. Useful to find the hardest examples or to pick a DP clipping norm.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> batch = {"x": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "y": torch.zeros(2)}
+        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+        >>> ft.per_sample_grad_norms(loss_fn, params, batch, chunk_size=1).global_norm
+        tensor([13.4164, 70.0000])
+    """
+    parts = [
+        per_sample_norms(c.grads)
+        for c in per_sample_chunks(
+            loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
+        )
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return GradNorms(
+        torch.cat([p.global_norm for p in parts]),
+        tree.map(lambda *xs: torch.cat(xs), *(p.leaf_norms for p in parts)),
+    )
+
+
+def per_sample_grad_moments(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+    buffers: PyTree | None = None,
+    randomness: str = "error",
+) -> GradMoments:
+    """Moments of the per-sample gradients (mean, variance, SNR), merged chunk by chunk.
+
+    Memory is ``chunk_size × parameters`` plus two parameter-sized accumulators. Combine with
+    :func:`grad_variance`, :func:`grad_snr`, ``GradMoments.sum_of_squares`` or
+    :func:`gradient_diversity_from_moments`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> batch = {"x": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "y": torch.zeros(2)}
+        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+        >>> m = ft.per_sample_grad_moments(loss_fn, params, batch, chunk_size=1)
+        >>> m.mean["w"], ft.grad_variance(m)["w"]
+        (tensor([24., 34.]), tensor([648., 968.]))
+    """
+    acc: GradMoments | None = None
+    for c in per_sample_chunks(
+        loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
+    ):
+        part = grad_moments(c.grads)
+        acc = part if acc is None else merge_grad_moments(acc, part)
+    assert acc is not None  # per_sample_chunks yields at least one chunk
+    return acc
+
+
+def per_sample_gram(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    cosine: bool = False,
+    chunk_size: int | None = None,
+    buffers: PyTree | None = None,
+    randomness: str = "error",
+    eps: float = 1e-30,
+) -> torch.Tensor:
+    """Gram / cosine matrix between the per-sample gradients, block by block.
+
+    With ``c`` chunks, block ``(i, j)`` needs chunks ``i`` and ``j`` at the same time, so at
+    most two chunks of gradients are alive, at the cost of recomputing chunk gradients
+    ``c(c+1)/2`` times instead of ``c``. With ``chunk_size=None`` it is one pass. Random ops in
+    ``loss_fn`` are redrawn on each recomputation, so use ``randomness="error"`` (deterministic
+    losses) when the matrix must be exact.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.ones(2)}
+        >>> batch = {"x": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+        >>> loss_fn = lambda p, b: (b["x"] @ p["w"]).mean()
+        >>> ft.per_sample_gram(loss_fn, params, batch, chunk_size=1)
+        tensor([[1., 0.],
+                [0., 1.]])
+    """
+    opts = {"chunk_size": chunk_size, "buffers": buffers, "randomness": randomness}
+    n = batch_size_of(batch)
+    rows = []
+    for ci in per_sample_chunks(loss_fn, params, batch, **opts):
+        left = _flat_rows(ci.grads)
+        blocks = [_cross_gram(left, left)]
+        # Chunks after ci are recomputed for this row of blocks; earlier ones come by symmetry.
+        rest = tree.map(lambda x, stop=ci.stop: x[stop:], batch)
+        if ci.stop < n:
+            for cj in per_sample_chunks(loss_fn, params, rest, **opts):
+                blocks.append(_cross_gram(left, _flat_rows(cj.grads)))
+        rows.append(blocks)
+    ref = rows[0][0]
+    g = torch.empty((n, n), dtype=ref.dtype, device=ref.device)
+    starts = [0]
+    for r in rows:
+        starts.append(starts[-1] + r[0].shape[0])
+    for i, r in enumerate(rows):
+        for k, block in enumerate(r):
+            j = i + k
+            g[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block
+            if j != i:
+                g[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
+    return _to_cosine(g, eps) if cosine else g

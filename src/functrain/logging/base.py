@@ -1,3 +1,221 @@
-"""logging/base (under construction)."""
+"""The metric-writer protocol and the host conversions every writer shares.
 
-__all__: list[str] = []
+A train step returns its metrics as tensors (principle 3: no host syncs inside a step). Writers
+are where those tensors become numbers: a writer receives mappings of names to values and turns
+them into TensorBoard events, console lines, or anything else. Every method takes values that may
+be Python numbers, NumPy values or tensors on any device; the writer converts them to the host.
+
+Methods of :class:`MetricWriter`:
+
+- ``write_scalars(step, scalars)`` — one number per name (0-d or one-element tensors);
+- ``write_histograms(step, arrays)`` — a distribution per name (any shape);
+- ``write_text(step, texts)`` — a string per name;
+- ``write_hparams(hparams, metrics=None, *, step=None)`` — a run's hyperparameters and the metrics
+  they should be compared on;
+- ``flush()``, ``close()``, and ``with writer: ...`` (closes on exit).
+
+``step`` may be a Python int or an integer tensor (such as ``TrainState.step``).
+
+Example:
+    >>> import torch
+    >>> from functrain.logging import MetricWriter, step_to_int, to_float
+    >>> class PrintWriter(MetricWriter):
+    ...     def write_scalars(self, step, scalars):
+    ...         print(step_to_int(step), {k: round(to_float(v), 3) for k, v in scalars.items()})
+    >>> with PrintWriter() as w:
+    ...     w.write_scalars(torch.tensor(3), {"loss": torch.tensor(0.25), "lr": 1e-3})
+    3 {'loss': 0.25, 'lr': 0.001}
+"""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MetricWriter",
+    "NullWriter",
+    "step_to_int",
+    "to_float",
+    "to_numpy",
+]
+
+Scalar = Union[int, float, np.generic, torch.Tensor]
+Array = Union[torch.Tensor, np.ndarray, "list[float]"]
+HParam = Union[int, float, str, bool, torch.Tensor, None]
+
+
+class MetricWriter(abc.ABC):
+    """Base class of metric writers; only :meth:`write_scalars` is required.
+
+    The other write methods default to doing nothing, so a writer that only understands scalars
+    (a CSV file, a console line) can still sit in a :class:`~functrain.logging.MultiWriter` beside
+    a TensorBoard writer. Writers are context managers: leaving the ``with`` block closes them.
+
+    Example:
+        >>> from functrain.logging import NullWriter
+        >>> with NullWriter() as w:
+        ...     w.write_scalars(0, {"loss": 1.0})
+    """
+
+    @abc.abstractmethod
+    def write_scalars(self, step: int | torch.Tensor, scalars: Mapping[str, Scalar]) -> None:
+        """Writes one number per name at ``step``.
+
+        Args:
+            step: the global step (a Python int or an integer tensor).
+            scalars: name -> Python number, NumPy scalar or one-element tensor on any device.
+        """
+
+    def write_histograms(self, step: int | torch.Tensor, arrays: Mapping[str, Array]) -> None:
+        """Writes the distribution of the values of each array at ``step`` (ignored by default).
+
+        Args:
+            step: the global step.
+            arrays: name -> tensor (any shape, any device) or NumPy array.
+        """
+        del step, arrays
+
+    def write_text(self, step: int | torch.Tensor, texts: Mapping[str, str]) -> None:
+        """Writes one string per name at ``step`` (ignored by default).
+
+        Args:
+            step: the global step.
+            texts: name -> text (Markdown in TensorBoard).
+        """
+        del step, texts
+
+    def write_hparams(
+        self,
+        hparams: Mapping[str, HParam],
+        metrics: Mapping[str, Scalar | None] | None = None,
+        *,
+        step: int | torch.Tensor | None = None,
+    ) -> None:
+        """Records the run's hyperparameters and the metrics to compare runs on (ignored by default).
+
+        Args:
+            hparams: name -> int, float, str, bool or 0-d tensor.
+            metrics: name -> final value, or ``None`` to only declare a metric whose values are
+                logged as scalars under that name during the run.
+            step: the step at which given metric values are written (default: writer-specific).
+        """
+        del hparams, metrics, step
+
+    def flush(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
+        """Pushes buffered data to its destination."""
+
+    def close(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
+        """Flushes and releases resources; further writes are errors for most writers."""
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class NullWriter(MetricWriter):
+    """A writer that discards everything (what non-zero ranks get from ``rank_zero_only``).
+
+    Example:
+        >>> from functrain.logging import NullWriter
+        >>> NullWriter().write_scalars(0, {"loss": 1.0})
+    """
+
+    def write_scalars(self, step: int | torch.Tensor, scalars: Mapping[str, Scalar]) -> None:
+        del step, scalars
+
+
+def step_to_int(step: Any) -> int:
+    """Converts a step (Python int, NumPy integer or one-element integer tensor) to ``int``.
+
+    A tensor on an accelerator is copied to the host, which waits for it: call this in a
+    writer, not in a train step.
+
+    Example:
+        >>> import torch
+        >>> from functrain.logging import step_to_int
+        >>> step_to_int(torch.tensor(7, dtype=torch.int32))
+        7
+    """
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
+            raise TypeError(
+                f"step must be an integer scalar, got a {step.dtype} tensor of shape "
+                f"{tuple(step.shape)}"
+            )
+        return int(step.detach().reshape(()).cpu().item())
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int or an integer tensor, got {step!r}")
+    return int(step)
+
+
+def to_float(value: Any, name: str = "value") -> float:
+    """Converts a scalar (number, NumPy scalar or one-element tensor) to a Python float.
+
+    Args:
+        value: the scalar.
+        name: used in the error message when ``value`` is not a scalar.
+
+    Example:
+        >>> import torch
+        >>> from functrain.logging import to_float
+        >>> to_float(torch.tensor([0.5], dtype=torch.bfloat16))
+        0.5
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"scalar {name!r} must have exactly one element, got a tensor of shape "
+                f"{tuple(value.shape)}; log arrays with write_histograms"
+            )
+        if value.is_complex():
+            raise TypeError(f"scalar {name!r} is complex ({value.dtype})")
+        return float(value.item())
+    if isinstance(value, np.ndarray):
+        if value.size != 1:
+            raise ValueError(f"scalar {name!r} must have one element, got shape {value.shape}")
+        value = value.reshape(()).item()
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"scalar {name!r} must be a number or a one-element tensor, got {value!r}")
+
+
+def to_numpy(value: Any, name: str = "value") -> np.ndarray:
+    """Converts an array (tensor on any device, NumPy array, sequence) to a flat NumPy array.
+
+    Low-precision floats (bfloat16, float16) become float32, since NumPy lacks bfloat16; booleans
+    and integers are kept.
+
+    Example:
+        >>> import torch
+        >>> from functrain.logging import to_numpy
+        >>> to_numpy(torch.ones(2, 2, dtype=torch.bfloat16)).dtype
+        dtype('float32')
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        if value.is_complex():
+            raise TypeError(f"array {name!r} is complex ({value.dtype})")
+        if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+            value = value.float()
+        return value.cpu().reshape(-1).numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"array {name!r} cannot be converted to an array: {err}") from err
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"array {name!r} must be numeric, got dtype {array.dtype}")
+    return array.reshape(-1)

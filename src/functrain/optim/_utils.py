@@ -52,7 +52,9 @@ def power(base: Scalar, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     exponent = count.to(dtype)
     if isinstance(base, torch.Tensor):
         return torch.pow(base.to(dtype=dtype, device=count.device), exponent)
-    return torch.pow(torch.tensor(base, dtype=dtype, device=count.device), exponent)
+    # A Python base stays a scalar argument: building a device tensor from it would be a
+    # host-to-device copy on every step.
+    return torch.pow(base, exponent)
 
 
 def check_finite_number(name: str, value: Any, *, minimum: float | None = None) -> None:

@@ -1,41 +1,82 @@
-"""Adaptive scaling transforms: Adam and its family (moment estimates of the gradient)."""
+"""Adam and its family: transforms that rescale by moment estimates of the gradient."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from functrain import tree
-from functrain.optim import _utils
+from functrain.optim import _ops, _utils
 from functrain.optim.base import GradientTransformation
 
 __all__ = [
     "ScaleByAdamState",
+    "ScaleByAmsgradState",
+    "ScaleByLionState",
     "scale_by_adam",
+    "scale_by_adamax",
+    "scale_by_amsgrad",
+    "scale_by_lion",
+    "scale_by_radam",
 ]
+
+Hyper = float | torch.Tensor
 
 
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: step ``count``, first moment ``mu``, second ``nu``."""
+    """State of :func:`scale_by_adam` (and adamax, radam): ``count``, moments ``mu``, ``nu``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> state = ft.scale_by_adam().init({"w": torch.zeros(2)})
+        >>> state.count, state.mu
+        (tensor(0, dtype=torch.int32), {'w': tensor([0., 0.])})
+    """
 
     count: torch.Tensor
     mu: Any
     nu: Any
 
 
-def _bias_corrections(
-    count: torch.Tensor, leaves: list[torch.Tensor], *decays: Any
+def _check(b1: Any, b2: Any, eps: Any = 0.0, eps_root: Any = 0.0) -> None:
+    _ops.check_decay("b1", b1)
+    _ops.check_decay("b2", b2)
+    _utils.check_finite_number("eps", eps, minimum=0.0)
+    _utils.check_finite_number("eps_root", eps_root, minimum=0.0)
+
+
+def _bias(decay: Hyper, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``1 - decay ** count`` as a 0-d tensor (the bias-correction denominator)."""
+    return 1 - _utils.power(decay, count, dtype)
+
+
+def _mu_hat(
+    g: list[torch.Tensor], mu: list[torch.Tensor], b1: Hyper, count: torch.Tensor, nesterov: bool
 ) -> list[torch.Tensor]:
-    dtype = _utils.float_dtype(leaves)
-    return [1 - _utils.power(d, count, dtype) for d in decays]
+    """Bias-corrected first moment; with ``nesterov`` Dozat's (NAdam) look-ahead."""
+    dtype = _ops.scalar_dtype(g)
+    if not nesterov:
+        return _ops.div(mu, _bias(b1, count, dtype))
+    ahead = _ops.div(_ops.mul(mu, b1), _bias(b1, _utils.safe_increment(count), dtype))
+    now = _ops.div(_ops.mul(g, 1 - _ops.on_device(b1, g[0])), _bias(b1, count, dtype))
+    return list(torch._foreach_add(ahead, now))
+
+
+def _denominator(nu_hat: list[torch.Tensor], eps: Hyper, eps_root: Hyper) -> list[torch.Tensor]:
+    """``sqrt(nu_hat + eps_root) + eps``."""
+    if not _ops.is_zero(eps_root):
+        nu_hat = list(torch._foreach_add(nu_hat, _ops.on_device(eps_root, nu_hat[0])))
+    denom = list(torch._foreach_sqrt(nu_hat))
+    torch._foreach_add_(denom, _ops.on_device(eps, denom[0]))
+    return denom
 
 
 def scale_by_adam(
-    b1: float | torch.Tensor = 0.9,
-    b2: float | torch.Tensor = 0.999,
-    eps: float | torch.Tensor = 1e-8,
-    eps_root: float | torch.Tensor = 0.0,
+    b1: Hyper = 0.9,
+    b2: Hyper = 0.999,
+    eps: Hyper = 1e-8,
+    eps_root: Hyper = 0.0,
     mu_dtype: torch.dtype | None = None,
     *,
     nesterov: bool = False,
@@ -52,8 +93,8 @@ def scale_by_adam(
     With ``nesterov=True`` (NAdam), ``û = b1·mu/(1 − b1ᵗ⁺¹) + (1 − b1)·g/(1 − b1ᵗ)``.
 
     Args:
-        b1: decay of the first moment.
-        b2: decay of the second moment.
+        b1: decay of the first moment, in ``[0, 1)``.
+        b2: decay of the second moment, in ``[0, 1)``.
         eps: added to the denominator outside the square root (as ``torch.optim.Adam``).
         eps_root: added inside the square root (useful when differentiating through Adam).
         mu_dtype: optional dtype of the first moment (e.g. ``torch.bfloat16``).
@@ -67,8 +108,7 @@ def scale_by_adam(
         >>> u["w"]  # the first Adam step is the sign of the gradient (up to eps)
         tensor([ 1.0000, -1.0000])
     """
-    for name, value in (("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)):
-        _utils.check_finite_number(name, value, minimum=0.0)
+    _check(b1, b2, eps, eps_root)
 
     def init_fn(params: Any) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -85,28 +125,309 @@ def scale_by_adam(
         count = _utils.safe_increment(state.count)
         if not g:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
-        one_minus_b1 = 1 - b1
-        mu = torch._foreach_lerp([m.to(x.dtype) for m, x in zip(s["state.mu"], g)], g, one_minus_b1)
-        nu = torch._foreach_mul(s["state.nu"], b2)
-        torch._foreach_addcmul_(nu, g, g, 1 - b2)
-        bc1, bc2 = _bias_corrections(count, g, b1, b2)
-        if nesterov:
-            (bc1_next,) = _bias_corrections(_utils.safe_increment(count), g, b1)
-            mu_hat = torch._foreach_add(
-                torch._foreach_div(torch._foreach_mul(mu, b1), bc1_next),
-                torch._foreach_div(torch._foreach_mul(g, one_minus_b1), bc1),
-            )
-        else:
-            mu_hat = torch._foreach_div(mu, bc1)
-        nu_hat = torch._foreach_div(nu, bc2)
-        if not (isinstance(eps_root, (int, float)) and eps_root == 0):
-            torch._foreach_add_(nu_hat, eps_root)
-        denom = torch._foreach_sqrt(nu_hat)
-        torch._foreach_add_(denom, eps)
-        out = torch._foreach_div(mu_hat, denom)
-        if mu_dtype is not None:
-            mu = [m.to(mu_dtype) for m in mu]
+        mu = _ops.moment(g, s["state.mu"], b1)
+        nu = _ops.moment_sq(g, s["state.nu"], b2)
+        mu_hat = _mu_hat(g, mu, b1, count, nesterov)
+        nu_hat = _ops.div(nu, _bias(b2, count, _ops.scalar_dtype(g)))
+        out = torch._foreach_div(mu_hat, _denominator(nu_hat, eps, eps_root))
+        mu = _ops.cast(mu, mu_dtype)
+        nu = _ops.cast_like(nu, s["state.nu"])
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
         return tree.unflatten(spec, out), new_state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByAmsgradState(NamedTuple):
+    """State of :func:`scale_by_amsgrad`: ``count``, ``mu``, ``nu`` and the running ``nu_max``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_amsgrad().init([torch.zeros(1)]).nu_max
+        [tensor([0.])]
+    """
+
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
+def scale_by_amsgrad(
+    b1: Hyper = 0.9,
+    b2: Hyper = 0.999,
+    eps: Hyper = 1e-8,
+    eps_root: Hyper = 0.0,
+    mu_dtype: torch.dtype | None = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
+) -> GradientTransformation:
+    """Rescales updates by AMSGrad (Reddi et al., 2018): Adam with a running max of ``v̂``.
+
+    Update rule (``t`` the step count after increment)::
+
+        mu, nu as in Adam;  û = mu / (1 − b1ᵗ);  v̂ = nu / (1 − b2ᵗ)
+        nu_max ← max(nu_max, v̂);  u ← û / (√(nu_max + eps_root) + eps)
+
+    ``bias_correction_mu`` / ``bias_correction_nu`` turn off the corrections (the paper's form).
+
+    Differences from ``torch.optim.Adam(amsgrad=True)``: PyTorch keeps the maximum of the
+    *uncorrected* ``nu`` and divides it by the *current* ``1 − b2ᵗ``; optax and functrain keep
+    the maximum of the corrected ``v̂``. The two agree only while ``nu`` grows monotonically.
+
+    Args:
+        b1: decay of the first moment (the gradient average), in ``[0, 1)``.
+        b2: decay of the second moment (the squared-gradient average), in ``[0, 1)``.
+        eps: added to the denominator outside the square root.
+        eps_root: added inside the square root (needed when differentiating through the update).
+        mu_dtype: optional dtype in which the first moment is stored.
+        bias_correction_mu: divide the first moment by ``1 − b1ᵗ``.
+        bias_correction_nu: divide the second moment by ``1 − b2ᵗ`` before taking the maximum.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_amsgrad()
+        >>> params = [torch.zeros(2)]
+        >>> u, state = tx.update([torch.tensor([2.0, -0.5])], tx.init(params))
+        >>> u
+        [tensor([ 1.0000, -1.0000])]
+    """
+    _check(b1, b2, eps, eps_root)
+
+    def init_fn(params: Any) -> ScaleByAmsgradState:
+        return ScaleByAmsgradState(
+            count=_utils.zero_count(params),
+            mu=tree.zeros_like(params, dtype=mu_dtype),
+            nu=tree.zeros_like(params),
+            nu_max=tree.zeros_like(params),
+        )
+
+    def update_fn(
+        updates: Any, state: ScaleByAmsgradState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ScaleByAmsgradState]:
+        del params, extra
+        g, spec, s = _utils.flat(
+            updates, {"state.mu": state.mu, "state.nu": state.nu, "state.nu_max": state.nu_max}
+        )
+        count = _utils.safe_increment(state.count)
+        if not g:
+            return updates, ScaleByAmsgradState(count, state.mu, state.nu, state.nu_max)
+        dtype = _ops.scalar_dtype(g)
+        mu = _ops.moment(g, s["state.mu"], b1)
+        nu = _ops.moment_sq(g, s["state.nu"], b2)
+        mu_hat = _ops.div(mu, _bias(b1, count, dtype)) if bias_correction_mu else mu
+        nu_eff = _ops.div(nu, _bias(b2, count, dtype)) if bias_correction_nu else nu
+        nu_max = list(torch._foreach_maximum(_ops.cast_like(s["state.nu_max"], g), nu_eff))
+        out = torch._foreach_div(mu_hat, _denominator(nu_max, eps, eps_root))
+        unflat = lambda xs: tree.unflatten(spec, xs)  # noqa: E731
+        new_state = ScaleByAmsgradState(
+            count, unflat(_ops.cast(mu, mu_dtype)), unflat(nu), unflat(nu_max)
+        )
+        return unflat(out), new_state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adamax(
+    b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8
+) -> GradientTransformation:
+    """Rescales updates by Adamax, Adam's infinity-norm variant (Kingma & Ba, 2014, §7.1).
+
+    Update rule (``t`` the step count after increment)::
+
+        mu ← b1 · mu + (1 − b1) · g;  nu ← max(|g| + eps, b2 · nu)
+        u ← (mu / (1 − b1ᵗ)) / nu
+
+    Same maths as ``torch.optim.Adamax``. The state is a :class:`ScaleByAdamState`.
+
+    Args:
+        b1: decay of the first moment (the gradient average), in ``[0, 1)``.
+        b2: decay of the infinity-norm estimate, in ``[0, 1)``.
+        eps: added to ``|g|`` before the maximum.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_adamax()
+        >>> params = [torch.zeros(2)]
+        >>> u, _ = tx.update([torch.tensor([2.0, -0.5])], tx.init(params))
+        >>> u
+        [tensor([ 1.0000, -1.0000])]
+    """
+    _check(b1, b2, eps)
+
+    def init_fn(params: Any) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=_utils.zero_count(params), mu=tree.zeros_like(params), nu=tree.zeros_like(params)
+        )
+
+    def update_fn(
+        updates: Any, state: ScaleByAdamState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ScaleByAdamState]:
+        del params, extra
+        g, spec, s = _utils.flat(updates, {"state.mu": state.mu, "state.nu": state.nu})
+        count = _utils.safe_increment(state.count)
+        if not g:
+            return updates, ScaleByAdamState(count, state.mu, state.nu)
+        mu = _ops.moment(g, s["state.mu"], b1)
+        abs_g = list(torch._foreach_abs(g))
+        torch._foreach_add_(abs_g, _ops.on_device(eps, g[0]))
+        nu = list(torch._foreach_maximum(abs_g, _ops.mul(_ops.cast_like(s["state.nu"], g), b2)))
+        mu_hat = _ops.div(mu, _bias(b1, count, _ops.scalar_dtype(g)))
+        out = torch._foreach_div(mu_hat, nu)
+        new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
+        return tree.unflatten(spec, out), new_state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_radam(
+    b1: Hyper = 0.9,
+    b2: Hyper = 0.999,
+    eps: Hyper = 1e-8,
+    eps_root: Hyper = 0.0,
+    threshold: Hyper = 5.0,
+    *,
+    nesterov: bool = False,
+) -> GradientTransformation:
+    """Rescales updates by Rectified Adam (Liu et al., 2020).
+
+    Update rule (``t`` the step count after increment, ``ρ∞ = 2 / (1 − b2) − 1``)::
+
+        mu, nu, û, v̂ as in Adam
+        ρₜ = ρ∞ − 2 t b2ᵗ / (1 − b2ᵗ)
+        r = √((ρₜ − 4)(ρₜ − 2) ρ∞ / ((ρ∞ − 4)(ρ∞ − 2) ρₜ))
+        u ← r · û / (√(v̂ + eps_root) + eps)   if ρₜ ≥ threshold,   else u ← û
+
+    Differences from ``torch.optim.RAdam``: PyTorch rectifies when ``ρₜ > 5`` (strictly; the two
+    differ only if ``ρₜ`` is exactly 5) and adds ``eps`` to ``√nu`` *before* the bias
+    correction, i.e. divides by ``√v̂ + eps / √(1 − b2ᵗ)``. With ``eps=0`` the trajectories
+    coincide; with the default ``eps`` they differ by about ``eps / √v̂`` relatively.
+
+    Args:
+        b1: decay of the first moment (the gradient average), in ``[0, 1)``.
+        b2: decay of the second moment (the squared-gradient average), in ``[0, 1)``.
+        eps: added to the denominator outside the square root.
+        eps_root: added inside the square root (needed when differentiating through the update).
+        threshold: rectify only when ``ρₜ ≥ threshold``.
+        nesterov: use Nesterov momentum.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_radam()
+        >>> params = [torch.zeros(1)]
+        >>> u, _ = tx.update([torch.tensor([0.5])], tx.init(params))
+        >>> u  # early steps are un-rectified momentum SGD
+        [tensor([0.5000])]
+    """
+    _check(b1, b2, eps, eps_root)
+    _utils.check_finite_number("threshold", threshold)
+
+    def init_fn(params: Any) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=_utils.zero_count(params), mu=tree.zeros_like(params), nu=tree.zeros_like(params)
+        )
+
+    def update_fn(
+        updates: Any, state: ScaleByAdamState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ScaleByAdamState]:
+        del params, extra
+        g, spec, s = _utils.flat(updates, {"state.mu": state.mu, "state.nu": state.nu})
+        count = _utils.safe_increment(state.count)
+        if not g:
+            return updates, ScaleByAdamState(count, state.mu, state.nu)
+        dtype = _ops.scalar_dtype(g)
+        mu = _ops.moment(g, s["state.mu"], b1)
+        nu = _ops.moment_sq(g, s["state.nu"], b2)
+        t = count.to(dtype)
+        b2_t = _utils.power(b2, count, dtype)
+        # A Python b2 keeps ρ∞ in double precision, as optax (and torch) compute it.
+        b2_ = b2.to(device=t.device, dtype=dtype) if isinstance(b2, torch.Tensor) else b2
+        ro_inf = 2.0 / (1.0 - b2_) - 1.0
+        ro = ro_inf - 2 * t * b2_t / (1 - b2_t)
+        r = torch.sqrt((ro - 4) * (ro - 2) * ro_inf / ((ro_inf - 4) * (ro_inf - 2) * ro))
+        rectify = (ro >= _ops.scalar(threshold, t)).to(g[0].device)
+        mu_hat = _mu_hat(g, mu, b1, count, nesterov)
+        nu_hat = _ops.div(nu, 1 - b2_t)
+        adapted = torch._foreach_div(_ops.mul(mu_hat, r), _denominator(nu_hat, eps, eps_root))
+        out = [torch.where(rectify, a, m) for a, m in zip(adapted, mu_hat)]
+        new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
+        return tree.unflatten(spec, out), new_state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByLionState(NamedTuple):
+    """State of :func:`scale_by_lion`: the int32 step ``count`` and the momentum ``mu``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_lion().init([torch.zeros(1)]).mu
+        [tensor([0.])]
+    """
+
+    count: torch.Tensor
+    mu: Any
+
+
+def scale_by_lion(
+    b1: Hyper = 0.9,
+    b2: Hyper = 0.99,
+    mu_dtype: torch.dtype | None = None,
+    *,
+    mode: Literal["hard", "smooth", "refined"] = "hard",
+    smooth_beta: float = 1.0,
+) -> GradientTransformation:
+    """Rescales updates by Lion (Chen et al., 2023): the sign of an interpolated momentum.
+
+    Update rule::
+
+        c = (1 − b1) · g + b1 · mu
+        u ← sign(c)   (mode "smooth": tanh(smooth_beta · c); "refined": c if |c| < 1 else sign(c))
+        mu ← b2 · mu + (1 − b2) · g
+
+    ``torch.optim`` has no Lion.
+
+    Args:
+        b1: interpolation weight of the momentum in the sign, in ``[0, 1]``.
+        b2: decay of the momentum, in ``[0, 1]``.
+        mu_dtype: optional dtype in which the first moment is stored.
+        mode: ``"hard"`` (sign), ``"smooth"`` (tanh) or ``"refined"`` (linear below 1, sign
+            above).
+        smooth_beta: slope of the tanh in ``"smooth"`` mode.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_lion()
+        >>> params = [torch.zeros(3)]
+        >>> tx.update([torch.tensor([2.0, 0.0, -0.1])], tx.init(params))[0]
+        [tensor([ 1.,  0., -1.])]
+    """
+    _ops.check_decay("b1", b1, allow_one=True)
+    _ops.check_decay("b2", b2, allow_one=True)
+    if mode not in ("hard", "smooth", "refined"):
+        raise ValueError(f'Unknown lion mode: {mode!r}; use "hard", "smooth" or "refined"')
+
+    def init_fn(params: Any) -> ScaleByLionState:
+        return ScaleByLionState(
+            count=_utils.zero_count(params), mu=tree.zeros_like(params, dtype=mu_dtype)
+        )
+
+    def update_fn(
+        updates: Any, state: ScaleByLionState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ScaleByLionState]:
+        del params, extra
+        g, spec, s = _utils.flat(updates, {"state.mu": state.mu})
+        count = _utils.safe_increment(state.count)
+        if not g:
+            return updates, ScaleByLionState(count, state.mu)
+        c = _ops.moment(g, s["state.mu"], b1)
+        if mode == "hard":
+            out = list(torch._foreach_sign(c))
+        elif mode == "smooth":
+            out = [torch.tanh(smooth_beta * x) for x in c]
+        else:
+            out = [torch.where(x.abs() < 1.0, x, torch.sign(x)) for x in c]
+        mu = _ops.cast(_ops.moment(g, s["state.mu"], b2), mu_dtype)
+        return tree.unflatten(spec, out), ScaleByLionState(count, tree.unflatten(spec, mu))
 
     return GradientTransformation(init_fn, update_fn)

@@ -145,6 +145,11 @@ def stateless(f: Callable[[Updates, Params | None], Updates]) -> GradientTransfo
 
 
 def _accepts_extra(update_fn: Callable[..., Any]) -> bool:
+    # Read the code flags first: torch.compile cannot trace inspect.signature, and chains are
+    # rebuilt inside compiled updates (inject_hyperparams).
+    code = getattr(getattr(update_fn, "__func__", update_fn), "__code__", None)
+    if code is not None:
+        return bool(code.co_flags & inspect.CO_VARKEYWORDS)
     try:
         sig = inspect.signature(update_fn)
     except (TypeError, ValueError):

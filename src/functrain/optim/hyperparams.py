@@ -1,3 +1,231 @@
-"""optim/hyperparams (under construction)."""
+"""``inject_hyperparams``: keep an optimizer's hyperparameters as tensors in its state.
 
-__all__: list[str] = []
+The wrapped factory is called again at every update with the current hyperparameter tensors, as
+optax does; building a transform is cheap Python and, under ``torch.compile``, is traced away.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.optim import _utils
+from functrain.optim.base import GradientTransformation
+
+__all__ = [
+    "InjectHyperparamsState",
+    "inject_hyperparams",
+]
+
+
+class InjectHyperparamsState(NamedTuple):
+    """State of an :func:`inject_hyperparams` transform.
+
+    Attributes:
+        count: int32 number of updates so far (schedules are evaluated at it).
+        hyperparams: ``{name: 0-d tensor}``: the value of each numeric or scheduled
+            hyperparameter used by the last update (the initial values after ``init``).
+        inner_state: the inner transform's state.
+    """
+
+    count: torch.Tensor
+    hyperparams: dict[str, torch.Tensor]
+    inner_state: Any
+
+
+def _integer_params(signature: inspect.Signature) -> set[str]:
+    """Parameters declared ``int`` or ``bool`` (by annotation or an int default), as optax."""
+    names = set()
+    for name, param in signature.parameters.items():
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            declared = bool({"int", "bool"} & set(re.split(r"[^\w.]+", annotation)))
+        else:
+            declared = annotation in (int, bool) or any(
+                a in (int, bool) for a in getattr(annotation, "__args__", ())
+            )
+        if declared or (param.default is not param.empty and isinstance(param.default, int)):
+            names.add(name)
+    return names
+
+
+def _is_static_int(value: Any) -> bool:
+    if isinstance(value, int):
+        return True
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return not (value.is_floating_point() or value.is_complex())
+    return False
+
+
+def _takes_kwargs(fn: Any) -> bool:
+    # Reads the code flags rather than calling inspect.signature, which torch.compile cannot trace.
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return True if code is None else bool(code.co_flags & inspect.CO_VARKEYWORDS)
+
+
+def _dtype(hyperparam_dtype: torch.dtype | None, *trees: Any) -> torch.dtype:
+    if hyperparam_dtype is not None:
+        return hyperparam_dtype
+    for t in trees:
+        leaves = [x for x in tree.leaves(t) if isinstance(x, torch.Tensor)]
+        if leaves:
+            return _utils.float_dtype(leaves)
+    return torch.get_default_dtype()
+
+
+def _as_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _scheduled(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def inject_hyperparams(
+    inner_factory: Callable[..., GradientTransformation],
+    static_args: str | Iterable[str] = (),
+    hyperparam_dtype: torch.dtype | None = None,
+) -> Callable[..., GradientTransformation]:
+    """Wraps an optimizer factory so that its numeric hyperparameters live in the state.
+
+    ``inject_hyperparams(ft.adamw)(learning_rate=..., weight_decay=...)`` behaves like
+    ``ft.adamw(...)`` (same numbers), but its state is an :class:`InjectHyperparamsState` whose
+    ``hyperparams`` dict holds every numeric hyperparameter as a 0-d tensor:
+
+    * read it for logging: ``state.hyperparams["learning_rate"]``;
+    * change it between steps without rebuilding anything, by replacing the entry with a tensor
+      of the same dtype and device or by ``fill_``-ing it; under ``torch.compile`` the new value
+      is a new input, not a new constant, so nothing recompiles;
+    * a hyperparameter given as a schedule (a callable of the step count) is evaluated at
+      ``count`` before every update and recorded in ``hyperparams``; overriding it there has no
+      effect.
+
+    Which arguments are injected (as optax): booleans and the names in ``static_args`` are
+    passed as given; integers for parameters declared ``int`` or ``bool`` (by annotation or an
+    ``int`` default) stay Python ints; callables are schedules; other numbers and tensors are
+    injected; anything else (``None``, dtypes, masks) is passed as given.
+
+    Differences from optax: Python numbers become tensors of the floating ``hyperparam_dtype``
+    (default: the widest floating dtype of the params, else of the updates), including an
+    integer such as ``learning_rate=1``, so that a later fractional value fits. Tensors given
+    by the caller are copied at ``init`` and keep their dtype. PyTorch's closest equivalent is
+    editing ``optimizer.param_groups[i]["lr"]``, which a compiled step treats as a constant.
+
+    Args:
+        inner_factory: a function returning a :class:`GradientTransformation`, such as
+            ``ft.adamw``.
+        static_args: names of callable arguments that are not schedules.
+        hyperparam_dtype: dtype of the injected floating hyperparameters.
+
+    Returns:
+        A function with ``inner_factory``'s arguments that returns the wrapped transform.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.inject_hyperparams(ft.sgd)(learning_rate=0.1)
+        >>> params = {"w": torch.ones(2)}
+        >>> state = tx.init(params)
+        >>> state.hyperparams["learning_rate"]
+        tensor(0.1000)
+        >>> state.hyperparams["learning_rate"] = torch.tensor(0.5)
+        >>> u, state = tx.update({"w": torch.ones(2)}, state, params)
+        >>> u["w"]
+        tensor([-0.5000, -0.5000])
+    """
+    static = {static_args} if isinstance(static_args, str) else set(static_args)
+    signature = inspect.signature(inner_factory)
+    if not static.issubset(signature.parameters):
+        raise ValueError(
+            "`static_args` must specify a subset of `inner_factory`'s parameters. Given "
+            f"`static_args`: {sorted(static)}. `inner_factory` parameters: "
+            f"{sorted(signature.parameters)}"
+        )
+    integer_params = _integer_params(signature)
+
+    @functools.wraps(inner_factory)
+    def wrapped_transform(*args: Any, **kwargs: Any) -> GradientTransformation:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError("inject_hyperparams cannot inject *args; pass keywords")
+            else:
+                arguments[name] = value
+        schedules: dict[str, Callable[[Any], Any]] = {}
+        numeric: dict[str, Any] = {}
+        other: dict[str, Any] = {}
+        for name, value in arguments.items():
+            if name in static or isinstance(value, bool):
+                other[name] = value
+            elif name in integer_params and _is_static_int(value):
+                other[name] = int(value)
+            elif callable(value):
+                schedules[name] = value
+            elif isinstance(value, (int, float, torch.Tensor)):
+                numeric[name] = value
+            else:
+                other[name] = value
+
+        def build(hparams: dict[str, torch.Tensor]) -> GradientTransformation:
+            return inner_factory(**other, **hparams)
+
+        def init_fn(params: Any) -> InjectHyperparamsState:
+            count = _utils.zero_count(params)
+            dtype = _dtype(hyperparam_dtype, params)
+            device = count.device
+            hparams = {
+                k: (
+                    v.detach().clone()
+                    if isinstance(v, torch.Tensor)
+                    else _as_tensor(v, dtype, device)
+                )
+                for k, v in numeric.items()
+            }
+            hparams.update({k: _scheduled(f(count), dtype, device) for k, f in schedules.items()})
+            return InjectHyperparamsState(count, hparams, build(hparams).init(params))
+
+        def update_fn(
+            updates: Any, state: InjectHyperparamsState, params: Any = None, **extra: Any
+        ) -> tuple[Any, InjectHyperparamsState]:
+            if not isinstance(state, InjectHyperparamsState):
+                raise TypeError(
+                    f"inject_hyperparams expects an InjectHyperparamsState, got "
+                    f"{type(state).__name__}"
+                )
+            missing = [k for k in numeric if k not in state.hyperparams]
+            if missing:
+                raise KeyError(f"state.hyperparams has no entry for {missing}")
+            dtype = _dtype(hyperparam_dtype, params, updates)
+            device = state.count.device
+            hparams = {k: _as_tensor(state.hyperparams[k], dtype, device) for k in numeric}
+            hparams.update(
+                {k: _scheduled(f(state.count), dtype, device) for k, f in schedules.items()}
+            )
+            inner = build(hparams)
+            if _takes_kwargs(inner.update):
+                updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            else:
+                updates, inner_state = inner.update(updates, state.inner_state, params)
+            new_state = InjectHyperparamsState(
+                _utils.safe_increment(state.count), hparams, inner_state
+            )
+            return updates, new_state
+
+        return GradientTransformation(init_fn, update_fn)
+
+    return wrapped_transform

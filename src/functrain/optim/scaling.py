@@ -1,36 +1,56 @@
-"""Scaling transforms: fixed scales, learning rates, schedules, momentum and weight decay."""
+"""Scaling transforms: fixed scales, learning rates, schedules, signs and trust ratios."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
 from functrain import tree
-from functrain.optim import _utils
+from functrain.optim import _ops, _utils
 from functrain.optim._utils import ScalarOrSchedule
-from functrain.optim.base import EmptyState, GradientTransformation
+from functrain.optim.base import EmptyState, GradientTransformation, identity
 
 __all__ = [
     "ScaleByScheduleState",
-    "TraceState",
-    "add_decayed_weights",
+    "ScaleByTrustRatioState",
+    "ScaleState",
     "scale",
     "scale_by_learning_rate",
+    "scale_by_param_block_norm",
+    "scale_by_param_block_rms",
     "scale_by_schedule",
-    "trace",
+    "scale_by_sign",
+    "scale_by_trust_ratio",
 ]
+
+ScaleState = EmptyState
+ScaleByTrustRatioState = EmptyState
+
+_NO_PARAMS = "{name} needs params: call update(updates, state, params)"
+
+
+def _init_empty(params: Any) -> EmptyState:
+    del params
+    return EmptyState()
 
 
 def _scale_leaves(leaves: list[Any], factor: Any) -> list[Any]:
-    present = [i for i, x in enumerate(leaves) if x is not None]
-    out = list(leaves)
-    if not present:
-        return out
-    scaled = torch._foreach_mul([leaves[i] for i in present], factor)
-    for i, s in zip(present, scaled):
-        out[i] = s
-    return out
+    return _ops.mul(leaves, factor)
+
+
+def _stateless_map(
+    fn: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+) -> GradientTransformation:
+    def update_fn(
+        updates: Any, state: EmptyState, params: Any = None, **extra: Any
+    ) -> tuple[Any, EmptyState]:
+        del params, extra
+        leaves, spec = tree.flatten(updates)
+        return tree.unflatten(spec, fn(leaves)), state
+
+    return GradientTransformation(_init_empty, update_fn)
 
 
 def scale(step_size: float | torch.Tensor) -> GradientTransformation:
@@ -39,7 +59,8 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     Update rule: ``u ← step_size · u``.
 
     Args:
-        step_size: a number or a 0-d tensor (a tensor may be changed in place between steps).
+        step_size: a number or a 0-d tensor (a tensor may be changed in place between steps:
+            it is read at every update, so a compiled step does not recompile).
 
     Example:
         >>> import torch, functrain as ft
@@ -48,32 +69,30 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         {'w': tensor([-0.1000, -0.1000])}
     """
     _utils.check_finite_number("step_size", step_size)
-
-    def init_fn(params: Any) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update_fn(
-        updates: Any, state: EmptyState, params: Any = None, **extra: Any
-    ) -> tuple[Any, EmptyState]:
-        del params, extra
-        leaves, spec = tree.flatten(updates)
-        return tree.unflatten(spec, _scale_leaves(leaves, step_size)), state
-
-    return GradientTransformation(init_fn, update_fn)
+    return _stateless_map(lambda leaves: _scale_leaves(leaves, step_size))
 
 
 class ScaleByScheduleState(NamedTuple):
-    """State of :func:`scale_by_schedule`: the int32 step ``count``."""
+    """State of :func:`scale_by_schedule`: the int32 step ``count``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_schedule(lambda n: 0.1).init([torch.ones(1)])
+        ScaleByScheduleState(count=tensor(0, dtype=torch.int32))
+    """
 
     count: torch.Tensor
 
 
-def scale_by_schedule(step_size_fn: Any) -> GradientTransformation:
+def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], Any]) -> GradientTransformation:
     """Multiplies updates by ``step_size_fn(count)``, then increments ``count``.
 
     The schedule is evaluated at the count *before* the increment, so the first update uses
-    ``step_size_fn(0)``, as in optax.
+    ``step_size_fn(0)``, as in optax. The count is an int32 tensor, so a schedule written with
+    tensor operations compiles once and never recompiles as the step advances.
+
+    Args:
+        step_size_fn: schedule ``count -> step size`` (a number or a 0-d tensor).
 
     Example:
         >>> import torch, functrain as ft
@@ -94,8 +113,8 @@ def scale_by_schedule(step_size_fn: Any) -> GradientTransformation:
         updates: Any, state: ScaleByScheduleState, params: Any = None, **extra: Any
     ) -> tuple[Any, ScaleByScheduleState]:
         del params, extra
-        factor = step_size_fn(state.count)
         leaves, spec = tree.flatten(updates)
+        factor = step_size_fn(state.count)
         new = tree.unflatten(spec, _scale_leaves(leaves, factor))
         return new, ScaleByScheduleState(count=_utils.safe_increment(state.count))
 
@@ -103,9 +122,18 @@ def scale_by_schedule(step_size_fn: Any) -> GradientTransformation:
 
 
 def scale_by_learning_rate(
-    learning_rate: ScalarOrSchedule, *, flip_sign: bool = True
+    learning_rate: ScalarOrSchedule | None = None, *, flip_sign: bool = True
 ) -> GradientTransformation:
-    """Scales updates by ``-learning_rate`` (descent), a number, tensor or schedule.
+    """Scales updates by ``-learning_rate`` (or ``+learning_rate`` with ``flip_sign=False``).
+
+    ``learning_rate`` is a number, a 0-d tensor (read at every update, so it can be changed in
+    place without recompiling) or a schedule of the step count (see :func:`scale_by_schedule`).
+    ``None`` means no scaling (the identity), as in optax.
+
+    Args:
+        learning_rate: the step size: a number, a 0-d tensor (read at every update) or a
+            schedule of the step count.
+        flip_sign: scale by ``-learning_rate`` (descent) when ``True``.
 
     Example:
         >>> import torch, functrain as ft
@@ -113,123 +141,140 @@ def scale_by_learning_rate(
         >>> tx.update([torch.ones(1)], tx.init(None))[0]
         [tensor([-0.5000])]
     """
+    if learning_rate is None:
+        return identity()
     _utils.check_finite_number("learning_rate", learning_rate)
     sign = -1 if flip_sign else 1
     if callable(learning_rate):
         return scale_by_schedule(lambda count: sign * learning_rate(count))
     if isinstance(learning_rate, torch.Tensor):
         # Negate at update time so that a learning-rate tensor changed in place takes effect.
-        return _scale_by_thunk(lambda: sign * learning_rate)
+        return _stateless_map(lambda leaves: _scale_leaves(leaves, sign * learning_rate))
     return scale(sign * learning_rate)
 
 
-def _scale_by_thunk(factor_fn: Any) -> GradientTransformation:
-    def init_fn(params: Any) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update_fn(
-        updates: Any, state: EmptyState, params: Any = None, **extra: Any
-    ) -> tuple[Any, EmptyState]:
-        del params, extra
-        leaves, spec = tree.flatten(updates)
-        return tree.unflatten(spec, _scale_leaves(leaves, factor_fn())), state
-
-    return GradientTransformation(init_fn, update_fn)
-
-
-class TraceState(NamedTuple):
-    """State of :func:`trace`: the momentum buffer ``trace``."""
-
-    trace: Any
-
-
-def trace(
-    decay: float | torch.Tensor,
-    nesterov: bool = False,
-    accumulator_dtype: torch.dtype | None = None,
-) -> GradientTransformation:
-    """Momentum: keeps ``t ← decay · t + u`` and returns ``t`` (or ``u + decay · t``, Nesterov).
-
-    Matches ``torch.optim.SGD(momentum=decay, dampening=0)``: its first buffer is the gradient
-    itself, which is what a zero-initialised trace gives here.
+def scale_by_sign() -> GradientTransformation:
+    """Replaces every update element by its sign (``-1``, ``0`` or ``1``).
 
     Example:
         >>> import torch, functrain as ft
-        >>> tx = ft.trace(decay=0.9)
-        >>> state = tx.init([torch.zeros(1)])
-        >>> _, state = tx.update([torch.ones(1)], state)
-        >>> tx.update([torch.ones(1)], state)[0]
-        [tensor([1.9000])]
+        >>> tx = ft.scale_by_sign()
+        >>> tx.update([torch.tensor([-2.0, 0.0, 0.3])], tx.init(None))[0]
+        [tensor([-1.,  0.,  1.])]
     """
-    _utils.check_finite_number("decay", decay)
-
-    def init_fn(params: Any) -> TraceState:
-        return TraceState(trace=tree.zeros_like(params, dtype=accumulator_dtype))
-
-    def update_fn(
-        updates: Any, state: TraceState, params: Any = None, **extra: Any
-    ) -> tuple[Any, TraceState]:
-        del params, extra
-        g, spec, other = _utils.flat(updates, {"state.trace": state.trace})
-        if not g:
-            return updates, state
-        new_trace = torch._foreach_add(g, torch._foreach_mul(other["state.trace"], decay))
-        out = torch._foreach_add(g, new_trace, alpha=decay) if nesterov else new_trace
-        if accumulator_dtype is not None:
-            new_trace = [t.to(accumulator_dtype) for t in new_trace]
-        out = [o.to(u.dtype) for o, u in zip(out, g)]
-        return tree.unflatten(spec, out), TraceState(trace=tree.unflatten(spec, new_trace))
-
-    return GradientTransformation(init_fn, update_fn)
+    return _stateless_map(lambda leaves: list(torch._foreach_sign(leaves)) if leaves else [])
 
 
-def add_decayed_weights(
-    weight_decay: float | torch.Tensor = 0.0, mask: Any = None
+def _leaf_pairs(name: str, updates: Any, params: Any) -> tuple[list[Any], Any, list[Any]]:
+    if params is None:
+        raise ValueError(_NO_PARAMS.format(name=name))
+    g, spec, other = _utils.flat(updates, {"params": params})
+    return g, spec, other["params"]
+
+
+def scale_by_trust_ratio(
+    min_norm: float | torch.Tensor = 0.0,
+    trust_coefficient: float | torch.Tensor = 1.0,
+    eps: float | torch.Tensor = 0.0,
 ) -> GradientTransformation:
-    """Adds ``weight_decay · params`` to the updates (decoupled weight decay, as in AdamW).
+    """Scales each leaf's update by its trust ratio ``‖p‖ / ‖u‖`` (LARS, LAMB).
+
+    Update rule, per leaf (each tensor is one "layer")::
+
+        ‖p‖ ← max(‖p‖, min_norm),  ‖u‖ ← max(‖u‖, min_norm)
+        ratio = trust_coefficient · ‖p‖ / (‖u‖ + eps), or 1 where ‖p‖ = 0 or ‖u‖ = 0
+        u ← ratio · u
 
     Args:
-        weight_decay: the coefficient (number or 0-d tensor).
-        mask: optional pytree of booleans like ``params`` (or a callable ``params -> mask``);
-            decay applies where it is ``True``.
+        min_norm: lower bound for both norms (0 disables it).
+        trust_coefficient: multiplier of the ratio.
+        eps: added to the update norm in the denominator.
 
     Example:
         >>> import torch, functrain as ft
-        >>> tx = ft.add_decayed_weights(0.1)
-        >>> params = [torch.tensor([2.0])]
-        >>> tx.update([torch.zeros(1)], tx.init(params), params)[0]
-        [tensor([0.2000])]
+        >>> tx = ft.scale_by_trust_ratio()
+        >>> params = [torch.tensor([3.0, 4.0])]
+        >>> tx.update([torch.tensor([0.6, 0.8])], tx.init(params), params)[0]
+        [tensor([3., 4.])]
     """
-    _utils.check_finite_number("weight_decay", weight_decay)
-
-    def init_fn(params: Any) -> EmptyState:
-        del params
-        return EmptyState()
+    for name, value in (("min_norm", min_norm), ("eps", eps)):
+        _utils.check_finite_number(name, value, minimum=0.0)
+    _utils.check_finite_number("trust_coefficient", trust_coefficient)
 
     def update_fn(
         updates: Any, state: EmptyState, params: Any = None, **extra: Any
     ) -> tuple[Any, EmptyState]:
         del extra
-        if params is None:
-            raise ValueError(
-                "add_decayed_weights needs params: call update(updates, state, params)"
-            )
-        g, spec, other = _utils.flat(updates, {"params": params})
-        p = other["params"]
-        idx = [i for i, (u, w) in enumerate(zip(g, p)) if u is not None and w is not None]
+        g, spec, p = _leaf_pairs("scale_by_trust_ratio", updates, params)
         out = list(g)
+        idx = [i for i, (u, w) in enumerate(zip(g, p)) if u is not None and w is not None]
         if idx:
-            summed = torch._foreach_add(
-                [g[i] for i in idx], [p[i].to(g[i].dtype) for i in idx], alpha=weight_decay
-            )
-            for i, s in zip(idx, summed):
-                out[i] = s
+            p_norms = torch._foreach_norm([p[i] for i in idx])
+            u_norms = torch._foreach_norm([g[i] for i in idx])
+            for i, pn, un in zip(idx, p_norms, u_norms):
+                u = g[i]
+                pn = torch.clamp_min(pn.to(u.dtype), _ops.on_device(min_norm, u))
+                un = torch.clamp_min(un, _ops.on_device(min_norm, u))
+                ratio = _ops.on_device(trust_coefficient, u) * pn / (un + _ops.on_device(eps, u))
+                safe = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
+                out[i] = u * safe.to(u.dtype)
         return tree.unflatten(spec, out), state
 
-    tx = GradientTransformation(init_fn, update_fn)
-    if mask is not None:
-        from functrain.optim.wrappers import masked
+    return GradientTransformation(_init_empty, update_fn)
 
-        return masked(tx, mask)
-    return tx
+
+def _scale_by_param_block(
+    name: str, min_scale: float | torch.Tensor, block_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> GradientTransformation:
+    _utils.check_finite_number("min_scale", min_scale, minimum=0.0)
+
+    def update_fn(
+        updates: Any, state: EmptyState, params: Any = None, **extra: Any
+    ) -> tuple[Any, EmptyState]:
+        del extra
+        g, spec, p = _leaf_pairs(name, updates, params)
+        out = [
+            u
+            if u is None or w is None
+            else u * torch.clamp_min(block_fn(w), _ops.on_device(min_scale, w)).to(u.dtype)
+            for u, w in zip(g, p)
+        ]
+        return tree.unflatten(spec, out), state
+
+    return GradientTransformation(_init_empty, update_fn)
+
+
+def scale_by_param_block_norm(min_scale: float | torch.Tensor = 1e-3) -> GradientTransformation:
+    """Scales each leaf's update by ``max(‖p‖, min_scale)``, the L2 norm of its parameter.
+
+    Args:
+        min_scale: lower bound of the parameter-block statistic.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_param_block_norm()
+        >>> params = [torch.tensor([3.0, 4.0])]
+        >>> tx.update([torch.ones(2)], tx.init(params), params)[0]
+        [tensor([5., 5.])]
+    """
+    return _scale_by_param_block("scale_by_param_block_norm", min_scale, torch.linalg.vector_norm)
+
+
+def scale_by_param_block_rms(min_scale: float | torch.Tensor = 1e-3) -> GradientTransformation:
+    """Scales each leaf's update by ``max(rms(p), min_scale)`` (used by :func:`adafactor`).
+
+    ``rms(p) = sqrt(mean(p²))`` over the whole parameter tensor.
+
+    Args:
+        min_scale: lower bound of the parameter-block statistic.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_param_block_rms()
+        >>> params = [torch.tensor([3.0, -3.0])]
+        >>> tx.update([torch.ones(2)], tx.init(params), params)[0]
+        [tensor([3., 3.])]
+    """
+    return _scale_by_param_block(
+        "scale_by_param_block_rms", min_scale, lambda p: p.square().mean().sqrt()
+    )

@@ -1,3 +1,391 @@
-"""optim/wrappers (under construction)."""
+"""Wrappers: transforms that route, mask or guard other transforms (optax's wrappers).
 
-__all__: list[str] = []
+A masked-out part of a pytree travels through the inner transform as ``None`` (an empty subtree),
+so the inner transform neither sees those leaves nor keeps state for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.optim import _utils
+from functrain.optim._masking import Mask, apply_mask, label_masks, make_mask, masked_update
+from functrain.optim.base import (
+    GradientTransformation,
+    _accepts_extra,
+    _call_update,
+    _check_transform,
+    set_to_zero,
+)
+
+__all__ = [
+    "ApplyIfFiniteState",
+    "MaskedState",
+    "MultiTransformState",
+    "PartitionState",
+    "ZeroNansState",
+    "apply_if_finite",
+    "freeze",
+    "masked",
+    "multi_transform",
+    "partition",
+    "selective_transform",
+    "zero_nans",
+]
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`: the inner transform's state (over the unmasked leaves only)."""
+
+    inner_state: Any
+
+
+def masked(
+    inner: GradientTransformation,
+    mask: Any | Callable[[Any], Any],
+    *,
+    mask_compatible_extra_args: bool = False,
+) -> GradientTransformation:
+    """Applies ``inner`` only where ``mask`` is ``True``; other updates pass through unchanged.
+
+    ``mask`` is a pytree of booleans with the structure of the params (or a prefix of it: a
+    boolean covers a whole subtree), or a callable ``params -> mask`` (called on the params in
+    ``init`` and on the updates in ``update``). The inner transform sees ``None`` for masked-out
+    leaves, so its state only covers the unmasked ones. A typical use is weight decay on
+    matrices only: ``masked(add_decayed_weights(1e-4), lambda p: tree.map(lambda x: x.ndim > 1,
+    p))``.
+
+    PyTorch: like giving parameter groups different options in ``torch.optim``; here the rest
+    of the chain still sees the masked-out updates.
+
+    Args:
+        inner: the transform to apply to the unmasked leaves.
+        mask: static booleans (``True``: transform), or a callable returning them. The mask
+            must not depend on tensor values.
+        mask_compatible_extra_args: also mask keyword arguments of ``update`` whose structure
+            equals the updates'.
+
+    Raises:
+        TreeMismatchError: (at ``init``/``update``) if the mask is not a prefix of the params or
+            updates; the message names the path.
+        TypeError: if a mask leaf is not a boolean.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.masked(ft.scale(-0.1), {"w": True, "b": False})
+        >>> params = {"w": torch.ones(2), "b": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(2), "b": torch.ones(1)}, tx.init(params))
+        >>> u
+        {'w': tensor([-0.1000, -0.1000]), 'b': tensor([1.])}
+    """
+    inner = _check_transform(inner, "masked inner")
+    passes_extra = _accepts_extra(inner.update)
+    if not callable(mask):
+        make_mask(mask)  # fail early on bad leaves
+
+    def get_mask(tree_: Any) -> Mask:
+        # Rebuilt at each call (cheap): torch.compile cannot use a treespec made outside it.
+        return make_mask(mask(tree_) if callable(mask) else mask)
+
+    def init_fn(params: Any) -> MaskedState:
+        return MaskedState(inner_state=inner.init(apply_mask(get_mask(params), params, "params")))
+
+    def update_fn(
+        updates: Any, state: MaskedState, params: Any = None, **extra: Any
+    ) -> tuple[Any, MaskedState]:
+        if not isinstance(state, MaskedState):
+            raise TypeError(f"masked expects a MaskedState, got {type(state).__name__}")
+        new_updates, inner_state = masked_update(
+            inner,
+            passes_extra,
+            get_mask(updates),
+            mask_compatible_extra_args,
+            updates,
+            state.inner_state,
+            params,
+            extra,
+        )
+        return new_updates, MaskedState(inner_state=inner_state)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class PartitionState(NamedTuple):
+    """State of :func:`partition`: ``{label: MaskedState}`` for each transform."""
+
+    inner_states: dict[Hashable, Any]
+
+
+MultiTransformState = PartitionState
+
+
+def partition(
+    transforms: Mapping[Hashable, GradientTransformation],
+    param_labels: Any | Callable[[Any], Any],
+    *,
+    mask_compatible_extra_args: bool = False,
+) -> GradientTransformation:
+    """Applies a different transform to each group of parameters (optax's ``multi_transform``).
+
+    ``param_labels`` gives each leaf (or subtree: it may be a prefix of the params) a label, a
+    key of ``transforms``; each transform then runs, as with :func:`masked`, on its own leaves
+    only and keeps state only for them. A label with no transform is an error naming the path;
+    a transform whose label is not used is allowed (its state is empty), as in optax.
+
+    PyTorch: the equivalent of optimizer parameter groups with different optimizers.
+
+    Args:
+        transforms: ``{label: transform}``.
+        param_labels: a pytree of labels like the params (or a prefix), or a callable
+            ``params -> labels`` (called on the updates in ``update``).
+        mask_compatible_extra_args: see :func:`masked`.
+
+    Raises:
+        ValueError: a label has no transform (the message names the path and the label).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.partition(
+        ...     {"fast": ft.scale(-1.0), "slow": ft.scale(-0.01)}, {"w": "fast", "b": "slow"})
+        >>> params = {"w": torch.ones(1), "b": torch.ones(1)}
+        >>> u, state = tx.update({"w": torch.ones(1), "b": torch.ones(1)}, tx.init(params))
+        >>> u
+        {'w': tensor([-1.]), 'b': tensor([-0.0100])}
+    """
+    if not isinstance(transforms, Mapping) or not transforms:
+        raise TypeError("partition needs a non-empty mapping {label: transform}")
+    txs = {k: _check_transform(v, f"partition transforms[{k!r}]") for k, v in transforms.items()}
+    extras = {k: _accepts_extra(v.update) for k, v in txs.items()}
+    if not callable(param_labels):
+        label_masks(param_labels, txs)  # fail early on unknown labels
+
+    def get_masks(tree_: Any) -> dict[Hashable, Mask]:
+        labels = param_labels(tree_) if callable(param_labels) else param_labels
+        return label_masks(labels, txs)
+
+    def init_fn(params: Any) -> PartitionState:
+        masks = get_masks(params)
+        return PartitionState(
+            {
+                g: MaskedState(tx.init(apply_mask(masks[g], params, "params")))
+                for g, tx in txs.items()
+            }
+        )
+
+    def update_fn(
+        updates: Any, state: PartitionState, params: Any = None, **extra: Any
+    ) -> tuple[Any, PartitionState]:
+        inner_states = getattr(state, "inner_states", None)
+        if not isinstance(inner_states, Mapping):
+            raise TypeError(f"partition expects a PartitionState, got {type(state).__name__}")
+        missing = [g for g in txs if g not in inner_states]
+        if missing:
+            raise ValueError(f"partition state has no entry for labels {missing}")
+        masks = get_masks(updates)
+        new_states = {}
+        for g, tx in txs.items():
+            updates, inner = masked_update(
+                tx,
+                extras[g],
+                masks[g],
+                mask_compatible_extra_args,
+                updates,
+                inner_states[g].inner_state,
+                params,
+                extra,
+            )
+            new_states[g] = MaskedState(inner)
+        return updates, PartitionState(new_states)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+multi_transform = partition
+
+
+def freeze(mask: bool | Any) -> GradientTransformation:
+    """Zeroes the updates where ``mask`` is ``True`` (freezes those parameters).
+
+    ``masked(set_to_zero(), mask)``, as in optax: frozen leaves get zero updates, the others
+    pass through unchanged. ``mask`` is a single boolean or a pytree (prefix) of booleans.
+
+    PyTorch: like ``p.requires_grad_(False)``, but without changing the model; frozen
+    parameters still receive gradients, which are discarded here.
+
+    Args:
+        mask: ``True`` for the leaves (or subtrees) to freeze.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.chain(ft.freeze({"w": True, "b": False}), ft.sgd(0.1))
+        >>> params = {"w": torch.ones(1), "b": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1), "b": torch.ones(1)}, tx.init(params), params)
+        >>> u
+        {'w': tensor([-0.]), 'b': tensor([-0.1000])}
+    """
+    return masked(set_to_zero(), mask)
+
+
+def selective_transform(
+    optimizer: GradientTransformation, *, freeze_mask: bool | Any
+) -> GradientTransformation:
+    """Runs ``optimizer`` on the leaves where ``freeze_mask`` is ``False`` and zeroes the rest.
+
+    Unlike ``chain(freeze(mask), optimizer)``, the optimizer keeps no state for frozen leaves.
+
+    Args:
+        optimizer: the transform for the trainable leaves.
+        freeze_mask: a boolean or a pytree (prefix) of booleans; ``True`` freezes.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.selective_transform(ft.sgd(0.1), freeze_mask={"w": True, "b": False})
+        >>> params = {"w": torch.ones(1), "b": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.ones(1), "b": torch.ones(1)}, tx.init(params), params)
+        >>> u
+        {'w': tensor([0.]), 'b': tensor([-0.1000])}
+    """
+    labels = tree.map(lambda m: "freeze" if m else "train", freeze_mask)
+    return partition({"train": optimizer, "freeze": set_to_zero()}, labels)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """State of :func:`apply_if_finite`.
+
+    Attributes:
+        notfinite_count: consecutive updates with a NaN or inf (int32; reset by a finite one).
+        last_finite: whether the last update was finite (bool).
+        total_notfinite: all updates with a NaN or inf so far (int32; never reset).
+        inner_state: the inner transform's state.
+    """
+
+    notfinite_count: torch.Tensor
+    last_finite: torch.Tensor
+    total_notfinite: torch.Tensor
+    inner_state: Any
+
+
+def _all_finite(leaves: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not leaves:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.stack([torch.isfinite(x).all() for x in leaves]).all()
+
+
+def _select(condition: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``condition`` else ``old``, leaf-wise, in ``old``'s dtype."""
+
+    def pick(n: Any, o: Any) -> Any:
+        if isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor):
+            return torch.where(condition, n.to(o.dtype), o)
+        return n
+
+    return tree.map(pick, new, old)
+
+
+def apply_if_finite(
+    inner: GradientTransformation, max_consecutive_errors: int
+) -> GradientTransformation:
+    """Skips updates that contain a NaN or inf, unless too many came in a row.
+
+    If every update leaf is finite, ``inner`` is applied. Otherwise the output is zeros and the
+    inner state is kept bit-for-bit, until ``max_consecutive_errors`` consecutive non-finite
+    updates have been skipped: the next one is then applied anyway (as in optax). Counters are
+    kept in :class:`ApplyIfFiniteState`.
+
+    Without host syncs there is no branch: ``inner`` is evaluated at every step and
+    ``torch.where`` keeps its results or the old ones (optax's ``lax.cond`` does the same under
+    ``vmap``). PyTorch's ``GradScaler`` skips steps in a similar way.
+
+    Args:
+        inner: the transform to guard.
+        max_consecutive_errors: how many consecutive non-finite updates to skip.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.apply_if_finite(ft.sgd(0.1), max_consecutive_errors=2)
+        >>> params = [torch.ones(2)]
+        >>> u, state = tx.update([torch.tensor([1.0, float("nan")])], tx.init(params))
+        >>> u, int(state.notfinite_count)
+        ([tensor([0., 0.])], 1)
+    """
+    inner = _check_transform(inner, "apply_if_finite inner")
+    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int):
+        raise TypeError(f"max_consecutive_errors must be an int, got {max_consecutive_errors!r}")
+    if max_consecutive_errors < 0:
+        raise ValueError(f"max_consecutive_errors must be >= 0, got {max_consecutive_errors}")
+    passes_extra = _accepts_extra(inner.update)
+
+    def init_fn(params: Any) -> ApplyIfFiniteState:
+        device = _utils.default_device(params)
+        return ApplyIfFiniteState(
+            notfinite_count=_utils.zero_count(params),
+            last_finite=torch.ones((), dtype=torch.bool, device=device),
+            total_notfinite=_utils.zero_count(params),
+            inner_state=inner.init(params),
+        )
+
+    def update_fn(
+        updates: Any, state: ApplyIfFiniteState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ApplyIfFiniteState]:
+        isfinite = _all_finite(tree.leaves(updates), state.notfinite_count.device)
+        notfinite_count = torch.where(
+            isfinite,
+            torch.zeros_like(state.notfinite_count),
+            _utils.safe_increment(state.notfinite_count),
+        )
+        apply = isfinite | (notfinite_count > max_consecutive_errors)
+        new_updates, new_inner = _call_update(
+            inner, passes_extra, updates, state.inner_state, params, extra
+        )
+        out = tree.map(lambda u: torch.where(apply, u, torch.zeros_like(u)), new_updates)
+        return out, ApplyIfFiniteState(
+            notfinite_count=notfinite_count,
+            last_finite=isfinite,
+            total_notfinite=torch.where(
+                isfinite, state.total_notfinite, _utils.safe_increment(state.total_notfinite)
+            ),
+            inner_state=_select(apply, new_inner, state.inner_state),
+        )
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ZeroNansState(NamedTuple):
+    """State of :func:`zero_nans`: per leaf, a 0-d bool, whether the last update had a NaN."""
+
+    found_nan: Any
+
+
+def zero_nans() -> GradientTransformation:
+    """Replaces NaNs in the updates with zeros and records, per leaf, whether there were any.
+
+    Infinities are left as they are (unlike ``torch.nan_to_num``). The state,
+    :class:`ZeroNansState`, is not used by the transform; it lets you see where NaNs occurred.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.zero_nans()
+        >>> params = {"w": torch.zeros(2)}
+        >>> u, state = tx.update({"w": torch.tensor([float("nan"), 1.0])}, tx.init(params))
+        >>> u["w"], state.found_nan["w"]
+        (tensor([0., 1.]), tensor(True))
+    """
+
+    def init_fn(params: Any) -> ZeroNansState:
+        return ZeroNansState(
+            found_nan=tree.map(lambda p: torch.zeros((), dtype=torch.bool, device=p.device), params)
+        )
+
+    def update_fn(
+        updates: Any, state: ZeroNansState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ZeroNansState]:
+        del state, params, extra
+        found_nan = tree.map(lambda u: torch.isnan(u).any(), updates)
+        out = tree.map(lambda u: torch.where(torch.isnan(u), torch.zeros_like(u), u), updates)
+        return out, ZeroNansState(found_nan=found_nan)
+
+    return GradientTransformation(init_fn, update_fn)

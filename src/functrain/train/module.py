@@ -1,3 +1,243 @@
-"""train/module (under construction)."""
+"""Turning an ``nn.Module`` into a pure function of explicit parameter and buffer dicts.
 
-__all__: list[str] = []
+``model, params, buffers = ft.functionalize(module)`` gives:
+
+* ``params``: ``{name: tensor}`` with **one entry per distinct parameter tensor**, detached.
+  Tied weights (e.g. a language model whose output layer reuses the embedding matrix) appear
+  once, under the first name ``module.named_parameters()`` gives them; the forward uses that one
+  tensor in every tied place, so its gradient is the sum over all uses, exactly as
+  ``nn.Module`` autograd accumulates it.
+* ``buffers``: ``{name: tensor}`` of all buffers (persistent or not), detached.
+* ``model``: a :class:`FunctionalModel`, a pure function built on
+  ``torch.func.functional_call``. ``model(params, *args, **kwargs)`` returns the forward output;
+  ``model.apply(params, buffers, *args, **kwargs)`` returns ``(output, new_buffers)`` for models
+  that update buffers (BatchNorm in training mode). Neither ever mutates its inputs or the
+  module's own tensors.
+
+The module itself becomes a stateless skeleton that describes the computation: its own parameter
+tensors are never read by ``model`` (every parameter and buffer is replaced in each call).
+
+Example:
+    >>> import torch, functrain as ft
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model, params, buffers = ft.functionalize(torch.nn.Linear(3, 2))
+    >>> sorted(params), buffers
+    (['bias', 'weight'], {})
+    >>> model(params, torch.ones(1, 3)).shape
+    torch.Size([1, 2])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+__all__ = ["FunctionalModel", "functionalize"]
+
+
+def _norm_modules(module: nn.Module) -> list[nn.Module]:
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+    ]
+
+
+def _aliases(module: nn.Module) -> tuple[tuple[str, str], ...]:
+    """``(alias, first_name)`` for each extra name of a tied parameter or buffer."""
+    out = []
+    for named in (module.named_parameters, module.named_buffers):
+        first: dict[int, str] = {}
+        for name, t in named(remove_duplicate=False):
+            if id(t) in first:
+                out.append((name, first[id(t)]))
+            else:
+                first[id(t)] = name
+    return tuple(out)
+
+
+class FunctionalModel:
+    """A pure forward function of an ``nn.Module``: ``model(params, *args, **kwargs)``.
+
+    Args:
+        module: the module whose forward computation to run.
+        buffers: the buffers used when a call does not pass any (a read-only snapshot).
+        training: run the module in training (``True``) or evaluation (``False``) mode for
+            the duration of each call; ``None`` uses whatever mode the module is in.
+
+    Calls check that ``params`` has exactly the module's parameter names (a silent fallback to the
+    module's own tensors for a missing name is impossible) and raise a ``KeyError`` naming the
+    missing and unexpected names otherwise.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+        >>> model, params, buffers = ft.functionalize(net)
+        >>> out, new_buffers = model.apply(params, buffers, torch.randn(4, 2))
+        >>> int(new_buffers["1.num_batches_tracked"]), int(buffers["1.num_batches_tracked"])
+        (1, 0)
+        >>> model.eval()(params, torch.randn(4, 2)).shape  # eval mode: running stats, no update
+        torch.Size([4, 2])
+    """
+
+    def __init__(
+        self, module: nn.Module, buffers: dict[str, torch.Tensor], training: bool | None = None
+    ) -> None:
+        self.module = module
+        self.buffers = buffers
+        self.training = training
+        self.param_names = tuple(name for name, _ in module.named_parameters())
+        self._param_set = frozenset(self.param_names)
+        self.buffer_names = tuple(name for name, _ in module.named_buffers())
+        self._buffer_set = frozenset(self.buffer_names)
+        self._norms = _norm_modules(module)
+        # Every name a tied tensor has beyond its first one, resolved once here, so calls can
+        # skip functional_call's per-call tie analysis (tie_weights=False with all names given).
+        self._aliases = _aliases(module)
+
+    def train(self, mode: bool = True) -> FunctionalModel:
+        """This model, run in training mode (dropout on, BatchNorm batch statistics)."""
+        return FunctionalModel(self.module, self.buffers, training=mode)
+
+    def eval(self) -> FunctionalModel:
+        """This model, run in evaluation mode (dropout off, BatchNorm running statistics)."""
+        return self.train(False)
+
+    def _check_names(self, params: dict[str, Any], buffers: dict[str, Any]) -> None:
+        if not isinstance(params, dict):
+            raise TypeError(
+                f"params must be a dict of name -> tensor (see ft.functionalize), got "
+                f"{type(params).__name__}"
+            )
+        if tuple(params) != self.param_names and params.keys() != self._param_set:
+            missing = sorted(self._param_set - params.keys())
+            unexpected = sorted(params.keys() - self._param_set)
+            raise KeyError(
+                f"params do not match the module's parameters: missing {missing}, "
+                f"unexpected {unexpected}. Did the model change after the state was made? "
+                "Rebuild params with ft.functionalize(module)."
+            )
+        if buffers.keys() != self._buffer_set:
+            missing = sorted(self._buffer_set - buffers.keys())
+            unexpected = sorted(buffers.keys() - self._buffer_set)
+            raise KeyError(
+                f"buffers do not match the module's buffers: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+
+    @contextlib.contextmanager
+    def _mode(self) -> Iterator[None]:
+        if self.training is None:
+            yield
+            return
+        previous = [(m, m.training) for m in self.module.modules()]
+        self.module.train(self.training)
+        try:
+            yield
+        finally:
+            for m, mode in previous:
+                m.training = mode
+
+    def _run(self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any) -> Any:
+        tensors = {**params, **buffers}
+        for alias, name in self._aliases:
+            tensors[alias] = tensors[name]
+        return functional_call(
+            self.module, tensors, tuple(args), kwargs, tie_weights=False, strict=False
+        )
+
+    def __call__(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """The forward output, using the snapshot buffers read-only.
+
+        Raises:
+            RuntimeError: when the forward would update buffers (BatchNorm in training mode with
+                running statistics): use :meth:`apply`, which returns the new buffers.
+        """
+        self._check_names(params, self.buffers)
+        with self._mode():
+            if any(m.training for m in self._norms):
+                raise RuntimeError(
+                    "this model updates its buffers in training mode (BatchNorm running "
+                    "statistics), so model(params, ...) would drop the update: call "
+                    "out, new_buffers = model.apply(params, buffers, ...) and return the new "
+                    "buffers from the loss (ft.LossOutput(loss, buffers=new_buffers)), or use "
+                    "model.eval()"
+                )
+            buffers = {k: v.clone() for k, v in self.buffers.items()}
+            return self._run(params, buffers, args, kwargs)
+
+    def apply(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor] | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        """Runs the forward with explicit buffers; returns ``(output, new_buffers)``.
+
+        ``buffers`` is not modified: the forward runs on copies, which come back as
+        ``new_buffers`` (holding, e.g., BatchNorm's updated running statistics).
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> model, params, buffers = ft.functionalize(torch.nn.BatchNorm1d(2))
+            >>> _, new = model.apply(params, buffers, torch.tensor([[0.0, 2.0], [2.0, 4.0]]))
+            >>> new["running_mean"], buffers["running_mean"]
+            (tensor([0.1000, 0.3000]), tensor([0., 0.]))
+        """
+        buffers = self.buffers if buffers is None else buffers
+        self._check_names(params, buffers)
+        new_buffers = {k: v.clone() for k, v in buffers.items()}
+        with self._mode():
+            out = self._run(params, new_buffers, args, kwargs)
+        return out, new_buffers
+
+    def __repr__(self) -> str:
+        mode = {None: "", True: ", training=True", False: ", training=False"}[self.training]
+        return f"FunctionalModel({type(self.module).__name__}{mode})"
+
+
+def functionalize(
+    module: nn.Module, *, copy: bool = False
+) -> tuple[FunctionalModel, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Splits a module into a pure function and detached ``params`` / ``buffers`` dicts.
+
+    Args:
+        module: any ``nn.Module`` (tied weights, buffers and third-party models such as
+            Hugging Face transformers included).
+        copy: return copies instead of detached views sharing the module's memory. Either way
+            nothing requires grad; :meth:`TrainState.create` copies by default, so the usual
+            ``TrainState.create(params=params, ...)`` leaves the module's tensors untouched.
+
+    Returns:
+        ``(model, params, buffers)``: a :class:`FunctionalModel`, one parameter tensor per
+        distinct parameter (tied weights once), and all buffers.
+
+    Differences from ``torch.func.functional_call`` used directly: names are checked (a missing
+    parameter name raises instead of silently using the module's own tensor), buffers are never
+    mutated, and tied weights appear once so their gradient is summed over all uses.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> emb = torch.nn.Embedding(5, 3)
+        >>> head = torch.nn.Linear(3, 5, bias=False)
+        >>> head.weight = emb.weight  # tied
+        >>> model, params, _ = ft.functionalize(torch.nn.Sequential(emb, head))
+        >>> list(params)
+        ['0.weight']
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"functionalize expects an nn.Module, got {type(module).__name__}")
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().clone() if copy else t.detach()
+
+    params = {name: take(p) for name, p in module.named_parameters()}
+    buffers = {name: take(b) for name, b in module.named_buffers()}
+    return FunctionalModel(module, buffers), params, buffers

@@ -1,3 +1,231 @@
-"""train/state (under construction)."""
+"""``TrainState``: everything a training run carries from one step to the next, as one pytree.
 
-__all__: list[str] = []
+A train state holds the step counter, the parameters, the optimizer state, the model's buffers
+(BatchNorm running statistics and the like), a random key and an ``extra`` dict for add-ons
+(e.g. moving averages of gradient statistics). It is registered with ``optree`` (and with
+``torch.utils._pytree``), so ``ft.tree`` functions, checkpointing and ``torch.compile`` see through
+it; paths read ``['params']['fc.weight']``.
+
+**Donation.** A train step made with ``donate=True`` (the default) *consumes* the state it is
+given: it may update the parameters' memory in place, and it empties the consumed object so that
+the memory it held is released as soon as the step no longer needs it. Any later use of the
+consumed object (reading a field, flattening it, passing it to a step) raises
+:class:`ConsumedStateError` instead of silently reading stale or overwritten tensors. The check is a
+flag test on attribute access: it costs nothing measurable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+import torch.utils._pytree as torch_pytree
+
+from functrain import tree
+from functrain.optim.base import GradientTransformation
+from functrain.train import rng
+
+__all__ = ["ConsumedStateError", "TrainState"]
+
+_FIELDS = ("step", "params", "opt_state", "buffers", "key", "extra")
+
+
+class ConsumedStateError(RuntimeError):
+    """A train state was used after a donating train step consumed it.
+
+    Example:
+        >>> import functrain as ft
+        >>> issubclass(ft.ConsumedStateError, RuntimeError)
+        True
+    """
+
+
+def _check_tensor_tree(name: str, value: Any) -> None:
+    paths, leaves, _ = tree.flatten_with_paths(value)
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{tree.path_str(path, name)} must be a tensor, got {type(leaf).__name__}"
+            )
+
+
+def _owned(value: Any, copy: bool) -> Any:
+    return optree.tree_map(lambda x: x.detach().clone() if copy else x.detach(), value)
+
+
+def _device_of(params: Any) -> torch.device:
+    for leaf in tree.leaves(params):
+        return leaf.device
+    return torch.device("cpu")
+
+
+class TrainState:
+    """The state of a training run: ``step``, ``params``, ``opt_state``, ``buffers``, ``key``, ``extra``.
+
+    Attributes:
+        step: 0-d ``int64`` tensor on the params' device, the number of steps taken.
+        params: pytree of parameter tensors (no ``requires_grad``, no ``.grad``).
+        opt_state: the optimizer state, ``tx.init(params)``.
+        buffers: pytree of model buffers (e.g. BatchNorm running statistics) or ``None``.
+        key: random key (0-d ``int64`` CPU tensor, see :func:`functrain.random_key`) or
+            ``None`` for no seeding.
+        extra: dict of add-on states (e.g. gradient-statistics moving averages).
+
+    Build it with :meth:`create`; derive modified copies with :meth:`replace`. A state consumed
+    by a donating step raises :class:`ConsumedStateError` on any use.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> state = ft.TrainState.create(params={"w": torch.zeros(2)}, tx=ft.sgd(0.1))
+        >>> int(state.step), list(state.params)
+        (0, ['w'])
+        >>> len(ft.tree.leaves(state))  # step, w, key (sgd has no state, no buffers)
+        3
+    """
+
+    __slots__ = ("_buffers", "_consumed", "_extra", "_key", "_opt_state", "_params", "_step")
+
+    def __init__(
+        self,
+        step: torch.Tensor,
+        params: Any,
+        opt_state: Any,
+        buffers: Any = None,
+        key: torch.Tensor | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self._step = step
+        self._params = params
+        self._opt_state = opt_state
+        self._buffers = buffers
+        self._key = key
+        self._extra = {} if extra is None else extra
+        self._consumed: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        params: Any,
+        tx: GradientTransformation,
+        buffers: Any = None,
+        seed: int | None = 0,
+        key: torch.Tensor | None = None,
+        extra: dict[str, Any] | None = None,
+        copy: bool = True,
+    ) -> TrainState:
+        """A fresh state at step 0: ``opt_state = tx.init(params)``.
+
+        Args:
+            params: pytree of parameter tensors (e.g. from :func:`functrain.functionalize`).
+            tx: the optimizer, used only to initialise its state.
+            buffers: model buffers pytree, or ``None``.
+            seed: seed of the random key (ignored when ``key`` is given); ``None`` for no key,
+                in which case steps leave the global random generators alone.
+            key: an explicit random key (0-d ``int64`` CPU tensor).
+            extra: initial add-on states.
+            copy: copy ``params`` and ``buffers`` so the state owns its memory (default). With
+                ``copy=False`` the state shares your tensors, and a donating step updates them
+                in place.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> state = ft.TrainState.create(params=[torch.ones(2)], tx=ft.adam(1e-3), seed=1)
+            >>> state.step.dtype, state.key.device.type
+            (torch.int64, 'cpu')
+        """
+        _check_tensor_tree("params", params)
+        if buffers is not None:
+            _check_tensor_tree("buffers", buffers)
+        params = _owned(params, copy)
+        buffers = None if buffers is None else _owned(buffers, copy)
+        if key is not None:
+            rng.key_seed(key)  # validates dtype and device
+        elif seed is not None:
+            key = rng.random_key(seed)
+        step = torch.zeros((), dtype=torch.int64, device=_device_of(params))
+        return cls(step, params, tx.init(params), buffers, key, dict(extra or {}))
+
+    def _get(self, name: str) -> Any:
+        if self._consumed is not None:
+            raise ConsumedStateError(
+                f"this TrainState was consumed by {self._consumed}, which may have reused its "
+                "memory; use the state that step returned (state, metrics = step(state, batch)), "
+                "or build the step with donate=False to keep input states intact"
+            )
+        return getattr(self, "_" + name)
+
+    step = property(lambda self: self._get("step"), doc="Step counter (0-d int64 tensor).")
+    params = property(lambda self: self._get("params"), doc="Parameter pytree.")
+    opt_state = property(lambda self: self._get("opt_state"), doc="Optimizer state.")
+    buffers = property(lambda self: self._get("buffers"), doc="Model buffers pytree or None.")
+    key = property(lambda self: self._get("key"), doc="Random key or None.")
+    extra = property(lambda self: self._get("extra"), doc="Add-on states (a dict).")
+
+    @property
+    def consumed(self) -> bool:
+        """Whether a donating step consumed this state (it can then no longer be used)."""
+        return self._consumed is not None
+
+    def _consume(self, by: str) -> None:
+        self._get("step")
+        self._consumed = by
+        # Drop the references so the consumed tensors are freed as soon as the step is done.
+        self._step = self._params = self._opt_state = self._buffers = self._key = None
+        self._extra = None
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy with some fields replaced (the fields not named are shared, not copied).
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> s = ft.TrainState.create(params=[torch.ones(1)], tx=ft.sgd(0.1))
+            >>> s.replace(key=None).key is None
+            True
+        """
+        unknown = set(changes) - set(_FIELDS)
+        if unknown:
+            raise TypeError(f"TrainState has no fields {sorted(unknown)}; fields are {_FIELDS}")
+        values = {name: self._get(name) for name in _FIELDS}
+        values.update(changes)
+        return TrainState(**values)
+
+    def __repr__(self) -> str:
+        if self._consumed is not None:
+            return f"TrainState(<consumed by {self._consumed}>)"
+        n_params = tree.size(self._params)
+        return (
+            f"TrainState(step={self._step!r}, params=<{n_params} elements in "
+            f"{len(tree.leaves(self._params))} tensors>, opt_state=..., "
+            f"buffers=<{len(tree.leaves(self._buffers))} tensors>, key={self._key!r}, "
+            f"extra={sorted(self._extra)!r})"
+        )
+
+
+def _flatten(state: TrainState) -> tuple[tuple[Any, ...], None, tuple[str, ...]]:
+    return tuple(state._get(name) for name in _FIELDS), None, _FIELDS
+
+
+def _unflatten(metadata: None, children: Any) -> TrainState:
+    del metadata
+    return TrainState(*children)
+
+
+# ft.tree works on optree's global registry, so TrainState is registered there.
+optree.register_pytree_node(
+    TrainState,
+    _flatten,
+    _unflatten,
+    namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
+)
+torch_pytree.register_pytree_node(
+    TrainState,
+    lambda s: (list(_flatten(s)[0]), None),
+    lambda children, ctx: TrainState(*children),
+    serialized_type_name="functrain.TrainState",
+    flatten_with_keys_fn=lambda s: (
+        [(torch_pytree.GetAttrKey(n), v) for n, v in zip(_FIELDS, _flatten(s)[0])],
+        None,
+    ),
+)

@@ -1,3 +1,396 @@
-"""train/step (under construction)."""
+"""``make_train_step`` and ``make_eval_step``: training as a pure function of state and batch.
 
-__all__: list[str] = []
+``step(state, batch) -> (new_state, metrics)`` runs, with no hidden ``.grad`` state:
+
+1. split ``batch`` into micro-batches (:mod:`functrain.train.microbatch`);
+2. the gradient stage (:mod:`functrain.train.gradient`): one explicit gradient pytree per
+   micro-batch, combined exactly into the full-batch gradient; buffers are threaded through the
+   micro-batches in order and each micro-batch gets its own random stream;
+3. the optimizer stage, one separable function ``(grads, opt_state, params) -> (params,
+   opt_state, updates)``: ``tx.update`` then ``apply_updates`` (in place on the consumed state's
+   parameter memory when donating);
+4. a new :class:`~functrain.TrainState` (step + 1, key advanced) and metrics, all tensors.
+
+Nothing in the step reads a device value on the host: metrics stay tensors until a writer reads
+them. Tensors follow the params' device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import optree
+import torch
+
+from functrain import tree
+from functrain.optim.base import GradientTransformation, apply_updates
+from functrain.train import gradient, microbatch, rng
+from functrain.train import loss as loss_lib
+from functrain.train.gradient import GradStatsHook
+from functrain.train.state import TrainState
+
+__all__ = ["EvalStep", "TrainStep", "find_learning_rate", "make_eval_step", "make_train_step"]
+
+
+class Applied(NamedTuple):
+    """Result of the optimizer stage (internal): new params, new opt state, the updates."""
+
+    params: Any
+    opt_state: Any
+    updates: Any
+
+
+def find_learning_rate(opt_state: Any) -> torch.Tensor | None:
+    """The learning rate an optimizer state exposes, or ``None``.
+
+    Looks for the first node with a ``hyperparams`` dict holding ``"learning_rate"`` (the state
+    of :func:`functrain.inject_hyperparams`, found duck-typed anywhere in ``opt_state``).
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.find_learning_rate((ft.EmptyState(),)) is None
+        True
+    """
+    nodes = optree.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(getattr(x, "hyperparams", None), dict)
+    )
+    for node in nodes:
+        hyperparams = getattr(node, "hyperparams", None)
+        if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
+            return hyperparams["learning_rate"]
+    return None
+
+
+def _add_in_place(params: Any, updates: Any, keep: set[int]) -> Any:
+    """``apply_updates`` writing into the params' memory (leaves whose id is in ``keep`` excepted)."""
+    paths, p_leaves, spec = tree.flatten_with_paths(params)
+    u_leaves = tree.flatten_up_to(spec, updates, ("params", "updates"), params)
+    same, same_u, out = [], [], list(p_leaves)
+    for i, (path, p, u) in enumerate(zip(paths, p_leaves, u_leaves)):
+        if u is None:
+            continue
+        if p.shape != u.shape:
+            raise tree.TreeMismatchError(
+                f"{tree.path_str(path, 'updates')}: shape {tuple(u.shape)} does not match "
+                f"{tree.path_str(path, 'params')} shape {tuple(p.shape)}"
+            )
+        if id(p) in keep or p.dtype != u.dtype:
+            # Aliased elsewhere (so its memory is not ours to reuse) or mixed precision:
+            # out of place, with apply_updates' rounding.
+            s = p + u
+            out[i] = s if s.dtype == p.dtype else s.to(p.dtype)
+        else:
+            same.append(p)
+            same_u.append(u)
+    if same:
+        torch._foreach_add_(same, same_u)
+    return tree.unflatten(spec, out)
+
+
+def apply_optimizer(
+    tx: GradientTransformation, grads: Any, opt_state: Any, params: Any, *, in_place: bool
+) -> Applied:
+    """The optimizer stage: ``tx.update`` then ``apply_updates``.
+
+    With ``in_place=True`` (a donated state) the new parameters reuse the old parameters' memory,
+    except leaves that are referenced twice in ``params`` or kept by the new optimizer state
+    (those are updated out of place). This is the function a fused fast path replaces.
+    """
+    with torch.no_grad():
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        if not in_place:
+            return Applied(apply_updates(params, updates), new_opt_state, updates)
+        p_leaves = tree.leaves(params)
+        ids = [id(p) for p in p_leaves]
+        keep = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
+        keep |= {id(x) for x in tree.leaves(new_opt_state)} & set(ids)
+        return Applied(_add_in_place(params, updates, keep), new_opt_state, updates)
+
+
+def _devices(params: Any) -> list[torch.device]:
+    return list({leaf.device: None for leaf in tree.leaves(params)})
+
+
+class _StructureGuard:
+    """Remembers the params' structure and shapes of the first step and checks later ones."""
+
+    def __init__(self) -> None:
+        self.spec: Any = None
+        self.shapes: tuple[torch.Size, ...] = ()
+        self.reference: Any = None
+
+    def check(self, params: Any) -> None:
+        leaves, spec = tree.flatten(params)
+        shapes = tuple(leaf.shape for leaf in leaves)
+        if self.spec is None:
+            self.spec, self.shapes = spec, shapes
+            self.reference = tree.unflatten(spec, [torch.empty(s, device="meta") for s in shapes])
+            return
+        if spec == self.spec and shapes == self.shapes:
+            return
+        try:
+            tree.check_shapes(self.reference, params, ("first step's params", "state.params"))
+        except tree.TreeMismatchError as err:
+            raise tree.TreeMismatchError(
+                f"state.params changed structure since this step was first called ({err}); "
+                "a step, its optimizer state and its model belong to one parameter structure: "
+                "build a new state (and step) for the new model"
+            ) from None
+        raise tree.TreeMismatchError(
+            f"state.params changed structure since this step was first called: {spec} vs "
+            f"{self.spec}"
+        )
+
+
+def _check_state(state: Any, where: str) -> TrainState:
+    if not isinstance(state, TrainState):
+        raise TypeError(f"{where} expects a ft.TrainState, got {type(state).__name__}")
+    if state.consumed:
+        state.step  # noqa: B018  (raises ConsumedStateError with the explanation)
+    return state
+
+
+class TrainStep:
+    """A pure train step ``step(state, batch) -> (new_state, metrics)``; see :func:`make_train_step`."""
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        tx: GradientTransformation,
+        *,
+        micro_batches: int | Sequence[int],
+        strategy: Literal["loop", "vmap"],
+        chunk_size: int | None,
+        donate: bool,
+        seed_rng: bool,
+        grad_backend: Literal["func", "autograd"],
+        grad_stats: GradStatsHook | None,
+        norm_metrics: bool,
+    ) -> None:
+        if strategy not in ("loop", "vmap"):
+            raise ValueError(f"strategy must be 'loop' or 'vmap', got {strategy!r}")
+        if grad_backend not in ("func", "autograd"):
+            raise ValueError(f"grad_backend must be 'func' or 'autograd', got {grad_backend!r}")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if not (hasattr(tx, "init") and hasattr(tx, "update")):
+            raise TypeError(f"tx must be a GradientTransformation, got {type(tx).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+        self.tx = tx
+        self.micro_batches = micro_batches
+        self.strategy = strategy
+        self.donate = donate
+        self.grad_stats = grad_stats
+        self.norm_metrics = norm_metrics
+        self.grad_stage = gradient.GradStage(
+            loss_fn,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            seed_rng=seed_rng,
+            backend=grad_backend,
+            per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
+        )
+        self._guard = _StructureGuard()
+        # The optimizer stage, separable so that a fused in-place path can replace it.
+        self.apply_optimizer: Callable[..., Applied] = apply_optimizer
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """One training step on ``batch``; returns the new state and the metrics."""
+        _check_state(state, "train step")
+        params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
+        step, extra = state.step, state.extra
+        self._guard.check(params)
+        split = microbatch.split_batch(batch, self.micro_batches)
+        devices = _devices(params)
+        result = self.grad_stage(params, batch, split, buffers, key, devices)
+        metrics = dict(result.metrics)
+        new_extra = extra
+        if self.grad_stats is not None:
+            assert result.stats is not None
+            hook_state = (
+                extra[self.grad_stats.name]
+                if self.grad_stats.name in extra
+                else self.grad_stats.init(params)
+            )
+            hook_metrics, hook_state = self.grad_stats.update(
+                result.stats, result.grads, hook_state
+            )
+            new_extra = {**extra, self.grad_stats.name: hook_state}
+            _merge(metrics, hook_metrics, "grad_stats")
+        if self.norm_metrics:
+            metrics["grad_norm"] = tree.norm(result.grads)
+        applied = self.apply_optimizer(
+            self.tx, result.grads, opt_state, params, in_place=self.donate
+        )
+        if self.donate:
+            # Consumed only once the update succeeded: a failing step leaves the state usable.
+            state._consume("a train step (donate=True)")
+        del params, opt_state
+        new_key = None if key is None else rng.fold_in(key, 0)
+        new_state = TrainState(
+            step + 1, applied.params, applied.opt_state, result.buffers, new_key, new_extra
+        )
+        if self.norm_metrics:
+            metrics["update_norm"] = tree.norm(applied.updates)
+            metrics["param_norm"] = tree.norm(applied.params)
+        lr = find_learning_rate(applied.opt_state)
+        if lr is not None:
+            metrics["lr"] = lr if isinstance(lr, torch.Tensor) else torch.full((), float(lr))
+        return new_state, metrics
+
+
+def _merge(metrics: dict[str, torch.Tensor], new: dict[str, torch.Tensor], source: str) -> None:
+    for name, value in new.items():
+        if name in metrics:
+            raise ValueError(f"{source} metric {name!r} clashes with an existing metric")
+        metrics[name] = value
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    tx: GradientTransformation,
+    *,
+    micro_batches: int | Sequence[int] = 1,
+    strategy: Literal["loop", "vmap"] = "loop",
+    chunk_size: int | None = None,
+    donate: bool = True,
+    seed_rng: bool = True,
+    grad_backend: Literal["func", "autograd"] = "func",
+    grad_stats: GradStatsHook | None = None,
+    norm_metrics: bool = True,
+) -> TrainStep:
+    """Builds ``step(state, batch) -> (new_state, metrics)``, a pure training step.
+
+    The step splits ``batch`` (a pytree of tensors with a shared leading dimension) into
+    ``micro_batches`` micro-batches, takes each one's gradient as an explicit pytree, combines
+    them into the exact gradient of the full-batch loss, applies ``tx`` and returns the new
+    state and metrics. See :mod:`functrain.train.loss` for what ``loss_fn`` may take and return:
+    ``loss_fn(params, batch) -> mean loss`` is the simplest form; ``buffers=`` / ``key=``
+    parameters, :class:`~functrain.LossSum` (token-count weighted) and
+    :class:`~functrain.LossOutput` (aux metrics, updated buffers) are the richer ones.
+
+    Args:
+        loss_fn: the loss of one micro-batch.
+        tx: the optimizer (a ``GradientTransformation``).
+        micro_batches: the number ``K`` of micro-batches (sizes may differ: 10 examples with
+            ``K=4`` gives 3, 3, 2, 2) or an explicit sequence of sizes.
+        strategy: ``"loop"`` (one micro-batch after another, memory of one; buffers such as
+            BatchNorm statistics evolve exactly as in a classic accumulation loop) or ``"vmap"``
+            (``torch.func.vmap`` over stacked equal-size micro-batches; raises a clear error for
+            models that update buffers).
+        chunk_size: with ``"vmap"``, the most micro-batches vmapped at once (bounds memory).
+        donate: consume the input state: its parameter memory is updated in place and the
+            consumed ``TrainState`` raises :class:`~functrain.ConsumedStateError` if used again.
+            ``False`` keeps the input state intact (for research code comparing states).
+        seed_rng: seed the global random generators (CPU and the params' CUDA devices) from the
+            micro-batch's key around each gradient computation, and restore them afterwards, so
+            ``nn.Dropout`` and ``torch.rand`` are reproducible and differ between micro-batches.
+            Ignored for states without a key.
+        grad_backend: ``"func"`` (``torch.func.grad``) or ``"autograd"``
+            (``torch.autograd.grad`` on detached leaves; same numbers, less dispatch overhead).
+            Only for ``"loop"``; ``"vmap"`` always uses ``torch.func``.
+        grad_stats: an optional :class:`~functrain.GradStatsHook` (per-micro-batch gradient
+            statistics), its state kept in ``state.extra``.
+        norm_metrics: report ``grad_norm``, ``update_norm`` and ``param_norm``.
+
+    Returns:
+        A :class:`TrainStep`. Metrics (a flat dict of tensors): ``loss`` (full-batch loss),
+        ``num_examples``, ``num_tokens`` (for ``LossSum`` losses: the total count), the aux
+        values, ``grad_norm`` (before clipping), ``update_norm``, ``param_norm`` (after the
+        update) and ``lr`` when the optimizer state exposes one (``inject_hyperparams``).
+
+    Random streams: micro-batch ``i`` (0-based) uses ``fold_in(state.key, i + 1)`` (with
+    ``"vmap"``: chunk ``i``), and the new state's key is ``fold_in(state.key, 0)``. The same
+    state and batch give the same result.
+
+    Differences from the classic PyTorch loop (``(loss / K).backward()`` per micro-batch, then
+    ``optimizer.step()``, ``zero_grad()``): no ``.grad`` state; uneven micro-batches and
+    token-count losses are weighted exactly (``loss / K`` is only exact for equal sizes and mean
+    losses); the micro-batch gradients are available to statistics hooks.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model, params, _ = ft.functionalize(torch.nn.Linear(3, 1))
+        >>> def loss_fn(params, batch):
+        ...     return (model(params, batch["x"]).squeeze(-1) - batch["y"]).square().mean()
+        >>> tx = ft.adamw(1e-2)
+        >>> step = ft.make_train_step(loss_fn, tx, micro_batches=4)
+        >>> state = ft.TrainState.create(params=params, tx=tx)
+        >>> batch = {"x": torch.randn(10, 3), "y": torch.randn(10)}
+        >>> state, metrics = step(state, batch)
+        >>> int(state.step), sorted(metrics)
+        (1, ['grad_norm', 'loss', 'num_examples', 'param_norm', 'update_norm'])
+    """
+    return TrainStep(
+        loss_fn,
+        tx,
+        micro_batches=micro_batches,
+        strategy=strategy,
+        chunk_size=chunk_size,
+        donate=donate,
+        seed_rng=seed_rng,
+        grad_backend=grad_backend,
+        grad_stats=grad_stats,
+        norm_metrics=norm_metrics,
+    )
+
+
+class EvalStep:
+    """``eval_step(state, batch) -> metrics`` with no gradient work; see :func:`make_eval_step`."""
+
+    def __init__(
+        self, loss_fn: Callable[..., Any], micro_batches: int | Sequence[int], seed_rng: bool
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.micro_batches = micro_batches
+        self.seed_rng = seed_rng
+        self.accepted = loss_lib.accepted_inputs(loss_fn)
+        self.metas: list[Any] = []
+        self.objective = gradient.make_objective(loss_fn, self.accepted, self.metas)
+
+    def __call__(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
+        """Loss and aux metrics of ``batch`` (combined exactly over micro-batches)."""
+        _check_state(state, "eval step")
+        params, buffers, key = state.params, state.buffers, state.key
+        split = microbatch.split_batch(batch, self.micro_batches)
+        devices = _devices(params)
+        combiner = gradient.Combiner(split.total)
+        with torch.no_grad():
+            for i, size in enumerate(split.sizes):
+                mb = microbatch.micro_batch(batch, split, i)
+                mb_key = None if key is None else rng.fold_in(key, i + 1)
+                self.metas.clear()
+                with gradient._seeding(mb_key, self.seed_rng, devices):
+                    _, payload = self.objective(params, mb, buffers, mb_key)
+                combiner.add(self.metas[-1], size, payload)
+        return combiner.metrics(combiner.loss.device)  # type: ignore[union-attr]
+
+
+def make_eval_step(
+    loss_fn: Callable[..., Any],
+    *,
+    micro_batches: int | Sequence[int] = 1,
+    seed_rng: bool = True,
+) -> EvalStep:
+    """Builds ``eval_step(state, batch) -> metrics``: the loss with no gradient work.
+
+    Runs under ``torch.no_grad`` with the same ``loss_fn`` forms as :func:`make_train_step`
+    (micro-batching bounds memory; the combination is exact). Buffers are read, never updated:
+    buffers a loss returns are ignored, so use an eval-mode model (``model.eval()``) for
+    BatchNorm's running statistics. The state is not consumed.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> evaluate = ft.make_eval_step(lambda p, b: (p["w"] * b).mean(), micro_batches=3)
+        >>> state = ft.TrainState.create(params={"w": torch.tensor(2.0)}, tx=ft.sgd(0.1))
+        >>> evaluate(state, torch.arange(7.0))["loss"]
+        tensor(6.)
+    """
+    return EvalStep(loss_fn, micro_batches, seed_rng)

@@ -1,0 +1,279 @@
+"""``CheckpointManager``: numbered checkpoints in a directory, keep-last-N and keep-best.
+
+Each checkpoint is one atomic file ``<prefix>_<step:08d>.safetensors`` whose metadata records the
+step and the metrics passed to :meth:`CheckpointManager.save`. On construction the manager
+scans the directory, removes temporary files left by interrupted saves (they never carry a
+final name, so they were never valid), and skips files that fail validation, logging each one
+on the ``functrain.checkpoint`` logger and listing it in :attr:`CheckpointManager.skipped`.
+One process writes to a directory at a time; any number may read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from typing import Any
+
+import torch
+
+from functrain.checkpoint import _file, io
+from functrain.checkpoint.errors import InvalidCheckpointError
+
+__all__ = ["CheckpointManager"]
+
+logger = logging.getLogger("functrain.checkpoint")
+
+
+def _metric_to_json(name: str, value: Any) -> float | int | str:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {name!r} must be a scalar, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric {name!r} must be a number or a 1-element tensor, got {value!r}")
+    # JSON has no NaN/inf; keep them as strings so a diverged run's metrics are still recorded.
+    return value if math.isfinite(value) else repr(float(value))
+
+
+def _metric_from_json(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+class CheckpointManager:
+    """Saves numbered checkpoints, keeps the last ``max_to_keep`` and the best, finds the latest.
+
+    Args:
+        directory: where checkpoints live (created if needed).
+        max_to_keep: how many of the most recent checkpoints to keep (``None``: all).
+        best_metric: name of a metric passed to :meth:`save` to rank checkpoints by.
+        mode: ``"min"`` or ``"max"``: whether lower or higher ``best_metric`` is better.
+        keep_best: how many best checkpoints to keep in addition to the recent ones (default
+            1 when ``best_metric`` is set, else 0). Checkpoints without a finite value of the
+            metric never count as best.
+        prefix: file name prefix.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from functrain import checkpoint
+        >>> mgr = checkpoint.CheckpointManager(tempfile.mkdtemp(), max_to_keep=2,
+        ...                                    best_metric="loss")
+        >>> for step, loss in [(1, 0.5), (2, 0.9), (3, 0.8), (4, 0.7)]:
+        ...     _ = mgr.save(step, {"w": torch.full((2,), float(step))}, metrics={"loss": loss})
+        >>> mgr.all_steps(), mgr.best_step(), mgr.latest_step()
+        ([1, 3, 4], 1, 4)
+        >>> mgr.restore_latest(target={"w": torch.zeros(2)})
+        {'w': tensor([4., 4.])}
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        max_to_keep: int | None = 5,
+        best_metric: str | None = None,
+        mode: str = "min",
+        keep_best: int | None = None,
+        *,
+        prefix: str = "checkpoint",
+    ) -> None:
+        if max_to_keep is not None and (type(max_to_keep) is not int or max_to_keep < 1):
+            raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if keep_best is None:
+            keep_best = 1 if best_metric is not None else 0
+        if type(keep_best) is not int or keep_best < 0:
+            raise ValueError(f"keep_best must be a non-negative int, got {keep_best!r}")
+        if keep_best and best_metric is None:
+            raise ValueError("keep_best needs best_metric: the metric to rank checkpoints by")
+        if not prefix or os.sep in prefix or prefix.startswith("."):
+            raise ValueError(f"prefix must be a plain file name prefix, got {prefix!r}")
+        self.directory = os.fspath(directory)
+        self.max_to_keep = max_to_keep
+        self.best_metric = best_metric
+        self.mode = mode
+        self.keep_best = keep_best
+        self.prefix = prefix
+        self.skipped: list[tuple[str, str]] = []
+        """``(path, reason)`` of every checkpoint found invalid (scan or restore)."""
+        self.restored_step: int | None = None
+        """The step :meth:`restore_latest` last restored."""
+        self._pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)\.safetensors$")
+        self._temp_pattern = re.compile(
+            rf"^\.{re.escape(prefix)}_\d+\.safetensors\..*{re.escape(_file.TEMP_SUFFIX)}$"
+        )
+        os.makedirs(self.directory, exist_ok=True)
+        self._index: dict[int, dict[str, float | None]] = {}
+        self._scan()
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointManager({self.directory!r}, max_to_keep={self.max_to_keep}, "
+            f"best_metric={self.best_metric!r}, mode={self.mode!r}, keep_best={self.keep_best}, "
+            f"steps={self.all_steps()})"
+        )
+
+    def path(self, step: int) -> str:
+        """The file of checkpoint ``step`` (whether or not it exists)."""
+        return os.path.join(self.directory, f"{self.prefix}_{step:08d}.safetensors")
+
+    def _skip(self, path: str, reason: str) -> None:
+        logger.warning("skipping invalid checkpoint %s: %s", path, reason)
+        self.skipped.append((path, reason))
+
+    def _scan(self) -> None:
+        for name in sorted(os.listdir(self.directory)):
+            full = os.path.join(self.directory, name)
+            if self._temp_pattern.match(name):
+                logger.info("removing %s left by an interrupted save", full)
+                with contextlib.suppress(OSError):
+                    os.unlink(full)
+                continue
+            match = self._pattern.match(name)
+            if match is None:
+                continue
+            try:
+                with _file.Reader(full) as reader:
+                    if reader.description is None:
+                        raise InvalidCheckpointError("no functrain tree description")
+                    meta = reader.description.get("metadata") or {}
+            except (InvalidCheckpointError, OSError) as err:
+                self._skip(full, str(err))
+                continue
+            step = int(match.group(1))
+            if not isinstance(meta, dict) or meta.get("step") != step:
+                self._skip(full, f"metadata step {meta.get('step')!r} does not match file name")
+                continue
+            metrics = meta.get("metrics") or {}
+            self._index[step] = {
+                k: _metric_from_json(v) for k, v in metrics.items() if isinstance(k, str)
+            }
+
+    def all_steps(self) -> list[int]:
+        """Steps of the checkpoints on disk that passed validation, ascending."""
+        return sorted(self._index)
+
+    def latest_step(self) -> int | None:
+        """The newest step, or ``None`` when there is no checkpoint."""
+        return max(self._index, default=None)
+
+    def metrics(self, step: int) -> dict[str, float | None]:
+        """The metrics saved with ``step`` (non-numeric values read as ``None``)."""
+        if step not in self._index:
+            raise KeyError(f"no checkpoint for step {step} in {self.directory}")
+        return dict(self._index[step])
+
+    def _ranked(self) -> list[int]:
+        if self.best_metric is None:
+            return []
+        scored = []
+        for step, metrics in self._index.items():
+            value = metrics.get(self.best_metric)
+            if value is not None and math.isfinite(value):
+                scored.append((value if self.mode == "min" else -value, -step, step))
+        return [step for *_, step in sorted(scored)]  # ties: the newer step ranks first
+
+    def best_step(self) -> int | None:
+        """The step with the best ``best_metric``, or ``None``."""
+        ranked = self._ranked()
+        return ranked[0] if ranked else None
+
+    def save(
+        self,
+        step: int | torch.Tensor,
+        state: Any,
+        metrics: dict[str, Any] | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+    ) -> str:
+        """Saves ``state`` as checkpoint ``step`` (replacing one with the same step), then prunes.
+
+        Args:
+            step: a non-negative int (or integer 0-d tensor).
+            state: any pytree accepted by :func:`functrain.checkpoint.save`.
+            metrics: numbers or 1-element tensors, used to rank by ``best_metric``.
+            metadata: extra JSON-serializable information.
+
+        Returns:
+            The path written.
+        """
+        if isinstance(step, torch.Tensor):
+            if step.numel() != 1 or step.is_floating_point():
+                raise TypeError(f"step must be an int, got a tensor {step!r}")
+            step = int(step.item())
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        encoded = {k: _metric_to_json(k, v) for k, v in (metrics or {}).items()}
+        path = self.path(step)
+        io.save(path, state, metadata={"step": step, "metrics": encoded, "user": metadata})
+        self._index[step] = {k: _metric_from_json(v) for k, v in encoded.items()}
+        self._prune()
+        return path
+
+    def _prune(self) -> None:
+        steps = self.all_steps()
+        keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
+        keep.update(self._ranked()[: self.keep_best])
+        for step in steps:
+            if step not in keep:
+                del self._index[step]
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path(step))
+
+    def restore(
+        self,
+        step: int,
+        target: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        strict: bool = True,
+    ) -> Any:
+        """Restores checkpoint ``step``; see :func:`functrain.checkpoint.restore`."""
+        if step not in self._index:
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
+            )
+        return io.restore(self.path(step), target, device=device, strict=strict)
+
+    def restore_latest(
+        self,
+        target: Any = None,
+        *,
+        device: str | torch.device | None = None,
+        strict: bool = True,
+    ) -> Any:
+        """Restores the newest checkpoint that passes validation, skipping corrupt ones.
+
+        A checkpoint whose file is damaged (checksum, truncation) is logged, recorded in
+        :attr:`skipped` and dropped from :meth:`all_steps`; the next older one is tried. A
+        :class:`~functrain.checkpoint.CheckpointMismatchError` (the target does not fit) is
+        raised at once: it is a bug in the caller, not damage. The restored step is left in
+        :attr:`restored_step`.
+
+        Raises:
+            FileNotFoundError: no valid checkpoint in the directory.
+        """
+        for step in sorted(self._index, reverse=True):
+            try:
+                state = io.restore(self.path(step), target, device=device, strict=strict)
+            except (InvalidCheckpointError, FileNotFoundError) as err:
+                self._skip(self.path(step), str(err))
+                del self._index[step]
+                continue
+            self.restored_step = step
+            return state
+        raise FileNotFoundError(
+            f"no valid checkpoint in {self.directory}"
+            + (f" ({len(self.skipped)} invalid ones skipped)" if self.skipped else "")
+        )

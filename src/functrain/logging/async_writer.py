@@ -1,0 +1,380 @@
+"""A writer that keeps device->host copies and event writing off the training step.
+
+The step hands :class:`AsyncWriter` its metric tensors and goes on. At the call the writer only
+*snapshots* them without waiting for the device: scalars are stacked into one tensor per
+(device, dtype); on CUDA that tensor (and each histogram tensor) is copied with
+``non_blocking=True`` into pinned host memory and a CUDA event is recorded behind the copies; on
+the CPU the snapshot is a fresh copy. Every ``every_n`` writes (or ``max_delay_s`` seconds) the
+buffered writes go to a background thread, which waits for the events, turns the host copies into
+Python numbers and calls the wrapped writer. The caller only waits in :meth:`~AsyncWriter.flush`,
+:meth:`~AsyncWriter.close`, or when ``max_pending`` batches are already queued (back-pressure).
+
+Snapshots are taken in stream order at the call, so the values written are those the tensors held
+at that moment even if their memory is reused afterwards (donated buffers, CUDA graphs).
+
+An exception raised by the wrapped writer in the background thread is re-raised (as a
+``RuntimeError`` whose ``__cause__`` is the original) by the next call to any method.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import numbers
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from functrain.logging.base import Array, HParam, MetricWriter, Scalar
+
+__all__ = ["AsyncWriter"]
+
+_FLUSH = object()
+_CLOSE = object()
+
+
+def _host_copy(tensor: torch.Tensor, fresh: bool = False) -> Callable[[], torch.Tensor]:
+    """Starts a snapshot of ``tensor`` now; the returned function gives it on the host later.
+
+    ``fresh`` says that nobody else holds ``tensor`` (it was just made), so on the CPU it needs
+    no private copy.
+    """
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.device.type == "cuda":
+        # Lands in pinned memory without blocking; the record's CUDA event says when it is there.
+        host = tensor.to("cpu", non_blocking=True)
+        return lambda: host
+    copy = tensor if fresh else tensor.clone()  # in stream order on other accelerators
+    return copy.cpu if copy.device.type != "cpu" else (lambda: copy)
+
+
+class _Snapshot:
+    """The host copies taken by one write call and the CUDA events that guard them."""
+
+    def __init__(self) -> None:
+        self._cuda_devices: set[torch.device] = set()
+        self._events: list[Any] = []
+
+    def array(self, name: str, value: Any) -> Callable[[], Any]:
+        if isinstance(value, torch.Tensor):
+            if value.is_complex():
+                raise TypeError(f"array {name!r} is complex ({value.dtype})")
+            if value.device.type == "cuda":
+                self._cuda_devices.add(value.device)
+            return _host_copy(value)
+        copy = np.array(value, copy=True)  # the caller may reuse its NumPy buffer
+        return lambda: copy
+
+    def scalars(
+        self, names: list[str], values: list[Any], *, allow_none: bool = False
+    ) -> Callable[[], list[Any]]:
+        """Snapshots scalars with one stack (and one copy) per (device, dtype)."""
+        host_values: list[Any] = list(values)
+        # This runs on every step: keep it to attribute reads and one stack per group.
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
+        for i, value in enumerate(values):
+            if isinstance(value, torch.Tensor):
+                if value.dim() != 0:
+                    if value.numel() != 1:
+                        raise ValueError(
+                            f"scalar {names[i]!r} must have exactly one element, got a tensor of "
+                            f"shape {tuple(value.shape)}; log arrays with write_histograms"
+                        )
+                    value = value.reshape(())
+                if value.requires_grad:
+                    value = value.detach()
+                key = (value.device, value.dtype)
+                if key not in groups:
+                    groups[key] = ([], [])
+                positions, tensors = groups[key]
+                positions.append(i)
+                tensors.append(value)
+            elif isinstance(value, np.ndarray):
+                host_values[i] = value.copy()
+            elif not (
+                isinstance(value, (numbers.Real, np.generic)) or (value is None and allow_none)
+            ):
+                raise TypeError(
+                    f"scalar {names[i]!r} must be a number or a one-element tensor, got {value!r}"
+                )
+        copies = []
+        for (device, _), (positions, tensors) in groups.items():
+            if device.type == "cuda":
+                self._cuda_devices.add(device)
+            copies.append((positions, _host_copy(torch.stack(tensors), fresh=True)))
+
+        def resolve() -> list[Any]:
+            for positions, get in copies:
+                for i, number in zip(positions, get().tolist()):
+                    host_values[i] = number
+            return host_values
+
+        return resolve
+
+    def seal(self) -> None:
+        for device in self._cuda_devices:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            self._events.append(event)
+
+    def wait(self) -> None:
+        for event in self._events:
+            event.synchronize()
+
+
+def _check_names(mapping: Mapping[str, Any], what: str) -> list[str]:
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping of names to values, got {type(mapping)}")
+    names = list(mapping)
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{what} names must be non-empty strings, got {name!r}")
+    return names
+
+
+def _check_step(step: Any) -> None:
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
+            raise TypeError(
+                f"step must be an integer scalar, got a {step.dtype} tensor of shape "
+                f"{tuple(step.shape)}"
+            )
+    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int or an integer tensor, got {step!r}")
+
+
+def _close_at_exit(ref: weakref.ref[AsyncWriter]) -> None:
+    writer = ref()
+    if writer is not None:
+        writer.close()
+
+
+class AsyncWriter(MetricWriter):
+    """Wraps a writer so that logging every step does not wait for the device or the disk.
+
+    Args:
+        writer: the writer that does the writing (e.g. a ``TensorBoardWriter`` or a
+            ``MultiWriter``); it is only called from the background thread.
+        every_n: buffered write calls handed to the background thread at a time.
+        max_delay_s: also hand them over when this many seconds passed since the last hand-over
+            (keeps a progress bar fresh when steps are slow); ``None`` disables it.
+        max_pending: batches queued for the background thread before writes block.
+
+    Unclosed writers are closed (and their data written) when the interpreter exits.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from functrain.logging import AsyncWriter, TensorBoardWriter
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     with AsyncWriter(TensorBoardWriter(d), every_n=4) as writer:
+        ...         for step in range(10):
+        ...             loss = torch.tensor(1.0 / (step + 1))  # stays a tensor: no sync here
+        ...             writer.write_scalars(step, {"train/loss": loss})
+    """
+
+    def __init__(
+        self,
+        writer: MetricWriter,
+        *,
+        every_n: int = 10,
+        max_delay_s: float | None = 2.0,
+        max_pending: int = 64,
+    ) -> None:
+        if every_n < 1:
+            raise ValueError(f"every_n must be >= 1, got {every_n}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.writer = writer
+        self.every_n = int(every_n)
+        self.max_delay_s = max_delay_s
+        self._buffer: list[tuple[_Snapshot, Callable[[MetricWriter], None]]] = []
+        self._lock = threading.Lock()
+        self._dispatch_lock = threading.Lock()  # keeps batches in order; never taken by the worker
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._last_dispatch = time.monotonic()
+        self._thread = threading.Thread(target=self._work, name="functrain-AsyncWriter", daemon=True)
+        self._thread.start()
+        self._exit_hook = functools.partial(_close_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
+
+    # -- background thread ---------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _FLUSH:
+                    self._guard(self.writer.flush)
+                elif item is _CLOSE:
+                    self._guard(self.writer.close)
+                    return
+                else:
+                    for snapshot, call in item:
+                        self._guard(functools.partial(self._replay, snapshot, call))
+            finally:
+                self._queue.task_done()
+
+    def _replay(self, snapshot: _Snapshot, call: Callable[[MetricWriter], None]) -> None:
+        snapshot.wait()
+        call(self.writer)
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as err:  # surfaced in the caller's thread, see _raise_pending
+            with self._lock:
+                if self._error is None:
+                    self._error = err
+
+    # -- caller thread -------------------------------------------------------------------------
+    def _raise_pending(self) -> None:
+        if self._error is None:  # a plain read: the lock is only needed to take the error
+            return
+        with self._lock:
+            err, self._error = self._error, None
+        if err is not None:
+            raise RuntimeError(
+                f"AsyncWriter: the wrapped {type(self.writer).__name__} failed in the background "
+                f"thread: {type(err).__name__}: {err}"
+            ) from err
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("AsyncWriter is closed")
+        self._raise_pending()
+
+    def _submit(self, snapshot: _Snapshot, call: Callable[[MetricWriter], None]) -> None:
+        snapshot.seal()
+        with self._lock:
+            self._buffer.append((snapshot, call))
+            due = len(self._buffer) >= self.every_n or (
+                self.max_delay_s is not None
+                and time.monotonic() - self._last_dispatch >= self.max_delay_s
+            )
+        if due:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        with self._dispatch_lock:
+            with self._lock:
+                batch, self._buffer = self._buffer, []
+                self._last_dispatch = time.monotonic()
+            if batch:
+                self._queue.put(batch)
+
+    def write_scalars(self, step: int | torch.Tensor, scalars: Mapping[str, Scalar]) -> None:
+        """Snapshots the scalars (and a tensor step) without waiting; written later."""
+        self._check_open()
+        _check_step(step)
+        names = _check_names(scalars, "scalars")
+        snapshot = _Snapshot()
+        resolve = snapshot.scalars(["step", *names], [step, *scalars.values()])
+
+        def call(writer: MetricWriter) -> None:
+            host_step, *values = resolve()
+            writer.write_scalars(host_step, dict(zip(names, values)))
+
+        self._submit(snapshot, call)
+
+    def write_histograms(self, step: int | torch.Tensor, arrays: Mapping[str, Array]) -> None:
+        """Snapshots the arrays without waiting (a private copy each); written later."""
+        self._check_open()
+        _check_step(step)
+        names = _check_names(arrays, "arrays")
+        snapshot = _Snapshot()
+        resolve_step = snapshot.scalars(["step"], [step])
+        gets = [snapshot.array(name, value) for name, value in arrays.items()]
+
+        def call(writer: MetricWriter) -> None:
+            (host_step,) = resolve_step()
+            writer.write_histograms(host_step, {n: get() for n, get in zip(names, gets)})
+
+        self._submit(snapshot, call)
+
+    def write_text(self, step: int | torch.Tensor, texts: Mapping[str, str]) -> None:
+        """Queues the texts; written later in order with the other writes."""
+        self._check_open()
+        _check_step(step)
+        names = _check_names(texts, "texts")
+        for name, text in texts.items():
+            if not isinstance(text, str):
+                raise TypeError(f"text {name!r} must be a str, got {type(text).__name__}")
+        snapshot = _Snapshot()
+        resolve_step = snapshot.scalars(["step"], [step])
+        texts = dict(zip(names, texts.values()))
+        self._submit(snapshot, lambda writer: writer.write_text(resolve_step()[0], texts))
+
+    def write_hparams(
+        self,
+        hparams: Mapping[str, HParam],
+        metrics: Mapping[str, Scalar | None] | None = None,
+        *,
+        step: int | torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Queues the hparams (tensor values are snapshotted); extra keywords are passed on."""
+        self._check_open()
+        hp_names = _check_names(hparams, "hparams")
+        metric_names = [] if metrics is None else _check_names(metrics, "metrics")
+        if step is not None:
+            _check_step(step)
+        snapshot = _Snapshot()
+        hp_values = list(hparams.values())
+        tensor_hp = [i for i, value in enumerate(hp_values) if isinstance(value, torch.Tensor)]
+        resolve = snapshot.scalars(
+            [*(hp_names[i] for i in tensor_hp), *metric_names, "step"],
+            [
+                *(hp_values[i] for i in tensor_hp),
+                *([] if metrics is None else metrics.values()),
+                step,
+            ],
+            allow_none=True,
+        )
+
+        def call(writer: MetricWriter) -> None:
+            values = resolve()
+            host_hp = list(hp_values)
+            for i, value in zip(tensor_hp, values):
+                host_hp[i] = value
+            host_metrics = None
+            if metrics is not None:
+                host_metrics = dict(zip(metric_names, values[len(tensor_hp) : -1]))
+            writer.write_hparams(
+                dict(zip(hp_names, host_hp)), host_metrics, step=values[-1], **kwargs
+            )
+
+        self._submit(snapshot, call)
+
+    def flush(self) -> None:
+        """Waits until every earlier write reached the wrapped writer, then flushes it."""
+        self._check_open()
+        self._dispatch()
+        self._queue.put(_FLUSH)
+        self._queue.join()
+        self._raise_pending()
+
+    def close(self) -> None:
+        """Writes everything still buffered, closes the wrapped writer and stops the thread.
+
+        Raises the background thread's pending error, if any, after everything is closed.
+        Closing twice is allowed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self._exit_hook)
+        self._dispatch()
+        self._queue.put(_CLOSE)
+        self._thread.join()
+        self._raise_pending()
+
+    def __repr__(self) -> str:
+        return f"AsyncWriter({self.writer!r}, every_n={self.every_n})"

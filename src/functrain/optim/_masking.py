@@ -1,0 +1,224 @@
+"""Masks for ``masked`` and ``partition``: static boolean (or label) trees applied to pytrees.
+
+A mask is a pytree of booleans that is a prefix of the tree it masks. Applying it replaces each
+masked-out subtree with ``None``. Masks are walked with plain Python over dicts, lists and tuples
+(optree only for other registered nodes and for eager error messages), because
+``torch.compile`` cannot flatten trees of Python constants with optree; this keeps the wrappers
+traceable with ``fullgraph=True``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from functrain import tree
+from functrain.optim.base import GradientTransformation, _call_update
+
+__all__ = ["Mask", "apply_mask", "label_masks", "make_mask", "masked_update"]
+
+
+def _as_bool(path: tuple[Any, ...], value: Any, name: str) -> bool:
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # Python or NumPy bool
+        return bool(value)
+    if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() == 0:
+        if value.device.type != "cpu":
+            raise TypeError(
+                f"{tree.path_str(path, name)} is a {value.device} tensor; a mask must be static "
+                "(Python booleans) so that applying it never reads device memory"
+            )
+        return bool(value)
+    raise TypeError(
+        f"{tree.path_str(path, name)} must be a bool (True: transform this subtree), got "
+        f"{type(value).__name__}"
+        + (f" of dtype {value.dtype}" if isinstance(value, torch.Tensor) else "")
+    )
+
+
+class Mask(NamedTuple):
+    """A validated mask: a flag per mask path, and the mask tree for eager error messages."""
+
+    flags: dict[tuple[Any, ...], Any]  # mask path -> flag (a prefix of the masked tree's paths)
+    tree: Any  # the mask (or label) tree itself, for eager structure checks
+    label: str = "mask"  # what to call it in error messages
+
+
+def _walk(node: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -> None:
+    # Plain Python rather than optree: torch.compile cannot flatten trees of Python constants.
+    if node is None:
+        return
+    if isinstance(node, dict):
+        for key, child in node.items():
+            _walk(child, (*path, key), out)
+    elif isinstance(node, (list, tuple)):
+        for i, child in enumerate(node):
+            _walk(child, (*path, i), out)
+    elif isinstance(node, (str, bool, int, float, torch.Tensor)) or optree.tree_is_leaf(node):
+        out[path] = node
+    else:  # another registered pytree node
+        children, _, entries, _ = optree.tree_flatten_one_level(node)
+        for key, child in zip(entries, children):
+            _walk(child, (*path, key), out)
+
+
+def _tree_paths(tree_: Any) -> dict[tuple[Any, ...], Any]:
+    out: dict[tuple[Any, ...], Any] = {}
+    _walk(tree_, (), out)
+    return out
+
+
+def make_mask(mask_tree: Any, name: str = "mask") -> Mask:
+    """Validates a tree of booleans (TypeError naming the path otherwise) into a :class:`Mask`."""
+    flags = {p: _as_bool(p, v, name) for p, v in _tree_paths(mask_tree).items()}
+    return Mask(flags, mask_tree, name)
+
+
+def _prefix_mismatch(
+    mask_tree: Any, other: Any, name: str, label: str, path: tuple[Any, ...] = ()
+) -> str | None:
+    """Describes the first place where ``mask_tree`` is not a prefix of ``other``."""
+    if optree.tree_is_leaf(mask_tree):
+        return None
+    where = tree.path_str(path, label)
+    if optree.tree_is_leaf(other) or type(other) is not type(mask_tree):
+        return (
+            f"{where} is a {type(mask_tree).__name__} but {tree.path_str(path, name)} is a "
+            f"{type(other).__name__}"
+        )
+    m_children, _, m_entries, _ = optree.tree_flatten_one_level(mask_tree)
+    o_children, _, o_entries, _ = optree.tree_flatten_one_level(other)
+    for e in m_entries:
+        if e not in o_entries:
+            return f"{tree.path_str((*path, e), label)} has no counterpart in {name}"
+    for e in o_entries:
+        if e not in m_entries:
+            return f"{tree.path_str((*path, e), name)} is not covered by {label}"
+    lookup = dict(zip(o_entries, o_children))
+    for e, child in zip(m_entries, m_children):
+        found = _prefix_mismatch(child, lookup[e], name, label, (*path, e))
+        if found:
+            return found
+    return None
+
+
+def _check_prefix(mask: Mask, tree_: Any, name: str) -> None:
+    """Raises a path-named TreeMismatchError if the mask is not a prefix of ``tree_``."""
+    if torch.compiler.is_compiling():
+        return  # structures are static: checked by the eager calls (init, first update)
+    mask_spec = optree.tree_structure(mask.tree)
+    try:
+        tree.flatten_up_to(mask_spec, tree_, (mask.label, name), mask.tree)
+    except tree.TreeMismatchError as err:
+        try:
+            message = _prefix_mismatch(mask.tree, tree_, name, mask.label)
+        except (AttributeError, TypeError, ValueError):  # optree without flatten_one_level
+            message = None
+        if message is None:
+            raise
+        raise tree.TreeMismatchError(f"{mask.label} is not a prefix of {name}: {message}") from err
+
+
+def _map_mask(
+    flags: dict[tuple[Any, ...], Any],
+    fn: Callable[..., Any],
+    name: str,
+    path: tuple[Any, ...],
+    first: Any,
+    *rest: Any,
+) -> Any:
+    """Rebuilds ``first`` with ``fn(flag, subtree, *rest_subtrees)`` at each mask path.
+
+    Walks containers in plain Python (torch.compile traces this, unlike optree on trees of
+    constants), so a masked-out subtree becomes a single ``None``, as optax's ``MaskedNode``.
+    """
+    if path in flags:
+        return fn(flags[path], first, *rest)
+    if first is None:
+        return None
+
+    def child(key: Any, value: Any) -> Any:
+        return _map_mask(flags, fn, name, (*path, key), value, *(r[key] for r in rest))
+
+    if isinstance(first, dict):
+        items = {k: child(k, v) for k, v in first.items()}
+        if type(first) is dict:
+            return items
+        if isinstance(first, collections.defaultdict):
+            return type(first)(first.default_factory, items)
+        return type(first)(items)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(child(i, v) for i, v in enumerate(first)))
+    if isinstance(first, (list, tuple)):
+        return type(first)(child(i, v) for i, v in enumerate(first))
+    if isinstance(first, torch.Tensor) or optree.tree_is_leaf(first):
+        raise tree.TreeMismatchError(f"{tree.path_str(path, name)} is not covered by the mask")
+    children, metadata, entries, unflatten = optree.tree_flatten_one_level(first)
+    others = [optree.tree_flatten_one_level(r).children for r in rest]
+    new_children = [
+        _map_mask(flags, fn, name, (*path, e), c, *(o[i] for o in others))
+        for i, (e, c) in enumerate(zip(entries, children))
+    ]
+    return unflatten(metadata, new_children)
+
+
+def _keep_or_none(flag: bool, subtree: Any) -> Any:
+    return subtree if flag else None
+
+
+def apply_mask(mask: Mask, tree_: Any, name: str) -> Any:
+    """``tree_`` with the subtrees whose mask flag is False replaced by ``None``."""
+    _check_prefix(mask, tree_, name)
+    return _map_mask(mask.flags, _keep_or_none, name, (), tree_)
+
+
+def _merge(flag: bool, old: Any, new: Any) -> Any:
+    return new if flag else old
+
+
+def masked_update(
+    inner: GradientTransformation,
+    passes_extra: bool,
+    mask: Mask,
+    mask_compatible_extra_args: bool,
+    updates: Any,
+    inner_state: Any,
+    params: Any,
+    extra: dict[str, Any],
+) -> tuple[Any, Any]:
+    """Runs ``inner`` on the unmasked part of ``updates``; masked-out updates pass through."""
+    masked_updates = apply_mask(mask, updates, "updates")
+    masked_params = None if params is None else apply_mask(mask, params, "params")
+    if mask_compatible_extra_args:
+        spec = tree.structure(updates)
+        extra = {
+            k: apply_mask(mask, v, k) if tree.structure(v) == spec else v for k, v in extra.items()
+        }
+    new_masked, new_state = _call_update(
+        inner, passes_extra, masked_updates, inner_state, masked_params, extra
+    )
+    if not torch.compiler.is_compiling():
+        tree.check_shapes(masked_updates, new_masked, ("updates", "inner updates"))
+    return _map_mask(mask.flags, _merge, "updates", (), updates, new_masked), new_state
+
+
+def label_masks(labels: Any, groups: Mapping[Hashable, Any]) -> dict[Hashable, Mask]:
+    """One mask per group from a tree of labels; an unknown label is a ValueError naming it."""
+    by_path = _tree_paths(labels)
+    for path, label in by_path.items():
+        try:
+            known = label in groups
+        except TypeError:
+            known = False
+        if not known:
+            raise ValueError(
+                f"{tree.path_str(path, 'param_labels')} has label {label!r}, which has no "
+                f"transform; transforms are given for {sorted(map(repr, groups))}"
+            )
+    return {
+        g: Mask({p: label == g for p, label in by_path.items()}, labels, "param_labels")
+        for g in groups
+    }

@@ -1,0 +1,120 @@
+"""Private fused leaf-list arithmetic whose scalars may be Python numbers or 0-d tensors.
+
+``torch._foreach_*`` ops take Python scalars everywhere, but a 0-d tensor only in some
+overloads (and ``alpha=tensor`` silently reads it on the host). These helpers pick an overload
+that keeps tensor hyperparameters on the device, so changing one in place neither recompiles a
+``torch.compile``-d step nor synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+Scalar = float | int | torch.Tensor
+
+
+def is_zero(value: Any) -> bool:
+    """True for a Python number equal to 0 (tensors are never treated as known zeros)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def on_device(value: Scalar, like: torch.Tensor) -> Scalar:
+    """Moves a tensor scalar to ``like``'s device (numbers pass through)."""
+    if isinstance(value, torch.Tensor) and value.device != like.device:
+        return value.to(like.device)
+    return value
+
+
+def mul(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
+    """``[x * s]``."""
+    if not xs:
+        return []
+    return list(torch._foreach_mul(xs, on_device(s, xs[0])))
+
+
+def div(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
+    """``[x / s]``."""
+    if not xs:
+        return []
+    return list(torch._foreach_div(xs, on_device(s, xs[0])))
+
+
+def add_scaled(xs: list[torch.Tensor], a: Scalar, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x + a * y]``."""
+    if not xs:
+        return []
+    if isinstance(a, torch.Tensor):
+        return list(torch._foreach_add(xs, torch._foreach_mul(ys, on_device(a, xs[0]))))
+    return list(torch._foreach_add(xs, ys, alpha=a))
+
+
+def moment(g: list[torch.Tensor], m: list[torch.Tensor], decay: Scalar) -> list[torch.Tensor]:
+    """Exponential moving average ``(1 - decay) * g + decay * m`` (optax ``update_moment``).
+
+    Computed as ``torch.lerp(m, g, 1 - decay)``, the form ``torch.optim`` uses.
+    """
+    if not g:
+        return []
+    weight = 1 - on_device(decay, g[0])
+    return list(torch._foreach_lerp([x.to(y.dtype) for x, y in zip(m, g)], g, weight))
+
+
+def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> list[torch.Tensor]:
+    """``decay * v + (1 - decay) * g²`` (optax ``update_moment_per_elem_norm`` of order 2)."""
+    if not g:
+        return []
+    decay = on_device(decay, g[0])
+    out = list(torch._foreach_mul([x.to(y.dtype) for x, y in zip(v, g)], decay))
+    if isinstance(decay, torch.Tensor):
+        return list(
+            torch._foreach_add(out, torch._foreach_mul(torch._foreach_mul(g, g), 1 - decay))
+        )
+    torch._foreach_addcmul_(out, g, g, 1 - decay)
+    return out
+
+
+def scalar(value: Scalar, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor with ``like``'s dtype and device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=like.dtype, device=like.device)
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
+def cast(xs: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    """Casts each tensor to ``dtype`` (``None`` keeps them)."""
+    if dtype is None:
+        return xs
+    return [x.to(dtype) for x in xs]
+
+
+def cast_like(xs: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Casts each tensor to the dtype of its partner in ``likes``."""
+    return [x.to(y.dtype) for x, y in zip(xs, likes)]
+
+
+def check_decay(name: str, value: Any, *, allow_one: bool = False) -> None:
+    """Validates a Python-number decay rate: finite and in ``[0, 1)`` (``[0, 1]`` if allowed).
+
+    Tensors and schedules are not inspected (that would read device memory).
+    """
+    if isinstance(value, bool) or callable(value) or isinstance(value, torch.Tensor):
+        return
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got {value!r}")
+    upper_ok = value <= 1 if allow_one else value < 1
+    if not (value >= 0 and upper_ok):
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def scalar_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
+    """The dtype for per-step scalars such as bias corrections: float64 where available.
+
+    ``torch.optim`` computes them in Python doubles; doing the same keeps float32 runs on the
+    same side of thresholds (e.g. RAdam's ``ρₜ ≥ 5``). MPS has no float64, so float32 there.
+    """
+    if any(x.device.type == "mps" for x in leaves):
+        return torch.float32
+    return torch.float64

@@ -1,0 +1,284 @@
+"""RMS-style transforms: RMSProp's second moment (plain and centred) and Adagrad's sum."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.optim import _ops, _utils
+from functrain.optim.base import GradientTransformation
+
+__all__ = [
+    "ScaleByRStdDevState",
+    "ScaleByRStdDevWithCountState",
+    "ScaleByRmsState",
+    "ScaleByRmsWithCountState",
+    "ScaleByRssState",
+    "scale_by_rms",
+    "scale_by_rss",
+    "scale_by_stddev",
+]
+
+Hyper = float | torch.Tensor
+
+
+class ScaleByRmsState(NamedTuple):
+    """State of :func:`scale_by_rms` without bias correction: the second moment ``nu``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_rms(initial_scale=1.0).init([torch.zeros(2)])
+        ScaleByRmsState(nu=[tensor([1., 1.])])
+    """
+
+    nu: Any
+
+
+class ScaleByRmsWithCountState(NamedTuple):
+    """State of :func:`scale_by_rms` with ``bias_correction=True``: ``count`` and ``nu``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_rms(bias_correction=True).init([torch.zeros(1)]).count
+        tensor(0, dtype=torch.int32)
+    """
+
+    count: torch.Tensor
+    nu: Any
+
+
+class ScaleByRStdDevState(NamedTuple):
+    """State of :func:`scale_by_stddev` without bias correction: moments ``mu`` and ``nu``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_stddev().init([torch.zeros(1)])
+        ScaleByRStdDevState(mu=[tensor([0.])], nu=[tensor([0.])])
+    """
+
+    mu: Any
+    nu: Any
+
+
+class ScaleByRStdDevWithCountState(NamedTuple):
+    """State of :func:`scale_by_stddev` with ``bias_correction=True``: ``count``, ``mu``, ``nu``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_stddev(bias_correction=True).init([torch.zeros(1)]).count
+        tensor(0, dtype=torch.int32)
+    """
+
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+
+
+def _scaled(
+    g: list[torch.Tensor], var: list[torch.Tensor], eps: Hyper, eps_in_sqrt: bool
+) -> list[torch.Tensor]:
+    """``g / √(var + eps)`` or ``g / (√var + eps)``."""
+    if eps_in_sqrt:
+        denom = list(torch._foreach_sqrt(torch._foreach_add(var, _ops.on_device(eps, g[0]))))
+    else:
+        denom = list(torch._foreach_sqrt(var))
+        torch._foreach_add_(denom, _ops.on_device(eps, g[0]))
+    return list(torch._foreach_div(g, denom))
+
+
+def _check(decay: Any, eps: Any, initial_scale: Any) -> None:
+    _ops.check_decay("decay", decay, allow_one=True)
+    _utils.check_finite_number("eps", eps, minimum=0.0)
+    _utils.check_finite_number("initial_scale", initial_scale, minimum=0.0)
+
+
+def _full_like(params: Any, value: Hyper) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tree.map(lambda p: torch.zeros_like(p) + value.to(p.device, p.dtype), params)
+    return tree.full_like(params, value)
+
+
+def scale_by_rms(
+    decay: Hyper = 0.9,
+    eps: Hyper = 1e-8,
+    initial_scale: Hyper = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+) -> GradientTransformation:
+    """Rescales updates by the root of an exponential moving average of their squares.
+
+    Update rule::
+
+        nu ← decay · nu + (1 − decay) · g²     (nu starts at initial_scale)
+        ν̂ = nu / (1 − decayᵗ) if bias_correction else nu
+        u ← g / √(ν̂ + eps)    (eps_in_sqrt=True, optax's default)
+        u ← g / (√ν̂ + eps)    (eps_in_sqrt=False, as torch.optim.RMSprop)
+
+    Args:
+        decay: the moving-average coefficient (PyTorch's ``alpha``).
+        eps: numerical-stability term; see ``eps_in_sqrt``.
+        initial_scale: initial value of ``nu`` (PyTorch uses 0, TF1 uses 1).
+        eps_in_sqrt: put ``eps`` inside the square root (optax default) or outside (PyTorch).
+        bias_correction: divide ``nu`` by ``1 − decayᵗ`` (the state then also counts steps).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_rms(decay=0.75, eps=0.0)
+        >>> params = [torch.zeros(1)]
+        >>> tx.update([torch.tensor([2.0])], tx.init(params))[0]  # 2 / sqrt(0.25 * 4)
+        [tensor([2.])]
+    """
+    _check(decay, eps, initial_scale)
+
+    def init_fn(params: Any) -> ScaleByRmsState | ScaleByRmsWithCountState:
+        nu = _full_like(params, initial_scale)
+        if bias_correction:
+            return ScaleByRmsWithCountState(count=_utils.zero_count(params), nu=nu)
+        return ScaleByRmsState(nu=nu)
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        del params, extra
+        g, spec, s = _utils.flat(updates, {"state.nu": state.nu})
+        count = _utils.safe_increment(state.count) if bias_correction else None
+        if g:
+            nu = _ops.moment_sq(g, s["state.nu"], decay)
+            nu_hat = nu
+            if bias_correction:
+                nu_hat = _ops.div(nu, 1 - _utils.power(decay, count, _ops.scalar_dtype(g)))
+            out = tree.unflatten(spec, _scaled(g, nu_hat, eps, eps_in_sqrt))
+            nu = tree.unflatten(spec, _ops.cast_like(nu, s["state.nu"]))
+        else:
+            out, nu = updates, state.nu
+        if bias_correction:
+            return out, ScaleByRmsWithCountState(count=count, nu=nu)
+        return out, ScaleByRmsState(nu=nu)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_stddev(
+    decay: Hyper = 0.9,
+    eps: Hyper = 1e-8,
+    initial_scale: Hyper = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+) -> GradientTransformation:
+    """Rescales updates by a centred RMS: the root of a moving estimate of their variance.
+
+    Update rule::
+
+        mu ← decay · mu + (1 − decay) · g
+        nu ← decay · nu + (1 − decay) · g²     (nu starts at initial_scale)
+        (optionally both divided by 1 − decayᵗ)
+        u ← g / √(nu − mu² + eps)    or    g / (√(nu − mu²) + eps)   (eps_in_sqrt=False)
+
+    ``eps_in_sqrt=False`` matches ``torch.optim.RMSprop(centered=True)``.
+
+    Args:
+        decay: the moving-average coefficient (PyTorch's ``alpha``).
+        eps: numerical-stability term; see ``eps_in_sqrt``.
+        initial_scale: initial value of the second moment (PyTorch uses 0, TF1 uses 1).
+        eps_in_sqrt: ``eps`` inside the square root (optax default) or outside (``False``,
+            PyTorch).
+        bias_correction: divide the moment estimates by ``1 − decayᵗ``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_stddev(decay=0.5, eps=0.0)
+        >>> params = [torch.zeros(1)]
+        >>> tx.update([torch.tensor([2.0])], tx.init(params))[0]  # 2 / sqrt(2 - 1)
+        [tensor([2.])]
+    """
+    _check(decay, eps, initial_scale)
+
+    def init_fn(params: Any) -> ScaleByRStdDevState | ScaleByRStdDevWithCountState:
+        mu, nu = tree.zeros_like(params), _full_like(params, initial_scale)
+        if bias_correction:
+            return ScaleByRStdDevWithCountState(count=_utils.zero_count(params), mu=mu, nu=nu)
+        return ScaleByRStdDevState(mu=mu, nu=nu)
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        del params, extra
+        g, spec, s = _utils.flat(updates, {"state.mu": state.mu, "state.nu": state.nu})
+        count = _utils.safe_increment(state.count) if bias_correction else None
+        if g:
+            mu = _ops.moment(g, s["state.mu"], decay)
+            nu = _ops.moment_sq(g, s["state.nu"], decay)
+            mu_hat, nu_hat = mu, nu
+            if bias_correction:
+                bias = 1 - _utils.power(decay, count, _ops.scalar_dtype(g))
+                mu_hat, nu_hat = _ops.div(mu, bias), _ops.div(nu, bias)
+            var = list(torch._foreach_sub(nu_hat, torch._foreach_mul(mu_hat, mu_hat)))
+            out = tree.unflatten(spec, _scaled(g, var, eps, eps_in_sqrt))
+            mu = tree.unflatten(spec, _ops.cast_like(mu, s["state.mu"]))
+            nu = tree.unflatten(spec, _ops.cast_like(nu, s["state.nu"]))
+        else:
+            out, mu, nu = updates, state.mu, state.nu
+        if bias_correction:
+            return out, ScaleByRStdDevWithCountState(count=count, mu=mu, nu=nu)
+        return out, ScaleByRStdDevState(mu=mu, nu=nu)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByRssState(NamedTuple):
+    """State of :func:`scale_by_rss`: the running ``sum_of_squares`` of the updates.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_rss().init([torch.zeros(2)])
+        ScaleByRssState(sum_of_squares=[tensor([0.1000, 0.1000])])
+    """
+
+    sum_of_squares: Any
+
+
+def scale_by_rss(
+    initial_accumulator_value: Hyper = 0.1, eps: Hyper = 1e-7
+) -> GradientTransformation:
+    """Rescales updates by the root of the sum of all squared updates so far (Adagrad).
+
+    Update rule::
+
+        s ← s + g²     (s starts at initial_accumulator_value)
+        u ← g / √(s + eps)   where s > 0, else 0
+
+    Differences from ``torch.optim.Adagrad``: PyTorch divides by ``√s + eps`` (eps outside the
+    root) and starts ``s`` at 0 by default; with ``eps=0`` and the same initial value the two
+    coincide.
+
+    Args:
+        initial_accumulator_value: initial value of the sum of squares.
+        eps: added inside the square root.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_rss(initial_accumulator_value=0.0, eps=0.0)
+        >>> params = [torch.zeros(2)]
+        >>> tx.update([torch.tensor([3.0, 0.0])], tx.init(params))[0]
+        [tensor([1., 0.])]
+    """
+    _utils.check_finite_number("initial_accumulator_value", initial_accumulator_value, minimum=0.0)
+    _utils.check_finite_number("eps", eps, minimum=0.0)
+
+    def init_fn(params: Any) -> ScaleByRssState:
+        return ScaleByRssState(sum_of_squares=_full_like(params, initial_accumulator_value))
+
+    def update_fn(
+        updates: Any, state: ScaleByRssState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ScaleByRssState]:
+        del params, extra
+        g, spec, s = _utils.flat(updates, {"state.sum_of_squares": state.sum_of_squares})
+        if not g:
+            return updates, state
+        total = list(torch._foreach_addcmul(_ops.cast_like(s["state.sum_of_squares"], g), g, g))
+        scaled = _scaled(g, total, eps, eps_in_sqrt=True)
+        out = [torch.where(t > 0, x, torch.zeros_like(x)) for t, x in zip(total, scaled)]
+        new = ScaleByRssState(
+            tree.unflatten(spec, _ops.cast_like(total, s["state.sum_of_squares"]))
+        )
+        return tree.unflatten(spec, out), new
+
+    return GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,135 @@
+"""Splitting a batch pytree into micro-batches along its leading dimension.
+
+A batch is any pytree of tensors sharing a leading (batch) dimension ``N``. ``micro_batches=K``
+splits it as ``torch.tensor_split`` does: sizes differ by at most one, larger ones first (a batch
+of 10 with ``K=4`` gives 3, 3, 2, 2). An explicit sequence of sizes (``(5, 3, 2)``) is also
+accepted. Micro-batches are views: splitting copies nothing.
+
+Example:
+    >>> import torch, functrain as ft
+    >>> split = ft.split_batch({"x": torch.zeros(10, 2)}, 4)
+    >>> split.sizes
+    (3, 3, 2, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+
+__all__ = ["BatchSplit", "split_batch"]
+
+
+class BatchSplit(NamedTuple):
+    """How a batch of ``total`` examples is cut: micro-batch ``i`` is rows ``starts[i]:starts[i] + sizes[i]``."""
+
+    sizes: tuple[int, ...]
+    starts: tuple[int, ...]
+    total: int
+
+    @property
+    def num_micro_batches(self) -> int:
+        """The number of micro-batches ``K``."""
+        return len(self.sizes)
+
+
+def batch_size(batch: Any) -> int:
+    """The common leading size of all leaves; clear errors for non-tensors or mismatches."""
+    paths, leaves, _ = tree.flatten_with_paths(batch)
+    if not leaves:
+        raise ValueError("the batch has no tensors: it must be a pytree of tensors")
+    size = None
+    first = None
+    for path, leaf in zip(paths, leaves):
+        where = tree.path_str(path, "batch")
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{where} must be a tensor with a leading batch dimension, got "
+                f"{type(leaf).__name__}"
+            )
+        if leaf.dim() == 0:
+            raise ValueError(f"{where} is 0-d; every batch leaf needs a leading batch dimension")
+        if size is None:
+            size, first = leaf.shape[0], where
+        elif leaf.shape[0] != size:
+            raise ValueError(
+                f"batch leaves have different leading (batch) sizes: {first} has {size}, "
+                f"{where} has {leaf.shape[0]}"
+            )
+    assert size is not None
+    return size
+
+
+def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
+    """Plans the split of ``batch`` into micro-batches (validating the batch).
+
+    Args:
+        batch: pytree of tensors with a shared leading dimension.
+        micro_batches: the number ``K`` of micro-batches, or their sizes.
+
+    Raises:
+        ValueError: leaves with different leading sizes, more micro-batches than examples, or
+            sizes that do not add up to the batch size.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.split_batch([torch.zeros(5)], (2, 3)).starts
+        (0, 2)
+    """
+    n = batch_size(batch)
+    if isinstance(micro_batches, int) and not isinstance(micro_batches, bool):
+        k = micro_batches
+        if k < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {k}")
+        if k > n:
+            raise ValueError(
+                f"micro_batches={k} is more than the {n} examples in the batch; every "
+                "micro-batch needs at least one example"
+            )
+        q, r = divmod(n, k)
+        sizes = tuple(q + 1 if i < r else q for i in range(k))
+    else:
+        sizes = tuple(int(s) for s in micro_batches)
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"micro-batch sizes must be positive, got {sizes}")
+        if sum(sizes) != n:
+            raise ValueError(
+                f"micro-batch sizes {sizes} add up to {sum(sizes)}, not the batch size {n}"
+            )
+    starts = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+    return BatchSplit(sizes, starts, n)
+
+
+def micro_batch(batch: Any, split: BatchSplit, i: int) -> Any:
+    """Micro-batch ``i`` (views of the batch leaves)."""
+    start, size = split.starts[i], split.sizes[i]
+    return tree.map(lambda x: x.narrow(0, start, size), batch)
+
+
+def size_groups(split: BatchSplit) -> list[tuple[int, list[int]]]:
+    """Micro-batch indices grouped by size, in order of first appearance (for stacking)."""
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(split.sizes):
+        groups.setdefault(s, []).append(i)
+    return list(groups.items())
+
+
+def stack(batch: Any, split: BatchSplit, indices: Sequence[int]) -> Any:
+    """Micro-batches ``indices`` (all of one size) stacked along a new leading dimension.
+
+    Consecutive micro-batches are a view of the batch; others are copied by ``torch.stack``.
+    """
+    size = split.sizes[indices[0]]
+    start = split.starts[indices[0]]
+    if all(split.starts[j] == start + k * size for k, j in enumerate(indices)):
+        count = len(indices)
+        return tree.map(
+            lambda x: x.narrow(0, start, count * size).unflatten(0, (count, size)), batch
+        )
+    return tree.map(
+        lambda x: torch.stack([x.narrow(0, split.starts[j], size) for j in indices]), batch
+    )

@@ -1,0 +1,175 @@
+"""Random keys: reproducible, splittable random streams without device synchronization.
+
+PyTorch has no functional random numbers: ``nn.Dropout`` and ``torch.rand`` draw from a global
+generator. functrain therefore keeps a *key* in the train state and derives from it, for every
+step and every micro-batch, a seed for the generators the computation uses.
+
+Design:
+
+* A key is a 0-d ``int64`` tensor **on the CPU**. Reading a CPU tensor is not a device
+  synchronization, so turning a key into a generator seed never stalls a GPU.
+* Keys are derived with the SplitMix64 finalizer (Steele et al., 2014), a bijective 64-bit mixer,
+  computed with tensor arithmetic (two's-complement wrap-around), so derivations are
+  deterministic on every platform: ``fold_in(key, i)`` for the i-th stream, ``split_key(key, n)``
+  for ``n`` independent keys.
+* The train step advances the state's key once per step (``fold_in(key, 0)``) and gives
+  micro-batch ``i`` the key ``fold_in(key, i + 1)``. Same state and batch → same randomness;
+  different micro-batches → different randomness.
+
+Example:
+    >>> import torch, functrain as ft
+    >>> key = ft.random_key(0)
+    >>> bool(ft.fold_in(key, 1) != ft.fold_in(key, 2))
+    True
+    >>> g = ft.key_generator(ft.fold_in(key, 1))
+    >>> torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=ft.key_generator(ft.fold_in(key, 1))))
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "fold_in",
+    "key_generator",
+    "key_seed",
+    "random_key",
+    "seeded_rng",
+    "split_key",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_M1 = _signed(0xBF58476D1CE4E5B9)
+_M2 = _signed(0x94D049BB133111EB)
+
+
+def _lsr(x: torch.Tensor, shift: int) -> torch.Tensor:
+    # Logical (unsigned) shift of an int64: ``>>`` on signed tensors sign-extends.
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _lsr(z, 30)) * _M1
+    z = (z ^ _lsr(z, 27)) * _M2
+    return z ^ _lsr(z, 31)
+
+
+def _check_key(key: torch.Tensor) -> None:
+    if not isinstance(key, torch.Tensor) or key.dtype != torch.int64:
+        got = key.dtype if isinstance(key, torch.Tensor) else type(key).__name__
+        raise TypeError(f"a random key must be an int64 tensor (see ft.random_key), got {got}")
+    if key.device.type != "cpu":
+        raise ValueError(
+            f"a random key must live on the CPU (reading it must not synchronize a device), "
+            f"got a key on {key.device}"
+        )
+
+
+def random_key(seed: int) -> torch.Tensor:
+    """A new random key from an integer seed: a 0-d ``int64`` CPU tensor.
+
+    Args:
+        seed: any Python integer (taken modulo 2⁶⁴).
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.random_key(0).shape, ft.random_key(0).dtype
+        (torch.Size([]), torch.int64)
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
+    return _mix(torch.tensor(_signed(seed), dtype=torch.int64))
+
+
+def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
+    """Derives the key of stream ``data`` from ``key`` (as ``jax.random.fold_in``).
+
+    ``fold_in(key, i)`` for different ``i`` gives statistically independent keys; the same
+    ``(key, i)`` always gives the same key.
+
+    Example:
+        >>> import functrain as ft
+        >>> k = ft.random_key(3)
+        >>> bool(ft.fold_in(k, 5) == ft.fold_in(k, 5))
+        True
+    """
+    _check_key(key)
+    return _mix(key + _signed(_GOLDEN * (int(data) + 1)))
+
+
+def split_key(key: torch.Tensor, num: int = 2) -> torch.Tensor:
+    """``num`` new keys derived from ``key``, as a 1-d ``int64`` tensor of length ``num``.
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.split_key(ft.random_key(0), 3).shape
+        torch.Size([3])
+    """
+    _check_key(key)
+    offsets = torch.arange(1, num + 1, dtype=torch.int64) * _GOLDEN
+    return _mix(key + offsets)
+
+
+def key_seed(key: torch.Tensor) -> int:
+    """The non-negative 64-bit seed a key stands for (reads a CPU tensor: no device sync).
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.key_seed(ft.random_key(0)) >= 0
+        True
+    """
+    _check_key(key)
+    return int(key) & _MASK64
+
+
+def key_generator(key: torch.Tensor, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded from ``key``, for explicit randomness.
+
+    Use it in a loss function that declares a ``key`` argument:
+    ``torch.rand(shape, generator=ft.key_generator(key, x.device), device=x.device)``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> torch.randint(0, 100, (2,), generator=ft.key_generator(ft.random_key(1))).shape
+        torch.Size([2])
+    """
+    return torch.Generator(device=device).manual_seed(key_seed(key))
+
+
+@contextlib.contextmanager
+def seeded_rng(key: torch.Tensor, devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Runs a block with the global generators seeded from ``key``, restoring them afterwards.
+
+    The CPU generator and the default generator of every CUDA device in ``devices`` are seeded
+    with :func:`key_seed`; their previous states come back on exit, so code outside the block
+    sees no change. This is how ``nn.Dropout`` inside a model gets a reproducible stream per
+    micro-batch.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> with ft.seeded_rng(ft.random_key(0)):
+        ...     a = torch.rand(2)
+        >>> with ft.seeded_rng(ft.random_key(0)):
+        ...     b = torch.rand(2)
+        >>> torch.equal(a, b)
+        True
+    """
+    seed = key_seed(key)
+    cuda = sorted({d.index or 0 for d in map(torch.device, devices) if d.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield

@@ -1,0 +1,71 @@
+"""CUDA: tensors follow the params' device and a step never synchronizes with the host."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functrain as ft
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_cuda_step_has_no_host_sync_and_matches_cpu(strategy):
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(8) if strategy == "loop" else nn.LayerNorm(8)
+    net = nn.Sequential(nn.Linear(4, 8), norm, nn.ReLU(), nn.Linear(8, 3))
+    results = {}
+    for device in ("cpu", "cuda"):
+        model, params, buffers = ft.functionalize(net.to(device), copy=True)
+
+        def loss_fn(p, b, buffers, model=model):
+            out, buffers = model.apply(p, buffers, b["x"])
+            labels = b["y"]
+            total = F.cross_entropy(out, labels, reduction="sum", ignore_index=-1)
+            return ft.LossOutput(
+                ft.LossSum(total, (labels != -1).sum()),
+                buffers=buffers if strategy == "loop" else None,
+            )
+
+        tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(1e-2))
+        step = ft.make_train_step(loss_fn, tx, micro_batches=(3, 3, 4), strategy=strategy)
+        state = ft.TrainState.create(params=params, tx=tx, buffers=buffers, seed=0)
+        gen = torch.Generator().manual_seed(0)
+        batch = {
+            "x": torch.randn(10, 4, generator=gen),
+            "y": torch.randint(-1, 3, (10,), generator=gen),
+        }
+        batch = {k: v.to(device) for k, v in batch.items()}
+        state, _ = step(state, batch)  # warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                state, metrics = step(state, batch)
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        assert all(t.device.type == device for t in ft.tree.leaves((state.params, state.opt_state)))
+        assert all(t.device.type == device for t in metrics.values())
+        assert state.key.device.type == "cpu"
+        results[device] = (state.params, metrics["loss"])
+    ft.testing.assert_trees_all_close(results["cuda"], results["cpu"], rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_dropout_is_reproducible():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.5), nn.Linear(32, 1)).cuda()
+    model, params, _ = ft.functionalize(net)
+    tx = ft.sgd(0.1)
+    step = ft.make_train_step(
+        lambda p, b: model(p, b).square().mean(), tx, micro_batches=2, donate=False
+    )
+    state = ft.TrainState.create(params=params, tx=tx, seed=3)
+    x = torch.ones(4, 4, device="cuda")
+    cuda_rng = torch.cuda.get_rng_state()
+    a, _ = step(state, x)
+    b, _ = step(state, x)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    ft.testing.assert_trees_all_equal(a.params, b.params)
