@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works without a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from functrain.logging import read_scalars  # noqa: E402
+from functrain.logging import read_scalars
 
 
 def smooth(values: Sequence[float], weight: float) -> list[float]:

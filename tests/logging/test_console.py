@@ -45,7 +45,9 @@ def test_plain_lines_with_rate_eta_and_metrics():
         "step 81/100 (81%)",
         "step 100/100 (100%)",
     ]
-    assert lines[1] == "step 21/100 (21%) | 00:10<00:40 | 2 it/s | 1.28k ex/s | loss=0.04762 lr=0.0003"
+    assert (
+        lines[1] == "step 21/100 (21%) | 00:10<00:40 | 2 it/s | 1.28k ex/s | loss=0.04762 lr=0.0003"
+    )
     assert lines[-1].startswith("step 100/100 (100%) | 00:50<00:00 | 2 it/s")
     assert "perf/" not in out.getvalue()
 

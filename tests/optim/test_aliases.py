@@ -300,3 +300,22 @@ def test_tensor_learning_rate_changes_take_effect() -> None:
     lr.fill_(0.0)
     u2, state = tx.update({"w": torch.ones(2)}, state, params)
     assert bool((u1["w"] != 0).all()) and bool((u2["w"] == 0).all())
+
+
+@pytest.mark.parametrize("name", sorted(OPTAX_SIGNATURES))
+def test_invalid_learning_rates_are_rejected(name: str) -> None:
+    with pytest.raises(ValueError, match="learning_rate"):
+        getattr(ft, name)(float("nan"))
+    with pytest.raises(TypeError, match="learning_rate"):
+        getattr(ft, name)("0.1")
+
+
+def test_invalid_hyperparameters_are_rejected() -> None:
+    with pytest.raises(ValueError, match="b1"):
+        ft.lion(0.1, b1=-0.5)
+    with pytest.raises(ValueError, match="decay"):
+        ft.rmsprop(0.1, decay=2.0)
+    with pytest.raises(ValueError, match="eta"):
+        ft.noisy_sgd(0.1, eta=-1.0)
+    with pytest.raises(ValueError, match="b2"):
+        ft.nadamw(0.1, b2=1.0)

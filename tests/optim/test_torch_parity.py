@@ -2,7 +2,9 @@
 
 Both sides start from the same parameters and see gradients of the same loss at their own
 current parameters, so any difference in the update rule compounds over the trajectory.
-float64 runs must agree to 1e-10 relative; float32 runs to float32 rounding.
+float64 runs must agree to 1e-10 relative; float32 runs to float32 rounding. Step sizes are
+moderate on purpose: with large steps the dynamics turn chaotic and even last-bit rounding
+differences grow exponentially (about 300x per 20 steps for RMSProp at lr=1e-2).
 """
 
 from __future__ import annotations
@@ -119,9 +121,10 @@ CASES = {
     ),
     "rmsprop_l2": (
         lambda: ft.chain(
-            ft.add_decayed_weights(0.05), ft.rmsprop(1e-2, eps_in_sqrt=False, momentum=0.5)
+            ft.add_decayed_weights(0.05),
+            ft.rmsprop(2e-3, decay=0.99, eps_in_sqrt=False, momentum=0.5),
         ),
-        lambda p: torch.optim.RMSprop(p, lr=1e-2, alpha=0.9, momentum=0.5, weight_decay=0.05),
+        lambda p: torch.optim.RMSprop(p, lr=2e-3, alpha=0.99, momentum=0.5, weight_decay=0.05),
     ),
     "adagrad": (
         lambda: ft.adagrad(0.05, initial_accumulator_value=0.1, eps=0.0),

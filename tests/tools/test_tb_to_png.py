@@ -64,7 +64,15 @@ def test_command_line(tmp_path):
     make_runs(tmp_path / "runs")
     out = tmp_path / "cli.png"
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path / "runs"), "-o", str(out), "--tags", "train/loss"],
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(tmp_path / "runs"),
+            "-o",
+            str(out),
+            "--tags",
+            "train/loss",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_step_has_no_host_sync_and_matches_cpu(strategy):
     torch.manual_seed(0)
     norm = nn.BatchNorm1d(8) if strategy == "loop" else nn.LayerNorm(8)
-    net = nn.Sequential(nn.Linear(4, 8), norm, nn.ReLU(), nn.Linear(8, 3))
+    net = nn.Sequential(nn.Linear(4, 8, bias=False), norm, nn.ReLU(), nn.Linear(8, 3))
     results = {}
     for device in ("cpu", "cuda"):
         model, params, buffers = ft.functionalize(net.to(device), copy=True)
@@ -28,7 +28,8 @@ def test_cuda_step_has_no_host_sync_and_matches_cpu(strategy):
                 buffers=buffers if strategy == "loop" else None,
             )
 
-        tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(1e-2))
+        # SGD keeps CPU/CUDA rounding differences at rounding level (Adam would amplify them).
+        tx = ft.chain(ft.clip_by_global_norm(1.0), ft.sgd(0.1, momentum=0.9))
         step = ft.make_train_step(loss_fn, tx, micro_batches=(3, 3, 4), strategy=strategy)
         state = ft.TrainState.create(params=params, tx=tx, buffers=buffers, seed=0)
         gen = torch.Generator().manual_seed(0)

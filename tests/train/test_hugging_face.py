@@ -1,4 +1,4 @@
-"""A Hugging Face BertForSequenceClassification (tiny config, no downloads) trains with make_train_step."""
+"""Hugging Face BertForSequenceClassification (tiny config, no downloads) with make_train_step."""
 
 import pytest
 import torch

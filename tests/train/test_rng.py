@@ -29,6 +29,16 @@ def test_keys_match_python_splitmix64_reference():
         ]
 
 
+def test_tensor_mixing_matches_integer_mixing():
+    # The tensor path runs under torch.compile; it must give the eager path's bits.
+    from functrain.train import rng
+
+    key = ft.random_key(11)
+    for data in (0, 1, 5, 2**40):
+        offset = rng._GOLDEN * (data + 1)
+        assert int(rng._mix(key + rng._signed(offset))) == int(ft.fold_in(key, data))
+
+
 def test_key_is_cpu_int64_and_validated():
     key = ft.random_key(0)
     assert key.device.type == "cpu" and key.dtype == torch.int64 and key.dim() == 0

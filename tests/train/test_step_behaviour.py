@@ -263,9 +263,10 @@ def test_eval_step():
 # ---------------------------------------------------------------- gradient-statistics hook
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "loop-autograd"])
 @pytest.mark.parametrize("sizes", [3, (2, 5, 1, 2)])
 def test_grad_stats_hook_sees_each_micro_batch(strategy, sizes):
+    strategy, _, backend = strategy.partition("-")
     model, params, batch, _ = _linear_problem(n=10)
     weights = torch.arange(10, dtype=torch.float64) % 3
 
@@ -282,7 +283,13 @@ def test_grad_stats_hook_sees_each_micro_batch(strategy, sizes):
     )
     tx = ft.sgd(0.1)
     step = ft.make_train_step(
-        loss_fn, tx, micro_batches=sizes, strategy=strategy, grad_stats=hook, donate=False
+        loss_fn,
+        tx,
+        micro_batches=sizes,
+        strategy=strategy,
+        grad_stats=hook,
+        donate=False,
+        grad_backend=backend or "func",
     )
     state = ft.TrainState.create(params=params, tx=tx)
     captured = {}
@@ -374,6 +381,14 @@ def test_vmap_with_batchnorm_updates_raises_and_says_what_to_do():
     with pytest.raises((ValueError, RuntimeError), match="strategy='loop'"):
         step(state, x)
     assert not state.consumed
+
+    def counting_loss(p, b, buffers):  # returns new buffers without mutating anything
+        new = {k: v + 1 for k, v in buffers.items()}
+        return ft.LossOutput(model.eval()(p, b).square().mean(), buffers=new)
+
+    step = ft.make_train_step(counting_loss, tx, micro_batches=2, strategy="vmap")
+    with pytest.raises(ValueError, match=r"cannot reproduce the sequential buffer updates"):
+        step(state, x)
 
     def eval_mode_loss(p, b, buffers):
         out, _ = model.eval().apply(p, buffers, b)

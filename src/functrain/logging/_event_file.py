@@ -14,10 +14,13 @@ uint32 masked_crc(data)``, little-endian.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import struct
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +83,12 @@ def frame_record(data: bytes) -> bytes:
     )
 
 
+def _flush_at_exit(ref: weakref.ref[EventFile]) -> None:
+    event_file = ref()
+    if event_file is not None:
+        event_file.flush()
+
+
 class EventFile:
     """Appends events to one file; the interface of TensorBoard's ``EventFileWriter``.
 
@@ -96,6 +105,9 @@ class EventFile:
         self._lock = threading.Lock()  # SummaryWriter may be shared between threads
         self._file: Any = open(path, "ab")  # noqa: SIM115 - closed in close()
         self._next_flush = time.monotonic() + flush_secs
+        # Buffered events of a writer nobody closed still reach the file at exit.
+        self._exit_hook = functools.partial(_flush_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     def get_logdir(self) -> str:
         return self._logdir
@@ -123,11 +135,13 @@ class EventFile:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+        atexit.unregister(self._exit_hook)
 
     def reopen(self) -> None:
         with self._lock:
             if self._file is None:
                 self._file = open(self.path, "ab")  # noqa: SIM115 - closed in close()
+                atexit.register(self._exit_hook)
 
 
 def install(summary_writer: Any, flush_secs: float) -> bool:

@@ -1,13 +1,17 @@
 """A writer that keeps device->host copies and event writing off the training step.
 
 The step hands :class:`AsyncWriter` its metric tensors and goes on. At the call the writer only
-*snapshots* them without waiting for the device: scalars are stacked into one tensor per
-(device, dtype); on CUDA that tensor (and each histogram tensor) is copied with
+*snapshots* them without waiting for the device: scalars on an accelerator are stacked into one
+tensor per (device, dtype); on CUDA that tensor (and each histogram tensor) is copied with
 ``non_blocking=True`` into pinned host memory and a CUDA event is recorded behind the copies; on
-the CPU the snapshot is a fresh copy. Every ``every_n`` writes (or ``max_delay_s`` seconds) the
+the CPU the snapshot is ``item()`` for scalars and a fresh copy for arrays. Every ``every_n`` writes (or ``max_delay_s`` seconds) the
 buffered writes go to a background thread, which waits for the events, turns the host copies into
 Python numbers and calls the wrapped writer. The caller only waits in :meth:`~AsyncWriter.flush`,
 :meth:`~AsyncWriter.close`, or when ``max_pending`` batches are already queued (back-pressure).
+
+On the CPU there is nothing to wait for: by default (``host_inline=True``) a batch whose
+values are all on the host is written by the calling thread at hand-over, since a background
+thread doing Python work only competes with the training loop for the GIL.
 
 Snapshots are taken in stream order at the call, so the values written are those the tensors held
 at that moment even if their memory is reused afterwards (donated buffers, CUDA graphs).
@@ -61,6 +65,7 @@ class _Snapshot:
     def __init__(self) -> None:
         self._cuda_devices: set[torch.device] = set()
         self._events: list[Any] = []
+        self.on_host = True  # no accelerator tensor: readable now, without waiting
 
     def array(self, name: str, value: Any) -> Callable[[], Any]:
         if isinstance(value, torch.Tensor):
@@ -68,6 +73,8 @@ class _Snapshot:
                 raise TypeError(f"array {name!r} is complex ({value.dtype})")
             if value.device.type == "cuda":
                 self._cuda_devices.add(value.device)
+            if value.device.type != "cpu":
+                self.on_host = False
             return _host_copy(value)
         copy = np.array(value, copy=True)  # the caller may reuse its NumPy buffer
         return lambda: copy
@@ -75,11 +82,14 @@ class _Snapshot:
     def scalars(
         self, names: list[str], values: list[Any], *, allow_none: bool = False
     ) -> Callable[[], list[Any]]:
-        """Snapshots scalars with one stack (and one copy) per (device, dtype)."""
+        """Snapshots scalars: ``item()`` on the CPU, else one stack and copy per (device, dtype)."""
         host_values: list[Any] = list(values)
         # This runs on every step: keep it to attribute reads and one stack per group.
         groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
         for i, value in enumerate(values):
+            kind = type(value)
+            if kind is float or kind is int:
+                continue
             if isinstance(value, torch.Tensor):
                 if value.dim() != 0:
                     if value.numel() != 1:
@@ -88,6 +98,9 @@ class _Snapshot:
                             f"shape {tuple(value.shape)}; log arrays with write_histograms"
                         )
                     value = value.reshape(())
+                if value.device.type == "cpu":
+                    host_values[i] = value.item()  # nothing to wait for: the cheapest snapshot
+                    continue
                 if value.requires_grad:
                     value = value.detach()
                 key = (value.device, value.dtype)
@@ -108,6 +121,8 @@ class _Snapshot:
         for (device, _), (positions, tensors) in groups.items():
             if device.type == "cuda":
                 self._cuda_devices.add(device)
+            if device.type != "cpu":
+                self.on_host = False
             copies.append((positions, _host_copy(torch.stack(tensors), fresh=True)))
 
         def resolve() -> list[Any]:
@@ -130,7 +145,7 @@ class _Snapshot:
 
 
 def _check_names(mapping: Mapping[str, Any], what: str) -> list[str]:
-    if not isinstance(mapping, Mapping):
+    if type(mapping) is not dict and not isinstance(mapping, Mapping):
         raise TypeError(f"{what} must be a mapping of names to values, got {type(mapping)}")
     names = list(mapping)
     for name in names:
@@ -140,6 +155,8 @@ def _check_names(mapping: Mapping[str, Any], what: str) -> list[str]:
 
 
 def _check_step(step: Any) -> None:
+    if type(step) is int:
+        return
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.is_floating_point() or step.is_complex():
             raise TypeError(
@@ -166,6 +183,11 @@ class AsyncWriter(MetricWriter):
         max_delay_s: also hand them over when this many seconds passed since the last hand-over
             (keeps a progress bar fresh when steps are slow); ``None`` disables it.
         max_pending: batches queued for the background thread before writes block.
+        host_inline: write a batch whose values are all on the host already (numbers, CPU
+            tensors) in the calling thread at hand-over, when the background thread is idle.
+            There is nothing to wait for in that case, and a second thread doing Python work
+            would only compete with the training loop for the GIL. ``False`` sends every batch
+            to the background thread (for a wrapped writer with slow I/O).
 
     Unclosed writers are closed (and their data written) when the interpreter exits.
 
@@ -186,6 +208,7 @@ class AsyncWriter(MetricWriter):
         every_n: int = 10,
         max_delay_s: float | None = 2.0,
         max_pending: int = 64,
+        host_inline: bool = True,
     ) -> None:
         if every_n < 1:
             raise ValueError(f"every_n must be >= 1, got {every_n}")
@@ -194,6 +217,7 @@ class AsyncWriter(MetricWriter):
         self.writer = writer
         self.every_n = int(every_n)
         self.max_delay_s = max_delay_s
+        self.host_inline = host_inline
         self._buffer: list[tuple[_Snapshot, Callable[[MetricWriter], None]]] = []
         self._lock = threading.Lock()
         self._dispatch_lock = threading.Lock()  # keeps batches in order; never taken by the worker
@@ -201,7 +225,9 @@ class AsyncWriter(MetricWriter):
         self._error: BaseException | None = None
         self._closed = False
         self._last_dispatch = time.monotonic()
-        self._thread = threading.Thread(target=self._work, name="functrain-AsyncWriter", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, name="functrain-AsyncWriter", daemon=True
+        )
         self._thread.start()
         self._exit_hook = functools.partial(_close_at_exit, weakref.ref(self))
         atexit.register(self._exit_hook)
@@ -242,8 +268,8 @@ class AsyncWriter(MetricWriter):
             err, self._error = self._error, None
         if err is not None:
             raise RuntimeError(
-                f"AsyncWriter: the wrapped {type(self.writer).__name__} failed in the background "
-                f"thread: {type(err).__name__}: {err}"
+                f"AsyncWriter: the wrapped {type(self.writer).__name__} failed while writing "
+                f"earlier values: {type(err).__name__}: {err}"
             ) from err
 
     def _check_open(self) -> None:
@@ -261,13 +287,24 @@ class AsyncWriter(MetricWriter):
             )
         if due:
             self._dispatch()
+            self._raise_pending()
 
     def _dispatch(self) -> None:
         with self._dispatch_lock:
             with self._lock:
                 batch, self._buffer = self._buffer, []
                 self._last_dispatch = time.monotonic()
-            if batch:
+            if not batch:
+                return
+            # unfinished_tasks == 0: the worker is idle, so writing here keeps the order.
+            if (
+                self.host_inline
+                and self._queue.unfinished_tasks == 0
+                and all(snapshot.on_host for snapshot, _ in batch)
+            ):
+                for _, call in batch:
+                    self._guard(functools.partial(call, self.writer))
+            else:
                 self._queue.put(batch)
 
     def write_scalars(self, step: int | torch.Tensor, scalars: Mapping[str, Scalar]) -> None:

@@ -33,7 +33,7 @@ import abc
 import numbers
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +46,9 @@ __all__ = [
     "to_numpy",
 ]
 
-Scalar = Union[int, float, np.generic, torch.Tensor]
-Array = Union[torch.Tensor, np.ndarray, "list[float]"]
-HParam = Union[int, float, str, bool, torch.Tensor, None]
+Scalar = int | float | np.generic | torch.Tensor
+Array = torch.Tensor | np.ndarray | list[float]
+HParam = int | float | str | bool | torch.Tensor | None
 
 
 class MetricWriter(abc.ABC):
@@ -150,6 +150,8 @@ def step_to_int(step: Any) -> int:
         >>> step_to_int(torch.tensor(7, dtype=torch.int32))
         7
     """
+    if type(step) is int:
+        return step
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.is_floating_point() or step.is_complex():
             raise TypeError(
@@ -175,6 +177,8 @@ def to_float(value: Any, name: str = "value") -> float:
         >>> to_float(torch.tensor([0.5], dtype=torch.bfloat16))
         0.5
     """
+    if type(value) is float:  # the common case after an AsyncWriter: skip the ABC checks
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(

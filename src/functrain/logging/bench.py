@@ -95,7 +95,9 @@ def measure_logging_overhead(
         ``async`` (and ``sync``); ``cpu_ms_<mode>``: the same in process CPU time (all threads,
         so background work counts); ``overhead_<mode>`` and ``cpu_overhead_<mode>``: the median
         over blocks of the extra time relative to the no-logging block run just before
-        (0.01 = 1%); plus the settings.
+        (0.01 = 1%); ``write_cpu_us_<mode>``: process CPU microseconds per
+        ``write_scalars`` call measured without the step, and ``write_share_<mode>`` that cost
+        as a fraction of the no-logging step's CPU time; plus the settings.
     """
     dev = torch.device(device)
     step, params = _dummy_step(hidden, batch, dev)
@@ -127,6 +129,22 @@ def measure_logging_overhead(
                 if block > 0:
                     wall[mode].append((time.perf_counter() - start) / steps)
                     cpu[mode].append((time.process_time() - start_cpu) / steps)
+        # The writers alone, on one step's metrics: CPU time per write, robust to a busy machine.
+        _, metrics = step(params)
+        write_us: dict[str, float] = {}
+        for mode in modes[1:]:
+            writer = writers[mode]
+            assert writer is not None
+            samples = []
+            for _ in range(5):
+                start_cpu = time.process_time()
+                for _ in range(steps):
+                    writer.write_scalars(counter, metrics)
+                    counter += 1
+                writer.flush()
+                _sync(dev)
+                samples.append((time.process_time() - start_cpu) / steps)
+            write_us[mode] = 1e6 * statistics.median(samples)
         for writer in writers.values():
             if writer is not None:
                 writer.close()
@@ -149,6 +167,8 @@ def measure_logging_overhead(
         result[f"cpu_overhead_{mode}"] = statistics.median(
             t / t0 - 1.0 for t, t0 in zip(cpu[mode], cpu["none"])
         )
+        result[f"write_cpu_us_{mode}"] = write_us[mode]
+        result[f"write_share_{mode}"] = write_us[mode] / (1e3 * result["cpu_ms_none"])
     return result
 
 

@@ -45,7 +45,7 @@ def _fmt_rate(value: float) -> str:
 def _fmt_time(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
@@ -162,7 +162,9 @@ class ConsoleWriter(MetricWriter):
                 full = int(filled)
                 partial = " ▏▎▍▌▋▊▉"[int((filled - full) * 8)] if full < self.bar_width else ""
                 bar_text = ("█" * full + partial).ljust(self.bar_width)
-                head = f"{frac:4.0%}|{bar_text}| {self._step}/{total} [{', '.join([times, *parts])}]"
+                head = (
+                    f"{frac:4.0%}|{bar_text}| {self._step}/{total} [{', '.join([times, *parts])}]"
+                )
             else:
                 head = " | ".join([f"step {self._step}/{total} ({frac:.0%})", times, *parts])
         else:

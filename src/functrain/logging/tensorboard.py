@@ -55,7 +55,7 @@ def _summary_writer_class() -> Any:
 
 
 def _check_names(mapping: Mapping[str, Any], what: str) -> None:
-    if not isinstance(mapping, Mapping):
+    if type(mapping) is not dict and not isinstance(mapping, Mapping):
         raise TypeError(f"{what} must be a mapping of names to values, got {type(mapping)}")
     for key in mapping:
         if not isinstance(key, str) or not key:

@@ -9,14 +9,16 @@ For micro-batches ``i = 1..K`` with ``nᵢ`` examples (``N`` in all):
 Both are the gradient and value of the full-batch loss, to float rounding, whatever the sizes.
 
 ``"loop"`` computes micro-batches one after another (memory of one micro-batch, buffers threaded
-in order); ``"vmap"`` stacks equal-size micro-batches and runs ``torch.func.vmap`` over them
-(``chunk_size`` micro-batches at a time), then reduces.
+in order), with ``torch.func.grad`` or, for ``grad_backend="autograd"``, reverse mode on
+step-local leaves (backward then accumulates in place, as a classic loop does). ``"vmap"``
+stacks equal-size micro-batches and runs ``torch.func.vmap`` over them (``chunk_size``
+micro-batches at a time), then reduces.
 
 **Gradient-statistics hook.** :class:`GradStatsHook` sees every micro-batch's mean gradient
-``ĝᵢ = ∇Lᵢ`` (or ``∇Tᵢ / Cᵢ``) and its size ``bᵢ`` (``nᵢ`` or ``Cᵢ``): its ``per_micro_batch``
-reduces each ``ĝᵢ`` to a few 0-d tensors (under ``"vmap"`` it gets views into the stacked
-gradients of a chunk), which the stage stacks into ``(K,)`` tensors of :class:`MicroBatchStats`; the step then calls the
-hook's ``update`` with them and the combined gradient.
+``ĝᵢ = ∇Lᵢ`` (or ``∇Tᵢ / Cᵢ``) and its size ``bᵢ`` (``nᵢ`` or ``Cᵢ``). Its ``per_micro_batch``
+reduces each ``ĝᵢ`` to a few 0-d tensors (under ``"vmap"`` it gets views into a chunk's stacked
+gradients); the stage stacks them into the ``(K,)`` tensors of :class:`MicroBatchStats`, and the
+step calls the hook's ``update`` with those and the combined gradient.
 """
 
 from __future__ import annotations
@@ -68,13 +70,13 @@ class GradStatsHook(NamedTuple):
         >>> hook = ft.GradStatsHook(
         ...     init=lambda params: None,
         ...     per_micro_batch=lambda g, b: {"sq_norm": ft.tree.norm(g, squared=True)},
-        ...     update=lambda stats, grads, s: ({"mb_sq_norm_max": stats.values["sq_norm"].max()}, s),
+        ...     update=lambda stats, grads, s: ({"sq_max": stats.values["sq_norm"].max()}, s),
         ... )
         >>> step = ft.make_train_step(lambda p, b: (p["w"] * b).mean(), ft.sgd(0.1),
         ...                           micro_batches=2, grad_stats=hook)
         >>> state = ft.TrainState.create(params={"w": torch.ones(())}, tx=ft.sgd(0.1))
         >>> _, metrics = step(state, torch.tensor([1.0, 3.0]))
-        >>> metrics["mb_sq_norm_max"]
+        >>> metrics["sq_max"]
         tensor(9.)
     """
 
@@ -286,6 +288,7 @@ class GradStage:
         self.chunk_size = chunk_size
         self.seed_rng = seed_rng
         self.per_micro_batch = per_micro_batch
+        self.backend = backend
         if strategy == "loop":
             self.grad_fn = (
                 _autograd_grad(self.objective)
@@ -310,9 +313,51 @@ class GradStage:
         devices: Sequence[torch.device],
     ) -> GradResult:
         """Runs the chosen strategy."""
-        if self.strategy == "loop":
-            return self._loop(params, batch, split, buffers, key, devices)
-        return self._vmap(params, batch, split, buffers, key, devices)
+        if self.strategy == "vmap":
+            return self._vmap(params, batch, split, buffers, key, devices)
+        if self.backend == "autograd" and self.per_micro_batch is None:
+            return self._loop_backward(params, batch, split, buffers, key, devices)
+        return self._loop(params, batch, split, buffers, key, devices)
+
+    def _loop_backward(
+        self,
+        params: Any,
+        batch: Any,
+        split: microbatch.BatchSplit,
+        buffers: Any,
+        key: torch.Tensor | None,
+        devices: Sequence[torch.device],
+    ) -> GradResult:
+        """The ``"autograd"`` loop without a hook: backward accumulates into step-local leaves.
+
+        Each micro-batch's weighted objective is back-propagated into the ``.grad`` of fresh
+        leaves that alias the parameters, so autograd adds micro-batch gradients in place as it
+        produces them (the memory and speed of a classic loop). The leaves live only inside this
+        call; the returned gradients are plain tensors.
+        """
+        p_leaves, spec = tree.flatten(params)
+        leaves = [p.detach().requires_grad_() for p in p_leaves]
+        tracked = tree.unflatten(spec, leaves)
+        combiner = Combiner(split.total)
+        for i, size in enumerate(split.sizes):
+            mb = microbatch.micro_batch(batch, split, i)
+            mb_key = None if key is None else rng.fold_in(key, i + 1)
+            self.metas.clear()
+            with _seeding(mb_key, self.seed_rng, devices), torch.enable_grad():
+                obj, payload = self.objective(tracked, mb, buffers, mb_key)
+                meta = self.metas[-1]
+                weight = 1.0 if meta.is_sum else size / split.total
+                torch.autograd.backward(obj if weight == 1.0 else obj * weight, inputs=leaves)
+            combiner.add(meta, size, payload)
+            if meta.has_buffers:
+                _check_buffers(buffers, payload["buffers"])
+                buffers = payload["buffers"]
+        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+        del leaves, tracked
+        if combiner.count is not None and grads:
+            torch._foreach_div_(grads, combiner.count)
+        device = combiner.loss.device  # type: ignore[union-attr]
+        return GradResult(tree.unflatten(spec, grads), combiner.metrics(device), buffers, None)
 
     def _stats(
         self,

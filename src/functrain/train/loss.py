@@ -57,7 +57,8 @@ class LossSum(NamedTuple):
     Example:
         >>> import torch, torch.nn.functional as F, functrain as ft
         >>> logits, targets = torch.zeros(5, 4), torch.tensor([1, 2, -100, 3, -100])
-        >>> s = ft.LossSum(F.cross_entropy(logits, targets, reduction="sum"), (targets != -100).sum())
+        >>> total = F.cross_entropy(logits, targets, reduction="sum")  # -100 is ignored
+        >>> s = ft.LossSum(total, (targets != -100).sum())
         >>> round(float(s.total / s.count), 4)  # log(4)
         1.3863
     """

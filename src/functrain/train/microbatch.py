@@ -25,7 +25,10 @@ __all__ = ["BatchSplit", "split_batch"]
 
 
 class BatchSplit(NamedTuple):
-    """How a batch of ``total`` examples is cut: micro-batch ``i`` is rows ``starts[i]:starts[i] + sizes[i]``."""
+    """How a batch of ``total`` examples is cut.
+
+    Micro-batch ``i`` is rows ``starts[i] : starts[i] + sizes[i]`` of every leaf.
+    """
 
     sizes: tuple[int, ...]
     starts: tuple[int, ...]

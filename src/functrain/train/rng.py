@@ -9,9 +9,10 @@ Design:
 * A key is a 0-d ``int64`` tensor **on the CPU**. Reading a CPU tensor is not a device
   synchronization, so turning a key into a generator seed never stalls a GPU.
 * Keys are derived with the SplitMix64 finalizer (Steele et al., 2014), a bijective 64-bit mixer,
-  computed with tensor arithmetic (two's-complement wrap-around), so derivations are
-  deterministic on every platform: ``fold_in(key, i)`` for the i-th stream, ``split_key(key, n)``
-  for ``n`` independent keys.
+  so derivations are deterministic on every platform: ``fold_in(key, i)`` for the i-th stream,
+  ``split_key(key, n)`` for ``n`` independent keys. Eager code mixes Python integers (a few
+  microseconds); under ``torch.compile`` the same bits come from int64 tensor arithmetic, which
+  traces without graph breaks.
 * The train step advances the state's key once per step (``fold_in(key, 0)``) and gives
   micro-batch ``i`` the key ``fold_in(key, i + 1)``. Same state and batch → same randomness;
   different micro-batches → different randomness.
@@ -21,8 +22,9 @@ Example:
     >>> key = ft.random_key(0)
     >>> bool(ft.fold_in(key, 1) != ft.fold_in(key, 2))
     True
-    >>> g = ft.key_generator(ft.fold_in(key, 1))
-    >>> torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=ft.key_generator(ft.fold_in(key, 1))))
+    >>> k1 = ft.fold_in(key, 1)
+    >>> a = torch.rand(3, generator=ft.key_generator(k1))
+    >>> torch.equal(a, torch.rand(3, generator=ft.key_generator(k1)))
     True
 """
 
@@ -66,6 +68,23 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _lsr(z, 31)
 
 
+def _mix_int(z: int) -> int:
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _derive(key: torch.Tensor, offset: int) -> torch.Tensor:
+    """``_mix(key + offset)``: Python integers in eager mode (a few µs), tensors when compiling.
+
+    Both give the same bits; reading a CPU key is not a device synchronization.
+    """
+    if torch.compiler.is_compiling():
+        return _mix(key + _signed(offset))
+    return torch.tensor(_signed(_mix_int(int(key) + offset)), dtype=torch.int64)
+
+
 def _check_key(key: torch.Tensor) -> None:
     if not isinstance(key, torch.Tensor) or key.dtype != torch.int64:
         got = key.dtype if isinstance(key, torch.Tensor) else type(key).__name__
@@ -90,7 +109,7 @@ def random_key(seed: int) -> torch.Tensor:
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
-    return _mix(torch.tensor(_signed(seed), dtype=torch.int64))
+    return torch.tensor(_signed(_mix_int(seed)), dtype=torch.int64)
 
 
 def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
@@ -106,7 +125,7 @@ def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
         True
     """
     _check_key(key)
-    return _mix(key + _signed(_GOLDEN * (int(data) + 1)))
+    return _derive(key, _GOLDEN * (int(data) + 1))
 
 
 def split_key(key: torch.Tensor, num: int = 2) -> torch.Tensor:

@@ -61,7 +61,7 @@ def _device_of(params: Any) -> torch.device:
 
 
 class TrainState:
-    """The state of a training run: ``step``, ``params``, ``opt_state``, ``buffers``, ``key``, ``extra``.
+    """The state of a training run: step, params, opt_state, buffers, key and extra.
 
     Attributes:
         step: 0-d ``int64`` tensor on the params' device, the number of steps taken.

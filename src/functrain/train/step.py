@@ -34,7 +34,7 @@ __all__ = ["EvalStep", "TrainStep", "find_learning_rate", "make_eval_step", "mak
 
 
 class Applied(NamedTuple):
-    """Result of the optimizer stage (internal): new params, new opt state, the updates."""
+    """Result of the optimizer stage: new params, new opt state, the updates (or ``None``)."""
 
     params: Any
     opt_state: Any
@@ -63,7 +63,7 @@ def find_learning_rate(opt_state: Any) -> torch.Tensor | None:
 
 
 def _add_in_place(params: Any, updates: Any, keep: set[int]) -> Any:
-    """``apply_updates`` writing into the params' memory (leaves whose id is in ``keep`` excepted)."""
+    """``apply_updates`` writing into the params' memory (except leaves whose id is in ``keep``)."""
     paths, p_leaves, spec = tree.flatten_with_paths(params)
     u_leaves = tree.flatten_up_to(spec, updates, ("params", "updates"), params)
     same, same_u, out = [], [], list(p_leaves)
@@ -152,7 +152,7 @@ def _check_state(state: Any, where: str) -> TrainState:
 
 
 class TrainStep:
-    """A pure train step ``step(state, batch) -> (new_state, metrics)``; see :func:`make_train_step`."""
+    """A pure train step ``step(state, batch) -> (new_state, metrics)``; see make_train_step."""
 
     def __init__(
         self,
@@ -236,11 +236,14 @@ class TrainStep:
             step + 1, applied.params, applied.opt_state, result.buffers, new_key, new_extra
         )
         if self.norm_metrics:
-            metrics["update_norm"] = tree.norm(applied.updates)
+            if applied.updates is not None:  # a fused path may not materialise the updates
+                metrics["update_norm"] = tree.norm(applied.updates)
             metrics["param_norm"] = tree.norm(applied.params)
         lr = find_learning_rate(applied.opt_state)
         if lr is not None:
-            metrics["lr"] = lr if isinstance(lr, torch.Tensor) else torch.full((), float(lr))
+            if not isinstance(lr, torch.Tensor):
+                lr = torch.full((), float(lr), device=new_state.step.device)
+            metrics["lr"] = lr
         return new_state, metrics
 
 
@@ -291,9 +294,12 @@ def make_train_step(
             micro-batch's key around each gradient computation, and restore them afterwards, so
             ``nn.Dropout`` and ``torch.rand`` are reproducible and differ between micro-batches.
             Ignored for states without a key.
-        grad_backend: ``"func"`` (``torch.func.grad``) or ``"autograd"``
-            (``torch.autograd.grad`` on detached leaves; same numbers, less dispatch overhead).
-            Only for ``"loop"``; ``"vmap"`` always uses ``torch.func``.
+        grad_backend: ``"func"`` (``torch.func.grad``, one gradient pytree per micro-batch) or
+            ``"autograd"`` (reverse mode on step-local leaves that alias the parameters: without
+            a ``grad_stats`` hook, backward accumulates the weighted micro-batch gradients in
+            place, with the memory and speed of a classic loop; with one,
+            ``torch.autograd.grad`` per micro-batch). Same numbers to rounding. Only for
+            ``"loop"``; ``"vmap"`` always uses ``torch.func``.
         grad_stats: an optional :class:`~functrain.GradStatsHook` (per-micro-batch gradient
             statistics), its state kept in ``state.extra``.
         norm_metrics: report ``grad_norm``, ``update_norm`` and ``param_norm``.

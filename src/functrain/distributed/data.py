@@ -1,0 +1,171 @@
+"""Data and randomness per rank: deterministic dataset shards and distinct random streams.
+
+Every rank must see different examples and draw different dropout masks, reproducibly:
+
+* :func:`shard_indices` cuts ``range(num_examples)`` (optionally shuffled by a seed shared by all
+  ranks, reshuffled every epoch) into ``world_size`` contiguous pieces, one per rank;
+* :func:`shard_batch` takes this rank's rows of a global batch;
+* :func:`rank_key` derives this rank's random key from the (replicated) state key. The
+  data-parallel step does it by itself: rank ``r`` computes micro-batch ``i`` with
+  ``fold_in(rank_key(state.key, r), i + 1)``.
+
+Concatenating the shards of ranks ``0, 1, …`` in order gives back the unsharded order, so a
+data-parallel step on the shards matches a single-process step on the whole batch.
+
+Example:
+    >>> from functrain import distributed as dist
+    >>> [dist.shard_indices(10, rank=r, world_size=3).tolist() for r in range(3)]
+    [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from functrain import tree
+from functrain.distributed import process
+from functrain.train import microbatch
+from functrain.train import rng as rng_lib
+
+__all__ = ["rank_key", "shard_batch", "shard_indices", "shard_sizes"]
+
+# Rank streams hang off their own branch of the key tree, apart from the micro-batch streams
+# (fold_in(key, i + 1)) and the next step's key (fold_in(key, 0)).
+_RANK_STREAM = 0x52414E4B  # "RANK"
+
+
+def _who(rank: int | None, world_size: int | None, group: process.Group) -> tuple[int, int]:
+    r = process.rank(group) if rank is None else rank
+    w = process.world_size(group) if world_size is None else world_size
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ValueError(f"world_size must be a positive int, got {w!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < w:
+        raise ValueError(f"rank must be an int in [0, {w}), got {r!r}")
+    return r, w
+
+
+def shard_sizes(num_examples: int, world_size: int) -> list[int]:
+    """How many of ``num_examples`` each rank gets: sizes differ by at most one, larger first.
+
+    Example:
+        >>> from functrain import distributed as dist
+        >>> dist.shard_sizes(10, 4)
+        [3, 3, 2, 2]
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+        raise ValueError(f"num_examples must be a non-negative int, got {num_examples!r}")
+    _, w = _who(0, world_size, None)
+    q, r = divmod(num_examples, w)
+    return [q + 1 if i < r else q for i in range(w)]
+
+
+def shard_indices(
+    num_examples: int,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+    group: process.Group = None,
+) -> torch.Tensor:
+    """This rank's example indices of a dataset of ``num_examples``, the same on every run.
+
+    The indices ``0..num_examples-1`` (shuffled with a generator seeded by ``(seed, epoch)``
+    when ``shuffle``: the same permutation on every rank, a new one each epoch) are cut into
+    ``world_size`` contiguous pieces whose sizes differ by at most one (``drop_last``: the tail
+    is dropped so all pieces have equal size). Rank ``r`` gets piece ``r``.
+
+    Args:
+        num_examples: the dataset size.
+        rank: this process's rank (default: from the process group, 0 outside one).
+        world_size: the number of ranks (default: from the process group, 1 outside one).
+        shuffle: permute the indices before cutting.
+        seed: the permutation's seed, shared by all ranks.
+        epoch: mixed into the seed, so every epoch has its own permutation.
+        drop_last: make all pieces equal by dropping the last ``num_examples % world_size``.
+        group: the process group whose rank and size are used by default.
+
+    Returns:
+        A 1-d ``int64`` CPU tensor of indices.
+
+    Example:
+        >>> from functrain import distributed as dist
+        >>> a = dist.shard_indices(8, rank=0, world_size=2, shuffle=True, seed=1)
+        >>> b = dist.shard_indices(8, rank=1, world_size=2, shuffle=True, seed=1)
+        >>> sorted(a.tolist() + b.tolist())
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    r, w = _who(rank, world_size, group)
+    sizes = shard_sizes(num_examples, w)
+    if shuffle:
+        generator = rng_lib.key_generator(rng_lib.fold_in(rng_lib.random_key(seed), epoch))
+        order = torch.randperm(num_examples, generator=generator)
+    else:
+        order = torch.arange(num_examples)
+    if drop_last:
+        sizes = [num_examples // w] * w
+    start = sum(sizes[:r])
+    return order[start : start + sizes[r]]
+
+
+def shard_batch(
+    batch: Any,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    group: process.Group = None,
+) -> Any:
+    """This rank's rows of a global batch (views; sizes as :func:`shard_sizes`).
+
+    Args:
+        batch: a pytree of tensors sharing a leading batch dimension.
+        rank: this process's rank (default: from the process group).
+        world_size: the number of ranks (default: from the process group).
+        group: the process group whose rank and size are used by default.
+
+    Raises:
+        ValueError: the batch has fewer examples than there are ranks (every rank needs one).
+
+    Example:
+        >>> import torch
+        >>> from functrain import distributed as dist
+        >>> dist.shard_batch({"x": torch.arange(5)}, rank=1, world_size=2)
+        {'x': tensor([3, 4])}
+    """
+    r, w = _who(rank, world_size, group)
+    n = microbatch.batch_size(batch)
+    if n < w:
+        raise ValueError(
+            f"a batch of {n} examples cannot give each of {w} ranks at least one example"
+        )
+    sizes = shard_sizes(n, w)
+    start = sum(sizes[:r])
+    return tree.map(lambda x: x.narrow(0, start, sizes[r]), batch)
+
+
+def rank_key(key: torch.Tensor, rank: int | None = None, group: process.Group = None) -> torch.Tensor:
+    """This rank's random key, derived from the key all ranks share.
+
+    ``rank_key(key, r)`` differs between ranks and is the same on every run, so dropout and
+    other randomness are independent across ranks and reproducible.
+
+    Args:
+        key: the shared key (e.g. ``state.key``; see :func:`functrain.random_key`).
+        rank: the rank (default: this process's rank).
+        group: the process group whose rank is used by default.
+
+    Example:
+        >>> import functrain as ft
+        >>> from functrain import distributed as dist
+        >>> key = ft.random_key(0)
+        >>> bool(dist.rank_key(key, 0) != dist.rank_key(key, 1))
+        True
+    """
+    r = process.rank(group) if rank is None else rank
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"rank must be a non-negative int, got {r!r}")
+    return rng_lib.fold_in(rng_lib.fold_in(key, _RANK_STREAM), r)

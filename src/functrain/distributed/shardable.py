@@ -1,0 +1,309 @@
+"""Which optimizers give the same numbers on a sharded (ZeRO-1) optimizer state.
+
+With ``shard_optimizer=True`` every rank runs the optimizer on its *piece* of each parameter
+(a block of rows; see :mod:`functrain.distributed.zero`). That is exact for transforms that
+treat every element on its own (Adam, SGD with momentum, weight decay, …), and wrong for those
+that need information about a whole parameter or the whole gradient. :func:`check_shardable`
+looks inside a transform (``chain``, ``masked``, ``partition``, ``inject_hyperparams``,
+``MultiSteps`` …) and raises :class:`~functrain.distributed.ShardingError` naming every
+transform that would give different numbers, instead of training silently differently.
+
+**Supported (exact):** ``sgd`` (momentum, nesterov), ``adam``, ``adamw``, ``nadam``,
+``nadamw``, ``radam``, ``amsgrad``, ``adamax``, ``rmsprop``, ``adagrad``, ``lion``,
+``sign_sgd`` and their building blocks ``scale``, ``scale_by_learning_rate``,
+``scale_by_schedule``, ``scale_by_sign``, ``scale_by_adam``, ``scale_by_amsgrad``,
+``scale_by_adamax``, ``scale_by_radam``, ``scale_by_lion``, ``scale_by_rms``,
+``scale_by_rss``, ``scale_by_stddev``, ``trace``, ``ema``, ``add_decayed_weights``, ``clip``,
+``identity``, ``set_to_zero``; the wrappers ``chain``, ``named_chain``, ``masked``,
+``partition``/``multi_transform``, ``freeze``, ``selective_transform``,
+``inject_hyperparams`` and ``MultiSteps`` (without ``should_skip_update_fn``) around them.
+Masks and labels given as functions of the parameters see each rank's pieces: those pieces
+keep the number of dimensions and all but one size of the parameter, so masks such as
+``p.ndim > 1`` work; functions of exact shapes or element counts do not.
+
+**Supported through the step:** ``clip_by_global_norm`` as the *first* transform of the chain
+(as in ``chain(clip_by_global_norm(1.0), adamw(...))``): the step computes the global gradient
+norm with one extra all-reduce of a scalar and clips before the optimizer, after which the
+in-chain clip leaves the (already clipped) pieces unchanged.
+
+**Not supported (raise):** ``clip_by_global_norm`` anywhere else; ``scale_by_trust_ratio``
+(``lamb``, ``lars``: per-parameter norms); ``clip_by_block_rms``,
+``scale_by_param_block_norm``/``_rms``, ``adaptive_grad_clip`` (per-parameter or per-unit
+norms); ``scale_by_factored_rms`` (``adafactor``: row and column statistics); ``add_noise``
+(``noisy_sgd``: noise tied to positions in a parameter); ``apply_if_finite`` (one decision
+for the whole gradient); ``zero_nans`` (per-parameter flags in its state);
+``MultiSteps(should_skip_update_fn=...)``. Use them with ``shard_optimizer=False``.
+
+**Your own transforms** are refused unless you declare them elementwise with
+:func:`elementwise`.
+
+Example:
+    >>> import functrain as ft
+    >>> from functrain import distributed as dist
+    >>> dist.check_shardable(ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(1e-3))).leading_clip
+    1.0
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.distributed.errors import ShardingError
+from functrain.optim.base import GradientTransformation
+
+__all__ = ["ShardingReport", "check_shardable", "elementwise"]
+
+_ELEMENTWISE = frozenset(
+    {
+        "add_decayed_weights",
+        "chain",
+        "clip",
+        "ema",
+        "freeze",
+        "identity",
+        "masked",
+        "multi_transform",
+        "named_chain",
+        "partition",
+        "scale",
+        "scale_by_adam",
+        "scale_by_adamax",
+        "scale_by_amsgrad",
+        "scale_by_learning_rate",
+        "scale_by_lion",
+        "scale_by_radam",
+        "scale_by_rms",
+        "scale_by_rss",
+        "scale_by_schedule",
+        "scale_by_sign",
+        "scale_by_stddev",
+        "selective_transform",
+        "set_to_zero",
+        "trace",
+    }
+)
+
+_REFUSED = {
+    "clip_by_global_norm": "needs the norm of the whole gradient; it is only supported as the "
+    "first transform of the chain",
+    "scale_by_trust_ratio": "needs each parameter's whole norm (trust ratios of lamb / lars)",
+    "clip_by_block_rms": "needs each parameter's whole RMS",
+    "_scale_by_param_block": "needs each parameter's whole norm or RMS",
+    "adaptive_grad_clip": "needs unit-wise norms over whole parameters",
+    "scale_by_factored_rms": "keeps row and column statistics of whole matrices (adafactor)",
+    "add_noise": "draws noise tied to positions inside each parameter (noisy_sgd)",
+    "apply_if_finite": "decides on the finiteness of the whole gradient",
+    "zero_nans": "keeps one NaN flag per whole parameter in its state",
+}
+
+_MARK = "_functrain_elementwise"
+
+
+class ShardingReport(NamedTuple):
+    """What :func:`check_shardable` found.
+
+    Attributes:
+        leading_clip: ``max_norm`` of a ``clip_by_global_norm`` that is the first transform
+            (the step then clips with the global norm), else ``None``.
+        transforms: the names of the transforms found, in the order visited.
+
+    Example:
+        >>> import functrain as ft
+        >>> from functrain import distributed as dist
+        >>> dist.check_shardable(ft.sgd(0.1)).leading_clip is None
+        True
+    """
+
+    leading_clip: float | torch.Tensor | None
+    transforms: tuple[str, ...]
+
+
+def elementwise(tx: GradientTransformation) -> GradientTransformation:
+    """Declares a custom transform elementwise, so a sharded optimizer state accepts it.
+
+    "Elementwise" means: each output element depends only on the same element of the updates,
+    the parameters and the state (scalars such as step counts aside), and ``init`` gives state
+    leaves that are either independent of the parameters or have each parameter's shape. Such
+    a transform gives the same numbers on a parameter's piece as on the whole parameter.
+    :func:`check_shardable` trusts the declaration and does not look inside.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> from functrain import distributed as dist
+        >>> halve = dist.elementwise(ft.stateless(lambda u, p: ft.tree.scale(0.5, u)))
+        >>> dist.check_shardable(halve).transforms
+        ('elementwise',)
+    """
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise TypeError(f"expected a GradientTransformation, got {type(tx).__name__}")
+    inner = tx.update
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
+        return inner(updates, state, params, **extra)
+
+    setattr(update_fn, _MARK, True)
+    return GradientTransformation(tx.init, update_fn)
+
+
+def _closure(fn: Any) -> dict[str, Any]:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None)
+    if code is None or cells is None:
+        return {}
+    out = {}
+    for name, cell in zip(code.co_freevars, cells):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+    return out
+
+
+def _transforms_in(value: Any, depth: int = 0) -> list[Any]:
+    if depth > 4:
+        return []
+    if hasattr(value, "init") and hasattr(value, "update") and not isinstance(value, type):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _transforms_in(v, depth + 1)]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _transforms_in(v, depth + 1)]
+    return []
+
+
+def _factory(fn: Any) -> str | None:
+    """The functrain factory that made ``fn`` (outermost qualname part), or ``None``."""
+    module = getattr(fn, "__module__", None) or ""
+    qualname = getattr(fn, "__qualname__", None) or ""
+    if not module.startswith("functrain."):
+        return None
+    return qualname.split(".<locals>.")[0] if ".<locals>." in qualname else qualname
+
+
+class _Walk:
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.problems: list[str] = []
+        self.leading_clip: float | torch.Tensor | None = None
+
+    def visit(self, tx: Any, where: str, head: bool) -> None:
+        update = tx.update
+        if getattr(update, _MARK, False):
+            self.names.append("elementwise")
+            return
+        owner = getattr(update, "__self__", None)
+        if isinstance(update, types.MethodType) and type(owner).__name__ == "MultiSteps":
+            self.names.append("MultiSteps")
+            if getattr(owner, "_should_skip_update_fn", None) is not None:
+                self.problems.append(
+                    f"{where}MultiSteps(should_skip_update_fn=...): the skip decision looks at "
+                    "the whole gradient"
+                )
+            self.visit(owner.inner_opt, f"{where}MultiSteps/", head=False)
+            return
+        factory = _factory(update)
+        if factory is None:
+            self.problems.append(
+                f"{where}{getattr(update, '__qualname__', type(update).__name__)}: a custom "
+                "transform; if it is elementwise, wrap it with "
+                "functrain.distributed.elementwise(tx)"
+            )
+            return
+        closure = _closure(update)
+        if factory == "wrapped_transform" or factory == "inject_hyperparams":
+            self.names.append("inject_hyperparams")
+            self._inject(closure, where)
+            return
+        if factory in ("stateless", "_stateless_map"):
+            fn = closure.get("f", closure.get("fn"))
+            inner = _factory(fn)
+            if inner in (None, "stateless"):
+                self.problems.append(
+                    f"{where}stateless({getattr(fn, '__qualname__', fn)!r}): a custom function; "
+                    "if it is elementwise, wrap the transform with "
+                    "functrain.distributed.elementwise(tx)"
+                )
+                return
+            factory = inner
+        self.names.append(factory)
+        if factory == "clip_by_global_norm":
+            if head and self.leading_clip is None:
+                self.leading_clip = closure.get("max_norm")
+                return
+            self.problems.append(f"{where}clip_by_global_norm: {_REFUSED[factory]}")
+            return
+        if factory in _REFUSED:
+            self.problems.append(f"{where}{factory}: {_REFUSED[factory]}")
+            return
+        if factory not in _ELEMENTWISE:
+            self.problems.append(
+                f"{where}{factory}: not known to be elementwise; if it is, wrap it with "
+                "functrain.distributed.elementwise(tx)"
+            )
+            return
+        first = True
+        for name in sorted(closure) if factory not in ("chain", "named_chain") else ["txs"]:
+            for inner_tx in _transforms_in(closure.get(name)):
+                in_head = head and first and factory in ("chain", "named_chain")
+                self.visit(inner_tx, f"{where}{factory}/", in_head)
+                first = False
+
+    def _inject(self, closure: dict[str, Any], where: str) -> None:
+        build = closure.get("build")
+        numeric = closure.get("numeric", {})
+        schedules = closure.get("schedules", {})
+        try:
+            count = torch.zeros((), dtype=torch.int32)
+            hparams = {**numeric, **{k: f(count) for k, f in schedules.items()}}
+            inner = build(hparams)  # type: ignore[misc]
+        except Exception as err:
+            self.problems.append(
+                f"{where}inject_hyperparams: could not rebuild the inner transform to check it "
+                f"({type(err).__name__}: {err})"
+            )
+            return
+        self.visit(inner, f"{where}inject_hyperparams/", head=False)
+
+
+def check_shardable(tx: GradientTransformation) -> ShardingReport:
+    """Checks that ``tx`` gives the same numbers on a sharded optimizer state.
+
+    See the module documentation for the exact list of supported transforms. The check reads
+    the structure of ``tx`` (the transforms it was built from), not its numbers.
+
+    Args:
+        tx: the optimizer.
+
+    Returns:
+        A :class:`ShardingReport`.
+
+    Raises:
+        ShardingError: listing every transform that cannot run sharded, and why.
+
+    Example:
+        >>> import functrain as ft
+        >>> from functrain import distributed as dist
+        >>> dist.check_shardable(ft.adamw(1e-3)).transforms
+        ('chain', 'scale_by_adam', 'add_decayed_weights', 'scale_by_learning_rate')
+        >>> try:
+        ...     dist.check_shardable(ft.lamb(1e-3))
+        ... except dist.ShardingError as err:
+        ...     print(str(err).splitlines()[1])
+          chain/scale_by_trust_ratio: needs each parameter's whole norm (trust ratios of lamb / lars)
+    """
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise TypeError(f"tx must be a GradientTransformation, got {type(tx).__name__}")
+    walk = _Walk()
+    walk.visit(tx, "", head=True)
+    if walk.problems:
+        raise ShardingError(
+            "this optimizer cannot run on a sharded optimizer state (shard_optimizer=True) "
+            "with the same numbers:\n"
+            + "\n".join(f"  {p}" for p in walk.problems)
+            + "\nUse shard_optimizer=False (each rank keeps the whole optimizer state)."
+        )
+    return ShardingReport(walk.leading_clip, tuple(walk.names))

@@ -1,0 +1,140 @@
+"""Batches for :func:`~functrain.train_loop`: in-memory mini-batches, epoch order, device moves."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import optree
+import torch
+
+from functrain import tree
+
+__all__ = ["TensorBatches"]
+
+
+class TensorBatches:
+    """Mini-batches of an in-memory pytree of tensors, reshuffled each epoch from a seed.
+
+    The order of epoch ``e`` is a permutation drawn from ``seed`` and ``e`` only, so it is the
+    same in a resumed run (``train_loop`` calls :meth:`set_epoch`). Much cheaper than a
+    ``DataLoader`` for data that fits in memory: a batch is one indexing operation per leaf.
+
+    Args:
+        data: a pytree of tensors sharing their leading dimension (e.g. ``{"x": X, "y": y}``).
+        batch_size: examples per batch.
+        shuffle: draw a new order every epoch (else the data order).
+        seed: the shuffling seed.
+        drop_last: drop the last incomplete batch (keeps every step's batch size the same).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> batches = ft.TensorBatches({"x": torch.arange(5)}, 2, seed=0, drop_last=False)
+        >>> batches.set_epoch(1)
+        >>> len(batches), [b["x"].tolist() for b in batches]
+        (3, [[2, 0], [1, 3], [4]])
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        leaves = tree.leaves(data)
+        if not leaves or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves):
+            raise TypeError("data must be a pytree of tensors with a leading batch dimension")
+        sizes = {x.shape[0] for x in leaves}
+        if len(sizes) != 1:
+            raise ValueError(f"data leaves have different leading sizes {sorted(sizes)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.data = data
+        self.num_examples = sizes.pop()
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the epoch whose order the next iteration uses."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n, b = self.num_examples, self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.iter_epoch(self.epoch)
+
+    def iter_epoch(self, epoch: int) -> Iterator[Any]:
+        """The batches of ``epoch`` (whatever :meth:`set_epoch` selected)."""
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            order = torch.randperm(self.num_examples, generator=gen)
+        else:
+            order = torch.arange(self.num_examples)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield optree.tree_map(lambda x, idx=idx: x[idx.to(x.device)], self.data)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 12_345) % (2**63 - 1)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    def move(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.device != device:
+            # From pinned memory (DataLoader(pin_memory=True)) the copy overlaps with compute.
+            return x.to(device, non_blocking=True)
+        return x
+
+    return optree.tree_map(move, batch)
+
+
+def leading_size(batch: Any) -> int:
+    for leaf in optree.tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return 0
+
+
+def epoch_iterable(batches: Any, epoch: int, seed: int) -> Iterable[Any]:
+    """The batches of ``epoch``, in an order that depends only on (``seed``, ``epoch``)."""
+    if callable(batches) and not hasattr(batches, "__iter__"):
+        return batches(epoch)
+    if hasattr(batches, "set_epoch"):
+        batches.set_epoch(epoch)
+    if isinstance(batches, torch.utils.data.DataLoader):
+        sampler = batches.sampler
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler
+            sampler.set_epoch(epoch)
+        generators = {id(g): g for g in (batches.generator, getattr(sampler, "generator", None))}
+        generators.pop(id(None), None)
+        for g in generators.values():
+            g.manual_seed(epoch_seed(seed, epoch))
+        if not generators and isinstance(sampler, torch.utils.data.RandomSampler):
+            warnings.warn(
+                "train_loop: this DataLoader shuffles with the global random generator, so a "
+                "resumed run sees a different data order; pass generator=torch.Generator() to "
+                "the DataLoader and train_loop reseeds it each epoch from (seed, epoch)",
+                stacklevel=3,
+            )
+    return batches
+
+
+def length_of(iterable: Any) -> int | None:
+    if isinstance(iterable, torch.utils.data.DataLoader) and isinstance(
+        iterable.dataset, torch.utils.data.IterableDataset
+    ):
+        return None  # len() of an iterable-style loader is only an estimate
+    try:
+        return len(iterable)
+    except TypeError:
+        return None
