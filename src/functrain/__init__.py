@@ -14,7 +14,7 @@ Example:
     tensor([-0.0100, -0.0100, -0.0100])
 """
 
-from functrain import checkpoint, grads, logging, optim, testing, train, tree
+from functrain import checkpoint, distributed, grads, logging, optim, testing, train, tree
 from functrain.grads import *  # noqa: F403
 from functrain.optim import *  # noqa: F403
 from functrain.train import *  # noqa: F403

@@ -443,6 +443,12 @@ def norm(tree: PyTree, ord: float = 2, squared: bool = False) -> torch.Tensor:
     all_leaves = leaves(tree)
     if not all_leaves:
         return torch.zeros(())
+    bad = [x for x in all_leaves if not (x.is_floating_point() or x.is_complex())]
+    if bad:
+        paths, path_leaves, _ = flatten_with_paths(tree)
+        path = next(p for p, x in zip(paths, path_leaves) if x is bad[0])
+        where = path_str(path, "tree")
+        raise TypeError(f"tree.norm needs floating-point leaves; {where} is {bad[0].dtype}")
     # The result dtype comes from every leaf; empty leaves add nothing to any of these norms
     # (and the inf-norm kernel rejects them). Shapes are static: skipping them does not sync.
     zero = _stack_promoted([x.new_zeros(()) for x in all_leaves]).sum()

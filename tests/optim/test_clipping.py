@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import functrain as ft
 from functrain import testing
@@ -105,3 +107,22 @@ def test_none_updates_pass_through() -> None:
     for tx in (ft.clip(0.5), ft.clip_by_global_norm(0.5), ft.clip_by_block_rms(0.5)):
         u, _ = tx.update(g, tx.init(g))
         assert u["b"] is None and u["a"].shape == (3,)
+
+
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4),
+    scale=st.floats(1e-3, 1e3),
+    max_norm=st.floats(1e-2, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_global_and_block_clipping_properties(shapes, scale, max_norm, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    g = [torch.randn(s, generator=gen, dtype=torch.float64) * scale for s in shapes]
+    u, _ = ft.clip_by_global_norm(max_norm).update(g, ft.EmptyState())
+    norm, new_norm = float(ft.tree.norm(g)), float(ft.tree.norm(u))
+    assert new_norm <= max_norm * (1 + 1e-12) or new_norm == pytest.approx(norm, rel=1e-12)
+    for x, y in zip(g, u):  # clipping only rescales
+        assert torch.allclose(y, x * (min(1.0, max_norm / norm) if norm > 0 else 1.0), rtol=1e-12)
+    u, _ = ft.clip_by_block_rms(max_norm).update(g, ft.EmptyState())
+    for y in u:
+        assert float(y.square().mean().sqrt()) <= max_norm * (1 + 1e-12)

@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -33,30 +33,40 @@ _MB = 1 << 20
 _OPS = {"sum", "mean", "max", "min"}
 
 
-def plan_buckets(leaves: Sequence[torch.Tensor], cap_bytes: int) -> list[list[int]]:
-    """Leaf indices grouped into buckets of one dtype and device, each at most ``cap_bytes``.
+def plan_buckets(
+    nbytes: Sequence[int], keys: Sequence[Hashable], cap_bytes: int
+) -> list[list[int]]:
+    """Indices grouped into buckets of one key (dtype and device), each at most ``cap_bytes``.
 
-    Leaves keep their order inside a bucket; a leaf larger than the cap gets a bucket of its own.
+    Items keep their order inside a bucket; an item larger than the cap gets a bucket of its own.
     """
     if cap_bytes <= 0:
         raise ValueError(f"bucket_cap_mb must be positive, got {cap_bytes / _MB!r}")
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        groups.setdefault((leaf.dtype, leaf.device), []).append(i)
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
     buckets: list[list[int]] = []
     for indices in groups.values():
         current: list[int] = []
         size = 0
         for i in indices:
-            nbytes = leaves[i].numel() * leaves[i].element_size()
-            if current and size + nbytes > cap_bytes:
+            if current and size + nbytes[i] > cap_bytes:
                 buckets.append(current)
                 current, size = [], 0
             current.append(i)
-            size += nbytes
+            size += nbytes[i]
         if current:
             buckets.append(current)
     return buckets
+
+
+def leaf_buckets(leaves: Sequence[torch.Tensor], bucket_cap_mb: float) -> list[list[int]]:
+    """:func:`plan_buckets` for whole tensors, keyed by dtype and device."""
+    return plan_buckets(
+        [x.numel() * x.element_size() for x in leaves],
+        [(x.dtype, x.device) for x in leaves],
+        int(bucket_cap_mb * _MB),
+    )
 
 
 def pack(leaves: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -127,7 +137,7 @@ def start_all_reduce(
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"leaf {i} is a {type(leaf).__name__}, not a tensor")
-    buckets = plan_buckets(leaves, int(bucket_cap_mb * _MB))
+    buckets = leaf_buckets(leaves, bucket_cap_mb)
     flats = [pack([leaves[i] for i in bucket]) for bucket in buckets]
     if prepare is not None:
         for flat in flats:
@@ -199,7 +209,7 @@ def start_broadcast(
 ) -> Pending:
     """Starts a bucketed broadcast of ``leaves`` from global rank ``src`` (internal)."""
     leaves = list(leaves)
-    buckets = plan_buckets(leaves, int(bucket_cap_mb * _MB))
+    buckets = leaf_buckets(leaves, bucket_cap_mb)
     flats = [pack([leaves[i] for i in bucket]) for bucket in buckets]
     works: list[Any] = []
     if is_distributed() and world_size(group) > 1:

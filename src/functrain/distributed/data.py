@@ -147,7 +147,9 @@ def shard_batch(
     return tree.map(lambda x: x.narrow(0, start, sizes[r]), batch)
 
 
-def rank_key(key: torch.Tensor, rank: int | None = None, group: process.Group = None) -> torch.Tensor:
+def rank_key(
+    key: torch.Tensor, rank: int | None = None, group: process.Group = None
+) -> torch.Tensor:
     """This rank's random key, derived from the key all ranks share.
 
     ``rank_key(key, r)`` differs between ranks and is the same on every run, so dropout and

@@ -227,4 +227,3 @@ def barrier(timeout: float | datetime.timedelta | None = None, group: Group = No
             tdist.monitored_barrier(group, timeout=delta, wait_all_ranks=True)
         else:
             tdist.barrier(group)
-

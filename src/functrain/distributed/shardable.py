@@ -253,13 +253,14 @@ class _Walk:
                 first = False
 
     def _inject(self, closure: dict[str, Any], where: str) -> None:
-        build = closure.get("build")
-        numeric = closure.get("numeric", {})
-        schedules = closure.get("schedules", {})
+        # inject_hyperparams rebuilds its inner transform from the hyperparameters at every
+        # update; rebuild it once here, with the values its init would use.
+        found = _find(closure, ("build", "numeric", "schedules"))
         try:
             count = torch.zeros((), dtype=torch.int32)
-            hparams = {**numeric, **{k: f(count) for k, f in schedules.items()}}
-            inner = build(hparams)  # type: ignore[misc]
+            schedules = found.get("schedules", {})
+            hparams = {**found.get("numeric", {}), **{k: f(count) for k, f in schedules.items()}}
+            inner = found["build"](hparams)
         except Exception as err:
             self.problems.append(
                 f"{where}inject_hyperparams: could not rebuild the inner transform to check it "
@@ -267,6 +268,22 @@ class _Walk:
             )
             return
         self.visit(inner, f"{where}inject_hyperparams/", head=False)
+
+
+def _find(closure: dict[str, Any], names: tuple[str, ...], depth: int = 3) -> dict[str, Any]:
+    """The first values named ``names`` in ``closure`` or the closures of functions in it."""
+    found: dict[str, Any] = {}
+    frontier = [closure]
+    for _ in range(depth):
+        nested = []
+        for variables in frontier:
+            for name, value in variables.items():
+                if name in names and name not in found:
+                    found[name] = value
+                elif callable(value) and not isinstance(value, type):
+                    nested.append(_closure(value))
+        frontier = nested
+    return found
 
 
 def check_shardable(tx: GradientTransformation) -> ShardingReport:
@@ -288,7 +305,7 @@ def check_shardable(tx: GradientTransformation) -> ShardingReport:
         >>> import functrain as ft
         >>> from functrain import distributed as dist
         >>> dist.check_shardable(ft.adamw(1e-3)).transforms
-        ('chain', 'scale_by_adam', 'add_decayed_weights', 'scale_by_learning_rate')
+        ('chain', 'scale_by_adam', 'add_decayed_weights', 'scale')
         >>> try:
         ...     dist.check_shardable(ft.lamb(1e-3))
         ... except dist.ShardingError as err:

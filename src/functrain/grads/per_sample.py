@@ -95,7 +95,20 @@ def batch_size_of(batch: PyTree, name: str = "batch") -> int:
     return size
 
 
-def _check_options(chunk_size: int | None, randomness: str) -> None:
+def _check_options(
+    chunk_size: int | None, randomness: str, loss_fn: Any = len, params: PyTree = None
+) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    paths, leaves, _ = tree.flatten_with_paths(params)
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor) or not (
+            leaf.is_floating_point() or leaf.is_complex()
+        ):
+            got = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+            raise TypeError(
+                f"{tree.path_str(path, 'params')} must be a floating-point tensor, got {got}"
+            )
     if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if randomness not in _RANDOMNESS:
@@ -203,7 +216,7 @@ def per_sample_chunks(
         >>> [(c.start, c.stop) for c in ft.per_sample_chunks(loss_fn, params, batch, chunk_size=2)]
         [(0, 2), (2, 3)]
     """
-    _check_options(chunk_size, randomness)
+    _check_options(chunk_size, randomness, loss_fn, params)
     n = batch_size_of(batch)
     param_leaves, param_spec = tree.flatten(params)
     batch_leaves, batch_spec = tree.flatten(batch)

@@ -210,6 +210,8 @@ class AsyncWriter(MetricWriter):
         max_pending: int = 64,
         host_inline: bool = True,
     ) -> None:
+        if not callable(getattr(writer, "write_scalars", None)):
+            raise TypeError(f"writer must be a metric writer, got {type(writer).__name__}")
         if every_n < 1:
             raise ValueError(f"every_n must be >= 1, got {every_n}")
         if max_pending < 1:

@@ -95,6 +95,8 @@ class ConsoleWriter(MetricWriter):
         line_prefixes: Sequence[str] = ("eval/",),
         bar_width: int = 24,
     ) -> None:
+        if total_steps is not None and int(total_steps) < 0:
+            raise ValueError(f"total_steps must be a non-negative int or None, got {total_steps!r}")
         self.total_steps = None if total_steps is None else int(total_steps)
         self.stream = sys.stderr if stream is None else stream
         self.keys = None if keys is None else list(keys)

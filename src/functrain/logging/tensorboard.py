@@ -135,6 +135,8 @@ class TensorBoardWriter(MetricWriter):
         flush_secs: float = 10,
         filename_suffix: str = "",
     ) -> None:
+        if not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"logdir must be a path (str or os.PathLike), got {logdir!r}")
         if histogram_bins < 1:
             raise ValueError(f"histogram_bins must be >= 1, got {histogram_bins}")
         if purge_step is not None:

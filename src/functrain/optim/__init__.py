@@ -10,6 +10,7 @@ from functrain.optim import (
     clipping,
     factorized,
     hyperparams,
+    loss_scale,
     multi_steps,
     rms,
     scaling,
@@ -25,6 +26,7 @@ from functrain.optim.base import *  # noqa: F403
 from functrain.optim.clipping import *  # noqa: F403
 from functrain.optim.factorized import *  # noqa: F403
 from functrain.optim.hyperparams import *  # noqa: F403
+from functrain.optim.loss_scale import *  # noqa: F403
 from functrain.optim.multi_steps import *  # noqa: F403
 from functrain.optim.rms import *  # noqa: F403
 from functrain.optim.scaling import *  # noqa: F403
@@ -41,6 +43,7 @@ __all__ = [
     *clipping.__all__,
     *factorized.__all__,
     *hyperparams.__all__,
+    *loss_scale.__all__,
     *multi_steps.__all__,
     *rms.__all__,
     *scaling.__all__,

@@ -72,15 +72,27 @@ def check_finite_number(name: str, value: Any, *, minimum: float | None = None) 
 def flat(updates: Any, state_trees: dict[str, Any]) -> tuple[list[torch.Tensor], Any, dict]:
     """Flattens ``updates`` and checks each state tree has its structure and shapes.
 
-    Returns the update leaves, the treespec, and the leaves of each named state tree.
-    Mismatches raise :class:`functrain.tree.TreeMismatchError` naming the path.
+    Returns the update leaves, the treespec, and the leaves of each named state tree. Update
+    leaves must be floating-point (or complex) tensors. Mismatches raise :class:`functrain.tree.TreeMismatchError` naming the path.
     """
     paths, u_leaves, spec = tree.flatten_with_paths(updates)
+    for p, u in zip(paths, u_leaves):
+        if not isinstance(u, torch.Tensor) or not (u.is_floating_point() or u.is_complex()):
+            got = u.dtype if isinstance(u, torch.Tensor) else type(u).__name__
+            raise TypeError(
+                f"{tree.path_str(p, 'updates')} must be a floating-point tensor, got {got}"
+            )
     out = {}
     for name, other in state_trees.items():
         leaves = tree.flatten_up_to(spec, other, ("updates", name), updates)
         for p, u, s in zip(paths, u_leaves, leaves):
-            if isinstance(s, torch.Tensor) and isinstance(u, torch.Tensor) and s.shape != u.shape:
+            if not isinstance(s, torch.Tensor):
+                raise tree.TreeMismatchError(
+                    f"{tree.path_str(p, name)} is {type(s).__name__}, not a tensor like "
+                    f"{tree.path_str(p, 'updates')} (was the state made for these parameters, "
+                    "with the same mask?)"
+                )
+            if isinstance(u, torch.Tensor) and s.shape != u.shape:
                 raise tree.TreeMismatchError(
                     f"{tree.path_str(p, 'updates')}: shape {tuple(u.shape)} does not match "
                     f"{tree.path_str(p, name)} shape {tuple(s.shape)}"

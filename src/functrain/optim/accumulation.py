@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _ops, _utils
+from functrain.optim import _ops, _utils, fused
 from functrain.optim.base import GradientTransformation
 
 __all__ = [
@@ -70,7 +70,8 @@ def trace(
         new_trace = _ops.cast(new_trace, accumulator_dtype)
         return tree.unflatten(spec, out), TraceState(trace=tree.unflatten(spec, new_trace))
 
-    return GradientTransformation(init_fn, update_fn)
+    fusion = fused.Trace(decay, nesterov, accumulator_dtype)
+    return fused.register(GradientTransformation(init_fn, update_fn), fusion)
 
 
 class EmaState(NamedTuple):

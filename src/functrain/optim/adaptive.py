@@ -7,7 +7,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _ops, _utils
+from functrain.optim import _ops, _utils, fused
 from functrain.optim.base import GradientTransformation
 
 __all__ = [
@@ -135,7 +135,8 @@ def scale_by_adam(
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
         return tree.unflatten(spec, out), new_state
 
-    return GradientTransformation(init_fn, update_fn)
+    fusion = fused.ScaleByAdam(b1, b2, eps, eps_root, mu_dtype, nesterov)
+    return fused.register(GradientTransformation(init_fn, update_fn), fusion)
 
 
 class ScaleByAmsgradState(NamedTuple):

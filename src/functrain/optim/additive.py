@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _ops, _prng, _utils
+from functrain.optim import _ops, _prng, _utils, fused
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import EmptyState, GradientTransformation
 
@@ -98,7 +98,8 @@ def add_decayed_weights(
                 out[i] = s
         return tree.unflatten(spec, out), state
 
-    return _apply_mask(GradientTransformation(init_fn, update_fn), mask)
+    tx = GradientTransformation(init_fn, update_fn)
+    return _apply_mask(fused.register(tx, fused.AddDecayedWeights(weight_decay)), mask)
 
 
 class AddNoiseState(NamedTuple):

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from functrain import tree
+from functrain.optim import fused
 
 __all__ = [
     "EmptyState",
@@ -95,7 +96,7 @@ def identity() -> GradientTransformation:
         del params, extra
         return updates, state
 
-    return GradientTransformation(init_fn, update_fn)
+    return fused.register(GradientTransformation(init_fn, update_fn), fused.Identity())
 
 
 def set_to_zero() -> GradientTransformation:
@@ -211,7 +212,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    return GradientTransformation(init_fn, update_fn)
+    return fused.register(GradientTransformation(init_fn, update_fn), fused.Chain(txs))
 
 
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
@@ -243,7 +244,7 @@ def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTran
             updates, new_state[n] = _call_update(t, extras[n], updates, state[n], params, extra)
         return updates, new_state
 
-    return GradientTransformation(init_fn, update_fn)
+    return fused.register(GradientTransformation(init_fn, update_fn), fused.NamedChain(tuple(txs)))
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
@@ -259,6 +260,11 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     p_paths, p_leaves, spec = tree.flatten_with_paths(params)
     u_leaves = tree.flatten_up_to(spec, updates, ("params", "updates"), params)
     for path, p, u in zip(p_paths, p_leaves, u_leaves):
+        if u is not None and not isinstance(u, torch.Tensor):
+            raise tree.TreeMismatchError(
+                f"{tree.path_str(path, 'updates')} is a {type(u).__name__} where "
+                f"{tree.path_str(path, 'params')} is a tensor"
+            )
         if u is not None and p.shape != u.shape:
             raise tree.TreeMismatchError(
                 f"{tree.path_str(path, 'updates')}: shape {tuple(u.shape)} does not match "

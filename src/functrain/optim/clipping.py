@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from functrain import tree
-from functrain.optim import _ops, _utils
+from functrain.optim import _ops, _utils, fused
 from functrain.optim.base import EmptyState, GradientTransformation
 
 __all__ = [
@@ -94,7 +94,8 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         factor = torch.where(g_norm < bound, torch.ones_like(g_norm), bound / g_norm)
         return tree.unflatten(spec, _ops.mul(leaves, factor)), state
 
-    return GradientTransformation(init_fn, update_fn)
+    tx = GradientTransformation(init_fn, update_fn)
+    return fused.register(tx, fused.ClipByGlobalNorm(max_norm))
 
 
 def _init_empty(params: Any) -> EmptyState:

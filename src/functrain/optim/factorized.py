@@ -176,6 +176,11 @@ def scale_by_factored_rms(
         beta = decay_rate_fn(state.count - step_offset, decay_rate)
         results = []
         for path, leaf, r, c, v in zip(paths, g, rows, cols, vs):
+            if not leaf.is_floating_point():
+                raise TypeError(
+                    f"{tree.path_str(path, 'updates')} must be a floating-point tensor, got "
+                    f"{leaf.dtype}"
+                )
             try:
                 results.append(_update_leaf(leaf, r, c, v, beta))
             except _ShapeError as err:

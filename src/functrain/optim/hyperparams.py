@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _utils
+from functrain.optim import _utils, fused
 from functrain.optim.base import GradientTransformation
 
 __all__ = [
@@ -142,6 +142,11 @@ def inject_hyperparams(
         >>> u["w"]
         tensor([-0.5000, -0.5000])
     """
+    if not callable(inner_factory):
+        raise TypeError(
+            "inject_hyperparams expects a transform factory such as ft.adam, got "
+            f"{type(inner_factory).__name__}"
+        )
     static = {static_args} if isinstance(static_args, str) else set(static_args)
     signature = inspect.signature(inner_factory)
     if not static.issubset(signature.parameters):
@@ -199,9 +204,10 @@ def inject_hyperparams(
             hparams.update({k: _scheduled(f(count), dtype, device) for k, f in schedules.items()})
             return InjectHyperparamsState(count, hparams, build(hparams).init(params))
 
-        def update_fn(
-            updates: Any, state: InjectHyperparamsState, params: Any = None, **extra: Any
-        ) -> tuple[Any, InjectHyperparamsState]:
+        def prepare(
+            updates: Any, state: InjectHyperparamsState, params: Any
+        ) -> tuple[dict[str, torch.Tensor], GradientTransformation]:
+            """The current hyperparameters and the inner transform built with them."""
             if not isinstance(state, InjectHyperparamsState):
                 raise TypeError(
                     f"inject_hyperparams expects an InjectHyperparamsState, got "
@@ -216,7 +222,12 @@ def inject_hyperparams(
             hparams.update(
                 {k: _scheduled(f(state.count), dtype, device) for k, f in schedules.items()}
             )
-            inner = build(hparams)
+            return hparams, build(hparams)
+
+        def update_fn(
+            updates: Any, state: InjectHyperparamsState, params: Any = None, **extra: Any
+        ) -> tuple[Any, InjectHyperparamsState]:
+            hparams, inner = prepare(updates, state, params)
             if _takes_kwargs(inner.update):
                 updates, inner_state = inner.update(updates, state.inner_state, params, **extra)
             else:
@@ -226,6 +237,6 @@ def inject_hyperparams(
             )
             return updates, new_state
 
-        return GradientTransformation(init_fn, update_fn)
+        return fused.register(GradientTransformation(init_fn, update_fn), fused.Injected(prepare))
 
     return wrapped_transform

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _ops, _utils
+from functrain.optim import _ops, _utils, fused
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import EmptyState, GradientTransformation, identity
 
@@ -69,7 +69,8 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         {'w': tensor([-0.1000, -0.1000])}
     """
     _utils.check_finite_number("step_size", step_size)
-    return _stateless_map(lambda leaves: _scale_leaves(leaves, step_size))
+    tx = _stateless_map(lambda leaves: _scale_leaves(leaves, step_size))
+    return fused.register(tx, fused.Scale(step_size))
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -118,7 +119,8 @@ def scale_by_schedule(step_size_fn: Callable[[torch.Tensor], Any]) -> GradientTr
         new = tree.unflatten(spec, _scale_leaves(leaves, factor))
         return new, ScaleByScheduleState(count=_utils.safe_increment(state.count))
 
-    return GradientTransformation(init_fn, update_fn)
+    tx = GradientTransformation(init_fn, update_fn)
+    return fused.register(tx, fused.ScaleBySchedule(step_size_fn))
 
 
 def scale_by_learning_rate(
@@ -149,7 +151,8 @@ def scale_by_learning_rate(
         return scale_by_schedule(lambda count: sign * learning_rate(count))
     if isinstance(learning_rate, torch.Tensor):
         # Negate at update time so that a learning-rate tensor changed in place takes effect.
-        return _stateless_map(lambda leaves: _scale_leaves(leaves, sign * learning_rate))
+        tx = _stateless_map(lambda leaves: _scale_leaves(leaves, sign * learning_rate))
+        return fused.register(tx, fused.Scale(learning_rate, sign))
     return scale(sign * learning_rate)
 
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _utils
+from functrain.optim import _utils, fused
 from functrain.optim._masking import Mask, apply_mask, label_masks, make_mask, masked_update
 from functrain.optim.base import (
     GradientTransformation,
@@ -111,7 +111,7 @@ def masked(
         )
         return new_updates, MaskedState(inner_state=inner_state)
 
-    return GradientTransformation(init_fn, update_fn)
+    return fused.register(GradientTransformation(init_fn, update_fn), fused.Masked(inner, mask))
 
 
 class PartitionState(NamedTuple):

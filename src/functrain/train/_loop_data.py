@@ -79,6 +79,7 @@ class TensorBatches:
             order = torch.randperm(self.num_examples, generator=gen)
         else:
             order = torch.arange(self.num_examples)
+        order = order.to(tree.leaves(self.data)[0].device)  # index on the data's device
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield optree.tree_map(lambda x, idx=idx: x[idx.to(x.device)], self.data)

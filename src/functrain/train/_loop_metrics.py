@@ -210,20 +210,21 @@ def evaluate(
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Example-weighted means of the eval metrics over ``batches`` (``loss``: token-weighted)."""
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in batches:
             batch = to_device(batch, device)
             metrics = eval_step(state, batch)
-            examples = metrics.get("num_examples", leading_size(batch))
+            examples = metrics.get("num_examples", leading_size(batch) or 1)
             tokens = metrics.get("num_tokens")
             for name, value in metrics.items():
                 if name in COUNTS:
                     continue
                 weight = tokens if name == "loss" and tokens is not None else examples
-                weight = torch.as_tensor(weight, device=device, dtype=torch.float64)
-                value = torch.as_tensor(value, device=device).detach().to(torch.float64)
+                weight = torch.as_tensor(weight, device=device, dtype=dtype)
+                value = torch.as_tensor(value, device=device).detach().to(dtype)
                 sums[name] = value * weight + sums[name] if name in sums else value * weight
                 weights[name] = weight + weights[name] if name in weights else weight
     return {f"eval/{name}": sums[name] / weights[name] for name in sums}

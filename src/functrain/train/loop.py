@@ -236,8 +236,9 @@ def train_loop(
         ... )
         >>> int(result.state.step), result.history.last("eval/loss") < 1e-3
         (40, True)
-        >>> sorted(t for t in result.history.tags() if t.startswith("train/"))
-        ['train/grad_norm', 'train/loss', 'train/lr', 'train/param_norm', 'train/update_norm', 'train/update_param_ratio']
+        >>> {"train/loss", "train/lr", "train/grad_norm", "train/update_param_ratio",
+        ...  "perf/step_time_s", "perf/examples_per_s"} <= set(result.history.tags())
+        True
     """
     _check_positive_int("log_every", log_every)
     _check_positive_int("epochs", epochs, allow_zero=True)
@@ -383,6 +384,12 @@ class _Run:
                 if not ended:
                     self.after_step()
             del iterator  # shuts a DataLoader's workers down now
+            if ended and consumed == 0:
+                raise ValueError(
+                    f"batches yielded no batch in epoch {epoch}: pass something that can be "
+                    "iterated once per epoch (a list, ft.TensorBatches, a DataLoader) or a "
+                    "function epoch -> batches, not a one-shot iterator or generator"
+                )
             if not ended:
                 break  # stopped by max_steps
             epoch += 1
@@ -397,8 +404,8 @@ class _Run:
         self.state, self.metrics = state, metrics
         self.host_step += 1
         self.position = position
-        self.guard.step_done()
         self.throughput.add(leading_size(batch), metrics.get("num_tokens"), data_s)
+        self.guard.step_done()  # raises a Ctrl-C held during the step, now that it is done
 
     def after_step(self, end_of_epoch: bool = False) -> None:
         """Logging, evaluation and checkpoint of the step just taken (in this order)."""

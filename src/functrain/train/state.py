@@ -41,12 +41,17 @@ class ConsumedStateError(RuntimeError):
     """
 
 
-def _check_tensor_tree(name: str, value: Any) -> None:
+def _check_tensor_tree(name: str, value: Any, floating: bool = False) -> None:
     paths, leaves, _ = tree.flatten_with_paths(value)
     for path, leaf in zip(paths, leaves):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
                 f"{tree.path_str(path, name)} must be a tensor, got {type(leaf).__name__}"
+            )
+        if floating and not (leaf.is_floating_point() or leaf.is_complex()):
+            # Gradients exist only for floating-point (and complex) tensors.
+            raise TypeError(
+                f"{tree.path_str(path, name)} must be a floating-point tensor, got {leaf.dtype}"
             )
 
 
@@ -135,7 +140,9 @@ class TrainState:
             >>> state.step.dtype, state.key.device.type
             (torch.int64, 'cpu')
         """
-        _check_tensor_tree("params", params)
+        if not (hasattr(tx, "init") and hasattr(tx, "update")):
+            raise TypeError(f"tx must be a GradientTransformation, got {type(tx).__name__}")
+        _check_tensor_tree("params", params, floating=True)
         if buffers is not None:
             _check_tensor_tree("buffers", buffers)
         params = _owned(params, copy)

@@ -25,7 +25,8 @@ import torch
 
 from functrain import tree
 from functrain.optim.base import GradientTransformation, apply_updates
-from functrain.train import gradient, microbatch, rng
+from functrain.optim.loss_scale import DynamicLossScale
+from functrain.train import fast, faults, gradient, microbatch, rng
 from functrain.train import loss as loss_lib
 from functrain.train.gradient import GradStatsHook
 from functrain.train.state import TrainState
@@ -39,6 +40,7 @@ class Applied(NamedTuple):
     params: Any
     opt_state: Any
     updates: Any
+    update_norm: Any = None  # ‖new params − params‖ from a fused path that has no ``updates``
 
 
 def find_learning_rate(opt_state: Any) -> torch.Tensor | None:
@@ -89,14 +91,27 @@ def _add_in_place(params: Any, updates: Any, keep: set[int]) -> Any:
 
 
 def apply_optimizer(
-    tx: GradientTransformation, grads: Any, opt_state: Any, params: Any, *, in_place: bool
+    tx: GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    params: Any,
+    *,
+    in_place: bool,
+    found_inf: torch.Tensor | None = None,
 ) -> Applied:
     """The optimizer stage: ``tx.update`` then ``apply_updates``.
 
     With ``in_place=True`` (a donated state) the new parameters reuse the old parameters' memory,
     except leaves that are referenced twice in ``params`` or kept by the new optimizer state
     (those are updated out of place). This is the function a fused fast path replaces.
+
+    ``found_inf`` (0-d bool tensor, from the step's non-finite check): where true, the
+    parameters and the optimizer state come out bit-for-bit unchanged, with no host read (see
+    :func:`functrain.train.faults.apply_guarded`; a fused path may pass it to its kernels and
+    fall back to this generic skip otherwise).
     """
+    if found_inf is not None:
+        tx = faults.skip_unless(tx, ~found_inf)
     with torch.no_grad():
         updates, new_opt_state = tx.update(grads, opt_state, params)
         if not in_place:
@@ -106,6 +121,9 @@ def apply_optimizer(
         keep = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
         keep |= {id(x) for x in tree.leaves(new_opt_state)} & set(ids)
         return Applied(_add_in_place(params, updates, keep), new_opt_state, updates)
+
+
+apply_optimizer.supports_found_inf = True  # type: ignore[attr-defined]
 
 
 def _devices(params: Any) -> list[torch.device]:
@@ -143,6 +161,49 @@ class _StructureGuard:
         )
 
 
+def _check_micro_batches(micro_batches: Any) -> None:
+    def positive(n: Any) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    sizes = (
+        micro_batches
+        if isinstance(micro_batches, Sequence) and not isinstance(micro_batches, str)
+        else None
+    )
+    if not (positive(micro_batches) or (sizes and all(positive(s) for s in sizes))):
+        raise ValueError(
+            "micro_batches must be a positive int (the number of micro-batches) or a non-empty "
+            f"sequence of positive ints (their sizes), got {micro_batches!r}"
+        )
+
+
+def _check_opt_state(tx: GradientTransformation, params: Any, opt_state: Any) -> None:
+    """Raises a path-named error when ``opt_state`` is not of the kind ``tx.init`` makes.
+
+    ``tx.init`` runs on meta tensors (no memory, no numbers; the CPU generator is restored in
+    case an init draws from it). An init that cannot run on meta tensors is not checked.
+    """
+    meta = tree.map(lambda p: torch.empty_like(p, device="meta"), params)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            expected = tx.init(meta)
+    except Exception:  # best effort: the update then fails on its own terms
+        return
+    if tree.structure(expected) == tree.structure(opt_state):
+        return
+    hint = (
+        "state.opt_state was not made by this step's optimizer: create the state with the "
+        "same tx (ft.TrainState.create(params=..., tx=tx))"
+    )
+    try:
+        tree.check_shapes(expected, opt_state, ("tx.init(params)", "state.opt_state"))
+    except tree.TreeMismatchError as err:
+        raise tree.TreeMismatchError(f"{hint}; {err}") from None
+    raise tree.TreeMismatchError(
+        f"{hint}; node types differ: {tree.structure(opt_state)} vs {tree.structure(expected)}"
+    )
+
+
 def _check_state(state: Any, where: str) -> TrainState:
     if not isinstance(state, TrainState):
         raise TypeError(f"{where} expects a ft.TrainState, got {type(state).__name__}")
@@ -167,6 +228,10 @@ class TrainStep:
         grad_backend: Literal["func", "autograd"],
         grad_stats: GradStatsHook | None,
         norm_metrics: bool,
+        nonfinite: Literal["skip", "ignore"] = "skip",
+        max_consecutive_skips: int | None = None,
+        loss_scale: DynamicLossScale | None = None,
+        fused: bool = True,
     ) -> None:
         if strategy not in ("loop", "vmap"):
             raise ValueError(f"strategy must be 'loop' or 'vmap', got {strategy!r}")
@@ -178,6 +243,15 @@ class TrainStep:
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if not (hasattr(tx, "init") and hasattr(tx, "update")):
             raise TypeError(f"tx must be a GradientTransformation, got {type(tx).__name__}")
+        _check_micro_batches(micro_batches)
+        for name, flag in (
+            ("donate", donate),
+            ("seed_rng", seed_rng),
+            ("norm_metrics", norm_metrics),
+            ("fused", fused),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self.loss_fn = loss_fn
@@ -187,8 +261,9 @@ class TrainStep:
         self.donate = donate
         self.grad_stats = grad_stats
         self.norm_metrics = norm_metrics
+        self.faults = faults.StepFaults(nonfinite, max_consecutive_skips, loss_scale)
         self.grad_stage = gradient.GradStage(
-            loss_fn,
+            self.faults.wrap_loss(loss_fn),
             strategy=strategy,
             chunk_size=chunk_size,
             seed_rng=seed_rng,
@@ -198,18 +273,34 @@ class TrainStep:
         self._guard = _StructureGuard()
         # The optimizer stage, separable so that a fused in-place path can replace it.
         self.apply_optimizer: Callable[..., Applied] = apply_optimizer
+        if fused and donate:
+            # Gradients from the backward loop live in step-local .grad tensors: the fused
+            # kernels may unscale them in place (others may be views or shared by leaves).
+            writable = grad_stats is None and strategy == "loop" and grad_backend == "autograd"
+            self.apply_optimizer = fast.FusedStage(
+                update_norm=norm_metrics, grads_writable=writable
+            )
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """One training step on ``batch``; returns the new state and the metrics."""
         _check_state(state, "train step")
         params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
         step, extra = state.step, state.extra
+        if self._guard.spec is None:  # the first call: was the state made for this tx?
+            _check_opt_state(self.tx, params, opt_state)
         self._guard.check(params)
-        split = microbatch.split_batch(batch, self.micro_batches)
-        devices = _devices(params)
-        result = self.grad_stage(params, batch, split, buffers, key, devices)
+        token = self.faults.begin(extra, params)  # may raise NonFiniteError; sets the scale
+        try:
+            split = microbatch.split_batch(batch, self.micro_batches)
+            devices = _devices(params)
+            result = self.grad_stage(params, batch, split, buffers, key, devices)
+        finally:
+            self.faults.end(token)
         metrics = dict(result.metrics)
-        new_extra = extra
+        # Unscaled gradients and ``ok`` (finite loss and gradients; None with "ignore").
+        check = self.faults.check(metrics, result.grads, extra, params)
+        grads, ok = check.grads, check.ok
+        new_extra = {**extra, **check.extra} if check.extra else extra
         if self.grad_stats is not None:
             assert result.stats is not None
             hook_state = (
@@ -217,34 +308,65 @@ class TrainStep:
                 if self.grad_stats.name in extra
                 else self.grad_stats.init(params)
             )
-            hook_metrics, hook_state = self.grad_stats.update(
-                result.stats, result.grads, hook_state
-            )
-            new_extra = {**extra, self.grad_stats.name: hook_state}
+            hook_metrics, new_hook_state = self.grad_stats.update(result.stats, grads, hook_state)
+            new_hook_state = self.faults.keep_if_skipped(ok, new_hook_state, hook_state)
+            new_extra = {**new_extra, self.grad_stats.name: new_hook_state}
             _merge(metrics, hook_metrics, "grad_stats")
+        _merge(metrics, check.metrics, "the non-finite check")
+        stage = self.apply_optimizer
         if self.norm_metrics:
-            metrics["grad_norm"] = tree.norm(result.grads)
-        applied = self.apply_optimizer(
-            self.tx, result.grads, opt_state, params, in_place=self.donate
+            metrics["grad_norm"] = fast.global_norm(grads)
+            if isinstance(stage, fast.FusedStage):  # a leading clip reuses the norm
+                stage = stage.with_grad_norm(metrics["grad_norm"])
+        applied = faults.apply_guarded(
+            stage, self.tx, grads, opt_state, params, in_place=self.donate, ok=ok
         )
         if self.donate:
             # Consumed only once the update succeeded: a failing step leaves the state usable.
             state._consume("a train step (donate=True)")
         del params, opt_state
         new_key = None if key is None else rng.fold_in(key, 0)
+        new_buffers = self.faults.keep_if_skipped(ok, result.buffers, buffers)
         new_state = TrainState(
-            step + 1, applied.params, applied.opt_state, result.buffers, new_key, new_extra
+            step + 1, applied.params, applied.opt_state, new_buffers, new_key, new_extra
         )
         if self.norm_metrics:
             if applied.updates is not None:  # a fused path may not materialise the updates
-                metrics["update_norm"] = tree.norm(applied.updates)
-            metrics["param_norm"] = tree.norm(applied.params)
+                metrics["update_norm"] = fast.global_norm(applied.updates)
+            elif applied.update_norm is not None:
+                metrics["update_norm"] = applied.update_norm
+            metrics["param_norm"] = fast.global_norm(applied.params)
         lr = find_learning_rate(applied.opt_state)
         if lr is not None:
             if not isinstance(lr, torch.Tensor):
                 lr = torch.full((), float(lr), device=new_state.step.device)
             metrics["lr"] = lr
         return new_state, metrics
+
+    def prepare(self, state: TrainState) -> TrainState:
+        """``state`` with the ``state.extra`` entries this step keeps added where missing.
+
+        A step initialises its entries (skip counters, loss scale, ``grad_stats`` hook state)
+        at its first call; a checkpoint restore needs them in the target beforehand:
+        ``restore(path, target=step.prepare(ft.TrainState.create(...)))``. Existing entries
+        are kept; the state is not consumed (the new one shares its tensors).
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> tx = ft.sgd(0.1)
+            >>> step = ft.make_train_step(lambda p, b: (p["w"] * b).mean(), tx,
+            ...                           loss_scale=ft.DynamicLossScale())
+            >>> state = ft.TrainState.create(params={"w": torch.ones(2)}, tx=tx)
+            >>> sorted(step.prepare(state).extra)
+            ['loss_scale', 'nonfinite']
+        """
+        _check_state(state, "TrainStep.prepare")
+        extra = dict(state.extra)
+        for name, value in self.faults.init_extra(state.params).items():
+            extra.setdefault(name, value)
+        if self.grad_stats is not None and self.grad_stats.name not in extra:
+            extra[self.grad_stats.name] = self.grad_stats.init(state.params)
+        return state.replace(extra=extra)
 
 
 def _merge(metrics: dict[str, torch.Tensor], new: dict[str, torch.Tensor], source: str) -> None:
@@ -266,6 +388,10 @@ def make_train_step(
     grad_backend: Literal["func", "autograd"] = "func",
     grad_stats: GradStatsHook | None = None,
     norm_metrics: bool = True,
+    nonfinite: Literal["skip", "ignore"] = "skip",
+    max_consecutive_skips: int | None = None,
+    loss_scale: DynamicLossScale | None = None,
+    fused: bool = True,
 ) -> TrainStep:
     """Builds ``step(state, batch) -> (new_state, metrics)``, a pure training step.
 
@@ -303,12 +429,32 @@ def make_train_step(
         grad_stats: an optional :class:`~functrain.GradStatsHook` (per-micro-batch gradient
             statistics), its state kept in ``state.extra``.
         norm_metrics: report ``grad_norm``, ``update_norm`` and ``param_norm``.
+        nonfinite: ``"skip"``: a step whose loss or gradient has a NaN or inf changes nothing
+            but ``state.step`` and the key (params, optimizer state, buffers and hook states
+            are kept bit-for-bit, with no host sync; metric ``skipped``); ``"ignore"``: no check.
+            See :mod:`functrain.train.faults`.
+        max_consecutive_skips: raise :class:`~functrain.NonFiniteError` (from the next call,
+            the input state intact) once more steps than this in a row were skipped; keeps
+            counters in ``state.extra["nonfinite"]`` (metric ``skipped_total``).
+        loss_scale: a :class:`~functrain.DynamicLossScale` for float16 training (GradScaler's
+            policy): the loss is scaled before differentiation and the gradients unscaled; an
+            overflow skips the step and halves the scale. State in
+            ``state.extra["loss_scale"]``, metric ``loss_scale``. Use :meth:`TrainStep.prepare`
+            to build checkpoint-restore targets for these two options.
+        fused: with ``donate=True``, update the consumed state in place with fused kernels
+            (``torch._fused_adamw_``, ``_fused_sgd_``, ...) when ``tx`` is built from
+            primitives they cover (the Adam and SGD families, with clipping, weight-decay
+            masks, schedules, ``inject_hyperparams``), else with in-place ``torch._foreach_*``
+            arithmetic or, for unknown transforms, ``tx.update``. Same numbers as ``tx.update``
+            to rounding (see :mod:`functrain.optim.fused`). ``update_norm`` is then the norm
+            of the parameter change. ``False`` always runs ``tx.update``.
 
     Returns:
         A :class:`TrainStep`. Metrics (a flat dict of tensors): ``loss`` (full-batch loss),
         ``num_examples``, ``num_tokens`` (for ``LossSum`` losses: the total count), the aux
         values, ``grad_norm`` (before clipping), ``update_norm``, ``param_norm`` (after the
-        update) and ``lr`` when the optimizer state exposes one (``inject_hyperparams``).
+        update), ``lr`` when the optimizer state exposes one (``inject_hyperparams``) and
+        ``skipped`` (0-d int32, 1 if the step was skipped as non-finite).
 
     Random streams: micro-batch ``i`` (0-based) uses ``fold_in(state.key, i + 1)`` (with
     ``"vmap"``: chunk ``i``), and the new state's key is ``fold_in(state.key, 0)``. The same
@@ -332,7 +478,7 @@ def make_train_step(
         >>> batch = {"x": torch.randn(10, 3), "y": torch.randn(10)}
         >>> state, metrics = step(state, batch)
         >>> int(state.step), sorted(metrics)
-        (1, ['grad_norm', 'loss', 'num_examples', 'param_norm', 'update_norm'])
+        (1, ['grad_norm', 'loss', 'num_examples', 'param_norm', 'skipped', 'update_norm'])
     """
     return TrainStep(
         loss_fn,
@@ -345,6 +491,10 @@ def make_train_step(
         grad_backend=grad_backend,
         grad_stats=grad_stats,
         norm_metrics=norm_metrics,
+        nonfinite=nonfinite,
+        max_consecutive_skips=max_consecutive_skips,
+        loss_scale=loss_scale,
+        fused=fused,
     )
 
 

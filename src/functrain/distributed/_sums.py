@@ -1,0 +1,117 @@
+"""Sums and counts of a data-parallel step (internal): what the ranks add up, and the metrics.
+
+Rank ``r`` contributes ``wᵣ`` (its examples ``Nᵣ``, or its ``LossSum`` count ``Cᵣ``) and
+``wᵣ·gᵣ``, ``wᵣ·lossᵣ``; an aux metric contributes ``Nᵣ·vᵣ`` (a mean over examples) or
+``cᵣ·vᵣ`` and ``cᵣ`` (a ``LossSum``, with its own count ``cᵣ``). One float64 vector per step holds
+the scalars, so one small all-reduce gives every global metric.
+
+The train step's gradient stage reports ``LossSum`` aux values as ratios without their counts,
+so :func:`with_aux_counts` adds, for each, an aux ``LossSum(countᵢ, 1)`` whose combined value
+``Σ countᵢ / K`` gives the count back (times the number ``K`` of micro-batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from functrain.train import loss as loss_lib
+
+COUNT = "__functrain_dp_count__/"  # aux entries carrying LossSum aux counts
+
+
+def _add_aux_counts(result: Any) -> Any:
+    if not isinstance(result, loss_lib.LossOutput) or not isinstance(result.aux, dict):
+        return result
+    extra = {}
+    for name, value in result.aux.items():
+        if isinstance(value, loss_lib.LossSum) and isinstance(value.total, torch.Tensor):
+            count = value.count
+            if not isinstance(count, torch.Tensor):
+                count = torch.full((), count, dtype=value.total.dtype, device=value.total.device)
+            # Combined as Σ countᵢ / Σ 1 = Σ countᵢ / K: the step multiplies K back.
+            extra[COUNT + name] = loss_lib.LossSum(count.detach(), 1)
+    return result._replace(aux={**result.aux, **extra}) if extra else result
+
+
+def with_aux_counts(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``loss_fn`` also reporting each LossSum aux metric's count (same optional inputs)."""
+    accepted = loss_lib.accepted_inputs(loss_fn)
+    if accepted == {"buffers", "key"}:
+
+        def both(params: Any, batch: Any, buffers: Any = None, key: Any = None) -> Any:
+            return _add_aux_counts(loss_fn(params, batch, buffers=buffers, key=key))
+
+        return both
+    if "buffers" in accepted:
+
+        def with_buffers(params: Any, batch: Any, buffers: Any = None) -> Any:
+            return _add_aux_counts(loss_fn(params, batch, buffers=buffers))
+
+        return with_buffers
+    if "key" in accepted:
+
+        def with_key(params: Any, batch: Any, key: Any = None) -> Any:
+            return _add_aux_counts(loss_fn(params, batch, key=key))
+
+        return with_key
+
+    def plain(params: Any, batch: Any) -> Any:
+        return _add_aux_counts(loss_fn(params, batch))
+
+    return plain
+
+
+def div_(leaves: list[torch.Tensor], divisor: torch.Tensor) -> None:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for leaf in leaves:
+        if leaf.numel():
+            by_dtype.setdefault(leaf.dtype, []).append(leaf)
+    for dtype, group in by_dtype.items():
+        torch._foreach_div_(group, divisor.to(dtype))
+
+
+class Stats:
+    """The step's local sums and counts in one float64 vector, and the global metrics."""
+
+    def __init__(
+        self, local: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], is_sum: bool
+    ) -> None:
+        self.is_sum = is_sum
+        self.loss_dtype = local["loss"].dtype
+        examples = local["num_examples"].to(torch.float64)
+        weight = local["num_tokens"].to(torch.float64) if is_sum else examples
+        entries = [weight, local["loss"].to(torch.float64) * weight, examples]
+        self.aux: list[tuple[str, torch.dtype, bool]] = []
+        for name, value in local.items():
+            if name in ("loss", "num_examples", "num_tokens"):
+                continue
+            v = value.to(torch.float64)
+            if name in counts:
+                c = counts[name].to(torch.float64)
+                entries += [v * c, c]
+            else:
+                entries.append(v * examples)
+            self.aux.append((name, value.dtype, name in counts))
+        self.weight = weight
+        self.vector = torch.stack(entries)
+
+    def metrics(self, reduced: torch.Tensor) -> dict[str, torch.Tensor]:
+        total, examples = reduced[0], reduced[2]
+        out = {
+            "loss": (reduced[1] / total).to(self.loss_dtype),
+            "num_examples": examples.round().to(torch.int64),
+        }
+        if self.is_sum:
+            out["num_tokens"] = total.to(self.loss_dtype)
+        j = 3
+        for name, dtype, is_sum in self.aux:
+            if is_sum:
+                out[name] = (reduced[j] / reduced[j + 1]).to(dtype)
+                j += 2
+            else:
+                out[name] = (reduced[j] / examples).to(dtype)
+                j += 1
+        return out

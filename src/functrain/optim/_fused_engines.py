@@ -1,0 +1,438 @@
+"""Engines of :mod:`functrain.optim.fused`: fused kernels and in-place foreach arithmetic.
+
+An engine is ``run(ops, ctx, grad_norm, update_norm, grads_writable)``. It returns ``False``
+(before touching anything) when it does not apply; otherwise it updates the parameters and the
+state tensors in place, sets every op's ``new_state`` and returns the update norm (or ``None``
+when not asked for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.optim import _ops
+from functrain.optim._utils import safe_increment
+from functrain.optim.fused import (
+    AddDecayedWeights,
+    ClipByGlobalNorm,
+    Context,
+    Op,
+    Scale,
+    ScaleByAdam,
+    ScaleBySchedule,
+    Trace,
+)
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DEVICES = ("cpu", "cuda")
+# Elements per chunk when the update norm is wanted: the kernels update the parameters in
+# place, so the old values of one chunk at a time are kept in a scratch buffer.
+_CHUNK = 1 << 18
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if that needs no device read (numbers, CPU tensors), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and value.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+    ):
+        return float(value)
+    return None
+
+
+def _learning_rate(op: Op) -> float | torch.Tensor | None:
+    """The kernels' ``lr`` (minus the factor the pure path multiplies by) and the new state."""
+    spec = op.spec
+    if isinstance(spec, Scale):
+        factor = spec.value if spec.sign == 1 else spec.sign * spec.value
+        op.new_state = op.state
+    else:
+        assert isinstance(spec, ScaleBySchedule)
+        factor = spec.fn(op.state.count)
+        op.new_state = op.state._replace(count=safe_increment(op.state.count))
+    number = _number(factor)
+    if number is not None:
+        return -number
+    if isinstance(factor, torch.Tensor) and factor.dim() == 0 and factor.is_floating_point():
+        return -factor
+    return None
+
+
+class _Job(NamedTuple):
+    kind: str  # "adam" (coupled decay), "adamw" (decoupled) or "sgd"
+    clip: Op | None
+    core: Op | None
+    lr: float | torch.Tensor
+    hyper: dict[str, Any]
+    wd: float
+    decayed: frozenset[int]
+
+
+def _leaf_ok(ctx: Context, i: int, states: list[list[torch.Tensor]]) -> bool:
+    p, g = ctx.p[i], ctx.g[i]
+    if p.dtype not in _KERNEL_DTYPES or p.device.type not in _KERNEL_DEVICES:
+        return False
+    group = [g, *(s[i] for s in states)]
+    if any(t.dtype != p.dtype or t.device != p.device for t in group):
+        return False
+    # multi_tensor_apply on CUDA wants dense tensors; the CPU kernels take any strides.
+    return p.device.type == "cpu" or all(t.is_contiguous() for t in (p, *group))
+
+
+def _match(ops: list[Op], ctx: Context) -> _Job | None:
+    """Recognises ``[clip] [decay] (adam [decay] | [trace]) lr`` with kernel-friendly leaves."""
+    kinds = [type(op.spec) for op in ops]
+    pos = 0
+    found: dict[str, Op] = {}
+    for name, kind in (("clip", ClipByGlobalNorm), ("pre", AddDecayedWeights)):
+        if pos < len(ops) and kinds[pos] is kind:
+            found[name], pos = ops[pos], pos + 1
+    if pos < len(ops) and kinds[pos] in (ScaleByAdam, Trace):
+        found["core"], pos = ops[pos], pos + 1
+        if kinds[pos - 1] is ScaleByAdam and pos < len(ops) and kinds[pos] is AddDecayedWeights:
+            found["post"], pos = ops[pos], pos + 1
+    if pos != len(ops) - 1 or kinds[pos] not in (Scale, ScaleBySchedule):
+        return None
+    if "pre" in found and "post" in found:
+        return None
+    clip, core = found.get("clip"), found.get("core")
+    if any(op is not None and len(op.idx) != ctx.n for op in (clip, core, ops[pos])):
+        return None
+    hyper: dict[str, Any] = {}
+    states: list[list[torch.Tensor]] = []
+    if core is not None and isinstance(core.spec, ScaleByAdam):
+        s = core.spec
+        hyper = {"beta1": _number(s.b1), "beta2": _number(s.b2), "eps": _number(s.eps)}
+        if s.nesterov or _number(s.eps_root) != 0.0 or None in hyper.values():
+            return None
+        states = [tree.leaves(core.state.mu), tree.leaves(core.state.nu)]
+        kind = "adam" if "pre" in found else "adamw"
+    else:
+        kind = "sgd"
+        hyper = {"momentum": 0.0, "nesterov": False}
+        if core is not None:
+            assert isinstance(core.spec, Trace)
+            hyper = {"momentum": _number(core.spec.decay), "nesterov": core.spec.nesterov}
+            if hyper["momentum"] is None:
+                return None
+            states = [tree.leaves(core.state.trace)]
+    if not all(_leaf_ok(ctx, i, states) for i in range(ctx.n)):
+        return None
+    wd, decayed = 0.0, frozenset()
+    decay = found.get("pre", found.get("post"))
+    if decay is not None:
+        rate = decay.spec.weight_decay  # type: ignore[attr-defined]
+        if callable(rate):
+            rate = rate(decay.state.count)
+            decay.new_state = decay.state._replace(count=safe_increment(decay.state.count))
+        else:
+            decay.new_state = decay.state
+        number = _number(rate)
+        if number is None:
+            return None
+        wd, decayed = number, frozenset(decay.idx)
+    lr = _learning_rate(ops[pos])
+    if lr is None:
+        return None
+    return _Job(kind, clip, core, lr, hyper, wd, decayed)
+
+
+def _groups(ctx: Context, decayed: frozenset[int]) -> dict[tuple[Any, ...], list[int]]:
+    out: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(ctx.p):
+        out.setdefault((p.device, p.dtype, i in decayed), []).append(i)
+    return out
+
+
+def _chunks(idx: list[int], ctx: Context) -> list[list[int]]:
+    limit = max(_CHUNK, *(ctx.p[i].numel() for i in idx))
+    out: list[list[int]] = [[]]
+    size = 0
+    for i in idx:
+        n = ctx.p[i].numel()
+        if size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(i)
+        size += n
+    return out
+
+
+def _clip_inputs(
+    job: _Job, ctx: Context, grad_norm: torch.Tensor | None, writable: bool
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The kernels' gradients and ``grad_scale`` with the clipping factor folded in."""
+    if job.clip is None or not ctx.g:
+        return ctx.g, None
+    job.clip.new_state = job.clip.state
+    g_norm = grad_norm if grad_norm is not None else tree.norm(ctx.g)
+    bound = _ops.on_device(job.clip.spec.max_norm, g_norm)  # type: ignore[attr-defined]
+    if writable and all(g.dtype != torch.float64 for g in ctx.g):
+        # The kernels divide by grad_scale (a float32 tensor) in the same pass.
+        scale = torch.where(g_norm < bound, torch.ones_like(g_norm), g_norm / bound)
+        return ctx.g, scale.to(torch.float32)
+    factor = torch.where(g_norm < bound, torch.ones_like(g_norm), bound / g_norm)
+    if writable:
+        torch._foreach_mul_(ctx.g, factor.to(ctx.g[0].device))
+        return ctx.g, None
+    return _ops.mul(ctx.g, factor), None
+
+
+def _kernel(
+    ops: list[Op], ctx: Context, grad_norm: torch.Tensor | None, want_norm: bool, writable: bool
+) -> Any:
+    job = _match(ops, ctx)
+    if job is None:
+        return False
+    grads, grad_scale = _clip_inputs(job, ctx, grad_norm, writable)
+    core = job.core
+    count = None
+    if core is not None:
+        if isinstance(core.spec, ScaleByAdam):
+            count = safe_increment(core.state.count)
+            core.new_state = core.state._replace(count=count)
+        else:
+            core.new_state = core.state
+    states = []
+    if core is not None:
+        names = ("mu", "nu") if isinstance(core.spec, ScaleByAdam) else ("trace",)
+        states = [tree.leaves(getattr(core.state, n)) for n in names]
+    squares: list[torch.Tensor] = []
+    for (device, dtype, decays), idx in _groups(ctx, job.decayed).items():
+        on = {"wd": job.wd if decays else 0.0}
+        if isinstance(job.lr, torch.Tensor):
+            on["lr"] = job.lr.to(device=device, dtype=torch.float32)  # the CUDA kernels' type
+        else:
+            on["lr"] = job.lr
+        on["grad_scale"] = None if grad_scale is None else grad_scale.to(device)
+        on["found_inf"] = (
+            None if ctx.found_inf is None else ctx.found_inf.to(device=device, dtype=torch.float32)
+        )
+        if count is not None:
+            on["step"] = count.to(device, torch.float64 if device.type == "cpu" else torch.float32)
+        for chunk in _chunks(idx, ctx) if want_norm else [idx]:
+            ps = [ctx.p[i] for i in chunk]
+            old = None
+            if want_norm:
+                flat = torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=device)
+                old = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)]
+                torch._foreach_copy_(old, ps)
+            _call(job, on, ps, [grads[i] for i in chunk], [[s[i] for i in chunk] for s in states])
+            if old is not None:
+                torch._foreach_sub_(old, ps)
+                squares.append(torch.stack(torch._foreach_norm(old)).square().sum())
+    if not want_norm:
+        return None
+    if not squares:
+        return torch.zeros(())
+    first = squares[0]
+    dtype = first.dtype
+    for sq in squares[1:]:
+        dtype = torch.promote_types(dtype, sq.dtype)
+    return torch.stack([s.to(first.device, dtype) for s in squares]).sum().sqrt()
+
+
+def _call(job: _Job, on: dict[str, Any], ps: list, gs: list, states: list[list]) -> None:
+    flags = {"maximize": False, "grad_scale": on["grad_scale"], "found_inf": on["found_inf"]}
+    if job.kind == "sgd":
+        torch._fused_sgd_(
+            ps,
+            gs,
+            states[0] if states else [],
+            weight_decay=on["wd"],
+            momentum=job.hyper["momentum"],
+            lr=on["lr"],
+            dampening=0.0,
+            nesterov=job.hyper["nesterov"],
+            is_first_step=False,
+            **flags,
+        )
+        return
+    fused = torch._fused_adam_ if job.kind == "adam" else torch._fused_adamw_
+    fused(
+        ps,
+        gs,
+        states[0],
+        states[1],
+        [],
+        [on["step"]] * len(ps),
+        lr=on["lr"],
+        weight_decay=on["wd"],
+        amsgrad=False,
+        **job.hyper,
+        **flags,
+    )
+
+
+# ----------------------------------------------------------------------- foreach engine
+# Each primitive repeats its pure update's arithmetic (same ops, same order: same bits) on
+# ``u``, the current updates; ``owned[i]`` says u[i] is a temporary of ours that may be
+# overwritten (not a gradient, not a tensor the new state keeps).
+
+
+class _Updates:
+    def __init__(self, ctx: Context) -> None:
+        self.u: list[torch.Tensor] = list(ctx.g)
+        self.owned = [False] * ctx.n
+
+    def take(self, idx: list[int]) -> list[torch.Tensor]:
+        return [self.u[i] for i in idx]
+
+    def put(self, idx: list[int], values: list[torch.Tensor], owned: bool | list[bool]) -> None:
+        flags = owned if isinstance(owned, list) else [owned] * len(idx)
+        for i, v, o in zip(idx, values, flags):
+            self.u[i], self.owned[i] = v, o
+
+    def split(self, idx: list[int]) -> tuple[list[int], list[int]]:
+        mine = [i for i in idx if self.owned[i]]
+        return mine, [i for i in idx if not self.owned[i]]
+
+
+def _mul_into(up: _Updates, idx: list[int], factor: Any) -> None:
+    mine, theirs = up.split(idx)
+    if mine:
+        torch._foreach_mul_(up.take(mine), _ops.on_device(factor, up.u[mine[0]]))
+    if theirs:
+        up.put(theirs, _ops.mul(up.take(theirs), factor), True)
+
+
+def _clip_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
+    op.new_state = op.state
+    if not op.idx:
+        return
+    full = len(op.idx) == ctx.n and all(up.u[i] is ctx.g[i] for i in op.idx)
+    g_norm = grad_norm if grad_norm is not None and full else tree.norm(up.take(op.idx))
+    bound = _ops.on_device(op.spec.max_norm, g_norm)  # type: ignore[attr-defined]
+    _mul_into(up, op.idx, torch.where(g_norm < bound, torch.ones_like(g_norm), bound / g_norm))
+
+
+def _scale_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
+    spec = op.spec
+    if isinstance(spec, Scale):
+        factor = spec.value if spec.sign == 1 else spec.sign * spec.value
+        op.new_state = op.state
+    else:
+        factor = spec.fn(op.state.count)  # type: ignore[attr-defined]
+        op.new_state = op.state._replace(count=safe_increment(op.state.count))
+    if op.idx:
+        _mul_into(up, op.idx, factor)
+
+
+def _decay_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
+    rate = op.spec.weight_decay  # type: ignore[attr-defined]
+    op.new_state = op.state
+    if callable(rate):
+        rate = rate(op.state.count)
+        op.new_state = op.state._replace(count=safe_increment(op.state.count))
+    mine, theirs = up.split(op.idx)
+    for part, in_place in ((mine, True), (theirs, False)):
+        if not part:
+            continue
+        g = up.take(part)
+        p = _ops.cast_like([ctx.p[i] for i in part], g)
+        if not in_place:
+            up.put(part, _ops.add_scaled(g, rate, p), True)
+        elif isinstance(rate, torch.Tensor):
+            torch._foreach_add_(g, torch._foreach_mul(p, _ops.on_device(rate, g[0])))
+        else:
+            torch._foreach_add_(g, p, alpha=rate)
+
+
+def _trace_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
+    spec = op.spec
+    assert isinstance(spec, Trace)
+    t_leaves, t_spec = tree.flatten(op.state.trace)
+    if not op.idx:
+        op.new_state = op.state
+        return
+    g = up.take(op.idx)
+    new_trace = _ops.add_scaled(g, spec.decay, _ops.cast_like(t_leaves, g))
+    out = _ops.add_scaled(g, spec.decay, new_trace) if spec.nesterov else new_trace
+    kept = _ops.cast(new_trace, spec.accumulator_dtype)
+    op.new_state = op.state._replace(trace=tree.unflatten(t_spec, kept))
+    up.put(op.idx, out, [o is not k for o, k in zip(out, kept)])
+
+
+def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
+    from functrain.optim.adaptive import _bias, _mu_hat
+
+    spec = op.spec
+    assert isinstance(spec, ScaleByAdam)
+    count = safe_increment(op.state.count)
+    g = up.take(op.idx)
+    if not g:
+        op.new_state = op.state._replace(count=count)
+        return
+    mu_l, mu_spec = tree.flatten(op.state.mu)
+    nu_l, nu_spec = tree.flatten(op.state.nu)
+    if all(m.dtype == x.dtype and v.dtype == x.dtype for m, v, x in zip(mu_l, nu_l, g)):
+        torch._foreach_lerp_(mu_l, g, 1 - _ops.on_device(spec.b1, g[0]))
+        decay = _ops.on_device(spec.b2, g[0])
+        torch._foreach_mul_(nu_l, decay)
+        if isinstance(decay, torch.Tensor):
+            torch._foreach_add_(nu_l, torch._foreach_mul(torch._foreach_mul(g, g), 1 - decay))
+        else:
+            torch._foreach_addcmul_(nu_l, g, g, 1 - decay)
+        mu, nu = mu_l, nu_l
+        op.new_state = op.state._replace(count=count)
+    else:  # mixed dtypes (mu_dtype): the pure path's out-of-place moments
+        mu, nu = _ops.moment(g, mu_l, spec.b1), _ops.moment_sq(g, nu_l, spec.b2)
+        op.new_state = op.state._replace(
+            count=count,
+            mu=tree.unflatten(mu_spec, _ops.cast(mu, spec.mu_dtype)),
+            nu=tree.unflatten(nu_spec, _ops.cast_like(nu, nu_l)),
+        )
+    # The pure path's _denominator and final division, on its own fresh temporaries.
+    denom = _ops.div(nu, _bias(spec.b2, count, _ops.scalar_dtype(g)))
+    if not _ops.is_zero(spec.eps_root):
+        torch._foreach_add_(denom, _ops.on_device(spec.eps_root, denom[0]))
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, _ops.on_device(spec.eps, denom[0]))
+    out = _mu_hat(g, mu, spec.b1, count, spec.nesterov)
+    if out is mu or any(o is m for o, m in zip(out, mu)):
+        out = list(torch._foreach_div(out, denom))
+    else:
+        torch._foreach_div_(out, denom)
+    up.put(op.idx, out, True)
+
+
+_PRIMITIVES: dict[type, Callable[..., None]] = {
+    ClipByGlobalNorm: _clip_b,
+    Scale: _scale_b,
+    ScaleBySchedule: _scale_b,
+    AddDecayedWeights: _decay_b,
+    Trace: _trace_b,
+    ScaleByAdam: _adam_b,
+}
+
+
+def _foreach(
+    ops: list[Op], ctx: Context, grad_norm: torch.Tensor | None, want_norm: bool, writable: bool
+) -> Any:
+    del writable  # gradients are never written: the pure path's numbers need them intact
+    if ctx.found_inf is not None or any(type(op.spec) not in _PRIMITIVES for op in ops):
+        return False
+    up = _Updates(ctx)
+    for op in ops:
+        _PRIMITIVES[type(op.spec)](op, ctx, up, grad_norm)
+    norm = tree.norm(up.u) if want_norm else None
+    same = [i for i in range(ctx.n) if ctx.p[i].dtype == up.u[i].dtype]
+    if same:
+        torch._foreach_add_([ctx.p[i] for i in same], up.take(same))
+    for i in range(ctx.n):
+        if ctx.p[i].dtype != up.u[i].dtype:
+            ctx.p[i].copy_(ctx.p[i] + up.u[i])  # apply_updates' rounding: add, then cast
+    return norm
+
+
+ENGINES: dict[str, Callable[..., Any]] = {"kernel": _kernel, "foreach": _foreach}

@@ -1,0 +1,128 @@
+"""The train step's fast paths: the fused in-place optimizer stage and cheap global norms.
+
+**Fused optimizer stage.** A donating step owns the state it consumes, so its optimizer stage
+may update that state's tensors in place. :class:`FusedStage` asks
+:func:`functrain.optim.fused.update_in_place` to do so (fused ``torch._fused_adam(w)_`` /
+``_fused_sgd_`` kernels for the Adam and SGD families, in-place ``torch._foreach_*``
+arithmetic for other recognised chains) and falls back to the pure stage (``tx.update`` then
+an in-place ``apply_updates``) for anything it does not recognise. It honours the non-finite
+skip of :mod:`functrain.train.faults` on the device (``found_inf``), reuses the step's
+``grad_norm`` for a leading ``clip_by_global_norm``, and reports ``update_norm`` as the norm of
+the parameter change (the fused kernels never form the updates; this differs from the norm of
+the updates only by the rounding of ``p + u``).
+
+**Global norms.** :func:`global_norm` is ``ft.tree.norm`` for the common case of leaves of one
+dtype on one device, bit for bit, in a handful of kernels instead of several per leaf.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from functrain import tree
+from functrain.optim import fused
+
+__all__: list[str] = []  # internal: used by make_train_step
+
+
+def global_norm(values: Any) -> torch.Tensor:
+    """``ft.tree.norm(values)`` (the L2 norm over all leaves), bit for bit, with fewer kernels.
+
+    ``tree.norm`` sums ``[0, ‖x₁‖², ‖x₂‖², ...]`` stacked into one vector; so does this, but it
+    squares the per-leaf norms in one kernel. Mixed dtypes or devices use ``tree.norm``.
+
+    Example:
+        >>> import torch
+        >>> from functrain.train.fast import global_norm
+        >>> global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+        tensor(5.)
+    """
+    leaves = tree.leaves(values)
+    if not leaves:
+        return tree.norm(values)
+    first = leaves[0]
+    if not first.is_floating_point() or any(
+        x.dtype != first.dtype or x.device != first.device for x in leaves
+    ):
+        return tree.norm(values)
+    zero = first.new_zeros((1,))
+    nonempty = [x for x in leaves if x.numel()]
+    if not nonempty:
+        return zero.reshape(())
+    squares = torch.stack(torch._foreach_norm(nonempty, 2)).square()
+    return torch.cat([zero, squares]).sum().sqrt()
+
+
+class FusedStage:
+    """The optimizer stage of a donating train step, in place where ``tx`` allows it.
+
+    Called as ``stage(tx, grads, opt_state, params, *, in_place, found_inf=None)`` and
+    returning the step's ``Applied`` (with ``updates=None`` and ``update_norm`` set when the
+    fused path ran). ``supports_found_inf`` tells :func:`functrain.train.faults.apply_guarded`
+    that it skips non-finite steps by itself.
+
+    Args:
+        update_norm: compute the norm of the parameter change (for the ``update_norm`` metric).
+        grads_writable: the gradients belong to the step alone (the kernels may unscale them).
+        grad_norm: the step's ``grad_norm`` of these gradients, if computed.
+    """
+
+    supports_found_inf = True
+
+    def __init__(
+        self,
+        *,
+        update_norm: bool = True,
+        grads_writable: bool = False,
+        grad_norm: torch.Tensor | None = None,
+    ) -> None:
+        self.update_norm = update_norm
+        self.grads_writable = grads_writable
+        self.grad_norm = grad_norm
+        self.last_engine: str | None = None  # "kernel", "foreach" or "pure" (for tests, benches)
+
+    def with_grad_norm(self, grad_norm: torch.Tensor | None) -> FusedStage:
+        """This stage for one call, knowing the gradients' norm."""
+        stage = FusedStage(
+            update_norm=self.update_norm, grads_writable=self.grads_writable, grad_norm=grad_norm
+        )
+        stage.parent = self  # type: ignore[attr-defined]
+        return stage
+
+    def _record(self, engine: str) -> None:
+        self.last_engine = engine
+        parent = getattr(self, "parent", None)
+        if parent is not None:
+            parent.last_engine = engine
+
+    def __call__(
+        self,
+        tx: Any,
+        grads: Any,
+        opt_state: Any,
+        params: Any,
+        *,
+        in_place: bool,
+        found_inf: torch.Tensor | None = None,
+    ) -> Any:
+        """Runs the optimizer stage (see the class docstring)."""
+        from functrain.train.step import Applied, apply_optimizer
+
+        if in_place and not torch.compiler.is_compiling():
+            done = fused.update_in_place(
+                tx,
+                grads,
+                opt_state,
+                params,
+                found_inf=found_inf,
+                grad_norm=self.grad_norm,
+                update_norm=self.update_norm,
+                grads_writable=self.grads_writable,
+            )
+            if done is not None:
+                self._record(done.engine)
+                return Applied(params, done.opt_state, None, done.update_norm)
+        self._record("pure")
+        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place, found_inf=found_inf)

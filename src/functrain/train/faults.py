@@ -1,0 +1,310 @@
+"""Numerical faults in the train step: skip non-finite steps, count them, raise; loss scaling.
+
+``make_train_step(..., nonfinite="skip")`` (the default) checks every step, on the device and
+without a host sync, whether the loss and every gradient element are finite. A step that is not
+is **skipped**: parameters, optimizer state (its counts too, hence schedules), buffers and
+gradient-statistics states come out bit-for-bit as they went in. ``state.step`` and the random
+key still advance: the step counts batches consumed, so a data order derived from the step stays
+aligned and the next batch gets fresh randomness. The metric ``skipped`` (0-d int32) is 1 for a
+skipped step.
+
+How a skip costs no host sync: the optimizer stage runs anyway; its updates are replaced by
+``-0.0`` (``p + (-0.0) == p`` bit for bit, ``-0.0`` included, so the in-place update of a
+donated state leaves the memory as it was) and its new state by the old one (``torch.where``).
+An optimizer stage that can skip by itself (a fused kernel with a ``found_inf`` input) declares
+``supports_found_inf = True`` and receives ``found_inf=`` instead (see :func:`apply_guarded`).
+
+Options that keep a :class:`NonFiniteState` in ``state.extra["nonfinite"]`` (and report
+``skipped_total``):
+
+* ``max_consecutive_skips=n``: more than ``n`` skipped steps in a row raise
+  :class:`NonFiniteError` from the next call, before it touches its input state (that state holds
+  the parameters from before the faults). The count is read without stalling the device: on the
+  CPU directly, on CUDA from an asynchronous copy, so the error may come a call or two later.
+* ``loss_scale=ft.DynamicLossScale()``: float16 loss scaling, ``torch.amp.GradScaler``'s
+  policy; its :class:`~functrain.LossScaleState` lives in ``state.extra["loss_scale"]`` and the
+  metric ``loss_scale`` is the scale the step used. An overflow skips the step (as above) and
+  halves the scale. The ``loss`` metric is reported unscaled.
+
+``nonfinite="ignore"`` turns the check off (NaNs then reach the parameters).
+
+A checkpoint of a state with these entries restores into a target that has them too: build the
+target with ``step.prepare(ft.TrainState.create(...))``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.optim import _utils
+from functrain.optim.base import GradientTransformation
+from functrain.optim.loss_scale import DynamicLossScale, LossScaleState, all_finite
+from functrain.train import loss as loss_lib
+
+__all__ = ["NonFiniteError", "NonFiniteState"]
+
+NONFINITE_KEY = "nonfinite"
+LOSS_SCALE_KEY = "loss_scale"
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many train steps in a row had a non-finite loss or gradient.
+
+    Raised by a step made with ``max_consecutive_skips=n`` once more than ``n`` consecutive
+    steps were skipped; the state passed to the raising call is left intact.
+
+    Example:
+        >>> import functrain as ft
+        >>> issubclass(ft.NonFiniteError, FloatingPointError)
+        True
+    """
+
+
+class NonFiniteState(NamedTuple):
+    """Skip counters of a train step, kept in ``state.extra["nonfinite"]``.
+
+    Attributes:
+        consecutive: skipped steps in a row up to now (0-d int32; a finite step resets it).
+        total: all skipped steps so far (0-d int32).
+    """
+
+    consecutive: torch.Tensor
+    total: torch.Tensor
+
+
+class Check(NamedTuple):
+    """What :meth:`StepFaults.check` found (internal)."""
+
+    grads: Any  # unscaled when loss scaling
+    ok: torch.Tensor | None  # 0-d bool, None when not checking
+    extra: dict[str, Any]  # new fault entries of state.extra
+    metrics: dict[str, torch.Tensor]
+
+
+def _scale_result(result: Any, scale: torch.Tensor) -> Any:
+    if isinstance(result, loss_lib.LossOutput):
+        return result._replace(loss=_scale_result(result.loss, scale))
+    if isinstance(result, loss_lib.LossSum):
+        if isinstance(result.total, torch.Tensor) and result.total.is_floating_point():
+            return result._replace(total=result.total * scale)
+        return result
+    if isinstance(result, torch.Tensor) and result.is_floating_point():
+        return result * scale
+    return result  # not a valid result: the step's parser names the problem
+
+
+def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
+    """``new`` where ``ok`` else ``old``, leaf-wise; identical leaves are not copied."""
+
+    def pick(n: Any, o: Any) -> Any:
+        if n is o or not (isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor)):
+            return n
+        return torch.where(ok, n, o if o.dtype == n.dtype else o.to(n.dtype))
+
+    return tree.map(pick, new, old)
+
+
+def skip_unless(tx: GradientTransformation, ok: torch.Tensor) -> GradientTransformation:
+    """``tx`` whose update is a no-op unless ``ok``: updates ``-0.0``, the old state kept.
+
+    Adding ``-0.0`` leaves every parameter bit-for-bit as it was (``+0.0`` would turn ``-0.0``
+    into ``+0.0``), in place or not, whatever the parameter's dtype.
+    """
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        new_updates, new_state = tx.update(updates, state, params, **extra)
+        masked = tree.map(lambda u: torch.where(ok, u, -0.0), new_updates)
+        return masked, _select(ok, new_state, state)
+
+    return GradientTransformation(tx.init, update_fn)
+
+
+def apply_guarded(
+    apply_optimizer: Callable[..., Any],
+    tx: GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    params: Any,
+    *,
+    in_place: bool,
+    ok: torch.Tensor | None,
+) -> Any:
+    """Runs the step's optimizer stage so that ``ok == False`` changes nothing.
+
+    The contract for a replacement optimizer stage (e.g. a fused in-place one): if it has the
+    attribute ``supports_found_inf = True`` it is called with ``found_inf=`` (a 0-d bool
+    tensor on the params' device) and must then, where ``found_inf`` is true, leave the
+    parameters and the optimizer state bit-for-bit unchanged (in place or not) without reading
+    the flag on the host, like ``torch._fused_adam_(..., found_inf=...)``. Otherwise it gets
+    :func:`skip_unless` ``(tx, ok)``, which is correct for any stage built on ``tx.update``
+    and ``apply_updates``.
+    """
+    if ok is None:
+        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place)
+    if getattr(apply_optimizer, "supports_found_inf", False):
+        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place, found_inf=~ok)
+    return apply_optimizer(skip_unless(tx, ok), grads, opt_state, params, in_place=in_place)
+
+
+def _check_max(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"max_consecutive_skips must be a non-negative int or None, got {value!r}")
+    return value
+
+
+class StepFaults:
+    """The non-finite policy of one train step (internal; built by ``make_train_step``)."""
+
+    def __init__(
+        self,
+        nonfinite: Literal["skip", "ignore"],
+        max_consecutive_skips: int | None,
+        loss_scale: DynamicLossScale | None,
+    ) -> None:
+        if nonfinite not in ("skip", "ignore"):
+            raise ValueError(f"nonfinite must be 'skip' or 'ignore', got {nonfinite!r}")
+        self.max_consecutive_skips = _check_max(max_consecutive_skips)
+        if loss_scale is not None and not isinstance(loss_scale, DynamicLossScale):
+            raise TypeError(
+                "loss_scale must be a ft.DynamicLossScale (e.g. ft.DynamicLossScale()) or None, "
+                f"got {type(loss_scale).__name__}"
+            )
+        if nonfinite == "ignore" and (max_consecutive_skips is not None or loss_scale is not None):
+            option = "max_consecutive_skips" if loss_scale is None else "loss_scale"
+            raise ValueError(f"{option} needs nonfinite='skip' (it skips non-finite steps)")
+        self.active = nonfinite == "skip"
+        self.loss_scale = loss_scale
+        self.stateful = self.max_consecutive_skips is not None or loss_scale is not None
+        self._scale: contextvars.ContextVar[torch.Tensor] = contextvars.ContextVar("loss_scale")
+        # (counter tensor, pinned host copy, event) of the last CUDA step, for a lazy raise.
+        self._pending: tuple[torch.Tensor, torch.Tensor, Any] | None = None
+
+    # -- state ------------------------------------------------------------------------------
+    def init_extra(self, params: Any) -> dict[str, Any]:
+        """The ``state.extra`` entries this policy keeps, freshly initialised."""
+        out: dict[str, Any] = {}
+        if self.stateful:
+            zero = _utils.zero_count(params)
+            out[NONFINITE_KEY] = NonFiniteState(zero, zero.clone())
+        if self.loss_scale is not None:
+            out[LOSS_SCALE_KEY] = self.loss_scale.init(_utils.default_device(params))
+        return out
+
+    def _entries(self, extra: dict[str, Any], params: Any) -> dict[str, Any]:
+        """This policy's entries of ``state.extra`` (fresh ones where missing), type-checked."""
+        keys = [NONFINITE_KEY] + ([LOSS_SCALE_KEY] if self.loss_scale is not None else [])
+        fresh = self.init_extra(params) if any(k not in extra for k in keys) else {}
+        out = {k: extra[k] if k in extra else fresh[k] for k in keys}
+        for key, kind in ((NONFINITE_KEY, NonFiniteState), (LOSS_SCALE_KEY, LossScaleState)):
+            if key in out and not isinstance(out[key], kind):
+                raise TypeError(
+                    f"state.extra[{key!r}] must be a {kind.__name__} (kept there by the train "
+                    f"step), got {type(out[key]).__name__}"
+                )
+        return out
+
+    # -- the loss ---------------------------------------------------------------------------
+    def wrap_loss(self, loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``loss_fn`` multiplied by the current loss scale (``loss_fn`` itself without one)."""
+        if self.loss_scale is None:
+            return loss_fn
+        scale_var = self._scale
+
+        @functools.wraps(loss_fn)  # keeps the signature: the step passes buffers=/key= by it
+        def scaled_loss(params: Any, batch: Any, **kwargs: Any) -> Any:
+            return _scale_result(loss_fn(params, batch, **kwargs), scale_var.get())
+
+        return scaled_loss
+
+    def begin(self, extra: dict[str, Any], params: Any) -> contextvars.Token | None:
+        """Before the gradient stage: raises a pending :class:`NonFiniteError`, sets the scale."""
+        if not self.active or not self.stateful:
+            return None
+        entries = self._entries(extra, params)
+        if self.max_consecutive_skips is not None:
+            count = self._read(entries[NONFINITE_KEY].consecutive)
+            if count is not None and count > self.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{count} consecutive train steps had a non-finite loss or gradient "
+                    f"(max_consecutive_skips={self.max_consecutive_skips}); their updates were "
+                    "skipped, so the state passed to this call still holds the parameters from "
+                    "before them. Check the data and the learning rate, or train in float32 / "
+                    "with a loss scale"
+                )
+        if self.loss_scale is not None:
+            return self._scale.set(entries[LOSS_SCALE_KEY].scale)
+        return None
+
+    def end(self, token: contextvars.Token | None) -> None:
+        """Resets what :meth:`begin` set (also after an error)."""
+        if token is not None:
+            self._scale.reset(token)
+
+    def _read(self, counter: torch.Tensor) -> int | None:
+        if counter.device.type == "cpu":
+            return int(counter)  # a CPU tensor: no device synchronization
+        pending = self._pending
+        if pending is not None and pending[0] is counter and pending[2].query():
+            return int(pending[1])
+        return None
+
+    def _record(self, counter: torch.Tensor) -> None:
+        if self.max_consecutive_skips is None or counter.device.type != "cuda":
+            return
+        host = torch.empty((), dtype=counter.dtype, pin_memory=True)
+        host.copy_(counter, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending = (counter, host, event)
+
+    # -- after the gradient stage -----------------------------------------------------------
+    def check(
+        self, metrics: dict[str, torch.Tensor], grads: Any, extra: dict[str, Any], params: Any
+    ) -> Check:
+        """Unscales the gradients, decides whether the step is finite, updates the counters.
+
+        Replaces ``metrics["loss"]`` by the unscaled loss when loss scaling.
+        """
+        if not self.active:
+            return Check(grads, None, {}, {})
+        loss = metrics["loss"]
+        new_extra: dict[str, Any] = {}
+        out_metrics: dict[str, torch.Tensor] = {}
+        entries = self._entries(extra, params) if self.stateful else {}
+        if self.loss_scale is not None:
+            ls_state = entries[LOSS_SCALE_KEY]
+            loss = loss / ls_state.scale
+            metrics["loss"] = loss
+            grads, finite = self.loss_scale.unscale(ls_state, grads)
+            ok = finite & torch.isfinite(loss)
+            new_extra[LOSS_SCALE_KEY] = self.loss_scale.update(ls_state, ok)
+            out_metrics["loss_scale"] = ls_state.scale
+        else:
+            ok = all_finite(grads) & torch.isfinite(loss)
+        skipped = (~ok).to(torch.int32)
+        out_metrics["skipped"] = skipped
+        if self.stateful:
+            counts = entries[NONFINITE_KEY]
+            consecutive = torch.where(
+                ok, torch.zeros_like(counts.consecutive), _utils.safe_increment(counts.consecutive)
+            )
+            total = torch.where(ok, counts.total, _utils.safe_increment(counts.total))
+            new_extra[NONFINITE_KEY] = NonFiniteState(consecutive, total)
+            out_metrics["skipped_total"] = total
+            self._record(consecutive)
+        return Check(grads, ok, new_extra, out_metrics)
+
+    @staticmethod
+    def keep_if_skipped(ok: torch.Tensor | None, new: Any, old: Any) -> Any:
+        """``new`` (buffers, hook states) if the step was applied, else ``old``, bit-for-bit."""
+        if ok is None or new is old or new is None or old is None:
+            return new
+        return _select(ok, new, old)

@@ -1,0 +1,116 @@
+"""examples/per_sample.py in fast mode: it learns, and TensorBoard reads what it wrote."""
+
+import importlib.util
+import io
+import math
+import os
+from contextlib import redirect_stdout
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STORE_EVERYTHING = {"scalars": 0, "histograms": 0, "tensors": 0, "compressedHistograms": 0}
+LAYERS = ("conv1", "conv2", "fc1", "fc2")
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location(
+        "per_sample_example", os.path.join(ROOT, "examples", "per_sample.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_run(path):
+    acc = EventAccumulator(os.fspath(path), size_guidance=STORE_EVERYTHING)
+    acc.Reload()
+    return acc
+
+
+def values(acc, tag):
+    return [e.value for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("per_sample")
+    example = load_example()
+    out = io.StringIO()
+    with redirect_stdout(out):
+        status = example.main(["--fast", "--logdir", str(logdir)])
+    return status, out.getvalue(), logdir
+
+
+def test_prints_where_and_what(fast_run):
+    status, stdout, logdir = fast_run
+    assert status == 0
+    assert f"TensorBoard logs: {logdir}" in stdout
+    assert "tensorboard --logdir" in stdout
+    assert "critical batch ≈ B_simple ≈" in stdout
+    assert "hardest examples" in stdout
+    assert "DP-SGD (C=1.0, σ=1.0): test accuracy" in stdout
+
+
+def test_learns_and_logs_the_noise_scale(fast_run):
+    _, _, logdir = fast_run
+    acc = load_run(logdir / "standard")
+    scalars = set(acc.Tags()["scalars"])
+    expected = {
+        "train/loss",
+        "train/grad_norm",
+        "train/noise_scale/b_simple",
+        "train/noise_scale/trace_sigma",
+        "train/noise_scale/grad_sq",
+        "train/noise_scale/gradient_diversity",
+        "per_sample/b_simple",
+        "per_sample/trace_sigma",
+        "per_sample/grad_sq",
+        "per_sample/grad_norm_median",
+        "grads/diversity",
+        "eval/accuracy",
+        "eval/loss",
+        *(f"grad_snr/median/{layer}.weight" for layer in LAYERS),
+    }
+    assert expected <= scalars
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(30))
+    loss = values(acc, "train/loss")
+    assert sum(loss[-5:]) / 5 < 0.6 * loss[0]  # learned something
+    assert values(acc, "eval/accuracy")[-1] > 0.5
+    b_simple = values(acc, "train/noise_scale/b_simple")
+    assert all(math.isfinite(b) for b in b_simple[1:])
+    assert b_simple[-1] > 0
+    # Analyses at steps 0, 15 and 30 (the end).
+    assert [e.step for e in acc.Scalars("per_sample/b_simple")] == [0, 15, 30]
+    assert "_hparams_/session_start_info" in acc.summary_metadata
+
+
+def test_per_sample_histograms_and_hardest_examples(fast_run):
+    _, _, logdir = fast_run
+    acc = load_run(logdir / "standard")
+    histograms = set(acc.Tags()["histograms"])
+    expected = {"per_sample/grad_norm", "per_sample/loss"}
+    expected |= {f"per_sample/grad_norm/{layer}.weight" for layer in LAYERS}
+    expected |= {f"grad_snr/log10/{layer}.bias" for layer in LAYERS}
+    assert expected <= histograms
+    norms = acc.Histograms("per_sample/grad_norm")
+    assert [h.step for h in norms] == [0, 15, 30]
+    assert norms[-1].histogram_value.num == 512  # one norm per training example (fast subset)
+    assert norms[-1].histogram_value.min >= 0
+
+    assert "hardest_examples" in acc.Tags()["tensors"]
+    text = acc.Tensors("hardest_examples")[-1].tensor_proto.string_val[0].decode()
+    assert "| rank | index | label | predicted | p(label) | loss | grad norm |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == 5  # --top-k in fast mode
+    grad_norms = [float(r.strip("| ").split(" | ")[-1]) for r in rows]
+    assert grad_norms == sorted(grad_norms, reverse=True)
+
+
+def test_dp_sgd_run(fast_run):
+    _, _, logdir = fast_run
+    acc = load_run(logdir / "dp_sgd")
+    assert {"train/loss", "dp/clipped_fraction", "eval/accuracy"} <= set(acc.Tags()["scalars"])
+    fractions = values(acc, "dp/clipped_fraction")
+    assert len(fractions) == 30 and all(0.0 <= f <= 1.0 for f in fractions)

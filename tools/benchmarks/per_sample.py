@@ -1,0 +1,229 @@
+"""Per-sample gradients: functrain (``torch.func``) vs Opacus hooks vs a naive loop, and DP-SGD.
+
+On the same model, weights and batch of 64, it times
+
+* a plain batch gradient (``torch.autograd.grad`` of the mean loss): the floor;
+* ``ft.per_sample_grads`` (``vmap(grad)``), Opacus' ``GradSampleModule`` (forward and backward
+  hooks filling ``p.grad_sample``) and a naive loop of one backward pass per example;
+* the DP-SGD gradient ``Σᵢ clip(gᵢ, C)``: ``ft.clipped_grad_sum`` vs Opacus' hooks followed by
+  the clipping and summation its ``DPOptimizer`` does.
+
+Models: ``mnist_cnn`` is the CNN of Opacus' MNIST example (1×28×28 inputs, 26k parameters), the
+issue's reference "small CNN"; ``digits_cnn`` is the CNN of ``examples/per_sample.py`` (1×8×8,
+42k parameters). Inputs are random: only shapes matter for speed. Checks compare the gradients
+of the three per-sample methods and the two clipped sums. In full mode a ``torch.compile``-d
+``ft.per_sample_grads`` is timed too (compilation excluded), as functrain's opt-in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functrain as ft
+from benchmarks import Section, interleaved_medians
+
+BATCH = 64
+CLIP = 1.0
+BARS = {"per_sample_vs_opacus": 0.5, "clipped_sum_vs_plain": 4.0}
+
+
+def mnist_cnn() -> nn.Module:
+    """Opacus' ``examples/mnist.py`` ``SampleConvNet``."""
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 16, 8, 2, padding=3),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2, 1),
+            conv2=nn.Conv2d(16, 32, 4, 2),
+            relu2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2, 1),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(32 * 4 * 4, 32),
+            relu3=nn.ReLU(),
+            fc2=nn.Linear(32, 10),
+        )
+    )
+
+
+def digits_cnn() -> nn.Module:
+    """``examples/per_sample.py``'s CNN for 8×8 digits."""
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(1, 16, 3, padding=1),
+            relu1=nn.ReLU(),
+            conv2=nn.Conv2d(16, 32, 3, padding=1),
+            relu2=nn.ReLU(),
+            pool=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(32 * 4 * 4, 64),
+            relu3=nn.ReLU(),
+            fc2=nn.Linear(64, 10),
+        )
+    )
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mnist_cnn": (mnist_cnn, (1, 28, 28)),
+    "digits_cnn": (digits_cnn, (1, 8, 8)),
+}
+
+
+def _opacus() -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from opacus import GradSampleModule
+    except Exception:  # not installed, or an incompatible version
+        return None
+    return GradSampleModule
+
+
+def _max_rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """``max |got − ref| / max |ref|`` over all leaves."""
+    scale = max(float(r.abs().max()) for r in ref)
+    return max(float((g - r).abs().max()) for g, r in zip(got, ref)) / scale
+
+
+def _opacus_clipped_sum(grad_samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What Opacus' ``DPOptimizer.clip_and_accumulate`` does with ``p.grad_sample``."""
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in grad_samples], dim=1)
+    factor = (CLIP / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
+    return [torch.einsum("i,i...", factor, g) for g in grad_samples]
+
+
+def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: Any) -> None:
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    module = factory()
+    model, params, _ = ft.functionalize(module)
+    gen = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn(BATCH, *shape, generator=gen), "y": torch.randint(0, 10, (BATCH,))}
+    names = list(params)
+
+    def loss_fn(p: Any, b: Any) -> torch.Tensor:
+        return F.cross_entropy(model(p, b["x"]), b["y"])
+
+    reference = factory()
+    reference.load_state_dict(module.state_dict())
+    ref_params = list(reference.parameters())
+
+    def plain() -> Any:
+        loss = F.cross_entropy(reference(batch["x"]), batch["y"])
+        return torch.autograd.grad(loss, ref_params)
+
+    def naive() -> list[torch.Tensor]:
+        rows = []
+        for i in range(BATCH):
+            loss = F.cross_entropy(reference(batch["x"][i : i + 1]), batch["y"][i : i + 1])
+            rows.append(torch.autograd.grad(loss, ref_params))
+        return [torch.stack(leaf) for leaf in zip(*rows)]
+
+    def functrain() -> list[torch.Tensor]:
+        grads = ft.per_sample_grads(loss_fn, params, batch)
+        return [grads[k] for k in names]
+
+    def functrain_clip() -> list[torch.Tensor]:
+        grads = ft.clipped_grad_sum(loss_fn, params, batch, CLIP).grad_sum
+        return [grads[k] for k in names]
+
+    fns: dict[str, Callable[[], Any]] = {
+        "plain batch gradient": plain,
+        "functrain per_sample_grads": functrain,
+        "naive loop": naive,
+        "functrain clipped_grad_sum": functrain_clip,
+    }
+    if grad_sample_module is not None:
+        opacus_model = factory()
+        opacus_model.load_state_dict(module.state_dict())
+        gsm = grad_sample_module(opacus_model)
+        gsm_params = list(gsm.parameters())
+
+        def opacus() -> list[torch.Tensor]:
+            for p in gsm_params:
+                p.grad, p.grad_sample = None, None
+            F.cross_entropy(gsm(batch["x"]), batch["y"]).backward()
+            return [p.grad_sample for p in gsm_params]
+
+        fns["opacus GradSampleModule"] = opacus
+        fns["opacus hooks + clip + sum"] = lambda: _opacus_clipped_sum(opacus())
+    if not quick and name == "mnist_cnn":
+        try:
+            compiled = torch.compile(lambda p, b: ft.per_sample_grads(loss_fn, p, b))
+            compiled(params, batch)  # compile outside the timings
+            fns["functrain per_sample_grads, torch.compile"] = lambda: compiled(params, batch)
+        except Exception as err:  # no C++ compiler, unsupported platform, ...
+            section.notes.append(f"{name}: torch.compile unavailable ({type(err).__name__})")
+
+    # Correctness first: every method's gradients against the naive loop.
+    expected = naive()
+    got = functrain()
+    err = _max_rel_err(got, expected)
+    section.checks.append(
+        (f"{name}: functrain per-sample = naive loop", err < 1e-4, f"max rel err {err:.1e}")
+    )
+    per_sample_sq = sum(g.reshape(BATCH, -1).square().sum(1) for g in expected)
+    factor = (CLIP / per_sample_sq.sqrt()).clamp(max=1.0)
+    expected_clip = [torch.einsum("i,i...", factor, g) for g in expected]
+    err = _max_rel_err(functrain_clip(), expected_clip)
+    section.checks.append(
+        (f"{name}: functrain clipped sum = naive clip + sum", err < 1e-4, f"max rel err {err:.1e}")
+    )
+    if grad_sample_module is not None:
+        err = _max_rel_err(got, fns["opacus GradSampleModule"]())
+        section.checks.append(
+            (
+                f"{name}: functrain per-sample = Opacus grad_sample",
+                err < 1e-4,
+                f"max rel err {err:.1e}",
+            )
+        )
+
+    times = interleaved_medians(fns, repeats=3 if quick else 15, warmup=1 if quick else 2)
+    base = times["plain batch gradient"]
+    peer = times.get("opacus GradSampleModule")
+    peer_clip = times.get("opacus hooks + clip + sum")
+    for method, seconds in times.items():
+        row: dict[str, Any] = {"model": name, "method": method, "ms": 1e3 * seconds}
+        row["× plain"] = seconds / base
+        if peer is not None:
+            row["× opacus"] = seconds / (peer_clip if "clip" in method else peer)
+        section.rows.append(row)
+
+    ratio = times["functrain clipped_grad_sum"] / base
+    bar = BARS["clipped_sum_vs_plain"]
+    verdict = "met" if ratio <= bar else "NOT met"
+    notes = [f"{name}: clipped-sum / plain batch gradient = {ratio:.2f} (bar ≤ {bar}: {verdict})"]
+    if peer is not None:
+        ratio = times["functrain per_sample_grads"] / peer
+        bar = BARS["per_sample_vs_opacus"]
+        verdict = "met" if ratio <= bar else "NOT met"
+        notes.insert(
+            0, f"{name}: functrain / Opacus per-sample = {ratio:.2f} (bar ≤ {bar}: {verdict})"
+        )
+    section.notes.extend(notes)
+
+
+def run(quick: bool) -> Section:
+    """Times and checks per-sample gradients and the DP-SGD gradient (see the module docstring)."""
+    section = Section(f"Per-sample gradients and DP-SGD clipped sums (CPU, batch {BATCH})")
+    grad_sample_module = _opacus()
+    if grad_sample_module is None:
+        section.notes.append("opacus is not installed: Opacus rows and checks skipped")
+    models = ("mnist_cnn",) if quick else tuple(MODELS)
+    with warnings.catch_warnings():
+        # Opacus' hooks warn on every backward when the input does not require gradients.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for name in models:
+            _bench_model(name, quick, section, grad_sample_module)
+    section.notes.append(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms are interleaved "
+        "medians; × opacus compares clipped sums with Opacus' clipped sum"
+    )
+    return section
