@@ -23,14 +23,7 @@ SUBMODULES = ["tree", "testing", "logging", "checkpoint", "distributed"]
 
 
 def _modules() -> list[types.ModuleType]:
-    found = [functrain]
-    for name in SUBMODULES:
-        try:
-            found.append(importlib.import_module(f"functrain.{name}"))
-        except ModuleNotFoundError as err:
-            if err.name != f"functrain.{name}":  # the module exists but is broken
-                raise
-    return found
+    return [functrain, *(importlib.import_module(f"functrain.{name}") for name in SUBMODULES)]
 
 
 MODULES = _modules()

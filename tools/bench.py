@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmarks import Section  # noqa: E402
+from benchmarks import Section
 
 SECTIONS = ("optimizer", "step", "per_sample", "logging")
 

@@ -210,7 +210,9 @@ def test_metrics():
     state = ft.TrainState.create(params=params, tx=tx)
     grad = torch.func.grad(loss_fn)(state.params, batch)
     new, m = ft.make_train_step(loss_fn, tx, micro_batches=3, donate=False)(state, batch)
-    assert set(m) == {"loss", "num_examples", "grad_norm", "update_norm", "param_norm", "lr"}
+    expected = {"loss", "num_examples", "grad_norm", "update_norm", "param_norm", "lr", "skipped"}
+    assert set(m) == expected
+    assert int(m["skipped"]) == 0
     ft.testing.assert_trees_all_close(m["grad_norm"], ft.tree.norm(grad), rtol=1e-12)  # before clip
     ft.testing.assert_trees_all_close(
         m["update_norm"], torch.tensor(0.005, dtype=torch.float64), rtol=1e-9

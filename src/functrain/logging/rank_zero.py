@@ -33,6 +33,13 @@ class RankZeroWriter(MetricWriter):
 
     Args:
         writer: a writer, or a function of no arguments returning one.
+
+    Example:
+        >>> import tempfile
+        >>> from functrain.logging import RankZeroWriter, TensorBoardWriter
+        >>> logdir = tempfile.mkdtemp()
+        >>> with RankZeroWriter(lambda: TensorBoardWriter(logdir)) as writer:
+        ...     writer.write_scalars(0, {"train/loss": 1.0})
     """
 
     def __init__(self, writer: MetricWriter | Callable[[], MetricWriter]) -> None:

@@ -36,13 +36,31 @@ OptState = Any
 
 
 class TransformInitFn(Protocol):
-    """``init(params) -> state``."""
+    """The type of ``GradientTransformation.init``: ``init(params) -> state``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> init: ft.TransformInitFn = ft.adam(1e-3).init
+        >>> init({"w": torch.zeros(2)})[0].count
+        tensor(0, dtype=torch.int32)
+    """
 
     def __call__(self, params: Params) -> OptState: ...
 
 
 class TransformUpdateFn(Protocol):
-    """``update(updates, state, params=None, **extra) -> (updates, state)``."""
+    """The type of ``GradientTransformation.update``.
+
+    ``update(updates, state, params=None, **extra) -> (updates, new_state)``; it never
+    mutates its inputs.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale(-0.5)
+        >>> update: ft.TransformUpdateFn = tx.update
+        >>> update({"w": torch.ones(2)}, tx.init({"w": torch.ones(2)}))[0]
+        {'w': tensor([-0.5000, -0.5000])}
+    """
 
     def __call__(
         self, updates: Updates, state: OptState, params: Params | None = None, **extra: Any

@@ -31,7 +31,7 @@ import logging
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -57,7 +57,24 @@ _log = logging.getLogger(__name__)
 
 Count = int | float | torch.Tensor
 Value = float | torch.Tensor
-Schedule = Callable[[Count], Value]
+
+
+class Schedule(Protocol):
+    """A learning-rate (or any hyperparameter) schedule: ``schedule(count) -> value``.
+
+    ``count`` is the number of updates done so far (``0`` at the first update), a Python number
+    or a tensor; with a tensor count the value is a tensor on its device and computed without
+    Python branches, so a compiled step does not recompile as the count advances. Any such
+    callable works where functrain takes a schedule.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> schedule: ft.Schedule = ft.linear_schedule(1.0, 0.0, transition_steps=4)
+        >>> schedule(1), schedule(torch.tensor(2))
+        (0.75, tensor(0.5000))
+    """
+
+    def __call__(self, count: Count) -> Value: ...
 
 
 def _check_count(count: Any) -> bool:

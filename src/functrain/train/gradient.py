@@ -43,6 +43,13 @@ class MicroBatchStats(NamedTuple):
         sizes: ``bᵢ``: examples (mean losses) or ``LossSum`` counts of each micro-batch.
         losses: each micro-batch's mean loss ``Lᵢ`` (``Tᵢ / Cᵢ`` for ``LossSum``).
         values: the stacked outputs of :attr:`GradStatsHook.per_micro_batch`.
+
+    Example:
+        >>> import torch
+        >>> from functrain import MicroBatchStats
+        >>> stats = MicroBatchStats(torch.tensor([3.0, 2.0]), torch.tensor([0.5, 0.7]), {})
+        >>> (stats.sizes * stats.losses).sum() / stats.sizes.sum()  # the full-batch loss
+        tensor(0.5800)
     """
 
     sizes: torch.Tensor

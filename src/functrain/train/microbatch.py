@@ -28,6 +28,13 @@ class BatchSplit(NamedTuple):
     """How a batch of ``total`` examples is cut.
 
     Micro-batch ``i`` is rows ``starts[i] : starts[i] + sizes[i]`` of every leaf.
+
+    Example:
+        >>> import torch
+        >>> from functrain import split_batch
+        >>> split = split_batch({"x": torch.arange(10)}, 4)
+        >>> split.sizes, split.starts, split.num_micro_batches
+        ((3, 3, 2, 2), (0, 3, 6, 8), 4)
     """
 
     sizes: tuple[int, ...]

@@ -213,7 +213,17 @@ def _check_state(state: Any, where: str) -> TrainState:
 
 
 class TrainStep:
-    """A pure train step ``step(state, batch) -> (new_state, metrics)``; see make_train_step."""
+    """A pure train step ``step(state, batch) -> (new_state, metrics)``; see make_train_step.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> loss_fn = lambda params, batch: ((batch["x"] * params["w"]).sum(-1) ** 2).mean()
+        >>> step = ft.make_train_step(loss_fn, ft.sgd(0.1), micro_batches=2)
+        >>> state = ft.TrainState.create(params={"w": torch.ones(3)}, tx=ft.sgd(0.1))
+        >>> state, metrics = step(state, {"x": torch.ones(5, 3)})
+        >>> int(state.step), sorted(metrics)[:3]
+        (1, ['grad_norm', 'loss', 'num_examples'])
+    """
 
     def __init__(
         self,
@@ -293,9 +303,40 @@ class TrainStep:
         try:
             split = microbatch.split_batch(batch, self.micro_batches)
             devices = _devices(params)
-            result = self.grad_stage(params, batch, split, buffers, key, devices)
+            if self._compiled is None:
+                fields, metrics = self._core(
+                    params, opt_state, buffers, key, step, extra, batch, split, devices
+                )
+            else:
+                fields, metrics = self._compiled(
+                    self.prepare_extra(extra, params), params, opt_state, buffers, key, step,
+                    batch, split, devices,
+                )
         finally:
             self.faults.end(token)
+        if self.donate:
+            # Consumed only once the update succeeded: a failing step leaves the state usable.
+            state._consume("a train step (donate=True)")
+        return TrainState(*fields), metrics
+
+    def _core(
+        self,
+        params: Any,
+        opt_state: Any,
+        buffers: Any,
+        key: torch.Tensor | None,
+        step: torch.Tensor,
+        extra: dict[str, Any],
+        batch: Any,
+        split: microbatch.BatchSplit,
+        devices: list[torch.device],
+    ) -> tuple[tuple[Any, ...], dict[str, torch.Tensor]]:
+        """The step's tensor computation: the new state's fields and the metrics.
+
+        Pure apart from the donated parameter memory, with no host reads: this is what
+        ``compile=`` runs under ``torch.compile(fullgraph=True)``.
+        """
+        result = self.grad_stage(params, batch, split, buffers, key, devices)
         metrics = dict(result.metrics)
         # Unscaled gradients and ``ok`` (finite loss and gradients; None with "ignore").
         check = self.faults.check(metrics, result.grads, extra, params)
@@ -321,15 +362,9 @@ class TrainStep:
         applied = faults.apply_guarded(
             stage, self.tx, grads, opt_state, params, in_place=self.donate, ok=ok
         )
-        if self.donate:
-            # Consumed only once the update succeeded: a failing step leaves the state usable.
-            state._consume("a train step (donate=True)")
         del params, opt_state
         new_key = None if key is None else rng.fold_in(key, 0)
         new_buffers = self.faults.keep_if_skipped(ok, result.buffers, buffers)
-        new_state = TrainState(
-            step + 1, applied.params, applied.opt_state, new_buffers, new_key, new_extra
-        )
         if self.norm_metrics:
             if applied.updates is not None:  # a fused path may not materialise the updates
                 metrics["update_norm"] = fast.global_norm(applied.updates)
@@ -339,9 +374,10 @@ class TrainStep:
         lr = find_learning_rate(applied.opt_state)
         if lr is not None:
             if not isinstance(lr, torch.Tensor):
-                lr = torch.full((), float(lr), device=new_state.step.device)
+                lr = torch.full((), float(lr), device=step.device)
             metrics["lr"] = lr
-        return new_state, metrics
+        fields = (step + 1, applied.params, applied.opt_state, new_buffers, new_key, new_extra)
+        return fields, metrics
 
     def prepare(self, state: TrainState) -> TrainState:
         """``state`` with the ``state.extra`` entries this step keeps added where missing.
@@ -499,7 +535,16 @@ def make_train_step(
 
 
 class EvalStep:
-    """``eval_step(state, batch) -> metrics`` with no gradient work; see :func:`make_eval_step`."""
+    """``eval_step(state, batch) -> metrics`` with no gradient work; see :func:`make_eval_step`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> loss_fn = lambda params, batch: ((batch["x"] * params["w"]).sum(-1) ** 2).mean()
+        >>> eval_step = ft.make_eval_step(loss_fn)
+        >>> state = ft.TrainState.create(params={"w": torch.ones(3)}, tx=ft.sgd(0.1))
+        >>> eval_step(state, {"x": torch.ones(4, 3)})["loss"]
+        tensor(9.)
+    """
 
     def __init__(
         self, loss_fn: Callable[..., Any], micro_batches: int | Sequence[int], seed_rng: bool
