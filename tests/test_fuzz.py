@@ -7,7 +7,9 @@ no input is ever mutated (every tensor compared bit for bit with a copy taken be
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from typing import Any
 
 import hypothesis.strategies as st
@@ -16,6 +18,7 @@ import torch
 from hypothesis import given
 
 import functrain as ft
+from functrain import checkpoint
 
 _INT_VIEW = {
     torch.float64: torch.int64,
@@ -251,6 +254,7 @@ def step_cases(draw: Any) -> dict[str, Any]:
         ),
         "state_fault": draw(st.sampled_from(["none", "none", "other_tx", "shape", "int_param"])),
         "donate": draw(st.booleans()),
+        "faults": draw(st.sampled_from(["default", "loss_scale", "max_skips", "ignore"])),
         "seed": draw(st.integers(0, 2**16)),
     }
     return case
@@ -285,6 +289,14 @@ def _step_inputs(case: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     return params, batch, loss_fn, gen
 
 
+FAULT_OPTIONS = {
+    "default": dict,
+    "loss_scale": lambda: {"loss_scale": ft.DynamicLossScale(2.0**10)},
+    "max_skips": lambda: {"max_consecutive_skips": 2},
+    "ignore": lambda: {"nonfinite": "ignore"},
+}
+
+
 @given(case=step_cases())
 def test_train_step_raises_only_clear_errors_and_never_mutates(case):
     params, batch, loss_fn, _ = _step_inputs(case)
@@ -307,6 +319,7 @@ def test_train_step_raises_only_clear_errors_and_never_mutates(case):
             micro_batches=case["micro_batches"],
             strategy=case["strategy"],
             donate=case["donate"],
+            **FAULT_OPTIONS[case["faults"]](),
         )
     except (ValueError, TypeError) as err:
         _assert_clear(err)
@@ -332,9 +345,10 @@ def test_train_step_raises_only_clear_errors_and_never_mutates(case):
     assert valid, f"an invalid step ran: {case}"
     assert int(new_state.step) == 1 and metrics["loss"].dim() == 0
     ft.testing.assert_trees_all_equal_structs(new_state.params, before[0].params)
-    if case["batch_fault"] == "nan":
+    if case["batch_fault"] == "nan" and case["faults"] != "ignore":
         assert int(metrics["skipped"]) == 1
         _assert_unchanged(before[0].params, new_state.params)
+        _assert_unchanged(before[0].opt_state, new_state.opt_state)
     _assert_unchanged(before[1], batch)
     if not case["donate"]:
         _assert_unchanged(before[0], state)
@@ -369,3 +383,35 @@ def test_per_sample_grads_raise_only_clear_errors(spec, kind, where):
         assert kind not in ("int", "shape", "drop")
         ft.testing.assert_trees_all_equal_structs(grads, params)
     _assert_unchanged(before, (params, batch))
+
+
+@given(
+    spec=specs(),
+    kind=st.sampled_from(MUTATIONS),
+    where=st.integers(0, 10),
+    seed=st.integers(0, 2**16),
+)
+def test_checkpoint_restore_names_the_differing_path_and_never_mutates(spec, kind, where, seed):
+    gen = torch.Generator().manual_seed(seed)
+    saved = build(spec, gen)
+    # The "gradients" of ``mutate`` have the tree's structure, wrong in one place or not.
+    target = mutate(saved, spec, kind, where, gen)
+    path = _paths(spec)[where % len(_paths(spec))]
+    before = _clone((saved, target))
+    with tempfile.TemporaryDirectory() as directory:
+        file = os.path.join(directory, "state.safetensors")
+        checkpoint.save(file, saved)
+        try:
+            restored = checkpoint.restore(file, target=target)
+        except checkpoint.CheckpointMismatchError as err:
+            assert kind not in ("same", "nonfinite"), err
+            message = str(err)
+            assert message.startswith(("checkpoint", "target")), message
+            if kind in ("shape", "extra_dim", "dtype", "int"):  # the leaf's own path
+                where_str = "checkpoint" + "".join(f"[{k!r}]" for k in path)
+                assert message.startswith(where_str + " "), (message, where_str)
+                assert "target has" in message
+        else:
+            assert kind in ("same", "nonfinite"), f"restored into a wrong target ({kind})"
+            _assert_unchanged(saved, restored)
+    _assert_unchanged(before, (saved, target))

@@ -236,3 +236,22 @@ def test_cuda_tensors_are_copied_without_blocking():
     ]
     hists = [c for c in rec.calls if c[0] == "histograms"]
     assert [h[2]["x"][0] for h in hists] == [float(s) for s in range(10)]
+
+
+def test_every_step_path_rechecks_changed_names_and_keeps_types():
+    rec = Recorder()
+    with AsyncWriter(rec, every_n=3) as w:
+        w.write_scalars(torch.tensor(0), {"a": torch.tensor(1.5), "n": torch.tensor(7)})
+        w.write_scalars(1, {"a": torch.tensor(2.5), "n": torch.tensor(8)})
+        with pytest.raises(TypeError, match="names must be non-empty strings"):
+            w.write_scalars(2, {"a": torch.tensor(1.0), "": torch.tensor(1.0)})
+        with pytest.raises(ValueError, match=r"'a'.*shape \(2,\)"):
+            w.write_scalars(2, {"a": torch.ones(2), "n": 1})
+        # Values the every-step path does not take (NumPy, subclasses) go the general way.
+        w.write_scalars(2, {"a": np.float32(0.5), "n": torch.nn.Parameter(torch.tensor(3.0))})
+    assert rec.calls == [
+        ("scalars", 0, {"a": 1.5, "n": 7}),
+        ("scalars", 1, {"a": 2.5, "n": 8}),
+        ("scalars", 2, {"a": 0.5, "n": 3.0}),
+    ]
+    assert [type(v) for v in rec.calls[0][2].values()] == [float, int]

@@ -2,6 +2,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -60,3 +61,32 @@ def test_flush_makes_events_visible(tmp_path):
     w.flush()
     assert scalars(load_run(tmp_path), "loss") == [(0, 1.0)]
     w.close()
+
+
+@pytest.mark.parametrize("step", [0, 1, 127, 128, 300, 2**40, -1, -(2**40)])
+def test_scalar_event_encoding_matches_protobuf(step):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    tags = ["train/loss", "é/ünïcode", "x" * 200, "nan", "zero"]
+    values = [0.1, -3.5e30, 1e-40, float("nan"), 0.0]
+    data = _event_file.encode_scalar_event(step, tags, values)
+    got = Event.FromString(data)
+    expected = Event(
+        wall_time=got.wall_time,
+        step=step,
+        summary=Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in zip(tags, values)]),
+    )
+    # Same bytes as protobuf's own serializer, not just the same parsed message.
+    assert data == expected.SerializeToString()
+    assert abs(got.wall_time - time.time()) < 60
+
+
+def test_scalar_values_beyond_float32_fall_back_to_protobuf(tmp_path):
+    with pytest.raises(OverflowError):
+        _event_file.encode_scalar_event(0, ["big"], [1e300])
+    with TensorBoardWriter(tmp_path) as w:
+        w.write_scalars(1, {"big": 1e300, "ok": 2.0})
+    acc = load_run(tmp_path)
+    assert scalars(acc, "big") == [(1, float("inf"))]
+    assert scalars(acc, "ok") == [(1, 2.0)]

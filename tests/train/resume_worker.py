@@ -121,9 +121,10 @@ def main(phase: str, outdir: str) -> None:
     result = ft.train_loop(
         step, state, batches, epochs=5, max_steps=max_steps, checkpoint_manager=manager
     )
-    history = {
-        "steps": result.history.steps("train/loss"),
-        "losses": result.history.values("train/loss"),
+    history = {  # every train metric (perf/* are timings)
+        tag: [result.history.steps(tag), result.history.values(tag)]
+        for tag in result.history.tags()
+        if tag.startswith("train/")
     }
     checkpoint.save(os.path.join(outdir, f"loop_history_{phase}.safetensors"), history)
     print(f"{phase}: done, loop resumed from {result.resumed_from}", flush=True)

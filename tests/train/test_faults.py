@@ -500,3 +500,30 @@ def test_a_foreign_loss_scale_state_is_named():
         step(state, torch.ones(2))
     with pytest.raises(TypeError, match="expected a LossScaleState"):
         ft.DynamicLossScale.unscale(2.0, [torch.ones(1)])
+
+
+def test_an_apply_if_finite_policy_in_the_optimizer_instead_of_the_step():
+    # The other configurable policy: the step lets non-finite gradients through
+    # (nonfinite="ignore") and ft.apply_if_finite decides, optax-style: skip, but apply the
+    # update once more than max_consecutive_errors non-finite steps came in a row.
+    params, buffers, loss_fn = _bn_problem(dropout=False)
+    inner = ft.adam(1e-2)
+    tx = ft.apply_if_finite(inner, max_consecutive_errors=2)
+    step = ft.make_train_step(loss_fn, tx, nonfinite="ignore", donate=False)
+    good, bad = _batches(2, {1: "nan_input"})
+    state = ft.TrainState.create(params=params, buffers=buffers, tx=tx)
+    state, _ = step(state, good)
+    kept = state
+    for count in (1, 2):  # skipped: params and the inner Adam state exactly as before
+        state, _ = step(state, bad)
+        assert_bitwise_equal(state.params, kept.params)
+        assert_bitwise_equal(state.opt_state.inner_state, kept.opt_state.inner_state)
+        assert int(state.opt_state.notfinite_count) == count
+    state, _ = step(state, bad)  # the third in a row is applied: NaN reaches the params
+    assert not bool(ft.all_finite(state.params))
+
+    # and a good batch after skips continues exactly like one that never saw the NaNs
+    skipped, _ = step(step(kept, bad)[0], good)
+    direct, _ = step(kept, good)
+    assert_bitwise_equal(skipped.params, direct.params)
+    assert_bitwise_equal(skipped.opt_state.inner_state, direct.opt_state.inner_state)

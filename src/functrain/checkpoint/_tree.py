@@ -275,7 +275,10 @@ def restore_into(
             if kind != "tensor":
                 raise mismatch(path, f"is {_describe(node)} but target has {_describe_target(obj)}")
             dtype = dtype_from_name(node.get("dtype"), where)
-            shape = tuple(node.get("shape", ()))
+            shape = node.get("shape")
+            if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+                raise InvalidCheckpointError(f"{where}: malformed shape {shape!r}")
+            shape = tuple(shape)
             if shape != tuple(obj.shape):
                 raise mismatch(path, f"has shape {shape} but target has {tuple(obj.shape)}")
             if dtype != obj.dtype:

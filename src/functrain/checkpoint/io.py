@@ -138,7 +138,7 @@ def restore(
         {'w': tensor([0., 1., 2.]), 'count': tensor(7)}
     """
     path = os.fspath(path)
-    dev = torch.device(device) if device is not None else None
+    dev = _device(device)
     with _file.Reader(path) as reader:
         load = _loader(reader, verify)
         if reader.description is None:
@@ -155,6 +155,18 @@ def restore(
         if target is None:
             return _tree.build(node, load, dev or torch.device("cpu"))
         return _tree.restore_into(node, target, load, dev, strict)
+
+
+def _device(device: Any) -> torch.device | None:
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            "device must be None, a torch.device or a device string such as 'cpu' or "
+            f"'cuda:0', got {device!r}"
+        ) from None
 
 
 _CODE_TO_DTYPE = {code: dtype for dtype, code in _file._NATIVE_CODES.items()}

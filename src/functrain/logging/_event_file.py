@@ -10,6 +10,11 @@ so under an ``AsyncWriter`` all event work happens on one background thread.
 
 The record framing is TFRecord's: ``uint64 length, uint32 masked_crc(length), data,
 uint32 masked_crc(data)``, little-endian.
+
+Scalar events, the ones written every step, skip protobuf objects altogether:
+:func:`encode_scalar_event` writes the ``Event{wall_time, step, summary{value{tag,
+simple_value}}}`` wire bytes directly from per-tag prefixes cached once, about a tenth of the
+cost of building and serializing the messages.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _MASK = 0xFFFFFFFF
+_DOUBLE = struct.Struct("<d").pack
+_FLOAT = struct.Struct("<f").pack
+_U64 = 0xFFFFFFFFFFFFFFFF
+_BYTE = tuple(bytes((i,)) for i in range(128))
 
 
 def _make_table() -> tuple[int, ...]:
@@ -83,6 +92,40 @@ def frame_record(data: bytes) -> bytes:
     )
 
 
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative integer below 2**64."""
+    if value < 0x80:
+        return _BYTE[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _value_prefix(tag: str) -> bytes:
+    """Wire bytes of ``Summary.value`` entry ``{tag, simple_value}`` up to the float itself."""
+    name = tag.encode("utf-8")
+    body = b"\x0a" + _varint(len(name)) + name + b"\x15"  # tag = 1, simple_value = 2 (fixed32)
+    return b"\x0a" + _varint(len(body) + 4) + body  # Summary.value = 1
+
+
+def encode_scalar_event(step: int, tags: Sequence[str], values: Sequence[float]) -> bytes:
+    """Serialized ``Event`` holding one ``simple_value`` per tag at ``step``, stamped now.
+
+    The same message as ``Event(wall_time=time.time(), step=step, summary=Summary(value=[
+    Summary.Value(tag=t, simple_value=v) ...]))`` serialized by protobuf. Raises
+    ``OverflowError`` for a finite value beyond float32's range (protobuf would store inf).
+    """
+    summary = b"".join([_value_prefix(t) + _FLOAT(v) for t, v in zip(tags, values)])
+    head = b"\x09" + _DOUBLE(time.time())  # wall_time = 1 (fixed64)
+    if step:  # proto3 leaves a zero step out
+        head += b"\x10" + _varint(step & _U64)  # step = 2 (varint, two's complement)
+    return head + b"\x2a" + _varint(len(summary)) + summary  # summary = 5
+
+
 def _flush_at_exit(ref: weakref.ref[EventFile]) -> None:
     event_file = ref()
     if event_file is not None:
@@ -113,7 +156,11 @@ class EventFile:
         return self._logdir
 
     def add_event(self, event: Any) -> None:
-        record = frame_record(event.SerializeToString())
+        self.add_serialized(event.SerializeToString())
+
+    def add_serialized(self, data: bytes) -> None:
+        """Appends one already serialized ``Event``."""
+        record = frame_record(data)
         with self._lock:
             if self._file is None:
                 raise OSError(f"event file {self.path!r} is closed")

@@ -167,6 +167,12 @@ def _check_step(step: Any) -> None:
         raise TypeError(f"step must be an int or an integer tensor, got {step!r}")
 
 
+def _write_host_scalars(
+    step: int, names: tuple[str, ...], values: list[Any], writer: MetricWriter
+) -> None:
+    writer.write_scalars(step, dict(zip(names, values)))
+
+
 def _close_at_exit(ref: weakref.ref[AsyncWriter]) -> None:
     writer = ref()
     if writer is not None:
@@ -220,7 +226,8 @@ class AsyncWriter(MetricWriter):
         self.every_n = int(every_n)
         self.max_delay_s = max_delay_s
         self.host_inline = host_inline
-        self._buffer: list[tuple[_Snapshot, Callable[[MetricWriter], None]]] = []
+        self._buffer: list[tuple[_Snapshot | None, Callable[[MetricWriter], None]]] = []
+        self._scalar_names: tuple[str, ...] = ()  # names already checked by write_scalars
         self._lock = threading.Lock()
         self._dispatch_lock = threading.Lock()  # keeps batches in order; never taken by the worker
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
@@ -250,8 +257,9 @@ class AsyncWriter(MetricWriter):
             finally:
                 self._queue.task_done()
 
-    def _replay(self, snapshot: _Snapshot, call: Callable[[MetricWriter], None]) -> None:
-        snapshot.wait()
+    def _replay(self, snapshot: _Snapshot | None, call: Callable[[MetricWriter], None]) -> None:
+        if snapshot is not None:
+            snapshot.wait()
         call(self.writer)
 
     def _guard(self, fn: Callable[[], None]) -> None:
@@ -279,8 +287,10 @@ class AsyncWriter(MetricWriter):
             raise RuntimeError("AsyncWriter is closed")
         self._raise_pending()
 
-    def _submit(self, snapshot: _Snapshot, call: Callable[[MetricWriter], None]) -> None:
-        snapshot.seal()
+    def _submit(self, snapshot: _Snapshot | None, call: Callable[[MetricWriter], None]) -> None:
+        """Buffers a write; ``snapshot`` is ``None`` when its values are host values already."""
+        if snapshot is not None:
+            snapshot.seal()
         with self._lock:
             self._buffer.append((snapshot, call))
             due = len(self._buffer) >= self.every_n or (
@@ -302,7 +312,7 @@ class AsyncWriter(MetricWriter):
             if (
                 self.host_inline
                 and self._queue.unfinished_tasks == 0
-                and all(snapshot.on_host for snapshot, _ in batch)
+                and all(snapshot is None or snapshot.on_host for snapshot, _ in batch)
             ):
                 for _, call in batch:
                     self._guard(functools.partial(call, self.writer))
@@ -311,6 +321,34 @@ class AsyncWriter(MetricWriter):
 
     def write_scalars(self, step: int | torch.Tensor, scalars: Mapping[str, Scalar]) -> None:
         """Snapshots the scalars (and a tensor step) without waiting; written later."""
+        if self._closed or self._error is not None:
+            self._check_open()
+        if type(step) is torch.Tensor and step.is_cpu:
+            _check_step(step)
+            step = step.item()
+        if type(step) is int and type(scalars) is dict:
+            # The every-step case on the CPU: a dict of numbers and CPU tensors, the same names
+            # as last time. The snapshot is one item() per tensor (cheaper than a stack), and
+            # the call is buffered as plain data; events are encoded at hand-over.
+            names = tuple(scalars)
+            if names != self._scalar_names:
+                _check_names(scalars, "scalars")
+                self._scalar_names = names
+            host: list[Any] = []
+            for value in scalars.values():
+                kind = type(value)
+                if kind is torch.Tensor and value.is_cpu:
+                    try:
+                        host.append(value.item())
+                    except RuntimeError:  # not one element: the general path explains
+                        break
+                elif kind is float or kind is int:
+                    host.append(value)
+                else:  # accelerator tensors, NumPy, subclasses: the general path
+                    break
+            else:
+                self._submit(None, functools.partial(_write_host_scalars, step, names, host))
+                return
         self._check_open()
         _check_step(step)
         names = _check_names(scalars, "scalars")

@@ -9,7 +9,7 @@ Compared with calling ``SummaryWriter`` directly:
 - text keeps the exact tag it was given (no ``/text_summary`` suffix);
 - events go through a buffered file writer with fast checksums instead of TensorBoard's
   per-event open/append/close thread (see ``functrain.logging._event_file``); all scalars of one
-  call share one event;
+  call share one event, encoded without building protobuf messages;
 - values may be tensors on any device, and the step may be a tensor.
 
 Resuming: pass ``purge_step=k`` when restarting from a checkpoint taken at step ``k``. The writer
@@ -176,14 +176,25 @@ class TensorBoardWriter(MetricWriter):
 
     def write_scalars(self, step: int | torch.Tensor, scalars: Mapping[str, Scalar]) -> None:
         """Writes each scalar as a TensorBoard scalar event under its name."""
-        _check_names(scalars, "scalars")
         from tensorboard.compat.proto.summary_pb2 import Summary
 
+        _check_names(scalars, "scalars")
         global_step = self._step(step)
         # One event holding every value: far less work per step than one add_scalar per name.
-        values = [Summary.Value(tag=k, simple_value=to_float(v, k)) for k, v in scalars.items()]
-        if values:
-            self._writer.file_writer.add_summary(Summary(value=values), global_step)
+        tags = list(scalars)
+        values = [to_float(v, k) for k, v in scalars.items()]
+        if not values:
+            return
+        if self.fast_event_file:
+            try:
+                data = _event_file.encode_scalar_event(global_step, tags, values)
+            except OverflowError:  # a finite value beyond float32: let protobuf round it to inf
+                pass
+            else:
+                self._writer.file_writer.event_writer.add_serialized(data)
+                return
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in zip(tags, values)])
+        self._writer.file_writer.add_summary(summary, global_step)
 
     def write_histograms(self, step: int | torch.Tensor, arrays: Mapping[str, Array]) -> None:
         """Writes one histogram per array; arrays with no finite value are skipped."""

@@ -76,6 +76,7 @@ class _Job(NamedTuple):
     hyper: dict[str, Any]
     wd: float
     decayed: frozenset[int]
+    uniform: bool  # every leaf a CPU tensor of one dtype
 
 
 def _leaf_ok(ctx: Context, i: int, states: list[list[torch.Tensor]]) -> bool:
@@ -87,6 +88,18 @@ def _leaf_ok(ctx: Context, i: int, states: list[list[torch.Tensor]]) -> bool:
         return False
     # multi_tensor_apply on CUDA wants dense tensors; the CPU kernels take any strides.
     return p.device.type == "cpu" or all(t.is_contiguous() for t in (p, *group))
+
+
+def _uniform(ctx: Context, states: list[list[torch.Tensor]]) -> bool:
+    """All leaves are CPU tensors of one kernel dtype (the common case, checked in bulk)."""
+    dtype = ctx.p[0].dtype
+    if dtype not in _KERNEL_DTYPES:
+        return False
+    groups = (ctx.p, ctx.g, *states)
+    # ``is_cpu`` and ``dtype`` are cheap attribute reads; ``.device`` builds an object per call.
+    return all(t.is_cpu for g in groups for t in g) and all(
+        t.dtype == dtype for g in groups for t in g
+    )
 
 
 def _match(ops: list[Op], ctx: Context) -> _Job | None:
@@ -115,7 +128,7 @@ def _match(ops: list[Op], ctx: Context) -> _Job | None:
         hyper = {"beta1": _number(s.b1), "beta2": _number(s.b2), "eps": _number(s.eps)}
         if s.nesterov or _number(s.eps_root) != 0.0 or None in hyper.values():
             return None
-        states = [tree.leaves(core.state.mu), tree.leaves(core.state.nu)]
+        states = [core.leaves["mu"], core.leaves["nu"]]
         kind = "adam" if "pre" in found else "adamw"
     else:
         kind = "sgd"
@@ -125,8 +138,9 @@ def _match(ops: list[Op], ctx: Context) -> _Job | None:
             hyper = {"momentum": _number(core.spec.decay), "nesterov": core.spec.nesterov}
             if hyper["momentum"] is None:
                 return None
-            states = [tree.leaves(core.state.trace)]
-    if not all(_leaf_ok(ctx, i, states) for i in range(ctx.n)):
+            states = [core.leaves["trace"]]
+    uniform = ctx.n > 0 and _uniform(ctx, states)
+    if not uniform and not all(_leaf_ok(ctx, i, states) for i in range(ctx.n)):
         return None
     wd, decayed = 0.0, frozenset()
     decay = found.get("pre", found.get("post"))
@@ -144,10 +158,14 @@ def _match(ops: list[Op], ctx: Context) -> _Job | None:
     lr = _learning_rate(ops[pos])
     if lr is None:
         return None
-    return _Job(kind, clip, core, lr, hyper, wd, decayed)
+    return _Job(kind, clip, core, lr, hyper, wd, decayed, uniform)
 
 
-def _groups(ctx: Context, decayed: frozenset[int]) -> dict[tuple[Any, ...], list[int]]:
+def _groups(job: _Job, ctx: Context) -> dict[tuple[Any, ...], list[int]]:
+    decayed = job.decayed
+    if job.uniform and len(decayed) in (0, ctx.n):
+        p = ctx.p[0]
+        return {(p.device, p.dtype, len(decayed) > 0): list(range(ctx.n))}
     out: dict[tuple[Any, ...], list[int]] = {}
     for i, p in enumerate(ctx.p):
         out.setdefault((p.device, p.dtype, i in decayed), []).append(i)
@@ -206,9 +224,9 @@ def _kernel(
     states = []
     if core is not None:
         names = ("mu", "nu") if isinstance(core.spec, ScaleByAdam) else ("trace",)
-        states = [tree.leaves(getattr(core.state, n)) for n in names]
+        states = [core.leaves[n] for n in names]
     squares: list[torch.Tensor] = []
-    for (device, dtype, decays), idx in _groups(ctx, job.decayed).items():
+    for (device, dtype, decays), idx in _groups(job, ctx).items():
         on = {"wd": job.wd if decays else 0.0}
         if isinstance(job.lr, torch.Tensor):
             on["lr"] = job.lr.to(device=device, dtype=torch.float32)  # the CUDA kernels' type
@@ -221,13 +239,17 @@ def _kernel(
         if count is not None:
             on["step"] = count.to(device, torch.float64 if device.type == "cpu" else torch.float32)
         for chunk in _chunks(idx, ctx) if want_norm else [idx]:
-            ps = [ctx.p[i] for i in chunk]
+            ps = ctx.p if len(chunk) == ctx.n else [ctx.p[i] for i in chunk]
             old = None
             if want_norm:
                 flat = torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=device)
                 old = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)]
                 torch._foreach_copy_(old, ps)
-            _call(job, on, ps, [grads[i] for i in chunk], [[s[i] for i in chunk] for s in states])
+            if len(chunk) == ctx.n:  # everything in one call: the lists as they are
+                _call(job, on, ps, grads, states)
+            else:
+                gs = [grads[i] for i in chunk]
+                _call(job, on, ps, gs, [[s[i] for i in chunk] for s in states])
             if old is not None:
                 torch._foreach_sub_(old, ps)
                 squares.append(torch.stack(torch._foreach_norm(old)).square().sum())

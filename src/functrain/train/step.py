@@ -17,7 +17,7 @@ them. Tensors follow the params' device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import optree
@@ -26,7 +26,7 @@ import torch
 from functrain import tree
 from functrain.optim.base import GradientTransformation, apply_updates
 from functrain.optim.loss_scale import DynamicLossScale
-from functrain.train import fast, faults, gradient, microbatch, rng
+from functrain.train import compiled, fast, faults, gradient, microbatch, rng
 from functrain.train import loss as loss_lib
 from functrain.train.gradient import GradStatsHook
 from functrain.train.state import TrainState
@@ -242,6 +242,7 @@ class TrainStep:
         max_consecutive_skips: int | None = None,
         loss_scale: DynamicLossScale | None = None,
         fused: bool = True,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         if strategy not in ("loop", "vmap"):
             raise ValueError(f"strategy must be 'loop' or 'vmap', got {strategy!r}")
@@ -264,6 +265,7 @@ class TrainStep:
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        compile_options = compiled.compile_options(compile, grad_backend=grad_backend)
         self.loss_fn = loss_fn
         self.tx = tx
         self.micro_batches = micro_batches
@@ -272,11 +274,18 @@ class TrainStep:
         self.grad_stats = grad_stats
         self.norm_metrics = norm_metrics
         self.faults = faults.StepFaults(nonfinite, max_consecutive_skips, loss_scale)
+        self._scale_slot: compiled.LossScaleSlot | None = None
+        if compile_options is not None and loss_scale is not None:
+            self._scale_slot = compiled.LossScaleSlot()
+            scaled_loss = self._scale_slot.wrap(loss_fn)
+        else:
+            scaled_loss = self.faults.wrap_loss(loss_fn)
         self.grad_stage = gradient.GradStage(
-            self.faults.wrap_loss(loss_fn),
+            scaled_loss,
             strategy=strategy,
             chunk_size=chunk_size,
-            seed_rng=seed_rng,
+            # A compiled step seeds outside the graph (seeding reads the key on the host).
+            seed_rng=seed_rng and compile_options is None,
             backend=grad_backend,
             per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
         )
@@ -289,6 +298,11 @@ class TrainStep:
             writable = grad_stats is None and strategy == "loop" and grad_backend == "autograd"
             self.apply_optimizer = fast.FusedStage(
                 update_norm=norm_metrics, grads_writable=writable
+            )
+        self._compiled: compiled.CompiledCore | None = None
+        if compile_options is not None:
+            self._compiled = compiled.CompiledCore(
+                self._core, compile_options, seed_rng=seed_rng, metas=self.grad_stage.metas
             )
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
@@ -309,8 +323,15 @@ class TrainStep:
                 )
             else:
                 fields, metrics = self._compiled(
-                    self.prepare_extra(extra, params), params, opt_state, buffers, key, step,
-                    batch, split, devices,
+                    self._full_extra(extra, params),
+                    params,
+                    opt_state,
+                    buffers,
+                    key,
+                    step,
+                    batch,
+                    split,
+                    devices,
                 )
         finally:
             self.faults.end(token)
@@ -336,7 +357,11 @@ class TrainStep:
         Pure apart from the donated parameter memory, with no host reads: this is what
         ``compile=`` runs under ``torch.compile(fullgraph=True)``.
         """
+        if self._scale_slot is not None:
+            self._scale_slot.scale = extra[faults.LOSS_SCALE_KEY].scale
         result = self.grad_stage(params, batch, split, buffers, key, devices)
+        if self._scale_slot is not None:
+            self._scale_slot.scale = None
         metrics = dict(result.metrics)
         # Unscaled gradients and ``ok`` (finite loss and gradients; None with "ignore").
         check = self.faults.check(metrics, result.grads, extra, params)
@@ -359,8 +384,12 @@ class TrainStep:
             metrics["grad_norm"] = fast.global_norm(grads)
             if isinstance(stage, fast.FusedStage):  # a leading clip reuses the norm
                 stage = stage.with_grad_norm(metrics["grad_norm"])
+        # Compiled: out of place. The in-place stage finds aliased leaves by id(), on which
+        # dynamo would guard (a recompile for every new state); the consumed state's memory is
+        # freed with it instead of reused.
+        in_place = self.donate and not torch.compiler.is_compiling()
         applied = faults.apply_guarded(
-            stage, self.tx, grads, opt_state, params, in_place=self.donate, ok=ok
+            stage, self.tx, grads, opt_state, params, in_place=in_place, ok=ok
         )
         del params, opt_state
         new_key = None if key is None else rng.fold_in(key, 0)
@@ -397,12 +426,22 @@ class TrainStep:
             ['loss_scale', 'nonfinite']
         """
         _check_state(state, "TrainStep.prepare")
-        extra = dict(state.extra)
-        for name, value in self.faults.init_extra(state.params).items():
-            extra.setdefault(name, value)
-        if self.grad_stats is not None and self.grad_stats.name not in extra:
-            extra[self.grad_stats.name] = self.grad_stats.init(state.params)
-        return state.replace(extra=extra)
+        return state.replace(extra=self._full_extra(state.extra, state.params))
+
+    def _full_extra(self, extra: dict[str, Any], params: Any) -> dict[str, Any]:
+        """``extra`` with the entries this step keeps added where missing."""
+        names = [faults.NONFINITE_KEY] if self.faults.stateful else []
+        if self.faults.loss_scale is not None:
+            names.append(faults.LOSS_SCALE_KEY)
+        hook = self.grad_stats
+        if all(name in extra for name in names) and (hook is None or hook.name in extra):
+            return extra
+        out = dict(extra)
+        for name, value in self.faults.init_extra(params).items():
+            out.setdefault(name, value)
+        if hook is not None and hook.name not in out:
+            out[hook.name] = hook.init(params)
+        return out
 
 
 def _merge(metrics: dict[str, torch.Tensor], new: dict[str, torch.Tensor], source: str) -> None:
@@ -428,6 +467,7 @@ def make_train_step(
     max_consecutive_skips: int | None = None,
     loss_scale: DynamicLossScale | None = None,
     fused: bool = True,
+    compile: bool | Mapping[str, Any] = False,
 ) -> TrainStep:
     """Builds ``step(state, batch) -> (new_state, metrics)``, a pure training step.
 
@@ -531,6 +571,7 @@ def make_train_step(
         max_consecutive_skips=max_consecutive_skips,
         loss_scale=loss_scale,
         fused=fused,
+        compile=compile,
     )
 
 

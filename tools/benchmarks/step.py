@@ -1,0 +1,284 @@
+"""A whole train step with K=4 micro-batches: ``make_train_step`` vs the classic PyTorch loop.
+
+Models: ``TinyGPT`` (a ~3.2M-parameter decoder-only transformer LM, batch 8 × 32 tokens, see
+``_models.py``) and a smaller MLP (~0.4M parameters, batch 64). Optimizer: AdamW, ``lr=1e-3``,
+``weight_decay=1e-2``. Variants, all eager unless said otherwise:
+
+* classic: ``(loss / K).backward()`` per micro-batch, ``torch.optim.AdamW(fused=True).step()``,
+  ``zero_grad()`` (the reference of every ratio);
+* ``ft.make_train_step(loss_fn, tx, micro_batches=4)`` with ``strategy="loop"`` and
+  ``grad_backend="func"`` (the default) or ``"autograd"``, and with ``strategy="vmap"``; each
+  with ``norm_metrics=False`` (the classic loop computes no norms either), plus the default
+  ``norm_metrics=True`` for the loop (``grad_norm``, ``update_norm``, ``param_norm``);
+* ``make_train_step(..., compile=True)`` when the installed functrain has that option
+  (compilation time excluded from the timing and reported in the notes).
+
+Peak memory is the step's transient memory on the CPU: before each measured step the freed
+heap is handed back to the OS (``malloc_trim``) and the kernel's peak-RSS mark is reset
+(``/proc/self/clear_refs``); the peak is then ``VmHWM`` after the step minus ``VmRSS`` before
+it. What every variant keeps between steps (parameters, optimizer state) is in the baseline,
+so the number is what one step adds: activations, gradients, optimizer temporaries. Where
+``/proc`` cannot do this the memory columns are left out.
+
+Check: after a few steps on varying batches every functrain variant's parameters equal the
+classic loop's (to float32 rounding, amplified a little by Adam's normalisation).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import inspect
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import functrain as ft
+from benchmarks import Section, interleaved_medians
+from benchmarks._models import gpt_config, lm_batches, lm_loss, make_gpt
+
+K = 4
+LR, WEIGHT_DECAY = 1e-3, 1e-2
+BARS = {"time": 1.05, "memory": 1.05}
+CHECK_STEPS = 3
+# ‖params − classic params‖ / ‖classic params − initial params‖: the loop variants reproduce the
+# classic loop's arithmetic, vmap sums the micro-batch gradients in another order (Adam's
+# normalisation then magnifies rounding in near-zero gradients); a lost step would show as ~0.3.
+TOL = 1e-2
+BAR_ROW = "functrain loop, func"
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_step_memory(fn: Callable[[], Any], repeats: int) -> float | None:
+    """Median over ``repeats`` of the bytes one call of ``fn`` adds at its peak (see module doc)."""
+    libc = _libc()
+    samples = []
+    for _ in range(repeats):
+        gc.collect()
+        if libc is not None:
+            libc.malloc_trim(0)
+        if not _reset_peak():
+            return None
+        before = _status("VmRSS")
+        fn()
+        samples.append(_status("VmHWM") - before)
+    return statistics.median(samples)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 10)
+    )
+
+
+def _mlp_batches(n: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        {"x": torch.randn(batch, 256, generator=gen), "y": torch.randint(0, 10, (batch,))}
+        for _ in range(n)
+    ]
+
+
+def _models(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Callable, list]]:
+    """name -> (fresh module factory, loss of (outputs, batch), batches)."""
+    cfg = gpt_config(quick)
+    n = CHECK_STEPS + 1
+    return {
+        "TinyGPT": (
+            lambda: make_gpt(cfg, seed=0),
+            lambda out, b: lm_loss(out, b["y"]),
+            lm_batches(cfg, n, seed=1),
+        ),
+        "MLP": (
+            _mlp,
+            lambda out, b: F.cross_entropy(out, b["y"]),
+            _mlp_batches(n, 16 if quick else 64),
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- variants
+
+
+class Classic:
+    """The imperative accumulation loop on its own copy of the model."""
+
+    def __init__(self, factory: Callable[[], nn.Module], loss: Callable) -> None:
+        self.module = factory()
+        self.loss = loss
+        self.opt = torch.optim.AdamW(
+            self.module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True
+        )
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> None:
+        chunks = {k: v.chunk(K) for k, v in batch.items()}
+        for i in range(K):
+            mb = {k: v[i] for k, v in chunks.items()}
+            (self.loss(self.module(mb["x"]), mb) / K).backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def params(self) -> list[torch.Tensor]:
+        return [p.detach() for p in self.module.parameters()]
+
+
+class Functrain:
+    """``make_train_step`` on its own copy of the model; the state is threaded through calls."""
+
+    def __init__(self, factory: Callable[[], nn.Module], loss: Callable, **options: Any) -> None:
+        model, params, _ = ft.functionalize(factory(), copy=True)
+        tx = ft.adamw(LR, weight_decay=WEIGHT_DECAY)
+
+        def loss_fn(p: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
+            return loss(model(p, b["x"]), b)
+
+        self.names = list(params)
+        self.step = ft.make_train_step(loss_fn, tx, micro_batches=K, **options)
+        self.state = ft.TrainState.create(params=params, tx=tx, seed=None)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> None:
+        self.state, _ = self.step(self.state, batch)
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.state.params[k] for k in self.names]
+
+
+def _variants(quick: bool) -> dict[str, dict[str, Any]]:
+    variants: dict[str, dict[str, Any]] = {
+        "functrain loop, func": {"strategy": "loop", "grad_backend": "func"},
+        "functrain loop, autograd": {"strategy": "loop", "grad_backend": "autograd"},
+        "functrain vmap": {"strategy": "vmap"},
+    }
+    variants = {k: {**v, "norm_metrics": False} for k, v in variants.items()}
+    variants["functrain loop, func, norm_metrics=True"] = {"strategy": "loop"}
+    if not quick and "compile" in inspect.signature(ft.make_train_step).parameters:
+        variants["functrain loop, func, compile=True"] = {
+            "strategy": "loop",
+            "norm_metrics": False,
+            "compile": True,
+        }
+    return variants
+
+
+def _drift(got: list[torch.Tensor], ref: list[torch.Tensor], start: list[torch.Tensor]) -> float:
+    """``‖got − ref‖ / ‖ref − start‖`` over all tensors (0 when the trajectories agree)."""
+    diff = sum(float((g - r).double().square().sum()) for g, r in zip(got, ref))
+    moved = sum(float((r - s).double().square().sum()) for r, s in zip(ref, start))
+    return (diff / moved) ** 0.5
+
+
+def _bench_model(name: str, quick: bool, section: Section) -> None:
+    factory, loss, batches = _models(quick)[name]
+    count = sum(p.numel() for p in factory().parameters())
+    classic = Classic(factory, loss)
+    start = [p.clone() for p in classic.params()]
+    runners: dict[str, Any] = {"classic loop (torch.optim fused)": classic}
+    compile_seconds: dict[str, float] = {}
+    for label, options in _variants(quick).items():
+        try:
+            runner = Functrain(factory, loss, **options)
+            t0 = time.perf_counter()
+            runner(batches[0])  # the first call plans (and compiles, with compile=True)
+            if "compile" in options:
+                compile_seconds[label] = time.perf_counter() - t0
+            runners[label] = runner
+        except Exception as err:  # e.g. no C++ compiler for torch.compile
+            section.notes.append(f"{name}: {label} unavailable ({type(err).__name__}: {err})")
+    classic(batches[0])
+
+    # Correctness: the same further steps on every runner, compared with the classic loop.
+    for batch in batches[1:]:
+        for runner in runners.values():
+            runner(batch)
+    reference = classic.params()
+    for label, runner in runners.items():
+        if runner is classic:
+            continue
+        err = _drift(runner.params(), reference, start)
+        section.checks.append(
+            (
+                f"{name}: {label} params = classic loop after {len(batches)} steps",
+                err <= TOL,
+                f"‖Δ‖ / ‖update‖ = {err:.1e} (tol {TOL:.0e})",
+            )
+        )
+
+    batch = batches[0]
+    fns = {label: (lambda r=runner: r(batch)) for label, runner in runners.items()}
+    times = interleaved_medians(fns, repeats=3 if quick else 9, warmup=1 if quick else 2)
+    memory = {label: peak_step_memory(fn, 1 if quick else 3) for label, fn in fns.items()}
+    base_t = times["classic loop (torch.optim fused)"]
+    base_m = memory["classic loop (torch.optim fused)"]
+    for label, seconds in times.items():
+        row: dict[str, Any] = {
+            "model": f"{name} ({count / 1e6:.2f}M)",
+            "variant": label,
+            "ms": 1e3 * seconds,
+            "× classic time": seconds / base_t,
+        }
+        if base_m:
+            row["peak MiB"] = memory[label] / 2**20
+            row["× classic memory"] = memory[label] / base_m
+        section.rows.append(row)
+    for label, seconds in compile_seconds.items():
+        section.notes.append(f"{name}: {label} compiled in {seconds:.1f} s (not in the timings)")
+    if BAR_ROW in times:
+        ratio = times[BAR_ROW] / base_t
+        verdict = "met" if ratio <= BARS["time"] else "NOT met"
+        note = f"{name}: {BAR_ROW} / classic time = {ratio:.2f} (bar ≤ {BARS['time']}: {verdict})"
+        if base_m:
+            ratio = memory[BAR_ROW] / base_m
+            verdict = "met" if ratio <= BARS["memory"] else "NOT met"
+            note += f"; memory = {ratio:.2f} (bar ≤ {BARS['memory']}: {verdict})"
+        section.notes.append(note)
+
+
+def run(quick: bool) -> Section:
+    """Times, measures and checks the K=4 train step (see the module docstring)."""
+    section = Section(f"Train step, K={K} micro-batches, AdamW (CPU, eager unless said)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("TinyGPT", "MLP"):
+            _bench_model(name, quick, section)
+    section.notes.append(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms are interleaved "
+        "medians; peak MiB is what one step adds to the resident memory at its peak "
+        "(malloc_trim, then VmHWM − VmRSS; parameters and optimizer state are in the baseline)"
+    )
+    return section
