@@ -127,10 +127,15 @@ def _write_cost_us(writers: dict[str, MetricWriter | None], metrics: Any, n: int
     return out
 
 
+def _paired(times: list[float], base: list[float]) -> float:
+    """Median over rounds of ``time / base time of the same round − 1``."""
+    return statistics.median(t / t0 - 1 for t, t0 in zip(times, base))
+
+
 def run(quick: bool) -> Section:
     """Times logging every step of a real train step (see the module docstring)."""
     hidden, batch = 256, 64
-    steps, rounds = (10, 4) if quick else (25, 40)
+    steps, rounds = (10, 4) if quick else (20, 30)
     section = Section(f"Logging every step (CPU, MLP 64-{hidden}-{hidden}-10, batch {batch})")
     step, new_state, data = _make_step(hidden, batch)
     with tempfile.TemporaryDirectory() as logdir:
@@ -174,14 +179,12 @@ def run(quick: bool) -> Section:
             "CPU ms/step": 1e3 * statistics.median(cpu[mode]),
         }
         if mode != "none":
-            pairs = zip(wall[mode], wall["none"])
-            row["overhead (wall)"] = f"{100 * statistics.median(t / t0 - 1 for t, t0 in pairs):+.1f}%"
-            pairs = zip(cpu[mode], cpu["none"])
-            row["overhead (CPU)"] = f"{100 * statistics.median(t / t0 - 1 for t, t0 in pairs):+.1f}%"
+            row["overhead (wall)"] = f"{100 * _paired(wall[mode], wall['none']):+.1f}%"
+            row["overhead (CPU)"] = f"{100 * _paired(cpu[mode], cpu['none']):+.1f}%"
             row["write µs"] = write_us[mode]
             row["write / step CPU"] = f"{100 * write_us[mode] * 1e-6 / base_cpu:.2f}%"
         section.rows.append(row)
-    overhead = statistics.median(t / t0 - 1 for t, t0 in zip(wall["async"], wall["none"]))
+    overhead = _paired(wall["async"], wall["none"])
     verdict = "met" if overhead <= BAR else "NOT met"
     section.notes.append(
         f"async overhead (wall, paired median of {rounds} rounds of {steps} steps) = "

@@ -215,12 +215,18 @@ def run(quick: bool) -> Section:
     section = Section(f"Optimizer update (CPU; {shapes})")
     if _torchopt("AdamW") is None:
         section.notes.append("torchopt is not installed: its rows are skipped")
-    for name in ("AdamW", "SGD momentum"):
-        for layout, (n, total) in layouts.items():
-            _check(name, layout, min(n, 40), min(total, 40 * 2_000), section)
-            _bench(name, layout, n, total, quick, section)
+    threads = torch.get_num_threads()
+    if quick:  # checks first: one thread is faster and steadier on a shared machine
+        torch.set_num_threads(1)
+    try:
+        for name in ("AdamW", "SGD momentum"):
+            for layout, (n, total) in layouts.items():
+                _check(name, layout, min(n, 40), min(total, 40 * 2_000), section)
+                _bench(name, layout, n, total, quick, section)
+    finally:
+        torch.set_num_threads(threads)
     section.notes.append(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms are interleaved "
+        f"torch {torch.__version__}, {1 if quick else threads} thread(s); ms are interleaved "
         "medians of one update; × torch fused = time / torch.optim(fused=True) time. "
         "'in-step' is what a donating make_train_step runs (norm_metrics=False); "
         "'+ update_norm' adds the update_norm metric the step reports by default."

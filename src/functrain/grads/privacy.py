@@ -137,8 +137,19 @@ def clipped_grad_sum(
     each micro-batch (``ft.tree.add``) and apply :func:`dp_noisy_mean` once per step.
 
     Args:
-        loss_fn, params, batch, chunk_size, buffers, randomness: as in :func:`per_sample_grads`.
+        loss_fn: ``loss_fn(params, batch) -> scalar mean loss``, as in :func:`per_sample_grads`.
+        params: pytree of floating-point tensors to differentiate.
+        batch: pytree of tensors sharing a leading batch dimension.
         l2_norm_clip: ``C``, the per-example norm bound.
+        chunk_size: examples per ``vmap`` call; at most this many per-sample gradients are
+            held at once (``None``: the whole batch in one call, the fastest).
+        buffers: non-differentiated state shared by all examples, passed as ``buffers=``.
+        randomness: ``torch.func.vmap`` randomness mode: ``"error"``, ``"different"``,
+            ``"same"``.
+
+    Returns:
+        A :class:`ClippedGradSum`: ``grad_sum`` (pytree like ``params``), ``num_clipped``,
+        ``loss_sum`` and ``count``.
 
     Example:
         >>> import torch, functrain as ft

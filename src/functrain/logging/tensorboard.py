@@ -193,7 +193,9 @@ class TensorBoardWriter(MetricWriter):
             else:
                 self._writer.file_writer.event_writer.add_serialized(data)
                 return
-        summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in zip(tags, values)])
+        summary = Summary(
+            value=[Summary.Value(tag=k, simple_value=v) for k, v in zip(tags, values)]
+        )
         self._writer.file_writer.add_summary(summary, global_step)
 
     def write_histograms(self, step: int | torch.Tensor, arrays: Mapping[str, Array]) -> None:

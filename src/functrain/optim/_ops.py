@@ -15,6 +15,43 @@ import torch
 Scalar = float | int | torch.Tensor
 
 
+def plain_leaves(x: Any) -> list[torch.Tensor] | None:
+    """``tree.leaves(x)`` for a plain ``list``, ``tuple`` or ``dict`` of plain tensors, else None.
+
+    The fast path of the hot pure updates: optree spends about a microsecond per leaf, which
+    is a noticeable share of an update over hundreds of small tensors. Dict leaves come in
+    sorted-key order, as optree gives them.
+    """
+    kind = type(x)
+    if kind is dict:
+        try:
+            values = [x[k] for k in sorted(x)]
+        except TypeError:  # unsortable keys: optree's insertion order, left to optree
+            return None
+    elif kind is list or kind is tuple:
+        values = list(x)
+    else:
+        return None
+    tensor = torch.Tensor
+    return values if all(type(v) is tensor for v in values) else None
+
+
+def same_container(a: Any, b: Any) -> bool:
+    """Whether two containers accepted by :func:`plain_leaves` have the same structure."""
+    if type(a) is not type(b) or len(a) != len(b):
+        return False
+    return type(a) is not dict or a.keys() == b.keys()
+
+
+def plain_rebuild(like: Any, leaves: list[torch.Tensor]) -> Any:
+    """``tree.unflatten(tree.structure(like), leaves)`` for a container of ``plain_leaves``."""
+    kind = type(like)
+    if kind is dict:
+        by_key = dict(zip(sorted(like), leaves))
+        return {k: by_key[k] for k in like}  # optree keeps the insertion order
+    return leaves if kind is list else tuple(leaves)
+
+
 def is_zero(value: Any) -> bool:
     """True for a Python number equal to 0 (tensors are never treated as known zeros)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
@@ -50,6 +87,13 @@ def add_scaled(xs: list[torch.Tensor], a: Scalar, ys: list[torch.Tensor]) -> lis
     return list(torch._foreach_add(xs, ys, alpha=a))
 
 
+def _like(xs: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[x.to(y.dtype)]`` without a dispatcher call per leaf when no cast is needed."""
+    if all(x.dtype == y.dtype for x, y in zip(xs, likes)):
+        return list(xs)
+    return [x.to(y.dtype) for x, y in zip(xs, likes)]
+
+
 def moment(g: list[torch.Tensor], m: list[torch.Tensor], decay: Scalar) -> list[torch.Tensor]:
     """Exponential moving average ``(1 - decay) * g + decay * m`` (optax ``update_moment``).
 
@@ -58,7 +102,7 @@ def moment(g: list[torch.Tensor], m: list[torch.Tensor], decay: Scalar) -> list[
     if not g:
         return []
     weight = 1 - on_device(decay, g[0])
-    return list(torch._foreach_lerp([x.to(y.dtype) for x, y in zip(m, g)], g, weight))
+    return list(torch._foreach_lerp(_like(m, g), g, weight))
 
 
 def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> list[torch.Tensor]:
@@ -66,7 +110,7 @@ def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> li
     if not g:
         return []
     decay = on_device(decay, g[0])
-    out = list(torch._foreach_mul([x.to(y.dtype) for x, y in zip(v, g)], decay))
+    out = list(torch._foreach_mul(_like(v, g), decay))
     if isinstance(decay, torch.Tensor):
         return list(
             torch._foreach_add(out, torch._foreach_mul(torch._foreach_mul(g, g), 1 - decay))
@@ -91,7 +135,7 @@ def cast(xs: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor
 
 def cast_like(xs: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.Tensor]:
     """Casts each tensor to the dtype of its partner in ``likes``."""
-    return [x.to(y.dtype) for x, y in zip(xs, likes)]
+    return _like(xs, likes)
 
 
 def check_decay(name: str, value: Any, *, allow_one: bool = False) -> None:

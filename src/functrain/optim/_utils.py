@@ -75,6 +75,9 @@ def flat(updates: Any, state_trees: dict[str, Any]) -> tuple[list[torch.Tensor],
     Returns the update leaves, the treespec, and the leaves of each named state tree. Update
     leaves must be floating-point (or complex) tensors. Mismatches raise :class:`functrain.tree.TreeMismatchError` naming the path.
     """
+    fast = _flat_plain(updates, state_trees)
+    if fast is not None:
+        return fast
     paths, u_leaves, spec = tree.flatten_with_paths(updates)
     for p, u in zip(paths, u_leaves):
         if not isinstance(u, torch.Tensor) or not (u.is_floating_point() or u.is_complex()):
@@ -99,3 +102,25 @@ def flat(updates: Any, state_trees: dict[str, Any]) -> tuple[list[torch.Tensor],
                 )
         out[name] = leaves
     return u_leaves, spec, out
+
+
+def _flat_plain(updates: Any, state_trees: dict[str, Any]) -> tuple[list, Any, dict] | None:
+    """:func:`flat` for plain containers that pass every check, else ``None`` (the general
+    path then finds and names the problem). Saves optree's per-leaf cost on the hot path."""
+    from functrain.optim import _ops
+
+    leaves = _ops.plain_leaves(updates)
+    if leaves is None or not all(u.is_floating_point() or u.is_complex() for u in leaves):
+        return None
+    shapes = [u.shape for u in leaves]
+    out = {}
+    for name, other in state_trees.items():
+        other_leaves = _ops.plain_leaves(other)
+        if (
+            other_leaves is None
+            or not _ops.same_container(updates, other)
+            or [s.shape for s in other_leaves] != shapes
+        ):
+            return None
+        out[name] = other_leaves
+    return leaves, tree.structure(updates), out

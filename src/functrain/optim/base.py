@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from functrain import tree
-from functrain.optim import fused
+from functrain.optim import _ops, fused
 
 __all__ = [
     "EmptyState",
@@ -275,6 +275,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         >>> ft.apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
         {'w': tensor([1.5000, 0.0000])}
     """
+    fast = _apply_plain(params, updates)
+    if fast is not None:
+        return fast
     p_paths, p_leaves, spec = tree.flatten_with_paths(params)
     u_leaves = tree.flatten_up_to(spec, updates, ("params", "updates"), params)
     for path, p, u in zip(p_paths, p_leaves, u_leaves):
@@ -295,3 +298,22 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         for (i, p, _), s in zip(pairs, sums):
             out[i] = s if s.dtype == p.dtype else s.to(p.dtype)
     return tree.unflatten(spec, out)
+
+
+def _apply_plain(params: Params, updates: Updates) -> Params | None:
+    """``apply_updates`` for plain containers of tensors of matching shapes, else ``None``.
+
+    The common case, without optree's per-leaf cost; anything unusual (``None`` updates,
+    nested trees, mismatches and their error messages) takes the general path.
+    """
+    p_leaves = _ops.plain_leaves(params)
+    if p_leaves is None or not p_leaves:
+        return None
+    u_leaves = _ops.plain_leaves(updates)
+    if u_leaves is None or not _ops.same_container(params, updates):
+        return None
+    if [p.shape for p in p_leaves] != [u.shape for u in u_leaves]:
+        return None
+    sums = torch._foreach_add(p_leaves, u_leaves)
+    out = [s if s.dtype == p.dtype else s.to(p.dtype) for p, s in zip(p_leaves, sums)]
+    return _ops.plain_rebuild(params, out)

@@ -62,6 +62,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain.optim import _ops
 from functrain.optim._utils import safe_increment
 
 __all__: list[str] = []  # internal: reached as ``functrain.optim.fused``
@@ -224,9 +225,9 @@ class Context:
     def __init__(self, grads: Any, params: Any, found_inf: torch.Tensor | None) -> None:
         self.params_tree = params
         self.grads_tree = grads
-        p, g = _plain_leaves(params), _plain_leaves(grads)
+        p, g = _ops.plain_leaves(params), _ops.plain_leaves(grads)
         self._spec: Any = None
-        if p is not None and g is not None and _same_container(params, grads, len(p), len(g)):
+        if p is not None and g is not None and _ops.same_container(params, grads):
             self.p, self.g = p, g
             self.same_structure = True
         else:
@@ -250,32 +251,6 @@ class Context:
         if self._shapes is None:
             self._shapes = [p.shape for p in self.p]
         return self._shapes
-
-
-def _plain_leaves(x: Any) -> list[torch.Tensor] | None:
-    """``tree.leaves(x)`` for a plain list, tuple or dict of plain tensors, else ``None``.
-
-    optree spends about a microsecond per leaf; with hundreds of parameter tensors and a
-    handful of trees per update that is a noticeable share of a fused update's time.
-    """
-    kind = type(x)
-    if kind is dict:
-        try:
-            values = [x[k] for k in sorted(x)]  # optree's order for sortable keys
-        except TypeError:
-            return None
-    elif kind is list or kind is tuple:
-        values = list(x)
-    else:
-        return None
-    tensor = torch.Tensor
-    return values if all(type(v) is tensor for v in values) else None
-
-
-def _same_container(a: Any, b: Any, na: int, nb: int) -> bool:
-    if type(a) is not type(b) or na != nb:
-        return False
-    return type(a) is not dict or a.keys() == b.keys()
 
 
 _MASK_CACHE: dict[tuple[Any, ...], tuple[Any, list[int]]] = {}
@@ -302,7 +277,7 @@ def _mask_subset(mask: Any, current: Any, idx: list[int], ctx: Context) -> tuple
 
 
 def _state_leaves(sub: Any, idx: list[int], ctx: Context) -> list[torch.Tensor] | None:
-    leaves = _plain_leaves(sub)
+    leaves = _ops.plain_leaves(sub)
     if leaves is None:
         leaves = tree.leaves(sub)
     if len(leaves) != len(idx):

@@ -524,6 +524,17 @@ def make_train_step(
             arithmetic or, for unknown transforms, ``tx.update``. Same numbers as ``tx.update``
             to rounding (see :mod:`functrain.optim.fused`). ``update_norm`` is then the norm
             of the parameter change. ``False`` always runs ``tx.update``.
+        compile: run the step's tensor work (gradients, non-finite check, optimizer update,
+            new state and metrics) as one ``torch.compile(fullgraph=True)`` graph; ``True``
+            for the defaults (inductor) or a dict of ``torch.compile`` keyword arguments
+            (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``; ``fullgraph`` is
+            always ``True``, ``dynamic`` defaults to ``False``). State checks, donation and
+            the batch split stay eager. Hyperparameters, schedules and counters are tensors, so
+            a run compiles once per batch shape. Same numbers as eager to rounding; under
+            compile the optimizer update is out of place (donated memory is freed, not reused)
+            and dropout is seeded once per step rather than once per micro-batch (identical
+            to eager for one micro-batch). Not with ``grad_backend="autograd"``. See
+            :mod:`functrain.train.compiled`.
 
     Returns:
         A :class:`TrainStep`. Metrics (a flat dict of tensors): ``loss`` (full-batch loss),
