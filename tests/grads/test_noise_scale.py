@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import mlp_problem, naive_per_sample
+from grad_problems import mlp_problem, naive_per_sample
 from hypothesis import given
 from hypothesis import strategies as st
 

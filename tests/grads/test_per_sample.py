@@ -3,7 +3,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cnn_problem, mlp_problem, naive_per_sample
+from grad_problems import cnn_problem, mlp_problem, naive_per_sample
 from hypothesis import given
 from hypothesis import strategies as st
 

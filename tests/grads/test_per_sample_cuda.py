@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import mlp_problem
+from grad_problems import mlp_problem
 
 import functrain as ft
 from functrain import tree

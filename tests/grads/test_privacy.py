@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import PROBLEMS, cnn_problem, mlp_problem, naive_per_sample
+from grad_problems import PROBLEMS, cnn_problem, mlp_problem, naive_per_sample
 from hypothesis import given
 from hypothesis import strategies as st
 

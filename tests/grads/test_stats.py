@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import PROBLEMS, mlp_problem, naive_per_sample, tied_problem
+from grad_problems import PROBLEMS, mlp_problem, naive_per_sample, tied_problem
 from hypothesis import given
 from hypothesis import strategies as st
 

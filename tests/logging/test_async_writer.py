@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import load_run
+from tb_helpers import load_run
 
 from functrain.logging import AsyncWriter, MetricWriter, TensorBoardWriter
 

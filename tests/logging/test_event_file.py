@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import load_run, scalars
+from tb_helpers import load_run, scalars
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tb_masked_crc
 
 from functrain.logging import TensorBoardWriter, _event_file

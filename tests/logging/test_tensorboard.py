@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import load_run, scalars
+from tb_helpers import load_run, scalars
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.hparams.metadata import (
     EXPERIMENT_TAG,

@@ -135,7 +135,7 @@ def _paired(times: list[float], base: list[float]) -> float:
 def run(quick: bool) -> Section:
     """Times logging every step of a real train step (see the module docstring)."""
     hidden, batch = 256, 64
-    steps, rounds = (10, 4) if quick else (20, 30)
+    steps, rounds = (10, 4) if quick else (20, 60)
     section = Section(f"Logging every step (CPU, MLP 64-{hidden}-{hidden}-10, batch {batch})")
     step, new_state, data = _make_step(hidden, batch)
     with tempfile.TemporaryDirectory() as logdir:

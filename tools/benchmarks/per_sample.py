@@ -188,7 +188,7 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
             )
         )
 
-    wall, cpu = _interleaved_samples(fns, repeats=3 if quick else 25, warmup=1 if quick else 2)
+    wall, cpu = _interleaved_samples(fns, repeats=3 if quick else 40, warmup=1 if quick else 2)
     plain_name = "plain batch gradient"
     has_peer = "opacus GradSampleModule" in wall
     for method in fns:

@@ -5,8 +5,8 @@ tensors, as a real step does. The same step runs in interleaved blocks with no l
 ``AsyncWriter(TensorBoardWriter)`` logging every step, and (for reference) with a synchronous
 ``TensorBoardWriter`` logging every step. Block times include draining the writer (``flush``), so
 background work that does not keep up is counted. Run it with
-``python -m functrain.logging.bench [--device cuda]``; ``tools/bench.py`` calls
-:func:`measure_logging_overhead`.
+``python -m functrain.logging.bench [--device cuda]``. ``tools/bench.py --only logging`` does
+the same on a real ``ft.make_train_step`` step and checks the event files it wrote.
 """
 
 from __future__ import annotations

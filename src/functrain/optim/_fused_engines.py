@@ -172,18 +172,54 @@ def _groups(job: _Job, ctx: Context) -> dict[tuple[Any, ...], list[int]]:
     return out
 
 
-def _chunks(idx: list[int], ctx: Context) -> list[list[int]]:
-    limit = max(_CHUNK, *(ctx.p[i].numel() for i in idx))
-    out: list[list[int]] = [[]]
+Piece = tuple[torch.Tensor, ...]  # one leaf's (or slice's) param, grad and state tensors
+
+
+def _chunks(idx: list[int], ctx: Context, grads: list, states: list[list]) -> list[list[Piece]]:
+    """The leaves in runs of about ``_CHUNK`` elements; big contiguous leaves are cut into flat
+    slices (the kernels are elementwise), so a run's old values stay in cache while the
+    update norm is formed."""
+    out: list[list[Piece]] = [[]]
     size = 0
     for i in idx:
-        n = ctx.p[i].numel()
-        if size + n > limit:
-            out.append([])
-            size = 0
-        out[-1].append(i)
-        size += n
+        whole = (ctx.p[i], grads[i], *(s[i] for s in states))
+        if whole[0].numel() > _CHUNK and all(t.is_contiguous() for t in whole):
+            pieces: list[Piece] = list(zip(*(t.view(-1).split(_CHUNK) for t in whole)))
+        else:
+            pieces = [whole]
+        for piece in pieces:
+            n = piece[0].numel()
+            if out[-1] and size + n > _CHUNK:
+                out.append([])
+                size = 0
+            out[-1].append(piece)
+            size += n
     return out
+
+
+def _with_norm(
+    job: _Job, on: dict[str, Any], idx: list[int], ctx: Context, grads: list, states: list
+) -> list[torch.Tensor]:
+    """Runs the kernel chunk by chunk, keeping each chunk's old values in one scratch buffer;
+    returns the squared norms of the parameter changes."""
+    chunks = _chunks(idx, ctx, grads, states)
+    first = chunks[0][0][0]
+    scratch = torch.empty(
+        max(sum(piece[0].numel() for piece in c) for c in chunks),
+        dtype=first.dtype,
+        device=first.device,
+    )
+    squares = []
+    for chunk in chunks:
+        ps = [piece[0] for piece in chunk]
+        sizes = [p.numel() for p in ps]
+        old = [v.view_as(p) for v, p in zip(scratch[: sum(sizes)].split(sizes), ps)]
+        torch._foreach_copy_(old, ps)
+        part = [[piece[2 + k] for piece in chunk] for k in range(len(states))]
+        _call(job, on, ps, [piece[1] for piece in chunk], part)
+        torch._foreach_sub_(old, ps)
+        squares.append(torch.stack(torch._foreach_norm(old)).square().sum())
+    return squares
 
 
 def _clip_inputs(
@@ -226,7 +262,7 @@ def _kernel(
         names = ("mu", "nu") if isinstance(core.spec, ScaleByAdam) else ("trace",)
         states = [core.leaves[n] for n in names]
     squares: list[torch.Tensor] = []
-    for (device, dtype, decays), idx in _groups(job, ctx).items():
+    for (device, _dtype, decays), idx in _groups(job, ctx).items():
         on = {"wd": job.wd if decays else 0.0}
         if isinstance(job.lr, torch.Tensor):
             on["lr"] = job.lr.to(device=device, dtype=torch.float32)  # the CUDA kernels' type
@@ -238,21 +274,13 @@ def _kernel(
         )
         if count is not None:
             on["step"] = count.to(device, torch.float64 if device.type == "cpu" else torch.float32)
-        for chunk in _chunks(idx, ctx) if want_norm else [idx]:
-            ps = ctx.p if len(chunk) == ctx.n else [ctx.p[i] for i in chunk]
-            old = None
-            if want_norm:
-                flat = torch.empty(sum(p.numel() for p in ps), dtype=dtype, device=device)
-                old = [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in ps]), ps)]
-                torch._foreach_copy_(old, ps)
-            if len(chunk) == ctx.n:  # everything in one call: the lists as they are
-                _call(job, on, ps, grads, states)
-            else:
-                gs = [grads[i] for i in chunk]
-                _call(job, on, ps, gs, [[s[i] for i in chunk] for s in states])
-            if old is not None:
-                torch._foreach_sub_(old, ps)
-                squares.append(torch.stack(torch._foreach_norm(old)).square().sum())
+        if want_norm:
+            squares += _with_norm(job, on, idx, ctx, grads, states)
+        elif len(idx) == ctx.n:  # everything in one call: the lists as they are
+            _call(job, on, ctx.p, grads, states)
+        else:
+            ps, gs = [ctx.p[i] for i in idx], [grads[i] for i in idx]
+            _call(job, on, ps, gs, [[s[i] for i in idx] for s in states])
     if not want_norm:
         return None
     if not squares:

@@ -1,6 +1,7 @@
+"""Reading TensorBoard runs back in the logging tests (imported by a unique module name)."""
+
 import os
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # 0 = keep every event of every kind (TensorBoard's default samples them).
@@ -15,8 +16,3 @@ def load_run(path):
 
 def scalars(acc, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-@pytest.fixture
-def read_run():
-    return load_run
