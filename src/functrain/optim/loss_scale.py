@@ -29,9 +29,10 @@ __all__ = ["DynamicLossScale", "LossScaleState", "all_finite"]
 def all_finite(values: Any) -> torch.Tensor:
     """Whether every element of every tensor leaf is finite: a 0-d bool tensor, no host sync.
 
-    One max-abs reduction per leaf (fused per dtype on CUDA); a NaN or an inf anywhere gives
-    ``False``. Empty tensors and non-floating leaves count as finite; a tree without tensors
-    gives ``True`` (on the CPU).
+    A NaN or an inf anywhere gives ``False``. Empty tensors and non-floating leaves count as
+    finite; a tree without tensors gives ``True`` (on the CPU). Real CPU tensors are checked with
+    ``torch.aminmax`` (one vectorised pass: NaN reaches both ends, ``±inf`` one of them), which
+    is several times faster there than the inf-norm used on accelerators and for complex leaves.
 
     Example:
         >>> import torch, functrain as ft
@@ -49,10 +50,21 @@ def all_finite(values: Any) -> torch.Tensor:
         device = next((x.device for x in tree.leaves(values) if isinstance(x, torch.Tensor)), None)
         return torch.ones((), dtype=torch.bool, device=device)
     device = leaves[0].device
+    ends_by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    others = []
+    for x in leaves:
+        if x.is_cpu and not x.is_complex():
+            ends_by_dtype.setdefault(x.dtype, []).extend(torch.aminmax(x))
+        else:
+            others.append(x)
     # A parameter tree may span devices (model parallel): flags gather on the first one.
     flags = [
-        torch.isfinite(n).reshape(1).to(device) for n in torch._foreach_norm(leaves, float("inf"))
+        torch.isfinite(torch.stack(ends)).all().reshape(1).to(device)
+        for ends in ends_by_dtype.values()
     ]
+    if others:
+        norms = torch._foreach_norm(others, float("inf"))
+        flags.extend(torch.isfinite(n).reshape(1).to(device) for n in norms)
     return torch.cat(flags).all() if len(flags) > 1 else flags[0].reshape(())
 
 

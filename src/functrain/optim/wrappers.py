@@ -21,6 +21,7 @@ from functrain.optim.base import (
     _check_transform,
     set_to_zero,
 )
+from functrain.optim.loss_scale import all_finite
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -269,12 +270,6 @@ class ApplyIfFiniteState(NamedTuple):
     inner_state: Any
 
 
-def _all_finite(leaves: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    if not leaves:
-        return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack([torch.isfinite(x).all() for x in leaves]).all()
-
-
 def _select(condition: torch.Tensor, new: Any, old: Any) -> Any:
     """``new`` where ``condition`` else ``old``, leaf-wise, in ``old``'s dtype."""
 
@@ -331,7 +326,7 @@ def apply_if_finite(
     def update_fn(
         updates: Any, state: ApplyIfFiniteState, params: Any = None, **extra: Any
     ) -> tuple[Any, ApplyIfFiniteState]:
-        isfinite = _all_finite(tree.leaves(updates), state.notfinite_count.device)
+        isfinite = all_finite(updates).to(state.notfinite_count.device)
         notfinite_count = torch.where(
             isfinite,
             torch.zeros_like(state.notfinite_count),
