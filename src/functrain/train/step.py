@@ -235,7 +235,7 @@ class TrainStep:
         chunk_size: int | None,
         donate: bool,
         seed_rng: bool,
-        grad_backend: Literal["func", "autograd"],
+        grad_backend: Literal["auto", "func", "autograd"],
         grad_stats: GradStatsHook | None,
         norm_metrics: bool,
         nonfinite: Literal["skip", "ignore"] = "skip",
@@ -246,8 +246,16 @@ class TrainStep:
     ) -> None:
         if strategy not in ("loop", "vmap"):
             raise ValueError(f"strategy must be 'loop' or 'vmap', got {strategy!r}")
-        if grad_backend not in ("func", "autograd"):
-            raise ValueError(f"grad_backend must be 'func' or 'autograd', got {grad_backend!r}")
+        if grad_backend not in ("auto", "func", "autograd"):
+            raise ValueError(
+                f"grad_backend must be 'auto', 'func' or 'autograd', got {grad_backend!r}"
+            )
+        if grad_backend == "auto":
+            # Reverse mode accumulating in place matches the classic loop's time and memory;
+            # vmap and compiled steps need torch.func.
+            eager_loop = strategy == "loop" and compile is False
+            grad_backend = "autograd" if eager_loop else "func"
+        self.grad_backend = grad_backend
         if chunk_size is not None and (
             isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
         ):
@@ -460,7 +468,7 @@ def make_train_step(
     chunk_size: int | None = None,
     donate: bool = True,
     seed_rng: bool = True,
-    grad_backend: Literal["func", "autograd"] = "func",
+    grad_backend: Literal["auto", "func", "autograd"] = "auto",
     grad_stats: GradStatsHook | None = None,
     norm_metrics: bool = True,
     nonfinite: Literal["skip", "ignore"] = "skip",
@@ -496,12 +504,14 @@ def make_train_step(
             micro-batch's key around each gradient computation, and restore them afterwards, so
             ``nn.Dropout`` and ``torch.rand`` are reproducible and differ between micro-batches.
             Ignored for states without a key.
-        grad_backend: ``"func"`` (``torch.func.grad``, one gradient pytree per micro-batch) or
+        grad_backend: ``"func"`` (``torch.func.grad``, one gradient pytree per micro-batch),
             ``"autograd"`` (reverse mode on step-local leaves that alias the parameters: without
             a ``grad_stats`` hook, backward accumulates the weighted micro-batch gradients in
             place, with the memory and speed of a classic loop; with one,
-            ``torch.autograd.grad`` per micro-batch). Same numbers to rounding. Only for
-            ``"loop"``; ``"vmap"`` always uses ``torch.func``.
+            ``torch.autograd.grad`` per micro-batch) or ``"auto"`` (the default: ``"autograd"``
+            for an eager ``"loop"`` step, ``"func"`` for ``"vmap"`` and compiled steps). Same
+            numbers to rounding; either way the gradient is an explicit pytree inside the step
+            and nothing is left in any ``.grad``. ``"vmap"`` always uses ``torch.func``.
         grad_stats: an optional :class:`~functrain.GradStatsHook` (per-micro-batch gradient
             statistics), its state kept in ``state.extra``.
         norm_metrics: report ``grad_norm``, ``update_norm`` and ``param_norm``.
