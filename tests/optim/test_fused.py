@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.optim import fused
+from functrain.optim import _pure_fused, fused
 
 STEPS = 12
 
@@ -86,13 +86,18 @@ FOREACH_ONLY = {
 }
 
 
-def _pure(tx, params, grads):
+def _pure(tx, params, grads, *, fused_pure=False):
+    """The pure path; member by member (each transform's own ops) unless ``fused_pure``."""
     state = tx.init(params)
     norms = []
-    for g in grads:
-        u, state = tx.update(g, state, params)
-        norms.append(ft.tree.norm(u))
-        params = ft.apply_updates(params, u)
+    before, _pure_fused.ENABLED = _pure_fused.ENABLED, fused_pure
+    try:
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            norms.append(ft.tree.norm(u))
+            params = ft.apply_updates(params, u)
+    finally:
+        _pure_fused.ENABLED = before
     return params, state, norms
 
 

@@ -1,0 +1,112 @@
+"""The pure path of recognised AdamW chains through the fused kernel, out of place.
+
+``chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)`` (optionally after
+``clip_by_global_norm``) run member by member costs about ten full passes over memory and
+seven fresh tensors per leaf: each ``torch._foreach_*`` op is a pass, and every member must
+allocate its result because it cannot know its input is a temporary. Here the chain's update is
+formed in one ``torch._fused_adamw_`` pass instead, on tensors that belong to the result:
+
+* the new moments are clones of the old ones, updated by the kernel (the inputs are untouched);
+* the kernel's "parameters" are the updates themselves: started at ``c · p`` with
+  ``c = −lr·wd / (1 − lr·wd)``, the kernel's decoupled decay ``u ← u·(1 − lr·wd)`` turns them
+  into ``−lr·wd·p``, and its Adam step then subtracts ``lr · m̂ / (√v̂ + eps)``.
+
+So ``u = −lr·(m̂/(√v̂ + eps) + wd·p)``, the member-by-member numbers to rounding (the kernel
+orders a few float operations differently, as :mod:`functrain.optim.fused`'s ``"kernel"``
+engine does). Anything else (other chains, tensor learning rates, ``found_inf``...) returns
+``None`` and the chain runs its members.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from functrain import tree
+from functrain.optim import _ops, fused
+from functrain.optim._fused_engines import _call, _clip_inputs, _groups, _match
+from functrain.optim._utils import safe_increment
+
+# Switch for tests that want the member-by-member numbers as a reference.
+ENABLED = True
+
+
+def _updates(ops: list[fused.Op], ctx: fused.Context) -> list[torch.Tensor] | None:
+    job = _match(ops, ctx)
+    if job is None or job.kind != "adamw" or isinstance(job.lr, torch.Tensor):
+        return None
+    core = job.core
+    assert core is not None
+    mu_l, mu_spec = tree.flatten(core.state.mu)
+    nu_l, nu_spec = tree.flatten(core.state.nu)
+    mine = (mu_l, nu_l)
+    theirs = (core.leaves["mu"], core.leaves["nu"])
+    if any(len(a) != ctx.n or any(x is not y for x, y in zip(a, b)) for a, b in zip(mine, theirs)):
+        return None
+    lr = float(job.lr)
+    if 1 - lr * job.wd == 0:
+        return None
+    grads, grad_scale = _clip_inputs(job, ctx, None, False)
+    count = safe_increment(core.state.count)
+    # clone() keeps each tensor's strides, as the kernels and the moments' layout want.
+    mu = [m.clone() for m in mu_l]
+    nu = [v.clone() for v in nu_l]
+    out: list[Any] = [None] * ctx.n
+    for (device, _dtype, decays), idx in _groups(job, ctx).items():
+        wd = job.wd if decays else 0.0
+        ps = [ctx.p[i] for i in idx]
+        if wd:
+            us = list(torch._foreach_mul(ps, -lr * wd / (1 - lr * wd)))
+        else:
+            us = [torch.zeros_like(p) for p in ps]
+        on = {
+            "wd": wd,
+            "lr": lr,
+            "grad_scale": None if grad_scale is None else grad_scale.to(device),
+            "found_inf": None,
+            "step": count.to(device, torch.float64 if device.type == "cpu" else torch.float32),
+        }
+        states = [[mu[i] for i in idx], [nu[i] for i in idx]]
+        _call(job, on, us, [grads[i] for i in idx], states)
+        for i, u in zip(idx, us):
+            out[i] = u
+    core.new_state = core.state._replace(
+        count=count, mu=tree.unflatten(mu_spec, mu), nu=tree.unflatten(nu_spec, nu)
+    )
+    return out
+
+
+def update(tx: Any, updates: Any, state: Any, params: Any) -> tuple[Any, Any] | None:
+    """``tx.update(updates, state, params)`` through the fused kernel, or ``None``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> from functrain.optim import _pure_fused
+        >>> tx = ft.adamw(0.1)
+        >>> params = [torch.ones(2)]
+        >>> u, state = _pure_fused.update(tx, [torch.ones(2)], tx.init(params), params)
+        >>> u
+        [tensor([-0.1000, -0.1000])]
+    """
+    if not ENABLED or params is None or torch.compiler.is_compiling():
+        return None
+    if not all(fused.spec_of(t) is not None for t in getattr(fused.spec_of(tx), "members", ())):
+        return None  # a member without a spec: not recognisable, skip the planning
+    ctx = fused.Context(updates, params, None)
+    if not ctx.same_structure or ctx.n == 0:
+        return None
+    if any(g.shape != p.shape for g, p in zip(ctx.g, ctx.p)):
+        return None  # the members name the mismatch
+    made = fused.plan(tx, state, ctx)
+    if made is None:
+        return None
+    leaves = _updates(made.ops, ctx)
+    if leaves is None:
+        return None
+    plain = _ops.plain_leaves(updates)
+    if plain is not None and _ops.same_container(updates, params):
+        new = _ops.plain_rebuild(updates, leaves)
+    else:
+        new = tree.unflatten(ctx.spec, leaves)
+    return new, made.build()
