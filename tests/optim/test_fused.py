@@ -1,7 +1,8 @@
 """In-place fused updates (``functrain.optim.fused``) give the pure path's numbers.
 
-The reference is the pure path itself (``tx.update`` then ``apply_updates``), run on copies; the
-foreach engine must match it bit for bit, the fused kernels to rounding (tight in float64).
+The reference is the pure path run member by member (``tx.update`` then ``apply_updates``, with
+the fused pure path of ``functrain.optim._pure_fused`` switched off), on copies; the foreach
+engine must match it bit for bit, the fused kernels to rounding (tight in float64).
 """
 
 import pytest

@@ -86,19 +86,33 @@ def _leaf_ok(ctx: Context, i: int, states: list[list[torch.Tensor]]) -> bool:
     group = [g, *(s[i] for s in states)]
     if any(t.dtype != p.dtype or t.device != p.device for t in group):
         return False
-    # multi_tensor_apply on CUDA wants dense tensors; the CPU kernels take any strides.
-    return p.device.type == "cpu" or all(t.is_contiguous() for t in (p, *group))
+    if p.device.type == "cuda":  # multi_tensor_apply wants dense tensors
+        return all(t.is_contiguous() for t in (p, *group))
+    # The CPU kernels walk a leaf's tensors with one flat index: each must have the
+    # parameter's strides, and those must be dense (a transposed parameter with a
+    # contiguous gradient would pair the wrong elements).
+    return _dense(p) and all(t.stride() == p.stride() for t in group)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its memory without gaps or overlaps, in some order of its dims."""
+    if t.is_contiguous():
+        return True
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(order).is_contiguous()
 
 
 def _uniform(ctx: Context, states: list[list[torch.Tensor]]) -> bool:
-    """All leaves are CPU tensors of one kernel dtype (the common case, checked in bulk)."""
+    """All leaves are contiguous CPU tensors of one kernel dtype (the common case, in bulk)."""
     dtype = ctx.p[0].dtype
     if dtype not in _KERNEL_DTYPES:
         return False
     groups = (ctx.p, ctx.g, *states)
     # ``is_cpu`` and ``dtype`` are cheap attribute reads; ``.device`` builds an object per call.
-    return all(t.is_cpu for g in groups for t in g) and all(
-        t.dtype == dtype for g in groups for t in g
+    return (
+        all(t.is_cpu for g in groups for t in g)
+        and all(t.dtype == dtype for g in groups for t in g)
+        and all(t.is_contiguous() for g in groups for t in g)
     )
 
 

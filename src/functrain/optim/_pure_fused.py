@@ -32,18 +32,20 @@ from functrain.optim._utils import safe_increment
 ENABLED = True
 
 
+def _rebuild(like: Any, leaves: list[torch.Tensor]) -> Any:
+    """``like``'s structure with ``leaves`` (the fast path for plain containers)."""
+    if _ops.plain_leaves(like) is not None:
+        return _ops.plain_rebuild(like, leaves)
+    return tree.unflatten(tree.structure(like), leaves)
+
+
 def _updates(ops: list[fused.Op], ctx: fused.Context) -> list[torch.Tensor] | None:
     job = _match(ops, ctx)
     if job is None or job.kind != "adamw" or isinstance(job.lr, torch.Tensor):
         return None
     core = job.core
     assert core is not None
-    mu_l, mu_spec = tree.flatten(core.state.mu)
-    nu_l, nu_spec = tree.flatten(core.state.nu)
-    mine = (mu_l, nu_l)
-    theirs = (core.leaves["mu"], core.leaves["nu"])
-    if any(len(a) != ctx.n or any(x is not y for x, y in zip(a, b)) for a, b in zip(mine, theirs)):
-        return None
+    mu_l, nu_l = core.leaves["mu"], core.leaves["nu"]  # in tree order (fused._state_leaves)
     lr = float(job.lr)
     if 1 - lr * job.wd == 0:
         return None
@@ -68,11 +70,18 @@ def _updates(ops: list[fused.Op], ctx: fused.Context) -> list[torch.Tensor] | No
             "step": count.to(device, torch.float64 if device.type == "cpu" else torch.float32),
         }
         states = [[mu[i] for i in idx], [nu[i] for i in idx]]
+        if not job.uniform and any(
+            u.stride() != p.stride() or t[k].stride() != p.stride()
+            for k, (u, p) in enumerate(zip(us, ps))
+            for t in states
+        ):
+            return None  # the kernels pair elements by one flat index (see _leaf_ok)
         _call(job, on, us, [grads[i] for i in idx], states)
         for i, u in zip(idx, us):
             out[i] = u
-    core.new_state = core.state._replace(
-        count=count, mu=tree.unflatten(mu_spec, mu), nu=tree.unflatten(nu_spec, nu)
+    state = core.state
+    core.new_state = state._replace(
+        count=count, mu=_rebuild(state.mu, mu), nu=_rebuild(state.nu, nu)
     )
     return out
 
@@ -98,15 +107,12 @@ def update(tx: Any, updates: Any, state: Any, params: Any) -> tuple[Any, Any] | 
         return None
     if any(g.shape != p.shape for g, p in zip(ctx.g, ctx.p)):
         return None  # the members name the mismatch
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*ctx.g, *ctx.p)):
+        return None  # differentiating through the update: the kernels have no derivative
     made = fused.plan(tx, state, ctx)
     if made is None:
         return None
     leaves = _updates(made.ops, ctx)
     if leaves is None:
         return None
-    plain = _ops.plain_leaves(updates)
-    if plain is not None and _ops.same_container(updates, params):
-        new = _ops.plain_rebuild(updates, leaves)
-    else:
-        new = tree.unflatten(ctx.spec, leaves)
-    return new, made.build()
+    return _rebuild(updates, leaves), made.build()
