@@ -85,6 +85,7 @@ class Check(NamedTuple):
     ok: torch.Tensor | None  # 0-d bool, None when not checking
     extra: dict[str, Any]  # new fault entries of state.extra
     metrics: dict[str, torch.Tensor]
+    found_inf: torch.Tensor | None = None  # ``~ok`` when already computed
 
 
 def _scale_result(result: Any, scale: torch.Tensor) -> Any:
@@ -134,6 +135,7 @@ def apply_guarded(
     *,
     in_place: bool,
     ok: torch.Tensor | None,
+    found_inf: torch.Tensor | None = None,
 ) -> Any:
     """Runs the step's optimizer stage so that ``ok == False`` changes nothing.
 
@@ -143,12 +145,13 @@ def apply_guarded(
     parameters and the optimizer state bit-for-bit unchanged (in place or not) without reading
     the flag on the host, like ``torch._fused_adam_(..., found_inf=...)``. Otherwise it gets
     :func:`skip_unless` ``(tx, ok)``, which is correct for any stage built on ``tx.update``
-    and ``apply_updates``.
+    and ``apply_updates``. ``found_inf``: ``~ok``, if the caller has it already.
     """
     if ok is None:
         return apply_optimizer(tx, grads, opt_state, params, in_place=in_place)
     if getattr(apply_optimizer, "supports_found_inf", False):
-        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place, found_inf=~ok)
+        found_inf = ~ok if found_inf is None else found_inf
+        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place, found_inf=found_inf)
     return apply_optimizer(skip_unless(tx, ok), grads, opt_state, params, in_place=in_place)
 
 
@@ -181,6 +184,10 @@ class StepFaults:
             option = "max_consecutive_skips" if loss_scale is None else "loss_scale"
             raise ValueError(f"{option} needs nonfinite='skip' (it skips non-finite steps)")
         self.active = nonfinite == "skip"
+        # Set by the step when its gradients are step-local tensors nobody else holds (the
+        # autograd loop): the check may then use the fused in-place AMP check (see _finite).
+        self.grads_writable = False
+        self._ones: dict[torch.device, torch.Tensor] = {}
         self.loss_scale = loss_scale
         self.stateful = self.max_consecutive_skips is not None or loss_scale is not None
         self._scale: contextvars.ContextVar[torch.Tensor] = contextvars.ContextVar("loss_scale")
@@ -288,9 +295,9 @@ class StepFaults:
             new_extra[LOSS_SCALE_KEY] = self.loss_scale.update(ls_state, ok)
             out_metrics["loss_scale"] = ls_state.scale
         else:
-            ok = all_finite(grads) & torch.isfinite(loss)
-        skipped = (~ok).to(torch.int32)
-        out_metrics["skipped"] = skipped
+            ok = self._finite(grads, loss)
+        found_inf = ~ok
+        out_metrics["skipped"] = found_inf.to(torch.int32)
         if self.stateful:
             counts = entries[NONFINITE_KEY]
             consecutive = torch.where(
@@ -300,7 +307,42 @@ class StepFaults:
             new_extra[NONFINITE_KEY] = NonFiniteState(consecutive, total)
             out_metrics["skipped_total"] = total
             self._record(consecutive)
-        return Check(grads, ok, new_extra, out_metrics)
+        return Check(grads, ok, new_extra, out_metrics, found_inf)
+
+    def _finite(self, grads: Any, loss: torch.Tensor) -> torch.Tensor:
+        """``all_finite(grads) & isfinite(loss)``; for writable gradients in one kernel.
+
+        Writable gradients of one floating dtype (the autograd loop's, step-local) and the
+        loss (a tensor the step made) are checked by
+        ``torch._amp_foreach_non_finite_check_and_unscale_`` (GradScaler's check) with an
+        inverse scale of 1: multiplying by 1 leaves every value bit for bit (NaN, inf and -0.0
+        included), and one fused call replaces a reduction and a Python call per leaf.
+        """
+        leaves = tree.leaves(grads) if self.grads_writable else []
+        if not leaves or torch.compiler.is_compiling():
+            return all_finite(grads) & torch.isfinite(loss)
+        first = leaves[0]
+        device, dtype = first.device, first.dtype
+        if device.type not in ("cpu", "cuda") or not first.is_floating_point():
+            return all_finite(grads) & torch.isfinite(loss)
+        for x in leaves:
+            if (
+                x.dtype != dtype
+                or x.device != device
+                or x.layout != torch.strided
+                or type(x) is not torch.Tensor
+            ):
+                return all_finite(grads) & torch.isfinite(loss)
+        one = self._ones.get(device)
+        if one is None:
+            one = self._ones[device] = torch.ones((1,), dtype=torch.float32, device=device)
+        found = torch.zeros((1,), dtype=torch.float32, device=device)
+        same_kind = loss.dtype == dtype and loss.device == device and type(loss) is torch.Tensor
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            [*leaves, loss] if same_kind else leaves, found, one
+        )
+        ok = (found == 0).reshape(())
+        return ok if same_kind else ok & torch.isfinite(loss)
 
     @staticmethod
     def keep_if_skipped(ok: torch.Tensor | None, new: Any, old: Any) -> Any:

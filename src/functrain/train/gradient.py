@@ -35,6 +35,9 @@ from functrain.train import microbatch, rng
 
 __all__ = ["GradStatsHook", "MicroBatchStats"]
 
+# The engine call behind torch.autograd.backward (private; the public function if it moves).
+_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
 
 class MicroBatchStats(NamedTuple):
     """Per-micro-batch information of one step, each a ``(K,)`` tensor in micro-batch order.
@@ -158,8 +161,18 @@ class Combiner:
         self.aux: dict[str, torch.Tensor] = {}
         self.aux_counts: dict[str, torch.Tensor] = {}
 
-    def add(self, meta: _Meta, size: int, payload: dict[str, Any]) -> None:
-        """Adds one micro-batch (0-d values) or a stack of equal-size ones (``(G,)`` values)."""
+    def add(
+        self,
+        meta: _Meta,
+        size: int,
+        payload: dict[str, Any],
+        weighted: torch.Tensor | None = None,
+    ) -> None:
+        """Adds one micro-batch (0-d values) or a stack of equal-size ones (``(G,)`` values).
+
+        ``weighted``: one micro-batch's loss already weighted as here (``value * size / total``
+        for a mean, ``value`` for a sum), to save recomputing it.
+        """
         if self.meta is None:
             self.meta = meta
         elif meta.is_sum != self.meta.is_sum:
@@ -173,8 +186,10 @@ class Combiner:
                 f"{sorted(self.meta.aux_keys)} vs {sorted(meta.aux_keys)}"
             )
         weight = size / self.total
-        value = payload["value"].sum()
-        self.loss = _acc(self.loss, value if meta.is_sum else value * weight)
+        if weighted is None:
+            value = payload["value"].sum()
+            weighted = value if meta.is_sum else value * weight
+        self.loss = _acc(self.loss, weighted)
         if meta.is_sum:
             self.count = _acc(self.count, payload["count"].sum())
         for name, v in payload["aux"].items():
@@ -263,6 +278,40 @@ def _seeding(
     return rng.seeded_rng(key, devices)
 
 
+def _backward(
+    objective: torch.Tensor, inputs: tuple[torch.Tensor, ...], plain_inputs: bool
+) -> None:
+    """``torch.autograd.backward(objective, inputs=inputs)`` for a scalar objective.
+
+    A plain real 0-d tensor with plain tensor inputs (``plain_inputs``) takes the engine call
+    directly: ``torch.autograd.backward``'s argument normalisation and checks are per-call
+    Python that a small model's step notices (4 calls a step with K=4). Anything else (tensor
+    subclasses and their ``__torch_function__``, functorch transforms, other shapes) goes
+    through ``torch.autograd.backward`` and its checks and errors.
+    """
+    if (
+        plain_inputs
+        and _run_backward is not None
+        and type(objective) is torch.Tensor
+        and objective.dim() == 0
+        and objective.requires_grad
+        and objective.is_floating_point()
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        grad = torch.ones_like(objective, memory_format=torch.preserve_format)
+        _run_backward(
+            (objective,),
+            (grad,),
+            False,
+            False,
+            inputs,
+            allow_unreachable=True,
+            accumulate_grad=True,
+        )
+        return
+    torch.autograd.backward(objective, inputs=inputs)
+
+
 def _autograd_grad(objective: Callable[..., Any]) -> Callable[..., Any]:
     def grad_fn(params: Any, mb: Any, buffers: Any, key: Any) -> tuple[Any, dict]:
         leaves, spec = tree.flatten(params)
@@ -344,23 +393,31 @@ class GradStage:
         """
         p_leaves, spec = tree.flatten(params)
         leaves = [p.detach().requires_grad_() for p in p_leaves]
+        inputs = tuple(leaves)
+        plain = all(type(x) is torch.Tensor for x in inputs)
         tracked = tree.unflatten(spec, leaves)
         combiner = Combiner(split.total)
-        for i, size in enumerate(split.sizes):
-            mb = microbatch.micro_batch(batch, split, i)
+        mbs = microbatch.micro_batches(batch, split)
+        for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
             mb_key = None if key is None else rng.fold_in(key, i + 1)
             self.metas.clear()
             with _seeding(mb_key, self.seed_rng, devices), torch.enable_grad():
                 obj, payload = self.objective(tracked, mb, buffers, mb_key)
                 meta = self.metas[-1]
                 weight = 1.0 if meta.is_sum else size / split.total
-                torch.autograd.backward(obj if weight == 1.0 else obj * weight, inputs=leaves)
-            combiner.add(meta, size, payload)
+                weighted = obj if weight == 1.0 else obj * weight
+                _backward(weighted, inputs, plain)
+            # The weighted objective is the combiner's weighted loss (same product, same bits);
+            # unweighted, the combiner copies it (the loss metric never aliases loss_fn's tensor).
+            combiner.add(
+                meta, size, payload, weighted=None if obj is weighted else weighted.detach()
+            )
+            del obj, weighted
             if meta.has_buffers:
                 _check_buffers(buffers, payload["buffers"])
                 buffers = payload["buffers"]
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-        del leaves, tracked
+        del leaves, tracked, inputs
         if combiner.count is not None and grads:
             torch._foreach_div_(grads, combiner.count)
         device = combiner.loss.device  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -49,6 +49,12 @@ class BatchSplit(NamedTuple):
 
 def batch_size(batch: Any) -> int:
     """The common leading size of all leaves; clear errors for non-tensors or mismatches."""
+    leaves = tree.leaves(batch)
+    # The common case checked without building path names (they are only needed for errors).
+    if leaves and all(isinstance(x, torch.Tensor) and x.dim() for x in leaves):
+        size = leaves[0].shape[0]
+        if all(x.shape[0] == size for x in leaves):
+            return size
     paths, leaves, _ = tree.flatten_with_paths(batch)
     if not leaves:
         raise ValueError("the batch has no tensors: it must be a pytree of tensors")
@@ -118,6 +124,13 @@ def micro_batch(batch: Any, split: BatchSplit, i: int) -> Any:
     """Micro-batch ``i`` (views of the batch leaves)."""
     start, size = split.starts[i], split.sizes[i]
     return tree.map(lambda x: x.narrow(0, start, size), batch)
+
+
+def micro_batches(batch: Any, split: BatchSplit) -> Iterator[Any]:
+    """Every micro-batch in order, as :func:`micro_batch` gives them (one flatten in all)."""
+    leaves, spec = tree.flatten(batch)
+    for start, size in zip(split.starts, split.sizes):
+        yield tree.unflatten(spec, [x.narrow(0, start, size) for x in leaves])
 
 
 def size_groups(split: BatchSplit) -> list[tuple[int, list[int]]]:

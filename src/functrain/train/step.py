@@ -138,15 +138,16 @@ class _StructureGuard:
         self.shapes: tuple[torch.Size, ...] = ()
         self.reference: Any = None
 
-    def check(self, params: Any) -> None:
+    def check(self, params: Any) -> list[Any]:
+        """Raises unless ``params`` has the first step's structure; returns its leaves."""
         leaves, spec = tree.flatten(params)
         shapes = tuple(leaf.shape for leaf in leaves)
         if self.spec is None:
             self.spec, self.shapes = spec, shapes
             self.reference = tree.unflatten(spec, [torch.empty(s, device="meta") for s in shapes])
-            return
+            return leaves
         if spec == self.spec and shapes == self.shapes:
-            return
+            return leaves
         try:
             tree.check_shapes(self.reference, params, ("first step's params", "state.params"))
         except tree.TreeMismatchError as err:
@@ -297,13 +298,16 @@ class TrainStep:
             backend=grad_backend,
             per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
         )
+        # The autograd loop's gradients are step-local .grad tensors: the step's own to write.
+        writable = grad_stats is None and strategy == "loop" and grad_backend == "autograd"
+        self.faults.grads_writable = writable
         self._guard = _StructureGuard()
+        self._no_lr: set[Any] = set()
         # The optimizer stage, separable so that a fused in-place path can replace it.
         self.apply_optimizer: Callable[..., Applied] = apply_optimizer
         if fused and donate:
             # Gradients from the backward loop live in step-local .grad tensors: the fused
             # kernels may unscale them in place (others may be views or shared by leaves).
-            writable = grad_stats is None and strategy == "loop" and grad_backend == "autograd"
             self.apply_optimizer = fast.FusedStage(
                 update_norm=norm_metrics, grads_writable=writable
             )
@@ -316,15 +320,22 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """One training step on ``batch``; returns the new state and the metrics."""
         _check_state(state, "train step")
-        params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
-        step, extra = state.step, state.extra
+        # Not consumed (checked above): the fields directly, without the properties' checks.
+        params, opt_state, buffers, key = (
+            state._params,
+            state._opt_state,
+            state._buffers,
+            state._key,
+        )
+        step, extra = state._step, state._extra
         if self._guard.spec is None:  # the first call: was the state made for this tx?
             _check_opt_state(self.tx, params, opt_state)
-        self._guard.check(params)
+        p_leaves = self._guard.check(params)
         token = self.faults.begin(extra, params)  # may raise NonFiniteError; sets the scale
         try:
             split = microbatch.split_batch(batch, self.micro_batches)
-            devices = _devices(params)
+            # Only seeding reads the devices (a state without a key is never seeded).
+            devices = [] if key is None else list({p.device: None for p in p_leaves})
             if self._compiled is None:
                 fields, metrics = self._core(
                     params, opt_state, buffers, key, step, extra, batch, split, devices
@@ -397,7 +408,14 @@ class TrainStep:
         # freed with it instead of reused.
         in_place = self.donate and not torch.compiler.is_compiling()
         applied = faults.apply_guarded(
-            stage, self.tx, grads, opt_state, params, in_place=in_place, ok=ok
+            stage,
+            self.tx,
+            grads,
+            opt_state,
+            params,
+            in_place=in_place,
+            ok=ok,
+            found_inf=check.found_inf,
         )
         del params, opt_state
         new_key = None if key is None else rng.fold_in(key, 0)
@@ -408,13 +426,30 @@ class TrainStep:
             elif applied.update_norm is not None:
                 metrics["update_norm"] = applied.update_norm
             metrics["param_norm"] = fast.global_norm(applied.params)
-        lr = find_learning_rate(applied.opt_state)
+        lr = self._find_learning_rate(applied.opt_state)
         if lr is not None:
             if not isinstance(lr, torch.Tensor):
                 lr = torch.full((), float(lr), device=step.device)
             metrics["lr"] = lr
         fields = (step + 1, applied.params, applied.opt_state, new_buffers, new_key, new_extra)
         return fields, metrics
+
+    def _find_learning_rate(self, opt_state: Any) -> Any:
+        """:func:`find_learning_rate`, remembering the optimizer-state structures that have none.
+
+        The search calls a Python predicate on every node; a structure whose leaves are all
+        plain tensors has no ``hyperparams`` node if it had none before (node types and dict
+        keys are part of the structure), so later steps skip the search.
+        """
+        if torch.compiler.is_compiling():  # traced once: nothing to save
+            return find_learning_rate(opt_state)
+        leaves, spec = optree.tree_flatten(opt_state)
+        if spec in self._no_lr:
+            return None
+        lr = find_learning_rate(opt_state)
+        if lr is None and all(type(x) is torch.Tensor for x in leaves):
+            self._no_lr.add(spec)
+        return lr
 
     def prepare(self, state: TrainState) -> TrainState:
         """``state`` with the ``state.extra`` entries this step keeps added where missing.

@@ -1,0 +1,133 @@
+"""The eager step's shortcuts agree with the general code they stand in for.
+
+The autograd loop checks its gradients for NaN/inf with one fused in-place kernel (multiplying
+by 1), calls the autograd engine directly for plain scalar losses, and remembers optimizer
+states without a learning rate; each is compared here with the path it replaces.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from functrain.train import faults, gradient
+
+_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(_INT_VIEW[x.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf"])
+def test_fused_finite_check_matches_all_finite_and_keeps_every_bit(dtype, bad):
+    gen = torch.Generator().manual_seed(0)
+    grads = {"a": torch.randn(5, 3, generator=gen).to(dtype), "b": torch.zeros(0, dtype=dtype)}
+    grads["c"] = torch.tensor([-0.0, 0.0, 1e-30, torch.finfo(dtype).max], dtype=dtype)
+    if bad is not None:
+        grads["a"][2, 1] = float(bad)
+    before = {k: _bits(v).clone() for k, v in grads.items()}
+    policy = faults.StepFaults("skip", None, None)
+    policy.grads_writable = True
+    for loss_value in (1.5, float("nan"), float("inf")):
+        loss = torch.tensor(loss_value, dtype=dtype)
+        got = policy._finite(grads, loss)
+        assert got.shape == () and got.dtype == torch.bool
+        expected = bool(ft.all_finite(grads) & torch.isfinite(loss))
+        assert bool(got) == expected == (bad is None and loss_value == 1.5)
+        for k, v in grads.items():
+            assert torch.equal(_bits(v), before[k])  # NaN payloads and -0.0 included
+        assert torch.equal(_bits(loss), _bits(torch.tensor(loss_value, dtype=dtype)))
+
+
+def test_fused_finite_check_falls_back_for_mixed_dtypes():
+    grads = [torch.ones(2), torch.tensor([float("nan")], dtype=torch.float64)]
+    policy = faults.StepFaults("skip", None, None)
+    policy.grads_writable = True
+    assert not bool(policy._finite(grads, torch.tensor(1.0)))
+    # A loss of another dtype than the gradients is checked on its own.
+    grads = [torch.ones(2)]
+    assert bool(policy._finite(grads, torch.tensor(1.0, dtype=torch.float64)))
+    assert not bool(policy._finite(grads, torch.tensor(float("inf"), dtype=torch.float64)))
+
+
+def _problem():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    model, params, _ = ft.functionalize(net)
+
+    def loss_fn(p, batch):
+        out = model(p, batch["x"]).squeeze(-1)
+        # sqrt(z · w²) at z = 0: a finite loss with a NaN gradient.
+        edge = torch.sqrt(batch["z"] * p["0.weight"].square().sum()).mean()
+        return (out - batch["y"]).square().mean() + batch["c"].mean() + edge
+
+    return params, loss_fn
+
+
+def _batch(kind: str | None) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    batch = {
+        "x": torch.randn(8, 4, generator=gen),
+        "y": torch.randn(8, generator=gen),
+        "c": torch.zeros(8),
+        "z": torch.ones(8),
+    }
+    if kind == "nan_input":
+        batch["x"][3, 1] = float("nan")
+    elif kind == "inf_loss":
+        batch["c"][0] = float("inf")
+    elif kind == "nan_grad":
+        batch["z"] = torch.zeros(8)
+    return batch
+
+
+@pytest.mark.parametrize("kind", [None, "nan_input", "inf_loss", "nan_grad"])
+def test_autograd_loop_skips_exactly_as_the_func_backend(kind, monkeypatch):
+    calls = []
+    real = faults.all_finite
+    monkeypatch.setattr(faults, "all_finite", lambda g: calls.append(1) or real(g))
+    results = {}
+    for backend in ("autograd", "func"):
+        params, loss_fn = _problem()
+        tx = ft.adamw(1e-2, weight_decay=1e-2)
+        step = ft.make_train_step(loss_fn, tx, micro_batches=2, grad_backend=backend)
+        state = ft.TrainState.create(params=params, tx=tx, seed=None)
+        state, _ = step(state, _batch(None))
+        before = ft.tree.map(torch.clone, (state.params, state.opt_state))
+        calls.clear()
+        state, metrics = step(state, _batch(kind))
+        # The autograd loop's gradients are its own: the fused check ran, not all_finite.
+        assert bool(calls) == (backend == "func")
+        results[backend] = (int(metrics["skipped"]), state.params, before)
+    assert results["autograd"][0] == results["func"][0] == (kind is not None)
+    if kind is not None:
+        for _, params, before in results.values():
+            ft.testing.assert_trees_all_equal(params, before[0])
+
+
+def test_direct_backward_keeps_autograd_errors():
+    leaf = torch.ones(2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        gradient._backward(torch.ones(()), (leaf,), True)
+    for plain in (True, False):  # the engine directly, or torch.autograd.backward
+        leaf.grad = None
+        gradient._backward((leaf * 3).sum(), (leaf,), plain)
+        assert torch.equal(leaf.grad, torch.full((2,), 3.0))
+
+
+def test_learning_rate_metric_with_and_without_inject_hyperparams():
+    params = {"w": torch.ones(3)}
+
+    def loss_fn(p, b):
+        return (p["w"] * b).sum()
+
+    for tx, has_lr in ((ft.adam(0.1), False), (ft.inject_hyperparams(ft.adam)(0.1), True)):
+        step = ft.make_train_step(loss_fn, tx)
+        state = ft.TrainState.create(params=params, tx=tx)
+        for _ in range(3):  # the remembered "no lr" answer must stay right on later steps
+            state, metrics = step(state, torch.ones(2, 3))
+            assert ("lr" in metrics) == has_lr
