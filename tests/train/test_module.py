@@ -115,3 +115,27 @@ def test_hugging_face_bert_masked_lm_tied_gradients():
     net(input_ids=ids, labels=ids).loss.backward()
     ref = {k: p.grad for k, p in net.named_parameters()}
     ft.testing.assert_trees_all_close(grads, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_that_raises_leaves_the_module_untouched():
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).eval()
+    before = {k: v for k, v in [*net.named_parameters(), *net.named_buffers()]}
+    model, params, _ = ft.functionalize(net)
+    with pytest.raises(RuntimeError):
+        model(params, torch.randn(4, 5))  # wrong feature size: the forward raises
+    after = dict([*net.named_parameters(), *net.named_buffers()])
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def test_parametrized_module_matches_functional_call():
+    net = nn.utils.parametrizations.weight_norm(nn.Linear(3, 2))
+    model, params, buffers = ft.functionalize(net)
+    params = {k: v + 0.5 for k, v in params.items()}  # not the module's own values
+    x = torch.randn(4, 3)
+    expected = torch.func.functional_call(net, {**params, **buffers}, (x,))
+    ft.testing.assert_trees_all_close(model(params, x), expected, rtol=0, atol=0)
+    grads = torch.func.grad(lambda p: model(p, x).square().sum())(params)
+    expected_grads = torch.func.grad(
+        lambda p: torch.func.functional_call(net, p, (x,)).square().sum()
+    )(params)
+    ft.testing.assert_trees_all_close(grads, expected_grads, rtol=1e-6)
