@@ -245,3 +245,35 @@ def test_specs_compose():
     assert kinds == ["ClipByGlobalNorm", "Chain"]
     assert fused.spec_of(ft.lion(1e-3)) is not None  # a chain, but of an unknown primitive
     assert fused.spec_of(ft.scale_by_lion()) is None
+
+
+def _layouts():
+    """Successive inputs for one optimizer: each changes dtype, strides or structure."""
+    gen = torch.Generator().manual_seed(3)
+
+    def r(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    return [
+        ("float32", [r(3, 4), r(5)], [r(3, 4), r(5)], {"kernel"}),
+        ("float64", [r(3, 4, dtype=torch.float64), r(5)], [r(3, 4), r(5)], {"foreach"}),
+        ("all float64", *([[r(3, 4, dtype=torch.float64)]] * 2), {"kernel"}),
+        ("transposed", [r(4, 3).t(), r(5)], [r(3, 4), r(5)], {"foreach"}),
+        ("dict", {"a": r(3, 4), "b": r(5)}, {"a": r(3, 4), "b": r(5)}, {"kernel"}),
+        ("more leaves", [r(3, 4), r(5), r(2)], [r(3, 4), r(5), r(2)], {"kernel"}),
+        ("float32 again", [r(3, 4), r(5)], [r(3, 4), r(5)], {"kernel"}),
+    ]
+
+
+def test_each_call_is_planned_for_its_own_leaves():
+    # One optimizer object across layouts: nothing learnt from an earlier call (a plan, an
+    # engine choice, a mask subset) may be reused for inputs it does not fit.
+    tx = ft.adamw(1e-2, weight_decay=0.1, mask=lambda p: ft.tree.map(lambda x: x.ndim > 1, p))
+    for name, params, grads, engines in _layouts():
+        ref_params, ref_state, _ = _pure(tx, params, [grads])
+        mine = ft.tree.map(lambda x: x.clone() if x.is_contiguous() else x.t().clone().t(), params)
+        state = tx.init(mine)
+        done = fused.update_in_place(tx, _clone(grads), state, mine)
+        assert done is not None and {done.engine} == engines, name
+        exact = engines == {"foreach"} or name == "all float64"  # the kernels round differently
+        _close((mine, done.opt_state), (ref_params, ref_state), torch.float64 if exact else None)

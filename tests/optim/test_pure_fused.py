@@ -10,7 +10,7 @@ import torch
 
 import functrain as ft
 from functrain.optim import _pure_fused, fused
-from tests.optim.test_fused import KERNEL_CASES, _clone, _grads, _params
+from tests.optim.test_fused import KERNEL_CASES, _clone, _grads, _layouts, _params
 
 FUSED = ["adam", "adamw", "adamw_mask_tree", "adamw_mask_fn", "adamw_schedule"]
 FUSED += ["adamw_tensor_lr", "adamw_decay_schedule", "clip_adamw", "inject_adamw", "clip_inject"]
@@ -147,3 +147,19 @@ def test_in_place_engines_pair_transposed_params_with_their_grads():
     for g in grads:
         state = fused.update_in_place(tx, g, state, mine).opt_state
     ft.testing.assert_trees_all_close(mine, ref, rtol=1e-12, atol=1e-15)
+
+
+def test_each_call_is_planned_for_its_own_leaves(monkeypatch):
+    # One optimizer object across dtypes, strides and structures: each call takes the path
+    # its own leaves allow (a float64 leaf among float32 ones or a transposed parameter with
+    # contiguous gradients cannot be fused) and gives the member-by-member numbers.
+    calls = _spy(monkeypatch)
+    tx = ft.adamw(1e-2, weight_decay=0.1, mask=lambda p: ft.tree.map(lambda x: x.ndim > 1, p))
+    for name, params, grads, engines in _layouts():
+        calls.clear()
+        got = _run(tx, params, [grads], True)
+        assert calls == [engines == {"kernel"}], name
+        ref = _run(tx, params, [grads], False)
+        exact = engines == {"foreach"}  # not fused: the members themselves ran
+        tol = {"rtol": 1e-12, "atol": 1e-15} if exact else {"rtol": 2e-5, "atol": 1e-7}
+        ft.testing.assert_trees_all_close(got, ref, **tol)

@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import torch
@@ -67,6 +68,7 @@ from functrain.optim._utils import safe_increment
 
 __all__: list[str] = []  # internal: reached as ``functrain.optim.fused``
 
+_SHAPE = attrgetter("shape")
 _SPECS: weakref.WeakKeyDictionary[Callable[..., Any], Spec] = weakref.WeakKeyDictionary()
 
 
@@ -249,7 +251,7 @@ class Context:
     def shapes(self) -> list[torch.Size]:
         """The parameters' shapes (computed once: several state trees are checked against them)."""
         if self._shapes is None:
-            self._shapes = [p.shape for p in self.p]
+            self._shapes = list(map(_SHAPE, self.p))
         return self._shapes
 
 
@@ -277,17 +279,16 @@ def _mask_subset(mask: Any, current: Any, idx: list[int], ctx: Context) -> tuple
 
 
 def _state_leaves(sub: Any, idx: list[int], ctx: Context) -> list[torch.Tensor] | None:
-    leaves = _ops.plain_leaves(sub)
+    leaves = _ops.plain_leaves(sub)  # when not None: all plain tensors
     if leaves is None:
         leaves = tree.leaves(sub)
+        # Per type, not per leaf: the leaves are a handful of types (this runs every step).
+        if not all(issubclass(kind, torch.Tensor) for kind in set(map(type, leaves))):
+            return None
     if len(leaves) != len(idx):
         return None
-    try:  # a non-tensor leaf has no ``.shape`` (or one that is not a torch.Size)
-        shapes = [s.shape for s in leaves]
-    except AttributeError:
-        return None
     want = ctx.shapes if len(idx) == ctx.n else [ctx.shapes[i] for i in idx]
-    if shapes != want or not all(isinstance(s, torch.Tensor) for s in leaves):
+    if list(map(_SHAPE, leaves)) != want:
         return None
     return leaves
 
@@ -382,7 +383,24 @@ def _select_changed(found_inf: torch.Tensor, new: Any, old: Any) -> Any:
             return n
         return torch.where(found_inf.to(n.device), o.to(n.dtype), n)
 
-    return tree.map(pick, new, old)
+    def walk(n: Any, o: Any) -> Any:
+        # The engines keep the moments' containers (``_replace`` of the counts only), so
+        # whole subtrees are the old objects: skipping them avoids a pass over every leaf.
+        if n is o:
+            return n
+        kind = type(n)
+        if kind is type(o):
+            if kind is tuple or kind is list:
+                if len(n) == len(o):
+                    return kind(walk(a, b) for a, b in zip(n, o))
+            elif kind is dict:
+                if n.keys() == o.keys():
+                    return {k: walk(v, o[k]) for k, v in n.items()}
+            elif issubclass(kind, tuple) and hasattr(kind, "_fields") and len(n) == len(o):
+                return kind(*(walk(a, b) for a, b in zip(n, o)))
+        return tree.map(pick, n, o)  # leaves, custom nodes and mismatches (which raise)
+
+    return walk(new, old)
 
 
 def update_in_place(
@@ -422,7 +440,7 @@ def update_in_place(
     from functrain.optim import _fused_engines
 
     ctx = Context(grads, params, found_inf)
-    if not ctx.same_structure or len({id(p) for p in ctx.p}) != ctx.n:
+    if not ctx.same_structure or len(set(map(id, ctx.p))) != ctx.n:
         return None
     made = plan(tx, opt_state, ctx)
     if made is None:
