@@ -294,15 +294,9 @@ class DataParallelTrainStep:
             state._consume("a data-parallel train step (donate=True)")
         new_key = None if key is None else rng.fold_in(key, 0)
         new_state = TrainState(step + 1, out.params, out.opt_state, new_buffers, new_key, out.extra)
-        if self.norm_metrics:
-            if out.update_norm is not None:
-                metrics["update_norm"] = out.update_norm
-            metrics["param_norm"] = tree.norm(out.params)
-        lr = step_lib.find_learning_rate(out.opt_state)
-        if lr is not None:
-            if not isinstance(lr, torch.Tensor):
-                lr = torch.full((), float(lr), device=new_state.step.device)
-            metrics["lr"] = lr
+        self._local._finish_metrics(
+            metrics, out.params, out.opt_state, out.update_norm, new_state.step.device
+        )
         return new_state, metrics
 
     def _checked_grads(

@@ -420,19 +420,31 @@ class TrainStep:
         del params, opt_state
         new_key = None if key is None else rng.fold_in(key, 0)
         new_buffers = self.faults.keep_if_skipped(ok, result.buffers, buffers)
-        if self.norm_metrics:
-            if applied.updates is not None:  # a fused path may not materialise the updates
-                metrics["update_norm"] = fast.global_norm(applied.updates)
-            elif applied.update_norm is not None:
-                metrics["update_norm"] = applied.update_norm
-            metrics["param_norm"] = fast.global_norm(applied.params)
-        lr = self._find_learning_rate(applied.opt_state)
-        if lr is not None:
-            if not isinstance(lr, torch.Tensor):
-                lr = torch.full((), float(lr), device=step.device)
-            metrics["lr"] = lr
+        update_norm = applied.update_norm
+        if self.norm_metrics and applied.updates is not None:
+            update_norm = fast.global_norm(applied.updates)  # a fused path may not form updates
+        self._finish_metrics(metrics, applied.params, applied.opt_state, update_norm, step.device)
         fields = (step + 1, applied.params, applied.opt_state, new_buffers, new_key, new_extra)
         return fields, metrics
+
+    def _finish_metrics(
+        self,
+        metrics: dict[str, torch.Tensor],
+        params: Any,
+        opt_state: Any,
+        update_norm: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        """Adds ``update_norm``, ``param_norm`` and ``lr`` (also used by the data-parallel step)."""
+        if self.norm_metrics:
+            if update_norm is not None:
+                metrics["update_norm"] = update_norm
+            metrics["param_norm"] = fast.global_norm(params)
+        lr = self._find_learning_rate(opt_state)
+        if lr is not None:
+            if not isinstance(lr, torch.Tensor):
+                lr = torch.full((), float(lr), device=device)
+            metrics["lr"] = lr
 
     def _find_learning_rate(self, opt_state: Any) -> Any:
         """:func:`find_learning_rate`, remembering the optimizer-state structures that have none.
