@@ -348,3 +348,22 @@ def test_inductor_variant(variant):
         for lr in (0.1, 0.2):
             out = f(variant.to(torch.ones(4)), torch.tensor(lr, device=variant.device))
     testing.assert_trees_all_close(out, _sgd(torch.ones(4), 0.2), rtol=1e-6)
+
+
+def test_bitwise_equality_tells_signed_zeros_and_nan_payloads_apart():
+    nan = torch.tensor([float("nan")])
+    other_nan = nan.view(torch.int32).add(1).view(torch.float32)  # another NaN payload
+    assert bool(other_nan.isnan())
+    testing.assert_trees_all_equal([nan], [other_nan])  # plain: NaNs are equal
+    with pytest.raises(AssertionError, match=r"\[0\].*bitwise equality required"):
+        testing.assert_trees_all_equal([nan], [other_nan], bitwise=True)
+    with pytest.raises(AssertionError, match=r"\['b'\]"):
+        testing.assert_trees_all_equal(
+            {"a": torch.ones(2), "b": torch.tensor([0.0])},
+            {"a": torch.ones(2), "b": torch.tensor([-0.0])},
+            bitwise=True,
+        )
+    z = torch.tensor([complex(0.0, 1.0)])
+    testing.assert_trees_all_equal([z, torch.arange(3)], [z.clone(), torch.arange(3)], bitwise=True)
+    with pytest.raises(AssertionError):
+        testing.assert_trees_all_equal([z], [torch.tensor([complex(-0.0, 1.0)])], bitwise=True)

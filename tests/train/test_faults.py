@@ -12,20 +12,10 @@ from torch import nn
 import functrain as ft
 from functrain.train import faults
 
-_INT_VIEW = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-}
-
 
 def assert_bitwise_equal(a, b):
     """Exact equality that also tells ``-0.0`` from ``0.0`` and compares NaN payloads."""
-    ft.testing.assert_trees_all_equal(a, b)
-    for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(b)):
-        if isinstance(x, torch.Tensor) and x.dtype in _INT_VIEW:
-            assert torch.equal(x.view(_INT_VIEW[x.dtype]), y.view(_INT_VIEW[y.dtype]))
+    ft.testing.assert_trees_all_equal(a, b, bitwise=True)
 
 
 def snapshot(state: ft.TrainState):

@@ -193,10 +193,12 @@ def assert_trees_all_close(
                 raise AssertionError(_describe(path, x, y, bad, score, tolerance))
 
 
-def assert_trees_all_equal(*trees: Any) -> None:
+def assert_trees_all_equal(*trees: Any, bitwise: bool = False) -> None:
     """Asserts all trees are exactly equal to the first: same structure, shapes, dtypes, values.
 
-    NaNs in the same places count as equal; ``0.0`` and ``-0.0`` are equal (as in chex).
+    NaNs in the same places count as equal; ``0.0`` and ``-0.0`` are equal (as in chex). With
+    ``bitwise=True`` floating leaves must have identical bit patterns instead: ``-0.0`` differs
+    from ``0.0`` and NaN payloads must match (what "state kept bit for bit" means).
 
     Example:
         >>> import torch
@@ -208,20 +210,42 @@ def assert_trees_all_equal(*trees: Any) -> None:
         ...     print(err)
         trees differ at ['a'] (shape (3,), torch.int64): 1 of 3 elements differ; worst at
         index (2,): a=2, b=7, |a-b|=5; exact equality required
+        >>> testing.assert_trees_all_equal([torch.tensor(0.0)], [torch.tensor(-0.0)])
+        >>> try:
+        ...     testing.assert_trees_all_equal(
+        ...         [torch.tensor(0.0)], [torch.tensor(-0.0)], bitwise=True
+        ...     )
+        ... except AssertionError as err:
+        ...     print(str(err).split(":")[0])
+        trees differ at [0] (shape (), torch.float32)
     """
     for other in trees[1:]:
         for path, x, y in _paired_leaves(trees[0], other):
             _check_dtype(path, x, y)
             _check_shape(path, x, y)
             xc, yc = x.detach().cpu(), y.detach().cpu()
-            same = xc == yc
-            if xc.is_floating_point() or xc.is_complex():
-                same |= xc.isnan() & yc.isnan()
+            floating = xc.is_floating_point() or xc.is_complex()
+            if bitwise and floating:
+                same = _bits(xc) == _bits(yc)
+                if xc.is_complex():
+                    same = same.all(-1)
+            else:
+                same = xc == yc
+                if floating:
+                    same |= xc.isnan() & yc.isnan()
             bad = ~same
             if bool(bad.any()):
-                raise AssertionError(
-                    _describe(path, x, y, bad, bad.to(torch.int8), "exact equality required")
-                )
+                required = "bitwise equality required" if bitwise else "exact equality required"
+                raise AssertionError(_describe(path, x, y, bad, bad.to(torch.int8), required))
+
+
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a floating (complex: real and imaginary parts) tensor, as integers."""
+    real = torch.view_as_real(x) if x.is_complex() else x
+    return real.contiguous().view(_INT_OF_SIZE[real.element_size()])
 
 
 def assert_tree_all_finite(tree_: Any) -> None:
