@@ -14,12 +14,6 @@ from torch import nn
 import functrain as ft
 from functrain.train import faults, gradient
 
-_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view(_INT_VIEW[x.dtype])
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("bad", [None, "nan", "inf", "-inf"])
@@ -29,7 +23,7 @@ def test_fused_finite_check_matches_all_finite_and_keeps_every_bit(dtype, bad):
     grads["c"] = torch.tensor([-0.0, 0.0, 1e-30, torch.finfo(dtype).max], dtype=dtype)
     if bad is not None:
         grads["a"][2, 1] = float(bad)
-    before = {k: _bits(v).clone() for k, v in grads.items()}
+    before = {k: v.clone() for k, v in grads.items()}
     policy = faults.StepFaults("skip", None, None)
     policy.grads_writable = True
     for loss_value in (1.5, float("nan"), float("inf")):
@@ -38,9 +32,9 @@ def test_fused_finite_check_matches_all_finite_and_keeps_every_bit(dtype, bad):
         assert got.shape == () and got.dtype == torch.bool
         expected = bool(ft.all_finite(grads) & torch.isfinite(loss))
         assert bool(got) == expected == (bad is None and loss_value == 1.5)
-        for k, v in grads.items():
-            assert torch.equal(_bits(v), before[k])  # NaN payloads and -0.0 included
-        assert torch.equal(_bits(loss), _bits(torch.tensor(loss_value, dtype=dtype)))
+        # NaN payloads and -0.0 included:
+        ft.testing.assert_trees_all_equal(grads, before, bitwise=True)
+        ft.testing.assert_trees_all_equal(loss, torch.tensor(loss_value, dtype=dtype), bitwise=True)
 
 
 def test_fused_finite_check_falls_back_for_mixed_dtypes():
