@@ -114,9 +114,83 @@ def transformer_problem(n: int = 4) -> Problem:
     return math_attention_loss, params, batch
 
 
+def lm_problem(n: int = 5) -> Problem:
+    """Embeddings (one with ``padding_idx``, one fed positions shared by every example), layer
+    norms, a 3-D linear input and an output layer tied to the token embedding."""
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    vocab, dim, seq = 9, 6, 4
+    tok = torch.nn.Embedding(vocab, dim, padding_idx=0).double()
+    pos = torch.nn.Embedding(seq, dim).double()
+    norm = torch.nn.LayerNorm(dim).double()
+    norm_no_bias = torch.nn.LayerNorm(dim, bias=False).double()
+    fc = torch.nn.Linear(dim, dim).double()
+    params = {
+        "tok": tok.weight.detach(),
+        "pos": pos.weight.detach(),
+        "norm.weight": norm.weight.detach() + 0.1,
+        "norm.bias": norm.bias.detach() + 0.1,
+        "norm2.weight": norm_no_bias.weight.detach() - 0.2,
+        "fc.weight": fc.weight.detach(),
+        "fc.bias": fc.bias.detach(),
+    }
+    x = torch.randint(0, vocab, (n, seq), generator=g)
+    x[0, 1] = x[0, 2] = 0  # padding tokens, and a token repeated within an example
+    x[1, 0] = x[1, 3]
+    batch = {"x": x, "y": torch.randint(0, vocab, (n, seq), generator=g)}
+
+    def loss_fn(p: Any, b: Any) -> torch.Tensor:
+        h = F.embedding(b["x"], p["tok"], padding_idx=0)
+        h = h + F.embedding(torch.arange(seq), p["pos"])
+        h = F.layer_norm(h, (dim,), p["norm.weight"], p["norm.bias"])
+        h = h + torch.tanh(F.linear(h, p["fc.weight"], p["fc.bias"]))
+        h = F.layer_norm(h, (dim,), p["norm2.weight"])
+        logits = F.linear(h, p["tok"])
+        return F.cross_entropy(logits.reshape(-1, vocab), b["y"].reshape(-1))
+
+    return loss_fn, params, batch
+
+
+def conv_problem(n: int = 4) -> Problem:
+    """Convolutions in 1, 2 and 3 dimensions with strides, dilation, ``"same"``/``"valid"`` and
+    reflect padding, and a bias-free layer."""
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    nn = torch.nn
+    conv1 = nn.Conv1d(2, 3, 3, stride=2, padding=2, dilation=2).double()
+    conv2 = nn.Conv2d(3, 4, (3, 5), padding="same", dilation=(1, 2)).double()
+    conv2b = nn.Conv2d(4, 2, 2, stride=(2, 1), padding=(1, 0), bias=False).double()
+    conv2c = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect").double()
+    conv3 = nn.Conv3d(1, 2, 2, padding="valid").double()
+    modules = {"c1": conv1, "c2": conv2, "c2b": conv2b, "c2c": conv2c, "c3": conv3}
+    params = {f"{k}.{n_}": v.detach() for k, m in modules.items() for n_, v in m.named_parameters()}
+    batch = {
+        "x": torch.randn(n, 2, 9, generator=g, dtype=torch.float64),
+        "v": torch.randn(n, 1, 3, 4, 4, generator=g, dtype=torch.float64),
+    }
+
+    def loss_fn(p: Any, b: Any) -> torch.Tensor:
+        def call(name: str, x: torch.Tensor) -> torch.Tensor:
+            sub = {k.split(".", 1)[1]: v for k, v in p.items() if k.split(".")[0] == name}
+            return torch.func.functional_call(modules[name], sub, (x,))
+
+        h = torch.tanh(call("c1", b["x"]))  # (N, 3, 4)
+        h = torch.tanh(call("c2", h.unsqueeze(-1).expand(-1, -1, -1, 5)))  # (N, 4, 4, 5)
+        h = torch.tanh(call("c2c", call("c2b", h)))
+        return h.square().mean() + call("c3", b["v"]).sin().mean()
+
+    return loss_fn, params, batch
+
+
 PROBLEMS = {
     "mlp": mlp_problem,
     "cnn": cnn_problem,
     "tied": tied_problem,
     "transformer": transformer_problem,
+    "lm": lm_problem,
+    "conv": conv_problem,
 }
+
+# The problems whose every parameter is a weight or bias of a linear, convolution, layer-norm or
+# embedding call: ``method="layers"`` applies to them.
+LAYER_PROBLEMS = ("mlp", "cnn", "lm", "conv")

@@ -72,9 +72,22 @@ def digits_cnn() -> nn.Module:
     )
 
 
+def mnist_mlp() -> nn.Module:
+    """A 784-512-512-10 MLP (0.67M parameters): per-sample gradients of 172 MB at batch 64."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mnist_cnn": (mnist_cnn, (1, 28, 28)),
     "digits_cnn": (digits_cnn, (1, 8, 8)),
+    "mnist_mlp": (mnist_mlp, (1, 28, 28)),
 }
 
 
@@ -86,6 +99,17 @@ def _opacus() -> Any:
     except Exception:  # not installed, or an incompatible version
         return None
     return GradSampleModule
+
+
+def _opacus_ghost() -> Any:
+    """Opacus' ghost clipping module (Opacus ≥ 1.5), or ``None``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    except Exception:
+        return None
+    return GradSampleModuleFastGradientClipping
 
 
 def _max_rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
@@ -132,16 +156,28 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
         grads = ft.per_sample_grads(loss_fn, params, batch)
         return [grads[k] for k in names]
 
-    def functrain_clip() -> list[torch.Tensor]:
-        grads = ft.clipped_grad_sum(loss_fn, params, batch, CLIP).grad_sum
+    def functrain_layers() -> list[torch.Tensor]:
+        grads = ft.per_sample_grads(loss_fn, params, batch, method="layers")
         return [grads[k] for k in names]
 
+    def clip_with(method: str) -> Callable[[], list[torch.Tensor]]:
+        def run() -> list[torch.Tensor]:
+            grads = ft.clipped_grad_sum(loss_fn, params, batch, CLIP, method=method).grad_sum
+            return [grads[k] for k in names]
+
+        return run
+
+    functrain_clip = clip_with("auto")
     fns: dict[str, Callable[[], Any]] = {
         "plain batch gradient": plain,
         "functrain per_sample_grads": functrain,
-        "naive loop": naive,
+        "functrain per_sample_grads, layers": functrain_layers,
         "functrain clipped_grad_sum": functrain_clip,
+        "functrain clipped_grad_sum, vmap": clip_with("vmap"),
+        "functrain clipped_grad_sum, ghost (layers)": clip_with("layers"),
     }
+    if name != "mnist_mlp":  # 64 backward passes of a 0.67M-parameter model: only slow
+        fns["naive loop"] = naive
     if grad_sample_module is not None:
         opacus_model = factory()
         opacus_model.load_state_dict(module.state_dict())
@@ -156,6 +192,28 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
 
         fns["opacus GradSampleModule"] = opacus
         fns["opacus hooks + clip + sum"] = lambda: _opacus_clipped_sum(opacus())
+    ghost_module = _opacus_ghost()
+    if ghost_module is not None:
+        ghost_model = factory()
+        ghost_model.load_state_dict(module.state_dict())
+        ghost = ghost_module(ghost_model, max_grad_norm=CLIP, loss_reduction="sum")
+        ghost_params = list(ghost.parameters())
+
+        def opacus_ghost() -> list[torch.Tensor]:
+            """What Opacus' ``DPLossFastGradientClipping.backward`` does: two passes."""
+            for p in ghost_params:
+                p.grad = None
+            losses = F.cross_entropy(ghost(batch["x"]), batch["y"], reduction="none")
+            losses.sum().backward(retain_graph=True)
+            factors = ghost.get_clipping_coef()
+            for p in ghost_params:
+                p.grad = None
+            ghost.disable_hooks()
+            (factors * losses).sum().backward()
+            ghost.enable_hooks()
+            return [p.grad for p in ghost_params]
+
+        fns["opacus ghost clipping"] = opacus_ghost
     if not quick and name == "mnist_cnn":
         try:
             compiled = torch.compile(lambda p, b: ft.per_sample_grads(loss_fn, p, b))
@@ -167,17 +225,37 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
     # Correctness first: every method's gradients against the naive loop.
     expected = naive()
     got = functrain()
-    err = _max_rel_err(got, expected)
-    section.checks.append(
-        (f"{name}: functrain per-sample = naive loop", err < 1e-4, f"max rel err {err:.1e}")
-    )
+    for method, result in (("vmap", got), ("layers", functrain_layers())):
+        err = _max_rel_err(result, expected)
+        section.checks.append(
+            (
+                f"{name}: functrain per-sample ({method}) = naive loop",
+                err < 1e-4,
+                f"max rel err {err:.1e}",
+            )
+        )
     per_sample_sq = sum(g.reshape(BATCH, -1).square().sum(1) for g in expected)
     factor = (CLIP / per_sample_sq.sqrt()).clamp(max=1.0)
     expected_clip = [torch.einsum("i,i...", factor, g) for g in expected]
-    err = _max_rel_err(functrain_clip(), expected_clip)
-    section.checks.append(
-        (f"{name}: functrain clipped sum = naive clip + sum", err < 1e-4, f"max rel err {err:.1e}")
-    )
+    for method in ("vmap", "layers"):
+        err = _max_rel_err(clip_with(method)(), expected_clip)
+        section.checks.append(
+            (
+                f"{name}: functrain clipped sum ({method}) = naive clip + sum",
+                err < 1e-4,
+                f"max rel err {err:.1e}",
+            )
+        )
+    if "opacus ghost clipping" in fns:
+        # Opacus divides by ‖g‖ + 1e-6 where functrain (as optax) divides by ‖g‖.
+        err = _max_rel_err(fns["opacus ghost clipping"](), expected_clip)
+        section.checks.append(
+            (
+                f"{name}: Opacus ghost clipping = naive clip + sum",
+                err < 1e-4,
+                f"max rel err {err:.1e}",
+            )
+        )
     if grad_sample_module is not None:
         err = _max_rel_err(got, fns["opacus GradSampleModule"]())
         section.checks.append(
@@ -192,7 +270,9 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
     plain_name = "plain batch gradient"
     has_peer = "opacus GradSampleModule" in wall
     for method in fns:
-        peer_name = "opacus hooks + clip + sum" if "clip" in method else "opacus GradSampleModule"
+        peer_name = "opacus GradSampleModule"
+        if "clip" in method or method.startswith("opacus ghost"):
+            peer_name = "opacus hooks + clip + sum"
         row: dict[str, Any] = {
             "model": name,
             "method": method,
@@ -217,6 +297,10 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
         f"{name}: clipped-sum / plain batch gradient (bar ≤ {bar}) = "
         f"{verdict(wall, method, plain_name, bar)} wall, {verdict(cpu, method, plain_name, bar)} CPU"
     ]
+    if "opacus ghost clipping" in wall:
+        method, peer_name = "functrain clipped_grad_sum, ghost (layers)", "opacus ghost clipping"
+        ratio = _paired(wall, method, peer_name)
+        notes.append(f"{name}: functrain ghost / Opacus ghost clipping = {ratio:.2f} wall")
     if has_peer:
         bar = BARS["per_sample_vs_opacus"]
         method, peer_name = "functrain per_sample_grads", "opacus GradSampleModule"
@@ -267,6 +351,6 @@ def run(quick: bool) -> Section:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms are medians of "
         "interleaved rounds, ratios medians over rounds of the ratio within a round; CPU columns "
         "use process CPU time (robust to waiting for a core on a shared machine); × opacus "
-        "compares clipped sums with Opacus' clipped sum"
+        "compares clipped sums (and Opacus' ghost clipping) with Opacus' hooks + clip + sum"
     )
     return section

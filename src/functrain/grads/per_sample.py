@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain.grads._layer_rules import Unsupported, per_sample_by_layers
 
 __all__ = [
     "PerSampleChunk",
@@ -46,6 +47,7 @@ __all__ = [
 
 PyTree = Any
 _RANDOMNESS = ("error", "different", "same")
+_METHODS = ("vmap", "layers")
 
 
 class PerSampleChunk(NamedTuple):
@@ -96,7 +98,12 @@ def batch_size_of(batch: PyTree, name: str = "batch") -> int:
 
 
 def _check_options(
-    chunk_size: int | None, randomness: str, loss_fn: Any = len, params: PyTree = None
+    chunk_size: int | None,
+    randomness: str,
+    loss_fn: Any = len,
+    params: PyTree = None,
+    method: str = "vmap",
+    methods: tuple[str, ...] = _METHODS,
 ) -> None:
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -113,6 +120,8 @@ def _check_options(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if randomness not in _RANDOMNESS:
         raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
 
 
 def _accepts_buffers(loss_fn: Callable[..., Any]) -> bool:
@@ -141,15 +150,14 @@ def _split_result(out: Any, has_aux: bool) -> tuple[Any, Any]:
     return out, aux
 
 
-def _vmapped_value_and_grad(
+def _example_loss(
     loss_fn: Callable[..., Any],
     param_spec: Any,
     batch_spec: Any,
     buffers: PyTree | None,
-    randomness: str,
     has_aux: bool,
-) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
-    """``(param_leaves, batch_leaves) -> ((losses, aux), grad_leaves)`` over a chunk."""
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, tuple[Any, ...]]]:
+    """``(param_leaves, example_leaves) -> (0-d loss, (aux,) or ())`` for one example."""
     pass_buffers = _accepts_buffers(loss_fn)
     if buffers is not None and not pass_buffers:
         raise TypeError("buffers were given but loss_fn has no `buffers` keyword argument")
@@ -169,18 +177,62 @@ def _vmapped_value_and_grad(
                 + (" as the first element of (loss, aux)" if has_aux else "")
                 + f", got {shape}"
             )
-        loss = loss.reshape(())
-        # torch.func only passes tensors through as aux, so ``aux`` is wrapped only when present.
-        return loss, ((loss.detach(), aux) if has_aux else (loss.detach(),))
+        return loss.reshape(()), ((aux,) if has_aux else ())
 
-    grad_fn = torch.func.grad(one_example, has_aux=True)
-    vmapped = torch.func.vmap(grad_fn, in_dims=(None, 0), randomness=randomness)
+    return one_example
+
+
+def _vmap_grad(
+    example_loss: Callable[..., Any], randomness: str
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
+    """The ``"vmap"`` method: ``vmap(grad(example_loss))`` over the chunk's examples."""
+
+    def with_value(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:
+        loss, extras = example_loss(param_leaves, example_leaves)
+        # torch.func only passes tensors through as aux, so ``aux`` is wrapped only when present.
+        return loss, (loss.detach(), extras)
+
+    vmapped = torch.func.vmap(
+        torch.func.grad(with_value, has_aux=True), in_dims=(None, 0), randomness=randomness
+    )
 
     def run(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
-        grads, out = vmapped(param_leaves, batch_leaves)
-        return (out[0], out[1] if has_aux else None), grads
+        grads, values = vmapped(param_leaves, batch_leaves)
+        return values, grads
 
     return run
+
+
+def layers_error(err: Unsupported, params: PyTree) -> ValueError:
+    """The error of ``method="layers"`` when a parameter has no per-layer rule."""
+    path = tree.path_str(tree.flatten_with_paths(params)[0][err.index], "params")
+    return ValueError(
+        f"method='layers': {path} is used by {err.call}, which has no per-layer rule (rules: "
+        "linear, conv1d/2d/3d with groups=1, layer_norm, embedding); use method='vmap'"
+    )
+
+
+def _chunk_runner(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch_spec: Any,
+    buffers: PyTree | None,
+    randomness: str,
+    has_aux: bool,
+    method: str,
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
+    """``(param_leaves, batch_leaves) -> ((losses, extras), grad_leaves)`` over a chunk."""
+    example_loss = _example_loss(loss_fn, tree.structure(params), batch_spec, buffers, has_aux)
+    if method == "vmap":
+        return _vmap_grad(example_loss, randomness)
+
+    def by_layers(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
+        try:
+            return per_sample_by_layers(example_loss, param_leaves, batch_leaves, randomness)
+        except Unsupported as err:
+            raise layers_error(err, params) from None
+
+    return by_layers
 
 
 def per_sample_chunks(
@@ -192,6 +244,7 @@ def per_sample_chunks(
     buffers: PyTree | None = None,
     randomness: str = "error",
     has_aux: bool = False,
+    method: str = "vmap",
 ) -> Iterator[PerSampleChunk]:
     """Yields per-sample gradients chunk by chunk; the building block of streaming reductions.
 
@@ -207,6 +260,7 @@ def per_sample_chunks(
         buffers: non-differentiated state shared by all examples (eval-mode statistics).
         randomness: ``torch.func.vmap`` randomness mode: ``"error"``, ``"different"``, ``"same"``.
         has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is batched per example.
+        method: ``"vmap"`` or ``"layers"``, as in :func:`per_sample_grads`.
 
     Example:
         >>> import torch, functrain as ft
@@ -216,16 +270,17 @@ def per_sample_chunks(
         >>> [(c.start, c.stop) for c in ft.per_sample_chunks(loss_fn, params, batch, chunk_size=2)]
         [(0, 2), (2, 3)]
     """
-    _check_options(chunk_size, randomness, loss_fn, params)
+    _check_options(chunk_size, randomness, loss_fn, params, method)
     n = batch_size_of(batch)
     param_leaves, param_spec = tree.flatten(params)
     batch_leaves, batch_spec = tree.flatten(batch)
-    run = _vmapped_value_and_grad(loss_fn, param_spec, batch_spec, buffers, randomness, has_aux)
+    run = _chunk_runner(loss_fn, params, batch_spec, buffers, randomness, has_aux, method)
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, step):
         stop = min(start + step, n)
         chunk = batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]
-        (losses, aux), grads = run(param_leaves, chunk)
+        (losses, extras), grads = run(param_leaves, chunk)
+        aux = extras[0] if has_aux else None
         yield PerSampleChunk(start, stop, tree.unflatten(param_spec, grads), losses, aux)
 
 
@@ -244,6 +299,7 @@ def per_sample_value_and_grads(
     buffers: PyTree | None = None,
     randomness: str = "error",
     has_aux: bool = False,
+    method: str = "vmap",
 ) -> tuple[Any, PyTree]:
     """Per-example losses and gradients: ``(losses, grads)``, or ``((losses, aux), grads)``.
 
@@ -271,6 +327,7 @@ def per_sample_value_and_grads(
             buffers=buffers,
             randomness=randomness,
             has_aux=has_aux,
+            method=method,
         )
     )
     grads = _concat([c.grads for c in chunks])
@@ -289,6 +346,7 @@ def per_sample_grads(
     buffers: PyTree | None = None,
     randomness: str = "error",
     has_aux: bool = False,
+    method: str = "vmap",
 ) -> PyTree:
     """The gradient of ``loss_fn`` at each example of ``batch``, stacked on a leading dimension.
 
@@ -320,6 +378,16 @@ def per_sample_grads(
             (independent draws per example) or ``"same"`` (one draw per chunk).
         has_aux: return ``(grads, aux)`` with per-example ``aux`` (from ``(loss, aux)`` or
             ``LossOutput.aux``).
+        method: ``"vmap"`` (default) differentiates each example with ``vmap(grad(...))``: any
+            model. ``"layers"`` still runs each example's forward under ``vmap`` (so examples
+            cannot interact), then takes one ordinary backward pass over the batch in which
+            every linear, convolution (``groups=1``), layer-norm and embedding call forms its
+            parameters' per-example gradients from its input and output gradient, as Opacus'
+            hooks do, but without hooks. It applies when every parameter is the weight or bias
+            of such a call (tied uses add up) and raises ``ValueError`` naming the first
+            parameter used otherwise. Same numbers to rounding; on CPU it is not faster than
+            ``"vmap"`` (see ``tools/bench.py``), and it is what lets :func:`clipped_grad_sum`
+            clip without forming per-sample gradients.
 
     Returns:
         A pytree like ``params`` whose leaves have shape ``(batch_size, *param.shape)``; with
@@ -342,5 +410,6 @@ def per_sample_grads(
         buffers=buffers,
         randomness=randomness,
         has_aux=has_aux,
+        method=method,
     )
     return (grads, values[1]) if has_aux else grads

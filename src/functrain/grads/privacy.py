@@ -31,7 +31,14 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import optim, tree
-from functrain.grads.per_sample import per_sample_chunks
+from functrain.grads._layer_rules import Unsupported, clipped_sum_by_layers
+from functrain.grads.per_sample import (
+    _check_options,
+    _example_loss,
+    batch_size_of,
+    layers_error,
+    per_sample_chunks,
+)
 from functrain.grads.stats import global_row_norms, leaf_row_norms
 from functrain.optim import _prng, _utils
 from functrain.optim.base import GradientTransformation
@@ -63,7 +70,10 @@ def _base_key(seed: int | torch.Tensor) -> torch.Tensor:
 
 def _clip_factors(leaves: list[torch.Tensor], l2_norm_clip: float | torch.Tensor) -> torch.Tensor:
     """Per-example ``min(1, C/‖gᵢ‖)`` (0/0 → 1), as optax; no epsilon (Opacus: ``‖g‖ + 1e-6``)."""
-    norms = global_row_norms(leaf_row_norms(leaves))
+    return _factors_of(global_row_norms(leaf_row_norms(leaves)), l2_norm_clip)
+
+
+def _factors_of(norms: torch.Tensor, l2_norm_clip: float | torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(torch.clamp(l2_norm_clip / norms, max=1.0), nan=1.0)
 
 
@@ -129,6 +139,7 @@ def clipped_grad_sum(
     chunk_size: int | None = None,
     buffers: PyTree | None = None,
     randomness: str = "error",
+    method: str = "auto",
 ) -> ClippedGradSum:
     """The sum of per-sample gradients each clipped to norm ``l2_norm_clip``, chunk by chunk.
 
@@ -146,6 +157,18 @@ def clipped_grad_sum(
         buffers: non-differentiated state shared by all examples, passed as ``buffers=``.
         randomness: ``torch.func.vmap`` randomness mode: ``"error"``, ``"different"``,
             ``"same"``.
+        method: ``"vmap"`` forms per-sample gradients with ``vmap(grad)``, clips and sums
+            them. ``"layers"`` never forms them ("ghost clipping", Li et al. 2021): when every
+            parameter is the weight or bias of a linear, convolution (``groups=1``),
+            layer-norm or embedding call, one backward pass gives each example's gradient
+            norm layer by layer and a second, ordinary one the weighted sum
+            ``∇ Σᵢ factorᵢ·lossᵢ``; it raises ``ValueError`` naming the parameter otherwise.
+            ``"auto"`` (default): ``"layers"`` when it applies and a chunk's per-sample
+            gradients would take 64 MiB or more, else ``"vmap"``. Ghost clipping costs a
+            second backward pass but never writes ``chunk × parameters`` numbers, so it wins
+            when those are many (an MLP of 0.67M parameters at batch 64: 2.1× a plain gradient
+            against 27× for ``"vmap"``) and loses on small models (a 26k-parameter CNN: 2.2×
+            against 1.8×).
 
     Returns:
         A :class:`ClippedGradSum`: ``grad_sum`` (pytree like ``params``), ``num_clipped``,
@@ -160,6 +183,15 @@ def clipped_grad_sum(
         >>> out.grad_sum["w"], out.num_clipped
         (tensor([-0.9000, -1.2000]), tensor(1))
     """
+    _check_options(chunk_size, randomness, loss_fn, params, method, ("auto", "vmap", "layers"))
+    if method == "layers" or (method == "auto" and _ghost_pays(params, batch, chunk_size)):
+        try:
+            return _clipped_sum_by_layers(
+                loss_fn, params, batch, l2_norm_clip, chunk_size, buffers, randomness
+            )
+        except Unsupported as err:
+            if method == "layers":
+                raise layers_error(err, params) from None
     acc: list[torch.Tensor] | None = None
     spec = None
     num_clipped = None
@@ -180,6 +212,60 @@ def clipped_grad_sum(
             loss_sum = loss_sum + c.losses.sum()
         count += c.stop - c.start
     return ClippedGradSum(tree.unflatten(spec, acc), num_clipped, loss_sum, count)
+
+
+# "auto" switches to ghost clipping when a chunk of per-sample gradients reaches this size.
+_GHOST_BYTES = 64 * 2**20
+
+
+def _ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # the rules are a TorchFunctionMode and autograd.Functions: eager only
+    rows = batch_size_of(batch) if chunk_size is None else chunk_size
+    return rows * sum(p.numel() * p.element_size() for p in tree.leaves(params)) >= _GHOST_BYTES
+
+
+def _clipped_sum_by_layers(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    l2_norm_clip: float | torch.Tensor,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+    randomness: str,
+) -> ClippedGradSum:
+    """``method="layers"``: ghost norms, then one weighted backward pass per chunk."""
+    n = batch_size_of(batch)
+    param_leaves, param_spec = tree.flatten(params)
+    batch_leaves, batch_spec = tree.flatten(batch)
+    example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
+
+    def factors_of(squared_norms: list[torch.Tensor], rows: int) -> torch.Tensor:
+        if not squared_norms:  # no parameter was used: every gradient is zero
+            return torch.ones(rows, device=param_leaves[0].device if param_leaves else None)
+        return _factors_of(torch.stack(squared_norms).sum(0).sqrt(), l2_norm_clip)
+
+    acc: list[torch.Tensor] = []
+    num_clipped = loss_sum = None
+    step = n if chunk_size is None else chunk_size
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        chunk = batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]
+        losses, factors, part = clipped_sum_by_layers(
+            example_loss,
+            param_leaves,
+            chunk,
+            randomness,
+            lambda sq, rows=stop - start: factors_of(sq, rows),
+        )
+        if not acc:
+            acc, num_clipped, loss_sum = part, (factors < 1).sum(), losses.sum()
+        else:
+            torch._foreach_add_(acc, part)
+            num_clipped = num_clipped + (factors < 1).sum()
+            loss_sum = loss_sum + losses.sum()
+    assert num_clipped is not None and loss_sum is not None  # at least one chunk
+    return ClippedGradSum(tree.unflatten(param_spec, acc), num_clipped, loss_sum, n)
 
 
 class DifferentiallyPrivateAggregateState(NamedTuple):

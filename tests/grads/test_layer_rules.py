@@ -1,0 +1,224 @@
+"""``method="layers"``: per-sample gradients and ghost-clipped sums from per-layer rules."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from grad_problems import LAYER_PROBLEMS, PROBLEMS, mlp_problem, naive_per_sample
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import functrain as ft
+from functrain import tree
+from functrain.grads import privacy
+from functrain.testing import assert_trees_all_close, assert_trees_all_equal
+
+
+def _clip_reference(ps, clip):
+    """Σᵢ gᵢ·min(1, C/‖gᵢ‖) from per-sample gradients, and how many were clipped."""
+    norms = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in tree.leaves(ps)])
+    factors = (clip / norms.sum(0).sqrt()).clamp(max=1.0)
+    total = tree.map(lambda g: torch.einsum("i,i...->...", factors, g), ps)
+    return total, int((factors < 1).sum())
+
+
+@pytest.mark.parametrize("name", LAYER_PROBLEMS)
+def test_per_sample_matches_naive_loop(name):
+    loss_fn, params, batch = PROBLEMS[name]()
+    expected = naive_per_sample(loss_fn, params, batch)
+    got = ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    assert_trees_all_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", LAYER_PROBLEMS)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_ghost_clipped_sum_matches_naive_clip(name, chunk_size):
+    loss_fn, params, batch = PROBLEMS[name]()
+    ps = naive_per_sample(loss_fn, params, batch)
+    norms = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in tree.leaves(ps)])
+    clip = float(norms.sum(0).sqrt().median())  # about half the examples get clipped
+    expected, clipped = _clip_reference(ps, clip)
+    out = ft.clipped_grad_sum(loss_fn, params, batch, clip, method="layers", chunk_size=chunk_size)
+    assert_trees_all_close(out.grad_sum, expected, rtol=1e-10, atol=1e-12)
+    assert int(out.num_clipped) == clipped > 0
+    n = tree.leaves(batch)[0].shape[0]
+    losses = [loss_fn(params, tree.map(lambda x, i=i: x[i : i + 1], batch)) for i in range(n)]
+    assert out.count == n
+    torch.testing.assert_close(out.loss_sum, torch.stack(losses).sum(), rtol=1e-12, atol=0)
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    dims=st.integers(1, 3),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    dilation=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    bias=st.booleans(),
+    n_inner=st.integers(-1, 2),
+)
+def test_conv_rule_matches_naive_loop_for_any_geometry(
+    dims, kernel, stride, dilation, padding, bias, n_inner
+):
+    """Any stride, dilation and padding; an example is one image (``n_inner=0``), one image
+    without a batch dimension (``-1``) or an inner batch of several images."""
+    g = torch.Generator().manual_seed(dims * 100 + kernel * 10 + stride)
+    size = dilation * (kernel - 1) + 2 + stride
+    conv = [F.conv1d, F.conv2d, F.conv3d][dims - 1]
+    params = {"w": torch.randn(3, 2, *[kernel] * dims, generator=g, dtype=torch.float64)}
+    if bias:
+        params["b"] = torch.randn(3, generator=g, dtype=torch.float64)
+    shape = (n_inner,) if n_inner > 0 else ()
+    batch = torch.randn(4, *shape, 2, *[size] * dims, generator=g, dtype=torch.float64)
+
+    def loss_fn(p, x):
+        x = x.flatten(0, 1) if n_inner > 0 else x[0] if n_inner < 0 else x
+        out = conv(x, p["w"], p.get("b"), stride, padding, dilation)
+        return out.sin().sum()
+
+    expected = naive_per_sample(loss_fn, params, batch)
+    assert_trees_all_close(
+        ft.per_sample_grads(loss_fn, params, batch, method="layers"),
+        expected,
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    clipped, _ = _clip_reference(expected, 0.5)
+    assert_trees_all_close(
+        ft.clipped_grad_sum(loss_fn, params, batch, 0.5, method="layers").grad_sum,
+        clipped,
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_same_padding_with_an_even_kernel_pads_asymmetrically():
+    g = torch.Generator().manual_seed(7)
+    params = {"w": torch.randn(2, 1, 2, 4, generator=g, dtype=torch.float64)}
+    batch = torch.randn(3, 1, 5, 6, generator=g, dtype=torch.float64)
+
+    def loss_fn(p, x):
+        return F.conv2d(x, p["w"], padding="same").tanh().sum()
+
+    got = ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    assert_trees_all_close(got, naive_per_sample(loss_fn, params, batch), rtol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_linear_norm_routes_agree(rows):
+    """One row per example, few rows (the ghost identity) and many rows (forming gᵀx)."""
+    g = torch.Generator().manual_seed(rows)
+    params = {"w": torch.randn(5, 7, generator=g, dtype=torch.float64)}
+    batch = torch.randn(4, rows, 7, generator=g, dtype=torch.float64)
+
+    def loss_fn(p, x):
+        return F.linear(x, p["w"]).tanh().sum()
+
+    ps = naive_per_sample(loss_fn, params, batch)
+    expected, _ = _clip_reference(ps, 0.1)
+    got = ft.clipped_grad_sum(loss_fn, params, batch, 0.1, method="layers").grad_sum
+    assert_trees_all_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_unused_parameter_and_zero_gradients():
+    params = {"w": torch.ones(2, 3, dtype=torch.float64), "unused": torch.ones(4)}
+    batch = torch.zeros(3, 3, dtype=torch.float64)  # zero inputs: zero weight gradients
+
+    def loss_fn(p, x):
+        return F.linear(x, p["w"]).sum()
+
+    grads = ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    assert_trees_all_equal(
+        grads, tree.map(lambda p: torch.zeros(3, *p.shape, dtype=p.dtype), params)
+    )
+    out = ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method="layers")
+    assert_trees_all_equal(out.grad_sum, tree.zeros_like(params))
+    assert int(out.num_clipped) == 0
+
+
+def test_inputs_untouched_and_outputs_detached():
+    loss_fn, params, batch = PROBLEMS["lm"]()
+    params = tree.map(lambda p: p.clone().requires_grad_(True), params)
+    before = tree.map(lambda p: p.detach().clone(), params)
+    grads = ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    out = ft.clipped_grad_sum(loss_fn, params, batch, 0.1, method="layers")
+    assert_trees_all_equal(tree.map(torch.Tensor.detach, params), before, bitwise=True)
+    for leaf in tree.leaves((grads, out.grad_sum, out.loss_sum)):
+        assert not leaf.requires_grad
+    assert all(p.grad is None for p in tree.leaves(params))
+
+
+def test_unsupported_use_names_the_parameter():
+    loss_fn, params, batch = PROBLEMS["tied"]()  # indexes an embedding matrix directly
+    with pytest.raises(ValueError, match=r"params\['emb'\] is used by __getitem__"):
+        ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    with pytest.raises(ValueError, match=r"params\['emb'\]"):
+        ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method="layers")
+
+
+def test_grouped_conv_and_batch_norm_are_refused():
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    params = {"w": torch.randn(4, 2, 3, 3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match=r"params\['w'\] is used by conv2d"):
+        ft.per_sample_grads(
+            lambda p, x: F.conv2d(x, p["w"], groups=2).sum(), params, x, method="layers"
+        )
+    bn = {"weight": torch.ones(4, dtype=torch.float64), "bias": torch.zeros(4, dtype=torch.float64)}
+    stats = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"params\['weight'\] is used by batch_norm"):
+        ft.per_sample_grads(
+            lambda p, x: F.batch_norm(x, *stats, p["weight"], p["bias"]).sum(),
+            bn,
+            x,
+            method="layers",
+        )
+
+
+def test_auto_uses_ghost_clipping_only_when_it_applies(monkeypatch):
+    calls = []
+    original = privacy.clipped_sum_by_layers
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(privacy, "clipped_sum_by_layers", spy)
+    monkeypatch.setattr(privacy, "_GHOST_BYTES", 0)  # every model counts as large
+    for name in ("mlp", "tied"):
+        loss_fn, params, batch = PROBLEMS[name]()
+        expected, clipped = _clip_reference(naive_per_sample(loss_fn, params, batch), 0.2)
+        out = ft.clipped_grad_sum(loss_fn, params, batch, 0.2)
+        assert_trees_all_close(out.grad_sum, expected, rtol=1e-10, atol=1e-12)
+        assert int(out.num_clipped) == clipped
+    assert len(calls) == 2  # tried on both; "tied" fell back to vmap after the attempt
+    monkeypatch.setattr(privacy, "_GHOST_BYTES", math.inf)
+    loss_fn, params, batch = mlp_problem()
+    ft.clipped_grad_sum(loss_fn, params, batch, 0.2)
+    assert len(calls) == 2  # small per-sample gradients: vmap
+
+
+def test_randomness_and_has_aux_follow_the_vmap_method():
+    loss_fn, params, batch = mlp_problem()
+
+    def noisy(p, b):
+        return loss_fn(p, {**b, "x": F.dropout(b["x"], 0.5)}), b["y"]
+
+    results = []
+    for method in ("vmap", "layers"):
+        torch.manual_seed(0)
+        results.append(
+            ft.per_sample_value_and_grads(
+                noisy, params, batch, randomness="different", has_aux=True, method=method
+            )
+        )
+    assert_trees_all_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+
+
+def test_bad_method():
+    loss_fn, params, batch = mlp_problem()
+    with pytest.raises(ValueError, match="method must be one of"):
+        ft.per_sample_grads(loss_fn, params, batch, method="ghost")
+    with pytest.raises(ValueError, match="method must be one of"):
+        ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method="fast")
