@@ -222,3 +222,13 @@ def test_bad_method():
         ft.per_sample_grads(loss_fn, params, batch, method="ghost")
     with pytest.raises(ValueError, match="method must be one of"):
         ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method="fast")
+
+
+def test_layers_method_refuses_to_compile():
+    loss_fn, params, batch = mlp_problem()
+    for fn in (
+        lambda: ft.per_sample_grads(loss_fn, params, batch, method="layers"),
+        lambda: ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method="layers"),
+    ):
+        with pytest.raises(Exception, match="runs eagerly only"):
+            torch.compile(fn, backend="eager", fullgraph=True)()

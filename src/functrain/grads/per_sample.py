@@ -225,6 +225,8 @@ def _chunk_runner(
     example_loss = _example_loss(loss_fn, tree.structure(params), batch_spec, buffers, has_aux)
     if method == "vmap":
         return _vmap_grad(example_loss, randomness)
+    if torch.compiler.is_compiling():
+        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
 
     def by_layers(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
         try:

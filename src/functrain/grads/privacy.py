@@ -220,7 +220,7 @@ _GHOST_BYTES = 64 * 2**20
 
 def _ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
     if torch.compiler.is_compiling():
-        return False  # the rules are a TorchFunctionMode and autograd.Functions: eager only
+        return False  # the rules are eager only (see per_sample_grads' ``method``)
     rows = batch_size_of(batch) if chunk_size is None else chunk_size
     return rows * sum(p.numel() * p.element_size() for p in tree.leaves(params)) >= _GHOST_BYTES
 
@@ -235,6 +235,8 @@ def _clipped_sum_by_layers(
     randomness: str,
 ) -> ClippedGradSum:
     """``method="layers"``: ghost norms, then one weighted backward pass per chunk."""
+    if torch.compiler.is_compiling():
+        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
     n = batch_size_of(batch)
     param_leaves, param_spec = tree.flatten(params)
     batch_leaves, batch_spec = tree.flatten(batch)
