@@ -141,7 +141,7 @@ def lm_problem(n: int = 5) -> Problem:
 
     def loss_fn(p: Any, b: Any) -> torch.Tensor:
         h = F.embedding(b["x"], p["tok"], padding_idx=0)
-        h = h + F.embedding(torch.arange(seq), p["pos"])
+        h = h + F.embedding(torch.arange(seq, device=b["x"].device), p["pos"])
         h = F.layer_norm(h, (dim,), p["norm.weight"], p["norm.bias"])
         h = h + torch.tanh(F.linear(h, p["fc.weight"], p["fc.bias"]))
         h = F.layer_norm(h, (dim,), p["norm2.weight"])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from grad_problems import mlp_problem
+from grad_problems import LAYER_PROBLEMS, PROBLEMS, mlp_problem
 
 import functrain as ft
 from functrain import tree
@@ -23,6 +23,24 @@ def test_per_sample_and_clipped_sum_match_cpu():
     c_cpu = ft.clipped_grad_sum(loss_fn, params, batch, 0.5, chunk_size=2)
     c_gpu = ft.clipped_grad_sum(loss_fn, _cuda(params), _cuda(batch), 0.5, chunk_size=2)
     assert_trees_all_close(c_gpu.grad_sum, c_cpu.grad_sum, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", LAYER_PROBLEMS)
+def test_layers_method_and_ghost_clipping_match_cpu_without_host_syncs(name):
+    loss_fn, params, batch = PROBLEMS[name]()
+    cpu = ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    c_cpu = ft.clipped_grad_sum(loss_fn, params, batch, 0.05, method="layers")
+    params, batch = _cuda(params), _cuda(batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = ft.per_sample_grads(loss_fn, params, batch, method="layers")
+        c_gpu = ft.clipped_grad_sum(loss_fn, params, batch, 0.05, method="layers")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_trees_all_close(gpu, cpu, rtol=1e-9, atol=1e-12)
+    assert_trees_all_close(c_gpu.grad_sum, c_cpu.grad_sum, rtol=1e-9, atol=1e-12)
+    assert int(c_gpu.num_clipped) == int(c_cpu.num_clipped)
 
 
 def test_dp_noise_and_noise_scale_without_host_syncs():
