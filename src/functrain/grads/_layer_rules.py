@@ -18,13 +18,14 @@ are only ever used when they are exact.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from functrain.grads._layer_grads import Conv, Embedding, LayerNorm, Linear, Sink
 
 __all__ = ["Unsupported", "clipped_sum_by_layers", "per_sample_by_layers"]
 
@@ -42,110 +43,6 @@ class Unsupported(Exception):
         self.index, self.call = index, call
 
 
-def _row_sq(x: torch.Tensor) -> torch.Tensor:
-    """Each example's squared L2 norm of a per-example tensor ``(B, ...)``."""
-    return x.reshape(x.shape[0], -1).square().sum(1)
-
-
-class _Sink:
-    """Where the rules' backward passes put parameter gradients, by parameter index.
-
-    ``mode`` says what a backward pass computes:
-
-    * ``"grads"``: per-example gradients ``(B, *param.shape)``; a tied parameter's uses add up;
-    * ``"norms"``: each example's squared gradient norm per parameter, ``(B,)``, by a rule's
-      cheaper route where it has one; a parameter used more than once (tied) still needs its
-      per-example gradient, summed over its uses before the norm is taken;
-    * ``"sum"``: the gradient summed over the examples, by the layers' ordinary kernels.
-    """
-
-    def __init__(self, n: int) -> None:
-        self.mode = "grads"
-        self.uses = [0] * n
-        self.grads: list[torch.Tensor | None] = [None] * n
-        self.sq: list[torch.Tensor | None] = [None] * n
-
-    def put(
-        self,
-        index: int | None,
-        per_example: Callable[[], torch.Tensor],
-        summed: Callable[[], torch.Tensor],
-        sq_norm: Callable[[], torch.Tensor] | None = None,
-    ) -> None:
-        if index is None:
-            return
-        if self.mode == "sum":
-            self._add(index, summed())
-        elif self.mode == "grads" or self.uses[index] > 1:
-            self._add(index, per_example())
-        else:
-            sq = sq_norm() if sq_norm is not None else _row_sq(per_example())
-            old = self.sq[index]
-            self.sq[index] = sq if old is None else old + sq
-
-    def _add(self, index: int, grad: torch.Tensor) -> None:
-        old = self.grads[index]
-        self.grads[index] = grad if old is None else old + grad
-
-    def squared_norms(self) -> list[torch.Tensor]:
-        """``"norms"`` mode: each used parameter's per-example squared norms ``(B,)``."""
-        out = [sq for sq in self.sq if sq is not None]
-        return out + [_row_sq(g) for g in self.grads if g is not None]
-
-
-def _batch_first(info: Any, x: torch.Tensor, dim: int | None) -> torch.Tensor:
-    """The physical tensor with the vmap dimension in front (broadcast when unbatched)."""
-    return x.movedim(dim, 0) if dim is not None else x.expand(info.batch_size, *x.shape)
-
-
-def _linear_sq_norm(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``‖gᵢᵀxᵢ‖²`` for ``g: (B, T, out)``, ``x: (B, T, in)``, by the cheaper of two routes.
-
-    With ``T`` rows per example the "ghost" identity ``‖gᵀx‖² = Σ (ggᵀ ⊙ xxᵀ)`` costs
-    ``T²(in + out)`` per example against ``T·in·out`` for forming ``gᵀx`` (Li et al., 2021).
-    """
-    rows, t = g.shape[:2]
-    if t == 1:
-        return g.reshape(rows, -1).square().sum(1) * x.reshape(rows, -1).square().sum(1)
-    if t * (g.shape[2] + x.shape[2]) < g.shape[2] * x.shape[2]:
-        return (torch.bmm(g, g.transpose(1, 2)) * torch.bmm(x, x.transpose(1, 2))).sum((1, 2))
-    return _row_sq(torch.bmm(g.transpose(1, 2), x))
-
-
-class _Linear(torch.autograd.Function):
-    """``F.linear`` on a physical batch ``x: (B, ..., in)``; per-example ``gᵀx`` and ``Σ g``."""
-
-    @staticmethod
-    def forward(x, weight, bias, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x, weight, _bias, _tag, slots, sink, _anchor = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.slots, ctx.sink = slots, sink
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        rows = g.shape[0]
-        g3, x3 = g.reshape(rows, -1, g.shape[-1]), x.reshape(rows, -1, x.shape[-1])
-        ctx.sink.put(
-            ctx.slots[0],
-            lambda: torch.bmm(g3.transpose(1, 2), x3),
-            lambda: g3.flatten(0, 1).t() @ x3.flatten(0, 1),
-            lambda: _linear_sq_norm(g3, x3),
-        )
-        ctx.sink.put(ctx.slots[1], lambda: g3.sum(1), lambda: g3.sum((0, 1)))
-        gx = g @ weight if ctx.needs_input_grad[0] else None
-        return gx, None, None, None, None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, x, weight, bias, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
-        x = _batch_first(info, x, in_dims[0])
-        return _Linear.apply(x, weight, bias, tag, slots, sink, None), 0
-
-
 def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
 
@@ -159,202 +56,6 @@ def _same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> list[int]:
     return pads
 
 
-def _symmetric(pads: Sequence[int]) -> list[int] | None:
-    """The per-dimension padding (first dimension first) when ``F.pad`` widths are symmetric."""
-    left, right = pads[0::2], pads[1::2]
-    return list(reversed(left)) if list(left) == list(right) else None
-
-
-def _patches(
-    padded: torch.Tensor,
-    out_size: Sequence[int],
-    kernel: Sequence[int],
-    stride: Sequence[int],
-    dilation: Sequence[int],
-) -> torch.Tensor:
-    """The input patch each output position saw, ``(B, N·positions, C·kernel)``.
-
-    One strided copy (``as_strided`` then ``reshape``): cheaper on CPU than ``F.unfold``.
-    """
-    padded = padded.contiguous()
-    rows, n, channels = padded.shape[:3]
-    st = padded.stride()
-    spatial = st[3:]
-    view = padded.as_strided(
-        (rows, n, *out_size, channels, *kernel),
-        (
-            st[0],
-            st[1],
-            *(s * sp for s, sp in zip(stride, spatial)),
-            st[2],
-            *(d * sp for d, sp in zip(dilation, spatial)),
-        ),
-    )
-    return view.reshape(rows, n * math.prod(out_size), -1)
-
-
-class _Conv(torch.autograd.Function):
-    """``convNd`` (``groups=1``) on ``x: (B, N, C, *spatial)``, the vmap dimension in front.
-
-    The per-example weight gradient ``Σ_{n, positions} g ⊗ patch`` is one batched matmul of the
-    output gradient with the input's patches.
-    """
-
-    @staticmethod
-    def forward(x, weight, bias, tag, slots, sink, anchor, stride, pads, dilation):  # type: ignore[no-untyped-def]
-        symmetric = _symmetric(pads)
-        if symmetric is None:
-            x, symmetric = F.pad(x, pads), [0] * len(stride)
-        out = _CONV[weight.dim() - 2](x.flatten(0, 1), weight, bias, stride, symmetric, dilation)
-        return out.unflatten(0, x.shape[:2])
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x, weight, _bias, _tag, slots, sink, _anchor, stride, pads, dilation = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.slots, ctx.sink, ctx.conv = slots, sink, (stride, pads, dilation)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        stride, pads, dilation = ctx.conv
-        rows, n, out_channels = g.shape[:3]
-        symmetric = _symmetric(pads)
-        padded = F.pad(x, pads) if any(pads) else x
-        # One kernel call for the input gradient and, in "sum" mode, the summed weight gradient.
-        want_weight = ctx.sink.mode == "sum" and ctx.slots[0] is not None
-        kernel_grads: list[Any] = [None, None, None]
-        if ctx.needs_input_grad[0] or want_weight:
-            source, padding = (
-                (x, symmetric) if symmetric is not None else (padded, [0] * len(stride))
-            )
-            kernel_grads = list(
-                torch.ops.aten.convolution_backward(
-                    g.flatten(0, 1),
-                    source.flatten(0, 1),
-                    weight,
-                    None,
-                    list(stride),
-                    padding,
-                    list(dilation),
-                    False,
-                    [0] * len(stride),
-                    1,
-                    [ctx.needs_input_grad[0], want_weight, False],
-                )
-            )
-        g_rows = g.movedim(2, 1).reshape(rows, out_channels, -1)
-        ctx.sink.put(
-            ctx.slots[0],
-            lambda: torch.bmm(
-                g_rows, _patches(padded, g.shape[3:], weight.shape[2:], stride, dilation)
-            ).view(rows, *weight.shape),
-            lambda: kernel_grads[1],
-        )
-        ctx.sink.put(ctx.slots[1], lambda: g_rows.sum(2), lambda: g_rows.sum((0, 2)))
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = kernel_grads[0].unflatten(0, (rows, n))
-            if symmetric is None:
-                gx = F.pad(gx, [-w for w in pads])  # the gradient of F.pad crops
-        return gx, None, None, None, None, None, None, None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, x, weight, bias, tag, slots, sink, anchor, stride, pads, dilation):  # type: ignore[no-untyped-def]
-        x = _batch_first(info, x, in_dims[0])
-        unbatched = x.dim() == weight.dim()  # an example's input without its own N dimension
-        if unbatched:
-            x = x.unsqueeze(1)
-        out = _Conv.apply(x, weight, bias, tag, slots, sink, None, stride, pads, dilation)
-        return (out.squeeze(1) if unbatched else out), 0
-
-
-class _LayerNorm(torch.autograd.Function):
-    """``F.layer_norm`` on ``x: (B, ..., *normalized_shape)``; per-example ``Σ g·x̂`` and ``Σ g``."""
-
-    @staticmethod
-    def forward(x, shape, weight, bias, eps, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
-        return torch.native_layer_norm(x, shape, weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        x, shape, weight, bias, _eps, _tag, slots, sink, _anchor = inputs
-        _out, mean, rstd = output
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.shape, ctx.slots, ctx.sink = shape, slots, sink
-        ctx.mark_non_differentiable(mean, rstd)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor, _g_mean: Any, _g_rstd: Any) -> Any:  # type: ignore[override]
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        rows = g.shape[0]
-        if ctx.slots[0] is not None:
-            scaled = (g * ((x - mean) * rstd)).reshape(rows, -1, *ctx.shape)
-            ctx.sink.put(ctx.slots[0], lambda: scaled.sum(1), lambda: scaled.sum((0, 1)))
-        per_row = g.reshape(rows, -1, *ctx.shape)
-        ctx.sink.put(ctx.slots[1], lambda: per_row.sum(1), lambda: per_row.sum((0, 1)))
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.native_layer_norm_backward(
-                g, x, ctx.shape, mean, rstd, weight, bias, [True, False, False]
-            )[0]
-        return gx, None, None, None, None, None, None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, x, shape, weight, bias, eps, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
-        x = _batch_first(info, x, in_dims[0])
-        out, mean, rstd = _LayerNorm.apply(x, shape, weight, bias, eps, tag, slots, sink, None)
-        return (out, mean, rstd), (0, 0, 0)
-
-
-class _Embedding(torch.autograd.Function):
-    """``F.embedding`` of indices ``(B, ...)``: per-example rows scattered into ``(B, V, D)``."""
-
-    @staticmethod
-    def forward(indices, weight, padding_idx, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
-        return F.embedding(indices, weight, padding_idx)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        indices, weight, padding_idx, _tag, slots, sink, _anchor = inputs
-        ctx.save_for_backward(indices)
-        ctx.num, ctx.padding_idx, ctx.slots, ctx.sink = weight.shape[0], padding_idx, slots, sink
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
-        (indices,) = ctx.saved_tensors
-        rows, num = g.shape[0], ctx.num
-        flat = indices.reshape(rows, -1)
-        rows_g = g.reshape(rows, flat.shape[1], -1)
-        if ctx.padding_idx is not None:
-            rows_g = rows_g * (flat != ctx.padding_idx).unsqueeze(-1).to(g.dtype)
-        dim, row_shape = rows_g.shape[-1], g.shape[indices.dim() :]
-
-        def per_example() -> torch.Tensor:
-            offsets = torch.arange(rows, device=flat.device).unsqueeze(1) * num
-            out = g.new_zeros(rows * num, dim)
-            out.index_add_(0, (flat + offsets).reshape(-1), rows_g.reshape(-1, dim))
-            return out.view(rows, num, *row_shape)
-
-        def summed() -> torch.Tensor:
-            out = g.new_zeros(num, dim).index_add_(0, flat.reshape(-1), rows_g.reshape(-1, dim))
-            return out.view(num, *row_shape)
-
-        def sq_norm() -> torch.Tensor:
-            # ‖Σ_t onehot(i_t) g_tᵀ‖² = Σ_{t,t'} [i_t = i_t'] g_t·g_t': the ghost identity again.
-            same = (flat.unsqueeze(2) == flat.unsqueeze(1)).to(g.dtype)
-            return (same * torch.bmm(rows_g, rows_g.transpose(1, 2))).sum((1, 2))
-
-        ctx.sink.put(ctx.slots[0], per_example, summed, sq_norm)
-        return None, None, None, None, None, None, None
-
-    @staticmethod
-    def vmap(info, in_dims, indices, weight, padding_idx, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
-        indices = _batch_first(info, indices, in_dims[0])
-        return _Embedding.apply(indices, weight, padding_idx, tag, slots, sink, None), 0
-
-
-_CONV: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_FUNCS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -378,7 +79,7 @@ _METADATA = {
 
 
 class _Rules(TorchFunctionMode):
-    def __init__(self, slots: dict[int, int], tag: torch.Tensor, sink: _Sink) -> None:
+    def __init__(self, slots: dict[int, int], tag: torch.Tensor, sink: Sink) -> None:
         super().__init__()
         self.slots, self.tag, self.sink = slots, tag, sink
         # An empty slice of a vmapped input, passed to every rule: vmap calls a Function's
@@ -438,7 +139,7 @@ class _Rules(TorchFunctionMode):
         slots = (self._slot(weight), self._slot(bias))
         shape = list(a["normalized_shape"])
         eps = a.get("eps", 1e-5)
-        return _LayerNorm.apply(
+        return LayerNorm.apply(
             x, shape, weight, bias, eps, self.tag, slots, self.sink, self.anchor
         )[0]
 
@@ -452,7 +153,7 @@ class _Rules(TorchFunctionMode):
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         slots = (self._slot(weight), None)
-        return _Embedding.apply(
+        return Embedding.apply(
             indices, weight, padding_idx, self.tag, slots, self.sink, self.anchor
         )
 
@@ -460,7 +161,7 @@ class _Rules(TorchFunctionMode):
         if not self._owned(weight, bias, x):
             return None
         slots = (self._slot(weight), self._slot(bias))
-        return _Linear.apply(x, weight, bias, self.tag, slots, self.sink, self.anchor)
+        return Linear.apply(x, weight, bias, self.tag, slots, self.sink, self.anchor)
 
     def _conv(self, dims: int, a: dict[str, Any]) -> Any:
         x, weight, bias = a["input"], a["weight"], a.get("bias")
@@ -478,7 +179,7 @@ class _Rules(TorchFunctionMode):
         else:
             pads = [w for p in reversed(_tuple(padding, dims)) for w in (p, p)]
         slots = (self._slot(weight), self._slot(bias))
-        return _Conv.apply(
+        return Conv.apply(
             x, weight, bias, self.tag, slots, self.sink, self.anchor, stride, pads, dilation
         )
 
@@ -488,10 +189,10 @@ def _forward(
     param_leaves: list[torch.Tensor],
     batch_leaves: list[torch.Tensor],
     randomness: str,
-) -> tuple[Any, torch.Tensor, _Sink, list[torch.Tensor]]:
+) -> tuple[Any, torch.Tensor, Sink, list[torch.Tensor]]:
     """The vmapped forward under the rules: ``(outputs, tag, sink, detached param leaves)``."""
     leaves = [p.detach() for p in param_leaves]
-    sink = _Sink(len(leaves))
+    sink = Sink(len(leaves))
     # Autograd needs something that requires grad: the rules' outputs do, through ``tag``.
     device = leaves[0].device if leaves else None
     tag = torch.zeros((), device=device, requires_grad=True)
