@@ -1,19 +1,18 @@
-"""Per-sample gradients from one batched backward pass, by layer rules (the ``"layers"`` method).
+"""Per-sample gradients and norms from one batched backward pass (the ``"layers"`` method).
 
-``vmap(grad(loss_fn))`` differentiates every example on its own. For the layers that hold most
-parameters there is a cheaper exact route, the one Opacus and BackPACK take: the weight gradient
-of ``y = x Wᵀ + b`` for one example is ``gᵀ x`` (``g = ∂loss/∂y`` of that example), and a
-convolution's is the same product on the unfolded input. So the per-example *forward* still runs
-under ``vmap`` (each example's loss is ``loss_fn`` on a batch of one, as in the ``"vmap"``
-method, so the examples cannot interact), but the backward pass is one ordinary autograd pass on
-the physical batch, and each linear / convolution / embedding / layer-norm call whose parameters
-are leaves of ``params`` computes its per-example parameter gradients directly from its saved
-input and its output gradient.
+``vmap(grad(loss_fn))`` differentiates every example on its own. The layers that hold the
+parameters offer another exact route, the one Opacus and BackPACK take: the weight gradient of
+``y = x Wᵀ + b`` for one example is ``gᵀ x`` (``g = ∂loss/∂y`` of that example), and a
+convolution's is the same product on its input patches. So each example's *forward* still runs
+under ``vmap`` (its loss is ``loss_fn`` on a batch of one, as in the ``"vmap"`` method, so
+examples cannot interact), but the backward pass is one ordinary autograd pass over the physical
+batch in which each linear / convolution / embedding / layer-norm call on parameters forms their
+per-example gradients (or only their norms: ghost clipping) from its saved input and output
+gradient (:mod:`functrain.grads._layer_grads`).
 
-The rules are chosen by a ``TorchFunctionMode`` that watches every torch call during the
-forward. A parameter leaf reaching any other call (an elementwise op, a view, a matmul, a grouped
-convolution...) raises :class:`Unsupported` and the caller falls back to ``vmap(grad)``: the rules
-are only ever used when they are exact.
+A ``TorchFunctionMode`` watches every torch call of the forward and routes those calls to the
+rules. A parameter reaching any other call (an elementwise op, a view, a matmul, a grouped
+convolution...) raises :class:`Unsupported`: the rules are only used where they are exact.
 """
 
 from __future__ import annotations
