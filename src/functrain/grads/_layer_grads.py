@@ -119,7 +119,7 @@ class Linear(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
         x = _batch_first(info, x, in_dims[0])
-        return Linear.apply(x, weight, bias, tag, slots, sink, None), 0
+        return Linear.apply(x, weight, bias, tag, slots, sink, anchor), 0
 
 
 def _symmetric(pads: Sequence[int]) -> list[int] | None:
@@ -228,7 +228,7 @@ class Conv(torch.autograd.Function):
         unbatched = x.dim() == weight.dim()  # an example's input without its own N dimension
         if unbatched:
             x = x.unsqueeze(1)
-        out = Conv.apply(x, weight, bias, tag, slots, sink, None, stride, pads, dilation)
+        out = Conv.apply(x, weight, bias, tag, slots, sink, anchor, stride, pads, dilation)
         return (out.squeeze(1) if unbatched else out), 0
 
 
@@ -266,7 +266,7 @@ class LayerNorm(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, shape, weight, bias, eps, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
         x = _batch_first(info, x, in_dims[0])
-        out, mean, rstd = LayerNorm.apply(x, shape, weight, bias, eps, tag, slots, sink, None)
+        out, mean, rstd = LayerNorm.apply(x, shape, weight, bias, eps, tag, slots, sink, anchor)
         return (out, mean, rstd), (0, 0, 0)
 
 
@@ -314,7 +314,7 @@ class Embedding(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, indices, weight, padding_idx, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
         indices = _batch_first(info, indices, in_dims[0])
-        return Embedding.apply(indices, weight, padding_idx, tag, slots, sink, None), 0
+        return Embedding.apply(indices, weight, padding_idx, tag, slots, sink, anchor), 0
 
 
 CONV: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

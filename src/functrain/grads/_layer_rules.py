@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._C import _functorch
 from torch.overrides import TorchFunctionMode
 
+from functrain import tree
 from functrain.grads._layer_grads import Conv, Embedding, LayerNorm, Linear, Sink
 
 __all__ = ["Unsupported", "clipped_sum_by_layers", "per_sample_by_layers"]
@@ -43,7 +45,9 @@ class Unsupported(Exception):
 
 
 def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+    # PyTorch expands a one-element list (``stride=(2,)`` of a conv2d) to every dimension.
+    value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return value * n if len(value) == 1 else value
 
 
 def _same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> list[int]:
@@ -57,6 +61,7 @@ def _same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> list[int]:
 
 _CONV_FUNCS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _LINEAR_FUNCS = {F.linear, torch._C._nn.linear}
+_LINEAR_ARGS = ("input", "weight", "bias")
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
 _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
@@ -100,8 +105,9 @@ class _Rules(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _METADATA:
             return func(*args, **kwargs)
+        self._refuse_wrapped(func, (*args, *kwargs.values()))
         if func in _LINEAR_FUNCS:
-            out = self._linear(*args, **kwargs)
+            out = self._linear(dict(zip(_LINEAR_ARGS, args), **kwargs))
         elif func in _CONV_FUNCS:
             out = self._conv(_CONV_FUNCS[func], dict(zip(_CONV_ARGS, args), **kwargs))
         elif func is F.layer_norm:
@@ -117,6 +123,23 @@ class _Rules(TorchFunctionMode):
                 if self._is_param(v):
                     raise Unsupported(self.slots[id(v)], getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
+
+    def _refuse_wrapped(self, func: Any, values: Sequence[Any]) -> None:
+        """Raises when a parameter arrives wrapped by a ``torch.func`` transform of ``loss_fn``.
+
+        ``vmap`` / ``grad`` / ``jacrev`` over a parameter inside ``loss_fn`` hand the ops a new
+        tensor object that wraps the parameter: unrecognized, it would count as a constant and
+        its gradient would silently be lost.
+        """
+        for value in values:
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                if not isinstance(v, torch.Tensor) or id(v) in self.slots:
+                    continue
+                while _functorch.is_batchedtensor(v) or _functorch.is_gradtrackingtensor(v):
+                    v = _functorch.get_unwrapped(v)
+                    if id(v) in self.slots:
+                        name = getattr(func, "__name__", str(func))
+                        raise Unsupported(self.slots[id(v)], f"{name} under a torch.func transform")
 
     def _owned(self, weight: Any, bias: Any, x: Any) -> bool:
         """The call's weight (and bias, if any) are parameters, and its input is not."""
@@ -149,16 +172,25 @@ class _Rules(TorchFunctionMode):
         if a.get("scale_grad_by_freq", False) or a.get("sparse", False) or weight.is_complex():
             return None
         padding_idx = a.get("padding_idx")
-        if padding_idx is not None and padding_idx < 0:
-            padding_idx += weight.shape[0]
+        if padding_idx is not None:
+            # F.embedding checks this only after dispatching to the mode: check it here.
+            if not -weight.shape[0] <= padding_idx < weight.shape[0]:
+                raise ValueError(
+                    f"padding_idx {padding_idx} is out of range for {weight.shape[0]} embeddings"
+                )
+            if padding_idx < 0:
+                padding_idx += weight.shape[0]
         slots = (self._slot(weight), None)
         return Embedding.apply(
             indices, weight, padding_idx, self.tag, slots, self.sink, self.anchor
         )
 
-    def _linear(self, x: Any, weight: Any, bias: Any = None) -> Any:
-        if not self._owned(weight, bias, x):
+    def _linear(self, a: dict[str, Any]) -> Any:
+        x, weight, bias = a["input"], a["weight"], a.get("bias")
+        if not self._owned(weight, bias, x) or weight.dim() != 2:
             return None
+        if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
+            return None  # a broadcast bias (shape (1,) or ()) sums its gradient over outputs
         slots = (self._slot(weight), self._slot(bias))
         return Linear.apply(x, weight, bias, self.tag, slots, self.sink, self.anchor)
 
@@ -249,6 +281,8 @@ def per_sample_by_layers(
         example_loss, param_leaves, batch_leaves, randomness
     )
     _backward(losses, tag)
+    # ``vmap(grad)`` gives aux without autograd history: so does this method.
+    extras = tree.map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, extras)
     return (losses.detach(), extras), _filled(sink.grads, leaves, (losses.shape[0],))
 
 

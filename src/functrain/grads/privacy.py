@@ -201,7 +201,10 @@ def clipped_grad_sum(
         loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
     ):
         leaves, spec = tree.flatten(c.grads)
-        factors = _clip_factors(leaves, l2_norm_clip)
+        if leaves:
+            factors = _clip_factors(leaves, l2_norm_clip)
+        else:  # no parameters: every gradient is zero, nothing is clipped
+            factors = torch.ones(c.stop - c.start, device=c.losses.device)
         part = _weighted_sum(leaves, factors)
         clipped = (factors < 1).sum()
         if acc is None:
