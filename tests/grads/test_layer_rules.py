@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import functrain as ft
 from functrain import tree
-from functrain.grads import privacy
+from functrain.grads import per_sample, privacy
 from functrain.testing import assert_trees_all_close, assert_trees_all_equal
 
 
@@ -185,7 +185,7 @@ def test_auto_uses_ghost_clipping_only_when_it_applies(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(privacy, "clipped_sum_by_layers", spy)
-    monkeypatch.setattr(privacy, "_GHOST_BYTES", 0)  # every model counts as large
+    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)  # every model counts as large
     for name in ("mlp", "tied"):
         loss_fn, params, batch = PROBLEMS[name]()
         expected, clipped = _clip_reference(naive_per_sample(loss_fn, params, batch), 0.2)
@@ -193,7 +193,7 @@ def test_auto_uses_ghost_clipping_only_when_it_applies(monkeypatch):
         assert_trees_all_close(out.grad_sum, expected, rtol=1e-10, atol=1e-12)
         assert int(out.num_clipped) == clipped
     assert len(calls) == 2  # tried on both; "tied" fell back to vmap after the attempt
-    monkeypatch.setattr(privacy, "_GHOST_BYTES", math.inf)
+    monkeypatch.setattr(per_sample, "GHOST_BYTES", math.inf)
     loss_fn, params, batch = mlp_problem()
     ft.clipped_grad_sum(loss_fn, params, batch, 0.2)
     assert len(calls) == 2  # small per-sample gradients: vmap
@@ -232,3 +232,30 @@ def test_layers_method_refuses_to_compile():
     ):
         with pytest.raises(Exception, match="runs eagerly only"):
             torch.compile(fn, backend="eager", fullgraph=True)()
+
+
+@pytest.mark.parametrize("name", LAYER_PROBLEMS)
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_ghost_norms_match_naive_norms(name, chunk_size):
+    loss_fn, params, batch = PROBLEMS[name]()
+    ps = naive_per_sample(loss_fn, params, batch)
+    leaf = tree.map(lambda g: g.reshape(g.shape[0], -1).norm(dim=1), ps)
+    total = torch.stack(tree.leaves(leaf)).square().sum(0).sqrt()
+    got = ft.per_sample_grad_norms(loss_fn, params, batch, chunk_size=chunk_size, method="layers")
+    assert_trees_all_close(got.leaf_norms, leaf, rtol=1e-10, atol=1e-12)
+    assert_trees_all_close(got.global_norm, total, rtol=1e-10, atol=1e-12)
+
+
+def test_ghost_norms_auto_and_fallback(monkeypatch):
+    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)
+    for name in ("mlp", "transformer"):  # the transformer falls back to vmap
+        loss_fn, params, batch = PROBLEMS[name]()
+        ps = naive_per_sample(loss_fn, params, batch)
+        leaf = tree.map(lambda g: g.reshape(g.shape[0], -1).norm(dim=1), ps)
+        got = ft.per_sample_grad_norms(loss_fn, params, batch)
+        assert_trees_all_close(got.leaf_norms, leaf, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match=r"params\['.*'\] is used by"):
+        ft.per_sample_grad_norms(loss_fn, params, batch, method="layers")
+    x = torch.randn(3, 2, dtype=torch.float64)
+    empty = ft.per_sample_grad_norms(lambda p, b: b.sum(), {}, x, method="layers")
+    assert empty.leaf_norms == {} and torch.equal(empty.global_norm, torch.zeros(3, dtype=x.dtype))

@@ -63,10 +63,13 @@ class Sink:
         old = self.grads[index]
         self.grads[index] = grad if old is None else old + grad
 
-    def squared_norms(self) -> list[torch.Tensor]:
-        """``"norms"`` mode: each used parameter's per-example squared norms ``(B,)``."""
-        out = [sq for sq in self.sq if sq is not None]
-        return out + [_row_sq(g) for g in self.grads if g is not None]
+    def squared_norms(self, rows: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """``"norms"`` mode: every parameter's per-example squared norms ``(rows,)``, in order
+        (zeros for a parameter the loss never used)."""
+        return [
+            sq if sq is not None else _row_sq(g) if g is not None else like.new_zeros(rows)
+            for sq, g in zip(self.sq, self.grads)
+        ]
 
 
 def _batch_first(info: Any, x: torch.Tensor, dim: int | None) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from functrain import tree
 from functrain.grads._layer_grads import Conv, Embedding, LayerNorm, Linear, Sink
 
-__all__ = ["Unsupported", "clipped_sum_by_layers", "per_sample_by_layers"]
+__all__ = ["Unsupported", "clipped_sum_by_layers", "per_sample_by_layers", "sq_norms_by_layers"]
 
 
 class Unsupported(Exception):
@@ -286,6 +286,42 @@ def per_sample_by_layers(
     return (losses.detach(), extras), _filled(sink.grads, leaves, (losses.shape[0],))
 
 
+def _norms_pass(
+    example_loss: Callable[[list[torch.Tensor], list[torch.Tensor]], Any],
+    param_leaves: list[torch.Tensor],
+    batch_leaves: list[torch.Tensor],
+    randomness: str,
+    keep_graph: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, Sink, list[torch.Tensor]]:
+    """Forward and a backward pass in ``"norms"`` mode: ``(losses, squared norms, ...)``."""
+    (losses, _extras), tag, sink, leaves = _forward(
+        example_loss, param_leaves, batch_leaves, randomness
+    )
+    sink.mode = "norms"
+    _backward(losses, tag, retain_graph=keep_graph)
+    return losses, sink.squared_norms(losses.shape[0], losses.detach()), tag, sink, leaves
+
+
+def sq_norms_by_layers(
+    example_loss: Callable[[list[torch.Tensor], list[torch.Tensor]], Any],
+    param_leaves: list[torch.Tensor],
+    batch_leaves: list[torch.Tensor],
+    randomness: str,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(losses, per-parameter per-example squared gradient norms)`` without the gradients.
+
+    Example:
+        >>> import torch
+        >>> from functrain.grads._layer_rules import sq_norms_by_layers
+        >>> loss = lambda p, ex: (torch.nn.functional.linear(ex[0], p[0]).sum(), ())
+        >>> x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+        >>> sq_norms_by_layers(loss, [torch.ones(1, 2)], [x], "error")[1]
+        [tensor([25.0000,  0.2500])]
+    """
+    losses, squares, *_ = _norms_pass(example_loss, param_leaves, batch_leaves, randomness, False)
+    return losses.detach(), squares
+
+
 def clipped_sum_by_layers(
     example_loss: Callable[[list[torch.Tensor], list[torch.Tensor]], Any],
     param_leaves: list[torch.Tensor],
@@ -306,17 +342,15 @@ def clipped_sum_by_layers(
         >>> w = torch.ones(1, 2)
         >>> loss = lambda p, ex: (torch.nn.functional.linear(ex[0], p[0]).sum(), ())
         >>> x = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
-        >>> unit = lambda sq: (1 / torch.stack(sq).sum(0).sqrt()).clamp(max=1)
+        >>> unit = lambda sq: (1 / sum(sq).sqrt()).clamp(max=1)
         >>> losses, factors, (gw,) = clipped_sum_by_layers(loss, [w], [x], "error", unit)
         >>> factors, gw
         (tensor([0.2000, 1.0000]), tensor([[0.9000, 1.2000]]))
     """
-    (losses, _extras), tag, sink, leaves = _forward(
-        example_loss, param_leaves, batch_leaves, randomness
+    losses, squares, tag, sink, leaves = _norms_pass(
+        example_loss, param_leaves, batch_leaves, randomness, True
     )
-    sink.mode = "norms"
-    _backward(losses, tag, retain_graph=True)
-    factors = clip_factors(sink.squared_norms()).detach()
+    factors = clip_factors(squares).detach()
     sink.mode, sink.grads = "sum", [None] * len(leaves)
     _backward(losses, tag, factors.to(losses.dtype))
     return losses.detach(), factors, _filled(sink.grads, leaves, ())

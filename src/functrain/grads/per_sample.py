@@ -203,6 +203,19 @@ def _vmap_grad(
     return run
 
 
+# ``method="auto"`` of the reductions that can skip per-sample gradients (clipped sums, norms)
+# takes the layer rules when a chunk of per-sample gradients would reach this size.
+GHOST_BYTES = 64 * 2**20
+
+
+def ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
+    """Whether ``method="auto"`` should try the layer rules (eager, large per-sample gradients)."""
+    if torch.compiler.is_compiling():
+        return False  # the rules are eager only
+    rows = batch_size_of(batch) if chunk_size is None else chunk_size
+    return rows * sum(p.numel() * p.element_size() for p in tree.leaves(params)) >= GHOST_BYTES
+
+
 def layers_error(err: Unsupported, params: PyTree) -> ValueError:
     """The error of ``method="layers"`` when a parameter has no per-layer rule."""
     path = tree.path_str(tree.flatten_with_paths(params)[0][err.index], "params")

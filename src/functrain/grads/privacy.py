@@ -36,6 +36,7 @@ from functrain.grads.per_sample import (
     _check_options,
     _example_loss,
     batch_size_of,
+    ghost_pays,
     layers_error,
     per_sample_chunks,
 )
@@ -184,7 +185,7 @@ def clipped_grad_sum(
         (tensor([-0.9000, -1.2000]), tensor(1))
     """
     _check_options(chunk_size, randomness, loss_fn, params, method, ("auto", "vmap", "layers"))
-    if method == "layers" or (method == "auto" and _ghost_pays(params, batch, chunk_size)):
+    if method == "layers" or (method == "auto" and ghost_pays(params, batch, chunk_size)):
         try:
             return _clipped_sum_by_layers(
                 loss_fn, params, batch, l2_norm_clip, chunk_size, buffers, randomness
@@ -217,17 +218,6 @@ def clipped_grad_sum(
     return ClippedGradSum(tree.unflatten(spec, acc), num_clipped, loss_sum, count)
 
 
-# "auto" switches to ghost clipping when a chunk of per-sample gradients reaches this size.
-_GHOST_BYTES = 64 * 2**20
-
-
-def _ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
-    if torch.compiler.is_compiling():
-        return False  # the rules are eager only (see per_sample_grads' ``method``)
-    rows = batch_size_of(batch) if chunk_size is None else chunk_size
-    return rows * sum(p.numel() * p.element_size() for p in tree.leaves(params)) >= _GHOST_BYTES
-
-
 def _clipped_sum_by_layers(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -246,8 +236,8 @@ def _clipped_sum_by_layers(
     example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
 
     def factors_of(squared_norms: list[torch.Tensor], rows: int) -> torch.Tensor:
-        if not squared_norms:  # no parameter was used: every gradient is zero
-            return torch.ones(rows, device=param_leaves[0].device if param_leaves else None)
+        if not squared_norms:  # no parameters: every gradient is zero
+            return torch.ones(rows)
         return _factors_of(torch.stack(squared_norms).sum(0).sqrt(), l2_norm_clip)
 
     acc: list[torch.Tensor] = []

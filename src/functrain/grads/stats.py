@@ -20,7 +20,15 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.grads.per_sample import batch_size_of, per_sample_chunks
+from functrain.grads._layer_rules import Unsupported, sq_norms_by_layers
+from functrain.grads.per_sample import (
+    _check_options,
+    _example_loss,
+    batch_size_of,
+    ghost_pays,
+    layers_error,
+    per_sample_chunks,
+)
 
 __all__ = [
     "GradMoments",
@@ -298,11 +306,19 @@ def per_sample_grad_norms(
     chunk_size: int | None = None,
     buffers: PyTree | None = None,
     randomness: str = "error",
+    method: str = "auto",
 ) -> GradNorms:
     """Per-sample gradient norms (global and per leaf), computed chunk by chunk.
 
     Arguments are those of :func:`per_sample_grads`; only ``chunk_size`` gradients are alive at
     a time. Useful to find the hardest examples or to pick a DP clipping norm.
+
+    ``method``: ``"vmap"`` forms each chunk's per-sample gradients and takes their norms;
+    ``"layers"`` takes the norms layer by layer in one backward pass without forming the
+    gradients (ghost norms, as :func:`clipped_grad_sum`; it raises ``ValueError`` naming a
+    parameter used by a call other than linear, convolution, layer norm or embedding);
+    ``"auto"`` (default) uses ``"layers"`` when it applies and a chunk's per-sample gradients
+    would take 64 MiB or more.
 
     Example:
         >>> import torch, functrain as ft
@@ -312,6 +328,13 @@ def per_sample_grad_norms(
         >>> ft.per_sample_grad_norms(loss_fn, params, batch, chunk_size=1).global_norm
         tensor([13.4164, 70.0000])
     """
+    _check_options(chunk_size, randomness, loss_fn, params, method, ("auto", "vmap", "layers"))
+    if method == "layers" or (method == "auto" and ghost_pays(params, batch, chunk_size)):
+        try:
+            return _norms_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness)
+        except Unsupported as err:
+            if method == "layers":
+                raise layers_error(err, params) from None
     parts = [
         per_sample_norms(c.grads)
         for c in per_sample_chunks(
@@ -324,6 +347,35 @@ def per_sample_grad_norms(
         torch.cat([p.global_norm for p in parts]),
         tree.map(lambda *xs: torch.cat(xs), *(p.leaf_norms for p in parts)),
     )
+
+
+def _norms_by_layers(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+    randomness: str,
+) -> GradNorms:
+    """``method="layers"``: the squared norms of each chunk from one backward pass."""
+    if torch.compiler.is_compiling():
+        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
+    n = batch_size_of(batch)
+    param_leaves, param_spec = tree.flatten(params)
+    batch_leaves, batch_spec = tree.flatten(batch)
+    example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
+    step = n if chunk_size is None else chunk_size
+    chunks: list[list[torch.Tensor]] = []
+    totals: list[torch.Tensor] = []
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        chunk = batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]
+        losses, squares = sq_norms_by_layers(example_loss, param_leaves, chunk, randomness)
+        chunks.append(squares)
+        totals.append(sum(squares, losses.new_zeros(stop - start)))
+    squares = [torch.cat(parts) for parts in zip(*chunks)]
+    leaf_norms = tree.unflatten(param_spec, [sq.sqrt() for sq in squares])
+    return GradNorms(torch.cat(totals).sqrt(), leaf_norms)
 
 
 def per_sample_grad_moments(
