@@ -216,6 +216,47 @@ def ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
     return rows * sum(p.numel() * p.element_size() for p in tree.leaves(params)) >= GHOST_BYTES
 
 
+def _slices(
+    batch_leaves: list[torch.Tensor], n: int, chunk_size: int | None
+) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    """``(start, stop, leaves[start:stop])`` chunk by chunk (the leaves themselves for one)."""
+    step = n if chunk_size is None else chunk_size
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        yield (
+            start,
+            stop,
+            (batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]),
+        )
+
+
+class LayerChunks(NamedTuple):
+    """What a ``method="layers"`` reduction iterates on (see :func:`layer_chunks`)."""
+
+    example_loss: Callable[..., Any]
+    param_leaves: list[torch.Tensor]
+    param_spec: Any
+    chunks: Iterator[tuple[int, int, list[torch.Tensor]]]
+
+
+def layer_chunks(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+) -> LayerChunks:
+    """The per-example loss, the parameter leaves and the batch chunks of a reduction that
+    runs the layer rules (``clipped_grad_sum``, ``per_sample_grad_norms``)."""
+    if torch.compiler.is_compiling():
+        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
+    param_leaves, param_spec = tree.flatten(params)
+    batch_leaves, batch_spec = tree.flatten(batch)
+    example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
+    chunks = _slices(batch_leaves, batch_size_of(batch), chunk_size)
+    return LayerChunks(example_loss, param_leaves, param_spec, chunks)
+
+
 def layers_error(err: Unsupported, params: PyTree) -> ValueError:
     """The error of ``method="layers"`` when a parameter has no per-layer rule."""
     path = tree.path_str(tree.flatten_with_paths(params)[0][err.index], "params")
@@ -290,10 +331,7 @@ def per_sample_chunks(
     param_leaves, param_spec = tree.flatten(params)
     batch_leaves, batch_spec = tree.flatten(batch)
     run = _chunk_runner(loss_fn, params, batch_spec, buffers, randomness, has_aux, method)
-    step = n if chunk_size is None else chunk_size
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        chunk = batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]
+    for start, stop, chunk in _slices(batch_leaves, n, chunk_size):
         (losses, extras), grads = run(param_leaves, chunk)
         aux = extras[0] if has_aux else None
         yield PerSampleChunk(start, stop, tree.unflatten(param_spec, grads), losses, aux)

@@ -34,9 +34,9 @@ from functrain import optim, tree
 from functrain.grads._layer_rules import Unsupported, clipped_sum_by_layers
 from functrain.grads.per_sample import (
     _check_options,
-    _example_loss,
     batch_size_of,
     ghost_pays,
+    layer_chunks,
     layers_error,
     per_sample_chunks,
 )
@@ -228,12 +228,7 @@ def _clipped_sum_by_layers(
     randomness: str,
 ) -> ClippedGradSum:
     """``method="layers"``: ghost norms, then one weighted backward pass per chunk."""
-    if torch.compiler.is_compiling():
-        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
-    n = batch_size_of(batch)
-    param_leaves, param_spec = tree.flatten(params)
-    batch_leaves, batch_spec = tree.flatten(batch)
-    example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
+    setup = layer_chunks(loss_fn, params, batch, chunk_size, buffers)
 
     def factors_of(squared_norms: list[torch.Tensor], rows: int) -> torch.Tensor:
         if not squared_norms:  # no parameters: every gradient is zero
@@ -242,13 +237,10 @@ def _clipped_sum_by_layers(
 
     acc: list[torch.Tensor] = []
     num_clipped = loss_sum = None
-    step = n if chunk_size is None else chunk_size
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        chunk = batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]
+    for start, stop, chunk in setup.chunks:
         losses, factors, part = clipped_sum_by_layers(
-            example_loss,
-            param_leaves,
+            setup.example_loss,
+            setup.param_leaves,
             chunk,
             randomness,
             lambda sq, rows=stop - start: factors_of(sq, rows),
@@ -260,7 +252,9 @@ def _clipped_sum_by_layers(
             num_clipped = num_clipped + (factors < 1).sum()
             loss_sum = loss_sum + losses.sum()
     assert num_clipped is not None and loss_sum is not None  # at least one chunk
-    return ClippedGradSum(tree.unflatten(param_spec, acc), num_clipped, loss_sum, n)
+    return ClippedGradSum(
+        tree.unflatten(setup.param_spec, acc), num_clipped, loss_sum, batch_size_of(batch)
+    )
 
 
 class DifferentiallyPrivateAggregateState(NamedTuple):

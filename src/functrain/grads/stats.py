@@ -23,9 +23,9 @@ from functrain import tree
 from functrain.grads._layer_rules import Unsupported, sq_norms_by_layers
 from functrain.grads.per_sample import (
     _check_options,
-    _example_loss,
     batch_size_of,
     ghost_pays,
+    layer_chunks,
     layers_error,
     per_sample_chunks,
 )
@@ -358,23 +358,17 @@ def _norms_by_layers(
     randomness: str,
 ) -> GradNorms:
     """``method="layers"``: the squared norms of each chunk from one backward pass."""
-    if torch.compiler.is_compiling():
-        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
-    n = batch_size_of(batch)
-    param_leaves, param_spec = tree.flatten(params)
-    batch_leaves, batch_spec = tree.flatten(batch)
-    example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
-    step = n if chunk_size is None else chunk_size
+    setup = layer_chunks(loss_fn, params, batch, chunk_size, buffers)
     chunks: list[list[torch.Tensor]] = []
     totals: list[torch.Tensor] = []
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        chunk = batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]
-        losses, squares = sq_norms_by_layers(example_loss, param_leaves, chunk, randomness)
+    for start, stop, chunk in setup.chunks:
+        losses, squares = sq_norms_by_layers(
+            setup.example_loss, setup.param_leaves, chunk, randomness
+        )
         chunks.append(squares)
         totals.append(sum(squares, losses.new_zeros(stop - start)))
     squares = [torch.cat(parts) for parts in zip(*chunks)]
-    leaf_norms = tree.unflatten(param_spec, [sq.sqrt() for sq in squares])
+    leaf_norms = tree.unflatten(setup.param_spec, [sq.sqrt() for sq in squares])
     return GradNorms(torch.cat(totals).sqrt(), leaf_norms)
 
 
