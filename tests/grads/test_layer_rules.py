@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import functrain as ft
 from functrain import tree
-from functrain.grads import per_sample, privacy
+from functrain.grads import _layer_rules, per_sample, privacy
 from functrain.testing import assert_trees_all_close, assert_trees_all_equal
 
 
@@ -259,3 +259,29 @@ def test_ghost_norms_auto_and_fallback(monkeypatch):
     x = torch.randn(3, 2, dtype=torch.float64)
     empty = ft.per_sample_grad_norms(lambda p, b: b.sum(), {}, x, method="layers")
     assert empty.leaf_norms == {} and torch.equal(empty.global_norm, torch.zeros(3, dtype=x.dtype))
+
+
+def test_fast_and_generic_vmap_paths_agree(monkeypatch):
+    """The rules run below the vmap over examples directly when they can (``_on_batch``), and
+    through the autograd.Functions' ``vmap`` rules otherwise: both give the naive numbers."""
+    taken = []
+    on_batch = _layer_rules._Rules._on_batch
+
+    def spy(self, x, run):
+        out = on_batch(self, x, run)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_layer_rules._Rules, "_on_batch", spy)
+    available = _layer_rules._FAST
+    for name in LAYER_PROBLEMS:
+        loss_fn, params, batch = PROBLEMS[name]()
+        expected = naive_per_sample(loss_fn, params, batch)
+        for fast in (True, False):
+            monkeypatch.setattr(_layer_rules, "_FAST", fast and available)
+            got = ft.per_sample_grads(loss_fn, params, batch, method="layers")
+            assert_trees_all_close(got, expected, rtol=1e-10, atol=1e-12)
+            clip, _ = _clip_reference(expected, 0.05)
+            out = ft.clipped_grad_sum(loss_fn, params, batch, 0.05, method="layers")
+            assert_trees_all_close(out.grad_sum, clip, rtol=1e-10, atol=1e-12)
+    assert any(taken) == available and not all(taken)

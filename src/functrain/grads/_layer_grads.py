@@ -228,11 +228,16 @@ class Conv(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, tag, slots, sink, anchor, stride, pads, dilation):  # type: ignore[no-untyped-def]
         x = _batch_first(info, x, in_dims[0])
+        return Conv.on_batch(x, weight, bias, tag, slots, sink, anchor, stride, pads, dilation), 0
+
+    @staticmethod
+    def on_batch(x, weight, bias, tag, slots, sink, anchor, stride, pads, dilation):  # type: ignore[no-untyped-def]
+        """The call on a physical batch ``x`` (vmap dimension first)."""
         unbatched = x.dim() == weight.dim()  # an example's input without its own N dimension
         if unbatched:
             x = x.unsqueeze(1)
         out = Conv.apply(x, weight, bias, tag, slots, sink, anchor, stride, pads, dilation)
-        return (out.squeeze(1) if unbatched else out), 0
+        return out.squeeze(1) if unbatched else out
 
 
 class LayerNorm(torch.autograd.Function):
