@@ -95,6 +95,8 @@ _METADATA = {
 
 
 class _Rules(TorchFunctionMode):
+    """Routes the forward's layer calls on parameters to the rules; refuses any other use."""
+
     def __init__(self, slots: dict[int, int], tag: torch.Tensor, sink: Sink) -> None:
         super().__init__()
         self.slots, self.tag, self.sink = slots, tag, sink
