@@ -285,3 +285,26 @@ def test_fast_and_generic_vmap_paths_agree(monkeypatch):
             out = ft.clipped_grad_sum(loss_fn, params, batch, 0.05, method="layers")
             assert_trees_all_close(out.grad_sum, clip, rtol=1e-10, atol=1e-12)
     assert any(taken) == available and not all(taken)
+
+
+def test_autocast_is_refused_and_auto_falls_back(monkeypatch):
+    """Autocast casts inside the layer call, below the rules: they refuse rather than guess."""
+    torch.manual_seed(0)
+    model, params, _ = ft.functionalize(
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    )
+    batch = {"x": torch.randn(5, 8), "y": torch.randint(0, 3, (5,))}
+
+    def loss_fn(p, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(p, b["x"])
+        return F.cross_entropy(out.float(), b["y"])
+
+    with pytest.raises(
+        ValueError, match=r"params\['0.weight'\] is used by linear under torch.autocast"
+    ):
+        ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)
+    expected = ft.clipped_grad_sum(loss_fn, params, batch, 0.1, method="vmap")
+    got = ft.clipped_grad_sum(loss_fn, params, batch, 0.1)
+    assert_trees_all_equal(got.grad_sum, expected.grad_sum)

@@ -94,6 +94,14 @@ _METADATA = {
 }
 
 
+def _autocast_on() -> bool:
+    """Whether ``torch.autocast`` is active for any device type a rule could meet."""
+    try:
+        return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
+    except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
 class _Rules(TorchFunctionMode):
     """Routes the forward's layer calls on parameters to the rules; refuses any other use."""
 
@@ -157,23 +165,31 @@ class _Rules(TorchFunctionMode):
         if func in _METADATA:
             return func(*args, **kwargs)
         self._refuse_wrapped(func, (*args, *kwargs.values()))
-        if func in _LINEAR_FUNCS:
-            out = self._linear(dict(zip(_LINEAR_ARGS, args), **kwargs))
-        elif func in _CONV_FUNCS:
-            out = self._conv(_CONV_FUNCS[func], dict(zip(_CONV_ARGS, args), **kwargs))
-        elif func is F.layer_norm:
-            out = self._layer_norm(dict(zip(_LAYER_NORM_ARGS, args), **kwargs))
-        elif func is F.embedding:
-            out = self._embedding(dict(zip(_EMBEDDING_ARGS, args), **kwargs))
-        else:
-            out = None
+        # Under autocast the call casts its inputs below the rule, whose backward would then
+        # meet a gradient in the compute dtype and saved tensors in the original one.
+        autocast = _autocast_on()
+        out = None if autocast else self._route(func, args, kwargs)
         if out is not None:
             return out
         for value in (*args, *kwargs.values()):
             for v in value if isinstance(value, (list, tuple)) else (value,):
                 if self._is_param(v):
-                    raise Unsupported(self.slots[id(v)], getattr(func, "__name__", str(func)))
+                    name = getattr(func, "__name__", str(func))
+                    where = " under torch.autocast" if autocast else ""
+                    raise Unsupported(self.slots[id(v)], name + where)
         return func(*args, **kwargs)
+
+    def _route(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The rule's output for a layer call on parameters, or ``None``."""
+        if func in _LINEAR_FUNCS:
+            return self._linear(dict(zip(_LINEAR_ARGS, args), **kwargs))
+        if func in _CONV_FUNCS:
+            return self._conv(_CONV_FUNCS[func], dict(zip(_CONV_ARGS, args), **kwargs))
+        if func is F.layer_norm:
+            return self._layer_norm(dict(zip(_LAYER_NORM_ARGS, args), **kwargs))
+        if func is F.embedding:
+            return self._embedding(dict(zip(_EMBEDDING_ARGS, args), **kwargs))
+        return None
 
     def _refuse_wrapped(self, func: Any, values: Sequence[Any]) -> None:
         """Raises when a parameter arrives wrapped by a ``torch.func`` transform of ``loss_fn``.
