@@ -1,15 +1,18 @@
-"""functrain benchmark suite: ``python tools/bench.py [--quick] [--check] [--only NAME ...]``.
+"""functrain benchmark suite: ``python tools/bench.py [--quick] [--check] [--only NAME ...]
+[--device cuda]``.
 
 Prints one markdown table per section and writes all results to JSON (``--json``). Every timing
 is a ratio against the peer measured in the same process, interleaved, as medians of several runs.
 With ``--check`` the exit status is non-zero when a correctness check fails (e.g. the fused fast
-path disagreeing with the pure path); speed is reported, never asserted.
+path disagreeing with the pure path); speed is reported, never asserted. ``--device cuda`` runs
+the optimizer and step sections on the GPU (the others stay on the CPU, as their titles say).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import platform
 import sys
@@ -49,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a check fails")
     parser.add_argument("--only", nargs="*", choices=SECTIONS, help="sections to run")
     parser.add_argument("--json", default="bench_results.json", help="where to write results")
+    parser.add_argument(
+        "--device", default="cpu", help="device of the optimizer and step sections (e.g. cuda)"
+    )
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: CUDA is not available")
     print(
         f"# functrain benchmarks\n\ntorch {torch.__version__}, {platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} threads, device {device}, quick={args.quick}\n"
@@ -59,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     results, failed = [], []
     for name in args.only or SECTIONS:
         module = importlib.import_module(f"benchmarks.{name}")
-        section = module.run(quick=args.quick)
+        on_device = "device" in inspect.signature(module.run).parameters
+        section = module.run(quick=args.quick, **({"device": device} if on_device else {}))
         print(_markdown(section), flush=True)
         results.append(
             {"name": name, "title": section.title, "rows": section.rows, "checks": section.checks}

@@ -33,6 +33,15 @@ def test_quick_section_checks_pass(sections, name):
     assert torch.get_num_threads() == threads  # quick mode restores the thread count
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["optimizer", "step"])
+def test_quick_section_checks_pass_on_cuda(sections, name):
+    section = sections(name).run(quick=True, device="cuda")
+    assert "CUDA" in section.title
+    assert section.rows and section.checks
+    assert not failed(section)
+
+
 def test_optimizer_check_fails_when_the_fast_path_disagrees(sections, monkeypatch):
     from functrain.optim import _fused_engines
 

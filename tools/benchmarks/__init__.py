@@ -24,6 +24,20 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
 
+def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by ``torch.cuda.synchronize()`` on a CUDA device, so timers see its work."""
+    if not device.startswith("cuda"):
+        return fn
+    import torch
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
 def interleaved_medians(
     fns: dict[str, Callable[[], Any]], *, repeats: int, inner: int = 1, warmup: int = 2
 ) -> dict[str, float]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 import functrain as ft
-from benchmarks import Section, interleaved_medians
+from benchmarks import Section, interleaved_medians, synced
 from benchmarks._models import param_layout
 from functrain.optim import fused
 
@@ -88,10 +88,10 @@ def _rel_err(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return max(float((g - r).abs().max()) for g, r in zip(got, ref)) / max(scale, 1e-30)
 
 
-def _check(name: str, layout: str, n: int, total: int, section: Section) -> None:
+def _check(name: str, layout: str, n: int, total: int, section: Section, device: str) -> None:
     """A few steps of every path on the same varying gradients; compares the results."""
-    start = param_layout(n, total, seed=0)
-    grads = [param_layout(n, total, seed=10 + k) for k in range(CHECK_STEPS)]
+    start = param_layout(n, total, seed=0, device=device)
+    grads = [param_layout(n, total, seed=10 + k, device=device) for k in range(CHECK_STEPS)]
     tx = _functrain_tx(name)
     pure, pure_state = [p.clone() for p in start], tx.init(start)
     fast, fast_state = [p.clone() for p in start], tx.init(start)
@@ -143,11 +143,13 @@ def _touch_fresh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return [[torch.empty_like(p).fill_(0.0) for p in params] for _ in range(4)]
 
 
-def _bench(name: str, layout: str, n: int, total: int, quick: bool, section: Section) -> None:
+def _bench(
+    name: str, layout: str, n: int, total: int, quick: bool, section: Section, device: str
+) -> None:
     # Every method has its own parameters, gradients and state: no row finds the data of the
     # row before it in cache (sharing the gradients made the second reader look faster).
-    params = param_layout(n, total, seed=0)
-    grads = param_layout(n, total, seed=1)
+    params = param_layout(n, total, seed=0, device=device)
+    grads = param_layout(n, total, seed=1, device=device)
     fns: dict[str, Callable[[], Any]] = {}
     for label, impl in (
         ("torch.optim for-loop", {"foreach": False}),
@@ -200,6 +202,7 @@ def _bench(name: str, layout: str, n: int, total: int, quick: bool, section: Sec
     fns["functrain in-step (fused.update_in_place)"] = in_step(False)
     fns["functrain in-step + update_norm"] = in_step(True)
 
+    fns = {label: synced(fn, device) for label, fn in fns.items()}
     times = interleaved_medians(fns, repeats=3 if quick else 9, warmup=1 if quick else 2)
     base = times["torch.optim fused"]
     for method, seconds in times.items():
@@ -225,11 +228,11 @@ def _bench(name: str, layout: str, n: int, total: int, quick: bool, section: Sec
             )
 
 
-def run(quick: bool) -> Section:
+def run(quick: bool, device: str = "cpu") -> Section:
     """Times and checks one optimizer update (see the module docstring)."""
     layouts = QUICK_LAYOUTS if quick else LAYOUTS
     shapes = ", ".join(f"{k}: {n} × {total // n}" for k, (n, total) in layouts.items())
-    section = Section(f"Optimizer update (CPU; {shapes})")
+    section = Section(f"Optimizer update ({device.upper()}; {shapes})")
     if _torchopt("AdamW") is None:
         section.notes.append("torchopt is not installed: its rows are skipped")
     threads = torch.get_num_threads()
@@ -238,8 +241,8 @@ def run(quick: bool) -> Section:
     try:
         for name in ("AdamW", "SGD momentum"):
             for layout, (n, total) in layouts.items():
-                _check(name, layout, min(n, 40), min(total, 40 * 2_000), section)
-                _bench(name, layout, n, total, quick, section)
+                _check(name, layout, min(n, 40), min(total, 40 * 2_000), section, device)
+                _bench(name, layout, n, total, quick, section, device)
     finally:
         torch.set_num_threads(threads)
     section.notes.append(

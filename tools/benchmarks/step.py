@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import functrain as ft
-from benchmarks import Section, interleaved_medians
+from benchmarks import Section, interleaved_medians, synced
 from benchmarks._models import gpt_config, lm_batches, lm_loss, make_gpt
 
 K = 4
@@ -82,12 +82,23 @@ def _reset_peak() -> bool:
         return False
 
 
-def peak_step_memory(fn: Callable[[], Any], repeats: int) -> float | None:
+def peak_step_memory(fn: Callable[[], Any], repeats: int, device: str = "cpu") -> float | None:
     """The least, over ``repeats``, of the bytes one call of ``fn`` adds at its peak.
 
     The least because the noise only adds (heap fragmentation, lazily mapped pages): the
-    smallest of several calls is the closest to what the step itself needs.
+    smallest of several calls is the closest to what the step itself needs. On a CUDA device:
+    the allocator's peak of allocated bytes above what was allocated before the call.
     """
+    if device.startswith("cuda"):
+        samples = []
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            fn()
+            torch.cuda.synchronize(device)
+            samples.append(torch.cuda.max_memory_allocated(device) - before)
+        return min(samples)
     libc = _libc()
     samples = []
     for _ in range(repeats):
@@ -112,28 +123,33 @@ def _mlp() -> nn.Module:
     )
 
 
-def _mlp_batches(n: int, batch: int) -> list[dict[str, torch.Tensor]]:
+def _mlp_batches(n: int, batch: int, device: str = "cpu") -> list[dict[str, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     return [
-        {"x": torch.randn(batch, 256, generator=gen), "y": torch.randint(0, 10, (batch,))}
+        {
+            "x": torch.randn(batch, 256, generator=gen).to(device),
+            "y": torch.randint(0, 10, (batch,), generator=gen).to(device),
+        }
         for _ in range(n)
     ]
 
 
-def _models(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Callable, list]]:
+def _models(
+    quick: bool, device: str = "cpu"
+) -> dict[str, tuple[Callable[[], nn.Module], Callable, list]]:
     """name -> (fresh module factory, loss of (outputs, batch), batches)."""
     cfg = gpt_config(quick)
     n = (1 if quick else CHECK_STEPS) + 1
     return {
         "TinyGPT": (
-            lambda: make_gpt(cfg, seed=0),
+            lambda: make_gpt(cfg, seed=0, device=device),
             lambda out, b: lm_loss(out, b["y"]),
-            lm_batches(cfg, n, seed=1),
+            lm_batches(cfg, n, seed=1, device=device),
         ),
         "MLP": (
-            _mlp,
+            lambda: _mlp().to(device),
             lambda out, b: F.cross_entropy(out, b["y"]),
-            _mlp_batches(n, 16 if quick else 64),
+            _mlp_batches(n, 16 if quick else 64, device),
         ),
     }
 
@@ -213,8 +229,8 @@ def _drift(got: list[torch.Tensor], ref: list[torch.Tensor], start: list[torch.T
     return (diff / moved) ** 0.5
 
 
-def _bench_model(name: str, quick: bool, section: Section) -> None:
-    factory, loss, batches = _models(quick)[name]
+def _bench_model(name: str, quick: bool, section: Section, device: str) -> None:
+    factory, loss, batches = _models(quick, device)[name]
     count = sum(p.numel() for p in factory().parameters())
     classic = Classic(factory, loss)
     start = [p.clone() for p in classic.params()]
@@ -250,9 +266,9 @@ def _bench_model(name: str, quick: bool, section: Section) -> None:
         )
 
     batch = batches[0]
-    fns = {label: (lambda r=runner: r(batch)) for label, runner in runners.items()}
+    fns = {label: synced(lambda r=runner: r(batch), device) for label, runner in runners.items()}
     times = interleaved_medians(fns, repeats=2 if quick else 9, warmup=0 if quick else 2)
-    memory = {label: peak_step_memory(fn, 1 if quick else 5) for label, fn in fns.items()}
+    memory = {label: peak_step_memory(fn, 1 if quick else 5, device) for label, fn in fns.items()}
     base_t = times["classic loop (torch.optim fused)"]
     base_m = memory["classic loop (torch.optim fused)"]
     for label, seconds in times.items():
@@ -281,9 +297,11 @@ def _bench_model(name: str, quick: bool, section: Section) -> None:
         section.notes.append(note)
 
 
-def run(quick: bool) -> Section:
+def run(quick: bool, device: str = "cpu") -> Section:
     """Times, measures and checks the K=4 train step (see the module docstring)."""
-    section = Section(f"Train step, K={K} micro-batches, AdamW (CPU, eager unless said)")
+    section = Section(
+        f"Train step, K={K} micro-batches, AdamW ({device.upper()}, eager unless said)"
+    )
     threads = torch.get_num_threads()
     if quick:
         # Quick mode is for the checks: one thread keeps it fast and steady on a shared
@@ -293,12 +311,13 @@ def run(quick: bool) -> Section:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for name in ("TinyGPT", "MLP"):
-                _bench_model(name, quick, section)
+                _bench_model(name, quick, section, device)
     finally:
         torch.set_num_threads(threads)
     section.notes.append(
         f"torch {torch.__version__}, {1 if quick else threads} thread(s); ms are interleaved "
-        "medians; peak MiB is what one step adds to the resident memory at its peak "
-        "(malloc_trim, then VmHWM − VmRSS; parameters and optimizer state are in the baseline)"
+        "medians; peak MiB is what one step adds at its peak, parameters and optimizer state "
+        "being in the baseline (CPU: malloc_trim, then VmHWM − VmRSS; CUDA: the caching "
+        "allocator's peak of allocated bytes)"
     )
     return section
