@@ -19,7 +19,13 @@ Problem = tuple[Callable[..., Any], Any, Any]
 
 
 def naive_per_sample(loss_fn: Callable[..., Any], params: Any, batch: Any, **extra: Any) -> Any:
-    """One autograd call per example on a batch of one, stacked: the honest reference."""
+    """One autograd call per example on a batch of one, stacked: the honest reference.
+
+    ``ft.LossSum`` counts as its own mean and ``ft.LossOutput`` as its loss, as in
+    ``per_sample_grads``; parameters the loss does not use get zeros, as ``torch.func.grad``.
+    """
+    from functrain.train.loss import LossOutput, LossSum
+
     leaves, spec = tree.flatten(params)
     n = tree.leaves(batch)[0].shape[0]
     per_example = []
@@ -27,7 +33,13 @@ def naive_per_sample(loss_fn: Callable[..., Any], params: Any, batch: Any, **ext
         example = tree.map(lambda x, i=i: x[i : i + 1], batch)
         p = [x.detach().clone().requires_grad_(True) for x in leaves]
         loss = loss_fn(tree.unflatten(spec, p), example, **extra)
-        per_example.append(torch.autograd.grad(loss, p))
+        if isinstance(loss, LossOutput):
+            loss = loss.loss
+        if isinstance(loss, LossSum):
+            loss = loss.total / loss.count
+        grads = torch.autograd.grad(loss, p, allow_unused=True) if loss.requires_grad else None
+        grads = grads or [None] * len(p)
+        per_example.append([torch.zeros_like(q) if g is None else g for g, q in zip(grads, p)])
     return tree.unflatten(spec, [torch.stack(gs) for gs in zip(*per_example)])
 
 

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import pytest
 import torch
 import torch.nn.functional as F
-from grad_problems import transformer_problem
+from grad_problems import naive_per_sample, transformer_problem
 
 import functrain as ft
 from functrain import tree
@@ -28,26 +28,6 @@ def _randn(*shape, seed=0):
     return torch.randn(shape, generator=_gen(seed), dtype=D)
 
 
-def _naive(loss_fn, params, batch, **extra):
-    """One autograd call per example; unused parameters get zeros, as ``torch.func.grad``."""
-    leaves, spec = tree.flatten(params)
-    n = tree.leaves(batch)[0].shape[0]
-    rows = []
-    for i in range(n):
-        example = tree.map(lambda x, i=i: x[i : i + 1], batch)
-        p = [x.detach().clone().requires_grad_(True) for x in leaves]
-        out = loss_fn(tree.unflatten(spec, p), example, **extra)
-        if isinstance(out, ft.LossOutput):
-            out = out.loss
-        if isinstance(out, ft.LossSum):
-            out = out.total / out.count
-        grads = (
-            torch.autograd.grad(out, p, allow_unused=True) if out.requires_grad else [None] * len(p)
-        )
-        rows.append([torch.zeros_like(q) if g is None else g for g, q in zip(grads, p)])
-    return tree.unflatten(spec, [torch.stack(gs) for gs in zip(*rows)])
-
-
 def _clipped(ps, clip):
     norms = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in tree.leaves(ps)])
     factors = (clip / norms.sum(0).sqrt()).clamp(max=1.0)
@@ -55,7 +35,9 @@ def _clipped(ps, clip):
 
 
 def _check(loss_fn, params, batch, clip=0.3, rtol=1e-10, atol=1e-12, **kw):
-    expected = _naive(loss_fn, params, batch, **{k: v for k, v in kw.items() if k == "buffers"})
+    expected = naive_per_sample(
+        loss_fn, params, batch, **{k: v for k, v in kw.items() if k == "buffers"}
+    )
     got = ft.per_sample_grads(loss_fn, params, batch, method="layers", **kw)
     assert_trees_all_close(got, expected, rtol=rtol, atol=atol)
     out = ft.clipped_grad_sum(loss_fn, params, batch, clip, method="layers", **kw)
@@ -107,7 +89,9 @@ def test_linear_with_a_broadcast_bias_is_refused(bias_shape, monkeypatch):
     _refused(loss_fn, params, X3, r"is used by linear")
     monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)  # "auto" tries the rules, then falls back
     got = ft.clipped_grad_sum(loss_fn, params, X3, 0.3).grad_sum
-    assert_trees_all_close(got, _clipped(_naive(loss_fn, params, X3), 0.3), rtol=1e-10, atol=1e-12)
+    assert_trees_all_close(
+        got, _clipped(naive_per_sample(loss_fn, params, X3), 0.3), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_linear_with_a_vector_weight_is_refused():
@@ -341,7 +325,7 @@ def test_float32_against_a_float64_reference():
         return F.linear(x, p["w"], p["b"]).sin().sum()
 
     params32 = {"w": W.float(), "b": BIAS.float()}
-    expected = _naive(loss_fn, {"w": W, "b": BIAS}, X3.float().double())
+    expected = naive_per_sample(loss_fn, {"w": W, "b": BIAS}, X3.float().double())
     got = ft.per_sample_grads(loss_fn, params32, X3.float(), method="layers")
     assert all(g.dtype == torch.float32 for g in tree.leaves(got))
     assert_trees_all_close(tree.map(torch.Tensor.double, got), expected, rtol=1e-5, atol=1e-5)
