@@ -100,7 +100,7 @@ class LossScaleSlot:
 
         @functools.wraps(loss_fn)  # keeps the signature: the step passes buffers=/key= by it
         def scaled_loss(params: Any, batch: Any, **kwargs: Any) -> Any:
-            return faults._scale_result(loss_fn(params, batch, **kwargs), self.scale)
+            return faults.scale_result(loss_fn(params, batch, **kwargs), self.scale)
 
         return scaled_loss
 

@@ -88,9 +88,10 @@ class Check(NamedTuple):
     found_inf: torch.Tensor | None = None  # ``~ok`` when already computed
 
 
-def _scale_result(result: Any, scale: torch.Tensor) -> Any:
+def scale_result(result: Any, scale: torch.Tensor) -> Any:
+    """A loss function's result with its loss multiplied by ``scale`` (loss scaling)."""
     if isinstance(result, loss_lib.LossOutput):
-        return result._replace(loss=_scale_result(result.loss, scale))
+        return result._replace(loss=scale_result(result.loss, scale))
     if isinstance(result, loss_lib.LossSum):
         if isinstance(result.total, torch.Tensor) and result.total.is_floating_point():
             return result._replace(total=result.total * scale)
@@ -227,7 +228,7 @@ class StepFaults:
 
         @functools.wraps(loss_fn)  # keeps the signature: the step passes buffers=/key= by it
         def scaled_loss(params: Any, batch: Any, **kwargs: Any) -> Any:
-            return _scale_result(loss_fn(params, batch, **kwargs), scale_var.get())
+            return scale_result(loss_fn(params, batch, **kwargs), scale_var.get())
 
         return scaled_loss
 
