@@ -57,6 +57,13 @@ def test_clip_by_block_rms() -> None:
     testing.assert_trees_all_equal(small, g)
 
 
+def test_clip_by_block_rms_names_a_non_float_leaf() -> None:
+    with pytest.raises(TypeError, match=r"updates\['b'\] must be a floating-point tensor"):
+        ft.clip_by_block_rms(0.5).update(
+            {"a": torch.ones(2), "b": torch.ones(2, dtype=torch.int64)}, ft.EmptyState()
+        )
+
+
 def test_unitwise_norm_uses_torch_layouts() -> None:
     x = torch.tensor([[3.0, 4.0], [6.0, 8.0], [0.0, 1.0]])  # Linear weight (out=3, in=2)
     testing.assert_trees_all_close(

@@ -163,3 +163,21 @@ def test_each_call_is_planned_for_its_own_leaves(monkeypatch):
         exact = engines == {"foreach"}  # not fused: the members themselves ran
         tol = {"rtol": 1e-12, "atol": 1e-15} if exact else {"rtol": 2e-5, "atol": 1e-7}
         ft.testing.assert_trees_all_close(got, ref, **tol)
+
+
+def test_clipped_adamw_with_mixed_dtype_scalar_params():
+    """Found by tests/test_fuzz.py: the clip factor of float32 and float64 0-d gradients is
+    float64, and ``0-d float32 × 0-d float64`` is float64, which the fused kernel refused."""
+    tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(0.01, weight_decay=1e-4))
+    params = {"a": torch.tensor(0.5), "b": torch.tensor(-0.25, dtype=torch.float64)}
+    grads = {"a": torch.tensor(-0.9676), "b": torch.tensor(2.0, dtype=torch.float64)}
+    state = tx.init(params)
+    updates, _ = tx.update(grads, state, params)
+    assert {k: v.dtype for k, v in updates.items()} == {"a": torch.float32, "b": torch.float64}
+    _pure_fused.ENABLED = False
+    try:
+        reference, _ = tx.update(grads, state, params)
+    finally:
+        _pure_fused.ENABLED = True
+    for k in params:
+        torch.testing.assert_close(updates[k], reference[k].to(updates[k].dtype), rtol=1e-6, atol=0)

@@ -259,7 +259,10 @@ def _clip_inputs(
     if writable:
         torch._foreach_mul_(ctx.g, factor.to(ctx.g[0].device))
         return ctx.g, None
-    return _ops.mul(ctx.g, factor), None
+    # A 0-d gradient times a 0-d factor of a wider dtype (the norm of mixed float32 and float64
+    # gradients) comes out in the wider dtype; the kernels need each gradient's own.
+    scaled = _ops.mul(ctx.g, factor)
+    return [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(scaled, ctx.g)], None
 
 
 def _kernel(

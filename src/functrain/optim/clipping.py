@@ -127,7 +127,8 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
         updates: Any, state: EmptyState, params: Any = None, **extra: Any
     ) -> tuple[Any, EmptyState]:
         del params, extra
-        return tree.map(clip_leaf, updates), state
+        leaves, spec, _ = _utils.flat(updates, {})  # names a non-float leaf's path
+        return tree.unflatten(spec, [clip_leaf(u) for u in leaves]), state
 
     return GradientTransformation(_init_empty, update_fn)
 
