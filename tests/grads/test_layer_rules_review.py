@@ -86,7 +86,7 @@ def test_linear_with_a_broadcast_bias_is_refused(bias_shape, monkeypatch):
     def loss_fn(p, x):
         return F.linear(x, p["w"], p["b"]).sin().sum()
 
-    _refused(loss_fn, params, X3, r"is used by linear")
+    _refused(loss_fn, params, X3, r"params\['b'\] is used by linear as a broadcast bias")
     monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)  # "auto" tries the rules, then falls back
     got = ft.clipped_grad_sum(loss_fn, params, X3, 0.3).grad_sum
     assert_trees_all_close(

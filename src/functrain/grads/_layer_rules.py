@@ -271,7 +271,8 @@ class _Rules(TorchFunctionMode):
         if not self._owned(weight, bias, x) or weight.dim() != 2:
             return None
         if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
-            return None  # a broadcast bias (shape (1,) or ()) sums its gradient over outputs
+            # A broadcast bias (shape (1,) or ()) sums its gradient over the outputs: no rule.
+            raise Unsupported(self.slots[id(bias)], "linear as a broadcast bias")
         slots = (self._slot(weight), self._slot(bias))
         out = self._on_batch(
             x, lambda p: Linear.apply(p, weight, bias, self.tag, slots, self.sink, None)
