@@ -384,8 +384,11 @@ def test_transformer_and_rnn_modules_are_refused():
 
 
 @pytest.mark.parametrize("method", ["vmap", "layers"])
-def test_clipped_sum_of_no_parameters(method):
-    x = torch.randn(3, 2, dtype=torch.float64)
-    out = ft.clipped_grad_sum(lambda p, b: b.square().sum(), {}, x, 1.0, method=method)
-    assert out.grad_sum == {} and int(out.num_clipped) == 0 and out.count == 3
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_clipped_sum_of_no_parameters(method, chunk_size):
+    x = torch.randn(5, 2, dtype=torch.float64)
+    out = ft.clipped_grad_sum(
+        lambda p, b: b.square().sum(), {}, x, 1.0, method=method, chunk_size=chunk_size
+    )
+    assert out.grad_sum == {} and int(out.num_clipped) == 0 and out.count == 5
     torch.testing.assert_close(out.loss_sum, x.square().sum(), rtol=1e-12, atol=0)
