@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CONV", "Conv", "Embedding", "LayerNorm", "Linear", "Sink"]
+__all__ = ["Conv", "Embedding", "LayerNorm", "Linear", "Sink"]
 
 
 def _row_sq(x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,7 @@ class Conv(torch.autograd.Function):
         symmetric = _symmetric(pads)
         if symmetric is None:
             x, symmetric = F.pad(x, pads), [0] * len(stride)
-        out = CONV[weight.dim() - 2](x.flatten(0, 1), weight, bias, stride, symmetric, dilation)
+        out = _CONV[weight.dim() - 2](x.flatten(0, 1), weight, bias, stride, symmetric, dilation)
         return out.unflatten(0, x.shape[:2])
 
     @staticmethod
@@ -325,4 +325,4 @@ class Embedding(torch.autograd.Function):
         return Embedding.apply(indices, weight, padding_idx, tag, slots, sink, anchor), 0
 
 
-CONV: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}

@@ -257,6 +257,30 @@ def layer_chunks(
     return LayerChunks(example_loss, param_leaves, param_spec, chunks)
 
 
+REDUCTION_METHODS = ("auto", "vmap", "layers")
+
+
+def reduce_by_layers(
+    method: str,
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    run: Callable[[], Any],
+) -> Any:
+    """``run()`` (a reduction by the layer rules) where ``method`` asks for it, else ``None``.
+
+    ``"layers"`` always runs it and turns :class:`Unsupported` into :func:`layers_error`;
+    ``"auto"`` runs it when :func:`ghost_pays` and returns ``None`` (use vmap) if it can't.
+    """
+    if method == "layers" or (method == "auto" and ghost_pays(params, batch, chunk_size)):
+        try:
+            return run()
+        except Unsupported as err:
+            if method == "layers":
+                raise layers_error(err, params) from None
+    return None
+
+
 def layers_error(err: Unsupported, params: PyTree) -> ValueError:
     """The error of ``method="layers"`` when a parameter has no per-layer rule."""
     path = tree.path_str(tree.flatten_with_paths(params)[0][err.index], "params")

@@ -31,14 +31,14 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import optim, tree
-from functrain.grads._layer_rules import Unsupported, clipped_sum_by_layers
+from functrain.grads._layer_rules import clipped_sum_by_layers
 from functrain.grads.per_sample import (
+    REDUCTION_METHODS,
     _check_options,
     batch_size_of,
-    ghost_pays,
     layer_chunks,
-    layers_error,
     per_sample_chunks,
+    reduce_by_layers,
 )
 from functrain.grads.stats import global_row_norms, leaf_row_norms
 from functrain.optim import _prng, _utils
@@ -184,15 +184,18 @@ def clipped_grad_sum(
         >>> out.grad_sum["w"], out.num_clipped
         (tensor([-0.9000, -1.2000]), tensor(1))
     """
-    _check_options(chunk_size, randomness, loss_fn, params, method, ("auto", "vmap", "layers"))
-    if method == "layers" or (method == "auto" and ghost_pays(params, batch, chunk_size)):
-        try:
-            return _clipped_sum_by_layers(
-                loss_fn, params, batch, l2_norm_clip, chunk_size, buffers, randomness
-            )
-        except Unsupported as err:
-            if method == "layers":
-                raise layers_error(err, params) from None
+    _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
+    done = reduce_by_layers(
+        method,
+        params,
+        batch,
+        chunk_size,
+        lambda: _clipped_sum_by_layers(
+            loss_fn, params, batch, l2_norm_clip, chunk_size, buffers, randomness
+        ),
+    )
+    if done is not None:
+        return done
     acc: list[torch.Tensor] | None = None
     spec = None
     num_clipped = None

@@ -20,14 +20,14 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.grads._layer_rules import Unsupported, sq_norms_by_layers
+from functrain.grads._layer_rules import sq_norms_by_layers
 from functrain.grads.per_sample import (
+    REDUCTION_METHODS,
     _check_options,
     batch_size_of,
-    ghost_pays,
     layer_chunks,
-    layers_error,
     per_sample_chunks,
+    reduce_by_layers,
 )
 
 __all__ = [
@@ -328,13 +328,16 @@ def per_sample_grad_norms(
         >>> ft.per_sample_grad_norms(loss_fn, params, batch, chunk_size=1).global_norm
         tensor([13.4164, 70.0000])
     """
-    _check_options(chunk_size, randomness, loss_fn, params, method, ("auto", "vmap", "layers"))
-    if method == "layers" or (method == "auto" and ghost_pays(params, batch, chunk_size)):
-        try:
-            return _norms_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness)
-        except Unsupported as err:
-            if method == "layers":
-                raise layers_error(err, params) from None
+    _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
+    done = reduce_by_layers(
+        method,
+        params,
+        batch,
+        chunk_size,
+        lambda: _norms_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
+    )
+    if done is not None:
+        return done
     parts = [
         per_sample_norms(c.grads)
         for c in per_sample_chunks(
