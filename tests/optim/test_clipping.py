@@ -46,6 +46,17 @@ def test_clip_by_global_norm() -> None:
     )
 
 
+def test_clip_by_global_norm_keeps_each_leaf_dtype() -> None:
+    """The norm of a mixed float32/float64 tree is float64; a 0-d float32 leaf times it would be
+    promoted to float64 by PyTorch's rules. Like optax, each leaf keeps its dtype."""
+    g = {"a": torch.tensor(3.0), "b": torch.tensor([4.0], dtype=torch.float64), "c": torch.ones(2)}
+    clipped, _ = ft.clip_by_global_norm(1.0).update(g, ft.EmptyState())
+    assert {k: v.dtype for k, v in clipped.items()} == {k: v.dtype for k, v in g.items()}
+    norm = (9.0 + 16.0 + 2.0) ** 0.5
+    for k in g:
+        torch.testing.assert_close(clipped[k], (g[k].double() / norm).to(g[k].dtype))
+
+
 def test_clip_by_block_rms() -> None:
     g = _tree(scale=2.0)
     u, _ = ft.clip_by_block_rms(0.5).update(g, ft.EmptyState())
