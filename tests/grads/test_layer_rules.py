@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from grad_problems import LAYER_PROBLEMS, PROBLEMS, mlp_problem, naive_per_sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.checkpoint import checkpoint
 
 import functrain as ft
 from functrain import tree
@@ -308,3 +309,29 @@ def test_autocast_is_refused_and_auto_falls_back(monkeypatch):
     expected = ft.clipped_grad_sum(loss_fn, params, batch, 0.1, method="vmap")
     got = ft.clipped_grad_sum(loss_fn, params, batch, 0.1)
     assert_trees_all_equal(got.grad_sum, expected.grad_sum)
+
+
+@pytest.mark.parametrize("method", ["layers", "auto"])
+def test_activation_checkpointing_gets_a_clear_error(method, monkeypatch):
+    """``torch.utils.checkpoint`` recomputes the forward in the backward, outside the vmap over
+    examples; neither route supports it, and the error says so instead of a functorch internal."""
+    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)
+    model, params, _ = ft.functionalize(
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    )
+    batch = {"x": torch.randn(6, 4), "y": torch.randint(0, 3, (6,))}
+
+    def loss_fn(p, b):
+        out = checkpoint(lambda x: model(p, x), b["x"], use_reentrant=False)
+        return F.cross_entropy(out, b["y"])
+
+    message = (
+        r"params\['0.weight'\] is used by linear under saved-tensor hooks.*without activation "
+        if method == "layers"
+        else "saved tensor hooks"  # auto falls back to vmap; torch.func names the problem
+    )
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method=method)
+    if method == "layers":
+        with pytest.raises(ValueError, match=message):
+            ft.per_sample_grads(loss_fn, params, batch, method="layers")

@@ -49,11 +49,14 @@ class Unsupported(Exception):
     Attributes:
         index: the parameter's position among the flattened ``params`` leaves.
         call: the name of the torch call that used it.
+        context: why no rule could run even if ``call`` has one (for example
+            ``"under torch.autocast"``), or ``None``.
     """
 
-    def __init__(self, index: int, call: str) -> None:
-        super().__init__(f"parameter leaf {index} is used by {call}, which has no per-sample rule")
-        self.index, self.call = index, call
+    def __init__(self, index: int, call: str, context: str | None = None) -> None:
+        where = f" {context}" if context else ""
+        super().__init__(f"parameter leaf {index} is used by {call}{where} with no per-sample rule")
+        self.index, self.call, self.context = index, call, context
 
 
 def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
@@ -100,6 +103,28 @@ def _autocast_on() -> bool:
         return any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda"))
     except TypeError:  # pragma: no cover - torch < 2.4 takes no device type
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def _saved_tensor_hooks_on() -> bool:
+    """Whether saved-tensor hooks (``torch.utils.checkpoint``, CPU offloading) are active.
+
+    Their unpack hooks recompute or reload tensors in the backward, outside the ``vmap`` over
+    examples the rules' saved tensors belong to.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+SAVED_TENSOR_HOOKS = "under saved-tensor hooks (torch.utils.checkpoint or saved_tensors_hooks)"
+
+
+def _blocker() -> str | None:
+    """Why no rule may run now (a suffix for :class:`Unsupported`), or ``None``."""
+    if _autocast_on():
+        return "under torch.autocast"
+    if _saved_tensor_hooks_on():
+        return SAVED_TENSOR_HOOKS
+    return None
 
 
 class _Rules(TorchFunctionMode):
@@ -167,16 +192,15 @@ class _Rules(TorchFunctionMode):
         self._refuse_wrapped(func, (*args, *kwargs.values()))
         # Under autocast the call casts its inputs below the rule, whose backward would then
         # meet a gradient in the compute dtype and saved tensors in the original one.
-        autocast = _autocast_on()
-        out = None if autocast else self._route(func, args, kwargs)
+        blocker = _blocker()
+        out = None if blocker else self._route(func, args, kwargs)
         if out is not None:
             return out
         for value in (*args, *kwargs.values()):
             for v in value if isinstance(value, (list, tuple)) else (value,):
                 if self._is_param(v):
                     name = getattr(func, "__name__", str(func))
-                    where = " under torch.autocast" if autocast else ""
-                    raise Unsupported(self.slots[id(v)], name + where)
+                    raise Unsupported(self.slots[id(v)], name, blocker)
         return func(*args, **kwargs)
 
     def _route(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -206,7 +230,7 @@ class _Rules(TorchFunctionMode):
                     v = _functorch.get_unwrapped(v)
                     if id(v) in self.slots:
                         name = getattr(func, "__name__", str(func))
-                        raise Unsupported(self.slots[id(v)], f"{name} under a torch.func transform")
+                        raise Unsupported(self.slots[id(v)], name, "under a torch.func transform")
 
     def _owned(self, weight: Any, bias: Any, x: Any) -> bool:
         """The call's weight (and bias, if any) are parameters, and its input is not."""
@@ -272,7 +296,7 @@ class _Rules(TorchFunctionMode):
             return None
         if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
             # A broadcast bias (shape (1,) or ()) sums its gradient over the outputs: no rule.
-            raise Unsupported(self.slots[id(bias)], "linear as a broadcast bias")
+            raise Unsupported(self.slots[id(bias)], "linear", "as a broadcast bias")
         slots = (self._slot(weight), self._slot(bias))
         out = self._on_batch(
             x, lambda p: Linear.apply(p, weight, bias, self.tag, slots, self.sink, None)

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.grads._layer_rules import Unsupported, per_sample_by_layers
+from functrain.grads._layer_rules import SAVED_TENSOR_HOOKS, Unsupported, per_sample_by_layers
 
 __all__ = [
     "PerSampleChunk",
@@ -284,9 +284,17 @@ def reduce_by_layers(
 def layers_error(err: Unsupported, params: PyTree) -> ValueError:
     """The error of ``method="layers"`` when a parameter has no per-layer rule."""
     path = tree.path_str(tree.flatten_with_paths(params)[0][err.index], "params")
+    if err.context == SAVED_TENSOR_HOOKS:
+        # torch.func's grad refuses these hooks too, so method="vmap" is no way out.
+        return ValueError(
+            f"method='layers': {path} is used by {err.call} {err.context}, whose backward "
+            "recomputes or reloads tensors outside the per-example vmap; per-sample gradients "
+            "need loss_fn without activation checkpointing or offloading"
+        )
+    where = f" {err.context}" if err.context else ""
     return ValueError(
-        f"method='layers': {path} is used by {err.call}, which has no per-layer rule (rules: "
-        "linear, conv1d/2d/3d with groups=1, layer_norm, embedding); use method='vmap'"
+        f"method='layers': {path} is used by {err.call}{where}, which has no per-layer rule "
+        "(rules: linear, conv1d/2d/3d with groups=1, layer_norm, embedding); use method='vmap'"
     )
 
 
