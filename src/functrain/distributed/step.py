@@ -37,8 +37,8 @@ from functrain.distributed.data import rank_key
 from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, apply_updates, identity
 from functrain.optim.loss_scale import DynamicLossScale, all_finite
+from functrain.train import _step_checks, gradient, microbatch, rng
 from functrain.train import faults as faults_lib
-from functrain.train import microbatch, rng
 from functrain.train import step as step_lib
 from functrain.train.state import TrainState
 
@@ -227,7 +227,7 @@ class DataParallelTrainStep:
 
         Returns the new state and the global metrics (identical on every rank).
         """
-        step_lib._check_state(state, "data-parallel train step")
+        _step_checks._check_state(state, "data-parallel train step")
         params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
         step, extra = state.step, state.extra
         local_step, group = self._local, self.group
@@ -236,7 +236,7 @@ class DataParallelTrainStep:
         token = faults.begin(extra, params)  # may raise NonFiniteError; sets the loss scale
         try:
             split = microbatch.split_batch(batch, local_step.micro_batches)
-            devices = step_lib._devices(params)
+            devices = gradient._devices(params)
             local_key = None if key is None else rank_key(key, process.rank(group))
             result = local_step.grad_stage(params, batch, split, buffers, local_key, devices)
         finally:

@@ -23,6 +23,7 @@ import torch
 
 from functrain import tree
 from functrain.optim import fused
+from functrain.train.optimizer_stage import Applied, apply_optimizer
 
 __all__: list[str] = []  # internal: used by make_train_step
 
@@ -108,8 +109,6 @@ class FusedStage:
         found_inf: torch.Tensor | None = None,
     ) -> Any:
         """Runs the optimizer stage (see the class docstring)."""
-        from functrain.train.step import Applied, apply_optimizer
-
         if in_place and not torch.compiler.is_compiling():
             done = fused.update_in_place(
                 tx,

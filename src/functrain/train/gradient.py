@@ -1,12 +1,8 @@
 """The gradient stage of a train step: per-micro-batch gradients, combined exactly.
 
-For micro-batches ``i = 1..K`` with ``nᵢ`` examples (``N`` in all):
-
-* mean losses ``Lᵢ``: ``g = Σᵢ (nᵢ/N) ∇Lᵢ`` and ``L = Σᵢ (nᵢ/N) Lᵢ``;
-* :class:`~functrain.LossSum` losses ``(Tᵢ, Cᵢ)``: ``g = Σᵢ ∇Tᵢ / Σᵢ Cᵢ`` and
-  ``L = Σᵢ Tᵢ / Σᵢ Cᵢ``.
-
-Both are the gradient and value of the full-batch loss, to float rounding, whatever the sizes.
+:class:`GradStage` takes one explicit gradient pytree per micro-batch and combines them into the
+gradient of the full-batch loss, whatever the micro-batch sizes (the weights are in
+:mod:`functrain.train.combine`).
 
 ``"loop"`` computes micro-batches one after another (memory of one micro-batch, buffers threaded
 in order), with ``torch.func.grad`` or, for ``grad_backend="autograd"``, reverse mode on
@@ -14,11 +10,9 @@ step-local leaves (backward then accumulates in place, as a classic loop does). 
 stacks equal-size micro-batches and runs ``torch.func.vmap`` over them (``chunk_size``
 micro-batches at a time), then reduces.
 
-**Gradient-statistics hook.** :class:`GradStatsHook` sees every micro-batch's mean gradient
-``ĝᵢ = ∇Lᵢ`` (or ``∇Tᵢ / Cᵢ``) and its size ``bᵢ`` (``nᵢ`` or ``Cᵢ``). Its ``per_micro_batch``
-reduces each ``ĝᵢ`` to a few 0-d tensors (under ``"vmap"`` it gets views into a chunk's stacked
-gradients); the stage stacks them into the ``(K,)`` tensors of :class:`MicroBatchStats`, and the
-step calls the hook's ``update`` with those and the combined gradient.
+With a :class:`~functrain.GradStatsHook` (:mod:`functrain.train.grad_stats`), the stage also
+hands every micro-batch's mean gradient to the hook and returns the stacked
+:class:`~functrain.MicroBatchStats`.
 """
 
 from __future__ import annotations
@@ -32,68 +26,13 @@ import torch
 from functrain import tree
 from functrain.train import loss as loss_lib
 from functrain.train import microbatch, rng
+from functrain.train.combine import Combiner, _GradSum, _Meta, make_objective
+from functrain.train.grad_stats import GradStatsHook, MicroBatchStats
 
-__all__ = ["GradStatsHook", "MicroBatchStats"]
+__all__ = ["GradStatsHook", "MicroBatchStats"]  # defined in grad_stats, re-exported here
 
 # The engine call behind torch.autograd.backward (private; the public function if it moves).
 _run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
-
-
-class MicroBatchStats(NamedTuple):
-    """Per-micro-batch information of one step, each a ``(K,)`` tensor in micro-batch order.
-
-    Attributes:
-        sizes: ``bᵢ``: examples (mean losses) or ``LossSum`` counts of each micro-batch.
-        losses: each micro-batch's mean loss ``Lᵢ`` (``Tᵢ / Cᵢ`` for ``LossSum``).
-        values: the stacked outputs of :attr:`GradStatsHook.per_micro_batch`.
-
-    Example:
-        >>> import torch
-        >>> from functrain import MicroBatchStats
-        >>> stats = MicroBatchStats(torch.tensor([3.0, 2.0]), torch.tensor([0.5, 0.7]), {})
-        >>> (stats.sizes * stats.losses).sum() / stats.sizes.sum()  # the full-batch loss
-        tensor(0.5800)
-    """
-
-    sizes: torch.Tensor
-    losses: torch.Tensor
-    values: dict[str, torch.Tensor]
-
-
-class GradStatsHook(NamedTuple):
-    """Opt-in gradient statistics computed inside a train step (see ``make_train_step``).
-
-    Attributes:
-        init: ``init(params) -> hook_state``, the hook's persistent state, kept in
-            ``state.extra[name]`` (initialised at the first step when absent).
-        per_micro_batch: ``per_micro_batch(mean_grad, size) -> dict[str, 0-d tensor]`` for one
-            micro-batch's mean gradient ``ĝᵢ`` (a params-like pytree of plain tensors, called
-            once per micro-batch in both strategies) and size ``bᵢ`` (0-d tensor). It must not
-            keep or modify ``ĝᵢ``: only its small outputs are stored.
-        update: ``update(stats, grads, hook_state) -> (metrics, new_hook_state)`` with the
-            :class:`MicroBatchStats` of the step and the combined gradient; ``metrics`` (a dict
-            of 0-d tensors) joins the step's metrics.
-        name: the key of the hook's state in ``state.extra``.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> hook = ft.GradStatsHook(
-        ...     init=lambda params: None,
-        ...     per_micro_batch=lambda g, b: {"sq_norm": ft.tree.norm(g, squared=True)},
-        ...     update=lambda stats, grads, s: ({"sq_max": stats.values["sq_norm"].max()}, s),
-        ... )
-        >>> step = ft.make_train_step(lambda p, b: (p["w"] * b).mean(), ft.sgd(0.1),
-        ...                           micro_batches=2, grad_stats=hook)
-        >>> state = ft.TrainState.create(params={"w": torch.ones(())}, tx=ft.sgd(0.1))
-        >>> _, metrics = step(state, torch.tensor([1.0, 3.0]))
-        >>> metrics["sq_max"]
-        tensor(9.)
-    """
-
-    init: Callable[[Any], Any]
-    per_micro_batch: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
-    update: Callable[[MicroBatchStats, Any, Any], tuple[dict[str, torch.Tensor], Any]]
-    name: str = "grad_stats"
 
 
 class GradResult(NamedTuple):
@@ -103,162 +42,6 @@ class GradResult(NamedTuple):
     metrics: dict[str, torch.Tensor]  # loss, num_examples, num_tokens, aux
     buffers: Any
     stats: MicroBatchStats | None
-
-
-class _Meta(NamedTuple):
-    is_sum: bool
-    aux_keys: tuple[str, ...]
-    aux_sum_keys: tuple[str, ...]
-    has_buffers: bool
-
-
-def make_objective(
-    loss_fn: Callable[..., Any], accepted: frozenset[str], metas: list[_Meta]
-) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
-    """Wraps ``loss_fn`` as ``f(params, mb, buffers, key) -> (objective, payload)``.
-
-    The payload holds tensors only (``vmap`` cannot return anything else); the static facts
-    about the result (mean or sum, aux keys) go to ``metas``.
-    """
-
-    def objective(params: Any, mb: Any, buffers: Any, key: Any) -> tuple[torch.Tensor, dict]:
-        kwargs = {}
-        if "buffers" in accepted:
-            kwargs["buffers"] = buffers
-        if "key" in accepted:
-            kwargs["key"] = key
-        parsed = loss_lib.parse(loss_fn(params, mb, **kwargs))
-        metas.append(
-            _Meta(
-                parsed.is_sum,
-                tuple(parsed.aux_values),
-                tuple(parsed.aux_counts),
-                parsed.buffers is not None,
-            )
-        )
-        payload: dict[str, Any] = {
-            "value": parsed.objective.detach(),
-            "aux": parsed.aux_values,
-            "aux_counts": parsed.aux_counts,
-        }
-        if parsed.count is not None:
-            payload["count"] = parsed.count.detach()
-        if parsed.buffers is not None:
-            payload["buffers"] = parsed.buffers
-        return parsed.objective, payload
-
-    return objective
-
-
-class Combiner:
-    """Exact combination of losses, counts and aux values over micro-batches (internal)."""
-
-    def __init__(self, total_examples: int) -> None:
-        self.total = total_examples
-        self.meta: _Meta | None = None
-        self.loss: torch.Tensor | None = None
-        self.count: torch.Tensor | None = None
-        self.aux: dict[str, torch.Tensor] = {}
-        self.aux_counts: dict[str, torch.Tensor] = {}
-
-    def add(
-        self,
-        meta: _Meta,
-        size: int,
-        payload: dict[str, Any],
-        weighted: torch.Tensor | None = None,
-    ) -> None:
-        """Adds one micro-batch (0-d values) or a stack of equal-size ones (``(G,)`` values).
-
-        ``weighted``: one micro-batch's loss already weighted as here (``value * size / total``
-        for a mean, ``value`` for a sum), to save recomputing it.
-        """
-        if self.meta is None:
-            self.meta = meta
-        elif meta.is_sum != self.meta.is_sum:
-            raise TypeError(
-                "loss_fn returned a LossSum for some micro-batches and a mean for others; "
-                "return the same kind for every micro-batch"
-            )
-        elif meta.aux_keys != self.meta.aux_keys or meta.aux_sum_keys != self.meta.aux_sum_keys:
-            raise ValueError(
-                f"loss_fn returned different aux keys for different micro-batches: "
-                f"{sorted(self.meta.aux_keys)} vs {sorted(meta.aux_keys)}"
-            )
-        weight = size / self.total
-        if weighted is None:
-            value = payload["value"].sum()
-            weighted = value if meta.is_sum else value * weight
-        self.loss = _acc(self.loss, weighted)
-        if meta.is_sum:
-            self.count = _acc(self.count, payload["count"].sum())
-        for name, v in payload["aux"].items():
-            if name in payload["aux_counts"]:
-                self.aux[name] = _acc(self.aux.get(name), v.sum())
-                self.aux_counts[name] = _acc(
-                    self.aux_counts.get(name), payload["aux_counts"][name].sum()
-                )
-            else:
-                self.aux[name] = _acc(self.aux.get(name), v.sum() * weight)
-
-    def metrics(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """``loss``, ``num_examples``, ``num_tokens`` (LossSum only) and the aux values."""
-        assert self.meta is not None and self.loss is not None
-        out = {
-            "loss": self.loss / self.count if self.count is not None else self.loss,
-            "num_examples": torch.full((), self.total, dtype=torch.int64, device=device),
-        }
-        if self.count is not None:
-            out["num_tokens"] = self.count
-        for name, v in self.aux.items():
-            if name in out:
-                raise ValueError(f"LossOutput.aux key {name!r} clashes with a built-in metric")
-            out[name] = v / self.aux_counts[name] if name in self.aux_counts else v
-        return out
-
-
-class _GradSum:
-    """Weighted sum of gradient leaf lists that never writes into the gradients it is given.
-
-    Gradients from autograd may be expanded views or shared between leaves (``a + b`` hands the
-    same tensor to both), so the first write goes to a fresh buffer; later ones are in place.
-    """
-
-    def __init__(self) -> None:
-        self.acc: list[torch.Tensor] | None = None
-        self.scale = 1.0
-        self.owned = False
-
-    def add(self, leaves: list[torch.Tensor], weight: float) -> None:
-        if self.acc is None:
-            self.acc, self.scale = leaves, weight
-            return
-        if not self.owned:
-            self.owned = True
-            if self.scale == 1.0:
-                self.acc = list(torch._foreach_add(self.acc, leaves, alpha=weight))
-                return
-            self.acc = list(torch._foreach_mul(self.acc, self.scale))
-        if leaves:
-            torch._foreach_add_(self.acc, leaves, alpha=weight)
-
-    def result(self, divisor: torch.Tensor | None) -> list[torch.Tensor]:
-        assert self.acc is not None
-        acc = self.acc
-        if not acc:
-            return acc
-        if not self.owned and self.scale != 1.0:
-            acc, self.owned = list(torch._foreach_mul(acc, self.scale)), True
-        if divisor is None:
-            return acc
-        if self.owned:
-            torch._foreach_div_(acc, divisor)
-            return acc
-        return list(torch._foreach_div(acc, divisor))
-
-
-def _acc(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    return value if total is None else total + value
 
 
 def _check_buffers(old: Any, new: Any) -> None:
@@ -276,6 +59,11 @@ def _seeding(
     if key is None or not seed:
         return contextlib.nullcontext()
     return rng.seeded_rng(key, devices)
+
+
+def _devices(params: Any) -> list[torch.device]:
+    """The params' devices, in first-seen order: the CUDA generators :func:`_seeding` seeds."""
+    return list({leaf.device: None for leaf in tree.leaves(params)})
 
 
 def _backward(

@@ -1,4 +1,4 @@
-"""``make_train_step`` and ``make_eval_step``: training as a pure function of state and batch.
+"""``make_train_step``: training as a pure function of state and batch.
 
 ``step(state, batch) -> (new_state, metrics)`` runs, with no hidden ``.grad`` state:
 
@@ -6,211 +6,44 @@
 2. the gradient stage (:mod:`functrain.train.gradient`): one explicit gradient pytree per
    micro-batch, combined exactly into the full-batch gradient; buffers are threaded through the
    micro-batches in order and each micro-batch gets its own random stream;
-3. the optimizer stage, one separable function ``(grads, opt_state, params) -> (params,
-   opt_state, updates)``: ``tx.update`` then ``apply_updates`` (in place on the consumed state's
-   parameter memory when donating);
+3. the optimizer stage (:mod:`functrain.train.optimizer_stage`), one separable function
+   ``(grads, opt_state, params) -> (params, opt_state, updates)``: ``tx.update`` then
+   ``apply_updates`` (in place on the consumed state's parameter memory when donating);
 4. a new :class:`~functrain.TrainState` (step + 1, key advanced) and metrics, all tensors.
 
 Nothing in the step reads a device value on the host: metrics stay tensors until a writer reads
-them. Tensors follow the params' device.
+them. Tensors follow the params' device. Arguments and states are checked eagerly beforehand
+(:mod:`functrain.train._step_checks`). ``make_eval_step`` (the loss with no gradient work) lives
+in :mod:`functrain.train.eval_step` and is re-exported here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import optree
 import torch
 
-from functrain import tree
-from functrain.optim.base import GradientTransformation, apply_updates
+from functrain.optim.base import GradientTransformation
 from functrain.optim.loss_scale import DynamicLossScale
 from functrain.train import compiled, fast, faults, gradient, microbatch, rng
-from functrain.train import loss as loss_lib
-from functrain.train.gradient import GradStatsHook
+from functrain.train._step_checks import (
+    _check_opt_state,
+    _check_state,
+    _check_step_args,
+    _StructureGuard,
+)
+from functrain.train.eval_step import EvalStep, make_eval_step
+from functrain.train.grad_stats import GradStatsHook
+from functrain.train.optimizer_stage import (
+    Applied,
+    LearningRateLookup,
+    apply_optimizer,
+    find_learning_rate,
+)
 from functrain.train.state import TrainState
 
 __all__ = ["EvalStep", "TrainStep", "find_learning_rate", "make_eval_step", "make_train_step"]
-
-
-class Applied(NamedTuple):
-    """Result of the optimizer stage: new params, new opt state, the updates (or ``None``)."""
-
-    params: Any
-    opt_state: Any
-    updates: Any
-    update_norm: Any = None  # ‖new params − params‖ from a fused path that has no ``updates``
-
-
-def find_learning_rate(opt_state: Any) -> torch.Tensor | None:
-    """The learning rate an optimizer state exposes, or ``None``.
-
-    Looks for the first node with a ``hyperparams`` dict holding ``"learning_rate"`` (the state
-    of :func:`functrain.inject_hyperparams`, found duck-typed anywhere in ``opt_state``).
-
-    Example:
-        >>> import functrain as ft
-        >>> ft.find_learning_rate((ft.EmptyState(),)) is None
-        True
-    """
-    nodes = optree.tree_leaves(
-        opt_state, is_leaf=lambda x: isinstance(getattr(x, "hyperparams", None), dict)
-    )
-    for node in nodes:
-        hyperparams = getattr(node, "hyperparams", None)
-        if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
-            return hyperparams["learning_rate"]
-    return None
-
-
-def _add_in_place(params: Any, updates: Any, keep: set[int]) -> Any:
-    """``apply_updates`` writing into the params' memory (except leaves whose id is in ``keep``)."""
-    paths, p_leaves, spec = tree.flatten_with_paths(params)
-    u_leaves = tree.flatten_up_to(spec, updates, ("params", "updates"), params)
-    same, same_u, out = [], [], list(p_leaves)
-    for i, (path, p, u) in enumerate(zip(paths, p_leaves, u_leaves)):
-        if u is None:
-            continue
-        if p.shape != u.shape:
-            raise tree.TreeMismatchError(
-                f"{tree.path_str(path, 'updates')}: shape {tuple(u.shape)} does not match "
-                f"{tree.path_str(path, 'params')} shape {tuple(p.shape)}"
-            )
-        if id(p) in keep or p.dtype != u.dtype:
-            # Aliased elsewhere (so its memory is not ours to reuse) or mixed precision:
-            # out of place, with apply_updates' rounding.
-            s = p + u
-            out[i] = s if s.dtype == p.dtype else s.to(p.dtype)
-        else:
-            same.append(p)
-            same_u.append(u)
-    if same:
-        torch._foreach_add_(same, same_u)
-    return tree.unflatten(spec, out)
-
-
-def apply_optimizer(
-    tx: GradientTransformation,
-    grads: Any,
-    opt_state: Any,
-    params: Any,
-    *,
-    in_place: bool,
-    found_inf: torch.Tensor | None = None,
-) -> Applied:
-    """The optimizer stage: ``tx.update`` then ``apply_updates``.
-
-    With ``in_place=True`` (a donated state) the new parameters reuse the old parameters' memory,
-    except leaves that are referenced twice in ``params`` or kept by the new optimizer state
-    (those are updated out of place). This is the function a fused fast path replaces.
-
-    ``found_inf`` (0-d bool tensor, from the step's non-finite check): where true, the
-    parameters and the optimizer state come out bit-for-bit unchanged, with no host read (see
-    :func:`functrain.train.faults.apply_guarded`; a fused path may pass it to its kernels and
-    fall back to this generic skip otherwise).
-    """
-    if found_inf is not None:
-        tx = faults.skip_unless(tx, ~found_inf)
-    with torch.no_grad():
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        if not in_place:
-            return Applied(apply_updates(params, updates), new_opt_state, updates)
-        p_leaves = tree.leaves(params)
-        ids = [id(p) for p in p_leaves]
-        keep = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
-        keep |= {id(x) for x in tree.leaves(new_opt_state)} & set(ids)
-        return Applied(_add_in_place(params, updates, keep), new_opt_state, updates)
-
-
-apply_optimizer.supports_found_inf = True  # type: ignore[attr-defined]
-
-
-def _devices(params: Any) -> list[torch.device]:
-    return list({leaf.device: None for leaf in tree.leaves(params)})
-
-
-class _StructureGuard:
-    """Remembers the params' structure and shapes of the first step and checks later ones."""
-
-    def __init__(self) -> None:
-        self.spec: Any = None
-        self.shapes: tuple[torch.Size, ...] = ()
-        self.reference: Any = None
-
-    def check(self, params: Any) -> list[Any]:
-        """Raises unless ``params`` has the first step's structure; returns its leaves."""
-        leaves, spec = tree.flatten(params)
-        shapes = tuple(leaf.shape for leaf in leaves)
-        if self.spec is None:
-            self.spec, self.shapes = spec, shapes
-            self.reference = tree.unflatten(spec, [torch.empty(s, device="meta") for s in shapes])
-            return leaves
-        if spec == self.spec and shapes == self.shapes:
-            return leaves
-        try:
-            tree.check_shapes(self.reference, params, ("first step's params", "state.params"))
-        except tree.TreeMismatchError as err:
-            raise tree.TreeMismatchError(
-                f"state.params changed structure since this step was first called ({err}); "
-                "a step, its optimizer state and its model belong to one parameter structure: "
-                "build a new state (and step) for the new model"
-            ) from None
-        raise tree.TreeMismatchError(
-            f"state.params changed structure since this step was first called: {spec} vs "
-            f"{self.spec}"
-        )
-
-
-def _check_micro_batches(micro_batches: Any) -> None:
-    def positive(n: Any) -> bool:
-        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
-
-    sizes = (
-        micro_batches
-        if isinstance(micro_batches, Sequence) and not isinstance(micro_batches, str)
-        else None
-    )
-    if not (positive(micro_batches) or (sizes and all(positive(s) for s in sizes))):
-        raise ValueError(
-            "micro_batches must be a positive int (the number of micro-batches) or a non-empty "
-            f"sequence of positive ints (their sizes), got {micro_batches!r}"
-        )
-
-
-def _check_opt_state(tx: GradientTransformation, params: Any, opt_state: Any) -> None:
-    """Raises a path-named error when ``opt_state`` is not of the kind ``tx.init`` makes.
-
-    ``tx.init`` runs on meta tensors (no memory, no numbers; the CPU generator is restored in
-    case an init draws from it). An init that cannot run on meta tensors is not checked.
-    """
-    meta = tree.map(lambda p: torch.empty_like(p, device="meta"), params)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            expected = tx.init(meta)
-    except Exception:  # best effort: the update then fails on its own terms
-        return
-    if tree.structure(expected) == tree.structure(opt_state):
-        return
-    hint = (
-        "state.opt_state was not made by this step's optimizer: create the state with the "
-        "same tx (ft.TrainState.create(params=..., tx=tx))"
-    )
-    try:
-        tree.check_shapes(expected, opt_state, ("tx.init(params)", "state.opt_state"))
-    except tree.TreeMismatchError as err:
-        raise tree.TreeMismatchError(f"{hint}; {err}") from None
-    raise tree.TreeMismatchError(
-        f"{hint}; node types differ: {tree.structure(opt_state)} vs {tree.structure(expected)}"
-    )
-
-
-def _check_state(state: Any, where: str) -> TrainState:
-    if not isinstance(state, TrainState):
-        raise TypeError(f"{where} expects a ft.TrainState, got {type(state).__name__}")
-    if state.consumed:
-        state.step  # noqa: B018  (raises ConsumedStateError with the explanation)
-    return state
 
 
 class TrainStep:
@@ -245,35 +78,21 @@ class TrainStep:
         fused: bool = True,
         compile: bool | Mapping[str, Any] = False,
     ) -> None:
-        if strategy not in ("loop", "vmap"):
-            raise ValueError(f"strategy must be 'loop' or 'vmap', got {strategy!r}")
-        if grad_backend not in ("auto", "func", "autograd"):
-            raise ValueError(
-                f"grad_backend must be 'auto', 'func' or 'autograd', got {grad_backend!r}"
-            )
+        _check_step_args(
+            loss_fn,
+            tx,
+            micro_batches,
+            strategy,
+            chunk_size,
+            grad_backend,
+            {"donate": donate, "seed_rng": seed_rng, "norm_metrics": norm_metrics, "fused": fused},
+        )
         if grad_backend == "auto":
             # Reverse mode accumulating in place matches the classic loop's time and memory;
             # vmap and compiled steps need torch.func.
             eager_loop = strategy == "loop" and compile is False
             grad_backend = "autograd" if eager_loop else "func"
         self.grad_backend = grad_backend
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        if not (hasattr(tx, "init") and hasattr(tx, "update")):
-            raise TypeError(f"tx must be a GradientTransformation, got {type(tx).__name__}")
-        _check_micro_batches(micro_batches)
-        for name, flag in (
-            ("donate", donate),
-            ("seed_rng", seed_rng),
-            ("norm_metrics", norm_metrics),
-            ("fused", fused),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         compile_options = compiled.compile_options(compile, grad_backend=grad_backend)
         self.loss_fn = loss_fn
         self.tx = tx
@@ -302,7 +121,7 @@ class TrainStep:
         writable = grad_stats is None and strategy == "loop" and grad_backend == "autograd"
         self.faults.grads_writable = writable
         self._guard = _StructureGuard()
-        self._no_lr: set[Any] = set()
+        self._find_learning_rate = LearningRateLookup()
         # The optimizer stage, separable so that a fused in-place path can replace it.
         self.apply_optimizer: Callable[..., Applied] = apply_optimizer
         if fused and donate:
@@ -445,23 +264,6 @@ class TrainStep:
             if not isinstance(lr, torch.Tensor):
                 lr = torch.full((), float(lr), device=device)
             metrics["lr"] = lr
-
-    def _find_learning_rate(self, opt_state: Any) -> Any:
-        """:func:`find_learning_rate`, remembering the optimizer-state structures that have none.
-
-        The search calls a Python predicate on every node; a structure whose leaves are all
-        plain tensors has no ``hyperparams`` node if it had none before (node types and dict
-        keys are part of the structure), so later steps skip the search.
-        """
-        if torch.compiler.is_compiling():  # traced once: nothing to save
-            return find_learning_rate(opt_state)
-        leaves, spec = optree.tree_flatten(opt_state)
-        if spec in self._no_lr:
-            return None
-        lr = find_learning_rate(opt_state)
-        if lr is None and all(type(x) is torch.Tensor for x in leaves):
-            self._no_lr.add(spec)
-        return lr
 
     def prepare(self, state: TrainState) -> TrainState:
         """``state`` with the ``state.extra`` entries this step keeps added where missing.
@@ -641,66 +443,3 @@ def make_train_step(
         fused=fused,
         compile=compile,
     )
-
-
-class EvalStep:
-    """``eval_step(state, batch) -> metrics`` with no gradient work; see :func:`make_eval_step`.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> loss_fn = lambda params, batch: ((batch["x"] * params["w"]).sum(-1) ** 2).mean()
-        >>> eval_step = ft.make_eval_step(loss_fn)
-        >>> state = ft.TrainState.create(params={"w": torch.ones(3)}, tx=ft.sgd(0.1))
-        >>> eval_step(state, {"x": torch.ones(4, 3)})["loss"]
-        tensor(9.)
-    """
-
-    def __init__(
-        self, loss_fn: Callable[..., Any], micro_batches: int | Sequence[int], seed_rng: bool
-    ) -> None:
-        self.loss_fn = loss_fn
-        self.micro_batches = micro_batches
-        self.seed_rng = seed_rng
-        self.accepted = loss_lib.accepted_inputs(loss_fn)
-        self.metas: list[Any] = []
-        self.objective = gradient.make_objective(loss_fn, self.accepted, self.metas)
-
-    def __call__(self, state: TrainState, batch: Any) -> dict[str, torch.Tensor]:
-        """Loss and aux metrics of ``batch`` (combined exactly over micro-batches)."""
-        _check_state(state, "eval step")
-        params, buffers, key = state.params, state.buffers, state.key
-        split = microbatch.split_batch(batch, self.micro_batches)
-        devices = _devices(params)
-        combiner = gradient.Combiner(split.total)
-        with torch.no_grad():
-            for i, size in enumerate(split.sizes):
-                mb = microbatch.micro_batch(batch, split, i)
-                mb_key = None if key is None else rng.fold_in(key, i + 1)
-                self.metas.clear()
-                with gradient._seeding(mb_key, self.seed_rng, devices):
-                    _, payload = self.objective(params, mb, buffers, mb_key)
-                combiner.add(self.metas[-1], size, payload)
-        return combiner.metrics(combiner.loss.device)  # type: ignore[union-attr]
-
-
-def make_eval_step(
-    loss_fn: Callable[..., Any],
-    *,
-    micro_batches: int | Sequence[int] = 1,
-    seed_rng: bool = True,
-) -> EvalStep:
-    """Builds ``eval_step(state, batch) -> metrics``: the loss with no gradient work.
-
-    Runs under ``torch.no_grad`` with the same ``loss_fn`` forms as :func:`make_train_step`
-    (micro-batching bounds memory; the combination is exact). Buffers are read, never updated:
-    buffers a loss returns are ignored, so use an eval-mode model (``model.eval()``) for
-    BatchNorm's running statistics. The state is not consumed.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> evaluate = ft.make_eval_step(lambda p, b: (p["w"] * b).mean(), micro_batches=3)
-        >>> state = ft.TrainState.create(params={"w": torch.tensor(2.0)}, tx=ft.sgd(0.1))
-        >>> evaluate(state, torch.arange(7.0))["loss"]
-        tensor(6.)
-    """
-    return EvalStep(loss_fn, micro_batches, seed_rng)

@@ -1,0 +1,129 @@
+"""Input validation for train and eval steps: arguments, states and parameter structure.
+
+Everything here runs eagerly on the host before a step's tensor work (never under
+``torch.compile``) and raises path-named errors that say how to fix the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from functrain import tree
+from functrain.optim.base import GradientTransformation
+from functrain.train.state import TrainState
+
+__all__: list[str] = []  # internal: used by make_train_step, make_eval_step and distributed
+
+
+def _check_step_args(
+    loss_fn: Callable[..., Any],
+    tx: GradientTransformation,
+    micro_batches: Any,
+    strategy: str,
+    chunk_size: Any,
+    grad_backend: str,
+    flags: dict[str, Any],
+) -> None:
+    """Raises unless ``make_train_step``'s arguments (``flags``: the bool options) are valid."""
+    if strategy not in ("loop", "vmap"):
+        raise ValueError(f"strategy must be 'loop' or 'vmap', got {strategy!r}")
+    if grad_backend not in ("auto", "func", "autograd"):
+        raise ValueError(f"grad_backend must be 'auto', 'func' or 'autograd', got {grad_backend!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not (hasattr(tx, "init") and hasattr(tx, "update")):
+        raise TypeError(f"tx must be a GradientTransformation, got {type(tx).__name__}")
+    _check_micro_batches(micro_batches)
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+
+class _StructureGuard:
+    """Remembers the params' structure and shapes of the first step and checks later ones."""
+
+    def __init__(self) -> None:
+        self.spec: Any = None
+        self.shapes: tuple[torch.Size, ...] = ()
+        self.reference: Any = None
+
+    def check(self, params: Any) -> list[Any]:
+        """Raises unless ``params`` has the first step's structure; returns its leaves."""
+        leaves, spec = tree.flatten(params)
+        shapes = tuple(leaf.shape for leaf in leaves)
+        if self.spec is None:
+            self.spec, self.shapes = spec, shapes
+            self.reference = tree.unflatten(spec, [torch.empty(s, device="meta") for s in shapes])
+            return leaves
+        if spec == self.spec and shapes == self.shapes:
+            return leaves
+        try:
+            tree.check_shapes(self.reference, params, ("first step's params", "state.params"))
+        except tree.TreeMismatchError as err:
+            raise tree.TreeMismatchError(
+                f"state.params changed structure since this step was first called ({err}); "
+                "a step, its optimizer state and its model belong to one parameter structure: "
+                "build a new state (and step) for the new model"
+            ) from None
+        raise tree.TreeMismatchError(
+            f"state.params changed structure since this step was first called: {spec} vs "
+            f"{self.spec}"
+        )
+
+
+def _check_micro_batches(micro_batches: Any) -> None:
+    def positive(n: Any) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    sizes = (
+        micro_batches
+        if isinstance(micro_batches, Sequence) and not isinstance(micro_batches, str)
+        else None
+    )
+    if not (positive(micro_batches) or (sizes and all(positive(s) for s in sizes))):
+        raise ValueError(
+            "micro_batches must be a positive int (the number of micro-batches) or a non-empty "
+            f"sequence of positive ints (their sizes), got {micro_batches!r}"
+        )
+
+
+def _check_opt_state(tx: GradientTransformation, params: Any, opt_state: Any) -> None:
+    """Raises a path-named error when ``opt_state`` is not of the kind ``tx.init`` makes.
+
+    ``tx.init`` runs on meta tensors (no memory, no numbers; the CPU generator is restored in
+    case an init draws from it). An init that cannot run on meta tensors is not checked.
+    """
+    meta = tree.map(lambda p: torch.empty_like(p, device="meta"), params)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            expected = tx.init(meta)
+    except Exception:  # best effort: the update then fails on its own terms
+        return
+    if tree.structure(expected) == tree.structure(opt_state):
+        return
+    hint = (
+        "state.opt_state was not made by this step's optimizer: create the state with the "
+        "same tx (ft.TrainState.create(params=..., tx=tx))"
+    )
+    try:
+        tree.check_shapes(expected, opt_state, ("tx.init(params)", "state.opt_state"))
+    except tree.TreeMismatchError as err:
+        raise tree.TreeMismatchError(f"{hint}; {err}") from None
+    raise tree.TreeMismatchError(
+        f"{hint}; node types differ: {tree.structure(opt_state)} vs {tree.structure(expected)}"
+    )
+
+
+def _check_state(state: Any, where: str) -> TrainState:
+    if not isinstance(state, TrainState):
+        raise TypeError(f"{where} expects a ft.TrainState, got {type(state).__name__}")
+    if state.consumed:
+        state.step  # noqa: B018  (raises ConsumedStateError with the explanation)
+    return state

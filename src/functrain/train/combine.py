@@ -1,0 +1,182 @@
+"""Exact combination of micro-batch results into full-batch ones.
+
+For micro-batches ``i = 1..K`` with ``nᵢ`` examples (``N`` in all):
+
+* mean losses ``Lᵢ``: ``g = Σᵢ (nᵢ/N) ∇Lᵢ`` and ``L = Σᵢ (nᵢ/N) Lᵢ``;
+* :class:`~functrain.LossSum` losses ``(Tᵢ, Cᵢ)``: ``g = Σᵢ ∇Tᵢ / Σᵢ Cᵢ`` and
+  ``L = Σᵢ Tᵢ / Σᵢ Cᵢ``.
+
+Both are the gradient and value of the full-batch loss, to float rounding, whatever the sizes.
+
+:func:`make_objective` wraps a ``loss_fn`` so that each micro-batch yields a differentiable
+objective and a tensor-only payload (value, counts, aux, buffers); :class:`Combiner` adds up the
+payloads' losses, counts and aux values, and :class:`_GradSum` the weighted gradients. The
+gradient stage (:mod:`functrain.train.gradient`) and the eval step use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain.train import loss as loss_lib
+
+__all__: list[str] = []  # internal: used by the gradient stage and make_eval_step
+
+
+class _Meta(NamedTuple):
+    is_sum: bool
+    aux_keys: tuple[str, ...]
+    aux_sum_keys: tuple[str, ...]
+    has_buffers: bool
+
+
+def make_objective(
+    loss_fn: Callable[..., Any], accepted: frozenset[str], metas: list[_Meta]
+) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
+    """Wraps ``loss_fn`` as ``f(params, mb, buffers, key) -> (objective, payload)``.
+
+    The payload holds tensors only (``vmap`` cannot return anything else); the static facts
+    about the result (mean or sum, aux keys) go to ``metas``.
+    """
+
+    def objective(params: Any, mb: Any, buffers: Any, key: Any) -> tuple[torch.Tensor, dict]:
+        kwargs = {}
+        if "buffers" in accepted:
+            kwargs["buffers"] = buffers
+        if "key" in accepted:
+            kwargs["key"] = key
+        parsed = loss_lib.parse(loss_fn(params, mb, **kwargs))
+        metas.append(
+            _Meta(
+                parsed.is_sum,
+                tuple(parsed.aux_values),
+                tuple(parsed.aux_counts),
+                parsed.buffers is not None,
+            )
+        )
+        payload: dict[str, Any] = {
+            "value": parsed.objective.detach(),
+            "aux": parsed.aux_values,
+            "aux_counts": parsed.aux_counts,
+        }
+        if parsed.count is not None:
+            payload["count"] = parsed.count.detach()
+        if parsed.buffers is not None:
+            payload["buffers"] = parsed.buffers
+        return parsed.objective, payload
+
+    return objective
+
+
+class Combiner:
+    """Exact combination of losses, counts and aux values over micro-batches (internal)."""
+
+    def __init__(self, total_examples: int) -> None:
+        self.total = total_examples
+        self.meta: _Meta | None = None
+        self.loss: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+        self.aux: dict[str, torch.Tensor] = {}
+        self.aux_counts: dict[str, torch.Tensor] = {}
+
+    def add(
+        self,
+        meta: _Meta,
+        size: int,
+        payload: dict[str, Any],
+        weighted: torch.Tensor | None = None,
+    ) -> None:
+        """Adds one micro-batch (0-d values) or a stack of equal-size ones (``(G,)`` values).
+
+        ``weighted``: one micro-batch's loss already weighted as here (``value * size / total``
+        for a mean, ``value`` for a sum), to save recomputing it.
+        """
+        if self.meta is None:
+            self.meta = meta
+        elif meta.is_sum != self.meta.is_sum:
+            raise TypeError(
+                "loss_fn returned a LossSum for some micro-batches and a mean for others; "
+                "return the same kind for every micro-batch"
+            )
+        elif meta.aux_keys != self.meta.aux_keys or meta.aux_sum_keys != self.meta.aux_sum_keys:
+            raise ValueError(
+                f"loss_fn returned different aux keys for different micro-batches: "
+                f"{sorted(self.meta.aux_keys)} vs {sorted(meta.aux_keys)}"
+            )
+        weight = size / self.total
+        if weighted is None:
+            value = payload["value"].sum()
+            weighted = value if meta.is_sum else value * weight
+        self.loss = _acc(self.loss, weighted)
+        if meta.is_sum:
+            self.count = _acc(self.count, payload["count"].sum())
+        for name, v in payload["aux"].items():
+            if name in payload["aux_counts"]:
+                self.aux[name] = _acc(self.aux.get(name), v.sum())
+                self.aux_counts[name] = _acc(
+                    self.aux_counts.get(name), payload["aux_counts"][name].sum()
+                )
+            else:
+                self.aux[name] = _acc(self.aux.get(name), v.sum() * weight)
+
+    def metrics(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """``loss``, ``num_examples``, ``num_tokens`` (LossSum only) and the aux values."""
+        assert self.meta is not None and self.loss is not None
+        out = {
+            "loss": self.loss / self.count if self.count is not None else self.loss,
+            "num_examples": torch.full((), self.total, dtype=torch.int64, device=device),
+        }
+        if self.count is not None:
+            out["num_tokens"] = self.count
+        for name, v in self.aux.items():
+            if name in out:
+                raise ValueError(f"LossOutput.aux key {name!r} clashes with a built-in metric")
+            out[name] = v / self.aux_counts[name] if name in self.aux_counts else v
+        return out
+
+
+class _GradSum:
+    """Weighted sum of gradient leaf lists that never writes into the gradients it is given.
+
+    Gradients from autograd may be expanded views or shared between leaves (``a + b`` hands the
+    same tensor to both), so the first write goes to a fresh buffer; later ones are in place.
+    """
+
+    def __init__(self) -> None:
+        self.acc: list[torch.Tensor] | None = None
+        self.scale = 1.0
+        self.owned = False
+
+    def add(self, leaves: list[torch.Tensor], weight: float) -> None:
+        if self.acc is None:
+            self.acc, self.scale = leaves, weight
+            return
+        if not self.owned:
+            self.owned = True
+            if self.scale == 1.0:
+                self.acc = list(torch._foreach_add(self.acc, leaves, alpha=weight))
+                return
+            self.acc = list(torch._foreach_mul(self.acc, self.scale))
+        if leaves:
+            torch._foreach_add_(self.acc, leaves, alpha=weight)
+
+    def result(self, divisor: torch.Tensor | None) -> list[torch.Tensor]:
+        assert self.acc is not None
+        acc = self.acc
+        if not acc:
+            return acc
+        if not self.owned and self.scale != 1.0:
+            acc, self.owned = list(torch._foreach_mul(acc, self.scale)), True
+        if divisor is None:
+            return acc
+        if self.owned:
+            torch._foreach_div_(acc, divisor)
+            return acc
+        return list(torch._foreach_div(acc, divisor))
+
+
+def _acc(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value

@@ -1,0 +1,75 @@
+"""Per-micro-batch gradient statistics: the :class:`GradStatsHook` protocol and its inputs.
+
+:class:`GradStatsHook` sees every micro-batch's mean gradient ``ĝᵢ = ∇Lᵢ`` (or ``∇Tᵢ / Cᵢ``)
+and its size ``bᵢ`` (``nᵢ`` or ``Cᵢ``). Its ``per_micro_batch`` reduces each ``ĝᵢ`` to a few 0-d
+tensors (under ``"vmap"`` it gets views into a chunk's stacked gradients); the gradient stage
+(:mod:`functrain.train.gradient`) stacks them into the ``(K,)`` tensors of
+:class:`MicroBatchStats`, and the step calls the hook's ``update`` with those and the combined
+gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["GradStatsHook", "MicroBatchStats"]
+
+
+class MicroBatchStats(NamedTuple):
+    """Per-micro-batch information of one step, each a ``(K,)`` tensor in micro-batch order.
+
+    Attributes:
+        sizes: ``bᵢ``: examples (mean losses) or ``LossSum`` counts of each micro-batch.
+        losses: each micro-batch's mean loss ``Lᵢ`` (``Tᵢ / Cᵢ`` for ``LossSum``).
+        values: the stacked outputs of :attr:`GradStatsHook.per_micro_batch`.
+
+    Example:
+        >>> import torch
+        >>> from functrain import MicroBatchStats
+        >>> stats = MicroBatchStats(torch.tensor([3.0, 2.0]), torch.tensor([0.5, 0.7]), {})
+        >>> (stats.sizes * stats.losses).sum() / stats.sizes.sum()  # the full-batch loss
+        tensor(0.5800)
+    """
+
+    sizes: torch.Tensor
+    losses: torch.Tensor
+    values: dict[str, torch.Tensor]
+
+
+class GradStatsHook(NamedTuple):
+    """Opt-in gradient statistics computed inside a train step (see ``make_train_step``).
+
+    Attributes:
+        init: ``init(params) -> hook_state``, the hook's persistent state, kept in
+            ``state.extra[name]`` (initialised at the first step when absent).
+        per_micro_batch: ``per_micro_batch(mean_grad, size) -> dict[str, 0-d tensor]`` for one
+            micro-batch's mean gradient ``ĝᵢ`` (a params-like pytree of plain tensors, called
+            once per micro-batch in both strategies) and size ``bᵢ`` (0-d tensor). It must not
+            keep or modify ``ĝᵢ``: only its small outputs are stored.
+        update: ``update(stats, grads, hook_state) -> (metrics, new_hook_state)`` with the
+            :class:`MicroBatchStats` of the step and the combined gradient; ``metrics`` (a dict
+            of 0-d tensors) joins the step's metrics.
+        name: the key of the hook's state in ``state.extra``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> hook = ft.GradStatsHook(
+        ...     init=lambda params: None,
+        ...     per_micro_batch=lambda g, b: {"sq_norm": ft.tree.norm(g, squared=True)},
+        ...     update=lambda stats, grads, s: ({"sq_max": stats.values["sq_norm"].max()}, s),
+        ... )
+        >>> step = ft.make_train_step(lambda p, b: (p["w"] * b).mean(), ft.sgd(0.1),
+        ...                           micro_batches=2, grad_stats=hook)
+        >>> state = ft.TrainState.create(params={"w": torch.ones(())}, tx=ft.sgd(0.1))
+        >>> _, metrics = step(state, torch.tensor([1.0, 3.0]))
+        >>> metrics["sq_max"]
+        tensor(9.)
+    """
+
+    init: Callable[[Any], Any]
+    per_micro_batch: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
+    update: Callable[[MicroBatchStats, Any, Any], tuple[dict[str, torch.Tensor], Any]]
+    name: str = "grad_stats"

@@ -1,0 +1,138 @@
+"""The optimizer stage of a train step: ``(grads, opt_state, params) -> Applied``.
+
+:func:`apply_optimizer` runs ``tx.update`` then ``apply_updates``; with a donated state it writes
+the new parameters into the old parameters' memory (:func:`_add_in_place`). It is one separable
+function so that a fused in-place path (:class:`functrain.train.fast.FusedStage`) can replace
+it and fall back to it. :func:`find_learning_rate` (and its cached form,
+:class:`LearningRateLookup`) reads the learning rate an optimizer state exposes, for the step's
+``lr`` metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from functrain import tree
+from functrain.optim.base import GradientTransformation, apply_updates
+from functrain.train import faults
+
+__all__ = ["find_learning_rate"]
+
+
+class Applied(NamedTuple):
+    """Result of the optimizer stage: new params, new opt state, the updates (or ``None``)."""
+
+    params: Any
+    opt_state: Any
+    updates: Any
+    update_norm: Any = None  # ‖new params − params‖ from a fused path that has no ``updates``
+
+
+def find_learning_rate(opt_state: Any) -> torch.Tensor | None:
+    """The learning rate an optimizer state exposes, or ``None``.
+
+    Looks for the first node with a ``hyperparams`` dict holding ``"learning_rate"`` (the state
+    of :func:`functrain.inject_hyperparams`, found duck-typed anywhere in ``opt_state``).
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.find_learning_rate((ft.EmptyState(),)) is None
+        True
+    """
+    nodes = optree.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(getattr(x, "hyperparams", None), dict)
+    )
+    for node in nodes:
+        hyperparams = getattr(node, "hyperparams", None)
+        if isinstance(hyperparams, dict) and "learning_rate" in hyperparams:
+            return hyperparams["learning_rate"]
+    return None
+
+
+def _add_in_place(params: Any, updates: Any, keep: set[int]) -> Any:
+    """``apply_updates`` writing into the params' memory (except leaves whose id is in ``keep``)."""
+    paths, p_leaves, spec = tree.flatten_with_paths(params)
+    u_leaves = tree.flatten_up_to(spec, updates, ("params", "updates"), params)
+    same, same_u, out = [], [], list(p_leaves)
+    for i, (path, p, u) in enumerate(zip(paths, p_leaves, u_leaves)):
+        if u is None:
+            continue
+        if p.shape != u.shape:
+            raise tree.TreeMismatchError(
+                f"{tree.path_str(path, 'updates')}: shape {tuple(u.shape)} does not match "
+                f"{tree.path_str(path, 'params')} shape {tuple(p.shape)}"
+            )
+        if id(p) in keep or p.dtype != u.dtype:
+            # Aliased elsewhere (so its memory is not ours to reuse) or mixed precision:
+            # out of place, with apply_updates' rounding.
+            s = p + u
+            out[i] = s if s.dtype == p.dtype else s.to(p.dtype)
+        else:
+            same.append(p)
+            same_u.append(u)
+    if same:
+        torch._foreach_add_(same, same_u)
+    return tree.unflatten(spec, out)
+
+
+def apply_optimizer(
+    tx: GradientTransformation,
+    grads: Any,
+    opt_state: Any,
+    params: Any,
+    *,
+    in_place: bool,
+    found_inf: torch.Tensor | None = None,
+) -> Applied:
+    """The optimizer stage: ``tx.update`` then ``apply_updates``.
+
+    With ``in_place=True`` (a donated state) the new parameters reuse the old parameters' memory,
+    except leaves that are referenced twice in ``params`` or kept by the new optimizer state
+    (those are updated out of place). This is the function a fused fast path replaces.
+
+    ``found_inf`` (0-d bool tensor, from the step's non-finite check): where true, the
+    parameters and the optimizer state come out bit-for-bit unchanged, with no host read (see
+    :func:`functrain.train.faults.apply_guarded`; a fused path may pass it to its kernels and
+    fall back to this generic skip otherwise).
+    """
+    if found_inf is not None:
+        tx = faults.skip_unless(tx, ~found_inf)
+    with torch.no_grad():
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        if not in_place:
+            return Applied(apply_updates(params, updates), new_opt_state, updates)
+        p_leaves = tree.leaves(params)
+        ids = [id(p) for p in p_leaves]
+        keep = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
+        keep |= {id(x) for x in tree.leaves(new_opt_state)} & set(ids)
+        return Applied(_add_in_place(params, updates, keep), new_opt_state, updates)
+
+
+apply_optimizer.supports_found_inf = True  # type: ignore[attr-defined]
+
+
+class LearningRateLookup:
+    """:func:`find_learning_rate`, remembering the optimizer-state structures that have none.
+
+    The search calls a Python predicate on every node; a structure whose leaves are all
+    plain tensors has no ``hyperparams`` node if it had none before (node types and dict
+    keys are part of the structure), so later steps skip the search (one per train step).
+    """
+
+    def __init__(self) -> None:
+        self._no_lr: set[Any] = set()
+
+    def __call__(self, opt_state: Any) -> Any:
+        """The learning rate of ``opt_state`` or ``None``, as :func:`find_learning_rate`."""
+        if torch.compiler.is_compiling():  # traced once: nothing to save
+            return find_learning_rate(opt_state)
+        leaves, spec = optree.tree_flatten(opt_state)
+        if spec in self._no_lr:
+            return None
+        lr = find_learning_rate(opt_state)
+        if lr is None and all(type(x) is torch.Tensor for x in leaves):
+            self._no_lr.add(spec)
+        return lr
