@@ -177,3 +177,25 @@ def test_torchrun_example_runs_and_learns(tmp_path: Path):
     assert "0.50 of it" in proc.stdout  # the sharded optimizer state is half per rank
     assert proc.stdout.count("final:") == 1  # only rank 0 prints
     assert checkpoint.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="lists threads from /proc")
+def test_shutdown_releases_the_process_group(tmp_path: Path):
+    """``dist.shutdown`` must stop gloo's threads. When ``torch._dynamo`` was first imported after
+    the group existed (``torch.func.grad`` imports it), torch kept the group alive; its threads
+    outlived the interpreter and sometimes aborted the process on exit (a flaky CI failure)."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "_shutdown_worker.py"), str(tmp_path)],
+            env=_rank_env(rank, 2, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    for rank, (code, err, data) in enumerate(_finish_job(procs, tmp_path)):
+        assert code == 0 and data, (rank, code, err[-3000:])
+        assert any("gloo" in name for name in data["during"]), data  # the probe sees them
+        assert not [name for name in data["after"] if "gloo" in name], (rank, data)

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,6 +143,11 @@ def init(
     if backend is None:
         on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         backend = "nccl" if on_cuda else "gloo"
+    # torch.func.grad imports torch._dynamo on its first call. Imported after the group exists,
+    # it keeps the group alive past destroy_process_group (torch 2.13): gloo's worker threads then
+    # outlive the interpreter and, under load, abort the process as it exits.
+    importlib.import_module("torch._dynamo")
+
     kwargs: dict[str, Any] = {"backend": backend, "timeout": delta}
     if backend == "nccl":
         device = device if device is not None else default_device()
