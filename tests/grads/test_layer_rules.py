@@ -335,3 +335,64 @@ def test_activation_checkpointing_gets_a_clear_error(method, monkeypatch):
     if method == "layers":
         with pytest.raises(ValueError, match=message):
             ft.per_sample_grads(loss_fn, params, batch, method="layers")
+
+
+def _gram_reference(ps):
+    rows = torch.cat([g.reshape(g.shape[0], -1) for g in tree.leaves(ps)], dim=1)
+    return rows @ rows.T
+
+
+@pytest.mark.parametrize("name", LAYER_PROBLEMS)
+@pytest.mark.parametrize("chunk_size", [None, 2, 3])
+def test_ghost_gram_matches_naive_loop(name, chunk_size):
+    """Every layer's part of ⟨gᵢ, gⱼ⟩ (ghost for linear layers and embeddings, per-example
+    gradients otherwise, tied parameters summed first), over pairs of chunks."""
+    loss_fn, params, batch = PROBLEMS[name]()
+    expected = _gram_reference(naive_per_sample(loss_fn, params, batch))
+    got = ft.per_sample_gram(loss_fn, params, batch, method="layers", chunk_size=chunk_size)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    cosine = ft.per_sample_gram(loss_fn, params, batch, method="layers", cosine=True)
+    norms = expected.diagonal().sqrt()
+    torch.testing.assert_close(cosine, expected / torch.outer(norms, norms), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 9])
+@pytest.mark.parametrize("vocab", [3, 40])
+def test_gram_routes_agree(rows, vocab):
+    """A linear layer's Gram by its three routes (one row; few rows: ghost; many rows: formed
+    gradients) and an embedding's by both (few tokens for the vocabulary: ghost)."""
+    g = torch.Generator().manual_seed(rows * vocab)
+    params = {
+        "emb": torch.randn(vocab, 7, generator=g, dtype=torch.float64),
+        "w": torch.randn(5, 7, generator=g, dtype=torch.float64),
+    }
+    batch = torch.randint(0, vocab, (4, rows), generator=g)
+
+    def loss_fn(p, ids):
+        return F.linear(F.embedding(ids, p["emb"]), p["w"]).tanh().sum()
+
+    expected = _gram_reference(naive_per_sample(loss_fn, params, batch))
+    got = ft.per_sample_gram(loss_fn, params, batch, method="layers")
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gram_auto_takes_layers_when_large_and_vmap_otherwise(monkeypatch):
+    loss_fn, params, batch = mlp_problem()
+    expected = ft.per_sample_gram(loss_fn, params, batch, method="vmap")
+    taken = []
+    original = _layer_rules.gram_by_layers
+
+    def spy(*args, **kwargs):
+        taken.append(True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("functrain.grads.stats.gram_by_layers", spy)
+    torch.testing.assert_close(ft.per_sample_gram(loss_fn, params, batch), expected)
+    assert not taken  # small: vmap
+    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)
+    torch.testing.assert_close(
+        ft.per_sample_gram(loss_fn, params, batch), expected, rtol=1e-10, atol=1e-12
+    )
+    assert taken
+    with pytest.raises(ValueError, match="method must be one of"):
+        ft.per_sample_gram(loss_fn, params, batch, method="ghost")

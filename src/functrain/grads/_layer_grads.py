@@ -32,7 +32,10 @@ class Sink:
     * ``"norms"``: each example's squared gradient norm per parameter, ``(B,)``, by a rule's
       cheaper route where it has one; a parameter used more than once (tied) still needs its
       per-example gradient, summed over its uses before the norm is taken;
-    * ``"sum"``: the gradient summed over the examples, by the layers' ordinary kernels.
+    * ``"sum"``: the gradient summed over the examples, by the layers' ordinary kernels;
+    * ``"gram"``: the ``(B, B)`` Gram matrix of the per-example gradients, each parameter's
+      part by a rule's cheaper route where it has one, else from its per-example gradient
+      (tied parameters, as in ``"norms"``, from the sum of their uses).
     """
 
     def __init__(self, n: int) -> None:
@@ -40,6 +43,7 @@ class Sink:
         self.uses = [0] * n
         self.grads: list[torch.Tensor | None] = [None] * n
         self.sq: list[torch.Tensor | None] = [None] * n
+        self.gram: torch.Tensor | None = None
 
     def put(
         self,
@@ -47,6 +51,7 @@ class Sink:
         per_example: Callable[[], torch.Tensor],
         summed: Callable[[], torch.Tensor],
         sq_norm: Callable[[], torch.Tensor] | None = None,
+        gram: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         if index is None:
             return
@@ -54,6 +59,9 @@ class Sink:
             self._add(index, summed())
         elif self.mode == "grads" or self.uses[index] > 1:
             self._add(index, per_example())
+        elif self.mode == "gram":
+            part = gram() if gram is not None else _row_gram(per_example())
+            self.gram = part if self.gram is None else self.gram + part
         else:
             sq = sq_norm() if sq_norm is not None else _row_sq(per_example())
             old = self.sq[index]
@@ -62,6 +70,14 @@ class Sink:
     def _add(self, index: int, grad: torch.Tensor) -> None:
         old = self.grads[index]
         self.grads[index] = grad if old is None else old + grad
+
+    def gram_matrix(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """``"gram"`` mode: the ``(rows, rows)`` Gram matrix over all parameters."""
+        total = self.gram if self.gram is not None else like.new_zeros(rows, rows)
+        for g in self.grads:  # tied parameters, their uses summed
+            if g is not None:
+                total = total + _row_gram(g)
+        return total
 
     def squared_norms(self, rows: int, like: torch.Tensor) -> list[torch.Tensor]:
         """``"norms"`` mode: every parameter's per-example squared norms ``(rows,)``, in order
@@ -91,6 +107,29 @@ def _linear_sq_norm(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _row_sq(torch.bmm(g.transpose(1, 2), x))
 
 
+def _row_gram(x: torch.Tensor) -> torch.Tensor:
+    """``X Xᵀ`` of the rows of ``x`` flattened: ``(B, B)``."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat @ flat.T
+
+
+def _linear_gram(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``⟨gᵢᵀxᵢ, gⱼᵀxⱼ⟩`` for ``g: (B, T, out)``, ``x: (B, T, in)``, by the cheaper route.
+
+    The ghost form ``Σₜᵤ (gᵢₜ·gⱼᵤ)(xᵢₜ·xⱼᵤ)`` costs ``B²T²(in + out)`` against
+    ``BT·in·out + B²·in·out`` for forming the per-example gradients and their products.
+    """
+    rows, t, out_f = g.shape
+    in_f = x.shape[2]
+    if t == 1:
+        g2, x2 = g[:, 0], x[:, 0]
+        return (g2 @ g2.T) * (x2 @ x2.T)
+    if rows * t * t * (in_f + out_f) < t * in_f * out_f + rows * in_f * out_f:
+        gg = torch.einsum("bto,cuo->bctu", g, g)
+        return (gg * torch.einsum("bti,cui->bctu", x, x)).sum((2, 3))
+    return _row_gram(torch.bmm(g.transpose(1, 2), x))
+
+
 class Linear(torch.autograd.Function):
     """``F.linear`` on a physical batch ``x: (B, ..., in)``; per-example ``gᵀx`` and ``Σ g``."""
 
@@ -114,6 +153,7 @@ class Linear(torch.autograd.Function):
             lambda: torch.bmm(g3.transpose(1, 2), x3),
             lambda: g3.flatten(0, 1).t() @ x3.flatten(0, 1),
             lambda: _linear_sq_norm(g3, x3),
+            lambda: _linear_gram(g3, x3),
         )
         ctx.sink.put(ctx.slots[1], lambda: g3.sum(1), lambda: g3.sum((0, 1)))
         gx = g @ weight if ctx.needs_input_grad[0] else None
@@ -316,7 +356,13 @@ class Embedding(torch.autograd.Function):
             same = (flat.unsqueeze(2) == flat.unsqueeze(1)).to(g.dtype)
             return (same * torch.bmm(rows_g, rows_g.transpose(1, 2))).sum((1, 2))
 
-        ctx.sink.put(ctx.slots[0], per_example, summed, sq_norm)
+        def gram() -> torch.Tensor:
+            if flat.shape[1] ** 2 > num:  # per-example gradients are the smaller route
+                return _row_gram(per_example())
+            same = (flat[:, None, :, None] == flat[None, :, None, :]).to(g.dtype)
+            return (same * torch.einsum("btd,cud->bctu", rows_g, rows_g)).sum((2, 3))
+
+        ctx.sink.put(ctx.slots[0], per_example, summed, sq_norm, gram)
         return None, None, None, None, None, None, None
 
     @staticmethod

@@ -40,7 +40,13 @@ except (ImportError, AttributeError):  # pragma: no cover - older or newer torch
 from functrain import tree
 from functrain.grads._layer_grads import Conv, Embedding, LayerNorm, Linear, Sink
 
-__all__ = ["Unsupported", "clipped_sum_by_layers", "per_sample_by_layers", "sq_norms_by_layers"]
+__all__ = [
+    "Unsupported",
+    "clipped_sum_by_layers",
+    "gram_by_layers",
+    "per_sample_by_layers",
+    "sq_norms_by_layers",
+]
 
 
 class Unsupported(Exception):
@@ -439,6 +445,32 @@ def sq_norms_by_layers(
     """
     losses, squares, *_ = _norms_pass(example_loss, param_leaves, batch_leaves, randomness, False)
     return losses.detach(), squares
+
+
+def gram_by_layers(
+    example_loss: Callable[[list[torch.Tensor], list[torch.Tensor]], Any],
+    param_leaves: list[torch.Tensor],
+    batch_leaves: list[torch.Tensor],
+    randomness: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(losses, G)`` with ``Gᵢⱼ = ⟨gᵢ, gⱼ⟩`` from one backward pass, layer by layer.
+
+    Example:
+        >>> import torch
+        >>> from functrain.grads._layer_rules import gram_by_layers
+        >>> loss = lambda p, ex: (torch.nn.functional.linear(ex[0], p[0]).sum(), ())
+        >>> x = torch.tensor([[1.0, 0.0], [2.0, 1.0]])
+        >>> gram_by_layers(loss, [torch.ones(1, 2)], [x], "error")[1]
+        tensor([[1., 2.],
+                [2., 5.]])
+    """
+    (losses, _extras), tag, sink, _leaves = _forward(
+        example_loss, param_leaves, batch_leaves, randomness
+    )
+    sink.mode = "gram"
+    _backward(losses, tag)
+    detached = losses.detach()
+    return detached, sink.gram_matrix(detached.shape[0], detached)
 
 
 def clipped_sum_by_layers(

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.grads._layer_rules import sq_norms_by_layers
+from functrain.grads._layer_rules import gram_by_layers, sq_norms_by_layers
 from functrain.grads.per_sample import (
     REDUCTION_METHODS,
     _check_options,
@@ -419,6 +419,7 @@ def per_sample_gram(
     buffers: PyTree | None = None,
     randomness: str = "error",
     eps: float = 1e-30,
+    method: str = "auto",
 ) -> torch.Tensor:
     """Gram / cosine matrix between the per-sample gradients, block by block.
 
@@ -427,6 +428,14 @@ def per_sample_gram(
     ``c(c+1)/2`` times instead of ``c``. With ``chunk_size=None`` it is one pass. Random ops in
     ``loss_fn`` are redrawn on each recomputation, so use ``randomness="error"`` (deterministic
     losses) when the matrix must be exact.
+
+    ``method``: ``"vmap"`` forms the chunks' per-sample gradients as above; ``"layers"`` adds
+    up each layer's part of the matrix in one backward pass without forming the gradients
+    where a rule allows (a linear layer's part is ``(GGᵀ) ⊙ (XXᵀ)`` over its inputs ``X`` and
+    output gradients ``G``; convolutions and layer norms form their per-example gradients one
+    layer at a time), over each pair of chunks together; it raises ``ValueError`` naming a
+    parameter used by any other call. ``"auto"`` (default) uses ``"layers"`` when it applies
+    and a chunk's per-sample gradients would take 64 MiB or more.
 
     Example:
         >>> import torch, functrain as ft
@@ -437,6 +446,58 @@ def per_sample_gram(
         tensor([[1., 0.],
                 [0., 1.]])
     """
+    _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
+    g = reduce_by_layers(
+        method,
+        params,
+        batch,
+        chunk_size,
+        lambda: _gram_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
+    )
+    if g is None:
+        g = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness)
+    return _to_cosine(g, eps) if cosine else g
+
+
+def _gram_by_layers(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+    randomness: str,
+) -> torch.Tensor:
+    """``method="layers"``: one backward pass per pair of chunks (one in all for one chunk)."""
+    setup = layer_chunks(loss_fn, params, batch, chunk_size, buffers)
+    chunks = list(setup.chunks)
+
+    def gram(leaves: list[torch.Tensor]) -> torch.Tensor:
+        return gram_by_layers(setup.example_loss, setup.param_leaves, leaves, randomness)[1]
+
+    if len(chunks) == 1:
+        return gram(chunks[0][2])
+    n = chunks[-1][1]
+    g: torch.Tensor | None = None
+    for i, (a0, a1, a) in enumerate(chunks):
+        for b0, b1, b in chunks[i + 1 :]:
+            block = gram([torch.cat(pair) for pair in zip(a, b)])
+            g = block.new_empty(n, n) if g is None else g
+            k = a1 - a0
+            g[a0:a1, a0:a1], g[b0:b1, b0:b1] = block[:k, :k], block[k:, k:]
+            g[a0:a1, b0:b1], g[b0:b1, a0:a1] = block[:k, k:], block[k:, :k]
+    assert g is not None  # two chunks at least
+    return g
+
+
+def _gram_by_vmap(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+    randomness: str,
+) -> torch.Tensor:
+    """``method="vmap"``: blocks of materialized per-sample gradients, two chunks at a time."""
     opts = {"chunk_size": chunk_size, "buffers": buffers, "randomness": randomness}
     n = batch_size_of(batch)
     rows = []
@@ -460,4 +521,4 @@ def per_sample_gram(
             g[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block
             if j != i:
                 g[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
-    return _to_cosine(g, eps) if cosine else g
+    return g
