@@ -386,7 +386,7 @@ def test_gram_auto_takes_layers_when_large_and_vmap_otherwise(monkeypatch):
         taken.append(True)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("functrain.grads.stats.gram_by_layers", spy)
+    monkeypatch.setattr("functrain.grads.streaming.gram_by_layers", spy)
     torch.testing.assert_close(ft.per_sample_gram(loss_fn, params, batch), expected)
     assert not taken  # small: vmap
     monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)

@@ -23,7 +23,7 @@ the mean of per-sample gradients is not the token-weighted batch gradient) or
 ``randomness``.
 
 ``chunk_size`` bounds memory: examples are processed ``chunk_size`` at a time. The streaming
-reductions in :mod:`functrain.grads.stats` and :mod:`functrain.grads.privacy` consume
+reductions in :mod:`functrain.grads.streaming` and :mod:`functrain.grads.privacy` consume
 :func:`per_sample_chunks` and never hold more than one chunk of per-sample gradients.
 """
 
@@ -441,7 +441,7 @@ def per_sample_grads(
     Compared with Opacus or BackPACK there are no module hooks and no list of supported layers:
     tied weights, attention and arbitrary functional code work, at the price of holding
     ``chunk_size`` gradients at a time. To reduce them without storing the whole batch (norms,
-    clipped sums, moments, Gram matrices), use :mod:`functrain.grads.stats` or
+    clipped sums, moments, Gram matrices), use :mod:`functrain.grads.streaming` or
     :func:`clipped_grad_sum`.
 
     Attention on CPU: ``vmap`` has no batching rule for the fused CPU attention kernel and

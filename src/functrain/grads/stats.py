@@ -1,34 +1,20 @@
-"""Statistics of per-sample gradients, computed chunk by chunk.
+"""Statistics of a materialized pytree of per-sample gradients (leading batch dimension).
 
-Each statistic exists in two forms:
-
-* on a materialized pytree of per-sample gradients (leading batch dimension), e.g. from
-  :func:`per_sample_grads`: :func:`per_sample_norms`, :func:`grad_moments`, :func:`grad_gram`;
-* streaming from ``loss_fn``: :func:`per_sample_grad_norms`, :func:`per_sample_grad_moments`,
-  :func:`per_sample_gram`. These compute ``chunk_size`` per-sample gradients at a time, reduce
-  them and drop them, so memory is ``chunk_size × parameters`` instead of ``batch × parameters``.
-
-:func:`tree_gram` gives the Gram / cosine matrix of a list of gradient pytrees, e.g. the
-micro-batch gradients of one step.
+:func:`per_sample_norms`, :func:`grad_moments` (with :func:`merge_grad_moments`,
+:func:`grad_variance`, :func:`grad_snr`) and :func:`grad_gram` take the gradients of
+:func:`per_sample_grads`; :func:`tree_gram` gives the Gram / cosine matrix of a list of gradient
+pytrees, e.g. the micro-batch gradients of one step. The same statistics streamed from
+``loss_fn``, without holding ``batch × parameters``, are in :mod:`functrain.grads.streaming`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from functrain import tree
-from functrain.grads._layer_rules import gram_by_layers, sq_norms_by_layers
-from functrain.grads.per_sample import (
-    REDUCTION_METHODS,
-    _check_options,
-    batch_size_of,
-    layer_chunks,
-    per_sample_chunks,
-    reduce_by_layers,
-)
 
 __all__ = [
     "GradMoments",
@@ -38,9 +24,6 @@ __all__ = [
     "grad_snr",
     "grad_variance",
     "merge_grad_moments",
-    "per_sample_grad_moments",
-    "per_sample_grad_norms",
-    "per_sample_gram",
     "per_sample_norms",
     "tree_gram",
 ]
@@ -296,229 +279,3 @@ def tree_gram(trees: Sequence[PyTree], cosine: bool = False, eps: float = 1e-30)
         raise ValueError("tree_gram needs trees with at least one leaf")
     g = _cross_gram(stacked, stacked)
     return _to_cosine(g, eps) if cosine else g
-
-
-def per_sample_grad_norms(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    *,
-    chunk_size: int | None = None,
-    buffers: PyTree | None = None,
-    randomness: str = "error",
-    method: str = "auto",
-) -> GradNorms:
-    """Per-sample gradient norms (global and per leaf), computed chunk by chunk.
-
-    Arguments are those of :func:`per_sample_grads`; only ``chunk_size`` gradients are alive at
-    a time. Useful to find the hardest examples or to pick a DP clipping norm.
-
-    ``method``: ``"vmap"`` forms each chunk's per-sample gradients and takes their norms;
-    ``"layers"`` takes the norms layer by layer in one backward pass without forming the
-    gradients (ghost norms, as :func:`clipped_grad_sum`; it raises ``ValueError`` naming a
-    parameter used by a call other than linear, convolution, layer norm or embedding);
-    ``"auto"`` (default) uses ``"layers"`` when it applies and a chunk's per-sample gradients
-    would take 64 MiB or more.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> params = {"w": torch.ones(2)}
-        >>> batch = {"x": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "y": torch.zeros(2)}
-        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
-        >>> ft.per_sample_grad_norms(loss_fn, params, batch, chunk_size=1).global_norm
-        tensor([13.4164, 70.0000])
-    """
-    _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
-    done = reduce_by_layers(
-        method,
-        params,
-        batch,
-        chunk_size,
-        lambda: _norms_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
-    )
-    if done is not None:
-        return done
-    parts = [
-        per_sample_norms(c.grads)
-        for c in per_sample_chunks(
-            loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
-        )
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return GradNorms(
-        torch.cat([p.global_norm for p in parts]),
-        tree.map(lambda *xs: torch.cat(xs), *(p.leaf_norms for p in parts)),
-    )
-
-
-def _norms_by_layers(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    chunk_size: int | None,
-    buffers: PyTree | None,
-    randomness: str,
-) -> GradNorms:
-    """``method="layers"``: the squared norms of each chunk from one backward pass."""
-    setup = layer_chunks(loss_fn, params, batch, chunk_size, buffers)
-    chunks: list[list[torch.Tensor]] = []
-    totals: list[torch.Tensor] = []
-    for start, stop, chunk in setup.chunks:
-        losses, squares = sq_norms_by_layers(
-            setup.example_loss, setup.param_leaves, chunk, randomness
-        )
-        chunks.append(squares)
-        totals.append(sum(squares, losses.new_zeros(stop - start)))
-    squares = [torch.cat(parts) for parts in zip(*chunks)]
-    leaf_norms = tree.unflatten(setup.param_spec, [sq.sqrt() for sq in squares])
-    return GradNorms(torch.cat(totals).sqrt(), leaf_norms)
-
-
-def per_sample_grad_moments(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    *,
-    chunk_size: int | None = None,
-    buffers: PyTree | None = None,
-    randomness: str = "error",
-) -> GradMoments:
-    """Moments of the per-sample gradients (mean, variance, SNR), merged chunk by chunk.
-
-    Memory is ``chunk_size × parameters`` plus two parameter-sized accumulators. Combine with
-    :func:`grad_variance`, :func:`grad_snr`, ``GradMoments.sum_of_squares`` or
-    :func:`gradient_diversity_from_moments`.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> params = {"w": torch.ones(2)}
-        >>> batch = {"x": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "y": torch.zeros(2)}
-        >>> loss_fn = lambda p, b: ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
-        >>> m = ft.per_sample_grad_moments(loss_fn, params, batch, chunk_size=1)
-        >>> m.mean["w"], ft.grad_variance(m)["w"]
-        (tensor([24., 34.]), tensor([648., 968.]))
-    """
-    acc: GradMoments | None = None
-    for c in per_sample_chunks(
-        loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
-    ):
-        part = grad_moments(c.grads)
-        acc = part if acc is None else merge_grad_moments(acc, part)
-    assert acc is not None  # per_sample_chunks yields at least one chunk
-    return acc
-
-
-def per_sample_gram(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    *,
-    cosine: bool = False,
-    chunk_size: int | None = None,
-    buffers: PyTree | None = None,
-    randomness: str = "error",
-    eps: float = 1e-30,
-    method: str = "auto",
-) -> torch.Tensor:
-    """Gram / cosine matrix between the per-sample gradients, block by block.
-
-    With ``c`` chunks, block ``(i, j)`` needs chunks ``i`` and ``j`` at the same time, so at
-    most two chunks of gradients are alive, at the cost of recomputing chunk gradients
-    ``c(c+1)/2`` times instead of ``c``. With ``chunk_size=None`` it is one pass. Random ops in
-    ``loss_fn`` are redrawn on each recomputation, so use ``randomness="error"`` (deterministic
-    losses) when the matrix must be exact.
-
-    ``method``: ``"vmap"`` forms the chunks' per-sample gradients as above; ``"layers"`` adds
-    up each layer's part of the matrix in one backward pass without forming the gradients
-    where a rule allows (a linear layer's part is ``(GGᵀ) ⊙ (XXᵀ)`` over its inputs ``X`` and
-    output gradients ``G``; convolutions and layer norms form their per-example gradients one
-    layer at a time), over each pair of chunks together; it raises ``ValueError`` naming a
-    parameter used by any other call. ``"auto"`` (default) uses ``"layers"`` when it applies
-    and a chunk's per-sample gradients would take 64 MiB or more.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> params = {"w": torch.ones(2)}
-        >>> batch = {"x": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
-        >>> loss_fn = lambda p, b: (b["x"] @ p["w"]).mean()
-        >>> ft.per_sample_gram(loss_fn, params, batch, chunk_size=1)
-        tensor([[1., 0.],
-                [0., 1.]])
-    """
-    _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
-    g = reduce_by_layers(
-        method,
-        params,
-        batch,
-        chunk_size,
-        lambda: _gram_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
-    )
-    if g is None:
-        g = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness)
-    return _to_cosine(g, eps) if cosine else g
-
-
-def _gram_by_layers(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    chunk_size: int | None,
-    buffers: PyTree | None,
-    randomness: str,
-) -> torch.Tensor:
-    """``method="layers"``: one backward pass per pair of chunks (one in all for one chunk)."""
-    setup = layer_chunks(loss_fn, params, batch, chunk_size, buffers)
-    chunks = list(setup.chunks)
-
-    def gram(leaves: list[torch.Tensor]) -> torch.Tensor:
-        return gram_by_layers(setup.example_loss, setup.param_leaves, leaves, randomness)[1]
-
-    if len(chunks) == 1:
-        return gram(chunks[0][2])
-    n = chunks[-1][1]
-    g: torch.Tensor | None = None
-    for i, (a0, a1, a) in enumerate(chunks):
-        for b0, b1, b in chunks[i + 1 :]:
-            block = gram([torch.cat(pair) for pair in zip(a, b)])
-            g = block.new_empty(n, n) if g is None else g
-            k = a1 - a0
-            g[a0:a1, a0:a1], g[b0:b1, b0:b1] = block[:k, :k], block[k:, k:]
-            g[a0:a1, b0:b1], g[b0:b1, a0:a1] = block[:k, k:], block[k:, :k]
-    assert g is not None  # two chunks at least
-    return g
-
-
-def _gram_by_vmap(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    chunk_size: int | None,
-    buffers: PyTree | None,
-    randomness: str,
-) -> torch.Tensor:
-    """``method="vmap"``: blocks of materialized per-sample gradients, two chunks at a time."""
-    opts = {"chunk_size": chunk_size, "buffers": buffers, "randomness": randomness}
-    n = batch_size_of(batch)
-    rows = []
-    for ci in per_sample_chunks(loss_fn, params, batch, **opts):
-        left = _flat_rows(ci.grads)
-        blocks = [_cross_gram(left, left)]
-        # Chunks after ci are recomputed for this row of blocks; earlier ones come by symmetry.
-        rest = tree.map(lambda x, stop=ci.stop: x[stop:], batch)
-        if ci.stop < n:
-            for cj in per_sample_chunks(loss_fn, params, rest, **opts):
-                blocks.append(_cross_gram(left, _flat_rows(cj.grads)))
-        rows.append(blocks)
-    ref = rows[0][0]
-    g = torch.empty((n, n), dtype=ref.dtype, device=ref.device)
-    starts = [0]
-    for r in rows:
-        starts.append(starts[-1] + r[0].shape[0])
-    for i, r in enumerate(rows):
-        for k, block in enumerate(r):
-            j = i + k
-            g[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block
-            if j != i:
-                g[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
-    return g
