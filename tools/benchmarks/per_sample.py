@@ -167,6 +167,9 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
 
         return run
 
+    def gram_with(method: str) -> Callable[[], torch.Tensor]:
+        return lambda: ft.per_sample_gram(loss_fn, params, batch, method=method)
+
     functrain_clip = clip_with("auto")
     fns: dict[str, Callable[[], Any]] = {
         "plain batch gradient": plain,
@@ -175,6 +178,8 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
         "functrain clipped_grad_sum": functrain_clip,
         "functrain clipped_grad_sum, vmap": clip_with("vmap"),
         "functrain clipped_grad_sum, ghost (layers)": clip_with("layers"),
+        "functrain per_sample_gram, vmap": gram_with("vmap"),
+        "functrain per_sample_gram, ghost (layers)": gram_with("layers"),
     }
     if name != "mnist_mlp":  # 64 backward passes of a 0.67M-parameter model: only slow
         fns["naive loop"] = naive
@@ -242,6 +247,17 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
         section.checks.append(
             (
                 f"{name}: functrain clipped sum ({method}) = naive clip + sum",
+                err < 1e-4,
+                f"max rel err {err:.1e}",
+            )
+        )
+    rows = torch.cat([g.reshape(BATCH, -1) for g in expected], dim=1)
+    expected_gram = rows @ rows.T
+    for method in ("vmap", "layers"):
+        err = _max_rel_err([gram_with(method)()], [expected_gram])
+        section.checks.append(
+            (
+                f"{name}: functrain Gram ({method}) = naive Gram",
                 err < 1e-4,
                 f"max rel err {err:.1e}",
             )
