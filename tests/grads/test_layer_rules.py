@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import functrain as ft
 from functrain import tree
-from functrain.grads import _layer_rules, per_sample, privacy
+from functrain.grads import _layer_passes, _layer_rules, per_sample, privacy
 from functrain.testing import assert_trees_all_close, assert_trees_all_equal
 
 
@@ -380,7 +380,7 @@ def test_gram_auto_takes_layers_when_large_and_vmap_otherwise(monkeypatch):
     loss_fn, params, batch = mlp_problem()
     expected = ft.per_sample_gram(loss_fn, params, batch, method="vmap")
     taken = []
-    original = _layer_rules.gram_by_layers
+    original = _layer_passes.gram_by_layers
 
     def spy(*args, **kwargs):
         taken.append(True)

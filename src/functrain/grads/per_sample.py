@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.grads._layer_rules import SAVED_TENSOR_HOOKS, Unsupported, per_sample_by_layers
+from functrain.grads._layer_passes import per_sample_by_layers
+from functrain.grads._layer_rules import SAVED_TENSOR_HOOKS, Unsupported
 
 __all__ = [
     "PerSampleChunk",

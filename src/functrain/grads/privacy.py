@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import optim, tree
-from functrain.grads._layer_rules import clipped_sum_by_layers
+from functrain.grads._layer_passes import clipped_sum_by_layers
 from functrain.grads.per_sample import (
     REDUCTION_METHODS,
     _check_options,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from functrain import tree
-from functrain.grads._layer_rules import gram_by_layers, sq_norms_by_layers
+from functrain.grads._layer_passes import gram_by_layers, sq_norms_by_layers
 from functrain.grads.per_sample import (
     REDUCTION_METHODS,
     _check_options,
