@@ -109,7 +109,7 @@ def test_restart_skips_corrupt_latest_and_logs(tmp_path: Any, caplog: Any) -> No
 def test_restart_removes_temporaries_and_ignores_foreign_files(tmp_path: Any) -> None:
     mgr = checkpoint.CheckpointManager(tmp_path)
     mgr.save(1, state_for(1))
-    leftover = tmp_path / ".checkpoint_00000002.safetensors.123.abcd1234.tmp"
+    leftover = tmp_path / ".checkpoint_00000002.safetensors.4206649.abcd1234.tmp"
     leftover.write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("keep me")
     (tmp_path / "checkpoint_00000009.safetensors").write_bytes(b"\x80\x04garbage")

@@ -261,8 +261,10 @@ class Reader:
         self.description: dict[str, Any] | None = None
         if not isinstance(meta, dict):
             raise InvalidCheckpointError(f"{self.path}: __metadata__ is not a JSON object")
-        if "format" not in meta and "functrain" not in meta:
-            return  # a plain safetensors file: tensors only
+        if "functrain" not in meta and meta.get("format") != FORMAT_NAME:
+            # A plain safetensors file: tensors only. Other writers stamp their own "format"
+            # (safetensors' save_model and Hugging Face write "pt"), which is not an error.
+            return
         if meta.get("format") != FORMAT_NAME:
             raise InvalidCheckpointError(f"{self.path}: unknown format {meta.get('format')!r}")
         text = meta.get("functrain")

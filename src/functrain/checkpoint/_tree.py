@@ -31,6 +31,11 @@ __all__ = ["build", "encode", "restore_into"]
 
 logger = logging.getLogger("functrain.checkpoint")
 
+# Each tree level is two levels of JSON nesting, and json.loads fails with RecursionError near
+# Python's recursion limit (1000 by default, less the caller's frames): a deeper tree would save
+# a file that cannot be loaded. Real train states are a few levels deep.
+MAX_DEPTH = 128
+
 _SCALARS = ("bool", "int", "float", "str")
 _CONTAINERS = ("dict", "list", "tuple", "deque", "namedtuple", "custom")
 _DICT_TYPES = {
@@ -109,10 +114,12 @@ def encode(tree: Any, tensors: list[tuple[str, torch.Tensor, dict[str, Any]]]) -
     def visit(obj: Any, path: list[Any]) -> dict[str, Any]:
         if isinstance(obj, torch.Tensor):
             where = path_str("state", path)
-            if obj.layout != torch.strided or obj.is_quantized or obj.is_meta:
+            # Nested tensors may report the strided layout but have no single shape.
+            if obj.layout != torch.strided or obj.is_quantized or obj.is_meta or obj.is_nested:
+                kind = "nested, " if obj.is_nested else ""
                 raise TypeError(
                     f"cannot checkpoint {where}: only dense tensors with data are supported "
-                    f"(got layout={obj.layout}, device={obj.device})"
+                    f"(got {kind}layout={obj.layout}, device={obj.device})"
                 )
             name = path_str("", path) or "<root>"
             while name in names:  # only when a custom node repeats an entry
@@ -129,6 +136,12 @@ def encode(tree: Any, tensors: list[tuple[str, torch.Tensor, dict[str, Any]]]) -
         scalar = _scalar_node(obj)
         if scalar is not None:
             return scalar
+        if len(path) >= MAX_DEPTH:
+            raise TypeError(
+                f"cannot checkpoint {path_str('state', path)}: the tree is nested deeper than "
+                f"{MAX_DEPTH} levels (a cycle?), which the file's description could not be "
+                "read back from"
+            )
         found = _container(obj)
         if found is None:
             raise TypeError(
@@ -195,7 +208,7 @@ def _keys(node: dict[str, Any], where: str) -> list[Any]:
 def _describe(node: dict[str, Any]) -> str:
     kind = node["kind"]
     if kind == "tensor":
-        return f"a {node.get('dtype')} tensor of shape {tuple(node.get('shape', ()))}"
+        return _article(f"{node.get('dtype')} tensor of shape {tuple(node.get('shape', ()))}")
     if kind == "none":
         return "None"
     if kind in ("namedtuple", "custom"):
@@ -209,7 +222,7 @@ def _article(name: str) -> str:
 
 def _describe_target(obj: Any) -> str:
     if isinstance(obj, torch.Tensor):
-        return f"a {dtype_name(obj.dtype)} tensor of shape {tuple(obj.shape)}"
+        return _article(f"{dtype_name(obj.dtype)} tensor of shape {tuple(obj.shape)}")
     if obj is None:
         return "None"
     return _article(type(obj).__name__)

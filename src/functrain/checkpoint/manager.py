@@ -3,7 +3,8 @@
 Each checkpoint is one atomic file ``<prefix>_<step:08d>.safetensors`` whose metadata records the
 step and the metrics passed to :meth:`CheckpointManager.save`. On construction the manager
 scans the directory, removes temporary files left by interrupted saves (they never carry a
-final name, so they were never valid), and skips files that fail validation, logging each one
+final name, so they were never valid; files of a process that still runs are saves in flight
+and are left alone), and skips files that fail validation, logging each one
 on the ``functrain.checkpoint`` logger and listing it in :attr:`CheckpointManager.skipped`.
 One process writes to a directory at a time; any number may read.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
+import operator
 import os
 import re
 from typing import Any
@@ -32,10 +35,32 @@ def _metric_to_json(name: str, value: Any) -> float | int | str:
         if value.numel() != 1:
             raise ValueError(f"metric {name!r} must be a scalar, got shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real also admits NumPy scalars (np.float32 is not a float subclass).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"metric {name!r} must be a number or a 1-element tensor, got {value!r}")
+    value = int(value) if isinstance(value, numbers.Integral) else float(value)
     # JSON has no NaN/inf; keep them as strings so a diverged run's metrics are still recorded.
     return value if math.isfinite(value) else repr(float(value))
+
+
+def _writer_alive(temp_name: str) -> bool:
+    """Whether the process that named temporary file ``temp_name`` still runs on this host.
+
+    Its name is ``.<file>.<pid>.<hex>.tmp`` (see ``_file.temp_name``). A live writer's file is
+    a save in flight, which a reading process must not delete from under it.
+    """
+    parts = temp_name.split(".")
+    if os.name != "posix" or len(parts) < 4 or not parts[-3].isdigit():
+        return False  # os.kill(pid, 0) is not a probe on Windows
+    try:
+        os.kill(int(parts[-3]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    except (OSError, OverflowError):
+        return False
+    return True
 
 
 def _metric_from_json(value: Any) -> float | None:
@@ -136,6 +161,8 @@ class CheckpointManager:
         for name in sorted(os.listdir(self.directory)):
             full = os.path.join(self.directory, name)
             if self._temp_pattern.match(name):
+                if _writer_alive(name):
+                    continue
                 logger.info("removing %s left by an interrupted save", full)
                 with contextlib.suppress(OSError):
                     os.unlink(full)
@@ -152,10 +179,16 @@ class CheckpointManager:
                 self._skip(full, str(err))
                 continue
             step = int(match.group(1))
-            if not isinstance(meta, dict) or meta.get("step") != step:
+            if name != os.path.basename(self.path(step)):
+                continue  # e.g. checkpoint_5.safetensors: not the name save() gives step 5
+            if not isinstance(meta, dict):
+                self._skip(full, f"metadata is not a JSON object: {meta!r}")
+                continue
+            if meta.get("step") != step:
                 self._skip(full, f"metadata step {meta.get('step')!r} does not match file name")
                 continue
-            metrics = meta.get("metrics") or {}
+            metrics = meta.get("metrics")
+            metrics = metrics if isinstance(metrics, dict) else {}
             self._index[step] = {
                 k: _metric_from_json(v) for k, v in metrics.items() if isinstance(k, str)
             }
@@ -174,11 +207,11 @@ class CheckpointManager:
             raise KeyError(f"no checkpoint for step {step} in {self.directory}")
         return dict(self._index[step])
 
-    def _ranked(self) -> list[int]:
+    def _ranked(self, index: dict[int, dict[str, float | None]] | None = None) -> list[int]:
         if self.best_metric is None:
             return []
         scored = []
-        for step, metrics in self._index.items():
+        for step, metrics in (self._index if index is None else index).items():
             value = metrics.get(self.best_metric)
             if value is not None and math.isfinite(value):
                 scored.append((value if self.mode == "min" else -value, -step, step))
@@ -212,19 +245,36 @@ class CheckpointManager:
             if step.numel() != 1 or step.is_floating_point():
                 raise TypeError(f"step must be an int, got a tensor {step!r}")
             step = int(step.item())
+        if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+            step = operator.index(step)  # NumPy integers: a plain int for the file name and JSON
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         encoded = {k: _metric_to_json(k, v) for k, v in (metrics or {}).items()}
+        decoded = {k: _metric_from_json(v) for k, v in encoded.items()}
+        if step not in self._kept({**self._index, step: decoded}):
+            # Written, it would be pruned at once: save() would return a path to nothing.
+            raise ValueError(
+                f"step {step} would be deleted as soon as it is saved: max_to_keep="
+                f"{self.max_to_keep} keeps the newest steps, and {self.directory} already holds "
+                f"steps up to {max(self._index)}. Remove the newer checkpoints first (for example "
+                "after restoring an older one), or save to another directory"
+            )
         path = self.path(step)
         io.save(path, state, metadata={"step": step, "metrics": encoded, "user": metadata})
-        self._index[step] = {k: _metric_from_json(v) for k, v in encoded.items()}
+        self._index[step] = decoded
         self._prune()
         return path
 
+    def _kept(self, index: dict[int, dict[str, float | None]]) -> set[int]:
+        """The steps of ``index`` that pruning keeps: the newest, and the best ranked."""
+        steps = sorted(index)
+        keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
+        keep.update(self._ranked(index)[: self.keep_best])
+        return keep
+
     def _prune(self) -> None:
         steps = self.all_steps()
-        keep = set(steps if self.max_to_keep is None else steps[-self.max_to_keep :])
-        keep.update(self._ranked()[: self.keep_best])
+        keep = self._kept(self._index)
         for step in steps:
             if step not in keep:
                 del self._index[step]

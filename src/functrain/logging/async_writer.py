@@ -17,7 +17,8 @@ Snapshots are taken in stream order at the call, so the values written are those
 at that moment even if their memory is reused afterwards (donated buffers, CUDA graphs).
 
 An exception raised by the wrapped writer in the background thread is re-raised (as a
-``RuntimeError`` whose ``__cause__`` is the original) by the next call to any method.
+``RuntimeError`` whose ``__cause__`` is the original) by the next call to any method, after
+that call's own values are buffered; ``flush`` and ``close`` first write everything buffered.
 """
 
 from __future__ import annotations
@@ -285,7 +286,6 @@ class AsyncWriter(MetricWriter):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("AsyncWriter is closed")
-        self._raise_pending()
 
     def _submit(self, snapshot: _Snapshot | None, call: Callable[[MetricWriter], None]) -> None:
         """Buffers a write; ``snapshot`` is ``None`` when its values are host values already."""
@@ -299,7 +299,8 @@ class AsyncWriter(MetricWriter):
             )
         if due:
             self._dispatch()
-            self._raise_pending()
+        # After buffering: the error is about earlier values, and this call's must not be lost.
+        self._raise_pending()
 
     def _dispatch(self) -> None:
         with self._dispatch_lock:
@@ -321,7 +322,7 @@ class AsyncWriter(MetricWriter):
 
     def write_scalars(self, step: int | torch.Tensor, scalars: Mapping[str, Scalar]) -> None:
         """Snapshots the scalars (and a tensor step) without waiting; written later."""
-        if self._closed or self._error is not None:
+        if self._closed:
             self._check_open()
         if type(step) is torch.Tensor and step.is_cpu:
             _check_step(step)
@@ -432,7 +433,9 @@ class AsyncWriter(MetricWriter):
 
     def flush(self) -> None:
         """Waits until every earlier write reached the wrapped writer, then flushes it."""
-        self._check_open()
+        if self._closed:
+            raise RuntimeError("AsyncWriter is closed")
+        # A pending error is raised after the flush, so the buffered writes still reach the file.
         self._dispatch()
         self._queue.put(_FLUSH)
         self._queue.join()

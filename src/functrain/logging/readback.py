@@ -57,7 +57,8 @@ def read_scalars(
 
     Args:
         logdir: a run directory or a directory of runs.
-        tags: keep only tags matching one of these shell patterns (``"train/*"``).
+        tags: keep only tags matching one of these shell patterns (``["train/*"]``); a single
+            string is one pattern.
 
     Returns:
         ``{run: {tag: (steps, values)}}`` with runs named as by :func:`find_runs`.
@@ -72,6 +73,8 @@ def read_scalars(
         ...     read_scalars(d, tags=["lo*"])
         {'.': {'loss': ([0, 1, 2], [1.0, 0.5, 0.3333333432674408])}}
     """
+    if isinstance(tags, str):  # not a sequence of one-character patterns
+        tags = [tags]
     out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for run in find_runs(logdir):
         acc = _event_accumulator(os.path.join(os.fspath(logdir), run))

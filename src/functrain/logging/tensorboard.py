@@ -40,6 +40,8 @@ from functrain.logging.base import (
 
 __all__ = ["TensorBoardWriter"]
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
 _INSTALL_HINT = (
     "TensorBoardWriter needs the `tensorboard` package; install it with "
     "`pip install functrain[tensorboard]` (or `pip install tensorboard`)"
@@ -171,6 +173,11 @@ class TensorBoardWriter(MetricWriter):
     def _step(self, step: Any) -> int:
         self._check_open()
         value = step_to_int(step)
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            # The fast scalar encoder would wrap it silently; protobuf refuses it less clearly.
+            raise ValueError(
+                f"step {value} does not fit TensorBoard's step, a signed 64-bit integer"
+            )
         self._last_step = max(self._last_step, value)
         return value
 
