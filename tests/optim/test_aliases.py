@@ -51,7 +51,16 @@ OPTAX_SIGNATURES = {
         threshold=5.0,
         nesterov__kw=False,
     ),
-    "amsgrad": dict(learning_rate=_, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None),
+    "amsgrad": dict(
+        learning_rate=_,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        eps_root=0.0,
+        mu_dtype=None,
+        bias_correction_mu=True,
+        bias_correction_nu=True,
+    ),
     "adamax": dict(learning_rate=_, b1=0.9, b2=0.999, eps=1e-8),
     "rmsprop": dict(
         learning_rate=_,

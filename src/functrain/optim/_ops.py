@@ -65,26 +65,39 @@ def on_device(value: Scalar, like: torch.Tensor) -> Scalar:
 
 
 def mul(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
-    """``[x * s]``."""
+    """``[x * s]``, each in ``x``'s dtype."""
     if not xs:
         return []
-    return list(torch._foreach_mul(xs, on_device(s, xs[0])))
+    return _keep_dtypes(torch._foreach_mul(xs, on_device(s, xs[0])), xs, s)
 
 
 def div(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
-    """``[x / s]``."""
+    """``[x / s]``, each in ``x``'s dtype."""
     if not xs:
         return []
-    return list(torch._foreach_div(xs, on_device(s, xs[0])))
+    return _keep_dtypes(torch._foreach_div(xs, on_device(s, xs[0])), xs, s)
 
 
 def add_scaled(xs: list[torch.Tensor], a: Scalar, ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[x + a * y]``."""
+    """``[x + a * y]``, each in ``x``'s dtype."""
     if not xs:
         return []
     if isinstance(a, torch.Tensor):
-        return list(torch._foreach_add(xs, torch._foreach_mul(ys, on_device(a, xs[0]))))
+        scaled = torch._foreach_mul(ys, on_device(a, xs[0]))
+        return _keep_dtypes(torch._foreach_add(xs, scaled), xs, a)
     return list(torch._foreach_add(xs, ys, alpha=a))
+
+
+def _keep_dtypes(out: Any, xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
+    """Casts back leaves that a 0-d tensor scalar promoted (optax keeps every leaf's dtype).
+
+    Type promotion treats a 0-d leaf and a 0-d scalar alike, so a 0-d float32 parameter times a
+    float64 bias correction (or schedule value) would come out float64; larger leaves never do.
+    """
+    out = list(out)
+    if isinstance(s, torch.Tensor):
+        return _like(out, xs)
+    return out
 
 
 def _like(xs: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -40,6 +40,11 @@ def trace(
     Matches ``torch.optim.SGD(momentum=decay, dampening=0)``: its first buffer is the gradient
     itself, which is what a zero-initialised trace gives here.
 
+    Differences from optax: the result keeps the updates' dtype and is computed in it. With an
+    ``accumulator_dtype`` wider than the updates (a float64 trace of float32 gradients) optax
+    computes in, and returns, the wider dtype; functrain rounds the stored trace to the updates'
+    dtype first, so a wider accumulator only stores, it does not add precision.
+
     Args:
         decay: the momentum coefficient (a number or a 0-d tensor).
         nesterov: return ``u + decay · t`` instead of ``t``.
@@ -96,6 +101,9 @@ def ema(
 
     Returns ``e`` (or ``e / (1 − decayᵗ)`` with ``debias=True``, ``t`` the step count after
     increment). Compare :func:`trace`, which does not weight the new update by ``1 − decay``.
+
+    Differences from optax: the result keeps the updates' dtype; with an ``accumulator_dtype``
+    wider than the updates optax returns the wider dtype (see :func:`trace`).
 
     Args:
         decay: the averaging coefficient in ``[0, 1]``.

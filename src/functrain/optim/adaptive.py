@@ -92,6 +92,9 @@ def scale_by_adam(
 
     With ``nesterov=True`` (NAdam), ``û = b1·mu/(1 − b1ᵗ⁺¹) + (1 − b1)·g/(1 − b1ᵗ)``.
 
+    Differences from optax: the result keeps the updates' dtype; with a ``mu_dtype`` wider than
+    the updates optax returns the wider dtype.
+
     Args:
         b1: decay of the first moment, in ``[0, 1)``.
         b2: decay of the second moment, in ``[0, 1)``.

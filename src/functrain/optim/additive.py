@@ -55,8 +55,7 @@ def add_decayed_weights(
 
     Args:
         weight_decay: the coefficient: a number, a 0-d tensor, or a schedule of the step
-            count (then the state counts steps; optax's own schedule path never advances its
-            count, functrain's does).
+            count (then the state counts steps, as optax's does).
         mask: optional pytree of booleans like ``params`` (or a callable ``params -> mask``);
             decay applies where it is ``True``. Uses :func:`functrain.optim.masked`.
 

@@ -333,6 +333,8 @@ def amsgrad(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: torch.dtype | None = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
 ) -> GradientTransformation:
     """AMSGrad (Reddi et al., 2018): Adam dividing by the running maximum of ``v̂``.
 
@@ -347,6 +349,8 @@ def amsgrad(
         eps: added to the denominator outside the square root.
         eps_root: added inside the square root (needed when differentiating through the update).
         mu_dtype: optional dtype in which the first moment is stored.
+        bias_correction_mu: divide the first moment by ``1 − b1ᵗ``.
+        bias_correction_nu: divide the second moment by ``1 − b2ᵗ`` before the maximum.
 
     Example:
         >>> import torch, functrain as ft
@@ -357,7 +361,9 @@ def amsgrad(
         tensor([-0.1000])
     """
     return chain(
-        adaptive.scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype),
+        adaptive.scale_by_amsgrad(
+            b1, b2, eps, eps_root, mu_dtype, bias_correction_mu, bias_correction_nu
+        ),
         scaling.scale_by_learning_rate(learning_rate),
     )
 

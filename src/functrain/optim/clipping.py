@@ -92,9 +92,7 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         g_norm = tree.norm(updates)
         bound = _ops.on_device(max_norm, g_norm)
         factor = torch.where(g_norm < bound, torch.ones_like(g_norm), bound / g_norm)
-        # A 0-d float32 leaf times the float64 norm of a mixed tree would become float64; like
-        # optax, every leaf keeps its own dtype.
-        return tree.unflatten(spec, _ops.cast_like(_ops.mul(leaves, factor), leaves)), state
+        return tree.unflatten(spec, _ops.mul(leaves, factor)), state  # each in its leaf's dtype
 
     tx = GradientTransformation(init_fn, update_fn)
     return fused.register(tx, fused.ClipByGlobalNorm(max_norm))

@@ -269,12 +269,20 @@ def exponential_decay(
         else:
             if staircase:
                 p = math.floor(p)
-            value = init_value if decreased_count <= 0 else init_value * decay_rate**p
+            value = init_value if decreased_count <= 0 else init_value * _power(decay_rate, p)
             if end_value is not None:
                 value = max(value, end_value) if decreasing else min(value, end_value)
         return _finish(count, value)
 
     return schedule
+
+
+def _power(base: float | torch.Tensor, exponent: float) -> float | torch.Tensor:
+    """``base ** exponent``, ``inf`` where Python floats overflow (optax's float arithmetic)."""
+    try:
+        return base**exponent
+    except OverflowError:
+        return math.inf
 
 
 def cosine_decay_schedule(

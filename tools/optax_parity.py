@@ -1,0 +1,503 @@
+"""Differential check of functrain against the real optax, in float64.
+
+For every functrain transform, alias, wrapper, schedule and ``ft.tree`` function whose name also
+exists in optax, this builds both with the same hyperparameters (each case in ``CASES`` is
+written once, with :class:`C` standing for "this name, called in either library"), runs 20
+steps on the same random float64 gradients and compares updates, parameters and schedule
+values. It prints a markdown table and the names it could not compare.
+
+Needs ``jax`` and ``optax`` (not project dependencies): run it from a separate environment, e.g.
+``pip install torch "jax[cpu]" optax && pip install -e .`` then ``python tools/optax_parity.py``.
+Exits 0 (with a message) when optax is missing, 1 when a case fails. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optree
+import torch
+
+try:
+    import jax
+    import jax.numpy as jnp
+    import optax
+except ImportError:
+    print("optax_parity: jax/optax are not installed; skipping (pip install 'jax[cpu]' optax).")
+    sys.exit(0)
+
+import functrain as ft
+
+jax.config.update("jax_enable_x64", True)
+# Schedules of an integer tensor count compute in the default dtype: make it float64, as
+# jax's with x64, so the comparison measures the formulas rather than float32 rounding.
+torch.set_default_dtype(torch.float64)
+
+TOL = 1e-12
+STEPS = 20
+SHAPES = {"w": (4, 3), "b": (3,), "s": (), "k": (2, 3, 2)}
+MASK = {"w": True, "b": False, "s": False, "k": True}
+LABELS = {"w": "a", "b": "b", "s": "b", "k": "a"}
+OPTAX_NAMESPACES = (optax, optax.transforms, optax.schedules, optax.contrib)
+
+
+@dataclass(frozen=True)
+class C:
+    """``fn(*args, **kwargs)`` with ``fn`` (a name, or another ``C``) taken from either library."""
+
+    fn: Any
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+def c(fn: Any, *args: Any, **kwargs: Any) -> C:
+    return C(fn, args, kwargs)
+
+
+@dataclass(frozen=True)
+class R:
+    """A reference to a library object (``R("adam")``) or to the run's data (``R("@g")``)."""
+
+    name: str
+
+
+def every_k(step: Any) -> Any:
+    return 1 + 2 * (step >= 4)  # an int schedule written once for torch and jax counts
+
+
+def ndim_mask(p: Any) -> dict[str, bool]:
+    # Written with .ndim only, so the same callable works on torch and jax pytrees.
+    return {k: v.ndim > 1 for k, v in p.items()}
+
+
+def double_plus_param(u: Any, p: Any) -> dict[str, Any]:
+    return {k: 2 * u[k] + 0.5 * p[k] for k in u}
+
+
+def lookup(lib: str, name: str) -> Any:
+    if lib == "ft":
+        obj = ft
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+    for ns in OPTAX_NAMESPACES:
+        obj = ns
+        try:
+            for part in name.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise AttributeError(f"optax has no {name}")
+
+
+WIDE_COUNTS = True  # off for the float32 pass, where float64 schedule values would promote
+
+
+def _count_as_int64(schedule: Callable[[Any], Any], count: Any) -> Any:
+    # optax divides its int32 count in float32 even with x64 on; an int64 count gives the
+    # float64 value of its formula, which is what functrain's float64 run computes.
+    return schedule(jnp.asarray(count, jnp.int64))
+
+
+def resolve(lib: str, x: Any, data: dict[str, Any]) -> Any:
+    if isinstance(x, C):
+        fn = lookup(lib, x.fn) if isinstance(x.fn, str) else resolve(lib, x.fn, data)
+        fn = resolve(lib, fn, data) if isinstance(fn, R) else fn
+        args = [resolve(lib, a, data) for a in x.args]
+        out = fn(*args, **{k: resolve(lib, v, data) for k, v in x.kwargs.items()})
+        if lib == "ox" and x.fn in ft.optim.schedules.__all__ and WIDE_COUNTS:
+            return functools.partial(_count_as_int64, out)
+        return out
+    if isinstance(x, R):
+        return data[x.name[1:]] if x.name.startswith("@") else lookup(lib, x.name)
+    if isinstance(x, dict):
+        return {k: resolve(lib, v, data) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(resolve(lib, v, data) for v in x)
+    if x is np.float64:
+        return torch.float64 if lib == "ft" else jnp.float64
+    return x
+
+
+def convert(lib: str, tree: Any, dtype: str = "float64") -> Any:
+    if lib == "ft":
+        return optree.tree_map(lambda a: torch.tensor(a, dtype=getattr(torch, dtype)), tree)
+    return optree.tree_map(lambda a: jnp.asarray(a, dtype=dtype), tree)
+
+
+def leaves(tree: Any) -> list[np.ndarray]:
+    out = optree.tree_leaves(tree, namespace="functrain")
+    return [np.asarray(x.detach() if isinstance(x, torch.Tensor) else x) for x in out]
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    """Same number of leaves, and the same shape and floating dtype leaf by leaf."""
+    la, lb = leaves(a), [np.asarray(v) for v in jax.tree.leaves(b)]
+    return len(la) == len(lb) and all(
+        x.shape == y.shape and (x.dtype.kind != "f" or x.dtype == y.dtype) for x, y in zip(la, lb)
+    )
+
+
+def rel_err(a: Any, b: Any) -> float:
+    """Max over leaves of ``max|a − b| / max|b|``; NaNs must coincide; shapes must match."""
+    if not same_structure(a, b):
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(leaves(a), (np.asarray(v) for v in jax.tree.leaves(b))):
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        if not np.array_equal(np.isnan(x), np.isnan(y)):
+            return float("inf")
+        ok = ~np.isnan(x)
+        if not ok.any():
+            continue
+        diff = np.abs(x[ok] - y[ok]).max(initial=0.0)
+        worst = max(worst, diff / max(np.abs(y[ok]).max(initial=0.0), 1e-30))
+    return worst
+
+
+def make_data(kind: str, seed: int = 0) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+
+    def tree(scale: float = 1.0) -> dict[str, np.ndarray]:
+        return {k: scale * rng.standard_normal(s) for k, s in SHAPES.items()}
+
+    grads = [tree() for _ in range(STEPS)]
+    if kind == "nan":  # three non-finite steps in a row, then finite ones
+        for i in (3, 4, 5, 9):
+            grads[i]["b"] = grads[i]["b"] * np.nan
+        grads[4]["w"][0, 0] = np.inf
+    elif kind == "large":
+        for i in (2, 7, 8):
+            grads[i] = {k: 1e3 * v for k, v in grads[i].items()}
+    elif kind == "zeros":  # exact zeros: Adagrad's 0/0 and trust ratios' zero norms
+        for g in grads[:5]:
+            g["b"][:] = 0.0
+    elif kind == "per_example":
+        grads = [{k: rng.standard_normal((5, *s)) for k, s in SHAPES.items()} for _ in grads]
+    params = tree()
+    if kind == "zeros":
+        params["s"] = np.zeros(())
+    return {"grads": grads, "params": params, "g": grads[0], "h": tree(), "p": params}
+
+
+def run_transform(spec: C, data: dict[str, Any], dtype: str = "float64") -> float:
+    """Max error of updates and params over the run; float32 runs check dtypes/shapes only."""
+    txs = {lib: resolve(lib, spec, {}) for lib in ("ft", "ox")}
+    p0 = data["params"]
+    if data["grads"][0]["w"].ndim == 3:  # per-example gradients: params have no batch axis
+        p0 = {k: v[0] for k, v in data["grads"][0].items()}
+    params = {lib: convert(lib, p0, dtype) for lib in txs}
+    states = {lib: txs[lib].init(params[lib]) for lib in txs}
+    apply = {"ft": ft.apply_updates, "ox": optax.apply_updates}
+    worst = 0.0
+    for g in data["grads"]:
+        out = {}
+        for lib, tx in txs.items():
+            out[lib], states[lib] = tx.update(convert(lib, g, dtype), states[lib], params[lib])
+            params[lib] = apply[lib](params[lib], out[lib])
+        if dtype != "float64":
+            ok = same_structure(out["ft"], out["ox"]) and same_structure(*params.values())
+            worst = max(worst, 0.0 if ok else float("inf"))
+            continue
+        worst = max(worst, rel_err(out["ft"], out["ox"]), rel_err(params["ft"], params["ox"]))
+    return worst
+
+
+def run_schedule(spec: C, counts: list[int]) -> float:
+    fts, oxs = resolve("ft", spec, {}), resolve("ox", spec, {})
+    ox = np.array([np.asarray(oxs(jnp.asarray(n, jnp.int32)), np.float64) for n in counts])
+    as_int = np.array([fts(n) for n in counts], np.float64)
+    as_tensor = fts(torch.tensor(counts, dtype=torch.int32)).numpy()
+    return max(rel_err(as_int, ox), rel_err(as_tensor, ox))
+
+
+def run_function(spec: C, data: dict[str, Any]) -> float:
+    ft_out = resolve("ft", spec, {k: convert("ft", v) for k, v in data.items() if k != "grads"})
+    ox_out = resolve("ox", spec, {k: convert("ox", v) for k, v in data.items() if k != "grads"})
+    return rel_err(ft_out, ox_out)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One comparison; ``tol`` and ``why`` for known rounding gaps, ``doc`` for documented ones."""
+
+    name: str
+    settings: str
+    spec: C
+    kind: str = "normal"
+    tol: float = TOL
+    why: str = ""
+    doc: bool = False  # an intentional difference stated in the docstring: expected to differ
+    doc32: str = ""  # the same, for the float32 dtype check only
+
+
+def f64_decay_rate(i: Any, exponent: float) -> Any:
+    """Adafactor's ``1 − (i + 1)^(−exponent)`` in float64 in either library."""
+    x = i.double() if isinstance(i, torch.Tensor) else jnp.asarray(i, jnp.float64)
+    return 1.0 - (x + 1.0) ** (-exponent)
+
+
+F32_POW = "both compute optax's decay 1-(t+1)^-0.8 in float32; float32 pow differs by 1 ulp"
+WIDER = "updates keep their dtype (optax: promoted to a wider accumulator's)"
+RHO = "RAdam's rho-4 cancels: optax's b2**t (integer power) is 1 ulp off at t=6, torch's is not"
+
+
+def lr_sched() -> C:
+    return c("warmup_cosine_decay_schedule", 0.0, 0.1, 4, 15, end_value=0.01)
+
+
+def tx_cases() -> list[Case]:
+    """Every case builds the same spec in both libraries and runs it on one data set."""
+    sched = lr_sched()
+    # fmt: off
+    return [Case(*row) if isinstance(row, tuple) else row for row in [
+        ("sgd", "lr=0.1", c("sgd", 0.1), "normal"),
+        ("sgd", "momentum=0.9, nesterov", c("sgd", 0.05, momentum=0.9, nesterov=True), "normal"),
+        ("sgd", "momentum, lr schedule", c("sgd", sched, momentum=0.5), "normal"),
+        ("adam", "defaults", c("adam", 1e-2), "normal"),
+        ("adam", "eps_root, nesterov", c("adam", 1e-2, 0.8, 0.95, 1e-3, 1e-4, nesterov=True), ""),
+        ("adam", "lr schedule", c("adam", sched, b1=0.5), "normal"),
+        ("adamw", "wd=0.1, mask", c("adamw", 1e-2, weight_decay=0.1, mask=MASK), "normal"),
+        ("adamw", "callable mask, wd sched", c("adamw", sched, weight_decay=sched, mask=ndim_mask), ""),
+        ("adamw", "nesterov", c("adamw", 1e-2, weight_decay=0.3, nesterov=True), "normal"),
+        ("nadam", "defaults", c("nadam", 1e-2), "normal"),
+        ("nadamw", "wd=0.2, mask", c("nadamw", 1e-2, eps_root=1e-6, weight_decay=0.2, mask=MASK), ""),
+        Case("radam", "defaults", c("radam", 1e-2), tol=1e-10, why=RHO),
+        ("radam", "threshold=3, nesterov", c("radam", 1e-2, 0.8, 0.9, threshold=3.0, nesterov=True), ""),
+        ("amsgrad", "defaults", c("amsgrad", 1e-2), "normal"),
+        ("amsgrad", "b2=0.5, eps_root", c("amsgrad", 1e-2, b2=0.5, eps_root=1e-5), "normal"),
+        ("adamax", "b1=0.5, eps=1e-3", c("adamax", 1e-2, b1=0.5, eps=1e-3), "normal"),
+        ("rmsprop", "defaults", c("rmsprop", 1e-2), "normal"),
+        ("rmsprop", "centered, momentum, nesterov", c("rmsprop", 1e-2, 0.8, 1e-4, 0.5, False, True, 0.9, True), ""),
+        ("rmsprop", "bias_correction", c("rmsprop", sched, eps_in_sqrt=False, bias_correction=True), ""),
+        ("rmsprop", "centered, bias_correction", c("rmsprop", 1e-2, initial_scale=0.5, centered=True, bias_correction=True), ""),
+        ("adagrad", "defaults", c("adagrad", 0.1), "normal"),
+        ("adagrad", "zero grads, init=0", c("adagrad", 0.1, 0.0, eps=0.0), "zeros"),
+        Case("adafactor", "defaults", c("adafactor", 0.1), tol=1e-6, why=F32_POW),
+        Case("adafactor", "factored, momentum, wd", c("adafactor", 0.1, 2, 0.7, 3, momentum=0.9, dtype_momentum=np.float64, weight_decay_rate=0.1, weight_decay_mask=MASK), doc32=WIDER),
+        Case("adafactor", "lr=None, no clip/scale", c("adafactor", None, multiply_by_parameter_scale=False, clipping_threshold=None, factored=False), tol=1e-6, why=F32_POW),
+        ("lion", "defaults", c("lion", 1e-3), "normal"),
+        ("lion", "b1=0.5, wd sched, mask", c("lion", 1e-3, 0.5, 0.9, weight_decay=sched, mask=MASK), ""),
+        ("lamb", "wd=0.1, mask", c("lamb", 1e-2, weight_decay=0.1, mask=MASK), "normal"),
+        ("lamb", "zero grads/params", c("lamb", 1e-2, eps=0.0, weight_decay=0.0), "zeros"),
+        ("lars", "defaults", c("lars", 0.1), "normal"),
+        ("lars", "wd, masks, nesterov", c("lars", 0.1, 0.1, MASK, 0.01, 1e-6, ndim_mask, 0.5, True), ""),
+        ("lars", "zero grads/params", c("lars", 0.1, trust_coefficient=1.0), "zeros"),
+        ("sign_sgd", "lr=0.1", c("sign_sgd", 0.1), "normal"),
+        ("noisy_sgd", "eta=0 (RNGs differ)", c("noisy_sgd", 0.1, eta=0.0), "normal"),
+        ("scale", "-0.3", c("scale", -0.3), "normal"),
+        ("scale_by_learning_rate", "schedule, flip_sign=False", c("scale_by_learning_rate", sched, flip_sign=False), ""),
+        ("scale_by_schedule", "piecewise", c("scale_by_schedule", c("piecewise_constant_schedule", 1.0, {3: 0.5, 7: 0.1})), ""),
+        Case("scale_by_adam", "mu_dtype=float64, b1=0", c("scale_by_adam", 0.0, 0.5, mu_dtype=np.float64), doc32=WIDER),
+        ("scale_by_amsgrad", "no bias correction", c("scale_by_amsgrad", bias_correction_mu=False, bias_correction_nu=False), ""),
+        Case("scale_by_radam", "eps_root", c("scale_by_radam", eps_root=1e-6), tol=1e-10, why=RHO ),
+        ("scale_by_adamax", "defaults", c("scale_by_adamax"), "normal"),
+        ("scale_by_rms", "initial_scale=1", c("scale_by_rms", 0.7, 1e-3, 1.0), "normal"),
+        ("scale_by_rms", "eps outside, bias corr.", c("scale_by_rms", 0.7, 1e-3, 0.0, False, True), ""),
+        ("scale_by_stddev", "initial_scale=1", c("scale_by_stddev", 0.7, 1e-3, 1.0), "normal"),
+        ("scale_by_stddev", "eps outside, bias corr.", c("scale_by_stddev", 0.6, 1e-3, 0.5, False, True), ""),
+        ("scale_by_rss", "init=0, eps=0", c("scale_by_rss", 0.0, 0.0), "zeros"),
+        ("scale_by_lion", "b1=0.8, b2=0.95", c("scale_by_lion", 0.8, 0.95), "normal"),
+        ("scale_by_factored_rms", "min_dim=2, offset", c("scale_by_factored_rms", True, 0.6, 2, 2, 1e-20), ""),
+        ("scale_by_factored_rms", "float64 decay_rate_fn", c("scale_by_factored_rms", min_dim_size_to_factor=3, decay_rate_fn=f64_decay_rate), ""),
+        ("scale_by_sign", "", c("scale_by_sign"), "zeros"),
+        ("scale_by_trust_ratio", "min_norm, coeff, eps", c("scale_by_trust_ratio", 0.5, 0.1, 1e-3), ""),
+        ("scale_by_trust_ratio", "zero grads/params", c("scale_by_trust_ratio"), "zeros"),
+        ("scale_by_param_block_norm", "min_scale=1", c("scale_by_param_block_norm", 1.0), "zeros"),
+        ("scale_by_param_block_rms", "defaults", c("scale_by_param_block_rms"), "zeros"),
+        ("trace", "decay=0.9, nesterov", c("trace", 0.9, True), "normal"),
+        Case("trace", "accumulator_dtype", c("trace", 0.5, False, np.float64), doc32=WIDER),
+        ("ema", "debias", c("ema", 0.8), "normal"),
+        Case("ema", "no debias", c("ema", 0.8, False, np.float64), doc32=WIDER),
+        ("add_decayed_weights", "wd=0.1, mask", c("add_decayed_weights", 0.1, MASK), "normal"),
+        ("add_decayed_weights", "wd schedule", c("add_decayed_weights", sched, ndim_mask), ""),
+        ("add_noise", "eta=0 (RNGs differ)", c("add_noise", 0.0, 0.55, 0), "normal"),
+        ("clip", "max_delta=0.5", c("clip", 0.5), "normal"),
+        ("clip_by_global_norm", "1.0", c("clip_by_global_norm", 1.0), "large"),
+        ("clip_by_block_rms", "0.5", c("clip_by_block_rms", 0.5), "large"),
+        ("adaptive_grad_clip", "axis=0 (0-d leaf masked out)", c("masked", c("adaptive_grad_clip", 0.05, axis=0), {"w": True, "b": True, "s": False, "k": True}), ""),
+        Case("adaptive_grad_clip", "default axis on matrices", c("adaptive_grad_clip", 0.05), doc=True, why="unit = output row (torch layout) vs optax's last axis"),
+        ("adaptive_grad_clip", "1-d/0-d leaves only", c("masked", c("adaptive_grad_clip", 0.05), {"w": False, "b": True, "s": True, "k": False}), ""),
+        ("identity", "", c("identity"), "normal"),
+        ("set_to_zero", "", c("set_to_zero"), "normal"),
+        ("stateless", "2u + p/2", c("stateless", double_plus_param), "normal"),
+        ("chain", "clip, adam, wd", c("chain", c("clip_by_global_norm", 1.0), c("adam", 0.01), c("add_decayed_weights", 0.1)), ""),
+        ("named_chain", "clip, sgd", c("named_chain", ("clip", c("clip", 0.3)), ("opt", c("sgd", 0.1, 0.9))), ""),
+        ("masked", "adam on a mask", c("masked", c("adam", 0.01), MASK), "normal"),
+        ("masked", "callable mask", c("masked", c("trace", 0.9), ndim_mask), "normal"),
+        ("partition", "adam / sgd", c("partition", {"a": c("adam", 0.01), "b": c("sgd", 0.1, 0.5)}, LABELS), ""),
+        ("multi_transform", "adam / zero", c("multi_transform", {"a": c("adam", 0.01), "b": c("set_to_zero")}, LABELS), ""),
+        ("freeze", "mask", c("freeze", MASK), "normal"),
+        ("selective_transform", "adam, freeze mask", c("selective_transform", c("adam", 0.01), freeze_mask=MASK), ""),
+        ("inject_hyperparams", "adam(lr sched)", c(c("inject_hyperparams", R("adam")), learning_rate=sched, b1=0.8), ""),
+        ("inject_hyperparams", "adamw static nesterov", c(c("inject_hyperparams", R("adamw"), static_args="nesterov"), learning_rate=0.01, weight_decay=sched, nesterov=True), ""),
+        ("apply_if_finite", "adam, max errors 2", c("apply_if_finite", c("adam", 0.01), 2), "nan"),
+        ("zero_nans", "", c("chain", c("zero_nans"), c("sgd", 0.1, 0.9)), "nan"),
+        ("MultiSteps", "k=3, adam", c("MultiSteps", c("adam", 0.01), 3, accumulator_dtype=np.float64), ""),
+        Case("MultiSteps", "default accumulator_dtype", c("MultiSteps", c("adam", 0.01), 3), doc=True, why="float64 grads accumulate in float64 (optax: float32)"),
+        ("MultiSteps", "k schedule, sum", c("MultiSteps", c("sgd", 0.1, 0.9), every_k, False, accumulator_dtype=np.float64), ""),
+        ("MultiSteps", "skip_not_finite", c("MultiSteps", c("adam", 0.01), 2, should_skip_update_fn=R("skip_not_finite"), accumulator_dtype=np.float64), "nan"),
+        ("skip_large_updates", "via MultiSteps", c("MultiSteps", c("sgd", 0.1), 1, should_skip_update_fn=c(functools.partial, R("skip_large_updates"), max_squared_norm=100.0 ), accumulator_dtype=np.float64), "large"),
+        ("dpsgd", "noise_multiplier=0", c("dpsgd", 0.1, 1.0, 0.0, 0, 0.9, True), "per_example"),
+        ("differentially_private_aggregate", "noise 0", c("differentially_private_aggregate", 1.0, 0.0, 0), "per_example"),
+    ]]
+    # fmt: on
+
+
+def schedule_cases() -> list[tuple[str, str, C]]:
+    return [
+        ("constant_schedule", "0.3", c("constant_schedule", 0.3)),
+        ("polynomial_schedule", "p=2, begin=5", c("polynomial_schedule", 1.0, 0.1, 2.0, 10, 5)),
+        ("polynomial_schedule", "p=0.5, steps<=0", c("polynomial_schedule", 1.0, 0.1, 0.5, 0)),
+        ("linear_schedule", "begin=3", c("linear_schedule", 0.2, 1.0, 7, 3)),
+        ("cosine_decay_schedule", "alpha, exponent", c("cosine_decay_schedule", 2.0, 13, 0.1, 2.0)),
+        ("exponential_decay", "begin, end_value", c("exponential_decay", 1.0, 4, 0.5, 3, False, 0.2)),
+        ("exponential_decay", "staircase, growth", c("exponential_decay", 1.0, 3, 1.5, 0, True, 4.0)),
+        ("piecewise_constant_schedule", "3 boundaries", c("piecewise_constant_schedule", 1.0, {10: 0.5, 3: 0.1, 20: 2.0})),
+        ("piecewise_interpolate_schedule", "linear", c("piecewise_interpolate_schedule", "linear", 1.0, {5: 0.5, 12: 0.1})),
+        ("piecewise_interpolate_schedule", "cosine", c("piecewise_interpolate_schedule", "cosine", 2.0, {1: 0.5, 30: 0.01})),
+        ("warmup_constant_schedule", "", c("warmup_constant_schedule", 0.0, 1.0, 6)),
+        ("warmup_cosine_decay_schedule", "end, exponent", c("warmup_cosine_decay_schedule", 0.1, 1.0, 5, 25, 0.05, 1.5)),
+        ("warmup_exponential_decay_schedule", "staircase, end", c("warmup_exponential_decay_schedule", 0.0, 1.0, 4, 3, 0.5, 2, True, 0.1)),
+        ("join_schedules", "const/linear/cos", c("join_schedules", [c("constant_schedule", 1.0), c("linear_schedule", 1.0, 0.0, 5), c("cosine_decay_schedule", 0.5, 7)], [4, 12])),
+        ("linear_onecycle_schedule", "T=30", c("linear_onecycle_schedule", 30, 1.0, 0.25, 0.75, 10.0, 100.0)),
+        ("cosine_onecycle_schedule", "T=33", c("cosine_onecycle_schedule", 33, 2.0, 0.2, 5.0, 50.0)),
+        ("sgdr_schedule", "2 cycles", c("sgdr_schedule", [dict(init_value=0.1, peak_value=1.0, warmup_steps=2, decay_steps=9, end_value=0.01), dict(init_value=0.0, peak_value=0.5, warmup_steps=3, decay_steps=11)])),
+    ]  # fmt: skip
+
+
+def function_cases() -> list[tuple[str, str, C, str]]:
+    g, h = R("@g"), R("@h")
+    return [
+        ("tree.add", "3 trees", c("tree.add", g, h, g), "normal"),
+        ("tree.sub", "", c("tree.sub", g, h), "normal"),
+        ("tree.mul", "", c("tree.mul", g, h), "normal"),
+        ("tree.div", "", c("tree.div", g, h), "normal"),
+        ("tree.scale", "", c("tree.scale", 0.3, g), "normal"),
+        ("tree.add_scale", "", c("tree.add_scale", g, -0.7, h), "normal"),
+        ("tree.vdot", "", c("tree.vdot", g, h), "normal"),
+        ("tree.sum", "", c("tree.sum", g), "normal"),
+        ("tree.max", "", c("tree.max", g), "normal"),
+        ("tree.norm", "ord=2", c("tree.norm", g), "normal"),
+        ("tree.norm", "squared", c("tree.norm", g, squared=True), "normal"),
+        ("tree.norm", "ord=1", c("tree.norm", g, 1), "normal"),
+        ("tree.norm", "ord=inf", c("tree.norm", g, float("inf")), "normal"),
+        ("tree.clip", "[-0.5, 0.2]", c("tree.clip", g, -0.5, 0.2), "normal"),
+        ("tree.full_like", "", c("tree.full_like", g, 0.25), "normal"),
+        ("tree.zeros_like", "", c("tree.zeros_like", g), "normal"),
+        ("tree.ones_like", "", c("tree.ones_like", g), "normal"),
+        ("unitwise_norm", "axis=(0, 1)", c("unitwise_norm", R("@w"), (0, 1)), "normal"),
+        ("unitwise_norm", "1-d", c("unitwise_norm", R("@b")), "normal"),
+        (
+            "per_example_global_norm_clip",
+            "clip=1.5",
+            c("per_example_global_norm_clip", R("@gl"), 1.5),
+            "per_example",
+        ),
+        ("skip_not_finite", "nan step", c("skip_not_finite", R("@g"), 3, None), "nan"),
+        (
+            "skip_large_updates",
+            "max sq norm 10",
+            c("skip_large_updates", g, 3, None, 10.0),
+            "normal",
+        ),
+    ]
+
+
+def function_data(kind: str) -> dict[str, Any]:
+    data = make_data(kind)
+    g = data["grads"][4] if kind == "nan" else data["g"]
+    return {**data, "g": g, "w": g["k"], "b": g["b"], "gl": [g[k] for k in sorted(g)]}
+
+
+def state_field_cases() -> list[tuple[str, str]]:
+    """State NamedTuples present in both libraries: their field names must agree."""
+    rows = []
+    for name in sorted(set(ft.__all__) & set(dir(optax))):
+        a, b = getattr(ft, name), getattr(optax, name)
+        if hasattr(a, "_fields") or hasattr(b, "_fields"):
+            same = getattr(a, "_fields", None) == getattr(b, "_fields", None)
+            rows.append((name, f"fields {getattr(a, '_fields', None)}", 0.0 if same else np.inf))
+    return rows
+
+
+def main() -> int:
+    only = sys.argv[1:]  # optional name filters
+    rows: list[tuple[str, str, float, Case | None, str]] = []
+
+    def record(name: str, settings: str, fn: Callable[[], float], case: Case | None = None):
+        if only and not any(k in name for k in only):
+            return
+        try:
+            err, note = fn(), ""
+        except Exception as exc:  # a crash is a failed comparison
+            err, note = float("inf"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:70]}"
+        rows.append((name, settings, err, case, note))
+
+    datasets = {k: make_data(k) for k in ("normal", "nan", "large", "zeros", "per_example")}
+    for case in tx_cases():
+        data = datasets[case.kind or "normal"]
+        record(case.name, case.settings, functools.partial(run_transform, case.spec, data), case)
+    counts = [*range(41), 50, 99, 100, 101, 1000, 10**6]
+    for name, settings, spec in schedule_cases():
+        record(name, settings, functools.partial(run_schedule, spec, counts))
+    for name, settings, spec, kind in function_cases():
+        record(name, settings, lambda spec=spec, kind=kind: run_function(spec, function_data(kind)))
+    for name, settings, err in state_field_cases():
+        record(name, settings, lambda err=err: err)
+    global WIDE_COUNTS
+    WIDE_COUNTS = False
+    for case in tx_cases():  # float32: every leaf keeps optax's dtype and shape
+        data = datasets[case.kind or "normal"]
+        run = functools.partial(run_transform, case.spec, data, "float32")
+        doc32 = Case(case.name, "", case.spec, doc=True, why=case.doc32) if case.doc32 else None
+        record(case.name, f"float32 dtypes/shapes; {case.settings}", run, doc32)
+
+    print("| name | settings | max rel. error | result |\n|---|---|---|---|")
+    failed = 0
+    for name, settings, err, case, note in rows:
+        tol, doc = (case.tol, case.doc) if case else (TOL, False)
+        ok = err <= tol
+        result = "PASS" if ok else ("DIFF (documented)" if doc else "FAIL")
+        failed += not ok and not doc
+        why = f" tol {tol:g}: {case.why}" if case and (case.why or tol != TOL) else ""
+        print(f"| {name} | {settings} | {err:.1e} | {result}{why} {note} |")
+    compared = {r[0] for r in rows}
+    skipped = {
+        "tree": "module; its functions are compared as tree.*",
+        "apply_updates": "used by every transform run",
+        "GradientTransformation": "container type (fields compared)",
+        "TransformInitFn": "protocol type",
+        "TransformUpdateFn": "protocol type",
+        "Schedule": "protocol type",
+        "add_noise/noisy_sgd/dpsgd noise": "RNGs differ by design (jax threefry vs a counter hash): "
+        "compared with zero noise only",
+    }
+    common = sorted(set(ft.__all__) & set(dir(optax)) | {"dpsgd"})
+    missing = [n for n in common if n not in compared and n not in skipped]
+    print(f"\n{len(rows)} comparisons, {failed} failed, default tolerance {TOL:g}.\n")
+    print("Not compared:")
+    for name in sorted(skipped) + missing:
+        print(f"- {name}: {skipped.get(name, 'no case written')}")
+    unported = sorted(
+        n
+        for n in dir(ft.tree)
+        if not n.startswith("_")
+        and callable(getattr(optax.tree, n, None))
+        and inspect.isfunction(getattr(ft.tree, n))
+        and f"tree.{n}" not in compared
+    )
+    if unported and not only:
+        print(f"- tree.{', tree.'.join(unported)}: no case written")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
