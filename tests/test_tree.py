@@ -301,6 +301,19 @@ def test_allclose(skeleton, data):
     assert ft.tree.allclose(a, ft.tree.cast(b, torch.float64)) is want
 
 
+def test_norm_ord_none_is_the_l2_norm_as_in_optax():
+    tree = {"a": torch.tensor([3.0]), "b": torch.tensor([[4.0, 12.0]])}
+    assert float(ft.tree.norm(tree, ord=None)) == 13.0
+    assert float(ft.tree.norm(tree, ord=None, squared=True)) == 169.0
+
+
+def test_allclose_equal_nan():
+    a = [torch.tensor([1.0, float("nan")])]
+    assert not ft.tree.allclose(a, a)
+    assert ft.tree.allclose(a, a, equal_nan=True)
+    assert not ft.tree.allclose(a, [torch.tensor([float("nan"), 1.0])], equal_nan=True)
+
+
 def test_allclose_structure_or_shape_mismatch_is_false():
     assert not ft.tree.allclose({"a": torch.ones(2)}, {"b": torch.ones(2)})
     assert not ft.tree.allclose([torch.ones(2)], [torch.ones(3)])

@@ -418,12 +418,12 @@ def size(tree: PyTree) -> int:
     return builtins.sum(leaf.numel() for leaf in leaves(tree))
 
 
-def norm(tree: PyTree, ord: float = 2, squared: bool = False) -> torch.Tensor:
+def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch.Tensor:
     """Global norm over all leaves, as if they were concatenated into one vector.
 
     Args:
         tree: a pytree of tensors.
-        ord: ``2`` (default), ``1`` or ``float('inf')``.
+        ord: ``None`` or ``2`` (the L2 norm, default, as optax), ``1`` or ``float('inf')``.
         squared: return the squared norm (only for ``ord=2``).
 
     Returns:
@@ -436,6 +436,7 @@ def norm(tree: PyTree, ord: float = 2, squared: bool = False) -> torch.Tensor:
         >>> ft.tree.norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, squared=True)
         tensor(25.)
     """
+    ord = 2 if ord is None else ord
     if squared and ord != 2:
         raise ValueError(f"squared=True needs ord=2, got ord={ord!r}")
     if ord not in (1, 2, float("inf")):
@@ -541,8 +542,12 @@ def clip(tree: PyTree, min_value: float | None = None, max_value: float | None =
     return optree.tree_map(lambda x: torch.clamp(x, min_value, max_value), tree)
 
 
-def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8) -> bool:
+def allclose(
+    a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8, equal_nan: bool = False
+) -> bool:
     """True when both trees have the same structure and every leaf pair is ``allclose``.
+
+    ``equal_nan=True`` counts NaNs in the same places as equal, as ``torch.allclose`` does.
 
     This reads values on the host; use it in tests and checks, not inside a step.
 
@@ -559,6 +564,9 @@ def allclose(a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8) -> bo
         if x.shape != y.shape:
             return False
         dtype = torch.promote_types(x.dtype, y.dtype)  # torch.allclose wants equal dtypes
-        if not bool(torch.allclose(x.to(dtype), y.to(x.device, dtype), rtol=rtol, atol=atol)):
+        close = torch.allclose(
+            x.to(dtype), y.to(x.device, dtype), rtol=rtol, atol=atol, equal_nan=equal_nan
+        )
+        if not bool(close):
             return False
     return True

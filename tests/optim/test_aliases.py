@@ -20,7 +20,9 @@ OPTAX_SIGNATURES = {
     "adam": dict(
         learning_rate=_, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, nesterov__kw=False
     ),
-    "nadam": dict(learning_rate=_, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None),
+    "nadam": dict(
+        learning_rate=_, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None, nesterov__kw=True
+    ),
     "adamw": dict(
         learning_rate=_,
         b1=0.9,
@@ -41,6 +43,7 @@ OPTAX_SIGNATURES = {
         mu_dtype=None,
         weight_decay=1e-4,
         mask=None,
+        nesterov__kw=True,
     ),
     "radam": dict(
         learning_rate=_,
@@ -328,3 +331,14 @@ def test_invalid_hyperparameters_are_rejected() -> None:
         ft.noisy_sgd(0.1, eta=-1.0)
     with pytest.raises(ValueError, match="b2"):
         ft.nadamw(0.1, b2=1.0)
+
+
+def test_nadam_without_nesterov_is_adam() -> None:
+    params, grads = {"w": torch.tensor([0.5, -1.0])}, {"w": torch.tensor([0.3, 0.2])}
+    for plain, nadam in [
+        (ft.adam(0.1), ft.nadam(0.1, nesterov=False)),
+        (ft.adamw(0.1), ft.nadamw(0.1, nesterov=False)),
+    ]:
+        a, _ = plain.update(grads, plain.init(params), params)
+        b, _ = nadam.update(grads, nadam.init(params), params)
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

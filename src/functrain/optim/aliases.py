@@ -168,6 +168,8 @@ def nadam(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: torch.dtype | None = None,
+    *,
+    nesterov: bool = True,
 ) -> GradientTransformation:
     """NAdam (Dozat, 2016): Adam with Nesterov momentum, ``adam(..., nesterov=True)``.
 
@@ -185,6 +187,8 @@ def nadam(
         eps: added to the denominator outside the square root.
         eps_root: added inside the square root (needed when differentiating through the update).
         mu_dtype: optional dtype in which the first moment is stored.
+        nesterov: the Nesterov momentum that makes this NAdam (``False``: plain Adam), as
+            optax's argument.
 
     Example:
         >>> import torch, functrain as ft
@@ -194,7 +198,7 @@ def nadam(
         >>> u["w"]  # b1·0.1/(1 − b1²) + 1 = 1.47 times the Adam step
         tensor([-0.0015, -0.0015])
     """
-    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=True)
+    return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
 
 
 def adamw(
@@ -256,6 +260,8 @@ def nadamw(
     mu_dtype: torch.dtype | None = None,
     weight_decay: ScalarOrSchedule = 1e-4,
     mask: Any = None,
+    *,
+    nesterov: bool = True,
 ) -> GradientTransformation:
     """NAdamW: :func:`adamw` with Nesterov momentum (``adamw(..., nesterov=True)``).
 
@@ -274,6 +280,7 @@ def nadamw(
             number, tensor or schedule.
         mask: pytree of booleans like the params, or a callable returning one: where weight
             decay applies.
+        nesterov: the Nesterov momentum that makes this NAdamW (``False``: plain AdamW).
 
     Example:
         >>> import torch, functrain as ft
@@ -283,7 +290,9 @@ def nadamw(
         >>> u["w"]
         tensor([0.0015, 0.0015])
     """
-    return adamw(learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=True)
+    return adamw(
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=nesterov
+    )
 
 
 def radam(
