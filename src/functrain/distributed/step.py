@@ -20,25 +20,32 @@ Two modes:
 A failed collective raises :class:`~functrain.distributed.DistributedStepError` and leaves the
 given state untouched: parameters are only written (in place, with ``donate=True``) after the
 last collective of the step succeeded.
+
+This module holds the step and its states; its stages live beside it: the collectives that
+combine the ranks' gradients in :mod:`functrain.distributed._combine`, the replicated optimizer
+stage in :mod:`functrain.distributed._update` and the sharded (ZeRO-1) one in
+:mod:`functrain.distributed._sharded_update`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 
 from functrain import tree
 from functrain.distributed import collectives, process, zero
 from functrain.distributed._agree import check_ranks_agree
-from functrain.distributed._sums import COUNT, Stats, div_, with_aux_counts
+from functrain.distributed._combine import combine
+from functrain.distributed._sharded_update import sharded_update
+from functrain.distributed._sums import COUNT, with_aux_counts
+from functrain.distributed._update import replicated_update
 from functrain.distributed.data import rank_key
 from functrain.distributed.shardable import check_shardable
-from functrain.optim.base import GradientTransformation, apply_updates, identity
-from functrain.optim.loss_scale import DynamicLossScale, all_finite
+from functrain.optim.base import GradientTransformation, identity
+from functrain.optim.loss_scale import DynamicLossScale
 from functrain.train import _step_checks, gradient, microbatch, rng
-from functrain.train import faults as faults_lib
 from functrain.train import step as step_lib
 from functrain.train.state import TrainState
 
@@ -247,48 +254,11 @@ class DataParallelTrainStep:
         counts = {n[len(COUNT) :]: local.pop(n) * k for n in list(local) if n.startswith(COUNT)}
         if not self._checked:
             self._check(params, opt_state, buffers, local, is_sum)
-        stats = Stats(local, counts, is_sum)
-        leaves, spec = tree.flatten(result.grads)
-        weight = stats.weight
-
-        def scale(flat: torch.Tensor) -> None:
-            flat.mul_(weight.to(flat.dtype))
-
-        # Sums go out; every collective of this stage is started before the first wait.
-        if self.shard_optimizer:
-            layout = self._layout_for(params)
-            pending = zero.start_reduce_scatter(layout, leaves, group, prepare=scale)
-        else:
-            pending = collectives.start_all_reduce(
-                leaves,
-                group=group,
-                bucket_cap_mb=self.bucket_cap_mb,
-                what="all-reduce of the gradients",
-                prepare=scale,
-            )
-        pending_stats = collectives.start_all_reduce(
-            [stats.vector], group=group, what="all-reduce of the step's counts and metrics"
-        )
-        new_buffers = result.buffers
-        buffer_leaves, buffer_spec = tree.flatten(new_buffers)
-        pending_buffers = None
-        if self.sync_buffers == "broadcast" and buffer_leaves and process.world_size(group) > 1:
-            pending_buffers = collectives.start_broadcast(
-                buffer_leaves,
-                src=zero._global(0, group),
-                group=group,
-                bucket_cap_mb=self.bucket_cap_mb,
-                what="broadcast of the buffers",
-            )
-        reduced = pending_stats.wait()[0]
-        grads = pending.wait()
-        if pending_buffers is not None:
-            new_buffers = tree.unflatten(buffer_spec, pending_buffers.wait())
-        div_(grads, reduced[0])
-        metrics = stats.metrics(reduced)
-        update = self._sharded_update if self.shard_optimizer else self._replicated_update
-        out = update(grads, spec, params, opt_state, extra, metrics)
-        new_buffers = faults.keep_if_skipped(out.ok, new_buffers, buffers)
+        combined = combine(self, params, result, local, counts, is_sum)
+        metrics = combined.metrics
+        update = sharded_update if self.shard_optimizer else replicated_update
+        out = update(self, combined.grads, combined.spec, params, opt_state, extra, metrics)
+        new_buffers = faults.keep_if_skipped(out.ok, combined.buffers, buffers)
         if self.donate:
             # Consumed only once every collective succeeded: a failed step leaves it usable.
             state._consume("a data-parallel train step (donate=True)")
@@ -298,146 +268,6 @@ class DataParallelTrainStep:
             metrics, out.params, out.opt_state, out.update_norm, new_state.step.device
         )
         return new_state, metrics
-
-    def _checked_grads(
-        self, grads: Any, metrics: dict[str, torch.Tensor], extra: dict[str, Any], params: Any
-    ) -> tuple[Any, torch.Tensor | None, dict[str, Any]]:
-        """The train step's non-finite check (and loss unscaling) on global values."""
-        check = self._local.faults.check(metrics, grads, extra, params)
-        step_lib._merge(metrics, check.metrics, "the non-finite check")
-        new_extra = {**extra, **check.extra} if check.extra else extra
-        return check.grads, check.ok, new_extra
-
-    def _replicated_update(
-        self,
-        grads: list[torch.Tensor],
-        spec: Any,
-        params: Any,
-        opt_state: Any,
-        extra: dict[str, Any],
-        metrics: dict[str, torch.Tensor],
-    ) -> _Updated:
-        """Every rank: the whole (identical) gradient, the whole optimizer state."""
-        grads_tree, ok, new_extra = self._checked_grads(
-            tree.unflatten(spec, grads), metrics, extra, params
-        )
-        stage = self._local.apply_optimizer  # the train step's stage (maybe fused, in place)
-        if self.norm_metrics:
-            metrics["grad_norm"] = tree.norm(grads_tree)
-            with_grad_norm = getattr(stage, "with_grad_norm", None)
-            if with_grad_norm is not None:  # a leading clip reuses the norm
-                stage = with_grad_norm(metrics["grad_norm"])
-        applied = faults_lib.apply_guarded(
-            stage, self.tx, grads_tree, opt_state, params, in_place=self.donate, ok=ok
-        )
-        update_norm = None
-        if self.norm_metrics:
-            if applied.updates is not None:
-                update_norm = tree.norm(applied.updates)
-            else:  # a fused stage reports the norm of the change instead of the updates
-                update_norm = getattr(applied, "update_norm", None)
-        return _Updated(applied.params, applied.opt_state, new_extra, ok, update_norm)
-
-    def _sharded_update(
-        self,
-        grads: list[torch.Tensor],
-        spec: Any,
-        params: Any,
-        opt_state: Any,
-        extra: dict[str, Any],
-        metrics: dict[str, torch.Tensor],
-    ) -> _Updated:
-        """ZeRO-1: the optimizer on this rank's pieces, then all-gather of the parameters."""
-        assert self._layout is not None and self.report is not None
-        layout, group = self._layout, self.group
-        faults = self._local.faults
-        clip = self.report.leading_clip
-        need_norm = self.norm_metrics or clip is not None
-        local_sq = tree.norm(grads, squared=True)  # pieces partition every parameter
-        # One all-reduce of [squared norm, non-finite pieces]; with loss scaling the norm is
-        # taken after unscaling, in a second one.
-        early_norm = need_norm and faults.loss_scale is None
-        entries = []
-        if early_norm:
-            entries.append(local_sq.to(torch.float64))
-        if faults.active:
-            entries.append((~all_finite(grads)).to(torch.float64).to(local_sq.device))
-        reduced = None
-        if entries:
-            reduced = collectives.start_all_reduce(
-                [torch.stack(entries)], group=group, what="all-reduce of the gradient norm"
-            ).wait()[0]
-        ok, new_extra = None, extra
-        if faults.active:
-            assert reduced is not None
-            # A non-finite piece anywhere must skip the step on every rank: the check also
-            # sees a NaN standing for the other ranks' pieces.
-            poison = torch.where(reduced[-1] > 0, float("nan"), 0.0).to(local_sq.dtype)
-            checked, ok, new_extra = self._checked_grads([*grads, poison], metrics, extra, params)
-            grads = list(checked[:-1])
-        if need_norm:
-            if early_norm:
-                sq = reduced[0]  # type: ignore[index]
-            else:
-                sq = collectives.start_all_reduce(
-                    [tree.norm(grads, squared=True).to(torch.float64)],
-                    group=group,
-                    what="all-reduce of the gradient norm",
-                ).wait()[0]
-            grad_norm = sq.sqrt().to(local_sq.dtype)
-            if self.norm_metrics:
-                metrics["grad_norm"] = grad_norm
-            if clip is not None:
-                # The chain's leading clip_by_global_norm, with the global norm; the clip in
-                # the chain then sees pieces of norm at most max_norm and leaves them as they are.
-                bound = (
-                    clip.to(grad_norm)
-                    if isinstance(clip, torch.Tensor)
-                    else torch.full_like(grad_norm, float(clip))  # filled on the device
-                )
-                one = torch.ones_like(grad_norm)
-                factor = torch.where(grad_norm < bound, one, bound / grad_norm)
-                grads = [g * factor.to(g.dtype) for g in grads]
-        tx = self.tx if ok is None else faults_lib.skip_unless(self.tx, ok)
-        p_leaves = tree.leaves(params)
-        param_pieces = tree.unflatten(spec, layout.pieces(p_leaves))
-        with torch.no_grad():
-            updates, new_opt_state = tx.update(tree.unflatten(spec, grads), opt_state, param_pieces)
-            new_pieces = apply_updates(param_pieces, updates)
-        pending_sq = None
-        if self.norm_metrics:
-            pending_sq = collectives.start_all_reduce(
-                [tree.norm(updates, squared=True)],
-                group=group,
-                what="all-reduce of the update norm",
-            )
-        outs = p_leaves if self.donate and _writable(p_leaves, new_opt_state) else None
-        pending = zero.start_all_gather(layout, tree.leaves(new_pieces), group, outs)
-        update_norm = None if pending_sq is None else pending_sq.wait()[0].sqrt()
-        # Last: only when this collective succeeded are the parameters (maybe in place) written.
-        new_params = tree.unflatten(spec, pending.wait())
-        return _Updated(new_params, new_opt_state, new_extra, ok, update_norm)
-
-
-class _Updated(NamedTuple):
-    params: Any
-    opt_state: Any
-    extra: dict[str, Any]
-    ok: torch.Tensor | None  # the non-finite check's verdict (None: not checked)
-    update_norm: torch.Tensor | None  # norm of the whole update
-
-
-def _writable(p_leaves: list[torch.Tensor], opt_state: Any) -> bool:
-    """Whether the parameters' memory may be overwritten: not shared between leaves or kept
-    by the optimizer state."""
-    ids = [id(p) for p in p_leaves]
-    if len(set(ids)) != len(ids):
-        return False
-    storages = {p.untyped_storage().data_ptr() for p in p_leaves if p.numel()}
-    return not any(
-        isinstance(x, torch.Tensor) and x.numel() and x.untyped_storage().data_ptr() in storages
-        for x in tree.leaves(opt_state)
-    )
 
 
 def make_data_parallel_train_step(

@@ -1,0 +1,120 @@
+"""The sharded optimizer stage of a data-parallel step (internal): ZeRO stage 1.
+
+With ``shard_optimizer=True`` the gradient was reduce-scattered
+(:func:`functrain.distributed.zero.start_reduce_scatter`), so each rank holds only its pieces of
+the global gradient. This stage makes the global decisions from the pieces (one small all-reduce
+of the squared norm and of the non-finite flags, for ``grad_norm``, a leading
+``clip_by_global_norm`` and the non-finite check), runs ``tx.update`` on this rank's pieces of the
+parameters and of the optimizer state, and all-gathers the new parameters, written in place
+(``donate=True``) only once that last collective succeeded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from functrain import tree
+from functrain.distributed import collectives, zero
+from functrain.distributed._update import Updated, checked_grads
+from functrain.optim.base import apply_updates
+from functrain.optim.loss_scale import all_finite
+from functrain.train import faults as faults_lib
+
+if TYPE_CHECKING:
+    from functrain.distributed.step import DataParallelTrainStep
+
+
+def sharded_update(
+    step: DataParallelTrainStep,
+    grads: list[torch.Tensor],
+    spec: Any,
+    params: Any,
+    opt_state: Any,
+    extra: dict[str, Any],
+    metrics: dict[str, torch.Tensor],
+) -> Updated:
+    """ZeRO-1: the optimizer on this rank's pieces, then all-gather of the parameters."""
+    assert step._layout is not None and step.report is not None
+    layout, group = step._layout, step.group
+    faults = step._local.faults
+    clip = step.report.leading_clip
+    need_norm = step.norm_metrics or clip is not None
+    local_sq = tree.norm(grads, squared=True)  # pieces partition every parameter
+    # One all-reduce of [squared norm, non-finite pieces]; with loss scaling the norm is
+    # taken after unscaling, in a second one.
+    early_norm = need_norm and faults.loss_scale is None
+    entries = []
+    if early_norm:
+        entries.append(local_sq.to(torch.float64))
+    if faults.active:
+        entries.append((~all_finite(grads)).to(torch.float64).to(local_sq.device))
+    reduced = None
+    if entries:
+        reduced = collectives.start_all_reduce(
+            [torch.stack(entries)], group=group, what="all-reduce of the gradient norm"
+        ).wait()[0]
+    ok, new_extra = None, extra
+    if faults.active:
+        assert reduced is not None
+        # A non-finite piece anywhere must skip the step on every rank: the check also
+        # sees a NaN standing for the other ranks' pieces.
+        poison = torch.where(reduced[-1] > 0, float("nan"), 0.0).to(local_sq.dtype)
+        checked, ok, new_extra = checked_grads(step, [*grads, poison], metrics, extra, params)
+        grads = list(checked[:-1])
+    if need_norm:
+        if early_norm:
+            sq = reduced[0]  # type: ignore[index]
+        else:
+            sq = collectives.start_all_reduce(
+                [tree.norm(grads, squared=True).to(torch.float64)],
+                group=group,
+                what="all-reduce of the gradient norm",
+            ).wait()[0]
+        grad_norm = sq.sqrt().to(local_sq.dtype)
+        if step.norm_metrics:
+            metrics["grad_norm"] = grad_norm
+        if clip is not None:
+            # The chain's leading clip_by_global_norm, with the global norm; the clip in
+            # the chain then sees pieces of norm at most max_norm and leaves them as they are.
+            bound = (
+                clip.to(grad_norm)
+                if isinstance(clip, torch.Tensor)
+                else torch.full_like(grad_norm, float(clip))  # filled on the device
+            )
+            one = torch.ones_like(grad_norm)
+            factor = torch.where(grad_norm < bound, one, bound / grad_norm)
+            grads = [g * factor.to(g.dtype) for g in grads]
+    tx = step.tx if ok is None else faults_lib.skip_unless(step.tx, ok)
+    p_leaves = tree.leaves(params)
+    param_pieces = tree.unflatten(spec, layout.pieces(p_leaves))
+    with torch.no_grad():
+        updates, new_opt_state = tx.update(tree.unflatten(spec, grads), opt_state, param_pieces)
+        new_pieces = apply_updates(param_pieces, updates)
+    pending_sq = None
+    if step.norm_metrics:
+        pending_sq = collectives.start_all_reduce(
+            [tree.norm(updates, squared=True)],
+            group=group,
+            what="all-reduce of the update norm",
+        )
+    outs = p_leaves if step.donate and _writable(p_leaves, new_opt_state) else None
+    pending = zero.start_all_gather(layout, tree.leaves(new_pieces), group, outs)
+    update_norm = None if pending_sq is None else pending_sq.wait()[0].sqrt()
+    # Last: only when this collective succeeded are the parameters (maybe in place) written.
+    new_params = tree.unflatten(spec, pending.wait())
+    return Updated(new_params, new_opt_state, new_extra, ok, update_norm)
+
+
+def _writable(p_leaves: list[torch.Tensor], opt_state: Any) -> bool:
+    """Whether the parameters' memory may be overwritten: not shared between leaves or kept
+    by the optimizer state."""
+    ids = [id(p) for p in p_leaves]
+    if len(set(ids)) != len(ids):
+        return False
+    storages = {p.untyped_storage().data_ptr() for p in p_leaves if p.numel()}
+    return not any(
+        isinstance(x, torch.Tensor) and x.numel() and x.untyped_storage().data_ptr() in storages
+        for x in tree.leaves(opt_state)
+    )
