@@ -174,7 +174,13 @@ class StepFaults:
         loss_scale: DynamicLossScale | None,
     ) -> None:
         if nonfinite not in ("skip", "ignore"):
-            raise ValueError(f"nonfinite must be 'skip' or 'ignore', got {nonfinite!r}")
+            hint = (
+                "; to stop on non-finite steps use nonfinite='skip' with max_consecutive_skips=0 "
+                "(ft.NonFiniteError from the next call, its input state intact)"
+                if nonfinite == "raise"
+                else ""
+            )
+            raise ValueError(f"nonfinite must be 'skip' or 'ignore', got {nonfinite!r}{hint}")
         self.max_consecutive_skips = _check_max(max_consecutive_skips)
         if loss_scale is not None and not isinstance(loss_scale, DynamicLossScale):
             raise TypeError(
