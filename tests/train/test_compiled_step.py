@@ -260,3 +260,29 @@ def test_incompatible_options_are_named(kwargs, error, match):
     options = {"compile": True, **kwargs}
     with pytest.raises(error, match=match):
         ft.make_train_step(lambda p, b: p["w"].sum(), ft.sgd(0.1), **options)
+
+
+def test_skip_counter_is_recorded_eagerly_after_a_compiled_step(monkeypatch):
+    """On CUDA the consecutive-skip counter is copied to pinned memory behind an event, so the
+    next call can read it without a sync. That bookkeeping must run outside the graph (an event
+    made while tracing would be a graph break under fullgraph=True, or never recorded), after
+    the compiled core returns, on the counter the new state holds."""
+    from functrain.train import faults
+
+    seen = []
+    real = faults.StepFaults._record
+
+    def spy(self, counter):
+        seen.append((torch.compiler.is_compiling(), counter))
+        return real(self, counter)
+
+    monkeypatch.setattr(faults.StepFaults, "_record", spy)
+    loss_fn, params, _ = _mlp()
+    tx = ft.sgd(0.1)
+    step = ft.make_train_step(loss_fn, tx, compile=FAST, max_consecutive_skips=3)
+    state = ft.TrainState.create(params=params, tx=tx)
+    for batch in _batches(3, nan_at=1):
+        state, _ = step(state, batch)
+        eager = [c for compiling, c in seen if not compiling]
+        assert eager and eager[-1] is state.extra["nonfinite"].consecutive
+    assert int(state.extra["nonfinite"].consecutive) == 0  # the NaN step, then a good one

@@ -273,11 +273,20 @@ class StepFaults:
     def _record(self, counter: torch.Tensor) -> None:
         if self.max_consecutive_skips is None or counter.device.type != "cuda":
             return
+        if torch.compiler.is_compiling():
+            return  # events and pinned copies stay out of the graph: see after_compiled
         host = torch.empty((), dtype=counter.dtype, pin_memory=True)
         host.copy_(counter, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._pending = (counter, host, event)
+
+    def after_compiled(self, extra: dict[str, Any]) -> None:
+        """Records, eagerly, the skip counter a compiled step returned in ``extra``, so that the
+        next call can read it without waiting for the device."""
+        entry = extra.get(NONFINITE_KEY) if self.stateful else None
+        if entry is not None:
+            self._record(entry.consecutive)
 
     # -- after the gradient stage -----------------------------------------------------------
     def check(

@@ -176,7 +176,10 @@ class TrainStep:
         if self.donate:
             # Consumed only once the update succeeded: a failing step leaves the state usable.
             state._consume("a train step (donate=True)")
-        return TrainState(*fields), metrics
+        new_state = TrainState(*fields)
+        if self._compiled is not None:
+            self.faults.after_compiled(new_state._extra)
+        return new_state, metrics
 
     def _core(
         self,
