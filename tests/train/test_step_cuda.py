@@ -70,3 +70,28 @@ def test_cuda_dropout_is_reproducible():
     b, _ = step(state, x)
     assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
     ft.testing.assert_trees_all_equal(a.params, b.params)
+
+
+@pytest.mark.parametrize("compile_options", [False, {"backend": "aot_eager"}])
+def test_cuda_max_consecutive_skips_raises_eager_and_compiled(compile_options):
+    """The skip counter is read from a pinned copy behind an event (no sync in the step); a
+    compiled step records it after the compiled core, so both raise from the next call."""
+    torch.manual_seed(0)
+    model, params, _ = ft.functionalize(nn.Linear(4, 2).cuda())
+    tx = ft.sgd(0.1)
+    step = ft.make_train_step(
+        lambda p, b: (model(p, b["x"]) - b["y"]).square().mean(),
+        tx,
+        max_consecutive_skips=1,
+        compile=compile_options,
+    )
+    state = ft.TrainState.create(params=params, tx=tx)
+    good = {"x": torch.ones(3, 4, device="cuda"), "y": torch.zeros(3, 2, device="cuda")}
+    bad = {"x": torch.full((3, 4), float("nan"), device="cuda"), "y": good["y"]}
+    state, _ = step(state, good)
+    state, _ = step(state, bad)  # 1 in a row: allowed
+    state, _ = step(state, bad)  # 2 in a row: returned, raised by the next call
+    torch.cuda.synchronize()  # the event has completed: the next call can read the counter
+    with pytest.raises(ft.NonFiniteError, match="max_consecutive_skips=1"):
+        step(state, good)
+    assert not state.consumed
