@@ -395,9 +395,19 @@ def mean_pairwise_cosine(acc: CosineAccumulator) -> torch.Tensor:
     return (tree.norm(acc.unit_sum, squared=True) - acc.unit_sq_sum) / (k * (k - 1))
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def _sq_norm_vmappable(grad: PyTree) -> torch.Tensor:
-    # Foreach kernels have no vmap batching rule; per-leaf vector norms do.
-    sq = [torch.linalg.vector_norm(x).square() for x in tree.leaves(grad)]
+    # Foreach kernels have no vmap batching rule; per-leaf vector norms do. Half-precision
+    # leaves are reduced in float32: tr(Σ) is a difference of nearly equal squared norms, and
+    # bfloat16's 8-bit mantissa would leave percent-level errors in it.
+    sq = [
+        torch.linalg.vector_norm(
+            x, dtype=torch.float32 if x.dtype in _LOW_PRECISION else None
+        ).square()
+        for x in tree.leaves(grad)
+    ]
     return torch.stack(sq).sum() if len(sq) > 1 else sq[0]
 
 
@@ -433,7 +443,8 @@ def noise_scale_hook(
     from functrain.train.gradient import GradStatsHook  # functrain.train may import grads
 
     def init(params: PyTree) -> NoiseScaleState:
-        dtype = _utils.float_dtype(tree.leaves(params))
+        # At least float32: a bfloat16 moving average with decay 0.99 drops most increments.
+        dtype = torch.promote_types(_utils.float_dtype(tree.leaves(params)), torch.float32)
         return noise_scale_init(_utils.default_device(params), dtype)
 
     def per_micro_batch(grad: PyTree, size: torch.Tensor) -> dict[str, torch.Tensor]:

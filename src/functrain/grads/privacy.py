@@ -16,15 +16,29 @@ Two ways to compute it:
 
 Randomness. The noise key is a 0-d int64 tensor carried in the transform state
 (``state.rng_key``, on the parameters' device); no global RNG is touched. Each update splits the
-key and draws the noise with functrain's counter-based generator (the one :func:`add_noise`
-uses): plain tensor arithmetic, so the noise is a pure function of the seed and step, the same
-on CPU and CUDA (up to rounding), free of host syncs and traceable by ``torch.compile``. Like ``torch.randn`` it
-is not a cryptographically secure generator (Opacus' ``secure_mode``); use it for research,
-not for formal guarantees against an adversary who can exploit the generator.
+key and draws the noise with a counter-based hash of (sample key, leaf index, element index)
+(the 32-bit mixer of :func:`add_noise`, with the leaf index as a separate input so that no two
+(step, leaf) draws of a run repeat): plain tensor arithmetic, so the noise is a pure function
+of the seed and step, the same on CPU and CUDA (up to rounding), free of host syncs and
+traceable by ``torch.compile``. Like ``torch.randn`` it is not a cryptographically secure
+generator (Opacus' ``secure_mode``); use it for research, not for formal guarantees against an
+adversary who can exploit the generator.
+
+What is private. Only the noisy update is: :func:`clipped_grad_sum`'s ``loss_sum`` and
+``num_clipped`` and :func:`per_example_global_norm_clip`'s count are exact functions of the
+examples, so logging them is outside the DP guarantee (noise them and account for it, as
+Andrew et al. 2021 do for adaptive clipping). An example whose gradient holds a NaN or an inf
+makes the sum NaN (as in optax), so a train step that skips non-finite updates reveals that
+the batch held one.
+
+Accumulation. Sum the clipped sums of the micro-batches and apply :func:`dp_noisy_mean` once.
+``MultiSteps`` *averages* its ``K`` inputs, so inside it use
+``dp_noisy_mean(C / K, σ, B_expected / K, seed)``: ``(mean + σ(C/K)ξ) / (B/K) = (Σ + σCξ) / B``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -63,7 +77,11 @@ def _base_key(seed: int | torch.Tensor) -> torch.Tensor:
             raise ValueError(
                 f"seed must be an int or a 0-d integer tensor key, got {seed.dtype} {tuple(seed.shape)}"
             )
-        return seed.detach().to(torch.int64) & _prng.MASK32
+        seed = seed.detach().to(torch.int64)
+        # A 64-bit key (e.g. ``ft.random_key``) keeps its high half: folded in, not dropped, so
+        # keys that differ only there give different noise. ``mix32(0) == 0``: a saved 32-bit
+        # ``rng_key`` maps to itself and resumes its stream.
+        return (seed & _prng.MASK32) ^ _prng.mix32((seed >> 32) & _prng.MASK32)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or a 0-d integer tensor key, got {seed!r}")
     return _prng.make_key(seed)
@@ -272,20 +290,64 @@ class DifferentiallyPrivateAggregateState(NamedTuple):
     rng_key: torch.Tensor
 
 
+_STREAM_SALT = 0x6A09E667
+_HIGH_SALT = 0x632BE5AB
+
+
+def _bits(index: torch.Tensor, key: torch.Tensor, word: int, wide: bool) -> torch.Tensor:
+    """A keyed 32-bit hash of ``(key, word, index)``, each word injected in its own round."""
+    low = index & _prng.MASK32 if wide else index
+    x = _prng.mix32((low + key) & _prng.MASK32)
+    x = _prng.mix32(x ^ word)
+    if wide:  # indices past 32 bits: the high part gets a round of its own
+        x = _prng.mix32(x ^ _prng.mix32(((index >> 32) + _HIGH_SALT) & _prng.MASK32))
+    return _prng.mix32(x ^ key)
+
+
+def _standard_normal(key: torch.Tensor, like: torch.Tensor, stream: int) -> torch.Tensor:
+    """``N(0, 1)`` noise shaped like ``like`` (float32, float64 for float64 leaves).
+
+    Unlike :func:`functrain.optim._prng.normal_like`, which folds ``stream`` into a 32-bit key,
+    the leaf index is a separate hash input: a step's sample key and a leaf index never share
+    a 32-bit value with another (step, leaf), so two draws of the same run never repeat (with
+    one folded key, ``T`` steps of ``L`` leaves repeat a leaf's noise about ``(TL)²/2³³``
+    times, which lets differences of released iterates cancel the noise). Complex leaves get
+    independent noise in the real and imaginary parts.
+    """
+    if like.is_complex():
+        real = torch.view_as_real(like)
+        z = _standard_normal(key, real, stream)
+        return torch.view_as_complex(z.contiguous())
+    compute = torch.float64 if like.dtype == torch.float64 else torch.float32
+    n = like.numel()
+    key = key.to(like.device) & _prng.MASK32
+    word = _prng.mix32((stream + _STREAM_SALT) & _prng.MASK32)
+    index = torch.arange(n, dtype=torch.int64, device=like.device) * 2
+    wide = 2 * n > _prng.MASK32
+    u1 = (_bits(index, key, word, wide).to(compute) + 1) * 2.0**-32  # in (0, 1]
+    u2 = _bits(index + 1, key, word, wide).to(compute) * 2.0**-32  # in [0, 1)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
+    return z.reshape(like.shape)
+
+
 def _noisy(
     leaves: list[torch.Tensor],
     key: torch.Tensor,
     noise_std: float | torch.Tensor,
     denominator: float | torch.Tensor,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``(x + noise_std · ξ) / denominator`` per leaf, ``ξ`` from ``key``; and the next key."""
+    """``(x + noise_std · ξ) / denominator`` per leaf, ``ξ`` from ``key``; and the next key.
+
+    Computed in float32 (float64, complex64/128 for such leaves) and rounded once at the end:
+    a float16 sum plus noise may overflow where the mean does not, and ``noise_std`` may
+    exceed float16's range.
+    """
     next_key, sample_key = _prng.split(key)
-    noise = [_prng.normal_like(sample_key, x, stream=i) for i, x in enumerate(leaves)]
-    if isinstance(noise_std, torch.Tensor) or isinstance(denominator, torch.Tensor):
-        out = [(x + noise_std * z) / denominator for x, z in zip(leaves, noise)]
-    else:
-        out = torch._foreach_add(leaves, noise, alpha=noise_std)
-        torch._foreach_div_(out, denominator)
+    out = []
+    for i, x in enumerate(leaves):
+        z = _standard_normal(sample_key, x, i)
+        wide = x.to(z.dtype) if x.dtype != z.dtype else x
+        out.append(((wide + noise_std * z) / denominator).to(x.dtype))
     return out, next_key
 
 
