@@ -257,14 +257,15 @@ def test_noise_scale_hook_bfloat16_params_match_float64(strategy):
     assert state.extra["noise_scale"].trace_sigma.dtype == torch.float32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the step hands grad_stats hooks loss-scaled micro-batch gradients but the unscaled "
-    "combined gradient (fix in functrain/train/gradient.py or step.py, outside this review)",
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"strategy": "vmap"}, {"compile": {"backend": "aot_eager"}}],
+    ids=["loop", "vmap", "compiled"],
 )
-def test_noise_scale_hook_unaffected_by_loss_scale():
-    _, ref = _regression_run(torch.float32, steps=3)
-    _, got = _regression_run(torch.float32, steps=3, loss_scale=ft.DynamicLossScale())
+def test_noise_scale_hook_unaffected_by_loss_scale(options):
+    """grad_stats hooks see unscaled micro-batch gradients, like the combined gradient."""
+    _, ref = _regression_run(torch.float32, steps=3, **options)
+    _, got = _regression_run(torch.float32, steps=3, loss_scale=ft.DynamicLossScale(), **options)
     for key, value in ref.items():
         assert math.isclose(got[key], value, rel_tol=1e-4), (key, got[key], value)
 
@@ -278,11 +279,6 @@ def test_noise_scale_hook_needs_two_micro_batches():
         step(state, torch.ones(4))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gradient.py builds hook sizes in the loss dtype: a bfloat16 loss rounds 257 to 256 "
-    "(fix outside this review: float32 at least)",
-)
 def test_hook_sizes_exact_with_bfloat16_loss():
     hook = ft.GradStatsHook(
         init=lambda params: None,

@@ -238,6 +238,10 @@ class StepFaults:
 
         return scaled_loss
 
+    def current_scale(self) -> torch.Tensor:
+        """The loss scale set by :meth:`begin` for the eager step in progress."""
+        return self._scale.get()
+
     def begin(self, extra: dict[str, Any], params: Any) -> contextvars.Token | None:
         """Before the gradient stage: raises a pending :class:`NonFiniteError`, sets the scale."""
         if not self.active or not self.stateful:

@@ -124,6 +124,7 @@ class GradStage:
         seed_rng: bool,
         backend: str,
         per_micro_batch: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]] | None,
+        loss_scale: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self.accepted = loss_lib.accepted_inputs(loss_fn)
         self.metas: list[_Meta] = []
@@ -132,6 +133,8 @@ class GradStage:
         self.chunk_size = chunk_size
         self.seed_rng = seed_rng
         self.per_micro_batch = per_micro_batch
+        # The current loss scale when ``loss_fn`` is scaled: the hook sees unscaled values.
+        self.loss_scale = loss_scale
         self.backend = backend
         if strategy == "loop":
             self.grad_fn = (
@@ -211,6 +214,16 @@ class GradStage:
         device = combiner.loss.device  # type: ignore[union-attr]
         return GradResult(tree.unflatten(spec, grads), combiner.metrics(device), buffers, None)
 
+    def _unscaled(self, value: torch.Tensor, grads: Any) -> tuple[torch.Tensor, Any]:
+        """The loss value and gradients without the loss scale (``grads`` ``None``: the inverse
+        scale instead, or ``None`` when there is no scale)."""
+        if self.loss_scale is None:
+            return value, grads
+        inverse = 1 / self.loss_scale()
+        if grads is None:
+            return value * inverse, inverse
+        return value * inverse, tree.scale(inverse, grads)
+
     def _stats(
         self,
         split: microbatch.BatchSplit,
@@ -221,7 +234,8 @@ class GradStage:
     ) -> MicroBatchStats:
         loss_vec = torch.cat([v.reshape(-1) for v in losses])
         if sizes is None:
-            size_vec = torch.tensor(split.sizes, dtype=loss_vec.dtype).to(device, non_blocking=True)
+            size_vec = torch.tensor(split.sizes, dtype=_size_dtype(loss_vec))
+            size_vec = size_vec.to(device, non_blocking=True)
         else:
             size_vec = torch.cat([s.reshape(-1) for s in sizes])
         stacked = {k: torch.cat([v[k].reshape(-1) for v in values]) for k in values[0]}
@@ -253,15 +267,15 @@ class GradStage:
                 buffers = payload["buffers"]
             leaves, spec = tree.flatten(grads)
             if self.per_micro_batch is not None:
-                value = payload["value"]
+                value, hook_grads = self._unscaled(payload["value"], grads)
                 if meta.is_sum:
                     b = payload["count"]
-                    values.append(self.per_micro_batch(tree.scale(1 / b, grads), b))
+                    values.append(self.per_micro_batch(tree.scale(1 / b, hook_grads), b))
                     losses.append(value / b)
                     sizes.append(b)
                 else:
-                    b = torch.full((), size, dtype=value.dtype, device=value.device)
-                    values.append(self.per_micro_batch(grads, b))
+                    b = torch.full((), size, dtype=_size_dtype(value), device=value.device)
+                    values.append(self.per_micro_batch(hook_grads, b))
                     losses.append(value)
             acc.add(leaves, 1.0 if meta.is_sum else size / split.total)
         assert spec is not None
@@ -346,7 +360,7 @@ class GradStage:
                 acc.add(summed, 1.0 if meta.is_sum else size / split.total)
                 if self.per_micro_batch is not None:
                     order.extend(chunk)
-                    value = payload["value"]
+                    value, inverse = self._unscaled(payload["value"], None)
                     if meta.is_sum:
                         losses.append(value / payload["count"])
                         sizes.append(payload["count"])
@@ -355,11 +369,13 @@ class GradStage:
                     for pos in range(len(chunk)):
                         # Views of the stacked gradients: one micro-batch at a time, no copy.
                         g = tree.unflatten(spec, [leaf[pos] for leaf in leaves])
+                        if inverse is not None:
+                            g = tree.scale(inverse, g)
                         if meta.is_sum:
                             b = payload["count"][pos]
                             g = tree.scale(1 / b, g)
                         else:
-                            b = torch.full((), size, dtype=value.dtype, device=value.device)
+                            b = torch.full((), size, dtype=_size_dtype(value), device=value.device)
                         values.append(self.per_micro_batch(g, b))
         assert spec is not None
         device = combiner.loss.device  # type: ignore[union-attr]
@@ -382,6 +398,11 @@ class GradStage:
             buffers,
             stats,
         )
+
+
+def _size_dtype(value: torch.Tensor) -> torch.dtype:
+    """Micro-batch sizes as floats that hold them exactly (bfloat16 rounds 257 to 256)."""
+    return torch.promote_types(value.dtype, torch.float32)
 
 
 def _permute(vec: torch.Tensor, perm: list[int]) -> torch.Tensor:

@@ -116,6 +116,7 @@ class TrainStep:
             seed_rng=seed_rng and compile_options is None,
             backend=grad_backend,
             per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
+            loss_scale=None if loss_scale is None else self._current_loss_scale,
         )
         # The autograd loop's gradients are step-local .grad tensors: the step's own to write.
         writable = grad_stats is None and strategy == "loop" and grad_backend == "autograd"
@@ -135,6 +136,13 @@ class TrainStep:
             self._compiled = compiled.CompiledCore(
                 self._core, compile_options, seed_rng=seed_rng, metas=self.grad_stage.metas
             )
+
+    def _current_loss_scale(self) -> torch.Tensor:
+        """The scale ``loss_fn`` is multiplied by in this call (eager or compiled)."""
+        if self._scale_slot is not None:
+            assert self._scale_slot.scale is not None  # set at the start of the compiled core
+            return self._scale_slot.scale
+        return self.faults.current_scale()
 
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         """One training step on ``batch``; returns the new state and the metrics."""
