@@ -102,3 +102,22 @@ def test_custom_transform_declared_elementwise():
 def test_not_a_transform():
     with pytest.raises(TypeError, match="GradientTransformation"):
         dist.check_shardable(lambda g: g)
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        ft.dp_noisy_mean(1.0, 1.0, 8.0, seed=0),
+        ft.chain(ft.differentially_private_aggregate(1.0, 1.0, seed=0), ft.sgd(0.1)),
+        ft.noisy_sgd(0.1),
+    ],
+    ids=["dp_noisy_mean", "dp_aggregate_in_chain", "noisy_sgd"],
+)
+def test_noise_transforms_are_refused_and_cannot_be_declared_elementwise(tx):
+    """Noise is drawn by position inside each parameter: on shards, every rank would draw from
+    the same positions of the same stream, so the shards' noise would not be the whole tree's
+    (correlated DP noise weakens the privacy guarantee)."""
+    with pytest.raises(dist.ShardingError, match="noise tied to positions"):
+        dist.check_shardable(tx)
+    with pytest.raises(ValueError, match=r"elementwise\(tx\): tx contains .*noise"):
+        dist.elementwise(tx)

@@ -96,11 +96,18 @@ _REFUSED = {
     "adaptive_grad_clip": "needs unit-wise norms over whole parameters",
     "scale_by_factored_rms": "keeps row and column statistics of whole matrices (adafactor)",
     "add_noise": "draws noise tied to positions inside each parameter (noisy_sgd)",
+    # Never wrap these with elementwise(): every rank would draw its shard's noise from the same
+    # positions of the same stream, so the shards' noise would not be the whole tree's.
+    "dp_noisy_mean": "draws DP noise tied to positions inside each parameter; do not wrap it "
+    "with elementwise(), which would correlate the noise of the shards",
+    "differentially_private_aggregate": "draws DP noise tied to positions inside each "
+    "parameter; do not wrap it with elementwise(), which would correlate the noise of the shards",
     "apply_if_finite": "decides on the finiteness of the whole gradient",
     "zero_nans": "keeps one NaN flag per whole parameter in its state",
 }
 
 _MARK = "_functrain_elementwise"
+_NOISE = frozenset({"add_noise", "dp_noisy_mean", "differentially_private_aggregate"})
 
 
 class ShardingReport(NamedTuple):
@@ -140,6 +147,15 @@ def elementwise(tx: GradientTransformation) -> GradientTransformation:
     """
     if not (hasattr(tx, "init") and hasattr(tx, "update")):
         raise TypeError(f"expected a GradientTransformation, got {type(tx).__name__}")
+    walk = _Walk()
+    walk.visit(tx, "", head=False)
+    noisy = sorted(set(walk.names) & _NOISE)
+    if noisy:
+        raise ValueError(
+            f"elementwise(tx): tx contains {', '.join(noisy)}, whose noise is tied to positions "
+            "inside each parameter; on shards it would not be the whole tree's noise (for DP, "
+            "correlated noise weakens the guarantee). Use shard_optimizer=False"
+        )
     inner = tx.update
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
