@@ -238,7 +238,9 @@ class DataParallelTrainStep:
         params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
         step, extra = state.step, state.extra
         local_step, group = self._local, self.group
-        local_step._guard.check(params)
+        p_leaves = local_step._guard.check(params)
+        if self.donate:
+            _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
         faults = local_step.faults
         token = faults.begin(extra, params)  # may raise NonFiniteError; sets the loss scale
         try:

@@ -127,3 +127,42 @@ def _check_state(state: Any, where: str) -> TrainState:
     if state.consumed:
         state.step  # noqa: B018  (raises ConsumedStateError with the explanation)
     return state
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage that ``t`` may touch: ``[start, stop)``."""
+    size = t.element_size()
+    start = t.storage_offset() * size
+    if t.numel() == 0:
+        return start, start
+    last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * size
+
+
+def _check_no_overlap(leaves: list[torch.Tensor], params: Any, where: str) -> None:
+    """Raises when two parameter leaves share memory, which an in-place update would write
+    twice (a tied weight given as two leaves of one tensor, overlapping views).
+
+    Disjoint views of one buffer are fine. Only the storages' addresses are read: no sync.
+    """
+    storages = [leaf.untyped_storage().data_ptr() for leaf in leaves]
+    if len(set(storages)) == len(storages):
+        return
+    by_storage: dict[int, list[int]] = {}
+    for i, ptr in enumerate(storages):
+        by_storage.setdefault(ptr, []).append(i)
+    for indices in by_storage.values():
+        reach, owner = -1, -1  # the furthest byte reached so far, and by which leaf
+        for (start, stop), j in sorted((_span(leaves[i]), i) for i in indices if leaves[i].numel()):
+            if start < reach:
+                i = owner
+                paths = tree.flatten_with_paths(params)[0]
+                first, second = (tree.path_str(paths[k], "params") for k in sorted((i, j)))
+                raise ValueError(
+                    f"{where}: {first} and {second} overlap in memory, and a donating step updates "
+                    "parameters in place, so the shared elements would be updated twice. Give "
+                    "a tied weight as one leaf, build the state with TrainState.create(..., "
+                    "copy=True) (the default), or use donate=False"
+                )
+            if stop > reach:
+                reach, owner = stop, j

@@ -28,6 +28,7 @@ from functrain.optim.base import GradientTransformation
 from functrain.optim.loss_scale import DynamicLossScale
 from functrain.train import compiled, fast, faults, gradient, microbatch, rng
 from functrain.train._step_checks import (
+    _check_no_overlap,
     _check_opt_state,
     _check_state,
     _check_step_args,
@@ -158,6 +159,8 @@ class TrainStep:
         if self._guard.spec is None:  # the first call: was the state made for this tx?
             _check_opt_state(self.tx, params, opt_state)
         p_leaves = self._guard.check(params)
+        if self.donate:
+            _check_no_overlap(p_leaves, params, "train step (donate=True)")
         token = self.faults.begin(extra, params)  # may raise NonFiniteError; sets the scale
         try:
             split = microbatch.split_batch(batch, self.micro_batches)
