@@ -69,6 +69,7 @@ from functrain.optim._utils import safe_increment
 __all__: list[str] = []  # internal: reached as ``functrain.optim.fused``
 
 _SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
 _SPECS: weakref.WeakKeyDictionary[Callable[..., Any], Spec] = weakref.WeakKeyDictionary()
 
 
@@ -262,7 +263,11 @@ def _mask_subset(mask: Any, current: Any, idx: list[int], ctx: Context) -> tuple
     """The masked tree (as ``masked`` builds it from ``current``) and its leaf positions."""
     from functrain.optim._masking import apply_mask, make_mask
 
-    key = (id(mask), ctx.spec, tuple(idx))
+    key: tuple[Any, ...] = (id(mask), ctx.spec, tuple(idx))
+    if callable(mask):
+        # A mask function reads the leaves (``x.ndim > 1`` is typical): one tree structure
+        # with other shapes or dtypes may select other leaves.
+        key += (tuple(ctx.shapes), tuple(map(_DTYPE, ctx.p)))
     hit = _MASK_CACHE.get(key)
     if hit is not None and hit[0] is mask:  # holding ``mask`` keeps its id from being reused
         positions = hit[1]
@@ -452,5 +457,9 @@ def update_in_place(
             new_state = made.build()
             if found_inf is not None:
                 new_state = _select_changed(found_inf, new_state, opt_state)
+                if isinstance(norm, torch.Tensor):
+                    # A skipped step moves nothing; old − new is NaN where a parameter is
+                    # already non-finite, and the pure path reports 0.
+                    norm = torch.where(found_inf.to(norm.device), norm.new_zeros(()), norm)
             return InPlace(new_state, norm if update_norm else None, engine)
     return None

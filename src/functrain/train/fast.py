@@ -9,7 +9,8 @@ an in-place ``apply_updates``) for anything it does not recognise. It honours th
 skip of :mod:`functrain.train.faults` on the device (``found_inf``), reuses the step's
 ``grad_norm`` for a leading ``clip_by_global_norm``, and reports ``update_norm`` as the norm of
 the parameter change (the fused kernels never form the updates; this differs from the norm of
-the updates only by the rounding of ``p + u``).
+the updates only by the rounding of ``p + u`` for finite parameters: where ``p`` is ±inf it is
+NaN, and a skipped step reports 0 as the pure path does).
 
 **Global norms.** :func:`global_norm` is ``ft.tree.norm`` for the common case of leaves of one
 dtype on one device, bit for bit, in a handful of kernels instead of several per leaf.
