@@ -257,11 +257,8 @@ def _grads(params, kind: str, gen: torch.Generator, like: bool = False):
 def _skip_known(recipes, opt) -> None:
     """Adam on float16 leaves: the member-by-member path squares and adds ``eps`` in float16
     (``g²`` under 6e-8 and ``eps=1e-8`` become 0, so ``m / 0``); the kernels work in float32.
-    Known; see ``test_known_float16_adam_underflow``. And ``inject_hyperparams`` stores its
-    numbers in the params' dtype: in bfloat16 ``b2=0.999`` is 1.0 and Adam divides by
-    ``1 − b2ᵗ = 0`` (NaN in every path, different NaNs and infs in each)."""
+    Known; see ``test_known_float16_adam_underflow``."""
     assume(not (opt[0][0] in ADAMS and any(r[0] == F16 for r in recipes)))
-    assume(not (opt[0][0] == "inject_adamw" and all(r[0] in (F16, BF16) for r in recipes)))
 
 
 @given(
@@ -461,3 +458,19 @@ def test_known_float16_adam_underflow():
 def test_known_float32_adam_second_moment_overflow():
     p = {"w": torch.tensor([1.5, -0.5])}
     _engines_agree(p, {"w": torch.tensor([3.7e19, -1.0])}, ft.adam(0.03))
+
+
+def test_inject_hyperparams_in_half_precision_keeps_float32_hyperparameters():
+    """Found by this fuzz: with all-bfloat16 params the injected numbers were bfloat16, where
+    b2 = 0.999 is 1.0, so Adam's first step divided by 1 − b2 = 0 (NaN from step 1)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        params = {"w": torch.ones(4, dtype=dtype)}
+        grads = {"w": torch.full((4,), 0.5, dtype=dtype)}
+        injected = ft.inject_hyperparams(ft.adamw)(learning_rate=0.1)
+        state = injected.init(params)
+        assert state.hyperparams["b2"].dtype == torch.float32
+        got, _ = injected.update(grads, state, params)
+        plain = ft.adamw(0.1)
+        want, _ = plain.update(grads, plain.init(params), params)
+        assert got["w"].dtype == dtype and bool(torch.isfinite(got["w"]).all())
+        torch.testing.assert_close(got["w"], want["w"], rtol=0, atol=0)

@@ -75,7 +75,9 @@ def _dtype(hyperparam_dtype: torch.dtype | None, *trees: Any) -> torch.dtype:
     for t in trees:
         leaves = [x for x in tree.leaves(t) if isinstance(x, torch.Tensor)]
         if leaves:
-            return _utils.float_dtype(leaves)
+            # At least float32, as optax keeps Python floats: in bfloat16, b2 = 0.999 is 1.0 and
+            # Adam's first step divides by zero.
+            return torch.promote_types(_utils.float_dtype(leaves), torch.float32)
     return torch.get_default_dtype()
 
 
@@ -116,7 +118,8 @@ def inject_hyperparams(
     injected; anything else (``None``, dtypes, masks) is passed as given.
 
     Differences from optax: Python numbers become tensors of the floating ``hyperparam_dtype``
-    (default: the widest floating dtype of the params, else of the updates), including an
+    (default: the widest floating dtype of the params, else of the updates, and at least
+    float32), including an
     integer such as ``learning_rate=1``, so that a later fractional value fits. Tensors given
     by the caller are copied at ``init`` and keep their dtype. PyTorch's closest equivalent is
     editing ``optimizer.param_groups[i]["lr"]``, which a compiled step treats as a constant.
