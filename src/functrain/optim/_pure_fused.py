@@ -65,7 +65,7 @@ def _updates(ops: list[fused.Op], ctx: fused.Context) -> list[torch.Tensor] | No
         wd = job.wd if decays else 0.0
         ps = [ctx.p[i] for i in idx]
         if wd:
-            us = list(torch._foreach_mul(ps, -lr * wd / (1 - lr * wd)))
+            us = list(torch._foreach_mul(ps, _ops.cpu_number(-lr * wd / (1 - lr * wd), ps)))
         else:
             us = [torch.zeros_like(p) for p in ps]
         on = {
