@@ -46,6 +46,21 @@ def metric_tags(metrics: Mapping[str, Any], prefix: str = "train/") -> dict[str,
     return out
 
 
+def check_scalars(scalars: Mapping[str, Any]) -> None:
+    """Raises unless every value is a one-element tensor or a real number (metadata only)."""
+    for name, value in scalars.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"train_loop logs scalars, but metric {name!r} has shape "
+                    f"{tuple(value.shape)}: reduce it (e.g. .mean()) or leave it out"
+                )
+        elif not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+            raise TypeError(
+                f"train_loop logs scalars, but metric {name!r} is a {type(value).__name__}"
+            )
+
+
 class History:
     """The scalars a :func:`train_loop` logged, kept as tensors until first read.
 

@@ -1,7 +1,6 @@
 """The machinery of :func:`functrain.train.loop.train_loop` (internal): ``Run`` holds a run's
 state, history, writer and checkpoint cadence and runs its steps, evaluations and saves;
-``InterruptGuard`` defers a Ctrl-C to the end of a step; the scalar checks name a metric that
-cannot be logged.
+``InterruptGuard`` defers a Ctrl-C to the end of a step.
 """
 
 from __future__ import annotations
@@ -16,7 +15,13 @@ from typing import Any
 import torch
 
 from functrain.train._loop_data import epoch_iterable, leading_size, length_of, to_device
-from functrain.train._loop_metrics import History, Throughput, evaluate, metric_tags
+from functrain.train._loop_metrics import (
+    History,
+    Throughput,
+    check_scalars,
+    evaluate,
+    metric_tags,
+)
 from functrain.train.state import TrainState
 
 __all__ = ["InterruptGuard", "Run"]  # internal: used by train_loop
@@ -27,7 +32,8 @@ class InterruptGuard:
 
     A step may update donated parameter memory in place, so stopping it halfway could leave a
     state that is neither the old one nor the new one. The first Ctrl-C during a step is held
-    until the step is done; a second one interrupts at once (and no checkpoint is saved).
+    until the step is done; a second one interrupts at once (and the loop neither saves nor
+    returns that state).
     """
 
     def __init__(self) -> None:
@@ -65,21 +71,6 @@ class InterruptGuard:
             raise KeyboardInterrupt
 
 
-def _check_scalars(scalars: Mapping[str, Any]) -> None:
-    """Raises unless every value is a one-element tensor or a real number (metadata only)."""
-    for name, value in scalars.items():
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(
-                    f"train_loop logs scalars, but metric {name!r} has shape "
-                    f"{tuple(value.shape)}: reduce it (e.g. .mean()) or leave it out"
-                )
-        elif not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-            raise TypeError(
-                f"train_loop logs scalars, but metric {name!r} is a {type(value).__name__}"
-            )
-
-
 class _Counted:
     """An iterable that counts the items its iterators yield (to spot one-shot iterators)."""
 
@@ -91,6 +82,16 @@ class _Counted:
         for item in self.iterable:
             self.count += 1
             yield item
+
+
+def _fetch(iterator: Any) -> tuple[Any, float] | None:
+    """The iterator's next batch and the seconds spent waiting for it; ``None`` at its end."""
+    start = time.perf_counter()
+    try:
+        batch = next(iterator)
+    except StopIteration:
+        return None
+    return batch, time.perf_counter() - start
 
 
 class Run:
@@ -111,6 +112,7 @@ class Run:
         manager: Any,
         checkpoint_every: int | None,
         resumed_from: int | None,
+        resumed_evaluated: bool | None = None,
     ) -> None:
         self.step_fn = step_fn
         self.state = state
@@ -130,8 +132,11 @@ class Run:
         self.metrics: Mapping[str, Any] | None = None  # the latest step's
         self.logged_step: int | None = None
         self.eval_metrics: dict[str, Any] = {}
-        self.eval_step_done: int | None = None
+        # The resumed step's evaluation was written by the run that saved it (None: unknown).
+        self.resumed_evaluated = resumed_evaluated
+        self.eval_step_done = resumed_from if resumed_evaluated else None
         self.saved_step = resumed_from
+        self.torn = False  # a step stopped halfway by Ctrl-C
         self.throughput = Throughput(device)
 
     def done(self) -> bool:
@@ -141,6 +146,8 @@ class Run:
     def train(self, batches: Any, epochs: int, position: tuple[int, int], seed: int) -> None:
         epoch, skip = position
         self.position = position
+        if self.resumed_evaluated is False and self.eval_due(end_of_epoch=skip == 0 < epoch):
+            self.evaluate()  # a Ctrl-C held during that step stopped the run before its eval
         while epoch < epochs and not self.done():
             iterable = epoch_iterable(batches, epoch, seed)
             length = length_of(iterable)
@@ -159,18 +166,27 @@ class Run:
             skip = 0
             self.position = (epoch, consumed)
             ended = length is not None and consumed >= length
+            ahead = None  # the next batch, read ahead to learn whether an unsized epoch ends
             while not ended and not self.done():
-                start = time.perf_counter()
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    ended = True
-                    break
+                if ahead is None:
+                    ahead = _fetch(iterator)
+                    if ahead is None:
+                        ended = True
+                        break
+                (batch, data_s), ahead = ahead, None
                 consumed += 1
-                ended = length is not None and consumed >= length
                 # At an epoch's last batch the next position is the next epoch's start.
-                position = (epoch + 1, 0) if ended else (epoch, consumed)
-                self.train_step(batch, time.perf_counter() - start, position)
+                ended = length is not None and consumed >= length
+                self.train_step(batch, data_s, (epoch + 1, 0) if ended else (epoch, consumed))
+                if length is None and not self.done():
+                    # Read before this step's checkpoint: at an unsized epoch's end the step
+                    # is saved once, as the next epoch's start, with the epoch-end evaluation.
+                    try:
+                        ahead = _fetch(iterator)
+                    except BaseException:
+                        self.after_step()  # the step's log, eval and save come first
+                        raise
+                    ended = ahead is None
                 if not ended:
                     self.after_step()
             del iterator  # shuts a DataLoader's workers down now
@@ -214,12 +230,15 @@ class Run:
             return
         if self.host_step % self.log_every == 0 and self.logged_step != self.host_step:
             self.log()
-        if (self.eval_every is None and end_of_epoch) or (
-            self.eval_every is not None and self.host_step % self.eval_every == 0
-        ):
+        if self.eval_due(end_of_epoch):
             self.evaluate()
         if self.checkpoint_every is not None and self.host_step % self.checkpoint_every == 0:
             self.save()
+
+    def eval_due(self, end_of_epoch: bool) -> bool:
+        if self.eval_every is None:
+            return end_of_epoch
+        return self.host_step % self.eval_every == 0
 
     def finish(self) -> None:
         if self.metrics is not None and self.logged_step != self.host_step:
@@ -233,7 +252,7 @@ class Run:
     def log(self, final: bool = False) -> None:
         assert self.metrics is not None
         scalars = {**metric_tags(self.metrics), **self.throughput.mark(final=final)}
-        _check_scalars(scalars)
+        check_scalars(scalars)
         self.logged_step = self.host_step
         self.history.record(self.host_step, scalars)
         if self.writer is not None:
@@ -251,7 +270,7 @@ class Run:
                 "can be iterated once per evaluation (a list, ft.TensorBatches, a DataLoader), "
                 "not a one-shot iterator or generator"
             )
-        _check_scalars(eval_metrics)
+        check_scalars(eval_metrics)
         self.eval_metrics = eval_metrics
         self.eval_step_done = self.host_step
         self.history.record(self.host_step, self.eval_metrics)
@@ -259,12 +278,13 @@ class Run:
             self.writer.write_scalars(self.host_step, self.eval_metrics)
 
     def save(self) -> None:
-        if self.manager is None:
-            return
+        if self.manager is None or self.saved_step == self.host_step:
+            return  # each step is saved once
         metrics = {}
         if self.metrics is not None and "loss" in self.metrics:
             metrics["train/loss"] = self.metrics["loss"]
-        if self.eval_step_done == self.host_step:
+        evaluated = self.eval_step_done == self.host_step
+        if evaluated:
             metrics.update(self.eval_metrics)
         epoch, batch = self.position
         with self.throughput.paused():
@@ -274,15 +294,18 @@ class Run:
                 self.host_step,
                 self.state,
                 metrics=metrics,
-                metadata={"train_loop": {"epoch": epoch, "batch": batch}},
+                metadata={"train_loop": {"epoch": epoch, "batch": batch, "evaluated": evaluated}},
             )
         self.saved_step = self.host_step
 
     def on_interrupt(self) -> None:
         if self.guard.in_step:
+            # A second Ctrl-C (or one the guard could not hold) stopped the step halfway: a
+            # donating step may have written part of its update into its input's memory.
+            self.torn = True
             print(
-                "functrain: interrupted during a step; the state may be half-updated, so no "
-                "checkpoint is saved",
+                "functrain: interrupted during a step; the state may be half-updated, so it "
+                "is neither saved nor returned",
                 file=sys.stderr,
             )
             return
@@ -296,16 +319,28 @@ class Run:
             )
 
     def attach_state(self, err: BaseException) -> None:
-        """Hands the latest state to the caller through ``err`` (the given one was donated)."""
-        try:
-            err.train_state = self.state  # type: ignore[attr-defined]
-        except AttributeError:  # an exception type that takes no attributes
-            return
-        if self.guard.in_step:
-            what = f"the input of the failed step {self.host_step + 1} (a failed step keeps it)"
+        """Hands the latest whole state to the caller through ``err`` (the given one was
+        donated), or ``None`` where no whole state is left."""
+        state: TrainState | None = self.state
+        failed = self.host_step + 1
+        if self.torn and getattr(self.step_fn, "donate", None) is not False:
+            state = None
+            last = "no checkpoint" if self.saved_step is None else f"step {self.saved_step}"
+            what = (
+                f"None: step {failed} was stopped halfway and may have half-written the "
+                f"donated state in place; the latest checkpoint is {last}"
+            )
+        elif self.guard.in_step:
+            what = f"the input of the failed step {failed} (a failed step keeps it)"
         else:
             what = f"the state after step {self.host_step}"
-        err.add_note(f"functrain.train_loop: err.train_state holds {what}")
+        if state is not None and state.consumed:  # a step that donated it, then failed
+            state, what = None, f"None: the state after step {self.host_step} was consumed"
+        try:
+            err.train_state = state  # type: ignore[attr-defined]
+        except AttributeError:  # an exception type that takes no attributes
+            return
+        err.add_note(f"functrain.train_loop: err.train_state is {what}")
 
     def finish_writer(self, owns: bool, suppress_errors: bool) -> None:
         if self.writer is None:

@@ -75,14 +75,18 @@ def _device_of(state: TrainState) -> torch.device:
     return torch.device("cpu")
 
 
-def _read_position(manager: Any, step: int) -> tuple[int, int]:
+def _read_position(manager: Any, step: int) -> tuple[tuple[int, int], bool | None]:
+    """The data position saved with checkpoint ``step`` and whether that step was evaluated
+    (``None``: unknown, for a checkpoint saved outside ``train_loop``)."""
     from functrain.checkpoint import read_metadata
 
     user = (read_metadata(manager.path(step)).get("user") or {}).get("train_loop") or {}
+    evaluated = user.get("evaluated")
+    evaluated = evaluated if isinstance(evaluated, bool) else None
     if isinstance(user.get("epoch"), int) and isinstance(user.get("batch"), int):
-        return user["epoch"], user["batch"]
+        return (user["epoch"], user["batch"]), evaluated
     # A checkpoint saved outside train_loop: one batch per step from the start of epoch 0.
-    return 0, step
+    return (0, step), evaluated
 
 
 def train_loop(
@@ -126,7 +130,11 @@ def train_loop(
     as its metrics (``best_metric="eval/loss"`` works). With ``resume=True`` the loop first
     restores the latest valid checkpoint (``state`` is the restore target), skips the batches
     already consumed and continues, so a resumed run is bit-for-bit the uninterrupted one. The
-    writer is flushed before each save, so the logs always cover the checkpoint.
+    writer is flushed before each save, so the logs always cover the checkpoint. Each step is
+    saved and evaluated at most once, across resumes too: a resumed run with nothing left to
+    do writes no checkpoint and no evaluation again (it evaluates the resumed step only if the
+    run that saved it stopped before doing so). For an iterable without ``len`` the loop reads
+    one batch ahead to learn where an epoch ends.
 
     **Writer.** ``writer`` is a :class:`~functrain.logging.MetricWriter`, which the loop
     flushes at the end (closing it is yours, e.g. ``with writer:``), or a function
@@ -143,9 +151,14 @@ def train_loop(
     saved on an error; save ``err.train_state`` yourself if you want one.
 
     **Ctrl-C.** A ``KeyboardInterrupt`` raised between steps (in the batch iterator, say) or a
-    Ctrl-C during a step (held until the step returns; a second Ctrl-C stops at once) saves a
-    checkpoint when a manager is given, flushes the writer and is re-raised; with
-    ``catch_interrupt=True`` the loop returns instead, with ``interrupted=True``.
+    Ctrl-C during a step (held until the step returns) saves a checkpoint when a manager is
+    given, flushes the writer and is re-raised with ``err.train_state`` as above; with
+    ``catch_interrupt=True`` the loop returns instead, with ``interrupted=True``. A second
+    Ctrl-C during a step stops it at once, possibly halfway through writing its update into the
+    donated state's memory: that state is neither saved nor returned. The
+    ``KeyboardInterrupt`` is then re-raised even with ``catch_interrupt=True``, with
+    ``err.train_state = None`` (the latest checkpoint is the last whole state), or the step's
+    untouched input for a step with ``donate=False``.
 
     Args:
         step: a train step, ``step(state, batch) -> (new_state, metrics)``.
@@ -211,12 +224,12 @@ def train_loop(
     if not isinstance(state, TrainState):
         raise TypeError(f"train_loop expects a ft.TrainState, got {type(state).__name__}")
 
-    resumed_from = None
+    resumed_from = evaluated = None
     position = (0, 0)
     if checkpoint_manager is not None and resume and checkpoint_manager.latest_step() is not None:
         state = checkpoint_manager.restore_latest(target=state)
         resumed_from = checkpoint_manager.restored_step
-        position = _read_position(checkpoint_manager, resumed_from)
+        position, evaluated = _read_position(checkpoint_manager, resumed_from)
     owns_writer = writer is not None and not _is_writer(writer)
     if owns_writer and not callable(writer):
         raise TypeError(
@@ -246,27 +259,29 @@ def train_loop(
         manager=checkpoint_manager,
         checkpoint_every=checkpoint_every,
         resumed_from=resumed_from,
+        resumed_evaluated=evaluated,
     )
-    interrupted = False
-    completed = False
+    interrupted = completed = False
     try:
-        with run.guard:
-            run.train(batches, epochs, position, seed)
-        completed = True
-    except KeyboardInterrupt:
-        interrupted = True
         try:
-            run.on_interrupt()
+            with run.guard:
+                run.train(batches, epochs, position, seed)
+            completed = True
+        except KeyboardInterrupt:
+            interrupted = True
+            try:
+                run.on_interrupt()
+            finally:
+                run.finish_writer(owns_writer, suppress_errors=False)
+            if run.torn or not catch_interrupt:  # a torn step leaves no state to return
+                raise
         finally:
-            run.finish_writer(owns_writer, suppress_errors=False)
-        if not catch_interrupt:
-            raise
-    except Exception as err:
+            if not interrupted:
+                run.finish_writer(owns_writer, suppress_errors=not completed)
+    except BaseException as err:
+        # Whatever stops the loop (Ctrl-C, a failing save or flush included) carries the state.
         run.attach_state(err)
         raise
-    finally:
-        if not interrupted:
-            run.finish_writer(owns_writer, suppress_errors=not completed)
     return LoopResult(run.state, run.history, interrupted, resumed_from)
 
 
