@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import functrain as ft
 from functrain import tree
-from functrain.grads import _layer_passes, _layer_rules, per_sample, privacy
+from functrain.grads import _layer_dispatch, _layer_passes, _layer_rules, privacy
 from functrain.testing import assert_trees_all_close, assert_trees_all_equal
 
 
@@ -186,7 +186,7 @@ def test_auto_uses_ghost_clipping_only_when_it_applies(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(privacy, "clipped_sum_by_layers", spy)
-    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)  # every model counts as large
+    monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", 0)  # every model counts as large
     for name in ("mlp", "tied"):
         loss_fn, params, batch = PROBLEMS[name]()
         expected, clipped = _clip_reference(naive_per_sample(loss_fn, params, batch), 0.2)
@@ -194,7 +194,7 @@ def test_auto_uses_ghost_clipping_only_when_it_applies(monkeypatch):
         assert_trees_all_close(out.grad_sum, expected, rtol=1e-10, atol=1e-12)
         assert int(out.num_clipped) == clipped
     assert len(calls) == 2  # tried on both; "tied" fell back to vmap after the attempt
-    monkeypatch.setattr(per_sample, "GHOST_BYTES", math.inf)
+    monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", math.inf)
     loss_fn, params, batch = mlp_problem()
     ft.clipped_grad_sum(loss_fn, params, batch, 0.2)
     assert len(calls) == 2  # small per-sample gradients: vmap
@@ -248,7 +248,7 @@ def test_ghost_norms_match_naive_norms(name, chunk_size):
 
 
 def test_ghost_norms_auto_and_fallback(monkeypatch):
-    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)
+    monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", 0)
     for name in ("mlp", "transformer"):  # the transformer falls back to vmap
         loss_fn, params, batch = PROBLEMS[name]()
         ps = naive_per_sample(loss_fn, params, batch)
@@ -305,7 +305,7 @@ def test_autocast_is_refused_and_auto_falls_back(monkeypatch):
         ValueError, match=r"params\['0.weight'\] is used by linear under torch.autocast"
     ):
         ft.per_sample_grads(loss_fn, params, batch, method="layers")
-    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)
+    monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", 0)
     expected = ft.clipped_grad_sum(loss_fn, params, batch, 0.1, method="vmap")
     got = ft.clipped_grad_sum(loss_fn, params, batch, 0.1)
     assert_trees_all_equal(got.grad_sum, expected.grad_sum)
@@ -315,7 +315,7 @@ def test_autocast_is_refused_and_auto_falls_back(monkeypatch):
 def test_activation_checkpointing_gets_a_clear_error(method, monkeypatch):
     """``torch.utils.checkpoint`` recomputes the forward in the backward, outside the vmap over
     examples; neither route supports it, and the error says so instead of a functorch internal."""
-    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)
+    monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", 0)
     model, params, _ = ft.functionalize(
         torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     )
@@ -389,7 +389,7 @@ def test_gram_auto_takes_layers_when_large_and_vmap_otherwise(monkeypatch):
     monkeypatch.setattr("functrain.grads.streaming.gram_by_layers", spy)
     torch.testing.assert_close(ft.per_sample_gram(loss_fn, params, batch), expected)
     assert not taken  # small: vmap
-    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)
+    monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", 0)
     torch.testing.assert_close(
         ft.per_sample_gram(loss_fn, params, batch), expected, rtol=1e-10, atol=1e-12
     )

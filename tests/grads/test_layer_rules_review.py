@@ -13,7 +13,7 @@ from grad_problems import naive_per_sample, transformer_problem
 
 import functrain as ft
 from functrain import tree
-from functrain.grads import per_sample
+from functrain.grads import _layer_dispatch
 from functrain.testing import assert_trees_all_close
 
 D = torch.float64
@@ -87,7 +87,8 @@ def test_linear_with_a_broadcast_bias_is_refused(bias_shape, monkeypatch):
         return F.linear(x, p["w"], p["b"]).sin().sum()
 
     _refused(loss_fn, params, X3, r"params\['b'\] is used by linear as a broadcast bias")
-    monkeypatch.setattr(per_sample, "GHOST_BYTES", 0)  # "auto" tries the rules, then falls back
+    # "auto" tries the rules, then falls back
+    monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", 0)
     got = ft.clipped_grad_sum(loss_fn, params, X3, 0.3).grad_sum
     assert_trees_all_close(
         got, _clipped(naive_per_sample(loss_fn, params, X3), 0.3), rtol=1e-10, atol=1e-12

@@ -29,15 +29,25 @@ reductions in :mod:`functrain.grads.streaming` and :mod:`functrain.grads.privacy
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 
 from functrain import tree
+
+# REDUCTION_METHODS, layer_chunks and reduce_by_layers moved to _layer_dispatch; they stay
+# importable from here, as before the split.
+from functrain.grads._layer_dispatch import (  # noqa: F401
+    REDUCTION_METHODS,
+    _slices,
+    layer_chunks,
+    layers_error,
+    reduce_by_layers,
+)
 from functrain.grads._layer_passes import per_sample_by_layers
-from functrain.grads._layer_rules import SAVED_TENSOR_HOOKS, Unsupported
+from functrain.grads._layer_rules import Unsupported
+from functrain.grads._per_example import _check_options, _example_loss, batch_size_of
 
 __all__ = [
     "PerSampleChunk",
@@ -47,8 +57,6 @@ __all__ = [
 ]
 
 PyTree = Any
-_RANDOMNESS = ("error", "different", "same")
-_METHODS = ("vmap", "layers")
 
 
 class PerSampleChunk(NamedTuple):
@@ -76,113 +84,6 @@ class PerSampleChunk(NamedTuple):
     aux: Any
 
 
-def batch_size_of(batch: PyTree, name: str = "batch") -> int:
-    """The common leading dimension of every tensor leaf of ``batch``; raises if they differ."""
-    paths, leaves, _ = tree.flatten_with_paths(batch)
-    size = None
-    for path, leaf in zip(paths, leaves):
-        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
-            raise ValueError(
-                f"{tree.path_str(path, name)} must be a tensor with a leading batch dimension, "
-                f"got {type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else 'a 0-d tensor'}"
-            )
-        if size is None:
-            size = leaf.shape[0]
-        elif leaf.shape[0] != size:
-            raise ValueError(
-                f"{tree.path_str(path, name)} has leading dimension {leaf.shape[0]}, but earlier "
-                f"leaves of {name} have {size}: every leaf must share the batch dimension"
-            )
-    if size is None:
-        raise ValueError(f"{name} has no tensor leaves")
-    return size
-
-
-def _check_options(
-    chunk_size: int | None,
-    randomness: str,
-    loss_fn: Any = len,
-    params: PyTree = None,
-    method: str = "vmap",
-    methods: tuple[str, ...] = _METHODS,
-) -> None:
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    paths, leaves, _ = tree.flatten_with_paths(params)
-    for path, leaf in zip(paths, leaves):
-        if not isinstance(leaf, torch.Tensor) or not (
-            leaf.is_floating_point() or leaf.is_complex()
-        ):
-            got = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
-            raise TypeError(
-                f"{tree.path_str(path, 'params')} must be a floating-point tensor, got {got}"
-            )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if randomness not in _RANDOMNESS:
-        raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
-    if method not in methods:
-        raise ValueError(f"method must be one of {methods}, got {method!r}")
-
-
-def _accepts_buffers(loss_fn: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(loss_fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return "buffers" in params  # as the train step decides (functrain.train.loss)
-
-
-def _split_result(out: Any, has_aux: bool) -> tuple[Any, Any]:
-    """``(loss, aux)`` from a plain loss, ``(loss, aux)`` tuple, LossOutput or LossSum."""
-    # Imported here: functrain.train imports functrain.grads.
-    from functrain.train.loss import LossOutput, LossSum
-
-    aux = None
-    if isinstance(out, LossOutput):
-        out, aux = out.loss, out.aux
-    elif has_aux:
-        if not (isinstance(out, tuple) and len(out) == 2) or isinstance(out, LossSum):
-            raise ValueError("with has_aux=True, loss_fn must return (loss, aux) or ft.LossOutput")
-        out, aux = out
-    if isinstance(out, LossSum):
-        # The example's own mean: the loss of a batch of one, like a mean loss_fn.
-        out = out.total / out.count
-    return out, aux
-
-
-def _example_loss(
-    loss_fn: Callable[..., Any],
-    param_spec: Any,
-    batch_spec: Any,
-    buffers: PyTree | None,
-    has_aux: bool,
-) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, tuple[Any, ...]]]:
-    """``(param_leaves, example_leaves) -> (0-d loss, (aux,) or ())`` for one example."""
-    pass_buffers = _accepts_buffers(loss_fn)
-    if buffers is not None and not pass_buffers:
-        raise TypeError("buffers were given but loss_fn has no `buffers` keyword argument")
-
-    # Work on flat leaf lists so that any optree pytree (not only torch's) passes through vmap.
-    def one_example(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:
-        params = tree.unflatten(param_spec, param_leaves)
-        example = tree.unflatten(batch_spec, [x.unsqueeze(0) for x in example_leaves])
-        out = (
-            loss_fn(params, example, buffers=buffers) if pass_buffers else loss_fn(params, example)
-        )
-        loss, aux = _split_result(out, has_aux)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                "loss_fn must return a scalar mean loss (or ft.LossSum / ft.LossOutput)"
-                + (" as the first element of (loss, aux)" if has_aux else "")
-                + f", got {shape}"
-            )
-        return loss.reshape(()), ((aux,) if has_aux else ())
-
-    return one_example
-
-
 def _vmap_grad(
     example_loss: Callable[..., Any], randomness: str
 ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
@@ -202,101 +103,6 @@ def _vmap_grad(
         return values, grads
 
     return run
-
-
-# ``method="auto"`` of the reductions that can skip per-sample gradients (clipped sums, norms)
-# takes the layer rules when a chunk of per-sample gradients would reach this size.
-GHOST_BYTES = 64 * 2**20
-
-
-def ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
-    """Whether ``method="auto"`` should try the layer rules (eager, large per-sample gradients)."""
-    if torch.compiler.is_compiling():
-        return False  # the rules are eager only
-    rows = batch_size_of(batch) if chunk_size is None else chunk_size
-    return rows * sum(p.numel() * p.element_size() for p in tree.leaves(params)) >= GHOST_BYTES
-
-
-def _slices(
-    batch_leaves: list[torch.Tensor], n: int, chunk_size: int | None
-) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-    """``(start, stop, leaves[start:stop])`` chunk by chunk (the leaves themselves for one)."""
-    step = n if chunk_size is None else chunk_size
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        yield (
-            start,
-            stop,
-            (batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]),
-        )
-
-
-class LayerChunks(NamedTuple):
-    """What a ``method="layers"`` reduction iterates on (see :func:`layer_chunks`)."""
-
-    example_loss: Callable[..., Any]
-    param_leaves: list[torch.Tensor]
-    param_spec: Any
-    chunks: Iterator[tuple[int, int, list[torch.Tensor]]]
-
-
-def layer_chunks(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch: PyTree,
-    chunk_size: int | None,
-    buffers: PyTree | None,
-) -> LayerChunks:
-    """The per-example loss, the parameter leaves and the batch chunks of a reduction that
-    runs the layer rules (``clipped_grad_sum``, ``per_sample_grad_norms``)."""
-    if torch.compiler.is_compiling():
-        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
-    param_leaves, param_spec = tree.flatten(params)
-    batch_leaves, batch_spec = tree.flatten(batch)
-    example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
-    chunks = _slices(batch_leaves, batch_size_of(batch), chunk_size)
-    return LayerChunks(example_loss, param_leaves, param_spec, chunks)
-
-
-REDUCTION_METHODS = ("auto", "vmap", "layers")
-
-
-def reduce_by_layers(
-    method: str,
-    params: PyTree,
-    batch: PyTree,
-    chunk_size: int | None,
-    run: Callable[[], Any],
-) -> Any:
-    """``run()`` (a reduction by the layer rules) where ``method`` asks for it, else ``None``.
-
-    ``"layers"`` always runs it and turns :class:`Unsupported` into :func:`layers_error`;
-    ``"auto"`` runs it when :func:`ghost_pays` and returns ``None`` (use vmap) if it can't.
-    """
-    if method == "layers" or (method == "auto" and ghost_pays(params, batch, chunk_size)):
-        try:
-            return run()
-        except Unsupported as err:
-            if method == "layers":
-                raise layers_error(err, params) from None
-    return None
-
-
-def layers_error(err: Unsupported, params: PyTree) -> ValueError:
-    """The error of ``method="layers"`` when a parameter has no per-layer rule."""
-    path = tree.path_str(tree.flatten_with_paths(params)[0][err.index], "params")
-    if err.context == SAVED_TENSOR_HOOKS:
-        # torch.func's grad refuses these hooks too, so method="vmap" is no way out.
-        return ValueError(
-            f"method='layers': {path} is used by {err.call} {err.context}, whose backward "
-            "recomputes or reloads tensors outside the per-example vmap; per-sample gradients "
-            "need loss_fn without activation checkpointing or offloading"
-        )
-    where = f" {err.context}" if err.context else ""
-    return ValueError(
-        f"method='layers': {path} is used by {err.call}{where}, which has no per-layer rule "
-        "(rules: linear, conv1d/2d/3d with groups=1, layer_norm, embedding); use method='vmap'"
-    )
 
 
 def _chunk_runner(

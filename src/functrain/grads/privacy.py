@@ -45,15 +45,10 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import optim, tree
+from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import clipped_sum_by_layers
-from functrain.grads.per_sample import (
-    REDUCTION_METHODS,
-    _check_options,
-    batch_size_of,
-    layer_chunks,
-    per_sample_chunks,
-    reduce_by_layers,
-)
+from functrain.grads._per_example import _check_options, batch_size_of
+from functrain.grads.per_sample import per_sample_chunks
 from functrain.grads.stats import global_row_norms, leaf_row_norms
 from functrain.optim import _prng, _utils
 from functrain.optim.base import GradientTransformation

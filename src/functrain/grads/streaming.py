@@ -15,15 +15,10 @@ from typing import Any
 import torch
 
 from functrain import tree
+from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import gram_by_layers, sq_norms_by_layers
-from functrain.grads.per_sample import (
-    REDUCTION_METHODS,
-    _check_options,
-    batch_size_of,
-    layer_chunks,
-    per_sample_chunks,
-    reduce_by_layers,
-)
+from functrain.grads._per_example import _check_options, batch_size_of
+from functrain.grads.per_sample import per_sample_chunks
 from functrain.grads.stats import (
     GradMoments,
     GradNorms,

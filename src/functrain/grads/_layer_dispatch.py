@@ -1,0 +1,113 @@
+"""Dispatch of the reductions that can run on the layer rules instead of ``vmap``.
+
+``clipped_grad_sum``, ``per_sample_grad_norms`` and ``per_sample_gram`` take ``method="auto"``,
+``"vmap"`` or ``"layers"``: this module decides when the layer rules pay (:func:`ghost_pays`),
+runs them (:func:`reduce_by_layers`, :func:`layer_chunks`) and words their errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.grads._layer_rules import SAVED_TENSOR_HOOKS, Unsupported
+from functrain.grads._per_example import _example_loss, batch_size_of
+
+PyTree = Any
+
+# ``method="auto"`` of the reductions that can skip per-sample gradients (clipped sums, norms)
+# takes the layer rules when a chunk of per-sample gradients would reach this size.
+GHOST_BYTES = 64 * 2**20
+
+
+def ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
+    """Whether ``method="auto"`` should try the layer rules (eager, large per-sample gradients)."""
+    if torch.compiler.is_compiling():
+        return False  # the rules are eager only
+    rows = batch_size_of(batch) if chunk_size is None else chunk_size
+    return rows * sum(p.numel() * p.element_size() for p in tree.leaves(params)) >= GHOST_BYTES
+
+
+def _slices(
+    batch_leaves: list[torch.Tensor], n: int, chunk_size: int | None
+) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+    """``(start, stop, leaves[start:stop])`` chunk by chunk (the leaves themselves for one)."""
+    step = n if chunk_size is None else chunk_size
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        yield (
+            start,
+            stop,
+            (batch_leaves if (start, stop) == (0, n) else [x[start:stop] for x in batch_leaves]),
+        )
+
+
+class LayerChunks(NamedTuple):
+    """What a ``method="layers"`` reduction iterates on (see :func:`layer_chunks`)."""
+
+    example_loss: Callable[..., Any]
+    param_leaves: list[torch.Tensor]
+    param_spec: Any
+    chunks: Iterator[tuple[int, int, list[torch.Tensor]]]
+
+
+def layer_chunks(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+) -> LayerChunks:
+    """The per-example loss, the parameter leaves and the batch chunks of a reduction that
+    runs the layer rules (``clipped_grad_sum``, ``per_sample_grad_norms``)."""
+    if torch.compiler.is_compiling():
+        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
+    param_leaves, param_spec = tree.flatten(params)
+    batch_leaves, batch_spec = tree.flatten(batch)
+    example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
+    chunks = _slices(batch_leaves, batch_size_of(batch), chunk_size)
+    return LayerChunks(example_loss, param_leaves, param_spec, chunks)
+
+
+REDUCTION_METHODS = ("auto", "vmap", "layers")
+
+
+def reduce_by_layers(
+    method: str,
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    run: Callable[[], Any],
+) -> Any:
+    """``run()`` (a reduction by the layer rules) where ``method`` asks for it, else ``None``.
+
+    ``"layers"`` always runs it and turns :class:`Unsupported` into :func:`layers_error`;
+    ``"auto"`` runs it when :func:`ghost_pays` and returns ``None`` (use vmap) if it can't.
+    """
+    if method == "layers" or (method == "auto" and ghost_pays(params, batch, chunk_size)):
+        try:
+            return run()
+        except Unsupported as err:
+            if method == "layers":
+                raise layers_error(err, params) from None
+    return None
+
+
+def layers_error(err: Unsupported, params: PyTree) -> ValueError:
+    """The error of ``method="layers"`` when a parameter has no per-layer rule."""
+    path = tree.path_str(tree.flatten_with_paths(params)[0][err.index], "params")
+    if err.context == SAVED_TENSOR_HOOKS:
+        # torch.func's grad refuses these hooks too, so method="vmap" is no way out.
+        return ValueError(
+            f"method='layers': {path} is used by {err.call} {err.context}, whose backward "
+            "recomputes or reloads tensors outside the per-example vmap; per-sample gradients "
+            "need loss_fn without activation checkpointing or offloading"
+        )
+    where = f" {err.context}" if err.context else ""
+    return ValueError(
+        f"method='layers': {path} is used by {err.call}{where}, which has no per-layer rule "
+        "(rules: linear, conv1d/2d/3d with groups=1, layer_norm, embedding); use method='vmap'"
+    )

@@ -1,0 +1,125 @@
+"""Per-example plumbing of :mod:`functrain.grads.per_sample` and the layer-rule reductions.
+
+The batch size check, the option checks and ``loss_fn`` wrapped as the loss of one example.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from functrain import tree
+
+PyTree = Any
+_RANDOMNESS = ("error", "different", "same")
+_METHODS = ("vmap", "layers")
+
+
+def batch_size_of(batch: PyTree, name: str = "batch") -> int:
+    """The common leading dimension of every tensor leaf of ``batch``; raises if they differ."""
+    paths, leaves, _ = tree.flatten_with_paths(batch)
+    size = None
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0:
+            raise ValueError(
+                f"{tree.path_str(path, name)} must be a tensor with a leading batch dimension, "
+                f"got {type(leaf).__name__ if not isinstance(leaf, torch.Tensor) else 'a 0-d tensor'}"
+            )
+        if size is None:
+            size = leaf.shape[0]
+        elif leaf.shape[0] != size:
+            raise ValueError(
+                f"{tree.path_str(path, name)} has leading dimension {leaf.shape[0]}, but earlier "
+                f"leaves of {name} have {size}: every leaf must share the batch dimension"
+            )
+    if size is None:
+        raise ValueError(f"{name} has no tensor leaves")
+    return size
+
+
+def _check_options(
+    chunk_size: int | None,
+    randomness: str,
+    loss_fn: Any = len,
+    params: PyTree = None,
+    method: str = "vmap",
+    methods: tuple[str, ...] = _METHODS,
+) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    paths, leaves, _ = tree.flatten_with_paths(params)
+    for path, leaf in zip(paths, leaves):
+        if not isinstance(leaf, torch.Tensor) or not (
+            leaf.is_floating_point() or leaf.is_complex()
+        ):
+            got = leaf.dtype if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+            raise TypeError(
+                f"{tree.path_str(path, 'params')} must be a floating-point tensor, got {got}"
+            )
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
+
+
+def _accepts_buffers(loss_fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "buffers" in params  # as the train step decides (functrain.train.loss)
+
+
+def _split_result(out: Any, has_aux: bool) -> tuple[Any, Any]:
+    """``(loss, aux)`` from a plain loss, ``(loss, aux)`` tuple, LossOutput or LossSum."""
+    # Imported here: functrain.train imports functrain.grads.
+    from functrain.train.loss import LossOutput, LossSum
+
+    aux = None
+    if isinstance(out, LossOutput):
+        out, aux = out.loss, out.aux
+    elif has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2) or isinstance(out, LossSum):
+            raise ValueError("with has_aux=True, loss_fn must return (loss, aux) or ft.LossOutput")
+        out, aux = out
+    if isinstance(out, LossSum):
+        # The example's own mean: the loss of a batch of one, like a mean loss_fn.
+        out = out.total / out.count
+    return out, aux
+
+
+def _example_loss(
+    loss_fn: Callable[..., Any],
+    param_spec: Any,
+    batch_spec: Any,
+    buffers: PyTree | None,
+    has_aux: bool,
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, tuple[Any, ...]]]:
+    """``(param_leaves, example_leaves) -> (0-d loss, (aux,) or ())`` for one example."""
+    pass_buffers = _accepts_buffers(loss_fn)
+    if buffers is not None and not pass_buffers:
+        raise TypeError("buffers were given but loss_fn has no `buffers` keyword argument")
+
+    # Work on flat leaf lists so that any optree pytree (not only torch's) passes through vmap.
+    def one_example(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:
+        params = tree.unflatten(param_spec, param_leaves)
+        example = tree.unflatten(batch_spec, [x.unsqueeze(0) for x in example_leaves])
+        out = (
+            loss_fn(params, example, buffers=buffers) if pass_buffers else loss_fn(params, example)
+        )
+        loss, aux = _split_result(out, has_aux)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                "loss_fn must return a scalar mean loss (or ft.LossSum / ft.LossOutput)"
+                + (" as the first element of (loss, aux)" if has_aux else "")
+                + f", got {shape}"
+            )
+        return loss.reshape(()), ((aux,) if has_aux else ())
+
+    return one_example

@@ -1,0 +1,157 @@
+"""Leaf-wise arithmetic on pytrees: ``add``, ``sub``, ``mul``, ``div``, scaling, casts, ``where``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optree
+import torch
+
+from functrain.tree._structure import PyTree, _check_same, flatten, unflatten
+from functrain.tree._structure import map as tree_map
+
+
+def _binary(
+    a: PyTree,
+    b: PyTree,
+    foreach: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]],
+) -> PyTree:
+    _check_same(a, b)
+    a_leaves, spec = flatten(a)
+    b_leaves = flatten(b)[0]
+    if not a_leaves:
+        return a
+    return unflatten(spec, foreach(a_leaves, b_leaves))
+
+
+def add(tree: PyTree, *others: PyTree) -> PyTree:
+    """Leaf-wise sum of one or more trees.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.add([torch.ones(1)], [torch.ones(1)], [torch.ones(1)])
+        [tensor([3.])]
+    """
+    out = tree
+    for other in others:
+        out = _binary(out, other, torch._foreach_add)
+    return out
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise ``a - b``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.sub([torch.ones(1)], [torch.ones(1)])
+        [tensor([0.])]
+    """
+    return _binary(a, b, torch._foreach_sub)
+
+
+def mul(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise ``a * b``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.mul([torch.tensor([2.0])], [torch.tensor([3.0])])
+        [tensor([6.])]
+    """
+    return _binary(a, b, torch._foreach_mul)
+
+
+def div(a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise ``a / b``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.div([torch.tensor([3.0])], [torch.tensor([2.0])])
+        [tensor([1.5000])]
+    """
+    return _binary(a, b, torch._foreach_div)
+
+
+def scale(scalar: float | torch.Tensor, tree: PyTree) -> PyTree:
+    """Multiplies every leaf by ``scalar`` (a number or a 0-d tensor); optax's ``tree_scalar_mul``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.scale(0.5, {"w": torch.tensor([2.0, 4.0])})
+        {'w': tensor([1., 2.])}
+    """
+    tree_leaves, spec = flatten(tree)
+    if not tree_leaves:
+        return tree
+    if isinstance(scalar, torch.Tensor):
+        return unflatten(spec, [leaf * _like(scalar, leaf) for leaf in tree_leaves])
+    return unflatten(spec, torch._foreach_mul(tree_leaves, scalar))
+
+
+def _like(scalar: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    # A float64 0-d scalar must not promote a float32 0-d leaf, but an integer leaf times a
+    # fractional scalar must become floating point (as with a Python float), not truncate it.
+    if leaf.is_floating_point() or leaf.is_complex():
+        return scalar.to(leaf.dtype)
+    return scalar
+
+
+def add_scale(a: PyTree, scalar: float | torch.Tensor, b: PyTree) -> PyTree:
+    """Returns ``a + scalar * b`` leaf-wise; optax's ``tree_add_scalar_mul``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.add_scale([torch.ones(1)], 2.0, [torch.ones(1)])
+        [tensor([3.])]
+    """
+    _check_same(a, b)
+    a_leaves, spec = flatten(a)
+    b_leaves = flatten(b)[0]
+    if not a_leaves:
+        return a
+    if isinstance(scalar, torch.Tensor):
+        return unflatten(spec, [x + _like(scalar, y) * y for x, y in zip(a_leaves, b_leaves)])
+    return unflatten(spec, torch._foreach_add(a_leaves, b_leaves, alpha=scalar))
+
+
+def cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
+    """Casts floating-point leaves to ``dtype`` (``None`` leaves the tree as is).
+
+    Integer and boolean leaves keep their dtype, as optax's ``tree_cast`` does for counters.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.cast({"a": torch.ones(1)}, torch.float64)["a"].dtype
+        torch.float64
+    """
+    if dtype is None:
+        return tree
+    return optree.tree_map(
+        lambda x: x.to(dtype) if x.is_floating_point() or x.is_complex() else x, tree
+    )
+
+
+def where(condition: torch.Tensor | PyTree, a: PyTree, b: PyTree) -> PyTree:
+    """Leaf-wise ``torch.where``; ``condition`` is a single tensor or a tree like ``a``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.where(torch.tensor(False), [torch.ones(1)], [torch.zeros(1)])
+        [tensor([0.])]
+    """
+    _check_same(a, b)
+    if isinstance(condition, torch.Tensor):
+        return tree_map(lambda x, y: torch.where(condition, x, y), a, b)
+    return tree_map(lambda c, x, y: torch.where(c, x, y), condition, a, b)
+
+
+def clip(tree: PyTree, min_value: float | None = None, max_value: float | None = None) -> PyTree:
+    """Clamps every element to ``[min_value, max_value]``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.clip([torch.tensor([-2.0, 0.5, 2.0])], -1.0, 1.0)
+        [tensor([-1.0000,  0.5000,  1.0000])]
+    """
+    if min_value is None and max_value is None:
+        return tree
+    return optree.tree_map(lambda x: torch.clamp(x, min_value, max_value), tree)

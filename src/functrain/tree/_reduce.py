@@ -1,0 +1,169 @@
+"""Reductions of pytrees to one value: ``vdot``, ``sum``, ``max``, ``size``, ``norm``, ``allclose``.
+
+``sum`` and ``max`` shadow the builtins in this module; ``builtins.sum`` is the builtin.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+import torch
+
+from functrain.tree._structure import (
+    PyTree,
+    _check_same,
+    flatten,
+    flatten_with_paths,
+    leaves,
+    path_str,
+)
+
+
+def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
+    """Sum over leaves of the inner products ``<a_i, b_i>``, as a 0-d tensor.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.vdot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
+        tensor(11.)
+    """
+    _check_same(a, b)
+    a_leaves, b_leaves = flatten(a)[0], flatten(b)[0]
+    if not a_leaves:
+        return torch.zeros(())
+    dots = []
+    for x, y in zip(a_leaves, b_leaves):
+        dtype = torch.promote_types(x.dtype, y.dtype)  # torch.vdot wants equal dtypes
+        dots.append(torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
+    return _sum_scalars(dots)
+
+
+def _stack_promoted(values: list[torch.Tensor]) -> torch.Tensor:
+    dtype = values[0].dtype
+    for v in values[1:]:
+        dtype = torch.promote_types(dtype, v.dtype)
+    device = values[0].device
+    return torch.stack([v.to(dtype=dtype, device=device) for v in values])
+
+
+def _sum_scalars(values: list[torch.Tensor]) -> torch.Tensor:
+    return _stack_promoted(values).sum()
+
+
+def sum(tree: PyTree) -> torch.Tensor:
+    """Sum of all elements of all leaves, as a 0-d tensor.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.sum({"a": torch.ones(3), "b": torch.ones(2)})
+        tensor(5.)
+    """
+    tree_leaves = leaves(tree)
+    if not tree_leaves:
+        return torch.zeros(())
+    return _sum_scalars([leaf.sum() for leaf in tree_leaves])
+
+
+def max(tree: PyTree) -> torch.Tensor:
+    """Largest element over all leaves, as a 0-d tensor.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.max({"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([3.0])})
+        tensor(5.)
+    """
+    all_leaves = leaves(tree)
+    # Shapes are static, so skipping empty leaves costs no device synchronization.
+    tree_leaves = [leaf for leaf in all_leaves if leaf.numel()]
+    if not tree_leaves:
+        raise ValueError("tree.max of a tree without elements is undefined")
+    dtype = _stack_promoted([x.new_zeros(()) for x in all_leaves]).dtype
+    return _stack_promoted([leaf.max() for leaf in tree_leaves]).max().to(dtype)
+
+
+def size(tree: PyTree) -> int:
+    """Total number of elements over all leaves (a Python int: shapes are static).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.size({"w": torch.ones(3, 4), "b": torch.ones(4)})
+        16
+    """
+    return builtins.sum(leaf.numel() for leaf in leaves(tree))
+
+
+def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch.Tensor:
+    """Global norm over all leaves, as if they were concatenated into one vector.
+
+    Args:
+        tree: a pytree of tensors.
+        ord: ``None`` or ``2`` (the L2 norm, default, as optax), ``1`` or ``float('inf')``.
+        squared: return the squared norm (only for ``ord=2``).
+
+    Returns:
+        A 0-d tensor in the promoted dtype of the leaves, on the first leaf's device.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+        tensor(5.)
+        >>> ft.tree.norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}, squared=True)
+        tensor(25.)
+    """
+    ord = 2 if ord is None else ord
+    if squared and ord != 2:
+        raise ValueError(f"squared=True needs ord=2, got ord={ord!r}")
+    if ord not in (1, 2, float("inf")):
+        raise ValueError(f"ord must be 1, 2 or inf, got {ord!r}")
+    all_leaves = leaves(tree)
+    if not all_leaves:
+        return torch.zeros(())
+    bad = [x for x in all_leaves if not (x.is_floating_point() or x.is_complex())]
+    if bad:
+        paths, path_leaves, _ = flatten_with_paths(tree)
+        path = next(p for p, x in zip(paths, path_leaves) if x is bad[0])
+        where = path_str(path, "tree")
+        raise TypeError(f"tree.norm needs floating-point leaves; {where} is {bad[0].dtype}")
+    # The result dtype comes from every leaf; empty leaves add nothing to any of these norms
+    # (and the inf-norm kernel rejects them). Shapes are static: skipping them does not sync.
+    zero = _stack_promoted([x.new_zeros(()) for x in all_leaves]).sum()
+    tree_leaves = [leaf for leaf in all_leaves if leaf.numel()]
+    if not tree_leaves:
+        return zero
+    per_leaf = torch._foreach_norm(tree_leaves, ord)
+    if ord == 2:
+        total = _sum_scalars([zero, *(n.square() for n in per_leaf)])
+        return total if squared else total.sqrt()
+    if ord == 1:
+        return _sum_scalars([zero, *per_leaf])
+    return _stack_promoted([zero, *per_leaf]).max()
+
+
+def allclose(
+    a: PyTree, b: PyTree, rtol: float = 1e-5, atol: float = 1e-8, equal_nan: bool = False
+) -> bool:
+    """True when both trees have the same structure and every leaf pair is ``allclose``.
+
+    ``equal_nan=True`` counts NaNs in the same places as equal, as ``torch.allclose`` does.
+
+    This reads values on the host; use it in tests and checks, not inside a step.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.tree.allclose([torch.ones(1)], [torch.ones(1) + 1e-9])
+        True
+    """
+    a_leaves, spec_a = flatten(a)
+    b_leaves, spec_b = flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(a_leaves, b_leaves):
+        if x.shape != y.shape:
+            return False
+        dtype = torch.promote_types(x.dtype, y.dtype)  # torch.allclose wants equal dtypes
+        close = torch.allclose(
+            x.to(dtype), y.to(x.device, dtype), rtol=rtol, atol=atol, equal_nan=equal_nan
+        )
+        if not bool(close):
+            return False
+    return True
