@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
@@ -181,7 +180,6 @@ def _core(name: str, lr, mask):
     raise AssertionError(name)
 
 
-ADAMS = {"adam", "adamw", "nadamw", "eps_root", "inject_adamw", "adam_schedule"}
 CORES = [
     "adam",
     "adamw",
@@ -254,13 +252,6 @@ def _grads(params, kind: str, gen: torch.Generator, like: bool = False):
 # ---------------------------------------------------------------------------- in place
 
 
-def _skip_known(recipes, opt) -> None:
-    """Adam on float16 leaves: the member-by-member path squares and adds ``eps`` in float16
-    (``g²`` under 6e-8 and ``eps=1e-8`` become 0, so ``m / 0``); the kernels work in float32.
-    Known; see ``test_known_float16_adam_underflow``."""
-    assume(not (opt[0][0] in ADAMS and any(r[0] == F16 for r in recipes)))
-
-
 @given(
     recipes=layouts(),
     nest=st.integers(0, 2),
@@ -271,7 +262,6 @@ def _skip_known(recipes, opt) -> None:
     seed=st.integers(0, 2**16),
 )
 def test_update_in_place_matches_tx_update(recipes, nest, opt, kinds, flag, like, seed):
-    _skip_known(recipes, opt)
     _, tx = opt
     gen = torch.Generator().manual_seed(seed)
     params = _nest(_make_leaves(recipes, gen), nest)
@@ -342,7 +332,6 @@ def _batch(params, kind: str, gen: torch.Generator) -> list[torch.Tensor]:
     seed=st.integers(0, 2**16),
 )
 def test_donating_step_matches_pure_step(recipes, nest, opt, kinds, scaled, skips, nonfinite, seed):
-    _skip_known(recipes, opt)
     assume(nonfinite == "skip" or not (scaled or skips))  # both need skipping
     _, tx = opt
     gen = torch.Generator().manual_seed(seed)
@@ -432,11 +421,11 @@ def test_skipped_step_reports_zero_update_norm_even_with_nan_params():
     _close(norms[0], norms[1], rtol=0, atol=0)
 
 
-# Known, not fixed here: the member-by-member Adam (``scale_by_adam`` in adaptive.py, mirrored
-# bit for bit by the foreach engine) rounds differently at the edges of the dtype's range than
-# the fused kernels, so the engine a chain happens to get decides the numbers. The fix belongs
-# in adaptive.py (and ``_adam_b`` with it): ``sqrt(nu) / sqrt(1 − b2ᵗ)`` as torch.optim does,
-# and ``eps`` added in the opmath dtype.
+# Formerly known differences: the member-by-member Adam (``scale_by_adam``, mirrored bit for bit by
+# the foreach engine) rounded differently at the edges of the dtype's range than the fused
+# kernels, so the engine a chain happened to get decided the numbers. Now it forms
+# ``sqrt(nu) / sqrt(1 − b2ᵗ)`` as torch.optim does, and works in float32 for float16 leaves.
+# More cases, against torch.optim too: test_adam_extremes.py.
 
 
 def _engines_agree(p, g, tx) -> None:
@@ -448,14 +437,14 @@ def _engines_agree(p, g, tx) -> None:
     _close(out[1], out[0])
 
 
-@pytest.mark.xfail(strict=True, reason="float16 eps=1e-8 is 0: m/0 member by member")
-def test_known_float16_adam_underflow():
+def test_float16_adam_small_gradient_engines_agree():
+    # eps = 1e-8 is 0 in float16 and (1 − b2)·g² underflows: m / 0 member by member.
     p = {"w": torch.tensor([1.5, -0.5], dtype=F16)}
     _engines_agree(p, {"w": torch.tensor([0.0, 1e-5], dtype=F16)}, ft.adam(0.03))
 
 
-@pytest.mark.xfail(strict=True, reason="nu / (1 - b2^t) overflows member by member")
-def test_known_float32_adam_second_moment_overflow():
+def test_float32_adam_huge_gradient_engines_agree():
+    # (1 − b2)·g² is finite but nu / (1 − b2ᵗ) overflowed member by member: u = m / inf = 0.
     p = {"w": torch.tensor([1.5, -0.5])}
     _engines_agree(p, {"w": torch.tensor([3.7e19, -1.0])}, ft.adam(0.03))
 

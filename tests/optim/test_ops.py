@@ -60,3 +60,16 @@ def test_cpu_number_only_for_one_float32_or_float64_dtype() -> None:
     assert _ops.cpu_number(True, [f32]) is True
     tensor = torch.tensor(0.5)
     assert _ops.cpu_number(tensor, [f32]) is tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moment_sq_with_a_tensor_decay_keeps_dtypes_and_does_not_overflow(dtype) -> None:
+    """A tensor decay (``inject_hyperparams``) forms ``(1 − d)·g`` before ``·g``: ``g·g`` alone
+    overflows float32 at 3.7e19; a 0-d leaf keeps its dtype against a float64 decay."""
+    g = [torch.tensor(3.7e19, dtype=dtype), torch.tensor([3.7e19, -2.0], dtype=dtype)]
+    v = [torch.tensor(1.0, dtype=dtype), torch.tensor([1.0, 4.0], dtype=dtype)]
+    decay = torch.tensor(0.999, dtype=torch.float64)
+    for got, gi, vi in zip(_ops.moment_sq(g, v, decay), g, v):
+        assert got.dtype == dtype and bool(torch.isfinite(got).all())
+        want = 0.999 * vi.double() + 0.001 * gi.double() ** 2
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)

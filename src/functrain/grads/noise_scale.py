@@ -214,10 +214,15 @@ class NoiseScaleState(NamedTuple):
     """Moving averages behind ``B_simple``.
 
     Attributes:
-        count: number of updates (int32).
+        count: number of estimates folded in (int32; non-finite ones are left out).
         trace_sigma: exponential moving average of ``tr(Σ)`` estimates (zero-initialised, not
             bias-corrected).
         grad_sq: exponential moving average of ``|G|²`` estimates (same).
+
+    Example:
+        >>> import functrain as ft
+        >>> ft.noise_scale_init().trace_sigma
+        tensor(0.)
     """
 
     count: torch.Tensor
@@ -244,6 +249,11 @@ def noise_scale_update(
 ) -> NoiseScaleState:
     """Folds one step's estimates into the moving averages: ``ema ← decay·ema + (1−decay)·x``.
 
+    A step whose estimates are not both finite (a NaN or inf gradient, e.g. under
+    ``make_train_step(..., nonfinite="ignore")``) is left out: the averages and ``count`` stay
+    as they were, so one bad step does not turn the averages NaN for good. The choice is made
+    on the device (``torch.where``), without a host read.
+
     Example:
         >>> import torch, functrain as ft
         >>> est = ft.NoiseScaleEstimate(torch.tensor(8.0), torch.tensor(2.0))
@@ -255,10 +265,12 @@ def noise_scale_update(
     s = torch.as_tensor(estimate.trace_sigma).to(dtype)
     g = torch.as_tensor(estimate.grad_sq).to(dtype)
     weight = (1 - decay).to(dtype) if isinstance(decay, torch.Tensor) else 1 - decay
+    finite = torch.isfinite(s) & torch.isfinite(g)
     return NoiseScaleState(
-        _utils.safe_increment(state.count),
-        torch.lerp(state.trace_sigma, s, weight),
-        torch.lerp(state.grad_sq, g, weight),
+        # The count is the bias correction's exponent: it counts only the folded estimates.
+        torch.where(finite, _utils.safe_increment(state.count), state.count),
+        torch.where(finite, torch.lerp(state.trace_sigma, s, weight), state.trace_sigma),
+        torch.where(finite, torch.lerp(state.grad_sq, g, weight), state.grad_sq),
     )
 
 
@@ -423,7 +435,8 @@ def noise_scale_hook(
     ``{prefix}b_simple``, ``{prefix}trace_sigma``, ``{prefix}grad_sq`` (bias-corrected moving
     averages, see :func:`noise_scale_metrics`) and ``{prefix}gradient_diversity`` (this step's,
     of the micro-batch sum gradients). The cost is one squared norm per micro-batch and one of
-    the combined gradient.
+    the combined gradient. Under ``nonfinite="ignore"`` a step with a NaN or inf gradient
+    leaves the averages as they were (:func:`noise_scale_update`); its diversity is NaN.
 
     Args:
         decay: moving-average decay for ``B_simple``.

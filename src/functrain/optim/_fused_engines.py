@@ -437,7 +437,7 @@ def _trace_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None)
 
 
 def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
-    from functrain.optim.adaptive import _bias, _mu_hat
+    from functrain.optim.adaptive import _direction, _widen
 
     spec = op.spec
     assert isinstance(spec, ScaleByAdam)
@@ -448,35 +448,33 @@ def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) 
         return
     mu_l, mu_spec = tree.flatten(op.state.mu)
     nu_l, nu_spec = tree.flatten(op.state.nu)
-    if all(m.dtype == x.dtype and v.dtype == x.dtype for m, v, x in zip(mu_l, nu_l, g)):
+    wide = _widen(g)  # the pure path's float32 arithmetic for float16 and bfloat16 leaves
+    same = all(m.dtype == x.dtype and v.dtype == x.dtype for m, v, x in zip(mu_l, nu_l, g))
+    if same and wide is g:
         torch._foreach_lerp_(mu_l, g, 1 - _ops.on_device(spec.b1, g[0]))
         decay = _ops.on_device(spec.b2, g[0])
         torch._foreach_mul_(nu_l, decay)
         if isinstance(decay, torch.Tensor):
-            torch._foreach_add_(nu_l, torch._foreach_mul(torch._foreach_mul(g, g), 1 - decay))
+            torch._foreach_add_(nu_l, _ops.scaled_square(g, decay))
         else:
             torch._foreach_addcmul_(nu_l, g, g, 1 - decay)
         mu, nu = mu_l, nu_l
         op.new_state = op.state._replace(count=count)
-    else:  # mixed dtypes (mu_dtype): the pure path's out-of-place moments
-        mu, nu = _ops.moment(g, mu_l, spec.b1), _ops.moment_sq(g, nu_l, spec.b2)
-        op.new_state = op.state._replace(
-            count=count,
-            mu=tree.unflatten(mu_spec, _ops.cast(mu, spec.mu_dtype)),
-            nu=tree.unflatten(nu_spec, _ops.cast_like(nu, nu_l)),
-        )
-    # The pure path's _denominator and final division, on its own fresh temporaries.
-    denom = _ops.div(nu, _bias(spec.b2, count, _ops.scalar_dtype(g)))
-    if not _ops.is_zero(spec.eps_root):
-        torch._foreach_add_(denom, _ops.on_device(spec.eps_root, denom[0]))
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, _ops.on_device(spec.eps, denom[0]))
-    out = _mu_hat(g, mu, spec.b1, count, spec.nesterov)
-    if out is mu or any(o is m for o, m in zip(out, mu)):
-        out = list(torch._foreach_div(out, denom))
-    else:
-        torch._foreach_div_(out, denom)
-    up.put(op.idx, out, True)
+    else:  # the pure path's out-of-place moments
+        mu, nu = _ops.moment(wide, mu_l, spec.b1), _ops.moment_sq(wide, nu_l, spec.b2)
+        if same:  # rounded into the state tensors, as the pure path's casts round
+            torch._foreach_copy_(mu_l, mu)
+            torch._foreach_copy_(nu_l, nu)
+            op.new_state = op.state._replace(count=count)
+        else:  # mixed dtypes (mu_dtype)
+            kept = _ops.cast_like(mu, g) if spec.mu_dtype is None else mu
+            op.new_state = op.state._replace(
+                count=count,
+                mu=tree.unflatten(mu_spec, _ops.cast(kept, spec.mu_dtype)),
+                nu=tree.unflatten(nu_spec, _ops.cast_like(nu, nu_l)),
+            )
+    out = _direction(wide, mu, nu, count, spec.b1, spec.b2, spec.eps, spec.eps_root, spec.nesterov)
+    up.put(op.idx, _ops.cast_like(out, g), True)
 
 
 _PRIMITIVES: dict[type, Callable[..., None]] = {

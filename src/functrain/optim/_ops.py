@@ -152,13 +152,21 @@ def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> li
         return []
     decay = on_device(decay, g[0])
     v = _like(v, g)
-    out = list(torch._foreach_mul(v, cpu_number(decay, v)))
     if isinstance(decay, torch.Tensor):
-        return list(
-            torch._foreach_add(out, torch._foreach_mul(torch._foreach_mul(g, g), 1 - decay))
-        )
+        out = mul(v, decay)
+        torch._foreach_add_(out, scaled_square(g, decay))
+        return out
+    out = list(torch._foreach_mul(v, cpu_number(decay, v)))
     torch._foreach_addcmul_(out, g, g, 1 - decay)
     return out
+
+
+def scaled_square(g: list[torch.Tensor], decay: torch.Tensor) -> list[torch.Tensor]:
+    """``(1 − decay)·g·g`` in that order (``addcmul``'s), each in ``g``'s dtype: ``g·g`` first
+    overflows float32 from ``|g| ≈ 1.8e19`` where the product does not."""
+    sq = mul(g, 1 - decay)
+    torch._foreach_mul_(sq, g)
+    return sq
 
 
 def scalar(value: Scalar, like: torch.Tensor) -> torch.Tensor:

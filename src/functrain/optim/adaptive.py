@@ -72,6 +72,56 @@ def _denominator(nu_hat: list[torch.Tensor], eps: Hyper, eps_root: Hyper) -> lis
     return denom
 
 
+_NARROW = frozenset({torch.float16, torch.bfloat16})
+
+
+def _widen(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """float16 and bfloat16 tensors as float32 (the fused kernels' arithmetic); ``xs`` itself
+    when there are none.
+
+    In float16, ``eps = 1e-8`` is 0 and ``(1 − b2)·g²`` is 0 below ``|g| ≈ 5e-3``, so a small
+    gradient's update was ``m / 0``; the kernels (and ``torch.optim.Adam(fused=True)``) form the
+    moments and the update in float32 and round each result once.
+    """
+    if not any(x.dtype in _NARROW for x in xs):  # a generator: dynamo cannot trace attrgetter
+        return xs
+    return [x.float() if x.dtype in _NARROW else x for x in xs]
+
+
+def _direction(
+    g: list[torch.Tensor],
+    mu: list[torch.Tensor],
+    nu: list[torch.Tensor],
+    count: torch.Tensor,
+    b1: Hyper,
+    b2: Hyper,
+    eps: Hyper,
+    eps_root: Hyper,
+    nesterov: bool,
+) -> list[torch.Tensor]:
+    """``û / (√(v̂ + eps_root) + eps)`` from the new moments, on fresh temporaries.
+
+    Formed as ``√(nu + eps_root·(1 − b2ᵗ)) / √(1 − b2ᵗ)``, the same number (``v̂ = nu/(1 − b2ᵗ)``),
+    and with ``eps_root = 0`` the order of ``torch.optim.Adam`` and the fused kernels: early on
+    ``nu / (1 − b2ᵗ)`` overflows where ``nu`` does not (float32 gradients near 1e19).
+    """
+    dtype = _ops.scalar_dtype(g)
+    correction = _bias(b2, count, dtype)
+    if _ops.is_zero(eps_root):
+        denom = list(torch._foreach_sqrt(nu))
+    else:
+        shift = _ops.on_device(correction * _ops.on_device(eps_root, correction), nu[0])
+        denom = _ops.cast_like(list(torch._foreach_add(nu, shift)), nu)
+        torch._foreach_sqrt_(denom)
+    torch._foreach_div_(denom, _ops.on_device(correction.sqrt(), denom[0]))
+    torch._foreach_add_(denom, _ops.on_device(eps, denom[0]))
+    out = _mu_hat(g, mu, b1, count, nesterov)
+    if any(o is m for o, m in zip(out, mu)):
+        return list(torch._foreach_div(out, denom))
+    torch._foreach_div_(out, denom)
+    return out
+
+
 def scale_by_adam(
     b1: Hyper = 0.9,
     b2: Hyper = 0.999,
@@ -91,6 +141,11 @@ def scale_by_adam(
         u ← û / (√(v̂ + eps_root) + eps)
 
     With ``nesterov=True`` (NAdam), ``û = b1·mu/(1 − b1ᵗ⁺¹) + (1 − b1)·g/(1 − b1ᵗ)``.
+
+    As in ``torch.optim.Adam``, ``√v̂`` is formed as ``√nu / √(1 − b2ᵗ)`` (with ``eps_root``,
+    ``√(nu + eps_root·(1 − b2ᵗ)) / √(1 − b2ᵗ)``, the same number), which does not overflow
+    for huge gradients; float16 and bfloat16 leaves are computed in float32 and each result
+    rounded once, as the fused kernels do (in float16, ``eps = 1e-8`` itself is 0).
 
     Differences from optax: the result keeps the updates' dtype; with a ``mu_dtype`` wider than
     the updates optax returns the wider dtype.
@@ -128,17 +183,13 @@ def scale_by_adam(
         count = _utils.safe_increment(state.count)
         if not g:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
-        mu = _ops.moment(g, s["state.mu"], b1)
-        nu = _ops.moment_sq(g, s["state.nu"], b2)
-        # _denominator's and the final division's arithmetic, in place on the fresh
-        # temporaries mu_hat and nu_hat: the same numbers with two allocations fewer.
-        out = _mu_hat(g, mu, b1, count, nesterov)
-        denom = _ops.div(nu, _bias(b2, count, _ops.scalar_dtype(g)))
-        if not _ops.is_zero(eps_root):
-            torch._foreach_add_(denom, _ops.on_device(eps_root, denom[0]))
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, _ops.on_device(eps, denom[0]))
-        torch._foreach_div_(out, denom)
+        wide = _widen(g)
+        mu = _ops.moment(wide, s["state.mu"], b1)
+        nu = _ops.moment_sq(wide, s["state.nu"], b2)
+        out = _direction(wide, mu, nu, count, b1, b2, eps, eps_root, nesterov)
+        if wide is not g:  # one rounding of each float32 result, as the kernels
+            out = _ops.cast_like(out, g)
+            mu = _ops.cast_like(mu, g) if mu_dtype is None else mu
         mu = _ops.cast(mu, mu_dtype)
         nu = _ops.cast_like(nu, s["state.nu"])
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
