@@ -21,6 +21,7 @@ from functrain.distributed._update import Updated, checked_grads
 from functrain.optim.base import apply_updates
 from functrain.optim.loss_scale import all_finite
 from functrain.train import faults as faults_lib
+from functrain.train.optimizer_stage import mark_in_place_write
 
 if TYPE_CHECKING:
     from functrain.distributed.step import DataParallelTrainStep
@@ -100,6 +101,8 @@ def sharded_update(
             what="all-reduce of the update norm",
         )
     outs = p_leaves if step.donate and _writable(p_leaves, new_opt_state) else None
+    if outs is not None:
+        mark_in_place_write()  # a failing gather may leave the parameters half-written
     pending = zero.start_all_gather(layout, tree.leaves(new_pieces), group, outs)
     update_norm = None if pending_sq is None else pending_sq.wait()[0].sqrt()
     # Last: only when this collective succeeded are the parameters (maybe in place) written.

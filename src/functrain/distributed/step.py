@@ -47,6 +47,7 @@ from functrain.optim.base import GradientTransformation, identity
 from functrain.optim.loss_scale import DynamicLossScale
 from functrain.train import _step_checks, gradient, microbatch, rng
 from functrain.train import step as step_lib
+from functrain.train.optimizer_stage import in_place_writes_started, reset_in_place_writes
 from functrain.train.state import TrainState
 
 __all__ = ["DataParallelTrainStep", "make_data_parallel_train_step"]
@@ -259,7 +260,13 @@ class DataParallelTrainStep:
         combined = combine(self, params, result, local, counts, is_sum)
         metrics = combined.metrics
         update = sharded_update if self.shard_optimizer else replicated_update
-        out = update(self, combined.grads, combined.spec, params, opt_state, extra, metrics)
+        reset_in_place_writes()
+        try:
+            out = update(self, combined.grads, combined.spec, params, opt_state, extra, metrics)
+        except BaseException as err:
+            if self.donate and in_place_writes_started():
+                _step_checks.consume_torn(state, err, "a data-parallel train step (donate=True)")
+            raise
         new_buffers = faults.keep_if_skipped(out.ok, combined.buffers, buffers)
         if self.donate:
             # Consumed only once every collective succeeded: a failed step leaves it usable.

@@ -166,3 +166,14 @@ def _check_no_overlap(leaves: list[torch.Tensor], params: Any, where: str) -> No
                 )
             if stop > reach:
                 reach, owner = stop, j
+
+
+def consume_torn(state: TrainState, err: BaseException, by: str) -> None:
+    """Consumes a donated state that a failing step may have half-updated, and says so in
+    ``err`` (a step that fails before it writes into the state's memory leaves it usable)."""
+    state._consume(f"{by}, which failed while updating it in place")
+    err.add_note(
+        "functrain: the step failed while writing its update into the donated state's memory, "
+        "so that state may be half-updated and is consumed (using it raises "
+        "ConsumedStateError); resume from a checkpoint"
+    )

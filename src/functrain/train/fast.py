@@ -24,7 +24,12 @@ import torch
 
 from functrain import tree
 from functrain.optim import fused
-from functrain.train.optimizer_stage import Applied, apply_optimizer
+from functrain.train.optimizer_stage import (
+    Applied,
+    apply_optimizer,
+    mark_in_place_write,
+    reset_in_place_writes,
+)
 
 __all__: list[str] = []  # internal: used by make_train_step
 
@@ -111,6 +116,7 @@ class FusedStage:
     ) -> Any:
         """Runs the optimizer stage (see the class docstring)."""
         if in_place and not torch.compiler.is_compiling():
+            mark_in_place_write()  # the engines write group by group: a failure may tear it
             done = fused.update_in_place(
                 tx,
                 grads,
@@ -124,5 +130,6 @@ class FusedStage:
             if done is not None:
                 self._record(done.engine)
                 return Applied(params, done.opt_state, None, done.update_norm)
+            reset_in_place_writes()  # None: nothing was touched
         self._record("pure")
         return apply_optimizer(tx, grads, opt_state, params, in_place=in_place, found_inf=found_inf)

@@ -147,7 +147,8 @@ def train_loop(
     checkpoint manager) propagates with the loop's latest state attached as
     ``err.train_state``, so that a long run's progress survives it although the given
     ``state`` was donated: the state after the last completed step, or, for an error inside a
-    step, that step's input (a train step that raises leaves its input usable). No checkpoint is
+    step, that step's input (a train step that raises leaves its input usable, or ``None`` if
+    it failed halfway through writing its update into that input's memory). No checkpoint is
     saved on an error; save ``err.train_state`` yourself if you want one.
 
     **Ctrl-C.** A ``KeyboardInterrupt`` raised between steps (in the batch iterator, say) or a

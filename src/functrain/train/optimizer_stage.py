@@ -10,6 +10,7 @@ it and fall back to it. :func:`find_learning_rate` (and its cached form,
 
 from __future__ import annotations
 
+import threading
 from typing import Any, NamedTuple
 
 import optree
@@ -20,6 +21,29 @@ from functrain.optim.base import GradientTransformation, apply_updates
 from functrain.train import faults
 
 __all__ = ["find_learning_rate"]
+
+_WRITES = threading.local()
+
+
+def mark_in_place_write() -> None:
+    """Records that the running (eager) step began writing into its donated input's memory.
+
+    From then on an exception can leave that input half-updated, so the step consumes it
+    rather than hand it back as usable (see ``TrainStep.__call__``). Compiled code records
+    nothing: a Python side effect there would be replayed only after the graph ran.
+    """
+    if not torch.compiler.is_compiling():
+        _WRITES.started = True
+
+
+def reset_in_place_writes() -> None:
+    """Forgets the mark (at the start of a step)."""
+    _WRITES.started = False
+
+
+def in_place_writes_started() -> bool:
+    """Whether :func:`mark_in_place_write` ran since the last reset (in this thread)."""
+    return getattr(_WRITES, "started", False)
 
 
 class Applied(NamedTuple):
@@ -74,6 +98,7 @@ def _add_in_place(params: Any, updates: Any, keep: set[int]) -> Any:
             same.append(p)
             same_u.append(u)
     if same:
+        mark_in_place_write()
         torch._foreach_add_(same, same_u)
     return tree.unflatten(spec, out)
 

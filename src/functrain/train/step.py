@@ -33,6 +33,7 @@ from functrain.train._step_checks import (
     _check_state,
     _check_step_args,
     _StructureGuard,
+    consume_torn,
 )
 from functrain.train.eval_step import EvalStep, make_eval_step
 from functrain.train.grad_stats import GradStatsHook
@@ -41,6 +42,8 @@ from functrain.train.optimizer_stage import (
     LearningRateLookup,
     apply_optimizer,
     find_learning_rate,
+    in_place_writes_started,
+    reset_in_place_writes,
 )
 from functrain.train.state import TrainState
 
@@ -162,6 +165,7 @@ class TrainStep:
         if self.donate:
             _check_no_overlap(p_leaves, params, "train step (donate=True)")
         token = self.faults.begin(extra, params)  # may raise NonFiniteError; sets the scale
+        reset_in_place_writes()
         try:
             split = microbatch.split_batch(batch, self.micro_batches)
             # Only seeding reads the devices (a state without a key is never seeded).
@@ -182,10 +186,15 @@ class TrainStep:
                     split,
                     devices,
                 )
+        except BaseException as err:
+            if self.donate and in_place_writes_started():
+                consume_torn(state, err, "a train step (donate=True)")
+            raise
         finally:
             self.faults.end(token)
         if self.donate:
-            # Consumed only once the update succeeded: a failing step leaves the state usable.
+            # Consumed only once the update succeeded: a step that fails before it writes into
+            # the state's memory leaves the state usable.
             state._consume("a train step (donate=True)")
         new_state = TrainState(*fields)
         if self._compiled is not None:
@@ -363,6 +372,9 @@ def make_train_step(
         donate: consume the input state: its parameter memory is updated in place and the
             consumed ``TrainState`` raises :class:`~functrain.ConsumedStateError` if used again.
             ``False`` keeps the input state intact (for research code comparing states).
+            A step that raises leaves its input usable, unless it failed while writing the
+            update into that memory (e.g. out of device memory between two fused kernel
+            calls): then the input is consumed too, and the error says so.
         seed_rng: seed the global random generators (CPU and the params' CUDA devices) from the
             micro-batch's key around each gradient computation, and restore them afterwards, so
             ``nn.Dropout`` and ``torch.rand`` are reproducible and differ between micro-batches.
