@@ -342,3 +342,13 @@ def test_nadam_without_nesterov_is_adam() -> None:
         a, _ = plain.update(grads, plain.init(params), params)
         b, _ = nadam.update(grads, nadam.init(params), params)
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ft.sgd(True), lambda: ft.adamw(1e-3, weight_decay=False), lambda: ft.adam(True)],
+)
+def test_bool_hyperparameters_are_refused(make):
+    """``True`` is an int to Python: as a learning rate it would silently mean 1."""
+    with pytest.raises(TypeError, match=r"got (True|False)"):
+        make()

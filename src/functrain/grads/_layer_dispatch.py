@@ -34,7 +34,14 @@ def ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
 def _slices(
     batch_leaves: list[torch.Tensor], n: int, chunk_size: int | None
 ) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
-    """``(start, stop, leaves[start:stop])`` chunk by chunk (the leaves themselves for one)."""
+    """``(start, stop, leaves[start:stop])`` chunk by chunk (the leaves themselves for one).
+
+    An empty batch is one empty chunk, so that every reduction gives its value for no
+    examples (empty per-sample results, a zero clipped sum) rather than nothing.
+    """
+    if n == 0:
+        yield 0, 0, batch_leaves
+        return
     step = n if chunk_size is None else chunk_size
     for start in range(0, n, step):
         stop = min(start + step, n)

@@ -19,7 +19,8 @@ __all__ = ["clipped_sum_by_layers", "gram_by_layers", "per_sample_by_layers", "s
 
 
 def _backward(losses: torch.Tensor, tag: torch.Tensor, weights: Any = None, **kwargs: Any) -> None:
-    if losses.requires_grad:  # else no parameter was used: every gradient is zero
+    # Else no parameter was used, or there are no examples: every gradient is zero.
+    if losses.requires_grad and losses.numel() > 0:
         grad_outputs = torch.ones_like(losses) if weights is None else weights
         torch.autograd.grad(losses, tag, grad_outputs, allow_unused=True, **kwargs)
 

@@ -143,7 +143,8 @@ class _Rules(TorchFunctionMode):
 
     def enter_examples(self, batch_leaves: list[torch.Tensor]) -> None:
         """Called inside the vmap over examples, with its batched inputs."""
-        self.anchor = batch_leaves[0].reshape(-1)[:0]
+        first = batch_leaves[0]
+        self.anchor = first.reshape(first.numel())[:0]  # not reshape(-1): the batch may be empty
         self.level = None
         if _FAST and _functorch.is_batchedtensor(self.anchor):
             self.level = _functorch.maybe_get_level(self.anchor)
@@ -188,7 +189,8 @@ class _Rules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if func in _METADATA:
+        if func in _METADATA or not torch.is_grad_enabled():
+            # Under no_grad a use adds nothing to any gradient (as in torch.func.grad).
             return func(*args, **kwargs)
         self._refuse_wrapped(func, (*args, *kwargs.values()))
         # Under autocast the call casts its inputs below the rule, whose backward would then

@@ -6,6 +6,7 @@ The batch size check, the option checks and ``loss_fn`` wrapped as the loss of o
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,16 @@ def _check_options(
             raise TypeError(
                 f"{tree.path_str(path, 'params')} must be a floating-point tensor, got {got}"
             )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
+        if leaf.is_meta:
+            raise ValueError(
+                f"{tree.path_str(path, 'params')} is on the meta device (shapes only, no values): "
+                "per-sample gradients need materialized parameters"
+            )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, numbers.Integral)
+        or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if randomness not in _RANDOMNESS:
         raise ValueError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
@@ -93,14 +103,45 @@ def _split_result(out: Any, has_aux: bool) -> tuple[Any, Any]:
     return out, aux
 
 
+class AuxSplit:
+    """Splits ``aux`` into the tensors that travel through ``vmap`` and the rest.
+
+    ``vmap`` only passes tensors out. A leaf that is not a tensor (``None`` is an empty
+    subtree; numbers, strings) cannot depend on the example, since the examples are traced
+    together, so it is kept from the trace and put back as returned, unbatched.
+    """
+
+    def __init__(self) -> None:
+        self.spec: Any = None
+        self.static: dict[int, Any] = {}
+
+    def split(self, aux: Any) -> tuple[torch.Tensor, ...]:
+        """The tensor leaves of ``aux``; remembers its structure and its other leaves."""
+        leaves, self.spec = tree.flatten(aux)
+        self.static = {i: x for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)}
+        return tuple(x for x in leaves if isinstance(x, torch.Tensor))
+
+    def join(self, tensors: Any) -> Any:
+        """``aux`` again, from the (batched) tensor leaves :meth:`split` gave."""
+        batched = iter(tensors)
+        count = self.spec.num_leaves
+        leaves = [self.static[i] if i in self.static else next(batched) for i in range(count)]
+        return tree.unflatten(self.spec, leaves)
+
+
 def _example_loss(
     loss_fn: Callable[..., Any],
     param_spec: Any,
     batch_spec: Any,
     buffers: PyTree | None,
     has_aux: bool,
+    aux_split: AuxSplit | None = None,
 ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, tuple[Any, ...]]]:
-    """``(param_leaves, example_leaves) -> (0-d loss, (aux,) or ())`` for one example."""
+    """``(param_leaves, example_leaves) -> (0-d loss, extras)`` for one example.
+
+    ``extras`` is ``()`` without ``has_aux``; with it, the tensor leaves of ``aux`` split by
+    ``aux_split`` (``(aux,)`` when no ``aux_split`` is given).
+    """
     pass_buffers = _accepts_buffers(loss_fn)
     if buffers is not None and not pass_buffers:
         raise TypeError("buffers were given but loss_fn has no `buffers` keyword argument")
@@ -120,6 +161,8 @@ def _example_loss(
                 + (" as the first element of (loss, aux)" if has_aux else "")
                 + f", got {shape}"
             )
-        return loss.reshape(()), ((aux,) if has_aux else ())
+        if not has_aux:
+            return loss.reshape(()), ()
+        return loss.reshape(()), (aux_split.split(aux) if aux_split is not None else (aux,))
 
     return one_example

@@ -47,7 +47,12 @@ from functrain.grads._layer_dispatch import (  # noqa: F401
 )
 from functrain.grads._layer_passes import per_sample_by_layers
 from functrain.grads._layer_rules import Unsupported
-from functrain.grads._per_example import _check_options, _example_loss, batch_size_of
+from functrain.grads._per_example import (
+    AuxSplit,
+    _check_options,
+    _example_loss,
+    batch_size_of,
+)
 
 __all__ = [
     "PerSampleChunk",
@@ -113,9 +118,12 @@ def _chunk_runner(
     randomness: str,
     has_aux: bool,
     method: str,
+    aux_split: AuxSplit,
 ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
     """``(param_leaves, batch_leaves) -> ((losses, extras), grad_leaves)`` over a chunk."""
-    example_loss = _example_loss(loss_fn, tree.structure(params), batch_spec, buffers, has_aux)
+    example_loss = _example_loss(
+        loss_fn, tree.structure(params), batch_spec, buffers, has_aux, aux_split
+    )
     if method == "vmap":
         return _vmap_grad(example_loss, randomness)
     if torch.compiler.is_compiling():
@@ -169,17 +177,25 @@ def per_sample_chunks(
     n = batch_size_of(batch)
     param_leaves, param_spec = tree.flatten(params)
     batch_leaves, batch_spec = tree.flatten(batch)
-    run = _chunk_runner(loss_fn, params, batch_spec, buffers, randomness, has_aux, method)
+    aux_split = AuxSplit()
+    run = _chunk_runner(
+        loss_fn, params, batch_spec, buffers, randomness, has_aux, method, aux_split
+    )
     for start, stop, chunk in _slices(batch_leaves, n, chunk_size):
         (losses, extras), grads = run(param_leaves, chunk)
-        aux = extras[0] if has_aux else None
+        aux = aux_split.join(extras) if has_aux else None
         yield PerSampleChunk(start, stop, tree.unflatten(param_spec, grads), losses, aux)
 
 
 def _concat(chunks: list[Any]) -> Any:
+    """The chunks' tensor leaves concatenated; other leaves (aux constants) from the first."""
     if len(chunks) == 1:
         return chunks[0]
-    return tree.map(lambda *xs: torch.cat(xs), chunks[0], *chunks[1:])
+    return tree.map(
+        lambda *xs: torch.cat(xs) if isinstance(xs[0], torch.Tensor) else xs[0],
+        chunks[0],
+        *chunks[1:],
+    )
 
 
 def per_sample_value_and_grads(
@@ -259,8 +275,10 @@ def per_sample_grads(
         loss_fn: ``loss_fn(params, batch) -> scalar mean loss``, the train step's loss (or a
             ``LossSum`` / ``LossOutput``). It gets ``buffers=`` when its signature names it.
             With ``has_aux``, it returns ``(loss, aux)`` or a ``LossOutput`` with ``aux``.
-        params: pytree of floating-point tensors (any optree pytree).
-        batch: pytree of tensors sharing a leading batch dimension.
+        params: pytree of floating-point tensors (any optree pytree), not on the meta device.
+        batch: pytree of tensors sharing a leading batch dimension (a mismatch raises
+            ``ValueError`` naming the leaf). An empty batch (size 0) gives empty results, and
+            the reductions their value for no examples (a zero clipped sum, ``count`` 0).
         chunk_size: examples per ``vmap`` call, bounding the memory of intermediate activations
             (the output itself holds the whole batch). ``None``: one call.
         buffers: non-differentiated state shared by all examples, e.g. a model's eval-mode
@@ -269,16 +287,19 @@ def per_sample_grads(
         randomness: ``"error"`` (random ops inside ``loss_fn`` raise), ``"different"``
             (independent draws per example) or ``"same"`` (one draw per chunk).
         has_aux: return ``(grads, aux)`` with per-example ``aux`` (from ``(loss, aux)`` or
-            ``LossOutput.aux``).
+            ``LossOutput.aux``): its tensor leaves get the leading batch dimension; its other
+            leaves (``None``, numbers, strings), which cannot differ between examples, come
+            back once, as returned.
         method: ``"vmap"`` (default) differentiates each example with ``vmap(grad(...))``: any
             model. ``"layers"`` still runs each example's forward under ``vmap`` (so examples
             cannot interact), then takes one ordinary backward pass over the batch in which
             every linear, convolution (``groups=1``), layer-norm and embedding call forms its
             parameters' per-example gradients from its input and output gradient, as Opacus'
             hooks do, but without hooks. It applies when every parameter is the weight or bias
-            of such a call (tied uses add up) and raises ``ValueError`` naming the first
-            parameter used otherwise. Same numbers to rounding; on CPU about as fast as
-            ``"vmap"`` (±15 % either way in ``tools/bench.py``), and it is what lets
+            of such a call (tied uses add up; uses under ``torch.no_grad`` add nothing and are
+            free) and raises ``ValueError`` naming the first parameter used otherwise. Same
+            numbers to rounding; on CPU about as fast as ``"vmap"`` (±15 % either way in
+            ``tools/bench.py``), and it is what lets
             :func:`clipped_grad_sum` and :func:`per_sample_grad_norms` work without forming
             per-sample gradients.
 

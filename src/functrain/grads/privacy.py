@@ -49,7 +49,7 @@ from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, red
 from functrain.grads._layer_passes import clipped_sum_by_layers
 from functrain.grads._per_example import _check_options, batch_size_of
 from functrain.grads.per_sample import per_sample_chunks
-from functrain.grads.stats import global_row_norms, leaf_row_norms
+from functrain.grads.stats import global_row_norms, leaf_row_norms, row_matrix
 from functrain.optim import _prng, _utils
 from functrain.optim.base import GradientTransformation
 
@@ -82,6 +82,16 @@ def _base_key(seed: int | torch.Tensor) -> torch.Tensor:
     return _prng.make_key(seed)
 
 
+def _check_number(name: str, value: Any, *, minimum: float, finite: bool = True) -> None:
+    """A Python-number hyperparameter checked at the call (tensors pass unread: no sync).
+
+    ``finite=False`` lets ``inf`` through (``l2_norm_clip=inf`` of the clipping functions: no
+    clipping, as in optax). Bools are refused (``True`` would silently mean 1).
+    """
+    if finite or not (isinstance(value, float) and value == math.inf):
+        _utils.check_finite_number(name, value, minimum=minimum)
+
+
 def _clip_factors(leaves: list[torch.Tensor], l2_norm_clip: float | torch.Tensor) -> torch.Tensor:
     """Per-example ``min(1, C/‖gᵢ‖)`` (0/0 → 1), as optax; no epsilon (Opacus: ``‖g‖ + 1e-6``)."""
     return _factors_of(global_row_norms(leaf_row_norms(leaves)), l2_norm_clip)
@@ -92,7 +102,7 @@ def _factors_of(norms: torch.Tensor, l2_norm_clip: float | torch.Tensor) -> torc
 
 
 def _weighted_sum(leaves: list[torch.Tensor], weights: torch.Tensor) -> list[torch.Tensor]:
-    return [(weights.to(x.dtype) @ x.reshape(x.shape[0], -1)).reshape(x.shape[1:]) for x in leaves]
+    return [(weights.to(x.dtype) @ row_matrix(x)).reshape(x.shape[1:]) for x in leaves]
 
 
 def per_example_global_norm_clip(
@@ -101,6 +111,8 @@ def per_example_global_norm_clip(
     """Clips each example's gradient to global norm ``l2_norm_clip`` and sums: optax's function.
 
     ``Σᵢ gᵢ · min(1, C/‖gᵢ‖)`` over the leading dimension of every leaf.
+
+    ``l2_norm_clip`` is checked as in :func:`clipped_grad_sum`.
 
     Returns:
         ``(clipped_sum, num_clipped)``; ``num_clipped`` counts examples whose norm exceeded
@@ -112,11 +124,17 @@ def per_example_global_norm_clip(
         >>> ft.per_example_global_norm_clip(g, 1.25)
         ([tensor([1.7500, 1.7500, 1.7500])], tensor(3))
     """
+    _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0, finite=False)
     leaves, spec = tree.flatten(grads)
     if not leaves or any(x.dim() == 0 or x.shape[0] != leaves[0].shape[0] for x in leaves):
+        why = ""
+        try:
+            batch_size_of(grads, "grads")
+        except ValueError as err:  # names the first leaf at fault
+            why = f": {err}"
         raise ValueError(
             "per_example_global_norm_clip expects every leaf of grads to have the same "
-            "leading batch dimension (per-example gradients)"
+            f"leading batch dimension (per-example gradients){why}"
         )
     factors = _clip_factors(leaves, l2_norm_clip)
     return tree.unflatten(spec, _weighted_sum(leaves, factors)), (factors < 1).sum()
@@ -165,7 +183,9 @@ def clipped_grad_sum(
         loss_fn: ``loss_fn(params, batch) -> scalar mean loss``, as in :func:`per_sample_grads`.
         params: pytree of floating-point tensors to differentiate.
         batch: pytree of tensors sharing a leading batch dimension.
-        l2_norm_clip: ``C``, the per-example norm bound.
+        l2_norm_clip: ``C``, the per-example norm bound: ``>= 0`` (``inf``: no clipping). A
+            negative or NaN Python number raises ``ValueError`` (a negative ``C`` would flip
+            the gradients, a NaN one turn clipping off); a tensor is used unchecked.
         chunk_size: examples per ``vmap`` call; at most this many per-sample gradients are
             held at once (``None``: the whole batch in one call, the fastest).
         buffers: non-differentiated state shared by all examples, passed as ``buffers=``.
@@ -198,6 +218,7 @@ def clipped_grad_sum(
         (tensor([-0.9000, -1.2000]), tensor(1))
     """
     _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
+    _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0, finite=False)
     done = reduce_by_layers(
         method,
         params,
@@ -356,9 +377,11 @@ def differentially_private_aggregate(
     Update rule, with per-example ``updates`` ``gᵢ`` (leading batch dimension ``B``):
     ``u = (Σᵢ gᵢ·min(1, C/‖gᵢ‖) + σ·C·ξ) / B``, ``ξ ~ N(0, I)`` drawn from the state's key.
 
-    Like optax it must come first in a chain, since it removes the batch dimension. The noise
-    comes from functrain's counter-based generator (see the module docstring), so the numbers
-    differ from optax's for the same seed.
+    Like optax it must come first in a chain, since it removes the batch dimension. An empty
+    batch raises ``ValueError`` (no mean of no examples); where Poisson sampling can give one,
+    use :func:`clipped_grad_sum` and :func:`dp_noisy_mean`, which divides by the expected
+    size. The noise comes from functrain's counter-based generator (see the module
+    docstring), so the numbers differ from optax's for the same seed.
 
     Args:
         l2_norm_clip: ``C``, maximum L2 norm of each per-example gradient.
@@ -372,8 +395,8 @@ def differentially_private_aggregate(
         >>> tx.update(per_example, tx.init(None))[0]["w"]
         tensor([0.4500, 0.6000])
     """
-    _utils.check_finite_number("l2_norm_clip", l2_norm_clip, minimum=0.0)
-    _utils.check_finite_number("noise_multiplier", noise_multiplier, minimum=0.0)
+    _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0)
+    _check_number("noise_multiplier", noise_multiplier, minimum=0.0)
     key = _base_key(seed)
 
     def init_fn(params: Any) -> DifferentiallyPrivateAggregateState:
@@ -386,6 +409,12 @@ def differentially_private_aggregate(
         clipped, _ = per_example_global_norm_clip(updates, l2_norm_clip)
         leaves, spec = tree.flatten(clipped)
         bsize = tree.leaves(updates)[0].shape[0]
+        if bsize == 0:  # a static shape: no host sync
+            raise ValueError(
+                "differentially_private_aggregate got an empty batch of per-example gradients "
+                "and divides by the realized batch size; for Poisson sampling, where a batch "
+                "may be empty, use clipped_grad_sum with dp_noisy_mean (expected batch size)"
+            )
         # Read at every update: tensor hyperparameters may be changed in place between steps.
         noise_std = l2_norm_clip * noise_multiplier
         out, next_key = _noisy(leaves, state.rng_key, noise_std, bsize)
@@ -421,9 +450,9 @@ def dp_noisy_mean(
         >>> u["w"]
         tensor([-0.0500, -0.1000])
     """
-    _utils.check_finite_number("l2_norm_clip", l2_norm_clip, minimum=0.0)
-    _utils.check_finite_number("noise_multiplier", noise_multiplier, minimum=0.0)
-    _utils.check_finite_number("expected_batch_size", expected_batch_size, minimum=0.0)
+    _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0)
+    _check_number("noise_multiplier", noise_multiplier, minimum=0.0)
+    _check_number("expected_batch_size", expected_batch_size, minimum=0.0)
     if not isinstance(expected_batch_size, torch.Tensor) and expected_batch_size == 0:
         raise ValueError("expected_batch_size must be > 0")
     key = _base_key(seed)

@@ -9,12 +9,14 @@ pytrees, e.g. the micro-batch gradients of one step. The same statistics streame
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
 from functrain import tree
+from functrain.grads._per_example import batch_size_of
 
 __all__ = [
     "GradMoments",
@@ -82,9 +84,14 @@ class GradMoments(NamedTuple):
         return tree.map(lambda m, s: s + self.count * (m * m), self.mean, self.m2)
 
 
+def row_matrix(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a ``(batch, -1)`` matrix; ``reshape(n, -1)`` is ambiguous for an empty batch."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def leaf_row_norms(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per-example L2 norm of each leaf: ``(batch,)`` tensors (``vector_norm`` was fastest)."""
-    return [torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1) for x in leaves]
+    return [torch.linalg.vector_norm(row_matrix(x), dim=1) for x in leaves]
 
 
 def global_row_norms(leaf_norms: list[torch.Tensor]) -> torch.Tensor:
@@ -92,6 +99,23 @@ def global_row_norms(leaf_norms: list[torch.Tensor]) -> torch.Tensor:
     if len(leaf_norms) == 1:
         return leaf_norms[0]
     return torch.linalg.vector_norm(torch.stack(leaf_norms), dim=0)
+
+
+def _check_rows(leaves: list[torch.Tensor], grads: PyTree) -> None:
+    """Every leaf is a floating-point tensor with the first leaf's leading dimension; else
+    the error names the first leaf at fault (see ``batch_size_of``)."""
+    n = leaves[0].shape[0] if isinstance(leaves[0], torch.Tensor) and leaves[0].dim() else None
+    if all(
+        isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n and x.is_floating_point()
+        for x in leaves
+    ):
+        return
+    batch_size_of(grads, "grads")
+    paths, leaves, _ = tree.flatten_with_paths(grads)
+    for path, x in zip(paths, leaves):
+        if not (x.is_floating_point() or x.is_complex()):
+            where = tree.path_str(path, "grads")
+            raise TypeError(f"{where} must be a floating-point tensor, got {x.dtype}")
 
 
 def per_sample_norms(grads: PyTree) -> GradNorms:
@@ -109,6 +133,7 @@ def per_sample_norms(grads: PyTree) -> GradNorms:
     leaves, spec = tree.flatten(grads)
     if not leaves:
         raise ValueError("per_sample_norms needs at least one gradient leaf")
+    _check_rows(leaves, grads)
     norms = leaf_row_norms(leaves)
     return GradNorms(global_row_norms(norms), tree.unflatten(spec, norms))
 
@@ -122,8 +147,9 @@ _CPU_BLOCK_ELEMENTS = 1 << 18
 def _leaf_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, Σᵢ (xᵢ − mean)²)`` over the leading dimension, centred (numerically stable)."""
     n = x.shape[0]
-    rows = x.reshape(n, -1)
-    weights = torch.full((1, n), 1.0 / n, dtype=x.dtype, device=x.device)
+    rows = row_matrix(x)
+    # No examples: zeros, which merge_grad_moments treats as the empty group.
+    weights = torch.full((1, n), 1.0 / max(n, 1), dtype=x.dtype, device=x.device)
     mean = weights @ rows  # a matrix-vector product: faster than ``sum(0)`` on CPU
     block = max(1, _CPU_BLOCK_ELEMENTS // max(1, rows.shape[1])) if x.device.type == "cpu" else n
     if block >= n:
@@ -141,6 +167,10 @@ def _leaf_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def grad_moments(grads: PyTree) -> GradMoments:
     """Mean and sum of squared deviations of per-sample gradients, per parameter element.
 
+    With no examples (a leading dimension of 0), ``count`` is 0 and ``mean`` and ``m2`` are
+    zeros: :func:`merge_grad_moments` treats them as the empty group and
+    :func:`grad_variance` refuses them.
+
     Example:
         >>> import torch, functrain as ft
         >>> m = ft.grad_moments({"w": torch.tensor([[1.0], [3.0]])})
@@ -150,6 +180,7 @@ def grad_moments(grads: PyTree) -> GradMoments:
     leaves, spec = tree.flatten(grads)
     if not leaves:
         raise ValueError("grad_moments needs at least one gradient leaf")
+    _check_rows(leaves, grads)
     count = leaves[0].shape[0]
     means, m2 = zip(*(_leaf_moments(x) for x in leaves))
     return GradMoments(count, tree.unflatten(spec, list(means)), tree.unflatten(spec, list(m2)))
@@ -217,7 +248,7 @@ def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
 
 
 def _flat_rows(grads: PyTree) -> list[torch.Tensor]:
-    return [x.reshape(x.shape[0], -1) for x in tree.leaves(grads)]
+    return [row_matrix(x) for x in tree.leaves(grads)]
 
 
 def _cross_gram(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -249,9 +280,11 @@ def grad_gram(grads: PyTree, cosine: bool = False, eps: float = 1e-30) -> torch.
         tensor([[1.0000, 0.7071],
                 [0.7071, 1.0000]])
     """
-    rows = _flat_rows(grads)
-    if not rows:
+    leaves = tree.leaves(grads)
+    if not leaves:
         raise ValueError("gram needs at least one gradient leaf")
+    _check_rows(leaves, grads)
+    rows = [row_matrix(x) for x in leaves]
     g = _cross_gram(rows, rows)
     return _to_cosine(g, eps) if cosine else g
 

@@ -58,8 +58,13 @@ def power(base: Scalar, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 
 def check_finite_number(name: str, value: Any, *, minimum: float | None = None) -> None:
-    """Validates a Python-number hyperparameter at construction (tensors and schedules pass)."""
-    if isinstance(value, bool) or callable(value) or isinstance(value, torch.Tensor):
+    """Validates a Python-number hyperparameter at construction (tensors and schedules pass).
+
+    A bool is refused: ``sgd(True)`` would silently mean a learning rate of 1.
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, a tensor or a schedule, got {value!r}")
+    if callable(value) or isinstance(value, torch.Tensor):
         return
     if not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, a tensor or a schedule, got {value!r}")
