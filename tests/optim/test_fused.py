@@ -277,3 +277,28 @@ def test_each_call_is_planned_for_its_own_leaves():
         assert done is not None and {done.engine} == engines, name
         exact = engines == {"foreach"} or name == "all float64"  # the kernels round differently
         _close((mine, done.opt_state), (ref_params, ref_state), torch.float64 if exact else None)
+
+
+@pytest.mark.parametrize("name", sorted(set(KERNEL_CASES) - {"adamw_mask_tree"}))  # fixed keys
+def test_update_norm_over_many_small_leaves_matches_pure_path(name):
+    """Chunks of many small leaves form the update norm from flat copies (one ``cat`` each side
+    of the kernel); a transposed leaf among them takes the per-leaf route. Both equal the pure
+    path's ``‖updates‖``, with two dtype groups and a leaf larger than a chunk."""
+    gen = torch.Generator().manual_seed(3)
+    params = {f"w{i}": torch.randn(3 + i % 5, 2, generator=gen) for i in range(40)}
+    params["t"] = torch.randn(4, 3, generator=gen).T  # not contiguous
+    params["big"] = torch.randn((1 << 18) + 5, generator=gen)
+    params.update({f"d{i}": torch.randn(5, generator=gen).double() for i in range(20)})
+    # empty_like keeps the transposed leaf's strides, which the kernels need its gradient to share.
+    grads = [
+        ft.tree.map(
+            lambda p: torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen)), params
+        )
+    ]
+    grads.append(ft.tree.map(lambda g: -0.5 * g, grads[0]))
+    tx = KERNEL_CASES[name]()
+    ref_p, _, ref_norms = _pure(tx, params, grads)
+    p, _, norms, _ = _in_place(tx, params, grads, ("kernel",))
+    _close(p, ref_p, torch.float32)
+    for got, want in zip(norms, ref_norms):  # ‖new − old‖ in float32 against ‖u‖
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=0)
