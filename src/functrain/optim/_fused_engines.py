@@ -1,4 +1,5 @@
-"""Engines of :mod:`functrain.optim.fused`: fused kernels and in-place foreach arithmetic.
+"""Engines of :mod:`functrain.optim.fused`: the fused kernels (here) and in-place foreach
+arithmetic (:mod:`functrain.optim._foreach_engine`).
 
 An engine is ``run(ops, ctx, grad_norm, update_norm, grads_writable)``. It returns ``False``
 (before touching anything) when it does not apply; otherwise it updates the parameters and the
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _ops
+from functrain.optim import _foreach_engine, _ops
 from functrain.optim._utils import safe_increment
 from functrain.optim.fused import (
     AddDecayedWeights,
@@ -357,163 +358,4 @@ def _call(job: _Job, on: dict[str, Any], ps: list, gs: list, states: list[list])
     )
 
 
-# ----------------------------------------------------------------------- foreach engine
-# Each primitive repeats its pure update's arithmetic (same ops, same order: same bits) on
-# ``u``, the current updates; ``owned[i]`` says u[i] is a temporary of ours that may be
-# overwritten (not a gradient, not a tensor the new state keeps).
-
-
-class _Updates:
-    def __init__(self, ctx: Context) -> None:
-        self.u: list[torch.Tensor] = list(ctx.g)
-        self.owned = [False] * ctx.n
-
-    def take(self, idx: list[int]) -> list[torch.Tensor]:
-        return [self.u[i] for i in idx]
-
-    def put(self, idx: list[int], values: list[torch.Tensor], owned: bool | list[bool]) -> None:
-        flags = owned if isinstance(owned, list) else [owned] * len(idx)
-        for i, v, o in zip(idx, values, flags):
-            self.u[i], self.owned[i] = v, o
-
-    def split(self, idx: list[int]) -> tuple[list[int], list[int]]:
-        mine = [i for i in idx if self.owned[i]]
-        return mine, [i for i in idx if not self.owned[i]]
-
-
-def _mul_into(up: _Updates, idx: list[int], factor: Any) -> None:
-    mine, theirs = up.split(idx)
-    if mine:
-        torch._foreach_mul_(up.take(mine), _ops.on_device(factor, up.u[mine[0]]))
-    if theirs:
-        up.put(theirs, _ops.mul(up.take(theirs), factor), True)
-
-
-def _clip_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
-    op.new_state = op.state
-    if not op.idx:
-        return
-    full = len(op.idx) == ctx.n and all(up.u[i] is ctx.g[i] for i in op.idx)
-    g_norm = grad_norm if grad_norm is not None and full else tree.norm(up.take(op.idx))
-    bound = _ops.on_device(op.spec.max_norm, g_norm)  # type: ignore[attr-defined]
-    _mul_into(up, op.idx, torch.where(g_norm < bound, torch.ones_like(g_norm), bound / g_norm))
-
-
-def _scale_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
-    spec = op.spec
-    if isinstance(spec, Scale):
-        factor = spec.value if spec.sign == 1 else spec.sign * spec.value
-        op.new_state = op.state
-    else:
-        factor = spec.fn(op.state.count)  # type: ignore[attr-defined]
-        op.new_state = op.state._replace(count=safe_increment(op.state.count))
-    if op.idx:
-        _mul_into(up, op.idx, factor)
-
-
-def _decay_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
-    rate = op.spec.weight_decay  # type: ignore[attr-defined]
-    op.new_state = op.state
-    if callable(rate):
-        rate = rate(op.state.count)
-        op.new_state = op.state._replace(count=safe_increment(op.state.count))
-    mine, theirs = up.split(op.idx)
-    for part, in_place in ((mine, True), (theirs, False)):
-        if not part:
-            continue
-        g = up.take(part)
-        p = _ops.cast_like([ctx.p[i] for i in part], g)
-        if not in_place:
-            up.put(part, _ops.add_scaled(g, rate, p), True)
-        elif isinstance(rate, torch.Tensor):
-            torch._foreach_add_(g, torch._foreach_mul(p, _ops.on_device(rate, g[0])))
-        else:
-            torch._foreach_add_(g, p, alpha=rate)
-
-
-def _trace_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
-    spec = op.spec
-    assert isinstance(spec, Trace)
-    t_leaves, t_spec = tree.flatten(op.state.trace)
-    if not op.idx:
-        op.new_state = op.state
-        return
-    g = up.take(op.idx)
-    new_trace = _ops.add_scaled(g, spec.decay, _ops.cast_like(t_leaves, g))
-    out = _ops.add_scaled(g, spec.decay, new_trace) if spec.nesterov else new_trace
-    kept = _ops.cast(new_trace, spec.accumulator_dtype)
-    op.new_state = op.state._replace(trace=tree.unflatten(t_spec, kept))
-    up.put(op.idx, out, [o is not k for o, k in zip(out, kept)])
-
-
-def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
-    from functrain.optim.adaptive import _direction, _widen
-
-    spec = op.spec
-    assert isinstance(spec, ScaleByAdam)
-    count = safe_increment(op.state.count)
-    g = up.take(op.idx)
-    if not g:
-        op.new_state = op.state._replace(count=count)
-        return
-    mu_l, mu_spec = tree.flatten(op.state.mu)
-    nu_l, nu_spec = tree.flatten(op.state.nu)
-    wide = _widen(g)  # the pure path's float32 arithmetic for float16 and bfloat16 leaves
-    same = all(m.dtype == x.dtype and v.dtype == x.dtype for m, v, x in zip(mu_l, nu_l, g))
-    if same and wide is g:
-        torch._foreach_lerp_(mu_l, g, 1 - _ops.on_device(spec.b1, g[0]))
-        decay = _ops.on_device(spec.b2, g[0])
-        torch._foreach_mul_(nu_l, decay)
-        if isinstance(decay, torch.Tensor):
-            torch._foreach_add_(nu_l, _ops.scaled_square(g, decay))
-        else:
-            torch._foreach_addcmul_(nu_l, g, g, 1 - decay)
-        mu, nu = mu_l, nu_l
-        op.new_state = op.state._replace(count=count)
-    else:  # the pure path's out-of-place moments
-        mu, nu = _ops.moment(wide, mu_l, spec.b1), _ops.moment_sq(wide, nu_l, spec.b2)
-        if same:  # rounded into the state tensors, as the pure path's casts round
-            torch._foreach_copy_(mu_l, mu)
-            torch._foreach_copy_(nu_l, nu)
-            op.new_state = op.state._replace(count=count)
-        else:  # mixed dtypes (mu_dtype)
-            kept = _ops.cast_like(mu, g) if spec.mu_dtype is None else mu
-            op.new_state = op.state._replace(
-                count=count,
-                mu=tree.unflatten(mu_spec, _ops.cast(kept, spec.mu_dtype)),
-                nu=tree.unflatten(nu_spec, _ops.cast_like(nu, nu_l)),
-            )
-    out = _direction(wide, mu, nu, count, spec.b1, spec.b2, spec.eps, spec.eps_root, spec.nesterov)
-    up.put(op.idx, _ops.cast_like(out, g), True)
-
-
-_PRIMITIVES: dict[type, Callable[..., None]] = {
-    ClipByGlobalNorm: _clip_b,
-    Scale: _scale_b,
-    ScaleBySchedule: _scale_b,
-    AddDecayedWeights: _decay_b,
-    Trace: _trace_b,
-    ScaleByAdam: _adam_b,
-}
-
-
-def _foreach(
-    ops: list[Op], ctx: Context, grad_norm: torch.Tensor | None, want_norm: bool, writable: bool
-) -> Any:
-    del writable  # gradients are never written: the pure path's numbers need them intact
-    if ctx.found_inf is not None or any(type(op.spec) not in _PRIMITIVES for op in ops):
-        return False
-    up = _Updates(ctx)
-    for op in ops:
-        _PRIMITIVES[type(op.spec)](op, ctx, up, grad_norm)
-    norm = tree.norm(up.u) if want_norm else None
-    same = [i for i in range(ctx.n) if ctx.p[i].dtype == up.u[i].dtype]
-    if same:
-        torch._foreach_add_([ctx.p[i] for i in same], up.take(same))
-    for i in range(ctx.n):
-        if ctx.p[i].dtype != up.u[i].dtype:
-            ctx.p[i].copy_(ctx.p[i] + up.u[i])  # apply_updates' rounding: add, then cast
-    return norm
-
-
-ENGINES: dict[str, Callable[..., Any]] = {"kernel": _kernel, "foreach": _foreach}
+ENGINES: dict[str, Callable[..., Any]] = {"kernel": _kernel, "foreach": _foreach_engine.run}
