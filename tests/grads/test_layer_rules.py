@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import functrain as ft
 from functrain import tree
-from functrain.grads import _layer_dispatch, _layer_passes, _layer_rules, privacy
+from functrain.grads import _layer_dispatch, _layer_passes, _layer_rules, clipping
 from functrain.testing import assert_trees_all_close, assert_trees_all_equal
 
 
@@ -179,13 +179,13 @@ def test_grouped_conv_and_batch_norm_are_refused():
 
 def test_auto_uses_ghost_clipping_only_when_it_applies(monkeypatch):
     calls = []
-    original = privacy.clipped_sum_by_layers
+    original = clipping.clipped_sum_by_layers
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(privacy, "clipped_sum_by_layers", spy)
+    monkeypatch.setattr(clipping, "clipped_sum_by_layers", spy)
     monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", 0)  # every model counts as large
     for name in ("mlp", "tied"):
         loss_fn, params, batch = PROBLEMS[name]()

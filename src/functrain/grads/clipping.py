@@ -1,0 +1,241 @@
+"""Per-example clipping and its sum: ``Σᵢ gᵢ · min(1, C/‖gᵢ‖)``, the DP-SGD gradient before
+noise (:mod:`functrain.grads.privacy` adds the noise).
+
+:func:`per_example_global_norm_clip` clips materialized per-example gradients (optax's
+function); :func:`clipped_grad_sum` computes the sum from ``loss_fn`` chunk by chunk, or with
+ghost norms (``method="layers"``) without forming per-example gradients at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from functrain import tree
+from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
+from functrain.grads._layer_passes import clipped_sum_by_layers
+from functrain.grads._per_example import _check_options, batch_size_of
+from functrain.grads.per_sample import per_sample_chunks
+from functrain.grads.stats import global_row_norms, leaf_row_norms, row_matrix
+from functrain.optim import _utils
+
+__all__ = ["ClippedGradSum", "clipped_grad_sum", "per_example_global_norm_clip"]
+
+PyTree = Any
+
+
+def _check_number(name: str, value: Any, *, minimum: float, finite: bool = True) -> None:
+    """A Python-number hyperparameter checked at the call (tensors pass unread: no sync).
+
+    ``finite=False`` lets ``inf`` through (``l2_norm_clip=inf`` of the clipping functions: no
+    clipping, as in optax). Bools are refused (``True`` would silently mean 1).
+    """
+    if finite or not (isinstance(value, float) and value == math.inf):
+        _utils.check_finite_number(name, value, minimum=minimum)
+
+
+def _clip_factors(leaves: list[torch.Tensor], l2_norm_clip: float | torch.Tensor) -> torch.Tensor:
+    """Per-example ``min(1, C/‖gᵢ‖)`` (0/0 → 1), as optax; no epsilon (Opacus: ``‖g‖ + 1e-6``)."""
+    return _factors_of(global_row_norms(leaf_row_norms(leaves)), l2_norm_clip)
+
+
+def _factors_of(norms: torch.Tensor, l2_norm_clip: float | torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(torch.clamp(l2_norm_clip / norms, max=1.0), nan=1.0)
+
+
+def _weighted_sum(leaves: list[torch.Tensor], weights: torch.Tensor) -> list[torch.Tensor]:
+    return [(weights.to(x.dtype) @ row_matrix(x)).reshape(x.shape[1:]) for x in leaves]
+
+
+def per_example_global_norm_clip(
+    grads: PyTree, l2_norm_clip: float | torch.Tensor
+) -> tuple[PyTree, torch.Tensor]:
+    """Clips each example's gradient to global norm ``l2_norm_clip`` and sums: optax's function.
+
+    ``Σᵢ gᵢ · min(1, C/‖gᵢ‖)`` over the leading dimension of every leaf.
+
+    ``l2_norm_clip`` is checked as in :func:`clipped_grad_sum`.
+
+    Returns:
+        ``(clipped_sum, num_clipped)``; ``num_clipped`` counts examples whose norm exceeded
+        ``C``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> g = [torch.tensor([[0.0, 0, 0], [0, 3, 4], [4, 0, 3], [3, 4, 0]])]
+        >>> ft.per_example_global_norm_clip(g, 1.25)
+        ([tensor([1.7500, 1.7500, 1.7500])], tensor(3))
+    """
+    _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0, finite=False)
+    leaves, spec = tree.flatten(grads)
+    if not leaves or any(x.dim() == 0 or x.shape[0] != leaves[0].shape[0] for x in leaves):
+        why = ""
+        try:
+            batch_size_of(grads, "grads")
+        except ValueError as err:  # names the first leaf at fault
+            why = f": {err}"
+        raise ValueError(
+            "per_example_global_norm_clip expects every leaf of grads to have the same "
+            f"leading batch dimension (per-example gradients){why}"
+        )
+    factors = _clip_factors(leaves, l2_norm_clip)
+    return tree.unflatten(spec, _weighted_sum(leaves, factors)), (factors < 1).sum()
+
+
+class ClippedGradSum(NamedTuple):
+    """Result of :func:`clipped_grad_sum`.
+
+    Attributes:
+        grad_sum: ``Σᵢ clip(gᵢ, C)``, a pytree like ``params``.
+        num_clipped: number of examples whose gradient norm exceeded ``C`` (int64 tensor).
+        loss_sum: ``Σᵢ lossᵢ`` (divide by the batch size for the mean loss).
+        count: number of examples (a Python int).
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> out = ft.clipped_grad_sum(lambda p, x: (x @ p).mean(), torch.zeros(2), torch.eye(2), 0.5)
+        >>> out.grad_sum, out.num_clipped, out.count
+        (tensor([0.5000, 0.5000]), tensor(2), 2)
+    """
+
+    grad_sum: PyTree
+    num_clipped: torch.Tensor
+    loss_sum: torch.Tensor
+    count: int
+
+
+def clipped_grad_sum(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    l2_norm_clip: float | torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    buffers: PyTree | None = None,
+    randomness: str = "error",
+    method: str = "auto",
+) -> ClippedGradSum:
+    """The sum of per-sample gradients each clipped to norm ``l2_norm_clip``, chunk by chunk.
+
+    This is the DP-SGD gradient before noise and normalization. It never holds more than
+    ``chunk_size`` per-sample gradients. For micro-batch accumulation, add the ``grad_sum`` of
+    each micro-batch (``ft.tree.add``) and apply :func:`dp_noisy_mean` once per step.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar mean loss``, as in :func:`per_sample_grads`.
+        params: pytree of floating-point tensors to differentiate.
+        batch: pytree of tensors sharing a leading batch dimension.
+        l2_norm_clip: ``C``, the per-example norm bound: ``>= 0`` (``inf``: no clipping). A
+            negative or NaN Python number raises ``ValueError`` (a negative ``C`` would flip
+            the gradients, a NaN one turn clipping off); a tensor is used unchecked.
+        chunk_size: examples per ``vmap`` call; at most this many per-sample gradients are
+            held at once (``None``: the whole batch in one call, the fastest).
+        buffers: non-differentiated state shared by all examples, passed as ``buffers=``.
+        randomness: ``torch.func.vmap`` randomness mode: ``"error"``, ``"different"``,
+            ``"same"``.
+        method: ``"vmap"`` forms per-sample gradients with ``vmap(grad)``, clips and sums
+            them. ``"layers"`` never forms them ("ghost clipping", Li et al. 2021): when every
+            parameter is the weight or bias of a linear, convolution (``groups=1``),
+            layer-norm or embedding call, one backward pass gives each example's gradient
+            norm layer by layer and a second, ordinary one the weighted sum
+            ``∇ Σᵢ factorᵢ·lossᵢ``; it raises ``ValueError`` naming the parameter otherwise.
+            ``"auto"`` (default): ``"layers"`` when it applies and a chunk's per-sample
+            gradients would take 64 MiB or more, else ``"vmap"``. Ghost clipping costs a
+            second backward pass but never writes ``chunk × parameters`` numbers, so it wins
+            when those are many (a 0.67M-parameter MLP at batch 64, on CPU: about 4× a plain
+            gradient against 31× for ``"vmap"``) and loses on small models (a 26k-parameter
+            CNN: 2.3–2.6× against 1.9–2.1×).
+
+    Returns:
+        A :class:`ClippedGradSum`: ``grad_sum`` (pytree like ``params``), ``num_clipped``,
+        ``loss_sum`` and ``count``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> params = {"w": torch.zeros(2)}
+        >>> batch = {"x": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
+        >>> loss_fn = lambda p, b: -(b["x"] @ p["w"]).mean()
+        >>> out = ft.clipped_grad_sum(loss_fn, params, batch, 1.0, chunk_size=1)
+        >>> out.grad_sum["w"], out.num_clipped
+        (tensor([-0.9000, -1.2000]), tensor(1))
+    """
+    _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
+    _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0, finite=False)
+    done = reduce_by_layers(
+        method,
+        params,
+        batch,
+        chunk_size,
+        lambda: _clipped_sum_by_layers(
+            loss_fn, params, batch, l2_norm_clip, chunk_size, buffers, randomness
+        ),
+    )
+    if done is not None:
+        return done
+    acc: list[torch.Tensor] | None = None
+    spec = None
+    num_clipped = None
+    loss_sum = None
+    count = 0
+    for c in per_sample_chunks(
+        loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
+    ):
+        leaves, spec = tree.flatten(c.grads)
+        if leaves:
+            factors = _clip_factors(leaves, l2_norm_clip)
+        else:  # no parameters: every gradient is zero, nothing is clipped
+            factors = torch.ones(c.stop - c.start, device=c.losses.device)
+        part = _weighted_sum(leaves, factors)
+        clipped = (factors < 1).sum()
+        if acc is None:
+            acc, num_clipped, loss_sum = part, clipped, c.losses.sum()
+        else:
+            if acc:  # else there are no parameters
+                torch._foreach_add_(acc, part)
+            num_clipped = num_clipped + clipped
+            loss_sum = loss_sum + c.losses.sum()
+        count += c.stop - c.start
+    return ClippedGradSum(tree.unflatten(spec, acc), num_clipped, loss_sum, count)
+
+
+def _clipped_sum_by_layers(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    l2_norm_clip: float | torch.Tensor,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+    randomness: str,
+) -> ClippedGradSum:
+    """``method="layers"``: ghost norms, then one weighted backward pass per chunk."""
+    setup = layer_chunks(loss_fn, params, batch, chunk_size, buffers)
+
+    def factors_of(squared_norms: list[torch.Tensor], rows: int) -> torch.Tensor:
+        if not squared_norms:  # no parameters: every gradient is zero
+            return torch.ones(rows)
+        return _factors_of(torch.stack(squared_norms).sum(0).sqrt(), l2_norm_clip)
+
+    acc: list[torch.Tensor] = []
+    num_clipped = loss_sum = None
+    for start, stop, chunk in setup.chunks:
+        losses, factors, part = clipped_sum_by_layers(
+            setup.example_loss,
+            setup.param_leaves,
+            chunk,
+            randomness,
+            lambda sq, rows=stop - start: factors_of(sq, rows),
+        )
+        if num_clipped is None or loss_sum is None:
+            acc, num_clipped, loss_sum = part, (factors < 1).sum(), losses.sum()
+        else:
+            if acc:  # else there are no parameters
+                torch._foreach_add_(acc, part)
+            num_clipped = num_clipped + (factors < 1).sum()
+            loss_sum = loss_sum + losses.sum()
+    assert num_clipped is not None and loss_sum is not None  # at least one chunk
+    return ClippedGradSum(
+        tree.unflatten(setup.param_spec, acc), num_clipped, loss_sum, batch_size_of(batch)
+    )
