@@ -4,6 +4,9 @@ Ranks that silently differ (other parameter values because the initial parameter
 broadcast, other shapes, a mean loss on one rank and a ``LossSum`` on another) would train
 different models or send collectives of different sizes. One ``all_gather_object`` of a small
 description on the first call turns that into a :class:`RankMismatchError` raised on every rank.
+:func:`check_layouts_agree` does the same for shapes and dtypes before ``init_state`` broadcasts
+rank 0's parameters: a broadcast of buckets of different sizes silently fills a larger bucket
+with rank 0's values or aborts the process whose bucket is smaller (gloo).
 """
 
 from __future__ import annotations
@@ -65,3 +68,37 @@ def check_ranks_agree(
             else ""
         )
         raise RankMismatchError("ranks disagree: " + "; ".join(problems) + hint)
+
+
+def _layout(values: Any, name: str) -> list[tuple[str, tuple[int, ...], str]]:
+    paths, leaves, _ = tree.flatten_with_paths(values)
+    return [(tree.path_str(p, name), tuple(x.shape), str(x.dtype)) for p, x in zip(paths, leaves)]
+
+
+def check_layouts_agree(params: Any, buffers: Any, group: process.Group) -> None:
+    """Raises :class:`RankMismatchError` on every rank unless all ranks' parameters and buffers
+    have the same paths, shapes and dtypes (one small object all-gather)."""
+    world = process.world_size(group)
+    if world == 1:
+        return
+    mine = {"parameters": _layout(params, "params"), "buffers": _layout(buffers, "buffers")}
+    gathered: list[Any] = [None] * world
+    with process.collective_errors("init_state's check that all ranks agree", group):
+        tdist.all_gather_object(gathered, mine, group=group)
+    problems = []
+    for r, other in enumerate(gathered):
+        for what, ours in gathered[0].items():
+            theirs = other[what]
+            if theirs == ours:
+                continue
+            first = next(
+                (f"{a} on rank 0, {b} on rank {r}" for a, b in zip(ours, theirs) if a != b),
+                f"{len(ours)} leaves on rank 0, {len(theirs)} on rank {r}",
+            )
+            problems.append(f"{what}: {first}")
+    if problems:
+        raise RankMismatchError(
+            "init_state: ranks disagree on the structure, shapes or dtypes of "
+            + "; ".join(problems)
+            + " (every rank must build the same model before rank 0's values are broadcast)"
+        )

@@ -6,7 +6,8 @@ reduce-scatter of this rank's pieces (ZeRO-1,
 :func:`functrain.distributed.zero.start_reduce_scatter`), together with one small all-reduce of
 the counts and metrics and, with ``sync_buffers="broadcast"``, a broadcast of rank 0's buffers.
 Every collective is started before the first wait; the sums are then divided by the global
-weight ``Σᵣ wᵣ``.
+weight ``Σᵣ wᵣ``. Float16 gradients are the exception: ``wᵣ·gᵣ`` would overflow its range, so
+the counts are reduced first and each rank sends ``wᵣ / Σᵣ wᵣ · gᵣ``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from functrain import tree
 from functrain.distributed import collectives, process, zero
 from functrain.distributed._sums import Stats, div_
+
+_NARROW = (torch.float16,)  # dtypes whose range the weighted sums can exceed
 
 if TYPE_CHECKING:
     from functrain.distributed.step import DataParallelTrainStep
@@ -45,11 +48,23 @@ def combine(
     stats = Stats(local, counts, is_sum)
     leaves, spec = tree.flatten(result.grads)
     weight = stats.weight
+    pending_stats = collectives.start_all_reduce(
+        [stats.vector], group=group, what="all-reduce of the step's counts and metrics"
+    )
+    reduced: torch.Tensor | None = None
+    if any(leaf.dtype in _NARROW for leaf in leaves):
+        # wᵣ·gᵣ overflows float16 (65504) for gradients that are themselves small (5000
+        # examples times 20): such ranks first learn Σᵣ wᵣ and send wᵣ/Σ wᵣ · gᵣ instead.
+        reduced = pending_stats.wait()[0]
+        factor = weight / reduced[0]
+    else:
+        factor = weight
 
     def scale(flat: torch.Tensor) -> None:
-        flat.mul_(weight.to(flat.dtype))
+        # A rank of zero weight sends zeros, not its NaN = 0/0 mean gradient.
+        flat.mul_(factor.to(flat.dtype)).masked_fill_(weight == 0, 0)
 
-    # Sums go out; every collective of this stage is started before the first wait.
+    # Sums go out; every collective below is started before the first wait.
     if step.shard_optimizer:
         layout = step._layout_for(params)
         pending = zero.start_reduce_scatter(layout, leaves, group, prepare=scale)
@@ -61,9 +76,6 @@ def combine(
             what="all-reduce of the gradients",
             prepare=scale,
         )
-    pending_stats = collectives.start_all_reduce(
-        [stats.vector], group=group, what="all-reduce of the step's counts and metrics"
-    )
     new_buffers = result.buffers
     buffer_leaves, buffer_spec = tree.flatten(new_buffers)
     pending_buffers = None
@@ -75,9 +87,12 @@ def combine(
             bucket_cap_mb=step.bucket_cap_mb,
             what="broadcast of the buffers",
         )
-    reduced = pending_stats.wait()[0]
+    prescaled = reduced is not None
+    if reduced is None:
+        reduced = pending_stats.wait()[0]
     grads = pending.wait()
     if pending_buffers is not None:
         new_buffers = tree.unflatten(buffer_spec, pending_buffers.wait())
-    div_(grads, reduced[0])
+    if not prescaled:
+        div_(grads, reduced[0])
     return Combined(grads, spec, stats.metrics(reduced), new_buffers)

@@ -8,6 +8,10 @@ the scalars, so one small all-reduce gives every global metric.
 The train step's gradient stage reports ``LossSum`` aux values as ratios without their counts,
 so :func:`with_aux_counts` adds, for each, an aux ``LossSum(countᵢ, 1)`` whose combined value
 ``Σ countᵢ / K`` gives the count back (times the number ``K`` of micro-batches).
+
+A rank with a zero weight (a ``LossSum`` batch of padding only) has a local mean of ``0 / 0``:
+NaN loss, NaN gradient. Its true contribution to the sums is zero, so :func:`weighted` gives zero
+there, as a single process on the concatenated batch would (it never divides by that rank's 0).
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ def with_aux_counts(loss_fn: Callable[..., Any]) -> Callable[..., Any]:
     return plain
 
 
+def weighted(value: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``value · weight``, zero where ``weight`` is zero (even for a NaN ``value = 0 / 0``)."""
+    return (value * weight).masked_fill_(weight == 0, 0)
+
+
 def div_(leaves: list[torch.Tensor], divisor: torch.Tensor) -> None:
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for leaf in leaves:
@@ -83,7 +92,7 @@ class Stats:
         self.loss_dtype = local["loss"].dtype
         examples = local["num_examples"].to(torch.float64)
         weight = local["num_tokens"].to(torch.float64) if is_sum else examples
-        entries = [weight, local["loss"].to(torch.float64) * weight, examples]
+        entries = [weight, weighted(local["loss"].to(torch.float64), weight), examples]
         self.aux: list[tuple[str, torch.dtype, bool]] = []
         for name, value in local.items():
             if name in ("loss", "num_examples", "num_tokens"):
@@ -91,9 +100,9 @@ class Stats:
             v = value.to(torch.float64)
             if name in counts:
                 c = counts[name].to(torch.float64)
-                entries += [v * c, c]
+                entries += [weighted(v, c), c]
             else:
-                entries.append(v * examples)
+                entries.append(weighted(v, examples))
             self.aux.append((name, value.dtype, name in counts))
         self.weight = weight
         self.vector = torch.stack(entries)

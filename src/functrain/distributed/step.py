@@ -36,7 +36,7 @@ import torch
 
 from functrain import tree
 from functrain.distributed import collectives, process, zero
-from functrain.distributed._agree import check_ranks_agree
+from functrain.distributed._agree import check_layouts_agree, check_ranks_agree
 from functrain.distributed._combine import combine
 from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
@@ -136,7 +136,13 @@ class DataParallelTrainStep:
             key: an explicit random key instead of ``seed``.
             extra: initial add-on states.
             broadcast: copy rank 0's parameters and buffers to every rank (a collective), so
-                that all ranks start identical whatever their own initialisation.
+                that all ranks start identical whatever their own initialisation. With
+                ``check_ranks``, the ranks first check that their parameters and buffers have
+                the same structure, shapes and dtypes.
+
+        Raises:
+            RankMismatchError: with ``broadcast`` and ``check_ranks``, ranks disagree on the
+                structure, shapes or dtypes of the parameters or buffers (on every rank).
 
         Example:
             >>> import torch, functrain as ft
@@ -147,6 +153,8 @@ class DataParallelTrainStep:
             torch.Size([4])
         """
         if broadcast and process.world_size(self.group) > 1:
+            if self.check_ranks:  # before the broadcast, which cannot tell
+                check_layouts_agree(params, buffers, self.group)
             src = zero._global(0, self.group)
             params = collectives.broadcast_tree(params, src=src, group=self.group)
             if buffers is not None:
