@@ -57,7 +57,8 @@ def batches(train: dict[str, torch.Tensor], local_batch: int):
     epoch = 0
     n = len(train["y"])
     while True:
-        indices = dist.shard_indices(n, shuffle=True, seed=0, epoch=epoch)
+        # drop_last: equal shards, so every rank takes the same number of steps per epoch.
+        indices = dist.shard_indices(n, shuffle=True, seed=0, epoch=epoch, drop_last=True)
         for start in range(0, len(indices) - local_batch + 1, local_batch):
             idx = indices[start : start + local_batch]
             yield {"x": train["x"][idx], "y": train["y"][idx]}
