@@ -13,6 +13,7 @@ import torch
 
 from functrain import tree
 from functrain.optim.base import GradientTransformation
+from functrain.train import microbatch
 from functrain.train.state import TrainState
 
 __all__: list[str] = []  # internal: used by make_train_step, make_eval_step and distributed
@@ -80,7 +81,8 @@ class _StructureGuard:
 
 def _check_micro_batches(micro_batches: Any) -> None:
     def positive(n: Any) -> bool:
-        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+        k = microbatch._as_int(n)  # numpy integers too (sizes from np.bincount), not bools
+        return k is not None and k >= 1
 
     sizes = (
         micro_batches

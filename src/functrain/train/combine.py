@@ -126,7 +126,8 @@ class Combiner:
         """``loss``, ``num_examples``, ``num_tokens`` (LossSum only) and the aux values."""
         assert self.meta is not None and self.loss is not None
         out = {
-            "loss": self.loss / self.count if self.count is not None else self.loss,
+            # Counts are at least float32 (exact); the loss keeps the dtype loss_fn gave it.
+            "loss": self.loss if self.count is None else _ratio(self.loss, self.count),
             "num_examples": torch.full((), self.total, dtype=torch.int64, device=device),
         }
         if self.count is not None:
@@ -134,7 +135,7 @@ class Combiner:
         for name, v in self.aux.items():
             if name in out:
                 raise ValueError(f"LossOutput.aux key {name!r} clashes with a built-in metric")
-            out[name] = v / self.aux_counts[name] if name in self.aux_counts else v
+            out[name] = _ratio(v, self.aux_counts[name]) if name in self.aux_counts else v
         return out
 
 
@@ -176,6 +177,12 @@ class _GradSum:
             torch._foreach_div_(acc, divisor)
             return acc
         return list(torch._foreach_div(acc, divisor))
+
+
+def _ratio(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` in ``total``'s dtype (rounded once)."""
+    out = total / count
+    return out if out.dtype == total.dtype else out.to(total.dtype)
 
 
 def _acc(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:

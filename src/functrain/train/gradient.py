@@ -106,7 +106,10 @@ def _autograd_grad(objective: Callable[..., Any]) -> Callable[..., Any]:
         leaves = [p.detach().requires_grad_() for p in leaves]
         with torch.enable_grad():
             obj, payload = objective(tree.unflatten(spec, leaves), mb, buffers, key)
-            grads = torch.autograd.grad(obj, leaves, allow_unused=True, materialize_grads=True)
+            if obj.requires_grad:
+                grads = torch.autograd.grad(obj, leaves, allow_unused=True, materialize_grads=True)
+            else:  # independent of the params: zero, as torch.func.grad gives (grad would raise)
+                grads = tuple(torch.zeros_like(p) for p in leaves)
         return tree.unflatten(spec, list(grads)), payload
 
     return grad_fn
@@ -197,7 +200,10 @@ class GradStage:
                 meta = self.metas[-1]
                 weight = 1.0 if meta.is_sum else size / split.total
                 weighted = obj if weight == 1.0 else obj * weight
-                _backward(weighted, inputs, plain)
+                if weighted.requires_grad:
+                    _backward(weighted, inputs, plain)
+                # else: a loss that does not depend on the params (a constant, a detached value)
+                # has a zero gradient, as torch.func.grad gives; backward would raise instead.
             # The weighted objective is the combiner's weighted loss (same product, same bits);
             # unweighted, the combiner copies it (the loss metric never aliases loss_fn's tensor).
             combiner.add(

@@ -74,8 +74,8 @@ class LossOutput(NamedTuple):
         loss: a 0-d mean loss or a :class:`LossSum`.
         aux: optional ``dict[str, tensor]`` of extra metrics. A 0-d tensor is read as a mean over
             the micro-batch's examples and combined with example weights; a :class:`LossSum`
-            value is combined as ``Σ total / Σ count``. Integer values are cast to the loss's
-            dtype. The combined values appear in the step's
+            value is combined as ``Σ total / Σ count``. Integer values are cast to floats
+            that hold them exactly (the loss's dtype, at least float32). The combined values appear in the step's
             metrics under their keys.
         buffers: the model's updated buffers (e.g. from :meth:`FunctionalModel.apply`), threaded
             to the next micro-batch and into the new state; ``None`` leaves buffers unchanged.
@@ -97,7 +97,7 @@ class Parsed(NamedTuple):
 
     objective: torch.Tensor  # what is differentiated: the mean, or the LossSum total
     is_sum: bool
-    count: torch.Tensor | None  # LossSum count as a tensor of the objective's dtype
+    count: torch.Tensor | None  # LossSum count, in the objective's _count_dtype
     aux_values: dict[str, torch.Tensor]  # 0-d means or LossSum totals
     aux_counts: dict[str, torch.Tensor]  # counts of LossSum aux values
     buffers: Any
@@ -112,15 +112,21 @@ def accepted_inputs(loss_fn: Callable[..., Any]) -> frozenset[str]:
     return frozenset(n for n in ("buffers", "key") if n in names)
 
 
+def _count_dtype(like: torch.Tensor) -> torch.dtype:
+    """Counts as floats that hold them exactly: bfloat16 rounds 1001 tokens to 1000 (and sums of
+    such counts drift further), which would scale the loss and gradient of a bfloat16 model."""
+    return torch.promote_types(like.dtype, torch.float32)
+
+
 def _as_count(count: Any, like: torch.Tensor, where: str) -> torch.Tensor:
     if isinstance(count, torch.Tensor):
         if count.dim() != 0:
             raise ValueError(f"{where}.count must be a 0-d tensor, got shape {tuple(count.shape)}")
-        return count.to(like.dtype)
+        return count.to(_count_dtype(like))
     if isinstance(count, bool) or not isinstance(count, (int, float)):
         raise TypeError(f"{where}.count must be a number or a 0-d tensor, got {count!r}")
     # torch.full fills on the device: no host-to-device copy, no synchronization.
-    return torch.full((), count, dtype=like.dtype, device=like.device)
+    return torch.full((), count, dtype=_count_dtype(like), device=like.device)
 
 
 def _check_scalar(value: Any, where: str) -> torch.Tensor:
@@ -140,7 +146,7 @@ def _check_scalar(value: Any, where: str) -> torch.Tensor:
 
 def _aux_scalar(value: Any, where: str, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
-        value = value.to(like.dtype)  # counts such as (pred == y).sum()
+        value = value.to(_count_dtype(like))  # counts such as (pred == y).sum(), exactly
     return _check_scalar(value, where).detach()
 
 

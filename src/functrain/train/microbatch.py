@@ -14,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import operator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -90,6 +91,8 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
     Raises:
         ValueError: leaves with different leading sizes, more micro-batches than examples, or
             sizes that do not add up to the batch size.
+        TypeError: ``micro_batches`` is neither an int nor a sequence of ints (a float size
+            such as ``2.5`` is refused, not truncated).
 
     Example:
         >>> import torch, functrain as ft
@@ -97,8 +100,8 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
         (0, 2)
     """
     n = batch_size(batch)
-    if isinstance(micro_batches, int) and not isinstance(micro_batches, bool):
-        k = micro_batches
+    k = _as_int(micro_batches) if not isinstance(micro_batches, (Sequence, bool)) else None
+    if k is not None:
         if k < 1:
             raise ValueError(f"micro_batches must be >= 1, got {k}")
         if k > n:
@@ -109,7 +112,15 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
         q, r = divmod(n, k)
         sizes = tuple(q + 1 if i < r else q for i in range(k))
     else:
-        sizes = tuple(int(s) for s in micro_batches)
+        if isinstance(micro_batches, (str, bytes, bool)) or not isinstance(micro_batches, Iterable):
+            raise TypeError(
+                "micro_batches must be an int (the number of micro-batches) or a sequence of "
+                f"ints (their sizes), got {micro_batches!r}"
+            )
+        as_ints = [_as_int(s) for s in micro_batches]
+        if any(s is None for s in as_ints):
+            raise TypeError(f"micro-batch sizes must be ints, got {tuple(micro_batches)}")
+        sizes = tuple(s for s in as_ints if s is not None)
         if not sizes or any(s < 1 for s in sizes):
             raise ValueError(f"micro-batch sizes must be positive, got {sizes}")
         if sum(sizes) != n:
@@ -118,6 +129,16 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
             )
     starts = tuple(sum(sizes[:i]) for i in range(len(sizes)))
     return BatchSplit(sizes, starts, n)
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (numpy's too; not a bool), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def micro_batch(batch: Any, split: BatchSplit, i: int) -> Any:

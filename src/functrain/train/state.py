@@ -89,7 +89,16 @@ class TrainState:
         3
     """
 
-    __slots__ = ("_buffers", "_consumed", "_extra", "_key", "_opt_state", "_params", "_step")
+    __slots__ = (
+        "__weakref__",  # a step recognises the state it returned (see TrainStep)
+        "_buffers",
+        "_consumed",
+        "_extra",
+        "_key",
+        "_opt_state",
+        "_params",
+        "_step",
+    )
 
     def __init__(
         self,
