@@ -30,6 +30,11 @@ class Schedule(Protocol):
     Python branches, so a compiled step does not recompile as the count advances. Any such
     callable works where functrain takes a schedule.
 
+    An integer tensor count gives values in torch's default dtype: float32, as optax gives
+    in JAX's default mode. For float64 training, ``torch.set_default_dtype(torch.float64)``
+    (JAX's x64 mode) makes them float64; otherwise ``0.1`` scales float64 parameters as
+    ``0.10000000149``, a relative ``1.5e-8`` from ``torch.optim``'s Python-float rate.
+
     Example:
         >>> import torch, functrain as ft
         >>> schedule: ft.Schedule = ft.linear_schedule(1.0, 0.0, transition_steps=4)
