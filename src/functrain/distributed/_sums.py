@@ -34,7 +34,9 @@ def _add_aux_counts(result: Any) -> Any:
         if isinstance(value, loss_lib.LossSum) and isinstance(value.total, torch.Tensor):
             count = value.count
             if not isinstance(count, torch.Tensor):
-                count = torch.full((), count, dtype=value.total.dtype, device=value.total.device)
+                # At least float32, which holds counts exactly (bfloat16 rounds 1001 to 1000).
+                dtype = torch.promote_types(value.total.dtype, torch.float32)
+                count = torch.full((), count, dtype=dtype, device=value.total.device)
             # Combined as Σ countᵢ / Σ 1 = Σ countᵢ / K: the step multiplies K back.
             extra[COUNT + name] = loss_lib.LossSum(count.detach(), 1)
     return result._replace(aux={**result.aux, **extra}) if extra else result

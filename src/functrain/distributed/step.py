@@ -29,6 +29,7 @@ stage in :mod:`functrain.distributed._update` and the sharded (ZeRO-1) one in
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -97,6 +98,7 @@ class DataParallelTrainStep:
         self.donate = self._local.donate
         self.norm_metrics = self._local.norm_metrics
         self._checked = False
+        self._issued: weakref.ref[TrainState] | None = None  # the state returned last
         self._layout: zero.Layout | None = None
         self._state_map: zero.StateMap | None = None
 
@@ -210,14 +212,19 @@ class DataParallelTrainStep:
 
     # -- the step -------------------------------------------------------------------------
 
-    def _check(self, params: Any, opt_state: Any, buffers: Any, local: dict, is_sum: bool) -> None:
-        """First call: this rank's state fits the step, and all ranks agree (one collective)."""
+    def _check_opt_state(self, state: TrainState, params: Any, opt_state: Any) -> None:
+        """This rank's opt state was made for this step (its ``tx``, its shards), at every call
+        but free for the state this step returned last (as :class:`functrain.TrainStep`)."""
+        issued = self._issued
+        if issued is not None and issued() is state:
+            return
         if self.shard_optimizer:
             self._map_for(params).check(opt_state, "data-parallel train step")
-        else:  # the train step's own check that the state was made for this tx, if it has one
-            check_opt_state = getattr(step_lib, "_check_opt_state", None)
-            if check_opt_state is not None:
-                check_opt_state(self.tx, params, opt_state)
+        else:
+            _step_checks._check_opt_state(self.tx, params, opt_state)
+
+    def _check(self, params: Any, opt_state: Any, buffers: Any, local: dict, is_sum: bool) -> None:
+        """First call: all ranks agree on the state and the metrics (one collective)."""
         if self.check_ranks:
             opt = None if self.shard_optimizer else opt_state  # shards differ between ranks
             check_ranks_agree(params, opt, buffers, sorted(local), is_sum, self.group)
@@ -248,6 +255,7 @@ class DataParallelTrainStep:
         step, extra = state.step, state.extra
         local_step, group = self._local, self.group
         p_leaves = local_step._guard.check(params)
+        self._check_opt_state(state, params, opt_state)
         if self.donate:
             _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
         faults = local_step.faults
@@ -284,6 +292,7 @@ class DataParallelTrainStep:
         self._local._finish_metrics(
             metrics, out.params, out.opt_state, out.update_norm, new_state.step.device
         )
+        self._issued = weakref.ref(new_state)
         return new_state, metrics
 
 
