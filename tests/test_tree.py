@@ -470,3 +470,20 @@ def test_none_subtrees_pass_through():
     testing.assert_trees_all_equal(out["w"], torch.full((2,), 3.0))
     assert ft.tree.size({"only": None}) == 0
     testing.assert_trees_all_equal(ft.tree.norm({"only": None}), torch.zeros(()))
+
+
+@pytest.mark.parametrize("ord", [1, 2, float("inf")])
+def test_norm_of_complex_leaves_is_real(ord):
+    """As ``torch.linalg.vector_norm``: the norm of complex leaves is a real number (the metrics
+    of a complex model's step are norms; a complex tensor with a zero imaginary part, or an
+    error for the inf-norm, is not one)."""
+    tree = {"a": torch.tensor([3 + 4j, 1j]), "b": torch.tensor([-2.0, 0.5]), "c": torch.zeros(0)}
+    flat = torch.cat([x.reshape(-1).to(torch.complex128) for x in ft.tree.leaves(tree)])
+    want = torch.linalg.vector_norm(flat, ord)
+    got = ft.tree.norm(tree, ord=ord)
+    assert not got.is_complex() and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    if ord == 2:
+        torch.testing.assert_close(
+            ft.tree.norm(tree, squared=True).double(), want**2, rtol=1e-6, atol=0
+        )

@@ -38,6 +38,13 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     return _sum_scalars(dots)
 
 
+_REAL_OF_COMPLEX = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
 def _stack_promoted(values: list[torch.Tensor]) -> torch.Tensor:
     dtype = values[0].dtype
     for v in values[1:]:
@@ -124,9 +131,15 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
         path = next(p for p, x in zip(paths, path_leaves) if x is bad[0])
         where = path_str(path, "tree")
         raise TypeError(f"tree.norm needs floating-point leaves; {where} is {bad[0].dtype}")
-    # The result dtype comes from every leaf; empty leaves add nothing to any of these norms
-    # (and the inf-norm kernel rejects them). Shapes are static: skipping them does not sync.
-    zero = _stack_promoted([x.new_zeros(()) for x in all_leaves]).sum()
+    # The result dtype comes from every leaf (a norm of complex leaves is real); empty leaves
+    # add nothing to any of these norms (and the inf-norm kernel rejects them). Shapes are
+    # static: skipping them does not sync.
+    dtype = all_leaves[0].dtype
+    for x in all_leaves[1:]:
+        if x.dtype != dtype:
+            dtype = torch.promote_types(dtype, x.dtype)
+    dtype = _REAL_OF_COMPLEX.get(dtype, dtype)
+    zero = torch.zeros((), dtype=dtype, device=all_leaves[0].device)
     tree_leaves = [leaf for leaf in all_leaves if leaf.numel()]
     if not tree_leaves:
         return zero
