@@ -128,7 +128,7 @@ def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) 
     wide = _widen(g)  # the pure path's float32 arithmetic for float16 and bfloat16 leaves
     same = all(m.dtype == x.dtype and v.dtype == x.dtype for m, v, x in zip(mu_l, nu_l, g))
     if same and wide is g:
-        torch._foreach_lerp_(mu_l, g, 1 - _ops.on_device(spec.b1, g[0]))
+        _ops.lerp_(mu_l, g, 1 - _ops.on_device(spec.b1, g[0]))
         decay = _ops.on_device(spec.b2, g[0])
         torch._foreach_mul_(nu_l, decay)
         if isinstance(decay, torch.Tensor):

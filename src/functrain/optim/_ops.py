@@ -116,6 +116,70 @@ def add_scaled(xs: list[torch.Tensor], a: Scalar, ys: list[torch.Tensor]) -> lis
     return list(torch._foreach_add(xs, ys, alpha=a))
 
 
+def add(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
+    """``[x + s]``, each in ``x``'s dtype, without reading a tensor ``s`` on the host.
+
+    ``torch._foreach_add(xs, t)`` resolves a 0-d tensor ``t`` as a Python scalar and reads it
+    (a device sync on CUDA, every step); the ``Tensor`` overload, called by name, does not.
+    """
+    if not xs:
+        return []
+    if isinstance(s, torch.Tensor):
+        out = torch.ops.aten._foreach_add.Tensor(xs, on_device(s, xs[0]))
+        return _like(list(out), xs)
+    return list(torch._foreach_add(xs, cpu_number(s, xs)))
+
+
+def add_(xs: list[torch.Tensor], s: Scalar) -> None:
+    """``x += s`` for every ``x``, without reading a tensor ``s`` on the host (see :func:`add`)."""
+    if not xs:
+        return
+    if not isinstance(s, torch.Tensor):
+        torch._foreach_add_(xs, cpu_number(s, xs))
+        return
+    s = on_device(s, xs[0])
+    if all(x.dim() or x.dtype == s.dtype for x in xs):
+        torch.ops.aten._foreach_add_.Tensor(xs, s)
+    else:  # a 0-d leaf would be promoted to ``s``'s dtype, which in place cannot hold
+        torch._foreach_copy_(xs, add(xs, s))
+
+
+def lerp(start: list[torch.Tensor], end: list[torch.Tensor], weight: Scalar) -> list[torch.Tensor]:
+    """``[torch.lerp(a, b, weight)]`` without reading a tensor ``weight`` on the host.
+
+    ``torch._foreach_lerp`` has no overload for one tensor weight (a 0-d tensor would be read
+    as a Python scalar); its list overload takes one per leaf, in the leaf's dtype.
+    """
+    if not start:
+        return []
+    if not isinstance(weight, torch.Tensor):
+        return list(torch._foreach_lerp(start, end, weight))
+    return list(torch._foreach_lerp(start, end, _per_leaf(weight, start)))
+
+
+def lerp_(start: list[torch.Tensor], end: list[torch.Tensor], weight: Scalar) -> None:
+    """In-place :func:`lerp`."""
+    if not start:
+        return
+    if not isinstance(weight, torch.Tensor):
+        torch._foreach_lerp_(start, end, weight)
+    else:
+        torch._foreach_lerp_(start, end, _per_leaf(weight, start))
+
+
+def _per_leaf(value: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``value`` on the leaves' device, once per leaf in its dtype (one cast per dtype)."""
+    value = on_device(value, like[0])
+    by_dtype: dict[torch.dtype, torch.Tensor] = {}
+    out = []
+    for x in like:
+        cast = by_dtype.get(x.dtype)
+        if cast is None:
+            cast = by_dtype[x.dtype] = value.to(x.dtype)
+        out.append(cast)
+    return out
+
+
 def _keep_dtypes(out: Any, xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
     """Casts back leaves that a 0-d tensor scalar promoted (optax keeps every leaf's dtype).
 
@@ -142,8 +206,7 @@ def moment(g: list[torch.Tensor], m: list[torch.Tensor], decay: Scalar) -> list[
     """
     if not g:
         return []
-    weight = 1 - on_device(decay, g[0])
-    return list(torch._foreach_lerp(_like(m, g), g, weight))
+    return lerp(_like(m, g), g, 1 - on_device(decay, g[0]))
 
 
 def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> list[torch.Tensor]:

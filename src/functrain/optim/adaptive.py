@@ -66,9 +66,9 @@ def _mu_hat(
 def _denominator(nu_hat: list[torch.Tensor], eps: Hyper, eps_root: Hyper) -> list[torch.Tensor]:
     """``sqrt(nu_hat + eps_root) + eps``."""
     if not _ops.is_zero(eps_root):
-        nu_hat = list(torch._foreach_add(nu_hat, _ops.on_device(eps_root, nu_hat[0])))
+        nu_hat = _ops.add(nu_hat, eps_root)
     denom = list(torch._foreach_sqrt(nu_hat))
-    torch._foreach_add_(denom, _ops.on_device(eps, denom[0]))
+    _ops.add_(denom, eps)
     return denom
 
 
@@ -111,10 +111,10 @@ def _direction(
         denom = list(torch._foreach_sqrt(nu))
     else:
         shift = _ops.on_device(correction * _ops.on_device(eps_root, correction), nu[0])
-        denom = _ops.cast_like(list(torch._foreach_add(nu, shift)), nu)
+        denom = _ops.add(nu, shift)
         torch._foreach_sqrt_(denom)
     torch._foreach_div_(denom, _ops.on_device(correction.sqrt(), denom[0]))
-    torch._foreach_add_(denom, _ops.on_device(eps, denom[0]))
+    _ops.add_(denom, eps)
     out = _mu_hat(g, mu, b1, count, nesterov)
     if any(o is m for o, m in zip(out, mu)):
         return list(torch._foreach_div(out, denom))
@@ -331,7 +331,7 @@ def scale_by_adamax(
             return updates, ScaleByAdamState(count, state.mu, state.nu)
         mu = _ops.moment(g, s["state.mu"], b1)
         abs_g = list(torch._foreach_abs(g))
-        torch._foreach_add_(abs_g, _ops.on_device(eps, g[0]))
+        _ops.add_(abs_g, eps)
         nu = list(torch._foreach_maximum(abs_g, _ops.mul(_ops.cast_like(s["state.nu"], g), b2)))
         mu_hat = _ops.div(mu, _bias(b1, count, _ops.scalar_dtype(g)))
         out = torch._foreach_div(mu_hat, nu)

@@ -81,10 +81,10 @@ def _scaled(
 ) -> list[torch.Tensor]:
     """``g / √(var + eps)`` or ``g / (√var + eps)``."""
     if eps_in_sqrt:
-        denom = list(torch._foreach_sqrt(torch._foreach_add(var, _ops.on_device(eps, g[0]))))
+        denom = list(torch._foreach_sqrt(_ops.add(var, eps)))
     else:
         denom = list(torch._foreach_sqrt(var))
-        torch._foreach_add_(denom, _ops.on_device(eps, g[0]))
+        _ops.add_(denom, eps)
     return list(torch._foreach_div(g, denom))
 
 
