@@ -29,7 +29,6 @@ stage in :mod:`functrain.distributed._update` and the sharded (ZeRO-1) one in
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -98,7 +97,7 @@ class DataParallelTrainStep:
         self.donate = self._local.donate
         self.norm_metrics = self._local.norm_metrics
         self._checked = False
-        self._issued: weakref.ref[TrainState] | None = None  # the state returned last
+        self._opt_guard = _step_checks.OptStateGuard(self._check_opt_state)
         self._layout: zero.Layout | None = None
         self._state_map: zero.StateMap | None = None
 
@@ -212,12 +211,8 @@ class DataParallelTrainStep:
 
     # -- the step -------------------------------------------------------------------------
 
-    def _check_opt_state(self, state: TrainState, params: Any, opt_state: Any) -> None:
-        """This rank's opt state was made for this step (its ``tx``, its shards), at every call
-        but free for the state this step returned last (as :class:`functrain.TrainStep`)."""
-        issued = self._issued
-        if issued is not None and issued() is state:
-            return
+    def _check_opt_state(self, params: Any, opt_state: Any) -> None:
+        """This rank's opt state was made for this step (its ``tx``, its shards)."""
         if self.shard_optimizer:
             self._map_for(params).check(opt_state, "data-parallel train step")
         else:
@@ -255,7 +250,7 @@ class DataParallelTrainStep:
         step, extra = state.step, state.extra
         local_step, group = self._local, self.group
         p_leaves = local_step._guard.check(params)
-        self._check_opt_state(state, params, opt_state)
+        self._opt_guard.check(state, params, opt_state)
         if self.donate:
             _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
         faults = local_step.faults
@@ -292,7 +287,7 @@ class DataParallelTrainStep:
         self._local._finish_metrics(
             metrics, out.params, out.opt_state, out.update_norm, new_state.step.device
         )
-        self._issued = weakref.ref(new_state)
+        self._opt_guard.issue(new_state)
         return new_state, metrics
 
 

@@ -6,6 +6,7 @@ Everything here runs eagerly on the host before a step's tensor work (never unde
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -179,3 +180,36 @@ def consume_torn(state: TrainState, err: BaseException, by: str) -> None:
         "so that state may be half-updated and is consumed (using it raises "
         "ConsumedStateError); resume from a checkpoint"
     )
+
+
+class OptStateGuard:
+    """Checks at every call, not only the first, that a state's ``opt_state`` was made for the
+    step's optimizer.
+
+    A state built for another optimizer and passed to a step that has run already would
+    otherwise fail deep in ``tx.update`` or, where that ignores the state (``sgd`` given an
+    Adam state), run silently with it. Free for the state the step returned last (a weak
+    reference); another state costs one structure flatten, and ``check(params, opt_state)``
+    the first time its structure is seen.
+    """
+
+    def __init__(self, check: Callable[[Any, Any], None]) -> None:
+        self._check = check
+        self._issued: weakref.ref[TrainState] | None = None
+        self._specs: set[Any] = set()
+
+    def check(self, state: TrainState, params: Any, opt_state: Any) -> None:
+        """Raises unless ``opt_state`` (``state``'s) is one the step's optimizer makes."""
+        issued = self._issued
+        if issued is not None and issued() is state:
+            return
+        spec = tree.structure(opt_state)
+        if spec not in self._specs:
+            self._check(params, opt_state)
+            self._specs.add(spec)
+
+    def issue(self, state: TrainState) -> None:
+        """Records the state the step returns (its ``opt_state`` is ``tx.update``'s)."""
+        if self._issued is None:  # tx.update's structure, should it differ from tx.init's
+            self._specs.add(tree.structure(state._opt_state))
+        self._issued = weakref.ref(state)

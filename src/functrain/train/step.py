@@ -19,17 +19,16 @@ in :mod:`functrain.train.eval_step` and is re-exported here.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
-from functrain import tree
 from functrain.optim.base import GradientTransformation
 from functrain.optim.loss_scale import DynamicLossScale
 from functrain.train import compiled, fast, faults, gradient, microbatch, rng
 from functrain.train._step_checks import (
+    OptStateGuard,
     _check_no_overlap,
     _check_opt_state,
     _check_state,
@@ -128,10 +127,7 @@ class TrainStep:
         writable = grad_stats is None and strategy == "loop" and grad_backend == "autograd"
         self.faults.grads_writable = writable
         self._guard = _StructureGuard()
-        # Whether a state's opt_state was made for ``tx``: a state this step returned was (its
-        # opt_state is tx.update's); others are checked by structure, once per new structure.
-        self._issued: weakref.ref[TrainState] | None = None
-        self._opt_specs: set[Any] = set()
+        self._opt_guard = OptStateGuard(lambda params, opt: _check_opt_state(tx, params, opt))
         self._find_learning_rate = LearningRateLookup()
         # The optimizer stage, separable so that a fused in-place path can replace it.
         self.apply_optimizer: Callable[..., Applied] = apply_optimizer
@@ -165,7 +161,7 @@ class TrainStep:
             state._key,
         )
         step, extra = state._step, state._extra
-        self._check_opt_state(state, params, opt_state)
+        self._opt_guard.check(state, params, opt_state)
         p_leaves = self._guard.check(params)
         if self.donate:
             _check_no_overlap(p_leaves, params, "train step (donate=True)")
@@ -204,28 +200,8 @@ class TrainStep:
         new_state = TrainState(*fields)
         if self._compiled is not None:
             self.faults.after_compiled(new_state._extra)
-        if self._issued is None:  # tx.update's structure, should it differ from tx.init's
-            self._opt_specs.add(tree.structure(new_state._opt_state))
-        self._issued = weakref.ref(new_state)
+        self._opt_guard.issue(new_state)
         return new_state, metrics
-
-    def _check_opt_state(self, state: TrainState, params: Any, opt_state: Any) -> None:
-        """Raises unless ``opt_state`` was made for this step's ``tx``, at every call.
-
-        Not only at the first: a state built for another optimizer and passed to a step that
-        has run already would otherwise fail deep in ``tx.update`` or, where that ignores the
-        state (``sgd`` given an Adam state), run silently with it. Free for the state this
-        step returned last; another state costs one structure flatten, and ``tx.init`` on meta
-        tensors the first time its structure is seen.
-        """
-        issued = self._issued
-        if issued is not None and issued() is state:
-            return
-        spec = tree.structure(opt_state)
-        if spec in self._opt_specs:
-            return
-        _check_opt_state(self.tx, params, opt_state)
-        self._opt_specs.add(spec)
 
     def _core(
         self,
