@@ -60,3 +60,27 @@ def test_foreach_engine_reads_no_tensor_hyperparameter(name):
     with _NoHostReads():
         done = fused.update_in_place(tx, grads, state, params, engines=("foreach",))
     assert done is not None and done.engine == "foreach"
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["adam", "adamw", "nadamw", "radam", "rmsprop", "lion", "sgd"])
+def test_cuda_train_step_with_tensor_hyperparameters_reads_nothing(name):
+    """On CUDA a host read is a device sync. With tensor hyperparameters on the device, the
+    fused kernel engine declines them (it only takes numbers it can read for free) and the
+    foreach engine must then run without a single read; a keyless state has no CPU key."""
+    tx = ft.inject_hyperparams(getattr(ft, name))(learning_rate=0.1)
+    params = {k: v.cuda() for k, v in _tree(0, torch.float32).items()}
+
+    def loss_fn(p, batch):
+        return ((batch * p["w"].sum() + p["b"].sum() + p["s"]) ** 2).mean()
+
+    step = ft.make_train_step(loss_fn, tx, micro_batches=2)
+    state = ft.TrainState.create(params=params, tx=tx, seed=None)
+    batch = torch.randn(4, device="cuda")
+    state, _ = step(state, batch)  # first call: checks and planning may read
+    with _NoHostReads():
+        state, metrics = step(state, batch)
+    assert bool(torch.isfinite(metrics["loss"]))
