@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from functrain.tree import TreeMismatchError
+
 __all__ = ["FunctionalModel", "functionalize"]
 
 
@@ -62,6 +64,51 @@ def _aliases(module: nn.Module) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def _add_placement_note(err: Exception, tensors: dict[str, torch.Tensor]) -> None:
+    """Names the tensors behind a failed forward's device or dtype complaint, which torch doesn't.
+
+    Only runs after the forward raised, so it costs nothing on the normal path.
+    """
+    if torch.compiler.is_compiling():
+        return
+    meta = [k for k, t in tensors.items() if t.is_meta]
+    if meta:
+        err.add_note(
+            f"functrain: {meta[:5]}{' ...' if len(meta) > 5 else ''} are on the meta device "
+            "(a module built under torch.device('meta') has no values): pass real tensors, "
+            "e.g. from module.to_empty(device=...) and an initialization"
+        )
+    kinds: dict[tuple[torch.device, torch.dtype], str] = {}
+    for k, t in tensors.items():
+        if t.is_floating_point():  # integer counters (num_batches_tracked) are expected
+            kinds.setdefault((t.device, t.dtype), k)
+    if len(kinds) > 1:
+        listed = ", ".join(
+            f"{k!r}: {d}/{str(dt).removeprefix('torch.')}" for (d, dt), k in kinds.items()
+        )
+        err.add_note(
+            f"functrain: the floating-point params and buffers mix devices/dtypes: {listed}"
+        )
+
+
+@contextlib.contextmanager
+def _no_function_modes() -> Iterator[None]:
+    """Our own bookkeeping reads (shapes, version counters) outside any ``__torch_function__``
+    mode, so that a mode watching the forward (the per-sample layer rules) does not count them
+    as uses of the parameters."""
+    if torch._C._is_torch_function_mode_enabled() and not torch.compiler.is_compiling():
+        with torch._C.DisableTorchFunction():
+            yield
+    else:
+        yield
+
+
+def _written(buffers: dict[str, torch.Tensor]) -> list[str]:
+    """The buffers whose version counter moved (written in place), in name order."""
+    with _no_function_modes():
+        return sorted(k for k, b in buffers.items() if b._version)
+
+
 class FunctionalModel:
     """A pure forward function of an ``nn.Module``: ``model(params, *args, **kwargs)``.
 
@@ -73,7 +120,9 @@ class FunctionalModel:
 
     Calls check that ``params`` has exactly the module's parameter names (a silent fallback to the
     module's own tensors for a missing name is impossible) and raise a ``KeyError`` naming the
-    missing and unexpected names otherwise.
+    missing and unexpected names otherwise; a value that is not a tensor raises a ``TypeError``
+    and a tensor of another shape than the module's raises a
+    :class:`~functrain.tree.TreeMismatchError`, each naming the path (and the shapes).
 
     Example:
         >>> import torch, functrain as ft
@@ -82,7 +131,9 @@ class FunctionalModel:
         >>> out, new_buffers = model.apply(params, buffers, torch.randn(4, 2))
         >>> int(new_buffers["1.num_batches_tracked"]), int(buffers["1.num_batches_tracked"])
         (1, 0)
-        >>> model.eval()(params, torch.randn(4, 2)).shape  # eval mode: running stats, no update
+        >>> # eval mode with the trained running statistics, no update; model.eval()(params, x)
+        >>> # would use the snapshot buffers from ft.functionalize instead
+        >>> model.eval().apply(params, new_buffers, torch.randn(4, 2))[0].shape
         torch.Size([4, 2])
     """
 
@@ -96,6 +147,11 @@ class FunctionalModel:
         self._param_set = frozenset(self.param_names)
         self.buffer_names = tuple(name for name, _ in module.named_buffers())
         self._buffer_set = frozenset(self.buffer_names)
+        # A wrong shape can broadcast silently (a (1,) bias), so shapes are checked per call.
+        self._shapes = {
+            **{n: t.shape for n, t in module.named_parameters()},
+            **{n: t.shape for n, t in module.named_buffers()},
+        }
         self._norms = _norm_modules(module)
         # Every name a tied tensor has beyond its first one, resolved once here, so calls can
         # skip functional_call's per-call tie analysis (tie_weights=False with all names given).
@@ -131,6 +187,24 @@ class FunctionalModel:
                 f"buffers do not match the module's buffers: missing {missing}, "
                 f"unexpected {unexpected}"
             )
+        with _no_function_modes():
+            for root, tree in (("params", params), ("buffers", buffers)):
+                for name, t in tree.items():
+                    shape = getattr(t, "shape", None)
+                    if shape != self._shapes[name]:
+                        self._shape_error(root, name, t)
+
+    def _shape_error(self, root: str, name: str, t: Any) -> None:
+        expected = tuple(self._shapes[name])
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{root}[{name!r}]: expected a tensor of shape {expected}, got {type(t).__name__}"
+            )
+        raise TreeMismatchError(
+            f"{root}[{name!r}]: shape {tuple(t.shape)} does not match the module's shape "
+            f"{expected}. Did the model change after the state was made? Rebuild it with "
+            "ft.functionalize(module)."
+        )
 
     @contextlib.contextmanager
     def _mode(self) -> Iterator[None]:
@@ -164,6 +238,16 @@ class FunctionalModel:
         return slots
 
     def _run(self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any) -> Any:
+        try:
+            return self._swap_and_run(params, buffers, args, kwargs)
+        except Exception as err:
+            with _no_function_modes():
+                _add_placement_note(err, {**params, **buffers})
+            raise
+
+    def _swap_and_run(
+        self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any
+    ) -> Any:
         tensors = {**params, **buffers}
         for alias, name in self._aliases:
             tensors[alias] = tensors[name]
@@ -189,7 +273,8 @@ class FunctionalModel:
 
         Raises:
             RuntimeError: when the forward would update buffers (BatchNorm in training mode with
-                running statistics): use :meth:`apply`, which returns the new buffers.
+                running statistics, ``spectral_norm``'s power iteration, any in-place write to a
+                buffer): use :meth:`apply`, which returns the new buffers.
         """
         self._check_names(params, self.buffers)
         with self._mode():
@@ -202,7 +287,23 @@ class FunctionalModel:
                     "model.eval()"
                 )
             buffers = {k: v.clone() for k, v in self.buffers.items()}
-            return self._run(params, buffers, args, kwargs)
+            out = self._run(params, buffers, args, kwargs)
+        # Any other in-place buffer write (spectral_norm's u and v, a custom counter) bumps the
+        # copy's version counter: refuse to drop it silently. Dynamo cannot trace _version, and
+        # inference tensors have none.
+        updated = (
+            []
+            if torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
+            else _written(buffers)
+        )
+        if updated:
+            raise RuntimeError(
+                f"the forward updated the buffers {updated}, which model(params, ...) would "
+                "drop: call out, new_buffers = model.apply(params, buffers, ...) and return the "
+                "new buffers from the loss (ft.LossOutput(loss, buffers=new_buffers)), or use "
+                "model.eval() if the update only happens in training mode"
+            )
+        return out
 
     def apply(
         self,
@@ -251,9 +352,11 @@ def functionalize(
         ``(model, params, buffers)``: a :class:`FunctionalModel`, one parameter tensor per
         distinct parameter (tied weights once), and all buffers.
 
-    Differences from ``torch.func.functional_call`` used directly: names are checked (a missing
-    parameter name raises instead of silently using the module's own tensor), buffers are never
-    mutated, and tied weights appear once so their gradient is summed over all uses.
+    Differences from ``torch.func.functional_call`` used directly: names and shapes are checked
+    (a missing parameter name raises instead of silently using the module's own tensor), buffers
+    are never mutated, and tied weights appear once so their gradient is summed over all uses.
+    Parameters with ``requires_grad=False`` are included and differentiated like the others:
+    functrain ignores the flag, freeze them with :func:`functrain.freeze` instead.
 
     Example:
         >>> import torch, functrain as ft
