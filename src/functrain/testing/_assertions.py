@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 from typing import Any
 
+import optree
 import torch
 
 from functrain import tree
@@ -27,22 +29,50 @@ def _as_tensor(x: Any) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
 
 
+def _check_two_or_more(trees: tuple[Any, ...]) -> None:
+    # One tree compares against nothing and would always pass: a tuple passed as a single
+    # argument, ``assert_trees_all_close((a, b))``, is a typo that must not hide a difference.
+    if len(trees) < 2:
+        raise ValueError(f"the assertion needs at least two trees to compare, got {len(trees)}")
+
+
+def _node_kind(spec: optree.PyTreeSpec) -> str:
+    if spec.is_leaf():
+        return "a leaf"
+    if spec.type is type(None):
+        return "None"
+    return f"a {spec.type.__qualname__}"
+
+
+def _spec_difference(sa: optree.PyTreeSpec, sb: optree.PyTreeSpec, path: tuple[Any, ...]) -> str:
+    """Names the first path where two treespecs differ ("" when no node differs visibly)."""
+    if sa.is_leaf() and sb.is_leaf():
+        return ""
+    at_a, at_b = tree.path_str(path, "a"), tree.path_str(path, "b")
+    if sa.is_leaf() or sb.is_leaf() or sa.type is not sb.type:
+        return f"{at_a} is {_node_kind(sa)} but {at_b} is {_node_kind(sb)}"
+    entries_a, entries_b = list(sa.entries()), list(sb.entries())
+    if entries_a != entries_b:
+        for e in entries_a:
+            if e not in entries_b:
+                return f"{tree.path_str((*path, e), 'a')} has no counterpart in b"
+        for e in entries_b:
+            if e not in entries_a:
+                return f"{tree.path_str((*path, e), 'b')} has no counterpart in a"
+        return f"{at_a} has keys {entries_a} but {at_b} has {entries_b}"
+    for e, ca, cb in zip(entries_a, sa.children(), sb.children()):
+        found = _spec_difference(ca, cb, (*path, e))
+        if found:
+            return found
+    return ""
+
+
 def _paired_leaves(a: Any, b: Any) -> list[tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]]:
     paths_a, leaves_a, spec_a = tree.flatten_with_paths(a)
     leaves_b, spec_b = tree.flatten(b)
     if spec_a != spec_b:
-        try:
-            up_to = tree.flatten_up_to(spec_a, b, ("a", "b"), a)
-        except tree.TreeMismatchError as err:
-            raise AssertionError(str(err)) from None
-        # b fits a's structure only because it holds None (an empty subtree) at a leaf of a.
-        for path, leaf in zip(paths_a, up_to):
-            if leaf is None:
-                raise AssertionError(
-                    f"tree structures differ: {tree.path_str(path, 'a')} is a leaf but "
-                    f"{tree.path_str(path, 'b')} is None"
-                )
-        raise AssertionError(f"tree structures differ: {spec_a} vs {spec_b}")
+        where = _spec_difference(spec_a, spec_b, ()) or f"{spec_a} vs {spec_b}"
+        raise AssertionError(f"tree structures differ: {where}")
     return [(p, _as_tensor(x), _as_tensor(y)) for p, x, y in zip(paths_a, leaves_a, leaves_b)]
 
 
@@ -61,6 +91,7 @@ def assert_trees_all_equal_structs(*trees: Any) -> None:
         ...     print(err)
         tree structures differ: a['a'] has no counterpart in b
     """
+    _check_two_or_more(trees)
     for other in trees[1:]:
         _paired_leaves(trees[0], other)
 
@@ -85,6 +116,7 @@ def assert_trees_all_equal_shapes(*trees: Any) -> None:
         ...     print(err)
         shapes differ at [0]: (2,) vs (3,)
     """
+    _check_two_or_more(trees)
     for other in trees[1:]:
         for path, x, y in _paired_leaves(trees[0], other):
             _check_shape(path, x, y)
@@ -108,6 +140,7 @@ def assert_trees_all_equal_dtypes(*trees: Any) -> None:
         ...     print(err)
         dtypes differ at ['n']: torch.float32 vs torch.float64
     """
+    _check_two_or_more(trees)
     for other in trees[1:]:
         for path, x, y in _paired_leaves(trees[0], other):
             _check_dtype(path, x, y)
@@ -115,6 +148,29 @@ def assert_trees_all_equal_dtypes(*trees: Any) -> None:
 
 def _wide(x: torch.Tensor, complex_: bool) -> torch.Tensor:
     return x.detach().to("cpu", torch.complex128 if complex_ else torch.float64)
+
+
+# Integer dtypes whose values all fit in int64, where differences can be taken exactly.
+_EXACT_INTS = {torch.bool, torch.uint8, torch.uint16, torch.uint32}
+_EXACT_INTS |= {torch.int8, torch.int16, torch.int32, torch.int64}
+
+
+def _abs_diff(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``|x - y|`` in float64 on the CPU; exact for integers beyond float64's 2**53."""
+    complex_ = x.is_complex() or y.is_complex()
+    diff = (_wide(x, complex_) - _wide(y, complex_)).abs()
+    if x.dtype in _EXACT_INTS and y.dtype in _EXACT_INTS:
+        # float64 rounds 2**62 and 2**62 + 1 to the same value; the int64 difference is exact
+        # unless it overflows, which only happens where the float64 difference is huge anyway.
+        exact = (x.detach().cpu().long() - y.detach().cpu().long()).abs().double()
+        diff = torch.where(diff < 2.0**62, exact, diff)
+    return diff
+
+
+def _parts(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # A complex NaN is NaN in one part or both: parts are compared separately so that
+    # nan+1j and nan+2j (or 1+nanj and nan+1j) are not taken for the same value.
+    return (x.real, x.imag) if x.is_complex() else (x,)
 
 
 def _fmt(value: torch.Tensor) -> str:
@@ -134,13 +190,44 @@ def _describe(
     flat = int(score.reshape(-1).argmax()) if score.numel() else 0
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape))
     xc, yc = x.detach().cpu(), y.detach().cpu()
-    complex_ = xc.is_complex() or yc.is_complex()
-    diff = (_wide(xc[index], complex_) - _wide(yc[index], complex_)).abs()
+    diff = _abs_diff(xc[index], yc[index])
     return (
         f"trees differ at {tree.path_str(path)} (shape {tuple(x.shape)}, {x.dtype}): "
         f"{int(bad.sum())} of {x.numel()} elements differ; worst at index {index}: "
         f"a={_fmt(xc[index])}, b={_fmt(yc[index])}, |a-b|={_fmt(diff)}; {tolerance}"
     )
+
+
+def _close(
+    x: torch.Tensor, y: torch.Tensor, rtol: float, atol: float, equal_nan: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise ``(ok, |a-b| - allowed)`` of ``|a-b| <= atol + rtol*|b|``."""
+    complex_ = x.is_complex() or y.is_complex()
+    a, b = _wide(x, complex_), _wide(y, complex_)
+    allowed = atol + rtol * b.abs()
+    diff = _abs_diff(x, y)
+    nan_a = [p.isnan() for p in _parts(a)]
+    nan_b = [p.isnan() for p in _parts(b)]
+    any_nan = torch.zeros_like(diff, dtype=torch.bool)
+    same_nans = torch.ones_like(any_nan)
+    for na, nb in zip(nan_a, nan_b):
+        any_nan |= na | nb
+        same_nans &= na == nb
+    if bool(any_nan.any()):
+        # NaNs in the same parts are set aside; the other parts must still be close.
+        def clean(t: torch.Tensor, nans: list[torch.Tensor]) -> torch.Tensor:
+            parts = [p.masked_fill(n, 0.0) for p, n in zip(_parts(t), nans)]
+            return torch.complex(*parts) if complex_ else parts[0]
+
+        a, b = clean(a, nan_a), clean(b, nan_b)
+        diff_clean = (a - b).abs()
+    else:
+        diff_clean = diff
+    # Infinities match only the same infinity (rtol·|inf| would accept anything).
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    ok = torch.where(finite, diff_clean <= atol + rtol * b.abs(), a == b)
+    ok &= torch.where(any_nan, same_nans & equal_nan, True)
+    return ok, torch.nan_to_num(diff - allowed, nan=float("inf"))
 
 
 def assert_trees_all_close(
@@ -158,7 +245,12 @@ def assert_trees_all_close(
         *trees: two or more pytrees of tensors (Python numbers are accepted as leaves).
         rtol: relative tolerance, scaled by the reference's magnitude.
         atol: absolute tolerance.
-        equal_nan: whether NaNs in the same places count as equal.
+        equal_nan: whether NaNs in the same places count as equal (for complex leaves: in
+            the same parts, the other part still compared).
+
+    Raises:
+        AssertionError: if the trees differ.
+        ValueError: if fewer than two trees are given (a single tuple compares nothing).
 
     Example:
         >>> import torch
@@ -171,24 +263,16 @@ def assert_trees_all_close(
         trees differ at ['b'] (shape (3,), torch.float32): 1 of 3 elements differ; worst at
         index (1,): a=0, b=0.5, |a-b|=0.5; allowed |a-b| <= atol=0.2 + rtol=1e-06*|b|
     """
+    _check_two_or_more(trees)
     tolerance = f"allowed |a-b| <= atol={atol:g} + rtol={rtol:g}*|b|"
     for other in trees[1:]:
         for path, x, y in _paired_leaves(trees[0], other):
             _check_shape(path, x, y)
             if x.numel() == 0:
                 continue
-            complex_ = x.is_complex() or y.is_complex()
-            a, b = _wide(x, complex_), _wide(y, complex_)
-            allowed = atol + rtol * b.abs()
-            diff = (a - b).abs()
-            # Infinities match only the same infinity (rtol·|inf| would accept anything).
-            finite = torch.isfinite(a) & torch.isfinite(b)
-            ok = torch.where(finite, diff <= allowed, a == b)
-            if equal_nan:
-                ok |= a.isnan() & b.isnan()
+            ok, excess = _close(x, y, rtol, atol, equal_nan)
             bad = ~ok
             if bool(bad.any()):
-                excess = torch.nan_to_num(diff - allowed, nan=float("inf"))
                 score = torch.where(bad, excess, torch.full_like(excess, -float("inf")))
                 raise AssertionError(_describe(path, x, y, bad, score, tolerance))
 
@@ -196,7 +280,8 @@ def assert_trees_all_close(
 def assert_trees_all_equal(*trees: Any, bitwise: bool = False) -> None:
     """Asserts all trees are exactly equal to the first: same structure, shapes, dtypes, values.
 
-    NaNs in the same places count as equal; ``0.0`` and ``-0.0`` are equal (as in chex). With
+    NaNs in the same places (for complex leaves: in the same real or imaginary parts) count
+    as equal; ``0.0`` and ``-0.0`` are equal (as in chex). Integers compare exactly. With
     ``bitwise=True`` floating leaves must have identical bit patterns instead: ``-0.0`` differs
     from ``0.0`` and NaN payloads must match (what "state kept bit for bit" means).
 
@@ -219,20 +304,20 @@ def assert_trees_all_equal(*trees: Any, bitwise: bool = False) -> None:
         ...     print(str(err).split(":")[0])
         trees differ at [0] (shape (), torch.float32)
     """
+    _check_two_or_more(trees)
     for other in trees[1:]:
         for path, x, y in _paired_leaves(trees[0], other):
             _check_dtype(path, x, y)
             _check_shape(path, x, y)
             xc, yc = x.detach().cpu(), y.detach().cpu()
-            floating = xc.is_floating_point() or xc.is_complex()
-            if bitwise and floating:
+            if bitwise and (xc.is_floating_point() or xc.is_complex()):
                 same = _bits(xc) == _bits(yc)
                 if xc.is_complex():
                     same = same.all(-1)
             else:
-                same = xc == yc
-                if floating:
-                    same |= xc.isnan() & yc.isnan()
+                same = torch.ones(xc.shape, dtype=torch.bool)
+                for p, q in zip(_parts(xc), _parts(yc)):
+                    same &= (p == q) | (p.isnan() & q.isnan()) if p.is_floating_point() else p == q
             bad = ~same
             if bool(bad.any()):
                 required = "bitwise equality required" if bitwise else "exact equality required"
@@ -244,6 +329,8 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
     """The bit patterns of a floating (complex: real and imaginary parts) tensor, as integers."""
+    # conj() and some complex ops return lazy views that view_as_real/view cannot read.
+    x = x.resolve_conj().resolve_neg()
     real = torch.view_as_real(x) if x.is_complex() else x
     return real.contiguous().view(_INT_OF_SIZE[real.element_size()])
 
@@ -297,30 +384,52 @@ def _tensor_list(tensors: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.T
     return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
 
 
+def _dims_match(expected: Sequence[Any], dims: Sequence[int]) -> bool:
+    return len(expected) == len(dims) and all(
+        s is None or (d in s if isinstance(s, (set, frozenset)) else d == s)
+        for s, d in zip(expected, dims)
+    )
+
+
 def assert_shape(
     tensors: torch.Tensor | Sequence[torch.Tensor],
-    shape: Sequence[int | set[int] | None],
+    shape: Sequence[int | set[int] | types.EllipsisType | None],
 ) -> None:
     """Asserts each tensor has ``shape``; ``None`` matches any size, a set any of its sizes.
+
+    One ``...`` matches any number of dimensions, as in chex: ``(..., 3)`` is any tensor whose
+    last dimension is 3 (a 1-d tensor of size 3 included).
 
     Example:
         >>> import torch
         >>> from functrain import testing
         >>> testing.assert_shape(torch.ones(2, 3), (None, 3))
         >>> testing.assert_shape([torch.ones(2, 3), torch.ones(5, 4)], (None, {3, 4}))
+        >>> testing.assert_shape([torch.ones(3), torch.ones(7, 2, 3)], (..., 3))
         >>> try:
         ...     testing.assert_shape(torch.ones(2, 3), (2, 4))
         ... except AssertionError as err:
         ...     print(err)
         tensor 0 has shape (2, 3), expected (2, 4)
     """
+    shape = tuple(shape)
+    ellipses = [i for i, s in enumerate(shape) if s is Ellipsis]
+    if len(ellipses) > 1:
+        raise ValueError(f"a shape may hold at most one '...', got {shape}")
     for i, t in enumerate(_tensor_list(tensors)):
-        ok = t.dim() == len(shape) and all(
-            s is None or (d in s if isinstance(s, (set, frozenset)) else d == s)
-            for s, d in zip(shape, t.shape)
-        )
+        dims = tuple(t.shape)
+        if ellipses:
+            head, tail = shape[: ellipses[0]], shape[ellipses[0] + 1 :]
+            ok = (
+                len(dims) >= len(head) + len(tail)
+                and _dims_match(head, dims[: len(head)])
+                and _dims_match(tail, dims[len(dims) - len(tail) :])
+            )
+        else:
+            ok = _dims_match(shape, dims)
         if not ok:
-            raise AssertionError(f"tensor {i} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            expected = str(shape).replace("Ellipsis", "...")
+            raise AssertionError(f"tensor {i} has shape {dims}, expected {expected}")
 
 
 def assert_rank(tensors: torch.Tensor | Sequence[torch.Tensor], rank: int | set[int]) -> None:
