@@ -105,6 +105,8 @@ def _no_function_modes() -> Iterator[None]:
 
 def _written(buffers: dict[str, torch.Tensor]) -> list[str]:
     """The buffers whose version counter moved (written in place), in name order."""
+    if not buffers:
+        return []
     with _no_function_modes():
         return sorted(k for k, b in buffers.items() if b._version)
 
