@@ -126,6 +126,10 @@ class FunctionalModel:
     and a tensor of another shape than the module's raises a
     :class:`~functrain.tree.TreeMismatchError`, each naming the path (and the shapes).
 
+    A call swaps the given tensors into the module for its duration (as ``functional_call``
+    does), so calls in sequence never see each other's tensors, but two threads must not call
+    the same model at once: give each thread its own ``ft.functionalize``.
+
     Example:
         >>> import torch, functrain as ft
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
