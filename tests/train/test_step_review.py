@@ -207,6 +207,23 @@ def test_states_of_this_optimizer_from_anywhere_are_accepted():
         step(other, batch)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_params_cast_to_another_dtype_between_steps_are_refused_naming_the_leaf(fused):
+    # The optimizer state was made for float32 params: a cast of the params alone used to run,
+    # mixing a bfloat16 parameter with float32 moments.
+    params, batch, _ = _quadratic()
+    tx = ft.adam(0.1)
+    step = ft.make_train_step(lambda p, b: (b @ p["w"].float()).square().mean(), tx, fused=fused)
+    state, _ = step(ft.TrainState.create(params=params, tx=tx), batch)
+    name = next(iter(state.params))
+    cast = state.replace(params={**state.params, name: state.params[name].bfloat16()})
+    with pytest.raises(ft.tree.TreeMismatchError, match=rf"changed dtype.*{name}.*bfloat16"):
+        step(cast, batch)
+    assert not cast.consumed  # refused before any work
+    state, _ = step(state, batch)  # the original dtypes still go through
+    assert int(state.step) == 2
+
+
 # ---------------------------------------------------------------- buffers and randomness
 
 

@@ -54,17 +54,21 @@ class _StructureGuard:
     def __init__(self) -> None:
         self.spec: Any = None
         self.shapes: tuple[torch.Size, ...] = ()
+        self.dtypes: tuple[torch.dtype, ...] = ()
         self.reference: Any = None
 
     def check(self, params: Any) -> list[Any]:
         """Raises unless ``params`` has the first step's structure; returns its leaves."""
         leaves, spec = tree.flatten(params)
         shapes = tuple(leaf.shape for leaf in leaves)
+        dtypes = tuple(leaf.dtype for leaf in leaves)
         if self.spec is None:
-            self.spec, self.shapes = spec, shapes
+            self.spec, self.shapes, self.dtypes = spec, shapes, dtypes
             self.reference = tree.unflatten(spec, [torch.empty(s, device="meta") for s in shapes])
             return leaves
         if spec == self.spec and shapes == self.shapes:
+            if dtypes != self.dtypes:
+                self._dtype_changed(params, dtypes)
             return leaves
         try:
             tree.check_shapes(self.reference, params, ("first step's params", "state.params"))
@@ -77,6 +81,18 @@ class _StructureGuard:
         raise tree.TreeMismatchError(
             f"state.params changed structure since this step was first called: {spec} vs "
             f"{self.spec}"
+        )
+
+    def _dtype_changed(self, params: Any, dtypes: tuple[torch.dtype, ...]) -> None:
+        # The optimizer state (moments, loss scale) was made for the first dtypes: a cast of
+        # the params alone would mix precisions silently.
+        paths, _, _ = tree.flatten_with_paths(params)
+        i = next(i for i, (a, b) in enumerate(zip(dtypes, self.dtypes)) if a != b)
+        raise tree.TreeMismatchError(
+            f"state.params changed dtype since this step was first called: "
+            f"{tree.path_str(paths[i], 'params')} is {dtypes[i]}, was {self.dtypes[i]}; the "
+            "optimizer state was made for the old dtypes: cast the params before "
+            "ft.TrainState.create and build a new state (and step) for the new dtypes"
         )
 
 
