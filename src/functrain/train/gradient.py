@@ -53,11 +53,14 @@ def _check_buffers(old: Any, new: Any) -> None:
         )
 
 
+_NO_SEEDING = contextlib.nullcontext()  # reusable: nullcontext keeps no state
+
+
 def _seeding(
     key: torch.Tensor | None, seed: bool, devices: Sequence[torch.device]
 ) -> contextlib.AbstractContextManager[None]:
     if key is None or not seed:
-        return contextlib.nullcontext()
+        return _NO_SEEDING
     return rng.seeded_rng(key, devices)
 
 
@@ -192,27 +195,29 @@ class GradStage:
         tracked = tree.unflatten(spec, leaves)
         combiner = Combiner(split.total)
         mbs = microbatch.micro_batches(batch, split)
-        for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
-            mb_key = None if key is None else rng.fold_in(key, i + 1)
-            self.metas.clear()
-            with _seeding(mb_key, self.seed_rng, devices), torch.enable_grad():
-                obj, payload = self.objective(tracked, mb, buffers, mb_key)
-                meta = self.metas[-1]
-                weight = 1.0 if meta.is_sum else size / split.total
-                weighted = obj if weight == 1.0 else obj * weight
-                if weighted.requires_grad:
-                    _backward(weighted, inputs, plain)
-                # else: a loss that does not depend on the params (a constant, a detached value)
-                # has a zero gradient, as torch.func.grad gives; backward would raise instead.
-            # The weighted objective is the combiner's weighted loss (same product, same bits);
-            # unweighted, the combiner copies it (the loss metric never aliases loss_fn's tensor).
-            combiner.add(
-                meta, size, payload, weighted=None if obj is weighted else weighted.detach()
-            )
-            del obj, weighted
-            if meta.has_buffers:
-                _check_buffers(buffers, payload["buffers"])
-                buffers = payload["buffers"]
+        with torch.enable_grad():
+            for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
+                mb_key = None if key is None else rng.fold_in(key, i + 1)
+                self.metas.clear()
+                with _seeding(mb_key, self.seed_rng, devices):
+                    obj, payload = self.objective(tracked, mb, buffers, mb_key)
+                    meta = self.metas[-1]
+                    weight = 1.0 if meta.is_sum else size / split.total
+                    weighted = obj if weight == 1.0 else obj * weight
+                    if weighted.requires_grad:
+                        _backward(weighted, inputs, plain)
+                    # else: a loss that does not depend on the params (a constant, a detached
+                    # value) has a zero gradient, as torch.func.grad gives; backward would raise.
+                # The weighted objective is the combiner's weighted loss (same product, same
+                # bits); unweighted, the combiner copies it (the loss metric never aliases
+                # loss_fn's tensor).
+                combiner.add(
+                    meta, size, payload, weighted=None if obj is weighted else weighted.detach()
+                )
+                del obj, weighted
+                if meta.has_buffers:
+                    _check_buffers(buffers, payload["buffers"])
+                    buffers = payload["buffers"]
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         del leaves, tracked, inputs
         if combiner.count is not None and grads:

@@ -111,6 +111,9 @@ def _written(buffers: dict[str, torch.Tensor]) -> list[str]:
         return sorted(k for k, b in buffers.items() if b._version)
 
 
+_NO_MODE_CHANGE = contextlib.nullcontext()
+
+
 class FunctionalModel:
     """A pure forward function of an ``nn.Module``: ``model(params, *args, **kwargs)``.
 
@@ -193,12 +196,17 @@ class FunctionalModel:
                 f"buffers do not match the module's buffers: missing {missing}, "
                 f"unexpected {unexpected}"
             )
-        with _no_function_modes():
-            for root, tree in (("params", params), ("buffers", buffers)):
-                for name, t in tree.items():
-                    shape = getattr(t, "shape", None)
-                    if shape != self._shapes[name]:
-                        self._shape_error(root, name, t)
+        if torch._C._is_torch_function_mode_enabled() and not torch.compiler.is_compiling():
+            with torch._C.DisableTorchFunction():  # as _no_function_modes, without a generator
+                self._check_shapes(params, buffers)
+        else:
+            self._check_shapes(params, buffers)
+
+    def _check_shapes(self, params: dict[str, Any], buffers: dict[str, Any]) -> None:
+        for root, tree in (("params", params), ("buffers", buffers)):
+            for name, t in tree.items():
+                if getattr(t, "shape", None) != self._shapes[name]:
+                    self._shape_error(root, name, t)
 
     def _shape_error(self, root: str, name: str, t: Any) -> None:
         expected = tuple(self._shapes[name])
@@ -212,13 +220,15 @@ class FunctionalModel:
             "ft.functionalize(module)."
         )
 
-    @contextlib.contextmanager
-    def _mode(self) -> Iterator[None]:
+    def _mode(self) -> contextlib.AbstractContextManager[None]:
         if self.training is None:
-            yield
-            return
+            return _NO_MODE_CHANGE
+        return self._set_mode(self.training)
+
+    @contextlib.contextmanager
+    def _set_mode(self, training: bool) -> Iterator[None]:
         previous = [(m, m.training) for m in self.module.modules()]
-        self.module.train(self.training)
+        self.module.train(training)
         try:
             yield
         finally:
