@@ -10,8 +10,9 @@ accumulation (a batch of 128 as 4 micro-batches of 32). Along the way:
   training set gives per-example losses and gradient norms (histograms, and a text table of the
   hardest examples with their labels), per-parameter gradient signal-to-noise ratios, gradient
   diversity, and an independent per-sample estimate of ``B_simple``;
-* optionally (on by default), the same model is trained with DP-SGD (per-sample clipping, Gaussian
-  noise once per step) and its accuracy compared with the non-private run.
+* optionally (on by default), the same model is trained with DP-SGD (Poisson-sampled batches,
+  per-sample clipping, Gaussian noise once per step); its accuracy is compared with the
+  non-private run and the privacy it spent, ``(ε, δ)``, comes from an RDP accountant.
 
 Run::
 
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-dp", dest="dp", action="store_false", help="skip the DP-SGD run")
     parser.add_argument("--clip", type=float, default=1.0, help="DP-SGD clipping norm C")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD sigma")
+    parser.add_argument("--delta", type=float, default=1e-5, help="DP-SGD delta for epsilon")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1, help="CPU threads (1 is fastest for this small CNN)"
@@ -266,44 +268,63 @@ def train(args: argparse.Namespace, data: Data, logdir: str) -> dict[str, Any]:
 
 
 def train_dp(args: argparse.Namespace, data: Data, logdir: str) -> dict[str, Any]:
-    """DP-SGD: clip per sample within each micro-batch, sum, add noise once per step."""
+    """DP-SGD: Poisson-sampled batches, per-sample clipping within each micro-batch, a sum,
+    noise once per step; the privacy spent is tracked by an RDP accountant."""
     torch.manual_seed(args.seed)
     model, params, _ = ft.functionalize(make_model())
 
     def loss_fn(params: Any, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(model(params, batch["x"]), batch["y"])
 
+    n = len(data.train["y"])
+    # Each example joins each batch with probability q: the sampling the accounting assumes.
+    sampler = ft.PoissonSampler(
+        n, args.batch_size / n, steps=args.steps, generator=torch.Generator().manual_seed(args.seed)
+    )
+    expected = sampler.expected_batch_size
     tx = ft.chain(
         ft.dp_noisy_mean(
-            args.clip, args.noise_multiplier, expected_batch_size=args.batch_size, seed=args.seed
+            args.clip, args.noise_multiplier, expected_batch_size=expected, seed=args.seed
         ),
         ft.adam(args.lr),
     )
     opt_state = tx.init(params)
-    stream = batches(data.train, args.batch_size, args.seed)
+    accountant = ft.RDPAccountant()
     losses = []
     with TensorBoardWriter(os.path.join(logdir, "dp_sgd")) as writer:
-        for step in range(args.steps):
-            batch = next(stream)
-            grad_sum, clipped, loss_sum = None, 0, 0.0
-            split = ft.split_batch(batch, args.micro_batches)
-            for start, size in zip(split.starts, split.sizes):
-                mb = {k: v[start : start + size] for k, v in batch.items()}
-                out = ft.clipped_grad_sum(loss_fn, params, mb, args.clip)
-                grad_sum = out.grad_sum if grad_sum is None else ft.tree.add(grad_sum, out.grad_sum)
-                clipped, loss_sum = clipped + out.num_clipped, loss_sum + out.loss_sum
+        for step, idx in enumerate(sampler):
+            batch = {k: v[idx] for k, v in data.train.items()}
+            grad_sum = ft.tree.zeros_like(params)  # an empty batch still gets the noise
+            clipped, loss_sum = 0, 0.0
+            if idx:
+                split = ft.split_batch(batch, min(args.micro_batches, len(idx)))
+                for start, size in zip(split.starts, split.sizes):
+                    mb = {k: v[start : start + size] for k, v in batch.items()}
+                    out = ft.clipped_grad_sum(loss_fn, params, mb, args.clip)
+                    grad_sum = ft.tree.add(grad_sum, out.grad_sum)
+                    clipped, loss_sum = clipped + out.num_clipped, loss_sum + out.loss_sum
             updates, opt_state = tx.update(grad_sum, opt_state, params)
             params = ft.apply_updates(params, updates)
-            loss = loss_sum / args.batch_size
+            accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=sampler.sample_rate)
+            loss = loss_sum / max(len(idx), 1)
             losses.append(float(loss))
-            writer.write_scalars(
-                step, {"train/loss": loss, "dp/clipped_fraction": clipped / args.batch_size}
-            )
+            scalars = {"train/loss": loss, "dp/clipped_fraction": clipped / max(len(idx), 1)}
+            scalars["dp/batch_size"] = len(idx)
+            if (step + 1) % args.analysis_every == 0 or step + 1 == args.steps:
+                scalars["dp/epsilon"] = accountant.get_epsilon(args.delta)
+            writer.write_scalars(step, scalars)
         with torch.no_grad():
             logits = model(params, data.test["x"])
         accuracy = (logits.argmax(1) == data.test["y"]).float().mean()
         writer.write_scalars(args.steps, {"eval/accuracy": accuracy})
-    return {"loss": losses, "test_accuracy": float(accuracy)}
+    epsilon, order = accountant.get_privacy_spent(delta=args.delta)
+    return {
+        "loss": losses,
+        "test_accuracy": float(accuracy),
+        "epsilon": epsilon,
+        "order": order,
+        "expected_batch_size": expected,
+    }
 
 
 def summarize(args: argparse.Namespace, history: dict[str, Any], dp: dict[str, Any] | None) -> str:
@@ -337,7 +358,10 @@ def summarize(args: argparse.Namespace, history: dict[str, Any], dp: dict[str, A
     if dp is not None:
         lines.append(
             f"DP-SGD (C={args.clip}, σ={args.noise_multiplier}): test accuracy "
-            f"{100 * dp['test_accuracy']:.1f}% vs {100 * last['test_accuracy']:.1f}% non-private"
+            f"{100 * dp['test_accuracy']:.1f}% vs {100 * last['test_accuracy']:.1f}% non-private; "
+            f"(ε, δ) = ({dp['epsilon']:.2f}, {args.delta:g}) after {args.steps} Poisson-sampled "
+            f"steps of expected batch {dp['expected_batch_size']:.0f} (RDP, best order "
+            f"{dp['order']:g})"
         )
     return "\n".join(lines)
 

@@ -114,3 +114,22 @@ def test_dp_sgd_run(fast_run):
     assert {"train/loss", "dp/clipped_fraction", "eval/accuracy"} <= set(acc.Tags()["scalars"])
     fractions = values(acc, "dp/clipped_fraction")
     assert len(fractions) == 30 and all(0.0 <= f <= 1.0 for f in fractions)
+
+
+def test_dp_sgd_run_samples_by_poisson_and_reports_the_privacy_spent(fast_run):
+    _, stdout, logdir = fast_run
+    acc = load_run(logdir / "dp_sgd")
+    sizes = values(acc, "dp/batch_size")
+    n, expected = 512, 128  # --fast: 512 training images, --batch-size 128 expected
+    assert len(sizes) == 30 and len(set(sizes)) > 1  # batch sizes vary
+    q = expected / n
+    assert abs(sum(sizes) / 30 - expected) < 4 * math.sqrt(n * q * (1 - q) / 30)
+    steps = [e.step for e in acc.Scalars("dp/epsilon")]
+    epsilons = values(acc, "dp/epsilon")
+    assert steps == [14, 29] and epsilons[0] < epsilons[1]
+    # The logged ε (float32) against Opacus' accountant for the same 30 steps.
+    opacus = pytest.importorskip("opacus.accountants")
+    reference = opacus.RDPAccountant()
+    reference.history = [(1.0, q, 30)]
+    assert epsilons[1] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-6)
+    assert f"(ε, δ) = ({reference.get_epsilon(1e-5):.2f}, 1e-05) after 30 Poisson-sampled" in stdout
