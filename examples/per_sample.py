@@ -269,7 +269,8 @@ def train(args: argparse.Namespace, data: Data, logdir: str) -> dict[str, Any]:
 
 def train_dp(args: argparse.Namespace, data: Data, logdir: str) -> dict[str, Any]:
     """DP-SGD: Poisson-sampled batches, per-sample clipping within each micro-batch, a sum,
-    noise once per step; the privacy spent is tracked by an RDP accountant."""
+    noise once per step (``make_train_step(per_example_clip=C)`` with ``dp_noisy_mean``); the
+    privacy spent is tracked by an RDP accountant."""
     torch.manual_seed(args.seed)
     model, params, _ = ft.functionalize(make_model())
 
@@ -288,33 +289,28 @@ def train_dp(args: argparse.Namespace, data: Data, logdir: str) -> dict[str, Any
         ),
         ft.adam(args.lr),
     )
-    opt_state = tx.init(params)
+    # tx receives the sum of per-example gradients clipped to C, micro-batch by micro-batch.
+    step_fn = ft.make_train_step(
+        loss_fn, tx, micro_batches=args.micro_batches, per_example_clip=args.clip
+    )
+    state = ft.TrainState.create(params=params, tx=tx, seed=args.seed)
     accountant = ft.RDPAccountant()
     losses = []
     with TensorBoardWriter(os.path.join(logdir, "dp_sgd")) as writer:
-        for step, idx in enumerate(sampler):
-            batch = {k: v[idx] for k, v in data.train.items()}
-            grad_sum = ft.tree.zeros_like(params)  # an empty batch still gets the noise
-            clipped, loss_sum = 0, 0.0
-            if idx:
-                split = ft.split_batch(batch, min(args.micro_batches, len(idx)))
-                for start, size in zip(split.starts, split.sizes):
-                    mb = {k: v[start : start + size] for k, v in batch.items()}
-                    out = ft.clipped_grad_sum(loss_fn, params, mb, args.clip)
-                    grad_sum = ft.tree.add(grad_sum, out.grad_sum)
-                    clipped, loss_sum = clipped + out.num_clipped, loss_sum + out.loss_sum
-            updates, opt_state = tx.update(grad_sum, opt_state, params)
-            params = ft.apply_updates(params, updates)
+        for step, idx in enumerate(sampler):  # an empty batch still gets its noise
+            state, metrics = step_fn(state, {k: v[idx] for k, v in data.train.items()})
             accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=sampler.sample_rate)
-            loss = loss_sum / max(len(idx), 1)
-            losses.append(float(loss))
-            scalars = {"train/loss": loss, "dp/clipped_fraction": clipped / max(len(idx), 1)}
-            scalars["dp/batch_size"] = len(idx)
+            losses.append(float(metrics["loss"]))
+            scalars = {
+                "train/loss": metrics["loss"],
+                "dp/clipped_fraction": metrics["clipped_fraction"],
+                "dp/batch_size": metrics["num_examples"],
+            }
             if (step + 1) % args.analysis_every == 0 or step + 1 == args.steps:
                 scalars["dp/epsilon"] = accountant.get_epsilon(args.delta)
             writer.write_scalars(step, scalars)
         with torch.no_grad():
-            logits = model(params, data.test["x"])
+            logits = model(state.params, data.test["x"])
         accuracy = (logits.argmax(1) == data.test["y"]).float().mean()
         writer.write_scalars(args.steps, {"eval/accuracy": accuracy})
     epsilon, order = accountant.get_privacy_spent(delta=args.delta)

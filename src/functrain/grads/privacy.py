@@ -3,7 +3,12 @@
 The DP-SGD gradient of a batch of expected size ``B`` is
 ``(Σᵢ clip(gᵢ, C) + σ·C·ξ) / B`` with ``clip(g, C) = g · min(1, C/‖g‖)`` and ``ξ ~ N(0, I)``.
 
-Two ways to compute it:
+Three ways to compute it:
+
+* **in the train step** — ``make_train_step(loss_fn, chain(dp_noisy_mean(...), opt),
+  per_example_clip=C, micro_batches=K)`` forms the clipped sum micro-batch by micro-batch and
+  hands it to ``tx`` (see :mod:`functrain.train.dp_stage`); with :class:`PoissonSampler`
+  batches and an :class:`RDPAccountant`, the whole DP-SGD recipe.
 
 * **optax style** — :func:`dpsgd` / :func:`differentially_private_aggregate` take per-example
   gradients (leading batch dimension, e.g. from :func:`per_sample_grads`) as ``updates``,

@@ -26,7 +26,7 @@ import torch
 
 from functrain.optim.base import GradientTransformation
 from functrain.optim.loss_scale import DynamicLossScale
-from functrain.train import compiled, fast, faults, gradient, microbatch, rng
+from functrain.train import compiled, dp_stage, fast, faults, gradient, microbatch, rng
 from functrain.train._step_checks import (
     OptStateGuard,
     _check_no_overlap,
@@ -82,6 +82,7 @@ class TrainStep:
         loss_scale: DynamicLossScale | None = None,
         fused: bool = True,
         compile: bool | Mapping[str, Any] = False,
+        per_example_clip: float | torch.Tensor | None = None,
     ) -> None:
         _check_step_args(
             loss_fn,
@@ -113,7 +114,18 @@ class TrainStep:
             scaled_loss = self._scale_slot.wrap(loss_fn)
         else:
             scaled_loss = self.faults.wrap_loss(loss_fn)
-        self.grad_stage = gradient.GradStage(
+        self.per_example_clip = per_example_clip
+        if per_example_clip is not None:
+            dp_stage.check_options(
+                per_example_clip,
+                micro_batches=micro_batches,
+                strategy=strategy,
+                grad_stats=grad_stats,
+                loss_scale=loss_scale,
+                compile=compile,
+                loss_fn=loss_fn,
+            )
+        self.grad_stage: gradient.GradStage | dp_stage.ClippedSumStage = gradient.GradStage(
             scaled_loss,
             strategy=strategy,
             chunk_size=chunk_size,
@@ -123,8 +135,17 @@ class TrainStep:
             per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
             loss_scale=None if loss_scale is None else self._current_loss_scale,
         )
+        if per_example_clip is not None:
+            self.grad_stage = dp_stage.ClippedSumStage(
+                loss_fn, per_example_clip, chunk_size=chunk_size, seed_rng=seed_rng
+            )
         # The autograd loop's gradients are step-local .grad tensors: the step's own to write.
-        writable = grad_stats is None and strategy == "loop" and grad_backend == "autograd"
+        writable = (
+            grad_stats is None
+            and strategy == "loop"
+            and grad_backend == "autograd"
+            and per_example_clip is None
+        )
         self.faults.grads_writable = writable
         self._guard = _StructureGuard()
         self._opt_guard = OptStateGuard(lambda params, opt: _check_opt_state(tx, params, opt))
@@ -168,7 +189,11 @@ class TrainStep:
         token = self.faults.begin(extra, params)  # may raise NonFiniteError; sets the scale
         reset_in_place_writes()
         try:
-            split = microbatch.split_batch(batch, self.micro_batches)
+            split = (
+                microbatch.split_batch(batch, self.micro_batches)
+                if self.per_example_clip is None
+                else dp_stage.split(batch, self.micro_batches)  # type: ignore[arg-type]
+            )
             # Only seeding reads the devices (a state without a key is never seeded).
             devices = [] if key is None else list({p.device: None for p in p_leaves})
             if self._compiled is None:
@@ -243,7 +268,7 @@ class TrainStep:
             _merge(metrics, hook_metrics, "grad_stats")
         _merge(metrics, check.metrics, "the non-finite check")
         stage = self.apply_optimizer
-        if self.norm_metrics:
+        if self.norm_metrics and self.per_example_clip is None:  # a DP sum's norm is not private
             metrics["grad_norm"] = fast.global_norm(grads)
             if isinstance(stage, fast.FusedStage):  # a leading clip reuses the norm
                 stage = stage.with_grad_norm(metrics["grad_norm"])
@@ -350,6 +375,7 @@ def make_train_step(
     loss_scale: DynamicLossScale | None = None,
     fused: bool = True,
     compile: bool | Mapping[str, Any] = False,
+    per_example_clip: float | torch.Tensor | None = None,
 ) -> TrainStep:
     """Builds ``step(state, batch) -> (new_state, metrics)``, a pure training step.
 
@@ -422,6 +448,14 @@ def make_train_step(
             and dropout is seeded once per step rather than once per micro-batch (identical
             to eager for one micro-batch). Not with ``grad_backend="autograd"``. See
             :mod:`functrain.train.compiled`.
+        per_example_clip: ``C`` for a DP-SGD step: ``tx`` then receives ``Σᵢ clip(gᵢ, C)``,
+            the sum over the batch's examples of their gradients clipped to norm ``C``
+            (formed micro-batch by micro-batch), and must begin with
+            :func:`~functrain.dp_noisy_mean` (noise once per step, division by the expected
+            batch size). Batches may vary in size and be empty (Poisson sampling). Metrics:
+            ``loss``, ``num_examples``, ``clipped_fraction``, no ``grad_norm``. Only the
+            ``"loop"`` strategy with a count of micro-batches, without ``grad_stats``,
+            ``loss_scale`` or ``compile``. See :mod:`functrain.train.dp_stage`.
 
     Returns:
         A :class:`TrainStep`. Metrics (a flat dict of tensors): ``loss`` (full-batch loss),
@@ -471,4 +505,5 @@ def make_train_step(
         loss_scale=loss_scale,
         fused=fused,
         compile=compile,
+        per_example_clip=per_example_clip,
     )

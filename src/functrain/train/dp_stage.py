@@ -1,0 +1,124 @@
+"""``make_train_step(..., per_example_clip=C)``: the gradient stage of a DP-SGD step.
+
+Instead of the mean gradient, the step hands ``tx`` the sum of per-example gradients each
+clipped to norm ``C``, ``Σᵢ clip(gᵢ, C)``, formed micro-batch by micro-batch with
+:func:`functrain.clipped_grad_sum` (ghost clipping where it pays) and summed exactly; ``tx``
+begins with :func:`functrain.dp_noisy_mean`, which adds the noise once per step and divides by
+the *expected* batch size. So accumulation composes with DP-SGD: clip per example, sum across
+micro-batches, noise once.
+
+Batches from :class:`functrain.PoissonSampler` vary in size: a batch smaller than
+``micro_batches`` is split into one micro-batch per example, and an empty batch (a leading
+dimension of 0) gives a zero sum, so the step still adds the noise, as the accounting assumes.
+
+Metrics: ``loss`` (the mean over the realized batch), ``num_examples`` and
+``clipped_fraction``. They are exact functions of the data, outside the DP guarantee (see
+:mod:`functrain.grads.privacy`); the step reports no ``grad_norm`` (the norm of the sum
+before noise), while ``update_norm`` and ``param_norm`` follow the noisy update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from functrain import tree
+from functrain.grads.clipping import _check_number, clipped_grad_sum
+from functrain.train import loss as loss_lib
+from functrain.train import microbatch, rng
+from functrain.train.gradient import GradResult, _seeding
+
+__all__: list[str] = []  # internal: used by make_train_step
+
+
+def check_options(
+    l2_norm_clip: Any,
+    *,
+    micro_batches: Any,
+    strategy: str,
+    grad_stats: Any,
+    loss_scale: Any,
+    compile: Any,
+    loss_fn: Callable[..., Any],
+) -> None:
+    """Refuses the step options a DP-SGD step cannot honour, naming them."""
+    _check_number("per_example_clip", l2_norm_clip, minimum=0.0)
+    conflicts = {
+        "strategy='vmap'": strategy != "loop",
+        "grad_stats": grad_stats is not None,  # statistics of the non-private gradients
+        "loss_scale": loss_scale is not None,
+        "compile": compile is not False,
+        "micro_batches as sizes (Poisson batches vary in size: give a count)": not isinstance(
+            micro_batches, int
+        ),
+        "a loss_fn with a key parameter (per-example gradients are vmapped: use global "
+        "randomness, which the step seeds)": "key" in loss_lib.accepted_inputs(loss_fn),
+    }
+    bad = [name for name, present in conflicts.items() if present]
+    if bad:
+        raise ValueError(f"per_example_clip (a DP-SGD step) does not support {', '.join(bad)}")
+
+
+def split(batch: Any, micro_batches: int) -> microbatch.BatchSplit:
+    """``micro_batches`` micro-batches, fewer for a smaller batch, none for an empty one."""
+    n = microbatch.batch_size(batch)
+    if n == 0:
+        return microbatch.BatchSplit((), (), 0)
+    return microbatch.split_batch(batch, min(micro_batches, n))
+
+
+class ClippedSumStage:
+    """``Σᵢ clip(gᵢ, C)`` of a batch, micro-batch by micro-batch (internal)."""
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        l2_norm_clip: Any,
+        *,
+        chunk_size: int | None,
+        seed_rng: bool,
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.l2_norm_clip = l2_norm_clip
+        self.chunk_size = chunk_size
+        self.seed_rng = seed_rng
+        self.takes_buffers = "buffers" in loss_lib.accepted_inputs(loss_fn)
+        self.metas: list[Any] = []  # the compiled core's interface (DP steps do not compile)
+
+    def __call__(
+        self,
+        params: Any,
+        batch: Any,
+        split: microbatch.BatchSplit,
+        buffers: Any,
+        key: torch.Tensor | None,
+        devices: Sequence[torch.device],
+    ) -> GradResult:
+        grad_sum = tree.zeros_like(params)
+        first = tree.leaves(params)[0]
+        loss_sum = torch.zeros((), dtype=first.dtype, device=first.device)
+        clipped = torch.zeros((), dtype=torch.int64, device=first.device)
+        for i, mb in enumerate(microbatch.micro_batches(batch, split)):
+            mb_key = None if key is None else rng.fold_in(key, i + 1)
+            with _seeding(mb_key, self.seed_rng, devices):
+                out = clipped_grad_sum(
+                    self.loss_fn,
+                    params,
+                    mb,
+                    self.l2_norm_clip,
+                    chunk_size=self.chunk_size,
+                    buffers=buffers if self.takes_buffers else None,
+                    randomness="different",
+                )
+            grad_sum = tree.add(grad_sum, out.grad_sum)
+            loss_sum = loss_sum + out.loss_sum.to(loss_sum.dtype)
+            clipped = clipped + out.num_clipped.to(clipped.device)
+        count = max(split.total, 1)  # an empty batch: zero loss and sum, still noised by tx
+        metrics = {
+            "loss": loss_sum / count,
+            "num_examples": torch.full((), split.total, dtype=torch.int64, device=first.device),
+            "clipped_fraction": clipped.to(loss_sum.dtype) / count,
+        }
+        return GradResult(grad_sum, metrics, buffers, None)
