@@ -231,3 +231,19 @@ def test_nothing_spent_is_epsilon_zero_not_the_conversions_floor():
 def test_bad_arguments_are_named(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_accountant_state_travels_in_checkpoint_metadata(tmp_path):
+    import torch
+
+    accountant = ft.RDPAccountant()
+    accountant.step(noise_multiplier=1.1, sample_rate=0.02, steps=120)
+    accountant.step(noise_multiplier=0.9, sample_rate=0.02, steps=30)
+    path = tmp_path / "ckpt.safetensors"
+    ft.checkpoint.save(
+        path, {"w": torch.zeros(2)}, metadata={"accountant": accountant.state_dict()}
+    )
+    resumed = ft.RDPAccountant()
+    resumed.load_state_dict(ft.checkpoint.read_metadata(path)["accountant"])
+    assert resumed.history == accountant.history
+    assert resumed.get_epsilon(1e-5) == accountant.get_epsilon(1e-5)
