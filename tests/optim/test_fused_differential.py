@@ -337,6 +337,7 @@ def test_donating_step_matches_pure_step(recipes, nest, opt, kinds, scaled, skip
     gen = torch.Generator().manual_seed(seed)
     params = _nest(_make_leaves(recipes, gen), nest)
     states, steps = {}, {}
+    seen: dict[str, float] = {}  # the largest finite value of each metric so far
     for donate in (True, False):
         steps[donate] = ft.make_train_step(
             _loss,
@@ -377,7 +378,11 @@ def test_donating_step_matches_pure_step(recipes, nest, opt, kinds, scaled, skip
             if name not in m_pure:
                 continue
             if bool(m_pure[name].isfinite()):
-                _close(m_fast[name], m_pure[name], **tol)
+                # In low precision the two paths round differently and their trajectories
+                # drift apart; a metric that has shrunk through cancellation (a gradient norm
+                # near a minimum) keeps the absolute error of the larger values before it.
+                seen[name] = max(seen.get(name, 0.0), _magnitude(m_pure[name]))
+                _close(m_fast[name], m_pure[name], scale=seen[name], **tol)
             else:  # NaN or inf: 0·inf in one path may be x·inf in the other (x ≈ 0)
                 assert not bool(m_fast[name].isfinite())
         if "update_norm" in m_pure:
