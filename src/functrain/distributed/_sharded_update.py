@@ -4,7 +4,8 @@ With ``shard_optimizer=True`` the gradient was reduce-scattered
 (:func:`functrain.distributed.zero.start_reduce_scatter`), so each rank holds only its pieces of
 the global gradient. This stage makes the global decisions from the pieces (one small all-reduce
 of the squared norm and of the non-finite flags, for ``grad_norm``, a leading
-``clip_by_global_norm`` and the non-finite check), runs ``tx.update`` on this rank's pieces of the
+``clip_by_global_norm`` and the non-finite check, which also gives every rank rank 0's gradient
+of each 0-d parameter, replicated on every rank), runs ``tx.update`` on this rank's pieces of the
 parameters and of the optimizer state, and all-gathers the new parameters, written in place
 (``donate=True``) only once that last collective succeeded.
 """
@@ -42,20 +43,41 @@ def sharded_update(
     faults = step._local.faults
     clip = step.report.leading_clip
     need_norm = step.norm_metrics or clip is not None
-    local_sq = tree.norm(grads, squared=True)  # pieces partition every parameter
-    # One all-reduce of [squared norm, non-finite pieces]; with loss scaling the norm is
-    # taken after unscaling, in a second one.
+    # The owned pieces partition every parameter (a 0-d one is replicated, owned by rank 0).
+    local_sq = tree.norm(layout.owned_only(grads), squared=True)
+    # One all-reduce of [squared norm, non-finite pieces, rank 0's 0-d gradients]; with loss
+    # scaling the norm is taken after unscaling, in a second one.
     early_norm = need_norm and faults.loss_scale is None
     entries = []
     if early_norm:
         entries.append(local_sq.to(torch.float64))
     if faults.active:
-        entries.append((~all_finite(grads)).to(torch.float64).to(local_sq.device))
+        finite = all_finite(layout.owned_only(grads))
+        entries.append((~finite).to(torch.float64).to(local_sq.device))
+    head = len(entries)
+    # Every rank updates a replica of each 0-d parameter. The reduce-scatter summed the ranks'
+    # rows in different orders, so the replicas' gradients may differ in the last bit and their
+    # optimizer states drift apart (a resumed run, which takes rank 0's, would not continue
+    # bit for bit): every rank takes rank 0's, exactly (x + 0 + ... + 0 == x).
+    shared = layout.replicated if layout.world_size > 1 else []
+    for i in shared:
+        value = (
+            grads[i].to(torch.float64)
+            if layout.rank == 0
+            else local_sq.new_zeros((), dtype=torch.float64)
+        )
+        entries.append(value.to(local_sq.device))
     reduced = None
     if entries:
         reduced = collectives.start_all_reduce(
             [torch.stack(entries)], group=group, what="all-reduce of the gradient norm"
         ).wait()[0]
+    if shared:
+        assert reduced is not None
+        grads = list(grads)
+        for k, i in enumerate(shared):
+            grads[i] = reduced[head + k].to(grads[i].dtype)
+        reduced = reduced[:head]
     ok, new_extra = None, extra
     if faults.active:
         assert reduced is not None
@@ -69,7 +91,7 @@ def sharded_update(
             sq = reduced[0]  # type: ignore[index]
         else:
             sq = collectives.start_all_reduce(
-                [tree.norm(grads, squared=True).to(torch.float64)],
+                [tree.norm(layout.owned_only(grads), squared=True).to(torch.float64)],
                 group=group,
                 what="all-reduce of the gradient norm",
             ).wait()[0]
@@ -96,7 +118,7 @@ def sharded_update(
     pending_sq = None
     if step.norm_metrics:
         pending_sq = collectives.start_all_reduce(
-            [tree.norm(updates, squared=True)],
+            [tree.norm(layout.owned_only(tree.leaves(updates)), squared=True)],
             group=group,
             what="all-reduce of the update norm",
         )

@@ -18,8 +18,12 @@ transform that would give different numbers, instead of training silently differ
 ``partition``/``multi_transform``, ``freeze``, ``selective_transform``,
 ``inject_hyperparams`` and ``MultiSteps`` (without ``should_skip_update_fn``) around them.
 Masks and labels given as functions of the parameters see each rank's pieces: those pieces
-keep the number of dimensions and all but one size of the parameter, so masks such as
-``p.ndim > 1`` work; functions of exact shapes or element counts do not.
+keep the number of dimensions and all but one size of the parameter (a 0-d parameter is
+replicated, not cut), so masks such as ``p.ndim > 1`` work; functions of exact shapes or
+element counts may not: the step evaluates every such function on every rank's pieces (on
+shapes only, at its first call: :func:`check_masks_agree`) and raises
+:class:`~functrain.distributed.ShardingError` where a piece would get another mask or label
+than its parameter.
 
 **Supported through the step:** ``clip_by_global_norm`` as the *first* transform of the chain
 (as in ``chain(clip_by_global_norm(1.0), adamw(...))``): the step computes the global gradient
@@ -47,11 +51,12 @@ Example:
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 
+from functrain import tree
 from functrain.distributed.errors import ShardingError
 from functrain.optim.base import GradientTransformation
 
@@ -89,7 +94,8 @@ _ELEMENTWISE = frozenset(
 
 _REFUSED = {
     "clip_by_global_norm": "needs the norm of the whole gradient; it is only supported as the "
-    "first transform of the chain",
+    "first transform of the outermost chain (chain(clip_by_global_norm(...), ...)), not after "
+    "another transform nor inside masked, partition, inject_hyperparams or MultiSteps",
     "scale_by_trust_ratio": "needs each parameter's whole norm (trust ratios of lamb / lars)",
     "clip_by_block_rms": "needs each parameter's whole RMS",
     "_scale_by_param_block": "needs each parameter's whole norm or RMS",
@@ -102,7 +108,8 @@ _REFUSED = {
     "with elementwise(), which would correlate the noise of the shards",
     "differentially_private_aggregate": "draws DP noise tied to positions inside each "
     "parameter; do not wrap it with elementwise(), which would correlate the noise of the shards",
-    "apply_if_finite": "decides on the finiteness of the whole gradient",
+    "apply_if_finite": "decides on the finiteness of the whole gradient (the step's own "
+    "nonfinite='skip', the default, skips non-finite steps on every rank and works sharded)",
     "zero_nans": "keeps one NaN flag per whole parameter in its state",
 }
 
@@ -205,6 +212,7 @@ class _Walk:
         self.names: list[str] = []
         self.problems: list[str] = []
         self.leading_clip: float | torch.Tensor | None = None
+        self.masks: list[tuple[str, Any]] = []  # (where, mask or label function)
 
     def visit(self, tx: Any, where: str, head: bool) -> None:
         update = tx.update
@@ -261,6 +269,15 @@ class _Walk:
                 "functrain.distributed.elementwise(tx)"
             )
             return
+        mask_name = {
+            "masked": "mask",
+            "partition": "param_labels",
+            "multi_transform": "param_labels",
+        }
+        if factory in mask_name:
+            fn = _find(closure, (mask_name[factory],)).get(mask_name[factory])
+            if callable(fn):
+                self.masks.append((f"{where}{factory}", fn))
         first = True
         for name in sorted(closure) if factory not in ("chain", "named_chain") else ["txs"]:
             for inner_tx in _transforms_in(closure.get(name)):
@@ -302,6 +319,23 @@ def _find(closure: dict[str, Any], names: tuple[str, ...], depth: int = 3) -> di
     return found
 
 
+def mask_functions(tx: GradientTransformation) -> list[tuple[str, Any]]:
+    """The mask and label functions of the ``masked`` / ``partition`` wrappers in ``tx`` (internal).
+
+    Returns ``(where, function)`` pairs, ``where`` naming the wrapper as
+    :func:`check_shardable`'s errors do.
+
+    Example:
+        >>> import functrain as ft
+        >>> from functrain.distributed.shardable import mask_functions
+        >>> [where for where, _ in mask_functions(ft.adamw(0.1, mask=lambda p: p))]
+        ['chain/masked']
+    """
+    walk = _Walk()
+    walk.visit(tx, "", head=True)
+    return walk.masks
+
+
 def check_shardable(tx: GradientTransformation) -> ShardingReport:
     """Checks that ``tx`` gives the same numbers on a sharded optimizer state.
 
@@ -340,3 +374,101 @@ def check_shardable(tx: GradientTransformation) -> ShardingReport:
             + "\nUse shard_optimizer=False (each rank keeps the whole optimizer state)."
         )
     return ShardingReport(walk.leading_clip, tuple(walk.names))
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if not isinstance(value, torch.Tensor) else f"a tensor {tuple(value.shape)}"
+
+
+def _same(a: Any, b: Any) -> bool | None:
+    """Whether two mask or label leaves are equal (``None``: cannot tell, e.g. meta tensors)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return None
+    try:
+        return bool(a == b)
+    except Exception:
+        return None
+
+
+def check_masks_agree(tx: GradientTransformation, params: Any, layout: Any) -> None:
+    """Raises :class:`ShardingError` if a mask or label function of ``tx`` gives a piece of some
+    rank another value than its whole parameter (internal).
+
+    Evaluated on meta tensors (no memory) for every rank's pieces, so every rank reaches the
+    same verdict without a collective. ``layout`` is a :class:`functrain.distributed.zero.Layout`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> from functrain.distributed import zero
+        >>> from functrain.distributed.shardable import check_masks_agree
+        >>> params = {"w": torch.zeros(4, 3)}
+        >>> tx = ft.masked(ft.trace(0.9), lambda p: {"w": p["w"].shape[0] == 4})
+        >>> layout = zero.Layout(ft.tree.leaves(params), 0, 2, 25.0)
+        >>> try:
+        ...     check_masks_agree(tx, params, layout)
+        ... except ft.distributed.ShardingError as err:
+        ...     print(str(err).splitlines()[1])
+          masked: params['w'] is True on the whole parameter (4, 3), False on rank 0's piece (2, 3)
+    """
+    functions = mask_functions(tx)
+    if not functions or layout.world_size == 1:
+        return
+    leaves, spec = tree.flatten(params)
+    paths = tree.flatten_with_paths(params)[0]
+
+    def on(shapes: Sequence[torch.Size], fn: Any) -> Any:
+        metas = [torch.empty(s, dtype=x.dtype, device="meta") for x, s in zip(leaves, shapes)]
+        return fn(tree.unflatten(spec, metas))
+
+    problems = []
+    for where, fn in functions:
+        try:
+            whole = tree.flatten_with_paths(on([x.shape for x in leaves], fn))
+        except Exception:  # a mask of values, not shapes: nothing to compare on meta tensors
+            continue
+        for r in range(layout.world_size):
+            shapes = [s.local_shape(r) for s in layout.shards]
+            try:
+                piece = tree.flatten_with_paths(on(shapes, fn))
+            except Exception as err:
+                problems.append(
+                    f"{where}: the function fails on rank {r}'s pieces ({type(err).__name__}: "
+                    f"{err})"
+                )
+                break
+            if piece[2] != whole[2]:
+                problems.append(f"{where}: its result has another structure on rank {r}'s pieces")
+                break
+            bad = next(
+                (
+                    (p, a, b)
+                    for p, a, b in zip(whole[0], whole[1], piece[1])
+                    if _same(a, b) is False
+                ),
+                None,
+            )
+            if bad is not None:
+                path, a, b = bad
+                # The leaf of the same path in the parameters, for its shapes (a prefix mask
+                # names a subtree: then no shape).
+                i = next((k for k, q in enumerate(paths) if q == path), None)
+                shapes_note = (
+                    ("", "")
+                    if i is None
+                    else (f" {tuple(leaves[i].shape)}", f" {tuple(shapes[i])}")
+                )
+                problems.append(
+                    f"{where}: {tree.path_str(path, 'params')} is {_describe(a)} on the whole "
+                    f"parameter{shapes_note[0]}, {_describe(b)} on rank {r}'s piece"
+                    f"{shapes_note[1]}"
+                )
+                break
+    if problems:
+        raise ShardingError(
+            "a mask or label function gives the pieces of a sharded optimizer state "
+            "(shard_optimizer=True) other values than the whole parameters, so the pieces "
+            "would be transformed differently:\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + "\nMake it depend on p.ndim or on names, not on exact shapes, or use "
+            "shard_optimizer=False."
+        )

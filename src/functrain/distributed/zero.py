@@ -1,10 +1,14 @@
 """Sharded optimizer state (ZeRO stage 1): each rank keeps and updates one piece of every parameter.
 
-**Pieces.** Every parameter is cut along one dimension (the first whose size is at least the
-world size, else its largest) into ``world_size`` blocks of ``ceil(size / world_size)`` slices,
-the last ones shorter or empty; rank ``r`` owns block ``r``. A 0-d parameter belongs to rank 0
-(the other ranks hold an empty ``(0,)`` piece). Pieces keep the parameter's number of
-dimensions and its other sizes, so masks such as ``p.ndim > 1`` mean the same on a piece.
+**Pieces.** Every parameter is cut along one dimension (the first whose largest piece is within
+1% of the smallest possible) into ``world_size`` blocks of ``ceil(size / world_size)`` slices,
+the last ones shorter or empty; rank ``r`` owns block ``r``. A 0-d parameter belongs to rank 0,
+but every rank keeps and updates a replica of it with rank 0's gradient (one more scalar in the
+step's small all-reduce), so the replicas stay bit for bit equal; rank 0's value is kept.
+Pieces therefore keep the parameter's number of dimensions and its other sizes, so masks and
+labels such as ``p.ndim > 1`` or ``p.ndim != 1`` mean the same on every rank's piece as on the
+parameter (functions of exact shapes may not: see
+:func:`functrain.distributed.shardable.check_masks_agree`).
 
 **One step.** Gradients are *reduce-scattered*: each rank packs the pieces of all gradients in
 rank order into a flat buffer (buckets of one dtype, ``[world, row]``), and
@@ -37,6 +41,7 @@ from functrain import tree
 from functrain.distributed.collectives import Pending, plan_buckets, start_broadcast
 from functrain.distributed.errors import RankMismatchError
 from functrain.distributed.process import Group, collective_errors, is_distributed
+from functrain.distributed.shardable import check_masks_agree
 from functrain.optim.base import GradientTransformation
 
 __all__ = ["LeafShard", "optimizer_state_bytes"]
@@ -78,9 +83,18 @@ class LeafShard(NamedTuple):
         shape = torch.Size(shape)
         if not shape:
             return LeafShard(shape, None, (0,) * world_size, (1,) + (0,) * (world_size - 1))
-        dim = next((d for d, n in enumerate(shape) if n >= world_size), None)
-        if dim is None:
-            dim = max(range(len(shape)), key=lambda d: shape[d])
+        numel = shape.numel()
+
+        def largest_piece(d: int) -> int:
+            return math.ceil(shape[d] / world_size) * (numel // shape[d] if shape[d] else 0)
+
+        # The first dimension whose cut makes rank 0's piece (the largest) at most 1% larger
+        # than the best cut's: memory per rank near an even share, and pieces contiguous where
+        # that costs little. Cutting the first dimension of at least world_size elements would
+        # give stacked weights such as (3, d, d) on 2 ranks a 2:1 split, and (12, d, d) on 8
+        # ranks nothing on 2 ranks and a third more than an even share on the others.
+        best = min(largest_piece(d) for d in range(len(shape)))
+        dim = next(d for d in range(len(shape)) if largest_piece(d) <= best * 1.01)
         size = shape[dim]
         chunk = max(1, math.ceil(size / world_size))
         starts = tuple(min(r * chunk, size) for r in range(world_size))
@@ -98,6 +112,24 @@ class LeafShard(NamedTuple):
     def numel(self, rank: int) -> int:
         """The number of elements of rank ``rank``'s piece."""
         return self.piece_shape(rank).numel()
+
+    def local_shape(self, rank: int) -> torch.Size:
+        """The shape of what rank ``rank`` updates: its piece, or the replica of a 0-d tensor.
+
+        Example:
+            >>> import torch
+            >>> from functrain.distributed.zero import LeafShard
+            >>> shard = LeafShard.of(torch.Size([]), world_size=2)
+            >>> shard.piece_shape(1), shard.local_shape(1)
+            (torch.Size([0]), torch.Size([]))
+        """
+        return torch.Size([]) if self.dim is None else self.piece_shape(rank)
+
+    def local(self, x: torch.Tensor, rank: int) -> torch.Tensor:
+        """What rank ``rank`` updates of ``x``: its piece (a view), or ``x`` itself if 0-d."""
+        # A (0,) piece off rank 0 would have ndim 1: an ndim mask or label would then differ
+        # between ranks, and so would the structure of the optimizer state.
+        return x if self.dim is None else self.piece(x, rank)
 
     def piece(self, x: torch.Tensor, rank: int) -> torch.Tensor:
         """Rank ``rank``'s piece of ``x`` (a view; an empty tensor for a 0-d ``x`` off rank 0)."""
@@ -177,11 +209,12 @@ def _pack_row(
 def _unpack_row(
     flat: torch.Tensor, shards: Sequence[LeafShard], bucket: _Bucket, rank: int
 ) -> list[torch.Tensor]:
-    """Views of a rank's pieces in its row."""
-    return [
-        flat.narrow(0, off, shards[i].numel(rank)).view(shards[i].piece_shape(rank))
-        for i, off in zip(bucket.leaves, bucket.offsets)
-    ]
+    """Views of a rank's pieces (0-d replicas included) in its row."""
+    out = []
+    for i, off in zip(bucket.leaves, bucket.offsets):
+        shape = shards[i].local_shape(rank)
+        out.append(flat.narrow(0, off, shape.numel()).view(shape))
+    return out
 
 
 class Layout:
@@ -205,11 +238,18 @@ class Layout:
             int(bucket_cap_mb * _MB),
         )
         self.buckets = _rows(self.shards, planned)
+        # Whether this rank's piece counts in global sums (norms): 0-d replicas count once.
+        self.owned = [s.dim is not None or rank == 0 for s in self.shards]
+        self.replicated = [i for i, s in enumerate(self.shards) if s.dim is None]  # 0-d leaves
 
     def pieces(self, leaves: Sequence[torch.Tensor], rank: int | None = None) -> list[torch.Tensor]:
-        """Rank ``rank``'s (default: this rank's) pieces of whole leaves (views)."""
+        """Rank ``rank``'s (default: this rank's) pieces of whole leaves (views; 0-d: replicas)."""
         r = self.rank if rank is None else rank
-        return [s.piece(x, r) for s, x in zip(self.shards, leaves)]
+        return [s.local(x, r) for s, x in zip(self.shards, leaves)]
+
+    def owned_only(self, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's pieces with the replicas it does not own emptied (for global sums)."""
+        return [x if own else x.new_zeros((0,)) for x, own in zip(leaves, self.owned)]
 
     def scatter_input(self, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per bucket, the flat ``[world * row]`` input of a reduce-scatter of whole leaves."""
@@ -321,6 +361,7 @@ class StateMap:
 
     def __init__(self, tx: GradientTransformation, params: Any, layout: Layout) -> None:
         leaves, spec = tree.flatten(params)
+        check_masks_agree(tx, params, layout)
         try:
             self.full = tx.init(tree.unflatten(spec, [_meta_like(x) for x in leaves]))
             self.rank0 = tx.init(
@@ -332,7 +373,7 @@ class StateMap:
                 tree.unflatten(
                     spec,
                     [
-                        _meta_like(x, s.piece_shape(layout.rank))
+                        _meta_like(x, s.local_shape(layout.rank))
                         for x, s in zip(leaves, layout.shards)
                     ],
                 )
