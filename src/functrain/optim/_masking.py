@@ -22,8 +22,15 @@ from functrain.optim.base import GradientTransformation, _call_update
 __all__ = ["Mask", "apply_mask", "label_masks", "make_mask", "masked_update"]
 
 
+def _is_numpy_bool(value: Any) -> bool:
+    # NumPy 2 renamed the scalar type ``numpy.bool_`` to ``numpy.bool``; match both without
+    # importing NumPy.
+    kind = type(value)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
+
+
 def _as_bool(path: tuple[Any, ...], value: Any, name: str) -> bool:
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # Python or NumPy bool
+    if isinstance(value, bool) or _is_numpy_bool(value):
         return bool(value)
     if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() == 0:
         if value.device.type != "cpu":
@@ -33,7 +40,8 @@ def _as_bool(path: tuple[Any, ...], value: Any, name: str) -> bool:
             )
         return bool(value)
     raise TypeError(
-        f"{tree.path_str(path, name)} must be a bool (True: transform this subtree), got "
+        f"{tree.path_str(path, name)} must be a bool (True: "
+        f"{'freeze' if name == 'freeze_mask' else 'transform'} this subtree), got "
         f"{type(value).__name__}"
         + (f" of dtype {value.dtype}" if isinstance(value, torch.Tensor) else "")
     )

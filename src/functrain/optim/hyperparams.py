@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -87,7 +88,22 @@ def _as_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(value, dtype=dtype, device=device)
 
 
-def _scheduled(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _scheduled(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A schedule's value as a tensor; a non-number means ``name`` was not a schedule."""
+    numeric = (
+        value.dtype != torch.bool and not value.is_complex()
+        if isinstance(value, torch.Tensor)
+        else isinstance(value, numbers.Real) and not isinstance(value, bool)
+    )
+    if not numeric:
+        # Every callable argument is taken as a schedule (as optax does): a mask function or
+        # a transform would otherwise fail later with an unrelated message.
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(
+            f"inject_hyperparams: `{name}` is callable, so it is taken as a schedule of the step "
+            f"count, but {name}(count) gave {got}, not a number; pass "
+            f"static_args=({name!r},) if it is not a schedule"
+        )
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
     return torch.tensor(value, dtype=dtype, device=device)
@@ -106,8 +122,10 @@ def inject_hyperparams(
 
     * read it for logging: ``state.hyperparams["learning_rate"]``;
     * change it between steps without rebuilding anything, by replacing the entry with a tensor
-      of the same dtype and device or by ``fill_``-ing it; under ``torch.compile`` the new value
-      is a new input, not a new constant, so nothing recompiles;
+      of the same dtype and device; under ``torch.compile`` the new value is a new input, not a
+      new constant, so nothing recompiles. ``fill_``-ing the entry works too, but ``update``
+      passes an injected tensor on unchanged, so every earlier state holding it (a state kept
+      for a rollback) changes with it;
     * a hyperparameter given as a schedule (a callable of the step count) is evaluated at
       ``count`` before every update and recorded in ``hyperparams``; overriding it there has no
       effect.
@@ -204,7 +222,9 @@ def inject_hyperparams(
                 )
                 for k, v in numeric.items()
             }
-            hparams.update({k: _scheduled(f(count), dtype, device) for k, f in schedules.items()})
+            hparams.update(
+                {k: _scheduled(k, f(count), dtype, device) for k, f in schedules.items()}
+            )
             return InjectHyperparamsState(count, hparams, build(hparams).init(params))
 
         def prepare(
@@ -223,7 +243,7 @@ def inject_hyperparams(
             device = state.count.device
             hparams = {k: _as_tensor(state.hyperparams[k], dtype, device) for k in numeric}
             hparams.update(
-                {k: _scheduled(f(state.count), dtype, device) for k, f in schedules.items()}
+                {k: _scheduled(k, f(state.count), dtype, device) for k, f in schedules.items()}
             )
             return hparams, build(hparams)
 

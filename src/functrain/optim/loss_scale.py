@@ -128,7 +128,15 @@ class DynamicLossScale:
     growth_interval: int = 2000
 
     def __post_init__(self) -> None:
-        _check_number("init_scale", self.init_scale, "finite and > 0", lambda v: v > 0)
+        # The scale is a float32 tensor: outside float32's normal range it would round to inf
+        # (an error at init) or to 0 (a scale that can never grow back).
+        f32 = torch.finfo(torch.float32)
+        _check_number(
+            "init_scale",
+            self.init_scale,
+            f"finite and > 0, in float32's normal range [{f32.tiny}, {f32.max}]",
+            lambda v: f32.tiny <= v <= f32.max,
+        )
         _check_number("growth_factor", self.growth_factor, "> 1", lambda v: v > 1)
         _check_number("backoff_factor", self.backoff_factor, "in (0, 1)", lambda v: 0 < v < 1)
         interval = self.growth_interval
@@ -160,7 +168,10 @@ class DynamicLossScale:
             tensor(2.)
         """
         _check_state(state)
-        return loss * state.scale
+        # A 0-d float32 scale does not promote a float16 loss that has dimensions (per-token
+        # losses): ``loss * 2**16`` would overflow in float16.
+        wide = torch.promote_types(loss.dtype, state.scale.dtype)
+        return loss.to(wide) * state.scale
 
     @staticmethod
     def unscale(state: LossScaleState, grads: Any) -> tuple[Any, torch.Tensor]:
@@ -194,8 +205,19 @@ class DynamicLossScale:
         """
         _check_state(state)
         scale, tracker = state.scale, state.growth_tracker
+        if isinstance(finite, bool):
+            finite = torch.tensor(finite, device=scale.device)
+        if not isinstance(finite, torch.Tensor) or finite.dtype != torch.bool:
+            got = finite.dtype if isinstance(finite, torch.Tensor) else type(finite).__name__
+            raise TypeError(
+                f"DynamicLossScale.update: `finite` must be a bool tensor (as unscale returns), "
+                f"got {got}"
+            )
         successful = tracker + 1
-        grow = finite & (successful >= self.growth_interval)
+        if self.growth_interval <= torch.iinfo(tracker.dtype).max:
+            grow = finite & (successful >= self.growth_interval)
+        else:  # out of the tracker's range: never (torch would wrap 2**31 to -2**31: always)
+            grow = torch.zeros_like(finite)
         grown = scale * self.growth_factor
         new_scale = torch.where(
             finite,

@@ -239,7 +239,9 @@ class MultiSteps:
             return tree.zeros_like(updates), state._replace(skip_state=skip_state)
         mini_step = int(state.mini_step)
         _, acc, spec = self._accumulate(updates, state.acc_grads, mini_step)
-        if mini_step != k - 1:
+        # ``<``, not ``!=`` (optax's test): a state saved mid-cycle and resumed with a smaller k
+        # is already past the k-th mini-step and must update now, not wrap around and drop it.
+        if mini_step < k - 1:
             new_state = state._replace(
                 mini_step=_cpu_int((mini_step + 1) % k),
                 acc_grads=tree.unflatten(spec, acc),
@@ -263,7 +265,7 @@ class MultiSteps:
         k = self._k(state.gradient_step)
         skip, skip_state = self._skip(updates, state.gradient_step, params)
         keep = torch.zeros((), dtype=torch.bool) if skip is None else skip
-        emit = (state.mini_step == k - 1) & ~keep
+        emit = (state.mini_step >= k - 1) & ~keep
         _, acc, spec = self._accumulate(updates, state.acc_grads, state.mini_step)
         acc = [torch.where(keep, a, n) for a, n in zip(tree.leaves(state.acc_grads), acc)]
         out, inner_state = self._inner_update(acc, spec, updates, state, params, extra)

@@ -55,10 +55,11 @@ def masked(
 
     ``mask`` is a pytree of booleans with the structure of the params (or a prefix of it: a
     boolean covers a whole subtree), or a callable ``params -> mask`` (called on the params in
-    ``init`` and on the updates in ``update``). The inner transform sees ``None`` for masked-out
-    leaves, so its state only covers the unmasked ones. A typical use is weight decay on
-    matrices only: ``masked(add_decayed_weights(1e-4), lambda p: tree.map(lambda x: x.ndim > 1,
-    p))``.
+    ``init`` and on the updates in ``update``; ``torch.compile`` traces it, so build it from
+    ``ft.tree.map`` or plain Python on shapes and dtypes). The inner transform sees ``None``
+    for masked-out leaves, so its state only covers the unmasked ones. A typical use is weight
+    decay on matrices only:
+    ``masked(add_decayed_weights(1e-4), lambda p: tree.map(lambda x: x.ndim > 1, p))``.
 
     PyTorch: like giving parameter groups different options in ``torch.optim``; here the rest
     of the chain still sees the masked-out updates.
@@ -237,10 +238,16 @@ def selective_transform(
     """Runs ``optimizer`` on the leaves where ``freeze_mask`` is ``False`` and zeroes the rest.
 
     Unlike ``chain(freeze(mask), optimizer)``, the optimizer keeps no state for frozen leaves.
+    As with :func:`freeze`, the mask may also be a callable ``params -> mask`` (optax takes
+    only a static tree there).
 
     Args:
         optimizer: the transform for the trainable leaves.
-        freeze_mask: a boolean or a pytree (prefix) of booleans; ``True`` freezes.
+        freeze_mask: a boolean or a pytree (prefix) of booleans, ``True`` freezes; or a
+            callable returning one.
+
+    Raises:
+        TypeError: a mask leaf is not a boolean (the message names its path).
 
     Example:
         >>> import torch, functrain as ft
@@ -250,7 +257,17 @@ def selective_transform(
         >>> u
         {'w': tensor([0.]), 'b': tensor([-0.1000])}
     """
-    labels = tree.map(lambda m: "freeze" if m else "train", freeze_mask)
+
+    def labels_of(mask_tree: Any) -> Any:
+        make_mask(mask_tree, "freeze_mask")  # only booleans: 0/1 or strings would pass as truthy
+        return tree.map(lambda m: "freeze" if m else "train", mask_tree)
+
+    # A callable is a leaf to tree.map, and a truthy one: it froze every parameter.
+    labels = (
+        (lambda params: labels_of(freeze_mask(params)))
+        if callable(freeze_mask)
+        else labels_of(freeze_mask)
+    )
     return partition({"train": optimizer, "freeze": set_to_zero()}, labels)
 
 
@@ -312,6 +329,9 @@ def apply_if_finite(
         raise TypeError(f"max_consecutive_errors must be an int, got {max_consecutive_errors!r}")
     if max_consecutive_errors < 0:
         raise ValueError(f"max_consecutive_errors must be >= 0, got {max_consecutive_errors}")
+    # The int32 counter saturates at its maximum, so a larger limit means "never"; compared
+    # as given, torch would wrap it (2**31 to -2**31) and apply every non-finite update.
+    max_consecutive_errors = min(max_consecutive_errors, _utils.INT32_MAX)
     passes_extra = _accepts_extra(inner.update)
 
     def init_fn(params: Any) -> ApplyIfFiniteState:

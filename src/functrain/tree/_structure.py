@@ -165,6 +165,10 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
         >>> ft.tree.map(lambda a, b: a * b, {"x": torch.tensor(2.0)}, {"x": torch.tensor(3.0)})
         {'x': tensor(6.)}
     """
+    if not rest:
+        # One tree cannot mismatch; and torch.compile traces optree.tree_map where it fails
+        # on tree_unflatten of Python constants (masks: ``lambda x: x.ndim > 1``).
+        return optree.tree_map(fn, tree)
     tree_leaves, spec = optree.tree_flatten(tree)
     others = [flatten_up_to(spec, r, ("tree", f"rest[{i}]"), tree) for i, r in enumerate(rest)]
     return optree.tree_unflatten(spec, [fn(*xs) for xs in zip(tree_leaves, *others)])

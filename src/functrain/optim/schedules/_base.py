@@ -58,6 +58,21 @@ def _check_count(count: Any) -> bool:
     return False
 
 
+def _wide(count: torch.Tensor, *steps: float) -> torch.Tensor:
+    """An integer count as int64, so steps and boundaries beyond its own dtype compare right.
+
+    torch wraps a Python int that does not fit an integer tensor's dtype instead of raising:
+    ``torch.tensor(5, dtype=torch.int32) < 2**31`` is ``False`` and a ``uint8`` count compares
+    with a boundary of 300 as with 44 (and ``5 - 10`` is 251). An int32 count (the counters'
+    dtype) is kept when every one of ``steps`` fits int32, which saves a cast per call.
+    """
+    if count.is_floating_point() or count.dtype == torch.int64:
+        return count
+    if count.dtype == torch.int32 and all(-(2**31) <= s < 2**31 for s in steps):
+        return count
+    return count.to(torch.int64)
+
+
 def _float_dtype(count: torch.Tensor) -> torch.dtype:
     return count.dtype if count.is_floating_point() else torch.get_default_dtype()
 

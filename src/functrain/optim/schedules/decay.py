@@ -21,6 +21,7 @@ from functrain.optim.schedules._base import (
     _float_dtype,
     _log,
     _sorted_boundaries,
+    _wide,
 )
 
 __all__ = [
@@ -52,7 +53,8 @@ def constant_schedule(value: float | torch.Tensor) -> Schedule:
 
     def schedule(count: Count) -> Value:
         if _check_count(count) and isinstance(value, torch.Tensor):
-            return value.to(count.device)
+            # An integer tensor value gives a floating one, as every other schedule does.
+            return _finish(count, value.to(count.device))
         return _finish(count, value)
 
     return schedule
@@ -109,7 +111,11 @@ def polynomial_schedule(
 
     def schedule(count: Count) -> Value:
         if _check_count(count):
-            steps = torch.clamp(count - transition_begin, 0, transition_steps)
+            steps = torch.clamp(
+                _wide(count, transition_begin, transition_steps) - transition_begin,
+                0,
+                transition_steps,
+            )
         else:
             steps = min(max(count - transition_begin, 0), transition_steps)
         frac = 1 - steps / transition_steps
@@ -182,6 +188,8 @@ def piecewise_constant_schedule(
 
     def schedule(count: Count) -> Value:
         is_tensor = _check_count(count)
+        if is_tensor:
+            count = _wide(count, *boundaries)
         value = init_value
         if is_tensor and not isinstance(value, torch.Tensor):
             value = torch.full(count.shape, value, dtype=_float_dtype(count), device=count.device)
@@ -255,7 +263,9 @@ def exponential_decay(
 
     def schedule(count: Count) -> Value:
         is_tensor = _check_count(count)
-        decreased_count = count - transition_begin
+        decreased_count = (
+            _wide(count, transition_begin) if is_tensor else count
+        ) - transition_begin
         p = decreased_count / transition_steps
         if is_tensor:
             if staircase:
@@ -324,7 +334,7 @@ def cosine_decay_schedule(
 
     def schedule(count: Count) -> Value:
         if _check_count(count):
-            steps = torch.clamp(count, max=decay_steps)
+            steps = torch.clamp(_wide(count, decay_steps), max=decay_steps)
             cosine = 0.5 * (1 + torch.cos(math.pi * steps / decay_steps))
         else:
             steps = min(float(count), float(decay_steps))

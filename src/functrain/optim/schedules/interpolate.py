@@ -18,6 +18,7 @@ from functrain.optim.schedules._base import (
     _finish,
     _float_dtype,
     _sorted_boundaries,
+    _wide,
 )
 
 __all__ = [
@@ -79,6 +80,7 @@ def piecewise_interpolate_schedule(
 
     def schedule(count: Count) -> Value:
         if _check_count(count):
+            count = _wide(count, *bounds)
             zero = torch.zeros(count.shape, dtype=_float_dtype(count), device=count.device)
             out = torch.where(count >= bounds[-1], values[-1], zero)
             for i, size in enumerate(sizes):

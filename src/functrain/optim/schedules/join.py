@@ -19,6 +19,7 @@ from functrain.optim.schedules._base import (
     _check_count,
     _check_int,
     _finish,
+    _wide,
 )
 from functrain.optim.schedules.decay import (
     cosine_decay_schedule,
@@ -77,14 +78,16 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
 
     def schedule(count: Count) -> Value:
         if _check_count(count):
+            count = _wide(count, *boundaries)
             out = schedules[0](count)
             for boundary, sched in zip(boundaries, schedules[1:]):
                 out = torch.where(count < boundary, out, sched(count - boundary))
             return _finish(count, out)
         k = bisect.bisect_right(boundaries, count)
         if k == 0:
-            return schedules[0](count)
-        return schedules[k](count - boundaries[k - 1])
+            return _finish(count, schedules[0](count))
+        # A user's schedule may return an int: a Python count still gives a float.
+        return _finish(count, schedules[k](count - boundaries[k - 1]))
 
     return schedule
 
