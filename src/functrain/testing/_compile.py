@@ -173,7 +173,8 @@ def assert_max_traces(fn: F | None = None, *, n: int) -> Any:
     - inside: ``torch.compile(assert_max_traces(step, n=1))`` counts dynamo's traces of
       ``step`` (as chex counts ``jax.jit`` traces);
     - outside: ``assert_max_traces(torch.compile(step), n=1)`` counts the compilations that
-      calls of the compiled function trigger.
+      calls of the compiled function trigger (with graph breaks, the resumed frames' too: a
+      function compiled without ``fullgraph=True`` is best wrapped inside).
 
     Unlike chex, calls that run eagerly (no ``torch.compile``) are not traces and do not count.
 
@@ -206,10 +207,22 @@ def assert_max_traces(fn: F | None = None, *, n: int) -> Any:
         if wrapper.traces > n:
             raise _too_many(name, wrapper.traces, n, reasons, verb)
 
+    # Calls counted per compilation, with the analysis attempt they were made in: dynamo
+    # restarts the analysis of a frame (to compile the part before a graph break, for one), and
+    # the calls of an abandoned attempt are not traces.
+    attempts: dict[Any, tuple[int, int]] = {}
+
     @torch._dynamo.assume_constant_result
     def on_trace() -> int:
-        # dynamo calls an assume_constant_result function once, while tracing, and bakes its
-        # result into the graph: this runs once per trace, never per compiled call.
+        # dynamo calls an assume_constant_result function while tracing (once per analysis
+        # attempt) and bakes its result into the graph: it never runs per compiled call.
+        trace = torch._guards.CompileContext.current_trace_id()
+        compile_id, attempt = (None, 0) if trace is None else trace
+        seen_attempt, calls = attempts.get(compile_id, (attempt, 0))
+        if seen_attempt != attempt:
+            wrapper.traces -= calls
+            calls = 0
+        attempts[compile_id] = (attempt, calls + 1)
         wrapper.traces += 1
         check([], "traced")
         return 0

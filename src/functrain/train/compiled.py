@@ -18,10 +18,19 @@ seeds them once, from stream ``1``, before the graph runs and restores them afte
 compiled step is as reproducible as an eager one and its micro-batches draw different numbers
 (one stream continues through them); with one micro-batch it seeds exactly as eager does.
 
+Errors: dynamo reports an exception raised while tracing (by ``loss_fn`` or by one of the
+step's own checks) as ``Unsupported: Observed exception`` and a failing tensor operation as a
+fake-tensor error, without the original exception. The step then runs once eagerly, on copies
+of the parameters and optimizer state, and raises the error that run raises (the eager step's
+type and message); if that run succeeds, dynamo's error is raised with a note saying the step
+itself is fine. Other tracing failures (host reads, ``ft.key_generator``) and hitting dynamo's
+``recompile_limit`` (a new compilation per batch shape) get a note saying what to do. The state
+passed to a failing call is left as it was.
+
 The fused in-place optimizer kernels are eager-only (:class:`functrain.train.fast.FusedStage`
 takes the pure ``tx.update`` path while compiling): inductor fuses that path's ``foreach``
-arithmetic itself, and with ``donate=True`` the new parameters are written back into the
-consumed state's memory.
+arithmetic itself. The compiled update is out of place: with ``donate=True`` the new state gets
+new memory and the consumed state's is freed with it, not reused (the peak holds both).
 """
 
 from __future__ import annotations
@@ -33,9 +42,12 @@ from typing import Any
 
 import torch
 
-from functrain.train import faults, gradient, rng
+from functrain import tree
+from functrain.train import faults, gradient, optimizer_stage, rng
 
 __all__: list[str] = []  # internal: used by make_train_step
+
+_dynamo_exc = torch._dynamo.exc
 
 
 def compile_options(
@@ -143,7 +155,9 @@ class CompiledCore:
         seed_rng: bool,
         metas: list[Any],
     ) -> None:
+        self.core = core
         self.fn = torch.compile(_own_code(core), **options)
+        self.dynamic = options.get("dynamic")
         self.seed_rng = seed_rng
         self.metas = metas
 
@@ -160,7 +174,124 @@ class CompiledCore:
         devices: list[torch.device],
     ) -> Any:
         """The core's output for these inputs."""
+        args = (params, opt_state, buffers, key, step, extra, batch, split, devices)
         self.metas.clear()
         mb_key = None if key is None else rng.fold_in(key, 1)
-        with gradient._seeding(mb_key, self.seed_rng, devices):
-            return self.fn(params, opt_state, buffers, key, step, extra, batch, split, devices)
+        try:
+            with gradient._seeding(mb_key, self.seed_rng, devices):
+                return self.fn(*args)
+        except _dynamo_exc.FailOnRecompileLimitHit as err:
+            err.add_note(_RECOMPILE_LIMIT_NOTE.format(limit=_recompile_limit()))
+            raise
+        except _dynamo_exc.TorchDynamoException as err:
+            real = self._explain(err, mb_key, args)
+            if real is None:
+                raise
+            real.add_note(_EAGER_RERUN_NOTE)
+            raise real from None
+
+    def _explain(
+        self, err: Exception, mb_key: torch.Tensor | None, args: tuple[Any, ...]
+    ) -> Exception | None:
+        """The error to raise instead of dynamo's ``err``, or ``None`` (``err`` given a note)."""
+        if _raised_while_tracing(err):
+            real = self._eager_error(mb_key, args)
+            if real is None:
+                err.add_note(_COMPILE_ONLY_NOTE + _dynamic_hint(self.dynamic))
+            return real
+        # A graph break (Unsupported) or a data-dependent guard (UserError) under fullgraph=True.
+        if isinstance(err, (_dynamo_exc.Unsupported, _dynamo_exc.UserError)):
+            err.add_note(_untraceable_note(err, self.dynamic))
+        return None
+
+    def _eager_error(self, mb_key: torch.Tensor | None, args: tuple[Any, ...]) -> Exception | None:
+        """The error an eager run of the core raises for ``args`` (``None`` if it succeeds).
+
+        Dynamo reports an exception raised by the traced code (``loss_fn``'s, or one of the
+        step's own checks) as "Observed exception" and a failing tensor operation as a fake-tensor
+        error, both without the original exception; the eager run raises the real one. It runs
+        on copies of the parameters and optimizer state, so that its in-place optimizer writes
+        (eager with ``donate=True``) cannot touch the state being stepped, and is seeded as the
+        compiled call is.
+        """
+        params, opt_state, *rest = args
+        try:
+            copies = tuple(
+                tree.map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, t)
+                for t in (params, opt_state)
+            )
+        except Exception:  # e.g. out of memory: keep dynamo's error
+            return None
+        self.metas.clear()
+        try:
+            with gradient._seeding(mb_key, self.seed_rng, args[-1]):
+                self.core(*copies, *rest)
+        except torch.OutOfMemoryError:  # the eager run's own cost, not the step's error
+            return None
+        except Exception as real:
+            return real
+        finally:
+            # The copies' writes are no business of the caller's torn-state check.
+            optimizer_stage.reset_in_place_writes()
+            self.metas.clear()
+        return None
+
+
+_EAGER_RERUN_NOTE = (
+    "functrain: raised by an eager run of the train step (on copies of the state), made to show "
+    "this error because torch.compile reported it only as a tracing failure; the state passed "
+    "to the step is unchanged"
+)
+_COMPILE_ONLY_NOTE = (
+    "functrain: torch.compile failed to trace the train step (compile=...), but the same step "
+    "runs eagerly: this is a torch.compile limitation, not an error in loss_fn; compile=False "
+    "runs the step eagerly"
+)
+_RECOMPILE_LIMIT_NOTE = (
+    "functrain: this compiled train step was already compiled for {limit} different input "
+    "shapes, dtypes or structures (torch._dynamo.config.recompile_limit), and compiles once "
+    "more for every new one (TORCH_LOGS=recompiles shows which input changed). Most "
+    "often the batch shape varies (variable sequence lengths, a partial last batch): pad "
+    "batches to a few fixed shapes (buckets) or drop the last partial batch; or pass "
+    "compile={{'dynamic': True}} (symbolic shapes; not for models with dropout), or raise "
+    "torch._dynamo.config.recompile_limit. A Python number kept in the state (a counter in "
+    "state.extra or a hook state) compiles anew whenever it changes: keep it as a tensor. "
+    "The state passed to the step is unchanged"
+)
+
+
+def _recompile_limit() -> int:
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
+
+
+def _raised_while_tracing(err: Exception) -> bool:
+    """Whether dynamo's ``err`` stands for an exception the traced code raised."""
+    if isinstance(err, _dynamo_exc.TorchRuntimeError):  # a tensor op failed on fake tensors
+        return True
+    if isinstance(err, _dynamo_exc.Unsupported):
+        gb_type = getattr(err, "gb_type", None) or str(err)
+        return gb_type.startswith("Observed exception")
+    return False
+
+
+def _dynamic_hint(dynamic: Any) -> str:
+    if dynamic:
+        return " (here it may be compile={'dynamic': True}: try the default static shapes)"
+    return ""
+
+
+def _untraceable_note(err: Exception, dynamic: Any) -> str:
+    note = (
+        "functrain: compile= runs the train step's tensor work, loss_fn included, as one "
+        "torch.compile(fullgraph=True) graph, and the above could not be traced: loss_fn must "
+        "not read tensors on the host (.item(), float(t), `if` on a tensor value) or call "
+        "untraceable code; compile=False runs the same step eagerly"
+    )
+    if "Generator" in str(err):
+        note += (
+            ". ft.key_generator(key) creates a torch.Generator, which cannot be traced: under "
+            "compile= use global-generator randomness (torch.rand, nn.Dropout), which the step "
+            "seeds from the state's key"
+        )
+    return note + _dynamic_hint(dynamic)
