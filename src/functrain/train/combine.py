@@ -36,13 +36,16 @@ class _Meta(NamedTuple):
 def make_objective(
     loss_fn: Callable[..., Any], accepted: frozenset[str], metas: list[_Meta]
 ) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
-    """Wraps ``loss_fn`` as ``f(params, mb, buffers, key) -> (objective, payload)``.
+    """Wraps ``loss_fn`` as ``f(params, mb, buffers, key, weight=None) -> (objective, payload)``.
 
-    The payload holds tensors only (``vmap`` cannot return anything else); the static facts
+    With ``weight``, a mean loss's objective is multiplied by it (a ``LossSum`` is not); the
+    payload's ``value`` is always the unweighted loss. The payload holds tensors only (``vmap`` cannot return anything else); the static facts
     about the result (mean or sum, aux keys) go to ``metas``.
     """
 
-    def objective(params: Any, mb: Any, buffers: Any, key: Any) -> tuple[torch.Tensor, dict]:
+    def objective(
+        params: Any, mb: Any, buffers: Any, key: Any, weight: float | None = None
+    ) -> tuple[torch.Tensor, dict]:
         kwargs = {}
         if "buffers" in accepted:
             kwargs["buffers"] = buffers
@@ -57,6 +60,11 @@ def make_objective(
                 parsed.buffers is not None,
             )
         )
+        objective = parsed.objective
+        if weight is not None and not parsed.is_sum:
+            # A mean loss weighted before differentiation (as the classic ``loss / K``): the
+            # gradient of a scaled float16 loss keeps the headroom of the weighted sum.
+            objective = objective * weight
         payload: dict[str, Any] = {
             "value": parsed.objective.detach(),
             "aux": parsed.aux_values,
@@ -66,7 +74,7 @@ def make_objective(
             payload["count"] = parsed.count.detach()
         if parsed.buffers is not None:
             payload["buffers"] = parsed.buffers
-        return parsed.objective, payload
+        return objective, payload
 
     return objective
 

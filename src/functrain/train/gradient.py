@@ -104,11 +104,13 @@ def _backward(
 
 
 def _autograd_grad(objective: Callable[..., Any]) -> Callable[..., Any]:
-    def grad_fn(params: Any, mb: Any, buffers: Any, key: Any) -> tuple[Any, dict]:
+    def grad_fn(
+        params: Any, mb: Any, buffers: Any, key: Any, weight: float | None = None
+    ) -> tuple[Any, dict]:
         leaves, spec = tree.flatten(params)
         leaves = [p.detach().requires_grad_() for p in leaves]
         with torch.enable_grad():
-            obj, payload = objective(tree.unflatten(spec, leaves), mb, buffers, key)
+            obj, payload = objective(tree.unflatten(spec, leaves), mb, buffers, key, weight)
             if obj.requires_grad:
                 grads = torch.autograd.grad(obj, leaves, allow_unused=True, materialize_grads=True)
             else:  # independent of the params: zero, as torch.func.grad gives (grad would raise)
@@ -269,8 +271,9 @@ class GradStage:
             mb = microbatch.micro_batch(batch, split, i)
             mb_key = None if key is None else rng.fold_in(key, i + 1)
             self.metas.clear()
+            weight = size / split.total  # applied to a mean loss before differentiation
             with _seeding(mb_key, self.seed_rng, devices):
-                grads, payload = self.grad_fn(params, mb, buffers, mb_key)
+                grads, payload = self.grad_fn(params, mb, buffers, mb_key, weight)
             meta = self.metas[-1]
             combiner.add(meta, size, payload)
             if meta.has_buffers:
@@ -278,7 +281,10 @@ class GradStage:
                 buffers = payload["buffers"]
             leaves, spec = tree.flatten(grads)
             if self.per_micro_batch is not None:
-                value, hook_grads = self._unscaled(payload["value"], grads)
+                # The hook sees the micro-batch's own gradient, unweighted and unscaled.
+                value, hook_grads = self._unscaled(
+                    payload["value"], grads if meta.is_sum else tree.scale(1 / weight, grads)
+                )
                 if meta.is_sum:
                     b = payload["count"]
                     values.append(self.per_micro_batch(tree.scale(1 / b, hook_grads), b))
@@ -288,7 +294,7 @@ class GradStage:
                     b = torch.full((), size, dtype=_size_dtype(value), device=value.device)
                     values.append(self.per_micro_batch(hook_grads, b))
                     losses.append(value)
-            acc.add(leaves, 1.0 if meta.is_sum else size / split.total)
+            acc.add(leaves, 1.0)  # weighted already
         assert spec is not None
         device = combiner.loss.device  # type: ignore[union-attr]
         stats = None
@@ -303,11 +309,11 @@ class GradStage:
             stats,
         )
 
-    def _vmapped(self) -> Callable[..., Any]:
+    def _vmapped(self, weight: float) -> Callable[..., Any]:
         inner = torch.func.grad(self.objective, has_aux=True)
 
         def one(params: Any, mb: Any, buffers: Any) -> tuple[Any, dict]:
-            grads, payload = inner(params, mb, buffers, None)
+            grads, payload = inner(params, mb, buffers, None, weight)
             if self.metas[-1].has_buffers:
                 raise ValueError(
                     "strategy='vmap' cannot reproduce the sequential buffer updates of the "
@@ -346,7 +352,7 @@ class GradStage:
                 self.metas.clear()
                 try:
                     with _seeding(chunk_key, self.seed_rng, devices):
-                        grads, payload = self._vmapped()(params, stacked, buffers)
+                        grads, payload = self._vmapped(size / split.total)(params, stacked, buffers)
                 except RuntimeError as err:
                     if "running_mean" in str(err) or "inplace arithmetic" in str(err):
                         raise RuntimeError(
@@ -368,7 +374,7 @@ class GradStage:
                 combiner.add(meta, size, payload)
                 leaves, spec = tree.flatten(grads)
                 summed = [g.sum(0) for g in leaves]  # before the hook: it may not keep views
-                acc.add(summed, 1.0 if meta.is_sum else size / split.total)
+                acc.add(summed, 1.0)  # mean losses were weighted before differentiation
                 if self.per_micro_batch is not None:
                     order.extend(chunk)
                     value, inverse = self._unscaled(payload["value"], None)
@@ -380,6 +386,8 @@ class GradStage:
                     for pos in range(len(chunk)):
                         # Views of the stacked gradients: one micro-batch at a time, no copy.
                         g = tree.unflatten(spec, [leaf[pos] for leaf in leaves])
+                        if not meta.is_sum:  # unweighted, as the loop's hook sees it
+                            g = tree.scale(split.total / size, g)
                         if inverse is not None:
                             g = tree.scale(inverse, g)
                         if meta.is_sum:
