@@ -254,6 +254,11 @@ def test_each_step_has_its_own_compile_cache():
         ({"grad_backend": "autograd"}, ValueError, "grad_backend='autograd' cannot be compiled"),
         ({"compile": "yes"}, TypeError, "compile must be a bool or a dict"),
         ({"compile": {"fullgraph": False}}, ValueError, "fullgraph=True"),
+        # CUDA graphs replay into the same output memory: a kept state would change under it
+        ({"compile": {"mode": "reduce-overhead"}}, ValueError, "CUDA graphs"),
+        ({"compile": {"mode": "max-autotune"}}, ValueError, "max-autotune-no-cudagraphs"),
+        ({"compile": {"options": {"triton.cudagraphs": True}}}, ValueError, "CUDA graphs"),
+        ({"compile": {"disable": True}}, ValueError, "compile=False"),
     ],
 )
 def test_incompatible_options_are_named(kwargs, error, match):

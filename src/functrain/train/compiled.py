@@ -69,7 +69,7 @@ def compile_options(
     else:
         raise TypeError(
             "compile must be a bool or a dict of torch.compile keyword arguments (e.g. "
-            f"{{'mode': 'max-autotune'}}), got {type(compile).__name__}"
+            f"{{'mode': 'max-autotune-no-cudagraphs'}}), got {type(compile).__name__}"
         )
     if options.get("fullgraph", True) is not True:
         raise ValueError(
@@ -82,6 +82,23 @@ def compile_options(
         and not isinstance(options["dynamic"], bool)
     ):
         raise TypeError(f"compile: dynamic must be a bool or None, got {options['dynamic']!r}")
+    # "max-autotune" turns CUDA graphs on for CUDA inputs (the device is not known here).
+    if options.get("mode") in ("reduce-overhead", "max-autotune") or options.get("options", {}).get(
+        "triton.cudagraphs"
+    ):
+        # CUDA graphs replay into fixed output buffers: a state or metric kept from an earlier
+        # step would be overwritten by the next replay, which a pure step must never do.
+        raise ValueError(
+            "compile: CUDA graphs (mode='reduce-overhead', and 'max-autotune' on CUDA, "
+            "triton.cudagraphs) reuse the step's "
+            "output memory across calls, so an earlier state or metric a caller keeps would "
+            "change under it; use mode='max-autotune-no-cudagraphs' or the default mode"
+        )
+    if options.get("disable"):
+        raise ValueError(
+            "compile: {'disable': True} would run the step eagerly while it says compiled; "
+            "pass compile=False for an eager step"
+        )
     if grad_backend == "autograd":
         raise ValueError(
             "grad_backend='autograd' cannot be compiled with fullgraph=True (torch.compile "

@@ -440,7 +440,8 @@ def make_train_step(
         compile: run the step's tensor work (gradients, non-finite check, optimizer update,
             new state and metrics) as one ``torch.compile(fullgraph=True)`` graph; ``True``
             for the defaults (inductor) or a dict of ``torch.compile`` keyword arguments
-            (``{"mode": "max-autotune"}``, ``{"backend": "aot_eager"}``; ``fullgraph`` is
+            (``{"mode": "max-autotune-no-cudagraphs"}``, ``{"backend": "aot_eager"}``;
+            CUDA graphs are refused; ``fullgraph`` is
             always ``True``, ``dynamic`` defaults to ``False``). State checks, donation and
             the batch split stay eager. Hyperparameters, schedules and counters are tensors, so
             a run compiles once per batch shape. Same numbers as eager to rounding; under
