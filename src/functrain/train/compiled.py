@@ -83,16 +83,17 @@ def compile_options(
     ):
         raise TypeError(f"compile: dynamic must be a bool or None, got {options['dynamic']!r}")
     # "max-autotune" turns CUDA graphs on for CUDA inputs (the device is not known here).
-    if options.get("mode") in ("reduce-overhead", "max-autotune") or options.get("options", {}).get(
-        "triton.cudagraphs"
+    inductor = options.get("options") or {}
+    if options.get("mode") in ("reduce-overhead", "max-autotune") or (
+        isinstance(inductor, Mapping) and inductor.get("triton.cudagraphs")
     ):
         # CUDA graphs replay into fixed output buffers: a state or metric kept from an earlier
         # step would be overwritten by the next replay, which a pure step must never do.
         raise ValueError(
             "compile: CUDA graphs (mode='reduce-overhead', and 'max-autotune' on CUDA, "
-            "triton.cudagraphs) reuse the step's "
-            "output memory across calls, so an earlier state or metric a caller keeps would "
-            "change under it; use mode='max-autotune-no-cudagraphs' or the default mode"
+            "triton.cudagraphs) reuse the step's output memory across calls, so an earlier "
+            "state or metric a caller keeps would change under it; use "
+            "mode='max-autotune-no-cudagraphs' or the default mode"
         )
     if options.get("disable"):
         raise ValueError(
