@@ -13,7 +13,7 @@ from torch import nn
 
 import functrain as ft
 from functrain import testing
-from functrain.train import step as step_module
+from functrain.train import train_step as step_module
 
 FAST = {"backend": "aot_eager"}
 

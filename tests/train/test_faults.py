@@ -249,7 +249,7 @@ class _FoundInfStage:
 
     def __call__(self, tx, grads, opt_state, params, *, in_place, found_inf):
         self.calls.append(found_inf)
-        from functrain.train.step import Applied
+        from functrain.train.optimizer_stage import Applied
 
         return Applied(params, opt_state, None)
 

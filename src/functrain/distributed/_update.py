@@ -15,7 +15,7 @@ import torch
 
 from functrain import tree
 from functrain.train import faults as faults_lib
-from functrain.train import step as step_lib
+from functrain.train.train_step import _merge
 
 if TYPE_CHECKING:
     from functrain.distributed.step import DataParallelTrainStep
@@ -40,7 +40,7 @@ def checked_grads(
 ) -> tuple[Any, torch.Tensor | None, dict[str, Any]]:
     """The train step's non-finite check (and loss unscaling) on global values."""
     check = step._local.faults.check(metrics, grads, extra, params)
-    step_lib._merge(metrics, check.metrics, "the non-finite check")
+    _merge(metrics, check.metrics, "the non-finite check")
     new_extra = {**extra, **check.extra} if check.extra else extra
     return check.grads, check.ok, new_extra
 

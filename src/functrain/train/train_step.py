@@ -1,0 +1,345 @@
+"""The :class:`TrainStep` object that :func:`~functrain.make_train_step` builds.
+
+A train step is eager Python bookkeeping (argument and state checks, donation, the batch split,
+the non-finite counters) around a tensor computation (``_core``: gradients, the non-finite check,
+the optimizer update, the new state and metrics) that ``compile=`` can run as one graph. See
+:mod:`functrain.train.step` for what a step does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from functrain.optim.base import GradientTransformation
+from functrain.optim.loss_scale import DynamicLossScale
+from functrain.train import compiled, dp_stage, fast, faults, gradient, microbatch, rng
+from functrain.train._step_checks import (
+    OptStateGuard,
+    _check_no_overlap,
+    _check_opt_state,
+    _check_state,
+    _check_step_args,
+    _StructureGuard,
+    consume_torn,
+)
+from functrain.train.grad_stats import GradStatsHook
+from functrain.train.optimizer_stage import (
+    Applied,
+    LearningRateLookup,
+    apply_optimizer,
+    in_place_writes_started,
+    reset_in_place_writes,
+)
+from functrain.train.state import TrainState
+
+__all__ = ["TrainStep"]
+
+
+class TrainStep:
+    """A pure train step ``step(state, batch) -> (new_state, metrics)``; see make_train_step.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> loss_fn = lambda params, batch: ((batch["x"] * params["w"]).sum(-1) ** 2).mean()
+        >>> step = ft.make_train_step(loss_fn, ft.sgd(0.1), micro_batches=2)
+        >>> state = ft.TrainState.create(params={"w": torch.ones(3)}, tx=ft.sgd(0.1))
+        >>> state, metrics = step(state, {"x": torch.ones(5, 3)})
+        >>> int(state.step), sorted(metrics)[:3]
+        (1, ['grad_norm', 'loss', 'num_examples'])
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        tx: GradientTransformation,
+        *,
+        micro_batches: int | Sequence[int],
+        strategy: Literal["loop", "vmap"],
+        chunk_size: int | None,
+        donate: bool,
+        seed_rng: bool,
+        grad_backend: Literal["auto", "func", "autograd"],
+        grad_stats: GradStatsHook | None,
+        norm_metrics: bool,
+        nonfinite: Literal["skip", "ignore"] = "skip",
+        max_consecutive_skips: int | None = None,
+        loss_scale: DynamicLossScale | None = None,
+        fused: bool = True,
+        compile: bool | Mapping[str, Any] = False,
+        per_example_clip: float | torch.Tensor | None = None,
+    ) -> None:
+        _check_step_args(
+            loss_fn,
+            tx,
+            micro_batches,
+            strategy,
+            chunk_size,
+            grad_backend,
+            {"donate": donate, "seed_rng": seed_rng, "norm_metrics": norm_metrics, "fused": fused},
+        )
+        if grad_backend == "auto":
+            # Reverse mode accumulating in place matches the classic loop's time and memory;
+            # vmap and compiled steps need torch.func.
+            eager_loop = strategy == "loop" and compile is False
+            grad_backend = "autograd" if eager_loop else "func"
+        self.grad_backend = grad_backend
+        compile_options = compiled.compile_options(compile, grad_backend=grad_backend)
+        self.loss_fn = loss_fn
+        self.tx = tx
+        self.micro_batches = micro_batches
+        self.strategy = strategy
+        self.donate = donate
+        self.grad_stats = grad_stats
+        self.norm_metrics = norm_metrics
+        self.faults = faults.StepFaults(nonfinite, max_consecutive_skips, loss_scale)
+        self._scale_slot: compiled.LossScaleSlot | None = None
+        if compile_options is not None and loss_scale is not None:
+            self._scale_slot = compiled.LossScaleSlot()
+            scaled_loss = self._scale_slot.wrap(loss_fn)
+        else:
+            scaled_loss = self.faults.wrap_loss(loss_fn)
+        self.per_example_clip = per_example_clip
+        if per_example_clip is not None:
+            dp_stage.check_options(
+                per_example_clip,
+                micro_batches=micro_batches,
+                strategy=strategy,
+                grad_stats=grad_stats,
+                loss_scale=loss_scale,
+                compile=compile,
+                loss_fn=loss_fn,
+            )
+        self.grad_stage: gradient.GradStage | dp_stage.ClippedSumStage = gradient.GradStage(
+            scaled_loss,
+            strategy=strategy,
+            chunk_size=chunk_size,
+            # A compiled step seeds outside the graph (seeding reads the key on the host).
+            seed_rng=seed_rng and compile_options is None,
+            backend=grad_backend,
+            per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
+            loss_scale=None if loss_scale is None else self._current_loss_scale,
+        )
+        if per_example_clip is not None:
+            self.grad_stage = dp_stage.ClippedSumStage(
+                loss_fn, per_example_clip, chunk_size=chunk_size, seed_rng=seed_rng
+            )
+        # The autograd loop's gradients are step-local .grad tensors: the step's own to write.
+        writable = (
+            grad_stats is None
+            and strategy == "loop"
+            and grad_backend == "autograd"
+            and per_example_clip is None
+        )
+        self.faults.grads_writable = writable
+        self._guard = _StructureGuard()
+        self._opt_guard = OptStateGuard(lambda params, opt: _check_opt_state(tx, params, opt))
+        self._find_learning_rate = LearningRateLookup()
+        # The optimizer stage, separable so that a fused in-place path can replace it.
+        self.apply_optimizer: Callable[..., Applied] = apply_optimizer
+        if fused and donate:
+            # Gradients from the backward loop live in step-local .grad tensors: the fused
+            # kernels may unscale them in place (others may be views or shared by leaves).
+            self.apply_optimizer = fast.FusedStage(
+                update_norm=norm_metrics, grads_writable=writable
+            )
+        self._compiled: compiled.CompiledCore | None = None
+        if compile_options is not None:
+            self._compiled = compiled.CompiledCore(
+                self._core, compile_options, seed_rng=seed_rng, metas=self.grad_stage.metas
+            )
+
+    def _current_loss_scale(self) -> torch.Tensor:
+        """The scale ``loss_fn`` is multiplied by in this call (eager or compiled)."""
+        if self._scale_slot is not None:
+            assert self._scale_slot.scale is not None  # set at the start of the compiled core
+            return self._scale_slot.scale
+        return self.faults.current_scale()
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """One training step on ``batch``; returns the new state and the metrics."""
+        _check_state(state, "train step")
+        # Not consumed (checked above): the fields directly, without the properties' checks.
+        params, opt_state, buffers, key = (
+            state._params,
+            state._opt_state,
+            state._buffers,
+            state._key,
+        )
+        step, extra = state._step, state._extra
+        self._opt_guard.check(state, params, opt_state)
+        p_leaves = self._guard.check(params)
+        if self.donate:
+            _check_no_overlap(p_leaves, params, "train step (donate=True)")
+        token = self.faults.begin(extra, params)  # may raise NonFiniteError; sets the scale
+        reset_in_place_writes()
+        try:
+            split = (
+                microbatch.split_batch(batch, self.micro_batches)
+                if self.per_example_clip is None
+                else dp_stage.split(batch, self.micro_batches)  # type: ignore[arg-type]
+            )
+            # Only seeding reads the devices (a state without a key is never seeded).
+            devices = [] if key is None else list({p.device: None for p in p_leaves})
+            if self._compiled is None:
+                fields, metrics = self._core(
+                    params, opt_state, buffers, key, step, extra, batch, split, devices
+                )
+            else:
+                fields, metrics = self._compiled(
+                    self._full_extra(extra, params),
+                    params,
+                    opt_state,
+                    buffers,
+                    key,
+                    step,
+                    batch,
+                    split,
+                    devices,
+                )
+        except BaseException as err:
+            if self.donate and in_place_writes_started():
+                consume_torn(state, err, "a train step (donate=True)")
+            raise
+        finally:
+            self.faults.end(token)
+        if self.donate:
+            # Consumed only once the update succeeded: a step that fails before it writes into
+            # the state's memory leaves the state usable.
+            state._consume("a train step (donate=True)")
+        new_state = TrainState(*fields)
+        if self._compiled is not None:
+            self.faults.after_compiled(new_state._extra)
+        self._opt_guard.issue(new_state)
+        return new_state, metrics
+
+    def _core(
+        self,
+        params: Any,
+        opt_state: Any,
+        buffers: Any,
+        key: torch.Tensor | None,
+        step: torch.Tensor,
+        extra: dict[str, Any],
+        batch: Any,
+        split: microbatch.BatchSplit,
+        devices: list[torch.device],
+    ) -> tuple[tuple[Any, ...], dict[str, torch.Tensor]]:
+        """The step's tensor computation: the new state's fields and the metrics.
+
+        Pure apart from the donated parameter memory, with no host reads: this is what
+        ``compile=`` runs under ``torch.compile(fullgraph=True)``.
+        """
+        if self._scale_slot is not None:
+            self._scale_slot.scale = extra[faults.LOSS_SCALE_KEY].scale
+        result = self.grad_stage(params, batch, split, buffers, key, devices)
+        if self._scale_slot is not None:
+            self._scale_slot.scale = None
+        metrics = dict(result.metrics)
+        # Unscaled gradients and ``ok`` (finite loss and gradients; None with "ignore").
+        check = self.faults.check(metrics, result.grads, extra, params)
+        grads, ok = check.grads, check.ok
+        new_extra = {**extra, **check.extra} if check.extra else extra
+        if self.grad_stats is not None:
+            assert result.stats is not None
+            hook_state = (
+                extra[self.grad_stats.name]
+                if self.grad_stats.name in extra
+                else self.grad_stats.init(params)
+            )
+            hook_metrics, new_hook_state = self.grad_stats.update(result.stats, grads, hook_state)
+            new_hook_state = self.faults.keep_if_skipped(ok, new_hook_state, hook_state)
+            new_extra = {**new_extra, self.grad_stats.name: new_hook_state}
+            _merge(metrics, hook_metrics, "grad_stats")
+        _merge(metrics, check.metrics, "the non-finite check")
+        stage = self.apply_optimizer
+        if self.norm_metrics and self.per_example_clip is None:  # a DP sum's norm is not private
+            metrics["grad_norm"] = fast.global_norm(grads)
+            if isinstance(stage, fast.FusedStage):  # a leading clip reuses the norm
+                stage = stage.with_grad_norm(metrics["grad_norm"])
+        # Compiled: out of place. The in-place stage finds aliased leaves by id(), on which
+        # dynamo would guard (a recompile for every new state); the consumed state's memory is
+        # freed with it instead of reused.
+        in_place = self.donate and not torch.compiler.is_compiling()
+        applied = faults.apply_guarded(
+            stage,
+            self.tx,
+            grads,
+            opt_state,
+            params,
+            in_place=in_place,
+            ok=ok,
+            found_inf=check.found_inf,
+        )
+        del params, opt_state
+        new_key = None if key is None else rng.fold_in(key, 0)
+        new_buffers = self.faults.keep_if_skipped(ok, result.buffers, buffers)
+        update_norm = applied.update_norm
+        if self.norm_metrics and applied.updates is not None:
+            update_norm = fast.global_norm(applied.updates)  # a fused path may not form updates
+        self._finish_metrics(metrics, applied.params, applied.opt_state, update_norm, step.device)
+        fields = (step + 1, applied.params, applied.opt_state, new_buffers, new_key, new_extra)
+        return fields, metrics
+
+    def _finish_metrics(
+        self,
+        metrics: dict[str, torch.Tensor],
+        params: Any,
+        opt_state: Any,
+        update_norm: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        """Adds ``update_norm``, ``param_norm`` and ``lr`` (also used by the data-parallel step)."""
+        if self.norm_metrics:
+            if update_norm is not None:
+                metrics["update_norm"] = update_norm
+            metrics["param_norm"] = fast.global_norm(params)
+        lr = self._find_learning_rate(opt_state)
+        if lr is not None:
+            if not isinstance(lr, torch.Tensor):
+                lr = torch.full((), float(lr), device=device)
+            metrics["lr"] = lr
+
+    def prepare(self, state: TrainState) -> TrainState:
+        """``state`` with the ``state.extra`` entries this step keeps added where missing.
+
+        A step initialises its entries (skip counters, loss scale, ``grad_stats`` hook state)
+        at its first call; a checkpoint restore needs them in the target beforehand:
+        ``restore(path, target=step.prepare(ft.TrainState.create(...)))``. Existing entries
+        are kept; the state is not consumed (the new one shares its tensors).
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> tx = ft.sgd(0.1)
+            >>> step = ft.make_train_step(lambda p, b: (p["w"] * b).mean(), tx,
+            ...                           loss_scale=ft.DynamicLossScale())
+            >>> state = ft.TrainState.create(params={"w": torch.ones(2)}, tx=tx)
+            >>> sorted(step.prepare(state).extra)
+            ['loss_scale', 'nonfinite']
+        """
+        _check_state(state, "TrainStep.prepare")
+        return state.replace(extra=self._full_extra(state.extra, state.params))
+
+    def _full_extra(self, extra: dict[str, Any], params: Any) -> dict[str, Any]:
+        """``extra`` with the entries this step keeps added where missing."""
+        names = [faults.NONFINITE_KEY] if self.faults.stateful else []
+        if self.faults.loss_scale is not None:
+            names.append(faults.LOSS_SCALE_KEY)
+        hook = self.grad_stats
+        if all(name in extra for name in names) and (hook is None or hook.name in extra):
+            return extra
+        out = dict(extra)
+        for name, value in self.faults.init_extra(params).items():
+            out.setdefault(name, value)
+        if hook is not None and hook.name not in out:
+            out[hook.name] = hook.init(params)
+        return out
+
+
+def _merge(metrics: dict[str, torch.Tensor], new: dict[str, torch.Tensor], source: str) -> None:
+    for name, value in new.items():
+        if name in metrics:
+            raise ValueError(f"{source} metric {name!r} clashes with an existing metric")
+        metrics[name] = value
