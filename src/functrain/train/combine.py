@@ -38,9 +38,10 @@ def make_objective(
 ) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
     """Wraps ``loss_fn`` as ``f(params, mb, buffers, key, weight=None) -> (objective, payload)``.
 
-    With ``weight``, a mean loss's objective is multiplied by it (a ``LossSum`` is not); the
-    payload's ``value`` is always the unweighted loss. The payload holds tensors only (``vmap`` cannot return anything else); the static facts
-    about the result (mean or sum, aux keys) go to ``metas``.
+    With ``weight`` (other than 1), a mean loss's objective is multiplied by it before it is
+    differentiated, as the classic ``loss / K`` (a ``LossSum`` is not); the payload's ``value``
+    is always the unweighted loss. The payload holds tensors only (``vmap`` cannot return
+    anything else); the static facts about the result (mean or sum, aux keys) go to ``metas``.
     """
 
     def objective(
@@ -61,7 +62,7 @@ def make_objective(
             )
         )
         objective = parsed.objective
-        if weight is not None and not parsed.is_sum:
+        if weight is not None and weight != 1.0 and not parsed.is_sum:
             # A mean loss weighted before differentiation (as the classic ``loss / K``): the
             # gradient of a scaled float16 loss keeps the headroom of the weighted sum.
             objective = objective * weight

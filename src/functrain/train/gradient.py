@@ -201,22 +201,20 @@ class GradStage:
             for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
                 mb_key = None if key is None else rng.fold_in(key, i + 1)
                 self.metas.clear()
+                weight = size / split.total
                 with _seeding(mb_key, self.seed_rng, devices):
-                    obj, payload = self.objective(tracked, mb, buffers, mb_key)
+                    obj, payload = self.objective(tracked, mb, buffers, mb_key, weight)
                     meta = self.metas[-1]
-                    weight = 1.0 if meta.is_sum else size / split.total
-                    weighted = obj if weight == 1.0 else obj * weight
-                    if weighted.requires_grad:
-                        _backward(weighted, inputs, plain)
+                    if obj.requires_grad:
+                        _backward(obj, inputs, plain)
                     # else: a loss that does not depend on the params (a constant, a detached
                     # value) has a zero gradient, as torch.func.grad gives; backward would raise.
-                # The weighted objective is the combiner's weighted loss (same product, same
-                # bits); unweighted, the combiner copies it (the loss metric never aliases
-                # loss_fn's tensor).
-                combiner.add(
-                    meta, size, payload, weighted=None if obj is weighted else weighted.detach()
-                )
-                del obj, weighted
+                # A weighted objective is the combiner's weighted loss (same product, same
+                # bits); unweighted, the combiner copies the value (the loss metric never
+                # aliases loss_fn's tensor).
+                weighted = not meta.is_sum and weight != 1.0
+                combiner.add(meta, size, payload, weighted=obj.detach() if weighted else None)
+                del obj
                 if meta.has_buffers:
                     _check_buffers(buffers, payload["buffers"])
                     buffers = payload["buffers"]
