@@ -101,9 +101,10 @@ def global_row_norms(leaf_norms: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(leaf_norms), dim=0)
 
 
-def _check_rows(leaves: list[torch.Tensor], grads: PyTree) -> None:
+def _check_rows(leaves: list[torch.Tensor], grads: PyTree, complex_ok: bool = False) -> None:
     """Every leaf is a floating-point tensor with the first leaf's leading dimension; else
-    the error names the first leaf at fault (see ``batch_size_of``)."""
+    the error names the first leaf at fault (see ``batch_size_of``). Complex leaves only
+    where ``complex_ok``: moments and Gram matrices here are real formulas (no conjugation)."""
     n = leaves[0].shape[0] if isinstance(leaves[0], torch.Tensor) and leaves[0].dim() else None
     if all(
         isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n and x.is_floating_point()
@@ -113,9 +114,9 @@ def _check_rows(leaves: list[torch.Tensor], grads: PyTree) -> None:
     batch_size_of(grads, "grads")
     paths, leaves, _ = tree.flatten_with_paths(grads)
     for path, x in zip(paths, leaves):
-        if not (x.is_floating_point() or x.is_complex()):
+        if not (x.is_floating_point() or (complex_ok and x.is_complex())):
             where = tree.path_str(path, "grads")
-            raise TypeError(f"{where} must be a floating-point tensor, got {x.dtype}")
+            raise TypeError(f"{where} must be a real floating-point tensor, got {x.dtype}")
 
 
 def per_sample_norms(grads: PyTree) -> GradNorms:
@@ -133,7 +134,7 @@ def per_sample_norms(grads: PyTree) -> GradNorms:
     leaves, spec = tree.flatten(grads)
     if not leaves:
         raise ValueError("per_sample_norms needs at least one gradient leaf")
-    _check_rows(leaves, grads)
+    _check_rows(leaves, grads, complex_ok=True)
     norms = leaf_row_norms(leaves)
     return GradNorms(global_row_norms(norms), tree.unflatten(spec, norms))
 
@@ -144,23 +145,38 @@ def per_sample_norms(grads: PyTree) -> GradNorms:
 _CPU_BLOCK_ELEMENTS = 1 << 18
 
 
+def _centred_sums(rows: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Σᵢ dᵢ, Σᵢ dᵢ²)`` with ``dᵢ = rowsᵢ − centre``, as ``(1, d)`` rows."""
+    n = rows.shape[0]
+    block = max(1, _CPU_BLOCK_ELEMENTS // max(1, rows.shape[1])) if rows.is_cpu else n
+    s1 = torch.zeros_like(centre)
+    s2 = torch.zeros_like(centre)
+    ones = torch.ones((1, min(block, n)), dtype=rows.dtype, device=rows.device)
+    for part in rows.split(max(block, 1)):
+        dev = part - centre
+        s1.addmm_(ones[:, : part.shape[0]], dev)  # matrix-vector products: faster than sum(0)
+        dev.mul_(dev)
+        s2.addmm_(ones[:, : part.shape[0]], dev)
+    return s1, s2
+
+
 def _leaf_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, Σᵢ (xᵢ − mean)²)`` over the leading dimension, centred (numerically stable)."""
+    """``(mean, Σᵢ (xᵢ − mean)²)`` over the leading dimension: the corrected two-pass formula.
+
+    A mean summed in the gradients' dtype is off by a few of its ulps; when the spread is only
+    some thousands of ulps of the mean, ``Σ (xᵢ − mean)²`` then carries ``n·error²`` (float32
+    gradients with mean/std = 1e5 had 6e-4 relative error in the variance). Subtracting
+    ``(Σ dᵢ)²/n`` removes that to first order, and ``Σ dᵢ / n`` refines the mean.
+    """
     n = x.shape[0]
     rows = row_matrix(x)
     # No examples: zeros, which merge_grad_moments treats as the empty group.
     weights = torch.full((1, n), 1.0 / max(n, 1), dtype=x.dtype, device=x.device)
     mean = weights @ rows  # a matrix-vector product: faster than ``sum(0)`` on CPU
-    block = max(1, _CPU_BLOCK_ELEMENTS // max(1, rows.shape[1])) if x.device.type == "cpu" else n
-    if block >= n:
-        m2 = (rows - mean).square().sum(0, keepdim=True)
-    else:
-        m2 = torch.zeros_like(mean)
-        ones = torch.ones((1, block), dtype=x.dtype, device=x.device)
-        for part in rows.split(block):
-            dev = part - mean
-            dev.mul_(dev)
-            m2.addmm_(ones[:, : part.shape[0]], dev)
+    s1, s2 = _centred_sums(rows, mean)
+    correction = s1 / max(n, 1)
+    m2 = (s2 - s1 * correction).clamp_min_(0)
+    mean = mean + correction
     return mean.reshape(x.shape[1:]), m2.reshape(x.shape[1:])
 
 
@@ -190,7 +206,10 @@ def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
     """Moments of the union of two groups of examples (Chan et al.'s parallel update).
 
     Exact and numerically stable: ``mean = mean_a + δ·n_b/n``, ``m2 = m2_a + m2_b + δ²·n_a·n_b/n``
-    with ``δ = mean_b − mean_a``.
+    with ``δ = mean_b − mean_a``. Each mean carries its dtype's rounding, which enters ``δ``:
+    the merged variance has a relative error of about ``ε·|mean|/std`` (float32 gradients with
+    mean/std = 1e3 merged one example at a time: about 1e-4).
+    :func:`per_sample_grad_moments` accumulates around a fixed centre instead.
 
     Example:
         >>> import torch, functrain as ft
@@ -205,6 +224,7 @@ def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
         return b
     if b.count == 0:
         return a
+    tree.check_shapes(a.mean, b.mean, ("a.mean", "b.mean"))  # _foreach ops would broadcast
     mean_a, spec = tree.flatten(a.mean)
     mean_b = tree.flatten_up_to(spec, b.mean, ("a.mean", "b.mean"), a.mean)
     m2_a = tree.flatten_up_to(spec, a.m2, ("a.mean", "a.m2"), a.mean)
@@ -235,8 +255,10 @@ def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
     """Gradient signal-to-noise ratio per parameter element: ``mean² / variance``.
 
     The GSNR of Liu et al. 2020 ("Understanding why neural networks generalize well through
-    GSNR of parameters"): large when examples agree on a coordinate's gradient. ``eps`` keeps
-    coordinates with zero variance finite (they get ``mean² / eps``).
+    GSNR of parameters"): large when examples agree on a coordinate's gradient. ``eps`` floors
+    the variance: a coordinate with zero variance gets ``mean² / eps`` (0 where its mean is 0,
+    ``inf`` where ``mean² / eps`` overflows the dtype, as it does for any nonzero mean in
+    float16). Half-precision moments are divided in float32 and rounded once.
 
     Example:
         >>> import torch, functrain as ft
@@ -244,23 +266,57 @@ def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
         [tensor([2.])]
     """
     var = grad_variance(m, ddof)
-    return tree.map(lambda mu, v: mu * mu / v.clamp_min(eps), m.mean, var)
+
+    def snr(mu: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # In float16 ``eps`` rounds to 0 and a zero-variance, zero-mean coordinate gave NaN.
+        mu_w, v_w = _at_least_float32(mu), _at_least_float32(v)
+        return (mu_w * mu_w / v_w.clamp_min(eps)).to(mu.dtype)
+
+    return tree.map(snr, m.mean, var)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in _HALF else x
 
 
 def _flat_rows(grads: PyTree) -> list[torch.Tensor]:
     return [row_matrix(x) for x in tree.leaves(grads)]
 
 
+def _gram_dtype(rows: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype of a Gram matrix of ``rows``: the leaves' promoted dtype."""
+    dtype = rows[0].dtype
+    for x in rows[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
 def _cross_gram(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    out = a[0] @ b[0].T
-    for x, y in zip(a[1:], b[1:]):
-        out = out.addmm(x, y.T)
+    """``Σ_leaves aᵢ bⱼᵀ`` in the promoted dtype, but float32 for half-precision leaves.
+
+    Leaves of different dtypes are promoted (``addmm`` refuses mixed dtypes); float16 and
+    bfloat16 rows are multiplied in float32: a float16 Gram overflows at a norm of 256 and
+    its cosines became NaN. Callers round the result to :func:`_gram_dtype` once.
+    """
+    dtype = _gram_dtype(a + b)
+    work = torch.float32 if dtype in _HALF else dtype
+    out = None
+    for x, y in zip(a, b):
+        x, y = x.to(work), y.to(work)
+        out = x @ y.T if out is None else out.addmm(x, y.T)
+    assert out is not None
     return out
 
 
-def _to_cosine(g: torch.Tensor, eps: float) -> torch.Tensor:
+def _to_cosine(g: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Cosines from a Gram matrix, in at least float32 (``eps`` is 0 in float16), as ``dtype``."""
+    dtype = g.dtype if dtype is None else dtype
+    g = _at_least_float32(g)
     norms = g.diagonal().clamp_min(0).sqrt().clamp_min(eps)
-    return g / norms[:, None] / norms[None, :]
+    return (g / norms[:, None] / norms[None, :]).to(dtype)
 
 
 def grad_gram(grads: PyTree, cosine: bool = False, eps: float = 1e-30) -> torch.Tensor:
@@ -269,6 +325,9 @@ def grad_gram(grads: PyTree, cosine: bool = False, eps: float = 1e-30) -> torch.
     Args:
         grads: per-sample gradients with a leading batch dimension ``n``.
         cosine: divide by ``‖gᵢ‖·‖gⱼ‖`` (a zero gradient gets cosine 0 with everything).
+            The cosines come from the Gram matrix, in at least float32: a gradient whose
+            squared norm overflows that dtype (float32: a norm above about 1.8e19) gives NaN,
+            and one whose squared norm underflows it gets cosine 0.
         eps: floor on norms when ``cosine``.
 
     Returns:
@@ -286,7 +345,8 @@ def grad_gram(grads: PyTree, cosine: bool = False, eps: float = 1e-30) -> torch.
     _check_rows(leaves, grads)
     rows = [row_matrix(x) for x in leaves]
     g = _cross_gram(rows, rows)
-    return _to_cosine(g, eps) if cosine else g
+    dtype = _gram_dtype(rows)
+    return _to_cosine(g, eps, dtype) if cosine else g.to(dtype)
 
 
 def tree_gram(trees: Sequence[PyTree], cosine: bool = False, eps: float = 1e-30) -> torch.Tensor:
@@ -302,13 +362,18 @@ def tree_gram(trees: Sequence[PyTree], cosine: bool = False, eps: float = 1e-30)
     if len(trees) == 0:
         raise ValueError("tree_gram needs at least one tree")
     first, spec = tree.flatten(trees[0])
+    for k, t in enumerate(trees[1:], 1):
+        tree.check_shapes(trees[0], t, ("trees[0]", f"trees[{k}]"))
     columns = [first] + [
         tree.flatten_up_to(spec, t, ("trees[0]", f"trees[{k}]"), trees[0])
         for k, t in enumerate(trees[1:], 1)
     ]
+    if any(x.is_complex() for x in tree.leaves(columns)):
+        raise TypeError("tree_gram needs real leaves (its inner products do not conjugate)")
     # One (K, size) matrix per leaf: K inner products per leaf via a single matmul.
     stacked = [torch.stack(leaf_k).reshape(len(trees), -1) for leaf_k in zip(*columns)]
     if not stacked:
         raise ValueError("tree_gram needs trees with at least one leaf")
     g = _cross_gram(stacked, stacked)
-    return _to_cosine(g, eps) if cosine else g
+    dtype = _gram_dtype(stacked)
+    return _to_cosine(g, eps, dtype) if cosine else g.to(dtype)

@@ -22,12 +22,14 @@ from functrain.grads.per_sample import per_sample_chunks
 from functrain.grads.stats import (
     GradMoments,
     GradNorms,
+    _centred_sums,
+    _check_rows,
     _cross_gram,
     _flat_rows,
+    _gram_dtype,
     _to_cosine,
-    grad_moments,
-    merge_grad_moments,
     per_sample_norms,
+    row_matrix,
 )
 
 __all__ = ["per_sample_grad_moments", "per_sample_grad_norms", "per_sample_gram"]
@@ -121,11 +123,17 @@ def per_sample_grad_moments(
     buffers: PyTree | None = None,
     randomness: str = "error",
 ) -> GradMoments:
-    """Moments of the per-sample gradients (mean, variance, SNR), merged chunk by chunk.
+    """Moments of the per-sample gradients (mean, variance, SNR), accumulated chunk by chunk.
 
-    Memory is ``chunk_size × parameters`` plus two parameter-sized accumulators. Combine with
+    Memory is ``chunk_size × parameters`` plus three parameter-sized accumulators. Combine with
     :func:`grad_variance`, :func:`grad_snr`, ``GradMoments.sum_of_squares`` or
     :func:`gradient_diversity_from_moments`.
+
+    The sums ``Σ dᵢ`` and ``Σ dᵢ²`` of the deviations ``dᵢ = gᵢ − c`` from the first chunk's
+    mean ``c`` are accumulated and give ``mean = c + Σ dᵢ / n`` and
+    ``m2 = Σ dᵢ² − (Σ dᵢ)² / n``. Merging chunk moments with :func:`merge_grad_moments`
+    instead rounds every partial mean, which costs the variance a relative ``ε·|mean|/std``
+    (2e-4 for float32 gradients with mean/std = 1e4 in chunks of 16, against 3e-7 here).
 
     Example:
         >>> import torch, functrain as ft
@@ -136,14 +144,37 @@ def per_sample_grad_moments(
         >>> m.mean["w"], ft.grad_variance(m)["w"]
         (tensor([24., 34.]), tensor([648., 968.]))
     """
-    acc: GradMoments | None = None
+    centres: list[torch.Tensor] | None = None
+    sums: list[tuple[torch.Tensor, torch.Tensor]] = []
+    count = 0
+    spec = None
     for c in per_sample_chunks(
         loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
     ):
-        part = grad_moments(c.grads)
-        acc = part if acc is None else merge_grad_moments(acc, part)
-    assert acc is not None  # per_sample_chunks yields at least one chunk
-    return acc
+        leaves, spec = tree.flatten(c.grads)
+        if not leaves:
+            raise ValueError("per_sample_grad_moments needs at least one gradient leaf")
+        _check_rows(leaves, c.grads)
+        rows = [row_matrix(x) for x in leaves]
+        n = rows[0].shape[0]
+        if centres is None:
+            # Any centre near the mean works; the first chunk's rounded mean is one.
+            centres = [r.new_full((1, n), 1.0 / max(n, 1)) @ r for r in rows]
+        parts = [_centred_sums(r, centre) for r, centre in zip(rows, centres)]
+        if sums:
+            for (a, b), (p, q) in zip(sums, parts):
+                a.add_(p)  # the sums are this function's own tensors
+                b.add_(q)
+        else:
+            sums = parts
+        count += n
+    assert centres is not None and spec is not None  # at least one chunk
+    means, m2s = [], []
+    for x, centre, (s1, s2) in zip(leaves, centres, sums):
+        shift = s1 / max(count, 1)
+        means.append((centre + shift).reshape(x.shape[1:]))
+        m2s.append((s2 - s1 * shift).clamp_min_(0).reshape(x.shape[1:]))
+    return GradMoments(count, tree.unflatten(spec, means), tree.unflatten(spec, m2s))
 
 
 def per_sample_gram(
@@ -192,8 +223,10 @@ def per_sample_gram(
         lambda: _gram_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
     )
     if g is None:
-        g = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness)
-    return _to_cosine(g, eps) if cosine else g
+        g, dtype = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness)
+    else:
+        dtype = g.dtype
+    return _to_cosine(g, eps, dtype) if cosine else g.to(dtype)
 
 
 def _gram_by_layers(
@@ -233,13 +266,17 @@ def _gram_by_vmap(
     chunk_size: int | None,
     buffers: PyTree | None,
     randomness: str,
-) -> torch.Tensor:
-    """``method="vmap"``: blocks of materialized per-sample gradients, two chunks at a time."""
+) -> tuple[torch.Tensor, torch.dtype]:
+    """``method="vmap"``: blocks of materialized per-sample gradients, two chunks at a time.
+
+    Returns the matrix (float32 for half-precision gradients) and the gradients' dtype."""
     opts = {"chunk_size": chunk_size, "buffers": buffers, "randomness": randomness}
     n = batch_size_of(batch)
     rows = []
+    dtype = None
     for ci in per_sample_chunks(loss_fn, params, batch, **opts):
         left = _flat_rows(ci.grads)
+        dtype = _gram_dtype(left)
         blocks = [_cross_gram(left, left)]
         # Chunks after ci are recomputed for this row of blocks; earlier ones come by symmetry.
         rest = tree.map(lambda x, stop=ci.stop: x[stop:], batch)
@@ -258,4 +295,5 @@ def _gram_by_vmap(
             g[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block
             if j != i:
                 g[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
-    return g
+    assert dtype is not None
+    return g, dtype

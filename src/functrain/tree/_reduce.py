@@ -38,6 +38,8 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     return _sum_scalars(dots)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
 _REAL_OF_COMPLEX = {
     torch.complex32: torch.float16,
     torch.complex64: torch.float32,
@@ -110,6 +112,11 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     Returns:
         A 0-d tensor in the promoted dtype of the leaves, on the first leaf's device.
 
+    float16 and bfloat16 leaves are reduced in float32 and rounded once. Wider leaves are not
+    rescaled: where the sum of squares overflows the dtype (a float32 norm above about 1.8e19,
+    e.g. of ``[1e30, 1e30]``) the norm is ``inf``, as with ``torch.linalg.vector_norm`` and
+    ``torch.nn.utils.clip_grad_norm_``.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
@@ -143,13 +150,21 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     tree_leaves = [leaf for leaf in all_leaves if leaf.numel()]
     if not tree_leaves:
         return zero
-    per_leaf = torch._foreach_norm(tree_leaves, ord)
-    if ord == 2:
-        total = _sum_scalars([zero, *(n.square() for n in per_leaf)])
-        return total if squared else total.sqrt()
+    if ord == float("inf"):
+        return _stack_promoted([zero, *torch._foreach_norm(tree_leaves, ord)]).max()
+    # Half-precision leaves: per-leaf norms (and, for a half result, their sum) in float32,
+    # rounded once at the end. In float16 the squares overflow (two leaves of norm 200 gave
+    # inf, the norm being 283); each rounding of a norm or square cost bf16 a further 2⁻⁹.
+    half = any(x.dtype in _HALF for x in tree_leaves)
+    half = half and not any(x.is_complex() for x in tree_leaves)  # complex32: as before
+    acc = (torch.float32 if dtype in _HALF else dtype) if half else None
+    per_leaf = torch._foreach_norm(tree_leaves, ord, dtype=acc)
+    # Promote before squaring: a float16 leaf's norm beside float32 leaves must not overflow.
+    norms = _stack_promoted([zero if acc is None else zero.to(acc), *per_leaf])
     if ord == 1:
-        return _sum_scalars([zero, *per_leaf])
-    return _stack_promoted([zero, *per_leaf]).max()
+        return norms.sum().to(dtype)
+    total = norms.square().sum()
+    return (total if squared else total.sqrt()).to(dtype)
 
 
 def allclose(
