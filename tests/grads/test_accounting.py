@@ -75,6 +75,35 @@ def test_integer_and_fractional_methods_agree_across_an_integer_order():
         assert above - below == pytest.approx(0, abs=1e-6 * at)
 
 
+@pytest.mark.parametrize(
+    ("q", "sigma", "alpha"),
+    [(0.01, 0.05, 5000), (0.3, 0.2, 2000), (0.01, 1.0, 9000), (1e-3, 0.5, 3000)],
+)
+def test_large_orders_at_small_noise_match_the_binomial_sum(q, sigma, alpha):
+    # A whole-line grid here would take up to 8e6 nodes per order; the quadrature integrates
+    # windows around the integrand's peaks instead, and must still equal the exact sum.
+    exact = accounting._log_a_integer(q, sigma, alpha)
+    (windowed,) = accounting._log_a_fractional(q, sigma, [float(alpha)])
+    assert windowed == pytest.approx(exact, rel=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    q=st.floats(1e-4, 0.99),
+    sigma=st.floats(0.3, 10.0),
+    alpha=st.sampled_from([1.5, 2.5, 7.3, 31.7, 63.5, 200.5]),
+)
+def test_windowed_quadrature_equals_the_whole_line_grid(q, sigma, alpha):
+    whole = accounting._log_a_fractional(q, sigma, [alpha])
+    saved = accounting._MAX_NODES
+    accounting._MAX_NODES = 0  # every order integrated over windows
+    try:
+        windowed = accounting._log_a_fractional(q, sigma, [alpha])
+    finally:
+        accounting._MAX_NODES = saved
+    assert windowed == pytest.approx(whole, rel=1e-11, abs=1e-300)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     q=st.floats(1e-4, 0.9),

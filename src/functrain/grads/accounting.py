@@ -74,6 +74,122 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     return _softplus(top + math.log(math.fsum(math.exp(t - top) for t in terms)))
 
 
+#: Half-width, in ``σ``, of the windows around the integrand's peaks: its Gaussian factor falls
+#: by ``e^{−W²/2} = e^{−128}`` at their edges.
+_WINDOW = 16.0
+#: Above this many nodes on the whole line, an order is integrated over windows instead.
+_MAX_NODES = 1 << 15
+
+
+def _log_parts(z: torch.Tensor, q: float, sigma: float) -> tuple[torch.Tensor, ...]:
+    """``log N(z; 0, σ²)``, ``w = (2z − 1)/(2σ²)`` and ``log(1 − q + q·eʷ)`` at the nodes."""
+    var = sigma * sigma
+    w = (2 * z - 1) / (2 * var)
+    log_gauss = -(z * z) / (2 * var) - math.log(sigma * math.sqrt(2 * math.pi))
+    log_mix = torch.logaddexp(torch.tensor(math.log1p(-q), dtype=torch.float64), math.log(q) + w)
+    return log_gauss, w, log_mix
+
+
+def _log_excess(z: torch.Tensor, q: float, sigma: float, alpha: float) -> torch.Tensor:
+    """``log(N(z)·g(u))``, ``u = q(eʷ − 1)``, ``g(u) = (1 + u)^α − 1 − αu`` (``≥ 0``).
+
+    ``A_α − 1 = ∫ N(z)·g(u) dz``: the subtracted ``αu`` integrates to exactly 0
+    (``E[eʷ] = 1``), and without it the integrand's first-order part cancels to all but a
+    few digits when ``A_α − 1`` is tiny (``q`` small, ``σ`` large). ``g`` is summed as its
+    binomial series where ``|αu| ≤ 0.1`` (each term under 0.07 of the one before, no
+    cancellation), directly elsewhere.
+    """
+    log_gauss, w, log_mix = _log_parts(z, q, sigma)
+    x = alpha * log_mix  # log((1 + u)^α)
+    u = q * torch.expm1(w.clamp(max=600.0))
+    au = alpha * u
+    small = au.abs() <= 0.1
+    us = torch.where(small, u, 0.0)
+    term = alpha * (alpha - 1) / 2 * us * us
+    series = term
+    for k in range(3, 30):
+        term = term * ((alpha - k + 1) / k) * us
+        series = series + term
+    direct = torch.expm1(x.clamp(max=1.0)) - au  # where x ≤ 1, u is finite
+    # x > 1 (so u > 0): g = eˣ·(1 − (1 + αu)·e⁻ˣ), with (1 + αu) ≤ eˣ (Bernoulli).
+    log_u = math.log(q) + w + torch.log(-torch.expm1(-w.clamp(min=1e-300)))
+    log_1p_au = torch.logaddexp(torch.zeros((), dtype=torch.float64), math.log(alpha) + log_u)
+    ratio = torch.exp(log_1p_au - x)
+    big = x + torch.log1p(-ratio.clamp(max=1.0))
+    log_g = torch.where(
+        small,
+        torch.log(series.clamp(min=0.0)),
+        torch.where(x <= 1, torch.log(direct.clamp(min=0.0)), big),
+    )
+    return log_gauss + log_g
+
+
+def _windows(q: float, sigma: float, alpha: float) -> list[tuple[float, float, int]]:
+    """``(start, stop, nodes)`` of grids covering the integrand's mass for one order.
+
+    ``log f = log N(z) + α·log(1 − q + q·eʷ)`` rises left of 0 and falls right of ``α``; it is
+    at most ``max(two Gaussian branches peaking at 0 and α) + α·log 2``, and the ``α·log 2``
+    only within ``Wσ`` of ``z₀ = 1/2 + σ²·log((1 − q)/q)``, where the mixture switches
+    branch. So windows ``±Wσ`` around 0, ``α`` and ``z₀`` hold all but ``e^{−128}`` of the
+    peak. Only a window that meets the switch (and the branch points ``z₀ ± iπσ²(2k+1)``) needs
+    the fine step ``σ²/4``; the others are Gaussian-like and take ``σ/4``.
+    """
+    half = _WINDOW * sigma
+    z0 = 0.5 + sigma * sigma * (math.log1p(-q) - math.log(q))
+    lo, hi = -half, alpha + half
+    spans = sorted([(-half, half), (alpha - half, alpha + half)])
+    switch = (max(lo, z0 - half), min(hi, z0 + half))
+    if switch[0] < switch[1]:
+        spans = sorted([*spans, switch])
+    merged: list[list[float]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out = []
+    for a, b in merged:
+        fine = switch[0] < switch[1] and a < switch[1] and switch[0] < b
+        h = min(sigma, sigma * sigma) / 4 if fine else sigma / 4
+        n = math.ceil((b - a) / h) + 1
+        out.append((a, b, n))
+    return out
+
+
+def _log_a_windowed(
+    q: float, sigma: float, alpha: float, cache: dict[tuple[float, float, int], tuple[Any, ...]]
+) -> float:
+    """``log A_α`` over :func:`_windows`; ``cache`` keeps the nodes' parts (the windows at 0
+    and ``z₀``, the long one, are the same for every order)."""
+    segments = []
+    for a, b, n in _windows(q, sigma, alpha):
+        if (a, b, n) not in cache:
+            if len(cache) > 8:  # the windows around each α are used once
+                cache.clear()
+            z = torch.linspace(a, b, n, dtype=torch.float64)
+            cache[(a, b, n)] = (z, (b - a) / (n - 1), *_log_parts(z, q, sigma))
+        segments.append(cache[(a, b, n)])
+    parts = [
+        torch.logsumexp(log_gauss + alpha * log_mix, 0).item() + math.log(step)
+        for _, step, log_gauss, _, log_mix in segments
+    ]
+    value = _logsumexp(parts)
+    if value < 1e-2:
+        excess = [
+            torch.logsumexp(_log_excess(z, q, sigma, alpha), 0).item() + math.log(step)
+            for z, step, *_ in segments
+        ]
+        value = math.log1p(math.exp(_logsumexp(excess)))
+    return value
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    if top == -math.inf:
+        return top
+    return top + math.log(math.fsum(math.exp(v - top) for v in values))
+
+
 def _log_a_fractional(q: float, sigma: float, alphas: Sequence[float]) -> list[float]:
     """``log A_α`` for fractional orders ``α > 1``, by the trapezoidal rule on the real line.
 
@@ -83,40 +199,33 @@ def _log_a_fractional(q: float, sigma: float, alphas: Sequence[float]) -> list[f
     puts that below ``e^{−78}``. (The paper's two-sided series converges only polynomially
     when ``q`` is large; this needs a few thousand points whatever ``q``.) Its mass lies
     between ``0`` and ``α`` (the Gaussians ``N(k, σ²)`` of the expansion), widened by ``20σ``
-    (a Gaussian tail of ``e^{−200}``).
+    (a Gaussian tail of ``e^{−200}``). Where that grid would exceed ``2¹⁵`` nodes (small
+    ``σ``, large ``α``) the order is integrated over windows around the peaks instead
+    (:func:`_windows`), so time and memory stay bounded.
 
     Where ``A_α ≈ 1`` its logarithm would lose the digits of ``A_α − 1``, so that case
-    integrates ``N(z)·((1 − q + q·e^w)^α − 1)`` instead (whose first-order part in ``q``
-    integrates to exactly 0).
+    integrates ``A_α − 1`` directly (:func:`_log_excess`).
     """
     h = min(sigma, sigma * sigma) / 4
-    lo, hi = -20 * sigma, max(alphas) + 20 * sigma
-    n = math.ceil((hi - lo) / h) + 1
-    z = torch.linspace(lo, hi, n, dtype=torch.float64)
-    step = (hi - lo) / (n - 1)
-    w = (2 * z - 1) / (2 * sigma**2)
-    log_gauss = -(z * z) / (2 * sigma**2) - math.log(sigma * math.sqrt(2 * math.pi))
-    log_mix = torch.logaddexp(torch.tensor(math.log1p(-q), dtype=torch.float64), math.log(q) + w)
-    # The same, as log1p(q·(e^w − 1)) where e^w does not overflow: precise near 0.
-    safe_w = w.clamp(max=700.0)
-    log_mix_fine = torch.where(w < 700.0, torch.log1p(q * torch.expm1(safe_w)), log_mix)
-    out = []
-    for chunk in range(0, len(alphas), 16):  # bounds memory for a long grid
-        a = torch.tensor(alphas[chunk : chunk + 16], dtype=torch.float64)[:, None]
-        log_a = (torch.logsumexp(log_gauss + a * log_mix, 1) + math.log(step)).tolist()
-        for row, value in enumerate(log_a):
-            if value < 1e-2:
-                x = a[row] * log_mix_fine  # the integrand is N(z)·(eˣ − 1)
-                big = x > 1
-                log_abs = log_gauss + torch.where(
-                    big,
-                    x + torch.log(-torch.expm1(-x.clamp(min=1.0))),
-                    torch.log(torch.expm1(x.clamp(max=1.0)).abs()),
-                )
-                terms = (torch.sign(x) * torch.exp(log_abs)).tolist()
-                log_a[row] = math.log1p(max(math.fsum(terms) * step, 0.0))
-        out += log_a
-    return out
+    short = [a for a in alphas if (a + 40 * sigma) / h < _MAX_NODES]
+    cache: dict[tuple[float, float, int], tuple[Any, ...]] = {}
+    log_a = {a: _log_a_windowed(q, sigma, a, cache) for a in alphas if a not in short}
+    if short:
+        lo, hi = -20 * sigma, max(short) + 20 * sigma
+        n = math.ceil((hi - lo) / h) + 1
+        z = torch.linspace(lo, hi, n, dtype=torch.float64)
+        log_step = math.log((hi - lo) / (n - 1))
+        log_gauss, _, log_mix = _log_parts(z, q, sigma)
+        for chunk in range(0, len(short), 16):  # bounds memory
+            rows = short[chunk : chunk + 16]
+            a = torch.tensor(rows, dtype=torch.float64)[:, None]
+            values = (torch.logsumexp(log_gauss + a * log_mix, 1) + log_step).tolist()
+            for alpha, value in zip(rows, values):
+                if value < 1e-2:
+                    excess = torch.logsumexp(_log_excess(z, q, sigma, alpha), 0).item()
+                    value = math.log1p(math.exp(excess + log_step))
+                log_a[alpha] = value
+    return [log_a[a] for a in alphas]
 
 
 def _rdp_per_step(q: float, sigma: float, orders: Sequence[float]) -> list[float]:
