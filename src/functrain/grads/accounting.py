@@ -262,7 +262,14 @@ def _check_orders(orders: Sequence[float] | None) -> tuple[float, ...]:
     for a in values:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 1:
             raise ValueError(f"every RDP order must be a number > 1, got {a!r}")
+        if not math.isfinite(a):  # RDP(inf) is the max-divergence: not what these formulas give
+            raise ValueError(f"every RDP order must be finite, got {a!r}")
     return tuple(float(a) for a in values)
+
+
+def _check_delta(name: str, delta: Any) -> None:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {delta!r}")
 
 
 def _check_steps(steps: Any) -> int:
@@ -328,11 +335,13 @@ def get_privacy_spent(
         (1.8, 8.0)
     """
     alphas = _check_orders(orders)
-    values = [float(v) for v in rdp]
+    try:
+        values = [float(v) for v in rdp]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"rdp must be a sequence of numbers, one per order: {err}") from None
     if len(values) != len(alphas):
         raise ValueError(f"rdp has {len(values)} values for {len(alphas)} orders")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1:
-        raise ValueError(f"delta must be a number in (0, 1), got {delta!r}")
+    _check_delta("delta", delta)
     for a, r in zip(alphas, values):
         if math.isnan(r) or r < 0:
             raise ValueError(f"rdp must be >= 0 (or inf), got {r} at order {a}")
@@ -365,7 +374,7 @@ def get_noise_multiplier(
         target_epsilon: the ``ε`` budget (> 0).
         target_delta: the ``δ`` in ``(0, 1)``.
         sample_rate: ``q`` (Poisson sampling rate) in ``(0, 1]``.
-        steps: the number of steps of the run.
+        steps: the number of steps of the run (>= 1).
         orders: the RDP orders (default: Opacus' ``DEFAULT_ALPHAS``).
         epsilon_tolerance: how far below the target the result may land (> 0).
 
@@ -388,11 +397,19 @@ def get_noise_multiplier(
         or not 0 < target_epsilon < math.inf
     ):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
-    if not isinstance(epsilon_tolerance, (int, float)) or not epsilon_tolerance > 0:
-        raise ValueError(f"epsilon_tolerance must be > 0, got {epsilon_tolerance!r}")
+    if (
+        isinstance(epsilon_tolerance, bool)
+        or not isinstance(epsilon_tolerance, (int, float))
+        or not epsilon_tolerance > 0
+    ):
+        raise ValueError(f"epsilon_tolerance must be a number > 0, got {epsilon_tolerance!r}")
+    _check_delta("target_delta", target_delta)
     q, _ = _check_rate_and_noise(sample_rate, 1.0)
     if q == 0:
         raise ValueError("sample_rate must be > 0: with no sampling nothing is spent")
+    # No steps spend nothing at any noise: the bisection would shrink sigma towards 0 forever.
+    if _check_steps(steps) == 0:
+        raise ValueError("steps must be >= 1: a run of no steps spends nothing, at any noise")
     alphas = _check_orders(orders)
 
     def epsilon(sigma: float) -> float:

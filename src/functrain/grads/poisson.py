@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -26,8 +27,10 @@ class PoissonSampler:
         num_examples: the dataset size ``N`` (> 0).
         sample_rate: ``q`` in ``(0, 1]``; the expected batch size is ``q·N``.
         steps: batches per iteration over the sampler (default ``round(1/q)``, an epoch in
-            expectation, as Opacus' ``UniformWithReplacementSampler``).
-        generator: the ``torch.Generator`` to draw from (default: the global generator).
+            expectation; Opacus' ``UniformWithReplacementSampler`` truncates, ``int(1/q)``).
+        generator: the ``torch.Generator`` to draw from (default: the global CPU generator);
+            the draws are made on its device. Each iteration continues its stream, so
+            iterating again gives new batches: seed a fresh generator to replay a run.
 
     Example:
         >>> import torch, functrain as ft
@@ -56,6 +59,11 @@ class PoissonSampler:
         ):
             raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
         if steps is None:
+            if not 1 / sample_rate < sys.maxsize:  # len() must fit an index-sized int
+                raise ValueError(
+                    f"sample_rate={sample_rate!r} is too small for the default steps "
+                    "(round(1/sample_rate)): pass steps"
+                )
             steps = max(1, round(1 / sample_rate))
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
@@ -76,7 +84,12 @@ class PoissonSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            draws = torch.rand(self.num_examples, generator=self.generator, dtype=torch.float64)
+            draws = torch.rand(
+                self.num_examples,
+                generator=self.generator,
+                dtype=torch.float64,
+                device=None if self.generator is None else self.generator.device,
+            )
             yield torch.nonzero(draws < self.sample_rate).flatten().tolist()
 
     def __repr__(self) -> str:

@@ -11,10 +11,14 @@ Batches from :class:`functrain.PoissonSampler` vary in size: a batch smaller tha
 ``micro_batches`` is split into one micro-batch per example, and an empty batch (a leading
 dimension of 0) gives a zero sum, so the step still adds the noise, as the accounting assumes.
 
-Metrics: ``loss`` (the mean over the realized batch), ``num_examples`` and
-``clipped_fraction``. They are exact functions of the data, outside the DP guarantee (see
-:mod:`functrain.grads.privacy`); the step reports no ``grad_norm`` (the norm of the sum
-before noise), while ``update_norm`` and ``param_norm`` follow the noisy update.
+Metrics: ``loss`` (the mean over the realized batch, in the dtype ``loss_fn`` returns; the
+params' dtype for an empty batch), ``num_examples`` and ``clipped_fraction`` (at least
+float32). Sums over micro-batches (losses, clipped gradients) are accumulated in at least
+float32 and rounded once. The metrics are exact functions of the data, outside the DP guarantee
+(see :mod:`functrain.grads.privacy`); the step reports no ``grad_norm`` (the norm of the sum
+before noise), while ``update_norm`` and ``param_norm`` follow the noisy update. ``aux``
+values and buffers returned in a ``LossOutput`` are not used (per-example gradients are
+vmapped: pass eval-mode buffers with ``buffers=``).
 """
 
 from __future__ import annotations
@@ -96,10 +100,16 @@ class ClippedSumStage:
         key: torch.Tensor | None,
         devices: Sequence[torch.device],
     ) -> GradResult:
-        grad_sum = tree.zeros_like(params)
         first = tree.leaves(params)[0]
-        loss_sum = torch.zeros((), dtype=first.dtype, device=first.device)
-        clipped = torch.zeros((), dtype=torch.int64, device=first.device)
+        device = first.device
+        leaves, spec = tree.flatten(params)
+        acc: list[torch.Tensor] | None = None
+        # Sums of losses and of clipped gradients over micro-batches are accumulated in at least
+        # float32 and rounded once: a bfloat16 loss sum of a few hundred examples has a spacing
+        # of 1 or more, and a batch smaller than micro_batches is one micro-batch per example.
+        loss_sum = torch.zeros((), dtype=_wide(first.dtype), device=device)
+        loss_dtype = first.dtype  # an empty batch never calls loss_fn: the params' dtype
+        clipped = torch.zeros((), dtype=torch.int64, device=device)
         for i, mb in enumerate(microbatch.micro_batches(batch, split)):
             mb_key = None if key is None else rng.fold_in(key, i + 1)
             with _seeding(mb_key, self.seed_rng, devices):
@@ -112,13 +122,32 @@ class ClippedSumStage:
                     buffers=buffers if self.takes_buffers else None,
                     randomness="different",
                 )
-            grad_sum = tree.add(grad_sum, out.grad_sum)
-            loss_sum = loss_sum + out.loss_sum.to(loss_sum.dtype)
-            clipped = clipped + out.num_clipped.to(clipped.device)
-        count = max(split.total, 1)  # an empty batch: zero loss and sum, still noised by tx
+            part = tree.leaves(out.grad_sum)
+            if split.num_micro_batches == 1:
+                acc = part
+            elif acc is None:
+                # Copies: autograd may hand one tensor to several leaves, and we add in place.
+                acc = [g.to(_wide(g.dtype), copy=True) for g in part]
+            else:
+                torch._foreach_add_(acc, [g.to(a.dtype) for g, a in zip(part, acc)])
+            loss_dtype = out.loss_sum.dtype
+            loss_sum = loss_sum + out.loss_sum  # promotes to the wider of the two
+            clipped = clipped + out.num_clipped.to(device)
+        if acc is None:  # an empty batch: a zero sum, still noised by tx
+            grad_sum = tree.zeros_like(params)
+        else:
+            grad_sum = tree.unflatten(spec, [a.to(p.dtype) for a, p in zip(acc, leaves)])
+        count = max(split.total, 1)
         metrics = {
-            "loss": loss_sum / count,
-            "num_examples": torch.full((), split.total, dtype=torch.int64, device=first.device),
+            # The loss keeps the dtype loss_fn gave it, as in a non-DP step (rounded once).
+            "loss": (loss_sum / count).to(loss_dtype),
+            "num_examples": torch.full((), split.total, dtype=torch.int64, device=device),
+            # A ratio of counts: at least float32 (bfloat16 would round 1/3 to 0.334).
             "clipped_fraction": clipped.to(loss_sum.dtype) / count,
         }
         return GradResult(grad_sum, metrics, buffers, None)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """An accumulation dtype for ``dtype``: float32 for half precision, else itself."""
+    return torch.promote_types(dtype, torch.float32)
