@@ -143,11 +143,10 @@ def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) 
             torch._foreach_copy_(mu_l, mu)
             torch._foreach_copy_(nu_l, nu)
             op.new_state = op.state._replace(count=count)
-        else:  # mixed dtypes (mu_dtype)
-            kept = _ops.cast_like(mu, g) if spec.mu_dtype is None else mu
+        else:  # mixed dtypes (mu_dtype, or gradients of another dtype than the params)
             op.new_state = op.state._replace(
                 count=count,
-                mu=tree.unflatten(mu_spec, _ops.cast(kept, spec.mu_dtype)),
+                mu=tree.unflatten(mu_spec, _ops.cast_like(mu, mu_l)),
                 nu=tree.unflatten(nu_spec, _ops.cast_like(nu, nu_l)),
             )
     out = _direction(wide, mu, nu, count, spec.b1, spec.b2, spec.eps, spec.eps_root, spec.nesterov)
@@ -169,6 +168,8 @@ def run(
 ) -> Any:
     del writable  # gradients are never written: the pure path's numbers need them intact
     if ctx.found_inf is not None or any(type(op.spec) not in _PRIMITIVES for op in ops):
+        return False
+    if any(x.is_complex() for x in ctx.g):  # Adam's |g|² is the pure path's per-leaf branch
         return False
     up = _Updates(ctx)
     for op in ops:

@@ -210,9 +210,15 @@ def moment(g: list[torch.Tensor], m: list[torch.Tensor], decay: Scalar) -> list[
 
 
 def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> list[torch.Tensor]:
-    """``decay * v + (1 - decay) * g²`` (optax ``update_moment_per_elem_norm`` of order 2)."""
+    """``decay * v + (1 - decay) * |g|²`` (optax ``update_moment_per_elem_norm`` of order 2).
+
+    A complex leaf gets ``|g|² = g·conj(g)``, not ``g·g``, as optax's ``abs_sq``: its moment
+    stays in the leaf's complex dtype with a zero imaginary part.
+    """
     if not g:
         return []
+    if any(x.is_complex() for x in g):
+        return _by_kind(g, v, lambda gs, vs: moment_sq(gs, vs, decay), _complex_moment(decay))
     decay = on_device(decay, g[0])
     v = _like(v, g)
     if isinstance(decay, torch.Tensor):
@@ -222,6 +228,88 @@ def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> li
     out = list(torch._foreach_mul(v, cpu_number(decay, v)))
     torch._foreach_addcmul_(out, g, g, 1 - decay)
     return out
+
+
+def _complex_moment(decay: Scalar) -> Any:
+    """The per-leaf complex branch of :func:`moment_sq` for :func:`_by_kind`."""
+
+    def fn(gs: list[torch.Tensor], vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        d = on_device(decay, gs[0])
+        return [(v.real * d + (1 - d) * abs_sq(x)).to(x.dtype) for x, v in zip(gs, vs)]
+
+    return fn
+
+
+def _by_kind(
+    xs: list[torch.Tensor], ys: list[torch.Tensor], real_fn: Any, complex_fn: Any
+) -> list[torch.Tensor]:
+    """``real_fn`` on the real leaves of ``xs`` (with their partners in ``ys``), ``complex_fn``
+    on the complex ones, merged back in order: real leaves keep their fused, bitwise path."""
+    out: list[Any] = [None] * len(xs)
+    for want_complex, fn in ((False, real_fn), (True, complex_fn)):
+        idx = [i for i, x in enumerate(xs) if x.is_complex() == want_complex]
+        if idx:
+            for i, r in zip(idx, fn([xs[i] for i in idx], [ys[i] for i in idx])):
+                out[i] = r
+    return out
+
+
+def abs_sq(x: torch.Tensor) -> torch.Tensor:
+    """``|x|²`` in ``x``'s real dtype (optax ``numerics.abs_sq``); ``x·x`` for a real ``x``.
+
+    For a complex ``x`` the sum of the squared parts: ``x·conj(x)`` may carry a rounding error
+    in its imaginary part where the multiply is fused.
+    """
+    if x.is_complex():
+        return torch.view_as_real(x.resolve_conj()).square().sum(-1)  # no view of a conj view
+    return x * x
+
+
+def add_abs_sq(acc: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[a + |x|²]``, each in ``a``'s dtype (``addcmul`` for real leaves)."""
+    if not any(x.is_complex() for x in g):
+        return list(torch._foreach_addcmul(acc, g, g))
+    return [(a + abs_sq(x)).to(a.dtype) for a, x in zip(acc, g)]
+
+
+def sub_abs_sq(acc: list[torch.Tensor], mu: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[a − |m|²]`` (a centred second moment), each in ``a``'s dtype."""
+    if not any(m.is_complex() for m in mu):
+        return list(torch._foreach_sub(acc, torch._foreach_mul(mu, mu)))
+    return [(a - abs_sq(m)).to(a.dtype) for a, m in zip(acc, mu)]
+
+
+def maximum(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Elementwise ``max(x, y)``; complex moments (zero imaginary parts) by their real parts.
+
+    JAX orders complex numbers lexicographically, which is the same on such moments; torch
+    has no complex ``maximum``. The result has the promoted dtype of each pair.
+    """
+    if not any(t.is_complex() for t in (*xs, *ys)):
+        return list(torch._foreach_maximum(xs, ys))
+    return [
+        torch.maximum(x.real, y.real).to(torch.promote_types(x.dtype, y.dtype))
+        for x, y in zip(xs, ys)
+    ]
+
+
+def sign(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[sign(x)]``; for a complex ``x`` its phase ``x / |x|`` (``torch.sgn``, NumPy's sign)."""
+    if not any(x.is_complex() for x in xs):
+        return list(torch._foreach_sign(xs)) if xs else []
+    return [torch.sgn(x) if x.is_complex() else torch.sign(x) for x in xs]
+
+
+def real_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype of a complex ``dtype`` (``dtype`` itself when real)."""
+    return _REAL.get(dtype, dtype)
+
+
+_REAL = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
 
 
 def scaled_square(g: list[torch.Tensor], decay: torch.Tensor) -> list[torch.Tensor]:
@@ -254,8 +342,10 @@ def cast_like(xs: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.T
 def check_decay(name: str, value: Any, *, allow_one: bool = False) -> None:
     """Validates a Python-number decay rate: finite and in ``[0, 1)`` (``[0, 1]`` if allowed).
 
-    Tensors and schedules are not inspected (that would read device memory).
+    Tensor values and schedules are not inspected (that would read device memory); a tensor's
+    shape is metadata and must be 0-d.
     """
+    check_scalar_tensor(name, value)
     if isinstance(value, bool) or callable(value) or isinstance(value, torch.Tensor):
         return
     if not isinstance(value, (int, float)):
@@ -264,6 +354,28 @@ def check_decay(name: str, value: Any, *, allow_one: bool = False) -> None:
     if not (value >= 0 and upper_ok):
         interval = "[0, 1]" if allow_one else "[0, 1)"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_scalar_tensor(name: str, value: Any) -> None:
+    """Refuses a tensor hyperparameter that is not 0-d: a shaped one would broadcast against
+    the leaves (or fail deep inside an update) instead of being one number."""
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        raise ValueError(
+            f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}"
+        )
+
+
+def check_dtype(name: str, dtype: Any) -> None:
+    """Validates an optional state dtype (``mu_dtype``, ``accumulator_dtype``, …).
+
+    An integer dtype would silently truncate the moment it stores (``0.1·g`` becomes 0).
+    """
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype or None, got {dtype!r}")
+    if not (dtype.is_floating_point or dtype.is_complex):
+        raise ValueError(f"{name} must be a floating-point dtype, got {dtype}")
 
 
 def scalar_dtype(leaves: list[torch.Tensor]) -> torch.dtype:

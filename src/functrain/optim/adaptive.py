@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -39,11 +40,13 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
-def _check(b1: Any, b2: Any, eps: Any = 0.0, eps_root: Any = 0.0) -> None:
+def _check(b1: Any, b2: Any, eps: Any = 0.0, eps_root: Any = 0.0, mu_dtype: Any = None) -> None:
     _ops.check_decay("b1", b1)
     _ops.check_decay("b2", b2)
-    _utils.check_finite_number("eps", eps, minimum=0.0)
-    _utils.check_finite_number("eps_root", eps_root, minimum=0.0)
+    for name, value in (("eps", eps), ("eps_root", eps_root)):
+        _utils.check_finite_number(name, value, minimum=0.0)
+        _ops.check_scalar_tensor(name, value)
+    _ops.check_dtype("mu_dtype", mu_dtype)
 
 
 def _bias(decay: Hyper, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -86,6 +89,23 @@ def _widen(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     if not any(x.dtype in _NARROW for x in xs):  # a generator: dynamo cannot trace attrgetter
         return xs
     return [x.float() if x.dtype in _NARROW else x for x in xs]
+
+
+def _operands(g: list[torch.Tensor], *states: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The update leaves in the dtype their moments are computed in: float32 for float16 and
+    bfloat16 (as :func:`_widen`), and at least the precision of each state leaf, so that a
+    float32 moment of bfloat16 gradients is not rounded to bfloat16 on the way."""
+    out = _widen(g)
+    dtypes = {y.dtype for y in out}
+    if len(dtypes) == 1 and all({x.dtype for x in st} <= dtypes for st in states):
+        return out  # the common case: one dtype throughout
+    wanted = [
+        functools.reduce(torch.promote_types, (x[i].dtype for x in states), y.dtype)
+        for i, y in enumerate(out)
+    ]
+    if all(y.dtype == d for y, d in zip(out, wanted)):
+        return out
+    return [y.to(d) for y, d in zip(out, wanted)]
 
 
 def _direction(
@@ -148,7 +168,11 @@ def scale_by_adam(
     rounded once, as the fused kernels do (in float16, ``eps = 1e-8`` itself is 0).
 
     Differences from optax: the result keeps the updates' dtype; with a ``mu_dtype`` wider than
-    the updates optax returns the wider dtype.
+    the updates optax returns the wider dtype. The moments keep the dtypes they were initialised
+    with (optax promotes them with the updates' dtype).
+
+    Complex leaves use ``|g|² = g·conj(g)`` in ``nu``, as optax (``torch.optim.Adam`` instead
+    treats the real and imaginary parts as separate parameters).
 
     Args:
         b1: decay of the first moment, in ``[0, 1)``.
@@ -166,7 +190,7 @@ def scale_by_adam(
         >>> u["w"]  # the first Adam step is the sign of the gradient (up to eps)
         tensor([ 1.0000, -1.0000])
     """
-    _check(b1, b2, eps, eps_root)
+    _check(b1, b2, eps, eps_root, mu_dtype)
 
     def init_fn(params: Any) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -189,8 +213,9 @@ def scale_by_adam(
         out = _direction(wide, mu, nu, count, b1, b2, eps, eps_root, nesterov)
         if wide is not g:  # one rounding of each float32 result, as the kernels
             out = _ops.cast_like(out, g)
-            mu = _ops.cast_like(mu, g) if mu_dtype is None else mu
-        mu = _ops.cast(mu, mu_dtype)
+        # The moments keep their dtypes from init (the params' or mu_dtype): updates of another
+        # dtype (bfloat16 gradients of float32 params) must not narrow the state.
+        mu = _ops.cast_like(mu, s["state.mu"])
         nu = _ops.cast_like(nu, s["state.nu"])
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
         return tree.unflatten(spec, out), new_state
@@ -232,6 +257,9 @@ def scale_by_amsgrad(
 
     ``bias_correction_mu`` / ``bias_correction_nu`` turn off the corrections (the paper's form).
 
+    float16 and bfloat16 leaves are computed in float32 and rounded once, as in
+    :func:`scale_by_adam`; the moments keep the dtypes they were initialised with.
+
     Differences from ``torch.optim.Adam(amsgrad=True)``: PyTorch keeps the maximum of the
     *uncorrected* ``nu`` and divides it by the *current* ``1 − b2ᵗ``; optax and functrain keep
     the maximum of the corrected ``v̂``. The two agree only while ``nu`` grows monotonically.
@@ -253,7 +281,7 @@ def scale_by_amsgrad(
         >>> u
         [tensor([ 1.0000, -1.0000])]
     """
-    _check(b1, b2, eps, eps_root)
+    _check(b1, b2, eps, eps_root, mu_dtype)
 
     def init_fn(params: Any) -> ScaleByAmsgradState:
         return ScaleByAmsgradState(
@@ -274,17 +302,21 @@ def scale_by_amsgrad(
         if not g:
             return updates, ScaleByAmsgradState(count, state.mu, state.nu, state.nu_max)
         dtype = _ops.scalar_dtype(g)
-        mu = _ops.moment(g, s["state.mu"], b1)
-        nu = _ops.moment_sq(g, s["state.nu"], b2)
+        wide = _operands(g, s["state.mu"], s["state.nu"], s["state.nu_max"])
+        mu = _ops.moment(wide, s["state.mu"], b1)
+        nu = _ops.moment_sq(wide, s["state.nu"], b2)
         mu_hat = _ops.div(mu, _bias(b1, count, dtype)) if bias_correction_mu else mu
         nu_eff = _ops.div(nu, _bias(b2, count, dtype)) if bias_correction_nu else nu
-        nu_max = list(torch._foreach_maximum(_ops.cast_like(s["state.nu_max"], g), nu_eff))
-        out = torch._foreach_div(mu_hat, _denominator(nu_max, eps, eps_root))
-        unflat = lambda xs: tree.unflatten(spec, xs)  # noqa: E731
+        nu_max = _ops.maximum(_ops.cast_like(s["state.nu_max"], wide), nu_eff)
+        out = _ops.cast_like(torch._foreach_div(mu_hat, _denominator(nu_max, eps, eps_root)), g)
+        unflat = lambda xs, like: tree.unflatten(spec, _ops.cast_like(xs, like))  # noqa: E731
         new_state = ScaleByAmsgradState(
-            count, unflat(_ops.cast(mu, mu_dtype)), unflat(nu), unflat(nu_max)
+            count,
+            unflat(mu, s["state.mu"]),
+            unflat(nu, s["state.nu"]),
+            unflat(nu_max, s["state.nu_max"]),
         )
-        return unflat(out), new_state
+        return tree.unflatten(spec, out), new_state
 
     return GradientTransformation(init_fn, update_fn)
 
@@ -300,6 +332,9 @@ def scale_by_adamax(
         u ← (mu / (1 − b1ᵗ)) / nu
 
     Same maths as ``torch.optim.Adamax``. The state is a :class:`ScaleByAdamState`.
+
+    float16 and bfloat16 leaves are computed in float32 and rounded once, as in
+    :func:`scale_by_adam`; the moments keep the dtypes they were initialised with.
 
     Args:
         b1: decay of the first moment (the gradient average), in ``[0, 1)``.
@@ -329,12 +364,14 @@ def scale_by_adamax(
         count = _utils.safe_increment(state.count)
         if not g:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
-        mu = _ops.moment(g, s["state.mu"], b1)
-        abs_g = list(torch._foreach_abs(g))
+        wide = _operands(g, s["state.mu"], s["state.nu"])
+        mu = _ops.moment(wide, s["state.mu"], b1)
+        abs_g = list(torch._foreach_abs(wide))
         _ops.add_(abs_g, eps)
-        nu = list(torch._foreach_maximum(abs_g, _ops.mul(_ops.cast_like(s["state.nu"], g), b2)))
+        nu = _ops.maximum(abs_g, _ops.mul(_ops.cast_like(s["state.nu"], wide), b2))
         mu_hat = _ops.div(mu, _bias(b1, count, _ops.scalar_dtype(g)))
-        out = torch._foreach_div(mu_hat, nu)
+        out = _ops.cast_like(torch._foreach_div(mu_hat, nu), g)
+        mu, nu = _ops.cast_like(mu, s["state.mu"]), _ops.cast_like(nu, s["state.nu"])
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
         return tree.unflatten(spec, out), new_state
 
@@ -359,6 +396,9 @@ def scale_by_radam(
         r = √((ρₜ − 4)(ρₜ − 2) ρ∞ / ((ρ∞ − 4)(ρ∞ − 2) ρₜ))
         u ← r · û / (√(v̂ + eps_root) + eps)   if ρₜ ≥ threshold,   else u ← û
 
+    float16 and bfloat16 leaves are computed in float32 and rounded once, as in
+    :func:`scale_by_adam`; the moments keep the dtypes they were initialised with.
+
     Differences from ``torch.optim.RAdam``: PyTorch rectifies when ``ρₜ > 5`` (strictly; the two
     differ only if ``ρₜ`` is exactly 5) and adds ``eps`` to ``√nu`` *before* the bias
     correction, i.e. divides by ``√v̂ + eps / √(1 − b2ᵗ)``. With ``eps=0`` the trajectories
@@ -382,6 +422,7 @@ def scale_by_radam(
     """
     _check(b1, b2, eps, eps_root)
     _utils.check_finite_number("threshold", threshold)
+    _ops.check_scalar_tensor("threshold", threshold)
 
     def init_fn(params: Any) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -397,6 +438,7 @@ def scale_by_radam(
         if not g:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
         dtype = _ops.scalar_dtype(g)
+        g, given = _operands(g, s["state.mu"], s["state.nu"]), g
         mu = _ops.moment(g, s["state.mu"], b1)
         nu = _ops.moment_sq(g, s["state.nu"], b2)
         t = count.to(dtype)
@@ -410,7 +452,8 @@ def scale_by_radam(
         mu_hat = _mu_hat(g, mu, b1, count, nesterov)
         nu_hat = _ops.div(nu, 1 - b2_t)
         adapted = torch._foreach_div(_ops.mul(mu_hat, r), _denominator(nu_hat, eps, eps_root))
-        out = [torch.where(rectify, a, m) for a, m in zip(adapted, mu_hat)]
+        out = _ops.cast_like([torch.where(rectify, a, m) for a, m in zip(adapted, mu_hat)], given)
+        mu, nu = _ops.cast_like(mu, s["state.mu"]), _ops.cast_like(nu, s["state.nu"])
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
         return tree.unflatten(spec, out), new_state
 
@@ -448,6 +491,9 @@ def scale_by_lion(
 
     ``torch.optim`` has no Lion.
 
+    float16 and bfloat16 leaves are computed in float32 and rounded once, as in
+    :func:`scale_by_adam`; the moments keep the dtypes they were initialised with.
+
     Args:
         b1: interpolation weight of the momentum in the sign, in ``[0, 1]``.
         b2: decay of the momentum, in ``[0, 1]``.
@@ -465,6 +511,8 @@ def scale_by_lion(
     """
     _ops.check_decay("b1", b1, allow_one=True)
     _ops.check_decay("b2", b2, allow_one=True)
+    _ops.check_dtype("mu_dtype", mu_dtype)
+    _utils.check_finite_number("smooth_beta", smooth_beta)
     if mode not in ("hard", "smooth", "refined"):
         raise ValueError(f'Unknown lion mode: {mode!r}; use "hard", "smooth" or "refined"')
 
@@ -481,14 +529,16 @@ def scale_by_lion(
         count = _utils.safe_increment(state.count)
         if not g:
             return updates, ScaleByLionState(count, state.mu)
+        g, given = _operands(g, s["state.mu"]), g
         c = _ops.moment(g, s["state.mu"], b1)
         if mode == "hard":
-            out = list(torch._foreach_sign(c))
+            out = _ops.sign(c)  # a complex leaf's phase, as optax's jnp.sign
         elif mode == "smooth":
             out = [torch.tanh(smooth_beta * x) for x in c]
         else:
-            out = [torch.where(x.abs() < 1.0, x, torch.sign(x)) for x in c]
-        mu = _ops.cast(_ops.moment(g, s["state.mu"], b2), mu_dtype)
+            out = [torch.where(x.abs() < 1.0, x, s) for x, s in zip(c, _ops.sign(c))]
+        out = _ops.cast_like(out, given)
+        mu = _ops.cast_like(_ops.moment(g, s["state.mu"], b2), s["state.mu"])
         return tree.unflatten(spec, out), ScaleByLionState(count, tree.unflatten(spec, mu))
 
     return GradientTransformation(init_fn, update_fn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -186,9 +187,21 @@ def add_noise(
         )
         std = torch.sqrt(variance)
         out = [
-            u + std.to(device=u.device, dtype=u.dtype) * _prng.normal_like(sample_key, u, i)
+            u + std.to(device=u.device, dtype=u.dtype) * _standard_normal(sample_key, u, i)
             for i, u in enumerate(leaves)
         ]
         return tree.unflatten(spec, out), AddNoiseState(count, next_key)
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def _standard_normal(key: torch.Tensor, like: torch.Tensor, stream: int) -> torch.Tensor:
+    """Standard-normal noise like ``like``; complex noise has ``E|z|² = 1``, as JAX's.
+
+    A complex leaf draws its real and imaginary parts (each of variance ½) from one real
+    stream of twice the size: cast from a real draw, the noise would have no imaginary part.
+    """
+    if not like.is_complex():
+        return _prng.normal_like(key, like, stream)
+    parts = torch.empty((*like.shape, 2), dtype=_ops.real_dtype(like.dtype), device=like.device)
+    return torch.view_as_complex(_prng.normal_like(key, parts, stream) * math.sqrt(0.5))

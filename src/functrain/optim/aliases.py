@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from functrain.optim import accumulation, adaptive, additive, scaling
+from functrain.optim import _ops, accumulation, adaptive, additive, scaling
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import GradientTransformation, chain, identity
 
@@ -60,6 +60,8 @@ def sgd(
         >>> ft.apply_updates(params, u)["w"]
         tensor([0.9000, 0.9000])
     """
+    # An integer buffer would silently truncate the momentum to whole numbers.
+    _ops.check_dtype("accumulator_dtype", accumulator_dtype)
     return chain(
         accumulation.trace(momentum, nesterov, accumulator_dtype)
         if momentum is not None

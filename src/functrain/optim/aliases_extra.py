@@ -10,7 +10,17 @@ from typing import Any
 
 import torch
 
-from functrain.optim import accumulation, adaptive, additive, clipping, factorized, rms, scaling
+from functrain.optim import (
+    _ops,
+    _utils,
+    accumulation,
+    adaptive,
+    additive,
+    clipping,
+    factorized,
+    rms,
+    scaling,
+)
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import GradientTransformation, chain, identity
 
@@ -156,6 +166,12 @@ def adafactor(
         >>> u["w"]
         tensor([-0.1000,  0.1000])
     """
+    # Checked here so that the errors name adafactor's arguments, not the inner transforms'.
+    if clipping_threshold is not None:
+        _utils.check_finite_number("clipping_threshold", clipping_threshold, minimum=0.0)
+    if momentum is not None:
+        _ops.check_decay("momentum", momentum, allow_one=True)
+    _ops.check_dtype("dtype_momentum", dtype_momentum)
     txs = [
         factorized.scale_by_factored_rms(
             factored, decay_rate, decay_offset, min_dim_size_to_factor, eps

@@ -1,4 +1,8 @@
-"""RMS-style transforms: RMSProp's second moment (plain and centred) and Adagrad's sum."""
+"""RMS-style transforms: RMSProp's second moment (plain and centred) and Adagrad's sum.
+
+Complex leaves accumulate ``|g|²`` (and a centred moment subtracts ``|mu|²``), as optax's
+``abs_sq``: the statistics keep the leaves' complex dtype with zero imaginary parts.
+"""
 
 from __future__ import annotations
 
@@ -210,7 +214,7 @@ def scale_by_stddev(
             if bias_correction:
                 bias = 1 - _utils.power(decay, count, _ops.scalar_dtype(g))
                 mu_hat, nu_hat = _ops.div(mu, bias), _ops.div(nu, bias)
-            var = list(torch._foreach_sub(nu_hat, torch._foreach_mul(mu_hat, mu_hat)))
+            var = _ops.sub_abs_sq(nu_hat, mu_hat)  # nu − |mu|², as optax's abs_sq
             out = tree.unflatten(spec, _scaled(g, var, eps, eps_in_sqrt))
             mu = tree.unflatten(spec, _ops.cast_like(mu, s["state.mu"]))
             nu = tree.unflatten(spec, _ops.cast_like(nu, s["state.nu"]))
@@ -273,9 +277,10 @@ def scale_by_rss(
         g, spec, s = _utils.flat(updates, {"state.sum_of_squares": state.sum_of_squares})
         if not g:
             return updates, state
-        total = list(torch._foreach_addcmul(_ops.cast_like(s["state.sum_of_squares"], g), g, g))
+        total = _ops.add_abs_sq(_ops.cast_like(s["state.sum_of_squares"], g), g)
         scaled = _scaled(g, total, eps, eps_in_sqrt=True)
-        out = [torch.where(t > 0, x, torch.zeros_like(x)) for t, x in zip(total, scaled)]
+        # ``.real``: a complex leaf's sum holds |g|² with a zero imaginary part.
+        out = [torch.where(t.real > 0, x, torch.zeros_like(x)) for t, x in zip(total, scaled)]
         new = ScaleByRssState(
             tree.unflatten(spec, _ops.cast_like(total, s["state.sum_of_squares"]))
         )

@@ -159,13 +159,15 @@ def scale_by_learning_rate(
 def scale_by_sign() -> GradientTransformation:
     """Replaces every update element by its sign (``-1``, ``0`` or ``1``).
 
+    A complex element becomes its phase ``u / |u|`` (0 at 0), as ``jnp.sign`` in optax.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.scale_by_sign()
         >>> tx.update([torch.tensor([-2.0, 0.0, 0.3])], tx.init(None))[0]
         [tensor([-1.,  0.,  1.])]
     """
-    return _stateless_map(lambda leaves: list(torch._foreach_sign(leaves)) if leaves else [])
+    return _stateless_map(_ops.sign)
 
 
 def _leaf_pairs(name: str, updates: Any, params: Any) -> tuple[list[Any], Any, list[Any]]:
@@ -216,7 +218,8 @@ def scale_by_trust_ratio(
             u_norms = torch._foreach_norm([g[i] for i in idx])
             for i, pn, un in zip(idx, p_norms, u_norms):
                 u = g[i]
-                pn = torch.clamp_min(pn.to(u.dtype), _ops.on_device(min_norm, u))
+                # The norms are real for complex leaves too (clamp has no complex kernel).
+                pn = torch.clamp_min(pn.to(_ops.real_dtype(u.dtype)), _ops.on_device(min_norm, u))
                 un = torch.clamp_min(un, _ops.on_device(min_norm, u))
                 ratio = _ops.on_device(trust_coefficient, u) * pn / (un + _ops.on_device(eps, u))
                 safe = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
@@ -266,7 +269,7 @@ def scale_by_param_block_norm(min_scale: float | torch.Tensor = 1e-3) -> Gradien
 def scale_by_param_block_rms(min_scale: float | torch.Tensor = 1e-3) -> GradientTransformation:
     """Scales each leaf's update by ``max(rms(p), min_scale)`` (used by :func:`adafactor`).
 
-    ``rms(p) = sqrt(mean(p²))`` over the whole parameter tensor.
+    ``rms(p) = sqrt(mean(|p|²))`` over the whole parameter tensor.
 
     Args:
         min_scale: lower bound of the parameter-block statistic.
@@ -279,5 +282,5 @@ def scale_by_param_block_rms(min_scale: float | torch.Tensor = 1e-3) -> Gradient
         [tensor([3., 3.])]
     """
     return _scale_by_param_block(
-        "scale_by_param_block_rms", min_scale, lambda p: p.square().mean().sqrt()
+        "scale_by_param_block_rms", min_scale, lambda p: _ops.abs_sq(p).mean().sqrt()
     )
