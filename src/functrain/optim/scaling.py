@@ -167,7 +167,8 @@ def scale_by_sign() -> GradientTransformation:
         >>> tx.update([torch.tensor([-2.0, 0.0, 0.3])], tx.init(None))[0]
         [tensor([-1.,  0.,  1.])]
     """
-    return _stateless_map(_ops.sign)
+    # A function of scale_by_sign's own: distributed.shardable recognises it by that name.
+    return _stateless_map(lambda leaves: _ops.sign(leaves))
 
 
 def _leaf_pairs(name: str, updates: Any, params: Any) -> tuple[list[Any], Any, list[Any]]:
