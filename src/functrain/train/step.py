@@ -129,8 +129,10 @@ def make_train_step(
         per_example_clip: ``C`` for a DP-SGD step: ``tx`` then receives ``Σᵢ clip(gᵢ, C)``,
             the sum over the batch's examples of their gradients clipped to norm ``C``
             (formed micro-batch by micro-batch), and must begin with
-            :func:`~functrain.dp_noisy_mean` (noise once per step, division by the expected
-            batch size). Batches may vary in size and be empty (Poisson sampling). Metrics:
+            :func:`~functrain.dp_noisy_mean` with the same ``C`` (noise once per step,
+            division by the expected batch size; the step does not inspect ``tx``, so another
+            chain would apply the un-noised sum). ``chunk_size`` then bounds the examples per
+            ``vmap`` call. Batches may vary in size and be empty (Poisson sampling). Metrics:
             ``loss``, ``num_examples``, ``clipped_fraction``, no ``grad_norm``. Only the
             ``"loop"`` strategy with a count of micro-batches, without ``grad_stats``,
             ``loss_scale`` or ``compile``. See :mod:`functrain.train.dp_stage`.
