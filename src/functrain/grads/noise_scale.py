@@ -57,6 +57,30 @@ PyTree = Any
 Numbers = Sequence[float | int | torch.Tensor] | torch.Tensor
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _sq_norm_vmappable(grad: PyTree) -> torch.Tensor:
+    # Foreach kernels have no vmap batching rule; per-leaf vector norms do. Half-precision
+    # leaves are reduced in float32: tr(Σ) is a difference of nearly equal squared norms, and
+    # bfloat16's 8-bit mantissa would leave percent-level errors in it.
+    sq = [
+        torch.linalg.vector_norm(
+            x, dtype=torch.float32 if x.dtype in _LOW_PRECISION else None
+        ).square()
+        for x in tree.leaves(grad)
+    ]
+    return torch.stack(sq).sum() if len(sq) > 1 else sq[0]
+
+
+def _sum_wide(grad: PyTree) -> torch.Tensor:
+    """Sum of all elements, half-precision leaves accumulated (and returned) in float32."""
+    sums = [
+        x.sum(dtype=torch.float32 if x.dtype in _LOW_PRECISION else None) for x in tree.leaves(grad)
+    ]
+    return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
+
+
 class NoiseScaleEstimate(NamedTuple):
     """Unbiased estimates from one step.
 
@@ -95,28 +119,41 @@ def _stack_sq_norms(values: Numbers) -> torch.Tensor:
 
 def _weighted_sums(
     sizes: Numbers, sq: torch.Tensor, power: int
-) -> tuple[torch.Tensor, torch.Tensor | float]:
-    """``(Σᵢ bᵢ^power · sqᵢ, Σᵢ bᵢ)`` over the last dimension.
+) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor | int]:
+    """``(Σᵢ bᵢ^power · sqᵢ, Σᵢ bᵢ, #{i: bᵢ > 0})`` over the last dimension.
 
-    Python-number sizes stay Python numbers: building a device tensor from host values would
-    copy and synchronize on CUDA.
+    A micro-batch of size 0 (a ``LossSum`` micro-batch without a counted token) holds no
+    example: its mean gradient is ``0/0`` and its ``sqᵢ`` NaN, so it is left out (``0·NaN``
+    would be NaN) rather than weighted by zero. Python-number sizes stay Python numbers:
+    building a device tensor from host values would copy and synchronize on CUDA.
     """
     k = sq.shape[-1]
     if isinstance(sizes, torch.Tensor):
         b = sizes.to(device=sq.device, dtype=sq.dtype)
         if b.shape[-1:] != (k,):
             raise ValueError(f"sizes has shape {tuple(b.shape)}; its last dim must be K={k}")
-        return (b**power * sq).sum(-1), b.sum(-1)
+        present = b > 0
+        return torch.where(present, b**power * sq, 0.0).sum(-1), b.sum(-1), present.sum(-1)
     sizes = list(sizes)
     if len(sizes) != k:
         raise ValueError(f"got {len(sizes)} sizes for K={k} squared norms")
-    weighted = sq[..., 0] * sizes[0] ** power
-    for i in range(1, k):
-        weighted = weighted + sq[..., i] * sizes[i] ** power
-    total = sizes[0]
-    for b in sizes[1:]:
-        total = total + b
-    return weighted, total
+    weighted: Any = 0.0
+    total: Any = 0
+    count: Any = 0
+    for i, b in enumerate(sizes):
+        term = sq[..., i] * b**power
+        present: Any = 1
+        if isinstance(b, torch.Tensor):  # decided on the device, without a host read
+            term = torch.where(b > 0, term, 0.0)
+            present = (b > 0).to(torch.int64)
+        elif b == 0:  # a Python 0: nothing to add
+            continue
+        elif b < 0:
+            raise ValueError(f"sizes must be >= 0, got {sizes}")
+        weighted, total, count = weighted + term, total + b, count + present
+    if not isinstance(weighted, torch.Tensor):  # every size a Python 0
+        weighted = torch.zeros_like(sq[..., 0])
+    return weighted, total, count
 
 
 def noise_scale_estimate(
@@ -131,7 +168,10 @@ def noise_scale_estimate(
         sq_norms: ``‖ĝᵢ‖²`` of each micro-batch's *mean* gradient: a list of ``K`` 0-d tensors as
             they come, or a tensor whose last dimension is ``K`` (leading dimensions broadcast).
         sizes: ``bᵢ``, examples (or loss weights, e.g. tokens) per micro-batch: ``K`` numbers or
-            tensors, or a tensor with last dimension ``K``.
+            tensors, or a tensor with last dimension ``K``. A micro-batch of size 0 (a
+            ``LossSum`` micro-batch of padding only) holds no example and is left out, its
+            ``‖ĝᵢ‖²`` (NaN: ``0/0``) included; ``K`` then counts the others. With fewer than
+            two non-empty micro-batches the estimates are NaN.
         combined_sq_norm: ``‖ĝ‖²`` of the step gradient ``ĝ = Σᵢ bᵢĝᵢ / B``.
 
     Example:
@@ -146,8 +186,9 @@ def noise_scale_estimate(
     k = sq.shape[-1]
     if k < 2:
         raise ValueError(f"noise_scale_estimate needs K >= 2 micro-batches, got K={k}")
-    weighted, total = _weighted_sums(sizes, sq, 1)
-    trace_sigma = (weighted - total * combined_sq_norm) / (k - 1)
+    weighted, total, present = _weighted_sums(sizes, sq, 1)
+    # K counts the micro-batches that hold examples: an empty one adds nothing to either sum.
+    trace_sigma = (weighted - total * combined_sq_norm) / (present - 1)
     if not isinstance(trace_sigma, torch.Tensor):
         trace_sigma = torch.as_tensor(trace_sigma, dtype=sq.dtype)
     return NoiseScaleEstimate(trace_sigma, combined_sq_norm - trace_sigma / total)
@@ -159,6 +200,9 @@ def noise_scale_from_moments(m: GradMoments) -> NoiseScaleEstimate:
     ``tr(Σ) = Σ_p m2_p / (n − 1)`` (the summed unbiased variances) and
     ``|G|² = ‖mean‖² − tr(Σ)/n``: :func:`noise_scale_estimate` with ``K = n``, ``bᵢ = 1``.
 
+    Half-precision moments are reduced in float32 and the estimates stay float32: ``|G|²`` is a
+    difference of nearly equal numbers that bfloat16 would round away.
+
     Example:
         >>> import torch, functrain as ft
         >>> m = ft.grad_moments({"w": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
@@ -167,8 +211,8 @@ def noise_scale_from_moments(m: GradMoments) -> NoiseScaleEstimate:
     """
     if m.count < 2:
         raise ValueError(f"noise_scale_from_moments needs at least 2 examples, got {m.count}")
-    trace_sigma = tree.sum(m.m2) / (m.count - 1)
-    return NoiseScaleEstimate(trace_sigma, tree.norm(m.mean, squared=True) - trace_sigma / m.count)
+    trace_sigma = _sum_wide(m.m2) / (m.count - 1)
+    return NoiseScaleEstimate(trace_sigma, _sq_norm_vmappable(m.mean) - trace_sigma / m.count)
 
 
 def gradient_diversity(
@@ -185,7 +229,9 @@ def gradient_diversity(
             micro-batch *mean* gradients ``ĝᵢ`` and this is ``‖ĝ‖²`` of ``ĝ = Σ bᵢĝᵢ / B``; the
             diversity is then that of the micro-batch sum gradients ``bᵢĝᵢ``:
             ``Σ bᵢ²‖ĝᵢ‖² / (B²‖ĝ‖²)``.
-        sizes: micro-batch sizes ``bᵢ``, or ``None``.
+        sizes: micro-batch sizes ``bᵢ``, or ``None``. Empty micro-batches (size 0) add nothing.
+
+    The diversity is NaN when all gradients are zero (``0/0``).
 
     Example:
         >>> import torch, functrain as ft
@@ -195,19 +241,23 @@ def gradient_diversity(
     sq = _stack_sq_norms(sq_norms)
     if sizes is None:
         return sq.sum(-1) / combined_sq_norm
-    weighted, total = _weighted_sums(sizes, sq, 2)
+    weighted, total, _ = _weighted_sums(sizes, sq, 2)
     return weighted / (total * total * combined_sq_norm)
 
 
 def gradient_diversity_from_moments(m: GradMoments) -> torch.Tensor:
     """Gradient diversity of the per-sample gradients: ``Σᵢ‖gᵢ‖² / ‖Σᵢ gᵢ‖²`` from moments.
 
+    Half-precision moments are reduced in float32 (the result is float32).
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.gradient_diversity_from_moments(ft.grad_moments([torch.tensor([[1.0, 0.0], [0.0, 1.0]])]))
         tensor(1.)
     """
-    return tree.sum(m.sum_of_squares()) / (m.count**2 * tree.norm(m.mean, squared=True))
+    mean_sq = _sq_norm_vmappable(m.mean)
+    # Σᵢ‖gᵢ‖² = Σ m2 + n‖mean‖², summed wide (sum_of_squares() would round per element).
+    return (_sum_wide(m.m2) + m.count * mean_sq) / (m.count**2 * mean_sq)
 
 
 class NoiseScaleState(NamedTuple):
@@ -244,6 +294,25 @@ def noise_scale_init(
     return NoiseScaleState(torch.zeros((), dtype=torch.int32, device=device), zero, zero.clone())
 
 
+def _check_decay(decay: Any) -> None:
+    """Refuses a decay outside ``[0, 1)`` or not one number, before it turns averages NaN.
+
+    ``decay = 1`` never moves the averages off zero (``B_simple = 0/0``, bias correction
+    ``0/0``); outside ``[0, 1)`` the average is not one. A tensor's value is not read (that
+    would be a host sync in a step); only its shape is checked.
+    """
+    if isinstance(decay, torch.Tensor):
+        if decay.dim() != 0 or not decay.is_floating_point():
+            raise ValueError(
+                f"decay must be a 0-d floating tensor, got shape {tuple(decay.shape)} "
+                f"and dtype {decay.dtype}"
+            )
+    elif isinstance(decay, bool) or not isinstance(decay, int | float):
+        raise TypeError(f"decay must be a float in [0, 1) or a 0-d tensor, got {decay!r}")
+    elif not 0 <= decay < 1:
+        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+
+
 def noise_scale_update(
     state: NoiseScaleState, estimate: NoiseScaleEstimate, decay: float | torch.Tensor = 0.99
 ) -> NoiseScaleState:
@@ -261,10 +330,11 @@ def noise_scale_update(
         >>> ft.simple_noise_scale(state)
         tensor(4.)
     """
-    dtype = state.trace_sigma.dtype
+    _check_decay(decay)
+    dtype, device = state.trace_sigma.dtype, state.trace_sigma.device
     s = torch.as_tensor(estimate.trace_sigma).to(dtype)
     g = torch.as_tensor(estimate.grad_sq).to(dtype)
-    weight = (1 - decay).to(dtype) if isinstance(decay, torch.Tensor) else 1 - decay
+    weight = (1 - decay).to(device, dtype) if isinstance(decay, torch.Tensor) else 1 - decay
     finite = torch.isfinite(s) & torch.isfinite(g)
     return NoiseScaleState(
         # The count is the bias correction's exponent: it counts only the folded estimates.
@@ -278,8 +348,9 @@ def simple_noise_scale(state: NoiseScaleState) -> torch.Tensor:
     """``B_simple = EMA[tr(Σ)] / EMA[|G|²]`` (McCandlish et al. 2018).
 
     Both averages share the bias-correction factor ``1 − decayᵗ``, so it cancels in the ratio.
-    Before the first update the ratio is NaN; while ``EMA[|G|²] ≤ 0`` (noise dominates) it is
-    negative or infinite: read it once the averages have settled.
+    Before the first update the ratio is NaN (``0/0``), and so it stays while every gradient is
+    exactly zero; while ``EMA[|G|²] ≤ 0`` (noise dominates) it is negative or infinite: read it
+    once the averages have settled. Equal micro-batch gradients (no noise) give 0.
 
     Example:
         >>> import torch, functrain as ft
@@ -299,7 +370,8 @@ def noise_scale_metrics(
     """Updates the state and returns metrics for a train step (all tensors, no host reads).
 
     Metrics: ``{prefix}b_simple`` (ratio of averages), ``{prefix}trace_sigma`` and
-    ``{prefix}grad_sq`` (bias-corrected moving averages).
+    ``{prefix}grad_sq`` (bias-corrected moving averages). All three are NaN until a finite
+    estimate has been folded in (``count = 0``: the correction ``1 − decay⁰`` is 0).
 
     Example:
         >>> import torch, functrain as ft
@@ -326,7 +398,8 @@ class CosineAccumulator(NamedTuple):
     """Running sum of normalized gradients, for the mean pairwise cosine.
 
     Attributes:
-        unit_sum: ``Σᵢ gᵢ/‖gᵢ‖`` (a pytree like the gradients; zero gradients add nothing).
+        unit_sum: ``Σᵢ gᵢ/‖gᵢ‖`` (a pytree like the gradients, half-precision leaves kept in
+            float32; zero gradients add nothing).
         unit_sq_sum: ``Σᵢ ‖gᵢ/‖gᵢ‖‖²``: the number of non-zero gradients, as a tensor.
         count: ``K``, gradients added so far (a Python int: the loop is static).
 
@@ -350,13 +423,20 @@ def cosine_accumulator_init(params: PyTree) -> CosineAccumulator:
         >>> ft.cosine_accumulator_init({"w": torch.zeros(2)}).count
         0
     """
-    leaves = tree.leaves(params)
-    dtype = _utils.float_dtype(leaves)
+    # At least float32: a float16 squared norm under- or overflows for ordinary gradients
+    # (below about 2.4e-4 or above 256 in norm), and half-precision unit vectors would cost the
+    # cosine its third digit.
+    dtype = torch.promote_types(_utils.float_dtype(tree.leaves(params)), torch.float32)
     return CosineAccumulator(
-        tree.zeros_like(params),
+        tree.map(lambda p: torch.zeros_like(p, dtype=_wide(p.dtype, dtype)), params),
         torch.zeros((), dtype=dtype, device=_utils.default_device(params)),
         0,
     )
+
+
+def _wide(leaf_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The accumulator dtype of a leaf: half precision widened to ``dtype``, others kept."""
+    return dtype if leaf_dtype in _LOW_PRECISION else leaf_dtype
 
 
 def cosine_accumulator_add(
@@ -377,9 +457,11 @@ def cosine_accumulator_add(
         [tensor([0.6000, 0.8000])]
     """
     a_leaves, spec, other = _utils.flat(acc.unit_sum, {"grad": grad})
-    g_leaves = other["grad"]
+    # Half-precision gradients are widened to the accumulator's dtype before scaling.
+    g_leaves = [g.to(a.dtype) for a, g in zip(a_leaves, other["grad"])]
     if sq_norm is None:
-        sq_norm = tree.norm(grad, squared=True)
+        sq_norm = _sq_norm_vmappable(grad)
+    sq_norm = sq_norm.to(torch.promote_types(sq_norm.dtype, acc.unit_sq_sum.dtype))
     positive = sq_norm > 0
     inv = torch.where(positive, sq_norm.clamp_min(torch.finfo(sq_norm.dtype).tiny).rsqrt(), 0.0)
     new_sum = torch._foreach_add(a_leaves, torch._foreach_mul(g_leaves, inv))
@@ -407,22 +489,6 @@ def mean_pairwise_cosine(acc: CosineAccumulator) -> torch.Tensor:
     return (tree.norm(acc.unit_sum, squared=True) - acc.unit_sq_sum) / (k * (k - 1))
 
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _sq_norm_vmappable(grad: PyTree) -> torch.Tensor:
-    # Foreach kernels have no vmap batching rule; per-leaf vector norms do. Half-precision
-    # leaves are reduced in float32: tr(Σ) is a difference of nearly equal squared norms, and
-    # bfloat16's 8-bit mantissa would leave percent-level errors in it.
-    sq = [
-        torch.linalg.vector_norm(
-            x, dtype=torch.float32 if x.dtype in _LOW_PRECISION else None
-        ).square()
-        for x in tree.leaves(grad)
-    ]
-    return torch.stack(sq).sum() if len(sq) > 1 else sq[0]
-
-
 def noise_scale_hook(
     decay: float | torch.Tensor = 0.99, prefix: str = "noise_scale/", name: str = "noise_scale"
 ) -> Any:
@@ -436,10 +502,12 @@ def noise_scale_hook(
     averages, see :func:`noise_scale_metrics`) and ``{prefix}gradient_diversity`` (this step's,
     of the micro-batch sum gradients). The cost is one squared norm per micro-batch and one of
     the combined gradient. Under ``nonfinite="ignore"`` a step with a NaN or inf gradient
-    leaves the averages as they were (:func:`noise_scale_update`); its diversity is NaN.
+    leaves the averages as they were (:func:`noise_scale_update`); its diversity is NaN. A
+    ``LossSum`` micro-batch that counts no token is left out of the step's estimates (with
+    fewer than two others left they are NaN, and the averages are kept as they were).
 
     Args:
-        decay: moving-average decay for ``B_simple``.
+        decay: moving-average decay for ``B_simple``, in ``[0, 1)``.
         prefix: metric-name prefix.
         name: key of the state in ``state.extra``.
 
@@ -454,6 +522,8 @@ def noise_scale_hook(
         [4.0, 0.1667]
     """
     from functrain.train.gradient import GradStatsHook  # functrain.train may import grads
+
+    _check_decay(decay)
 
     def init(params: PyTree) -> NoiseScaleState:
         # At least float32: a bfloat16 moving average with decay 0.99 drops most increments.
