@@ -190,7 +190,7 @@ def _bench(
 
         def run() -> None:
             done = fused.update_in_place(
-                tx, mine["g"], mine["s"], mine["p"], update_norm=update_norm
+                tx, mine["g"], mine["s"], mine["p"], update_norm=update_norm, shapes_known=True
             )
             mine["s"] = done.opt_state  # type: ignore[union-attr]
 

@@ -9,6 +9,7 @@ do not (other dtypes, masks, tensor hyperparameters, ...) but cannot honour ``fo
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -48,8 +49,23 @@ class _Updates:
         return mine, [i for i in idx if not self.owned[i]]
 
 
+_HALF = frozenset({torch.float16, torch.bfloat16})
+_DTYPE = attrgetter("dtype")
+
+
 def _mul_into(up: _Updates, idx: list[int], factor: Any) -> None:
     mine, theirs = up.split(idx)
+    # ``torch._foreach_mul_`` (in place, CPU) rounds a Python scalar to a float16 or bfloat16
+    # leaf's dtype before multiplying, where the pure path's out-of-place multiply keeps it in
+    # float32: ``x · bf16(0.1)`` is not ``x · 0.1``. Such leaves take the pure path's own op
+    # (one dtype check per leaf, in C, in the common case of none).
+    if (
+        mine
+        and not isinstance(factor, torch.Tensor)
+        and not _HALF.isdisjoint(map(_DTYPE, up.take(mine)))
+    ):
+        theirs += [i for i in mine if up.u[i].dtype in _HALF]
+        mine = [i for i in mine if up.u[i].dtype not in _HALF]
     if mine:
         torch._foreach_mul_(up.take(mine), _ops.on_device(factor, up.u[mine[0]]))
     if theirs:
@@ -99,16 +115,17 @@ def _decay_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None)
 
 
 def _trace_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
+    from functrain.optim.accumulation import _trace_step
+
     spec = op.spec
     assert isinstance(spec, Trace)
-    t_leaves, t_spec = tree.flatten(op.state.trace)
     if not op.idx:
         op.new_state = op.state
         return
-    g = up.take(op.idx)
-    new_trace = _ops.add_scaled(g, spec.decay, _ops.cast_like(t_leaves, g))
-    out = _ops.add_scaled(g, spec.decay, new_trace) if spec.nesterov else new_trace
-    kept = _ops.cast(new_trace, spec.accumulator_dtype)
+    t_leaves, t_spec = tree.flatten(op.state.trace)
+    # The pure update's own step: the arithmetic in the wider of each update's and trace's
+    # dtypes, the trace kept in its init dtype (a float32 trace of bfloat16 gradients).
+    out, kept = _trace_step(up.take(op.idx), t_leaves, spec.decay, spec.nesterov)
     op.new_state = op.state._replace(trace=tree.unflatten(t_spec, kept))
     up.put(op.idx, out, [o is not k for o, k in zip(out, kept)])
 
@@ -171,14 +188,17 @@ def run(
         return False
     if any(x.is_complex() for x in ctx.g):  # Adam's |g|² is the pure path's per-leaf branch
         return False
-    up = _Updates(ctx)
-    for op in ops:
-        _PRIMITIVES[type(op.spec)](op, ctx, up, grad_norm)
-    norm = tree.norm(up.u) if want_norm else None
-    same = [i for i in range(ctx.n) if ctx.p[i].dtype == up.u[i].dtype]
-    if same:
-        torch._foreach_add_([ctx.p[i] for i in same], up.take(same))
-    for i in range(ctx.n):
-        if ctx.p[i].dtype != up.u[i].dtype:
-            ctx.p[i].copy_(ctx.p[i] + up.u[i])  # apply_updates' rounding: add, then cast
+    # Outside autograd, as the kernels are: parameters that require grad (the caller owns
+    # them) raised at the final in-place add, after the moments had been written.
+    with torch.no_grad():
+        up = _Updates(ctx)
+        for op in ops:
+            _PRIMITIVES[type(op.spec)](op, ctx, up, grad_norm)
+        norm = tree.norm(up.u) if want_norm else None
+        same = [i for i in range(ctx.n) if ctx.p[i].dtype == up.u[i].dtype]
+        if same:
+            torch._foreach_add_([ctx.p[i] for i in same], up.take(same))
+        for i in range(ctx.n):
+            if ctx.p[i].dtype != up.u[i].dtype:
+                ctx.p[i].copy_(ctx.p[i] + up.u[i])  # apply_updates' rounding: add, then cast
     return norm

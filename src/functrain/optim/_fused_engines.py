@@ -32,6 +32,7 @@ from functrain.optim.fused import (
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DEVICES = ("cpu", "cuda")
+_HALF = (torch.float16, torch.bfloat16)
 # Elements per chunk when the update norm is wanted: the kernels update the parameters in
 # place, so the old values of one chunk at a time are kept in a scratch buffer.
 _CHUNK = 1 << 18
@@ -100,6 +101,15 @@ def _leaf_ok(ctx: Context, i: int, states: list[list[torch.Tensor]]) -> bool:
     return _dense(p) and all(t.stride() == p.stride() for t in group)
 
 
+def _half_on_cpu(ctx: Context, uniform: bool) -> bool:
+    """Whether a leaf is a float16 or bfloat16 CPU tensor, which ``torch._fused_sgd_`` gets
+    wrong: in torch 2.13 its CPU kernel updates only the last ``numel % 16`` elements of such a
+    tensor (the vectorised body is lost), so plain SGD on a bfloat16 model did not train."""
+    if uniform:  # all CPU tensors of one dtype
+        return ctx.p[0].dtype in _HALF
+    return any(p.dtype in _HALF and p.is_cpu for p in ctx.p)
+
+
 def _dense(t: torch.Tensor) -> bool:
     """Whether ``t`` covers its memory without gaps or overlaps, in some order of its dims."""
     if t.is_contiguous():
@@ -158,11 +168,15 @@ def _match(ops: list[Op], ctx: Context) -> _Job | None:
         if core is not None:
             assert isinstance(core.spec, Trace)
             hyper = {"momentum": _number(core.spec.decay), "nesterov": core.spec.nesterov}
-            if hyper["momentum"] is None:
+            # ``_fused_sgd_`` refuses momentum buffers with momentum 0 (``sgd(lr, momentum=0.0)``
+            # keeps a trace, which the pure path sets to the updates): the foreach engine runs it.
+            if not hyper["momentum"]:
                 return None
             states = [core.leaves["trace"]]
     uniform = ctx.n > 0 and _uniform(ctx, states)
     if not uniform and not all(_leaf_ok(ctx, i, states) for i in range(ctx.n)):
+        return None
+    if kind == "sgd" and _half_on_cpu(ctx, uniform):
         return None
     wd, decayed = 0.0, frozenset()
     decay = found.get("pre", found.get("post"))
@@ -223,9 +237,15 @@ def _with_norm(
     job: _Job, on: dict[str, Any], idx: list[int], ctx: Context, grads: list, states: list
 ) -> list[torch.Tensor]:
     """Runs the kernel chunk by chunk, keeping each chunk's old values in one scratch buffer;
-    returns the squared norms of the parameter changes."""
+    returns the squared norms of the parameter changes.
+
+    Half-precision changes are squared and summed in float32, as ``tree.norm`` reduces them:
+    in float16 squares below 6e-8 (steps under 2.4e-4) vanish and sums above 65504 overflow,
+    so the norm of a small step over many elements came out 0, of a large one inf.
+    """
     chunks = _chunks(idx, ctx, grads, states)
     first = chunks[0][0][0]
+    acc = torch.float32 if first.dtype in _HALF else None  # one dtype per group
     scratch = torch.empty(
         max(sum(piece[0].numel() for piece in c) for c in chunks),
         dtype=first.dtype,
@@ -242,14 +262,18 @@ def _with_norm(
             flat = [p.view(-1) for p in ps]
             old_flat = torch.cat(flat, out=scratch[: sum(map(torch.Tensor.numel, flat))])
             _call(job, on, ps, grads_part, part)
-            squares.append(old_flat.sub_(torch.cat(flat)).square().sum())
+            change = old_flat.sub_(torch.cat(flat))
+            if acc is None:
+                squares.append(change.square().sum())
+            else:
+                squares.append(torch.linalg.vector_norm(change, dtype=acc).square())
             continue
         sizes = [p.numel() for p in ps]
         old = [v.view_as(p) for v, p in zip(scratch[: sum(sizes)].split(sizes), ps)]
         torch._foreach_copy_(old, ps)
         _call(job, on, ps, grads_part, part)
         torch._foreach_sub_(old, ps)
-        squares.append(torch.stack(torch._foreach_norm(old)).square().sum())
+        squares.append(torch.stack(torch._foreach_norm(old, 2, dtype=acc)).square().sum())
     return squares
 
 
@@ -257,9 +281,11 @@ def _clip_inputs(
     job: _Job, ctx: Context, grad_norm: torch.Tensor | None, writable: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The kernels' gradients and ``grad_scale`` with the clipping factor folded in."""
-    if job.clip is None or not ctx.g:
+    if job.clip is None:
         return ctx.g, None
-    job.clip.new_state = job.clip.state
+    job.clip.new_state = job.clip.state  # before the early return: an empty tree keeps it too
+    if not ctx.g:
+        return ctx.g, None
     g_norm = grad_norm if grad_norm is not None else tree.norm(ctx.g)
     bound = _ops.on_device(job.clip.spec.max_norm, g_norm)  # type: ignore[attr-defined]
     if writable and all(g.dtype != torch.float64 for g in ctx.g):
@@ -323,7 +349,13 @@ def _kernel(
     dtype = first.dtype
     for sq in squares[1:]:
         dtype = torch.promote_types(dtype, sq.dtype)
-    return torch.stack([s.to(first.device, dtype) for s in squares]).sum().sqrt()
+    total = torch.stack([s.to(first.device, dtype) for s in squares]).sum().sqrt()
+    # In the leaves' promoted dtype, as ``tree.norm`` of the updates (half sums were float32).
+    result = ctx.p[0].dtype
+    for p in ctx.p[1:]:
+        if p.dtype != result:
+            result = torch.promote_types(result, p.dtype)
+    return total.to(result)
 
 
 def _call(job: _Job, on: dict[str, Any], ps: list, gs: list, states: list[list]) -> None:

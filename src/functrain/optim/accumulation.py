@@ -40,15 +40,19 @@ def trace(
     Matches ``torch.optim.SGD(momentum=decay, dampening=0)``: its first buffer is the gradient
     itself, which is what a zero-initialised trace gives here.
 
-    Differences from optax: the result keeps the updates' dtype and is computed in it. With an
-    ``accumulator_dtype`` wider than the updates (a float64 trace of float32 gradients) optax
-    computes in, and returns, the wider dtype; functrain rounds the stored trace to the updates'
-    dtype first, so a wider accumulator only stores, it does not add precision.
+    The trace keeps the dtype it was initialised with (the params' or ``accumulator_dtype``):
+    each leaf is computed in the wider of its update's and its trace's dtypes, so a float32
+    trace of bfloat16 gradients (or a float64 ``accumulator_dtype`` of float32 ones) keeps its
+    precision, and the result is rounded once to the updates' dtype.
+
+    Differences from optax: the result keeps the updates' dtype; where the trace is wider than
+    the updates (an ``accumulator_dtype`` of float64, bfloat16 gradients of float32 params)
+    optax returns the wider dtype.
 
     Args:
         decay: the momentum coefficient (a number or a 0-d tensor).
         nesterov: return ``u + decay · t`` instead of ``t``.
-        accumulator_dtype: optional dtype in which the trace is stored.
+        accumulator_dtype: optional floating dtype in which the trace is stored.
 
     Example:
         >>> import torch, functrain as ft
@@ -59,6 +63,8 @@ def trace(
         [tensor([1.9000])]
     """
     _utils.check_finite_number("decay", decay)
+    _ops.check_scalar_tensor("decay", decay)
+    _ops.check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: Any) -> TraceState:
         return TraceState(trace=tree.zeros_like(params, dtype=accumulator_dtype))
@@ -70,13 +76,34 @@ def trace(
         g, spec, other = _utils.flat(updates, {"state.trace": state.trace})
         if not g:
             return updates, state
-        new_trace = _ops.add_scaled(g, decay, _ops.cast_like(other["state.trace"], g))
-        out = _ops.add_scaled(g, decay, new_trace) if nesterov else new_trace
-        new_trace = _ops.cast(new_trace, accumulator_dtype)
+        out, new_trace = _trace_step(g, other["state.trace"], decay, nesterov)
         return tree.unflatten(spec, out), TraceState(trace=tree.unflatten(spec, new_trace))
 
     fusion = fused.Trace(decay, nesterov, accumulator_dtype)
     return fused.register(GradientTransformation(init_fn, update_fn), fusion)
+
+
+def _operands(g: list[torch.Tensor], state: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each update leaf in the wider of its own and its state leaf's dtype (``g`` itself in
+    the common case of one dtype), so that a wide state is not rounded to narrow updates."""
+    if all(x.dtype == s.dtype for x, s in zip(g, state)):
+        return g
+    return [x.to(torch.promote_types(x.dtype, s.dtype)) for x, s in zip(g, state)]
+
+
+def _trace_step(
+    g: list[torch.Tensor], t: list[torch.Tensor], decay: Any, nesterov: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One :func:`trace` step on leaf lists: ``(updates, new trace)``.
+
+    The updates come back in ``g``'s dtypes and the trace in ``t``'s (its init dtypes); the
+    arithmetic is in the wider of the two per leaf. With one dtype throughout this is exactly
+    ``g + decay·t`` in that dtype, the in-place engines' arithmetic.
+    """
+    wide = _operands(g, t)
+    new_trace = _ops.add_scaled(wide, decay, _ops.cast_like(t, wide))
+    out = _ops.add_scaled(wide, decay, new_trace) if nesterov else new_trace
+    return _ops.cast_like(out, g), _ops.cast_like(new_trace, t)
 
 
 class EmaState(NamedTuple):
@@ -102,13 +129,16 @@ def ema(
     Returns ``e`` (or ``e / (1 − decayᵗ)`` with ``debias=True``, ``t`` the step count after
     increment). Compare :func:`trace`, which does not weight the new update by ``1 − decay``.
 
+    As :func:`trace`, the average keeps the dtype it was initialised with and is computed in
+    the wider of that and the updates' dtype; the result has the updates' dtype.
+
     Differences from optax: the result keeps the updates' dtype; with an ``accumulator_dtype``
     wider than the updates optax returns the wider dtype (see :func:`trace`).
 
     Args:
         decay: the averaging coefficient in ``[0, 1]``.
         debias: divide by ``1 − decayᵗ`` so early averages are not biased towards zero.
-        accumulator_dtype: optional dtype in which the average is stored.
+        accumulator_dtype: optional floating dtype in which the average is stored.
 
     Example:
         >>> import torch, functrain as ft
@@ -119,6 +149,7 @@ def ema(
         [tensor([0.7500])]
     """
     _ops.check_decay("decay", decay, allow_one=True)
+    _ops.check_dtype("accumulator_dtype", accumulator_dtype)
 
     def init_fn(params: Any) -> EmaState:
         return EmaState(
@@ -133,12 +164,15 @@ def ema(
         count = _utils.safe_increment(state.count)
         if not g:
             return updates, EmaState(count, state.ema)
-        new_ema = _ops.moment(g, other["state.ema"], decay)
+        old = other["state.ema"]
+        wide = _operands(g, old)
+        new_ema = _ops.moment(wide, old, decay)
         out = new_ema
         if debias:
             bias = 1 - _utils.power(decay, count, _ops.scalar_dtype(g))
             out = _ops.div(new_ema, bias)
-        new_ema = _ops.cast(new_ema, accumulator_dtype)
+        # One rounding to the updates' dtype; the average keeps its init dtype.
+        out, new_ema = _ops.cast_like(out, g), _ops.cast_like(new_ema, old)
         return tree.unflatten(spec, out), EmaState(count, tree.unflatten(spec, new_ema))
 
     return GradientTransformation(init_fn, update_fn)

@@ -82,6 +82,9 @@ def scale_by_factored_rms(
 
     - any other leaf keeps full statistics: ``v ← β̂ v + (1 − β̂) G``, ``u ← g · v^(−½)``.
 
+    The statistics are float32 (float64 for float64 params) and keep those dtypes whatever
+    the gradients' dtype; the update has the gradients' dtype.
+
     Differences from ``torch.optim.Adafactor``: PyTorch's variant factors over the last two
     dimensions, uses a relative step size and a different ``eps`` placement; this is optax's
     (and the paper's) algorithm.
@@ -112,6 +115,7 @@ def scale_by_factored_rms(
         raise TypeError(f"decay_rate_fn must be callable, got {decay_rate_fn!r}")
 
     def _placeholder(like: torch.Tensor) -> torch.Tensor:
+        """A ``(1,)`` zero; ``like`` is a parameter at init, the old placeholder afterwards."""
         return torch.zeros((1,), dtype=_stat_dtype(like.dtype), device=like.device)
 
     def _init_leaf(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,24 +150,32 @@ def scale_by_factored_rms(
         g: torch.Tensor, v_row: torch.Tensor, v_col: torch.Tensor, v: torch.Tensor, beta: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         dims = _factored_dims(tuple(g.shape), factored, min_dim_size_to_factor)
-        dtype = _stat_dtype(g.dtype)
+        # The statistics keep their init dtypes (from the params): gradients of another dtype
+        # (bfloat16 gradients of float64 params) must neither narrow nor widen the state. The
+        # arithmetic is in the wider of the two; the update uses the statistics as stored and
+        # is rounded once to the gradients' dtype, as optax (which casts to the params' dtype).
+        stat = v if dims is None else v_row
+        dtype = torch.promote_types(_stat_dtype(g.dtype), stat.dtype)
         beta = beta.to(device=g.device, dtype=dtype) if isinstance(beta, torch.Tensor) else beta
-        grad_sqr = g.to(dtype).square() + epsilon
+        wide = g.to(dtype)
+        grad_sqr = wide.square() + epsilon
         if dims is None:
             _check_shape(v, g.shape, "state.v")
-            new_v = beta * v + (1.0 - beta) * grad_sqr
-            return (g * new_v.rsqrt()).to(g.dtype), _placeholder(g), _placeholder(g), new_v
+            new_v = (beta * v.to(dtype) + (1.0 - beta) * grad_sqr).to(v.dtype)
+            u = wide * new_v.to(dtype).rsqrt()
+            return u.to(g.dtype), _placeholder(v_row), _placeholder(v_col), new_v
         d1, d0 = dims
         _check_shape(v_row, tuple(s for i, s in enumerate(g.shape) if i != d0), "state.v_row")
         _check_shape(v_col, tuple(s for i, s in enumerate(g.shape) if i != d1), "state.v_col")
-        new_row = beta * v_row + (1.0 - beta) * grad_sqr.mean(dim=d0)
-        new_col = beta * v_col + (1.0 - beta) * grad_sqr.mean(dim=d1)
+        new_row = beta * v_row.to(dtype) + (1.0 - beta) * grad_sqr.mean(dim=d0)
+        new_col = beta * v_col.to(dtype) + (1.0 - beta) * grad_sqr.mean(dim=d1)
+        new_row, new_col = new_row.to(v_row.dtype), new_col.to(v_col.dtype)
         reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row_col_mean = new_row.mean(dim=reduced_d1, keepdim=True)
-        row_factor = (new_row / row_col_mean).rsqrt()
-        col_factor = new_col.rsqrt()
-        u = g * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
-        return u.to(g.dtype), new_row, new_col, _placeholder(g)
+        row = new_row.to(dtype)
+        row_factor = (row / row.mean(dim=reduced_d1, keepdim=True)).rsqrt()
+        col_factor = new_col.to(dtype).rsqrt()
+        u = wide * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
+        return u.to(g.dtype), new_row, new_col, _placeholder(v)
 
     def update_fn(
         updates: Any, state: FactoredState, params: Any = None, **extra: Any

@@ -88,6 +88,18 @@ def _as_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.tensor(value, dtype=dtype, device=device)
 
 
+def _recorded(state: InjectHyperparamsState, name: str, default: torch.dtype) -> torch.dtype:
+    """The floating dtype ``init`` recorded for a schedule's values (``default`` without one).
+
+    Keeps the state's dtypes fixed: an update without ``params`` would otherwise take the
+    updates' dtype (float32 schedule values of float64 params after one bfloat16 step).
+    """
+    value = state.hyperparams.get(name)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.dtype
+    return default
+
+
 def _scheduled(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A schedule's value as a tensor; a non-number means ``name`` was not a schedule."""
     numeric = (
@@ -146,7 +158,7 @@ def inject_hyperparams(
         inner_factory: a function returning a :class:`GradientTransformation`, such as
             ``ft.adamw``.
         static_args: names of callable arguments that are not schedules.
-        hyperparam_dtype: dtype of the injected floating hyperparameters.
+        hyperparam_dtype: floating dtype of the injected hyperparameters.
 
     Returns:
         A function with ``inner_factory``'s arguments that returns the wrapped transform.
@@ -168,8 +180,19 @@ def inject_hyperparams(
             "inject_hyperparams expects a transform factory such as ft.adam, got "
             f"{type(inner_factory).__name__}"
         )
+    if hyperparam_dtype is not None:
+        if not isinstance(hyperparam_dtype, torch.dtype):
+            raise TypeError(
+                f"hyperparam_dtype must be a torch.dtype or None, got {hyperparam_dtype!r}"
+            )
+        if not hyperparam_dtype.is_floating_point:
+            # An integer dtype would silently truncate the hyperparameters (0.1 becomes 0).
+            raise ValueError(
+                f"hyperparam_dtype must be a floating-point dtype, got {hyperparam_dtype}"
+            )
     static = {static_args} if isinstance(static_args, str) else set(static_args)
     signature = inspect.signature(inner_factory)
+    factory_name = getattr(inner_factory, "__name__", type(inner_factory).__name__)
     if not static.issubset(signature.parameters):
         raise ValueError(
             "`static_args` must specify a subset of `inner_factory`'s parameters. Given "
@@ -180,7 +203,13 @@ def inject_hyperparams(
 
     @functools.wraps(inner_factory)
     def wrapped_transform(*args: Any, **kwargs: Any) -> GradientTransformation:
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:  # name the factory and what it takes, not just "got ... 'x'"
+            raise TypeError(
+                f"inject_hyperparams({factory_name}): {err}; {factory_name} takes "
+                f"{list(signature.parameters)}"
+            ) from None
         bound.apply_defaults()
         arguments: dict[str, Any] = {}
         for name, value in bound.arguments.items():
@@ -243,7 +272,10 @@ def inject_hyperparams(
             device = state.count.device
             hparams = {k: _as_tensor(state.hyperparams[k], dtype, device) for k in numeric}
             hparams.update(
-                {k: _scheduled(k, f(state.count), dtype, device) for k, f in schedules.items()}
+                {
+                    k: _scheduled(k, f(state.count), _recorded(state, k, dtype), device)
+                    for k, f in schedules.items()
+                }
             )
             return hparams, build(hparams)
 

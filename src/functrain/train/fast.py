@@ -126,6 +126,7 @@ class FusedStage:
                 grad_norm=self.grad_norm,
                 update_norm=self.update_norm,
                 grads_writable=self.grads_writable,
+                shapes_known=True,  # derivatives with respect to the params
             )
             if done is not None:
                 self._record(done.engine)
