@@ -367,3 +367,33 @@ def test_in_place_update_of_complex_params_is_the_pure_update():
     grad = {"z": 2 * (batch.conj() * batch).sum(0) * params["z"]}  # d/d conj(z) convention
     by_hand, _ = tx.update(grad, tx.init(params), params)
     testing.assert_trees_all_close(new_state.params, ft.apply_updates(params, by_hand), rtol=1e-10)
+
+
+def test_float64_mu_of_float32_gradients_is_accumulated_in_float64():
+    # mu_dtype=float64 stored float64 moments computed in float32 (0.1·(1 + 2⁻²⁰) came out as
+    # 0.10000009834766388); optax promotes the float32 gradient to the moment's float64.
+    from functrain.optim import fused
+
+    torch.manual_seed(0)
+    params = [torch.zeros(6)]
+    grads = [torch.randn(6) * (1 + 2**-20) for _ in range(5)]
+    tx = ft.scale_by_adam(b1=0.9, mu_dtype=torch.float64)
+    state = tx.init(params)
+    mu = torch.zeros(6, dtype=torch.float64)
+    for g in grads:
+        mu = 0.9 * mu + (1 - 0.9) * g.double()
+        _, state = tx.update([g], state)
+        assert state.mu[0].dtype == torch.float64
+        torch.testing.assert_close(state.mu[0], mu, rtol=1e-12, atol=1e-15)  # float32: 1e-8
+    # The train step's in-place engine gives the same state and parameters.
+    chain = ft.chain(tx, ft.scale(-0.1))
+    pure_state, in_place_state = chain.init(params), chain.init(params)
+    pure_params, in_place_params = [params[0].clone()], [params[0].clone()]
+    for g in grads:
+        updates, pure_state = chain.update([g], pure_state)
+        pure_params = ft.apply_updates(pure_params, updates)
+        done = fused.update_in_place(chain, [g], in_place_state, in_place_params)
+        assert done is not None
+        in_place_state = done.opt_state
+    testing.assert_trees_all_equal(in_place_params, pure_params)
+    testing.assert_trees_all_equal(in_place_state, pure_state)

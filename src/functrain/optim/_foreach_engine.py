@@ -131,7 +131,7 @@ def _trace_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None)
 
 
 def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
-    from functrain.optim.adaptive import _direction, _widen
+    from functrain.optim.adaptive import _direction, _operands
 
     spec = op.spec
     assert isinstance(spec, ScaleByAdam)
@@ -142,9 +142,10 @@ def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) 
         return
     mu_l, mu_spec = tree.flatten(op.state.mu)
     nu_l, nu_spec = tree.flatten(op.state.nu)
-    wide = _widen(g)  # the pure path's float32 arithmetic for float16 and bfloat16 leaves
+    # The pure path's operands: float32 for half-precision leaves, at least each state's dtype.
+    g_mu, g_nu = _operands(g, mu_l), _operands(g, nu_l)
     same = all(m.dtype == x.dtype and v.dtype == x.dtype for m, v, x in zip(mu_l, nu_l, g))
-    if same and wide is g:
+    if same and g_mu is g and g_nu is g:
         _ops.lerp_(mu_l, g, 1 - _ops.on_device(spec.b1, g[0]))
         decay = _ops.on_device(spec.b2, g[0])
         torch._foreach_mul_(nu_l, decay)
@@ -155,7 +156,7 @@ def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) 
         mu, nu = mu_l, nu_l
         op.new_state = op.state._replace(count=count)
     else:  # the pure path's out-of-place moments
-        mu, nu = _ops.moment(wide, mu_l, spec.b1), _ops.moment_sq(wide, nu_l, spec.b2)
+        mu, nu = _ops.moment(g_mu, mu_l, spec.b1), _ops.moment_sq(g_nu, nu_l, spec.b2)
         if same:  # rounded into the state tensors, as the pure path's casts round
             torch._foreach_copy_(mu_l, mu)
             torch._foreach_copy_(nu_l, nu)
@@ -166,7 +167,7 @@ def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) 
                 mu=tree.unflatten(mu_spec, _ops.cast_like(mu, mu_l)),
                 nu=tree.unflatten(nu_spec, _ops.cast_like(nu, nu_l)),
             )
-    out = _direction(wide, mu, nu, count, spec.b1, spec.b2, spec.eps, spec.eps_root, spec.nesterov)
+    out = _direction(g_mu, mu, nu, count, spec.b1, spec.b2, spec.eps, spec.eps_root, spec.nesterov)
     up.put(op.idx, _ops.cast_like(out, g), True)
 
 

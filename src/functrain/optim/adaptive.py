@@ -207,11 +207,13 @@ def scale_by_adam(
         count = _utils.safe_increment(state.count)
         if not g:
             return updates, ScaleByAdamState(count, state.mu, state.nu)
-        wide = _widen(g)
-        mu = _ops.moment(wide, s["state.mu"], b1)
-        nu = _ops.moment_sq(wide, s["state.nu"], b2)
-        out = _direction(wide, mu, nu, count, b1, b2, eps, eps_root, nesterov)
-        if wide is not g:  # one rounding of each float32 result, as the kernels
+        # Each moment in at least its state's precision (a float64 mu_dtype of float32
+        # gradients stays float64, as optax's promotion gives), half precision in float32.
+        g_mu, g_nu = _operands(g, s["state.mu"]), _operands(g, s["state.nu"])
+        mu = _ops.moment(g_mu, s["state.mu"], b1)
+        nu = _ops.moment_sq(g_nu, s["state.nu"], b2)
+        out = _direction(g_mu, mu, nu, count, b1, b2, eps, eps_root, nesterov)
+        if g_mu is not g or g_nu is not g:  # one rounding of each wider result, as the kernels
             out = _ops.cast_like(out, g)
         # The moments keep their dtypes from init (the params' or mu_dtype): updates of another
         # dtype (bfloat16 gradients of float32 params) must not narrow the state.
