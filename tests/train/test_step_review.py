@@ -379,3 +379,20 @@ def test_numpy_integer_micro_batches_are_accepted():
     step = ft.make_train_step(loss_fn, tx, micro_batches=[np.int64(1), np.int64(4)])
     state, _ = step(state, batch)
     assert float(state.params["w"]) == -2.0  # -mean(x)
+
+
+@pytest.mark.parametrize("name", ["grad_norm", "update_norm", "param_norm", "lr"])
+def test_aux_named_like_a_step_metric_is_refused_before_anything_is_written(name):
+    # The step's own metric silently replaced the aux value (grad_norm 7 came back as 1.5).
+    tx = ft.sgd(1.0)
+
+    def loss_fn(p, b):
+        return ft.LossOutput((p["w"] * b).mean(), aux={name: torch.tensor(7.0)})
+
+    step = ft.make_train_step(loss_fn, tx, micro_batches=2)
+    state = ft.TrainState.create(params={"w": torch.tensor(1.0)}, tx=tx)
+    with pytest.raises(ValueError, match=name):
+        step(state, torch.arange(4.0))
+    plain = ft.make_train_step(lambda p, b: (p["w"] * b).mean(), tx, micro_batches=2)
+    new_state, _ = plain(state, torch.arange(4.0))  # the state is intact and usable
+    assert new_state.params["w"] == 1.0 - 1.5

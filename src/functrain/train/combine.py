@@ -86,9 +86,14 @@ class Combiner:
     def __init__(self, total_examples: int) -> None:
         self.total = total_examples
         self.meta: _Meta | None = None
+        # Sums are kept in at least float32 and rounded to the dtype loss_fn gave once, in
+        # ``metrics``: bfloat16 running sums lose increments (256 + 1 == 256), which made the
+        # loss metric of a bfloat16 loss depend on the number of micro-batches.
         self.loss: torch.Tensor | None = None
+        self.loss_dtype: torch.dtype | None = None
         self.count: torch.Tensor | None = None
         self.aux: dict[str, torch.Tensor] = {}
+        self.aux_dtypes: dict[str, torch.dtype] = {}
         self.aux_counts: dict[str, torch.Tensor] = {}
 
     def add(
@@ -101,7 +106,8 @@ class Combiner:
         """Adds one micro-batch (0-d values) or a stack of equal-size ones (``(G,)`` values).
 
         ``weighted``: one micro-batch's loss already weighted as here (``value * size / total``
-        for a mean, ``value`` for a sum), to save recomputing it.
+        for a mean, ``value`` for a sum), to save recomputing it; used only when it is in the
+        accumulation dtype (at least float32).
         """
         if self.meta is None:
             self.meta = meta
@@ -112,31 +118,40 @@ class Combiner:
             )
         elif meta.aux_keys != self.meta.aux_keys or meta.aux_sum_keys != self.meta.aux_sum_keys:
             raise ValueError(
-                f"loss_fn returned different aux keys for different micro-batches: "
-                f"{sorted(self.meta.aux_keys)} vs {sorted(meta.aux_keys)}"
+                f"loss_fn returned different aux for different micro-batches: keys "
+                f"{sorted(self.meta.aux_keys)} (LossSum: {sorted(self.meta.aux_sum_keys)}) vs "
+                f"{sorted(meta.aux_keys)} (LossSum: {sorted(meta.aux_sum_keys)}); return the "
+                "same keys, each always a LossSum or always a mean"
             )
         weight = size / self.total
-        if weighted is None:
-            value = payload["value"].sum()
-            weighted = value if meta.is_sum else value * weight
+        value = payload["value"]
+        self.loss_dtype = value.dtype
+        wide = _wide(value.dtype)
+        if weighted is None or weighted.dtype != wide:
+            total = value.to(wide).sum()
+            weighted = total if meta.is_sum else total * weight
         self.loss = _acc(self.loss, weighted)
         if meta.is_sum:
             self.count = _acc(self.count, payload["count"].sum())
         for name, v in payload["aux"].items():
+            self.aux_dtypes[name] = v.dtype
+            v = v.to(_wide(v.dtype)).sum()
             if name in payload["aux_counts"]:
-                self.aux[name] = _acc(self.aux.get(name), v.sum())
+                self.aux[name] = _acc(self.aux.get(name), v)
                 self.aux_counts[name] = _acc(
                     self.aux_counts.get(name), payload["aux_counts"][name].sum()
                 )
             else:
-                self.aux[name] = _acc(self.aux.get(name), v.sum() * weight)
+                self.aux[name] = _acc(self.aux.get(name), v * weight)
 
     def metrics(self, device: torch.device) -> dict[str, torch.Tensor]:
         """``loss``, ``num_examples``, ``num_tokens`` (LossSum only) and the aux values."""
         assert self.meta is not None and self.loss is not None
+        assert self.loss_dtype is not None
         out = {
-            # Counts are at least float32 (exact); the loss keeps the dtype loss_fn gave it.
-            "loss": self.loss if self.count is None else _ratio(self.loss, self.count),
+            # Counts and sums are at least float32; the loss keeps the dtype loss_fn gave it,
+            # rounded to it once.
+            "loss": _ratio(self.loss, self.count, self.loss_dtype),
             "num_examples": torch.full((), self.total, dtype=torch.int64, device=device),
         }
         if self.count is not None:
@@ -144,7 +159,7 @@ class Combiner:
         for name, v in self.aux.items():
             if name in out:
                 raise ValueError(f"LossOutput.aux key {name!r} clashes with a built-in metric")
-            out[name] = _ratio(v, self.aux_counts[name]) if name in self.aux_counts else v
+            out[name] = _ratio(v, self.aux_counts.get(name), self.aux_dtypes[name])
         return out
 
 
@@ -188,10 +203,15 @@ class _GradSum:
         return list(torch._foreach_div(acc, divisor))
 
 
-def _ratio(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``total / count`` in ``total``'s dtype (rounded once)."""
-    out = total / count
-    return out if out.dtype == total.dtype else out.to(total.dtype)
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of ``dtype`` values are kept in: at least float32 (as the counts)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _ratio(total: torch.Tensor, count: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``total / count`` (``total`` without a count) in ``dtype``, rounded to it once."""
+    out = total if count is None else total / count
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 def _acc(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:

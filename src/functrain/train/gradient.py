@@ -12,7 +12,10 @@ micro-batches at a time), then reduces.
 
 With a :class:`~functrain.GradStatsHook` (:mod:`functrain.train.grad_stats`), the stage also
 hands every micro-batch's mean gradient to the hook and returns the stacked
-:class:`~functrain.MicroBatchStats`.
+:class:`~functrain.MicroBatchStats`. A :class:`~functrain.LossSum` micro-batch whose count is
+0 (all padding) has no mean: the hook gets a zero gradient with size 0, and its loss in the
+stats is 0 (``Σ sizes·losses / Σ sizes`` stays the batch loss). The step's own gradient and
+loss, ``Σ ∇Tᵢ / Σ Cᵢ`` and ``Σ Tᵢ / Σ Cᵢ``, are unaffected by such a micro-batch.
 """
 
 from __future__ import annotations
@@ -285,8 +288,9 @@ class GradStage:
                 )
                 if meta.is_sum:
                     b = payload["count"]
-                    values.append(self.per_micro_batch(tree.scale(1 / b, hook_grads), b))
-                    losses.append(value / b)
+                    inverse = _inverse_count(b)
+                    values.append(self.per_micro_batch(tree.scale(inverse, hook_grads), b))
+                    losses.append(value * inverse)
                     sizes.append(b)
                 else:
                     b = torch.full((), size, dtype=_size_dtype(value), device=value.device)
@@ -377,7 +381,8 @@ class GradStage:
                     order.extend(chunk)
                     value, inverse = self._unscaled(payload["value"], None)
                     if meta.is_sum:
-                        losses.append(value / payload["count"])
+                        inverses = _inverse_count(payload["count"])
+                        losses.append(value * inverses)
                         sizes.append(payload["count"])
                     else:
                         losses.append(value)
@@ -390,7 +395,7 @@ class GradStage:
                             g = tree.scale(inverse, g)
                         if meta.is_sum:
                             b = payload["count"][pos]
-                            g = tree.scale(1 / b, g)
+                            g = tree.scale(inverses[pos], g)
                         else:
                             b = torch.full((), size, dtype=_size_dtype(value), device=value.device)
                         values.append(self.per_micro_batch(g, b))
@@ -415,6 +420,16 @@ class GradStage:
             buffers,
             stats,
         )
+
+
+def _inverse_count(count: torch.Tensor) -> torch.Tensor:
+    """``1 / count``, and 0 where ``count`` is 0: the hook's scale of ``∇Tᵢ`` and ``Tᵢ``.
+
+    A ``LossSum`` micro-batch that counts no unit (all padding) has no mean gradient; the hook
+    gets zeros with size 0 (which weighs it out of any size-weighted statistic) rather than the
+    NaN of ``∇Tᵢ / 0``. Selected on the device: no host read.
+    """
+    return torch.where(count != 0, count.reciprocal(), 0.0)
 
 
 def _size_dtype(value: torch.Tensor) -> torch.dtype:

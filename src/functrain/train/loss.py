@@ -53,6 +53,8 @@ class LossSum(NamedTuple):
         total: 0-d tensor, the sum of per-unit losses (e.g. per-token cross-entropy summed over
             non-padding tokens) of the micro-batch.
         count: the number of units, a Python number or a 0-d tensor (e.g. ``mask.sum()``).
+            A micro-batch may count 0 (all padding): only the batch's total count divides,
+            and a grad-stats hook sees such a micro-batch as a zero gradient of size 0.
 
     Example:
         >>> import torch, torch.nn.functional as F, functrain as ft
@@ -129,11 +131,13 @@ def _as_count(count: Any, like: torch.Tensor, where: str) -> torch.Tensor:
     return torch.full((), count, dtype=_count_dtype(like), device=like.device)
 
 
-def _check_scalar(value: Any, where: str) -> torch.Tensor:
+def _check_scalar(
+    value: Any, where: str, allowed: str = "a 0-d tensor, ft.LossSum or ft.LossOutput"
+) -> torch.Tensor:
+    # ``allowed`` names what may stand where ``value`` is: a LossSum's total or an aux value
+    # cannot be a LossSum or a LossOutput itself, so the error must not suggest one.
     if not isinstance(value, torch.Tensor):
-        raise TypeError(
-            f"{where} must be a 0-d tensor, ft.LossSum or ft.LossOutput, got {type(value).__name__}"
-        )
+        raise TypeError(f"{where} must be {allowed}, got {type(value).__name__}")
     if value.dim() != 0:
         raise ValueError(
             f"{where} must be a 0-d (scalar) tensor, got shape {tuple(value.shape)}: reduce it "
@@ -147,7 +151,7 @@ def _check_scalar(value: Any, where: str) -> torch.Tensor:
 def _aux_scalar(value: Any, where: str, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
         value = value.to(_count_dtype(like))  # counts such as (pred == y).sum(), exactly
-    return _check_scalar(value, where).detach()
+    return _check_scalar(value, where, "a 0-d tensor or ft.LossSum").detach()
 
 
 def parse(result: Any) -> Parsed:
@@ -163,10 +167,14 @@ def parse(result: Any) -> Parsed:
             "ft.LossOutput(loss, aux=..., buffers=...) so the step knows what each part means"
         )
     if isinstance(loss, LossSum):
-        total = _check_scalar(loss.total, "loss_fn's LossSum.total")
+        total = _check_scalar(loss.total, "loss_fn's LossSum.total", "a 0-d tensor")
         objective, is_sum, count = total, True, _as_count(loss.count, total, "LossSum")
     else:
-        objective, is_sum, count = _check_scalar(loss, "loss_fn's result"), False, None
+        if isinstance(result, LossOutput):  # a LossOutput cannot hold another one
+            objective = _check_scalar(loss, "LossOutput.loss", "a 0-d tensor or ft.LossSum")
+        else:
+            objective = _check_scalar(loss, "loss_fn's result")
+        is_sum, count = False, None
     aux_values: dict[str, torch.Tensor] = {}
     aux_counts: dict[str, torch.Tensor] = {}
     if aux is not None:

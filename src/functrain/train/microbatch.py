@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import Any, NamedTuple
 
 import torch
@@ -100,6 +100,8 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
         (0, 2)
     """
     n = batch_size(batch)
+    if n == 0:
+        raise ValueError("the batch is empty (leading size 0); a step needs at least one example")
     k = _as_int(micro_batches) if not isinstance(micro_batches, (Sequence, bool)) else None
     if k is not None:
         if k < 1:
@@ -112,7 +114,11 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
         q, r = divmod(n, k)
         sizes = tuple(q + 1 if i < r else q for i in range(k))
     else:
-        if isinstance(micro_batches, (str, bytes, bool)) or not isinstance(micro_batches, Iterable):
+        # Sets and dicts have no order of their own (a dict would give its keys): refused. So
+        # are 0-d tensors that are not ints (iterating one raises an unrelated error).
+        scalar_tensor = isinstance(micro_batches, torch.Tensor) and micro_batches.dim() == 0
+        unordered = isinstance(micro_batches, (str, bytes, bool, Set, Mapping))
+        if scalar_tensor or unordered or not isinstance(micro_batches, Iterable):
             raise TypeError(
                 "micro_batches must be an int (the number of micro-batches) or a sequence of "
                 f"ints (their sizes), got {micro_batches!r}"
@@ -132,8 +138,9 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
 
 
 def _as_int(value: Any) -> int | None:
-    """``value`` as an int if it is an integer (numpy's too; not a bool), else ``None``."""
-    if isinstance(value, bool):
+    """``value`` as an int if it is an integer (numpy's and 0-d integer tensors too; not a bool,
+    nor a bool tensor, which ``operator.index`` would read as 0 or 1), else ``None``."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
     try:
         return operator.index(value)

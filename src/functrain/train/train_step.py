@@ -254,6 +254,8 @@ class TrainStep:
             new_extra = {**new_extra, self.grad_stats.name: new_hook_state}
             _merge(metrics, hook_metrics, "grad_stats")
         _merge(metrics, check.metrics, "the non-finite check")
+        # Before anything is written: these are added later, after an in-place update.
+        _refuse_own_names(metrics)
         stage = self.apply_optimizer
         if self.norm_metrics and self.per_example_clip is None:  # a DP sum's norm is not private
             metrics["grad_norm"] = fast.global_norm(grads)
@@ -336,6 +338,19 @@ class TrainStep:
         if hook is not None and hook.name not in out:
             out[hook.name] = hook.init(params)
         return out
+
+
+_OWN_METRICS = ("grad_norm", "update_norm", "param_norm", "lr")
+
+
+def _refuse_own_names(metrics: dict[str, torch.Tensor]) -> None:
+    """An aux or ``grad_stats`` metric named like one the step adds would be overwritten."""
+    clashes = [name for name in _OWN_METRICS if name in metrics]
+    if clashes:
+        raise ValueError(
+            f"metric(s) {clashes} from loss_fn's aux or grad_stats would be overwritten by the "
+            f"step's own metrics of those names ({', '.join(_OWN_METRICS)}): rename them"
+        )
 
 
 def _merge(metrics: dict[str, torch.Tensor], new: dict[str, torch.Tensor], source: str) -> None:
