@@ -76,10 +76,16 @@ def _clip_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) 
     op.new_state = op.state
     if not op.idx:
         return
+    from functrain.optim import clipping
+
+    max_norm = op.spec.max_norm  # type: ignore[attr-defined]
+    leaves = up.take(op.idx)
     full = len(op.idx) == ctx.n and all(up.u[i] is ctx.g[i] for i in op.idx)
-    g_norm = grad_norm if grad_norm is not None and full else tree.norm(up.take(op.idx))
-    bound = _ops.on_device(op.spec.max_norm, g_norm)  # type: ignore[attr-defined]
-    _mul_into(up, op.idx, torch.where(g_norm < bound, torch.ones_like(g_norm), bound / g_norm))
+    if grad_norm is not None and full and not any(x.dtype in _HALF for x in leaves):
+        factor = clipping._clip_factor(grad_norm, max_norm)
+    else:  # the pure path's factor, which survives a float16 norm above 65504
+        factor = clipping._global_clip_factor(leaves, max_norm)
+    _mul_into(up, op.idx, factor)
 
 
 def _scale_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:

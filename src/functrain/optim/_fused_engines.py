@@ -286,7 +286,12 @@ def _clip_inputs(
     job.clip.new_state = job.clip.state  # before the early return: an empty tree keeps it too
     if not ctx.g:
         return ctx.g, None
-    g_norm = grad_norm if grad_norm is not None else tree.norm(ctx.g)
+    if any(g.dtype in _HALF for g in ctx.g):
+        # The norm in float32 (tree.norm's, before its rounding to the leaves' dtype): a float16
+        # norm above 65504 rounds to inf, which zeroed every update.
+        g_norm = tree.norm([*ctx.g, ctx.g[0].new_empty(0, dtype=torch.float32)])
+    else:
+        g_norm = grad_norm if grad_norm is not None else tree.norm(ctx.g)
     bound = _ops.on_device(job.clip.spec.max_norm, g_norm)  # type: ignore[attr-defined]
     if writable and all(g.dtype != torch.float64 for g in ctx.g):
         # The kernels divide by grad_scale (a float32 tensor) in the same pass.

@@ -23,6 +23,48 @@ __all__ = [
 ClipState = EmptyState
 ClipByGlobalNormState = EmptyState
 
+_HALF = (torch.float16, torch.bfloat16)
+_REAL_OF_COMPLEX = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with half-precision parts widened to float32 (other dtypes as they are).
+
+    Squares of float16 values above 256 overflow, so a norm or RMS reduced in float16 came out
+    ``inf`` and the clipping factor ``bound / inf`` zeroed (or, in AGC, NaN'd) the updates.
+    """
+    if x.dtype in _HALF:
+        return x.float()
+    if x.dtype == torch.complex32:
+        return x.to(torch.complex64)
+    return x
+
+
+def _global_clip_factor(leaves: list[torch.Tensor], max_norm: float | torch.Tensor) -> Any:
+    """:func:`_clip_factor` of the global norm, which survives a float16 overflow.
+
+    ``tree.norm`` reduces half leaves in float32 and rounds the norm to their dtype, where a
+    float16 norm above 65504 became ``inf`` and ``max_norm / inf`` zeroed every update. An
+    empty float32 leaf joins the result-dtype promotion, so ``tree.norm`` returns that float32
+    norm instead; rounding it gives bitwise ``tree.norm(leaves)`` (the norm the in-place
+    engine uses, whose numbers must stay equal), and the float32 norm is used only where that
+    rounding overflowed.
+    """
+    wide = tree.norm([*leaves, leaves[0].new_empty(0, dtype=torch.float32)])
+    dtype = leaves[0].dtype
+    for x in leaves[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    dtype = _REAL_OF_COMPLEX.get(dtype, dtype)
+    if dtype not in _HALF:
+        return _clip_factor(wide, max_norm)  # already tree.norm(leaves)'s dtype and bits
+    narrow = wide.to(dtype)
+    factor = _clip_factor(narrow, max_norm).float()  # a half value is exact in float32
+    return torch.where(torch.isinf(narrow), _clip_factor(wide, max_norm).float(), factor)
+
 
 def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
     """Clamps every update element to ``[-max_delta, max_delta]``.
@@ -51,11 +93,39 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
 
         def clip_leaf(u: torch.Tensor) -> torch.Tensor:
             bound = _ops.on_device(max_delta, u)
+            if isinstance(bound, torch.Tensor):
+                # A 0-d float32 bound promoted a 0-d float16 leaf to float32.
+                bound = bound.to(u.dtype)
             return torch.clamp(u, -bound, bound)
 
+        _refuse_complex(updates, "clip")
         return tree.map(clip_leaf, updates), state
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def _refuse_complex(updates: Any, name: str) -> None:
+    """Raises a ``TypeError`` naming the first complex leaf (complex numbers have no order)."""
+    leaves = tree.leaves(updates)
+    if not any(isinstance(x, torch.Tensor) and x.is_complex() for x in leaves):
+        return
+    paths, leaves, _ = tree.flatten_with_paths(updates)
+    path = next(p for p, x in zip(paths, leaves) if isinstance(x, torch.Tensor) and x.is_complex())
+    raise TypeError(
+        f"{name} clamps real values; {tree.path_str(path, 'updates')} is complex "
+        "(clip its real and imaginary parts separately)"
+    )
+
+
+def _clip_factor(g_norm: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
+    """``1`` where ``g_norm < max_norm``, else ``max_norm / g_norm`` (optax's select).
+
+    The in-place foreach engine repeats this expression and must stay bitwise equal to it.
+    (``number / tensor`` is ``tensor.reciprocal() * number``, so a Python ``max_norm`` and a
+    tensor one can give factors one ulp apart.)
+    """
+    bound = _ops.on_device(max_norm, g_norm)
+    return torch.where(g_norm < bound, torch.ones_like(g_norm), bound / g_norm)
 
 
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
@@ -65,7 +135,11 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
 
     Differences from ``torch.nn.utils.clip_grad_norm_``: PyTorch multiplies by
     ``min(1, max_norm / (‖u‖ + 1e-6))``; optax and functrain add no epsilon and leave updates
-    whose norm is below ``max_norm`` bit-for-bit unchanged.
+    whose norm is below ``max_norm`` bit-for-bit unchanged. Like optax, a zero tree with
+    ``max_norm=0`` and any tree with a NaN norm come out NaN. The norm of float16/bfloat16
+    leaves is accumulated in float32 (optax squares in the leaf dtype, where float16 overflows
+    above 256) and rounded to their dtype as in optax, except where that rounding overflows:
+    a float16 tree of norm above 65504 is rescaled by its float32 norm, not zeroed.
 
     Args:
         max_norm: the largest allowed global L2 norm.
@@ -89,9 +163,7 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         leaves, spec = tree.flatten(updates)
         if not leaves:
             return updates, state
-        g_norm = tree.norm(updates)
-        bound = _ops.on_device(max_norm, g_norm)
-        factor = torch.where(g_norm < bound, torch.ones_like(g_norm), bound / g_norm)
+        factor = _global_clip_factor(leaves, max_norm)
         return tree.unflatten(spec, _ops.mul(leaves, factor)), state  # each in its leaf's dtype
 
     tx = GradientTransformation(init_fn, update_fn)
@@ -106,7 +178,8 @@ def _init_empty(params: Any) -> EmptyState:
 def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation:
     """Clips each leaf ("block") of the updates to a root-mean-square of at most ``threshold``.
 
-    Update rule, per leaf: ``u ← u / max(1, rms(u) / threshold)`` with ``rms(u) = √mean(u²)``.
+    Update rule, per leaf: ``u ← u / max(1, rms(u) / threshold)`` with ``rms(u) = √mean(|u|²)``,
+    reduced in at least float32.
 
     Args:
         threshold: the largest allowed RMS of each leaf's update.
@@ -120,8 +193,10 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
     _utils.check_finite_number("threshold", threshold, minimum=0.0)
 
     def clip_leaf(u: torch.Tensor) -> torch.Tensor:
-        rms = u.square().mean().sqrt()
-        return u / torch.clamp_min(rms / _ops.on_device(threshold, u), 1.0)
+        # |u|² (optax's abs_sq: a complex u squared would be complex), in at least float32.
+        rms = _ops.abs_sq(_wide(u)).mean().sqrt()
+        denom = torch.clamp_min(rms / _ops.on_device(threshold, rms), 1.0)
+        return (u / denom).to(u.dtype)  # a 0-d leaf would take the float32 denominator's dtype
 
     def update_fn(
         updates: Any, state: EmptyState, params: Any = None, **extra: Any
@@ -144,7 +219,8 @@ def unitwise_norm(x: torch.Tensor, axis: int | tuple[int, ...] | None = None) ->
     Differences from ``optax.unitwise_norm``: optax assumes JAX layouts (``(in, out)``
     matrices, ``HWIO`` kernels) and reduces the *leading* dimensions; on PyTorch layouts that
     would mix output units, so functrain reduces the *trailing* ones. Pass ``axis`` to choose
-    the reduced dimensions explicitly (then both libraries agree).
+    the reduced dimensions explicitly (then both libraries agree). The result has ``x``'s real
+    dtype; half-precision squares are summed in float32 and rounded once.
 
     Args:
         x: the tensor.
@@ -156,13 +232,23 @@ def unitwise_norm(x: torch.Tensor, axis: int | tuple[int, ...] | None = None) ->
         tensor([[5., 5.],
                 [1., 1.]])
     """
+    real = _REAL_OF_COMPLEX.get(x.dtype, x.dtype)
+    return torch.broadcast_to(_unit_norms(x, axis).to(real), x.shape)
+
+
+def _unit_norms(x: torch.Tensor, axis: int | tuple[int, ...] | None) -> torch.Tensor:
+    """The unit norms of :func:`unitwise_norm`, not broadcast, in at least float32.
+
+    ``|x|²`` as optax's ``abs_sq`` (a complex ``x·x`` is not its squared modulus).
+    """
+    sq = _ops.abs_sq(_wide(x))
     if axis is not None:
-        sq = x.square().sum(dim=axis, keepdim=True)
+        sq = sq.sum(dim=axis, keepdim=True)
     elif x.squeeze().dim() <= 1:
-        sq = x.square().sum().reshape([1] * x.dim())
+        sq = sq.sum().reshape([1] * x.dim())
     else:
-        sq = x.square().sum(dim=tuple(range(1, x.dim())), keepdim=True)
-    return torch.broadcast_to(sq.sqrt(), x.shape)
+        sq = sq.sum(dim=tuple(range(1, x.dim())), keepdim=True)
+    return sq.sqrt()
 
 
 def adaptive_grad_clip(
@@ -179,7 +265,8 @@ def adaptive_grad_clip(
         u ← u · limit / max(‖u‖, 1e-6)      otherwise
 
     Differences from optax: the default units follow PyTorch weight layouts (norms over all
-    dimensions but the first); see :func:`unitwise_norm`.
+    dimensions but the first); see :func:`unitwise_norm`. Norms of float16/bfloat16 leaves are
+    computed and compared in float32 (optax: in the leaf dtype, where float16 overflows).
 
     Args:
         clipping: maximum ratio of update norm to parameter norm.
@@ -197,10 +284,13 @@ def adaptive_grad_clip(
     _utils.check_finite_number("eps", eps, minimum=0.0)
 
     def clip_leaf(u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        g_norm = unitwise_norm(u, axis)
-        p_norm = unitwise_norm(p, axis).to(u.dtype)
-        max_norm = _ops.on_device(clipping, u) * torch.clamp_min(p_norm, _ops.on_device(eps, u))
-        clipped = u * (max_norm / torch.clamp_min(g_norm, 1e-6))
+        # Norms (not broadcast) in at least float32: in float16 a unit norm above 65504 was inf
+        # and the factor inf/inf made the update NaN.
+        g_norm = _unit_norms(u, axis)
+        p_norm = _unit_norms(p, axis).to(g_norm.dtype)
+        bound = torch.clamp_min(p_norm, _ops.on_device(eps, p_norm))
+        max_norm = (_ops.on_device(clipping, bound) * bound).to(g_norm.dtype)
+        clipped = (u * (max_norm / torch.clamp_min(g_norm, 1e-6))).to(u.dtype)
         return torch.where(g_norm < max_norm, u, clipped)
 
     def update_fn(

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _utils
+from functrain.optim import _ops, _utils
 from functrain.optim.base import GradientTransformation, _accepts_extra, _check_transform
 
 __all__ = [
@@ -112,7 +112,10 @@ class MultiSteps:
 
     Differences from optax: ``accumulator_dtype=None`` (the default) accumulates each leaf in
     its own dtype promoted to at least float32 (optax: always float32), so float64 training
-    keeps float64 accumulators. PyTorch has no equivalent wrapper; the usual pattern is calling
+    keeps float64 accumulators. A cycle ends once ``mini_step ≥ k − 1`` (optax: ``==``) and
+    ``mini_step`` then restarts at 0 (optax: ``(mini_step + 1) % k``), so a state saved
+    mid-cycle under a larger ``k`` updates at once and then runs full cycles of the new ``k``.
+    PyTorch has no equivalent wrapper; the usual pattern is calling
     ``loss.backward()`` ``k`` times and ``optimizer.step()`` once.
 
     Args:
@@ -158,6 +161,7 @@ class MultiSteps:
         self._every_k_schedule = every_k_schedule
         self._use_grad_mean = use_grad_mean
         self._should_skip_update_fn = should_skip_update_fn
+        _ops.check_dtype("accumulator_dtype", accumulator_dtype)
         self._accumulator_dtype = accumulator_dtype
 
     @property
@@ -243,14 +247,16 @@ class MultiSteps:
         # is already past the k-th mini-step and must update now, not wrap around and drop it.
         if mini_step < k - 1:
             new_state = state._replace(
-                mini_step=_cpu_int((mini_step + 1) % k),
+                mini_step=_cpu_int(mini_step + 1),
                 acc_grads=tree.unflatten(spec, acc),
                 skip_state=skip_state,
             )
             return tree.zeros_like(updates), new_state
         out, inner_state = self._inner_update(acc, spec, updates, state, params, extra)
         new_state = MultiStepsState(
-            mini_step=_cpu_int((mini_step + 1) % k),
+            # 0, not optax's ``(mini_step + 1) % k``: a resumed ``mini_step`` beyond ``k - 1``
+            # (saved with a larger k) would otherwise start the next cycle part-way through.
+            mini_step=_cpu_int(0),
             gradient_step=_utils.safe_increment(state.gradient_step),
             inner_opt_state=inner_state,
             acc_grads=tree.unflatten(spec, [torch.zeros_like(a) for a in acc]),
@@ -270,7 +276,11 @@ class MultiSteps:
         acc = [torch.where(keep, a, n) for a, n in zip(tree.leaves(state.acc_grads), acc)]
         out, inner_state = self._inner_update(acc, spec, updates, state, params, extra)
         new_state = MultiStepsState(
-            mini_step=torch.where(keep, state.mini_step, (state.mini_step + 1) % k).to(torch.int32),
+            mini_step=torch.where(
+                emit,
+                torch.zeros_like(state.mini_step),
+                torch.where(keep, state.mini_step, state.mini_step + 1),
+            ).to(torch.int32),
             gradient_step=torch.where(
                 emit, _utils.safe_increment(state.gradient_step), state.gradient_step
             ),
