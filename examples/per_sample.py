@@ -251,7 +251,7 @@ def train(args: argparse.Namespace, data: Data, logdir: str) -> dict[str, Any]:
     with TensorBoardWriter(os.path.join(logdir, "standard")) as writer:
         writer.write_hparams(
             {"lr": args.lr, "batch_size": args.batch_size, "micro_batches": args.micro_batches},
-            {"eval/accuracy": None, "noise_scale/b_simple": None},
+            {"eval/accuracy": None, "train/noise_scale/b_simple": None},
         )
         for step in range(args.steps + 1):
             if step % args.analysis_every == 0 or step == args.steps:

@@ -133,7 +133,8 @@ def make_train_step(
             division by the expected batch size; the step does not inspect ``tx``, so another
             chain would apply the un-noised sum). ``chunk_size`` then bounds the examples per
             ``vmap`` call. Batches may vary in size and be empty (Poisson sampling). Metrics:
-            ``loss``, ``num_examples``, ``clipped_fraction``, no ``grad_norm``. Only the
+            ``loss``, ``num_examples``, ``clipped_fraction``, ``skipped``, ``update_norm``,
+            ``param_norm`` (these two of the noisy update), no ``grad_norm``. Only the
             ``"loop"`` strategy with a count of micro-batches, without ``grad_stats``,
             ``loss_scale`` or ``compile``. See :mod:`functrain.train.dp_stage`.
 
