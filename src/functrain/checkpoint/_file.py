@@ -171,6 +171,14 @@ def write_atomic(
     for _, _, node in tensors:
         node["sha256"] = PLACEHOLDER_DIGEST
     placeholder = _header_bytes(entries, describe())
+    if len(placeholder) - 8 > MAX_HEADER_BYTES:
+        # The reader (and safetensors itself) refuse such a header: fail before writing a file
+        # that could never be loaded.
+        raise ValueError(
+            f"the checkpoint header (tree description and metadata) would take "
+            f"{len(placeholder) - 8} bytes, over the {MAX_HEADER_BYTES}-byte limit of "
+            "safetensors readers; store large data as tensors in the state, not in metadata"
+        )
 
     directory = os.path.dirname(os.path.abspath(path))
     tmp = temp_name(os.path.join(directory, os.path.basename(path)))
@@ -244,9 +252,13 @@ class Reader:
         if len(head) < 8:
             raise _refuse_foreign(self.path, head, f"file has only {size} bytes")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, MAX_HEADER_BYTES):
+        if n > size - 8:
             raise _refuse_foreign(
                 self.path, head, f"header length {n} does not fit in a {size}-byte file"
+            )
+        if n > MAX_HEADER_BYTES:
+            raise _refuse_foreign(
+                self.path, head, f"header length {n} is over the {MAX_HEADER_BYTES}-byte limit"
             )
         raw = self._f.read(n)
         try:
@@ -278,7 +290,13 @@ class Reader:
         if not isinstance(description, dict) or "tree" not in description:
             raise InvalidCheckpointError(f"{self.path}: tree description has no 'tree'")
         version = description.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        # Version 1 is the first format; 0, negatives, bools and floats were never written.
+        if type(version) is not int or version < 1:
+            raise InvalidCheckpointError(
+                f"{self.path}: malformed format version {version!r} (versions start at 1; "
+                "the file is corrupt or was not written by functrain)"
+            )
+        if version > FORMAT_VERSION:
             raise InvalidCheckpointError(
                 f"{self.path}: format version {version!r} is newer than this functrain "
                 f"understands ({FORMAT_VERSION}); upgrade functrain"

@@ -253,7 +253,10 @@ def build(node: Any, load: LoadFn, device: torch.device | None) -> Any:
             return tuple(children)
         if kind == "deque":
             maxlen = node.get("maxlen")
-            return collections.deque(children, maxlen=maxlen if type(maxlen) is int else None)
+            # A deque drops entries beyond maxlen silently, and a negative one is a ValueError.
+            if maxlen is not None and (type(maxlen) is not int or not 0 <= len(children) <= maxlen):
+                raise InvalidCheckpointError(f"{where}: malformed deque maxlen {maxlen!r}")
+            return collections.deque(children, maxlen=maxlen)
         if kind == "custom" and not all(isinstance(k, str) for k in keys):
             return children
         if node.get("type") == "OrderedDict" and node.get("module") == "collections":

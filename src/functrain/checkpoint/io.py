@@ -24,6 +24,10 @@ __all__ = ["read_metadata", "restore", "save"]
 
 PathLike = str | os.PathLike
 
+# A tree description nests two JSON levels per tree level (see _tree.MAX_DEPTH); metadata may
+# nest as deep as a maximal tree's description, which is known to load.
+MAX_METADATA_DEPTH = 2 * _tree.MAX_DEPTH
+
 
 def save(path: PathLike, state: Any, *, metadata: dict[str, Any] | None = None) -> None:
     """Saves a pytree of tensors to ``path`` atomically.
@@ -34,6 +38,11 @@ def save(path: PathLike, state: Any, *, metadata: dict[str, Any] | None = None) 
     written to a temporary name in the same directory, flushed and fsynced, renamed over
     ``path``, and the directory is fsynced; parent directories are created.
 
+    Each tensor leaf is stored as its own values (views, transposes, expanded and conjugated
+    tensors are materialised), so tensors that share storage, such as tied parameters or views
+    of one buffer, are stored once per leaf and restored as independent tensors: re-tie them
+    after :func:`restore` if the model needs the sharing.
+
     Args:
         path: destination file, conventionally ``*.safetensors``.
         state: the pytree to save (not modified).
@@ -41,7 +50,9 @@ def save(path: PathLike, state: Any, *, metadata: dict[str, Any] | None = None) 
 
     Raises:
         TypeError: a leaf or dict key of an unsupported type (the message names its path), or
-            ``metadata`` that JSON cannot encode.
+            ``metadata`` that JSON cannot encode or that is nested more than 256 levels deep.
+        ValueError: the header (tree description and metadata) would exceed the 100 MiB that
+            safetensors readers accept; nothing is written.
 
     Example:
         >>> import os, tempfile, torch
@@ -54,6 +65,7 @@ def save(path: PathLike, state: Any, *, metadata: dict[str, Any] | None = None) 
     path = os.fspath(path)
     if metadata is not None and not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict or None, got {type(metadata).__name__}")
+    _check_metadata_depth(metadata)
     try:
         meta_json = json.dumps(metadata)
     except (TypeError, ValueError) as err:
@@ -73,6 +85,32 @@ def save(path: PathLike, state: Any, *, metadata: dict[str, Any] | None = None) 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     _file.write_atomic(path, tensors, describe)
+
+
+def _check_metadata_depth(metadata: Any) -> None:
+    """Refuses metadata nested deeper than :data:`MAX_METADATA_DEPTH` JSON levels.
+
+    ``json.loads`` shares Python's recursion limit with its caller's frames: metadata nested a
+    few hundred levels saved fine and then made the whole checkpoint unreadable ("tree
+    description is not JSON") from a deep enough call stack, and a deeper one made
+    ``json.dumps`` raise a bare ``RecursionError``. The walk is iterative, so it cannot recurse
+    itself, and a cyclic container stops at the limit.
+    """
+    stack = [(metadata, 0)]
+    while stack:
+        obj, depth = stack.pop()
+        if isinstance(obj, dict):
+            children: Any = obj.values()
+        elif isinstance(obj, (list, tuple)):
+            children = obj
+        else:
+            continue
+        if depth >= MAX_METADATA_DEPTH:
+            raise TypeError(
+                f"metadata is nested deeper than {MAX_METADATA_DEPTH} levels (a cycle?): the "
+                "checkpoint could not be read back; flatten it"
+            )
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _loader(reader: _file.Reader, verify: bool) -> _tree.LoadFn:

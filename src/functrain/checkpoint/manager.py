@@ -6,7 +6,9 @@ scans the directory, removes temporary files left by interrupted saves (they nev
 final name, so they were never valid; files of a process that still runs are saves in flight
 and are left alone), and skips files that fail validation, logging each one
 on the ``functrain.checkpoint`` logger and listing it in :attr:`CheckpointManager.skipped`.
-One process writes to a directory at a time; any number may read.
+One process writes to a directory at a time (its threads may share one manager: saves are
+serialised); any number may read. Steps may be ints, NumPy integers or integer 0-d tensors
+such as ``state.step``, in :meth:`CheckpointManager.save` and in every look-up.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numbers
 import operator
 import os
 import re
+import threading
 from typing import Any
 
 import torch
@@ -41,6 +44,26 @@ def _metric_to_json(name: str, value: Any) -> float | int | str:
     value = int(value) if isinstance(value, numbers.Integral) else float(value)
     # JSON has no NaN/inf; keep them as strings so a diverged run's metrics are still recorded.
     return value if math.isfinite(value) else repr(float(value))
+
+
+def _as_step(step: Any) -> int:
+    """``step`` as a plain non-negative int: ints, NumPy integers and integer 1-element tensors.
+
+    Shared by :meth:`CheckpointManager.save` and the look-ups, so ``mgr.restore(state.step)``
+    finds what ``mgr.save(state.step, ...)`` wrote (a tensor never equals a dict's int key).
+    """
+    if isinstance(step, torch.Tensor):
+        # bool converts to 0/1 and complex does not convert at all: neither is a step number.
+        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
+            raise TypeError(f"step must be an int, got a tensor {step!r}")
+        if step.dtype == torch.bool:
+            raise TypeError(f"step must be an int, got a bool tensor {step!r}")
+        step = int(step.item())
+    if isinstance(step, numbers.Integral) and not isinstance(step, bool):
+        step = operator.index(step)  # NumPy integers: a plain int for the file name and JSON
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return step
 
 
 def _writer_alive(temp_name: str) -> bool:
@@ -140,6 +163,9 @@ class CheckpointManager:
         )
         os.makedirs(self.directory, exist_ok=True)
         self._index: dict[int, dict[str, float | None]] = {}
+        # Saves from several threads (e.g. a background saver and the loop) must not interleave
+        # the keep check, the index update and the pruning.
+        self._lock = threading.RLock()
         self._scan()
 
     def __repr__(self) -> str:
@@ -149,9 +175,9 @@ class CheckpointManager:
             f"steps={self.all_steps()})"
         )
 
-    def path(self, step: int) -> str:
+    def path(self, step: int | torch.Tensor) -> str:
         """The file of checkpoint ``step`` (whether or not it exists)."""
-        return os.path.join(self.directory, f"{self.prefix}_{step:08d}.safetensors")
+        return os.path.join(self.directory, f"{self.prefix}_{_as_step(step):08d}.safetensors")
 
     def _skip(self, path: str, reason: str) -> None:
         logger.warning("skipping invalid checkpoint %s: %s", path, reason)
@@ -201,8 +227,9 @@ class CheckpointManager:
         """The newest step, or ``None`` when there is no checkpoint."""
         return max(self._index, default=None)
 
-    def metrics(self, step: int) -> dict[str, float | None]:
+    def metrics(self, step: int | torch.Tensor) -> dict[str, float | None]:
         """The metrics saved with ``step`` (non-numeric values read as ``None``)."""
+        step = _as_step(step)
         if step not in self._index:
             raise KeyError(f"no checkpoint for step {step} in {self.directory}")
         return dict(self._index[step])
@@ -241,28 +268,22 @@ class CheckpointManager:
         Returns:
             The path written.
         """
-        if isinstance(step, torch.Tensor):
-            if step.numel() != 1 or step.is_floating_point():
-                raise TypeError(f"step must be an int, got a tensor {step!r}")
-            step = int(step.item())
-        if isinstance(step, numbers.Integral) and not isinstance(step, bool):
-            step = operator.index(step)  # NumPy integers: a plain int for the file name and JSON
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = _as_step(step)
         encoded = {k: _metric_to_json(k, v) for k, v in (metrics or {}).items()}
         decoded = {k: _metric_from_json(v) for k, v in encoded.items()}
-        if step not in self._kept({**self._index, step: decoded}):
-            # Written, it would be pruned at once: save() would return a path to nothing.
-            raise ValueError(
-                f"step {step} would be deleted as soon as it is saved: max_to_keep="
-                f"{self.max_to_keep} keeps the newest steps, and {self.directory} already holds "
-                f"steps up to {max(self._index)}. Remove the newer checkpoints first (for example "
-                "after restoring an older one), or save to another directory"
-            )
-        path = self.path(step)
-        io.save(path, state, metadata={"step": step, "metrics": encoded, "user": metadata})
-        self._index[step] = decoded
-        self._prune()
+        with self._lock:
+            if step not in self._kept({**self._index, step: decoded}):
+                # Written, it would be pruned at once: save() would return a path to nothing.
+                raise ValueError(
+                    f"step {step} would be deleted as soon as it is saved: max_to_keep="
+                    f"{self.max_to_keep} keeps the newest steps, and {self.directory} already "
+                    f"holds steps up to {max(self._index)}. Remove the newer checkpoints first "
+                    "(for example after restoring an older one), or save to another directory"
+                )
+            path = self.path(step)
+            io.save(path, state, metadata={"step": step, "metrics": encoded, "user": metadata})
+            self._index[step] = decoded
+            self._prune()
         return path
 
     def _kept(self, index: dict[int, dict[str, float | None]]) -> set[int]:
@@ -283,13 +304,19 @@ class CheckpointManager:
 
     def restore(
         self,
-        step: int,
+        step: int | torch.Tensor,
         target: Any = None,
         *,
         device: str | torch.device | None = None,
         strict: bool = True,
     ) -> Any:
-        """Restores checkpoint ``step``; see :func:`functrain.checkpoint.restore`."""
+        """Restores checkpoint ``step``; see :func:`functrain.checkpoint.restore`.
+
+        Raises:
+            FileNotFoundError: no checkpoint for ``step`` (never saved, or pruned); the
+                message lists the steps there are.
+        """
+        step = _as_step(step)
         if step not in self._index:
             raise FileNotFoundError(
                 f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
@@ -314,12 +341,15 @@ class CheckpointManager:
         Raises:
             FileNotFoundError: no valid checkpoint in the directory.
         """
-        for step in sorted(self._index, reverse=True):
+        with self._lock:
+            steps = sorted(self._index, reverse=True)
+        for step in steps:
             try:
                 state = io.restore(self.path(step), target, device=device, strict=strict)
             except (InvalidCheckpointError, FileNotFoundError) as err:
-                self._skip(self.path(step), str(err))
-                del self._index[step]
+                with self._lock:
+                    self._skip(self.path(step), str(err))
+                    self._index.pop(step, None)
                 continue
             self.restored_step = step
             return state

@@ -31,6 +31,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import numbers
+import operator
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -89,6 +91,14 @@ def _check_key(key: torch.Tensor) -> None:
     if not isinstance(key, torch.Tensor) or key.dtype != torch.int64:
         got = key.dtype if isinstance(key, torch.Tensor) else type(key).__name__
         raise TypeError(f"a random key must be an int64 tensor (see ft.random_key), got {got}")
+    if key.dim() != 0:
+        # A (1,)-shaped key worked by accident in eager mode (``int`` reads its element, the
+        # result is 0-d) but kept its shape under torch.compile, so eager and compiled states
+        # differed; a longer one failed with torch's "only one element tensors" message.
+        raise ValueError(
+            f"a random key must be a 0-d tensor (see ft.random_key; index a split_key result), "
+            f"got shape {tuple(key.shape)}"
+        )
     if key.device.type != "cpu":
         raise ValueError(
             f"a random key must live on the CPU (reading it must not synchronize a device), "
@@ -96,27 +106,41 @@ def _check_key(key: torch.Tensor) -> None:
         )
 
 
+def _check_int(name: str, value: int) -> int:
+    """``value`` as a Python ``int``; refuses bools and non-integers (a float was truncated)."""
+    if type(value) is int:  # the common case, also what torch.compile traces
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
 def random_key(seed: int) -> torch.Tensor:
     """A new random key from an integer seed: a 0-d ``int64`` CPU tensor.
 
     Args:
-        seed: any Python integer (taken modulo 2⁶⁴).
+        seed: any integer, a Python or NumPy one (taken modulo 2⁶⁴); not a bool.
 
     Example:
         >>> import functrain as ft
         >>> ft.random_key(0).shape, ft.random_key(0).dtype
         (torch.Size([]), torch.int64)
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
-    return torch.tensor(_signed(_mix_int(seed)), dtype=torch.int64)
+    # numbers.Integral: NumPy integers (common seeds) are accepted; tensors and floats are not.
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.tensor(_signed(_mix_int(int(seed))), dtype=torch.int64)
 
 
 def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
     """Derives the key of stream ``data`` from ``key`` (as ``jax.random.fold_in``).
 
     ``fold_in(key, i)`` for different ``i`` gives statistically independent keys; the same
-    ``(key, i)`` always gives the same key.
+    ``(key, i)`` always gives the same key. ``data`` is an integer, taken modulo 2⁶⁴: distinct
+    values in ``[0, 2⁶⁴)`` give distinct keys. ``fold_in(key, i)`` equals ``split_key(key, n)[i]``.
 
     Example:
         >>> import functrain as ft
@@ -125,7 +149,8 @@ def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
         True
     """
     _check_key(key)
-    return _derive(key, _GOLDEN * (int(data) + 1))
+    # operator.index, not int(): int(1.7) == 1 silently gave stream 1 for a float.
+    return _derive(key, _GOLDEN * (_check_int("fold_in data", data) + 1))
 
 
 def split_key(key: torch.Tensor, num: int = 2) -> torch.Tensor:
@@ -137,6 +162,9 @@ def split_key(key: torch.Tensor, num: int = 2) -> torch.Tensor:
         torch.Size([3])
     """
     _check_key(key)
+    num = _check_int("split_key num", num)
+    if num < 0:
+        raise ValueError(f"split_key num must be non-negative, got {num}")
     offsets = torch.arange(1, num + 1, dtype=torch.int64) * _GOLDEN
     return _mix(key + offsets)
 
@@ -158,6 +186,8 @@ def key_generator(key: torch.Tensor, device: torch.device | str = "cpu") -> torc
 
     Use it in a loss function that declares a ``key`` argument:
     ``torch.rand(shape, generator=ft.key_generator(key, x.device), device=x.device)``.
+    A CPU generator (Mersenne Twister) keeps only the low 32 bits of the seed; CUDA's keeps
+    all 64.
 
     Example:
         >>> import torch, functrain as ft
@@ -167,14 +197,22 @@ def key_generator(key: torch.Tensor, device: torch.device | str = "cpu") -> torc
     return torch.Generator(device=device).manual_seed(key_seed(key))
 
 
+def _cuda_index(device: torch.device) -> int:
+    # ``d.index or 0`` seeded device 0 for "cuda", not the current device where "cuda" tensors
+    # live (e.g. after torch.cuda.set_device(rank)), whose dropout then went unseeded.
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 @contextlib.contextmanager
 def seeded_rng(key: torch.Tensor, devices: Sequence[torch.device] = ()) -> Iterator[None]:
     """Runs a block with the global generators seeded from ``key``, restoring them afterwards.
 
     The CPU generator and the default generator of every CUDA device in ``devices`` are seeded
     with :func:`key_seed`; their previous states come back on exit, so code outside the block
-    sees no change. This is how ``nn.Dropout`` inside a model gets a reproducible stream per
-    micro-batch.
+    sees no change, even when the block raises. A CUDA device without an index (``"cuda"``)
+    means the current device, as in ``torch.device`` placement; other device types are left
+    alone. This is how ``nn.Dropout`` inside a model gets a reproducible stream per micro-batch.
+    The CPU generator keeps only the low 32 bits of the seed (see :func:`key_generator`).
 
     Example:
         >>> import torch, functrain as ft
@@ -186,7 +224,7 @@ def seeded_rng(key: torch.Tensor, devices: Sequence[torch.device] = ()) -> Itera
         True
     """
     seed = key_seed(key)
-    cuda = sorted({d.index or 0 for d in map(torch.device, devices) if d.type == "cuda"})
+    cuda = sorted({_cuda_index(d) for d in map(torch.device, devices) if d.type == "cuda"})
     with torch.random.fork_rng(devices=cuda, device_type="cuda"):
         torch.default_generator.manual_seed(seed)
         for index in cuda:

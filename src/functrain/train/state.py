@@ -55,6 +55,42 @@ def _check_tensor_tree(name: str, value: Any, floating: bool = False) -> None:
             )
 
 
+def _check_no_grad(name: str, value: Any) -> None:
+    paths, leaves, _ = tree.flatten_with_paths(value)
+    for path, leaf in zip(paths, leaves):
+        if leaf.requires_grad:
+            # A step differentiates with torch.func and updates params in place: a leaf that
+            # is part of an autograd graph failed deep inside the step with a cryptic message.
+            raise ValueError(
+                f"{tree.path_str(path, name)} requires grad; give detached tensors "
+                "(tensor.detach(), sharing its memory) or build a new state with "
+                "TrainState.create, which copies and detaches them"
+            )
+
+
+def _check_fields(changes: dict[str, Any]) -> None:
+    """Validates the fields given to :meth:`TrainState.replace` (opt_state is the optimizer's)."""
+    if "step" in changes:
+        step = changes["step"]
+        if not (isinstance(step, torch.Tensor) and step.dtype == torch.int64 and step.dim() == 0):
+            got = (
+                f"a {step.dtype} tensor of shape {tuple(step.shape)}"
+                if isinstance(step, torch.Tensor)
+                else type(step).__name__
+            )
+            raise TypeError(f"TrainState.replace: step must be a 0-d int64 tensor, got {got}")
+    if changes.get("key") is not None:
+        rng.key_seed(changes["key"])  # validates dtype, shape and device
+    if "params" in changes:
+        _check_tensor_tree("params", changes["params"], floating=True)
+        _check_no_grad("params", changes["params"])
+    if changes.get("buffers") is not None:
+        _check_tensor_tree("buffers", changes["buffers"])
+    extra = changes.get("extra")
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"TrainState.replace: extra must be a dict, got {type(extra).__name__}")
+
+
 def _owned(value: Any, copy: bool) -> Any:
     return optree.tree_map(lambda x: x.detach().clone() if copy else x.detach(), value)
 
@@ -139,9 +175,9 @@ class TrainState:
                 in which case steps leave the global random generators alone.
             key: an explicit random key (0-d ``int64`` CPU tensor).
             extra: initial add-on states.
-            copy: copy ``params`` and ``buffers`` so the state owns its memory (default). With
-                ``copy=False`` the state shares your tensors, and a donating step updates them
-                in place.
+            copy: copy ``params``, ``buffers`` and ``key`` so the state owns its memory
+                (default). With ``copy=False`` the state shares your tensors, and a donating
+                step updates them in place.
 
         Example:
             >>> import torch, functrain as ft
@@ -157,11 +193,18 @@ class TrainState:
         params = _owned(params, copy)
         buffers = None if buffers is None else _owned(buffers, copy)
         if key is not None:
-            rng.key_seed(key)  # validates dtype and device
+            rng.key_seed(key)  # validates dtype, shape and device
+            key = key.clone() if copy else key
         elif seed is not None:
             key = rng.random_key(seed)
         step = torch.zeros((), dtype=torch.int64, device=_device_of(params))
-        return cls(step, params, tx.init(params), buffers, key, dict(extra or {}))
+        try:
+            opt_state = tx.init(params)
+        except Exception as err:
+            # The optimizer's own message rarely says where it came from.
+            err.add_note("raised by tx.init(params) in TrainState.create")
+            raise
+        return cls(step, params, opt_state, buffers, key, dict(extra or {}))
 
     def _get(self, name: str) -> Any:
         if self._consumed is not None:
@@ -194,6 +237,15 @@ class TrainState:
     def replace(self, **changes: Any) -> TrainState:
         """A copy with some fields replaced (the fields not named are shared, not copied).
 
+        The new values are checked as :meth:`create` checks its arguments: ``step`` a 0-d
+        ``int64`` tensor, ``key`` ``None`` or a valid key, ``params`` floating-point tensors
+        that do not require grad, ``buffers`` ``None`` or tensors, ``extra`` a dict (``None``
+        means ``{}``); ``opt_state`` is not checked.
+
+        Raises:
+            TypeError: an unknown field, or a value of the wrong type.
+            ValueError: a key of the wrong shape or device, or params that require grad.
+
         Example:
             >>> import torch, functrain as ft
             >>> s = ft.TrainState.create(params=[torch.ones(1)], tx=ft.sgd(0.1))
@@ -204,6 +256,7 @@ class TrainState:
         if unknown:
             raise TypeError(f"TrainState has no fields {sorted(unknown)}; fields are {_FIELDS}")
         values = {name: self._get(name) for name in _FIELDS}
+        _check_fields(changes)
         values.update(changes)
         return TrainState(**values)
 
