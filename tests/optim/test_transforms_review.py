@@ -397,3 +397,27 @@ def test_float64_mu_of_float32_gradients_is_accumulated_in_float64():
         in_place_state = done.opt_state
     testing.assert_trees_all_equal(in_place_params, pure_params)
     testing.assert_trees_all_equal(in_place_state, pure_state)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ft.adam(0.1, mu_dtype=torch.float64),
+        lambda: ft.amsgrad(0.1, mu_dtype=torch.float64),
+        lambda: ft.lion(0.1, mu_dtype=torch.float64),
+    ],
+)
+def test_real_mu_dtype_for_complex_params_is_refused_naming_the_leaf(make):
+    # mu kept only the real parts of the complex moments (0.1 instead of 0.1+0.1j), silently.
+    params = {"a": torch.ones(2), "z": torch.tensor([1 + 2j], dtype=torch.complex64)}
+    with pytest.raises(ValueError, match=r"mu_dtype=torch.float64 is real but params\['z'\]"):
+        make().init(params)
+
+
+def test_complex_mu_dtype_keeps_complex_moments():
+    params = {"z": torch.tensor([1 + 2j], dtype=torch.complex64)}
+    tx = ft.scale_by_adam(b1=0.9, mu_dtype=torch.complex128)
+    g = torch.tensor([1 + 1j], dtype=torch.complex64)
+    _, state = tx.update({"z": g}, tx.init(params))
+    want = (1 - 0.9) * g.to(torch.complex128)
+    torch.testing.assert_close(state.mu["z"], want, rtol=1e-7, atol=0)

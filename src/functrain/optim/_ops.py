@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from functrain import tree
+
 Scalar = float | int | torch.Tensor
 
 
@@ -363,6 +365,24 @@ def check_scalar_tensor(name: str, value: Any) -> None:
         raise ValueError(
             f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}"
         )
+
+
+def state_zeros(params: Any, dtype: torch.dtype | None, name: str) -> Any:
+    """``tree.zeros_like(params, dtype=dtype)`` for a state dtype such as ``mu_dtype``.
+
+    A real ``dtype`` for complex parameters would store only the moments' real parts (the
+    imaginary parts silently dropped at every update), so it is refused, naming the leaf.
+    """
+    if dtype is not None and not dtype.is_complex:
+        paths, leaves, _ = tree.flatten_with_paths(params)
+        for path, x in zip(paths, leaves):
+            if isinstance(x, torch.Tensor) and x.is_complex():
+                raise ValueError(
+                    f"{name}={dtype} is real but {tree.path_str(path, 'params')} is "
+                    f"{x.dtype}: the moments would lose their imaginary parts; use a complex "
+                    "dtype (e.g. torch.complex128) or None"
+                )
+    return tree.zeros_like(params, dtype=dtype)
 
 
 def check_dtype(name: str, dtype: Any) -> None:

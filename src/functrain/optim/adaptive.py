@@ -195,7 +195,7 @@ def scale_by_adam(
     def init_fn(params: Any) -> ScaleByAdamState:
         return ScaleByAdamState(
             count=_utils.zero_count(params),
-            mu=tree.zeros_like(params, dtype=mu_dtype),
+            mu=_ops.state_zeros(params, mu_dtype, "mu_dtype"),
             nu=tree.zeros_like(params),
         )
 
@@ -288,7 +288,7 @@ def scale_by_amsgrad(
     def init_fn(params: Any) -> ScaleByAmsgradState:
         return ScaleByAmsgradState(
             count=_utils.zero_count(params),
-            mu=tree.zeros_like(params, dtype=mu_dtype),
+            mu=_ops.state_zeros(params, mu_dtype, "mu_dtype"),
             nu=tree.zeros_like(params),
             nu_max=tree.zeros_like(params),
         )
@@ -520,7 +520,7 @@ def scale_by_lion(
 
     def init_fn(params: Any) -> ScaleByLionState:
         return ScaleByLionState(
-            count=_utils.zero_count(params), mu=tree.zeros_like(params, dtype=mu_dtype)
+            count=_utils.zero_count(params), mu=_ops.state_zeros(params, mu_dtype, "mu_dtype")
         )
 
     def update_fn(
