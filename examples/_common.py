@@ -1,8 +1,10 @@
-"""Helpers shared by the examples: the digits data, run directories, writers."""
+"""Helpers shared by the examples: the digits data, run directories, writers, argument types."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import math
 import os
 from typing import Any
 
@@ -22,6 +24,22 @@ from functrain.logging import (
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an int >= 1, so that a bad value is a usage error, not a traceback."""
+    value = int(text)  # a ValueError reads as "invalid positive_int value: 'x'"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float > 0 (learning rates, clipping norms, timeouts)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def run_dir(root: str, name: str | None = None) -> str:

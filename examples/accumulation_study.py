@@ -14,7 +14,7 @@ Each run is a TensorBoard run under one directory, with the number of training e
 the x-axis so that the curves line up; a PNG compares the full-training-set loss curves, and a
 table summarizes them.
 
-    python examples/accumulation_study.py          # 1-2 minutes on a laptop CPU
+    python examples/accumulation_study.py          # ~20 s on a laptop CPU
     python examples/accumulation_study.py --fast   # 2 epochs (CI)
     tensorboard --logdir runs/accumulation_study
 """
@@ -156,11 +156,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fast", action="store_true", help="2 epochs, for CI")
     parser.add_argument("--logdir", help="default: runs/accumulation_study/<timestamp>")
     parser.add_argument("--png", help="default: <logdir>/loss_curves.png")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 16 (fast: 2)")
-    parser.add_argument("--batch-size", type=int, default=32, help="B")
-    parser.add_argument("--k", type=int, default=4, help="K")
+    positive_int = _common.positive_int
+    parser.add_argument("--epochs", type=positive_int, help="default: 16 (fast: 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="B")
+    parser.add_argument("--k", type=positive_int, default=4, help="K")
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], choices=BASE_LR)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     return parser.parse_args(argv)
 
 
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     png = args.png or os.path.join(root, "loss_curves.png")
     data = _common.load_digits()
     b, k = args.batch_size, args.k
+    if k * b > len(data["train"]["y"]):  # the K×B runs would have no whole batch
+        sys.exit(f"error: K×B = {k * b} > {len(data['train']['y'])} training images")
     print(f"TensorBoard runs: {root}/<optimizer>/<run>  (x-axis: training examples seen)")
     print(f"  view them with: tensorboard --logdir {root}")
 

@@ -9,7 +9,7 @@ means, the classic accumulation bug, would weight tokens of short micro-batches 
 
 TensorBoard gets the default metrics, including ``perf/tokens_per_s``, and a text sample.
 
-    python examples/char_lm.py            # a few minutes on a laptop CPU
+    python examples/char_lm.py            # about a minute on a laptop CPU
     python examples/char_lm.py --fast     # a few steps (CI)
     tensorboard --logdir runs
 """
@@ -22,6 +22,7 @@ import inspect
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -69,22 +70,27 @@ MODULES = [
     "zipfile",
 ]
 PAD = 0
+HEADS = 4
+MIN_LENGTH = 16  # paragraphs' tails shorter than this are dropped
 
 
 def corpus() -> str:
     """The docstrings of ``MODULES`` and of their public functions, classes and methods."""
     docs = []
-    for name in MODULES:
-        module = importlib.import_module(name)
-        docs.append(inspect.getdoc(module) or "")
-        for attr, obj in sorted(vars(module).items()):
-            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
-                continue
-            docs.append(inspect.getdoc(obj) or "")
-            if inspect.isclass(obj):
-                for method_name, method in sorted(vars(obj).items()):
-                    if inspect.isfunction(method) and not method_name.startswith("_"):
-                        docs.append(inspect.getdoc(method) or "")
+    with warnings.catch_warnings():
+        # Reading typing.io / typing.re warns on Python 3.11; their docstrings are still text.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in MODULES:
+            module = importlib.import_module(name)
+            docs.append(inspect.getdoc(module) or "")
+            for attr, obj in sorted(vars(module).items()):
+                if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                    continue
+                docs.append(inspect.getdoc(obj) or "")
+                if inspect.isclass(obj):
+                    for method_name, method in sorted(vars(obj).items()):
+                        if inspect.isfunction(method) and not method_name.startswith("_"):
+                            docs.append(inspect.getdoc(method) or "")
     return "\n\n".join(d for d in docs if d)
 
 
@@ -105,7 +111,7 @@ class Vocab:
         return "".join(self.chars[i - 1] for i in ids if i != PAD)
 
 
-def sequences(text: str, vocab: Vocab, length: int, min_length: int = 16) -> torch.Tensor:
+def sequences(text: str, vocab: Vocab, length: int, min_length: int = MIN_LENGTH) -> torch.Tensor:
     """Paragraphs cut into pieces of at most ``length`` characters, right-padded with ``PAD``."""
     rows = []
     for paragraph in text.split("\n\n"):
@@ -178,20 +184,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="a few steps, for CI")
     parser.add_argument("--logdir", help="run directory (default: runs/char_lm/<timestamp>)")
-    parser.add_argument("--steps", type=int, default=None, help="default: 600 (fast: 25)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--micro-batches", type=int, default=4)
-    parser.add_argument("--length", type=int, default=64, help="characters per sequence")
-    parser.add_argument("--dim", type=int, default=96)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    positive_int, positive_float = _common.positive_int, _common.positive_float
+    parser.add_argument("--steps", type=positive_int, help="default: 600 (fast: 25)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--micro-batches", type=positive_int, default=4)
+    parser.add_argument("--length", type=positive_int, default=64, help="characters per sequence")
+    parser.add_argument("--dim", type=positive_int, default=96, help=f"a multiple of {HEADS}")
+    parser.add_argument("--layers", type=positive_int, default=2)
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=_common.default_device())
     parser.add_argument(
-        "--threads", type=int, default=1, help="CPU threads (1 is fastest for this small model)"
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads (1 is fastest for this small model)",
     )
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.length < MIN_LENGTH:
+        parser.error(f"--length must be >= {MIN_LENGTH}: shorter pieces of text are dropped")
+    if args.dim % HEADS:
+        parser.error(f"--dim must be a multiple of the {HEADS} attention heads, got {args.dim}")
+    if args.micro_batches > args.batch_size:
+        parser.error("--micro-batches must be <= --batch-size")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     train_ids = train_ids.to(args.device)
 
     torch.manual_seed(args.seed)
-    net = CharTransformer(len(vocab), args.length, args.dim, heads=4, layers=args.layers)
+    net = CharTransformer(len(vocab), args.length, args.dim, heads=HEADS, layers=args.layers)
     model, params, _ = ft.functionalize(net.to(args.device))
     loss_fn = make_loss(model)
+    warmup = min(max(1, steps // 20), steps - 1)  # the warmup must end before the decay
     schedule = ft.warmup_cosine_decay_schedule(
-        0.0, args.lr, warmup_steps=max(1, steps // 20), decay_steps=steps, end_value=args.lr / 20
+        0.0, args.lr, warmup_steps=warmup, decay_steps=steps, end_value=args.lr / 20
     )
     tx = ft.chain(
         ft.clip_by_global_norm(1.0),
@@ -220,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     step = ft.make_train_step(loss_fn, tx, micro_batches=args.micro_batches)
     state = ft.TrainState.create(params=params, tx=tx, seed=args.seed)
     batches = ft.TensorBatches({"ids": train_ids}, args.batch_size, seed=args.seed)
+    if len(batches) == 0:  # the last partial batch is dropped: an epoch would be empty
+        sys.exit(f"error: --batch-size {args.batch_size} > {len(train_ids)} training sequences")
     eval_batches = list(ft.TensorBatches({"ids": eval_ids}, 256, shuffle=False, drop_last=False))
 
     logdir = args.logdir or _common.run_dir(os.path.join("runs", "char_lm"))
@@ -255,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         text_sample = sample(model, result.state.params, vocab, "Return the ", args.length, 200, 0)
         writer.write_text(int(result.state.step), {"sample": f"```\n{text_sample}\n```"})
     elapsed = time.perf_counter() - start
+    if result.interrupted:  # no checkpoints here: the curves so far are in TensorBoard
+        print(f"interrupted at step {int(result.state.step)} of {steps}")
+        return 130
     history = result.history
     losses = history.values("train/loss")
     tokens_per_s = history.values("perf/tokens_per_s")
@@ -264,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens/s, {int(result.state.step)} steps in {elapsed:.1f} s"
     )
     print("sample:\n" + text_sample)
-    return 130 if result.interrupted else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@ Run on CPU with two processes (gloo)::
 Each rank trains on its shard of every epoch (``dist.shard_indices``), the gradients of the
 ranks are combined into the exact gradient of the global batch, the optimizer state is sharded
 across ranks (ZeRO-1: each rank keeps about half of AdamW's moments), and only rank 0 prints,
-writes TensorBoard events (``--logdir``) and saves the checkpoint (``--checkpoint``).
+writes TensorBoard events (``--logdir``: the ``train/*`` tags of ``ft.train_loop``, at steps 1,
+2, ...) and saves the checkpoint (``--checkpoint``).
 Without torchrun (``python examples/digits_ddp.py``) the same script runs as one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
@@ -24,19 +27,35 @@ from sklearn.datasets import load_digits
 import functrain as ft
 from functrain import distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common
+
+N_TEST = 300
+N_TRAIN = 1797 - N_TEST  # scikit-learn's digits
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps")
+    positive_int, positive_float = _common.positive_int, _common.positive_float
+    parser.add_argument("--steps", type=positive_int, default=400, help="optimizer steps")
     parser.add_argument("--fast", action="store_true", help="a short run (40 steps) for CI")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--hidden", type=positive_int, default=64)
     parser.add_argument("--no-shard", action="store_true", help="keep the whole optimizer state")
-    parser.add_argument("--timeout", type=float, default=60.0, help="collective timeout (s)")
+    parser.add_argument(
+        "--timeout", type=positive_float, default=60.0, help="collective timeout (s)"
+    )
     parser.add_argument("--logdir", default=None, help="TensorBoard directory (rank 0 writes)")
     parser.add_argument("--checkpoint", default=None, help="save the final state here (rank 0)")
     args = parser.parse_args()
+    # torchrun's environment, read before the process group exists so that a bad value is a
+    # usage error on every rank rather than a hang: each rank takes batch-size / world examples.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        parser.error(f"--batch-size {args.batch_size} is not a multiple of the {world} ranks")
+    if args.batch_size > N_TRAIN:
+        parser.error(f"--batch-size {args.batch_size} > {N_TRAIN} training images")
     if args.fast:
         args.steps = min(args.steps, 40)
     return args
@@ -48,8 +67,7 @@ def load() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     y = torch.tensor(digits.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[order], y[order]
-    n_test = 300
-    return {"x": x[n_test:], "y": y[n_test:]}, {"x": x[:n_test], "y": y[:n_test]}
+    return {"x": x[N_TEST:], "y": y[N_TEST:]}, {"x": x[:N_TEST], "y": y[:N_TEST]}
 
 
 def batches(train: dict[str, torch.Tensor], local_batch: int):
@@ -85,7 +103,8 @@ def main() -> None:
             torch.nn.functional.cross_entropy(logits, batch["y"]), aux={"accuracy": accuracy}
         )
 
-    schedule = ft.warmup_cosine_decay_schedule(0.0, args.lr, 20, args.steps)
+    warmup = min(20, args.steps - 1)  # the warmup must end before the decay
+    schedule = ft.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps)
     tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(schedule, weight_decay=1e-4))
     step = dist.make_data_parallel_train_step(loss_fn, tx, shard_optimizer=not args.no_shard)
     state = step.init_state(params)
@@ -104,14 +123,14 @@ def main() -> None:
             flush=True,
         )
 
-    local_batch = max(1, args.batch_size // world)
+    local_batch = args.batch_size // world
     data = batches(train, local_batch)
     first_loss = last_loss = float("nan")
     start = time.perf_counter()
     for i in range(args.steps):
         state, metrics = step(state, next(data))
-        if writer is not None:
-            writer.write_scalars(i, metrics)
+        if writer is not None:  # the tags and steps (1, 2, ...) that ft.train_loop writes
+            writer.write_scalars(i + 1, ft.metric_tags(metrics))
         if i == 0:
             first_loss = float(metrics["loss"])
         if i % 20 == 0 or i == args.steps - 1:

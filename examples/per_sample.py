@@ -48,28 +48,44 @@ Batch = dict[str, torch.Tensor]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    positive_int, positive_float = _common.positive_int, _common.positive_float
     parser.add_argument("--logdir", help="run directory (default: runs/per_sample/<timestamp>)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=positive_int, help="default: 300 (fast: 30)")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--micro-batches", type=int, default=4, help="K >= 2 micro-batches")
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--analysis-every", type=int, default=50)
-    parser.add_argument("--top-k", type=int, default=10, help="hardest examples to list")
-    parser.add_argument("--chunk-size", type=int, default=128, help="examples per vmap call")
+    parser.add_argument("--lr", type=positive_float, default=2e-3)
+    parser.add_argument("--analysis-every", type=positive_int, help="default: 50 (fast: 15)")
+    parser.add_argument("--top-k", type=positive_int, help="hardest examples to list (10; fast: 5)")
+    parser.add_argument(
+        "--chunk-size", type=positive_int, default=128, help="examples per vmap call"
+    )
     parser.add_argument("--no-dp", dest="dp", action="store_false", help="skip the DP-SGD run")
-    parser.add_argument("--clip", type=float, default=1.0, help="DP-SGD clipping norm C")
-    parser.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD sigma")
+    parser.add_argument("--clip", type=positive_float, default=1.0, help="DP-SGD clipping norm C")
+    parser.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD sigma >= 0")
     parser.add_argument("--delta", type=float, default=1e-5, help="DP-SGD delta for epsilon")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--threads", type=int, default=1, help="CPU threads (1 is fastest for this small CNN)"
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="CPU threads (1 is fastest for this small CNN)",
     )
     parser.add_argument("--fast", action="store_true", help="a few steps on a subset (CI)")
     args = parser.parse_args(argv)
     if args.micro_batches < 2:
         parser.error("--micro-batches must be >= 2: the noise scale needs two gradients")
-    if args.fast:
-        args.steps, args.analysis_every, args.top_k = 30, 15, 5
+    if args.micro_batches > args.batch_size:
+        parser.error("--micro-batches must be <= --batch-size")
+    if not args.noise_multiplier >= 0:
+        parser.error(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
+    if not 0 < args.delta < 1:
+        parser.error(f"--delta must be in (0, 1), got {args.delta}")
+    # --fast picks short defaults; values given explicitly win.
+    fast = {"steps": 30, "analysis_every": 15, "top_k": 5}
+    full = {"steps": 300, "analysis_every": 50, "top_k": 10}
+    for name, default in (fast if args.fast else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     return args
 
 
@@ -368,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     root = os.path.join("runs", "per_sample")
     logdir = args.logdir or _common.run_dir(root)
     data = load_data(args.seed, args.fast)
+    if args.batch_size > len(data.train["y"]):  # an epoch of whole batches would be empty
+        sys.exit(f"error: --batch-size {args.batch_size} > {len(data.train['y'])} training images")
     _common.print_logdir(logdir, "runs" if args.logdir is None else logdir)
     print(
         f"digits: {len(data.train['y'])} train / {len(data.test['y'])} test images; "

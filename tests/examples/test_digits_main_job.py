@@ -1,4 +1,4 @@
-"""The main job of the README, in its normal mode: >= 95% test accuracy on digits (~20 s)."""
+"""The main job of the README, in its normal mode: >= 95% test accuracy on digits (seconds)."""
 
 import os
 import re

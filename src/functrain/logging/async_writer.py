@@ -38,6 +38,8 @@ import torch
 
 from functrain.logging.base import Array, HParam, MetricWriter, Scalar
 
+_MAIN = threading.main_thread()
+
 __all__ = ["AsyncWriter"]
 
 _FLUSH = object()
@@ -267,6 +269,10 @@ class AsyncWriter(MetricWriter):
         try:
             fn()
         except BaseException as err:  # surfaced in the caller's thread, see _raise_pending
+            if not isinstance(err, Exception) and threading.current_thread() is _MAIN:
+                # Ctrl-C (or exit) while the caller's thread replays buffered calls belongs to
+                # the caller: recorded, it came back later as a "write failure" RuntimeError.
+                raise
             with self._lock:
                 if self._error is None:
                     self._error = err

@@ -1,0 +1,34 @@
+"""Ctrl-C while AsyncWriter replays buffered calls on the caller's thread stays a Ctrl-C."""
+
+import torch
+
+import functrain as ft
+from functrain.logging import AsyncWriter, MetricWriter
+
+
+class _InterruptedOnThirdWrite(MetricWriter):
+    """Stands in for SIGINT arriving while the wrapped writer writes."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def write_scalars(self, step, scalars):
+        self.calls += 1
+        if self.calls == 3:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_a_replayed_write_interrupts_train_loop_cleanly():
+    # It was recorded as a writer failure and resurfaced as RuntimeError, so train_loop's
+    # catch_interrupt=True crashed instead of returning an interrupted result.
+    model, params, _ = ft.functionalize(torch.nn.Linear(4, 1))
+    tx = ft.sgd(0.1)
+    result = ft.train_loop(
+        ft.make_train_step(lambda p, b: (model(p, b["x"]) ** 2).mean(), tx),
+        ft.TrainState.create(params=params, tx=tx),
+        ft.TensorBatches({"x": torch.randn(64, 4)}, 8, seed=0),
+        epochs=2,
+        writer=AsyncWriter(_InterruptedOnThirdWrite(), every_n=1),
+        catch_interrupt=True,
+    )
+    assert result.interrupted
