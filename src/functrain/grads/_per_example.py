@@ -98,9 +98,29 @@ def _split_result(out: Any, has_aux: bool) -> tuple[Any, Any]:
             raise ValueError("with has_aux=True, loss_fn must return (loss, aux) or ft.LossOutput")
         out, aux = out
     if isinstance(out, LossSum):
-        # The example's own mean: the loss of a batch of one, like a mean loss_fn.
-        out = out.total / out.count
+        out = _example_mean(out.total, out.count)
     return out, aux
+
+
+def _example_mean(total: Any, count: Any) -> Any:
+    """``total / count``: the example's own mean, the loss of a batch of one.
+
+    As in the train step, the count is held in at least float32 (bfloat16 rounds 257 tokens to
+    256, which scaled the loss and gradient), and an example that counts no unit (all padding)
+    has loss and gradient 0, as the train step's hooks see such a micro-batch, rather than the
+    NaN of ``0 / 0``, which poisoned every sum over the batch (a DP clipped sum included).
+    """
+    if not isinstance(total, torch.Tensor) or not total.is_floating_point():
+        return total  # refused, with its type, by the caller's scalar-loss check
+    dtype = torch.promote_types(total.dtype, torch.float32)
+    if isinstance(count, torch.Tensor):
+        count = count.detach().to(dtype)  # a count is not differentiated
+    else:
+        count = torch.full((), count, dtype=dtype, device=total.device)
+    # ``where`` on the reciprocal, not on the quotient: the gradient of ``total / 0`` in the
+    # branch not taken would still be NaN.
+    inverse = torch.where(count != 0, count.reciprocal(), torch.zeros_like(count))
+    return (total.to(dtype) * inverse).to(total.dtype)
 
 
 class AuxSplit:

@@ -18,7 +18,8 @@ Two extra inputs are explicit rather than hidden:
 
 ``loss_fn`` may return what a train step accepts: a 0-d mean loss, ``ft.LossSum(total, count)``
 (the per-example loss is then the example's own mean ``total / count``, so with unequal counts
-the mean of per-sample gradients is not the token-weighted batch gradient) or
+the mean of per-sample gradients is not the token-weighted batch gradient; an example that
+counts 0 units, padding only, has loss and gradient 0) or
 ``ft.LossOutput(loss, aux=...)``. A ``key`` argument is not supplied: randomness goes through
 ``randomness``.
 
@@ -176,6 +177,10 @@ def per_sample_chunks(
     _check_options(chunk_size, randomness, loss_fn, params, method)
     n = batch_size_of(batch)
     param_leaves, param_spec = tree.flatten(params)
+    # ``torch.func.grad`` composes with autograd: leaves that require grad (``nn.Parameter``s
+    # from ``named_parameters()``) gave results holding the whole chunk's graph, kept alive
+    # as long as the results were. Per-sample gradients are values, not differentiable outputs.
+    param_leaves = [p.detach() for p in param_leaves]
     batch_leaves, batch_spec = tree.flatten(batch)
     aux_split = AuxSplit()
     run = _chunk_runner(
