@@ -192,8 +192,10 @@ def to_float(value: Any, name: str = "value") -> float:
         if value.size != 1:
             raise ValueError(f"scalar {name!r} must have one element, got shape {value.shape}")
         value = value.reshape(()).item()
-    if isinstance(value, numbers.Real):
+    if isinstance(value, (numbers.Real, np.bool_)):  # np.bool_ is no numbers.Real, unlike bool
         return float(value)
+    if isinstance(value, numbers.Complex):  # as for complex tensors: no silent real part
+        raise TypeError(f"scalar {name!r} is complex ({type(value).__name__})")
     raise TypeError(f"scalar {name!r} must be a number or a one-element tensor, got {value!r}")
 
 

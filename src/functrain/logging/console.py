@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+import numpy as np
 import torch
 
 from functrain.logging.base import HParam, MetricWriter, Scalar, step_to_int, to_float
@@ -31,11 +33,31 @@ from functrain.logging.base import HParam, MetricWriter, Scalar, step_to_int, to
 __all__ = ["ConsoleWriter"]
 
 
-def _fmt_value(value: float) -> str:
-    return f"{value:.4g}"
+def _host_number(value: Any, name: str) -> float | int:
+    """``value`` as a Python int when it is an integer (a counter), else as a float."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        size = value.numel() if isinstance(value, torch.Tensor) else value.size
+        kind = "f" if isinstance(value, torch.Tensor) else value.dtype.kind
+        if isinstance(value, torch.Tensor) and not (
+            value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+        ):
+            kind = "i"
+        if size == 1 and kind in "iu":
+            return int(value.reshape(-1)[0].item())
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)  # Python and NumPy integers
+    return to_float(value, name)  # also raises the errors for non-scalars
+
+
+def _fmt_value(value: float | int) -> str:
+    # Integers (step counters such as skipped_total) keep every digit; ``.4g`` would show
+    # 123456 as 1.235e+05.
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
 def _fmt_rate(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)  # "inf", not "infG"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.3g}{unit}"
@@ -111,7 +133,7 @@ class ConsoleWriter(MetricWriter):
         self._clock = time.monotonic
         self._start: float | None = None
         self._points: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)
-        self._latest: dict[str, float] = {}
+        self._latest: dict[str, float | int] = {}
         self._step = 0
         self._last_output = -math.inf
         self._bar_shown = False
@@ -218,7 +240,7 @@ class ConsoleWriter(MetricWriter):
         """Updates the bar (or prints a line); ``line_prefixes`` scalars get their own line."""
         self._check_open()
         host_step = step_to_int(step)
-        values = {name: to_float(value, name) for name, value in scalars.items()}
+        values = {name: _host_number(value, name) for name, value in scalars.items()}
         own_line = {k: v for k, v in values.items() if k.startswith(self.line_prefixes)}
         progress = {k: v for k, v in values.items() if k not in own_line}
         if own_line:
@@ -249,7 +271,7 @@ class ConsoleWriter(MetricWriter):
         del step, kwargs
         self._check_open()
         text = ", ".join(f"{k}={v}" for k, v in hparams.items())
-        finals = {k: to_float(v, k) for k, v in (metrics or {}).items() if v is not None}
+        finals = {k: _host_number(v, k) for k, v in (metrics or {}).items() if v is not None}
         if finals:
             text += " | " + " ".join(f"{k}={_fmt_value(v)}" for k, v in finals.items())
         self._print_line(f"hparams: {text}")

@@ -20,6 +20,7 @@ show each step once, with the values of the resumed run.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,14 +79,18 @@ def _histogram(values: np.ndarray, bins: int) -> dict[str, Any] | None:
     if lo == hi:
         limits, counts = np.array([hi]), np.array([values.size])
     else:
-        counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
-        limits = edges[1:]
+        # A span beyond float64 (-1e308..1e308) has no finite bin width; halved values have.
+        scale = 1.0 if math.isfinite(hi - lo) else 0.5
+        counts, edges = np.histogram(values * scale, bins=bins, range=(lo * scale, hi * scale))
+        limits = edges[1:] / scale
+    with np.errstate(over="ignore"):  # sums of huge values are inf, as TensorBoard shows them
+        total, squares = float(values.sum()), float(np.dot(values, values))
     return {
         "min": lo,
         "max": hi,
         "num": int(values.size),
-        "sum": float(values.sum()),
-        "sum_squares": float(np.dot(values, values)),
+        "sum": total,
+        "sum_squares": squares,
         "bucket_limits": limits.tolist(),
         "bucket_counts": counts.tolist(),
     }
@@ -95,8 +100,49 @@ def _hparam_value(name: str, value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (torch.Tensor, np.generic, np.ndarray)):
-        return to_float(value, name)
+        if _numel(value) == 1 and value.dtype in (torch.bool, np.dtype(bool)):
+            return bool(value.item())  # a flag stays a flag, not the number 1.0
+        if _numel(value) == 1 and not _is_complex(value):
+            return to_float(value, name)
+        return str(value.tolist())  # betas=torch.tensor([0.9, 0.999]) is shown as text
     return str(value)  # tuples such as betas=(0.9, 0.999) are shown as text
+
+
+def _numel(value: torch.Tensor | np.generic | np.ndarray) -> int:
+    return value.numel() if isinstance(value, torch.Tensor) else int(np.size(value))
+
+
+def _is_complex(value: torch.Tensor | np.generic | np.ndarray) -> bool:
+    return value.is_complex() if isinstance(value, torch.Tensor) else value.dtype.kind == "c"
+
+
+def _mark_bools(
+    summary: Any, hparams: Mapping[str, Any], domains: Mapping[str, Sequence[Any]] | None
+) -> None:
+    """Rewrites the bool hyperparameters of one HParams summary as bools, in place.
+
+    ``torch.utils.tensorboard.summary.hparams`` tests ``isinstance(v, (int, float))`` before
+    ``bool``, so every bool reaches the dashboard as the number 1.0 or 0.0 of type FLOAT64.
+    """
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    flags = {name: value for name, value in hparams.items() if isinstance(value, bool)}
+    if not flags:
+        return
+    metadata = summary.value[0].metadata
+    data = plugin_data_pb2.HParamsPluginData.FromString(metadata.plugin_data.content)
+    if data.HasField("experiment"):
+        for info in data.experiment.hparam_infos:
+            if info.name in flags:
+                info.type = api_pb2.DATA_TYPE_BOOL
+                if domains is not None and info.name in domains:
+                    del info.domain_discrete.values[:]
+                    for flag in domains[info.name]:
+                        info.domain_discrete.values.add().bool_value = bool(flag)
+    if data.HasField("session_start_info"):
+        for name, flag in flags.items():
+            data.session_start_info.hparams[name].bool_value = flag
+    metadata.plugin_data.content = data.SerializeToString()
 
 
 class TensorBoardWriter(MetricWriter):
@@ -256,8 +302,9 @@ class TensorBoardWriter(MetricWriter):
         a metric given as ``None`` is only declared (its curve is logged during training).
 
         Args:
-            hparams: name -> int, float, str, bool or 0-d tensor (other values are shown as
-                text, ``None`` is left out).
+            hparams: name -> int, float, str, bool or one-element tensor (a bool tensor is a
+                bool; other values, multi-element tensors included, are shown as text, ``None``
+                is left out).
             metrics: name -> final value or ``None``.
             step: step of the metric scalars; default: the last step written (0 if none).
             hparam_domain_discrete: name -> every value that hyperparameter takes across runs.
@@ -273,6 +320,8 @@ class TensorBoardWriter(MetricWriter):
         if hparam_domain_discrete is not None:
             domains = {name: list(values) for name, values in hparam_domain_discrete.items()}
         experiment, start, end = hparams_summaries(hp, dict.fromkeys(metrics, 0.0), domains)
+        _mark_bools(experiment, hp, domains)
+        _mark_bools(start, hp, domains)
         file_writer = self._writer.file_writer
         for summary in (experiment, start, end):
             file_writer.add_summary(summary)
