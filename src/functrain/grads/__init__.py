@@ -3,6 +3,7 @@
 from functrain.grads import (
     accounting,
     clipping,
+    cosine,
     noise_scale,
     per_sample,
     poisson,
@@ -12,6 +13,7 @@ from functrain.grads import (
 )
 from functrain.grads.accounting import *  # noqa: F403
 from functrain.grads.clipping import *  # noqa: F403
+from functrain.grads.cosine import *  # noqa: F403
 from functrain.grads.noise_scale import *  # noqa: F403
 from functrain.grads.per_sample import *  # noqa: F403
 from functrain.grads.poisson import *  # noqa: F403
@@ -22,6 +24,7 @@ from functrain.grads.streaming import *  # noqa: F403
 __all__ = [
     *accounting.__all__,
     *clipping.__all__,
+    *cosine.__all__,
     *noise_scale.__all__,
     *per_sample.__all__,
     *poisson.__all__,

@@ -36,14 +36,10 @@ from functrain.grads.stats import GradMoments
 from functrain.optim import _utils
 
 __all__ = [
-    "CosineAccumulator",
     "NoiseScaleEstimate",
     "NoiseScaleState",
-    "cosine_accumulator_add",
-    "cosine_accumulator_init",
     "gradient_diversity",
     "gradient_diversity_from_moments",
-    "mean_pairwise_cosine",
     "noise_scale_estimate",
     "noise_scale_from_moments",
     "noise_scale_hook",
@@ -392,101 +388,6 @@ def noise_scale_metrics(
         f"{prefix}grad_sq": new.grad_sq / correction,
     }
     return new, metrics
-
-
-class CosineAccumulator(NamedTuple):
-    """Running sum of normalized gradients, for the mean pairwise cosine.
-
-    Attributes:
-        unit_sum: ``Σᵢ gᵢ/‖gᵢ‖`` (a pytree like the gradients, half-precision leaves kept in
-            float32; zero gradients add nothing).
-        unit_sq_sum: ``Σᵢ ‖gᵢ/‖gᵢ‖‖²``: the number of non-zero gradients, as a tensor.
-        count: ``K``, gradients added so far (a Python int: the loop is static).
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> acc = ft.cosine_accumulator_add(ft.cosine_accumulator_init([torch.zeros(2)]), [torch.ones(2)])
-        >>> acc.count, acc.unit_sq_sum
-        (1, tensor(1.))
-    """
-
-    unit_sum: PyTree
-    unit_sq_sum: torch.Tensor
-    count: int
-
-
-def cosine_accumulator_init(params: PyTree) -> CosineAccumulator:
-    """An empty :class:`CosineAccumulator` shaped like ``params``.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> ft.cosine_accumulator_init({"w": torch.zeros(2)}).count
-        0
-    """
-    # At least float32: a float16 squared norm under- or overflows for ordinary gradients
-    # (below about 2.4e-4 or above 256 in norm), and half-precision unit vectors would cost the
-    # cosine its third digit.
-    dtype = torch.promote_types(_utils.float_dtype(tree.leaves(params)), torch.float32)
-    return CosineAccumulator(
-        tree.map(lambda p: torch.zeros_like(p, dtype=_wide(p.dtype, dtype)), params),
-        torch.zeros((), dtype=dtype, device=_utils.default_device(params)),
-        0,
-    )
-
-
-def _wide(leaf_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
-    """The accumulator dtype of a leaf: half precision widened to ``dtype``, others kept."""
-    return dtype if leaf_dtype in _LOW_PRECISION else leaf_dtype
-
-
-def cosine_accumulator_add(
-    acc: CosineAccumulator, grad: PyTree, sq_norm: torch.Tensor | None = None
-) -> CosineAccumulator:
-    """Adds ``grad/‖grad‖`` to the running sum (one parameter-sized buffer, no list of grads).
-
-    Args:
-        acc: the accumulator.
-        grad: a gradient pytree (e.g. one micro-batch's mean gradient).
-        sq_norm: ``‖grad‖²`` when already computed (e.g. for :func:`noise_scale_estimate`).
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> acc = ft.cosine_accumulator_init([torch.zeros(2)])
-        >>> acc = ft.cosine_accumulator_add(acc, [torch.tensor([3.0, 4.0])])
-        >>> acc.unit_sum
-        [tensor([0.6000, 0.8000])]
-    """
-    a_leaves, spec, other = _utils.flat(acc.unit_sum, {"grad": grad})
-    # Half-precision gradients are widened to the accumulator's dtype before scaling.
-    g_leaves = [g.to(a.dtype) for a, g in zip(a_leaves, other["grad"])]
-    if sq_norm is None:
-        sq_norm = _sq_norm_vmappable(grad)
-    sq_norm = sq_norm.to(torch.promote_types(sq_norm.dtype, acc.unit_sq_sum.dtype))
-    positive = sq_norm > 0
-    inv = torch.where(positive, sq_norm.clamp_min(torch.finfo(sq_norm.dtype).tiny).rsqrt(), 0.0)
-    new_sum = torch._foreach_add(a_leaves, torch._foreach_mul(g_leaves, inv))
-    unit_sq = acc.unit_sq_sum + positive.to(acc.unit_sq_sum.dtype)
-    return CosineAccumulator(tree.unflatten(spec, new_sum), unit_sq, acc.count + 1)
-
-
-def mean_pairwise_cosine(acc: CosineAccumulator) -> torch.Tensor:
-    """Mean of ``cos(gᵢ, gⱼ)`` over pairs ``i ≠ j``: ``(‖Σuᵢ‖² − Σ‖uᵢ‖²) / (K(K − 1))``.
-
-    Near 1 when micro-batches agree (the gradient is mostly signal), near 0 when their
-    gradients are mostly noise. Needs ``K ≥ 2``.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> acc = ft.cosine_accumulator_init([torch.zeros(2)])
-        >>> acc = ft.cosine_accumulator_add(acc, [torch.tensor([1.0, 0.0])])
-        >>> acc = ft.cosine_accumulator_add(acc, [torch.tensor([1.0, 1.0])])
-        >>> ft.mean_pairwise_cosine(acc)
-        tensor(0.7071)
-    """
-    k = acc.count
-    if k < 2:
-        raise ValueError(f"mean_pairwise_cosine needs at least 2 gradients, got {k}")
-    return (tree.norm(acc.unit_sum, squared=True) - acc.unit_sq_sum) / (k * (k - 1))
 
 
 def noise_scale_hook(
