@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import optree
 import torch
 
-from functrain.train._loop_data import leading_size, to_device
+from functrain.train._loop_data import to_device
+from functrain.train.loss import LossSum
 from functrain.train.state import TrainState
 
 __all__ = ["History", "metric_tags"]
@@ -218,13 +220,25 @@ class Throughput:
         return dict(self.latest)
 
 
+def _eval_examples(batch: Any) -> int:
+    """The leading size of ``batch``: 0 for an empty batch, 1 for one with no batched tensor."""
+    for leaf in optree.tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return int(leaf.shape[0])
+    return 1  # a batch without a batch dimension counts as one example
+
+
 def evaluate(
     eval_step: Callable[[TrainState, Any], Mapping[str, Any]],
     state: TrainState,
     batches: Iterable[Any],
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """Example-weighted means of the eval metrics over ``batches`` (``loss``: token-weighted)."""
+    """Example-weighted means of the eval metrics over ``batches`` (``loss``: token-weighted).
+
+    A :class:`~functrain.LossSum` value is combined as ``Σ total / Σ count``. A batch of weight
+    0 (an empty batch, whose mean is NaN) adds nothing, decided on the device (no host read).
+    """
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     sums: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
@@ -232,14 +246,26 @@ def evaluate(
         for batch in batches:
             batch = to_device(batch, device)
             metrics = eval_step(state, batch)
-            examples = metrics.get("num_examples", leading_size(batch) or 1)
+            examples = metrics.get("num_examples")
+            if examples is None:
+                examples = _eval_examples(batch)
             tokens = metrics.get("num_tokens")
             for name, value in metrics.items():
                 if name in COUNTS:
                     continue
-                weight = tokens if name == "loss" and tokens is not None else examples
-                weight = torch.as_tensor(weight, device=device, dtype=dtype)
-                value = torch.as_tensor(value, device=device).detach().to(dtype)
-                sums[name] = value * weight + sums[name] if name in sums else value * weight
+                if isinstance(value, LossSum):
+                    value, weight = _as(value.total, device, dtype), _as(value.count, device, dtype)
+                    total = value
+                else:
+                    weight = tokens if name == "loss" and tokens is not None else examples
+                    weight = _as(weight, device, dtype)
+                    total = _as(value, device, dtype) * weight
+                # 0 * NaN is NaN: an empty batch's NaN mean must not poison the average.
+                total = torch.where(weight == 0, torch.zeros_like(total), total)
+                sums[name] = total + sums[name] if name in sums else total
                 weights[name] = weight + weights[name] if name in weights else weight
     return {f"eval/{name}": sums[name] / weights[name] for name in sums}
+
+
+def _as(value: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.as_tensor(value, device=device).detach().to(dtype)

@@ -170,8 +170,9 @@ def train_loop(
             stops at the same place).
         eval_step: ``eval_step(state, batch) -> metrics`` (e.g. :func:`make_eval_step`); run
             under ``torch.no_grad`` over ``eval_batches``. Metrics are averaged with the batches'
-            ``num_examples`` as weights (``num_tokens`` for ``loss`` when present) and written
-            as ``eval/<name>``.
+            ``num_examples`` as weights (``num_tokens`` for ``loss`` when present; a
+            :class:`~functrain.LossSum` value as ``Σ total / Σ count``) and written as
+            ``eval/<name>``. A batch of weight 0 (empty) adds nothing, its NaN mean included.
         eval_batches: an iterable of eval batches, read once per evaluation.
         eval_every: evaluate every this many steps; ``None``: at the end of every epoch. There
             is always an evaluation at the end.
