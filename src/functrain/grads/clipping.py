@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain._precision import HALF as _HALF
+from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import clipped_sum_by_layers
 from functrain.grads._per_example import _check_options, batch_size_of
@@ -215,7 +217,7 @@ def clipped_grad_sum(
 def _widened(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
     """Chunk sums in at least float32: a bfloat16 sum over chunks rounds once per chunk (400
     one-example chunks of a loss near 100 lost 7%). Float32 and wider leaves are untouched."""
-    return [x.float() if x.dtype in _HALF else x for x in leaves]
+    return [widen(x) for x in leaves]
 
 
 def _wide_sum(x: torch.Tensor) -> torch.Tensor:
@@ -224,9 +226,6 @@ def _wide_sum(x: torch.Tensor) -> torch.Tensor:
 
 def _rounded(acc: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
     return [a.to(x.dtype) for a, x in zip(acc, like)]
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _clipped_sum_by_layers(

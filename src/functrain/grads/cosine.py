@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.grads.noise_scale import _LOW_PRECISION, _sq_norm_vmappable
+from functrain._precision import HALF as _LOW_PRECISION
+from functrain.grads.noise_scale import _sq_norm_vmappable
 from functrain.optim import _utils
 
 __all__ = [

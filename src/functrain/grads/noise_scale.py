@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain._precision import HALF as _LOW_PRECISION
 from functrain.grads.stats import GradMoments
 from functrain.optim import _utils
 
@@ -51,9 +52,6 @@ __all__ = [
 
 PyTree = Any
 Numbers = Sequence[float | int | torch.Tensor] | torch.Tensor
-
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _sq_norm_vmappable(grad: PyTree) -> torch.Tensor:

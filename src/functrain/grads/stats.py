@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain._precision import HALF as _HALF
+from functrain._precision import widen
 from functrain.grads._per_example import batch_size_of
 
 __all__ = [
@@ -269,17 +271,10 @@ def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
 
     def snr(mu: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # In float16 ``eps`` rounds to 0 and a zero-variance, zero-mean coordinate gave NaN.
-        mu_w, v_w = _at_least_float32(mu), _at_least_float32(v)
+        mu_w, v_w = widen(mu), widen(v)
         return (mu_w * mu_w / v_w.clamp_min(eps)).to(mu.dtype)
 
     return tree.map(snr, m.mean, var)
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in _HALF else x
 
 
 def _flat_rows(grads: PyTree) -> list[torch.Tensor]:
@@ -314,7 +309,7 @@ def _cross_gram(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 def _to_cosine(g: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Cosines from a Gram matrix, in at least float32 (``eps`` is 0 in float16), as ``dtype``."""
     dtype = g.dtype if dtype is None else dtype
-    g = _at_least_float32(g)
+    g = widen(g)
     norms = g.diagonal().clamp_min(0).sqrt().clamp_min(eps)
     return (g / norms[:, None] / norms[None, :]).to(dtype)
 

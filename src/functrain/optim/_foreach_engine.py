@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from functrain import tree
+from functrain._precision import HALF as _HALF
 from functrain.optim import _ops
 from functrain.optim._utils import safe_increment
 from functrain.optim.fused import (
@@ -49,7 +50,6 @@ class _Updates:
         return mine, [i for i in idx if not self.owned[i]]
 
 
-_HALF = frozenset({torch.float16, torch.bfloat16})
 _DTYPE = attrgetter("dtype")
 
 

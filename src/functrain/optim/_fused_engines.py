@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain._precision import HALF as _HALF
 from functrain.optim import _foreach_engine, _ops
 from functrain.optim._utils import safe_increment
 from functrain.optim.fused import (
@@ -32,7 +33,6 @@ from functrain.optim.fused import (
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_DEVICES = ("cpu", "cuda")
-_HALF = (torch.float16, torch.bfloat16)
 # Elements per chunk when the update norm is wanted: the kernels update the parameters in
 # place, so the old values of one chunk at a time are kept in a scratch buffer.
 _CHUNK = 1 << 18

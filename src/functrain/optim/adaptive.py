@@ -8,6 +8,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from functrain import tree
+from functrain._precision import widen_all
 from functrain.optim import _ops, _utils, fused
 from functrain.optim.base import GradientTransformation
 
@@ -75,27 +76,12 @@ def _denominator(nu_hat: list[torch.Tensor], eps: Hyper, eps_root: Hyper) -> lis
     return denom
 
 
-_NARROW = frozenset({torch.float16, torch.bfloat16})
-
-
-def _widen(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """float16 and bfloat16 tensors as float32 (the fused kernels' arithmetic); ``xs`` itself
-    when there are none.
-
-    In float16, ``eps = 1e-8`` is 0 and ``(1 − b2)·g²`` is 0 below ``|g| ≈ 5e-3``, so a small
-    gradient's update was ``m / 0``; the kernels (and ``torch.optim.Adam(fused=True)``) form the
-    moments and the update in float32 and round each result once.
-    """
-    if not any(x.dtype in _NARROW for x in xs):  # a generator: dynamo cannot trace attrgetter
-        return xs
-    return [x.float() if x.dtype in _NARROW else x for x in xs]
-
-
 def _operands(g: list[torch.Tensor], *states: list[torch.Tensor]) -> list[torch.Tensor]:
     """The update leaves in the dtype their moments are computed in: float32 for float16 and
-    bfloat16 (as :func:`_widen`), and at least the precision of each state leaf, so that a
+    bfloat16 (the fused kernels' arithmetic: in float16 ``eps = 1e-8`` is 0 and a small
+    gradient's update was ``m / 0``), and at least the precision of each state leaf, so that a
     float32 moment of bfloat16 gradients is not rounded to bfloat16 on the way."""
-    out = _widen(g)
+    out = widen_all(g)
     dtypes = {y.dtype for y in out}
     if len(dtypes) == 1 and all({x.dtype for x in st} <= dtypes for st in states):
         return out  # the common case: one dtype throughout

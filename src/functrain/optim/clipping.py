@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from functrain import tree
+from functrain._precision import HALF as _HALF
 from functrain.optim import _ops, _utils, fused
 from functrain.optim.base import EmptyState, GradientTransformation
 
@@ -23,7 +24,6 @@ __all__ = [
 ClipState = EmptyState
 ClipByGlobalNormState = EmptyState
 
-_HALF = (torch.float16, torch.bfloat16)
 _REAL_OF_COMPLEX = {
     torch.complex32: torch.float16,
     torch.complex64: torch.float32,

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from functrain._precision import accumulation_dtype
 from functrain.train import loss as loss_lib
 
 __all__: list[str] = []  # internal: used by the gradient stage and make_eval_step
@@ -126,7 +127,7 @@ class Combiner:
         weight = size / self.total
         value = payload["value"]
         self.loss_dtype = value.dtype
-        wide = _wide(value.dtype)
+        wide = accumulation_dtype(value.dtype)
         if weighted is None or weighted.dtype != wide:
             total = value.to(wide).sum()
             weighted = total if meta.is_sum else total * weight
@@ -135,7 +136,7 @@ class Combiner:
             self.count = _acc(self.count, payload["count"].sum())
         for name, v in payload["aux"].items():
             self.aux_dtypes[name] = v.dtype
-            v = v.to(_wide(v.dtype)).sum()
+            v = v.to(accumulation_dtype(v.dtype)).sum()
             if name in payload["aux_counts"]:
                 self.aux[name] = _acc(self.aux.get(name), v)
                 self.aux_counts[name] = _acc(
@@ -201,11 +202,6 @@ class _GradSum:
             torch._foreach_div_(acc, divisor)
             return acc
         return list(torch._foreach_div(acc, divisor))
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """The dtype sums of ``dtype`` values are kept in: at least float32 (as the counts)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _ratio(total: torch.Tensor, count: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from functrain import tree
+from functrain._precision import accumulation_dtype
 from functrain.grads.clipping import _check_number, clipped_grad_sum
 from functrain.train import loss as loss_lib
 from functrain.train import microbatch, rng
@@ -107,7 +108,7 @@ class ClippedSumStage:
         # Sums of losses and of clipped gradients over micro-batches are accumulated in at least
         # float32 and rounded once: a bfloat16 loss sum of a few hundred examples has a spacing
         # of 1 or more, and a batch smaller than micro_batches is one micro-batch per example.
-        loss_sum = torch.zeros((), dtype=_wide(first.dtype), device=device)
+        loss_sum = torch.zeros((), dtype=accumulation_dtype(first.dtype), device=device)
         loss_dtype = first.dtype  # an empty batch never calls loss_fn: the params' dtype
         clipped = torch.zeros((), dtype=torch.int64, device=device)
         for i, mb in enumerate(microbatch.micro_batches(batch, split)):
@@ -127,7 +128,7 @@ class ClippedSumStage:
                 acc = part
             elif acc is None:
                 # Copies: autograd may hand one tensor to several leaves, and we add in place.
-                acc = [g.to(_wide(g.dtype), copy=True) for g in part]
+                acc = [g.to(accumulation_dtype(g.dtype), copy=True) for g in part]
             else:
                 torch._foreach_add_(acc, [g.to(a.dtype) for g, a in zip(part, acc)])
             loss_dtype = out.loss_sum.dtype
@@ -146,8 +147,3 @@ class ClippedSumStage:
             "clipped_fraction": clipped.to(loss_sum.dtype) / count,
         }
         return GradResult(grad_sum, metrics, buffers, None)
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """An accumulation dtype for ``dtype``: float32 for half precision, else itself."""
-    return torch.promote_types(dtype, torch.float32)

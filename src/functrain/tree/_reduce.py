@@ -9,6 +9,7 @@ import builtins
 
 import torch
 
+from functrain._precision import HALF as _HALF
 from functrain.tree._structure import (
     PyTree,
     _check_same,
@@ -37,8 +38,6 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
         dots.append(torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
     return _sum_scalars(dots)
 
-
-_HALF = (torch.float16, torch.bfloat16)
 
 _REAL_OF_COMPLEX = {
     torch.complex32: torch.float16,
