@@ -10,8 +10,10 @@ it; paths read ``['params']['fc.weight']``.
 given: it may update the parameters' memory in place, and it empties the consumed object so that
 the memory it held is released as soon as the step no longer needs it. Any later use of the
 consumed object (reading a field, flattening it, passing it to a step) raises
-:class:`ConsumedStateError` instead of silently reading stale or overwritten tensors. The check is a
-flag test on attribute access: it costs nothing measurable.
+:class:`ConsumedStateError` instead of silently reading stale or overwritten tensors. States
+derived from one another with :meth:`TrainState.replace` share the fields not replaced, so they
+share one lease on that memory: consuming any of them consumes them all. The check is a flag test
+on attribute access: it costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -95,6 +97,15 @@ def _owned(value: Any, copy: bool) -> Any:
     return optree.tree_map(lambda x: x.detach().clone() if copy else x.detach(), value)
 
 
+class _Lease:
+    """The right to use a set of state tensors, shared by the states that hold them."""
+
+    __slots__ = ("consumed_by",)
+
+    def __init__(self) -> None:
+        self.consumed_by: str | None = None
+
+
 def _device_of(params: Any) -> torch.device:
     for leaf in tree.leaves(params):
         return leaf.device
@@ -131,6 +142,7 @@ class TrainState:
         "_consumed",
         "_extra",
         "_key",
+        "_lease",
         "_opt_state",
         "_params",
         "_step",
@@ -152,6 +164,7 @@ class TrainState:
         self._key = key
         self._extra = {} if extra is None else extra
         self._consumed: str | None = None
+        self._lease = _Lease()
 
     @classmethod
     def create(
@@ -207,11 +220,17 @@ class TrainState:
         return cls(step, params, opt_state, buffers, key, dict(extra or {}))
 
     def _get(self, name: str) -> Any:
-        if self._consumed is not None:
+        if self._consumed is not None or self._lease.consumed_by is not None:
+            what = (
+                f"this TrainState was consumed by {self._consumed}"
+                if self._consumed is not None
+                else "this TrainState shares tensors (through TrainState.replace) with a state "
+                f"consumed by {self._lease.consumed_by}"
+            )
             raise ConsumedStateError(
-                f"this TrainState was consumed by {self._consumed}, which may have reused its "
-                "memory; use the state that step returned (state, metrics = step(state, batch)), "
-                "or build the step with donate=False to keep input states intact"
+                f"{what}, which may have reused its memory; use the state that step returned "
+                "(state, metrics = step(state, batch)), or build the step with donate=False "
+                "to keep input states intact"
             )
         return getattr(self, "_" + name)
 
@@ -224,18 +243,23 @@ class TrainState:
 
     @property
     def consumed(self) -> bool:
-        """Whether a donating step consumed this state (it can then no longer be used)."""
-        return self._consumed is not None
+        """Whether a donating step consumed this state, or a state that shares its tensors
+        through :meth:`replace` (it can then no longer be used)."""
+        return self._consumed is not None or self._lease.consumed_by is not None
 
     def _consume(self, by: str) -> None:
         self._get("step")
-        self._consumed = by
+        self._consumed = self._lease.consumed_by = by
         # Drop the references so the consumed tensors are freed as soon as the step is done.
         self._step = self._params = self._opt_state = self._buffers = self._key = None
         self._extra = None
 
     def replace(self, **changes: Any) -> TrainState:
         """A copy with some fields replaced (the fields not named are shared, not copied).
+
+        Because the two states share tensors, a donating step that consumes one of them
+        consumes the other too: using either afterwards raises :class:`ConsumedStateError`
+        rather than reading memory the step updated in place.
 
         The new values are checked as :meth:`create` checks its arguments: ``step`` a 0-d
         ``int64`` tensor, ``key`` ``None`` or a valid key, ``params`` floating-point tensors
@@ -258,7 +282,9 @@ class TrainState:
         values = {name: self._get(name) for name in _FIELDS}
         _check_fields(changes)
         values.update(changes)
-        return TrainState(**values)
+        derived = TrainState(**values)
+        derived._lease = self._lease
+        return derived
 
     def __repr__(self) -> str:
         if self._consumed is not None:
