@@ -5,10 +5,8 @@ Expected keys come from a pure-Python SplitMix64 written here, never from the co
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import pickle
-from collections.abc import Iterator
 
 import numpy as np
 import optree
@@ -125,28 +123,29 @@ class _FakeGenerator:
 
 
 def test_seeded_rng_seeds_the_current_cuda_device_for_an_unindexed_cuda(monkeypatch):
-    # No GPU here: CUDA's generators and fork_rng are stood in for, the CPU part is real.
-    forked: list[tuple[list[int], str]] = []
-    real_fork = torch.random.fork_rng
+    # No GPU here: CUDA's generators and their state calls are stood in for, the CPU part is real.
+    saved: list[int] = []
+    restored: list[tuple[int, int]] = []
 
-    @contextlib.contextmanager
-    def fork_rng(devices, device_type="cuda") -> Iterator[None]:
-        forked.append((list(devices), device_type))
-        with real_fork(devices=[]):
-            yield
+    def get_rng_state(index):
+        saved.append(index)
+        return torch.tensor([100 + index])
 
     gens = (_FakeGenerator(), _FakeGenerator(), _FakeGenerator())
-    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, index: restored.append((int(state), index))
+    )
     monkeypatch.setattr(torch.cuda, "default_generators", gens)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     key = ft.random_key(5)
     with ft.seeded_rng(key, [torch.device("cuda")]):
-        pass
-    assert forked == [([1], "cuda")]
+        assert restored == []
+    assert saved == [1] and restored == [(101, 1)]  # device 1's own state comes back
     assert [g.seeds for g in gens] == [[], [_mix_ref(5)], []]
     with ft.seeded_rng(key, ["cpu", "cuda:2", torch.device("meta")]):
         pass
-    assert forked[-1] == ([2], "cuda")
+    assert saved[-1] == 2 and restored[-1] == (102, 2)
     assert [g.seeds for g in gens] == [[], [_mix_ref(5)], [_mix_ref(5)]]
 
 
