@@ -17,8 +17,12 @@ import functrain as ft
 C = 0.5
 
 
-def _recorder(seen: list):
-    """A ``tx`` that records the updates it is handed and leaves the parameters alone."""
+def _recorder(seen: list, clip=None):
+    """A ``tx`` that records the updates it is handed and leaves the parameters alone.
+
+    Behind a noiseless ``dp_noisy_mean`` with expected batch size 1 (adds 0, divides by 1:
+    exact), as the DP step requires of its ``tx``.
+    """
 
     def init(params):
         return ()
@@ -27,7 +31,8 @@ def _recorder(seen: list):
         seen.append(ft.tree.map(lambda u: u.detach().clone(), updates))
         return ft.tree.map(torch.zeros_like, updates), state
 
-    return ft.GradientTransformation(init, update)
+    noiseless = ft.dp_noisy_mean(C if clip is None else clip, 0.0, expected_batch_size=1, seed=0)
+    return ft.chain(noiseless, ft.GradientTransformation(init, update))
 
 
 def _per_example(loss_fn, params, batch, dtype=torch.float64):
@@ -192,7 +197,7 @@ def test_a_0d_tensor_clipping_norm_works_like_the_number():
     for clip in (C, torch.tensor(C, dtype=torch.float64)):
         seen: list = []
         step = ft.make_train_step(
-            loss_fn, _recorder(seen), micro_batches=3, per_example_clip=clip, donate=False
+            loss_fn, _recorder(seen, clip), micro_batches=3, per_example_clip=clip, donate=False
         )
         step(ft.TrainState.create(params=params, tx=_recorder([])), b)
         results.append(seen[0])

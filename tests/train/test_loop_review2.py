@@ -122,7 +122,7 @@ def test_a_dp_step_on_poisson_batches_with_empty_ones_logs_finite_perf_metrics()
     ]
     sizes = [b["x"].shape[0] for b in batches]
     assert 0 in sizes and max(sizes) > 0  # the draw has empty and non-empty batches
-    tx = ft.sgd(0.1)
+    tx = ft.chain(ft.dp_noisy_mean(1.0, 1.0, expected_batch_size=1.2, seed=0), ft.sgd(0.1))
     step = ft.make_train_step(_loss, tx, per_example_clip=1.0, donate=False)
     result = ft.train_loop(step, _state(tx), batches)
     # The loop adds nothing to the steps: the same states as plain step calls.

@@ -44,13 +44,15 @@ Accumulation. Sum the clipped sums of the micro-batches and apply :func:`dp_nois
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
 
 from functrain import optim, tree
 from functrain.grads.clipping import _check_number, per_example_global_norm_clip
-from functrain.optim import _prng, _utils
+from functrain.optim import _prng, _utils, fused
 from functrain.optim.base import GradientTransformation
 
 __all__ = [
@@ -61,6 +63,48 @@ __all__ = [
 ]
 
 PyTree = Any
+
+# What each DP transform is, by its update function: how ``make_train_step(per_example_clip=C)``
+# checks the ``tx`` it is given (see :func:`dp_members`).
+_ROLES: weakref.WeakKeyDictionary[Any, tuple[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _tag(tx: GradientTransformation, role: str, l2_norm_clip: Any) -> GradientTransformation:
+    _ROLES[tx.update] = (role, l2_norm_clip)
+    return tx
+
+
+def dp_members(tx: Any) -> Iterator[tuple[str, Any]]:
+    """The members of ``tx`` in application order (chains flattened), as ``(role, clip)``.
+
+    ``role`` is ``"noisy_mean"`` (:func:`dp_noisy_mean`), ``"aggregate"``
+    (:func:`differentially_private_aggregate`, also inside :func:`dpsgd`) or ``"other"``
+    (anything else, including wrappers this cannot see through); ``clip`` is the transform's
+    ``l2_norm_clip`` (``None`` for ``"other"``).
+
+    Example:
+        >>> import functrain as ft
+        >>> from functrain.grads.privacy import dp_members
+        >>> tx = ft.chain(ft.dp_noisy_mean(1.0, 1.1, expected_batch_size=64, seed=0), ft.scale(-0.1))
+        >>> [role for role, _ in dp_members(tx)]
+        ['noisy_mean', 'other']
+    """
+    try:
+        role = _ROLES.get(tx.update)
+    except TypeError:  # an update that cannot be weakly referenced
+        role = None
+    if role is not None:
+        yield role
+        return
+    spec = fused.spec_of(tx)
+    if isinstance(spec, fused.Chain):
+        for member in spec.members:
+            yield from dp_members(member)
+    elif isinstance(spec, fused.NamedChain):
+        for _, member in spec.members:
+            yield from dp_members(member)
+    else:
+        yield ("other", None)
 
 
 def _base_key(seed: int | torch.Tensor) -> torch.Tensor:
@@ -203,7 +247,7 @@ def differentially_private_aggregate(
         out, next_key = _noisy(leaves, state.rng_key, noise_std, bsize)
         return tree.unflatten(spec, out), DifferentiallyPrivateAggregateState(next_key)
 
-    return GradientTransformation(init_fn, update_fn)
+    return _tag(GradientTransformation(init_fn, update_fn), "aggregate", l2_norm_clip)
 
 
 def dp_noisy_mean(
@@ -254,7 +298,7 @@ def dp_noisy_mean(
         out, next_key = _noisy(leaves, state.rng_key, noise_std, expected_batch_size)
         return tree.unflatten(spec, out), DifferentiallyPrivateAggregateState(next_key)
 
-    return GradientTransformation(init_fn, update_fn)
+    return _tag(GradientTransformation(init_fn, update_fn), "noisy_mean", l2_norm_clip)
 
 
 def dpsgd(

@@ -23,6 +23,7 @@ vmapped: pass eval-mode buffers with ``buffers=``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ import torch
 
 from functrain import tree
 from functrain._precision import accumulation_dtype
+from functrain.grads import privacy
 from functrain.grads.clipping import _check_number, clipped_grad_sum
 from functrain.train import loss as loss_lib
 from functrain.train import microbatch, rng
@@ -41,6 +43,7 @@ __all__: list[str] = []  # internal: used by make_train_step
 def check_options(
     l2_norm_clip: Any,
     *,
+    tx: Any,
     micro_batches: Any,
     strategy: str,
     grad_stats: Any,
@@ -64,6 +67,56 @@ def check_options(
     bad = [name for name, present in conflicts.items() if present]
     if bad:
         raise ValueError(f"per_example_clip (a DP-SGD step) does not support {', '.join(bad)}")
+    _check_tx(tx, l2_norm_clip)
+
+
+_RECIPE = "chain(dp_noisy_mean(C, noise_multiplier, expected_batch_size, seed), <optimizer>)"
+
+
+def _check_tx(tx: Any, l2_norm_clip: Any) -> None:
+    """Refuses a ``tx`` that cannot make the step's clipped sum a DP-SGD update.
+
+    The step hands ``tx`` the *sum* of the clipped per-example gradients; only
+    :func:`functrain.dp_noisy_mean` applied first, with the same ``C``, adds noise calibrated to
+    that sum's sensitivity. Any transform before it changes the sensitivity, and
+    ``differentially_private_aggregate`` (``dpsgd``) expects per-example gradients.
+    """
+    members = list(privacy.dp_members(tx))
+    roles = [role for role, _ in members]
+    if "aggregate" in roles:
+        raise ValueError(
+            "per_example_clip: tx contains differentially_private_aggregate (e.g. from "
+            "ft.dpsgd), which clips per-example gradients, but this step hands tx their "
+            f"clipped sum; use tx = {_RECIPE}"
+        )
+    if "noisy_mean" not in roles:
+        warnings.warn(
+            "per_example_clip: tx does not begin with dp_noisy_mean, so the step adds no "
+            "noise (not DP-SGD) and tx receives the sum of the clipped per-example gradients, "
+            f"not their mean; use tx = {_RECIPE} (noise_multiplier=0.0 to clip without "
+            "noise). If a wrapper hides a dp_noisy_mean, ignore this warning.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
+    if roles[0] != "noisy_mean":
+        raise ValueError(
+            "per_example_clip: dp_noisy_mean must be the first transform of tx; a transform "
+            "before it changes the clipped sum, whose sensitivity C the noise is calibrated to "
+            f"(position {roles.index('noisy_mean')} of the chain); use tx = {_RECIPE}"
+        )
+    noise_clip = members[0][1]
+    numbers = (int, float)
+    if (
+        isinstance(noise_clip, numbers)
+        and isinstance(l2_norm_clip, numbers)
+        and noise_clip != l2_norm_clip
+    ):
+        raise ValueError(
+            f"per_example_clip={l2_norm_clip} but tx's dp_noisy_mean has l2_norm_clip="
+            f"{noise_clip}: its noise σ·C must use the clipping norm of the sum; give both "
+            "the same C"
+        )
 
 
 def split(batch: Any, micro_batches: int) -> microbatch.BatchSplit:

@@ -105,6 +105,7 @@ class TrainStep:
         if per_example_clip is not None:
             dp_stage.check_options(
                 per_example_clip,
+                tx=tx,
                 micro_batches=micro_batches,
                 strategy=strategy,
                 grad_stats=grad_stats,
