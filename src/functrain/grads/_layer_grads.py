@@ -336,10 +336,13 @@ class Embedding(torch.autograd.Function):
         (indices,) = ctx.saved_tensors
         rows, num = g.shape[0], ctx.num
         flat = indices.reshape(rows, -1)
-        rows_g = g.reshape(rows, flat.shape[1], -1)
+        row_shape = g.shape[indices.dim() :]
+        dim = math.prod(row_shape)
+        # ``dim`` spelled out, not -1: with no indices per example (an empty sequence) the
+        # gradient has no elements and -1 would be ambiguous.
+        rows_g = g.reshape(rows, flat.shape[1], dim)
         if ctx.padding_idx is not None:
             rows_g = rows_g * (flat != ctx.padding_idx).unsqueeze(-1).to(g.dtype)
-        dim, row_shape = rows_g.shape[-1], g.shape[indices.dim() :]
 
         def per_example() -> torch.Tensor:
             offsets = torch.arange(rows, device=flat.device).unsqueeze(1) * num

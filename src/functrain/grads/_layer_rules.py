@@ -51,7 +51,7 @@ class Unsupported(Exception):
         index: the parameter's position among the flattened ``params`` leaves.
         call: the name of the torch call that used it.
         context: why no rule could run even if ``call`` has one (for example
-            ``"under torch.autocast"``), or ``None``.
+            ``"under torch.autocast"`` or ``"with groups=2"``), or ``None``.
     """
 
     def __init__(self, index: int, call: str, context: str | None = None) -> None:
@@ -140,6 +140,10 @@ class _Rules(TorchFunctionMode):
         self.anchor: torch.Tensor | None = None
         self.level: int | None = None  # the vmap level of the examples, and its size
         self.batch_size = 0
+        # Why the last layer call on parameters got no rule (e.g. ``"with groups=2"``): the
+        # refusal's context, since "linear has no per-layer rule" alone would contradict the
+        # list of rules in the error.
+        self.why: str | None = None
 
     def enter_examples(self, batch_leaves: list[torch.Tensor]) -> None:
         """Called inside the vmap over examples, with its batched inputs."""
@@ -196,6 +200,7 @@ class _Rules(TorchFunctionMode):
         # Under autocast the call casts its inputs below the rule, whose backward would then
         # meet a gradient in the compute dtype and saved tensors in the original one.
         blocker = _blocker()
+        self.why = None
         out = None if blocker else self._route(func, args, kwargs)
         if out is not None:
             return out
@@ -203,7 +208,7 @@ class _Rules(TorchFunctionMode):
             for v in value if isinstance(value, (list, tuple)) else (value,):
                 if self._is_param(v):
                     name = getattr(func, "__name__", str(func))
-                    raise Unsupported(self.slots[id(v)], name, blocker)
+                    raise Unsupported(self.slots[id(v)], name, blocker or self.why)
         return func(*args, **kwargs)
 
     def _route(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -216,6 +221,9 @@ class _Rules(TorchFunctionMode):
             return self._layer_norm(dict(zip(_LAYER_NORM_ARGS, args), **kwargs))
         if func is F.embedding:
             return self._embedding(dict(zip(_EMBEDDING_ARGS, args), **kwargs))
+        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            # ``torch.ops.aten.linear`` would otherwise read "linear has no per-layer rule".
+            self.why = "through torch.ops (the rules watch torch.nn.functional's calls)"
         return None
 
     def _refuse_wrapped(self, func: Any, values: Sequence[Any]) -> None:
@@ -236,21 +244,34 @@ class _Rules(TorchFunctionMode):
                         raise Unsupported(self.slots[id(v)], name, "under a torch.func transform")
 
     def _owned(self, weight: Any, bias: Any, x: Any) -> bool:
-        """The call's weight (and bias, if any) are parameters, and its input is not."""
-        return (
-            self._is_param(weight)
-            and (bias is None or self._is_param(bias))
-            and not self._is_param(x)
-            and not weight.is_complex()
-        )
+        """The call's weight (and bias, if any) are parameters, and its input is not.
+
+        Otherwise sets :attr:`why`: the refusal then says which argument has no rule.
+        """
+        if not self._is_param(weight):
+            self.why = "with a weight that is not a parameter"
+        elif bias is not None and not self._is_param(bias):
+            # A constant bias could be skipped, but one computed from parameters (the output
+            # of another rule) needs its gradient: neither is told apart here.
+            self.why = "with a bias that is not a parameter"
+        elif self._is_param(x):
+            self.why = "with a parameter as its input"
+        elif weight.is_complex():
+            self.why = "with complex parameters"
+        else:
+            return True
+        return False
 
     def _layer_norm(self, a: dict[str, Any]) -> Any:
         x, weight, bias = a["input"], a.get("weight"), a.get("bias")
         if self._is_param(x) or not (self._is_param(weight) or self._is_param(bias)):
+            self.why = "with a parameter as its input" if self._is_param(x) else None
             return None
         if any(t is not None and not self._is_param(t) for t in (weight, bias)):
+            self.why = "with a weight or bias that is not a parameter"
             return None
         if any(t is not None and t.is_complex() for t in (weight, bias)):
+            self.why = "with complex parameters"
             return None
         slots = (self._slot(weight), self._slot(bias))
         shape = list(a["normalized_shape"])
@@ -269,9 +290,18 @@ class _Rules(TorchFunctionMode):
 
     def _embedding(self, a: dict[str, Any]) -> Any:
         indices, weight = a["input"], a["weight"]
-        if not self._is_param(weight) or a.get("max_norm") is not None:
-            return None  # max_norm renormalizes the weight in place
-        if a.get("scale_grad_by_freq", False) or a.get("sparse", False) or weight.is_complex():
+        if not self._is_param(weight):
+            self.why = "with a weight that is not a parameter"
+            return None
+        if a.get("max_norm") is not None:
+            self.why = "with max_norm (it renormalizes the weight in place)"
+            return None
+        for flag in ("scale_grad_by_freq", "sparse"):
+            if a.get(flag, False):
+                self.why = f"with {flag}=True"
+                return None
+        if weight.is_complex():
+            self.why = "with complex parameters"
             return None
         padding_idx = a.get("padding_idx")
         if padding_idx is not None:
@@ -295,7 +325,10 @@ class _Rules(TorchFunctionMode):
 
     def _linear(self, a: dict[str, Any]) -> Any:
         x, weight, bias = a["input"], a["weight"], a.get("bias")
-        if not self._owned(weight, bias, x) or weight.dim() != 2:
+        if not self._owned(weight, bias, x):
+            return None
+        if weight.dim() != 2:
+            self.why = f"with a {weight.dim()}-d weight"
             return None
         if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
             # A broadcast bias (shape (1,) or ()) sums its gradient over the outputs: no rule.
@@ -310,14 +343,19 @@ class _Rules(TorchFunctionMode):
 
     def _conv(self, dims: int, a: dict[str, Any]) -> Any:
         x, weight, bias = a["input"], a["weight"], a.get("bias")
-        if not self._owned(weight, bias, x) or a.get("groups", 1) != 1:
+        if not self._owned(weight, bias, x):
+            return None
+        if a.get("groups", 1) != 1:
+            self.why = f"with groups={a['groups']}"
             return None
         dilation = _tuple(a.get("dilation", 1), dims)
         padding = a.get("padding", 0)
         stride = _tuple(a.get("stride", 1), dims)
         if padding == "same":
             if any(s != 1 for s in stride):
-                return None  # an error of the call itself: let the fallback raise it
+                # torch refuses the call too: method="auto" falls back and raises its error.
+                self.why = "with padding='same' and a stride other than 1"
+                return None
             pads = _same_padding(weight.shape[2:], dilation)
         elif padding == "valid":
             pads = [0] * (2 * dims)

@@ -7,6 +7,7 @@ A Python count gives a Python ``float``; a tensor count gives a floating tensor 
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -92,6 +93,9 @@ def _check_int(name: str, value: Any) -> None:
     # Steps are ints in optax's signatures, but JAX code often writes them as 1e4: accept numbers.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    if not math.isfinite(value):
+        # nan slipped past every ``<= 0`` check and made each value nan; inf gave nan too.
+        raise ValueError(f"{name} must be a finite int, got {value!r}")
 
 
 def _sorted_boundaries(

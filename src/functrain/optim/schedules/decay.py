@@ -118,8 +118,10 @@ def polynomial_schedule(
             )
         else:
             steps = min(max(count - transition_begin, 0), transition_steps)
-        frac = 1 - steps / transition_steps
-        return _finish(count, (init_value - end_value) * (frac**power) + end_value)
+        # (T - s) / T, not optax's 1 - s / T: T - s is an exact integer, so the last steps of a
+        # long decay to 0 keep their value (1 - s / T cancels to 0 in float32 once T > 2**24).
+        frac = (transition_steps - steps) / transition_steps
+        return _finish(count, (init_value - end_value) * _power(frac, power) + end_value)
 
     return schedule
 
@@ -133,8 +135,8 @@ def linear_schedule(
     """Linear transition from ``init_value`` to ``end_value``: :func:`polynomial_schedule` with
     ``power=1``.
 
-    ``value(t) = I + clip(t - B, 0, T) / T · (E - I)`` (computed as ``(I - E)(1 - s/T) + E``,
-    as optax does).
+    ``value(t) = I + clip(t - B, 0, T) / T · (E - I)`` (computed as ``(I - E)(T - s)/T + E``,
+    optax's ``(I - E)(1 - s/T) + E`` without its cancellation near the end).
 
     PyTorch: ``LinearLR(start_factor=I/lr, end_factor=E/lr, total_iters=T)`` gives the same
     sequence when ``transition_begin == 0`` (PyTorch updates it recursively, so it drifts by a
@@ -260,6 +262,9 @@ def exponential_decay(
         )
         transition_begin = 0
     decreasing = bool(decay_rate < 1.0)
+    # The staircase exponent floor((t - B) / T) in integers: in float32, (3T - 1) / T rounds up
+    # to 3.0 once the count passes 2**24 and the drop came one step early.
+    int_steps = int(transition_steps) if float(transition_steps).is_integer() else None
 
     def schedule(count: Count) -> Value:
         is_tensor = _check_count(count)
@@ -268,7 +273,10 @@ def exponential_decay(
         ) - transition_begin
         p = decreased_count / transition_steps
         if is_tensor:
-            if staircase:
+            if staircase and int_steps is not None and not decreased_count.is_floating_point():
+                p = torch.div(decreased_count, int_steps, rounding_mode="floor")
+                p = p.to(_float_dtype(count))
+            elif staircase:
                 p = torch.floor(p)
             value = torch.where(
                 decreased_count <= 0, init_value, init_value * torch.pow(decay_rate, p)
@@ -277,7 +285,9 @@ def exponential_decay(
                 bound = {"min" if decreasing else "max": end_value}
                 value = torch.clamp(value, **bound)
         else:
-            if staircase:
+            if staircase and int_steps is not None and isinstance(decreased_count, int):
+                p = decreased_count // int_steps  # exact for counts beyond 2**53 too
+            elif staircase:
                 p = math.floor(p)
             value = init_value if decreased_count <= 0 else init_value * _power(decay_rate, p)
             if end_value is not None:
@@ -287,11 +297,12 @@ def exponential_decay(
     return schedule
 
 
-def _power(base: float | torch.Tensor, exponent: float) -> float | torch.Tensor:
-    """``base ** exponent``, ``inf`` where Python floats overflow (optax's float arithmetic)."""
+def _power(base: float | torch.Tensor, exponent: float | torch.Tensor) -> float | torch.Tensor:
+    """``base ** exponent``, ``inf`` where Python floats overflow or ``0.0`` meets a negative
+    exponent (optax's float arithmetic, and what the tensor path gives)."""
     try:
         return base**exponent
-    except OverflowError:
+    except (OverflowError, ZeroDivisionError):
         return math.inf
 
 
@@ -333,13 +344,16 @@ def cosine_decay_schedule(
         )
 
     def schedule(count: Count) -> Value:
+        # optax's ½(1 + cos(π s / T)), written as sin²(π (T - s) / 2T): the same number, but
+        # 1 + cos cancels near s = T (its relative error grows as T², 0.25% in float32 one step
+        # before the end of T = 1000), while T - s is an exact integer.
         if _check_count(count):
             steps = torch.clamp(_wide(count, decay_steps), max=decay_steps)
-            cosine = 0.5 * (1 + torch.cos(math.pi * steps / decay_steps))
+            cosine = torch.sin(math.pi * (decay_steps - steps) / (2 * decay_steps)) ** 2
         else:
-            steps = min(float(count), float(decay_steps))
-            cosine = 0.5 * (1 + math.cos(math.pi * steps / decay_steps))
-        decayed = (1 - alpha) * cosine**exponent + alpha
+            steps = min(count, decay_steps)
+            cosine = math.sin(math.pi * (decay_steps - steps) / (2 * decay_steps)) ** 2
+        decayed = (1 - alpha) * _power(cosine, exponent) + alpha
         return _finish(count, init_value * decayed)
 
     return schedule

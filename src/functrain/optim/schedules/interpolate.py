@@ -28,13 +28,20 @@ __all__ = [
 ]
 
 
-def _linear_interpolate(start: Any, end: Any, pct: Any) -> Any:
+def _linear_interpolate(start: Any, end: Any, pct: Any, rest: Any) -> Any:
+    del rest
     return (end - start) * pct + start
 
 
-def _cosine_interpolate(start: Any, end: Any, pct: Any) -> Any:
-    cos = torch.cos if isinstance(pct, torch.Tensor) else math.cos
-    return end + (start - end) / 2.0 * (cos(math.pi * pct) + 1)
+def _cosine_interpolate(start: Any, end: Any, pct: Any, rest: Any) -> Any:
+    """optax's ``end + (start - end)/2 · (cos(π·pct) + 1)``, as ``(cos(πx) + 1)/2 = sin²(π(1-x)/2)``.
+
+    ``rest = 1 - pct`` comes from an exact integer (the steps left in the interval), so the
+    value near the interval's end keeps its precision where ``cos + 1`` would cancel.
+    """
+    del pct
+    sin = torch.sin if isinstance(rest, torch.Tensor) else math.sin
+    return end + (start - end) * sin(math.pi / 2 * rest) ** 2
 
 
 def piecewise_interpolate_schedule(
@@ -86,14 +93,16 @@ def piecewise_interpolate_schedule(
             for i, size in enumerate(sizes):
                 inside = (count >= bounds[i]) & (count < bounds[i + 1])
                 pct = (count - bounds[i]) / size
-                out = torch.where(inside, interpolate(values[i], values[i + 1], pct), out)
+                rest = (bounds[i + 1] - count) / size
+                out = torch.where(inside, interpolate(values[i], values[i + 1], pct, rest), out)
             return _finish(count, out)
         if count >= bounds[-1]:
             return _finish(count, values[-1])
         for i, size in enumerate(sizes):
             if bounds[i] <= count < bounds[i + 1]:
                 pct = (count - bounds[i]) / size
-                return _finish(count, interpolate(values[i], values[i + 1], pct))
+                rest = (bounds[i + 1] - count) / size
+                return _finish(count, interpolate(values[i], values[i + 1], pct, rest))
         return _finish(count, 0.0)
 
     return schedule
