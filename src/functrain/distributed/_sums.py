@@ -92,6 +92,9 @@ class Stats:
     ) -> None:
         self.is_sum = is_sum
         self.loss_dtype = local["loss"].dtype
+        # The train step keeps counts in at least float32 (``num_tokens`` of a bfloat16 loss
+        # is exact up to 2**24); rounding it to the loss dtype gave 1000 for 1001 tokens.
+        self.count_dtype = local["num_tokens"].dtype if is_sum else self.loss_dtype
         examples = local["num_examples"].to(torch.float64)
         weight = local["num_tokens"].to(torch.float64) if is_sum else examples
         entries = [weight, weighted(local["loss"].to(torch.float64), weight), examples]
@@ -116,7 +119,7 @@ class Stats:
             "num_examples": examples.round().to(torch.int64),
         }
         if self.is_sum:
-            out["num_tokens"] = total.to(self.loss_dtype)
+            out["num_tokens"] = total.to(self.count_dtype)
         j = 3
         for name, dtype, is_sum in self.aux:
             if is_sum:
