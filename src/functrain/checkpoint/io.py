@@ -50,7 +50,8 @@ def save(path: PathLike, state: Any, *, metadata: dict[str, Any] | None = None) 
 
     Raises:
         TypeError: a leaf or dict key of an unsupported type (the message names its path), or
-            ``metadata`` that JSON cannot encode or that is nested more than 256 levels deep.
+            ``metadata`` that JSON cannot encode, that has a non-string dict key (JSON would
+            read it back as a string) or that is nested more than 256 levels deep.
         ValueError: the header (tree description and metadata) would exceed the 100 MiB that
             safetensors readers accept; nothing is written.
 
@@ -94,12 +95,20 @@ def _check_metadata_depth(metadata: Any) -> None:
     few hundred levels saved fine and then made the whole checkpoint unreadable ("tree
     description is not JSON") from a deep enough call stack, and a deeper one made
     ``json.dumps`` raise a bare ``RecursionError``. The walk is iterative, so it cannot recurse
-    itself, and a cyclic container stops at the limit.
+    itself, and a cyclic container stops at the limit. It also refuses non-string dict keys.
     """
     stack = [(metadata, 0)]
     while stack:
         obj, depth = stack.pop()
         if isinstance(obj, dict):
+            # JSON turns keys into strings: {1: x} would read back as {"1": x}, and {1: x,
+            # "1": y} as {"1": y}. Refuse instead of returning different metadata.
+            bad = next((k for k in obj if not isinstance(k, str)), None)
+            if bad is not None:
+                raise TypeError(
+                    f"metadata keys must be strings (JSON would turn {bad!r} into a string), "
+                    f"got {bad!r} of type {type(bad).__name__}"
+                )
             children: Any = obj.values()
         elif isinstance(obj, (list, tuple)):
             children = obj

@@ -34,6 +34,9 @@ logger = logging.getLogger("functrain.checkpoint")
 
 
 def _metric_to_json(name: str, value: Any) -> float | int | str:
+    if not isinstance(name, str):
+        # JSON stores keys as strings: a rescan would index {0: v} as {"0": v}.
+        raise TypeError(f"metric names must be strings, got {name!r}")
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"metric {name!r} must be a scalar, got shape {tuple(value.shape)}")
@@ -41,7 +44,10 @@ def _metric_to_json(name: str, value: Any) -> float | int | str:
     # numbers.Real also admits NumPy scalars (np.float32 is not a float subclass).
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"metric {name!r} must be a number or a 1-element tensor, got {value!r}")
-    value = int(value) if isinstance(value, numbers.Integral) else float(value)
+    if isinstance(value, numbers.Integral):
+        # Any int is finite and exact in JSON; math.isfinite would overflow past 1e308.
+        return operator.index(value)
+    value = float(value)
     # JSON has no NaN/inf; keep them as strings so a diverged run's metrics are still recorded.
     return value if math.isfinite(value) else repr(float(value))
 
@@ -89,8 +95,15 @@ def _writer_alive(temp_name: str) -> bool:
 def _metric_from_json(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, int):
+        # An int beyond float range ranks as infinite (never best) instead of raising
+        # OverflowError, which made the directory scan crash.
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
     if isinstance(value, str):
         try:
             return float(value)
