@@ -194,6 +194,14 @@ def _match(ops: list[Op], ctx: Context) -> _Job | None:
     lr = _learning_rate(ops[pos])
     if lr is None:
         return None
+    # The kernels take a float32 ``lr`` tensor: float64 parameters would step by a learning
+    # rate rounded to float32 (1e-8 relative), where the pure path uses it whole.
+    if (
+        isinstance(lr, torch.Tensor)
+        and lr.dtype == torch.float64
+        and any(p.dtype == torch.float64 for p in ctx.p)
+    ):
+        return None
     return _Job(kind, clip, core, lr, hyper, wd, decayed, uniform)
 
 

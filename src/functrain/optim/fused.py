@@ -32,8 +32,9 @@ planning, so the choice of engine (below) is made before any tensor changes.
   a number, a tensor or a schedule (the kernels take a tensor ``lr``), and a ``found_inf`` flag
   skips the update on the device (the counters then stay as they were). The numbers equal the
   pure path's to rounding (the kernels order a few operations differently). SGD with momentum
-  0, and SGD on float16/bfloat16 CPU leaves (whose CPU kernel is broken in torch 2.13), are
-  left to ``"foreach"``.
+  0, SGD on float16/bfloat16 CPU leaves (whose CPU kernel is broken in torch 2.13), and a
+  float64 learning-rate tensor on an accelerator with float64 leaves (the kernels would round
+  it to float32) are left to ``"foreach"``.
 * ``"foreach"``: any recognised optimizer (Nesterov Adam, ``eps_root``, masks anywhere, tensor
   hyperparameters on an accelerator, ...) runs the pure path's own ``torch._foreach_*``
   arithmetic, with the moments updated in place and temporaries reused: bit-for-bit the pure
@@ -480,7 +481,10 @@ def update_in_place(
         grads_writable = False
     for engine in engines:
         run = _fused_engines.ENGINES[engine]
-        norm = run(made.ops, ctx, grad_norm, update_norm, grads_writable)
+        # Outside autograd: parameters that require grad (a caller's nn.Parameters) made the
+        # kernel engine's update-norm pass raise after the kernel had written the update.
+        with torch.no_grad():
+            norm = run(made.ops, ctx, grad_norm, update_norm, grads_writable)
         if norm is not False:
             new_state = made.build()
             if found_inf is not None:

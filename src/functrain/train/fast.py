@@ -12,8 +12,9 @@ the parameter change (the fused kernels never form the updates; this differs fro
 the updates only by the rounding of ``p + u`` for finite parameters: where ``p`` is ±inf it is
 NaN, and a skipped step reports 0 as the pure path does).
 
-**Global norms.** :func:`global_norm` is ``ft.tree.norm`` for the common case of leaves of one
-dtype on one device, bit for bit, in a handful of kernels instead of several per leaf.
+**Global norms.** :func:`global_norm` is ``ft.tree.norm`` for the common case of float32 or
+float64 leaves of one dtype on one device, bit for bit, in a handful of kernels instead of
+several per leaf.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from functrain import tree
+from functrain._precision import HALF as _HALF
 from functrain.optim import fused
 from functrain.train.optimizer_stage import (
     Applied,
@@ -38,7 +40,9 @@ def global_norm(values: Any) -> torch.Tensor:
     """``ft.tree.norm(values)`` (the L2 norm over all leaves), bit for bit, with fewer kernels.
 
     ``tree.norm`` sums ``[0, ‖x₁‖², ‖x₂‖², ...]`` stacked into one vector; so does this, but it
-    squares the per-leaf norms in one kernel. Mixed dtypes or devices use ``tree.norm``.
+    squares the per-leaf norms in one kernel. Mixed dtypes or devices, and float16 or bfloat16
+    leaves (which ``tree.norm`` reduces in float32: in float16 two leaves of norm 200 summed to
+    inf here, and bfloat16 rounded each square), use ``tree.norm``.
 
     Example:
         >>> import torch
@@ -50,8 +54,10 @@ def global_norm(values: Any) -> torch.Tensor:
     if not leaves:
         return tree.norm(values)
     first = leaves[0]
-    if not first.is_floating_point() or any(
-        x.dtype != first.dtype or x.device != first.device for x in leaves
+    if (
+        not first.is_floating_point()
+        or first.dtype in _HALF
+        or any(x.dtype != first.dtype or x.device != first.device for x in leaves)
     ):
         return tree.norm(values)
     zero = first.new_zeros((1,))
