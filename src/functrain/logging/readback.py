@@ -53,7 +53,9 @@ def read_scalars(
     """Reads every scalar curve of every run under ``logdir``.
 
     Resumed runs read as TensorBoard shows them: points purged by a restart's ``purge_step``
-    are gone.
+    are gone. A step written more than once without a purge (a run resumed without
+    ``purge_step``) keeps every value, in the order the event files hold them, as TensorBoard
+    does; the steps of a curve are therefore not always increasing.
 
     Args:
         logdir: a run directory or a directory of runs.
