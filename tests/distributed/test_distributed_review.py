@@ -19,13 +19,9 @@ In one process: float16 gradients used to overflow when multiplied by the batch 
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import gloo_jobs
 import pytest
 import torch
 
@@ -36,64 +32,14 @@ HERE = Path(__file__).parent
 WORLDS = (1, 2, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(world: int, out: Path) -> list[subprocess.Popen]:
-    port = _free_port()
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    procs = []
-    for rank in range(world):
-        env = dict(
-            base,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            GLOO_SOCKET_IFNAME="lo",
-            OMP_NUM_THREADS="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(HERE / "_review_worker.py"), str(out)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    return procs
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
     outs = {w: tmp_path_factory.mktemp(f"review{w}") for w in WORLDS}
-    started = {w: _start(w, outs[w]) for w in WORLDS}
-    found: dict[int, list[dict]] = {}
+    started = {w: gloo_jobs.start("_review_worker.py", w, [str(outs[w])]) for w in WORLDS}
     try:
-        for world, procs in started.items():
-            found[world] = []
-            for rank, proc in enumerate(procs):
-                try:
-                    _, err = proc.communicate(timeout=180)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    _, err = proc.communicate()
-                path = outs[world] / f"rank{rank}.json"
-                data = json.loads(path.read_text()) if path.exists() else {}
-                data["exit"], data["stderr"] = proc.returncode, err[-3000:]
-                found[world].append(data)
+        return {w: gloo_jobs.finish(procs, outs[w], timeout=180) for w, procs in started.items()}
     finally:
-        for procs in started.values():
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-    return found
+        gloo_jobs.kill_all(started.values())
 
 
 def _probe(results: dict, world: int, name: str) -> list[dict]:

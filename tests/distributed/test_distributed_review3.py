@@ -27,13 +27,9 @@ one job of 2 ranks with unequal shares (3 and 5 examples, ``_review3_worker.py``
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import gloo_jobs
 import pytest
 import torch
 
@@ -44,55 +40,15 @@ HERE = Path(__file__).parent
 TIGHT = 1e-12  # relative; the differences measured are about 1e-16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Runs the worker on 2 ranks once; each rank's results (with its exit code and stderr)."""
     out = tmp_path_factory.mktemp("review3")
-    port = _free_port()
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_review3_worker.py"), str(out)],
-            env=dict(
-                base,
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                GLOO_SOCKET_IFNAME="lo",
-                OMP_NUM_THREADS="1",
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    results = []
+    procs = gloo_jobs.start("_review3_worker.py", 2, [str(out)])
     try:
-        for rank, proc in enumerate(procs):
-            try:
-                _, err = proc.communicate(timeout=180)
-            except subprocess.TimeoutExpired:  # a deadlock must fail the tests, not hang them
-                proc.kill()
-                _, err = proc.communicate()
-            path = out / f"rank{rank}.json"
-            data = json.loads(path.read_text()) if path.exists() else {}
-            data["exit"], data["stderr"] = proc.returncode, err[-3000:]
-            results.append(data)
+        return gloo_jobs.finish(procs, out, timeout=180)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+        gloo_jobs.kill_all([procs])
 
 
 def _probe(job: list[dict], name: str) -> list[dict]:

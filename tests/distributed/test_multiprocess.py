@@ -9,14 +9,12 @@ must report with a clear error within the timeout, their state untouched.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import gloo_jobs
 import pytest
 
 HERE = Path(__file__).parent
@@ -24,55 +22,11 @@ ROOT = HERE.parent.parent
 FAULT_TIMEOUT = 3.0  # as in _worker.py
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**variables: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", **variables)
-    return env
-
-
-def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
-    """What torchrun gives each worker, on loopback."""
-    return _env(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-
-
-def _start_job(world: int, fault: str, out: Path) -> list[subprocess.Popen]:
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_worker.py"), fault, str(out)],
-            env=_rank_env(rank, world, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-
-
 def _finish_job(procs: list[subprocess.Popen], out: Path) -> list[tuple[int, str, dict]]:
     results = []
-    for rank, proc in enumerate(procs):
-        try:
-            _, err = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        path = out / f"rank{rank}.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        results.append((proc.returncode, err, data))
+    for data in gloo_jobs.finish(procs, out, timeout=240):
+        code, err = data.pop("exit"), data.pop("stderr")
+        results.append((code, err, data))
     return results
 
 
@@ -80,15 +34,14 @@ def _finish_job(procs: list[subprocess.Popen], out: Path) -> list[tuple[int, str
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[tuple[int, str, dict]]]:
     """The 2-rank job (a rank hangs) and the 3-rank job (a rank is killed), run side by side."""
     out = {world: tmp_path_factory.mktemp(f"world{world}") for world in (2, 3)}
-    started = {2: _start_job(2, "hang", out[2]), 3: _start_job(3, "kill", out[3])}
+    started = {
+        world: gloo_jobs.start("_worker.py", world, [fault, str(out[world])])
+        for world, fault in ((2, "hang"), (3, "kill"))
+    }
     try:
         return {world: _finish_job(procs, out[world]) for world, procs in started.items()}
     finally:
-        for procs in started.values():
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        gloo_jobs.kill_all(started.values())
 
 
 def _results(jobs: dict, world: int) -> list[tuple[int, str, dict]]:
@@ -162,13 +115,15 @@ def test_torchrun_example_runs_and_learns(tmp_path: Path):
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={gloo_jobs.free_port()}",
         str(ROOT / "examples" / "digits_ddp.py"),
         "--fast",
         "--checkpoint",
         str(checkpoint),
     ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        cmd, env=gloo_jobs.base_env(), capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = re.search(r"final: first_loss=([\d.]+) last_loss=([\d.]+)", proc.stdout)
     assert final, proc.stdout
@@ -184,17 +139,7 @@ def test_shutdown_releases_the_process_group(tmp_path: Path):
     """``dist.shutdown`` must stop gloo's threads. When ``torch._dynamo`` was first imported after
     the group existed (``torch.func.grad`` imports it), torch kept the group alive; its threads
     outlived the interpreter and sometimes aborted the process on exit (a flaky CI failure)."""
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_shutdown_worker.py"), str(tmp_path)],
-            env=_rank_env(rank, 2, port),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
+    procs = gloo_jobs.start("_shutdown_worker.py", 2, [str(tmp_path)])
     for rank, (code, err, data) in enumerate(_finish_job(procs, tmp_path)):
         assert code == 0 and data, (rank, code, err[-3000:])
         assert any("gloo" in name for name in data["during"]), data  # the probe sees them

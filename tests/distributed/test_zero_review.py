@@ -24,14 +24,10 @@ The multi-process probes run in one job of 2 ranks (``_zero_review_worker.py``).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import gloo_jobs
 import pytest
 import torch
 
@@ -190,54 +186,14 @@ def test_ndim_masks_and_one_rank_are_accepted():
 # -- two processes (gloo on loopback) ------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("zero_review")
-    port = _free_port()
-    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_zero_review_worker.py"), str(out)],
-            env=dict(
-                base,
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                GLOO_SOCKET_IFNAME="lo",
-                OMP_NUM_THREADS="1",
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    results = []
+    procs = gloo_jobs.start("_zero_review_worker.py", 2, [str(out)])
     try:
-        for rank, proc in enumerate(procs):
-            try:
-                _, err = proc.communicate(timeout=240)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            path = out / f"rank{rank}.json"
-            data = json.loads(path.read_text()) if path.exists() else {}
-            data["exit"], data["stderr"] = proc.returncode, err[-3000:]
-            results.append(data)
+        return out, gloo_jobs.finish(procs, out, timeout=240)
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return out, results
+        gloo_jobs.kill_all([procs])
 
 
 def _probe(job, name: str) -> list[dict]:

@@ -1,0 +1,85 @@
+"""Launching multi-process jobs on CPU for the distributed tests: gloo over loopback.
+
+Each worker script gets the environment ``torchrun`` would give it, writes its results to
+``<out>/rank<r>.json`` and exits; :func:`finish` collects them with each rank's exit code and
+stderr, killing a rank that outlives the timeout (a deadlock must fail the tests, not hang them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without its own rank variables, gloo on loopback."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    return env
+
+
+def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The environment ``torchrun`` gives rank ``rank`` of ``world``, on loopback."""
+    return dict(
+        base_env(),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+
+
+def start(script: str, world: int, args: Sequence[str]) -> list[subprocess.Popen]:
+    """Starts ``world`` ranks of ``tests/distributed/<script> <args...>``."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, str(HERE / script), *args],
+            env=rank_env(rank, world, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+
+
+def finish(procs: list[subprocess.Popen], out: Path, timeout: float) -> list[dict]:
+    """Each rank's ``rank<r>.json`` (``{}`` if it wrote none) with ``exit`` and ``stderr`` added."""
+    results = []
+    for rank, proc in enumerate(procs):
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        path = out / f"rank{rank}.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data["exit"], data["stderr"] = proc.returncode, err
+        results.append(data)
+    return results
+
+
+def kill_all(jobs: Iterable[list[subprocess.Popen]]) -> None:
+    """Kills whatever is still running (after a failure part-way through collecting)."""
+    for procs in jobs:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
