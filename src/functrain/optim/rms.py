@@ -92,8 +92,12 @@ def _scaled(
     return list(torch._foreach_div(g, denom))
 
 
-def _check(decay: Any, eps: Any, initial_scale: Any) -> None:
+def _check(decay: Any, eps: Any, initial_scale: Any, bias_correction: bool) -> None:
     _ops.check_decay("decay", decay, allow_one=True)
+    # decay = 1 keeps nu constant (allowed), but its bias correction 1 − 1ᵗ is 0: every update
+    # was nu / 0, NaN or inf (a tensor decay is not read here: that would sync the device).
+    if bias_correction and not isinstance(decay, torch.Tensor) and decay == 1:
+        raise ValueError("decay must be < 1 with bias_correction=True (1 − decayᵗ would be 0)")
     _utils.check_finite_number("eps", eps, minimum=0.0)
     _utils.check_finite_number("initial_scale", initial_scale, minimum=0.0)
 
@@ -134,7 +138,7 @@ def scale_by_rms(
         >>> tx.update([torch.tensor([2.0])], tx.init(params))[0]  # 2 / sqrt(0.25 * 4)
         [tensor([2.])]
     """
-    _check(decay, eps, initial_scale)
+    _check(decay, eps, initial_scale, bias_correction)
 
     def init_fn(params: Any) -> ScaleByRmsState | ScaleByRmsWithCountState:
         nu = _full_like(params, initial_scale)
@@ -195,7 +199,7 @@ def scale_by_stddev(
         >>> tx.update([torch.tensor([2.0])], tx.init(params))[0]  # 2 / sqrt(2 - 1)
         [tensor([2.])]
     """
-    _check(decay, eps, initial_scale)
+    _check(decay, eps, initial_scale, bias_correction)
 
     def init_fn(params: Any) -> ScaleByRStdDevState | ScaleByRStdDevWithCountState:
         mu, nu = tree.zeros_like(params), _full_like(params, initial_scale)
