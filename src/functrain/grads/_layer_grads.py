@@ -178,22 +178,29 @@ def _patches(
     stride: Sequence[int],
     dilation: Sequence[int],
 ) -> torch.Tensor:
-    """The input patch each output position saw, ``(B, N·positions, C·kernel)``.
+    """The input patch each output position saw, ``(B, N·positions, kernel·C)``, channels last.
 
-    One strided copy (``as_strided`` then ``reshape``): cheaper on CPU than ``F.unfold``.
+    One strided copy (``as_strided`` then ``reshape``): cheaper on CPU than ``F.unfold``. The
+    channels are the innermost, contiguous run of each patch (the input is made channels-last
+    first): copying runs of ``C`` elements is 2-10x faster than runs of a kernel row (e.g.
+    0.96 -> 0.41 ms for the weight gradients of a 16 -> 32 channel 3x3 convolution at batch 64).
     """
-    padded = padded.contiguous()
-    rows, n, channels = padded.shape[:3]
+    # (B, N, C, *spatial) -> (B, N, *spatial, C): a copy unless C is 1.
+    padded = padded.movedim(2, -1).contiguous()
+    rows, n, channels = padded.shape[0], padded.shape[1], padded.shape[-1]
     st = padded.stride()
-    spatial = st[3:]
+    spatial = st[2:-1]
+    # A single channel gets no dimension of its own: a trailing size-1 dimension with a large
+    # stride kept the copy from merging dimensions (one element per inner loop, 18x slower).
+    channel = ((channels,), (st[-1],)) if channels > 1 else ((), ())
     view = padded.as_strided(
-        (rows, n, *out_size, channels, *kernel),
+        (rows, n, *out_size, *kernel, *channel[0]),
         (
             st[0],
             st[1],
             *(s * sp for s, sp in zip(stride, spatial)),
-            st[2],
             *(d * sp for d, sp in zip(dilation, spatial)),
+            *channel[1],
         ),
     )
     return view.reshape(rows, n * math.prod(out_size), -1)
@@ -250,12 +257,23 @@ class Conv(torch.autograd.Function):
                 )
             )
         g_rows = g.movedim(2, 1).reshape(rows, out_channels, -1)
+        kernel = weight.shape[2:]
+
+        def channels_last() -> torch.Tensor:
+            # (B, out, *kernel·in): each example's weight gradient with the input channels last.
+            return torch.bmm(g_rows, _patches(padded, g.shape[3:], kernel, stride, dilation))
+
+        def per_example() -> torch.Tensor:
+            grads = channels_last().view(rows, out_channels, *kernel, weight.shape[1])
+            return grads.movedim(-1, 2).contiguous()
+
+        # Norms and Gram matrices do not depend on the order of the elements: no reordering.
         ctx.sink.put(
             ctx.slots[0],
-            lambda: torch.bmm(
-                g_rows, _patches(padded, g.shape[3:], weight.shape[2:], stride, dilation)
-            ).view(rows, *weight.shape),
+            per_example,
             lambda: kernel_grads[1],
+            lambda: _row_sq(channels_last()),
+            lambda: _row_gram(channels_last()),
         )
         ctx.sink.put(ctx.slots[1], lambda: g_rows.sum(2), lambda: g_rows.sum((0, 2)))
         gx = None
