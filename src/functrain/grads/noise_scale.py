@@ -405,6 +405,12 @@ def noise_scale_hook(
     ``LossSum`` micro-batch that counts no token is left out of the step's estimates (with
     fewer than two others left they are NaN, and the averages are kept as they were).
 
+    With a ``LossSum`` loss the sizes ``bᵢ`` are the micro-batches' counts (e.g. tokens), so
+    ``tr(Σ)`` is per counted unit and ``b_simple`` is in those units (tokens, not sequences).
+    The estimator takes ``Cov(ĝᵢ) = Σ/bᵢ``: with sequences of equal token counts ``L`` that
+    holds with ``Σ = L·Σ_seq``, and ``b_simple`` is ``L`` times the noise scale in sequences;
+    with very unequal lengths it is an approximation.
+
     Args:
         decay: moving-average decay for ``B_simple``, in ``[0, 1)``.
         prefix: metric-name prefix.

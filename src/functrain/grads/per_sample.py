@@ -190,6 +190,9 @@ def per_sample_chunks(
         (losses, extras), grads = run(param_leaves, chunk)
         aux = aux_split.join(extras) if has_aux else None
         yield PerSampleChunk(start, stop, tree.unflatten(param_spec, grads), losses, aux)
+        # Released before the next chunk is computed: the caller holds what it still needs, and
+        # these names would keep a second chunk of per-sample gradients alive.
+        del losses, extras, grads, aux, chunk
 
 
 def _concat(chunks: list[Any]) -> Any:

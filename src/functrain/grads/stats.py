@@ -137,8 +137,20 @@ def per_sample_norms(grads: PyTree) -> GradNorms:
     if not leaves:
         raise ValueError("per_sample_norms needs at least one gradient leaf")
     _check_rows(leaves, grads, complex_ok=True)
-    norms = leaf_row_norms(leaves)
-    return GradNorms(global_row_norms(norms), tree.unflatten(spec, norms))
+    if not any(x.dtype in _HALF for x in leaves):
+        norms = leaf_row_norms(leaves)
+        return GradNorms(global_row_norms(norms), tree.unflatten(spec, norms))
+    # Half-precision norms in float32, each rounded once: the global norm of rounded leaf norms
+    # was off by an ulp of its own.
+    wide = [
+        torch.linalg.vector_norm(row_matrix(x), dim=1, dtype=torch.float32)
+        if x.dtype in _HALF
+        else torch.linalg.vector_norm(row_matrix(x), dim=1)
+        for x in leaves
+    ]
+    norms = [w.to(x.dtype) if x.dtype in _HALF else w for w, x in zip(wide, leaves)]
+    dtype = _gram_dtype(norms)  # what the global norm of these leaf norms would have
+    return GradNorms(global_row_norms(wide).to(dtype), tree.unflatten(spec, norms))
 
 
 # Rows of deviations squared per block on CPU: ~1 MiB of float32 temporaries, which stay in cache,
@@ -148,14 +160,18 @@ _CPU_BLOCK_ELEMENTS = 1 << 18
 
 
 def _centred_sums(rows: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Σᵢ dᵢ, Σᵢ dᵢ²)`` with ``dᵢ = rowsᵢ − centre``, as ``(1, d)`` rows."""
+    """``(Σᵢ dᵢ, Σᵢ dᵢ²)`` with ``dᵢ = rowsᵢ − centre``, as ``(1, d)`` rows in ``centre``'s dtype.
+
+    A float32 ``centre`` for half-precision ``rows`` widens each block as it is subtracted:
+    the sums are kept in float32 (bfloat16 sums over a batch were off by percents).
+    """
     n = rows.shape[0]
     block = max(1, _CPU_BLOCK_ELEMENTS // max(1, rows.shape[1])) if rows.is_cpu else n
     s1 = torch.zeros_like(centre)
     s2 = torch.zeros_like(centre)
-    ones = torch.ones((1, min(block, n)), dtype=rows.dtype, device=rows.device)
+    ones = torch.ones((1, min(block, n)), dtype=centre.dtype, device=rows.device)
     for part in rows.split(max(block, 1)):
-        dev = part - centre
+        dev = part - centre  # type promotion widens half rows without a converted copy
         s1.addmm_(ones[:, : part.shape[0]], dev)  # matrix-vector products: faster than sum(0)
         dev.mul_(dev)
         s2.addmm_(ones[:, : part.shape[0]], dev)
@@ -169,17 +185,18 @@ def _leaf_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     some thousands of ulps of the mean, ``Σ (xᵢ − mean)²`` then carries ``n·error²`` (float32
     gradients with mean/std = 1e5 had 6e-4 relative error in the variance). Subtracting
     ``(Σ dᵢ)²/n`` removes that to first order, and ``Σ dᵢ / n`` refines the mean.
+    Half-precision leaves are reduced in float32 and both moments rounded once.
     """
     n = x.shape[0]
     rows = row_matrix(x)
     # No examples: zeros, which merge_grad_moments treats as the empty group.
     weights = torch.full((1, n), 1.0 / max(n, 1), dtype=x.dtype, device=x.device)
-    mean = weights @ rows  # a matrix-vector product: faster than ``sum(0)`` on CPU
+    mean = widen(weights @ rows)  # a matrix-vector product: faster than ``sum(0)`` on CPU
     s1, s2 = _centred_sums(rows, mean)
     correction = s1 / max(n, 1)
     m2 = (s2 - s1 * correction).clamp_min_(0)
     mean = mean + correction
-    return mean.reshape(x.shape[1:]), m2.reshape(x.shape[1:])
+    return mean.reshape(x.shape[1:]).to(x.dtype), m2.reshape(x.shape[1:]).to(x.dtype)
 
 
 def grad_moments(grads: PyTree) -> GradMoments:

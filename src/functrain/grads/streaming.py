@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from functrain import tree
+from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import gram_by_layers, sq_norms_by_layers
 from functrain.grads._per_example import _check_options, batch_size_of
@@ -77,12 +78,13 @@ def per_sample_grad_norms(
     )
     if done is not None:
         return done
-    parts = [
-        per_sample_norms(c.grads)
-        for c in per_sample_chunks(
-            loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
-        )
-    ]
+    parts = []
+    for c in per_sample_chunks(
+        loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
+    ):
+        parts.append(per_sample_norms(c.grads))
+        # Dropped before the next chunk is computed: a loop variable would keep two alive.
+        del c
     if len(parts) == 1:
         return parts[0]
     return GradNorms(
@@ -125,7 +127,8 @@ def per_sample_grad_moments(
 ) -> GradMoments:
     """Moments of the per-sample gradients (mean, variance, SNR), accumulated chunk by chunk.
 
-    Memory is ``chunk_size × parameters`` plus three parameter-sized accumulators. Combine with
+    Memory is ``chunk_size × parameters`` plus three parameter-sized accumulators (float32 for
+    half-precision parameters, whose moments are rounded once at the end). Combine with
     :func:`grad_variance`, :func:`grad_snr`, ``GradMoments.sum_of_squares`` or
     :func:`gradient_diversity_from_moments`.
 
@@ -148,6 +151,7 @@ def per_sample_grad_moments(
     sums: list[tuple[torch.Tensor, torch.Tensor]] = []
     count = 0
     spec = None
+    shapes: list[tuple[torch.Size, torch.dtype]] = []
     for c in per_sample_chunks(
         loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
     ):
@@ -158,8 +162,9 @@ def per_sample_grad_moments(
         rows = [row_matrix(x) for x in leaves]
         n = rows[0].shape[0]
         if centres is None:
-            # Any centre near the mean works; the first chunk's rounded mean is one.
-            centres = [r.new_full((1, n), 1.0 / max(n, 1)) @ r for r in rows]
+            # Any centre near the mean works; the first chunk's rounded mean is one. Widened:
+            # half-precision sums over many chunks are kept in float32 and rounded once.
+            centres = [widen(r.new_full((1, n), 1.0 / max(n, 1)) @ r) for r in rows]
         parts = [_centred_sums(r, centre) for r, centre in zip(rows, centres)]
         if sums:
             for (a, b), (p, q) in zip(sums, parts):
@@ -168,12 +173,15 @@ def per_sample_grad_moments(
         else:
             sums = parts
         count += n
+        shapes = [(x.shape[1:], x.dtype) for x in leaves]
+        # Dropped before the next chunk is computed: loop variables would keep two alive.
+        del c, leaves, rows, parts
     assert centres is not None and spec is not None  # at least one chunk
     means, m2s = [], []
-    for x, centre, (s1, s2) in zip(leaves, centres, sums):
+    for (shape, dtype), centre, (s1, s2) in zip(shapes, centres, sums):
         shift = s1 / max(count, 1)
-        means.append((centre + shift).reshape(x.shape[1:]))
-        m2s.append((s2 - s1 * shift).clamp_min_(0).reshape(x.shape[1:]))
+        means.append((centre + shift).reshape(shape).to(dtype))
+        m2s.append((s2 - s1 * shift).clamp_min_(0).reshape(shape).to(dtype))
     return GradMoments(count, tree.unflatten(spec, means), tree.unflatten(spec, m2s))
 
 
@@ -283,7 +291,9 @@ def _gram_by_vmap(
         if ci.stop < n:
             for cj in per_sample_chunks(loss_fn, params, rest, **opts):
                 blocks.append(_cross_gram(left, _flat_rows(cj.grads)))
+                del cj  # before the next one is computed: two chunks alive, not three
         rows.append(blocks)
+        del ci, left  # likewise before the next row's chunk
     ref = rows[0][0]
     g = torch.empty((n, n), dtype=ref.dtype, device=ref.device)
     starts = [0]
