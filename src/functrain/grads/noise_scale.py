@@ -389,7 +389,10 @@ def noise_scale_metrics(
 
 
 def noise_scale_hook(
-    decay: float | torch.Tensor = 0.99, prefix: str = "noise_scale/", name: str = "noise_scale"
+    decay: float | torch.Tensor = 0.99,
+    prefix: str = "noise_scale/",
+    name: str = "noise_scale",
+    cosine: bool = False,
 ) -> Any:
     """A ``GradStatsHook`` for ``make_train_step``: noise scale and diversity from accumulation.
 
@@ -411,10 +414,18 @@ def noise_scale_hook(
     holds with ``Σ = L·Σ_seq``, and ``b_simple`` is ``L`` times the noise scale in sequences;
     with very unequal lengths it is an approximation.
 
+    With ``cosine=True`` it also reports ``{prefix}mean_cosine``, this step's mean pairwise
+    cosine between the micro-batch gradients (near 1: they agree, the gradient is mostly
+    signal; near 0: mostly noise), from a running sum of unit gradients (see
+    :mod:`functrain.grads.cosine`): one parameter-sized float32-or-wider buffer for the step and
+    one pass over it per micro-batch. Micro-batches with a zero gradient (a ``LossSum`` one
+    that counts no token) are left out of the pairs; with fewer than two left it is NaN.
+
     Args:
         decay: moving-average decay for ``B_simple``, in ``[0, 1)``.
         prefix: metric-name prefix.
         name: key of the state in ``state.extra``.
+        cosine: also report the mean pairwise cosine between micro-batch gradients.
 
     Example:
         >>> import torch, functrain as ft
@@ -451,6 +462,26 @@ def noise_scale_hook(
         estimate = noise_scale_estimate(sq, stats.sizes, combined)
         new_state, metrics = noise_scale_metrics(state, estimate, decay, prefix)
         metrics[f"{prefix}gradient_diversity"] = gradient_diversity(sq, combined, stats.sizes)
+        if cosine:
+            metrics[f"{prefix}mean_cosine"] = _mean_cosine_of_nonzero(stats.accumulated)
         return metrics, new_state
 
-    return GradStatsHook(init=init, per_micro_batch=per_micro_batch, update=update, name=name)
+    if not cosine:
+        return GradStatsHook(init=init, per_micro_batch=per_micro_batch, update=update, name=name)
+    from functrain.grads import cosine as cos  # cosine imports this module
+
+    return GradStatsHook(
+        init=init,
+        per_micro_batch=per_micro_batch,
+        update=update,
+        name=name,
+        accumulator_init=cos.cosine_accumulator_init,
+        accumulate=lambda acc, grad, size: cos.cosine_accumulator_add(acc, grad),
+    )
+
+
+def _mean_cosine_of_nonzero(acc: Any) -> torch.Tensor:
+    """The mean pairwise cosine over the ``n`` non-zero gradients of a ``CosineAccumulator``:
+    ``(‖Σuᵢ‖² − n) / (n(n − 1))``, ``n`` a tensor (no host read); NaN for ``n < 2``."""
+    n = acc.unit_sq_sum
+    return (tree.norm(acc.unit_sum, squared=True).to(n.dtype) - n) / (n * (n - 1))

@@ -5,7 +5,10 @@ and its size ``bᵢ`` (``nᵢ`` or ``Cᵢ``). Its ``per_micro_batch`` reduces ea
 tensors (under ``"vmap"`` it gets views into a chunk's stacked gradients); the gradient stage
 (:mod:`functrain.train.gradient`) stacks them into the ``(K,)`` tensors of
 :class:`MicroBatchStats`, and the step calls the hook's ``update`` with those and the combined
-gradient.
+gradient. A hook that needs more than scalars per micro-batch (e.g. a running sum of unit
+gradients for their mean pairwise cosine) declares a step-local accumulator
+(``accumulator_init``, ``accumulate``); its final value reaches ``update`` as
+:attr:`MicroBatchStats.accumulated`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ class MicroBatchStats(NamedTuple):
         sizes: ``bᵢ``: examples (mean losses) or ``LossSum`` counts of each micro-batch.
         losses: each micro-batch's mean loss ``Lᵢ`` (``Tᵢ / Cᵢ`` for ``LossSum``).
         values: the stacked outputs of :attr:`GradStatsHook.per_micro_batch`.
+        accumulated: the step's accumulator after every micro-batch (see
+            :attr:`GradStatsHook.accumulate`), or ``None``.
 
     Example:
         >>> import torch
@@ -37,6 +42,7 @@ class MicroBatchStats(NamedTuple):
     sizes: torch.Tensor
     losses: torch.Tensor
     values: dict[str, torch.Tensor]
+    accumulated: Any = None
 
 
 class GradStatsHook(NamedTuple):
@@ -53,6 +59,11 @@ class GradStatsHook(NamedTuple):
             :class:`MicroBatchStats` of the step and the combined gradient; ``metrics`` (a dict
             of 0-d tensors) joins the step's metrics.
         name: the key of the hook's state in ``state.extra``.
+        accumulator_init: ``accumulator_init(params) -> acc``, a step-local accumulator made at
+            the start of every step (``None``: no accumulator).
+        accumulate: ``accumulate(acc, mean_grad, size) -> acc``, called once per micro-batch
+            with what ``per_micro_batch`` gets (in the ``"vmap"`` strategy the micro-batches
+            may arrive grouped by size, not in order); it must not keep ``mean_grad`` itself.
 
     Example:
         >>> import torch, functrain as ft
@@ -73,3 +84,5 @@ class GradStatsHook(NamedTuple):
     per_micro_batch: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
     update: Callable[[MicroBatchStats, Any, Any], tuple[dict[str, torch.Tensor], Any]]
     name: str = "grad_stats"
+    accumulator_init: Callable[[Any], Any] | None = None
+    accumulate: Callable[[Any, Any, torch.Tensor], Any] | None = None

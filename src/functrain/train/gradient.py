@@ -136,6 +136,8 @@ class GradStage:
         backend: str,
         per_micro_batch: Callable[[Any, torch.Tensor], dict[str, torch.Tensor]] | None,
         loss_scale: Callable[[], torch.Tensor] | None = None,
+        accumulator: tuple[Callable[[Any], Any], Callable[[Any, Any, torch.Tensor], Any]]
+        | None = None,
     ) -> None:
         self.accepted = loss_lib.accepted_inputs(loss_fn)
         self.metas: list[_Meta] = []
@@ -144,6 +146,8 @@ class GradStage:
         self.chunk_size = chunk_size
         self.seed_rng = seed_rng
         self.per_micro_batch = per_micro_batch
+        # The hook's step-local accumulator: (init(params), add(acc, mean_grad, size)).
+        self.accumulator = accumulator if per_micro_batch is not None else None
         # The current loss scale when ``loss_fn`` is scaled: the hook sees unscaled values.
         self.loss_scale = loss_scale
         self.backend = backend
@@ -245,6 +249,7 @@ class GradStage:
         sizes: list[torch.Tensor] | None,
         values: list[dict[str, torch.Tensor]],
         device: torch.device,
+        accumulated: Any = None,
     ) -> MicroBatchStats:
         loss_vec = torch.cat([v.reshape(-1) for v in losses])
         if sizes is None:
@@ -253,7 +258,7 @@ class GradStage:
         else:
             size_vec = torch.cat([s.reshape(-1) for s in sizes])
         stacked = {k: torch.cat([v[k].reshape(-1) for v in values]) for k in values[0]}
-        return MicroBatchStats(size_vec, loss_vec, stacked)
+        return MicroBatchStats(size_vec, loss_vec, stacked, accumulated)
 
     def _loop(
         self,
@@ -268,6 +273,7 @@ class GradStage:
         acc = _GradSum()
         spec = None
         losses, sizes, values = [], [], []
+        accumulated = None if self.accumulator is None else self.accumulator[0](params)
         for i, size in enumerate(split.sizes):
             mb = microbatch.micro_batch(batch, split, i)
             mb_key = None if key is None else rng.fold_in(key, i + 1)
@@ -289,20 +295,28 @@ class GradStage:
                 if meta.is_sum:
                     b = payload["count"]
                     inverse = _inverse_count(b)
-                    values.append(self.per_micro_batch(tree.scale(inverse, hook_grads), b))
+                    hook_grads = tree.scale(inverse, hook_grads)
                     losses.append(value * inverse)
                     sizes.append(b)
                 else:
                     b = torch.full((), size, dtype=_size_dtype(value), device=value.device)
-                    values.append(self.per_micro_batch(hook_grads, b))
                     losses.append(value)
+                values.append(self.per_micro_batch(hook_grads, b))
+                if self.accumulator is not None:
+                    accumulated = self.accumulator[1](accumulated, hook_grads, b)
+                del hook_grads
             acc.add(leaves, 1.0)  # weighted already
         assert spec is not None
         device = combiner.loss.device  # type: ignore[union-attr]
         stats = None
         if self.per_micro_batch is not None:
             stats = self._stats(
-                split, losses, sizes if combiner.count is not None else None, values, device
+                split,
+                losses,
+                sizes if combiner.count is not None else None,
+                values,
+                device,
+                accumulated,
             )
         return GradResult(
             tree.unflatten(spec, acc.result(combiner.count)),
@@ -343,6 +357,7 @@ class GradStage:
         spec = None
         order: list[int] = []
         losses, sizes, values = [], [], []
+        accumulated = None if self.accumulator is None else self.accumulator[0](params)
         chunk_index = 0
         for size, indices in microbatch.size_groups(split):
             step = self.chunk_size or len(indices)
@@ -399,12 +414,19 @@ class GradStage:
                         else:
                             b = torch.full((), size, dtype=_size_dtype(value), device=value.device)
                         values.append(self.per_micro_batch(g, b))
+                        if self.accumulator is not None:
+                            accumulated = self.accumulator[1](accumulated, g, b)
         assert spec is not None
         device = combiner.loss.device  # type: ignore[union-attr]
         stats = None
         if self.per_micro_batch is not None:
             stats = self._stats(
-                split, losses, sizes if combiner.count is not None else None, values, device
+                split,
+                losses,
+                sizes if combiner.count is not None else None,
+                values,
+                device,
+                accumulated,
             )
             if order != sorted(order):
                 where = {j: pos for pos, j in enumerate(order)}
@@ -413,6 +435,7 @@ class GradStage:
                     _permute(stats.sizes, perm) if combiner.count is not None else stats.sizes,
                     _permute(stats.losses, perm),
                     {k: _permute(v, perm) for k, v in stats.values.items()},
+                    accumulated,
                 )
         return GradResult(
             tree.unflatten(spec, acc.result(combiner.count)),

@@ -121,6 +121,7 @@ class TrainStep:
             seed_rng=seed_rng and compile_options is None,
             backend=grad_backend,
             per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
+            accumulator=_accumulator(grad_stats),
             loss_scale=None if loss_scale is None else self._current_loss_scale,
         )
         if per_example_clip is not None:
@@ -359,3 +360,12 @@ def _merge(metrics: dict[str, torch.Tensor], new: dict[str, torch.Tensor], sourc
         if name in metrics:
             raise ValueError(f"{source} metric {name!r} clashes with an existing metric")
         metrics[name] = value
+
+
+def _accumulator(hook: GradStatsHook | None) -> Any:
+    """The hook's step-local accumulator as ``(init, add)``, or ``None``."""
+    if hook is None or hook.accumulate is None:
+        return None
+    if hook.accumulator_init is None:
+        raise TypeError("GradStatsHook.accumulate needs accumulator_init too")
+    return hook.accumulator_init, hook.accumulate
