@@ -3,9 +3,10 @@
 A small CNN learns the 8×8 digits of ``sklearn.datasets.load_digits`` with Adam and micro-batch
 accumulation (a batch of 128 as 4 micro-batches of 32). Along the way:
 
-* every step, ``grad_stats=ft.noise_scale_hook()`` turns the 4 micro-batch gradients the step
-  already computes into the simple noise scale ``B_simple = tr(Σ)/|G|²`` (McCandlish et al. 2018):
-  how large a batch is still worth using;
+* every step, ``grad_stats=ft.noise_scale_hook(cosine=True)`` turns the 4 micro-batch gradients
+  the step already computes into the simple noise scale ``B_simple = tr(Σ)/|G|²`` (McCandlish et
+  al. 2018): how large a batch is still worth using; and into their mean pairwise cosine (how
+  much the micro-batches agree);
 * every ``--analysis-every`` steps, one streaming pass of per-sample gradients over the whole
   training set gives per-example losses and gradient norms (histograms, and a text table of the
   hardest examples with their labels), per-parameter gradient signal-to-noise ratios, gradient
@@ -259,7 +260,10 @@ def train(args: argparse.Namespace, data: Data, logdir: str) -> dict[str, Any]:
 
     tx = ft.adam(args.lr)
     step_fn = ft.make_train_step(
-        loss_fn, tx, micro_batches=args.micro_batches, grad_stats=ft.noise_scale_hook(decay=0.95)
+        loss_fn,
+        tx,
+        micro_batches=args.micro_batches,
+        grad_stats=ft.noise_scale_hook(decay=0.95, cosine=True),
     )
     state = ft.TrainState.create(params=params, tx=tx, seed=args.seed)
     history: dict[str, list[Any]] = {"loss": [], "b_simple": [], "analyses": []}

@@ -64,6 +64,7 @@ def test_learns_and_logs_the_noise_scale(fast_run):
         "train/noise_scale/trace_sigma",
         "train/noise_scale/grad_sq",
         "train/noise_scale/gradient_diversity",
+        "train/noise_scale/mean_cosine",
         "per_sample/b_simple",
         "per_sample/trace_sigma",
         "per_sample/grad_sq",
@@ -81,6 +82,8 @@ def test_learns_and_logs_the_noise_scale(fast_run):
     b_simple = values(acc, "train/noise_scale/b_simple")
     assert all(math.isfinite(b) for b in b_simple[1:])
     assert b_simple[-1] > 0
+    cosines = values(acc, "train/noise_scale/mean_cosine")
+    assert len(cosines) == 30 and all(-1.0 <= c <= 1.0 for c in cosines)
     # Analyses at steps 0, 15 and 30 (the end).
     assert [e.step for e in acc.Scalars("per_sample/b_simple")] == [0, 15, 30]
     assert "_hparams_/session_start_info" in acc.summary_metadata
