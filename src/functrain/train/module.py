@@ -130,8 +130,13 @@ class FunctionalModel:
     :class:`~functrain.tree.TreeMismatchError`, each naming the path (and the shapes).
 
     A call swaps the given tensors into the module for its duration (as ``functional_call``
-    does), so calls in sequence never see each other's tensors, but two threads must not call
-    the same model at once: give each thread its own ``ft.functionalize``.
+    does), so calls in sequence never see each other's tensors, and a forward may call another
+    functional model of one of its submodules. Two threads must not call models of the same
+    module at once (two ``ft.functionalize(module)`` share that module's slots): give each
+    thread its own copy, ``ft.functionalize(copy.deepcopy(module))``.
+
+    The model is bound to the submodules it saw when built: replacing one (``net[0] = ...``) or
+    registering a parametrization afterwards raises on the next call; rebuild the model then.
 
     Example:
         >>> import torch, functrain as ft
@@ -165,7 +170,13 @@ class FunctionalModel:
         # Every name a tied tensor has beyond its first one, resolved once here, so calls can
         # skip functional_call's per-call tie analysis (tie_weights=False with all names given).
         self._aliases = _aliases(module)
+        self._links: tuple[tuple[dict[str, Any], str, nn.Module], ...] = ()
         self._slots = self._slot_tables()
+        # (name, name in the buffers dict) of each buffer slot, tied names included
+        self._buffer_slots = (
+            *((n, n) for n in self.buffer_names),
+            *((a, n) for a, n in self._aliases if n in self._buffer_set),
+        )
 
     def train(self, mode: bool = True) -> FunctionalModel:
         """This model, run in training mode (dropout on, BatchNorm batch statistics)."""
@@ -241,17 +252,32 @@ class FunctionalModel:
         ``None`` when a name lives elsewhere (then ``functional_call`` does the general work).
         """
         slots: dict[str, tuple[dict[str, Any], str]] = {}
+        # Every parent -> child link on the way to an owner: the tables belong to the submodules
+        # seen now, so a call checks the links still hold (a replaced submodule would otherwise
+        # take no notice of the params: silently the new submodule's own tensors, zero gradient).
+        links: dict[tuple[int, str], tuple[dict[str, Any], str, nn.Module]] = {}
         names = (*self.param_names, *self.buffer_names, *(alias for alias, _ in self._aliases))
         for name in names:
             owner_name, _, attr = name.rpartition(".")
-            owner = self.module.get_submodule(owner_name)
+            owner = self.module
+            for key in owner_name.split(".") if owner_name else ():
+                child = owner.get_submodule(key)
+                links.setdefault((id(owner), key), (owner._modules, key, child))
+                owner = child
             if attr in owner._parameters:
                 slots[name] = (owner._parameters, attr)
             elif attr in owner._buffers:
                 slots[name] = (owner._buffers, attr)
             else:
                 return None
+        self._links = tuple(links.values())
         return slots
+
+    def _structure_error(self, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"the module changed after ft.functionalize ({what}), so this model no longer "
+            "reaches its tensors: rebuild it with ft.functionalize(module)"
+        )
 
     def _run(self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any) -> Any:
         try:
@@ -264,22 +290,38 @@ class FunctionalModel:
     def _swap_and_run(
         self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any
     ) -> Any:
+        """Runs the forward on ``params`` and ``buffers``; a buffer the forward *reassigns*
+        (``self.avg = 0.9 * self.avg + ...``, not in place) is written back into ``buffers``."""
         tensors = {**params, **buffers}
         for alias, name in self._aliases:
             tensors[alias] = tensors[name]
         if torch.compiler.is_compiling() or self._slots is None:
-            return functional_call(
+            # functional_call writes reassigned tensors back into the dict it was given
+            out = functional_call(
                 self.module, tensors, tuple(args), kwargs, tie_weights=False, strict=False
             )
+            for name in buffers:
+                buffers[name] = tensors[name]
+            return out
+        for modules, key, child in self._links:
+            if modules.get(key) is not child:
+                raise self._structure_error(f"submodule {key!r} was replaced or removed")
         # functional_call's swap, minus its per-call name resolution and checks (the names were
         # resolved once in __init__ and checked by _check_names): ~4% of a small model's step.
         saved: list[tuple[dict[str, Any], str, Any]] = []
         try:
             for name, tensor in tensors.items():
                 table, attr = self._slots[name]
+                if attr not in table:  # e.g. a parametrization registered since
+                    raise self._structure_error(f"{name!r} is no longer a parameter or buffer")
                 saved.append((table, attr, table[attr]))
                 table[attr] = tensor
-            return self.module(*args, **kwargs)
+            out = self.module(*args, **kwargs)
+            for name, first in self._buffer_slots:
+                table, attr = self._slots[name]
+                if table[attr] is not tensors[name]:
+                    buffers[first] = table[attr]
+            return out
         finally:
             for table, attr, original in reversed(saved):
                 table[attr] = original
@@ -302,16 +344,19 @@ class FunctionalModel:
                     "buffers from the loss (ft.LossOutput(loss, buffers=new_buffers)), or use "
                     "model.eval()"
                 )
-            buffers = {k: v.clone() for k, v in self.buffers.items()}
+            copies = {k: v.clone() for k, v in self.buffers.items()}
+            buffers = dict(copies)
             out = self._run(params, buffers, args, kwargs)
         # Any other in-place buffer write (spectral_norm's u and v, a custom counter) bumps the
-        # copy's version counter: refuse to drop it silently. Dynamo cannot trace _version, and
-        # inference tensors have none.
+        # copy's version counter, a reassigned buffer comes back as another tensor: refuse to
+        # drop either silently. Dynamo cannot trace _version, and inference tensors have none.
         updated = (
             []
-            if torch.compiler.is_compiling() or torch.is_inference_mode_enabled()
-            else _written(buffers)
+            if torch.compiler.is_compiling()
+            else sorted(k for k in buffers if buffers[k] is not copies[k])
         )
+        if not updated and not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled()):
+            updated = _written(buffers)
         if updated:
             raise RuntimeError(
                 f"the forward updated the buffers {updated}, which model(params, ...) would "
@@ -331,7 +376,8 @@ class FunctionalModel:
         """Runs the forward with explicit buffers; returns ``(output, new_buffers)``.
 
         ``buffers`` is not modified: the forward runs on copies, which come back as
-        ``new_buffers`` (holding, e.g., BatchNorm's updated running statistics).
+        ``new_buffers`` (holding, e.g., BatchNorm's updated running statistics). A buffer the
+        forward reassigns (``self.avg = 0.9 * self.avg + ...``) comes back as its new tensor.
 
         Example:
             >>> import torch, functrain as ft
