@@ -484,4 +484,6 @@ def _mean_cosine_of_nonzero(acc: Any) -> torch.Tensor:
     """The mean pairwise cosine over the ``n`` non-zero gradients of a ``CosineAccumulator``:
     ``(‖Σuᵢ‖² − n) / (n(n − 1))``, ``n`` a tensor (no host read); NaN for ``n < 2``."""
     n = acc.unit_sq_sum
-    return (tree.norm(acc.unit_sum, squared=True).to(n.dtype) - n) / (n * (n - 1))
+    value = (tree.norm(acc.unit_sum, squared=True).to(n.dtype) - n) / (n * (n - 1))
+    # With one unit gradient ‖u‖² is 1 only to rounding: the formula gives ±inf, not NaN.
+    return torch.where(n >= 2, value, torch.nan)

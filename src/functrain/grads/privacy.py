@@ -79,7 +79,8 @@ def dp_members(tx: Any) -> Iterator[tuple[str, Any]]:
 
     ``role`` is ``"noisy_mean"`` (:func:`dp_noisy_mean`), ``"aggregate"``
     (:func:`differentially_private_aggregate`, also inside :func:`dpsgd`) or ``"other"``
-    (anything else, including wrappers this cannot see through); ``clip`` is the transform's
+    (anything else, including wrappers this cannot see through, and a ``dp_noisy_mean`` inside
+    ``masked``, which noises only some leaves); ``clip`` is the transform's
     ``l2_norm_clip`` (``None`` for ``"other"``).
 
     Example:
@@ -103,6 +104,12 @@ def dp_members(tx: Any) -> Iterator[tuple[str, Any]]:
     elif isinstance(spec, fused.NamedChain):
         for _, member in spec.members:
             yield from dp_members(member)
+    elif isinstance(spec, fused.Masked):
+        # A masked transform sees part of the tree: a dp_noisy_mean there noises only those
+        # leaves (not the DP-SGD update), but an aggregate there still expects per-example
+        # gradients.
+        for role, clip in dp_members(spec.inner):
+            yield (role, clip) if role == "aggregate" else ("other", None)
     else:
         yield ("other", None)
 

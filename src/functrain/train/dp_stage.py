@@ -96,7 +96,8 @@ def _check_tx(tx: Any, l2_norm_clip: Any) -> None:
             f"not their mean; use tx = {_RECIPE} (noise_multiplier=0.0 to clip without "
             "noise). If a wrapper hides a dp_noisy_mean, ignore this warning.",
             UserWarning,
-            stacklevel=4,
+            # _check_tx < check_options < TrainStep.__init__ < make_train_step < the caller.
+            stacklevel=5,
         )
         return
     if roles[0] != "noisy_mean":
@@ -104,6 +105,12 @@ def _check_tx(tx: Any, l2_norm_clip: Any) -> None:
             "per_example_clip: dp_noisy_mean must be the first transform of tx; a transform "
             "before it changes the clipped sum, whose sensitivity C the noise is calibrated to "
             f"(position {roles.index('noisy_mean')} of the chain); use tx = {_RECIPE}"
+        )
+    if roles.count("noisy_mean") > 1:
+        raise ValueError(
+            "per_example_clip: tx contains dp_noisy_mean more than once, which would add the "
+            "noise again and divide by the expected batch size again (position "
+            f"{roles.index('noisy_mean', 1)} of the chain); use tx = {_RECIPE}"
         )
     noise_clip = members[0][1]
     numbers = (int, float)

@@ -204,12 +204,13 @@ class GradStage:
         tracked = tree.unflatten(spec, leaves)
         combiner = Combiner(split.total)
         mbs = microbatch.micro_batches(batch, split)
+        streams = self._streams(key, devices)
         with torch.enable_grad():
             for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
-                mb_key = None if key is None else rng.fold_in(key, i + 1)
+                mb_key, seeding = self._micro_batch_rng(streams, key, i, devices)
                 self.metas.clear()
                 weight = size / split.total
-                with _seeding(mb_key, self.seed_rng, devices):
+                with seeding:
                     obj, payload = self.objective(tracked, mb, buffers, mb_key, weight)
                     meta = self.metas[-1]
                     if obj.requires_grad:
@@ -231,6 +232,28 @@ class GradStage:
             torch._foreach_div_(grads, combiner.count)
         device = combiner.loss.device  # type: ignore[union-attr]
         return GradResult(tree.unflatten(spec, grads), combiner.metrics(device), buffers, None)
+
+    def _streams(
+        self, key: torch.Tensor | None, devices: Sequence[torch.device]
+    ) -> rng.MicroBatchStreams | None:
+        """The step's micro-batch streams from one read of ``key`` (eager steps only)."""
+        if key is None or torch.compiler.is_compiling():
+            return None
+        return rng.MicroBatchStreams(key, self.seed_rng, devices)
+
+    def _micro_batch_rng(
+        self,
+        streams: rng.MicroBatchStreams | None,
+        key: torch.Tensor | None,
+        i: int,
+        devices: Sequence[torch.device],
+    ) -> tuple[torch.Tensor | None, contextlib.AbstractContextManager[None]]:
+        """Micro-batch ``i``'s key (``fold_in(key, i + 1)``, made only if ``loss_fn`` takes
+        one) and the context that seeds the global generators with it."""
+        if streams is not None:
+            return (streams.key(i) if "key" in self.accepted else None), streams.seeding(i)
+        mb_key = None if key is None else rng.fold_in(key, i + 1)
+        return mb_key, _seeding(mb_key, self.seed_rng, devices)
 
     def _unscaled(self, value: torch.Tensor, grads: Any) -> tuple[torch.Tensor, Any]:
         """The loss value and gradients without the loss scale (``grads`` ``None``: the inverse
@@ -274,12 +297,13 @@ class GradStage:
         spec = None
         losses, sizes, values = [], [], []
         accumulated = None if self.accumulator is None else self.accumulator[0](params)
+        streams = self._streams(key, devices)
         for i, size in enumerate(split.sizes):
             mb = microbatch.micro_batch(batch, split, i)
-            mb_key = None if key is None else rng.fold_in(key, i + 1)
+            mb_key, seeding = self._micro_batch_rng(streams, key, i, devices)
             self.metas.clear()
             weight = size / split.total  # applied to a mean loss before differentiation
-            with _seeding(mb_key, self.seed_rng, devices):
+            with seeding:
                 grads, payload = self.grad_fn(params, mb, buffers, mb_key, weight)
             meta = self.metas[-1]
             combiner.add(meta, size, payload)

@@ -106,6 +106,35 @@ class _Lease:
         self.consumed_by: str | None = None
 
 
+# The fields a donating step may write in place (the step counter and key it replaces).
+_WRITTEN = ("params", "opt_state", "buffers", "extra")
+
+
+def _storages(state: TrainState) -> set[int]:
+    return {
+        leaf.untyped_storage().data_ptr()
+        for name in _WRITTEN
+        for leaf in tree.leaves(getattr(state, "_" + name))
+        if isinstance(leaf, torch.Tensor) and leaf.untyped_storage().nbytes()
+    }
+
+
+def _shares_writable_memory(source: TrainState, derived: TrainState) -> bool:
+    """Whether a donating step given one of the states could overwrite memory the other reads.
+
+    A state whose params, opt_state, buffers and extra were all replaced by fresh tensors (a
+    fork: ``replace(params=cloned, opt_state=tx.init(cloned))``) gets its own lease, so
+    donating either leaves the other usable. Only storages' addresses are read: no sync.
+    """
+    if not {"params", "opt_state"} & set(_replaced(source, derived)):
+        return True  # the common case (replace(key=...), prepare): shared, nothing to compare
+    return not _storages(source).isdisjoint(_storages(derived))
+
+
+def _replaced(source: TrainState, derived: TrainState) -> list[str]:
+    return [n for n in _WRITTEN if getattr(source, "_" + n) is not getattr(derived, "_" + n)]
+
+
 def _device_of(params: Any) -> torch.device:
     for leaf in tree.leaves(params):
         return leaf.device
@@ -259,7 +288,9 @@ class TrainState:
 
         Because the two states share tensors, a donating step that consumes one of them
         consumes the other too: using either afterwards raises :class:`ConsumedStateError`
-        rather than reading memory the step updated in place.
+        rather than reading memory the step updated in place. A copy whose params, opt_state,
+        buffers and extra hold no memory of the original (``replace(params=cloned,
+        opt_state=tx.init(cloned))``) is independent of it.
 
         The new values are checked as :meth:`create` checks its arguments: ``step`` a 0-d
         ``int64`` tensor, ``key`` ``None`` or a valid key, ``params`` floating-point tensors
@@ -283,12 +314,17 @@ class TrainState:
         _check_fields(changes)
         values.update(changes)
         derived = TrainState(**values)
-        derived._lease = self._lease
+        if _shares_writable_memory(self, derived):
+            derived._lease = self._lease
         return derived
 
     def __repr__(self) -> str:
         if self._consumed is not None:
             return f"TrainState(<consumed by {self._consumed}>)"
+        if self._lease.consumed_by is not None:
+            return (
+                f"TrainState(<shares tensors with a state consumed by {self._lease.consumed_by}>)"
+            )
         n_params = tree.size(self._params)
         return (
             f"TrainState(step={self._step!r}, params=<{n_params} elements in "
