@@ -113,21 +113,40 @@ def epoch_iterable(batches: Any, epoch: int, seed: int) -> Iterable[Any]:
     if hasattr(batches, "set_epoch"):
         batches.set_epoch(epoch)
     if isinstance(batches, torch.utils.data.DataLoader):
-        sampler = batches.sampler
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler
-            sampler.set_epoch(epoch)
-        generators = {id(g): g for g in (batches.generator, getattr(sampler, "generator", None))}
+        # The order may come from the sampler or from a batch_sampler's own sampler
+        # (DataLoader(batch_sampler=BatchSampler(RandomSampler(ds, generator=g), ...)), whose
+        # generator the loader does not know: reseed and set the epoch of every one of them.
+        batch_sampler = batches.batch_sampler
+        samplers = {
+            id(s): s
+            for s in (batches.sampler, batch_sampler, getattr(batch_sampler, "sampler", None))
+            if s is not None
+        }
+        for s in samplers.values():
+            if hasattr(s, "set_epoch"):  # DistributedSampler
+                s.set_epoch(epoch)
+        generators = {id(batches.generator): batches.generator}
+        generators.update((id(g), g) for s in samplers.values() if (g := _generator(s)))
         generators.pop(id(None), None)
         for g in generators.values():
             g.manual_seed(epoch_seed(seed, epoch))
-        if not generators and isinstance(sampler, torch.utils.data.RandomSampler):
+        if any(
+            isinstance(s, torch.utils.data.RandomSampler) and s.generator is None
+            for s in samplers.values()
+        ):
             warnings.warn(
                 "train_loop: this DataLoader shuffles with the global random generator, so a "
                 "resumed run sees a different data order; pass generator=torch.Generator() to "
-                "the DataLoader and train_loop reseeds it each epoch from (seed, epoch)",
+                "the DataLoader (or to its RandomSampler) and train_loop reseeds it each epoch "
+                "from (seed, epoch)",
                 stacklevel=3,
             )
     return batches
+
+
+def _generator(sampler: Any) -> torch.Generator | None:
+    g = getattr(sampler, "generator", None)
+    return g if isinstance(g, torch.Generator) else None
 
 
 def length_of(iterable: Any) -> int | None:

@@ -226,7 +226,11 @@ class Run:
 
     def after_step(self, end_of_epoch: bool = False) -> None:
         """Logging, evaluation and checkpoint of the step just taken (in this order)."""
-        if self.metrics is None:
+        if self.metrics is None:  # no step yet: only the end of the epoch resumed into
+            # A run that a held Ctrl-C stopped after an unsized epoch's last step saved it
+            # mid-epoch and unevaluated; reading that epoch's end now, evaluate it (once).
+            if self.resumed_evaluated is False and self.eval_due(end_of_epoch):
+                self.evaluate()
             return
         if self.host_step % self.log_every == 0 and self.logged_step != self.host_step:
             self.log()

@@ -36,6 +36,7 @@ new memory and the consumed state's is freed with it, not reused (the peak holds
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -48,6 +49,18 @@ from functrain.train import faults, gradient, optimizer_stage, rng
 __all__: list[str] = []  # internal: used by make_train_step
 
 _dynamo_exc = torch._dynamo.exc
+
+
+def _compile_arguments() -> frozenset[str] | None:
+    """``torch.compile``'s keyword argument names (``None`` if its signature is unreadable)."""
+    try:
+        names = inspect.signature(torch.compile).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a wrapped torch.compile
+        return None
+    return frozenset(names) - {"model"}  # the step is the model
+
+
+_COMPILE_ARGUMENTS = _compile_arguments()
 
 
 def compile_options(
@@ -66,6 +79,14 @@ def compile_options(
         bad = [k for k in options if not isinstance(k, str)]
         if bad:
             raise TypeError(f"compile: keys must be torch.compile argument names, got {bad!r}")
+        # torch.compile's own error ("compile() got an unexpected keyword argument") names
+        # neither the option nor what is accepted; "model" would clash with the step itself.
+        unknown = [] if _COMPILE_ARGUMENTS is None else sorted(set(options) - _COMPILE_ARGUMENTS)
+        if unknown:
+            raise TypeError(
+                f"compile: unknown torch.compile keyword argument(s) {unknown!r}; it takes "
+                f"{', '.join(sorted(_COMPILE_ARGUMENTS or ()))}"
+            )
     else:
         raise TypeError(
             "compile must be a bool or a dict of torch.compile keyword arguments (e.g. "
@@ -82,17 +103,25 @@ def compile_options(
         and not isinstance(options["dynamic"], bool)
     ):
         raise TypeError(f"compile: dynamic must be a bool or None, got {options['dynamic']!r}")
-    # "max-autotune" turns CUDA graphs on for CUDA inputs (the device is not known here).
     inductor = options.get("options") or {}
-    if options.get("mode") in ("reduce-overhead", "max-autotune") or (
-        isinstance(inductor, Mapping) and inductor.get("triton.cudagraphs")
+    if not isinstance(inductor, Mapping):
+        raise TypeError(
+            "compile: options must be a dict of inductor settings (e.g. "
+            f"{{'options': {{'max_autotune': True}}}}), got {type(inductor).__name__}"
+        )
+    # "max-autotune" turns CUDA graphs on for CUDA inputs (the device is not known here); the
+    # "cudagraphs" backend is nothing but CUDA graphs.
+    if (
+        options.get("mode") in ("reduce-overhead", "max-autotune")
+        or inductor.get("triton.cudagraphs")
+        or options.get("backend") == "cudagraphs"
     ):
         # CUDA graphs replay into fixed output buffers: a state or metric kept from an earlier
         # step would be overwritten by the next replay, which a pure step must never do.
         raise ValueError(
             "compile: CUDA graphs (mode='reduce-overhead', and 'max-autotune' on CUDA, "
-            "triton.cudagraphs) reuse the step's output memory across calls, so an earlier "
-            "state or metric a caller keeps would change under it; use "
+            "triton.cudagraphs, backend='cudagraphs') reuse the step's output memory across "
+            "calls, so an earlier state or metric a caller keeps would change under it; use "
             "mode='max-autotune-no-cudagraphs' or the default mode"
         )
     if options.get("disable"):
@@ -176,6 +205,7 @@ class CompiledCore:
         self.core = core
         self.fn = torch.compile(_own_code(core), **options)
         self.dynamic = options.get("dynamic")
+        self.recompile_limit = options.get("recompile_limit")
         self.seed_rng = seed_rng
         self.metas = metas
 
@@ -199,7 +229,8 @@ class CompiledCore:
             with gradient._seeding(mb_key, self.seed_rng, devices):
                 return self.fn(*args)
         except _dynamo_exc.FailOnRecompileLimitHit as err:
-            err.add_note(_RECOMPILE_LIMIT_NOTE.format(limit=_recompile_limit()))
+            limit, source = _recompile_limit(self.recompile_limit)
+            err.add_note(_RECOMPILE_LIMIT_NOTE.format(limit=limit, source=source))
             raise
         except _dynamo_exc.TorchDynamoException as err:
             real = self._explain(err, mb_key, args)
@@ -267,20 +298,24 @@ _COMPILE_ONLY_NOTE = (
 )
 _RECOMPILE_LIMIT_NOTE = (
     "functrain: this compiled train step was already compiled for {limit} different input "
-    "shapes, dtypes or structures (torch._dynamo.config.recompile_limit), and compiles once "
-    "more for every new one (TORCH_LOGS=recompiles shows which input changed). Most "
+    "shapes, dtypes or structures ({source}), and compiles once more for every new one "
+    "(TORCH_LOGS=recompiles shows which input changed). Most "
     "often the batch shape varies (variable sequence lengths, a partial last batch): pad "
     "batches to a few fixed shapes (buckets) or drop the last partial batch; or pass "
     "compile={{'dynamic': True}} (symbolic shapes; not for models with dropout), or raise "
-    "torch._dynamo.config.recompile_limit. A Python number kept in the state (a counter in "
-    "state.extra or a hook state) compiles anew whenever it changes: keep it as a tensor. "
-    "The state passed to the step is unchanged"
+    "the limit (compile={{'recompile_limit': N}}). A Python number kept in the state (a "
+    "counter in state.extra or a hook state) compiles anew whenever it changes: keep it as a "
+    "tensor. The state passed to the step is unchanged"
 )
 
 
-def _recompile_limit() -> int:
+def _recompile_limit(own: Any) -> tuple[int, str]:
+    """The limit a step hit and where it was set: its own ``compile=`` entry, else dynamo's."""
+    if own is not None:  # torch.compile(recompile_limit=N) takes precedence over the config
+        return int(own), f"compile={{'recompile_limit': {own}}}"
     config = torch._dynamo.config
-    return int(getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8)))
+    limit = getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 8))
+    return int(limit), "torch._dynamo.config.recompile_limit"
 
 
 def _raised_while_tracing(err: Exception) -> bool:

@@ -120,8 +120,11 @@ def train_loop(
     :class:`TensorBatches`, a ``DataLoader``) or a function ``batches(epoch) -> iterable``. Before
     each epoch the loop calls ``batches.set_epoch(epoch)`` when it exists (and the sampler's, for
     ``DistributedSampler``), and reseeds a ``DataLoader``'s ``generator`` from ``(seed,
-    epoch)``, so each epoch's order is reproducible. A shuffling ``DataLoader`` without a
-    generator uses the global random generator and is warned about.
+    epoch)``, so each epoch's order is reproducible; the same goes for the sampler of a
+    ``batch_sampler`` (``BatchSampler(RandomSampler(ds, generator=g), ...)``) and for a
+    ``batch_sampler`` with a ``generator`` (:class:`~functrain.PoissonSampler`). A
+    ``RandomSampler`` without a generator uses the global random generator and is warned
+    about.
 
     **Checkpoints and resume.** With ``checkpoint_manager`` (a
     :class:`~functrain.checkpoint.CheckpointManager`) the state is saved every
