@@ -268,16 +268,20 @@ class GradStage:
     def _stats(
         self,
         split: microbatch.BatchSplit,
+        combiner: Combiner,
         losses: list[torch.Tensor],
-        sizes: list[torch.Tensor] | None,
+        sizes: list[torch.Tensor],
         values: list[dict[str, torch.Tensor]],
-        device: torch.device,
-        accumulated: Any = None,
-    ) -> MicroBatchStats:
+        accumulated: Any,
+    ) -> MicroBatchStats | None:
+        """The hook's :class:`MicroBatchStats` (``None`` without a hook); ``sizes`` are the
+        ``LossSum`` counts, ignored for mean losses (whose sizes are the split's)."""
+        if self.per_micro_batch is None:
+            return None
         loss_vec = torch.cat([v.reshape(-1) for v in losses])
-        if sizes is None:
+        if combiner.count is None:
             size_vec = torch.tensor(split.sizes, dtype=_size_dtype(loss_vec))
-            size_vec = size_vec.to(device, non_blocking=True)
+            size_vec = size_vec.to(combiner.loss.device, non_blocking=True)  # type: ignore[union-attr]
         else:
             size_vec = torch.cat([s.reshape(-1) for s in sizes])
         stacked = {k: torch.cat([v[k].reshape(-1) for v in values]) for k in values[0]}
@@ -332,16 +336,7 @@ class GradStage:
             acc.add(leaves, 1.0)  # weighted already
         assert spec is not None
         device = combiner.loss.device  # type: ignore[union-attr]
-        stats = None
-        if self.per_micro_batch is not None:
-            stats = self._stats(
-                split,
-                losses,
-                sizes if combiner.count is not None else None,
-                values,
-                device,
-                accumulated,
-            )
+        stats = self._stats(split, combiner, losses, sizes, values, accumulated)
         return GradResult(
             tree.unflatten(spec, acc.result(combiner.count)),
             combiner.metrics(device),
@@ -442,25 +437,16 @@ class GradStage:
                             accumulated = self.accumulator[1](accumulated, g, b)
         assert spec is not None
         device = combiner.loss.device  # type: ignore[union-attr]
-        stats = None
-        if self.per_micro_batch is not None:
-            stats = self._stats(
-                split,
-                losses,
-                sizes if combiner.count is not None else None,
-                values,
-                device,
+        stats = self._stats(split, combiner, losses, sizes, values, accumulated)
+        if stats is not None and order != sorted(order):
+            where = {j: pos for pos, j in enumerate(order)}
+            perm = [where[j] for j in range(len(order))]
+            stats = MicroBatchStats(
+                _permute(stats.sizes, perm) if combiner.count is not None else stats.sizes,
+                _permute(stats.losses, perm),
+                {k: _permute(v, perm) for k, v in stats.values.items()},
                 accumulated,
             )
-            if order != sorted(order):
-                where = {j: pos for pos, j in enumerate(order)}
-                perm = [where[j] for j in range(len(order))]
-                stats = MicroBatchStats(
-                    _permute(stats.sizes, perm) if combiner.count is not None else stats.sizes,
-                    _permute(stats.losses, perm),
-                    {k: _permute(v, perm) for k, v in stats.values.items()},
-                    accumulated,
-                )
         return GradResult(
             tree.unflatten(spec, acc.result(combiner.count)),
             combiner.metrics(device),
