@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import functrain as ft
-from functrain.grads import accounting
+from functrain.grads import _rdp, accounting
 
 
 def _rdp_by_quadrature(q: float, sigma: float, alpha: float) -> float:
@@ -82,8 +82,8 @@ def test_integer_and_fractional_methods_agree_across_an_integer_order():
 def test_large_orders_at_small_noise_match_the_binomial_sum(q, sigma, alpha):
     # A whole-line grid here would take up to 8e6 nodes per order; the quadrature integrates
     # windows around the integrand's peaks instead, and must still equal the exact sum.
-    exact = accounting._log_a_integer(q, sigma, alpha)
-    (windowed,) = accounting._log_a_fractional(q, sigma, [float(alpha)])
+    exact = _rdp._log_a_integer(q, sigma, alpha)
+    (windowed,) = _rdp._log_a_fractional(q, sigma, [float(alpha)])
     assert windowed == pytest.approx(exact, rel=1e-12)
 
 
@@ -94,13 +94,13 @@ def test_large_orders_at_small_noise_match_the_binomial_sum(q, sigma, alpha):
     alpha=st.sampled_from([1.5, 2.5, 7.3, 31.7, 63.5, 200.5]),
 )
 def test_windowed_quadrature_equals_the_whole_line_grid(q, sigma, alpha):
-    whole = accounting._log_a_fractional(q, sigma, [alpha])
-    saved = accounting._MAX_NODES
-    accounting._MAX_NODES = 0  # every order integrated over windows
+    whole = _rdp._log_a_fractional(q, sigma, [alpha])
+    saved = _rdp._MAX_NODES
+    _rdp._MAX_NODES = 0  # every order integrated over windows
     try:
-        windowed = accounting._log_a_fractional(q, sigma, [alpha])
+        windowed = _rdp._log_a_fractional(q, sigma, [alpha])
     finally:
-        accounting._MAX_NODES = saved
+        _rdp._MAX_NODES = saved
     assert windowed == pytest.approx(whole, rel=1e-11, abs=1e-300)
 
 

@@ -35,7 +35,7 @@ def test_writer_continues_tensorboards_event_file(tmp_path):
 
 
 def test_falls_back_to_tensorboards_writer(tmp_path, monkeypatch):
-    monkeypatch.setattr(_event_file, "install", lambda summary_writer, flush_secs: False)
+    monkeypatch.setattr(_event_file, "install", lambda summary_writer, flush_secs, suffix="": False)
     with TensorBoardWriter(tmp_path) as w:
         assert not w.fast_event_file
         w.write_scalars(0, {"loss": 1.0})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import sys
 from collections.abc import Iterator
 
@@ -50,11 +51,16 @@ class PoissonSampler:
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        # numbers.Integral / numbers.Real: NumPy scalars (len of an array, a computed rate) too.
+        if (
+            isinstance(num_examples, bool)
+            or not isinstance(num_examples, numbers.Integral)
+            or num_examples < 1
+        ):
             raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
         if (
             isinstance(sample_rate, bool)
-            or not isinstance(sample_rate, (int, float))
+            or not isinstance(sample_rate, numbers.Real)
             or not 0 < sample_rate <= 1
         ):
             raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
@@ -65,13 +71,13 @@ class PoissonSampler:
                     "(round(1/sample_rate)): pass steps"
                 )
             steps = max(1, round(1 / sample_rate))
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        self.num_examples = num_examples
+        self.num_examples = int(num_examples)
         self.sample_rate = float(sample_rate)
-        self.steps = steps
+        self.steps = int(steps)
         self.generator = generator
 
     @property

@@ -6,7 +6,8 @@ record checksums (CRC32C) byte by byte in Python: about 100 µs of GIL-holding w
 more than the 3% budget of a few-millisecond step. This writer keeps the file open, buffers
 writes, flushes every ``flush_secs``, computes the checksum with ``google_crc32c`` when its C
 extension is installed (a tighter pure-Python loop otherwise) and writes from the calling thread,
-so under an ``AsyncWriter`` all event work happens on one background thread.
+so under an ``AsyncWriter`` all event work happens on one background thread. Only the flush of
+events that no later write comes to flush is left to a timer thread.
 
 The record framing is TFRecord's: ``uint64 length, uint32 masked_crc(length), data,
 uint32 masked_crc(data)``, little-endian.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import struct
 import threading
 import time
@@ -148,6 +150,10 @@ class EventFile:
         self._lock = threading.Lock()  # SummaryWriter may be shared between threads
         self._file: Any = open(path, "ab")  # noqa: SIM115 - closed in close()
         self._next_flush = time.monotonic() + flush_secs
+        # Flushes events that no later write would flush: the last steps before a long
+        # evaluation, or before a hang, must reach TensorBoard within flush_secs all the same.
+        self._timer: threading.Timer | None = None
+        self._dirty = False  # written since the last flush
         # Buffered events of a writer nobody closed still reach the file at exit.
         self._exit_hook = functools.partial(_flush_at_exit, weakref.ref(self))
         atexit.register(self._exit_hook)
@@ -165,12 +171,36 @@ class EventFile:
             if self._file is None:
                 raise OSError(f"event file {self.path!r} is closed")
             self._file.write(record)
-            if time.monotonic() >= self._next_flush:
+            self._dirty = True
+            now = time.monotonic()
+            if now >= self._next_flush:
                 self._flush_locked()
+            elif self._timer is None:
+                self._arm(self._next_flush - now)
+
+    def _arm(self, delay: float) -> None:
+        # A flush does not cancel the timer (a new thread after every flush() cost 0.5% of a
+        # small model's step when a caller flushes often); it re-checks when it fires, so at
+        # most one thread is started per flush interval.
+        self._timer = threading.Timer(delay, self._timed_flush)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _timed_flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._file is None or not self._dirty:
+                return
+            now = time.monotonic()
+            if now >= self._next_flush:
+                self._flush_locked()
+            else:
+                self._arm(self._next_flush - now)
 
     def _flush_locked(self) -> None:
         if self._file is not None:
             self._file.flush()
+        self._dirty = False
         self._next_flush = time.monotonic() + self._flush_secs
 
     def flush(self) -> None:
@@ -182,6 +212,9 @@ class EventFile:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
         atexit.unregister(self._exit_hook)
 
     def reopen(self) -> None:
@@ -191,11 +224,31 @@ class EventFile:
                 atexit.register(self._exit_hook)
 
 
-def install(summary_writer: Any, flush_secs: float) -> bool:
+def _ordered_name(path: str, suffix: str) -> str:
+    """``path`` with its writer number zero-padded, so names sort in creation order.
+
+    TensorBoard names files ``events.out.tfevents.<time>.<host>.<pid>.<n><suffix>`` and reads
+    a run's files in name order. Two writers opened by one process in the same second differ
+    only in ``n``, and as text ``...10`` sorts before ``...9``: a resumed run's file (holding
+    the purge of the steps it repeats) was then read *first*, and the crashed run's repeated
+    steps showed up again.
+    """
+    directory, name = os.path.split(path)
+    if suffix and not name.endswith(suffix):
+        return path
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    head, _, number = stem.rpartition(".")
+    if not head.startswith("events.out.tfevents.") or not number.isdigit():
+        return path
+    return os.path.join(directory, f"{head}.{number.zfill(10)}{suffix}")
+
+
+def install(summary_writer: Any, flush_secs: float, filename_suffix: str = "") -> bool:
     """Moves ``summary_writer``'s open event file onto :class:`EventFile`.
 
     TensorBoard's writer is flushed and closed first (it wrote the file-version and any purge
-    events), then the same file is continued. Returns False, leaving the writer untouched, when
+    events), then the same file is continued, renamed so that a run's files sort in the order
+    they were opened (:func:`_ordered_name`). Returns False, leaving the writer untouched, when
     its internals are not the expected ones.
     """
     file_writer = getattr(summary_writer, "file_writer", None)
@@ -204,5 +257,9 @@ def install(summary_writer: Any, flush_secs: float) -> bool:
     if not isinstance(path, str) or not callable(getattr(stock, "close", None)):
         return False
     stock.close()
+    ordered = _ordered_name(path, filename_suffix)
+    if ordered != path and not os.path.exists(ordered):
+        os.replace(path, ordered)
+        path = ordered
     file_writer.event_writer = EventFile(path, stock.get_logdir(), flush_secs)
     return True

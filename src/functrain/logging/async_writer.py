@@ -74,13 +74,17 @@ class _Snapshot:
         if isinstance(value, torch.Tensor):
             if value.is_complex():
                 raise TypeError(f"array {name!r} is complex ({value.dtype})")
-            if value.device.type == "cuda":
-                self._cuda_devices.add(value.device)
-            if value.device.type != "cpu":
-                self.on_host = False
-            return _host_copy(value)
+            return self.tensor(value)
         copy = np.array(value, copy=True)  # the caller may reuse its NumPy buffer
         return lambda: copy
+
+    def tensor(self, value: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Snapshots a tensor of any shape and dtype (see :func:`_host_copy`)."""
+        if value.device.type == "cuda":
+            self._cuda_devices.add(value.device)
+        if value.device.type != "cpu":
+            self.on_host = False
+        return _host_copy(value)
 
     def scalars(
         self, names: list[str], values: list[Any], *, allow_none: bool = False
@@ -147,6 +151,15 @@ class _Snapshot:
             event.synchronize()
 
 
+class _Deferred:
+    """A value known only once its snapshot has landed on the host."""
+
+    __slots__ = ("get",)
+
+    def __init__(self, get: Callable[[], Any]) -> None:
+        self.get = get
+
+
 def _check_names(mapping: Mapping[str, Any], what: str) -> list[str]:
     if type(mapping) is not dict and not isinstance(mapping, Mapping):
         raise TypeError(f"{what} must be a mapping of names to values, got {type(mapping)}")
@@ -190,7 +203,9 @@ class AsyncWriter(MetricWriter):
             ``MultiWriter``); it is only called from the background thread.
         every_n: buffered write calls handed to the background thread at a time.
         max_delay_s: also hand them over when this many seconds passed since the last hand-over
-            (keeps a progress bar fresh when steps are slow); ``None`` disables it.
+            (keeps a progress bar fresh when steps are slow); when no write call comes, the
+            background thread writes them itself after that long, so the last steps before a
+            long evaluation or a hang still reach the wrapped writer. ``None`` disables both.
         max_pending: batches queued for the background thread before writes block.
         host_inline: write a batch whose values are all on the host already (numbers, CPU
             tensors) in the calling thread at hand-over, when the background thread is idle.
@@ -232,7 +247,7 @@ class AsyncWriter(MetricWriter):
         self._buffer: list[tuple[_Snapshot | None, Callable[[MetricWriter], None]]] = []
         self._scalar_names: tuple[str, ...] = ()  # names already checked by write_scalars
         self._lock = threading.Lock()
-        self._dispatch_lock = threading.Lock()  # keeps batches in order; never taken by the worker
+        self._dispatch_lock = threading.Lock()  # keeps batches in order; the worker only tries it
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._closed = False
@@ -247,7 +262,13 @@ class AsyncWriter(MetricWriter):
     # -- background thread ---------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
+            delay = self.max_delay_s
+            try:
+                # Wakes up to hand over writes that no later call comes to hand over.
+                item = self._queue.get(timeout=None if delay is None else max(delay, 0.05))
+            except queue.Empty:
+                self._hand_over_idle()
+                continue
             try:
                 if item is _FLUSH:
                     self._guard(self.writer.flush)
@@ -259,6 +280,31 @@ class AsyncWriter(MetricWriter):
                         self._guard(functools.partial(self._replay, snapshot, call))
             finally:
                 self._queue.task_done()
+
+    def _hand_over_idle(self) -> None:
+        """Writes the buffer when no call handed it over for ``max_delay_s`` seconds.
+
+        Without this, the last steps before a long evaluation (or a hang) would only reach
+        TensorBoard at the next write call.
+        """
+        delay = self.max_delay_s
+        if not self._buffer or delay is None or time.monotonic() - self._last_dispatch < delay:
+            return
+        # Never wait for the dispatch lock: a caller holding it may be blocked putting into
+        # the full queue, which only this thread drains. Holding it keeps callers from writing
+        # inline meanwhile; an empty queue means nothing older is still waiting to be written.
+        if not self._dispatch_lock.acquire(blocking=False):
+            return
+        try:
+            if self._queue.unfinished_tasks:
+                return
+            with self._lock:
+                batch, self._buffer = self._buffer, []
+                self._last_dispatch = time.monotonic()
+            for snapshot, call in batch:
+                self._guard(functools.partial(self._replay, snapshot, call))
+        finally:
+            self._dispatch_lock.release()
 
     def _replay(self, snapshot: _Snapshot | None, call: Callable[[MetricWriter], None]) -> None:
         if snapshot is not None:
@@ -412,6 +458,15 @@ class AsyncWriter(MetricWriter):
             _check_step(step)
         snapshot = _Snapshot()
         hp_values = list(hparams.values())
+        # One-element tensors become numbers like the metrics; others (betas as a tensor, shown
+        # as text by TensorBoardWriter) and NumPy arrays are copied whole: the caller may change
+        # them in place before the write happens.
+        for i, value in enumerate(hp_values):
+            if isinstance(value, torch.Tensor) and value.numel() != 1:
+                get = snapshot.tensor(value)
+                hp_values[i] = _Deferred(get)
+            elif isinstance(value, np.ndarray):
+                hp_values[i] = value.copy()
         tensor_hp = [i for i, value in enumerate(hp_values) if isinstance(value, torch.Tensor)]
         resolve = snapshot.scalars(
             [*(hp_names[i] for i in tensor_hp), *metric_names, "step"],
@@ -425,7 +480,7 @@ class AsyncWriter(MetricWriter):
 
         def call(writer: MetricWriter) -> None:
             values = resolve()
-            host_hp = list(hp_values)
+            host_hp = [v.get() if isinstance(v, _Deferred) else v for v in hp_values]
             for i, value in zip(tensor_hp, values):
                 host_hp[i] = value
             host_metrics = None

@@ -97,6 +97,7 @@ class MetricWriter(abc.ABC):
         metrics: Mapping[str, Scalar | None] | None = None,
         *,
         step: int | torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> None:
         """Records the run's hyperparameters and the metrics to compare runs on (ignored by default).
 
@@ -105,8 +106,10 @@ class MetricWriter(abc.ABC):
             metrics: name -> final value, or ``None`` to only declare a metric whose values are
                 logged as scalars under that name during the run.
             step: the step at which given metric values are written (default: writer-specific).
+            **kwargs: writer-specific options (e.g. ``TensorBoardWriter``'s
+                ``hparam_domain_discrete``), ignored by writers that have none.
         """
-        del hparams, metrics, step
+        del hparams, metrics, step, kwargs
 
     def flush(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Pushes buffered data to its destination."""

@@ -55,6 +55,14 @@ def _fmt_value(value: float | int) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
+def _fmt_hparam(value: Any) -> str:
+    """A hyperparameter as written in code: ``3e-05``, not ``tensor(3.0000e-05)``."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        size = value.numel() if isinstance(value, torch.Tensor) else value.size
+        return str(value.reshape(-1)[0].item() if size == 1 else value.tolist())
+    return str(value)
+
+
 def _fmt_rate(value: float) -> str:
     if not math.isfinite(value):
         return str(value)  # "inf", not "infG"
@@ -270,7 +278,7 @@ class ConsoleWriter(MetricWriter):
         """Prints the hyperparameters (and any final metric values) on one line."""
         del step, kwargs
         self._check_open()
-        text = ", ".join(f"{k}={v}" for k, v in hparams.items())
+        text = ", ".join(f"{k}={_fmt_hparam(v)}" for k, v in hparams.items())
         finals = {k: _host_number(v, k) for k, v in (metrics or {}).items() if v is not None}
         if finals:
             text += " | " + " ".join(f"{k}={_fmt_value(v)}" for k, v in finals.items())

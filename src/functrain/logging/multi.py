@@ -72,9 +72,14 @@ class MultiWriter(MetricWriter):
         metrics: Mapping[str, Scalar | None] | None = None,
         *,
         step: int | torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> None:
-        """Passes the hparams to every writer."""
-        self._each(lambda w: w.write_hparams(hparams, metrics, step=step))
+        """Passes the hparams, and writer-specific keywords if any, to every writer.
+
+        Keywords such as ``TensorBoardWriter``'s ``hparam_domain_discrete`` come through an
+        ``AsyncWriter`` wrapping this one; writers that do not take them ignore them by default.
+        """
+        self._each(lambda w: w.write_hparams(hparams, metrics, step=step, **kwargs))
 
     def flush(self) -> None:
         """Flushes every writer."""

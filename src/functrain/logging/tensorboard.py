@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,6 +43,10 @@ from functrain.logging.base import (
 __all__ = ["TensorBoardWriter"]
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+# Below this bin width (in ulps of the data, or subnormal) NumPy's equal-width binning, which
+# computes each bucket index arithmetically, is no longer exact: buckets get explicit edges.
+_MIN_BIN_ULPS = 64
+_TINY = sys.float_info.min
 
 _INSTALL_HINT = (
     "TensorBoardWriter needs the `tensorboard` package; install it with "
@@ -79,10 +84,26 @@ def _histogram(values: np.ndarray, bins: int) -> dict[str, Any] | None:
     if lo == hi:
         limits, counts = np.array([hi]), np.array([values.size])
     else:
-        # A span beyond float64 (-1e308..1e308) has no finite bin width; halved values have.
-        scale = 1.0 if math.isfinite(hi - lo) else 0.5
-        counts, edges = np.histogram(values * scale, bins=bins, range=(lo * scale, hi * scale))
-        limits = edges[1:] / scale
+        width = (hi - lo) / bins
+        if math.isfinite(width * bins * 4) and width >= max(
+            _MIN_BIN_ULPS * math.ulp(max(abs(lo), abs(hi))), _TINY
+        ):
+            counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+        else:
+            # NumPy computes each bucket index arithmetically, which fails at both extremes: a
+            # span near float64's limit (-1e308..1e308) overflows, and a span of a few ulps (a
+            # float64 parameter that barely moved) has fewer than ``bins`` distinct edges
+            # (NumPy refuses it) or, among subnormals, is counted into the wrong buckets.
+            # Explicit edges are compared, not computed. They are spaced in values scaled down
+            # by a power of two (exact, undone after) and kept distinct and inside [lo, hi].
+            scale = 1.0
+            while not math.isfinite((hi * scale - lo * scale) * bins * 4):
+                scale *= 2.0**-16
+            edges = np.linspace(lo * scale, hi * scale, bins + 1) / scale
+            edges[0], edges[-1] = lo, hi
+            edges = np.unique(np.clip(edges, lo, hi))
+            counts, edges = np.histogram(values, bins=edges)
+        limits = edges[1:]
     with np.errstate(over="ignore"):  # sums of huge values are inf, as TensorBoard shows them
         total, squares = float(values.sum()), float(np.dot(values, values))
     return {
@@ -162,6 +183,11 @@ class TensorBoardWriter(MetricWriter):
     Tensor values are copied to the host when written, which waits for the device: wrap the
     writer in :class:`~functrain.logging.AsyncWriter` to keep that off the training step.
 
+    TensorBoard stores a scalar as a float32 (``simple_value``): float64 values are rounded to
+    float32, integer counters above 2**24 lose their last digits, and finite values beyond
+    float32's range read back as ``±inf``. NaN and infinities are kept. Histogram edges and
+    sums are stored as float64.
+
     Example:
         >>> import tempfile, torch
         >>> from functrain.logging import TensorBoardWriter
@@ -202,7 +228,7 @@ class TensorBoardWriter(MetricWriter):
             filename_suffix=filename_suffix,
         )
         # Continue the event file on a buffered writer with fast checksums (see _event_file).
-        self.fast_event_file = _event_file.install(self._writer, flush_secs)
+        self.fast_event_file = _event_file.install(self._writer, flush_secs, filename_suffix)
         self._last_step = -1
         self._closed = False
 
