@@ -122,6 +122,10 @@ def _count_dtype(like: torch.Tensor) -> torch.dtype:
 
 def _as_count(count: Any, like: torch.Tensor, where: str) -> torch.Tensor:
     if isinstance(count, torch.Tensor):
+        # A bool tensor (``mask.any()`` where ``mask.sum()`` was meant) is refused, as a
+        # Python bool is: it would count 1 unit.
+        if count.dtype == torch.bool or count.is_complex():
+            raise TypeError(f"{where}.count must be a number or a 0-d tensor, got {count.dtype}")
         if count.dim() != 0:
             raise ValueError(f"{where}.count must be a 0-d tensor, got shape {tuple(count.shape)}")
         return count.to(_count_dtype(like))
@@ -182,6 +186,8 @@ def parse(result: Any) -> Parsed:
             raise TypeError(f"LossOutput.aux must be a dict, got {type(aux).__name__}")
         for name, value in aux.items():
             where = f"LossOutput.aux[{name!r}]"
+            if not isinstance(name, str):  # metric names: loggers and the loop expect strings
+                raise TypeError(f"LossOutput.aux keys must be strings, got {where}")
             if isinstance(value, LossSum):
                 aux_values[name] = _aux_scalar(value.total, where + ".total", objective)
                 aux_counts[name] = _as_count(value.count, aux_values[name], where).detach()

@@ -139,8 +139,13 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
 
 def _as_int(value: Any) -> int | None:
     """``value`` as an int if it is an integer (numpy's and 0-d integer tensors too; not a bool,
-    nor a bool tensor, which ``operator.index`` would read as 0 or 1), else ``None``."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+    nor a bool tensor, which ``operator.index`` would read as 0 or 1), else ``None``.
+
+    A tensor must be 0-d: ``operator.index(torch.tensor([4]))`` is 4, which read the sizes
+    ``[4]`` as four micro-batches."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.dim() != 0):
         return None
     try:
         return operator.index(value)
