@@ -77,7 +77,9 @@ class LossOutput(NamedTuple):
         aux: optional ``dict[str, tensor]`` of extra metrics. A 0-d tensor is read as a mean over
             the micro-batch's examples and combined with example weights; a :class:`LossSum`
             value is combined as ``Σ total / Σ count``. Integer values are cast to floats
-            that hold them exactly (the loss's dtype, at least float32). The combined values
+            that hold them exactly (the loss's dtype, at least float32) and are still means:
+            a count such as ``(pred == y).sum()`` would depend on the split, so report it as
+            ``LossSum(correct, n)`` (a rate) or as a per-example mean. The combined values
             appear in the step's metrics under their keys.
         buffers: the model's updated buffers (e.g. from :meth:`FunctionalModel.apply`), threaded
             to the next micro-batch and into the new state; ``None`` leaves buffers unchanged.
