@@ -150,20 +150,35 @@ def _wide(x: torch.Tensor, complex_: bool) -> torch.Tensor:
     return x.detach().to("cpu", torch.complex128 if complex_ else torch.float64)
 
 
-# Integer dtypes whose values all fit in int64, where differences can be taken exactly.
-_EXACT_INTS = {torch.bool, torch.uint8, torch.uint16, torch.uint32}
-_EXACT_INTS |= {torch.int8, torch.int16, torch.int32, torch.int64}
+_TWO_32 = 2.0**32
+
+
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``hi * 2**32 + lo`` in float64 (exact for every integer dtype and finite float)."""
+    if x.is_floating_point():
+        w = x.detach().cpu().double()
+        hi = torch.floor(w / _TWO_32)
+        return hi, w - hi * _TWO_32
+    x = x.detach().cpu()
+    # uint64 has no lossless cast to int64: its bits are read as int64 and the high word masked.
+    bits = x.view(torch.int64) if x.dtype == torch.uint64 else x.long()
+    hi = bits >> 32
+    if x.dtype == torch.uint64:
+        hi = hi & 0xFFFFFFFF
+    return hi.double(), (bits & 0xFFFFFFFF).double()
 
 
 def _abs_diff(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``|x - y|`` in float64 on the CPU; exact for integers beyond float64's 2**53."""
     complex_ = x.is_complex() or y.is_complex()
     diff = (_wide(x, complex_) - _wide(y, complex_)).abs()
-    if x.dtype in _EXACT_INTS and y.dtype in _EXACT_INTS:
-        # float64 rounds 2**62 and 2**62 + 1 to the same value; the int64 difference is exact
-        # unless it overflows, which only happens where the float64 difference is huge anyway.
-        exact = (x.detach().cpu().long() - y.detach().cpu().long()).abs().double()
-        diff = torch.where(diff < 2.0**62, exact, diff)
+    if not complex_ and not (x.is_floating_point() and y.is_floating_point()):
+        # float64 rounds 2**62 + 1 to 2**62 (and 2**63 + 1 in uint64 to 2**63): an integer
+        # leaf is split into 32-bit halves, whose differences float64 holds exactly. Where the
+        # other leaf is not finite the plain difference (inf or NaN) stands.
+        (hi_x, lo_x), (hi_y, lo_y) = _split(x), _split(y)
+        exact = ((hi_x - hi_y) * _TWO_32 + (lo_x - lo_y)).abs()
+        diff = torch.where(diff.isfinite(), exact, diff)
     return diff
 
 
@@ -220,7 +235,8 @@ def _close(
             return torch.complex(*parts) if complex_ else parts[0]
 
         a, b = clean(a, nan_a), clean(b, nan_b)
-        diff_clean = (a - b).abs()
+        # Only elements with a NaN change; the others keep their exact integer difference.
+        diff_clean = torch.where(any_nan, (a - b).abs(), diff)
     else:
         diff_clean = diff
     # Infinities match only the same infinity (rtol·|inf| would accept anything).
@@ -250,7 +266,8 @@ def assert_trees_all_close(
 
     Raises:
         AssertionError: if the trees differ.
-        ValueError: if fewer than two trees are given (a single tuple compares nothing).
+        ValueError: if fewer than two trees are given (a single tuple compares nothing), or a
+            tolerance is negative or NaN.
 
     Example:
         >>> import torch
@@ -264,6 +281,8 @@ def assert_trees_all_close(
         index (1,): a=0, b=0.5, |a-b|=0.5; allowed |a-b| <= atol=0.2 + rtol=1e-06*|b|
     """
     _check_two_or_more(trees)
+    if not (rtol >= 0 and atol >= 0):  # NaN fails both comparisons
+        raise ValueError(f"rtol and atol must be non-negative numbers, got {rtol=}, {atol=}")
     tolerance = f"allowed |a-b| <= atol={atol:g} + rtol={rtol:g}*|b|"
     for other in trees[1:]:
         for path, x, y in _paired_leaves(trees[0], other):

@@ -57,6 +57,36 @@ def _recompile_reasons() -> Iterator[list[str]]:
             logger.propagate = old_propagate
 
 
+# dynamo warns here when a recompile is refused by ``recompile_limit``; the frame then runs
+# eagerly, so no compilation starts, yet the code did ask to be recompiled.
+_LIMIT_LOGGER = "torch._dynamo.convert_frame"
+_LIMIT_PREFIX = "torch._dynamo hit config."
+
+
+class _LimitHandler(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(_LIMIT_PREFIX):
+            self.sink.append(message)
+
+
+@contextlib.contextmanager
+def _limit_hits() -> Iterator[list[str]]:
+    """Collects dynamo's "hit config.recompile_limit" warnings while active (private API)."""
+    hits: list[str] = []
+    logger = logging.getLogger(_LIMIT_LOGGER)
+    handler = _LimitHandler(hits)
+    logger.addHandler(handler)
+    try:
+        yield hits
+    finally:
+        logger.removeHandler(handler)
+
+
 def _graph_count() -> int:
     from torch._dynamo.utils import counters
 
@@ -89,7 +119,8 @@ class CompileCount:
 
     Attributes:
         compiles: frames dynamo compiled (the first compile and every recompile). A function
-            compiled with ``fullgraph=True`` counts one per (re)compilation.
+            compiled with ``fullgraph=True`` counts one per (re)compilation. A recompile that
+            ``recompile_limit`` refused (the function then silently runs eagerly) counts too.
         graphs: FX graphs produced (more than ``compiles`` when there are graph breaks).
         reasons: dynamo's explanation of each recompilation (the guards that failed).
 
@@ -123,13 +154,15 @@ def count_compiles() -> Iterator[CompileCount]:
     """
     count = CompileCount()
     graphs0 = _graph_count()
-    with _recompile_reasons() as reasons, _compile_starts() as ids:
+    with _recompile_reasons() as reasons, _compile_starts() as ids, _limit_hits() as hits:
         try:
             yield count
         finally:
             count.graphs = _graph_count() - graphs0
-            count.compiles = count.graphs if ids is None else len(ids)
-            count.reasons = list(reasons)
+            # A refused recompile counts: otherwise assert_max_compiles(1) passed a step that
+            # asked to recompile on every call once the limit was reached.
+            count.compiles = (count.graphs if ids is None else len(ids)) + len(hits)
+            count.reasons = list(reasons) + hits
 
 
 def _too_many(

@@ -83,18 +83,33 @@ def scale(scalar: float | torch.Tensor, tree: PyTree) -> PyTree:
     if not tree_leaves:
         return tree
     if isinstance(scalar, torch.Tensor):
-        return unflatten(spec, [_keep_dtype(leaf * scalar, leaf) for leaf in tree_leaves])
+        return unflatten(spec, [_keep_dtype(leaf * scalar, leaf.dtype) for leaf in tree_leaves])
     return unflatten(spec, torch._foreach_mul(tree_leaves, scalar))
 
 
-def _keep_dtype(result: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+# A complex scalar makes a real leaf complex of the same precision, as a Python complex does.
+_COMPLEX_OF = {
+    torch.float16: torch.complex32,
+    torch.bfloat16: torch.complex64,
+    torch.float32: torch.complex64,
+    torch.float64: torch.complex128,
+}
+
+
+def _keep_dtype(result: torch.Tensor, base: torch.dtype) -> torch.Tensor:
+    """``result`` in the dtype a Python number of the tensor scalar's kind would have given.
+
+    ``base`` is the dtype of the leaf (for ``add_scale``, of both leaves promoted).
+    """
     # A float64 0-d scalar must not promote a float32 0-d leaf, but an integer leaf times a
     # fractional scalar must become floating point (as with a Python float), not truncate it.
     # The product is rounded once: casting a float32 scalar to a float16 leaf's dtype first
-    # made 1e5 inf and 1.2e-6 a subnormal 5% off.
-    if (leaf.is_floating_point() or leaf.is_complex()) and result.dtype != leaf.dtype:
-        return result.to(leaf.dtype)
-    return result
+    # made 1e5 inf and 1.2e-6 a subnormal 5% off. A complex result stays complex: casting it
+    # back to a real leaf's dtype dropped the imaginary part.
+    if not (base.is_floating_point or base.is_complex):
+        return result
+    target = _COMPLEX_OF.get(base, base) if result.is_complex() else base
+    return result if result.dtype == target else result.to(target)
 
 
 def add_scale(a: PyTree, scalar: float | torch.Tensor, b: PyTree) -> PyTree:
@@ -110,9 +125,18 @@ def add_scale(a: PyTree, scalar: float | torch.Tensor, b: PyTree) -> PyTree:
     b_leaves = flatten(b)[0]
     if not a_leaves:
         return a
-    if isinstance(scalar, torch.Tensor) or not all(_inexact(x) for x in a_leaves + b_leaves):
-        # An integer leaf takes no fractional ``alpha``; a Python number then acts as in scale.
-        return unflatten(spec, [_keep_dtype(x + y * scalar, x) for x, y in zip(a_leaves, b_leaves)])
+    if isinstance(scalar, (torch.Tensor, complex)) or not all(
+        _inexact(x) for x in a_leaves + b_leaves
+    ):
+        # An integer leaf takes no fractional ``alpha`` (nor a real one a complex ``alpha``); a
+        # Python number then acts as in scale. The result has the dtype of ``a + b``, as with a
+        # Python number: keeping ``a``'s dtype rounded a float64 ``b`` to float32 (and dropped
+        # a complex ``b``'s imaginary part).
+        out = [
+            _keep_dtype(x + y * scalar, torch.promote_types(x.dtype, y.dtype))
+            for x, y in zip(a_leaves, b_leaves)
+        ]
+        return unflatten(spec, out)
     return unflatten(spec, torch._foreach_add(a_leaves, b_leaves, alpha=scalar))
 
 

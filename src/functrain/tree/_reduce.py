@@ -23,6 +23,9 @@ from functrain.tree._structure import (
 def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     """Sum over leaves of the inner products ``<a_i, b_i>``, as a 0-d tensor.
 
+    ``a`` is conjugated, as in ``torch.vdot``, ``jnp.vdot`` and optax's ``tree_vdot``. Products
+    of float16 and bfloat16 leaves are summed in float32 and the total rounded once.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.vdot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
@@ -32,11 +35,15 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     a_leaves, b_leaves = flatten(a)[0], flatten(b)[0]
     if not a_leaves:
         return torch.zeros(())
-    dots = []
+    dots, result = [], None
     for x, y in zip(a_leaves, b_leaves):
         dtype = torch.promote_types(x.dtype, y.dtype)  # torch.vdot wants equal dtypes
+        result = dtype if result is None else torch.promote_types(result, dtype)
+        # Half-precision products are summed in float32 and rounded once, as in norm: in
+        # float16 two leaves' dots of +-90000 were inf and -inf, their sum NaN instead of 0.
+        dtype = torch.float32 if dtype in _HALF else dtype
         dots.append(torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)))
-    return _sum_scalars(dots)
+    return _sum_scalars(dots).to(result)
 
 
 _REAL_OF_COMPLEX = {
@@ -61,6 +68,8 @@ def _sum_scalars(values: list[torch.Tensor]) -> torch.Tensor:
 def sum(tree: PyTree) -> torch.Tensor:
     """Sum of all elements of all leaves, as a 0-d tensor.
 
+    float16 and bfloat16 leaves are summed in float32 and the total rounded once.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.sum({"a": torch.ones(3), "b": torch.ones(2)})
@@ -69,7 +78,16 @@ def sum(tree: PyTree) -> torch.Tensor:
     tree_leaves = leaves(tree)
     if not tree_leaves:
         return torch.zeros(())
-    return _sum_scalars([leaf.sum() for leaf in tree_leaves])
+    # Half-precision leaves are summed in float32 and the total rounded once: per-leaf float16
+    # sums of +-120000 were inf and -inf, the total NaN instead of 0.
+    sums = [
+        leaf.sum(dtype=torch.float32) if leaf.dtype in _HALF else leaf.sum() for leaf in tree_leaves
+    ]
+    dtype = sums[0].dtype if tree_leaves[0].dtype not in _HALF else tree_leaves[0].dtype
+    for leaf, total in zip(tree_leaves[1:], sums[1:]):
+        # torch.sum's dtype: the leaf's own for floats, int64 for integers and booleans.
+        dtype = torch.promote_types(dtype, leaf.dtype if leaf.dtype in _HALF else total.dtype)
+    return _sum_scalars(sums).to(dtype)
 
 
 def max(tree: PyTree) -> torch.Tensor:
@@ -188,9 +206,17 @@ def allclose(
         if x.shape != y.shape:
             return False
         dtype = torch.promote_types(x.dtype, y.dtype)  # torch.allclose wants equal dtypes
+        if (dtype.is_floating_point or dtype.is_complex) and not (_exact(x) and _exact(y)):
+            # An integer beside a float is compared in double precision: promoted to float32,
+            # 2**30 + 1 and 2.0**30 were the same number even with rtol=atol=0.
+            dtype = torch.complex128 if dtype.is_complex else torch.float64
         close = torch.allclose(
             x.to(dtype), y.to(x.device, dtype), rtol=rtol, atol=atol, equal_nan=equal_nan
         )
         if not bool(close):
             return False
     return True
+
+
+def _exact(x: torch.Tensor) -> bool:
+    return x.is_floating_point() or x.is_complex() or x.dtype == torch.bool
