@@ -178,9 +178,15 @@ def _keep_or_none(flag: bool, subtree: Any) -> Any:
 
 
 def apply_mask(mask: Mask, tree_: Any, name: str) -> Any:
-    """``tree_`` with the subtrees whose mask flag is False replaced by ``None``."""
+    """``tree_`` with the subtrees whose mask flag is False replaced by ``None``.
+
+    A tree masked out as a whole becomes ``()``, an empty container (optax's ``MaskedNode``),
+    not ``None``: as ``params``, ``None`` means "not given", and transforms that need the
+    params (``add_decayed_weights``, ``adaptive_grad_clip``, ...) would refuse it.
+    """
     _check_prefix(mask, tree_, name)
-    return _map_mask(mask.flags, _keep_or_none, name, (), tree_)
+    out = _map_mask(mask.flags, _keep_or_none, name, (), tree_)
+    return () if out is None and tree_ is not None else out
 
 
 def _merge(flag: bool, old: Any, new: Any) -> Any:

@@ -22,6 +22,7 @@ import torch
 
 from functrain import tree
 from functrain.optim import _ops, _utils
+from functrain.optim._masking import _is_numpy_bool
 from functrain.optim.base import GradientTransformation, _accepts_extra, _check_transform
 
 __all__ = [
@@ -123,7 +124,8 @@ class MultiSteps:
         every_k_schedule: ``k`` (an int ≥ 1) or a function of the gradient step giving it.
         use_grad_mean: average the accumulated updates (``True``) or sum them.
         should_skip_update_fn: optional ``f(updates, gradient_step, params) ->
-            (should_skip, skip_state)``; a skipped mini-step leaves the state as it was (except
+            (should_skip, skip_state)``, ``should_skip`` a 0-d bool tensor or a Python
+            boolean; a skipped mini-step leaves the state as it was (except
             ``skip_state``) and returns zeros. See :func:`skip_not_finite`.
         accumulator_dtype: dtype of ``acc_grads`` (default: see above).
 
@@ -184,6 +186,9 @@ class MultiSteps:
         if self._should_skip_update_fn is None:
             return None, ()
         skip, skip_state = self._should_skip_update_fn(updates, gradient_step, params)
+        if isinstance(skip, bool) or _is_numpy_bool(skip):
+            # optax takes ``jnp.asarray(should_skip)``, so a plain boolean is a legal answer.
+            skip = torch.tensor(bool(skip))
         if not (isinstance(skip, torch.Tensor) and skip.dtype == torch.bool and skip.dim() == 0):
             raise ValueError(
                 "should_skip_update_fn must return a 0-d bool tensor as its first output, got "

@@ -1,11 +1,13 @@
 """Wrappers: transforms that route, mask or guard other transforms (optax's wrappers).
 
 A masked-out part of a pytree travels through the inner transform as ``None`` (an empty subtree),
-so the inner transform neither sees those leaves nor keeps state for them.
+so the inner transform neither sees those leaves nor keeps state for them. A tree masked out as a
+whole travels as ``()`` instead (optax's ``MaskedNode``), so that it still counts as given params.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
@@ -325,8 +327,11 @@ def apply_if_finite(
         ([tensor([0., 0.])], 1)
     """
     inner = _check_transform(inner, "apply_if_finite inner")
-    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int):
+    if isinstance(max_consecutive_errors, bool) or not isinstance(
+        max_consecutive_errors, numbers.Integral
+    ):
         raise TypeError(f"max_consecutive_errors must be an int, got {max_consecutive_errors!r}")
+    max_consecutive_errors = int(max_consecutive_errors)  # a NumPy integer counts too, as in optax
     if max_consecutive_errors < 0:
         raise ValueError(f"max_consecutive_errors must be >= 0, got {max_consecutive_errors}")
     # The int32 counter saturates at its maximum, so a larger limit means "never"; compared
