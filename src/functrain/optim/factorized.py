@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _utils
+from functrain.optim import _ops, _utils
 from functrain.optim.base import GradientTransformation
 
 __all__ = [
@@ -36,7 +36,9 @@ def _factored_dims(
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    # optax keeps statistics in float32 (float64 when parameters are float64).
+    # At least float32 (optax keeps the params' dtype: bfloat16 statistics of bfloat16
+    # params would round (1 − β̂)·g² away against β̂·v after a few steps). Complex params keep
+    # their complex dtype (complex64 at least), as optax's.
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -83,7 +85,12 @@ def scale_by_factored_rms(
     - any other leaf keeps full statistics: ``v ← β̂ v + (1 − β̂) G``, ``u ← g · v^(−½)``.
 
     The statistics are float32 (float64 for float64 params) and keep those dtypes whatever
-    the gradients' dtype; the update has the gradients' dtype.
+    the gradients' dtype; the update has the gradients' dtype. Complex leaves use ``|g|²``
+    (optax's ``abs_sq``), the statistics stored in the params' complex dtype with zero
+    imaginary parts.
+
+    Differences from optax: optax stores the statistics in the params' dtype, so bfloat16 or
+    float16 params get bfloat16 or float16 statistics there and float32 ones here.
 
     Differences from ``torch.optim.Adafactor``: PyTorch's variant factors over the last two
     dimensions, uses a relative step size and a different ``eps`` placement; this is optax's
@@ -156,24 +163,27 @@ def scale_by_factored_rms(
         # is rounded once to the gradients' dtype, as optax (which casts to the params' dtype).
         stat = v if dims is None else v_row
         dtype = torch.promote_types(_stat_dtype(g.dtype), stat.dtype)
-        beta = beta.to(device=g.device, dtype=dtype) if isinstance(beta, torch.Tensor) else beta
+        # Complex leaves (optax's abs_sq): the statistics are |g|², real numbers stored in the
+        # params' complex dtype with zero imaginary parts; the arithmetic is in the real dtype.
+        real = _ops.real_dtype(dtype)
+        beta = beta.to(device=g.device, dtype=real) if isinstance(beta, torch.Tensor) else beta
         wide = g.to(dtype)
-        grad_sqr = wide.square() + epsilon
+        grad_sqr = _ops.abs_sq(wide) + epsilon
         if dims is None:
             _check_shape(v, g.shape, "state.v")
-            new_v = (beta * v.to(dtype) + (1.0 - beta) * grad_sqr).to(v.dtype)
-            u = wide * new_v.to(dtype).rsqrt()
+            new_v = (beta * _real(v, real) + (1.0 - beta) * grad_sqr).to(v.dtype)
+            u = wide * _real(new_v, real).rsqrt()
             return u.to(g.dtype), _placeholder(v_row), _placeholder(v_col), new_v
         d1, d0 = dims
         _check_shape(v_row, tuple(s for i, s in enumerate(g.shape) if i != d0), "state.v_row")
         _check_shape(v_col, tuple(s for i, s in enumerate(g.shape) if i != d1), "state.v_col")
-        new_row = beta * v_row.to(dtype) + (1.0 - beta) * grad_sqr.mean(dim=d0)
-        new_col = beta * v_col.to(dtype) + (1.0 - beta) * grad_sqr.mean(dim=d1)
+        new_row = beta * _real(v_row, real) + (1.0 - beta) * grad_sqr.mean(dim=d0)
+        new_col = beta * _real(v_col, real) + (1.0 - beta) * grad_sqr.mean(dim=d1)
         new_row, new_col = new_row.to(v_row.dtype), new_col.to(v_col.dtype)
         reduced_d1 = d1 - 1 if d1 > d0 else d1
-        row = new_row.to(dtype)
+        row = _real(new_row, real)
         row_factor = (row / row.mean(dim=reduced_d1, keepdim=True)).rsqrt()
-        col_factor = new_col.to(dtype).rsqrt()
+        col_factor = _real(new_col, real).rsqrt()
         u = wide * row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
         return u.to(g.dtype), new_row, new_col, _placeholder(v)
 
@@ -188,10 +198,10 @@ def scale_by_factored_rms(
         beta = decay_rate_fn(state.count - step_offset, decay_rate)
         results = []
         for path, leaf, r, c, v in zip(paths, g, rows, cols, vs):
-            if not leaf.is_floating_point():
+            if not (leaf.is_floating_point() or leaf.is_complex()):
                 raise TypeError(
-                    f"{tree.path_str(path, 'updates')} must be a floating-point tensor, got "
-                    f"{leaf.dtype}"
+                    f"{tree.path_str(path, 'updates')} must be a floating-point or complex "
+                    f"tensor, got {leaf.dtype}"
                 )
             try:
                 results.append(_update_leaf(leaf, r, c, v, beta))
@@ -214,6 +224,12 @@ def scale_by_factored_rms(
 
 class _ShapeError(Exception):
     pass
+
+
+def _real(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a real ``dtype`` tensor (the real part of a complex statistic, which has no
+    imaginary part)."""
+    return (x.real if x.is_complex() else x).to(dtype)
 
 
 def _check_shape(t: torch.Tensor, expected: tuple[int, ...], name: str) -> None:
