@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +45,91 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    """An argparse ``type``: a seed ``torch.manual_seed`` takes (0 <= seed < 2**63)."""
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
+    return value
+
+
+def device(text: str) -> str:
+    """An argparse ``type``: a device this machine has, so ``--device cuda`` on a CPU-only
+    build is a usage error, not a traceback from deep inside the data loading."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from err
+    if dev.type == "cpu":
+        return text
+    module = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    is_available = getattr(module, "is_available", None)
+    if is_available is None or not is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no {dev.type} device on this machine")
+    count = getattr(module, "device_count", lambda: 1)()
+    if dev.index is not None and dev.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {dev.type} devices")
+    return text
+
+
 def run_dir(root: str, name: str | None = None) -> str:
-    """``root/name``, or ``root/<timestamp>`` so that runs sit side by side in TensorBoard."""
-    return os.path.join(root, name or datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    """``root/name``, or a new ``root/<timestamp>`` so that runs sit side by side in TensorBoard.
+
+    The timestamp has a resolution of a second; a run started in the same second as another
+    gets ``<timestamp>-2``, ``-3``, ... rather than resuming (or appending to) the other's logs.
+    The directory is created here, atomically, so two runs cannot both claim it.
+    """
+    if name is not None:
+        return os.path.join(root, name)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    os.makedirs(root, exist_ok=True)
+    for attempt in range(1, 1000):
+        path = os.path.join(root, stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{root}: too many runs started at {stamp}")
+
+
+def holds_a_run(logdir: str) -> bool:
+    """Whether ``logdir`` (or a run below it) already has TensorBoard event files.
+
+    For the examples that do not resume: a second run into the same directory would interleave
+    its curves with the first one's at the same steps.
+    """
+    for _, _, files in os.walk(logdir):
+        if any(name.startswith("events.out.tfevents.") for name in files):
+            return True
+    return False
+
+
+def check_same_run(logdir: str, config: dict[str, Any]) -> str | None:
+    """Records ``config`` in ``logdir/config.json``; a rerun in the same directory must match it.
+
+    Resuming a checkpoint under other hyperparameters would splice two different runs into one
+    set of curves (a new learning-rate schedule from the middle on, a different data order).
+    Returns an error message when ``logdir`` holds a run with another configuration, else None.
+    """
+    path = os.path.join(logdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        changed = sorted(
+            k for k in config.keys() | recorded.keys() if config.get(k) != recorded.get(k)
+        )
+        if changed:
+            diff = ", ".join(f"{k}: {recorded.get(k)} -> {config.get(k)}" for k in changed)
+            return (
+                f"{logdir} holds a run with other settings ({diff}); "
+                "rerun with the same ones to resume it, or choose a new --logdir"
+            )
+        return None
+    os.makedirs(logdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return None
 
 
 def load_digits(device: str = "cpu", test_size: float = 0.2, seed: int = 0) -> dict[str, Any]:
@@ -122,3 +207,17 @@ def writer_factory(
 def print_logdir(logdir: str, root: str) -> None:
     print(f"TensorBoard logs: {logdir}")
     print(f"  view them with: tensorboard --logdir {root}")
+
+
+def run_as_script(main: Callable[[], int]) -> NoReturn:
+    """Exits with ``main()``'s status; Ctrl-C exits with 130 and a line, not a traceback.
+
+    ``ft.train_loop(catch_interrupt=True)`` handles a Ctrl-C inside training; this catches one
+    while the data loads, during a final evaluation, or in an example without that option.
+    The TensorBoard files written so far stay readable: each event is written whole.
+    """
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; the curves logged so far are in TensorBoard", file=sys.stderr)
+        sys.exit(130)

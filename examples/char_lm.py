@@ -192,8 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dim", type=positive_int, default=96, help=f"a multiple of {HEADS}")
     parser.add_argument("--layers", type=positive_int, default=2)
     parser.add_argument("--lr", type=positive_float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=_common.default_device())
+    parser.add_argument("--seed", type=_common.seed, default=0)
+    parser.add_argument("--device", type=_common.device, default=_common.default_device())
     parser.add_argument(
         "--threads",
         type=positive_int,
@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_batches = list(ft.TensorBatches({"ids": eval_ids}, 256, shuffle=False, drop_last=False))
 
     logdir = args.logdir or _common.run_dir(os.path.join("runs", "char_lm"))
+    if _common.holds_a_run(logdir):  # no checkpoints to resume: a rerun would mix two runs
+        sys.exit(f"error: {logdir} already holds a run; choose a new --logdir")
     _common.print_logdir(logdir, "runs" if args.logdir is None else logdir)
     real = int((train_ids[:, 1:] != PAD).sum())
     print(
@@ -291,4 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run_as_script(main)

@@ -5,8 +5,8 @@ with the training statistics), trained with AdamW under a warmup-cosine schedule
 clipping, each batch of 128 split into K=4 micro-batches whose gradients are combined exactly.
 A progress bar shows loss, lr, throughput and ETA; TensorBoard gets the default metrics
 (``train/*``, ``perf/*``, ``eval/*``) and the hyperparameters. Checkpoints go to
-``<logdir>/checkpoints``: press Ctrl-C, rerun with the same ``--logdir`` and training resumes
-exactly where it stopped.
+``<logdir>/checkpoints``: press Ctrl-C, rerun with the same ``--logdir`` (and the same settings)
+and training resumes exactly where it stopped.
 
     python examples/digits.py                 # seconds on a laptop CPU, >= 95% test accuracy
     python examples/digits.py --fast          # a few steps (CI)
@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--micro-batches", type=positive_int, default=4)
     parser.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=_common.default_device())
+    parser.add_argument("--seed", type=_common.seed, default=0)
+    parser.add_argument("--device", type=_common.device, default=_common.default_device())
     parser.add_argument(
         "--threads", type=positive_int, default=1, help="CPU threads (1 is fastest for this MLP)"
     )
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "seed": args.seed,
     }
+    # A rerun in the same directory resumes its checkpoint: only under the same settings.
+    if (error := _common.check_same_run(logdir, hparams)) is not None:
+        sys.exit(f"error: {error}")
     writer = _common.writer_factory(
         logdir,
         total_steps=total_steps,
@@ -146,4 +149,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run_as_script(main)

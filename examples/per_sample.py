@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clip", type=positive_float, default=1.0, help="DP-SGD clipping norm C")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD sigma >= 0")
     parser.add_argument("--delta", type=float, default=1e-5, help="DP-SGD delta for epsilon")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_common.seed, default=0)
     parser.add_argument(
         "--threads",
         type=positive_int,
@@ -387,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     root = os.path.join("runs", "per_sample")
     logdir = args.logdir or _common.run_dir(root)
+    if _common.holds_a_run(logdir):  # no checkpoints to resume: a rerun would mix two runs
+        sys.exit(f"error: {logdir} already holds a run; choose a new --logdir")
     data = load_data(args.seed, args.fast)
     if args.batch_size > len(data.train["y"]):  # an epoch of whole batches would be empty
         sys.exit(f"error: --batch-size {args.batch_size} > {len(data.train['y'])} training images")
@@ -404,4 +406,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.run_as_script(main)
