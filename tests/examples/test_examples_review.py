@@ -1,6 +1,5 @@
 """The examples' promises: usage errors for bad arguments, Ctrl-C and resume, exact reruns, tags."""
 
-import importlib.util
 import math
 import os
 import signal
@@ -10,20 +9,9 @@ import sys
 import time
 
 import pytest
+from example_files import EXAMPLES, ROOT, load_example
 
 from functrain.logging import read_scalars
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EXAMPLES = os.path.join(ROOT, "examples")
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_review_example", os.path.join(EXAMPLES, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def curves(logdir):

@@ -1,7 +1,6 @@
 """Second review of the examples: devices and seeds, reruns into a used directory, Ctrl-C in setup."""
 
 import datetime
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,21 +8,9 @@ import textwrap
 
 import pytest
 import torch
+from example_files import EXAMPLES, load_example
 
 from functrain.logging import TensorBoardWriter, read_scalars
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EXAMPLES = os.path.join(ROOT, "examples")
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_review2_example", os.path.join(EXAMPLES, f"{name}.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 BAD_VALUES = [
     (["--device", "foo"], "--device: not a torch device: 'foo'"),

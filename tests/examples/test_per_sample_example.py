@@ -1,26 +1,16 @@
 """examples/per_sample.py in fast mode: it learns, and TensorBoard reads what it wrote."""
 
-import importlib.util
 import io
 import math
 import os
 from contextlib import redirect_stdout
 
 import pytest
+from example_files import load_example
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STORE_EVERYTHING = {"scalars": 0, "histograms": 0, "tensors": 0, "compressedHistograms": 0}
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location(
-        "per_sample_example", os.path.join(ROOT, "examples", "per_sample.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def load_run(path):
@@ -36,7 +26,7 @@ def values(acc, tag):
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("per_sample")
-    example = load_example()
+    example = load_example("per_sample")
     out = io.StringIO()
     with redirect_stdout(out):
         status = example.main(["--fast", "--logdir", str(logdir)])
