@@ -20,12 +20,17 @@ _RECOMPILES_LOGGER = "torch._dynamo.guards.__recompiles"
 
 
 class _ListHandler(logging.Handler):
-    def __init__(self, sink: list[str]) -> None:
-        super().__init__(logging.DEBUG)
+    """Appends the messages of ``level`` or above that start with ``prefix`` to ``sink``."""
+
+    def __init__(self, sink: list[str], level: int = logging.DEBUG, prefix: str = "") -> None:
+        super().__init__(level)
         self.sink = sink
+        self.prefix = prefix
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.sink.append(record.getMessage())
+        message = record.getMessage()
+        if message.startswith(self.prefix):
+            self.sink.append(message)
 
 
 @contextlib.contextmanager
@@ -63,23 +68,12 @@ _LIMIT_LOGGER = "torch._dynamo.convert_frame"
 _LIMIT_PREFIX = "torch._dynamo hit config."
 
 
-class _LimitHandler(logging.Handler):
-    def __init__(self, sink: list[str]) -> None:
-        super().__init__(logging.WARNING)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith(_LIMIT_PREFIX):
-            self.sink.append(message)
-
-
 @contextlib.contextmanager
 def _limit_hits() -> Iterator[list[str]]:
     """Collects dynamo's "hit config.recompile_limit" warnings while active (private API)."""
     hits: list[str] = []
     logger = logging.getLogger(_LIMIT_LOGGER)
-    handler = _LimitHandler(hits)
+    handler = _ListHandler(hits, logging.WARNING, _LIMIT_PREFIX)
     logger.addHandler(handler)
     try:
         yield hits
