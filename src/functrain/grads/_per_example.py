@@ -165,6 +165,9 @@ def _example_loss(
     pass_buffers = _accepts_buffers(loss_fn)
     if buffers is not None and not pass_buffers:
         raise TypeError("buffers were given but loss_fn has no `buffers` keyword argument")
+    # Buffers are not differentiated: one that requires grad (frozen weights passed as buffers)
+    # made the per-sample gradients hold the graph of their chunk.
+    buffers = tree.map(lambda b: b.detach() if isinstance(b, torch.Tensor) else b, buffers)
 
     # Work on flat leaf lists so that any optree pytree (not only torch's) passes through vmap.
     def one_example(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:

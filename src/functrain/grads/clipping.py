@@ -49,7 +49,19 @@ def _check_number(name: str, value: Any, *, minimum: float, finite: bool = True)
 
 
 def _clip_factors(leaves: list[torch.Tensor], l2_norm_clip: float | torch.Tensor) -> torch.Tensor:
-    """Per-example ``min(1, C/‖gᵢ‖)`` (0/0 → 1), as optax; no epsilon (Opacus: ``‖g‖ + 1e-6``)."""
+    """Per-example ``min(1, C/‖gᵢ‖)`` (0/0 → 1), as optax; no epsilon (Opacus: ``‖g‖ + 1e-6``).
+
+    Norms of float16 gradients are taken in float32: a norm above 65504 rounded to ``inf``,
+    its factor to 0, and the example was dropped from the sum instead of clipped to ``C``.
+    """
+    if any(x.dtype in _HALF for x in leaves):
+        norms = [
+            torch.linalg.vector_norm(row_matrix(x), dim=1, dtype=torch.float32)
+            if x.dtype in _HALF
+            else torch.linalg.vector_norm(row_matrix(x), dim=1)
+            for x in leaves
+        ]
+        return _factors_of(global_row_norms(norms), l2_norm_clip)
     return _factors_of(global_row_norms(leaf_row_norms(leaves)), l2_norm_clip)
 
 
@@ -58,7 +70,11 @@ def _factors_of(norms: torch.Tensor, l2_norm_clip: float | torch.Tensor) -> torc
 
 
 def _weighted_sum(leaves: list[torch.Tensor], weights: torch.Tensor) -> list[torch.Tensor]:
-    return [(weights.to(x.dtype) @ row_matrix(x)).reshape(x.shape[1:]) for x in leaves]
+    """``Σᵢ weightᵢ·xᵢ`` per leaf, in at least float32 (callers round): a factor ``C/‖g‖`` such
+    as 1e-5 is subnormal in float16 and lost most of its digits when rounded to it."""
+    return [
+        (weights.to(widen(x).dtype) @ widen(row_matrix(x))).reshape(x.shape[1:]) for x in leaves
+    ]
 
 
 def per_example_global_norm_clip(
@@ -93,7 +109,8 @@ def per_example_global_norm_clip(
             f"leading batch dimension (per-example gradients){why}"
         )
     factors = _clip_factors(leaves, l2_norm_clip)
-    return tree.unflatten(spec, _weighted_sum(leaves, factors)), (factors < 1).sum()
+    clipped = _rounded(_weighted_sum(leaves, factors), leaves)
+    return tree.unflatten(spec, clipped), (factors < 1).sum()
 
 
 class ClippedGradSum(NamedTuple):
@@ -162,7 +179,10 @@ def clipped_grad_sum(
 
     Returns:
         A :class:`ClippedGradSum`: ``grad_sum`` (pytree like ``params``), ``num_clipped``,
-        ``loss_sum`` and ``count``.
+        ``loss_sum`` and ``count``. An example whose gradient is exactly zero has factor 1
+        (``0/0`` is not NaN). One whose gradient holds a NaN keeps factor 1 (not counted as
+        clipped) and an inf one gets factor 0 (``0·inf`` is NaN): either way ``grad_sum`` is
+        not finite where that gradient was not, and a step that skips non-finite updates sees it.
 
     Example:
         >>> import torch, functrain as ft

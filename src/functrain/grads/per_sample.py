@@ -182,6 +182,9 @@ def per_sample_chunks(
     # as long as the results were. Per-sample gradients are values, not differentiable outputs.
     param_leaves = [p.detach() for p in param_leaves]
     batch_leaves, batch_spec = tree.flatten(batch)
+    # The same for a batch that requires grad (the output of an upstream model): the results,
+    # and a clipped sum accumulated over chunks, held every chunk's graph.
+    batch_leaves = [x.detach() for x in batch_leaves]
     aux_split = AuxSplit()
     run = _chunk_runner(
         loss_fn, params, batch_spec, buffers, randomness, has_aux, method, aux_split
