@@ -15,12 +15,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from functrain._precision import widen
+
 __all__ = ["Conv", "Embedding", "LayerNorm", "Linear", "Sink"]
 
 
+# Squared norms and Gram entries of half-precision gradients are formed in float32: in float16 a
+# per-example gradient of norm 256 squares to inf, and ghost clipping then dropped the example
+# from the sum (a clip factor C/inf = 0) instead of clipping it.
+
+
 def _row_sq(x: torch.Tensor) -> torch.Tensor:
-    """Each example's squared L2 norm of a per-example tensor ``(B, ...)``."""
-    return x.reshape(x.shape[0], -1).square().sum(1)
+    """Each example's squared L2 norm of a per-example tensor ``(B, ...)`` (half precision in
+    float32)."""
+    return widen(x).reshape(x.shape[0], -1).square().sum(1)
 
 
 class Sink:
@@ -99,6 +107,7 @@ def _linear_sq_norm(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     With ``T`` rows per example the "ghost" identity ``‖gᵀx‖² = Σ (ggᵀ ⊙ xxᵀ)`` costs
     ``T²(in + out)`` per example against ``T·in·out`` for forming ``gᵀx`` (Li et al., 2021).
     """
+    g, x = widen(g), widen(x)
     rows, t = g.shape[:2]
     if t == 1:
         return g.reshape(rows, -1).square().sum(1) * x.reshape(rows, -1).square().sum(1)
@@ -108,8 +117,8 @@ def _linear_sq_norm(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_gram(x: torch.Tensor) -> torch.Tensor:
-    """``X Xᵀ`` of the rows of ``x`` flattened: ``(B, B)``."""
-    flat = x.reshape(x.shape[0], -1)
+    """``X Xᵀ`` of the rows of ``x`` flattened: ``(B, B)`` (half precision in float32)."""
+    flat = widen(x).reshape(x.shape[0], -1)
     return flat @ flat.T
 
 
@@ -119,6 +128,7 @@ def _linear_gram(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     The ghost form ``Σₜᵤ (gᵢₜ·gⱼᵤ)(xᵢₜ·xⱼᵤ)`` costs ``B²T²(in + out)`` against
     ``BT·in·out + B²·in·out`` for forming the per-example gradients and their products.
     """
+    g, x = widen(g), widen(x)
     rows, t, out_f = g.shape
     in_f = x.shape[2]
     if t == 1:
@@ -374,14 +384,16 @@ class Embedding(torch.autograd.Function):
 
         def sq_norm() -> torch.Tensor:
             # ‖Σ_t onehot(i_t) g_tᵀ‖² = Σ_{t,t'} [i_t = i_t'] g_t·g_t': the ghost identity again.
-            same = (flat.unsqueeze(2) == flat.unsqueeze(1)).to(g.dtype)
-            return (same * torch.bmm(rows_g, rows_g.transpose(1, 2))).sum((1, 2))
+            wide = widen(rows_g)
+            same = (flat.unsqueeze(2) == flat.unsqueeze(1)).to(wide.dtype)
+            return (same * torch.bmm(wide, wide.transpose(1, 2))).sum((1, 2))
 
         def gram() -> torch.Tensor:
             if flat.shape[1] ** 2 > num:  # per-example gradients are the smaller route
                 return _row_gram(per_example())
-            same = (flat[:, None, :, None] == flat[None, :, None, :]).to(g.dtype)
-            return (same * torch.einsum("btd,cud->bctu", rows_g, rows_g)).sum((2, 3))
+            wide = widen(rows_g)
+            same = (flat[:, None, :, None] == flat[None, :, None, :]).to(wide.dtype)
+            return (same * torch.einsum("btd,cud->bctu", wide, wide)).sum((2, 3))
 
         ctx.sink.put(ctx.slots[0], per_example, summed, sq_norm, gram)
         return None, None, None, None, None, None, None

@@ -9,12 +9,14 @@ ghost norms). The reductions themselves are those of :mod:`functrain.grads.stats
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from functrain import tree
+from functrain._precision import HALF as _HALF
 from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import gram_by_layers, sq_norms_by_layers
@@ -112,8 +114,14 @@ def _norms_by_layers(
         chunks.append(squares)
         totals.append(sum(squares, losses.new_zeros(stop - start)))
     squares = [torch.cat(parts) for parts in zip(*chunks)]
-    leaf_norms = tree.unflatten(setup.param_spec, [sq.sqrt() for sq in squares])
-    return GradNorms(torch.cat(totals).sqrt(), leaf_norms)
+    # Half-precision squares come in float32; the norms keep the vmap route's dtypes, each
+    # rounded once.
+    dtypes = [p.dtype for p in setup.param_leaves]
+    leaf_norms = [sq.sqrt().to(d) if d in _HALF else sq.sqrt() for sq, d in zip(squares, dtypes)]
+    total = torch.cat(totals).sqrt()
+    if leaf_norms:
+        total = total.to(_gram_dtype(leaf_norms))
+    return GradNorms(total, tree.unflatten(setup.param_spec, leaf_norms))
 
 
 def per_sample_grad_moments(
@@ -232,8 +240,8 @@ def per_sample_gram(
     )
     if g is None:
         g, dtype = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness)
-    else:
-        dtype = g.dtype
+    else:  # formed in float32 for half-precision gradients, returned as the vmap route does
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in tree.leaves(params)))
     return _to_cosine(g, eps, dtype) if cosine else g.to(dtype)
 
 
