@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain.optim import _utils
 
 __all__ = ["DynamicLossScale", "LossScaleState", "all_finite"]
 
@@ -213,16 +214,19 @@ class DynamicLossScale:
                 f"DynamicLossScale.update: `finite` must be a bool tensor (as unscale returns), "
                 f"got {got}"
             )
-        successful = tracker + 1
+        successful = _utils.safe_increment(tracker)  # no wrap to a negative count
         if self.growth_interval <= torch.iinfo(tracker.dtype).max:
             grow = finite & (successful >= self.growth_interval)
         else:  # out of the tracker's range: never (torch would wrap 2**31 to -2**31: always)
             grow = torch.zeros_like(finite)
-        grown = scale * self.growth_factor
+        # GradScaler multiplies the float32 scale by the factors as doubles and rounds the
+        # product to float32; a float32 multiply rounds the factor first (1.1, 0.3 differ).
+        wide = scale.double()
+        grown = (wide * self.growth_factor).to(scale.dtype)
         new_scale = torch.where(
             finite,
             torch.where(grow & torch.isfinite(grown), grown, scale),
-            scale * self.backoff_factor,
+            (wide * self.backoff_factor).to(scale.dtype),
         )
         new_tracker = torch.where(finite & ~grow, successful, torch.zeros_like(tracker))
         return LossScaleState(new_scale, new_tracker)

@@ -26,6 +26,10 @@ Options that keep a :class:`NonFiniteState` in ``state.extra["nonfinite"]`` (and
   metric ``loss_scale`` is the scale the step used. An overflow skips the step (as above) and
   halves the scale. The ``loss`` metric is reported unscaled.
 
+A state whose update changes more than tensor values (a Python-number counter in an optimizer
+or hook state, a ``None`` filled at the first step) cannot be chosen on the device: for it the
+step reads the finiteness flag on the host (one sync), so that a skip keeps it too.
+
 ``nonfinite="ignore"`` turns the check off (NaNs then reach the parameters).
 
 A checkpoint of a state with these entries restores into a target that has them too: build the
@@ -101,15 +105,46 @@ def scale_result(result: Any, scale: torch.Tensor) -> Any:
     return result  # not a valid result: the step's parser names the problem
 
 
+def _same_value(n: Any, o: Any) -> bool:
+    """Whether two non-tensor leaves (Python numbers, ``None``, strings) are equal."""
+    if n is o:
+        return True
+    if isinstance(n, torch.Tensor) or isinstance(o, torch.Tensor) or type(n) is not type(o):
+        return False
+    try:
+        return bool(n == o)
+    except Exception:  # an exotic leaf whose ``==`` is not a plain bool: treat as changed
+        return False
+
+
 def _select(ok: torch.Tensor, new: Any, old: Any) -> Any:
-    """``new`` where ``ok`` else ``old``, leaf-wise; identical leaves are not copied."""
+    """``new`` where ``ok`` else ``old``, leaf-wise; identical leaves are not copied.
 
-    def pick(n: Any, o: Any) -> Any:
-        if n is o or not (isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor)):
-            return n
-        return torch.where(ok, n, o if o.dtype == n.dtype else o.to(n.dtype))
+    ``torch.where`` can only choose between tensors of one shape. A state whose update changed
+    anything else (a Python-number counter, a ``None`` placeholder filled lazily, a leaf's
+    shape or the tree's structure) is chosen whole, which reads ``ok`` on the host: one sync,
+    only for such states; the leaf-wise choice would keep the new value of a skipped step.
+    """
+    n_leaves, spec = tree.flatten(new)
+    o_leaves, o_spec = tree.flatten(old)
+    tensors = spec == o_spec and all(
+        _same_value(n, o)
+        if not (isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor))
+        else n.shape == o.shape
+        for n, o in zip(n_leaves, o_leaves)
+    )
+    if not tensors and not torch.compiler.is_compiling():
+        return new if bool(ok) else old  # rare: see the docstring
 
-    return tree.map(pick, new, old)
+    if not tensors:  # compiled: no host read there; the leaf-wise choice, as best it can
+        return tree.map(lambda n, o: _pick(ok, n, o), new, old)
+    return tree.unflatten(spec, [_pick(ok, n, o) for n, o in zip(n_leaves, o_leaves)])
+
+
+def _pick(ok: torch.Tensor, n: Any, o: Any) -> Any:
+    if n is o or not (isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor)):
+        return n
+    return torch.where(ok, n, o if o.dtype == n.dtype else o.to(n.dtype))
 
 
 def skip_unless(tx: GradientTransformation, ok: torch.Tensor) -> GradientTransformation:
