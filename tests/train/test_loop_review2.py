@@ -43,6 +43,17 @@ def _ref_mean(w, batches):
 # -- evaluation: weights, empty batches, LossSum ------------------------------------------------
 
 
+def _train_then_evaluate(tx, eval_step, eval_batches):
+    """Two training steps on other data, then the loop's evaluation of ``eval_batches``."""
+    return ft.train_loop(
+        ft.make_train_step(_loss, tx),
+        _state(tx),
+        _slices(_data(seed=1), [4, 4]),
+        eval_step=eval_step,
+        eval_batches=eval_batches,
+    )
+
+
 def test_an_empty_eval_batch_adds_nothing_to_the_example_weighted_mean():
     tx = ft.sgd(0.1)
     eval_batches = _slices(_data(), [4, 0, 7, 0, 1])  # an empty batch's mean is NaN
@@ -50,13 +61,7 @@ def test_an_empty_eval_batch_adds_nothing_to_the_example_weighted_mean():
     def eval_step(state, batch):  # no num_examples: the loop weighs by the leading size
         return {"loss": _loss(state.params, batch)}
 
-    result = ft.train_loop(
-        ft.make_train_step(_loss, tx),
-        _state(tx),
-        _slices(_data(seed=1), [4, 4]),
-        eval_step=eval_step,
-        eval_batches=eval_batches,
-    )
+    result = _train_then_evaluate(tx, eval_step, eval_batches)
     expected = _ref_mean(result.state.params["w"], eval_batches)
     assert result.history.last("eval/loss") == pytest.approx(expected, rel=1e-12)
 
@@ -74,13 +79,7 @@ def test_an_eval_batch_of_zero_examples_with_a_nan_loss_is_left_out():
             "num_examples": torch.tensor(n, dtype=torch.int64),
         }
 
-    result = ft.train_loop(
-        ft.make_train_step(_loss, tx),
-        _state(tx),
-        _slices(_data(seed=1), [4, 4]),
-        eval_step=eval_step,
-        eval_batches=eval_batches,
-    )
+    result = _train_then_evaluate(tx, eval_step, eval_batches)
     w = result.state.params["w"]
     assert result.history.last("eval/loss") == pytest.approx(_ref_mean(w, eval_batches))
     errors = torch.cat([(b["x"] @ w - b["y"]).abs() for b in eval_batches])
@@ -98,13 +97,7 @@ def test_losssum_eval_metrics_are_combined_as_total_over_count():
         errors = (batch["x"] @ state.params["w"] - batch["y"]).square()
         return {"loss": ft.LossSum((errors * batch["mask"]).sum(), batch["mask"].sum())}
 
-    result = ft.train_loop(
-        ft.make_train_step(_loss, tx),
-        _state(tx),
-        _slices(_data(seed=1), [4, 4]),
-        eval_step=eval_step,
-        eval_batches=eval_batches,
-    )
+    result = _train_then_evaluate(tx, eval_step, eval_batches)
     w = result.state.params["w"]
     errors = (data["x"] @ w - data["y"]).square()
     expected = errors[mask].sum().item() / mask.sum().item()  # token-weighted, not per batch
