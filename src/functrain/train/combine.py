@@ -27,6 +27,10 @@ from functrain.train import loss as loss_lib
 __all__: list[str] = []  # internal: used by the gradient stage and make_eval_step
 
 
+# The metrics every step reports itself; aux keys may not reuse them.
+_BUILT_IN = ("loss", "num_examples", "num_tokens")
+
+
 class _Meta(NamedTuple):
     is_sum: bool
     aux_keys: tuple[str, ...]
@@ -117,7 +121,11 @@ class Combiner:
                 "loss_fn returned a LossSum for some micro-batches and a mean for others; "
                 "return the same kind for every micro-batch"
             )
-        elif meta.aux_keys != self.meta.aux_keys or meta.aux_sum_keys != self.meta.aux_sum_keys:
+        elif set(meta.aux_keys) != set(self.meta.aux_keys) or set(meta.aux_sum_keys) != set(
+            self.meta.aux_sum_keys
+        ):
+            # Sets: values are combined by name, so the same keys in another insertion order
+            # (a dict built from a set, or in a data-dependent order) are the same aux.
             raise ValueError(
                 f"loss_fn returned different aux for different micro-batches: keys "
                 f"{sorted(self.meta.aux_keys)} (LossSum: {sorted(self.meta.aux_sum_keys)}) vs "
@@ -158,8 +166,14 @@ class Combiner:
         if self.count is not None:
             out["num_tokens"] = self.count
         for name, v in self.aux.items():
-            if name in out:
-                raise ValueError(f"LossOutput.aux key {name!r} clashes with a built-in metric")
+            # ``num_tokens`` is reserved for mean losses too: the loop (and any caller combining
+            # eval batches) reads it as the loss's token weight, so an aux of that name would
+            # silently reweight the loss across batches.
+            if name in _BUILT_IN:
+                raise ValueError(
+                    f"LossOutput.aux key {name!r} clashes with a built-in metric "
+                    f"({', '.join(_BUILT_IN)}); rename it"
+                )
             out[name] = _ratio(v, self.aux_counts.get(name), self.aux_dtypes[name])
         return out
 

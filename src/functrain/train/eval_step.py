@@ -72,7 +72,19 @@ def make_eval_step(
     Runs under ``torch.no_grad`` with the same ``loss_fn`` forms as :func:`make_train_step`
     (micro-batching bounds memory; the combination is exact). Buffers are read, never updated:
     buffers a loss returns are ignored, so use an eval-mode model (``model.eval()``) for
-    BatchNorm's running statistics. The state is not consumed.
+    BatchNorm's running statistics (and dropout off). The state is not consumed.
+
+    Metrics: ``loss`` and the aux values (in the dtype ``loss_fn`` gave, summed in at least
+    float32), ``num_examples`` (int64) and, for a :class:`~functrain.LossSum` loss,
+    ``num_tokens`` (the summed counts, floating point as counts may be weights). Weighting each
+    batch's values by these (``num_tokens`` for a ``LossSum`` loss) combines any split of an
+    eval set into the metrics of the whole set, as :func:`functrain.train_loop` does.
+
+    Raises:
+        ValueError: an empty batch (leading size 0). Deliberately refused rather than answered
+            with NaNs: the metric keys (aux, ``num_tokens``) are only known by running
+            ``loss_fn``, which a model need not accept on zero rows (BatchNorm refuses them),
+            and a mean over no examples has no value. Skip empty shards before calling.
 
     Example:
         >>> import torch, functrain as ft
