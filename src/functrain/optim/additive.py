@@ -153,6 +153,16 @@ def add_noise(
         >>> bool(torch.equal(u1["w"], u2["w"]))  # same key, same noise
         True
     """
+    for name, value in (("eta", eta), ("gamma", gamma)):
+        if callable(value):
+            # Not a schedule argument (as in optax): it would fail at the first update with an
+            # unrelated message. inject_hyperparams evaluates schedules for any argument.
+            raise TypeError(
+                f"{name} must be a number or a 0-d tensor, got a callable; for a schedule use "
+                f"ft.inject_hyperparams(ft.add_noise)({name}=schedule, ...)"
+            )
+        # A shaped tensor would broadcast the noise scale against the leaves (or fail there).
+        _ops.check_scalar_tensor(name, value)
     _utils.check_finite_number("eta", eta, minimum=0.0)
     _utils.check_finite_number("gamma", gamma)
     if seed is not None and key is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 import re
 from collections.abc import Callable, Iterable
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _utils, fused
+from functrain.optim import _ops, _utils, fused
 from functrain.optim.base import GradientTransformation
 
 __all__ = [
@@ -77,8 +78,15 @@ def _dtype(hyperparam_dtype: torch.dtype | None, *trees: Any) -> torch.dtype:
         leaves = [x for x in tree.leaves(t) if isinstance(x, torch.Tensor)]
         if leaves:
             # At least float32, as optax keeps Python floats: in bfloat16, b2 = 0.999 is 1.0 and
-            # Adam's first step divides by zero.
-            return torch.promote_types(_utils.float_dtype(leaves), torch.float32)
+            # Adam's first step divides by zero. Complex leaves count by their real dtype, so
+            # complex128 params get float64 hyperparameters as float64 params do.
+            dtype = torch.float32
+            for x in leaves:
+                if x.is_complex():
+                    dtype = torch.promote_types(dtype, _ops.real_dtype(x.dtype))
+                elif x.is_floating_point():
+                    dtype = torch.promote_types(dtype, x.dtype)
+            return dtype
     return torch.get_default_dtype()
 
 
@@ -140,7 +148,7 @@ def inject_hyperparams(
       for a rollback) changes with it;
     * a hyperparameter given as a schedule (a callable of the step count) is evaluated at
       ``count`` before every update and recorded in ``hyperparams``; overriding it there has no
-      effect.
+      effect. An entry with any other name is refused (a misspelt name would do nothing).
 
     Which arguments are injected (as optax): booleans and the names in ``static_args`` are
     passed as given; integers for parameters declared ``int`` or ``bool`` (by annotation or an
@@ -236,6 +244,19 @@ def inject_hyperparams(
             else:
                 other[name] = value
 
+        # From init on the factory only sees tensors, which its checks do not inspect (that
+        # would read device memory), so bad Python numbers are refused here, naming the
+        # argument, as the plain factory would refuse them.
+        for name, value in numeric.items():
+            if isinstance(value, float) and not math.isfinite(value):  # ints are finite
+                raise ValueError(
+                    f"inject_hyperparams({factory_name}): {name} must be finite, got {value!r}"
+                )
+        if not schedules:
+            # The factory's own range checks (eta >= 0, 0 <= b1 < 1, ...). Skipped with
+            # schedules: the factory need not accept a callable, or a stand-in value, there.
+            inner_factory(**other, **numeric)
+
         def build(hparams: dict[str, torch.Tensor]) -> GradientTransformation:
             return inner_factory(**other, **hparams)
 
@@ -268,6 +289,14 @@ def inject_hyperparams(
             missing = [k for k in numeric if k not in state.hyperparams]
             if missing:
                 raise KeyError(f"state.hyperparams has no entry for {missing}")
+            unknown = [k for k in state.hyperparams if k not in numeric and k not in schedules]
+            if unknown:
+                # A misspelt entry (``"lr"`` for ``"learning_rate"``) would otherwise be dropped
+                # silently and the step run with the old value; optax fails here too.
+                raise KeyError(
+                    f"state.hyperparams has entries {unknown} that {factory_name} does not "
+                    f"inject; the injected ones are {sorted([*numeric, *schedules])}"
+                )
             dtype = _dtype(hyperparam_dtype, params, updates)
             device = state.count.device
             hparams = {k: _as_tensor(state.hyperparams[k], dtype, device) for k in numeric}
