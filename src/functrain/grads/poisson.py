@@ -64,19 +64,22 @@ class PoissonSampler:
             or not 0 < sample_rate <= 1
         ):
             raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+        # A Python float from here on: NumPy float16/float32 scalars warned on overflow in
+        # ``1/q`` (and float16 in comparing with sys.maxsize), an error under ``-W error``.
+        rate = float(sample_rate)
         if steps is None:
-            if not 1 / sample_rate < sys.maxsize:  # len() must fit an index-sized int
+            if not 1 / rate < sys.maxsize:  # len() must fit an index-sized int
                 raise ValueError(
                     f"sample_rate={sample_rate!r} is too small for the default steps "
                     "(round(1/sample_rate)): pass steps"
                 )
-            steps = max(1, round(1 / sample_rate))
+            steps = max(1, round(1 / rate))
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.num_examples = int(num_examples)
-        self.sample_rate = float(sample_rate)
+        self.sample_rate = rate
         self.steps = int(steps)
         self.generator = generator
 
