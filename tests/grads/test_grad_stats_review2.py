@@ -91,6 +91,7 @@ def _tracking_chunks(peaks: list[int]) -> Any:
         chunk_size: int | None = None,
         buffers: Any = None,
         randomness: str = "error",
+        method: str = "vmap",
     ) -> Iterator[PerSampleChunk]:
         n = tree.leaves(batch)[0].shape[0]
         step = chunk_size or n
@@ -98,7 +99,7 @@ def _tracking_chunks(peaks: list[int]) -> Any:
             gc.collect()
             peaks.append(sum(any(r() is not None for r in refs) for refs in live))
             part = tree.map(lambda v, lo=lo: v[lo : lo + step], batch)
-            grads = ft.per_sample_grads(loss_fn, params, part, buffers=buffers)
+            grads = ft.per_sample_grads(loss_fn, params, part, buffers=buffers, method=method)
             live.append([weakref.ref(x) for x in tree.leaves(grads)])
             yield PerSampleChunk(lo, min(lo + step, n), grads, None, None)
             del grads, part  # this stand-in keeps nothing once the caller has the chunk
@@ -269,7 +270,7 @@ def test_per_sample_chunks_releases_a_chunk_before_computing_the_next() -> None:
 
     params = {"w": torch.ones(3, dtype=F64)}
     batch = torch.arange(12, dtype=F64).reshape(4, 3)
-    for chunk in ft.per_sample_chunks(loss_fn, params, batch, chunk_size=1):
+    for chunk in ft.per_sample_chunks(loss_fn, params, batch, chunk_size=1, method="vmap"):
         refs.append(weakref.ref(chunk.grads["w"]))
         del chunk
     assert alive_during == [0, 0, 0, 0]

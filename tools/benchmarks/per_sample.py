@@ -3,8 +3,9 @@
 On the same model, weights and batch of 64, it times
 
 * a plain batch gradient (``torch.autograd.grad`` of the mean loss): the floor;
-* ``ft.per_sample_grads`` (``vmap(grad)``), Opacus' ``GradSampleModule`` (forward and backward
-  hooks filling ``p.grad_sample``) and a naive loop of one backward pass per example;
+* ``ft.per_sample_grads`` (its default ``method="auto"``: the layer rules for these models, and
+  ``"vmap"``, ``vmap(grad)``), Opacus' ``GradSampleModule`` (forward and backward hooks filling
+  ``p.grad_sample``) and a naive loop of one backward pass per example;
 * the DP-SGD gradient ``Σᵢ clip(gᵢ, C)``: ``ft.clipped_grad_sum`` vs Opacus' hooks followed by
   the clipping and summation its ``DPOptimizer`` does.
 
@@ -156,9 +157,12 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
         grads = ft.per_sample_grads(loss_fn, params, batch)
         return [grads[k] for k in names]
 
-    def functrain_layers() -> list[torch.Tensor]:
-        grads = ft.per_sample_grads(loss_fn, params, batch, method="layers")
-        return [grads[k] for k in names]
+    def functrain_with(method: str) -> Callable[[], list[torch.Tensor]]:
+        def run() -> list[torch.Tensor]:
+            grads = ft.per_sample_grads(loss_fn, params, batch, method=method)
+            return [grads[k] for k in names]
+
+        return run
 
     def clip_with(method: str) -> Callable[[], list[torch.Tensor]]:
         def run() -> list[torch.Tensor]:
@@ -174,7 +178,7 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
     fns: dict[str, Callable[[], Any]] = {
         "plain batch gradient": plain,
         "functrain per_sample_grads": functrain,
-        "functrain per_sample_grads, layers": functrain_layers,
+        "functrain per_sample_grads, vmap": functrain_with("vmap"),
         "functrain clipped_grad_sum": functrain_clip,
         "functrain clipped_grad_sum, vmap": clip_with("vmap"),
         "functrain clipped_grad_sum, ghost (layers)": clip_with("layers"),
@@ -230,7 +234,7 @@ def _bench_model(name: str, quick: bool, section: Section, grad_sample_module: A
     # Correctness first: every method's gradients against the naive loop.
     expected = naive()
     got = functrain()
-    for method, result in (("vmap", got), ("layers", functrain_layers())):
+    for method, result in (("auto", got), ("vmap", functrain_with("vmap")())):
         err = _max_rel_err(result, expected)
         section.checks.append(
             (

@@ -39,6 +39,7 @@ try:  # torch.func internals, for the fast path of _Rules._on_batch; without the
 except (ImportError, AttributeError):  # pragma: no cover - older or newer torch
     _FAST = False
 
+from functrain.grads import _layer_pool
 from functrain.grads._layer_grads import Conv, Embedding, LayerNorm, Linear, Sink
 
 __all__ = ["SAVED_TENSOR_HOOKS", "Unsupported", "forward_under_rules"]
@@ -81,6 +82,16 @@ _LINEAR_ARGS = ("input", "weight", "bias")
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _LAYER_NORM_ARGS = ("input", "normalized_shape", "weight", "bias", "eps")
 _EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq")
+_POOL_ARGS = (
+    "input",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "ceil_mode",
+    "return_indices",
+)
+_MAX_POOLS = (F.max_pool2d, torch.max_pool2d)
 # Reading a parameter's metadata is harmless; anything else that touches one needs a rule.
 _METADATA = {
     torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
@@ -221,6 +232,8 @@ class _Rules(TorchFunctionMode):
             return self._layer_norm(dict(zip(_LAYER_NORM_ARGS, args), **kwargs))
         if func is F.embedding:
             return self._embedding(dict(zip(_EMBEDDING_ARGS, args), **kwargs))
+        if func in _MAX_POOLS:
+            return self._max_pool(dict(zip(_POOL_ARGS, args), **kwargs))
         if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             # ``torch.ops.aten.linear`` would otherwise read "linear has no per-layer rule".
             self.why = "through torch.ops (the rules watch torch.nn.functional's calls)"
@@ -261,6 +274,24 @@ class _Rules(TorchFunctionMode):
         else:
             return True
         return False
+
+    def _max_pool(self, a: dict[str, Any]) -> Any:
+        """2-d max pooling of the physical batch channels last on the CPU (see
+        :mod:`functrain.grads._layer_pool`), or ``None``."""
+        x = a.pop("input")
+        if (
+            a.pop("return_indices", False)
+            or not isinstance(x, torch.Tensor)
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)
+            or x.dim() not in (3, 4)
+            or x.shape[-3] < _layer_pool.MIN_CHANNELS
+            or x.numel() == 0
+            or self.batch_size == 0
+            or self._is_param(x)
+        ):
+            return None
+        return self._on_batch(x, lambda p: _layer_pool.pool_channels_last(p, a))
 
     def _layer_norm(self, a: dict[str, Any]) -> Any:
         x, weight, bias = a["input"], a.get("weight"), a.get("bias")

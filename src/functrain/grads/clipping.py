@@ -212,7 +212,13 @@ def clipped_grad_sum(
     loss_sum = None
     count = 0
     for c in per_sample_chunks(
-        loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
+        loss_fn,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        buffers=buffers,
+        randomness=randomness,
+        method="vmap",
     ):
         leaves, spec = tree.flatten(c.grads)
         if leaves:

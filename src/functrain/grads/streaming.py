@@ -82,7 +82,13 @@ def per_sample_grad_norms(
         return done
     parts = []
     for c in per_sample_chunks(
-        loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
+        loss_fn,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        buffers=buffers,
+        randomness=randomness,
+        method="vmap",
     ):
         parts.append(per_sample_norms(c.grads))
         # Dropped before the next chunk is computed: a loop variable would keep two alive.
@@ -161,7 +167,13 @@ def per_sample_grad_moments(
     spec = None
     shapes: list[tuple[torch.Size, torch.dtype]] = []
     for c in per_sample_chunks(
-        loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
+        loss_fn,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        buffers=buffers,
+        randomness=randomness,
+        method="vmap",
     ):
         leaves, spec = tree.flatten(c.grads)
         if not leaves:
@@ -286,7 +298,12 @@ def _gram_by_vmap(
     """``method="vmap"``: blocks of materialized per-sample gradients, two chunks at a time.
 
     Returns the matrix (float32 for half-precision gradients) and the gradients' dtype."""
-    opts = {"chunk_size": chunk_size, "buffers": buffers, "randomness": randomness}
+    opts = {
+        "chunk_size": chunk_size,
+        "buffers": buffers,
+        "randomness": randomness,
+        "method": "vmap",
+    }
     n = batch_size_of(batch)
     rows = []
     dtype = None
