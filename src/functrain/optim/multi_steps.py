@@ -15,6 +15,9 @@ under ``vmap``. The numbers are the same either way.
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -96,6 +99,24 @@ def _cpu_int(value: int) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.int32)
 
 
+def _schedule_value(k: Any) -> int:
+    """``k`` from ``every_k_schedule`` as a Python int; a non-integer is an error, not truncated."""
+    try:
+        return operator.index(k)  # int, NumPy int, integer tensor of one element
+    except TypeError:
+        pass
+    # An integral float (``2.0``, a one-element float tensor) is accepted, as in optax.
+    value = math.nan
+    if isinstance(k, torch.Tensor):
+        if k.numel() == 1 and not k.is_complex():
+            value = float(k)
+    elif isinstance(k, numbers.Real):
+        value = float(k)
+    if not value.is_integer():
+        raise TypeError(f"every_k_schedule must return an integer, got {k!r}")
+    return int(value)
+
+
 class MultiSteps:
     """Accumulates the updates of ``k`` consecutive calls and feeds their mean to ``opt``.
 
@@ -127,7 +148,8 @@ class MultiSteps:
             (should_skip, skip_state)``, ``should_skip`` a 0-d bool tensor or a Python
             boolean; a skipped mini-step leaves the state as it was (except
             ``skip_state``) and returns zeros. See :func:`skip_not_finite`.
-        accumulator_dtype: dtype of ``acc_grads`` (default: see above).
+        accumulator_dtype: dtype of ``acc_grads`` (default: see above); complex leaves use
+            its complex counterpart (``float32`` → ``complex64``), so no imaginary part is lost.
 
     Example:
         >>> import torch, functrain as ft
@@ -153,13 +175,16 @@ class MultiSteps:
         self._opt = _check_transform(opt, "MultiSteps opt")
         self._passes_extra = _accepts_extra(self._opt.update)
         if isinstance(every_k_schedule, bool) or not (
-            isinstance(every_k_schedule, int) or callable(every_k_schedule)
+            isinstance(every_k_schedule, numbers.Integral) or callable(every_k_schedule)
         ):
             raise TypeError(
                 f"every_k_schedule must be an int or callable, got {every_k_schedule!r}"
             )
-        if isinstance(every_k_schedule, int) and every_k_schedule < 1:
-            raise ValueError(f"every_k_schedule must be >= 1, got {every_k_schedule}")
+        if isinstance(every_k_schedule, numbers.Integral):
+            # A NumPy integer is an int here (optax would call it and fail).
+            every_k_schedule = int(every_k_schedule)
+            if every_k_schedule < 1:
+                raise ValueError(f"every_k_schedule must be >= 1, got {every_k_schedule}")
         self._every_k_schedule = every_k_schedule
         self._use_grad_mean = use_grad_mean
         self._should_skip_update_fn = should_skip_update_fn
@@ -176,11 +201,17 @@ class MultiSteps:
         return k(gradient_step) if callable(k) else k
 
     def _acc_dtype(self, leaf: torch.Tensor) -> torch.dtype:
-        if self._accumulator_dtype is not None:
-            return self._accumulator_dtype
-        if leaf.is_floating_point():
-            return torch.promote_types(leaf.dtype, torch.float32)
-        return leaf.dtype
+        acc = self._accumulator_dtype
+        if acc is None:
+            if leaf.is_floating_point() or leaf.is_complex():
+                # complex32 → complex64, as bfloat16/float16 → float32.
+                return torch.promote_types(leaf.dtype, torch.float32)
+            return leaf.dtype
+        # The accumulator's precision, in the leaf's kind: a real accumulator of complex
+        # gradients would discard their imaginary part.
+        if leaf.is_complex():
+            return acc if acc.is_complex else acc.to_complex()
+        return acc.to_real() if acc.is_complex else acc
 
     def _skip(self, updates: Any, gradient_step: torch.Tensor, params: Any) -> tuple[Any, Any]:
         if self._should_skip_update_fn is None:
@@ -240,7 +271,7 @@ class MultiSteps:
             raise TypeError(f"MultiSteps expects a MultiStepsState, got {type(state).__name__}")
         if torch.compiler.is_compiling():
             return self._update_traced(updates, state, params, extra)
-        k = int(self._k(state.gradient_step))
+        k = _schedule_value(self._k(state.gradient_step))
         if k < 1:
             raise ValueError(f"every_k_schedule returned {k}; it must be >= 1")
         skip, skip_state = self._skip(updates, state.gradient_step, params)
