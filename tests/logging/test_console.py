@@ -1,5 +1,6 @@
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,23 @@ def test_closed_and_bad_values():
     w.close()
     with pytest.raises(RuntimeError, match="closed"):
         w.write_scalars(0, {"loss": 1.0})
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (torch.tensor(3e-5), "3e-05"),
+        (torch.tensor(3e-5, dtype=torch.float64), "3e-05"),
+        (torch.tensor(0.1, dtype=torch.float16), "0.1"),
+        (torch.tensor([0.001]), "0.001"),
+        (np.array(3e-5, dtype=np.float32), "3e-05"),
+        (torch.tensor(7), "7"),
+        (torch.tensor([1.5, 2.0]), "[1.5, 2.0]"),
+        (0.25, "0.25"),
+    ],
+)
+def test_hyperparameters_print_as_written(value, expected):
+    # A float32 tensor went through a Python float: 3e-5 printed as 2.9999999242136255e-05.
+    from functrain.logging.console import _fmt_hparam
+
+    assert _fmt_hparam(value) == expected

@@ -57,10 +57,22 @@ def _fmt_value(value: float | int) -> str:
 
 def _fmt_hparam(value: Any) -> str:
     """A hyperparameter as written in code: ``3e-05``, not ``tensor(3.0000e-05)``."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return str(value.reshape(-1)[0])  # a NumPy scalar prints its shortest round trip
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        item = value.reshape(-1)[0].item()
+        if value.is_floating_point():
+            # The shortest string that reads back as the tensor's value: a float32 3e-5 is
+            # 2.9999999242136255e-05 as a Python float.
+            return str(_NUMPY_FLOAT.get(value.dtype, np.float64)(item))
+        return str(item)
     if isinstance(value, (torch.Tensor, np.ndarray)):
-        size = value.numel() if isinstance(value, torch.Tensor) else value.size
-        return str(value.reshape(-1)[0].item() if size == 1 else value.tolist())
+        return str(value.tolist())
     return str(value)
+
+
+# bfloat16 has no NumPy type; its values are float32 values.
+_NUMPY_FLOAT = {torch.float16: np.float16, torch.bfloat16: np.float32, torch.float32: np.float32}
 
 
 def _fmt_rate(value: float) -> str:
