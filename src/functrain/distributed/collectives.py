@@ -7,6 +7,14 @@ buckets travel back to back (the same scheme as ``DistributedDataParallel``'s gr
 buckets). Results are views into the received buckets: fresh memory, the inputs are never
 written.
 
+In :func:`all_reduce_tree`, sums and means of ``float16`` and ``bfloat16`` leaves travel and
+accumulate in ``float32`` and are rounded once at the end: a half-precision sum of the ranks' values overflows (``float16``
+tops out at 65504) or loses bits at every rank's addition. The public functions first check,
+with one extra all-reduce of a small fixed-size signature, that every rank passes the same
+structure, shapes and dtypes, and raise :class:`~functrain.distributed.RankMismatchError`
+naming the first leaf that differs (buckets of different sizes would otherwise silently mix
+unrelated values, or abort a process).
+
 Outside a distributed job (world size 1) the functions return copies and communicate nothing.
 
 Example:
@@ -18,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -25,12 +34,15 @@ import torch
 import torch.distributed as tdist
 
 from functrain import tree
+from functrain.distributed.errors import RankMismatchError
 from functrain.distributed.process import Group, collective_errors, is_distributed, world_size
 
 __all__ = ["all_reduce_tree", "broadcast_tree"]
 
 _MB = 1 << 20
 _OPS = {"sum", "mean", "max", "min"}
+# Reduced in float32: a half-precision sum overflows or rounds at every rank's addition.
+_WIDEN = {torch.float16, torch.bfloat16}
 
 
 def plan_buckets(
@@ -126,24 +138,37 @@ def start_all_reduce(
     bucket_cap_mb: float = 25.0,
     what: str = "all-reduce",
     prepare: Callable[[torch.Tensor], None] | None = None,
+    widen_half: bool = False,
 ) -> Pending:
     """Starts a bucketed all-reduce of ``leaves``; ``wait()`` returns the reduced leaves.
 
     ``prepare`` is applied in place to each freshly packed bucket before it is sent (e.g. a
-    scaling), so it costs no extra copy.
+    scaling), so it costs no extra copy. ``widen_half`` sums half-precision buckets in float32
+    (twice their traffic); the step's gradient buckets keep their dtype, as
+    ``DistributedDataParallel``'s do, where an overflowing float16 sum is a non-finite step
+    that loss scaling skips.
     """
     reduce_op = _reduce_op(op)
     leaves = list(leaves)
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"leaf {i} is a {type(leaf).__name__}, not a tensor")
+        # Refused on every world size (not only where the division runs, world > 1), so that a
+        # script tested in one process does not fail once launched on several.
+        if op == "mean" and not (leaf.is_floating_point() or leaf.is_complex()):
+            raise TypeError(
+                f"op='mean' needs floating-point or complex leaves; leaf {i} is {leaf.dtype} "
+                "(reduce it with op='sum' and divide it yourself)"
+            )
     buckets = leaf_buckets(leaves, bucket_cap_mb)
     flats = [pack([leaves[i] for i in bucket]) for bucket in buckets]
+    world = world_size(group)
+    if widen_half and op in ("sum", "mean") and world > 1 and is_distributed():
+        flats = [f.float() if f.dtype in _WIDEN else f for f in flats]
     if prepare is not None:
         for flat in flats:
             prepare(flat)
     works: list[Any] = []
-    world = world_size(group)
     if is_distributed() and world > 1:
         with collective_errors(what, group):
             works = [
@@ -157,11 +182,52 @@ def start_all_reduce(
         for bucket, flat in zip(buckets, flats):
             if op == "mean" and world > 1:
                 flat.div_(world)
+            dtype = leaves[bucket[0]].dtype
+            flat = flat if flat.dtype == dtype else flat.to(dtype)  # one rounding, at the end
             for i, view in zip(bucket, unpack(flat, [leaves[i].shape for i in bucket])):
                 out[i] = view
         return out
 
     return Pending(works, what, group, finish)
+
+
+def check_agree(values: Any, what: str, group: Group = None) -> None:
+    """Raises :class:`RankMismatchError` on every rank unless all ranks' pytrees have the same
+    structure, shapes and dtypes (internal).
+
+    One all-reduce (``max``) of ``[h, -h]`` for a hash ``h`` of the description: every rank
+    sees ``max == -min`` exactly when all hashes are equal, so all of them take the slow path
+    (an object all-gather that names the first differing leaf) together, or none does.
+    """
+    if not (is_distributed() and world_size(group) > 1):
+        return
+    paths, leaves, _ = tree.flatten_with_paths(values)
+    described = [
+        (tree.path_str(p, "values"), tuple(getattr(x, "shape", ())), str(getattr(x, "dtype", "")))
+        for p, x in zip(paths, leaves)
+    ]
+    h = zlib.crc32(repr(described).encode())
+    device = next((x.device for x in leaves if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    sig = torch.tensor([h, -h], dtype=torch.int64, device=device)
+    with collective_errors(what, group):
+        tdist.all_reduce(sig, op=tdist.ReduceOp.MAX, group=group)
+    high, neg_low = sig.tolist()
+    if high == -neg_low:
+        return
+    gathered: list[Any] = [None] * world_size(group)
+    with collective_errors(what, group):
+        tdist.all_gather_object(gathered, described, group=group)
+    for r, theirs in enumerate(gathered):
+        if theirs == gathered[0]:
+            continue
+        first = next(
+            (f"{a} on rank 0, {b} on rank {r}" for a, b in zip(gathered[0], theirs) if a != b),
+            f"{len(gathered[0])} leaves on rank 0, {len(theirs)} on rank {r}",
+        )
+        raise RankMismatchError(
+            f"{what}: ranks disagree on the structure, shapes or dtypes (path, shape, dtype): "
+            + first
+        )
 
 
 def all_reduce_tree(
@@ -183,6 +249,8 @@ def all_reduce_tree(
 
     Raises:
         DistributedStepError: the collective failed (a rank died or timed out).
+        RankMismatchError: the ranks' structures, shapes or dtypes differ (on every rank).
+        TypeError: ``op="mean"`` of an integer or boolean leaf.
 
     Example:
         >>> import torch
@@ -191,10 +259,16 @@ def all_reduce_tree(
         [tensor([1., 2.])]
     """
     leaves, spec = tree.flatten(values)
+    check_agree(values, f"all_reduce_tree({op})", group)
     if not leaves:
         return values
     reduced = start_all_reduce(
-        leaves, op=op, group=group, bucket_cap_mb=bucket_cap_mb, what=f"all_reduce_tree({op})"
+        leaves,
+        op=op,
+        group=group,
+        bucket_cap_mb=bucket_cap_mb,
+        what=f"all_reduce_tree({op})",
+        widen_half=True,
     ).wait()
     return tree.unflatten(spec, reduced)
 
@@ -245,6 +319,10 @@ def broadcast_tree(
     Returns:
         A new pytree (fresh tensors, on every rank including ``src``).
 
+    Raises:
+        DistributedStepError: the collective failed (a rank died or timed out).
+        RankMismatchError: the ranks' structures, shapes or dtypes differ (on every rank).
+
     Example:
         >>> import torch
         >>> from functrain import distributed as dist
@@ -252,6 +330,7 @@ def broadcast_tree(
         {'w': tensor([0., 1., 2.])}
     """
     leaves, spec = tree.flatten(values)
+    check_agree(values, "broadcast_tree", group)
     if not leaves:
         return values
     out = start_broadcast(
