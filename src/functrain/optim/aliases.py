@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from functrain.optim import _ops, accumulation, adaptive, additive, scaling
+from functrain.optim import _ops, _utils, accumulation, adaptive, additive, scaling
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import GradientTransformation, chain, identity
 
@@ -62,6 +62,8 @@ def sgd(
     """
     # An integer buffer would silently truncate the momentum to whole numbers.
     _ops.check_dtype("accumulator_dtype", accumulator_dtype)
+    if momentum is not None:
+        _utils.check_finite_number("momentum", momentum, minimum=0.0)  # as torch.optim.SGD
     return chain(
         accumulation.trace(momentum, nesterov, accumulator_dtype)
         if momentum is not None

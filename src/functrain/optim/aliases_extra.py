@@ -77,6 +77,8 @@ def rmsprop(
         tensor([-0.2000])
     """
     scaler = rms.scale_by_stddev if centered else rms.scale_by_rms
+    if momentum is not None:  # named here: trace's own error would say "decay", rmsprop's too
+        _utils.check_finite_number("momentum", momentum, minimum=0.0)
     return chain(
         scaler(decay, eps, initial_scale, eps_in_sqrt, bias_correction),
         scaling.scale_by_learning_rate(learning_rate),
@@ -309,6 +311,7 @@ def lars(
         >>> u["w"]
         tensor([-0.3000, -0.4000])
     """
+    _utils.check_finite_number("momentum", momentum, minimum=0.0)
     return chain(
         additive.add_decayed_weights(weight_decay, mask=weight_decay_mask),
         additive._apply_mask(
