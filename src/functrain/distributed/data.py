@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -36,14 +37,28 @@ __all__ = ["rank_key", "shard_batch", "shard_indices", "shard_sizes"]
 _RANK_STREAM = 0x52414E4B  # "RANK"
 
 
+def _int(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (NumPy's too, as seeds are), else ``None``.
+
+    ``isinstance(value, int)`` alone refused ``np.int64`` ranks and sizes (``len`` of a NumPy
+    split, ``np.sum`` of a mask) with a message that read as if the value were out of range.
+    Bools are refused: ``True`` as a rank or size is a mistake, not ``1``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def _who(rank: int | None, world_size: int | None, group: process.Group) -> tuple[int, int]:
     r = process.rank(group) if rank is None else rank
     w = process.world_size(group) if world_size is None else world_size
-    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+    wi = _int(w)
+    if wi is None or wi < 1:
         raise ValueError(f"world_size must be a positive int, got {w!r}")
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < w:
-        raise ValueError(f"rank must be an int in [0, {w}), got {r!r}")
-    return r, w
+    ri = _int(r)
+    if ri is None or not 0 <= ri < wi:
+        raise ValueError(f"rank must be an int in [0, {wi}), got {r!r}")
+    return ri, wi
 
 
 def shard_sizes(num_examples: int, world_size: int) -> list[int]:
@@ -54,10 +69,11 @@ def shard_sizes(num_examples: int, world_size: int) -> list[int]:
         >>> dist.shard_sizes(10, 4)
         [3, 3, 2, 2]
     """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 0:
+    n = _int(num_examples)
+    if n is None or n < 0:
         raise ValueError(f"num_examples must be a non-negative int, got {num_examples!r}")
     _, w = _who(0, world_size, None)
-    q, r = divmod(num_examples, w)
+    q, r = divmod(n, w)
     return [q + 1 if i < r else q for i in range(w)]
 
 
@@ -101,6 +117,7 @@ def shard_indices(
     """
     r, w = _who(rank, world_size, group)
     sizes = shard_sizes(num_examples, w)
+    num_examples = sum(sizes)  # a Python int from here on (``num_examples`` may be NumPy's)
     if shuffle:
         generator = rng_lib.key_generator(rng_lib.fold_in(rng_lib.random_key(seed), epoch))
         order = torch.randperm(num_examples, generator=generator)
@@ -168,6 +185,7 @@ def rank_key(
         True
     """
     r = process.rank(group) if rank is None else rank
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+    ri = _int(r)
+    if ri is None or ri < 0:
         raise ValueError(f"rank must be a non-negative int, got {r!r}")
-    return rng_lib.fold_in(rng_lib.fold_in(key, _RANK_STREAM), r)
+    return rng_lib.fold_in(rng_lib.fold_in(key, _RANK_STREAM), ri)
