@@ -242,6 +242,48 @@ def _patches(
     return view.reshape(rows, n * math.prod(out_size), -1)
 
 
+def _grouped_pays(g: torch.Tensor, x: torch.Tensor, out_channels: int) -> bool:
+    """Whether to form per-example weight gradients by one grouped convolution (CPU floats).
+
+    The patches of :func:`_patches` hold ``positions / out_channels`` times more numbers than
+    the gradients they give; past 4x, writing them (fresh memory, page faults included) costs
+    more than the grouped kernel. On the Opacus MNIST CNN's first layer (1 -> 16 channels,
+    196 positions) per-sample gradients took 6.6-7.0 ms instead of 7.8-7.9 ms at batch 64.
+    """
+    return (
+        g.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and math.prod(g.shape[3:]) > 4 * out_channels
+    )
+
+
+def _grouped_weight_grads(
+    g: torch.Tensor,
+    padded: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """``(B, out, in, *kernel)``: example ``b``'s weight gradient is that of group ``b`` of a
+    convolution with ``groups=B`` over the examples' (padded) inputs stacked as channels."""
+    rows, out_channels = g.shape[0], g.shape[2]
+    zeros = [0] * len(stride)
+    (_, grads, _) = torch.ops.aten.convolution_backward(
+        g.reshape(1, rows * out_channels, *g.shape[3:]),
+        padded.reshape(1, rows * weight.shape[1], *padded.shape[3:]),
+        weight.new_empty((rows * out_channels, *weight.shape[1:])),  # its shape only
+        None,
+        list(stride),
+        zeros,
+        list(dilation),
+        False,
+        zeros,
+        rows,
+        [False, True, False],
+    )
+    return grads.view(rows, out_channels, *weight.shape[1:])
+
+
 class Conv(_Rule):
     """``convNd`` (``groups=1``) on ``x: (B, N, C, *spatial)``, the vmap dimension in front.
 
@@ -295,21 +337,26 @@ class Conv(_Rule):
         g_rows = g.movedim(2, 1).reshape(rows, out_channels, -1)
         kernel = weight.shape[2:]
 
+        grouped = n == 1 and _grouped_pays(g, padded, out_channels)
+
         def channels_last() -> torch.Tensor:
             # (B, out, *kernel·in): each example's weight gradient with the input channels last.
             return torch.bmm(g_rows, _patches(padded, g.shape[3:], kernel, stride, dilation))
 
         def per_example() -> torch.Tensor:
+            if grouped:
+                return _grouped_weight_grads(g, padded, weight, stride, dilation)
             grads = channels_last().view(rows, out_channels, *kernel, weight.shape[1])
             return grads.movedim(-1, 2).contiguous()
 
         # Norms and Gram matrices do not depend on the order of the elements: no reordering.
+        any_order = per_example if grouped else channels_last
         ctx.sink.put(
             ctx.slots[0],
             per_example,
             lambda: kernel_grads[1],
-            lambda: _row_sq(channels_last()),
-            lambda: _row_gram(channels_last()),
+            lambda: _row_sq(any_order()),
+            lambda: _row_gram(any_order()),
         )
         ctx.sink.put(ctx.slots[1], lambda: g_rows.sum(2), lambda: g_rows.sum((0, 2)))
         gx = None
