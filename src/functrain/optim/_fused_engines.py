@@ -18,7 +18,7 @@ import torch
 
 from functrain import tree
 from functrain._precision import HALF as _HALF
-from functrain.optim import _foreach_engine, _ops
+from functrain.optim import _foreach_engine, _ops, _utils
 from functrain.optim._utils import safe_increment
 from functrain.optim.fused import (
     AddDecayedWeights,
@@ -43,9 +43,7 @@ _DTYPE = attrgetter("dtype")
 
 def _number(value: Any) -> float | None:
     """``value`` as a float if that needs no device read (numbers, CPU tensors), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
+    if _utils.is_real_number(value):  # NumPy scalars too: the kernel, as for Python floats
         return float(value)
     if (
         isinstance(value, torch.Tensor)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from functrain import tree
+from functrain.optim import _utils
 
 Scalar = float | int | torch.Tensor
 
@@ -345,13 +346,14 @@ def check_decay(name: str, value: Any, *, allow_one: bool = False) -> None:
     """Validates a Python-number decay rate: finite and in ``[0, 1)`` (``[0, 1]`` if allowed).
 
     Tensor values and schedules are not inspected (that would read device memory); a tensor's
-    shape is metadata and must be 0-d.
+    shape is metadata and must be 0-d. NumPy scalars are numbers; a bool is refused (``b1=True``
+    would mean a decay of 1, whose bias correction divides by zero).
     """
     check_scalar_tensor(name, value)
-    if isinstance(value, bool) or callable(value) or isinstance(value, torch.Tensor):
+    if callable(value) or isinstance(value, torch.Tensor):
         return
-    if not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a 0-d tensor, got {value!r}")
+    if not _utils.is_real_number(value):
+        raise TypeError(f"{name} must be a number, a 0-d tensor or a schedule, got {value!r}")
     upper_ok = value <= 1 if allow_one else value < 1
     if not (value >= 0 and upper_ok):
         interval = "[0, 1]" if allow_one else "[0, 1)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +15,7 @@ Scalar = float | int | torch.Tensor
 ScalarOrSchedule = Scalar | Callable[[Any], Scalar]
 
 INT32_MAX = 2**31 - 1
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def default_device(params: Any) -> torch.device:
@@ -29,8 +32,15 @@ def zero_count(params: Any) -> torch.Tensor:
 
 
 def safe_increment(count: torch.Tensor) -> torch.Tensor:
-    """``count + 1`` that saturates at the int32 maximum instead of wrapping around."""
-    return torch.where(count < INT32_MAX, count + 1, count)
+    """``count + 1`` that saturates at the int32 maximum instead of wrapping around.
+
+    optax's ``safe_int32_increment``; a narrower integer count (int16, uint8, …) saturates at
+    its own maximum, where ``count + 1`` would otherwise wrap to a negative (or zero) count.
+    """
+    limit = INT32_MAX
+    if not (count.is_floating_point() or count.is_complex() or count.dtype == torch.bool):
+        limit = min(limit, torch.iinfo(count.dtype).max)
+    return torch.where(count < limit, count + 1, count)
 
 
 def resolve(value: ScalarOrSchedule, count: torch.Tensor) -> Scalar:
@@ -57,18 +67,40 @@ def power(base: Scalar, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return torch.pow(base, exponent)
 
 
-def check_finite_number(name: str, value: Any, *, minimum: float | None = None) -> None:
-    """Validates a Python-number hyperparameter at construction (tensors and schedules pass).
+def is_real_number(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy real scalar (``int``, ``float``, ``np.float32``,
+    ``np.int64``, …) and not a boolean.
 
-    A bool is refused: ``sgd(True)`` would silently mean a learning rate of 1.
+    NumPy scalars are legal hyperparameters (optax takes them; torch's scalar arguments read
+    them as numbers), so they must not be refused as "not a number". A bool is no number here:
+    ``sgd(True)`` would silently mean a learning rate of 1.
     """
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, a tensor or a schedule, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False  # NumPy's bool is no ``numbers.Real``
+    # ``fractions.Fraction`` is a ``numbers.Real`` that torch's scalar arguments refuse.
+    return isinstance(value, (int, float)) or type(value).__module__ == "numpy"
+
+
+def check_finite_number(name: str, value: Any, *, minimum: float | None = None) -> None:
+    """Validates a real-number hyperparameter at construction (tensors and schedules pass).
+
+    Python and NumPy scalars are checked (see :func:`is_real_number`); booleans are refused.
+    An integer beyond int64's range (``10**400``) is refused: torch cannot take it as a scalar,
+    so the update would otherwise fail at its first step.
+    """
     if callable(value) or isinstance(value, torch.Tensor):
         return
-    if not isinstance(value, (int, float)):
+    if not is_real_number(value):  # a bool, NumPy's bool included, is refused here too
         raise TypeError(f"{name} must be a number, a tensor or a schedule, got {value!r}")
-    if value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, numbers.Integral) and not _INT64_MIN <= value <= _INT64_MAX:
+        # torch's scalar arguments take integers as int64: the update would fail converting
+        # it (OverflowError, or a TypeError for a NumPy uint64) at its first step.
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}…"
+        raise ValueError(
+            f"{name}={shown} is an integer beyond int64's range, which torch cannot take as "
+            "a scalar; pass it as a float"
+        )
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
