@@ -37,10 +37,17 @@ def safe_increment(count: torch.Tensor) -> torch.Tensor:
     optax's ``safe_int32_increment``; a narrower integer count (int16, uint8, …) saturates at
     its own maximum, where ``count + 1`` would otherwise wrap to a negative (or zero) count.
     """
-    limit = INT32_MAX
-    if not (count.is_floating_point() or count.is_complex() or count.dtype == torch.bool):
-        limit = min(limit, torch.iinfo(count.dtype).max)
+    limit = _LIMITS.get(count.dtype)
+    if limit is None:
+        limit = INT32_MAX
+        if not (count.is_floating_point() or count.is_complex() or count.dtype == torch.bool):
+            limit = min(limit, torch.iinfo(count.dtype).max)
+        _LIMITS[count.dtype] = limit
     return torch.where(count < limit, count + 1, count)
+
+
+# Per dtype, as it runs once per transform per step: torch.iinfo costs microseconds.
+_LIMITS: dict[torch.dtype, int] = {}
 
 
 def resolve(value: ScalarOrSchedule, count: torch.Tensor) -> Scalar:
