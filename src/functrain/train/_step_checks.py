@@ -126,6 +126,7 @@ def _check_opt_state(tx: GradientTransformation, params: Any, opt_state: Any) ->
     except Exception:  # best effort: the update then fails on its own terms
         return
     if tree.structure(expected) == tree.structure(opt_state):
+        _check_opt_devices(params, expected, opt_state)
         return
     hint = (
         "state.opt_state was not made by this step's optimizer: create the state with the "
@@ -138,6 +139,34 @@ def _check_opt_state(tx: GradientTransformation, params: Any, opt_state: Any) ->
     raise tree.TreeMismatchError(
         f"{hint}; node types differ: {tree.structure(opt_state)} vs {tree.structure(expected)}"
     )
+
+
+def _check_opt_devices(params: Any, expected: Any, opt_state: Any) -> None:
+    """Raises a path-named error for an ``opt_state`` leaf off the device of all the params.
+
+    Only where the params share one device, and only for the leaves that ``tx.init`` derived
+    from the params (meta in ``expected``; moments, traces) and that are not 0-d (a 0-d CPU
+    tensor mixes with accelerator tensors): those must live with the params, or ``tx.update``
+    fails inside torch with an error that names no leaf (a state half moved to an accelerator).
+    """
+    devices = {p.device for p in tree.leaves(params)}
+    if len(devices) != 1:
+        return
+    (device,) = devices
+    paths, leaves, _ = tree.flatten_with_paths(opt_state)
+    for path, leaf, want in zip(paths, leaves, tree.leaves(expected)):
+        if (
+            isinstance(leaf, torch.Tensor)
+            and isinstance(want, torch.Tensor)
+            and want.is_meta
+            and want.dim() > 0
+            and leaf.device != device
+        ):
+            raise ValueError(
+                f"{tree.path_str(path, 'state.opt_state')} is on {leaf.device}, the params on "
+                f"{device}: create the state from the params where they live, or move its "
+                "opt_state with them"
+            )
 
 
 def _check_state(state: Any, where: str) -> TrainState:
