@@ -1,6 +1,6 @@
 """Per-example convolution weight gradients from one grouped convolution (``"layers"``, CPU).
 
-Where a convolution has many more output positions than output channels, the layer rule forms
+Where a one-channel convolution has many more output positions than output channels, the rule forms
 each example's weight gradient with a ``groups=B`` convolution instead of materialising the
 input patches. Every check compares with one autograd call per example in float64.
 """
@@ -36,9 +36,9 @@ def grouped_calls(monkeypatch):
 
 CONVS = {
     "conv2d stride 2 padded": (2, dict(stride=2, padding=3), (1, 13, 13), 5),
-    "conv2d dilated": (2, dict(dilation=2), (2, 11, 11), 3),
-    "conv2d asymmetric pad": (2, dict(padding=(1, 2), stride=(1, 2)), (3, 9, 10), 3),
-    "conv1d": (1, dict(stride=1, padding=2), (2, 30), 3),
+    "conv2d dilated": (2, dict(dilation=2), (1, 11, 11), 3),
+    "conv2d asymmetric pad": (2, dict(padding=(1, 2), stride=(1, 2)), (1, 9, 10), 3),
+    "conv1d": (1, dict(stride=1, padding=2), (1, 30), 3),
     "conv3d": (3, dict(padding=1), (1, 6, 6, 5), 3),
 }
 
@@ -75,10 +75,14 @@ def test_grouped_weight_gradients_equal_the_naive_loop(name, grouped_calls):
     torch.testing.assert_close(_flat(tree.map(lambda t: t[None], summed))[0], factors @ reference)
 
 
-def test_few_positions_keep_the_patches(grouped_calls):
-    # 3x3 outputs for 4 channels: the patches are smaller than 4x the gradients.
-    params = {"w": _randn(4, 2, 3, 3, seed=1)}
-    batch = _randn(3, 2, 5, 5, seed=2)
+@pytest.mark.parametrize(
+    "weight_shape, example_shape",
+    [((4, 1, 3, 3), (1, 5, 5)), ((2, 2, 3, 3), (2, 12, 12))],
+    ids=["few positions", "two input channels"],
+)
+def test_other_convolutions_keep_the_patches(weight_shape, example_shape, grouped_calls):
+    params = {"w": _randn(*weight_shape, seed=1)}
+    batch = _randn(3, *example_shape, seed=2)
 
     def loss_fn(p, x):
         return F.conv2d(x, p["w"]).square().mean()
