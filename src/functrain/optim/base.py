@@ -143,6 +143,10 @@ def set_to_zero() -> GradientTransformation:
 def stateless(f: Callable[[Updates, Params | None], Updates]) -> GradientTransformation:
     """Builds a stateless transform from ``f(updates, params) -> updates``.
 
+    Args:
+        f: maps ``(updates, params)`` to new updates; ``params`` is ``None`` when ``update``
+            is called without them.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.stateless(lambda u, p: ft.tree.scale(2.0, u))
@@ -203,6 +207,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     Keyword arguments given to ``update`` (``**extra``) reach every member whose ``update``
     accepts ``**kwargs``.
 
+    Args:
+        *transforms: the transforms, applied in the order given.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.chain(ft.scale(2.0), ft.scale(-0.5))
@@ -246,6 +253,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def named_chain(*transforms: tuple[str, GradientTransformation]) -> GradientTransformation:
     """Like :func:`chain`, but the state is a dict keyed by the given names.
 
+    Args:
+        *transforms: ``(name, transform)`` pairs, applied in the order given; names are unique.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.named_chain(("clip", ft.clip(1.0)), ("lr", ft.scale(-0.1)))
@@ -279,6 +289,14 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     """Returns ``params + updates``, each result cast back to its parameter's dtype.
 
     ``None`` updates leave the matching parameter unchanged. Nothing is mutated.
+
+    Args:
+        params: the parameter pytree.
+        updates: a pytree of the same structure (``None`` subtrees allowed), as returned by
+            ``tx.update``.
+
+    Returns:
+        A new pytree of parameters with the structure and dtypes of ``params``.
 
     Example:
         >>> import torch, functrain as ft
