@@ -175,6 +175,10 @@ def per_sample_chunks(
         has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is batched per example.
         method: ``"auto"``, ``"vmap"`` or ``"layers"``, as in :func:`per_sample_grads`.
 
+    Yields:
+        A :class:`PerSampleChunk` per chunk: ``start``/``stop`` (the chunk's rows), ``grads``
+        (per-sample gradients of its examples), ``losses`` and ``aux``.
+
     Example:
         >>> import torch, functrain as ft
         >>> params = {"w": torch.ones(2)}
@@ -231,8 +235,22 @@ def per_sample_value_and_grads(
 ) -> tuple[Any, PyTree]:
     """Per-example losses and gradients: ``(losses, grads)``, or ``((losses, aux), grads)``.
 
-    The convention of ``jax.value_and_grad``, vmapped over the examples. Arguments are those of
-    :func:`per_sample_grads`.
+    The convention of ``jax.value_and_grad``, vmapped over the examples.
+
+    Args:
+        loss_fn: as in :func:`per_sample_grads`.
+        params: as in :func:`per_sample_grads`.
+        batch: as in :func:`per_sample_grads`.
+        chunk_size: as in :func:`per_sample_grads`.
+        buffers: as in :func:`per_sample_grads`.
+        randomness: as in :func:`per_sample_grads`.
+        has_aux: as in :func:`per_sample_grads`.
+        method: as in :func:`per_sample_grads`.
+
+    Returns:
+        ``(losses, grads)``: each example's loss ``(batch_size,)`` and the per-sample gradients
+        (a pytree like ``params`` with a leading batch dimension); with ``has_aux``,
+        ``((losses, aux), grads)``.
 
     Example:
         >>> import torch, functrain as ft
