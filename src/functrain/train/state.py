@@ -128,6 +128,10 @@ def _shares_writable_memory(source: TrainState, derived: TrainState) -> bool:
     """
     if not {"params", "opt_state"} & set(_replaced(source, derived)):
         return True  # the common case (replace(key=...), prepare): shared, nothing to compare
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace untyped_storage() (a graph break, an error with fullgraph=True),
+        # and traced tensors' storages are not the real ones: assume sharing, the safe side.
+        return True
     return not _storages(source).isdisjoint(_storages(derived))
 
 
@@ -327,11 +331,34 @@ class TrainState:
             )
         n_params = tree.size(self._params)
         return (
-            f"TrainState(step={self._step!r}, params=<{n_params} elements in "
+            f"TrainState(step={_scalar_repr(self._step)}, params=<{n_params} elements in "
             f"{len(tree.leaves(self._params))} tensors>, opt_state=..., "
-            f"buffers=<{len(tree.leaves(self._buffers))} tensors>, key={self._key!r}, "
-            f"extra={sorted(self._extra)!r})"
+            f"buffers=<{len(tree.leaves(self._buffers))} tensors>, "
+            f"key={_scalar_repr(self._key)}, extra={_names_repr(self._extra)})"
         )
+
+
+# How many ``extra`` names a repr lists before summarising the rest as a count.
+_REPR_NAMES = 8
+
+
+def _scalar_repr(value: Any) -> str:
+    """A repr of the step or key that never reads a device's memory (that would sync it)."""
+    if not isinstance(value, torch.Tensor):
+        return repr(value)
+    if value.device.type == "cpu" and value.numel() == 1:
+        return repr(value.item())
+    return f"<{value.dtype} tensor of shape {tuple(value.shape)} on {value.device}>"
+
+
+def _names_repr(extra: Any) -> str:
+    """The first names of ``extra`` in insertion order (any key type), then how many more."""
+    if not isinstance(extra, dict):
+        return f"<{type(extra).__name__}>"
+    names = [repr(k) for k in list(extra)[:_REPR_NAMES]]
+    if len(extra) > _REPR_NAMES:
+        names.append(f"... {len(extra) - _REPR_NAMES} more")
+    return "[" + ", ".join(names) + "]"
 
 
 def _flatten(state: TrainState) -> tuple[tuple[Any, ...], None, tuple[str, ...]]:
