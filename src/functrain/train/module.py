@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from functrain.tree import TreeMismatchError
 
@@ -49,6 +50,49 @@ def _norm_modules(module: nn.Module) -> list[nn.Module]:
         for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
     ]
+
+
+def _check_materialized(module: nn.Module) -> None:
+    """Raises a clear error for a lazy module (``nn.LazyLinear``) not yet run once.
+
+    An uninitialized parameter has no shape or values, so there is nothing to put in ``params``;
+    torch's own error would blame ``detach``.
+    """
+    lazy = [
+        name
+        for named in (module.named_parameters, module.named_buffers)
+        for name, t in named()
+        if nn.parameter.is_lazy(t)
+    ]
+    if lazy:
+        raise ValueError(
+            f"ft.functionalize: {lazy[:5]}{' ...' if len(lazy) > 5 else ''} are uninitialized "
+            "(a lazy module such as nn.LazyLinear): run the module once on an example batch, "
+            "module(example), to materialize them, then call ft.functionalize(module)"
+        )
+
+
+def _parametrized(module: nn.Module) -> tuple[tuple[int, str], ...]:
+    """The ``parametrize.cached()`` keys ``(id(owner), tensor_name)`` of every parametrization."""
+    return tuple(
+        (id(m), name)
+        for m in module.modules()
+        if parametrize.is_parametrized(m)
+        for name in m.parametrizations  # type: ignore[union-attr]
+    )
+
+
+def _drop_cached(keys: tuple[tuple[int, str], ...]) -> None:
+    """Forgets ``parametrize.cached()``'s values for ``keys``.
+
+    The cache is keyed by module and name, not by the tensors swapped in, so without this a
+    second call inside ``with parametrize.cached():`` would silently reuse the first call's
+    weights (and a value made under ``torch.func.grad`` would outlive that transform).
+    """
+    cache = getattr(parametrize, "_cache", None)
+    if keys and cache and getattr(parametrize, "_cache_enabled", 0):
+        for key in keys:
+            cache.pop(key, None)
 
 
 def _aliases(module: nn.Module) -> tuple[tuple[str, str], ...]:
@@ -154,6 +198,8 @@ class FunctionalModel:
     def __init__(
         self, module: nn.Module, buffers: dict[str, torch.Tensor], training: bool | None = None
     ) -> None:
+        if not torch.compiler.is_compiling():  # model.eval() may be traced; is_lazy is not
+            _check_materialized(module)
         self.module = module
         self.buffers = buffers
         self.training = training
@@ -170,6 +216,15 @@ class FunctionalModel:
         # Every name a tied tensor has beyond its first one, resolved once here, so calls can
         # skip functional_call's per-call tie analysis (tie_weights=False with all names given).
         self._aliases = _aliases(module)
+        self._cache_keys = _parametrized(module)
+        # An RNN keeps strong references to the weights of its last forward (_flat_weights); our
+        # swap bypasses its __setattr__, so those are reset after each call, or the module would
+        # hold the last call's params (and any autograd graph behind them) until the next one.
+        self._rnns = tuple(
+            m
+            for m in module.modules()
+            if isinstance(m, nn.RNNBase) and hasattr(m, "_init_flat_weights")
+        )
         self._links: tuple[tuple[dict[str, Any], str, nn.Module], ...] = ()
         self._slots = self._slot_tables()
         # (name, name in the buffers dict) of each buffer slot, tied names included
@@ -280,12 +335,18 @@ class FunctionalModel:
         )
 
     def _run(self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any) -> Any:
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            _drop_cached(self._cache_keys)
         try:
             return self._swap_and_run(params, buffers, args, kwargs)
         except Exception as err:
             with _no_function_modes():
                 _add_placement_note(err, {**params, **buffers})
             raise
+        finally:
+            if not compiling:
+                _drop_cached(self._cache_keys)
 
     def _swap_and_run(
         self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any
@@ -325,6 +386,8 @@ class FunctionalModel:
         finally:
             for table, attr, original in reversed(saved):
                 table[attr] = original
+            for rnn in self._rnns:
+                rnn._init_flat_weights()
 
     def __call__(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """The forward output, using the snapshot buffers read-only.
@@ -420,6 +483,10 @@ def functionalize(
     Parameters with ``requires_grad=False`` are included and differentiated like the others:
     functrain ignores the flag, freeze them with :func:`functrain.freeze` instead.
 
+    A forward that writes a *parameter* in place (``nn.Embedding(max_norm=...)`` renormalizes
+    its rows) writes the given ``params`` in place, as the module writes its own weight; with
+    ``copy=False`` those share the module's memory. Lazy modules must be run once first.
+
     Example:
         >>> import torch, functrain as ft
         >>> emb = torch.nn.Embedding(5, 3)
@@ -431,6 +498,7 @@ def functionalize(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"functionalize expects an nn.Module, got {type(module).__name__}")
+    _check_materialized(module)
 
     def take(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone() if copy else t.detach()
