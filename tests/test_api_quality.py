@@ -88,7 +88,6 @@ KNOWN_DOC_GAPS: dict[str, set[str]] = {
     "functrain.key_generator": {"args", "returns"},
     "functrain.key_seed": {"args", "returns"},
     "functrain.logging.find_runs": {"args", "returns"},
-    "functrain.logging.step_to_int": {"args", "returns"},
     "functrain.logging.to_float": {"returns"},
     "functrain.logging.to_numpy": {"args", "returns"},
     "functrain.make_eval_step": {"args", "returns"},

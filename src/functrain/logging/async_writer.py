@@ -19,6 +19,12 @@ at that moment even if their memory is reused afterwards (donated buffers, CUDA 
 An exception raised by the wrapped writer in the background thread is re-raised (as a
 ``RuntimeError`` whose ``__cause__`` is the original) by the next call to any method, after
 that call's own values are buffered; ``flush`` and ``close`` first write everything buffered.
+
+Scalars reach the wrapped writer as Python numbers (a float64 or integer tensor keeps its
+precision), so the stored precision is the wrapped writer's: float32 for
+:class:`~functrain.logging.TensorBoardWriter`. The step is checked at the call with the rule of
+:func:`~functrain.logging.step_to_int` (a bool step, tensor or not, is a ``TypeError``), so a bad
+step fails in the caller rather than later in the background thread.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from functrain.logging.base import Array, HParam, MetricWriter, Scalar
+from functrain.logging.base import Array, HParam, MetricWriter, Scalar, _check_step
 
 _MAIN = threading.main_thread()
 
@@ -168,19 +174,6 @@ def _check_names(mapping: Mapping[str, Any], what: str) -> list[str]:
         if not isinstance(name, str) or not name:
             raise TypeError(f"{what} names must be non-empty strings, got {name!r}")
     return names
-
-
-def _check_step(step: Any) -> None:
-    if type(step) is int:
-        return
-    if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
-            raise TypeError(
-                f"step must be an integer scalar, got a {step.dtype} tensor of shape "
-                f"{tuple(step.shape)}"
-            )
-    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an int or an integer tensor, got {step!r}")
 
 
 def _write_host_scalars(

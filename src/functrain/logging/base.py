@@ -14,7 +14,10 @@ Methods of :class:`MetricWriter`:
   they should be compared on;
 - ``flush()``, ``close()``, and ``with writer: ...`` (closes on exit).
 
-``step`` may be a Python int or an integer tensor (such as ``TrainState.step``).
+``step`` may be a Python int, a NumPy integer or an integer tensor (such as ``TrainState.step``);
+every writer refuses a bool step with a ``TypeError`` (:func:`step_to_int` is the shared rule).
+How precisely a scalar is kept is up to the writer: TensorBoard stores float32, so a float64
+value is rounded and a value beyond float32's range reads back as ``±inf``.
 
 Example:
     >>> import torch
@@ -30,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import abc
+import math
 import numbers
 from collections.abc import Mapping
 from types import TracebackType
@@ -69,8 +73,9 @@ class MetricWriter(abc.ABC):
         """Writes one number per name at ``step``.
 
         Args:
-            step: the global step (a Python int or an integer tensor).
+            step: the global step (a Python int, NumPy integer or integer tensor; not a bool).
             scalars: name -> Python number, NumPy scalar or one-element tensor on any device.
+                The writer decides the stored precision (float32 in TensorBoard).
         """
 
     def write_histograms(self, step: int | torch.Tensor, arrays: Mapping[str, Array]) -> None:
@@ -141,11 +146,25 @@ class NullWriter(MetricWriter):
         del step, scalars
 
 
-def step_to_int(step: Any) -> int:
+def step_to_int(step: Any, name: str = "step") -> int:
     """Converts a step (Python int, NumPy integer or one-element integer tensor) to ``int``.
+
+    This is the one rule every writer applies to its ``step`` argument. Booleans are refused
+    (``True``, ``np.True_`` and bool tensors alike): a flag passed as the step is a bug, and
+    reading it as step 1 would hide it.
 
     A tensor on an accelerator is copied to the host, which waits for it: call this in a
     writer, not in a train step.
+
+    Args:
+        step: the step.
+        name: the argument's name, used in the error message.
+
+    Returns:
+        The step as a Python int.
+
+    Raises:
+        TypeError: ``step`` is a bool, a float, complex, or not one element.
 
     Example:
         >>> import torch
@@ -153,22 +172,44 @@ def step_to_int(step: Any) -> int:
         >>> step_to_int(torch.tensor(7, dtype=torch.int32))
         7
     """
+    _check_step(step, name)
     if type(step) is int:
         return step
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_floating_point() or step.is_complex():
+        return int(step.detach().reshape(()).cpu().item())
+    return int(step)
+
+
+def _check_step(step: Any, name: str = "step") -> None:
+    """Raises ``TypeError`` unless ``step`` is a valid step (see :func:`step_to_int`).
+
+    Reads only the step's type, dtype and shape, so it never waits for a device: the checks an
+    asynchronous writer makes at the call, before the value reaches the host.
+    """
+    if type(step) is int:
+        return
+    if isinstance(step, torch.Tensor):
+        if (
+            step.numel() != 1
+            or step.is_floating_point()
+            or step.is_complex()
+            or step.dtype == torch.bool
+        ):
             raise TypeError(
-                f"step must be an integer scalar, got a {step.dtype} tensor of shape "
+                f"{name} must be an integer scalar, got a {step.dtype} tensor of shape "
                 f"{tuple(step.shape)}"
             )
-        return int(step.detach().reshape(()).cpu().item())
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an int or an integer tensor, got {step!r}")
-    return int(step)
+    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        # np.bool_ is no numbers.Integral, so it is refused here too.
+        raise TypeError(f"{name} must be an int or an integer tensor, got {step!r}")
 
 
 def to_float(value: Any, name: str = "value") -> float:
     """Converts a scalar (number, NumPy scalar or one-element tensor) to a Python float.
+
+    A number beyond float64's range (a huge Python int or ``Fraction``) becomes ``±inf``, as a
+    float64 beyond float32's range does in TensorBoard's float32 scalars: logging a runaway
+    counter shows it as infinite rather than stopping the training loop.
 
     Args:
         value: the scalar.
@@ -196,7 +237,10 @@ def to_float(value: Any, name: str = "value") -> float:
             raise ValueError(f"scalar {name!r} must have one element, got shape {value.shape}")
         value = value.reshape(()).item()
     if isinstance(value, (numbers.Real, np.bool_)):  # np.bool_ is no numbers.Real, unlike bool
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # exact numbers (int, Fraction) beyond float64: keep the sign
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, numbers.Complex):  # as for complex tensors: no silent real part
         raise TypeError(f"scalar {name!r} is complex ({type(value).__name__})")
     raise TypeError(f"scalar {name!r} must be a number or a one-element tensor, got {value!r}")

@@ -118,6 +118,11 @@ def _histogram(values: np.ndarray, bins: int) -> dict[str, Any] | None:
 
 
 def _hparam_value(name: str, value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:  # the HParams proto holds numbers as float64: keep it as text
+            return str(value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (torch.Tensor, np.generic, np.ndarray)):
@@ -185,7 +190,9 @@ class TensorBoardWriter(MetricWriter):
 
     TensorBoard stores a scalar as a float32 (``simple_value``): float64 values are rounded to
     float32, integer counters above 2**24 lose their last digits, and finite values beyond
-    float32's range read back as ``±inf``. NaN and infinities are kept. Histogram edges and
+    float32's range (Python ints beyond float64's included) read back as ``±inf``. NaN and
+    infinities are kept. A step is a Python int, NumPy integer or integer tensor; a bool step is
+    refused with a ``TypeError`` (see :func:`~functrain.logging.step_to_int`). Histogram edges and
     sums are stored as float64.
 
     Example:
@@ -214,7 +221,7 @@ class TensorBoardWriter(MetricWriter):
         if histogram_bins < 1:
             raise ValueError(f"histogram_bins must be >= 1, got {histogram_bins}")
         if purge_step is not None:
-            purge_step = step_to_int(purge_step)
+            purge_step = step_to_int(purge_step, "purge_step")
             if purge_step < 0:
                 raise ValueError(f"purge_step must be >= 0, got {purge_step}")
         summary_writer = _summary_writer_class()
@@ -254,7 +261,16 @@ class TensorBoardWriter(MetricWriter):
         return value
 
     def write_scalars(self, step: int | torch.Tensor, scalars: Mapping[str, Scalar]) -> None:
-        """Writes each scalar as a TensorBoard scalar event under its name."""
+        """Writes each scalar as a TensorBoard scalar event under its name.
+
+        TensorBoard stores each value as a float32: float64 values and integers above 2**24 are
+        rounded, finite values beyond float32's range (huge Python ints included) are written
+        as ``±inf``, and NaN and infinities are kept.
+
+        Args:
+            step: the global step (a Python int, NumPy integer or integer tensor; not a bool).
+            scalars: name -> Python number, NumPy scalar or one-element tensor on any device.
+        """
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         _check_names(scalars, "scalars")
@@ -329,8 +345,8 @@ class TensorBoardWriter(MetricWriter):
 
         Args:
             hparams: name -> int, float, str, bool or one-element tensor (a bool tensor is a
-                bool; other values, multi-element tensors included, are shown as text, ``None``
-                is left out).
+                bool; other values, multi-element tensors included, are shown as text, as is
+                an int beyond float64's range; ``None`` is left out).
             metrics: name -> final value or ``None``.
             step: step of the metric scalars; default: the last step written (0 if none).
             hparam_domain_discrete: name -> every value that hyperparameter takes across runs.
