@@ -37,15 +37,20 @@ makes the sum NaN (as in optax), so a train step that skips non-finite updates r
 the batch held one.
 
 Accumulation. Sum the clipped sums of the micro-batches and apply :func:`dp_noisy_mean` once.
-``MultiSteps`` *averages* its ``K`` inputs, so inside it use
-``dp_noisy_mean(C / K, σ, B_expected / K, seed)``: ``(mean + σ(C/K)ξ) / (B/K) = (Σ + σCξ) / B``.
+In your own loop feeding one micro-batch of a batch per call, ``MultiSteps`` *averages* its
+``K`` inputs, so inside it use ``dp_noisy_mean(C / K, σ, B_expected / K, seed)``:
+``(mean + σ(C/K)ξ) / (B/K) = (Σ + σCξ) / B``. ``make_train_step(per_example_clip=C)`` refuses
+it: there each call is a whole sampled batch; give it ``micro_batches=K`` instead.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import weakref
 from collections.abc import Iterator
+from types import MethodType
 from typing import Any, NamedTuple
 
 import torch
@@ -77,11 +82,30 @@ def _tag(tx: GradientTransformation, role: str, l2_norm_clip: Any) -> GradientTr
 def dp_members(tx: Any) -> Iterator[tuple[str, Any]]:
     """The members of ``tx`` in application order (chains flattened), as ``(role, clip)``.
 
-    ``role`` is ``"noisy_mean"`` (:func:`dp_noisy_mean`), ``"aggregate"``
-    (:func:`differentially_private_aggregate`, also inside :func:`dpsgd`) or ``"other"``
-    (anything else, including wrappers this cannot see through, and a ``dp_noisy_mean`` inside
-    ``masked``, which noises only some leaves); ``clip`` is the transform's
-    ``l2_norm_clip`` (``None`` for ``"other"``).
+    ``role`` is ``"noisy_mean"`` (:func:`dp_noisy_mean`, also built by
+    ``inject_hyperparams(dp_noisy_mean)``), ``"aggregate"``
+    (:func:`differentially_private_aggregate`, also inside :func:`dpsgd`), ``"guard"``
+    (``zero_nans``: the identity on finite updates) or ``"other"`` (anything else, including
+    wrappers this cannot see through); ``clip`` is the transform's ``l2_norm_clip`` (for an
+    injected one, its initial value: like a tensor, it may be changed in the state later;
+    ``None`` for the other roles).
+
+    Wrappers: chains, ``named_chain``, ``apply_if_finite`` (which skips a non-finite update
+    whole) and ``inject_hyperparams`` are seen through. ``MultiSteps``, ``masked`` and
+    ``partition`` around an aggregate yield ``"aggregate"``, around anything else ``"other"``.
+
+    Args:
+        tx: a gradient transformation (or a ``MultiSteps``).
+
+    Yields:
+        ``(role, clip)`` per member.
+
+    Raises:
+        ValueError: ``tx`` holds a :func:`dp_noisy_mean` where its noise is not the DP-SGD
+            noise of the step's clipped sum: inside ``MultiSteps`` (noise on an average over
+            ``k`` steps), ``masked`` or ``partition`` (noise on some leaves only), or under
+            ``inject_hyperparams`` with a scheduled ``l2_norm_clip``. The message names the
+            wrapper and what to use instead.
 
     Example:
         >>> import functrain as ft
@@ -105,13 +129,108 @@ def dp_members(tx: Any) -> Iterator[tuple[str, Any]]:
         for _, member in spec.members:
             yield from dp_members(member)
     elif isinstance(spec, fused.Masked):
-        # A masked transform sees part of the tree: a dp_noisy_mean there noises only those
-        # leaves (not the DP-SGD update), but an aggregate there still expects per-example
-        # gradients.
-        for role, clip in dp_members(spec.inner):
-            yield (role, clip) if role == "aggregate" else ("other", None)
+        yield _confined("masked", [spec.inner])
+    elif isinstance(spec, fused.Injected):
+        yield from _injected_members(spec)
+    elif isinstance(getattr(tx, "update", None), MethodType) and isinstance(
+        tx.update.__self__, optim.MultiSteps
+    ):  # a MultiSteps or its gradient_transformation()
+        yield _confined("MultiSteps", [tx.update.__self__.inner_opt])
     else:
+        kind = _wrapper_codes().get(getattr(tx.update, "__code__", None))
+        if kind == "apply_if_finite":
+            # The whole update is applied or skipped (zeros, the inner state and noise key
+            # kept): when applied it is the inner transform's. That a skip reveals a
+            # non-finite batch is documented in the module docstring.
+            yield from dp_members(_free_variable(tx.update, "inner"))
+        elif kind == "partition":
+            yield _confined(
+                "partition (multi_transform)", list(_free_variable(tx.update, "txs").values())
+            )
+        elif kind == "zero_nans":
+            yield ("guard", None)
+        else:
+            yield ("other", None)
+
+
+# Why a dp_noisy_mean inside each wrapper is not the DP-SGD noise of the step's clipped sum.
+_CONFINED = {
+    "MultiSteps": (
+        "it feeds its inner transform the average of k steps' clipped sums (k "
+        "separately sampled batches) and adds the noise once per k steps, so the noise does "
+        "not match the sensitivity of that average and an accountant counting steps counts k "
+        "releases where there is one; accumulate inside one step instead with "
+        "make_train_step(..., micro_batches=k) and a k times larger batch (and "
+        "expected_batch_size), dropping MultiSteps (a MultiSteps after dp_noisy_mean, around "
+        "the optimizer only, is fine)"
+    ),
+    "masked": (
+        "it noises only the leaves its mask selects and releases the others without "
+        "noise; put dp_noisy_mean first, outside the mask: chain(dp_noisy_mean(...), "
+        "masked(...))"
+    ),
+    "partition (multi_transform)": (
+        "it noises only the leaves of the labels whose transform "
+        "holds it, each group with its own key, and releases the others without noise; put "
+        "dp_noisy_mean first, outside the partition: chain(dp_noisy_mean(...), "
+        "partition({...}, labels))"
+    ),
+}
+
+
+def _confined(wrapper: str, inners: list[Any]) -> tuple[str, Any]:
+    """The role of a wrapper that runs ``inners`` on part of the updates or of the steps."""
+    roles = [role for inner in inners for role, _ in dp_members(inner)]
+    if "noisy_mean" in roles:
+        raise ValueError(f"tx wraps dp_noisy_mean in {wrapper}: {_CONFINED[wrapper]}")
+    # An aggregate there still expects per-example gradients: reported as such.
+    return ("aggregate", None) if "aggregate" in roles else ("other", None)
+
+
+def _injected_members(spec: fused.Injected) -> Iterator[tuple[str, Any]]:
+    """The members of ``inject_hyperparams(factory)(...)``: those of the factory's transform
+    built with the initial hyperparameters (schedules at step 0)."""
+    try:
+        # inject_hyperparams registers no factory in its spec: read it from the closures of
+        # its ``prepare`` (``numeric``, ``schedules``) and ``build`` (``inner_factory``, ``other``).
+        outer = inspect.getclosurevars(spec.prepare).nonlocals
+        inner = inspect.getclosurevars(outer["build"]).nonlocals
+        factory, static = inner["inner_factory"], inner["other"]
+        numeric, schedules = outer["numeric"], outer["schedules"]
+    except (KeyError, TypeError):  # another implementation: cannot see inside
         yield ("other", None)
+        return
+    if factory is dp_noisy_mean and "l2_norm_clip" in schedules:
+        raise ValueError(
+            "tx is inject_hyperparams(dp_noisy_mean) with a scheduled l2_norm_clip, but the "
+            "step clips every example to the fixed per_example_clip, the sensitivity the noise "
+            "must be calibrated to; give l2_norm_clip as that number (schedule "
+            "noise_multiplier instead)"
+        )
+    try:
+        count = torch.zeros((), dtype=torch.int32)
+        stand_in = {name: fn(count) for name, fn in schedules.items()}
+        built = factory(**static, **numeric, **stand_in)
+    except Exception:  # a factory refusing the stand-ins (or a schedule failing): opaque
+        yield ("other", None)
+        return
+    yield from dp_members(built)
+
+
+@functools.cache
+def _wrapper_codes() -> dict[Any, str]:
+    """The code objects of the ``update`` functions of wrappers that register no spec."""
+    probe = optim.identity()
+    return {
+        optim.apply_if_finite(probe, 0).update.__code__: "apply_if_finite",
+        optim.partition({"all": probe}, "all").update.__code__: "partition",
+        optim.zero_nans().update.__code__: "zero_nans",
+    }
+
+
+def _free_variable(fn: Any, name: str) -> Any:
+    """The value of the closure variable ``name`` of ``fn``."""
+    return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
 
 
 def _base_key(seed: int | torch.Tensor) -> torch.Tensor:

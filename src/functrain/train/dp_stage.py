@@ -79,9 +79,16 @@ def _check_tx(tx: Any, l2_norm_clip: Any) -> None:
     The step hands ``tx`` the *sum* of the clipped per-example gradients; only
     :func:`functrain.dp_noisy_mean` applied first, with the same ``C``, adds noise calibrated to
     that sum's sensitivity. Any transform before it changes the sensitivity, and
-    ``differentially_private_aggregate`` (``dpsgd``) expects per-example gradients.
+    ``differentially_private_aggregate`` (``dpsgd``) expects per-example gradients. Wrappers
+    are judged by :func:`functrain.grads.privacy.dp_members`: seen through
+    (``apply_if_finite``, ``inject_hyperparams``), or refused where they break the noise's
+    calibration (``MultiSteps``, ``masked``, ``partition`` around the noise).
     """
-    members = list(privacy.dp_members(tx))
+    try:
+        # Guards (zero_nans) are the identity on the finite sums the noise is calibrated for.
+        members = [m for m in privacy.dp_members(tx) if m[0] != "guard"]
+    except ValueError as err:
+        raise ValueError(f"per_example_clip: {err}") from None
     roles = [role for role, _ in members]
     if "aggregate" in roles:
         raise ValueError(
@@ -94,7 +101,7 @@ def _check_tx(tx: Any, l2_norm_clip: Any) -> None:
             "per_example_clip: tx does not begin with dp_noisy_mean, so the step adds no "
             "noise (not DP-SGD) and tx receives the sum of the clipped per-example gradients, "
             f"not their mean; use tx = {_RECIPE} (noise_multiplier=0.0 to clip without "
-            "noise). If a wrapper hides a dp_noisy_mean, ignore this warning.",
+            "noise). If a wrapper of your own hides a dp_noisy_mean, ignore this warning.",
             UserWarning,
             # _check_tx < check_options < TrainStep.__init__ < make_train_step < the caller.
             stacklevel=5,
