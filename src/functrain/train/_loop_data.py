@@ -107,9 +107,17 @@ def leading_size(batch: Any) -> int:
 
 
 def epoch_iterable(batches: Any, epoch: int, seed: int) -> Iterable[Any]:
-    """The batches of ``epoch``, in an order that depends only on (``seed``, ``epoch``)."""
-    if callable(batches) and not hasattr(batches, "__iter__"):
-        return batches(epoch)
+    """The batches of ``epoch``, in an order that depends only on (``seed``, ``epoch``).
+
+    ``batches`` is an iterable or a function ``epoch -> iterable``. What the function returns
+    gets the same treatment as an iterable (``set_epoch``, reseeding, the warning), so that a
+    loader it builds afresh each epoch (as a resumed process does) keeps a reproducible order,
+    except that a generator the function seeded itself keeps its seed (that choice of order
+    is the function's to make), with a warning if it has drawn since it was seeded.
+    """
+    from_function = callable(batches) and not hasattr(batches, "__iter__")
+    if from_function:
+        batches = batches(epoch)
     if hasattr(batches, "set_epoch"):
         batches.set_epoch(epoch)
     if isinstance(batches, torch.utils.data.DataLoader):
@@ -129,7 +137,18 @@ def epoch_iterable(batches: Any, epoch: int, seed: int) -> Iterable[Any]:
         generators.update((id(g), g) for s in samplers.values() if (g := _generator(s)))
         generators.pop(id(None), None)
         for g in generators.values():
-            g.manual_seed(epoch_seed(seed, epoch))
+            chosen = _function_seed(g, seed, epoch) if from_function else None
+            if chosen is None:
+                g.manual_seed(epoch_seed(seed, epoch))
+            elif chosen == "drawn":
+                warnings.warn(
+                    "train_loop: the batches function returned a DataLoader whose generator it "
+                    "seeded once and that has drawn since, so a resumed run sees a different "
+                    "data order; seed it in the function from the epoch "
+                    "(torch.Generator().manual_seed(epoch)) or leave it unseeded "
+                    "(torch.Generator()) and train_loop seeds it from (seed, epoch)",
+                    stacklevel=3,
+                )
         if any(
             isinstance(s, torch.utils.data.RandomSampler) and s.generator is None
             for s in samplers.values()
@@ -142,6 +161,25 @@ def epoch_iterable(batches: Any, epoch: int, seed: int) -> Iterable[Any]:
                 stacklevel=3,
             )
     return batches
+
+
+# The seed of a generator nobody seeded (torch.Generator() starts from it).
+_DEFAULT_SEED = torch.Generator().initial_seed()
+
+
+def _function_seed(g: torch.Generator, seed: int, epoch: int) -> str | None:
+    """Who chose the seed of ``g``, a generator of what ``batches(epoch)`` returned.
+
+    ``None``: the loop (torch's default seed, or the loop's own seed of the previous epoch,
+    for a loader the function returns every epoch). ``"fresh"``: the function, which has
+    just seeded it. ``"drawn"``: the function, but ``g`` has drawn since (seeded once and
+    shared by every epoch), so its stream continues where a resumed process restarts it.
+    """
+    initial = g.initial_seed()
+    if initial == _DEFAULT_SEED or (epoch > 0 and initial == epoch_seed(seed, epoch - 1)):
+        return None
+    fresh = torch.Generator(device=g.device).manual_seed(initial)
+    return "fresh" if torch.equal(g.get_state(), fresh.get_state()) else "drawn"
 
 
 def _generator(sampler: Any) -> torch.Generator | None:

@@ -124,7 +124,13 @@ def train_loop(
     ``batch_sampler`` (``BatchSampler(RandomSampler(ds, generator=g), ...)``) and for a
     ``batch_sampler`` with a ``generator`` (:class:`~functrain.PoissonSampler`). A
     ``RandomSampler`` without a generator uses the global random generator and is warned
-    about.
+    about. What a function ``batches(epoch)`` returns is treated the same way (so a
+    ``DataLoader`` it builds afresh each epoch, as a resumed process does, keeps its order),
+    except for a generator the function seeded itself
+    (``generator=torch.Generator().manual_seed(epoch)``): its seed is the function's choice
+    and is kept. Such a generator that has drawn since it was seeded (seeded once and shared
+    by every epoch) continues its stream, which a resumed run restarts, and is warned about.
+    An unseeded ``torch.Generator()`` is seeded from ``(seed, epoch)``.
 
     **Checkpoints and resume.** With ``checkpoint_manager`` (a
     :class:`~functrain.checkpoint.CheckpointManager`) the state is saved every
@@ -167,7 +173,8 @@ def train_loop(
     Args:
         step: a train step, ``step(state, batch) -> (new_state, metrics)``.
         state: the initial state (and the restore target when resuming).
-        batches: an iterable of batches re-read each epoch, or ``epoch -> iterable``.
+        batches: an iterable of batches re-read each epoch, or ``epoch -> iterable`` (see
+            *Data order* for how its result is reseeded).
         epochs: passes over ``batches``.
         max_steps: stop once ``state.step`` reaches this (an absolute step, so a resumed run
             stops at the same place).
