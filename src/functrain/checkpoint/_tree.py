@@ -266,6 +266,24 @@ def build(node: Any, load: LoadFn, device: torch.device | None) -> Any:
     return visit(node, [])
 
 
+def _leaf_device(obj: torch.Tensor, device: torch.device | None) -> torch.device:
+    """Where a restored leaf goes: ``device`` if given, else the target leaf's device.
+
+    A target leaf on the ``meta`` device (e.g. from ``torch.device("meta")`` model
+    construction) only describes a shape and dtype: its values come back on the CPU, because a
+    meta tensor would hold none of the restored values.
+    """
+    dev = device if device is not None else obj.device
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
+def _has_meta_tensor(tree: Any) -> bool:
+    return any(
+        isinstance(leaf, torch.Tensor) and leaf.is_meta
+        for leaf in optree.tree_leaves(tree, none_is_leaf=False)
+    )
+
+
 def _canonical(key: Any) -> str:
     return json.dumps(_scalar_node(key))
 
@@ -302,7 +320,7 @@ def restore_into(
                     path,
                     f"has dtype {dtype_name(dtype)} but target has {dtype_name(obj.dtype)}",
                 )
-            t = load(node, where, device if device is not None else obj.device)
+            t = load(node, where, _leaf_device(obj, device))
             if isinstance(obj, torch.nn.Parameter):
                 return torch.nn.Parameter(t, requires_grad=obj.requires_grad)
             return t.requires_grad_(obj.requires_grad) if obj.requires_grad else t
@@ -336,6 +354,13 @@ def restore_into(
                 if strict:
                     raise CheckpointMismatchError(
                         f"{path_str('target', [*path, k])} has no counterpart in the checkpoint"
+                    )
+                if _has_meta_tensor(child):
+                    # Keeping the target's value would return a meta tensor with no values.
+                    raise CheckpointMismatchError(
+                        f"{path_str('target', [*path, k])} has no counterpart in the checkpoint "
+                        "and holds meta tensors, which have no values to keep (non-strict "
+                        "restore keeps missing entries' target values)"
                     )
                 missing.append(path_str("target", [*path, k]))
                 children.append(child)

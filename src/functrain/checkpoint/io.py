@@ -147,7 +147,10 @@ def restore(
 
     With ``target`` (typically a freshly initialised state), the result has the target's node
     types (NamedTuples, ``TrainState``, ...) and custom-node metadata, and each tensor is placed
-    on the target leaf's device. Structure, shapes and dtypes are validated first-difference
+    on the target leaf's device, except that a target leaf on the ``meta`` device (a state built
+    under ``torch.device("meta")``) gives only the expected shape and dtype: its restored values
+    are placed on the CPU, or on ``device`` when given. Restore never returns meta tensors,
+    which hold no values. Structure, shapes and dtypes are validated first-difference
     first, e.g. ``checkpoint['opt_state'][0]['mu']['fc.weight'] has shape (3, 4) but target has
     (4, 4)``.
 
@@ -160,11 +163,13 @@ def restore(
         path: the checkpoint file.
         target: a pytree with the expected structure; its leaf values are not used.
         device: put every tensor there instead (e.g. ``"cpu"`` to load a GPU run on a laptop).
+            ``"meta"`` is refused: it would drop every value.
         strict: if True (default), every container must have the target's kind, keys and
             class name (``__qualname__``; the module is not compared, so a class saved from a
             script's ``__main__`` loads into the same class imported from a package), and
             scalar leaves the target's Python type. If False, target entries missing from the
-            checkpoint keep the target's value, checkpoint entries absent from the target are
+            checkpoint keep the target's value (an error when that value holds meta tensors),
+            checkpoint entries absent from the target are
             ignored (both are logged), and containers are matched by key whatever their
             class; shapes and dtypes are still checked.
         verify: check the SHA-256 of every tensor read (reading costs one hash pass).
@@ -174,6 +179,7 @@ def restore(
         InvalidCheckpointError: a truncated, corrupted or foreign file, including pickles and
             ``torch.save`` archives (refused without being unpickled).
         CheckpointMismatchError: the checkpoint does not fit ``target``; names the path.
+        ValueError: ``device`` is not a device, or is the ``meta`` device.
 
     Example:
         >>> import os, tempfile, torch
@@ -205,15 +211,22 @@ def restore(
 
 
 def _device(device: Any) -> torch.device | None:
-    if device is None or isinstance(device, torch.device):
-        return device
+    if device is None:
+        return None
     try:
-        return torch.device(device)
+        dev = device if isinstance(device, torch.device) else torch.device(device)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(
             "device must be None, a torch.device or a device string such as 'cpu' or "
             f"'cuda:0', got {device!r}"
         ) from None
+    if dev.type == "meta":
+        # Meta tensors carry no values: restoring onto them would silently drop the checkpoint.
+        raise ValueError(
+            "device='meta' would restore tensors without values; pass a real device (a meta "
+            "target leaf already means 'shape and dtype only, values on the CPU')"
+        )
+    return dev
 
 
 _CODE_TO_DTYPE = {code: dtype for dtype, code in _file._NATIVE_CODES.items()}
