@@ -130,6 +130,9 @@ class DataParallelTrainStep:
     ) -> TrainState:
         """A fresh state for this step: rank 0's parameters and buffers, this rank's optimizer state.
 
+        With ``shard_optimizer=True`` the shard's identity goes to ``state.extra["zero_shard"]``
+        (see :meth:`shard_state`).
+
         Args:
             params: the initial parameters (with ``broadcast``, only rank 0's values count).
             buffers: model buffers, or ``None``.
@@ -168,13 +171,20 @@ class DataParallelTrainStep:
             params=params, tx=identity(), buffers=buffers, seed=seed, key=key, extra=extra
         )
         leaves, spec = tree.flatten(state.params)
-        pieces = [p.clone() for p in self._layout_for(state.params).pieces(leaves)]
-        return state.replace(opt_state=self.tx.init(tree.unflatten(spec, pieces)))
+        layout = self._layout_for(state.params)
+        pieces = [p.clone() for p in layout.pieces(leaves)]
+        return state.replace(
+            opt_state=self.tx.init(tree.unflatten(spec, pieces)),
+            extra={**state.extra, zero.SHARD_KEY: layout.identity()},
+        )
 
     def shard_state(self, state: TrainState) -> TrainState:
         """This rank's state from a state holding the whole optimizer state (e.g. restored).
 
-        With ``shard_optimizer=False`` the state is returned as it is.
+        The shard's identity (this rank, the world size and a fingerprint of the cut) goes to
+        ``state.extra["zero_shard"]`` (plain ints and a string, saved with a checkpoint), so
+        the step and ``full_state`` refuse it on another rank or world size. With
+        ``shard_optimizer=False`` the state is returned as it is.
 
         Example:
             >>> import torch, functrain as ft
@@ -187,13 +197,23 @@ class DataParallelTrainStep:
         """
         if not self.shard_optimizer:
             return state
-        return state.replace(opt_state=self._map_for(state.params).shard(state.opt_state))
+        state_map = self._map_for(state.params)
+        return state.replace(
+            opt_state=state_map.shard(state.opt_state),
+            extra={**state.extra, zero.SHARD_KEY: state_map.layout.identity()},
+        )
 
     def full_state(self, state: TrainState) -> TrainState:
         """The state with the whole optimizer state, gathered from all ranks (for checkpoints).
 
         A collective: every rank must call it; every rank gets the whole state and rank 0
-        typically saves it. With ``shard_optimizer=False`` the state is returned as it is.
+        typically saves it. The result names no shard (``state.extra["zero_shard"]`` is
+        dropped): it resumes on any world size through ``shard_state``. With
+        ``shard_optimizer=False`` the state is returned as it is.
+
+        Raises:
+            RankMismatchError: ``state`` holds another rank's shard (or one of another world
+                size), refused before the collective.
 
         Example:
             >>> import torch, functrain as ft
@@ -205,8 +225,13 @@ class DataParallelTrainStep:
         """
         if not self.shard_optimizer:
             return state
+        state_map = self._map_for(state.params)
+        # Gathering another rank's shard would assemble wrong rows: refused before the collective.
+        state_map.layout.check_identity(state.extra, "gathering the optimizer state")
         return state.replace(
-            opt_state=self._map_for(state.params).gather(state.opt_state, self.group)
+            opt_state=state_map.gather(state.opt_state, self.group),
+            # The whole state is every rank's: it names no shard, and resumes on any world size.
+            extra={k: v for k, v in state.extra.items() if k != zero.SHARD_KEY},
         )
 
     # -- the step -------------------------------------------------------------------------
@@ -251,6 +276,10 @@ class DataParallelTrainStep:
         local_step, group = self._local, self.group
         p_leaves = local_step._guard.check(params)
         self._opt_guard.check(state, params, opt_state)
+        if self.shard_optimizer:
+            # Every call (the guard caches by structure, which another rank's shard shares);
+            # a few Python comparisons: no tensor read, no collective.
+            self._layout_for(params).check_identity(extra, "data-parallel train step")
         if self.donate:
             _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
         faults = local_step.faults

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -47,6 +48,10 @@ from functrain.optim.base import GradientTransformation
 __all__ = ["LeafShard", "optimizer_state_bytes"]
 
 _MB = 1 << 20
+
+# The ``state.extra`` entry naming whose shard a sharded optimizer state is: plain ints and a
+# string, which checkpoints store as they are, so a restored shard says where it came from.
+SHARD_KEY = "zero_shard"
 
 
 class LeafShard(NamedTuple):
@@ -241,6 +246,56 @@ class Layout:
         # Whether this rank's piece counts in global sums (norms): 0-d replicas count once.
         self.owned = [s.dim is not None or rank == 0 for s in self.shards]
         self.replicated = [i for i, s in enumerate(self.shards) if s.dim is None]  # 0-d leaves
+        # The cut of every leaf (hence the world size), not the rank or the buckets: which rows
+        # a rank's shard holds. Every rank computes the same one from the shapes alone.
+        cuts = repr([(tuple(s.shape), s.dim, s.starts, s.lengths) for s in self.shards])
+        self.fingerprint = hashlib.sha256(cuts.encode()).hexdigest()[:16]
+
+    def identity(self) -> dict[str, Any]:
+        """This rank's shard identity, kept in ``state.extra[SHARD_KEY]`` of a sharded state."""
+        return {"rank": self.rank, "world_size": self.world_size, "layout": self.fingerprint}
+
+    def check_identity(self, extra: Any, what: str) -> None:
+        """Raises unless ``extra`` names this rank's shard of this layout (no tensor is read).
+
+        A state without an identity passes on one rank only, where a shard is the whole state.
+
+        Raises:
+            RankMismatchError: the shard is another rank's, of another world size or of other
+                parameter shapes, or (more than one rank) it names none.
+        """
+        found = extra.get(SHARD_KEY) if isinstance(extra, dict) else None
+        here = f"rank {self.rank} of world size {self.world_size}"
+        if found is None:
+            if self.world_size == 1:
+                return
+            raise RankMismatchError(
+                f"{what}: the sharded optimizer state carries no shard identity "
+                f"(state.extra[{SHARD_KEY!r}]), so it cannot be told to be {here}'s; build it "
+                "with step.init_state(...) or step.shard_state(whole_state)"
+            )
+        fields = ("rank", "world_size", "layout")
+        if (
+            not isinstance(found, dict)
+            or set(found) != set(fields)
+            or not all(type(found[k]) is t for k, t in zip(fields, (int, int, str)))
+        ):
+            raise RankMismatchError(
+                f"{what}: state.extra[{SHARD_KEY!r}] is {found!r}, not a shard identity "
+                "{'rank': int, 'world_size': int, 'layout': str}"
+            )
+        rank, world = found["rank"], found["world_size"]
+        if (rank, world) != (self.rank, self.world_size):
+            raise RankMismatchError(
+                f"{what}: the optimizer state is rank {rank}'s shard (world size {world}) but "
+                f"this is {here}; restore each rank's own shard, or resume on any world size "
+                "from a saved step.full_state(state) with step.shard_state(...)"
+            )
+        if found["layout"] != self.fingerprint:
+            raise RankMismatchError(
+                f"{what}: the optimizer state is rank {rank}'s shard of other parameter shapes "
+                f"(layout {found['layout']}, this step's {self.fingerprint})"
+            )
 
     def pieces(self, leaves: Sequence[torch.Tensor], rank: int | None = None) -> list[torch.Tensor]:
         """Rank ``rank``'s (default: this rank's) pieces of whole leaves (views; 0-d: replicas)."""
