@@ -50,7 +50,8 @@ def test_half_moments_are_summed_in_float32_and_rounded_once(dtype, chunk_size) 
         ft.grad_moments({"w": x}),
     ):
         assert m.count == 53
-        assert m.mean["w"].dtype == dtype and m.m2["w"].dtype == dtype
+        # m2 (a sum over examples) is float32 for half gradients: in float16 it overflowed.
+        assert m.mean["w"].dtype == dtype and m.m2["w"].dtype == torch.float32
         for got, want in ((m.mean["w"], mean), (m.m2["w"], m2)):
             err = ((got.double() - want).abs() / want.abs()).max().item()
             assert err <= unit * (1 + 1e-3), (err, unit)

@@ -17,7 +17,7 @@ import torch
 
 from functrain import tree
 from functrain._precision import HALF as _HALF
-from functrain._precision import widen
+from functrain._precision import widen, widen_all
 from functrain.grads._per_example import batch_size_of
 
 __all__ = [
@@ -66,6 +66,14 @@ class GradMoments(NamedTuple):
     see :func:`grad_variance` and :func:`grad_snr`. Moments of two groups of examples merge
     exactly with :func:`merge_grad_moments`.
 
+    Dtypes: ``mean`` has the gradients' dtype. ``m2``, a sum over examples, has their
+    accumulation dtype: float32 for float16 and bfloat16 gradients (the gradients' dtype
+    otherwise). A float16 ``m2`` overflowed to ``inf`` for a variance that fits float16
+    (64 examples with a spread of 50 sum to 1.6e5 > 65504), and a bfloat16 one lost bits at
+    every merge. Per-example results (``mean_square``, :func:`grad_variance`,
+    :func:`grad_snr`) are computed in float32 and rounded once to ``mean``'s dtype;
+    ``sum_of_squares`` is a sum and keeps ``m2``'s dtype.
+
     Example:
         >>> import torch, functrain as ft
         >>> m = ft.grad_moments({"w": torch.tensor([[1.0], [3.0]])})
@@ -78,12 +86,27 @@ class GradMoments(NamedTuple):
     m2: PyTree
 
     def mean_square(self) -> PyTree:
-        """``(1/n) Σᵢ gᵢ²`` per element."""
-        return tree.map(lambda m, s: s / self.count + m * m, self.mean, self.m2)
+        """``(1/n) Σᵢ gᵢ²`` per element, in ``mean``'s dtype (computed in at least float32)."""
+
+        def mean_square(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            w = widen(m)
+            return _narrow_like(widen(s) / self.count + w * w, m)
+
+        return tree.map(mean_square, self.mean, self.m2)
 
     def sum_of_squares(self) -> PyTree:
-        """``Σᵢ gᵢ²`` per element."""
-        return tree.map(lambda m, s: s + self.count * (m * m), self.mean, self.m2)
+        """``Σᵢ gᵢ²`` per element, in ``m2``'s dtype (float32 for half-precision gradients)."""
+
+        def sum_of_squares(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            w = widen(m)  # a float16 mean of 300 squares to inf
+            return widen(s) + self.count * (w * w)
+
+        return tree.map(sum_of_squares, self.mean, self.m2)
+
+
+def _narrow_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` (widened for the arithmetic) rounded back to ``like``'s dtype if that is half."""
+    return x.to(like.dtype) if like.dtype in _HALF else x
 
 
 def row_matrix(x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +208,8 @@ def _leaf_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     some thousands of ulps of the mean, ``Σ (xᵢ − mean)²`` then carries ``n·error²`` (float32
     gradients with mean/std = 1e5 had 6e-4 relative error in the variance). Subtracting
     ``(Σ dᵢ)²/n`` removes that to first order, and ``Σ dᵢ / n`` refines the mean.
-    Half-precision leaves are reduced in float32 and both moments rounded once.
+    Half-precision leaves are reduced in float32; the mean is rounded once to their dtype and
+    ``m2`` stays float32 (see :class:`GradMoments`: a float16 ``m2`` overflows).
     """
     n = x.shape[0]
     rows = row_matrix(x)
@@ -196,7 +220,7 @@ def _leaf_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     correction = s1 / max(n, 1)
     m2 = (s2 - s1 * correction).clamp_min_(0)
     mean = mean + correction
-    return mean.reshape(x.shape[1:]).to(x.dtype), m2.reshape(x.shape[1:]).to(x.dtype)
+    return mean.reshape(x.shape[1:]).to(x.dtype), m2.reshape(x.shape[1:])
 
 
 def grad_moments(grads: PyTree) -> GradMoments:
@@ -229,6 +253,9 @@ def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
     the merged variance has a relative error of about ``ε·|mean|/std`` (float32 gradients with
     mean/std = 1e3 merged one example at a time: about 1e-4).
     :func:`per_sample_grad_moments` accumulates around a fixed centre instead.
+    Half-precision moments are merged in float32: the merged mean is rounded once to the
+    means' dtype and ``m2`` stays float32 (a half-precision ``m2`` given here is widened).
+    A mean merged from ``k`` parts has been rounded ``k − 1`` times; ``m2`` is not rounded.
 
     Example:
         >>> import torch, functrain as ft
@@ -248,26 +275,40 @@ def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
     mean_b = tree.flatten_up_to(spec, b.mean, ("a.mean", "b.mean"), a.mean)
     m2_a = tree.flatten_up_to(spec, a.m2, ("a.mean", "a.m2"), a.mean)
     m2_b = tree.flatten_up_to(spec, b.m2, ("a.mean", "b.m2"), a.mean)
-    delta = torch._foreach_sub(mean_b, mean_a)
-    mean = torch._foreach_add(mean_a, delta, alpha=b.count / n)
-    m2 = torch._foreach_add(m2_a, m2_b)
+    dtypes = [torch.promote_types(x.dtype, y.dtype) for x, y in zip(mean_a, mean_b)]
+    # Half-precision leaves in float32 (widen_all returns the same lists when there are none):
+    # ``δ²·n_a·n_b/n`` and the sum of the m2s overflowed float16.
+    wide_a = widen_all(mean_a)
+    delta = torch._foreach_sub(widen_all(mean_b), wide_a)
+    mean = torch._foreach_add(wide_a, delta, alpha=b.count / n)
+    m2 = torch._foreach_add(widen_all(m2_a), widen_all(m2_b))
     torch._foreach_addcmul_(m2, delta, delta, value=a.count * b.count / n)
+    mean = [x.to(d) if d in _HALF else x for x, d in zip(mean, dtypes)]
     return GradMoments(n, tree.unflatten(spec, mean), tree.unflatten(spec, m2))
 
 
 def grad_variance(m: GradMoments, ddof: int = 1) -> PyTree:
     """Per-element variance of the per-sample gradients, ``m2 / (n − ddof)``.
 
+    Half-precision moments give the variance in ``mean``'s dtype, divided in float32 and
+    rounded once (``inf`` in float16 only where the variance itself exceeds 65504).
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.grad_variance(ft.grad_moments([torch.tensor([[0.0], [2.0]])]), ddof=0)
         [tensor([1.])]
     """
+    scale = _variance_scale(m, ddof)
+    return tree.map(lambda mu, s: _narrow_like(widen(s) * scale, mu), m.mean, m.m2)
+
+
+def _variance_scale(m: GradMoments, ddof: int) -> float:
+    """``1 / (n − ddof)``, refusing ``n ≤ ddof``."""
     if m.count - ddof <= 0:
         raise ValueError(
             f"variance with ddof={ddof} needs more than {ddof} examples, got {m.count}"
         )
-    return tree.scale(1.0 / (m.count - ddof), m.m2)
+    return 1.0 / (m.count - ddof)
 
 
 def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
@@ -284,14 +325,15 @@ def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
         >>> ft.grad_snr(ft.grad_moments([torch.tensor([[1.0], [3.0]])]))
         [tensor([2.])]
     """
-    var = grad_variance(m, ddof)
+    scale = _variance_scale(m, ddof)
 
-    def snr(mu: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def snr(mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         # In float16 ``eps`` rounds to 0 and a zero-variance, zero-mean coordinate gave NaN.
-        mu_w, v_w = widen(mu), widen(v)
+        # The variance is not rounded to half first: the ratio is rounded once.
+        mu_w, v_w = widen(mu), widen(s) * scale
         return (mu_w * mu_w / v_w.clamp_min(eps)).to(mu.dtype)
 
-    return tree.map(snr, m.mean, var)
+    return tree.map(snr, m.mean, m.m2)
 
 
 def _flat_rows(grads: PyTree) -> list[torch.Tensor]:

@@ -142,7 +142,8 @@ def per_sample_grad_moments(
     """Moments of the per-sample gradients (mean, variance, SNR), accumulated chunk by chunk.
 
     Memory is ``chunk_size × parameters`` plus three parameter-sized accumulators (float32 for
-    half-precision parameters, whose moments are rounded once at the end). Combine with
+    half-precision parameters, whose mean is rounded once at the end and whose ``m2`` stays
+    float32, as :class:`GradMoments` documents). Combine with
     :func:`grad_variance`, :func:`grad_snr`, ``GradMoments.sum_of_squares`` or
     :func:`gradient_diversity_from_moments`.
 
@@ -201,7 +202,8 @@ def per_sample_grad_moments(
     for (shape, dtype), centre, (s1, s2) in zip(shapes, centres, sums):
         shift = s1 / max(count, 1)
         means.append((centre + shift).reshape(shape).to(dtype))
-        m2s.append((s2 - s1 * shift).clamp_min_(0).reshape(shape).to(dtype))
+        # m2 keeps the accumulation dtype: a float16 one overflowed (see GradMoments).
+        m2s.append((s2 - s1 * shift).clamp_min_(0).reshape(shape))
     return GradMoments(count, tree.unflatten(spec, means), tree.unflatten(spec, m2s))
 
 
