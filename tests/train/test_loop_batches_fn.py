@@ -5,40 +5,11 @@ itself is kept."""
 
 import pytest
 import torch
+from loop_order import BATCH, EPOCHS, N, Recorder, fresh_state, make_dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
 import functrain as ft
 from functrain.checkpoint import CheckpointManager
-
-N, BATCH, LR, EPOCHS = 12, 4, 0.05, 3  # three batches an epoch
-
-
-def _dataset():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 3, generator=gen, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    return torch.utils.data.TensorDataset(x, y, torch.arange(N))
-
-
-def _loss(params, batch):
-    return (batch["x"] @ params["w"] - batch["y"]).square().mean()
-
-
-def _state():
-    return ft.TrainState.create(params={"w": torch.zeros(3, dtype=torch.float64)}, tx=ft.sgd(LR))
-
-
-class _Recorder:
-    """A train step over ``(x, y, idx)`` batches that records the example ids it is given."""
-
-    def __init__(self) -> None:
-        self.step = ft.make_train_step(_loss, ft.sgd(LR))
-        self.seen: list[list[int]] = []
-
-    def __call__(self, state, batch):
-        x, y, idx = batch
-        self.seen.append(idx.tolist())
-        return self.step(state, {"x": x, "y": y})
 
 
 def _epochs(seen):
@@ -93,22 +64,27 @@ MAKERS = [
 @pytest.mark.parametrize("make", MAKERS)
 @pytest.mark.parametrize("stop", [3, 4])  # at an epoch's end, one batch into the next
 def test_a_resumed_run_sees_the_uninterrupted_data_order(tmp_path, make, stop):
-    dataset = _dataset()
-    whole = _Recorder()
-    ft.train_loop(whole, _state(), make(dataset), epochs=EPOCHS)
+    dataset = make_dataset()
+    whole = Recorder()
+    ft.train_loop(whole, fresh_state(), make(dataset), epochs=EPOCHS)
     epochs = _epochs(whole.seen)
     for order in epochs:  # every epoch is a permutation of the data ...
         assert sorted(order) == list(range(N))
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # ... reshuffled each epoch
 
     manager = CheckpointManager(tmp_path)
-    first, second = _Recorder(), _Recorder()
+    first, second = Recorder(), Recorder()
     ft.train_loop(
-        first, _state(), make(dataset), epochs=EPOCHS, max_steps=stop, checkpoint_manager=manager
+        first,
+        fresh_state(),
+        make(dataset),
+        epochs=EPOCHS,
+        max_steps=stop,
+        checkpoint_manager=manager,
     )
     # A fresh "process": make() again, as a restarted script would.
     resumed = ft.train_loop(
-        second, _state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
+        second, fresh_state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
     )
     assert resumed.resumed_from == stop
     assert first.seen + second.seen == whole.seen  # the same batches, in the same order
@@ -116,9 +92,9 @@ def test_a_resumed_run_sees_the_uninterrupted_data_order(tmp_path, make, stop):
 
 def test_a_generator_the_function_seeded_keeps_its_seed():
     # The reference: torch's own loader over that generator, iterated outside train_loop.
-    dataset = _dataset()
-    recorder = _Recorder()
-    ft.train_loop(recorder, _state(), _seeded_by_the_function(dataset), epochs=EPOCHS)
+    dataset = make_dataset()
+    recorder = Recorder()
+    ft.train_loop(recorder, fresh_state(), _seeded_by_the_function(dataset), epochs=EPOCHS)
     for epoch, order in enumerate(_epochs(recorder.seen)):
         gen = torch.Generator().manual_seed(100 + epoch)
         expected = [
@@ -128,7 +104,7 @@ def test_a_generator_the_function_seeded_keeps_its_seed():
 
 
 def test_a_distributed_sampler_gets_the_epoch():
-    dataset = _dataset()
+    dataset = make_dataset()
     epochs_set: list[int] = []
     make = _distributed(dataset)
 
@@ -143,8 +119,8 @@ def test_a_distributed_sampler_gets_the_epoch():
         loader.sampler.set_epoch = set_epoch
         return loader
 
-    recorder = _Recorder()
-    ft.train_loop(recorder, _state(), batches, epochs=EPOCHS)
+    recorder = Recorder()
+    ft.train_loop(recorder, fresh_state(), batches, epochs=EPOCHS)
     assert epochs_set == [0, 1, 2]
     # DistributedSampler's documented order: randperm seeded with seed + epoch.
     for epoch, order in enumerate(_epochs(recorder.seen)):
@@ -153,11 +129,11 @@ def test_a_distributed_sampler_gets_the_epoch():
 
 
 def test_an_unseeded_shuffling_loader_from_a_function_warns():
-    dataset = _dataset()
+    dataset = make_dataset()
     with pytest.warns(UserWarning, match="global random generator"):
         ft.train_loop(
-            _Recorder(),
-            _state(),
+            Recorder(),
+            fresh_state(),
             lambda epoch: DataLoader(dataset, BATCH, shuffle=True),
             max_steps=1,
         )
@@ -167,10 +143,10 @@ def test_an_unseeded_shuffling_loader_from_a_function_warns():
 def test_a_generator_seeded_once_and_shared_by_every_epoch_warns(make):
     # Its stream continues from epoch to epoch (the function's choice, kept), which a resumed
     # process restarts from the seed: the order would differ, so the loop says so.
-    dataset = _dataset()
-    recorder = _Recorder()
+    dataset = make_dataset()
+    recorder = Recorder()
     with pytest.warns(UserWarning, match="seeded once"):
-        ft.train_loop(recorder, _state(), make(dataset), epochs=2)
+        ft.train_loop(recorder, fresh_state(), make(dataset), epochs=2)
     epochs = _epochs(recorder.seen)
     gen = torch.Generator().manual_seed(7)  # the function's seed is kept: torch's order
     loader = DataLoader(dataset, BATCH, shuffle=True, generator=gen)

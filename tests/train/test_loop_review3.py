@@ -6,41 +6,12 @@ import signal
 
 import pytest
 import torch
+from loop_order import BATCH, EPOCHS, LR, N, Recorder, fresh_state, loss, make_dataset
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 import functrain as ft
 from functrain.checkpoint import CheckpointManager
 from functrain.logging import TensorBoardWriter, read_scalars
-
-N, BATCH, LR, EPOCHS = 12, 4, 0.05, 3  # three batches an epoch
-
-
-def _dataset():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(N, 3, generator=gen, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    return torch.utils.data.TensorDataset(x, y, torch.arange(N))
-
-
-def _loss(params, batch):
-    return (batch["x"] @ params["w"] - batch["y"]).square().mean()
-
-
-def _state():
-    return ft.TrainState.create(params={"w": torch.zeros(3, dtype=torch.float64)}, tx=ft.sgd(LR))
-
-
-class _Recorder:
-    """A train step over ``(x, y, idx)`` batches that records the example ids it is given."""
-
-    def __init__(self) -> None:
-        self.step = ft.make_train_step(_loss, ft.sgd(LR))
-        self.seen: list[list[int]] = []
-
-    def __call__(self, state, batch):
-        x, y, idx = batch
-        self.seen.append(idx.tolist())
-        return self.step(state, {"x": x, "y": y})
 
 
 def _reference(dataset, seen):
@@ -67,9 +38,9 @@ def _distributed_batches(dataset):
 @pytest.mark.parametrize("make", [_random_batches, _distributed_batches])
 @pytest.mark.parametrize("stop", [3, 4, 6])  # at an epoch's end, one batch into the next, ...
 def test_a_batch_sampler_resumes_bit_for_bit(tmp_path, make, stop):
-    dataset = _dataset()
-    whole = _Recorder()
-    uninterrupted = ft.train_loop(whole, _state(), make(dataset), epochs=EPOCHS)
+    dataset = make_dataset()
+    whole = Recorder()
+    uninterrupted = ft.train_loop(whole, fresh_state(), make(dataset), epochs=EPOCHS)
     epochs = [whole.seen[i : i + 3] for i in range(0, 3 * EPOCHS, 3)]
     for order in epochs:  # every epoch is a permutation of the data ...
         assert sorted(i for ids in order for i in ids) == list(range(N))
@@ -78,12 +49,17 @@ def test_a_batch_sampler_resumes_bit_for_bit(tmp_path, make, stop):
     torch.testing.assert_close(uninterrupted.state.params["w"], ref, rtol=1e-12, atol=1e-12)
 
     manager = CheckpointManager(tmp_path)
-    first, second = _Recorder(), _Recorder()
+    first, second = Recorder(), Recorder()
     ft.train_loop(
-        first, _state(), make(dataset), epochs=EPOCHS, max_steps=stop, checkpoint_manager=manager
+        first,
+        fresh_state(),
+        make(dataset),
+        epochs=EPOCHS,
+        max_steps=stop,
+        checkpoint_manager=manager,
     )
     resumed = ft.train_loop(
-        second, _state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
+        second, fresh_state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
     )
     assert resumed.resumed_from == stop
     assert first.seen + second.seen == whole.seen  # the same batches, in the same order
@@ -91,21 +67,21 @@ def test_a_batch_sampler_resumes_bit_for_bit(tmp_path, make, stop):
 
 
 def test_a_batch_sampler_over_an_unseeded_random_sampler_warns():
-    dataset = _dataset()
+    dataset = make_dataset()
     loader = DataLoader(dataset, batch_sampler=BatchSampler(RandomSampler(dataset), BATCH, False))
     with pytest.warns(UserWarning, match="global random generator"):
-        ft.train_loop(_Recorder(), _state(), loader, max_steps=1)
+        ft.train_loop(Recorder(), fresh_state(), loader, max_steps=1)
 
 
 def test_an_unseeded_random_sampler_warns_although_the_loader_has_a_generator():
     # The loader's generator seeds only its workers; RandomSampler(generator=None) draws its
     # order from the global random generator.
-    dataset = _dataset()
+    dataset = make_dataset()
     loader = DataLoader(
         dataset, batch_size=BATCH, sampler=RandomSampler(dataset), generator=torch.Generator()
     )
     with pytest.warns(UserWarning, match="global random generator"):
-        ft.train_loop(_Recorder(), _state(), loader, max_steps=1)
+        ft.train_loop(Recorder(), fresh_state(), loader, max_steps=1)
 
 
 # -- an epoch-end evaluation that a held Ctrl-C skipped, in an unsized epoch --------------------
@@ -113,7 +89,7 @@ def test_an_unseeded_random_sampler_warns_although_the_loader_has_a_generator():
 
 def _unsized(epoch):
     """Three batches per epoch from a generator (no ``len``): the loop reads one ahead."""
-    x, y, _ = _dataset().tensors
+    x, y, _ = make_dataset().tensors
     order = torch.randperm(N, generator=torch.Generator().manual_seed(epoch))
     for i in range(0, N, BATCH):
         ids = order[i : i + BATCH]
@@ -125,23 +101,23 @@ def _unsized(epoch):
     reason="needs Python's default SIGINT handler (the loop installs its own over it)",
 )
 def test_an_unsized_epoch_end_evaluation_a_held_ctrl_c_skipped_is_made_on_resume(tmp_path):
-    step = ft.make_train_step(_loss, ft.sgd(LR))
+    step = ft.make_train_step(loss, ft.sgd(LR))
 
     def held_at_3(state, batch):  # a Ctrl-C held during step 3, epoch 0's last one
         if int(state.step) == 2:
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
         return step(state, batch)
 
-    x, y, _ = _dataset().tensors
+    x, y, _ = make_dataset().tensors
     logdir, manager = tmp_path / "tb", CheckpointManager(tmp_path / "ckpt")
 
     def run(train_step):
         return ft.train_loop(
             train_step,
-            _state(),
+            fresh_state(),
             _unsized,
             epochs=2,
-            eval_step=ft.make_eval_step(_loss),
+            eval_step=ft.make_eval_step(loss),
             eval_batches=[{"x": x, "y": y}],
             writer=lambda purge_step: TensorBoardWriter(logdir, purge_step=purge_step),
             checkpoint_manager=manager,
@@ -164,21 +140,21 @@ def test_an_unsized_epoch_end_evaluation_a_held_ctrl_c_skipped_is_made_on_resume
 def test_a_poisson_batch_sampler_resumes_bit_for_bit(tmp_path):
     # PoissonSampler continues its generator's stream, so a fresh process (a freshly seeded
     # generator) drew other batches for the epochs after the first unless the loop reseeds it.
-    dataset = _dataset()
+    dataset = make_dataset()
 
     def make(_dataset):
         sampler = ft.PoissonSampler(N, 0.5, generator=torch.Generator().manual_seed(1))
         return DataLoader(dataset, batch_sampler=sampler)
 
-    whole = _Recorder()
-    uninterrupted = ft.train_loop(whole, _state(), make(dataset), epochs=EPOCHS)
+    whole = Recorder()
+    uninterrupted = ft.train_loop(whole, fresh_state(), make(dataset), epochs=EPOCHS)
     manager = CheckpointManager(tmp_path)
-    first, second = _Recorder(), _Recorder()
+    first, second = Recorder(), Recorder()
     ft.train_loop(
-        first, _state(), make(dataset), epochs=EPOCHS, max_steps=5, checkpoint_manager=manager
+        first, fresh_state(), make(dataset), epochs=EPOCHS, max_steps=5, checkpoint_manager=manager
     )
     resumed = ft.train_loop(
-        second, _state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
+        second, fresh_state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
     )
     assert len(whole.seen) == 2 * EPOCHS and all(whole.seen)  # no empty batch: a finite loss
     assert first.seen + second.seen == whole.seen
