@@ -117,7 +117,15 @@ def test_streaming_drops_each_chunk_before_computing_the_next(monkeypatch, name,
     # gradients alive while the next chunk was computed: twice the promised
     # chunk_size × parameters (three chunks for the Gram matrix).
     peaks: list[int] = []
-    monkeypatch.setattr(streaming, "per_sample_chunks", _tracking_chunks(peaks))
+    tracking = _tracking_chunks(peaks)
+    monkeypatch.setattr(streaming, "per_sample_chunks", tracking)
+    monkeypatch.setattr(
+        streaming,
+        "vmap_chunks",
+        lambda loss_fn, params, batch, chunk_size, buffers, randomness: tracking(
+            loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
+        ),
+    )
     g = torch.Generator().manual_seed(1)
     batch = torch.randn(11, 6, generator=g, dtype=F64)
     params = {"w": torch.randn(6, generator=g, dtype=F64), "b": torch.zeros((), dtype=F64)}

@@ -20,7 +20,7 @@ from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import clipped_sum_by_layers
 from functrain.grads._per_example import _check_options, batch_size_of
-from functrain.grads.per_sample import per_sample_chunks
+from functrain.grads.per_sample import vmap_chunks
 from functrain.grads.stats import global_row_norms, leaf_row_norms, row_matrix
 from functrain.optim import _utils
 
@@ -211,15 +211,7 @@ def clipped_grad_sum(
     num_clipped = None
     loss_sum = None
     count = 0
-    for c in per_sample_chunks(
-        loss_fn,
-        params,
-        batch,
-        chunk_size=chunk_size,
-        buffers=buffers,
-        randomness=randomness,
-        method="vmap",
-    ):
+    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness):
         leaves, spec = tree.flatten(c.grads)
         if leaves:
             factors = _clip_factors(leaves, l2_norm_clip)

@@ -211,6 +211,26 @@ def per_sample_chunks(
         del losses, extras, grads, aux, chunk
 
 
+def vmap_chunks(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+    randomness: str,
+) -> Iterator[PerSampleChunk]:
+    """:func:`per_sample_chunks` by ``vmap(grad)``: the reductions' fallback route (internal)."""
+    return per_sample_chunks(
+        loss_fn,
+        params,
+        batch,
+        chunk_size=chunk_size,
+        buffers=buffers,
+        randomness=randomness,
+        method="vmap",
+    )
+
+
 def _concat(chunks: list[Any]) -> Any:
     """The chunks' tensor leaves concatenated; other leaves (aux constants) from the first."""
     if len(chunks) == 1:

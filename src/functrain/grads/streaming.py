@@ -21,7 +21,7 @@ from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import gram_by_layers, sq_norms_by_layers
 from functrain.grads._per_example import _check_options, batch_size_of
-from functrain.grads.per_sample import per_sample_chunks
+from functrain.grads.per_sample import per_sample_chunks, vmap_chunks
 from functrain.grads.stats import (
     GradMoments,
     GradNorms,
@@ -81,15 +81,7 @@ def per_sample_grad_norms(
     if done is not None:
         return done
     parts = []
-    for c in per_sample_chunks(
-        loss_fn,
-        params,
-        batch,
-        chunk_size=chunk_size,
-        buffers=buffers,
-        randomness=randomness,
-        method="vmap",
-    ):
+    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness):
         parts.append(per_sample_norms(c.grads))
         # Dropped before the next chunk is computed: a loop variable would keep two alive.
         del c
@@ -167,15 +159,7 @@ def per_sample_grad_moments(
     count = 0
     spec = None
     shapes: list[tuple[torch.Size, torch.dtype]] = []
-    for c in per_sample_chunks(
-        loss_fn,
-        params,
-        batch,
-        chunk_size=chunk_size,
-        buffers=buffers,
-        randomness=randomness,
-        method="vmap",
-    ):
+    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness):
         leaves, spec = tree.flatten(c.grads)
         if not leaves:
             raise ValueError("per_sample_grad_moments needs at least one gradient leaf")
