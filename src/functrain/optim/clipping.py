@@ -62,8 +62,28 @@ def _global_clip_factor(leaves: list[torch.Tensor], max_norm: float | torch.Tens
     if dtype not in _HALF:
         return _clip_factor(wide, max_norm)  # already tree.norm(leaves)'s dtype and bits
     narrow = wide.to(dtype)
-    factor = _clip_factor(narrow, max_norm).float()  # a half value is exact in float32
+    # The select and the norm as in optax (the rounded norm), the division in float32: a Python
+    # ``max_norm / narrow`` runs as ``narrow.reciprocal() * max_norm`` in float16, where the
+    # reciprocal of a norm below 1/65504 is inf and the updates came out inf.
+    factor = _clip_factor(narrow.float(), max_norm)  # a half value is exact in float32
     return torch.where(torch.isinf(narrow), _clip_factor(wide, max_norm).float(), factor)
+
+
+def _check_hyperparameter(name: str, value: Any) -> None:
+    """:func:`_utils.check_finite_number`, and a tensor must be a real 0-d one.
+
+    A tensor of shape ``(1,)`` or ``(n,)`` failed inside ``torch._foreach_mul`` ("scalar
+    tensor expected to be 0 dim") or was silently broadcast against the leaves (a per-element
+    bound in ``clip``); neither error named the argument. The check reads only the shape and
+    dtype, never the value, so it needs no host sync and is free under ``torch.compile``.
+    """
+    _utils.check_finite_number(name, value, minimum=0.0)
+    if not isinstance(value, torch.Tensor):
+        return
+    if value.dim() != 0:
+        raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(value.shape)}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
 
 
 def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
@@ -80,7 +100,7 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
         >>> tx.update([torch.tensor([-3.0, 0.5, 2.0])], tx.init(None))[0]
         [tensor([-1.0000,  0.5000,  1.0000])]
     """
-    _utils.check_finite_number("max_delta", max_delta, minimum=0.0)
+    _check_hyperparameter("max_delta", max_delta)
 
     def init_fn(params: Any) -> EmptyState:
         del params
@@ -150,7 +170,7 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
         >>> tx.update([torch.tensor([3.0, 4.0])], tx.init(None))[0]
         [tensor([0.6000, 0.8000])]
     """
-    _utils.check_finite_number("max_norm", max_norm, minimum=0.0)
+    _check_hyperparameter("max_norm", max_norm)
 
     def init_fn(params: Any) -> EmptyState:
         del params
@@ -190,7 +210,7 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
         >>> tx.update([torch.tensor([3.0, -3.0]), torch.tensor([0.5])], tx.init(None))[0]
         [tensor([ 1., -1.]), tensor([0.5000])]
     """
-    _utils.check_finite_number("threshold", threshold, minimum=0.0)
+    _check_hyperparameter("threshold", threshold)
 
     def clip_leaf(u: torch.Tensor) -> torch.Tensor:
         # |u|² (optax's abs_sq: a complex u squared would be complex), in at least float32.
@@ -232,6 +252,9 @@ def unitwise_norm(x: torch.Tensor, axis: int | tuple[int, ...] | None = None) ->
         tensor([[5., 5.],
                 [1., 1.]])
     """
+    if not (x.is_floating_point() or x.is_complex()):
+        # The norms were cast back to the integer dtype: [1, 1] gave 1, not √2.
+        raise TypeError(f"unitwise_norm needs a floating-point or complex x, got {x.dtype}")
     real = _REAL_OF_COMPLEX.get(x.dtype, x.dtype)
     return torch.broadcast_to(_unit_norms(x, axis).to(real), x.shape)
 
@@ -249,6 +272,19 @@ def _unit_norms(x: torch.Tensor, axis: int | tuple[int, ...] | None) -> torch.Te
     else:
         sq = sq.sum(dim=tuple(range(1, x.dim())), keepdim=True)
     return sq.sqrt()
+
+
+def _check_axis(axis: Any) -> None:
+    """Refuses an ``axis`` that is not ``None``, an int or a non-empty sequence of ints.
+
+    A string or float failed only at the first update, in ``torch.sum``, without naming
+    ``axis``. (A dimension out of range is still reported by PyTorch, per leaf.)
+    """
+    if axis is None:
+        return
+    dims = axis if isinstance(axis, (tuple, list)) else (axis,)
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"axis must be None, an int or a non-empty tuple of ints, got {axis!r}")
 
 
 def adaptive_grad_clip(
@@ -280,8 +316,9 @@ def adaptive_grad_clip(
         >>> tx.update([torch.tensor([[6.0, 8.0]])], tx.init(params), params)[0]
         [tensor([[0.3000, 0.4000]])]
     """
-    _utils.check_finite_number("clipping", clipping, minimum=0.0)
-    _utils.check_finite_number("eps", eps, minimum=0.0)
+    _check_hyperparameter("clipping", clipping)
+    _check_hyperparameter("eps", eps)
+    _check_axis(axis)
 
     def clip_leaf(u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         # Norms (not broadcast) in at least float32: in float16 a unit norm above 65504 was inf
