@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import math
@@ -70,6 +71,53 @@ def device(text: str) -> str:
     if dev.index is not None and dev.index >= count:
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {dev.type} devices")
     return text
+
+
+def logdir(text: str) -> str:
+    """An argparse ``type``: a run directory that can be created, so that ``--logdir`` naming a
+    file (or a directory inside one) is a usage error, not a traceback once training starts.
+
+    Nothing is created here: missing parents are fine (the examples create them).
+    """
+    probe = os.path.abspath(text)
+    while not os.path.exists(probe):  # the nearest existing ancestor decides
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise argparse.ArgumentTypeError(f"{text!r}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: no permission to write in {probe}")
+    return text
+
+
+_held_locks: dict[str, Any] = {}  # realpath -> open lock file, for the life of the process
+
+
+def claim_logdir(logdir: str) -> str | None:
+    """Creates ``logdir`` and locks it for this process; returns an error if another run holds it.
+
+    Two runs started into the same directory used to both succeed, interleaving their curves
+    at the same steps and overwriting each other's checkpoints. The lock is an ``flock`` on
+    ``logdir/.lock``, released by the OS when the process ends (even when killed), so it never
+    goes stale. Where ``fcntl`` is missing (Windows) nothing is locked. A process that
+    already holds the lock (``main()`` called again, as the tests do) claims it again.
+    """
+    os.makedirs(logdir, exist_ok=True)
+    if os.path.realpath(logdir) in _held_locks:
+        return None
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = open(os.path.join(logdir, ".lock"), "a+")  # noqa: SIM115 (held until exit)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return f"another run is writing to {logdir}; wait for it to end or choose a new --logdir"
+    # The lock lasts as long as the process; atexit closes the file tidily.
+    _held_locks[os.path.realpath(logdir)] = lock
+    atexit.register(lock.close)
+    return None
 
 
 def run_dir(root: str, name: str | None = None) -> str:

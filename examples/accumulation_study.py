@@ -152,14 +152,18 @@ def gap(a: list[float], b: list[float]) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--fast", action="store_true", help="2 epochs, for CI")
-    parser.add_argument("--logdir", help="default: runs/accumulation_study/<timestamp>")
+    parser.add_argument(
+        "--logdir", type=_common.logdir, help="default: runs/accumulation_study/<timestamp>"
+    )
     parser.add_argument("--png", help="default: <logdir>/loss_curves.png")
     positive_int = _common.positive_int
     parser.add_argument("--epochs", type=positive_int, help="default: 16 (fast: 2)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="B")
-    parser.add_argument("--k", type=positive_int, default=4, help="K")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=32, help="B, the reference batch"
+    )
+    parser.add_argument("--k", type=positive_int, default=4, help="K, micro-batches accumulated")
     parser.add_argument("--optimizers", nargs="+", default=["sgd", "adam"], choices=BASE_LR)
     parser.add_argument("--threads", type=positive_int, default=1)
     return parser.parse_args(argv)
@@ -170,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (2 if args.fast else 16)
     root = args.logdir or _common.run_dir(os.path.join("runs", "accumulation_study"))
+    # No checkpoints to resume: a rerun into the same directory would interleave two runs.
+    if _common.holds_a_run(root):
+        sys.exit(f"error: {root} already holds a run; choose a new --logdir")
+    if (error := _common.claim_logdir(root)) is not None:
+        sys.exit(f"error: {error}")
     png = args.png or os.path.join(root, "loss_curves.png")
     data = _common.load_digits()
     b, k = args.batch_size, args.k

@@ -183,7 +183,9 @@ def sample(model, params, vocab: Vocab, prompt: str, length: int, n: int, seed: 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="a few steps, for CI")
-    parser.add_argument("--logdir", help="run directory (default: runs/char_lm/<timestamp>)")
+    parser.add_argument(
+        "--logdir", type=_common.logdir, help="run directory (default: runs/char_lm/<timestamp>)"
+    )
     positive_int, positive_float = _common.positive_int, _common.positive_float
     parser.add_argument("--steps", type=positive_int, help="default: 600 (fast: 25)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     logdir = args.logdir or _common.run_dir(os.path.join("runs", "char_lm"))
     if _common.holds_a_run(logdir):  # no checkpoints to resume: a rerun would mix two runs
         sys.exit(f"error: {logdir} already holds a run; choose a new --logdir")
+    if (error := _common.claim_logdir(logdir)) is not None:
+        sys.exit(f"error: {error}")
     _common.print_logdir(logdir, "runs" if args.logdir is None else logdir)
     real = int((train_ids[:, 1:] != PAD).sum())
     print(

@@ -36,7 +36,9 @@ TARGET_ACCURACY = 0.95
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="a few steps, for CI")
-    parser.add_argument("--logdir", help="run directory (default: runs/digits/<timestamp>)")
+    parser.add_argument(
+        "--logdir", type=_common.logdir, help="run directory (default: runs/digits/<timestamp>)"
+    )
     positive_int, positive_float = _common.positive_int, _common.positive_float
     parser.add_argument("--epochs", type=positive_int, help="default: 40 (fast: 3)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": epochs,
         "seed": args.seed,
     }
+    if (error := _common.claim_logdir(logdir)) is not None:
+        sys.exit(f"error: {error}")
     # A rerun in the same directory resumes its checkpoint: only under the same settings.
     if (error := _common.check_same_run(logdir, hparams)) is not None:
         sys.exit(f"error: {error}")
@@ -133,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if "train/loss" in history.tags():
         losses = history.values("train/loss")
-        print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f} (a batch's loss)")
+        # 4 significant digits: a converged loss of 0.0004 printed as "0.000" looked like a bug.
+        print(f"train loss {losses[0]:.4g} -> {losses[-1]:.4g} (a batch's loss)")
     # The final state's own evaluation: a rerun of a finished run resumes at its end and
     # evaluates nothing, yet still reports (and checks) its accuracy.
     final = evaluate(result.state, test)

@@ -46,7 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=positive_float, default=60.0, help="collective timeout (s)"
     )
-    parser.add_argument("--logdir", default=None, help="TensorBoard directory (rank 0 writes)")
+    parser.add_argument(
+        "--logdir", type=_common.logdir, default=None, help="TensorBoard directory (rank 0 writes)"
+    )
     parser.add_argument("--checkpoint", default=None, help="save the final state here (rank 0)")
     args = parser.parse_args()
     # torchrun's environment, read before the process group exists so that a bad value is a
@@ -137,7 +139,7 @@ def main() -> None:
             last_loss = float(metrics["loss"])
             if dist.is_rank_zero():
                 print(
-                    f"step {i:4d}  loss {last_loss:.4f}  accuracy "
+                    f"step {i + 1:4d}  loss {last_loss:.4f}  accuracy "
                     f"{float(metrics['accuracy']):.3f}  global batch {int(metrics['num_examples'])}",
                     flush=True,
                 )

@@ -50,7 +50,9 @@ Batch = dict[str, torch.Tensor]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     positive_int, positive_float = _common.positive_int, _common.positive_float
-    parser.add_argument("--logdir", help="run directory (default: runs/per_sample/<timestamp>)")
+    parser.add_argument(
+        "--logdir", type=_common.logdir, help="run directory (default: runs/per_sample/<timestamp>)"
+    )
     parser.add_argument("--steps", type=positive_int, help="default: 300 (fast: 30)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--micro-batches", type=int, default=4, help="K >= 2 micro-batches")
@@ -389,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     logdir = args.logdir or _common.run_dir(root)
     if _common.holds_a_run(logdir):  # no checkpoints to resume: a rerun would mix two runs
         sys.exit(f"error: {logdir} already holds a run; choose a new --logdir")
+    if (error := _common.claim_logdir(logdir)) is not None:
+        sys.exit(f"error: {error}")
     data = load_data(args.seed, args.fast)
     if args.batch_size > len(data.train["y"]):  # an epoch of whole batches would be empty
         sys.exit(f"error: --batch-size {args.batch_size} > {len(data.train['y'])} training images")
