@@ -8,15 +8,11 @@ concatenation of both ranks' batches (from ``_zero_review_worker``), computed on
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
-import json
-import os
-import sys
-import traceback
 from pathlib import Path
 
 import torch
+from gloo_jobs import run_probes
 
 _spec = importlib.util.spec_from_file_location(
     "_zero_review_worker", Path(__file__).parent / "_zero_review_worker.py"
@@ -159,23 +155,7 @@ PROBES = {
 
 
 def main() -> None:
-    import torch.distributed as tdist
-
-    from functrain import distributed as dist
-
-    out_dir = sys.argv[1]
-    rank = int(os.environ["RANK"])
-    dist.init(backend="gloo", timeout=60)
-    result: dict = {}
-    for name, probe in PROBES.items():
-        group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=15))
-        try:
-            result[name] = probe(rank, group, out_dir)
-        except Exception:
-            result[name] = {"error": traceback.format_exc()[-3000:]}
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)  # after every probe: a crash keeps the earlier results
-    dist.shutdown()
+    run_probes(PROBES, init_timeout=60, group_timeout=15)
 
 
 if __name__ == "__main__":

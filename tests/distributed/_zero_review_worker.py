@@ -10,13 +10,10 @@ waiting in a collective until the group's timeout, and the probes after it still
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import sys
-import traceback
 
 import torch
+from gloo_jobs import run_probes
 
 STEPS = 4
 SIZES = (3, 5)  # rank r's batch size (world 2)
@@ -190,23 +187,7 @@ PROBES = {
 
 
 def main() -> None:
-    import torch.distributed as tdist
-
-    out_dir = sys.argv[1]
-    from functrain import distributed as dist
-
-    rank = int(os.environ["RANK"])
-    dist.init(backend="gloo", timeout=120)
-    result: dict = {}
-    for name, probe in PROBES.items():
-        group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=20))
-        try:
-            result[name] = probe(rank, group, out_dir)
-        except Exception:
-            result[name] = {"error": traceback.format_exc()[-3000:]}
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)  # after every probe: a crash keeps the earlier results
-    dist.shutdown()
+    run_probes(PROBES, init_timeout=120, group_timeout=20)
 
 
 if __name__ == "__main__":

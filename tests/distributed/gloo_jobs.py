@@ -83,3 +83,28 @@ def kill_all(jobs: Iterable[list[subprocess.Popen]]) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def run_probes(probes: dict, *, init_timeout: float, group_timeout: float) -> None:
+    """A worker's ``main``: runs each ``probe(rank, group, out_dir)`` in a fresh gloo group and
+    writes ``<out>/rank<r>.json`` after every probe, so a crash keeps the earlier results."""
+    import datetime
+    import traceback
+
+    import torch.distributed as tdist
+
+    from functrain import distributed as dist
+
+    out_dir = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    dist.init(backend="gloo", timeout=init_timeout)
+    result: dict = {}
+    for name, probe in probes.items():
+        group = tdist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=group_timeout))
+        try:
+            result[name] = probe(rank, group, out_dir)
+        except Exception:
+            result[name] = {"error": traceback.format_exc()[-3000:]}
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    dist.shutdown()
