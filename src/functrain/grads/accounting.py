@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from functrain.grads import _rdp
@@ -179,8 +179,10 @@ def get_noise_multiplier(
 ) -> float:
     """The smallest noise multiplier (to a tolerance) whose run spends at most the target ε.
 
-    A bisection on ``σ`` of :func:`compute_rdp` and :func:`get_privacy_spent`, as Opacus'
-    ``get_noise_multiplier``. The returned ``σ`` spends ``ε`` in
+    A search on ``σ`` of :func:`compute_rdp` and :func:`get_privacy_spent`, as Opacus'
+    ``get_noise_multiplier`` (false position on ``log σ`` rather than its bisection, and each
+    ``ε`` skips the fractional orders that provably are not the best one, so it is the same
+    ``ε`` at a fraction of the cost). The returned ``σ`` spends ``ε`` in
     ``[target − epsilon_tolerance, target]``.
 
     Args:
@@ -226,27 +228,109 @@ def get_noise_multiplier(
     alphas = _check_orders(orders)
 
     def epsilon(sigma: float) -> float:
-        return get_privacy_spent(alphas, compute_rdp(q, sigma, steps, alphas), target_delta)[0]
+        return _min_epsilon(q, sigma, steps, alphas, target_delta)
 
     if epsilon(1e6) > target_epsilon:
         raise ValueError(
             f"target_epsilon={target_epsilon} is below what any noise multiplier reaches with "
             f"delta={target_delta} at these orders; raise the target or add larger orders"
         )
-    low, high = 0.0, 10.0
-    while epsilon(high) > target_epsilon:
-        low, high = high, 2 * high
-    while True:
-        mid = (low + high) / 2
-        eps = epsilon(mid)
-        if eps > target_epsilon:
-            low = mid
-        else:
-            high = mid
-            if eps >= target_epsilon - epsilon_tolerance:
+    return _search(epsilon, target_epsilon, epsilon_tolerance)
+
+
+def _search(epsilon: Callable[[float], float], target: float, tol: float) -> float:
+    """A ``σ`` with ``epsilon(σ)`` in ``[target − tol, target]`` (``epsilon`` decreasing).
+
+    A bracket ``epsilon(low) > target ≥ epsilon(high)`` from ``σ = 10`` by doubling or halving,
+    then the Illinois variant of false position on ``log σ`` towards the middle of the band
+    (``ε`` is smooth and nearly linear there, so it lands in a few steps where bisection takes
+    a dozen). Illinois halves the weight of an end that stays put, and each step lands at least
+    1/64 of the bracket inside it, so the bracket always shrinks; an infinite ``ε`` (tiny ``σ``)
+    gives a bisection step instead.
+    """
+    aim = target - min(tol, target) / 2
+    high, eps_high = 10.0, epsilon(10.0)
+    low, eps_low = high, eps_high
+    while eps_high > target:
+        low, eps_low = high, eps_high
+        high *= 2
+        eps_high = epsilon(high)
+    if eps_high >= target - tol:
+        return high
+    if low == high:  # σ = 10 spends too little: halve towards a low that spends too much
+        while eps_low <= target:
+            high, eps_high = low, eps_low
+            if eps_high >= target - tol:
                 return high
-        if high - low < 1e-12 * high:
-            return high
+            low /= 2
+            eps_low = epsilon(low)
+            if low == 0.0:  # ε did not exceed the target at any σ > 0
+                return high
+    x_low, x_high = math.log(low), math.log(high)
+    y_low, y_high = eps_low - aim, eps_high - aim  # > 0 and < 0
+    side = 0
+    while high - low >= 1e-12 * high:
+        width = x_high - x_low
+        x = x_low + width / 2
+        if math.isfinite(y_low) and math.isfinite(y_high):
+            x = x_low + width * y_low / (y_low - y_high)
+            x = min(max(x, x_low + width / 64), x_high - width / 64)  # strictly inside
+        sigma = math.exp(x)
+        eps = epsilon(sigma)
+        if eps > target:
+            x_low, y_low, low = x, eps - aim, sigma
+            y_high = y_high / 2 if side == -1 else y_high  # Illinois: unstick the far end
+            side = -1
+        else:
+            if eps >= target - tol:
+                return sigma
+            x_high, y_high, high = x, eps - aim, sigma
+            y_low = y_low / 2 if side == 1 else y_low
+            side = 1
+    return high
+
+
+def _min_epsilon(
+    q: float, sigma: float, steps: int, alphas: tuple[float, ...], delta: float
+) -> float:
+    """``get_privacy_spent(alphas, compute_rdp(q, σ, steps, alphas), δ)[0]``, skipping orders.
+
+    Integer orders are exact and cheap; a fractional one costs a quadrature. ``f(α) = log A_α``
+    is convex in ``α`` with ``f(1) = 0``, so the chords between its integer neighbours,
+    extended, bound it from below; an order whose ``ε`` from that bound is already above the
+    best ``ε`` found cannot be the best and is not integrated. The result is the same minimum
+    (to rounding: a margin of ``1e-9`` relative keeps near-ties in).
+    """
+    fractional = [a for a in alphas if not a.is_integer()]
+    if not fractional:
+        return get_privacy_spent(alphas, compute_rdp(q, sigma, steps, alphas), delta)[0]
+    ints = sorted(
+        {a for a in alphas if a.is_integer()}
+        | {float(k) for a in fractional for k in range(max(2, math.floor(a) - 1), math.ceil(a) + 2)}
+    )
+    rdp = dict(zip(ints, _rdp.rdp_per_step(q, sigma, ints)))
+    log_a = {1.0: 0.0, **{k: r * (k - 1) for k, r in rdp.items()}}
+    if not all(math.isfinite(v) and v > 0 for v in rdp.values()):  # σ at the extremes
+        return get_privacy_spent(alphas, compute_rdp(q, sigma, steps, alphas), delta)[0]
+
+    def conversion(a: float) -> float:
+        return math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1)
+
+    def bound(a: float) -> float:  # a lower bound on ε at the fractional order a
+        k = float(math.floor(a))
+        low = log_a[k + 1] - (k + 1 - a) * (log_a[k + 2] - log_a[k + 1])
+        if k >= 2:
+            low = max(low, log_a[k] + (a - k) * (log_a[k] - log_a[k - 1]))
+        return steps * max(low, 0.0) / (a - 1) + conversion(a)
+
+    best = min((steps * rdp[a] + conversion(a) for a in alphas if a.is_integer()), default=math.inf)
+    bounds = {a: bound(a) for a in fractional}
+    if best == math.inf:  # no integer orders: the likeliest fractional one sets the bar
+        first = min(fractional, key=bounds.__getitem__)
+        best = steps * _rdp.rdp_per_step(q, sigma, [first])[0] + conversion(first)
+    margin = 1e-9 * (abs(best) + 1)  # the bounds' rounding must not drop a near-tie
+    chosen = [a for a in alphas if a.is_integer() or not bounds[a] > best + margin]
+    return get_privacy_spent(chosen, compute_rdp(q, sigma, steps, chosen), delta)[0]
 
 
 class RDPAccountant:
