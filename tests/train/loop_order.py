@@ -35,3 +35,26 @@ class Recorder:
         x, y, idx = batch
         self.seen.append(idx.tolist())
         return self.step(state, {"x": x, "y": y})
+
+
+def stop_and_resume(make, dataset, stop: int, directory) -> tuple[list[list[int]], ft.LoopResult]:
+    """Runs to ``stop`` with checkpoints in ``directory``, then resumes in a fresh "process"
+    (``make(dataset)`` again, as a restarted script would); returns the batches both runs saw,
+    in order, and the resumed run's result."""
+    from functrain.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(directory)
+    first, second = Recorder(), Recorder()
+    ft.train_loop(
+        first,
+        fresh_state(),
+        make(dataset),
+        epochs=EPOCHS,
+        max_steps=stop,
+        checkpoint_manager=manager,
+    )
+    resumed = ft.train_loop(
+        second, fresh_state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
+    )
+    assert resumed.resumed_from == stop
+    return first.seen + second.seen, resumed

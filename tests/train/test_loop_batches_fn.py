@@ -5,11 +5,10 @@ itself is kept."""
 
 import pytest
 import torch
-from loop_order import BATCH, EPOCHS, N, Recorder, fresh_state, make_dataset
+from loop_order import BATCH, EPOCHS, N, Recorder, fresh_state, make_dataset, stop_and_resume
 from torch.utils.data import DataLoader, DistributedSampler
 
 import functrain as ft
-from functrain.checkpoint import CheckpointManager
 
 
 def _epochs(seen):
@@ -72,22 +71,8 @@ def test_a_resumed_run_sees_the_uninterrupted_data_order(tmp_path, make, stop):
         assert sorted(order) == list(range(N))
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # ... reshuffled each epoch
 
-    manager = CheckpointManager(tmp_path)
-    first, second = Recorder(), Recorder()
-    ft.train_loop(
-        first,
-        fresh_state(),
-        make(dataset),
-        epochs=EPOCHS,
-        max_steps=stop,
-        checkpoint_manager=manager,
-    )
-    # A fresh "process": make() again, as a restarted script would.
-    resumed = ft.train_loop(
-        second, fresh_state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
-    )
-    assert resumed.resumed_from == stop
-    assert first.seen + second.seen == whole.seen  # the same batches, in the same order
+    seen, _ = stop_and_resume(make, dataset, stop, tmp_path)
+    assert seen == whole.seen  # the same batches, in the same order
 
 
 def test_a_generator_the_function_seeded_keeps_its_seed():

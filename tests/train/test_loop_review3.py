@@ -6,7 +6,17 @@ import signal
 
 import pytest
 import torch
-from loop_order import BATCH, EPOCHS, LR, N, Recorder, fresh_state, loss, make_dataset
+from loop_order import (
+    BATCH,
+    EPOCHS,
+    LR,
+    N,
+    Recorder,
+    fresh_state,
+    loss,
+    make_dataset,
+    stop_and_resume,
+)
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 import functrain as ft
@@ -48,21 +58,8 @@ def test_a_batch_sampler_resumes_bit_for_bit(tmp_path, make, stop):
     ref = _reference(dataset, whole.seen)
     torch.testing.assert_close(uninterrupted.state.params["w"], ref, rtol=1e-12, atol=1e-12)
 
-    manager = CheckpointManager(tmp_path)
-    first, second = Recorder(), Recorder()
-    ft.train_loop(
-        first,
-        fresh_state(),
-        make(dataset),
-        epochs=EPOCHS,
-        max_steps=stop,
-        checkpoint_manager=manager,
-    )
-    resumed = ft.train_loop(
-        second, fresh_state(), make(dataset), epochs=EPOCHS, checkpoint_manager=manager
-    )
-    assert resumed.resumed_from == stop
-    assert first.seen + second.seen == whole.seen  # the same batches, in the same order
+    seen, resumed = stop_and_resume(make, dataset, stop, tmp_path)
+    assert seen == whole.seen  # the same batches, in the same order
     ft.testing.assert_trees_all_equal(resumed.state.params, uninterrupted.state.params)
 
 
