@@ -46,7 +46,6 @@ it: there each call is a whole sampled batch; give it ``micro_batches=K`` instea
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import weakref
 from collections.abc import Iterator
@@ -190,15 +189,9 @@ def _confined(wrapper: str, inners: list[Any]) -> tuple[str, Any]:
 def _injected_members(spec: fused.Injected) -> Iterator[tuple[str, Any]]:
     """The members of ``inject_hyperparams(factory)(...)``: those of the factory's transform
     built with the initial hyperparameters (schedules at step 0)."""
-    try:
-        # inject_hyperparams registers no factory in its spec: read it from the closures of
-        # its ``prepare`` (``numeric``, ``schedules``) and ``build`` (``inner_factory``, ``other``).
-        outer = inspect.getclosurevars(spec.prepare).nonlocals
-        inner = inspect.getclosurevars(outer["build"]).nonlocals
-        factory, static = inner["inner_factory"], inner["other"]
-        numeric, schedules = outer["numeric"], outer["schedules"]
-    except (KeyError, TypeError):  # another implementation: cannot see inside
-        yield ("other", None)
+    factory, static = spec.factory, spec.static
+    numeric, schedules = spec.numeric, spec.schedules
+    if factory is None:  # registered without what it injects: cannot see inside
         return
     if factory is dp_noisy_mean and "l2_norm_clip" in schedules:
         raise ValueError(

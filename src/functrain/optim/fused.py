@@ -120,6 +120,12 @@ class Injected(Spec):
     """
 
     prepare: Callable[[Any, Any, Any], tuple[dict[str, torch.Tensor], Any]]
+    # What was injected, for inspection (the DP step's ``tx`` check): the factory, its static
+    # arguments, its numeric hyperparameters' initial values and its schedules by name.
+    factory: Callable[..., Any] | None = None
+    static: dict[str, Any] = dataclasses.field(default_factory=dict)
+    numeric: dict[str, Any] = dataclasses.field(default_factory=dict)
+    schedules: dict[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -321,6 +321,7 @@ def inject_hyperparams(
             )
             return updates, new_state
 
-        return fused.register(GradientTransformation(init_fn, update_fn), fused.Injected(prepare))
+        spec = fused.Injected(prepare, inner_factory, other, numeric, schedules)
+        return fused.register(GradientTransformation(init_fn, update_fn), spec)
 
     return wrapped_transform
