@@ -45,7 +45,6 @@ it: there each call is a whole sampled batch; give it ``micro_batches=K`` instea
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 from collections.abc import Iterator
@@ -120,7 +119,7 @@ def dp_members(tx: Any) -> Iterator[tuple[str, Any]]:
     if role is not None:
         yield role
         return
-    spec = fused.spec_of(tx)
+    spec = fused.describe(tx)  # wrappers' opaque specs included
     if isinstance(spec, fused.Chain):
         for member in spec.members:
             yield from dp_members(member)
@@ -131,25 +130,21 @@ def dp_members(tx: Any) -> Iterator[tuple[str, Any]]:
         yield _confined("masked", [spec.inner])
     elif isinstance(spec, fused.Injected):
         yield from _injected_members(spec)
+    elif isinstance(spec, fused.ApplyIfFinite):
+        # The whole update is applied or skipped (zeros, the inner state and noise key
+        # kept): when applied it is the inner transform's. That a skip reveals a
+        # non-finite batch is documented in the module docstring.
+        yield from dp_members(spec.inner)
+    elif isinstance(spec, fused.Partition):
+        yield _confined("partition (multi_transform)", list(spec.transforms.values()))
+    elif isinstance(spec, fused.ZeroNans):
+        yield ("guard", None)
     elif isinstance(getattr(tx, "update", None), MethodType) and isinstance(
         tx.update.__self__, optim.MultiSteps
     ):  # a MultiSteps or its gradient_transformation()
         yield _confined("MultiSteps", [tx.update.__self__.inner_opt])
     else:
-        kind = _wrapper_codes().get(getattr(tx.update, "__code__", None))
-        if kind == "apply_if_finite":
-            # The whole update is applied or skipped (zeros, the inner state and noise key
-            # kept): when applied it is the inner transform's. That a skip reveals a
-            # non-finite batch is documented in the module docstring.
-            yield from dp_members(_free_variable(tx.update, "inner"))
-        elif kind == "partition":
-            yield _confined(
-                "partition (multi_transform)", list(_free_variable(tx.update, "txs").values())
-            )
-        elif kind == "zero_nans":
-            yield ("guard", None)
-        else:
-            yield ("other", None)
+        yield ("other", None)
 
 
 # Why a dp_noisy_mean inside each wrapper is not the DP-SGD noise of the step's clipped sum.
@@ -208,22 +203,6 @@ def _injected_members(spec: fused.Injected) -> Iterator[tuple[str, Any]]:
         yield ("other", None)
         return
     yield from dp_members(built)
-
-
-@functools.cache
-def _wrapper_codes() -> dict[Any, str]:
-    """The code objects of the ``update`` functions of wrappers that register no spec."""
-    probe = optim.identity()
-    return {
-        optim.apply_if_finite(probe, 0).update.__code__: "apply_if_finite",
-        optim.partition({"all": probe}, "all").update.__code__: "partition",
-        optim.zero_nans().update.__code__: "zero_nans",
-    }
-
-
-def _free_variable(fn: Any, name: str) -> Any:
-    """The value of the closure variable ``name`` of ``fn``."""
-    return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
 
 
 def _base_key(seed: int | torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ specs cost nothing and vanish with their transform. Composite transforms registe
 specs (:class:`Chain`, :class:`NamedChain`, :class:`Masked`, :class:`Injected` for
 ``inject_hyperparams``) that point at their members. A transform without a spec (a user's own,
 or a wrapper such as ``MultiSteps``) makes the whole optimizer "not recognised", and the caller
-uses the pure path.
+uses the pure path. Wrappers that cannot be fused (``apply_if_finite``, ``partition``,
+``zero_nans``) register :class:`Opaque` specs, for inspection only: :func:`spec_of` hides them,
+so to the planner they are transforms without a spec.
 
 **Plans.** :func:`update_in_place` walks the spec tree together with the optimizer state into a
 flat list of primitive operations, each on a subset of the parameter leaves (masks give
@@ -180,6 +182,38 @@ class ScaleBySchedule(Spec):
     fn: Callable[[torch.Tensor], Any]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Opaque(Spec):
+    """Base of specs that describe a wrapper for inspection only (the DP step's ``tx`` check).
+
+    The planner never fuses these: :func:`spec_of` hides them, so an optimizer holding one is
+    "not recognised" exactly as when the wrapper registered nothing (the engines have no
+    primitive for it, and ``_collect`` would otherwise take an unknown spec for a primitive).
+    Read them with :func:`describe`.
+    """
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ApplyIfFinite(Opaque):
+    """``apply_if_finite(inner, max_consecutive_errors)``."""
+
+    inner: Any
+    max_consecutive_errors: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Partition(Opaque):
+    """``partition(transforms, param_labels)`` (``multi_transform``): ``{label: transform}``."""
+
+    transforms: dict[Any, Any]
+    labels: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ZeroNans(Opaque):
+    """``zero_nans()``: the identity on finite updates."""
+
+
 def register(tx: Any, spec: Spec) -> Any:
     """Attaches ``spec`` to the transform ``tx`` and returns ``tx`` (a one-liner in factories).
 
@@ -195,19 +229,34 @@ def register(tx: Any, spec: Spec) -> Any:
     return tx
 
 
+def describe(tx: Any) -> Spec | None:
+    """The spec registered for ``tx``, :class:`Opaque` ones included, or ``None``.
+
+    Example:
+        >>> import functrain as ft
+        >>> from functrain.optim import fused
+        >>> type(fused.describe(ft.zero_nans())).__name__
+        'ZeroNans'
+    """
+    try:
+        return _SPECS.get(tx.update)
+    except TypeError:  # an update that cannot be weakly referenced
+        return None
+
+
 def spec_of(tx: Any) -> Spec | None:
-    """The fusion spec of ``tx``, or ``None`` when it has none.
+    """The fusion spec of ``tx``, or ``None`` when it has none (or only an :class:`Opaque` one).
 
     Example:
         >>> import functrain as ft
         >>> from functrain.optim import fused
         >>> type(fused.spec_of(ft.adamw(1e-3))).__name__
         'Chain'
+        >>> fused.spec_of(ft.zero_nans()) is None
+        True
     """
-    try:
-        return _SPECS.get(tx.update)
-    except TypeError:  # an update that cannot be weakly referenced
-        return None
+    spec = describe(tx)
+    return None if isinstance(spec, Opaque) else spec
 
 
 # ------------------------------------------------------------------------------------ plans

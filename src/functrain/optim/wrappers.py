@@ -205,7 +205,10 @@ def partition(
             new_states[g] = MaskedState(inner)
         return updates, PartitionState(new_states)
 
-    return GradientTransformation(init_fn, update_fn)
+    # Opaque to the fused planner; the DP step's tx check reads it (see ``fused.Opaque``).
+    return fused.register(
+        GradientTransformation(init_fn, update_fn), fused.Partition(txs, param_labels)
+    )
 
 
 multi_transform = partition
@@ -371,7 +374,10 @@ def apply_if_finite(
             inner_state=_select(apply, new_inner, state.inner_state),
         )
 
-    return GradientTransformation(init_fn, update_fn)
+    return fused.register(
+        GradientTransformation(init_fn, update_fn),
+        fused.ApplyIfFinite(inner, max_consecutive_errors),
+    )
 
 
 class ZeroNansState(NamedTuple):
@@ -408,4 +414,4 @@ def zero_nans() -> GradientTransformation:
         out = tree.map(lambda u: torch.where(torch.isnan(u), torch.zeros_like(u), u), updates)
         return out, ZeroNansState(found_nan=found_nan)
 
-    return GradientTransformation(init_fn, update_fn)
+    return fused.register(GradientTransformation(init_fn, update_fn), fused.ZeroNans())
