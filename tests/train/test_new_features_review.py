@@ -154,8 +154,10 @@ def test_dp_noisy_mean_twice_is_refused():
 
 
 def test_a_masked_dp_noisy_mean_is_not_taken_for_the_whole_tree_noise():
+    # Noise on the masked leaves only is no DP-SGD noise for the whole tree: refused, naming
+    # the wrapper (it used to get the generic "adds no noise" warning).
     tx = ft.chain(ft.masked(_noisy(), {"w": True}), ft.sgd(0.1))
-    with pytest.warns(UserWarning, match="adds no noise"):
+    with pytest.raises(ValueError, match="wraps dp_noisy_mean in masked"):
         _dp_step(tx)
 
 
