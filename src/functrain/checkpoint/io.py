@@ -174,6 +174,13 @@ def restore(
             class; shapes and dtypes are still checked.
         verify: check the SHA-256 of every tensor read (reading costs one hash pass).
 
+    Returns:
+        A new pytree; tensors read from the file are newly allocated and keep their saved
+        dtypes (``target`` is not modified). With ``target``: the target's structure holding
+        the checkpoint's values (with ``strict=False``, the target's own entries, not copies,
+        where the checkpoint lacks them). Without: the builtin-container tree described
+        above, or ``{name: tensor}`` for a plain safetensors file.
+
     Raises:
         FileNotFoundError: no file at ``path``.
         InvalidCheckpointError: a truncated, corrupted or foreign file, including pickles and
@@ -246,6 +253,18 @@ def read_metadata(path: PathLike) -> dict[str, Any]:
     """Returns the ``metadata`` passed to :func:`save`, reading only the file header.
 
     The header checksum and the file's size are verified; tensor data is not read.
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The metadata dict as JSON decoded it (strings, numbers, bools, ``None``, lists and
+        dicts; tuples come back as lists), or ``{}`` when the file was saved without metadata
+        or is a plain safetensors file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        InvalidCheckpointError: a truncated, corrupted or foreign file.
 
     Example:
         >>> import os, tempfile, torch

@@ -64,6 +64,20 @@ def _who(rank: int | None, world_size: int | None, group: process.Group) -> tupl
 def shard_sizes(num_examples: int, world_size: int) -> list[int]:
     """How many of ``num_examples`` each rank gets: sizes differ by at most one, larger first.
 
+    Pure arithmetic: it does not consult ``torch.distributed``.
+
+    Args:
+        num_examples: the number of examples to share, a non-negative integer (NumPy's too).
+        world_size: the number of ranks, a positive integer.
+
+    Returns:
+        A list of ``world_size`` Python ints summing to ``num_examples``; entry ``r`` is rank
+        ``r``'s share (0 for the last ranks when ``num_examples < world_size``).
+
+    Raises:
+        ValueError: ``num_examples`` or ``world_size`` is not an integer in range (bools are
+            refused).
+
     Example:
         >>> from functrain import distributed as dist
         >>> dist.shard_sizes(10, 4)
@@ -144,8 +158,14 @@ def shard_batch(
         world_size: the number of ranks (default: from the process group).
         group: the process group whose rank and size are used by default.
 
+    Returns:
+        A pytree of ``batch``'s structure whose leaves are views (``narrow`` along dim 0, no
+        copy) of rank ``rank``'s contiguous rows. Outside a distributed job the defaults are
+        rank 0 of 1, which gives views of the whole batch.
+
     Raises:
-        ValueError: the batch has fewer examples than there are ranks (every rank needs one).
+        ValueError: the batch has fewer examples than there are ranks (every rank needs one),
+            or ``rank`` / ``world_size`` is out of range.
 
     Example:
         >>> import torch
@@ -176,6 +196,16 @@ def rank_key(
         key: the shared key (e.g. ``state.key``; see :func:`functrain.random_key`).
         rank: the rank (default: this process's rank).
         group: the process group whose rank is used by default.
+
+    Returns:
+        A new 0-d ``int64`` CPU key, ``fold_in(fold_in(key, S), rank)`` for a fixed stream
+        ``S``: deterministic, and ``key`` is not modified. Outside a distributed job the
+        default rank is 0, so the result is ``rank_key(key, 0)``, not ``key``.
+
+    Raises:
+        ValueError: the rank is negative or not an integer (e.g. -1 when this process is not
+            in ``group``), or ``key`` is not 0-d or not on the CPU.
+        TypeError: ``key`` is not an ``int64`` tensor.
 
     Example:
         >>> import functrain as ft

@@ -44,6 +44,10 @@ Group = Any  # a torch.distributed ProcessGroup, or None for the default group
 def is_distributed() -> bool:
     """Whether a ``torch.distributed`` process group is initialized.
 
+    Returns:
+        ``True`` once the default process group exists (e.g. after :func:`init` under
+        ``torchrun``); ``False`` when ``torch.distributed`` is unavailable or not initialised.
+
     Example:
         >>> from functrain import distributed as dist
         >>> dist.is_distributed()
@@ -54,6 +58,15 @@ def is_distributed() -> bool:
 
 def rank(group: Group = None) -> int:
     """This process's rank in ``group`` (the default group when ``None``); 0 outside a job.
+
+    Args:
+        group: a process group, or ``None`` for the default one; ignored when
+            ``torch.distributed`` is not initialised.
+
+    Returns:
+        ``torch.distributed.get_rank(group)``: a rank in ``[0, world_size(group))``, or -1
+        when this process is not a member of ``group``; 0 when ``torch.distributed`` is not
+        initialised.
 
     Example:
         >>> from functrain import distributed as dist
@@ -66,6 +79,14 @@ def rank(group: Group = None) -> int:
 def world_size(group: Group = None) -> int:
     """The number of processes in ``group``; 1 outside a distributed job.
 
+    Args:
+        group: a process group, or ``None`` for the default one; ignored when
+            ``torch.distributed`` is not initialised.
+
+    Returns:
+        ``torch.distributed.get_world_size(group)`` (-1 when this process is not a member of
+        ``group``); 1 when ``torch.distributed`` is not initialised.
+
     Example:
         >>> from functrain import distributed as dist
         >>> dist.world_size()
@@ -77,6 +98,13 @@ def world_size(group: Group = None) -> int:
 def local_rank() -> int:
     """The rank on this machine (``LOCAL_RANK``, set by ``torchrun``); 0 when not set.
 
+    Returns:
+        The ``LOCAL_RANK`` environment variable as an ``int``, read at each call and
+        independent of whether ``torch.distributed`` is initialised; 0 when it is not set.
+
+    Raises:
+        ValueError: ``LOCAL_RANK`` is set but is not an integer.
+
     Example:
         >>> from functrain import distributed as dist
         >>> dist.local_rank()
@@ -87,6 +115,14 @@ def local_rank() -> int:
 
 def default_device() -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU: where this rank computes.
+
+    Returns:
+        ``torch.device("cuda", local_rank() % torch.cuda.device_count())`` when CUDA is
+        available (so ``cuda:0`` outside ``torchrun``), else ``torch.device("cpu")``; the
+        same whether or not ``torch.distributed`` is initialised. Sets no current device.
+
+    Raises:
+        ValueError: ``LOCAL_RANK`` is set but is not an integer (only with CUDA available).
 
     Example:
         >>> import torch

@@ -145,6 +145,18 @@ def elementwise(tx: GradientTransformation) -> GradientTransformation:
     a transform gives the same numbers on a parameter's piece as on the whole parameter.
     :func:`check_shardable` trusts the declaration and does not look inside.
 
+    Args:
+        tx: the transform to declare (anything with ``init`` and ``update``); not modified.
+
+    Returns:
+        A new ``GradientTransformation`` with ``tx.init`` and an ``update`` that calls
+        ``tx.update`` unchanged, marked as elementwise.
+
+    Raises:
+        TypeError: ``tx`` lacks ``init`` or ``update``.
+        ValueError: ``tx`` contains a noise transform (``add_noise``, ``dp_noisy_mean``,
+            ``differentially_private_aggregate``), whose noise would differ on shards.
+
     Example:
         >>> import torch, functrain as ft
         >>> from functrain import distributed as dist

@@ -47,7 +47,17 @@ __all__ = ["LeafShard", "optimizer_state_bytes"]
 
 
 def optimizer_state_bytes(opt_state: Any) -> int:
-    """Bytes held by the tensors of an optimizer state (each storage counted once).
+    """Bytes held by the tensors of an optimizer state (aliased leaves counted once).
+
+    Counts ``numel * element_size`` of each tensor leaf, in this process only (for a sharded
+    state, this rank's pieces). Leaves that start at the same place in the same storage (the
+    same tensor reached twice) are counted once; meta tensors and non-tensor leaves count 0.
+
+    Args:
+        opt_state: an optimizer state pytree (e.g. ``state.opt_state``); not modified.
+
+    Returns:
+        The total as a Python ``int``; no device synchronization (only metadata is read).
 
     Example:
         >>> import torch, functrain as ft

@@ -86,9 +86,21 @@ def per_example_global_norm_clip(
 
     ``l2_norm_clip`` is checked as in :func:`clipped_grad_sum`.
 
+    Args:
+        grads: per-example gradients, every leaf with the same leading batch dimension (not
+            modified).
+        l2_norm_clip: ``C ≥ 0``, a number (``inf``: no clipping) or a 0-d floating tensor.
+
     Returns:
-        ``(clipped_sum, num_clipped)``; ``num_clipped`` counts examples whose norm exceeded
-        ``C``.
+        ``(clipped_sum, num_clipped)``: a pytree like one example's gradient, in the leaves'
+        dtypes (summed in at least float32), and an int64 0-d count of the examples whose norm
+        exceeded ``C`` (a zero gradient is not clipped).
+
+    Raises:
+        ValueError: no leaves, leaves of different leading dimensions, a negative or NaN
+            number ``l2_norm_clip`` (a tensor's value is not read) or a tensor one that is
+            not 0-d floating.
+        TypeError: ``l2_norm_clip`` is a schedule, a bool or not a number.
 
     Example:
         >>> import torch, functrain as ft

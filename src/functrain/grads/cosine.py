@@ -50,6 +50,13 @@ class CosineAccumulator(NamedTuple):
 def cosine_accumulator_init(params: PyTree) -> CosineAccumulator:
     """An empty :class:`CosineAccumulator` shaped like ``params``.
 
+    Args:
+        params: pytree of tensors whose shapes, devices and dtypes the gradients will have.
+
+    Returns:
+        A :class:`CosineAccumulator` with zero ``unit_sum`` (half-precision leaves as float32),
+        a 0-d zero ``unit_sq_sum`` in at least float32 and ``count`` 0.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.cosine_accumulator_init({"w": torch.zeros(2)}).count
@@ -80,6 +87,11 @@ def cosine_accumulator_add(
         acc: the accumulator.
         grad: a gradient pytree (e.g. one micro-batch's mean gradient).
         sq_norm: ``‖grad‖²`` when already computed (e.g. for :func:`noise_scale_estimate`).
+
+    Returns:
+        A new :class:`CosineAccumulator` (``acc`` and ``grad`` are not modified) with ``count``
+        one higher. A zero gradient adds nothing to the sums; a non-finite one, or one whose
+        ``‖grad‖²`` overflows, makes ``unit_sum`` NaN.
 
     Example:
         >>> import torch, functrain as ft
@@ -116,6 +128,15 @@ def mean_pairwise_cosine(acc: CosineAccumulator) -> torch.Tensor:
     non-finite gradient, or a ``‖g‖²`` that overflowed (float32 gradients of norm above 1.8e19),
     makes the result NaN. Float32 gradients of norm below 1e-19 lose precision (their squares
     are subnormal) and below about 4e-23 count as zero.
+
+    Args:
+        acc: the accumulator after ``K`` calls of :func:`cosine_accumulator_add`.
+
+    Returns:
+        A 0-d tensor in the accumulator's dtype (at least float32).
+
+    Raises:
+        ValueError: ``K < 2``.
 
     Example:
         >>> import torch, functrain as ft

@@ -168,6 +168,15 @@ def noise_scale_estimate(
             two non-empty micro-batches the estimates are NaN.
         combined_sq_norm: ``‖ĝ‖²`` of the step gradient ``ĝ = Σᵢ bᵢĝᵢ / B``.
 
+    Returns:
+        A :class:`NoiseScaleEstimate` of tensors shaped like ``sq_norms`` without its last
+        dimension, in the dtype the arithmetic promotes to (not widened: pass float32 norms).
+        ``grad_sq`` is not clamped and can be negative; equal ``ĝᵢ`` give ``trace_sigma`` 0.
+
+    Raises:
+        ValueError: ``sq_norms`` empty or 0-d, ``K < 2``, ``sizes`` not of length ``K``, or a
+            negative Python size (tensor sizes are not read).
+
     Example:
         >>> import torch, functrain as ft
         >>> g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -197,6 +206,16 @@ def noise_scale_from_moments(m: GradMoments) -> NoiseScaleEstimate:
     Half-precision moments are reduced in float32 and the estimates stay float32: ``|G|²`` is a
     difference of nearly equal numbers that bfloat16 would round away.
 
+    Args:
+        m: moments of ``n`` per-sample gradients (:func:`grad_moments`).
+
+    Returns:
+        A :class:`NoiseScaleEstimate` of 0-d tensors (float32 for half-precision moments, else
+        the moments' dtype). Zero gradients give ``trace_sigma = grad_sq = 0``.
+
+    Raises:
+        ValueError: fewer than 2 examples.
+
     Example:
         >>> import torch, functrain as ft
         >>> m = ft.grad_moments({"w": torch.tensor([[1.0, 0.0], [0.0, 1.0]])})
@@ -225,7 +244,9 @@ def gradient_diversity(
             ``Σ bᵢ²‖ĝᵢ‖² / (B²‖ĝ‖²)``.
         sizes: micro-batch sizes ``bᵢ``, or ``None``. Empty micro-batches (size 0) add nothing.
 
-    The diversity is NaN when all gradients are zero (``0/0``).
+    Returns:
+        A tensor shaped like ``sq_norms`` without its last dimension, in the promoted dtype of
+        the inputs. NaN when all gradients are zero (``0/0``).
 
     Example:
         >>> import torch, functrain as ft
@@ -243,6 +264,13 @@ def gradient_diversity_from_moments(m: GradMoments) -> torch.Tensor:
     """Gradient diversity of the per-sample gradients: ``Σᵢ‖gᵢ‖² / ‖Σᵢ gᵢ‖²`` from moments.
 
     Half-precision moments are reduced in float32 (the result is float32).
+
+    Args:
+        m: moments of ``n`` per-sample gradients (:func:`grad_moments`).
+
+    Returns:
+        A 0-d tensor, ``(Σ m2 + n‖mean‖²) / (n²‖mean‖²)``: 1 for a single example, NaN for
+        zero gradients or ``n = 0`` (``0/0``).
 
     Example:
         >>> import torch, functrain as ft
@@ -278,6 +306,13 @@ def noise_scale_init(
     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> NoiseScaleState:
     """A fresh :class:`NoiseScaleState` (zeros) on ``device``.
+
+    Args:
+        device: device of the state; ``None`` for PyTorch's default device.
+        dtype: dtype of the two moving averages (``count`` is always int32).
+
+    Returns:
+        A :class:`NoiseScaleState` of 0-d zero tensors.
 
     Example:
         >>> import functrain as ft
@@ -317,6 +352,19 @@ def noise_scale_update(
     as they were, so one bad step does not turn the averages NaN for good. The choice is made
     on the device (``torch.where``), without a host read.
 
+    Args:
+        state: the current averages (not modified).
+        estimate: this step's estimates (0-d), cast to the state's dtype.
+        decay: moving-average decay, a float in ``[0, 1)`` or a 0-d floating tensor.
+
+    Returns:
+        A new :class:`NoiseScaleState` (``count`` saturates rather than wrapping).
+
+    Raises:
+        TypeError: ``decay`` is not a number or tensor (or is a bool).
+        ValueError: a Python ``decay`` outside ``[0, 1)``, or a tensor one that is not 0-d
+            floating.
+
     Example:
         >>> import torch, functrain as ft
         >>> est = ft.NoiseScaleEstimate(torch.tensor(8.0), torch.tensor(2.0))
@@ -346,6 +394,12 @@ def simple_noise_scale(state: NoiseScaleState) -> torch.Tensor:
     exactly zero; while ``EMA[|G|²] ≤ 0`` (noise dominates) it is negative or infinite: read it
     once the averages have settled. Equal micro-batch gradients (no noise) give 0.
 
+    Args:
+        state: the moving averages.
+
+    Returns:
+        A 0-d tensor in the state's dtype.
+
     Example:
         >>> import torch, functrain as ft
         >>> state = ft.NoiseScaleState(torch.tensor(3), torch.tensor(6.0), torch.tensor(2.0))
@@ -366,6 +420,16 @@ def noise_scale_metrics(
     Metrics: ``{prefix}b_simple`` (ratio of averages), ``{prefix}trace_sigma`` and
     ``{prefix}grad_sq`` (bias-corrected moving averages). All three are NaN until a finite
     estimate has been folded in (``count = 0``: the correction ``1 − decay⁰`` is 0).
+
+    Args:
+        state: the current averages (not modified).
+        estimate: this step's estimates (:func:`noise_scale_estimate`).
+        decay: moving-average decay, as in :func:`noise_scale_update` (same errors).
+        prefix: metric-name prefix.
+
+    Returns:
+        ``(new_state, metrics)``: the updated :class:`NoiseScaleState` and a dict of the three
+        metrics above, 0-d tensors in the state's dtype.
 
     Example:
         >>> import torch, functrain as ft
@@ -426,6 +490,14 @@ def noise_scale_hook(
         prefix: metric-name prefix.
         name: key of the state in ``state.extra``.
         cosine: also report the mean pairwise cosine between micro-batch gradients.
+
+    Returns:
+        A ``GradStatsHook`` for ``make_train_step(grad_stats=...)``; its state is a
+        :class:`NoiseScaleState` in at least float32, on the parameters' device.
+
+    Raises:
+        TypeError: ``decay`` is not a number or 0-d tensor (checked here, not in the step).
+        ValueError: ``decay`` outside ``[0, 1)``; from the step, ``micro_batches`` below 2.
 
     Example:
         >>> import torch, functrain as ft

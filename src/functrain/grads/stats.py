@@ -148,7 +148,16 @@ def per_sample_norms(grads: PyTree) -> GradNorms:
     """Global and per-leaf L2 norms of each example's gradient.
 
     Args:
-        grads: per-sample gradients, every leaf with the same leading batch dimension.
+        grads: per-sample gradients, every leaf with the same leading batch dimension (real
+            floating-point or complex).
+
+    Returns:
+        A :class:`GradNorms`: each leaf norm in its leaf's real dtype (half precision computed
+        in float32 and rounded once), the global norm in the leaf norms' promoted dtype.
+
+    Raises:
+        ValueError: no leaves, or leaves whose leading dimensions differ (naming the leaf).
+        TypeError: a leaf that is not floating-point or complex.
 
     Example:
         >>> import torch, functrain as ft
@@ -230,6 +239,19 @@ def grad_moments(grads: PyTree) -> GradMoments:
     zeros: :func:`merge_grad_moments` treats them as the empty group and
     :func:`grad_variance` refuses them.
 
+    Args:
+        grads: per-sample gradients, real floating-point leaves sharing a leading dimension
+            ``n`` (not modified).
+
+    Returns:
+        A :class:`GradMoments` with ``count = n`` and ``mean``, ``m2`` shaped like one
+        example's gradient. ``mean`` has the leaves' dtype; ``m2`` is float32 for half-precision
+        leaves (summed in float32), else the leaves' dtype. One example gives ``m2`` zeros.
+
+    Raises:
+        ValueError: no leaves, or leaves whose leading dimensions differ (naming the leaf).
+        TypeError: a leaf that is not real floating-point.
+
     Example:
         >>> import torch, functrain as ft
         >>> m = ft.grad_moments({"w": torch.tensor([[1.0], [3.0]])})
@@ -256,6 +278,17 @@ def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
     Half-precision moments are merged in float32: the merged mean is rounded once to the
     means' dtype and ``m2`` stays float32 (a half-precision ``m2`` given here is widened).
     A mean merged from ``k`` parts has been rounded ``k − 1`` times; ``m2`` is not rounded.
+
+    Args:
+        a: moments of one group (not modified).
+        b: moments of the other group, with ``a``'s structure and shapes.
+
+    Returns:
+        The :class:`GradMoments` of both groups (``count = a.count + b.count``). When one
+        group is empty (``count`` 0) the other is returned as it is, the same object.
+
+    Raises:
+        TreeMismatchError: (a ``ValueError``) the structures or leaf shapes differ.
 
     Example:
         >>> import torch, functrain as ft
@@ -293,6 +326,17 @@ def grad_variance(m: GradMoments, ddof: int = 1) -> PyTree:
     Half-precision moments give the variance in ``mean``'s dtype, divided in float32 and
     rounded once (``inf`` in float16 only where the variance itself exceeds 65504).
 
+    Args:
+        m: the moments (:func:`grad_moments`).
+        ddof: ``1`` (default) for the unbiased sample variance, ``0`` for the biased one
+            (``m2 / n``).
+
+    Returns:
+        A pytree like ``m.mean`` of per-element variances, in ``mean``'s dtype.
+
+    Raises:
+        ValueError: ``n ≤ ddof`` (e.g. one example with ``ddof=1``, or none).
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.grad_variance(ft.grad_moments([torch.tensor([[0.0], [2.0]])]), ddof=0)
@@ -319,6 +363,17 @@ def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
     the variance: a coordinate with zero variance gets ``mean² / eps`` (0 where its mean is 0,
     ``inf`` where ``mean² / eps`` overflows the dtype, as it does for any nonzero mean in
     float16). Half-precision moments are divided in float32 and rounded once.
+
+    Args:
+        m: the moments (:func:`grad_moments`).
+        ddof: the variance's ``ddof``, as in :func:`grad_variance` (1: unbiased).
+        eps: floor on the variance.
+
+    Returns:
+        A pytree like ``m.mean`` of per-element ratios, in ``mean``'s dtype.
+
+    Raises:
+        ValueError: ``n ≤ ddof``.
 
     Example:
         >>> import torch, functrain as ft
@@ -405,6 +460,20 @@ def grad_gram(grads: PyTree, cosine: bool = False, eps: float = 1e-30) -> torch.
 
 def tree_gram(trees: Sequence[PyTree], cosine: bool = False, eps: float = 1e-30) -> torch.Tensor:
     """Gram / cosine matrix between ``K`` gradient pytrees (e.g. the micro-batch gradients).
+
+    Args:
+        trees: ``K`` pytrees of real tensors with the same structure and leaf shapes.
+        cosine: divide by ``‖gᵢ‖·‖gⱼ‖`` (a zero gradient gets cosine 0 with everything).
+        eps: floor on norms when ``cosine``.
+
+    Returns:
+        A ``(K, K)`` tensor in the leaves' promoted dtype (half precision multiplied, and
+        cosines formed, in float32, then rounded once).
+
+    Raises:
+        ValueError: no trees, or trees without leaves; ``TreeMismatchError`` (a
+            ``ValueError``) when structures or shapes differ.
+        TypeError: a complex leaf.
 
     Example:
         >>> import torch, functrain as ft

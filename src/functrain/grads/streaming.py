@@ -62,6 +62,24 @@ def per_sample_grad_norms(
     ``"auto"`` (default) uses ``"layers"`` when it applies and a chunk's per-sample gradients
     would take 64 MiB or more.
 
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> loss``, as for :func:`per_sample_grads`.
+        params: pytree of floating-point tensors (not modified).
+        batch: pytree of tensors sharing a leading batch dimension ``n``.
+        chunk_size: examples per chunk (``None``: one chunk).
+        buffers: non-differentiated state passed as ``loss_fn(..., buffers=buffers)``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``, as for :func:`per_sample_grads`.
+        method: ``"auto"``, ``"vmap"`` or ``"layers"`` (above).
+
+    Returns:
+        A :class:`GradNorms` of ``(n,)`` tensors, dtypes as :func:`per_sample_norms` gives
+        (half precision computed in float32, rounded once). An empty batch gives empty norms.
+
+    Raises:
+        ValueError: bad options, batch leaves of different lengths, or (``"layers"``) a
+            parameter its rules do not cover.
+        TypeError: a ``loss_fn`` that is not callable.
+
     Example:
         >>> import torch, functrain as ft
         >>> params = {"w": torch.ones(2)}
@@ -145,6 +163,23 @@ def per_sample_grad_moments(
     instead rounds every partial mean, which costs the variance a relative ``ε·|mean|/std``
     (2e-4 for float32 gradients with mean/std = 1e4 in chunks of 16, against 3e-7 here).
 
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> loss``, as for :func:`per_sample_grads`.
+        params: pytree of floating-point tensors (not modified).
+        batch: pytree of tensors sharing a leading batch dimension ``n``.
+        chunk_size: examples per chunk (``None``: one chunk).
+        buffers: non-differentiated state passed as ``loss_fn(..., buffers=buffers)``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``, as for :func:`per_sample_grads`.
+
+    Returns:
+        A :class:`GradMoments` with ``count = n``: ``mean`` in the parameters' dtypes, ``m2``
+        (``Σᵢ (gᵢ − mean)²``, not divided) float32 for half-precision parameters. An empty
+        batch gives ``count`` 0 and zeros.
+
+    Raises:
+        ValueError: bad options or batch leaves of different lengths (as
+            :func:`per_sample_grads`).
+
     Example:
         >>> import torch, functrain as ft
         >>> params = {"w": torch.ones(2)}
@@ -218,6 +253,26 @@ def per_sample_gram(
     layer at a time), over each pair of chunks together; it raises ``ValueError`` naming a
     parameter used by any other call. ``"auto"`` (default) uses ``"layers"`` when it applies
     and a chunk's per-sample gradients would take 64 MiB or more.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> loss``, as for :func:`per_sample_grads`.
+        params: pytree of floating-point tensors (not modified).
+        batch: pytree of tensors sharing a leading batch dimension ``n``.
+        cosine: divide by ``‖gᵢ‖·‖gⱼ‖`` (a zero gradient gets cosine 0 with everything).
+        chunk_size: examples per chunk (``None``: one chunk).
+        buffers: non-differentiated state passed as ``loss_fn(..., buffers=buffers)``.
+        randomness: ``"error"``, ``"different"`` or ``"same"``, as for :func:`per_sample_grads`.
+        eps: floor on norms when ``cosine``.
+        method: ``"auto"``, ``"vmap"`` or ``"layers"`` (above).
+
+    Returns:
+        An ``(n, n)`` tensor in the parameters' promoted dtype (half precision formed in
+        float32 and rounded once); ``(0, 0)`` for an empty batch.
+
+    Raises:
+        ValueError: bad options, batch leaves of different lengths, or (``"layers"``) a
+            parameter its rules do not cover.
+        TypeError: a ``loss_fn`` that is not callable.
 
     Example:
         >>> import torch, functrain as ft

@@ -215,6 +215,15 @@ def to_float(value: Any, name: str = "value") -> float:
         value: the scalar.
         name: used in the error message when ``value`` is not a scalar.
 
+    Returns:
+        ``value`` as a Python ``float`` (booleans as ``0.0``/``1.0``). A tensor is read with
+        ``.item()``, which waits for a GPU tensor's device.
+
+    Raises:
+        ValueError: a tensor or array with other than one element.
+        TypeError: a complex value, or anything that is not a number, NumPy scalar or array,
+            or tensor.
+
     Example:
         >>> import torch
         >>> from functrain.logging import to_float
@@ -249,8 +258,22 @@ def to_float(value: Any, name: str = "value") -> float:
 def to_numpy(value: Any, name: str = "value") -> np.ndarray:
     """Converts an array (tensor on any device, NumPy array, sequence) to a flat NumPy array.
 
-    Low-precision floats (bfloat16, float16) become float32, since NumPy lacks bfloat16; booleans
-    and integers are kept.
+    Low-precision float tensors (bfloat16, float16) become float32, since NumPy lacks bfloat16;
+    booleans, integers and NumPy arrays' dtypes are kept.
+
+    Args:
+        value: a tensor (any shape and device; detached, never modified), a NumPy array, a
+            number or a (nested) sequence of numbers.
+        name: used in the error message when ``value`` is not a numeric array.
+
+    Returns:
+        A 1-d NumPy array of all the elements in row-major order (a 0-d input gives shape
+        ``(1,)``). It may share memory with a CPU tensor or NumPy array passed in, so copy it
+        before writing into it. A GPU tensor is copied to the host (a device synchronization).
+
+    Raises:
+        TypeError: complex values, non-numeric dtypes (strings, objects), or an input NumPy
+            cannot convert.
 
     Example:
         >>> import torch

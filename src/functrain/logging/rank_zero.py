@@ -16,6 +16,10 @@ __all__ = ["RankZeroWriter", "is_rank_zero", "rank_zero_only"]
 def is_rank_zero() -> bool:
     """True outside a distributed job, or on the process of global rank 0.
 
+    Returns:
+        ``True`` when ``torch.distributed`` is unavailable or not initialised, else whether
+        this process's rank in the default group is 0. Read at each call (no caching).
+
     Example:
         >>> from functrain.logging import is_rank_zero
         >>> is_rank_zero()  # no process group here
@@ -110,6 +114,14 @@ def rank_zero_only(writer: MetricWriter | Callable[[], MetricWriter]) -> RankZer
 
     Args:
         writer: a writer, or a function of no arguments returning one.
+
+    Returns:
+        A :class:`RankZeroWriter` wrapping ``writer``: it forwards every write to it on rank 0
+        (and when ``torch.distributed`` is not initialised) and does nothing on other ranks,
+        checking the rank at each call.
+
+    Raises:
+        TypeError: ``writer`` is neither a writer nor callable.
 
     Example:
         >>> import tempfile

@@ -113,7 +113,18 @@ def _wanted(tag: str, patterns: Sequence[str] | None) -> bool:
 def find_runs(logdir: str | os.PathLike[str]) -> list[str]:
     """Lists the run directories under ``logdir`` (itself included) that hold event files.
 
-    Returns paths relative to ``logdir``, sorted; ``"."`` is ``logdir`` itself.
+    A run directory is any directory (symbolic links to directories are not followed) with a
+    file whose name contains ``tfevents``.
+
+    Args:
+        logdir: the directory to search, recursively.
+
+    Returns:
+        The runs' paths relative to ``logdir``, sorted (``"."`` is ``logdir`` itself); an empty
+        list when there are no event files.
+
+    Raises:
+        FileNotFoundError: ``logdir`` is not an existing directory.
 
     Example:
         >>> import os, tempfile

@@ -246,6 +246,12 @@ def unitwise_norm(x: torch.Tensor, axis: int | tuple[int, ...] | None = None) ->
         x: the tensor.
         axis: dimensions that form a unit; ``None`` for the PyTorch-layout default.
 
+    Returns:
+        A tensor of ``x``'s shape (a broadcast view: do not write to it) and real dtype.
+
+    Raises:
+        TypeError: an integer or bool ``x``.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.unitwise_norm(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))

@@ -35,6 +35,13 @@ def all_finite(values: Any) -> torch.Tensor:
     ``torch.aminmax`` (one vectorised pass: NaN reaches both ends, ``±inf`` one of them), which
     is several times faster there than the inf-norm used on accelerators and for complex leaves.
 
+    Args:
+        values: any pytree; its non-tensor leaves are ignored.
+
+    Returns:
+        A 0-d bool tensor on the first checked leaf's device (with none, the first tensor
+        leaf's, else PyTorch's default device).
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.all_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")])})

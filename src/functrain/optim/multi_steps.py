@@ -59,7 +59,14 @@ def skip_not_finite(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A ``should_skip_update_fn`` for :class:`MultiSteps`: skip updates with a NaN or inf.
 
-    Returns ``(should_skip, {"should_skip": ..., "num_not_finite": ...})``.
+    Args:
+        updates: the update pytree to check.
+        gradient_step: unused (part of the ``should_skip_update_fn`` signature).
+        params: unused (likewise).
+
+    Returns:
+        ``(should_skip, {"should_skip": should_skip, "num_not_finite": num})``: a 0-d bool
+        tensor and the int64 count of non-finite elements (0 on the CPU for no leaves).
 
     Example:
         >>> import torch, functrain as ft
@@ -82,7 +89,17 @@ def skip_large_updates(
     """A ``should_skip_update_fn``: skip updates whose squared global norm is not below a bound.
 
     Use it as ``functools.partial(skip_large_updates, max_squared_norm=...)``; a NaN norm is
-    skipped too. Returns ``(should_skip, {"should_skip": ..., "norm_squared": ...})``.
+    skipped too.
+
+    Args:
+        updates: the update pytree to check.
+        gradient_step: unused (part of the ``should_skip_update_fn`` signature).
+        params: unused (likewise).
+        max_squared_norm: skip when ``‖updates‖² ≥ max_squared_norm``.
+
+    Returns:
+        ``(should_skip, {"should_skip": should_skip, "norm_squared": norm_sq})``: a 0-d bool
+        tensor and the 0-d squared global norm (``ft.tree.norm(updates, squared=True)``).
 
     Example:
         >>> import torch, functrain as ft

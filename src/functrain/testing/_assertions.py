@@ -81,6 +81,14 @@ def assert_trees_all_equal_structs(*trees: Any) -> None:
 
     Leaves are not compared: only containers, keys and ``None`` placements.
 
+    Args:
+        *trees: two or more pytrees; each is compared with the first.
+
+    Raises:
+        AssertionError: ``tree structures differ: <path> ...``, naming the first path where a
+            tree differs from the first one (missing key, ``None`` or leaf vs container).
+        ValueError: if fewer than two trees are given (a single tuple compares nothing).
+
     Example:
         >>> import torch
         >>> from functrain import testing
@@ -106,6 +114,17 @@ def _check_shape(path: tuple[Any, ...], x: torch.Tensor, y: torch.Tensor) -> Non
 def assert_trees_all_equal_shapes(*trees: Any) -> None:
     """Asserts all trees have the same structure and leaf shapes.
 
+    Leaves may be tensors, Python numbers or NumPy arrays (shape ``()`` for a number).
+
+    Args:
+        *trees: two or more pytrees; each is compared with the first.
+
+    Raises:
+        AssertionError: ``tree structures differ: ...`` as in
+            :func:`assert_trees_all_equal_structs`, or ``shapes differ at <path>: (2,) vs
+            (3,)`` for the first leaf whose shape differs.
+        ValueError: if fewer than two trees are given (a single tuple compares nothing).
+
     Example:
         >>> import torch
         >>> from functrain import testing
@@ -129,6 +148,18 @@ def _check_dtype(path: tuple[Any, ...], x: torch.Tensor, y: torch.Tensor) -> Non
 
 def assert_trees_all_equal_dtypes(*trees: Any) -> None:
     """Asserts all trees have the same structure and leaf dtypes (shapes may differ).
+
+    A Python number leaf has the dtype ``torch.as_tensor`` gives it (``1.0``: the default
+    float dtype, ``1``: int64).
+
+    Args:
+        *trees: two or more pytrees; each is compared with the first.
+
+    Raises:
+        AssertionError: ``tree structures differ: ...`` as in
+            :func:`assert_trees_all_equal_structs`, or ``dtypes differ at <path>:
+            torch.float32 vs torch.float64`` for the first leaf whose dtype differs.
+        ValueError: if fewer than two trees are given (a single tuple compares nothing).
 
     Example:
         >>> import torch
@@ -304,6 +335,21 @@ def assert_trees_all_equal(*trees: Any, bitwise: bool = False) -> None:
     ``bitwise=True`` floating leaves must have identical bit patterns instead: ``-0.0`` differs
     from ``0.0`` and NaN payloads must match (what "state kept bit for bit" means).
 
+    Values are copied to the CPU to compare (a host synchronization); devices may differ.
+
+    Args:
+        *trees: two or more pytrees of tensors (Python numbers and NumPy arrays are accepted
+            as leaves); each is compared with the first.
+        bitwise: compare floating and complex leaves by bit pattern.
+
+    Raises:
+        AssertionError: at the first leaf that differs, checked in this order: ``tree
+            structures differ: ...``, ``dtypes differ at <path>: ...``, ``shapes differ at
+            <path>: ...``, or ``trees differ at <path> (shape, dtype): k of n elements differ;
+            worst at index ...: a=..., b=..., |a-b|=...; exact equality required`` (``bitwise
+            equality required`` with ``bitwise=True``).
+        ValueError: if fewer than two trees are given (a single tuple compares nothing).
+
     Example:
         >>> import torch
         >>> from functrain import testing
@@ -357,6 +403,18 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 def assert_tree_all_finite(tree_: Any) -> None:
     """Asserts no leaf holds NaN or infinity; names the first offending path and element.
 
+    Integer and boolean leaves are always finite and are skipped. Values are copied to the CPU
+    (a host synchronization): use it in tests, not inside a step.
+
+    Args:
+        tree_: a pytree of tensors (Python numbers and NumPy arrays are accepted as leaves);
+            ``None`` subtrees are skipped.
+
+    Raises:
+        AssertionError: ``non-finite value at <path>[index]: <value> (k of n elements
+            non-finite)`` for the first leaf, in :func:`functrain.tree.flatten` order, holding
+            NaN or +-inf.
+
     Example:
         >>> import torch
         >>> from functrain import testing
@@ -382,6 +440,16 @@ def assert_tree_all_finite(tree_: Any) -> None:
 
 def assert_tree_on_device(tree_: Any, device: torch.device | str) -> None:
     """Asserts every tensor leaf lives on ``device`` (``"cuda"`` matches any CUDA index).
+
+    Leaves that are not tensors (Python numbers, ``None`` subtrees) are skipped.
+
+    Args:
+        tree_: a pytree.
+        device: the expected device; with an index (``"cuda:1"``) a leaf must be on that index.
+
+    Raises:
+        AssertionError: ``<path> is on <leaf device>, expected <device>`` for the first leaf
+            elsewhere.
 
     Example:
         >>> import torch
@@ -419,6 +487,16 @@ def assert_shape(
     One ``...`` matches any number of dimensions, as in chex: ``(..., 3)`` is any tensor whose
     last dimension is 3 (a 1-d tensor of size 3 included).
 
+    Args:
+        tensors: a tensor or a sequence of tensors, each checked.
+        shape: one entry per dimension: an int, ``None`` (any size), a set of sizes, or one
+            ``...`` standing for any number of dimensions.
+
+    Raises:
+        AssertionError: ``tensor <i> has shape <shape>, expected <shape>`` for the first
+            tensor (``i`` its index in ``tensors``) that does not match.
+        ValueError: if ``shape`` holds more than one ``...``.
+
     Example:
         >>> import torch
         >>> from functrain import testing
@@ -453,6 +531,14 @@ def assert_shape(
 
 def assert_rank(tensors: torch.Tensor | Sequence[torch.Tensor], rank: int | set[int]) -> None:
     """Asserts each tensor's number of dimensions is ``rank`` (or one of a set of ranks).
+
+    Args:
+        tensors: a tensor or a sequence of tensors, each checked.
+        rank: the allowed number of dimensions, or a set of them.
+
+    Raises:
+        AssertionError: ``tensor <i> has rank <r>, expected [<allowed ranks>]`` for the
+            first tensor (``i`` its index in ``tensors``) of another rank.
 
     Example:
         >>> import torch

@@ -136,6 +136,10 @@ def count_compiles() -> Iterator[CompileCount]:
     The count is global: every compiled function that runs inside the block contributes. The
     yielded :class:`CompileCount` is filled in when the block exits.
 
+    Yields:
+        A :class:`CompileCount`, all zero inside the block; its ``compiles``, ``graphs`` and
+        ``reasons`` are set when the block exits (also when it raises).
+
     Example:
         >>> import torch
         >>> from functrain import testing
@@ -176,7 +180,20 @@ def assert_max_compiles(n: int) -> Iterator[CompileCount]:
     """Fails if ``torch.compile`` compiles more than ``n`` times inside the block.
 
     The error lists dynamo's recompilation reasons (which guard failed), so an accidental
-    recompile (a Python-float hyperparameter, a changing shape) is easy to diagnose.
+    recompile (a Python-float hyperparameter, a changing shape) is easy to diagnose. The check
+    runs when the block exits normally; an exception raised inside the block propagates
+    unchecked.
+
+    Args:
+        n: the largest number of compilations allowed (counted as by :func:`count_compiles`).
+
+    Yields:
+        The :class:`CompileCount` of the block, filled in when it exits.
+
+    Raises:
+        AssertionError: ``code inside the block compiled <k> times, at most <n> allowed:``
+            followed by dynamo's recompilation reasons, one a line (or a hint to run with
+            ``TORCH_LOGS=recompiles`` when none were captured).
 
     Example:
         >>> import torch
@@ -208,6 +225,16 @@ def assert_max_traces(fn: F | None = None, *, n: int) -> Any:
     Args:
         fn: the function to wrap; omit it to use ``assert_max_traces(n=...)`` as a decorator.
         n: the largest number of traces allowed.
+
+    Returns:
+        With ``fn``: a wrapper that calls ``fn`` and carries the count so far in its
+        ``traces`` attribute. Without it: a decorator that makes that wrapper.
+
+    Raises:
+        AssertionError: from a call of the wrapper once the count exceeds ``n``:
+            ``<fn's qualname> traced <k> times, at most <n> allowed`` while dynamo traces it
+            (inside ``torch.compile``; dynamo may append its own notes), or ``... compiled <k>
+            times ...`` followed by the recompilation reasons when wrapping a compiled ``fn``.
 
     Example:
         >>> import torch

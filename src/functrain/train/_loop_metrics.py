@@ -33,6 +33,10 @@ def metric_tags(metrics: Mapping[str, Any], prefix: str = "train/") -> dict[str,
         metrics: a step's metrics (name -> 0-d tensor or number).
         prefix: prepended to names without a ``/``.
 
+    Returns:
+        A new dict ``{tag: value}`` with the values of ``metrics`` (not copied), plus
+        ``{prefix}update_param_ratio`` when both norms are present; ``metrics`` is not modified.
+
     Example:
         >>> import torch, functrain as ft
         >>> m = {"loss": torch.tensor(0.5), "update_norm": torch.tensor(0.01),

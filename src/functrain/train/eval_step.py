@@ -80,6 +80,21 @@ def make_eval_step(
     batch's values by these (``num_tokens`` for a ``LossSum`` loss) combines any split of an
     eval set into the metrics of the whole set, as :func:`functrain.train_loop` does.
 
+    Args:
+        loss_fn: the loss of one micro-batch, in any form :func:`make_train_step` accepts
+            (optional ``buffers=`` / ``key=`` inputs; a mean loss, a ``LossSum`` or a
+            ``LossOutput``); see :mod:`functrain.train.loss`.
+        micro_batches: the number ``K`` of micro-batches or their sizes, as for
+            :func:`make_train_step`; checked against each batch when the step is called.
+        seed_rng: seed the global generators (CPU and the params' CUDA devices) from
+            micro-batch ``i``'s key ``fold_in(state.key, i + 1)`` around its loss, restoring
+            them afterwards, so randomness is reproducible; ignored for states without a key.
+
+    Returns:
+        An :class:`EvalStep`, ``eval_step(state, batch) -> metrics``: a ``dict[str, Tensor]``
+        of the metrics above (``loss`` and ``num_examples`` 0-d, on the loss's device).
+        ``state`` and ``batch`` are not modified, and ``state.key`` is not advanced.
+
     Raises:
         ValueError: an empty batch (leading size 0). Deliberately refused rather than answered
             with NaNs: the metric keys (aux, ``num_tokens``) are only known by running

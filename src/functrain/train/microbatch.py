@@ -88,11 +88,17 @@ def split_batch(batch: Any, micro_batches: int | Sequence[int]) -> BatchSplit:
         batch: pytree of tensors with a shared leading dimension.
         micro_batches: the number ``K`` of micro-batches, or their sizes.
 
+    Returns:
+        A :class:`BatchSplit` of Python ints: ``sizes`` (``K`` near-equal sizes, larger first,
+        or the given ones), ``starts`` (their offsets) and ``total`` (the batch size). Only a
+        plan: ``batch`` is neither copied nor sliced.
+
     Raises:
-        ValueError: leaves with different leading sizes, more micro-batches than examples, or
-            sizes that do not add up to the batch size.
-        TypeError: ``micro_batches`` is neither an int nor a sequence of ints (a float size
-            such as ``2.5`` is refused, not truncated).
+        ValueError: an empty batch (leading size 0), a batch without tensors or with a 0-d
+            leaf, leaves with different leading sizes, ``K < 1``, more micro-batches than
+            examples, non-positive sizes, or sizes that do not add up to the batch size.
+        TypeError: a batch leaf that is not a tensor, or ``micro_batches`` neither an int nor
+            a sequence of ints (a float size such as ``2.5`` is refused, not truncated).
 
     Example:
         >>> import torch, functrain as ft

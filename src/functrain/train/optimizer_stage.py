@@ -61,6 +61,14 @@ def find_learning_rate(opt_state: Any) -> torch.Tensor | None:
     Looks for the first node with a ``hyperparams`` dict holding ``"learning_rate"`` (the state
     of :func:`functrain.inject_hyperparams`, found duck-typed anywhere in ``opt_state``).
 
+    Args:
+        opt_state: an optimizer state pytree (e.g. ``state.opt_state``); not modified.
+
+    Returns:
+        The first such node's ``hyperparams["learning_rate"]`` in pytree leaf order, as stored
+        (the same object, not a copy: a 0-d tensor for ``inject_hyperparams``), or ``None``
+        when no node holds one.
+
     Example:
         >>> import functrain as ft
         >>> ft.find_learning_rate((ft.EmptyState(),)) is None

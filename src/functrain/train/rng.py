@@ -124,6 +124,13 @@ def random_key(seed: int) -> torch.Tensor:
     Args:
         seed: any integer, a Python or NumPy one (taken modulo 2⁶⁴); not a bool.
 
+    Returns:
+        A 0-d ``int64`` CPU tensor (the seed's SplitMix64 mix); the same seed always gives the
+        same key, on every platform.
+
+    Raises:
+        TypeError: ``seed`` is a bool, a float, a tensor or another non-integer.
+
     Example:
         >>> import functrain as ft
         >>> ft.random_key(0).shape, ft.random_key(0).dtype
@@ -142,6 +149,17 @@ def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
     ``(key, i)`` always gives the same key. ``data`` is an integer, taken modulo 2⁶⁴: distinct
     values in ``[0, 2⁶⁴)`` give distinct keys. ``fold_in(key, i)`` equals ``split_key(key, n)[i]``.
 
+    Args:
+        key: a 0-d ``int64`` CPU key (see :func:`random_key`); not modified.
+        data: the stream index, a Python or NumPy integer; bools and floats are refused.
+
+    Returns:
+        A new 0-d ``int64`` CPU key, a deterministic function of ``(key, data)``.
+
+    Raises:
+        TypeError: ``key`` is not an ``int64`` tensor, or ``data`` is not an integer.
+        ValueError: ``key`` is not 0-d or not on the CPU.
+
     Example:
         >>> import functrain as ft
         >>> k = ft.random_key(3)
@@ -155,6 +173,18 @@ def fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
 
 def split_key(key: torch.Tensor, num: int = 2) -> torch.Tensor:
     """``num`` new keys derived from ``key``, as a 1-d ``int64`` tensor of length ``num``.
+
+    Args:
+        key: a 0-d ``int64`` CPU key (see :func:`random_key`); not modified.
+        num: how many keys, a non-negative integer (``0`` gives an empty tensor).
+
+    Returns:
+        A 1-d ``int64`` CPU tensor of shape ``(num,)`` whose element ``i`` equals
+        ``fold_in(key, i)``; deterministic. Index it to get 0-d keys.
+
+    Raises:
+        TypeError: ``key`` is not an ``int64`` tensor, or ``num`` is not an integer.
+        ValueError: ``key`` is not 0-d or not on the CPU, or ``num`` is negative.
 
     Example:
         >>> import functrain as ft
@@ -172,6 +202,16 @@ def split_key(key: torch.Tensor, num: int = 2) -> torch.Tensor:
 def key_seed(key: torch.Tensor) -> int:
     """The non-negative 64-bit seed a key stands for (reads a CPU tensor: no device sync).
 
+    Args:
+        key: a 0-d ``int64`` CPU key (see :func:`random_key`).
+
+    Returns:
+        A Python ``int`` in ``[0, 2⁶⁴)``: the key's 64 bits read as unsigned.
+
+    Raises:
+        TypeError: ``key`` is not an ``int64`` tensor.
+        ValueError: ``key`` is not 0-d or not on the CPU.
+
     Example:
         >>> import functrain as ft
         >>> ft.key_seed(ft.random_key(0)) >= 0
@@ -188,6 +228,19 @@ def key_generator(key: torch.Tensor, device: torch.device | str = "cpu") -> torc
     ``torch.rand(shape, generator=ft.key_generator(key, x.device), device=x.device)``.
     A CPU generator (Mersenne Twister) keeps only the low 32 bits of the seed; CUDA's keeps
     all 64.
+
+    Args:
+        key: a 0-d ``int64`` CPU key (see :func:`random_key`).
+        device: the generator's device (``"cuda"`` for a CUDA generator); the key stays on the
+            CPU whatever the device.
+
+    Returns:
+        A new ``torch.Generator`` on ``device``, seeded with :func:`key_seed` of ``key``: every
+        call with the same key starts the same stream.
+
+    Raises:
+        TypeError: ``key`` is not an ``int64`` tensor.
+        ValueError: ``key`` is not 0-d or not on the CPU.
 
     Example:
         >>> import torch, functrain as ft
@@ -289,6 +342,20 @@ def seeded_rng(
     means the current device, as in ``torch.device`` placement; other device types are left
     alone. This is how ``nn.Dropout`` inside a model gets a reproducible stream per micro-batch.
     The CPU generator keeps only the low 32 bits of the seed (see :func:`key_generator`).
+
+    Args:
+        key: a 0-d ``int64`` CPU key (see :func:`random_key`), read when ``seeded_rng`` is
+            called, not on entry.
+        devices: devices whose CUDA generators to seed as well (``torch.device`` or strings);
+            ``"cuda"`` is resolved to the current device when ``seeded_rng`` is called.
+
+    Returns:
+        A context manager (yielding ``None``) that seeds on entry and restores on exit; it may
+        be entered again, and every entry seeds the same seed.
+
+    Raises:
+        TypeError: ``key`` is not an ``int64`` tensor.
+        ValueError: ``key`` is not 0-d or not on the CPU.
 
     Example:
         >>> import torch, functrain as ft

@@ -27,6 +27,21 @@ def _binary(
 def add(tree: PyTree, *others: PyTree) -> PyTree:
     """Leaf-wise sum of one or more trees.
 
+    ``None`` subtrees stay ``None`` and must be ``None`` in every tree. Dtypes promote as in
+    ``torch.add``; the inputs are not modified.
+
+    Args:
+        tree: a pytree of tensors.
+        *others: pytrees with ``tree``'s structure and leaf shapes.
+
+    Returns:
+        A new pytree with ``tree``'s structure holding the sums; ``tree`` itself when
+        ``others`` is empty or the trees have no leaves.
+
+    Raises:
+        TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
+            or another tree holds ``None`` where ``tree`` has a leaf; the message names the path.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.add([torch.ones(1)], [torch.ones(1)], [torch.ones(1)])
@@ -41,6 +56,19 @@ def add(tree: PyTree, *others: PyTree) -> PyTree:
 def sub(a: PyTree, b: PyTree) -> PyTree:
     """Leaf-wise ``a - b``.
 
+    ``None`` subtrees stay ``None``; dtypes promote as in ``torch.sub``.
+
+    Args:
+        a: a pytree of tensors.
+        b: a pytree with ``a``'s structure and leaf shapes.
+
+    Returns:
+        A new pytree with ``a``'s structure (``a`` itself if it has no leaves).
+
+    Raises:
+        TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
+            or ``b`` holds ``None`` where ``a`` has a leaf; the message names the path.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.sub([torch.ones(1)], [torch.ones(1)])
@@ -51,6 +79,19 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
 
 def mul(a: PyTree, b: PyTree) -> PyTree:
     """Leaf-wise ``a * b``.
+
+    ``None`` subtrees stay ``None``; dtypes promote as in ``torch.mul``.
+
+    Args:
+        a: a pytree of tensors.
+        b: a pytree with ``a``'s structure and leaf shapes.
+
+    Returns:
+        A new pytree with ``a``'s structure (``a`` itself if it has no leaves).
+
+    Raises:
+        TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
+            or ``b`` holds ``None`` where ``a`` has a leaf; the message names the path.
 
     Example:
         >>> import torch, functrain as ft
@@ -63,6 +104,20 @@ def mul(a: PyTree, b: PyTree) -> PyTree:
 def div(a: PyTree, b: PyTree) -> PyTree:
     """Leaf-wise ``a / b``.
 
+    ``None`` subtrees stay ``None``; dtypes promote as in ``torch.div`` (true division: integer
+    leaves give floating-point results).
+
+    Args:
+        a: a pytree of tensors.
+        b: a pytree with ``a``'s structure and leaf shapes.
+
+    Returns:
+        A new pytree with ``a``'s structure (``a`` itself if it has no leaves).
+
+    Raises:
+        TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
+            or ``b`` holds ``None`` where ``a`` has a leaf; the message names the path.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.div([torch.tensor([3.0])], [torch.tensor([2.0])])
@@ -73,6 +128,17 @@ def div(a: PyTree, b: PyTree) -> PyTree:
 
 def scale(scalar: float | torch.Tensor, tree: PyTree) -> PyTree:
     """Multiplies every leaf by ``scalar`` (a number or a 0-d tensor); optax's ``tree_scalar_mul``.
+
+    A tensor ``scalar`` acts like a Python number of its kind: a float64 scalar keeps a float32
+    leaf float32, a fractional one makes an integer leaf floating point, a complex one makes a
+    real leaf complex. ``None`` subtrees stay ``None``.
+
+    Args:
+        scalar: the factor, a Python number or a 0-d tensor (no host synchronization).
+        tree: a pytree of tensors; not modified.
+
+    Returns:
+        A new pytree with ``tree``'s structure (``tree`` itself if it has no leaves).
 
     Example:
         >>> import torch, functrain as ft
@@ -115,6 +181,22 @@ def _keep_dtype(result: torch.Tensor, base: torch.dtype) -> torch.Tensor:
 def add_scale(a: PyTree, scalar: float | torch.Tensor, b: PyTree) -> PyTree:
     """Returns ``a + scalar * b`` leaf-wise; optax's ``tree_add_scalar_mul``.
 
+    Each result leaf has the dtype of ``a + b`` (``scalar`` does not promote it, as with
+    :func:`scale`, except that a fractional ``scalar`` makes integer leaves floating point and
+    a complex one makes real leaves complex). ``None`` subtrees stay ``None``.
+
+    Args:
+        a: a pytree of tensors.
+        scalar: the factor on ``b``, a Python number or a 0-d tensor.
+        b: a pytree with ``a``'s structure and leaf shapes.
+
+    Returns:
+        A new pytree with ``a``'s structure (``a`` itself if it has no leaves).
+
+    Raises:
+        TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
+            or ``b`` holds ``None`` where ``a`` has a leaf; the message names the path.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.add_scale([torch.ones(1)], 2.0, [torch.ones(1)])
@@ -147,7 +229,16 @@ def _inexact(x: torch.Tensor) -> bool:
 def cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
     """Casts floating-point leaves to ``dtype`` (``None`` leaves the tree as is).
 
-    Integer and boolean leaves keep their dtype, as optax's ``tree_cast`` does for counters.
+    Floating-point and complex leaves are cast; integer and boolean leaves keep their dtype, as
+    optax's ``tree_cast`` does for counters. ``None`` subtrees stay ``None``.
+
+    Args:
+        tree: a pytree of tensors (every leaf must be a tensor).
+        dtype: the target dtype, or ``None`` for no cast.
+
+    Returns:
+        A pytree with ``tree``'s structure; a leaf already of ``dtype`` is returned as is (not
+        copied), and ``dtype=None`` returns ``tree`` itself.
 
     Example:
         >>> import torch, functrain as ft
@@ -164,6 +255,22 @@ def cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
 def where(condition: torch.Tensor | PyTree, a: PyTree, b: PyTree) -> PyTree:
     """Leaf-wise ``torch.where``; ``condition`` is a single tensor or a tree like ``a``.
 
+    A single tensor ``condition`` (e.g. a 0-d bool) is broadcast against every leaf; a tree
+    ``condition`` pairs its leaves with those of ``a`` and ``b``. ``None`` subtrees stay ``None``.
+
+    Args:
+        condition: a bool tensor, or a pytree of bool tensors with ``a``'s structure.
+        a: values where ``condition`` is true, a pytree of tensors.
+        b: values where ``condition`` is false, with ``a``'s structure and leaf shapes.
+
+    Returns:
+        A new pytree with ``a``'s structure; dtypes promote as in ``torch.where``.
+
+    Raises:
+        TreeMismatchError: if ``a`` and ``b`` (or a tree ``condition`` and ``a``) differ in
+            structure, ``a`` and ``b`` in a leaf's shape, or ``b`` holds ``None`` where ``a``
+            has a leaf; the message names the path.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.where(torch.tensor(False), [torch.ones(1)], [torch.zeros(1)])
@@ -177,6 +284,17 @@ def where(condition: torch.Tensor | PyTree, a: PyTree, b: PyTree) -> PyTree:
 
 def clip(tree: PyTree, min_value: float | None = None, max_value: float | None = None) -> PyTree:
     """Clamps every element to ``[min_value, max_value]``.
+
+    ``None`` subtrees stay ``None``. Dtypes follow ``torch.clamp``: a fractional bound makes an
+    integer leaf floating point.
+
+    Args:
+        tree: a pytree of tensors.
+        min_value: the lower bound, or ``None`` for none.
+        max_value: the upper bound, or ``None`` for none.
+
+    Returns:
+        A new pytree with ``tree``'s structure; ``tree`` itself when both bounds are ``None``.
 
     Example:
         >>> import torch, functrain as ft

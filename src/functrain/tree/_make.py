@@ -11,6 +11,16 @@ from functrain.tree._structure import PyTree
 def zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
     """A tree of zeros with the structure, shapes and devices of ``tree``.
 
+    ``None`` subtrees stay ``None``; the new leaves do not require grad.
+
+    Args:
+        tree: a pytree of tensors (every leaf must be a tensor).
+        dtype: the dtype of the new leaves; ``None`` keeps each leaf's own dtype.
+
+    Returns:
+        A new pytree with ``tree``'s structure whose leaves have the shapes and devices of
+        ``tree``'s leaves.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.zeros_like({"a": torch.ones(2)})
@@ -22,6 +32,16 @@ def zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
 def ones_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
     """A tree of ones with the structure, shapes and devices of ``tree``.
 
+    ``None`` subtrees stay ``None``; the new leaves do not require grad.
+
+    Args:
+        tree: a pytree of tensors (every leaf must be a tensor).
+        dtype: the dtype of the new leaves; ``None`` keeps each leaf's own dtype.
+
+    Returns:
+        A new pytree with ``tree``'s structure whose leaves have the shapes and devices of
+        ``tree``'s leaves.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.ones_like({"a": torch.zeros(2)})
@@ -31,7 +51,19 @@ def ones_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
 
 
 def full_like(tree: PyTree, fill_value: float, dtype: torch.dtype | None = None) -> PyTree:
-    """A tree filled with ``fill_value``.
+    """A tree filled with ``fill_value``, with the structure, shapes and devices of ``tree``.
+
+    ``None`` subtrees stay ``None``; the new leaves do not require grad.
+
+    Args:
+        tree: a pytree of tensors (every leaf must be a tensor).
+        fill_value: the value of every element, converted to the leaf's dtype (2.5 in an
+            integer leaf becomes 2).
+        dtype: the dtype of the new leaves; ``None`` keeps each leaf's own dtype.
+
+    Returns:
+        A new pytree with ``tree``'s structure whose leaves have the shapes and devices of
+        ``tree``'s leaves.
 
     Example:
         >>> import torch, functrain as ft

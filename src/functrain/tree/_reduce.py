@@ -26,6 +26,19 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     ``a`` is conjugated, as in ``torch.vdot``, ``jnp.vdot`` and optax's ``tree_vdot``. Products
     of float16 and bfloat16 leaves are summed in float32 and the total rounded once.
 
+    Args:
+        a: a pytree of tensors (conjugated).
+        b: a pytree with ``a``'s structure and leaf shapes.
+
+    Returns:
+        A 0-d tensor in the dtype promoted over all leaves of both trees (integer leaves give
+        an integer), on the first leaf's device; a float32 zero on the CPU if the trees have
+        no leaves.
+
+    Raises:
+        TreeMismatchError: if the structures or a leaf's shape differ, or ``b`` holds ``None``
+            where ``a`` has a leaf; the message names the path.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.vdot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
@@ -70,6 +83,14 @@ def sum(tree: PyTree) -> torch.Tensor:
 
     float16 and bfloat16 leaves are summed in float32 and the total rounded once.
 
+    Args:
+        tree: a pytree of tensors; ``None`` subtrees add nothing.
+
+    Returns:
+        A 0-d tensor on the first leaf's device, in the dtype promoted over the leaves' sum
+        dtypes (``torch.sum``'s: a float leaf's own, int64 for integer and bool leaves); a
+        float32 zero on the CPU if the tree has no leaves.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.sum({"a": torch.ones(3), "b": torch.ones(2)})
@@ -93,6 +114,18 @@ def sum(tree: PyTree) -> torch.Tensor:
 def max(tree: PyTree) -> torch.Tensor:
     """Largest element over all leaves, as a 0-d tensor.
 
+    Empty leaves are skipped (their dtype still counts); NaN propagates, as in ``torch.max``.
+
+    Args:
+        tree: a pytree of tensors; ``None`` subtrees add nothing.
+
+    Returns:
+        A 0-d tensor in the dtype promoted over all leaves, on the first non-empty leaf's
+        device.
+
+    Raises:
+        ValueError: if no leaf has an element.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.max({"a": torch.tensor([1.0, 5.0]), "b": torch.tensor([3.0])})
@@ -109,6 +142,12 @@ def max(tree: PyTree) -> torch.Tensor:
 
 def size(tree: PyTree) -> int:
     """Total number of elements over all leaves (a Python int: shapes are static).
+
+    Args:
+        tree: a pytree of tensors; ``None`` subtrees add nothing.
+
+    Returns:
+        The sum of the leaves' ``numel()``, 0 for a tree without leaves.
 
     Example:
         >>> import torch, functrain as ft
@@ -192,6 +231,20 @@ def allclose(
     ``equal_nan=True`` counts NaNs in the same places as equal, as ``torch.allclose`` does.
 
     This reads values on the host; use it in tests and checks, not inside a step.
+
+    A leaf pair is close when ``|x - y| <= atol + rtol * |y|`` element-wise. Dtypes may differ
+    (an integer beside a float is compared in float64); ``b``'s leaf is moved to ``a``'s
+    leaf's device. A structure or shape mismatch gives ``False``, not an error.
+
+    Args:
+        a: a pytree of tensors.
+        b: a pytree of tensors, the reference whose magnitude scales ``rtol``.
+        rtol: relative tolerance.
+        atol: absolute tolerance.
+        equal_nan: whether NaNs in the same places count as equal.
+
+    Returns:
+        A Python bool.
 
     Example:
         >>> import torch, functrain as ft

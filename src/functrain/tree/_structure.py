@@ -27,6 +27,13 @@ class TreeMismatchError(ValueError):
 def path_str(path: Sequence[Any], root: str = "") -> str:
     """Formats an optree path as Python indexing, e.g. ``params['fc'][0]``.
 
+    Args:
+        path: the keys from the root, as in :func:`flatten_with_paths`; each is ``repr``'d.
+        root: the name the string starts with.
+
+    Returns:
+        ``root`` followed by one ``[key!r]`` per key; ``"<root>"`` if both are empty.
+
     Example:
         >>> from functrain.tree import path_str
         >>> path_str(("fc", 0, "weight"), root="params")
@@ -41,6 +48,15 @@ def path_str(path: Sequence[Any], root: str = "") -> str:
 def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
     """Returns ``(leaves, treespec)``; ``None`` subtrees have no leaves.
 
+    Dict keys are visited in sorted order; anything that is not an optree container is a leaf.
+
+    Args:
+        tree: a pytree.
+
+    Returns:
+        A list of the leaves in a deterministic order, and the treespec that
+        :func:`unflatten` rebuilds the tree from (``None`` nodes included).
+
     Example:
         >>> import torch, functrain as ft
         >>> leaves, spec = ft.tree.flatten({"a": torch.ones(1), "b": None})
@@ -52,6 +68,16 @@ def flatten(tree: PyTree) -> tuple[list[Any], optree.PyTreeSpec]:
 
 def unflatten(treespec: optree.PyTreeSpec, leaves_: Sequence[Any]) -> PyTree:
     """Inverse of :func:`flatten`.
+
+    Args:
+        treespec: a treespec from :func:`flatten` or :func:`structure`.
+        leaves_: one leaf per leaf of ``treespec``, in :func:`flatten`'s order; not modified.
+
+    Returns:
+        A new pytree of ``treespec``'s structure holding ``leaves_``.
+
+    Raises:
+        ValueError: if ``len(leaves_)`` is not ``treespec.num_leaves``.
 
     Example:
         >>> import torch, functrain as ft
@@ -65,6 +91,13 @@ def unflatten(treespec: optree.PyTreeSpec, leaves_: Sequence[Any]) -> PyTree:
 def flatten_with_paths(tree: PyTree) -> tuple[list[tuple[Any, ...]], list[Any], optree.PyTreeSpec]:
     """Returns ``(paths, leaves, treespec)``, each path a tuple of keys.
 
+    Args:
+        tree: a pytree; ``None`` subtrees have no leaves and so no paths.
+
+    Returns:
+        The list of paths (dict keys, sequence indices; ``()`` for a bare leaf), the list of
+        leaves in the same order as :func:`flatten`'s, and the treespec.
+
     Example:
         >>> import torch, functrain as ft
         >>> paths, leaves, _ = ft.tree.flatten_with_paths({"fc": {"w": torch.ones(1)}})
@@ -77,6 +110,12 @@ def flatten_with_paths(tree: PyTree) -> tuple[list[tuple[Any, ...]], list[Any], 
 def leaves(tree: PyTree) -> list[Any]:
     """The leaves of ``tree`` in a deterministic order.
 
+    Args:
+        tree: a pytree; ``None`` subtrees have no leaves.
+
+    Returns:
+        A list of the leaves, in :func:`flatten`'s order (dict keys sorted).
+
     Example:
         >>> import torch, functrain as ft
         >>> len(ft.tree.leaves({"a": torch.ones(1), "b": (torch.ones(1), None)}))
@@ -87,6 +126,12 @@ def leaves(tree: PyTree) -> list[Any]:
 
 def structure(tree: PyTree) -> optree.PyTreeSpec:
     """The treespec of ``tree``.
+
+    Args:
+        tree: a pytree.
+
+    Returns:
+        Its ``optree.PyTreeSpec`` (containers, keys and ``None`` placements; no leaf values).
 
     Example:
         >>> import torch, functrain as ft
@@ -160,6 +205,22 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 
     Unlike ``optree.tree_map``, a structure mismatch names the offending path.
 
+    ``tree`` sets the structure: ``None`` subtrees of ``tree`` stay ``None`` (``fn`` is not
+    called), and where ``tree`` has a leaf, each tree in ``rest`` supplies whatever it holds
+    there (a subtree, or ``None`` for a masked-out entry).
+
+    Args:
+        fn: called with one leaf of ``tree`` and the matching entries of ``rest``.
+        tree: the pytree whose structure the result takes.
+        *rest: pytrees with ``tree``'s structure (or a deeper one below its leaves).
+
+    Returns:
+        A new pytree with ``tree``'s structure holding ``fn``'s results.
+
+    Raises:
+        TreeMismatchError: if a tree in ``rest`` does not contain ``tree``'s structure; the
+            message names the path (e.g. ``rest[0]['b'] has no counterpart in tree``).
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.map(lambda a, b: a * b, {"x": torch.tensor(2.0)}, {"x": torch.tensor(3.0)})
@@ -176,6 +237,18 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
 
 def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """Like :func:`map`, with the leaf's path (a tuple of keys) as first argument.
+
+    Args:
+        fn: called with the path, one leaf of ``tree`` and the matching entries of ``rest``.
+        tree: the pytree whose structure the result takes; ``None`` subtrees stay ``None``.
+        *rest: pytrees with ``tree``'s structure (or a deeper one below its leaves).
+
+    Returns:
+        A new pytree with ``tree``'s structure holding ``fn``'s results.
+
+    Raises:
+        TreeMismatchError: if a tree in ``rest`` does not contain ``tree``'s structure; the
+            message names the path (e.g. ``rest[0]['b'] has no counterpart in tree``).
 
     Example:
         >>> import torch, functrain as ft
