@@ -8,6 +8,10 @@ the counts and metrics and, with ``sync_buffers="broadcast"``, a broadcast of ra
 Every collective is started before the first wait; the sums are then divided by the global
 weight ``Σᵣ wᵣ``. Float16 gradients are the exception: ``wᵣ·gᵣ`` would overflow its range, so
 the counts are reduced first and each rank sends ``wᵣ / Σᵣ wᵣ · gᵣ``.
+
+A DP-SGD step (``per_example_clip=C``) sends its clipped sum ``Σᵢ clip(gᵢ, C)`` as it is and
+the ranks' sums are added, not averaged: the global sum is what ``dp_noisy_mean`` noises (its
+sensitivity is ``C`` whichever rank holds an example) and divides by the expected batch size.
 """
 
 from __future__ import annotations
@@ -45,14 +49,16 @@ def combine(
 ) -> Combined:
     """Sums and counts of all ranks from this rank's gradient stage ``result``."""
     group = step.group
-    stats = Stats(local, counts, is_sum)
+    stats = Stats(local, counts, is_sum, empty_is_zero=step.per_example_clip is not None)
     leaves, spec = tree.flatten(result.grads)
     weight = stats.weight
+    # A DP-SGD step's gradient is already a sum of clipped per-example gradients: no weights.
+    clipped_sum = step.per_example_clip is not None
     pending_stats = collectives.start_all_reduce(
         [stats.vector], group=group, what="all-reduce of the step's counts and metrics"
     )
     reduced: torch.Tensor | None = None
-    if any(leaf.dtype in _NARROW for leaf in leaves):
+    if not clipped_sum and any(leaf.dtype in _NARROW for leaf in leaves):
         # wᵣ·gᵣ overflows float16 (65504) for gradients that are themselves small (5000
         # examples times 20): such ranks first learn Σᵣ wᵣ and send wᵣ/Σ wᵣ · gᵣ instead.
         reduced = pending_stats.wait()[0]
@@ -64,17 +70,18 @@ def combine(
         # A rank of zero weight sends zeros, not its NaN = 0/0 mean gradient.
         flat.mul_(factor.to(flat.dtype)).masked_fill_(weight == 0, 0)
 
+    prepare = None if clipped_sum else scale
     # Sums go out; every collective below is started before the first wait.
     if step.shard_optimizer:
         layout = step._layout_for(params)
-        pending = zero.start_reduce_scatter(layout, leaves, group, prepare=scale)
+        pending = zero.start_reduce_scatter(layout, leaves, group, prepare=prepare)
     else:
         pending = collectives.start_all_reduce(
             leaves,
             group=group,
             bucket_cap_mb=step.bucket_cap_mb,
             what="all-reduce of the gradients",
-            prepare=scale,
+            prepare=prepare,
         )
     new_buffers = result.buffers
     buffer_leaves, buffer_spec = tree.flatten(new_buffers)
@@ -93,6 +100,6 @@ def combine(
     grads = pending.wait()
     if pending_buffers is not None:
         new_buffers = tree.unflatten(buffer_spec, pending_buffers.wait())
-    if not prescaled:
+    if not prescaled and not clipped_sum:
         div_(grads, reduced[0])
     return Combined(grads, spec, stats.metrics(reduced), new_buffers)

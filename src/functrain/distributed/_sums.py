@@ -12,6 +12,10 @@ so :func:`with_aux_counts` adds, for each, an aux ``LossSum(countᵢ, 1)`` whose
 A rank with a zero weight (a ``LossSum`` batch of padding only) has a local mean of ``0 / 0``:
 NaN loss, NaN gradient. Its true contribution to the sums is zero, so :func:`weighted` gives zero
 there, as a single process on the concatenated batch would (it never divides by that rank's 0).
+
+A DP-SGD step (``per_example_clip``) reports ``loss`` and ``clipped_fraction`` as means over
+the realized global batch, example-weighted; when every rank's batch is empty (Poisson
+sampling) they are ``0``, as the single-process DP step reports (it divides by ``max(N, 1)``).
 """
 
 from __future__ import annotations
@@ -88,9 +92,15 @@ class Stats:
     """The step's local sums and counts in one float64 vector, and the global metrics."""
 
     def __init__(
-        self, local: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], is_sum: bool
+        self,
+        local: dict[str, torch.Tensor],
+        counts: dict[str, torch.Tensor],
+        is_sum: bool,
+        *,
+        empty_is_zero: bool = False,
     ) -> None:
         self.is_sum = is_sum
+        self.empty_is_zero = empty_is_zero  # a DP step: means over no examples are 0, not NaN
         self.loss_dtype = local["loss"].dtype
         # The train step keeps counts in at least float32 (``num_tokens`` of a bfloat16 loss
         # is exact up to 2**24); rounding it to the loss dtype gave 1000 for 1001 tokens.
@@ -114,10 +124,10 @@ class Stats:
 
     def metrics(self, reduced: torch.Tensor) -> dict[str, torch.Tensor]:
         total, examples = reduced[0], reduced[2]
-        out = {
-            "loss": (reduced[1] / total).to(self.loss_dtype),
-            "num_examples": examples.round().to(torch.int64),
-        }
+        out = {"num_examples": examples.round().to(torch.int64)}
+        if self.empty_is_zero:  # the sums are then 0 too: 0 / 1
+            total, examples = total.clamp_min(1), examples.clamp_min(1)
+        out["loss"] = (reduced[1] / total).to(self.loss_dtype)
         if self.is_sum:
             out["num_tokens"] = total.to(self.count_dtype)
         j = 3

@@ -59,7 +59,8 @@ def replicated_update(
         step, tree.unflatten(spec, grads), metrics, extra, params
     )
     stage = step._local.apply_optimizer  # the train step's stage (maybe fused, in place)
-    if step.norm_metrics:
+    # A DP-SGD step reports no grad_norm: the norm of the clipped sum before noise is not private.
+    if step.norm_metrics and step.per_example_clip is None:
         metrics["grad_norm"] = tree.norm(grads_tree)
         with_grad_norm = getattr(stage, "with_grad_norm", None)
         if with_grad_norm is not None:  # a leading clip reuses the norm

@@ -21,6 +21,10 @@ A failed collective raises :class:`~functrain.distributed.DistributedStepError` 
 given state untouched: parameters are only written (in place, with ``donate=True``) after the
 last collective of the step succeeded.
 
+With ``per_example_clip=C`` (DP-SGD) each rank sends its sum of clipped per-example gradients
+unweighted and the ranks add them; ``tx`` (``dp_noisy_mean`` first) noises the global sum once,
+identically on every rank, from the noise key of the replicated optimizer state.
+
 This module holds the step and its states; its stages live beside it: the collectives that
 combine the ranks' gradients in :mod:`functrain.distributed._combine`, the replicated optimizer
 stage in :mod:`functrain.distributed._update` and the sharded (ZeRO-1) one in
@@ -29,10 +33,12 @@ stage in :mod:`functrain.distributed._update` and the sharded (ZeRO-1) one in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as tdist
 
 from functrain import tree
 from functrain.distributed import collectives, process, zero
@@ -42,10 +48,11 @@ from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._update import replicated_update
 from functrain.distributed.data import rank_key
+from functrain.distributed.errors import RankMismatchError
 from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, identity
 from functrain.optim.loss_scale import DynamicLossScale
-from functrain.train import _step_checks, gradient, microbatch, rng
+from functrain.train import _step_checks, dp_stage, gradient, microbatch, rng
 from functrain.train import step as step_lib
 from functrain.train.optimizer_stage import in_place_writes_started, reset_in_place_writes
 from functrain.train.state import TrainState
@@ -74,6 +81,7 @@ class DataParallelTrainStep:
         bucket_cap_mb: float,
         sync_buffers: Literal["broadcast", "none"],
         check_ranks: bool,
+        per_example_clip: float | torch.Tensor | None = None,
         **local: Any,
     ) -> None:
         if sync_buffers not in ("broadcast", "none"):
@@ -84,8 +92,26 @@ class DataParallelTrainStep:
             or bucket_cap_mb <= 0
         ):
             raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-        # The single-process step validates the arguments and owns the gradient stage.
-        self._local = step_lib.TrainStep(with_aux_counts(loss_fn), tx, grad_stats=None, **local)
+        if per_example_clip is not None and shard_optimizer:
+            # tx's dp_noisy_mean would run on each rank's pieces: its noise is drawn per
+            # (leaf, element) position, so pieces of different ranks would repeat each other's.
+            raise ValueError(
+                "per_example_clip (a DP-SGD step) does not support shard_optimizer=True: "
+                "dp_noisy_mean draws its noise by position in each parameter, which sharding "
+                "changes; use shard_optimizer=False (the replicated optimizer state keeps the "
+                "same noise key on every rank)"
+            )
+        # The single-process step validates the arguments (per_example_clip's own checks
+        # included) and owns the gradient stage. A DP step ignores aux metrics: no counts.
+        wrapped = loss_fn if per_example_clip is not None else with_aux_counts(loss_fn)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self._local = step_lib.TrainStep(
+                wrapped, tx, grad_stats=None, per_example_clip=per_example_clip, **local
+            )
+        for w in caught:  # attributed to the caller of make_data_parallel_train_step
+            warnings.warn(w.message, w.category, stacklevel=3)
+        self.per_example_clip = per_example_clip
         self.loss_fn = loss_fn
         self.tx = tx
         self.shard_optimizer = bool(shard_optimizer)
@@ -248,6 +274,8 @@ class DataParallelTrainStep:
         if self.check_ranks:
             opt = None if self.shard_optimizer else opt_state  # shards differ between ranks
             check_ranks_agree(params, opt, buffers, sorted(local), is_sum, self.group)
+            if self.per_example_clip is not None:
+                _check_noise_keys_agree(opt_state, self.group)
         self._checked = True
 
     def prepare(self, state: TrainState) -> TrainState:
@@ -285,13 +313,19 @@ class DataParallelTrainStep:
         faults = local_step.faults
         token = faults.begin(extra, params)  # may raise NonFiniteError; sets the loss scale
         try:
-            split = microbatch.split_batch(batch, local_step.micro_batches)
+            split = (
+                microbatch.split_batch(batch, local_step.micro_batches)
+                if self.per_example_clip is None
+                # Fewer micro-batches for a small batch, none for an empty one (Poisson).
+                else dp_stage.split(batch, local_step.micro_batches)  # type: ignore[arg-type]
+            )
             devices = gradient._devices(params)
             local_key = None if key is None else rank_key(key, process.rank(group))
             result = local_step.grad_stage(params, batch, split, buffers, local_key, devices)
         finally:
             faults.end(token)
-        is_sum = local_step.grad_stage.metas[-1].is_sum
+        # A DP step's clipped sums are example-weighted: no LossSum (its stage has no metas).
+        is_sum = self.per_example_clip is None and local_step.grad_stage.metas[-1].is_sum
         local = dict(result.metrics)
         k = split.num_micro_batches
         counts = {n[len(COUNT) :]: local.pop(n) * k for n in list(local) if n.startswith(COUNT)}
@@ -320,6 +354,33 @@ class DataParallelTrainStep:
         return new_state, metrics
 
 
+def _check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
+    """A DP step: every rank's optimizer state holds the same integer leaves (noise keys, counts).
+
+    The ranks draw the DP noise from ``dp_noisy_mean``'s key in their replicated optimizer
+    state; with other keys (e.g. ``seed=rank``) they would add different noise and their
+    parameters would silently part. One host read and object all-gather, on the first call.
+    """
+    world = process.world_size(group)
+    if world == 1:
+        return
+    ints = [
+        x.tolist()
+        for x in tree.leaves(opt_state)
+        if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
+    ]
+    gathered: list[Any] = [None] * world
+    with process.collective_errors("the first step's check that all ranks agree", group):
+        tdist.all_gather_object(gathered, ints, group=group)
+    others = [r for r, theirs in enumerate(gathered) if theirs != gathered[0]]
+    if others:
+        raise RankMismatchError(
+            f"ranks disagree: the optimizer state's integer leaves (dp_noisy_mean's noise key, "
+            f"counters) of rank(s) {others} differ from rank 0's; the DP noise must be drawn "
+            "once, identically, on every rank: build tx with the same seed on every rank"
+        )
+
+
 def make_data_parallel_train_step(
     loss_fn: Callable[..., Any],
     tx: GradientTransformation,
@@ -340,6 +401,7 @@ def make_data_parallel_train_step(
     max_consecutive_skips: int | None = None,
     loss_scale: DynamicLossScale | None = None,
     fused: bool = True,
+    per_example_clip: float | torch.Tensor | None = None,
 ) -> DataParallelTrainStep:
     """Builds a data-parallel ``step(state, batch) -> (new_state, metrics)`` over ``torch.distributed``.
 
@@ -382,9 +444,24 @@ def make_data_parallel_train_step(
         loss_scale: as for :func:`functrain.make_train_step`.
         fused: as for :func:`functrain.make_train_step` (fused in-place kernels), with
             ``shard_optimizer=False``; the sharded optimizer runs ``tx.update`` on the pieces.
+        per_example_clip: ``C`` for DP-SGD across ranks (as Opacus' ``DPDDP``): each rank
+            forms ``Σᵢ clip(gᵢ, C)`` over its own batch as :func:`functrain.make_train_step`
+            with ``per_example_clip`` does (same option checks; ``micro_batches`` a count; an
+            empty batch gives a zero sum), the ranks *add* their sums (one all-reduce, not a
+            weighted mean), and ``tx``, which begins with :func:`~functrain.dp_noisy_mean`,
+            runs on every rank on the same global sum from the same replicated noise key: the
+            noise is drawn once, identically, and every rank's new parameters are equal. Its
+            ``expected_batch_size`` is the *global* expected batch size (e.g.
+            ``sample_rate × dataset size`` with each rank Poisson-sampling its shard).
+            Metrics: ``loss`` (mean over the realized global batch), ``num_examples``,
+            ``clipped_fraction`` (global), ``skipped``, ``update_norm``, ``param_norm``; no
+            ``grad_norm``. Not with ``shard_optimizer=True`` (``ValueError``: the noise is
+            drawn by position in each parameter). On the first call, ``check_ranks`` also
+            checks that the ranks' noise keys agree.
 
     Returns:
-        A :class:`DataParallelTrainStep`. Metrics are global: ``loss``, ``num_examples``,
+        A :class:`DataParallelTrainStep`. Metrics are global (with ``per_example_clip``, see
+        there): ``loss``, ``num_examples``,
         ``num_tokens`` (``LossSum``), aux values, ``grad_norm`` (of the global gradient, before
         clipping), ``update_norm``, ``param_norm`` and ``lr`` when exposed.
 
@@ -424,6 +501,7 @@ def make_data_parallel_train_step(
         bucket_cap_mb=bucket_cap_mb,
         sync_buffers=sync_buffers,
         check_ranks=check_ranks,
+        per_example_clip=per_example_clip,
         micro_batches=micro_batches,
         strategy=strategy,
         chunk_size=chunk_size,
