@@ -7,6 +7,8 @@ description on the first call turns that into a :class:`RankMismatchError` raise
 :func:`check_layouts_agree` does the same for shapes and dtypes before ``init_state`` broadcasts
 rank 0's parameters: a broadcast of buckets of different sizes silently fills a larger bucket
 with rank 0's values or aborts the process whose bucket is smaller (gloo).
+:func:`check_noise_keys_agree` compares the values of a DP-SGD step's integer optimizer-state
+leaves (the noise key), which must be equal for the ranks to add the same noise.
 """
 
 from __future__ import annotations
@@ -101,4 +103,31 @@ def check_layouts_agree(params: Any, buffers: Any, group: process.Group) -> None
             "init_state: ranks disagree on the structure, shapes or dtypes of "
             + "; ".join(problems)
             + " (every rank must build the same model before rank 0's values are broadcast)"
+        )
+
+
+def check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
+    """A DP step: every rank's optimizer state holds the same integer leaves (noise keys, counts).
+
+    The ranks draw the DP noise from ``dp_noisy_mean``'s key in their replicated optimizer
+    state; with other keys (e.g. ``seed=rank``) they would add different noise and their
+    parameters would silently part. One host read and object all-gather, on the first call.
+    """
+    world = process.world_size(group)
+    if world == 1:
+        return
+    ints = [
+        x.tolist()
+        for x in tree.leaves(opt_state)
+        if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
+    ]
+    gathered: list[Any] = [None] * world
+    with process.collective_errors("the first step's check that all ranks agree", group):
+        tdist.all_gather_object(gathered, ints, group=group)
+    others = [r for r, theirs in enumerate(gathered) if theirs != gathered[0]]
+    if others:
+        raise RankMismatchError(
+            f"ranks disagree: the optimizer state's integer leaves (dp_noisy_mean's noise key, "
+            f"counters) of rank(s) {others} differ from rank 0's; the DP noise must be drawn "
+            "once, identically, on every rank: build tx with the same seed on every rank"
         )

@@ -38,17 +38,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as tdist
 
 from functrain import tree
 from functrain.distributed import collectives, process, zero
-from functrain.distributed._agree import check_layouts_agree, check_ranks_agree
+from functrain.distributed._agree import (
+    check_layouts_agree,
+    check_noise_keys_agree,
+    check_ranks_agree,
+)
 from functrain.distributed._combine import combine
 from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._update import replicated_update
 from functrain.distributed.data import rank_key
-from functrain.distributed.errors import RankMismatchError
 from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, identity
 from functrain.optim.loss_scale import DynamicLossScale
@@ -275,7 +277,7 @@ class DataParallelTrainStep:
             opt = None if self.shard_optimizer else opt_state  # shards differ between ranks
             check_ranks_agree(params, opt, buffers, sorted(local), is_sum, self.group)
             if self.per_example_clip is not None:
-                _check_noise_keys_agree(opt_state, self.group)
+                check_noise_keys_agree(opt_state, self.group)
         self._checked = True
 
     def prepare(self, state: TrainState) -> TrainState:
@@ -352,33 +354,6 @@ class DataParallelTrainStep:
         )
         self._opt_guard.issue(new_state)
         return new_state, metrics
-
-
-def _check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
-    """A DP step: every rank's optimizer state holds the same integer leaves (noise keys, counts).
-
-    The ranks draw the DP noise from ``dp_noisy_mean``'s key in their replicated optimizer
-    state; with other keys (e.g. ``seed=rank``) they would add different noise and their
-    parameters would silently part. One host read and object all-gather, on the first call.
-    """
-    world = process.world_size(group)
-    if world == 1:
-        return
-    ints = [
-        x.tolist()
-        for x in tree.leaves(opt_state)
-        if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
-    ]
-    gathered: list[Any] = [None] * world
-    with process.collective_errors("the first step's check that all ranks agree", group):
-        tdist.all_gather_object(gathered, ints, group=group)
-    others = [r for r, theirs in enumerate(gathered) if theirs != gathered[0]]
-    if others:
-        raise RankMismatchError(
-            f"ranks disagree: the optimizer state's integer leaves (dp_noisy_mean's noise key, "
-            f"counters) of rank(s) {others} differ from rank 0's; the DP noise must be drawn "
-            "once, identically, on every rank: build tx with the same seed on every rank"
-        )
 
 
 def make_data_parallel_train_step(
