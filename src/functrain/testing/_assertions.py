@@ -1,15 +1,34 @@
-"""Pytree assertions that name the path and the worst element on failure."""
+"""Pytree assertions that name the path and the worst element on failure.
+
+This module holds the value assertions (closeness, equality, finiteness, device) and
+re-exports the structure/shape/dtype assertions of :mod:`functrain.testing._structure_asserts`
+and the tensor shape/rank ones of :mod:`functrain.testing._shape_asserts`.
+"""
 
 from __future__ import annotations
 
-import types
-from collections.abc import Sequence
 from typing import Any
 
-import optree
 import torch
 
 from functrain import tree
+
+# Structure and shape assertions live in sibling modules; re-exported (``X as X``) here.
+from functrain.testing._shape_asserts import _dims_match as _dims_match
+from functrain.testing._shape_asserts import _tensor_list as _tensor_list
+from functrain.testing._shape_asserts import assert_rank, assert_shape
+from functrain.testing._structure_asserts import (
+    _as_tensor,
+    _check_dtype,
+    _check_shape,
+    _check_two_or_more,
+    _paired_leaves,
+    assert_trees_all_equal_dtypes,
+    assert_trees_all_equal_shapes,
+    assert_trees_all_equal_structs,
+)
+from functrain.testing._structure_asserts import _node_kind as _node_kind
+from functrain.testing._structure_asserts import _spec_difference as _spec_difference
 
 __all__ = [
     "assert_rank",
@@ -22,159 +41,6 @@ __all__ = [
     "assert_trees_all_equal_shapes",
     "assert_trees_all_equal_structs",
 ]
-
-
-def _as_tensor(x: Any) -> torch.Tensor:
-    # Python numbers and NumPy arrays are compared like the tensors they would become.
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-
-
-def _check_two_or_more(trees: tuple[Any, ...]) -> None:
-    # One tree compares against nothing and would always pass: a tuple passed as a single
-    # argument, ``assert_trees_all_close((a, b))``, is a typo that must not hide a difference.
-    if len(trees) < 2:
-        raise ValueError(f"the assertion needs at least two trees to compare, got {len(trees)}")
-
-
-def _node_kind(spec: optree.PyTreeSpec) -> str:
-    if spec.is_leaf():
-        return "a leaf"
-    if spec.type is type(None):
-        return "None"
-    return f"a {spec.type.__qualname__}"
-
-
-def _spec_difference(sa: optree.PyTreeSpec, sb: optree.PyTreeSpec, path: tuple[Any, ...]) -> str:
-    """Names the first path where two treespecs differ ("" when no node differs visibly)."""
-    if sa.is_leaf() and sb.is_leaf():
-        return ""
-    at_a, at_b = tree.path_str(path, "a"), tree.path_str(path, "b")
-    if sa.is_leaf() or sb.is_leaf() or sa.type is not sb.type:
-        return f"{at_a} is {_node_kind(sa)} but {at_b} is {_node_kind(sb)}"
-    entries_a, entries_b = list(sa.entries()), list(sb.entries())
-    if entries_a != entries_b:
-        for e in entries_a:
-            if e not in entries_b:
-                return f"{tree.path_str((*path, e), 'a')} has no counterpart in b"
-        for e in entries_b:
-            if e not in entries_a:
-                return f"{tree.path_str((*path, e), 'b')} has no counterpart in a"
-        return f"{at_a} has keys {entries_a} but {at_b} has {entries_b}"
-    for e, ca, cb in zip(entries_a, sa.children(), sb.children()):
-        found = _spec_difference(ca, cb, (*path, e))
-        if found:
-            return found
-    return ""
-
-
-def _paired_leaves(a: Any, b: Any) -> list[tuple[tuple[Any, ...], torch.Tensor, torch.Tensor]]:
-    paths_a, leaves_a, spec_a = tree.flatten_with_paths(a)
-    leaves_b, spec_b = tree.flatten(b)
-    if spec_a != spec_b:
-        where = _spec_difference(spec_a, spec_b, ()) or f"{spec_a} vs {spec_b}"
-        raise AssertionError(f"tree structures differ: {where}")
-    return [(p, _as_tensor(x), _as_tensor(y)) for p, x, y in zip(paths_a, leaves_a, leaves_b)]
-
-
-def assert_trees_all_equal_structs(*trees: Any) -> None:
-    """Asserts all trees have the same structure; names the first differing path.
-
-    Leaves are not compared: only containers, keys and ``None`` placements.
-
-    Args:
-        *trees: two or more pytrees; each is compared with the first.
-
-    Raises:
-        AssertionError: ``tree structures differ: <path> ...``, naming the first path where a
-            tree differs from the first one (missing key, ``None`` or leaf vs container).
-        ValueError: if fewer than two trees are given (a single tuple compares nothing).
-
-    Example:
-        >>> import torch
-        >>> from functrain import testing
-        >>> testing.assert_trees_all_equal_structs({"a": torch.ones(1)}, {"a": torch.zeros(3)})
-        >>> try:
-        ...     testing.assert_trees_all_equal_structs({"a": torch.ones(1)}, {"b": torch.ones(1)})
-        ... except AssertionError as err:
-        ...     print(err)
-        tree structures differ: a['a'] has no counterpart in b
-    """
-    _check_two_or_more(trees)
-    for other in trees[1:]:
-        _paired_leaves(trees[0], other)
-
-
-def _check_shape(path: tuple[Any, ...], x: torch.Tensor, y: torch.Tensor) -> None:
-    if tuple(x.shape) != tuple(y.shape):
-        raise AssertionError(
-            f"shapes differ at {tree.path_str(path)}: {tuple(x.shape)} vs {tuple(y.shape)}"
-        )
-
-
-def assert_trees_all_equal_shapes(*trees: Any) -> None:
-    """Asserts all trees have the same structure and leaf shapes.
-
-    Leaves may be tensors, Python numbers or NumPy arrays (shape ``()`` for a number).
-
-    Args:
-        *trees: two or more pytrees; each is compared with the first.
-
-    Raises:
-        AssertionError: ``tree structures differ: ...`` as in
-            :func:`assert_trees_all_equal_structs`, or ``shapes differ at <path>: (2,) vs
-            (3,)`` for the first leaf whose shape differs.
-        ValueError: if fewer than two trees are given (a single tuple compares nothing).
-
-    Example:
-        >>> import torch
-        >>> from functrain import testing
-        >>> testing.assert_trees_all_equal_shapes([torch.ones(2)], [torch.zeros(2)])
-        >>> try:
-        ...     testing.assert_trees_all_equal_shapes([torch.ones(2)], [torch.zeros(3)])
-        ... except AssertionError as err:
-        ...     print(err)
-        shapes differ at [0]: (2,) vs (3,)
-    """
-    _check_two_or_more(trees)
-    for other in trees[1:]:
-        for path, x, y in _paired_leaves(trees[0], other):
-            _check_shape(path, x, y)
-
-
-def _check_dtype(path: tuple[Any, ...], x: torch.Tensor, y: torch.Tensor) -> None:
-    if x.dtype != y.dtype:
-        raise AssertionError(f"dtypes differ at {tree.path_str(path)}: {x.dtype} vs {y.dtype}")
-
-
-def assert_trees_all_equal_dtypes(*trees: Any) -> None:
-    """Asserts all trees have the same structure and leaf dtypes (shapes may differ).
-
-    A Python number leaf has the dtype ``torch.as_tensor`` gives it (``1.0``: the default
-    float dtype, ``1``: int64).
-
-    Args:
-        *trees: two or more pytrees; each is compared with the first.
-
-    Raises:
-        AssertionError: ``tree structures differ: ...`` as in
-            :func:`assert_trees_all_equal_structs`, or ``dtypes differ at <path>:
-            torch.float32 vs torch.float64`` for the first leaf whose dtype differs.
-        ValueError: if fewer than two trees are given (a single tuple compares nothing).
-
-    Example:
-        >>> import torch
-        >>> from functrain import testing
-        >>> testing.assert_trees_all_equal_dtypes([torch.ones(2)], [torch.zeros(3)])
-        >>> try:
-        ...     testing.assert_trees_all_equal_dtypes({"n": torch.ones(1)}, {"n": torch.ones(1).double()})
-        ... except AssertionError as err:
-        ...     print(err)
-        dtypes differ at ['n']: torch.float32 vs torch.float64
-    """
-    _check_two_or_more(trees)
-    for other in trees[1:]:
-        for path, x, y in _paired_leaves(trees[0], other):
-            _check_dtype(path, x, y)
 
 
 def _wide(x: torch.Tensor, complex_: bool) -> torch.Tensor:
@@ -465,92 +331,3 @@ def assert_tree_on_device(tree_: Any, device: torch.device | str) -> None:
             want.index is not None and x.device.index not in (want.index, None)
         ):
             raise AssertionError(f"{tree.path_str(path)} is on {x.device}, expected {want}")
-
-
-def _tensor_list(tensors: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-
-
-def _dims_match(expected: Sequence[Any], dims: Sequence[int]) -> bool:
-    return len(expected) == len(dims) and all(
-        s is None or (d in s if isinstance(s, (set, frozenset)) else d == s)
-        for s, d in zip(expected, dims)
-    )
-
-
-def assert_shape(
-    tensors: torch.Tensor | Sequence[torch.Tensor],
-    shape: Sequence[int | set[int] | types.EllipsisType | None],
-) -> None:
-    """Asserts each tensor has ``shape``; ``None`` matches any size, a set any of its sizes.
-
-    One ``...`` matches any number of dimensions, as in chex: ``(..., 3)`` is any tensor whose
-    last dimension is 3 (a 1-d tensor of size 3 included).
-
-    Args:
-        tensors: a tensor or a sequence of tensors, each checked.
-        shape: one entry per dimension: an int, ``None`` (any size), a set of sizes, or one
-            ``...`` standing for any number of dimensions.
-
-    Raises:
-        AssertionError: ``tensor <i> has shape <shape>, expected <shape>`` for the first
-            tensor (``i`` its index in ``tensors``) that does not match.
-        ValueError: if ``shape`` holds more than one ``...``.
-
-    Example:
-        >>> import torch
-        >>> from functrain import testing
-        >>> testing.assert_shape(torch.ones(2, 3), (None, 3))
-        >>> testing.assert_shape([torch.ones(2, 3), torch.ones(5, 4)], (None, {3, 4}))
-        >>> testing.assert_shape([torch.ones(3), torch.ones(7, 2, 3)], (..., 3))
-        >>> try:
-        ...     testing.assert_shape(torch.ones(2, 3), (2, 4))
-        ... except AssertionError as err:
-        ...     print(err)
-        tensor 0 has shape (2, 3), expected (2, 4)
-    """
-    shape = tuple(shape)
-    ellipses = [i for i, s in enumerate(shape) if s is Ellipsis]
-    if len(ellipses) > 1:
-        raise ValueError(f"a shape may hold at most one '...', got {shape}")
-    for i, t in enumerate(_tensor_list(tensors)):
-        dims = tuple(t.shape)
-        if ellipses:
-            head, tail = shape[: ellipses[0]], shape[ellipses[0] + 1 :]
-            ok = (
-                len(dims) >= len(head) + len(tail)
-                and _dims_match(head, dims[: len(head)])
-                and _dims_match(tail, dims[len(dims) - len(tail) :])
-            )
-        else:
-            ok = _dims_match(shape, dims)
-        if not ok:
-            expected = str(shape).replace("Ellipsis", "...")
-            raise AssertionError(f"tensor {i} has shape {dims}, expected {expected}")
-
-
-def assert_rank(tensors: torch.Tensor | Sequence[torch.Tensor], rank: int | set[int]) -> None:
-    """Asserts each tensor's number of dimensions is ``rank`` (or one of a set of ranks).
-
-    Args:
-        tensors: a tensor or a sequence of tensors, each checked.
-        rank: the allowed number of dimensions, or a set of them.
-
-    Raises:
-        AssertionError: ``tensor <i> has rank <r>, expected [<allowed ranks>]`` for the
-            first tensor (``i`` its index in ``tensors``) of another rank.
-
-    Example:
-        >>> import torch
-        >>> from functrain import testing
-        >>> testing.assert_rank([torch.ones(2, 3), torch.ones(4, 1)], 2)
-        >>> try:
-        ...     testing.assert_rank(torch.ones(2), {0, 2})
-        ... except AssertionError as err:
-        ...     print(err)
-        tensor 0 has rank 1, expected [0, 2]
-    """
-    allowed = {rank} if isinstance(rank, int) else set(rank)
-    for i, t in enumerate(_tensor_list(tensors)):
-        if t.dim() not in allowed:
-            raise AssertionError(f"tensor {i} has rank {t.dim()}, expected {sorted(allowed)}")

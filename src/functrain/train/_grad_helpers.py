@@ -1,0 +1,119 @@
+"""Helpers of the gradient stage: seeding, the backward call, and micro-batch size arithmetic.
+
+Moved out of :mod:`functrain.train.gradient` (which re-exports them, so
+``gradient._seeding`` and the others keep working): the buffer check, the per-micro-batch RNG
+seeding context, the fast ``backward`` engine call, the ``torch.autograd.grad`` objective
+wrapper, and the small tensor helpers the stage's statistics use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from functrain import tree
+from functrain.train import rng
+
+__all__: list[str] = []
+
+# The engine call behind torch.autograd.backward (private; the public function if it moves).
+_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
+
+
+def _check_buffers(old: Any, new: Any) -> None:
+    if old is not None and tree.structure(old) != tree.structure(new):
+        tree.check_shapes(old, new, ("state.buffers", "buffers returned by loss_fn"))
+        raise tree.TreeMismatchError(
+            "buffers returned by loss_fn differ in structure from state.buffers: "
+            f"{tree.structure(new)} vs {tree.structure(old)}"
+        )
+
+
+_NO_SEEDING = contextlib.nullcontext()  # reusable: nullcontext keeps no state
+
+
+def _seeding(
+    key: torch.Tensor | None, seed: bool, devices: Sequence[torch.device]
+) -> contextlib.AbstractContextManager[None]:
+    if key is None or not seed:
+        return _NO_SEEDING
+    return rng.seeded_rng(key, devices)
+
+
+def _devices(params: Any) -> list[torch.device]:
+    """The params' devices, in first-seen order: the CUDA generators :func:`_seeding` seeds."""
+    return list({leaf.device: None for leaf in tree.leaves(params)})
+
+
+def _backward(
+    objective: torch.Tensor, inputs: tuple[torch.Tensor, ...], plain_inputs: bool
+) -> None:
+    """``torch.autograd.backward(objective, inputs=inputs)`` for a scalar objective.
+
+    A plain real 0-d tensor with plain tensor inputs (``plain_inputs``) takes the engine call
+    directly: ``torch.autograd.backward``'s argument normalisation and checks are per-call
+    Python that a small model's step notices (4 calls a step with K=4). Anything else (tensor
+    subclasses and their ``__torch_function__``, functorch transforms, other shapes) goes
+    through ``torch.autograd.backward`` and its checks and errors.
+    """
+    if (
+        plain_inputs
+        and _run_backward is not None
+        and type(objective) is torch.Tensor
+        and objective.dim() == 0
+        and objective.requires_grad
+        and objective.is_floating_point()
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        grad = torch.ones_like(objective, memory_format=torch.preserve_format)
+        _run_backward(
+            (objective,),
+            (grad,),
+            False,
+            False,
+            inputs,
+            allow_unreachable=True,
+            accumulate_grad=True,
+        )
+        return
+    torch.autograd.backward(objective, inputs=inputs)
+
+
+def _autograd_grad(objective: Callable[..., Any]) -> Callable[..., Any]:
+    def grad_fn(
+        params: Any, mb: Any, buffers: Any, key: Any, weight: float | None = None
+    ) -> tuple[Any, dict]:
+        leaves, spec = tree.flatten(params)
+        leaves = [p.detach().requires_grad_() for p in leaves]
+        with torch.enable_grad():
+            obj, payload = objective(tree.unflatten(spec, leaves), mb, buffers, key, weight)
+            if obj.requires_grad:
+                grads = torch.autograd.grad(obj, leaves, allow_unused=True, materialize_grads=True)
+            else:  # independent of the params: zero, as torch.func.grad gives (grad would raise)
+                grads = tuple(torch.zeros_like(p) for p in leaves)
+        return tree.unflatten(spec, list(grads)), payload
+
+    return grad_fn
+
+
+def _inverse_count(count: torch.Tensor) -> torch.Tensor:
+    """``1 / count``, and 0 where ``count`` is 0: the hook's scale of ``∇Tᵢ`` and ``Tᵢ``.
+
+    A ``LossSum`` micro-batch that counts no unit (all padding) has no mean gradient; the hook
+    gets zeros with size 0 (which weighs it out of any size-weighted statistic) rather than the
+    NaN of ``∇Tᵢ / 0``. Selected on the device: no host read.
+    """
+    return torch.where(count != 0, count.reciprocal(), 0.0)
+
+
+def _size_dtype(value: torch.Tensor) -> torch.dtype:
+    """Micro-batch sizes as floats that hold them exactly (bfloat16 rounds 257 to 256)."""
+    return torch.promote_types(value.dtype, torch.float32)
+
+
+def _permute(vec: torch.Tensor, perm: list[int]) -> torch.Tensor:
+    # Indexing with Python ints keeps everything on the device (no index tensor to upload).
+    return torch.stack([vec[j] for j in perm])
