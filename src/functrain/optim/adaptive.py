@@ -1,16 +1,29 @@
-"""Adam and its family: transforms that rescale by moment estimates of the gradient."""
+"""Adam and its family: transforms that rescale by moment estimates of the gradient.
+
+Holds Adam (and NAdam), AMSGrad, Adamax and RAdam. Lion lives in :mod:`functrain.optim.lion` and
+the shared arithmetic (bias corrections, operand dtypes, Adam's direction) in
+``functrain.optim._adam_ops``; both are re-exported here, so existing imports keep working.
+"""
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from functrain import tree
-from functrain._precision import widen_all
 from functrain.optim import _ops, _utils, fused
+from functrain.optim._adam_ops import (
+    Hyper,
+    _bias,
+    _check,
+    _denominator,
+    _direction,
+    _mu_hat,
+    _operands,
+)
 from functrain.optim.base import GradientTransformation
+from functrain.optim.lion import ScaleByLionState, scale_by_lion
 
 __all__ = [
     "ScaleByAdamState",
@@ -22,8 +35,6 @@ __all__ = [
     "scale_by_lion",
     "scale_by_radam",
 ]
-
-Hyper = float | torch.Tensor
 
 
 class ScaleByAdamState(NamedTuple):
@@ -39,93 +50,6 @@ class ScaleByAdamState(NamedTuple):
     count: torch.Tensor
     mu: Any
     nu: Any
-
-
-def _check(b1: Any, b2: Any, eps: Any = 0.0, eps_root: Any = 0.0, mu_dtype: Any = None) -> None:
-    _ops.check_decay("b1", b1)
-    _ops.check_decay("b2", b2)
-    for name, value in (("eps", eps), ("eps_root", eps_root)):
-        _utils.check_finite_number(name, value, minimum=0.0)
-        _ops.check_scalar_tensor(name, value)
-    _ops.check_dtype("mu_dtype", mu_dtype)
-
-
-def _bias(decay: Hyper, count: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``1 - decay ** count`` as a 0-d tensor (the bias-correction denominator)."""
-    return 1 - _utils.power(decay, count, dtype)
-
-
-def _mu_hat(
-    g: list[torch.Tensor], mu: list[torch.Tensor], b1: Hyper, count: torch.Tensor, nesterov: bool
-) -> list[torch.Tensor]:
-    """Bias-corrected first moment; with ``nesterov`` Dozat's (NAdam) look-ahead."""
-    dtype = _ops.scalar_dtype(g)
-    if not nesterov:
-        return _ops.div(mu, _bias(b1, count, dtype))
-    ahead = _ops.div(_ops.mul(mu, b1), _bias(b1, _utils.safe_increment(count), dtype))
-    now = _ops.div(_ops.mul(g, 1 - _ops.on_device(b1, g[0])), _bias(b1, count, dtype))
-    return list(torch._foreach_add(ahead, now))
-
-
-def _denominator(nu_hat: list[torch.Tensor], eps: Hyper, eps_root: Hyper) -> list[torch.Tensor]:
-    """``sqrt(nu_hat + eps_root) + eps``."""
-    if not _ops.is_zero(eps_root):
-        nu_hat = _ops.add(nu_hat, eps_root)
-    denom = list(torch._foreach_sqrt(nu_hat))
-    _ops.add_(denom, eps)
-    return denom
-
-
-def _operands(g: list[torch.Tensor], *states: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The update leaves in the dtype their moments are computed in: float32 for float16 and
-    bfloat16 (the fused kernels' arithmetic: in float16 ``eps = 1e-8`` is 0 and a small
-    gradient's update was ``m / 0``), and at least the precision of each state leaf, so that a
-    float32 moment of bfloat16 gradients is not rounded to bfloat16 on the way."""
-    out = widen_all(g)
-    dtypes = {y.dtype for y in out}
-    if len(dtypes) == 1 and all({x.dtype for x in st} <= dtypes for st in states):
-        return out  # the common case: one dtype throughout
-    wanted = [
-        functools.reduce(torch.promote_types, (x[i].dtype for x in states), y.dtype)
-        for i, y in enumerate(out)
-    ]
-    if all(y.dtype == d for y, d in zip(out, wanted)):
-        return out
-    return [y.to(d) for y, d in zip(out, wanted)]
-
-
-def _direction(
-    g: list[torch.Tensor],
-    mu: list[torch.Tensor],
-    nu: list[torch.Tensor],
-    count: torch.Tensor,
-    b1: Hyper,
-    b2: Hyper,
-    eps: Hyper,
-    eps_root: Hyper,
-    nesterov: bool,
-) -> list[torch.Tensor]:
-    """``û / (√(v̂ + eps_root) + eps)`` from the new moments, on fresh temporaries.
-
-    Formed as ``√(nu + eps_root·(1 − b2ᵗ)) / √(1 − b2ᵗ)``, the same number (``v̂ = nu/(1 − b2ᵗ)``),
-    and with ``eps_root = 0`` the order of ``torch.optim.Adam`` and the fused kernels: early on
-    ``nu / (1 − b2ᵗ)`` overflows where ``nu`` does not (float32 gradients near 1e19).
-    """
-    dtype = _ops.scalar_dtype(g)
-    correction = _bias(b2, count, dtype)
-    if _ops.is_zero(eps_root):
-        denom = list(torch._foreach_sqrt(nu))
-    else:
-        shift = _ops.on_device(correction * _ops.on_device(eps_root, correction), nu[0])
-        denom = _ops.add(nu, shift)
-        torch._foreach_sqrt_(denom)
-    torch._foreach_div_(denom, _ops.on_device(correction.sqrt(), denom[0]))
-    _ops.add_(denom, eps)
-    out = _mu_hat(g, mu, b1, count, nesterov)
-    if any(o is m for o, m in zip(out, mu)):
-        return list(torch._foreach_div(out, denom))
-    torch._foreach_div_(out, denom)
-    return out
 
 
 def scale_by_adam(
@@ -444,89 +368,5 @@ def scale_by_radam(
         mu, nu = _ops.cast_like(mu, s["state.mu"]), _ops.cast_like(nu, s["state.nu"])
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
         return tree.unflatten(spec, out), new_state
-
-    return GradientTransformation(init_fn, update_fn)
-
-
-class ScaleByLionState(NamedTuple):
-    """State of :func:`scale_by_lion`: the int32 step ``count`` and the momentum ``mu``.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> ft.scale_by_lion().init([torch.zeros(1)]).mu
-        [tensor([0.])]
-    """
-
-    count: torch.Tensor
-    mu: Any
-
-
-def scale_by_lion(
-    b1: Hyper = 0.9,
-    b2: Hyper = 0.99,
-    mu_dtype: torch.dtype | None = None,
-    *,
-    mode: Literal["hard", "smooth", "refined"] = "hard",
-    smooth_beta: float = 1.0,
-) -> GradientTransformation:
-    """Rescales updates by Lion (Chen et al., 2023): the sign of an interpolated momentum.
-
-    Update rule::
-
-        c = (1 − b1) · g + b1 · mu
-        u ← sign(c)   (mode "smooth": tanh(smooth_beta · c); "refined": c if |c| < 1 else sign(c))
-        mu ← b2 · mu + (1 − b2) · g
-
-    ``torch.optim`` has no Lion.
-
-    float16 and bfloat16 leaves are computed in float32 and rounded once, as in
-    :func:`scale_by_adam`; the moments keep the dtypes they were initialised with.
-
-    Args:
-        b1: interpolation weight of the momentum in the sign, in ``[0, 1]``.
-        b2: decay of the momentum, in ``[0, 1]``.
-        mu_dtype: optional dtype in which the first moment is stored.
-        mode: ``"hard"`` (sign), ``"smooth"`` (tanh) or ``"refined"`` (linear below 1, sign
-            above).
-        smooth_beta: slope of the tanh in ``"smooth"`` mode.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> tx = ft.scale_by_lion()
-        >>> params = [torch.zeros(3)]
-        >>> tx.update([torch.tensor([2.0, 0.0, -0.1])], tx.init(params))[0]
-        [tensor([ 1.,  0., -1.])]
-    """
-    _ops.check_decay("b1", b1, allow_one=True)
-    _ops.check_decay("b2", b2, allow_one=True)
-    _ops.check_dtype("mu_dtype", mu_dtype)
-    _utils.check_finite_number("smooth_beta", smooth_beta)
-    if mode not in ("hard", "smooth", "refined"):
-        raise ValueError(f'Unknown lion mode: {mode!r}; use "hard", "smooth" or "refined"')
-
-    def init_fn(params: Any) -> ScaleByLionState:
-        return ScaleByLionState(
-            count=_utils.zero_count(params), mu=_ops.state_zeros(params, mu_dtype, "mu_dtype")
-        )
-
-    def update_fn(
-        updates: Any, state: ScaleByLionState, params: Any = None, **extra: Any
-    ) -> tuple[Any, ScaleByLionState]:
-        del params, extra
-        g, spec, s = _utils.flat(updates, {"state.mu": state.mu})
-        count = _utils.safe_increment(state.count)
-        if not g:
-            return updates, ScaleByLionState(count, state.mu)
-        g, given = _operands(g, s["state.mu"]), g
-        c = _ops.moment(g, s["state.mu"], b1)
-        if mode == "hard":
-            out = _ops.sign(c)  # a complex leaf's phase, as optax's jnp.sign
-        elif mode == "smooth":
-            out = [torch.tanh(smooth_beta * x) for x in c]
-        else:
-            out = [torch.where(x.abs() < 1.0, x, s) for x, s in zip(c, _ops.sign(c))]
-        out = _ops.cast_like(out, given)
-        mu = _ops.cast_like(_ops.moment(g, s["state.mu"], b2), s["state.mu"])
-        return tree.unflatten(spec, out), ScaleByLionState(count, tree.unflatten(spec, mu))
 
     return GradientTransformation(init_fn, update_fn)

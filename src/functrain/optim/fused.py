@@ -23,6 +23,11 @@ flat list of primitive operations, each on a subset of the parameter leaves (mas
 subsets), plus a function that rebuilds the state tree. Nothing is evaluated or written while
 planning, so the choice of engine (below) is made before any tensor changes.
 
+**Layout.** This module holds the entry point, :func:`update_in_place`. The specs and
+:func:`register` live in ``functrain.optim._fused_specs``, the planner (:class:`Context`,
+:func:`plan`) in ``functrain.optim._fused_plan``; both are re-exported here, so factories and
+engines keep reaching them as ``fused.X``.
+
 **Engines** (:mod:`functrain.optim._fused_engines`):
 
 * ``"kernel"``: optimizers of the shapes ``[clip_by_global_norm] [add_decayed_weights]
@@ -59,386 +64,49 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import weakref
-from collections.abc import Callable
-from operator import attrgetter
 from typing import Any, NamedTuple
 
 import torch
 
 from functrain import tree
-from functrain.optim import _ops
-from functrain.optim._utils import safe_increment
+from functrain.optim._fused_plan import (  # noqa: F401
+    _DTYPE,
+    _MASK_CACHE,
+    _SHAPE,
+    _STATE_FIELDS,
+    Context,
+    Op,
+    Plan,
+    _collect,
+    _mask_subset,
+    _state_leaves,
+    _updates_view,
+    plan,
+)
+from functrain.optim._fused_specs import (  # noqa: F401
+    _SPECS,
+    AddDecayedWeights,
+    ApplyIfFinite,
+    Chain,
+    ClipByGlobalNorm,
+    Identity,
+    Injected,
+    Masked,
+    NamedChain,
+    Opaque,
+    Partition,
+    Scale,
+    ScaleByAdam,
+    ScaleBySchedule,
+    Spec,
+    Trace,
+    ZeroNans,
+    describe,
+    register,
+    spec_of,
+)
 
 __all__: list[str] = []  # internal: reached as ``functrain.optim.fused``
-
-_SHAPE = attrgetter("shape")
-_DTYPE = attrgetter("dtype")
-_SPECS: weakref.WeakKeyDictionary[Callable[..., Any], Spec] = weakref.WeakKeyDictionary()
-
-
-# ------------------------------------------------------------------------------------ specs
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Spec:
-    """Base class of fusion specs (plain records of a factory's arguments)."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Identity(Spec):
-    """``identity()``: state ``EmptyState``."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Chain(Spec):
-    """``chain(*members)``: state a tuple of the members' states."""
-
-    members: tuple[Any, ...]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class NamedChain(Spec):
-    """``named_chain(*members)``: state a dict keyed by the members' names."""
-
-    members: tuple[tuple[str, Any], ...]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Masked(Spec):
-    """``masked(inner, mask)``: state ``MaskedState(inner_state)`` over the unmasked leaves."""
-
-    inner: Any
-    mask: Any
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Injected(Spec):
-    """``inject_hyperparams(f)(...)``: ``prepare(updates, state, params) -> (hparams, inner)``.
-
-    ``prepare`` must be the pure update's own code for the current hyperparameters and inner
-    transform; the state is ``InjectHyperparamsState(count, hyperparams, inner_state)``.
-    """
-
-    prepare: Callable[[Any, Any, Any], tuple[dict[str, torch.Tensor], Any]]
-    # What was injected, for inspection (the DP step's ``tx`` check): the factory, its static
-    # arguments, its numeric hyperparameters' initial values and its schedules by name.
-    factory: Callable[..., Any] | None = None
-    static: dict[str, Any] = dataclasses.field(default_factory=dict)
-    numeric: dict[str, Any] = dataclasses.field(default_factory=dict)
-    schedules: dict[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ClipByGlobalNorm(Spec):
-    """``clip_by_global_norm(max_norm)``: state ``EmptyState``."""
-
-    max_norm: Any
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ScaleByAdam(Spec):
-    """``scale_by_adam(...)``: state ``ScaleByAdamState(count, mu, nu)``."""
-
-    b1: Any
-    b2: Any
-    eps: Any
-    eps_root: Any
-    mu_dtype: torch.dtype | None
-    nesterov: bool
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Trace(Spec):
-    """``trace(decay, nesterov, accumulator_dtype)``: state ``TraceState(trace)``."""
-
-    decay: Any
-    nesterov: bool
-    accumulator_dtype: torch.dtype | None
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AddDecayedWeights(Spec):
-    """Unmasked ``add_decayed_weights``: ``EmptyState``, or ``WeightDecayScheduleState(count)``
-    when ``weight_decay`` is a schedule."""
-
-    weight_decay: Any
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Scale(Spec):
-    """Multiplication by ``sign * value`` (``value`` a number or a tensor read at each update):
-    ``scale`` and ``scale_by_learning_rate``; state ``EmptyState``."""
-
-    value: Any
-    sign: int = 1
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ScaleBySchedule(Spec):
-    """Multiplication by ``fn(count)``: state ``ScaleByScheduleState(count)``."""
-
-    fn: Callable[[torch.Tensor], Any]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Opaque(Spec):
-    """Base of specs that describe a wrapper for inspection only (the DP step's ``tx`` check).
-
-    The planner never fuses these: :func:`spec_of` hides them, so an optimizer holding one is
-    "not recognised" exactly as when the wrapper registered nothing (the engines have no
-    primitive for it, and ``_collect`` would otherwise take an unknown spec for a primitive).
-    Read them with :func:`describe`.
-    """
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ApplyIfFinite(Opaque):
-    """``apply_if_finite(inner, max_consecutive_errors)``."""
-
-    inner: Any
-    max_consecutive_errors: int
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Partition(Opaque):
-    """``partition(transforms, param_labels)`` (``multi_transform``): ``{label: transform}``."""
-
-    transforms: dict[Any, Any]
-    labels: Any
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ZeroNans(Opaque):
-    """``zero_nans()``: the identity on finite updates."""
-
-
-def register(tx: Any, spec: Spec) -> Any:
-    """Attaches ``spec`` to the transform ``tx`` and returns ``tx`` (a one-liner in factories).
-
-    Example:
-        >>> import functrain as ft
-        >>> from functrain.optim import fused
-        >>> tx = fused.register(ft.identity(), fused.Identity())
-        >>> type(fused.spec_of(tx)).__name__
-        'Identity'
-    """
-    if not torch.compiler.is_compiling():  # traced code never plans: dynamo skips this
-        _SPECS[tx.update] = spec
-    return tx
-
-
-def describe(tx: Any) -> Spec | None:
-    """The spec registered for ``tx``, :class:`Opaque` ones included, or ``None``.
-
-    Example:
-        >>> import functrain as ft
-        >>> from functrain.optim import fused
-        >>> type(fused.describe(ft.zero_nans())).__name__
-        'ZeroNans'
-    """
-    try:
-        return _SPECS.get(tx.update)
-    except TypeError:  # an update that cannot be weakly referenced
-        return None
-
-
-def spec_of(tx: Any) -> Spec | None:
-    """The fusion spec of ``tx``, or ``None`` when it has none (or only an :class:`Opaque` one).
-
-    Example:
-        >>> import functrain as ft
-        >>> from functrain.optim import fused
-        >>> type(fused.spec_of(ft.adamw(1e-3))).__name__
-        'Chain'
-        >>> fused.spec_of(ft.zero_nans()) is None
-        True
-    """
-    spec = describe(tx)
-    return None if isinstance(spec, Opaque) else spec
-
-
-# ------------------------------------------------------------------------------------ plans
-
-
-@dataclasses.dataclass(eq=False)
-class Op:
-    """One primitive of a plan: its spec and state, the leaves it sees, its new state."""
-
-    spec: Spec
-    state: Any
-    idx: list[int]
-    new_state: Any = None
-    leaves: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)  # of state
-
-
-class Plan(NamedTuple):
-    """A recognised optimizer: primitives in update order, and the state rebuilder."""
-
-    ops: list[Op]
-    build: Callable[[], Any]
-
-
-class Context:
-    """The leaves one in-place update works on (shared by planning and the engines)."""
-
-    def __init__(self, grads: Any, params: Any, found_inf: torch.Tensor | None) -> None:
-        self.params_tree = params
-        self.grads_tree = grads
-        p, g = _ops.plain_leaves(params), _ops.plain_leaves(grads)
-        self._spec: Any = None
-        if p is not None and g is not None and _ops.same_container(params, grads):
-            self.p, self.g = p, g
-            self.same_structure = True
-        else:
-            self.p, self._spec = tree.flatten(params)
-            self.g, grads_spec = tree.flatten(grads)
-            self.same_structure = grads_spec == self._spec
-        self.n = len(self.p)
-        self.found_inf = found_inf
-        self._shapes: list[torch.Size] | None = None
-
-    @property
-    def spec(self) -> Any:
-        """The params' treespec (built on first use: the common plans never need it)."""
-        if self._spec is None:
-            self._spec = tree.structure(self.params_tree)
-        return self._spec
-
-    @property
-    def shapes(self) -> list[torch.Size]:
-        """The parameters' shapes (computed once: several state trees are checked against them)."""
-        if self._shapes is None:
-            self._shapes = list(map(_SHAPE, self.p))
-        return self._shapes
-
-
-_MASK_CACHE: dict[tuple[Any, ...], tuple[Any, list[int]]] = {}
-
-
-def _mask_subset(mask: Any, current: Any, idx: list[int], ctx: Context) -> tuple[Any, list[int]]:
-    """The masked tree (as ``masked`` builds it from ``current``) and its leaf positions."""
-    from functrain.optim._masking import apply_mask, make_mask
-
-    key: tuple[Any, ...] = (id(mask), ctx.spec, tuple(idx))
-    if callable(mask):
-        # A mask function reads the leaves (``x.ndim > 1`` is typical): one tree structure
-        # with other shapes or dtypes may select other leaves.
-        key += (tuple(ctx.shapes), tuple(map(_DTYPE, ctx.g)))
-    hit = _MASK_CACHE.get(key)
-    if hit is not None and hit[0] is mask:  # holding ``mask`` keeps its id from being reused
-        positions = hit[1]
-    else:
-        built = make_mask(mask(_updates_view(current, idx, ctx)) if callable(mask) else mask)
-        ids = {id(x) for x in tree.leaves(apply_mask(built, current, "params"))}
-        positions = [i for i in idx if id(ctx.p[i]) in ids]
-        if len(_MASK_CACHE) > 256:
-            _MASK_CACHE.clear()
-        _MASK_CACHE[key] = (mask, positions)
-    chosen = set(positions)
-    masked = tree.unflatten(ctx.spec, [p if i in chosen else None for i, p in enumerate(ctx.p)])
-    return masked, positions
-
-
-def _updates_view(current: Any, idx: list[int], ctx: Context) -> Any:
-    """What the pure ``masked`` passes its mask function: the updates (optax calls
-    ``mask(updates)``), with the gradients' dtypes, where ``current`` holds the parameters.
-
-    Every primitive keeps the updates' dtypes, so the gradients stand for the updates at any
-    point of a chain; a mask that reads dtypes (float32 leaves only) must see bfloat16
-    gradients of float32 parameters as the pure path does.
-    """
-    if current is ctx.params_tree:
-        return ctx.grads_tree
-    chosen = set(idx)
-    return tree.unflatten(ctx.spec, [g if i in chosen else None for i, g in enumerate(ctx.g)])
-
-
-def _state_leaves(sub: Any, idx: list[int], ctx: Context) -> list[torch.Tensor] | None:
-    leaves = _ops.plain_leaves(sub)  # when not None: all plain tensors
-    if leaves is None:
-        leaves = tree.leaves(sub)
-        # Per type, not per leaf: the leaves are a handful of types (this runs every step).
-        if not all(issubclass(kind, torch.Tensor) for kind in set(map(type, leaves))):
-            return None
-    if len(leaves) != len(idx):
-        return None
-    want = ctx.shapes if len(idx) == ctx.n else [ctx.shapes[i] for i in idx]
-    if list(map(_SHAPE, leaves)) != want:
-        return None
-    return leaves
-
-
-_STATE_FIELDS: dict[type, tuple[str, ...]] = {
-    ScaleByAdam: ("count", "mu", "nu"),
-    Trace: ("trace",),
-    ScaleBySchedule: ("count",),
-}
-
-
-def _collect(
-    tx: Any, state: Any, current: Any, idx: list[int], ctx: Context, ops: list[Op]
-) -> Callable[[], Any] | None:
-    """Appends ``tx``'s primitives to ``ops``; returns its state rebuilder (None: unknown)."""
-    spec = spec_of(tx)
-    if spec is None:
-        return None
-    if isinstance(spec, Identity):
-        return lambda: state
-    if isinstance(spec, Chain):
-        if not isinstance(state, tuple) or len(state) != len(spec.members):
-            return None
-        parts = [_collect(m, s, current, idx, ctx, ops) for m, s in zip(spec.members, state)]
-        if any(b is None for b in parts):
-            return None
-        return lambda: tuple(b() for b in parts)  # type: ignore[misc]
-    if isinstance(spec, NamedChain):
-        if not isinstance(state, dict) or any(n not in state for n, _ in spec.members):
-            return None
-        named = [(n, _collect(m, state[n], current, idx, ctx, ops)) for n, m in spec.members]
-        if any(b is None for _, b in named):
-            return None
-        return lambda: {n: b() for n, b in named}  # type: ignore[misc]
-    if isinstance(spec, Masked):
-        if getattr(state, "_fields", None) != ("inner_state",):
-            return None
-        sub_tree, sub = _mask_subset(spec.mask, current, idx, ctx)
-        inner = _collect(spec.inner, state.inner_state, sub_tree, sub, ctx, ops)
-        if inner is None:
-            return None
-        return lambda: state._replace(inner_state=inner())
-    if isinstance(spec, Injected):
-        if getattr(state, "_fields", None) != ("count", "hyperparams", "inner_state"):
-            return None
-        hparams, inner_tx = spec.prepare(ctx.grads_tree, state, ctx.params_tree)
-        inner = _collect(inner_tx, state.inner_state, current, idx, ctx, ops)
-        if inner is None:
-            return None
-        return lambda: state._replace(
-            count=safe_increment(state.count), hyperparams=hparams, inner_state=inner()
-        )
-    fields = _STATE_FIELDS.get(type(spec))
-    if isinstance(spec, AddDecayedWeights) and callable(spec.weight_decay):
-        fields = ("count",)
-    if fields is not None and getattr(state, "_fields", None) != fields:
-        return None
-    op = Op(spec, state, list(idx))
-    for name in ("mu", "nu", "trace"):
-        if name in (fields or ()):
-            leaves = _state_leaves(getattr(state, name), idx, ctx)
-            if leaves is None:
-                return None
-            op.leaves[name] = leaves
-    ops.append(op)
-    return lambda: op.new_state
-
-
-def plan(tx: Any, opt_state: Any, ctx: Context) -> Plan | None:
-    """The flat plan of ``tx`` over ``ctx``'s leaves, or ``None`` if something is unknown."""
-    ops: list[Op] = []
-    build = _collect(tx, opt_state, ctx.params_tree, list(range(ctx.n)), ctx, ops)
-    return None if build is None else Plan(ops, build)
 
 
 # ------------------------------------------------------------------------------------ entry
