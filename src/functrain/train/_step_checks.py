@@ -193,12 +193,19 @@ def _check_no_overlap(leaves: list[torch.Tensor], params: Any, where: str) -> No
 
     Disjoint views of one buffer are fine. Only the storages' addresses are read: no sync.
     """
-    storages = [leaf.untyped_storage().data_ptr() for leaf in leaves]
+    storages: list[int | None] = [leaf.untyped_storage().data_ptr() for leaf in leaves]
     if len(set(storages)) == len(storages):
+        return  # the common case, checked with no per-leaf work beyond the address
+    # Meta tensors have no memory (every meta storage reports address 0), so they cannot
+    # overlap: they are left out rather than all reported as sharing one storage.
+    storages = [None if leaf.is_meta else ptr for leaf, ptr in zip(leaves, storages)]
+    real = [ptr for ptr in storages if ptr is not None]
+    if len(set(real)) == len(real):
         return
     by_storage: dict[int, list[int]] = {}
     for i, ptr in enumerate(storages):
-        by_storage.setdefault(ptr, []).append(i)
+        if ptr is not None:
+            by_storage.setdefault(ptr, []).append(i)
     for indices in by_storage.values():
         reach, owner = -1, -1  # the furthest byte reached so far, and by which leaf
         for (start, stop), j in sorted((_span(leaves[i]), i) for i in indices if leaves[i].numel()):
