@@ -1,0 +1,329 @@
+"""The :class:`DataParallelTrainStep` object: a data-parallel train step and its states.
+
+Holds the step's construction and checks, its state methods (``init_state``, ``shard_state``,
+``full_state``, ``prepare``) and ``__call__``, which runs this rank's gradient stage, combines
+the ranks (:mod:`functrain.distributed._combine`) and updates (:mod:`functrain.distributed._update`
+or :mod:`functrain.distributed._sharded_update`). Built by, documented with and re-exported from
+:func:`functrain.distributed.step.make_data_parallel_train_step`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+
+from functrain import tree
+from functrain.distributed import collectives, process, zero
+from functrain.distributed._agree import (
+    check_layouts_agree,
+    check_noise_keys_agree,
+    check_ranks_agree,
+)
+from functrain.distributed._combine import combine
+from functrain.distributed._sharded_update import sharded_update
+from functrain.distributed._sums import COUNT, with_aux_counts
+from functrain.distributed._update import replicated_update
+from functrain.distributed.data import rank_key
+from functrain.distributed.shardable import check_shardable
+from functrain.optim.base import GradientTransformation, identity
+from functrain.train import _step_checks, dp_stage, gradient, microbatch, rng
+from functrain.train import step as step_lib
+from functrain.train.optimizer_stage import in_place_writes_started, reset_in_place_writes
+from functrain.train.state import TrainState
+
+
+class DataParallelTrainStep:
+    """A data-parallel train step; see :func:`make_data_parallel_train_step`.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> from functrain import distributed as dist
+        >>> step = dist.make_data_parallel_train_step(lambda p, b: (p["w"] * b).mean(), ft.sgd(0.1))
+        >>> isinstance(step, dist.DataParallelTrainStep)
+        True
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any],
+        tx: GradientTransformation,
+        *,
+        shard_optimizer: bool,
+        group: process.Group,
+        bucket_cap_mb: float,
+        sync_buffers: Literal["broadcast", "none"],
+        check_ranks: bool,
+        per_example_clip: float | torch.Tensor | None = None,
+        **local: Any,
+    ) -> None:
+        if sync_buffers not in ("broadcast", "none"):
+            raise ValueError(f"sync_buffers must be 'broadcast' or 'none', got {sync_buffers!r}")
+        if (
+            isinstance(bucket_cap_mb, bool)
+            or not isinstance(bucket_cap_mb, (int, float))
+            or bucket_cap_mb <= 0
+        ):
+            raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
+        if per_example_clip is not None and shard_optimizer:
+            # tx's dp_noisy_mean would run on each rank's pieces: its noise is drawn per
+            # (leaf, element) position, so pieces of different ranks would repeat each other's.
+            raise ValueError(
+                "per_example_clip (a DP-SGD step) does not support shard_optimizer=True: "
+                "dp_noisy_mean draws its noise by position in each parameter, which sharding "
+                "changes; use shard_optimizer=False (the replicated optimizer state keeps the "
+                "same noise key on every rank)"
+            )
+        # The single-process step validates the arguments (per_example_clip's own checks
+        # included) and owns the gradient stage. A DP step ignores aux metrics: no counts.
+        wrapped = loss_fn if per_example_clip is not None else with_aux_counts(loss_fn)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            self._local = step_lib.TrainStep(
+                wrapped, tx, grad_stats=None, per_example_clip=per_example_clip, **local
+            )
+        for w in caught:  # attributed to the caller of make_data_parallel_train_step
+            warnings.warn(w.message, w.category, stacklevel=3)
+        self.per_example_clip = per_example_clip
+        self.loss_fn = loss_fn
+        self.tx = tx
+        self.shard_optimizer = bool(shard_optimizer)
+        self.report = check_shardable(tx) if self.shard_optimizer else None
+        self.group = group
+        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.sync_buffers = sync_buffers
+        self.check_ranks = check_ranks
+        self.donate = self._local.donate
+        self.norm_metrics = self._local.norm_metrics
+        self._checked = False
+        self._opt_guard = _step_checks.OptStateGuard(self._check_opt_state)
+        self._layout: zero.Layout | None = None
+        self._state_map: zero.StateMap | None = None
+
+    # -- states ---------------------------------------------------------------------------
+
+    def _layout_for(self, params: Any) -> zero.Layout:
+        if self._layout is None:
+            self._layout = zero.Layout(
+                tree.leaves(params),
+                process.rank(self.group),
+                process.world_size(self.group),
+                self.bucket_cap_mb,
+            )
+        return self._layout
+
+    def _map_for(self, params: Any) -> zero.StateMap:
+        if self._state_map is None:
+            self._state_map = zero.StateMap(self.tx, params, self._layout_for(params))
+        return self._state_map
+
+    def init_state(
+        self,
+        params: Any,
+        *,
+        buffers: Any = None,
+        seed: int | None = 0,
+        key: torch.Tensor | None = None,
+        extra: dict[str, Any] | None = None,
+        broadcast: bool = True,
+    ) -> TrainState:
+        """A fresh state for this step: rank 0's parameters and buffers, this rank's optimizer state.
+
+        With ``shard_optimizer=True`` the shard's identity goes to ``state.extra["zero_shard"]``
+        (see :meth:`shard_state`).
+
+        Args:
+            params: the initial parameters (with ``broadcast``, only rank 0's values count).
+            buffers: model buffers, or ``None``.
+            seed: seed of the random key (same on every rank); see ``TrainState.create``.
+            key: an explicit random key instead of ``seed``.
+            extra: initial add-on states.
+            broadcast: copy rank 0's parameters and buffers to every rank (a collective), so
+                that all ranks start identical whatever their own initialisation. With
+                ``check_ranks``, the ranks first check that their parameters and buffers have
+                the same structure, shapes and dtypes.
+
+        Raises:
+            RankMismatchError: with ``broadcast`` and ``check_ranks``, ranks disagree on the
+                structure, shapes or dtypes of the parameters or buffers (on every rank).
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> from functrain import distributed as dist
+            >>> step = dist.make_data_parallel_train_step(lambda p, b: (p["w"] * b).mean(), ft.adam(0.1), shard_optimizer=True)
+            >>> state = step.init_state({"w": torch.zeros(4)})
+            >>> state.opt_state[0].mu["w"].shape  # one rank: the whole parameter
+            torch.Size([4])
+        """
+        if broadcast and process.world_size(self.group) > 1:
+            if self.check_ranks:  # before the broadcast, which cannot tell
+                check_layouts_agree(params, buffers, self.group)
+            src = zero._global(0, self.group)
+            params = collectives.broadcast_tree(params, src=src, group=self.group)
+            if buffers is not None:
+                buffers = collectives.broadcast_tree(buffers, src=src, group=self.group)
+        if not self.shard_optimizer:
+            return TrainState.create(
+                params=params, tx=self.tx, buffers=buffers, seed=seed, key=key, extra=extra
+            )
+        state = TrainState.create(
+            params=params, tx=identity(), buffers=buffers, seed=seed, key=key, extra=extra
+        )
+        leaves, spec = tree.flatten(state.params)
+        layout = self._layout_for(state.params)
+        pieces = [p.clone() for p in layout.pieces(leaves)]
+        return state.replace(
+            opt_state=self.tx.init(tree.unflatten(spec, pieces)),
+            extra={**state.extra, zero.SHARD_KEY: layout.identity()},
+        )
+
+    def shard_state(self, state: TrainState) -> TrainState:
+        """This rank's state from a state holding the whole optimizer state (e.g. restored).
+
+        The shard's identity (this rank, the world size and a fingerprint of the cut) goes to
+        ``state.extra["zero_shard"]`` (plain ints and a string, saved with a checkpoint), so
+        the step and ``full_state`` refuse it on another rank or world size. With
+        ``shard_optimizer=False`` the state is returned as it is.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> from functrain import distributed as dist
+            >>> tx = ft.adam(0.1)
+            >>> step = dist.make_data_parallel_train_step(lambda p, b: (p["w"] * b).mean(), tx, shard_optimizer=True)
+            >>> whole = ft.TrainState.create(params={"w": torch.zeros(4)}, tx=tx)
+            >>> step.shard_state(whole).opt_state[0].nu["w"].shape
+            torch.Size([4])
+        """
+        if not self.shard_optimizer:
+            return state
+        state_map = self._map_for(state.params)
+        return state.replace(
+            opt_state=state_map.shard(state.opt_state),
+            extra={**state.extra, zero.SHARD_KEY: state_map.layout.identity()},
+        )
+
+    def full_state(self, state: TrainState) -> TrainState:
+        """The state with the whole optimizer state, gathered from all ranks (for checkpoints).
+
+        A collective: every rank must call it; every rank gets the whole state and rank 0
+        typically saves it. The result names no shard (``state.extra["zero_shard"]`` is
+        dropped): it resumes on any world size through ``shard_state``. With
+        ``shard_optimizer=False`` the state is returned as it is.
+
+        Raises:
+            RankMismatchError: ``state`` holds another rank's shard (or one of another world
+                size), refused before the collective.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> from functrain import distributed as dist
+            >>> step = dist.make_data_parallel_train_step(lambda p, b: (p["w"] * b).mean(), ft.adam(0.1), shard_optimizer=True)
+            >>> state = step.init_state({"w": torch.zeros(4)})
+            >>> step.full_state(state).opt_state[0].mu["w"]
+            tensor([0., 0., 0., 0.])
+        """
+        if not self.shard_optimizer:
+            return state
+        state_map = self._map_for(state.params)
+        # Gathering another rank's shard would assemble wrong rows: refused before the collective.
+        state_map.layout.check_identity(state.extra, "gathering the optimizer state")
+        return state.replace(
+            opt_state=state_map.gather(state.opt_state, self.group),
+            # The whole state is every rank's: it names no shard, and resumes on any world size.
+            extra={k: v for k, v in state.extra.items() if k != zero.SHARD_KEY},
+        )
+
+    # -- the step -------------------------------------------------------------------------
+
+    def _check_opt_state(self, params: Any, opt_state: Any) -> None:
+        """This rank's opt state was made for this step (its ``tx``, its shards)."""
+        if self.shard_optimizer:
+            self._map_for(params).check(opt_state, "data-parallel train step")
+        else:
+            _step_checks._check_opt_state(self.tx, params, opt_state)
+
+    def _check(self, params: Any, opt_state: Any, buffers: Any, local: dict, is_sum: bool) -> None:
+        """First call: all ranks agree on the state and the metrics (one collective)."""
+        if self.check_ranks:
+            opt = None if self.shard_optimizer else opt_state  # shards differ between ranks
+            check_ranks_agree(params, opt, buffers, sorted(local), is_sum, self.group)
+            if self.per_example_clip is not None:
+                check_noise_keys_agree(opt_state, self.group)
+        self._checked = True
+
+    def prepare(self, state: TrainState) -> TrainState:
+        """``state`` with the ``state.extra`` entries this step keeps (skip counters, loss scale).
+
+        As :meth:`functrain.TrainStep.prepare`: use it to build checkpoint-restore targets.
+
+        Example:
+            >>> import torch, functrain as ft
+            >>> from functrain import distributed as dist
+            >>> step = dist.make_data_parallel_train_step(
+            ...     lambda p, b: (p["w"] * b).mean(), ft.sgd(0.1), max_consecutive_skips=3)
+            >>> sorted(step.prepare(step.init_state({"w": torch.ones(2)})).extra)
+            ['nonfinite']
+        """
+        return self._local.prepare(state)
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """One data-parallel training step on this rank's ``batch``.
+
+        Returns the new state and the global metrics (identical on every rank).
+        """
+        _step_checks._check_state(state, "data-parallel train step")
+        params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
+        step, extra = state.step, state.extra
+        local_step, group = self._local, self.group
+        p_leaves = local_step._guard.check(params)
+        self._opt_guard.check(state, params, opt_state)
+        if self.shard_optimizer:
+            # Every call (the guard caches by structure, which another rank's shard shares);
+            # a few Python comparisons: no tensor read, no collective.
+            self._layout_for(params).check_identity(extra, "data-parallel train step")
+        if self.donate:
+            _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
+        faults = local_step.faults
+        token = faults.begin(extra, params)  # may raise NonFiniteError; sets the loss scale
+        try:
+            split = (
+                microbatch.split_batch(batch, local_step.micro_batches)
+                if self.per_example_clip is None
+                # Fewer micro-batches for a small batch, none for an empty one (Poisson).
+                else dp_stage.split(batch, local_step.micro_batches)  # type: ignore[arg-type]
+            )
+            devices = gradient._devices(params)
+            local_key = None if key is None else rank_key(key, process.rank(group))
+            result = local_step.grad_stage(params, batch, split, buffers, local_key, devices)
+        finally:
+            faults.end(token)
+        # A DP step's clipped sums are example-weighted: no LossSum (its stage has no metas).
+        is_sum = self.per_example_clip is None and local_step.grad_stage.metas[-1].is_sum
+        local = dict(result.metrics)
+        k = split.num_micro_batches
+        counts = {n[len(COUNT) :]: local.pop(n) * k for n in list(local) if n.startswith(COUNT)}
+        if not self._checked:
+            self._check(params, opt_state, buffers, local, is_sum)
+        combined = combine(self, params, result, local, counts, is_sum)
+        metrics = combined.metrics
+        update = sharded_update if self.shard_optimizer else replicated_update
+        reset_in_place_writes()
+        try:
+            out = update(self, combined.grads, combined.spec, params, opt_state, extra, metrics)
+        except BaseException as err:
+            if self.donate and in_place_writes_started():
+                _step_checks.consume_torn(state, err, "a data-parallel train step (donate=True)")
+            raise
+        new_buffers = faults.keep_if_skipped(out.ok, combined.buffers, buffers)
+        if self.donate:
+            # Consumed only once every collective succeeded: a failed step leaves it usable.
+            state._consume("a data-parallel train step (donate=True)")
+        new_key = None if key is None else rng.fold_in(key, 0)
+        new_state = TrainState(step + 1, out.params, out.opt_state, new_buffers, new_key, out.extra)
+        self._local._finish_metrics(
+            metrics, out.params, out.opt_state, out.update_norm, new_state.step.device
+        )
+        self._opt_guard.issue(new_state)
+        return new_state, metrics
