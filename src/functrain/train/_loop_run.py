@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -84,6 +85,28 @@ class _Counted:
             yield item
 
 
+_END = object()
+
+
+def _advance_past_end(iterator: Any, length: int | None) -> None:
+    """Asks a sized epoch's iterator for one batch past its ``len()``, as a ``for`` loop does.
+
+    A sampler may draw when its iterator runs out (``RandomSampler`` draws its remainder
+    permutation then, even an empty one), so stopping at the last batch would leave a
+    generator that outlives the epoch one draw behind a plain ``for batch in loader`` loop.
+    A batch it does yield (a ``len()`` shorter than the iteration) is dropped, not trained on: the
+    epoch is ``len()`` batches long, and an endless iterable with a ``len`` is not drained. That
+    is warned about, since the batches past ``len()`` are never trained on.
+    """
+    if next(iterator, _END) is not _END:
+        warnings.warn(
+            f"batches yielded more than its len() = {length} batches in an epoch: the epoch "
+            "ends after len() batches and the rest are not trained on (the batch read to end "
+            "the epoch is dropped); make len() match the iteration",
+            stacklevel=2,
+        )
+
+
 def _fetch(iterator: Any) -> tuple[Any, float] | None:
     """The iterator's next batch and the seconds spent waiting for it; ``None`` at its end."""
     start = time.perf_counter()
@@ -152,14 +175,17 @@ class Run:
             iterable = epoch_iterable(batches, epoch, seed)
             length = length_of(iterable)
             iterator = iter(iterable)
-            consumed = 0
+            consumed, exhausted = 0, False  # exhausted: the iterator raised StopIteration
             for _ in range(skip if length is None else min(skip, length)):
                 try:
                     next(iterator)
                 except StopIteration:
+                    exhausted = True
                     break
                 consumed += 1
             if consumed < skip:  # the position lies beyond this epoch
+                if not exhausted:  # skipped all len() batches: end it as a for loop does
+                    _advance_past_end(iterator, length)
                 skip -= consumed
                 epoch += 1
                 continue
@@ -171,7 +197,7 @@ class Run:
                 if ahead is None:
                     ahead = _fetch(iterator)
                     if ahead is None:
-                        ended = True
+                        ended = exhausted = True
                         break
                 (batch, data_s), ahead = ahead, None
                 consumed += 1
@@ -186,9 +212,17 @@ class Run:
                     except BaseException:
                         self.after_step()  # the step's log, eval and save come first
                         raise
-                    ended = ahead is None
+                    ended = exhausted = ahead is None
                 if not ended:
                     self.after_step()
+            if ended and not exhausted and not self.done():
+                # A sized epoch ran to its len(): advance its iterator past the end, as a for
+                # loop does (a run stopped by max_steps, like a loop that breaks, does not).
+                try:
+                    _advance_past_end(iterator, length)
+                except BaseException:
+                    self.after_step()  # the step's log, eval and save come first
+                    raise
             del iterator  # shuts a DataLoader's workers down now
             if ended and consumed == 0:
                 raise ValueError(

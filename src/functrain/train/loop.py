@@ -130,7 +130,12 @@ def train_loop(
     (``generator=torch.Generator().manual_seed(epoch)``): its seed is the function's choice
     and is kept. Such a generator that has drawn since it was seeded (seeded once and shared
     by every epoch) continues its stream, which a resumed run restarts, and is warned about.
-    An unseeded ``torch.Generator()`` is seeded from ``(seed, epoch)``.
+    An unseeded ``torch.Generator()`` is seeded from ``(seed, epoch)``. Each epoch reads its
+    iterator as a ``for`` loop does: ``len(batches)`` batches, then one ``next`` that ends it
+    (a sampler may draw then, as ``RandomSampler`` does, so a generator that outlives the
+    epoch is left where a plain ``for batch in loader`` loop leaves it; a batch that ``next``
+    still yields, past ``len``, is dropped, with a warning). A run stopped by ``max_steps`` reads nothing past
+    its last step's batch, like a loop that breaks there.
 
     **Checkpoints and resume.** With ``checkpoint_manager`` (a
     :class:`~functrain.checkpoint.CheckpointManager`) the state is saved every
