@@ -5,12 +5,21 @@ Run on CPU with two processes (gloo)::
     torchrun --nproc_per_node=2 examples/digits_ddp.py
     torchrun --nproc_per_node=2 examples/digits_ddp.py --fast          # a quick check (CI)
     torchrun --nproc_per_node=2 examples/digits_ddp.py --no-shard      # whole optimizer state
+    torchrun --nproc_per_node=2 examples/digits_ddp.py --dp            # DP-SGD across ranks
 
 Each rank trains on its shard of every epoch (``dist.shard_indices``), the gradients of the
 ranks are combined into the exact gradient of the global batch, the optimizer state is sharded
 across ranks (ZeRO-1: each rank keeps about half of AdamW's moments), and only rank 0 prints,
 writes TensorBoard events (``--logdir``: the ``train/*`` tags of ``ft.train_loop``, at steps 1,
 2, ...) and saves the checkpoint (``--checkpoint``).
+
+``--dp`` trains with DP-SGD instead (see docs/guides/data-parallel.md, "DP-SGD across ranks"):
+each rank Poisson-samples its fixed shard at rate ``q = batch-size / training images``,
+``per_example_clip=--clip`` clips every example's gradient, the ranks add their clipped sums, and
+``dp_noisy_mean`` (first in the optimizer, the same seed on every rank) adds the noise once. The
+optimizer state is whole (the noise is drawn by position in each parameter). Rank 0 runs an RDP
+accountant and logs ``dp/epsilon`` at the end of every epoch (``round(1/q)`` steps) and prints
+the final ``(ε, δ)``.
 Without torchrun (``python examples/digits_ddp.py``) the same script runs as one process.
 """
 
@@ -20,6 +29,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from sklearn.datasets import load_digits
@@ -32,17 +43,32 @@ import _common
 
 N_TEST = 300
 N_TRAIN = 1797 - N_TEST  # scikit-learn's digits
+Batch = dict[str, torch.Tensor]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     positive_int, positive_float = _common.positive_int, _common.positive_float
-    parser.add_argument("--steps", type=positive_int, default=400, help="optimizer steps")
-    parser.add_argument("--fast", action="store_true", help="a short run (40 steps) for CI")
+    parser.add_argument("--steps", type=positive_int, help="optimizer steps (default: 400)")
+    parser.add_argument(
+        "--epochs", type=positive_int, help="train whole epochs instead (--dp default: 5; fast: 2)"
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="a short run for CI: 40 steps (--dp: 2 epochs)"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
-    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--micro-batches", type=positive_int, default=1, help="per rank's batch")
+    parser.add_argument("--lr", type=positive_float, help="peak learning rate: 3e-3 (--dp: 3e-2)")
     parser.add_argument("--hidden", type=positive_int, default=64)
+    parser.add_argument(
+        "--seed", type=_common.seed, default=0, help="init, shuffling, sampling, noise"
+    )
+    parser.add_argument("--threads", type=positive_int, help="CPU threads per rank")
     parser.add_argument("--no-shard", action="store_true", help="keep the whole optimizer state")
+    parser.add_argument("--dp", action="store_true", help="DP-SGD with Poisson sampling")
+    parser.add_argument("--clip", type=positive_float, default=1.0, help="DP-SGD clipping norm C")
+    parser.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD sigma >= 0")
+    parser.add_argument("--delta", type=float, default=1e-5, help="DP-SGD delta for epsilon")
     parser.add_argument(
         "--timeout", type=positive_float, default=60.0, help="collective timeout (s)"
     )
@@ -58,12 +84,40 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--batch-size {args.batch_size} is not a multiple of the {world} ranks")
     if args.batch_size > N_TRAIN:
         parser.error(f"--batch-size {args.batch_size} > {N_TRAIN} training images")
-    if args.fast:
-        args.steps = min(args.steps, 40)
+    if args.steps is not None and args.epochs is not None:
+        parser.error("give --steps or --epochs, not both")
+    if args.dp:
+        if args.steps is not None:  # the accountant's epochs are round(1/q) steps
+            parser.error("--dp trains whole epochs: use --epochs, not --steps")
+        if not args.noise_multiplier >= 0:
+            parser.error(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
+        if not 0 < args.delta < 1:
+            parser.error(f"--delta must be in (0, 1), got {args.delta}")
+        args.epochs = args.epochs or (2 if args.fast else 5)
+        args.steps = args.epochs * steps_per_epoch(args, world)
+        args.lr = args.lr or 3e-2
+    else:
+        # A Poisson batch smaller than K is split into fewer micro-batches; a fixed one is not.
+        if args.micro_batches > args.batch_size // world:
+            parser.error(f"--micro-batches {args.micro_batches} > the batch of each rank")
+        if args.epochs is not None:
+            args.steps = args.epochs * steps_per_epoch(args, world)
+        elif args.steps is None:
+            args.steps = 40 if args.fast else 400
+        elif args.fast:
+            args.steps = min(args.steps, 40)
+        args.lr = args.lr or 3e-3
     return args
 
 
-def load() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def steps_per_epoch(args: argparse.Namespace, world: int) -> int:
+    """Steps per epoch: ``round(1/q)`` Poisson batches (``--dp``), else full batches per shard."""
+    if args.dp:
+        return round(N_TRAIN / args.batch_size)  # PoissonSampler's default at q = B / N
+    return (N_TRAIN // world) // (args.batch_size // world)  # drop_last shards, full batches
+
+
+def load() -> tuple[Batch, Batch]:
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)
@@ -72,43 +126,89 @@ def load() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     return {"x": x[N_TEST:], "y": y[N_TEST:]}, {"x": x[:N_TEST], "y": y[:N_TEST]}
 
 
-def batches(train: dict[str, torch.Tensor], local_batch: int):
+def batches(train: Batch, local_batch: int, seed: int) -> Iterator[Batch]:
     """This rank's batches, epoch after epoch: its shard of each epoch's permutation."""
     epoch = 0
     n = len(train["y"])
     while True:
         # drop_last: equal shards, so every rank takes the same number of steps per epoch.
-        indices = dist.shard_indices(n, shuffle=True, seed=0, epoch=epoch, drop_last=True)
+        indices = dist.shard_indices(n, shuffle=True, seed=seed, epoch=epoch, drop_last=True)
         for start in range(0, len(indices) - local_batch + 1, local_batch):
             idx = indices[start : start + local_batch]
             yield {"x": train["x"][idx], "y": train["y"][idx]}
         epoch += 1
 
 
+def poisson_batches(train: Batch, sample_rate: float, seed: int) -> Iterator[Batch]:
+    """This rank's DP-SGD batches: each example of its shard joins each batch with probability
+    ``sample_rate``, independently of the other ranks (the sampling the accountant assumes)."""
+    shard = dist.shard_indices(len(train["y"]))  # fixed; the sampler randomizes
+    # One generator per rank, seeded from the run's seed: independent, reproducible draws.
+    rank_seeds = torch.randint(
+        2**62, (dist.world_size(),), generator=torch.Generator().manual_seed(seed)
+    )
+    generator = torch.Generator().manual_seed(int(rank_seeds[dist.rank()]))
+    # The same number of steps on every rank (an empty batch is still a step) and the same
+    # generator stream across epochs: each epoch's iteration draws new batches.
+    sampler = ft.PoissonSampler(len(shard), sample_rate, generator=generator)
+    while True:
+        for local in sampler:
+            idx = shard[local]
+            yield {"x": train["x"][idx], "y": train["y"][idx]}
+
+
+def make_model(hidden: int) -> Any:
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10)
+    )
+
+
 def main() -> None:
     args = parse_args()
     dist.init(timeout=args.timeout)  # gloo on CPU; does nothing without torchrun
     world, rank = dist.world_size(), dist.rank()
-    torch.manual_seed(rank)  # ranks initialise differently: init_state broadcasts rank 0's
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # Ranks initialise differently: init_state broadcasts rank 0's.
+    torch.manual_seed((args.seed + rank) % 2**63)
     train, test = load()
+    model, params, _ = ft.functionalize(make_model(args.hidden))
 
-    model, params, _ = ft.functionalize(
-        torch.nn.Sequential(
-            torch.nn.Linear(64, args.hidden), torch.nn.ReLU(), torch.nn.Linear(args.hidden, 10)
-        )
-    )
-
-    def loss_fn(params, batch):
+    def loss_fn(params: Any, batch: Batch) -> ft.LossOutput:
         logits = model(params, batch["x"])
         accuracy = (logits.argmax(-1) == batch["y"]).float().mean()
         return ft.LossOutput(
             torch.nn.functional.cross_entropy(logits, batch["y"]), aux={"accuracy": accuracy}
         )
 
+    def dp_loss_fn(params: Any, batch: Batch) -> torch.Tensor:
+        # A DP step reports no aux metrics: the loss alone, per example under vmap.
+        return torch.nn.functional.cross_entropy(model(params, batch["x"]), batch["y"])
+
     warmup = min(20, args.steps - 1)  # the warmup must end before the decay
     schedule = ft.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps)
-    tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(schedule, weight_decay=1e-4))
-    step = dist.make_data_parallel_train_step(loss_fn, tx, shard_optimizer=not args.no_shard)
+    local_batch = args.batch_size // world
+    sample_rate = args.batch_size / N_TRAIN  # global expected batch = q × training images
+    if args.dp:
+        shard = False  # dp_noisy_mean draws its noise by position in each parameter
+        noisy_mean = ft.dp_noisy_mean(
+            args.clip,
+            args.noise_multiplier,
+            expected_batch_size=sample_rate * N_TRAIN,  # global, not this rank's
+            seed=args.seed,  # the same on every rank: the noise is drawn once, identically
+        )
+        tx = ft.chain(noisy_mean, ft.adamw(schedule, weight_decay=1e-4))
+        step = dist.make_data_parallel_train_step(
+            dp_loss_fn, tx, per_example_clip=args.clip, micro_batches=args.micro_batches
+        )
+        data = poisson_batches(train, sample_rate, args.seed)
+    else:
+        shard = not args.no_shard
+        tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(schedule, weight_decay=1e-4))
+        step = dist.make_data_parallel_train_step(
+            loss_fn, tx, shard_optimizer=shard, micro_batches=args.micro_batches
+        )
+        data = batches(train, local_batch, args.seed)
     state = step.init_state(params)
 
     mine = dist.optimizer_state_bytes(state.opt_state)
@@ -117,30 +217,45 @@ def main() -> None:
     writer = None
     if args.logdir is not None:
         writer = ft.logging.rank_zero_only(lambda: ft.logging.TensorBoardWriter(args.logdir))
+    accountant = ft.RDPAccountant() if args.dp and dist.is_rank_zero() else None
+    epoch_steps = steps_per_epoch(args, world)
+    epsilon = float("nan")
     if dist.is_rank_zero():
         print(
-            f"world size {world}, {'sharded' if not args.no_shard else 'whole'} optimizer state: "
+            f"world size {world}, {'sharded' if shard else 'whole'} optimizer state: "
             f"{int(per_rank.item())} bytes on the largest rank, {whole} unsharded "
             f"({per_rank.item() / whole:.2f} of it)",
             flush=True,
         )
+        if args.dp:
+            print(
+                f"DP-SGD: q={sample_rate:.4f} (expected global batch {args.batch_size}), "
+                f"C={args.clip}, sigma={args.noise_multiplier}, {args.epochs} epochs of "
+                f"{epoch_steps} steps",
+                flush=True,
+            )
 
-    local_batch = args.batch_size // world
-    data = batches(train, local_batch)
     first_loss = last_loss = float("nan")
     start = time.perf_counter()
     for i in range(args.steps):
         state, metrics = step(state, next(data))
+        scalars = ft.metric_tags(metrics)
+        if accountant is not None:  # rank 0 only: the ranks' steps are one global step
+            accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=sample_rate)
+            if (i + 1) % epoch_steps == 0:
+                epsilon = accountant.get_epsilon(args.delta)
+                scalars["dp/epsilon"] = epsilon
         if writer is not None:  # the tags and steps (1, 2, ...) that ft.train_loop writes
-            writer.write_scalars(i + 1, ft.metric_tags(metrics))
+            writer.write_scalars(i + 1, scalars)
         if i == 0:
             first_loss = float(metrics["loss"])
         if i % 20 == 0 or i == args.steps - 1:
             last_loss = float(metrics["loss"])
             if dist.is_rank_zero():
+                shown = "accuracy" if "accuracy" in metrics else "clipped_fraction"
                 print(
-                    f"step {i + 1:4d}  loss {last_loss:.4f}  accuracy "
-                    f"{float(metrics['accuracy']):.3f}  global batch {int(metrics['num_examples'])}",
+                    f"step {i + 1:4d}  loss {last_loss:.4f}  {shown} "
+                    f"{float(metrics[shown]):.3f}  global batch {int(metrics['num_examples'])}",
                     flush=True,
                 )
     elapsed = time.perf_counter() - start
@@ -165,6 +280,12 @@ def main() -> None:
             f"test_accuracy={test_accuracy:.3f} steps={args.steps} seconds={elapsed:.1f}",
             flush=True,
         )
+        if accountant is not None:
+            print(
+                f"DP-SGD: (epsilon, delta) = ({epsilon:.4f}, {args.delta:g}) after {args.steps} "
+                f"steps at q={sample_rate:.6f}, sigma={args.noise_multiplier} (RDP)",
+                flush=True,
+            )
     dist.shutdown()
 
 
