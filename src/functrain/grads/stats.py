@@ -5,12 +5,13 @@
 :func:`per_sample_grads`; :func:`tree_gram` gives the Gram / cosine matrix of a list of gradient
 pytrees, e.g. the micro-batch gradients of one step. The same statistics streamed from
 ``loss_fn``, without holding ``batch × parameters``, are in :mod:`functrain.grads.streaming`.
+
+The Gram matrices live in :mod:`functrain.grads._gram` and the per-example row helpers shared
+with clipping in :mod:`functrain.grads._rows`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -18,7 +19,14 @@ import torch
 from functrain import tree
 from functrain._precision import HALF as _HALF
 from functrain._precision import widen, widen_all
-from functrain.grads._per_example import batch_size_of
+from functrain.grads._gram import _cross_gram as _cross_gram
+from functrain.grads._gram import _flat_rows as _flat_rows
+from functrain.grads._gram import _gram_dtype as _gram_dtype
+from functrain.grads._gram import _to_cosine as _to_cosine
+from functrain.grads._gram import grad_gram, tree_gram
+from functrain.grads._rows import _check_rows, row_matrix
+from functrain.grads._rows import global_row_norms as global_row_norms
+from functrain.grads._rows import leaf_row_norms as leaf_row_norms
 
 __all__ = [
     "GradMoments",
@@ -107,41 +115,6 @@ class GradMoments(NamedTuple):
 def _narrow_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``x`` (widened for the arithmetic) rounded back to ``like``'s dtype if that is half."""
     return x.to(like.dtype) if like.dtype in _HALF else x
-
-
-def row_matrix(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a ``(batch, -1)`` matrix; ``reshape(n, -1)`` is ambiguous for an empty batch."""
-    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
-
-
-def leaf_row_norms(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-example L2 norm of each leaf: ``(batch,)`` tensors (``vector_norm`` was fastest)."""
-    return [torch.linalg.vector_norm(row_matrix(x), dim=1) for x in leaves]
-
-
-def global_row_norms(leaf_norms: list[torch.Tensor]) -> torch.Tensor:
-    """Per-example global norm from per-leaf norms: ``sqrt(Σ_leaves norm²)``."""
-    if len(leaf_norms) == 1:
-        return leaf_norms[0]
-    return torch.linalg.vector_norm(torch.stack(leaf_norms), dim=0)
-
-
-def _check_rows(leaves: list[torch.Tensor], grads: PyTree, complex_ok: bool = False) -> None:
-    """Every leaf is a floating-point tensor with the first leaf's leading dimension; else
-    the error names the first leaf at fault (see ``batch_size_of``). Complex leaves only
-    where ``complex_ok``: moments and Gram matrices here are real formulas (no conjugation)."""
-    n = leaves[0].shape[0] if isinstance(leaves[0], torch.Tensor) and leaves[0].dim() else None
-    if all(
-        isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n and x.is_floating_point()
-        for x in leaves
-    ):
-        return
-    batch_size_of(grads, "grads")
-    paths, leaves, _ = tree.flatten_with_paths(grads)
-    for path, x in zip(paths, leaves):
-        if not (x.is_floating_point() or (complex_ok and x.is_complex())):
-            where = tree.path_str(path, "grads")
-            raise TypeError(f"{where} must be a real floating-point tensor, got {x.dtype}")
 
 
 def per_sample_norms(grads: PyTree) -> GradNorms:
@@ -389,114 +362,3 @@ def grad_snr(m: GradMoments, ddof: int = 1, eps: float = 1e-30) -> PyTree:
         return (mu_w * mu_w / v_w.clamp_min(eps)).to(mu.dtype)
 
     return tree.map(snr, m.mean, m.m2)
-
-
-def _flat_rows(grads: PyTree) -> list[torch.Tensor]:
-    return [row_matrix(x) for x in tree.leaves(grads)]
-
-
-def _gram_dtype(rows: Sequence[torch.Tensor]) -> torch.dtype:
-    """The dtype of a Gram matrix of ``rows``: the leaves' promoted dtype."""
-    dtype = rows[0].dtype
-    for x in rows[1:]:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
-
-
-def _cross_gram(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """``Σ_leaves aᵢ bⱼᵀ`` in the promoted dtype, but float32 for half-precision leaves.
-
-    Leaves of different dtypes are promoted (``addmm`` refuses mixed dtypes); float16 and
-    bfloat16 rows are multiplied in float32: a float16 Gram overflows at a norm of 256 and
-    its cosines became NaN. Callers round the result to :func:`_gram_dtype` once.
-    """
-    dtype = _gram_dtype(a + b)
-    work = torch.float32 if dtype in _HALF else dtype
-    out = None
-    for x, y in zip(a, b):
-        x, y = x.to(work), y.to(work)
-        out = x @ y.T if out is None else out.addmm(x, y.T)
-    assert out is not None
-    return out
-
-
-def _to_cosine(g: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Cosines from a Gram matrix, in at least float32 (``eps`` is 0 in float16), as ``dtype``."""
-    dtype = g.dtype if dtype is None else dtype
-    g = widen(g)
-    norms = g.diagonal().clamp_min(0).sqrt().clamp_min(eps)
-    return (g / norms[:, None] / norms[None, :]).to(dtype)
-
-
-def grad_gram(grads: PyTree, cosine: bool = False, eps: float = 1e-30) -> torch.Tensor:
-    """Gram matrix ``⟨gᵢ, gⱼ⟩`` (or cosine similarities) between per-sample gradients.
-
-    Args:
-        grads: per-sample gradients with a leading batch dimension ``n``.
-        cosine: divide by ``‖gᵢ‖·‖gⱼ‖`` (a zero gradient gets cosine 0 with everything).
-            The cosines come from the Gram matrix, in at least float32: a gradient whose
-            squared norm overflows that dtype (float32: a norm above about 1.8e19) gives NaN,
-            and one whose squared norm underflows it gets cosine 0.
-        eps: floor on norms when ``cosine``.
-
-    Returns:
-        An ``(n, n)`` tensor.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> ft.grad_gram({"w": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}, cosine=True)
-        tensor([[1.0000, 0.7071],
-                [0.7071, 1.0000]])
-    """
-    leaves = tree.leaves(grads)
-    if not leaves:
-        raise ValueError("gram needs at least one gradient leaf")
-    _check_rows(leaves, grads)
-    rows = [row_matrix(x) for x in leaves]
-    g = _cross_gram(rows, rows)
-    dtype = _gram_dtype(rows)
-    return _to_cosine(g, eps, dtype) if cosine else g.to(dtype)
-
-
-def tree_gram(trees: Sequence[PyTree], cosine: bool = False, eps: float = 1e-30) -> torch.Tensor:
-    """Gram / cosine matrix between ``K`` gradient pytrees (e.g. the micro-batch gradients).
-
-    Args:
-        trees: ``K`` pytrees of real tensors with the same structure and leaf shapes.
-        cosine: divide by ``‖gᵢ‖·‖gⱼ‖`` (a zero gradient gets cosine 0 with everything).
-        eps: floor on norms when ``cosine``.
-
-    Returns:
-        A ``(K, K)`` tensor in the leaves' promoted dtype (half precision multiplied, and
-        cosines formed, in float32, then rounded once).
-
-    Raises:
-        ValueError: no trees, or trees without leaves; ``TreeMismatchError`` (a
-            ``ValueError``) when structures or shapes differ.
-        TypeError: a complex leaf.
-
-    Example:
-        >>> import torch, functrain as ft
-        >>> g1, g2 = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([2.0, 2.0])}
-        >>> ft.tree_gram([g1, g2])
-        tensor([[1., 2.],
-                [2., 8.]])
-    """
-    if len(trees) == 0:
-        raise ValueError("tree_gram needs at least one tree")
-    first, spec = tree.flatten(trees[0])
-    for k, t in enumerate(trees[1:], 1):
-        tree.check_shapes(trees[0], t, ("trees[0]", f"trees[{k}]"))
-    columns = [first] + [
-        tree.flatten_up_to(spec, t, ("trees[0]", f"trees[{k}]"), trees[0])
-        for k, t in enumerate(trees[1:], 1)
-    ]
-    if any(x.is_complex() for x in tree.leaves(columns)):
-        raise TypeError("tree_gram needs real leaves (its inner products do not conjugate)")
-    # One (K, size) matrix per leaf: K inner products per leaf via a single matmul.
-    stacked = [torch.stack(leaf_k).reshape(len(trees), -1) for leaf_k in zip(*columns)]
-    if not stacked:
-        raise ValueError("tree_gram needs trees with at least one leaf")
-    g = _cross_gram(stacked, stacked)
-    dtype = _gram_dtype(stacked)
-    return _to_cosine(g, eps, dtype) if cosine else g.to(dtype)
