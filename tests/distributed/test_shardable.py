@@ -41,7 +41,8 @@ REFUSED = [
     (ft.lamb(0.1), "scale_by_trust_ratio"),
     (ft.lars(0.1), "scale_by_trust_ratio"),
     (ft.adafactor(0.1), "scale_by_factored_rms"),
-    (ft.noisy_sgd(0.1), "add_noise"),
+    (ft.masked(ft.add_noise(0.1, 0.5, seed=0), {"w": True}), "masked/add_noise"),
+    (ft.chain(ft.differentially_private_aggregate(1.0, 1.0, seed=0)), "per-example gradients"),
     (ft.chain(ft.adam(0.1), ft.clip_by_global_norm(1.0)), "clip_by_global_norm"),
     (ft.masked(ft.clip_by_global_norm(1.0), {"w": True}), "clip_by_global_norm"),
     (ft.chain(ft.clip_by_block_rms(1.0), ft.sgd(0.1)), "clip_by_block_rms"),
@@ -70,7 +71,7 @@ def test_refused_with_the_reason(tx, name: str):
 
 
 def test_all_problems_are_listed():
-    tx = ft.chain(ft.scale_by_trust_ratio(), ft.add_noise(0.1, 0.5, seed=0))
+    tx = ft.chain(ft.scale_by_trust_ratio(), ft.masked(ft.add_noise(0.1, 0.5, seed=0), {"w": True}))
     with pytest.raises(dist.ShardingError) as info:
         dist.check_shardable(tx)
     assert "scale_by_trust_ratio" in str(info.value) and "add_noise" in str(info.value)
@@ -113,11 +114,11 @@ def test_not_a_transform():
     ],
     ids=["dp_noisy_mean", "dp_aggregate_in_chain", "noisy_sgd"],
 )
-def test_noise_transforms_are_refused_and_cannot_be_declared_elementwise(tx):
-    """Noise is drawn by position inside each parameter: on shards, every rank would draw from
-    the same positions of the same stream, so the shards' noise would not be the whole tree's
-    (correlated DP noise weakens the privacy guarantee)."""
-    with pytest.raises(dist.ShardingError, match="noise tied to positions"):
-        dist.check_shardable(tx)
+def test_noise_transforms_cannot_be_declared_elementwise(tx):
+    """Noise is drawn by position inside each parameter: wrapped in elementwise(), a noise
+    transform is not told where its pieces sit, so every rank would draw from the same positions
+    of the same stream (correlated DP noise weakens the privacy guarantee). Unwrapped,
+    add_noise and dp_noisy_mean are told (shard_index: tests/distributed/test_zero_noise.py);
+    differentially_private_aggregate stays refused (it takes per-example gradients)."""
     with pytest.raises(ValueError, match=r"elementwise\(tx\): tx contains .*noise"):
         dist.elementwise(tx)

@@ -17,6 +17,7 @@ import torch
 from functrain.distributed._shard_collectives import _pack_row, _rows, _unpack_row
 from functrain.distributed.collectives import plan_buckets
 from functrain.distributed.errors import RankMismatchError
+from functrain.optim._prng import Positions
 
 _MB = 1 << 20
 
@@ -113,6 +114,36 @@ class LeafShard(NamedTuple):
             return x if rank == 0 else x.new_empty((0,))
         return x.narrow(self.dim, self.starts[rank], self.lengths[rank])
 
+    def positions(self, rank: int, device: torch.device | None = None) -> Positions | None:
+        """Where rank ``rank``'s piece sits in the whole tensor (``None`` for a 0-d tensor,
+        which every rank updates whole): its elements' flat row-major indices.
+
+        Equal to ``arange(numel).reshape(shape).narrow(dim, start, length)``, built from
+        piece-sized ranges only.
+
+        Example:
+            >>> import torch
+            >>> from functrain.distributed.zero import LeafShard
+            >>> LeafShard.of(torch.Size([1, 4]), world_size=2).positions(1).index
+            tensor([[2, 3]])
+        """
+        if self.dim is None:
+            return None
+        shape = self.shape
+        outer, inner = math.prod(shape[: self.dim]), math.prod(shape[self.dim + 1 :])
+        size = shape[self.dim]
+
+        def ramp(n: int) -> torch.Tensor:
+            return torch.arange(n, dtype=torch.int64, device=device)
+
+        start, length = self.starts[rank], self.lengths[rank]
+        index = (
+            ramp(outer).view(-1, 1, 1) * (size * inner)
+            + (ramp(length) + start).view(1, -1, 1) * inner
+            + ramp(inner).view(1, 1, -1)
+        )
+        return Positions(index.reshape(self.piece_shape(rank)), shape.numel())
+
     def assemble(
         self, pieces: Sequence[torch.Tensor], out: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -156,6 +187,19 @@ class Layout:
         # a rank's shard holds. Every rank computes the same one from the shapes alone.
         cuts = repr([(tuple(s.shape), s.dim, s.starts, s.lengths) for s in self.shards])
         self.fingerprint = hashlib.sha256(cuts.encode()).hexdigest()[:16]
+        self._positions: tuple[tuple[torch.device, ...], list[Positions | None]] | None = None
+
+    def shard_positions(self, leaves: Sequence[torch.Tensor]) -> list[Positions | None]:
+        """This rank's pieces' positions in their whole leaves, on the leaves' devices.
+
+        What the sharded update passes noise transforms as ``shard_index``. Built once and
+        kept (one int64 per element of this rank's pieces), rebuilt only if the devices change.
+        """
+        devices = tuple(x.device for x in leaves)
+        if self._positions is None or self._positions[0] != devices:
+            found = [s.positions(self.rank, d) for s, d in zip(self.shards, devices)]
+            self._positions = (devices, found)
+        return self._positions[1]
 
     def identity(self) -> dict[str, Any]:
         """This rank's shard identity, kept in ``state.extra[SHARD_KEY]`` of a sharded state."""

@@ -56,13 +56,12 @@ _REFUSED = {
     "_scale_by_param_block": "needs each parameter's whole norm or RMS",
     "adaptive_grad_clip": "needs unit-wise norms over whole parameters",
     "scale_by_factored_rms": "keeps row and column statistics of whole matrices (adafactor)",
-    "add_noise": "draws noise tied to positions inside each parameter (noisy_sgd)",
-    # Never wrap these with elementwise(): every rank would draw its shard's noise from the same
-    # positions of the same stream, so the shards' noise would not be the whole tree's.
-    "dp_noisy_mean": "draws DP noise tied to positions inside each parameter; do not wrap it "
-    "with elementwise(), which would correlate the noise of the shards",
-    "differentially_private_aggregate": "draws DP noise tied to positions inside each "
-    "parameter; do not wrap it with elementwise(), which would correlate the noise of the shards",
+    # add_noise and dp_noisy_mean are supported (_POSITIONED below). Never wrap a noise
+    # transform with elementwise(): it would not be told where its pieces sit, so every rank
+    # would draw its shard's noise from the same positions, correlating the shards' noise.
+    "differentially_private_aggregate": "takes per-example gradients (it clips and sums them), "
+    "not a summed gradient; for DP-SGD across ranks use make_data_parallel_train_step("
+    "..., per_example_clip=C) with dp_noisy_mean",
     "apply_if_finite": "decides on the finiteness of the whole gradient (the step's own "
     "nonfinite='skip', the default, skips non-finite steps on every rank and works sharded)",
     "zero_nans": "keeps one NaN flag per whole parameter in its state",
@@ -70,6 +69,12 @@ _REFUSED = {
 
 _MARK = "_functrain_elementwise"
 _NOISE = frozenset({"add_noise", "dp_noisy_mean", "differentially_private_aggregate"})
+# Noise drawn by position that the sharded step tells where each piece sits (``shard_index``),
+# so each piece gets its slice of the whole parameter's noise. The positions come in the order
+# of the whole update tree: under these wrappers, which hand their inner transforms part of the
+# tree, a noise transform would not see that order.
+_POSITIONED = frozenset({"add_noise", "dp_noisy_mean"})
+_SUBTREE = frozenset({"masked", "partition", "multi_transform", "selective_transform", "freeze"})
 
 
 def _closure(fn: Any) -> dict[str, Any]:
@@ -162,6 +167,14 @@ class _Walk:
             return
         if factory in _REFUSED:
             self.problems.append(f"{where}{factory}: {_REFUSED[factory]}")
+            return
+        if factory in _POSITIONED:
+            wrappers = sorted(_SUBTREE & set(where.split("/")))
+            if wrappers:
+                self.problems.append(
+                    f"{where}{factory}: draws noise by position in the whole update tree, which "
+                    f"{', '.join(wrappers)} hands only part of; put it outside that wrapper"
+                )
             return
         if factory not in _ELEMENTWISE:
             self.problems.append(

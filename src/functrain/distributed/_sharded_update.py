@@ -8,6 +8,12 @@ of the squared norm and of the non-finite flags, for ``grad_norm``, a leading
 of each 0-d parameter, replicated on every rank), runs ``tx.update`` on this rank's pieces of the
 parameters and of the optimizer state, and all-gathers the new parameters, written in place
 (``donate=True``) only once that last collective succeeded.
+
+Noise (``add_noise``, ``dp_noisy_mean``): their ``update`` gets ``shard_index``, per leaf where
+this rank's piece sits in the whole parameter, and draws exactly its slice of the whole
+parameter's noise: the sharded step adds the very noise the unsharded one does. A DP-SGD step
+(``per_example_clip``) reports no ``grad_norm``, as the replicated one: the norm of the clipped
+sum before noise is not private.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 from functrain import tree
 from functrain.distributed import collectives, zero
 from functrain.distributed._update import Updated, checked_grads
-from functrain.optim.base import apply_updates
+from functrain.optim.base import _accepts_extra, apply_updates
 from functrain.optim.loss_scale import all_finite
 from functrain.train import faults as faults_lib
 from functrain.train.optimizer_stage import mark_in_place_write
@@ -42,7 +48,9 @@ def sharded_update(
     layout, group = step._layout, step.group
     faults = step._local.faults
     clip = step.report.leading_clip
-    need_norm = step.norm_metrics or clip is not None
+    # A DP-SGD step reports no grad_norm (the clipped sum's norm before noise is not private).
+    report_norm = step.norm_metrics and step.per_example_clip is None
+    need_norm = report_norm or clip is not None
     # The owned pieces partition every parameter (a 0-d one is replicated, owned by rank 0).
     local_sq = tree.norm(layout.owned_only(grads), squared=True)
     # One all-reduce of [squared norm, non-finite pieces, rank 0's 0-d gradients]; with loss
@@ -96,7 +104,7 @@ def sharded_update(
                 what="all-reduce of the gradient norm",
             ).wait()[0]
         grad_norm = sq.sqrt().to(local_sq.dtype)
-        if step.norm_metrics:
+        if report_norm:
             metrics["grad_norm"] = grad_norm
         if clip is not None:
             # The chain's leading clip_by_global_norm, with the global norm; the clip in
@@ -112,8 +120,15 @@ def sharded_update(
     tx = step.tx if ok is None else faults_lib.skip_unless(step.tx, ok)
     p_leaves = tree.leaves(params)
     param_pieces = tree.unflatten(spec, layout.pieces(p_leaves))
+    kwargs: dict[str, Any] = {}
+    if _NOISY & set(step.report.transforms) and _accepts_extra(step.tx.update):
+        # Only for the noise transforms, which know it: a custom member declared elementwise
+        # may not accept unknown keywords.
+        kwargs["shard_index"] = layout.shard_positions(p_leaves)
     with torch.no_grad():
-        updates, new_opt_state = tx.update(tree.unflatten(spec, grads), opt_state, param_pieces)
+        updates, new_opt_state = tx.update(
+            tree.unflatten(spec, grads), opt_state, param_pieces, **kwargs
+        )
         new_pieces = apply_updates(param_pieces, updates)
     pending_sq = None
     if step.norm_metrics:
@@ -130,6 +145,11 @@ def sharded_update(
     # Last: only when this collective succeeded are the parameters (maybe in place) written.
     new_params = tree.unflatten(spec, pending.wait())
     return Updated(new_params, new_opt_state, new_extra, ok, update_norm)
+
+
+# The transforms that draw noise by position and accept ``shard_index`` (check_shardable
+# refuses them where they would not see the whole update tree).
+_NOISY = frozenset({"add_noise", "dp_noisy_mean"})
 
 
 def _writable(p_leaves: list[torch.Tensor], opt_state: Any) -> bool:

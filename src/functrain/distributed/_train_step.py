@@ -67,15 +67,10 @@ class DataParallelTrainStep:
             or bucket_cap_mb <= 0
         ):
             raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-        if per_example_clip is not None and shard_optimizer:
-            # tx's dp_noisy_mean would run on each rank's pieces: its noise is drawn per
-            # (leaf, element) position, so pieces of different ranks would repeat each other's.
-            raise ValueError(
-                "per_example_clip (a DP-SGD step) does not support shard_optimizer=True: "
-                "dp_noisy_mean draws its noise by position in each parameter, which sharding "
-                "changes; use shard_optimizer=False (the replicated optimizer state keeps the "
-                "same noise key on every rank)"
-            )
+        # per_example_clip with shard_optimizer=True: the ranks' clipped sums are
+        # reduce-scattered unweighted (_combine), and the sharded update tells dp_noisy_mean
+        # where each piece sits (shard_index), so each piece gets its slice of the whole
+        # parameter's noise, drawn from the noise key every rank holds.
         # The single-process step validates the arguments (per_example_clip's own checks
         # included) and owns the gradient stage. A DP step ignores aux metrics: no counts.
         wrapped = loss_fn if per_example_clip is not None else with_aux_counts(loss_fn)

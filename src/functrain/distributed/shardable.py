@@ -30,16 +30,25 @@ than its parameter.
 norm with one extra all-reduce of a scalar and clips before the optimizer, after which the
 in-chain clip leaves the (already clipped) pieces unchanged.
 
+**Supported through the step (noise):** ``add_noise`` (``noisy_sgd``) and ``dp_noisy_mean``
+(with ``per_example_clip``, DP-SGD). Their noise is drawn by each element's position in its
+parameter; the step passes their ``update`` the positions of this rank's pieces
+(``shard_index``), so every piece gets exactly its slice of the whole parameter's noise and the
+sharded step adds the very noise of the unsharded one. They must see the whole update tree:
+not inside ``masked``, ``partition``, ``freeze`` or ``selective_transform``.
+
 **Not supported (raise):** ``clip_by_global_norm`` anywhere else; ``scale_by_trust_ratio``
 (``lamb``, ``lars``: per-parameter norms); ``clip_by_block_rms``,
 ``scale_by_param_block_norm``/``_rms``, ``adaptive_grad_clip`` (per-parameter or per-unit
-norms); ``scale_by_factored_rms`` (``adafactor``: row and column statistics); ``add_noise``
-(``noisy_sgd``: noise tied to positions in a parameter); ``apply_if_finite`` (one decision
-for the whole gradient); ``zero_nans`` (per-parameter flags in its state);
+norms); ``scale_by_factored_rms`` (``adafactor``: row and column statistics);
+``differentially_private_aggregate`` (``dpsgd``: per-example gradients); ``add_noise`` or
+``dp_noisy_mean`` inside the wrappers above; ``apply_if_finite`` (one decision for the whole
+gradient); ``zero_nans`` (per-parameter flags in its state);
 ``MultiSteps(should_skip_update_fn=...)``. Use them with ``shard_optimizer=False``.
 
 **Your own transforms** are refused unless you declare them elementwise with
-:func:`elementwise`.
+:func:`elementwise` (your own noise transforms stay refused: they are not told where the
+pieces sit).
 
 The walk through a transform's structure lives in :mod:`functrain.distributed._shardable_walk`
 (with ``mask_functions``) and the check of masks on pieces in
@@ -62,7 +71,7 @@ from functrain.distributed._mask_agree import check_masks_agree as check_masks_a
 from functrain.distributed._shardable_walk import _MARK, _NOISE, _Walk
 from functrain.distributed._shardable_walk import mask_functions as mask_functions
 from functrain.distributed.errors import ShardingError
-from functrain.optim.base import GradientTransformation
+from functrain.optim.base import GradientTransformation, _accepts_extra
 
 __all__ = ["ShardingReport", "check_shardable", "elementwise"]
 
@@ -105,7 +114,8 @@ def elementwise(tx: GradientTransformation) -> GradientTransformation:
     Raises:
         TypeError: ``tx`` lacks ``init`` or ``update``.
         ValueError: ``tx`` contains a noise transform (``add_noise``, ``dp_noisy_mean``,
-            ``differentially_private_aggregate``), whose noise would differ on shards.
+            ``differentially_private_aggregate``), whose noise would differ on shards (use
+            ``add_noise`` and ``dp_noisy_mean`` unwrapped: the step tells them their positions).
 
     Example:
         >>> import torch, functrain as ft
@@ -123,12 +133,19 @@ def elementwise(tx: GradientTransformation) -> GradientTransformation:
         raise ValueError(
             f"elementwise(tx): tx contains {', '.join(noisy)}, whose noise is tied to positions "
             "inside each parameter; on shards it would not be the whole tree's noise (for DP, "
-            "correlated noise weakens the guarantee). Use shard_optimizer=False"
+            "correlated noise weakens the guarantee). Use add_noise / dp_noisy_mean without "
+            "elementwise() (the sharded step tells them where each piece sits), or "
+            "shard_optimizer=False"
         )
     inner = tx.update
+    passes_extra = _accepts_extra(inner)
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> Any:
-        return inner(updates, state, params, **extra)
+        # Keywords reach an inner update that accepts them, as chain does (a sharded step's
+        # shard_index, meant for its noise transforms, included).
+        if passes_extra:
+            return inner(updates, state, params, **extra)
+        return inner(updates, state, params)
 
     setattr(update_fn, _MARK, True)
     return GradientTransformation(tx.init, update_fn)

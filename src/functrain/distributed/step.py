@@ -121,9 +121,10 @@ def make_data_parallel_train_step(
             ``sample_rate × dataset size`` with each rank Poisson-sampling its shard).
             Metrics: ``loss`` (mean over the realized global batch), ``num_examples``,
             ``clipped_fraction`` (global), ``skipped``, ``update_norm``, ``param_norm``; no
-            ``grad_norm``. Not with ``shard_optimizer=True`` (``ValueError``: the noise is
-            drawn by position in each parameter). On the first call, ``check_ranks`` also
-            checks that the ranks' noise keys agree.
+            ``grad_norm``. With ``shard_optimizer=True`` the sums are reduce-scattered and
+            each rank draws exactly its pieces' part of the whole tree's noise (the result
+            equals the replicated step's). On the first call, ``check_ranks`` also checks
+            that the ranks' noise keys agree.
 
     Returns:
         A :class:`DataParallelTrainStep`. Metrics are global (with ``per_example_clip``, see

@@ -245,7 +245,9 @@ def _bits(index: torch.Tensor, key: torch.Tensor, word: int, wide: bool) -> torc
     return _prng.mix32(x ^ key)
 
 
-def _standard_normal(key: torch.Tensor, like: torch.Tensor, stream: int) -> torch.Tensor:
+def _standard_normal(
+    key: torch.Tensor, like: torch.Tensor, stream: int, positions: _prng.Positions | None = None
+) -> torch.Tensor:
     """``N(0, 1)`` noise shaped like ``like`` (float32, float64 for float64 leaves).
 
     Unlike :func:`functrain.optim._prng.normal_like`, which folds ``stream`` into a 32-bit key,
@@ -253,17 +255,23 @@ def _standard_normal(key: torch.Tensor, like: torch.Tensor, stream: int) -> torc
     a 32-bit value with another (step, leaf), so two draws of the same run never repeat (with
     one folded key, ``T`` steps of ``L`` leaves repeat a leaf's noise about ``(TL)²/2³³``
     times, which lets differences of released iterates cancel the noise). Complex leaves get
-    independent noise in the real and imaginary parts.
+    independent noise in the real and imaginary parts. With ``positions``, ``like`` is a piece
+    of a leaf (a sharded optimizer's) and gets the whole leaf's noise at those positions.
     """
     if like.is_complex():
         real = torch.view_as_real(like)
-        z = _standard_normal(key, real, stream)
+        parts = None if positions is None else _prng.complex_parts(positions)
+        z = _standard_normal(key, real, stream, parts)
         return torch.view_as_complex(z.contiguous())
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    n = like.numel()
     key = key.to(like.device) & _prng.MASK32
     word = _prng.mix32((stream + _STREAM_SALT) & _prng.MASK32)
-    index = torch.arange(n, dtype=torch.int64, device=like.device) * 2
+    if positions is None:
+        n = like.numel()
+        index = torch.arange(n, dtype=torch.int64, device=like.device) * 2
+    else:
+        n = positions.numel
+        index = positions.index.to(device=like.device, dtype=torch.int64).reshape(-1) * 2
     wide = 2 * n > _prng.MASK32
     u1 = (_bits(index, key, word, wide).to(compute) + 1) * 2.0**-32  # in (0, 1]
     u2 = _bits(index + 1, key, word, wide).to(compute) * 2.0**-32  # in [0, 1)
@@ -276,8 +284,11 @@ def _noisy(
     key: torch.Tensor,
     noise_std: float | torch.Tensor,
     denominator: float | torch.Tensor,
+    positions: list[_prng.Positions | None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``(x + noise_std · ξ) / denominator`` per leaf, ``ξ`` from ``key``; and the next key.
+
+    ``positions``: per leaf, where a piece's elements sit in the whole leaf (``None``: whole).
 
     Computed in float32 (float64, complex64/128 for such leaves) and rounded once at the end:
     a float16 sum plus noise may overflow where the mean does not, and ``noise_std`` may
@@ -285,8 +296,10 @@ def _noisy(
     """
     next_key, sample_key = _prng.split(key)
     out = []
-    for i, x in enumerate(leaves):
-        z = _standard_normal(sample_key, x, i)
+    if positions is None:
+        positions = [None] * len(leaves)
+    for i, (x, pos) in enumerate(zip(leaves, positions)):
+        z = _standard_normal(sample_key, x, i, pos)
         wide = x.to(z.dtype) if x.dtype != z.dtype else x
         out.append(((wide + noise_std * z) / denominator).to(x.dtype))
     return out, next_key
@@ -367,6 +380,11 @@ def dp_noisy_mean(
         expected_batch_size: the normalization ``B_expected`` (> 0).
         seed: an int seed, or a 0-d integer tensor used as the key.
 
+    Sharded optimizer state: ``make_data_parallel_train_step(..., per_example_clip=C,
+    shard_optimizer=True)`` passes ``update(..., shard_index=[...])``, per leaf the positions
+    of this rank's piece in the whole parameter (or ``None``); each piece then gets exactly its
+    slice of the whole parameter's noise: the same release as the unsharded step.
+
     Example:
         >>> import torch, functrain as ft
         >>> tx = ft.chain(ft.dp_noisy_mean(1.0, 0.0, expected_batch_size=4, seed=0), ft.sgd(0.1))
@@ -388,12 +406,13 @@ def dp_noisy_mean(
     def update_fn(
         updates: Any, state: DifferentiallyPrivateAggregateState, params: Any = None, **extra: Any
     ) -> tuple[Any, DifferentiallyPrivateAggregateState]:
-        del params, extra
+        del params
         leaves, spec = tree.flatten(updates)
+        positions = _prng.shard_positions(extra.get("shard_index"), leaves, "dp_noisy_mean")
         if not leaves:
             return updates, state
         noise_std = l2_norm_clip * noise_multiplier
-        out, next_key = _noisy(leaves, state.rng_key, noise_std, expected_batch_size)
+        out, next_key = _noisy(leaves, state.rng_key, noise_std, expected_batch_size, positions)
         return tree.unflatten(spec, out), DifferentiallyPrivateAggregateState(next_key)
 
     return _tag(GradientTransformation(init_fn, update_fn), "noisy_mean", l2_norm_clip)

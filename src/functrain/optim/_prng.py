@@ -6,11 +6,17 @@ hashing (key, element index) with a keyed 32-bit integer mix (Wellons' *lowbias3
 Box–Muller transform. Everything is ordinary tensor arithmetic, so it is reproducible from the
 key alone, identical on every device (up to the last bit of ``log``/``cos``), free of host syncs
 and traceable by ``torch.compile``. It is meant for optimizer noise, not for cryptography.
+
+Because element ``j`` of a draw depends only on (key, stream, ``j``), a *piece* of a tensor (a
+sharded optimizer's block of rows, :mod:`functrain.distributed.zero`) can draw exactly its
+slice of the whole tensor's noise: pass its :class:`Positions`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -54,21 +60,87 @@ def split(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mix32(key ^ 0x9E3779B9), mix32(key ^ 0x85EBCA6B)
 
 
+class Positions(NamedTuple):
+    """Where the elements of a piece of a tensor sit in the whole tensor (internal).
+
+    Attributes:
+        index: int64, the piece's shape: each element's flat row-major index in the whole tensor.
+        numel: the whole tensor's number of elements (it decides how wide indices are hashed).
+
+    Example:
+        >>> import torch
+        >>> whole = torch.arange(6).reshape(2, 3)
+        >>> Positions(whole[:, 1:], 6).index
+        tensor([[1, 2],
+                [4, 5]])
+    """
+
+    index: torch.Tensor
+    numel: int
+
+
+def complex_parts(positions: Positions) -> Positions:
+    """The positions of the real and imaginary parts (a trailing dimension of 2) of a complex
+    piece in the whole tensor's real view (``torch.view_as_real``)."""
+    parts = torch.arange(2, dtype=torch.int64, device=positions.index.device)
+    return Positions(positions.index.unsqueeze(-1) * 2 + parts, positions.numel * 2)
+
+
+def shard_positions(value: Any, leaves: Sequence[torch.Tensor], who: str) -> list[Positions | None]:
+    """The ``shard_index`` keyword of a noise transform's ``update``, checked against ``leaves``.
+
+    ``value`` is ``None`` (whole leaves) or, per leaf in tree order, a :class:`Positions` of the
+    leaf's elements in the whole parameter or ``None`` (the leaf is whole). Shapes only are
+    compared: no tensor is read.
+
+    Raises:
+        ValueError: ``value`` does not describe ``leaves`` (another number of leaves, or a
+            shape that is not the leaf's, e.g. a noise transform inside ``masked``).
+    """
+    if value is None:
+        return [None] * len(leaves)
+    if not isinstance(value, (list, tuple)) or len(value) != len(leaves):
+        count = len(value) if isinstance(value, (list, tuple)) else type(value).__name__
+        raise ValueError(
+            f"{who}: shard_index must give the positions of each of the {len(leaves)} update "
+            f"leaves (or None), got {count}; the noise transform must see the whole update tree "
+            "(not inside masked or partition)"
+        )
+    out: list[Positions | None] = []
+    for i, (pos, leaf) in enumerate(zip(value, leaves)):
+        if pos is not None and (not isinstance(pos, Positions) or pos.index.shape != leaf.shape):
+            got = tuple(pos.index.shape) if isinstance(pos, Positions) else type(pos).__name__
+            raise ValueError(
+                f"{who}: shard_index[{i}] describes a piece of shape {got}, but update leaf {i} "
+                f"has shape {tuple(leaf.shape)}"
+            )
+        out.append(pos)
+    return out
+
+
 def _bits(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     # A keyed 32-bit hash of 32-bit indices: two rounds with the key injected before each.
     return mix32(mix32((index + key) & MASK32) ^ key)
 
 
-def normal_like(key: torch.Tensor, like: torch.Tensor, stream: int = 0) -> torch.Tensor:
+def normal_like(
+    key: torch.Tensor, like: torch.Tensor, stream: int = 0, positions: Positions | None = None
+) -> torch.Tensor:
     """Standard-normal samples with ``like``'s shape, dtype and device, from ``key``.
 
     ``stream`` separates independent draws from the same key (e.g. one per pytree leaf).
-    Samples are truncated at about ±6.66 (the smallest uniform is ``2⁻³²``).
+    Samples are truncated at about ±6.66 (the smallest uniform is ``2⁻³²``). With
+    ``positions``, ``like`` is a piece of a whole tensor and gets the whole tensor's draw at
+    those positions (the same values, up to the last bit of ``log``/``cos``).
     """
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
-    n = like.numel()
     key = mix32((key.to(like.device) & MASK32) ^ mix32(stream & MASK32))
-    index = torch.arange(n, dtype=torch.int64, device=like.device) * 2
+    if positions is None:
+        n = like.numel()
+        index = torch.arange(n, dtype=torch.int64, device=like.device) * 2
+    else:
+        n = positions.numel
+        index = positions.index.to(device=like.device, dtype=torch.int64).reshape(-1) * 2
     if 2 * n > MASK32:
         # Indices beyond 32 bits: fold the high part into the key.
         key = mix32(key ^ (index >> 32))

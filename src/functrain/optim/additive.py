@@ -138,6 +138,12 @@ def add_noise(
     synchronises with the device and compiles with ``torch.compile``. The numbers differ from
     optax's (JAX's threefry) for the same seed.
 
+    Sharded optimizer state (``shard_optimizer=True``): the data-parallel step passes
+    ``update(..., shard_index=[...])``, per leaf the positions of this rank's piece in the
+    whole parameter (:class:`functrain.optim._prng.Positions`, or ``None`` for a whole leaf);
+    each piece then gets exactly its slice of the whole parameter's noise, so the sharded
+    run adds the very noise the unsharded one does.
+
     Args:
         eta: base variance of the noise.
         gamma: decay exponent of the variance.
@@ -185,10 +191,11 @@ def add_noise(
     def update_fn(
         updates: Any, state: AddNoiseState, params: Any = None, **extra: Any
     ) -> tuple[Any, AddNoiseState]:
-        del params, extra
+        del params
         count = _utils.safe_increment(state.count)
         next_key, sample_key = _prng.split(state.rng_key)
         leaves, spec = tree.flatten(updates)
+        positions = _prng.shard_positions(extra.get("shard_index"), leaves, "add_noise")
         if not leaves:
             return updates, AddNoiseState(count, next_key)
         dtype = _ops.scalar_dtype(leaves)
@@ -197,21 +204,26 @@ def add_noise(
         )
         std = torch.sqrt(variance)
         out = [
-            u + std.to(device=u.device, dtype=u.dtype) * _standard_normal(sample_key, u, i)
-            for i, u in enumerate(leaves)
+            u + std.to(device=u.device, dtype=u.dtype) * _standard_normal(sample_key, u, i, pos)
+            for i, (u, pos) in enumerate(zip(leaves, positions))
         ]
         return tree.unflatten(spec, out), AddNoiseState(count, next_key)
 
     return GradientTransformation(init_fn, update_fn)
 
 
-def _standard_normal(key: torch.Tensor, like: torch.Tensor, stream: int) -> torch.Tensor:
+def _standard_normal(
+    key: torch.Tensor, like: torch.Tensor, stream: int, positions: _prng.Positions | None = None
+) -> torch.Tensor:
     """Standard-normal noise like ``like``; complex noise has ``E|z|² = 1``, as JAX's.
 
     A complex leaf draws its real and imaginary parts (each of variance ½) from one real
     stream of twice the size: cast from a real draw, the noise would have no imaginary part.
+    With ``positions``, ``like`` is a piece of the leaf and gets the whole leaf's noise there.
     """
     if not like.is_complex():
-        return _prng.normal_like(key, like, stream)
+        return _prng.normal_like(key, like, stream, positions)
     parts = torch.empty((*like.shape, 2), dtype=_ops.real_dtype(like.dtype), device=like.device)
-    return torch.view_as_complex(_prng.normal_like(key, parts, stream) * math.sqrt(0.5))
+    if positions is not None:
+        positions = _prng.complex_parts(positions)
+    return torch.view_as_complex(_prng.normal_like(key, parts, stream, positions) * math.sqrt(0.5))
