@@ -16,8 +16,8 @@ writes TensorBoard events (``--logdir``: the ``train/*`` tags of ``ft.train_loop
 ``--dp`` trains with DP-SGD instead (see docs/guides/data-parallel.md, "DP-SGD across ranks"):
 each rank Poisson-samples its fixed shard at rate ``q = batch-size / training images``,
 ``per_example_clip=--clip`` clips every example's gradient, the ranks add their clipped sums, and
-``dp_noisy_mean`` (first in the optimizer, the same seed on every rank) adds the noise once. The
-optimizer state is whole (the noise is drawn by position in each parameter). Rank 0 runs an RDP
+``dp_noisy_mean`` (first in the optimizer, the same seed on every rank) adds the noise once
+(with the sharded optimizer state, each rank draws its pieces' slice of it). Rank 0 runs an RDP
 accountant and logs ``dp/epsilon`` at the end of every epoch (``round(1/q)`` steps) and prints
 the final ``(ε, δ)``.
 Without torchrun (``python examples/digits_ddp.py``) the same script runs as one process.
@@ -189,8 +189,8 @@ def main() -> None:
     schedule = ft.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps)
     local_batch = args.batch_size // world
     sample_rate = args.batch_size / N_TRAIN  # global expected batch = q × training images
+    shard = not args.no_shard
     if args.dp:
-        shard = False  # dp_noisy_mean draws its noise by position in each parameter
         noisy_mean = ft.dp_noisy_mean(
             args.clip,
             args.noise_multiplier,
@@ -199,11 +199,14 @@ def main() -> None:
         )
         tx = ft.chain(noisy_mean, ft.adamw(schedule, weight_decay=1e-4))
         step = dist.make_data_parallel_train_step(
-            dp_loss_fn, tx, per_example_clip=args.clip, micro_batches=args.micro_batches
+            dp_loss_fn,
+            tx,
+            per_example_clip=args.clip,
+            shard_optimizer=shard,  # each rank draws its pieces' slice of the noise
+            micro_batches=args.micro_batches,
         )
         data = poisson_batches(train, sample_rate, args.seed)
     else:
-        shard = not args.no_shard
         tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(schedule, weight_decay=1e-4))
         step = dist.make_data_parallel_train_step(
             loss_fn, tx, shard_optimizer=shard, micro_batches=args.micro_batches
