@@ -12,17 +12,29 @@ the counts are reduced first and each rank sends ``wᵣ / Σᵣ wᵣ · gᵣ``.
 A DP-SGD step (``per_example_clip=C``) sends its clipped sum ``Σᵢ clip(gᵢ, C)`` as it is and
 the ranks' sums are added, not averaged: the global sum is what ``dp_noisy_mean`` noises (its
 sensitivity is ``C`` whichever rank holds an example) and divides by the expected batch size.
+
+With a ``grad_stats`` hook, one more small collective starts with the others: an all-gather of
+each rank's per-micro-batch stats (sizes, losses, ``per_micro_batch`` values) packed in one
+float64 vector, so the hook sees all ``world × K`` micro-batches in rank order; a hook with an
+accumulator (``noise_scale_hook(cosine=True)``) also has its accumulator all-reduced (summed):
+a second all-reduce as large as the accumulator, i.e. gradient-sized for the cosine's sum of
+unit gradients. :func:`check_grad_stats_agree` checks on the first call that the ranks'
+packed vectors agree in layout (``K``, value names), so the all-gather cannot mismatch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+import torch.distributed as tdist
 
 from functrain import tree
 from functrain.distributed import collectives, process, zero
-from functrain.distributed._sums import Stats, div_
+from functrain.distributed._sums import Stats, div_, pack_stats, unpack_stats
+from functrain.distributed.errors import RankMismatchError
+from functrain.train.grad_stats import MicroBatchStats
 
 _NARROW = (torch.float16,)  # dtypes whose range the weighted sums can exceed
 
@@ -37,6 +49,7 @@ class Combined(NamedTuple):
     spec: Any  # the gradient pytree's structure
     metrics: dict[str, torch.Tensor]  # the global batch's metrics
     buffers: Any  # rank 0's buffers with sync_buffers="broadcast", else this rank's
+    grad_stats: MicroBatchStats | None = None  # all ranks' micro-batch stats (with a hook)
 
 
 def combine(
@@ -94,12 +107,99 @@ def combine(
             bucket_cap_mb=step.bucket_cap_mb,
             what="broadcast of the buffers",
         )
+    wait_stats = None if result.stats is None else _start_grad_stats(step, result.stats)
     prescaled = reduced is not None
     if reduced is None:
         reduced = pending_stats.wait()[0]
     grads = pending.wait()
     if pending_buffers is not None:
         new_buffers = tree.unflatten(buffer_spec, pending_buffers.wait())
+    all_stats = None if wait_stats is None else wait_stats()
     if not prescaled and not clipped_sum:
         div_(grads, reduced[0])
-    return Combined(grads, spec, stats.metrics(reduced), new_buffers)
+    return Combined(grads, spec, stats.metrics(reduced), new_buffers, all_stats)
+
+
+def _accumulator_parts(accumulated: Any) -> tuple[list[int], list[torch.Tensor], Any]:
+    """The accumulator's tensor leaves (to sum over ranks) and where they sit among its leaves."""
+    leaves, spec = tree.flatten(accumulated)
+    at = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    return at, [leaves[i] for i in at], (leaves, spec)
+
+
+def _start_grad_stats(step: DataParallelTrainStep, stats: MicroBatchStats) -> Callable[[], Any]:
+    """Starts the all-gather of the hook's stats (and the accumulator's all-reduce); the
+    returned function waits for them and gives all ranks' :class:`MicroBatchStats`."""
+    group = step.group
+    world = process.world_size(group)
+    if world == 1 or not process.is_distributed():
+        return lambda: stats
+    vector, lengths = pack_stats(stats)
+    gathered = vector.new_empty(world * vector.numel())
+    what = "all-gather of the grad_stats micro-batch statistics"
+    with process.collective_errors(what, group):
+        work = tdist.all_gather_into_tensor(gathered, vector, group=group, async_op=True)
+    pending_acc = None
+    at, tensors, (acc_leaves, acc_spec) = _accumulator_parts(stats.accumulated)
+    if stats.accumulated is not None:
+        pending_acc = collectives.start_all_reduce(
+            tensors,
+            group=group,
+            bucket_cap_mb=step.bucket_cap_mb,
+            what="all-reduce of the grad_stats accumulator",
+        )
+
+    def wait() -> MicroBatchStats:
+        with process.collective_errors(what, group):
+            work.wait()
+        accumulated = stats.accumulated
+        if pending_acc is not None:
+            # Python numbers are host-side counts every rank computes alike (they cannot read
+            # the data without a host sync; K agrees, checked on the first call): × world.
+            total = [x * world if isinstance(x, (int, float)) else x for x in acc_leaves]
+            for i, summed in zip(at, pending_acc.wait()):
+                total[i] = summed
+            accumulated = tree.unflatten(acc_spec, total)
+        return unpack_stats(gathered, lengths, stats, accumulated)
+
+    return wait
+
+
+def check_grad_stats_agree(stats: MicroBatchStats, group: process.Group) -> None:
+    """First call: every rank packs the same layout (``K``, value names and lengths, the
+    accumulator's leaves), else :class:`RankMismatchError` on every rank (one host gather)."""
+    world = process.world_size(group)
+    if world == 1 or not process.is_distributed():
+        return
+    acc = []
+    if stats.accumulated is not None:
+        for leaf in tree.leaves(stats.accumulated):
+            if isinstance(leaf, torch.Tensor):
+                acc.append((tuple(leaf.shape), str(leaf.dtype)))
+            elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+                acc.append(("number", leaf))
+            else:
+                raise TypeError(
+                    "a grad_stats accumulator across ranks must hold tensors and numbers only "
+                    f"(they are summed over the ranks), got a {type(leaf).__name__}"
+                )
+    mine = {
+        "K (micro-batches per rank)": int(stats.sizes.numel()),
+        "per_micro_batch values": [(k, int(v.numel())) for k, v in stats.values.items()],
+        "accumulator": acc,
+    }
+    gathered: list[Any] = [None] * world
+    with process.collective_errors("the first step's grad_stats check", group):
+        tdist.all_gather_object(gathered, mine, group=group)
+    problems = [
+        f"{what}: {gathered[0][what]!r} on rank 0, {other[what]!r} on rank {r}"
+        for r, other in enumerate(gathered)
+        for what in mine
+        if other[what] != gathered[0][what]
+    ]
+    if problems:
+        raise RankMismatchError(
+            "grad_stats across ranks: ranks disagree on " + "; ".join(problems) + " (every "
+            "rank must split its batch into the same number K of micro-batches: give the "
+            "same micro_batches count on every rank)"
+        )

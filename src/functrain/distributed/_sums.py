@@ -16,6 +16,10 @@ there, as a single process on the concatenated batch would (it never divides by 
 A DP-SGD step (``per_example_clip``) reports ``loss`` and ``clipped_fraction`` as means over
 the realized global batch, example-weighted; when every rank's batch is empty (Poisson
 sampling) they are ``0``, as the single-process DP step reports (it divides by ``max(N, 1)``).
+
+A ``grad_stats`` hook's per-micro-batch stats are not summed but gathered: :func:`pack_stats`
+puts this rank's in one float64 vector, and :func:`unpack_stats` reads the all-gathered vectors
+back as the stats of all ``world × K`` micro-batches, in rank order.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import torch
 
 from functrain.train import loss as loss_lib
+from functrain.train.grad_stats import MicroBatchStats
 
 COUNT = "__functrain_dp_count__/"  # aux entries carrying LossSum aux counts
 
@@ -139,3 +144,33 @@ class Stats:
                 out[name] = (reduced[j] / examples).to(dtype)
                 j += 1
         return out
+
+
+def pack_stats(stats: MicroBatchStats) -> tuple[torch.Tensor, list[int]]:
+    """A ``grad_stats`` hook's local stats as one float64 vector and its rows' lengths.
+
+    The rows are ``sizes``, ``losses`` and each ``values`` entry (``K`` entries each for 0-d
+    ``per_micro_batch`` outputs), one after another; float64 holds every float32 and bfloat16
+    value, and every count below 2**53, exactly.
+    """
+    rows = [stats.sizes, stats.losses, *stats.values.values()]
+    device = stats.losses.device
+    flat = [row.reshape(-1).to(device=device, dtype=torch.float64) for row in rows]
+    return torch.cat(flat), [row.numel() for row in flat]
+
+
+def unpack_stats(
+    gathered: torch.Tensor, lengths: list[int], stats: MicroBatchStats, accumulated: Any
+) -> MicroBatchStats:
+    """All ranks' stats from the all-gather of :func:`pack_stats`' vectors: each row holds the
+    ranks' entries in rank order (``world × K``), in the local row's dtype and device."""
+    world = gathered.numel() // sum(lengths)
+    per_rank = gathered.view(world, sum(lengths))
+    rows = [stats.sizes, stats.losses, *stats.values.values()]
+    out, start = [], 0
+    for row, n in zip(rows, lengths):
+        joined = per_rank[:, start : start + n].reshape(-1)
+        out.append(joined.to(device=row.device, dtype=row.dtype))
+        start += n
+    values = dict(zip(stats.values, out[2:]))
+    return MicroBatchStats(out[0], out[1], values, accumulated)

@@ -22,7 +22,7 @@ from functrain.distributed._agree import (
     check_noise_keys_agree,
     check_ranks_agree,
 )
-from functrain.distributed._combine import combine
+from functrain.distributed._combine import check_grad_stats_agree, combine
 from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._update import replicated_update
@@ -31,6 +31,7 @@ from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, identity
 from functrain.train import _step_checks, dp_stage, gradient, microbatch, rng
 from functrain.train import step as step_lib
+from functrain.train.grad_stats import GradStatsHook
 from functrain.train.optimizer_stage import in_place_writes_started, reset_in_place_writes
 from functrain.train.state import TrainState
 
@@ -57,6 +58,7 @@ class DataParallelTrainStep:
         sync_buffers: Literal["broadcast", "none"],
         check_ranks: bool,
         per_example_clip: float | torch.Tensor | None = None,
+        grad_stats: GradStatsHook | None = None,
         **local: Any,
     ) -> None:
         if sync_buffers not in ("broadcast", "none"):
@@ -67,6 +69,14 @@ class DataParallelTrainStep:
             or bucket_cap_mb <= 0
         ):
             raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
+        if grad_stats is not None and shard_optimizer:
+            # The hook's update needs the whole global gradient; a ZeRO-1 rank holds only its
+            # pieces, and gathering the rest would cost a gradient-sized all-gather per step.
+            raise ValueError(
+                "grad_stats is not supported with shard_optimizer=True (the hook needs the "
+                "whole combined gradient, which a ZeRO-1 rank does not hold): use "
+                "shard_optimizer=False"
+            )
         # per_example_clip with shard_optimizer=True: the ranks' clipped sums are
         # reduce-scattered unweighted (_combine), and the sharded update tells dp_noisy_mean
         # where each piece sits (shard_index), so each piece gets its slice of the whole
@@ -77,7 +87,7 @@ class DataParallelTrainStep:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self._local = step_lib.TrainStep(
-                wrapped, tx, grad_stats=None, per_example_clip=per_example_clip, **local
+                wrapped, tx, grad_stats=grad_stats, per_example_clip=per_example_clip, **local
             )
         for w in caught:  # attributed to the caller of make_data_parallel_train_step
             warnings.warn(w.message, w.category, stacklevel=3)
@@ -239,8 +249,14 @@ class DataParallelTrainStep:
         else:
             _step_checks._check_opt_state(self.tx, params, opt_state)
 
-    def _check(self, params: Any, opt_state: Any, buffers: Any, local: dict, is_sum: bool) -> None:
+    def _check(
+        self, params: Any, opt_state: Any, buffers: Any, local: dict, is_sum: bool, stats: Any
+    ) -> None:
         """First call: all ranks agree on the state and the metrics (one collective)."""
+        if stats is not None:
+            # Even without check_ranks: ranks packing different layouts (another K) would send
+            # all-gathers of different sizes, which fail obscurely or hang.
+            check_grad_stats_agree(stats, self.group)
         if self.check_ranks:
             opt = None if self.shard_optimizer else opt_state  # shards differ between ranks
             check_ranks_agree(params, opt, buffers, sorted(local), is_sum, self.group)
@@ -300,13 +316,26 @@ class DataParallelTrainStep:
         k = split.num_micro_batches
         counts = {n[len(COUNT) :]: local.pop(n) * k for n in list(local) if n.startswith(COUNT)}
         if not self._checked:
-            self._check(params, opt_state, buffers, local, is_sum)
+            self._check(params, opt_state, buffers, local, is_sum, result.stats)
         combined = combine(self, params, result, local, counts, is_sum)
         metrics = combined.metrics
-        update = sharded_update if self.shard_optimizer else replicated_update
         reset_in_place_writes()
         try:
-            out = update(self, combined.grads, combined.spec, params, opt_state, extra, metrics)
+            if self.shard_optimizer:  # no grad_stats (refused at construction)
+                out = sharded_update(
+                    self, combined.grads, combined.spec, params, opt_state, extra, metrics
+                )
+            else:
+                out = replicated_update(
+                    self,
+                    combined.grads,
+                    combined.spec,
+                    params,
+                    opt_state,
+                    extra,
+                    metrics,
+                    combined.grad_stats,
+                )
         except BaseException as err:
             if self.donate and in_place_writes_started():
                 _step_checks.consume_torn(state, err, "a data-parallel train step (donate=True)")

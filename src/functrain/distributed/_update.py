@@ -5,6 +5,10 @@ step's non-finite check (and loss unscaling) run on global values, so every rank
 decision. Then the replicated mode (``shard_optimizer=False``), :func:`replicated_update`: every
 rank holds the whole gradient and runs the train step's own optimizer stage (maybe fused, in
 place). The sharded mode lives in :mod:`functrain.distributed._sharded_update`.
+
+A ``grad_stats`` hook's ``update`` (:func:`grad_stats_update`) runs in the replicated mode on
+every rank with the same inputs (all ranks' micro-batch stats, the global gradient), so its state
+in ``state.extra`` stays replicated and its metrics are equal on every rank.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 
 from functrain import tree
 from functrain.train import faults as faults_lib
-from functrain.train.train_step import _merge
+from functrain.train.grad_stats import MicroBatchStats
+from functrain.train.train_step import _merge, _refuse_own_names
 
 if TYPE_CHECKING:
     from functrain.distributed.step import DataParallelTrainStep
@@ -45,6 +50,29 @@ def checked_grads(
     return check.grads, check.ok, new_extra
 
 
+def grad_stats_update(
+    step: DataParallelTrainStep,
+    stats: MicroBatchStats | None,
+    grads: Any,
+    ok: torch.Tensor | None,
+    extra: dict[str, Any],
+    params: Any,
+    metrics: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """The hook's ``update`` on global values, as the train step runs it: its metrics join
+    ``metrics``, its new state (kept on a skipped step) goes to the returned ``extra``."""
+    hook = step._local.grad_stats
+    if hook is None:
+        return extra
+    assert stats is not None
+    hook_state = extra[hook.name] if hook.name in extra else hook.init(params)
+    hook_metrics, new_hook_state = hook.update(stats, grads, hook_state)
+    new_hook_state = step._local.faults.keep_if_skipped(ok, new_hook_state, hook_state)
+    _merge(metrics, hook_metrics, "grad_stats")
+    _refuse_own_names(metrics)  # grad_norm and the others are added later
+    return {**extra, hook.name: new_hook_state}
+
+
 def replicated_update(
     step: DataParallelTrainStep,
     grads: list[torch.Tensor],
@@ -53,11 +81,13 @@ def replicated_update(
     opt_state: Any,
     extra: dict[str, Any],
     metrics: dict[str, torch.Tensor],
+    stats: MicroBatchStats | None = None,
 ) -> Updated:
     """Every rank: the whole (identical) gradient, the whole optimizer state."""
     grads_tree, ok, new_extra = checked_grads(
         step, tree.unflatten(spec, grads), metrics, extra, params
     )
+    new_extra = grad_stats_update(step, stats, grads_tree, ok, new_extra, params, metrics)
     stage = step._local.apply_optimizer  # the train step's stage (maybe fused, in place)
     # A DP-SGD step reports no grad_norm: the norm of the clipped sum before noise is not private.
     if step.norm_metrics and step.per_example_clip is None:

@@ -43,6 +43,7 @@ from functrain.distributed import process
 from functrain.distributed._train_step import DataParallelTrainStep
 from functrain.optim.base import GradientTransformation
 from functrain.optim.loss_scale import DynamicLossScale
+from functrain.train.grad_stats import GradStatsHook
 
 __all__ = ["DataParallelTrainStep", "make_data_parallel_train_step"]
 
@@ -68,6 +69,7 @@ def make_data_parallel_train_step(
     loss_scale: DynamicLossScale | None = None,
     fused: bool = True,
     per_example_clip: float | torch.Tensor | None = None,
+    grad_stats: GradStatsHook | None = None,
 ) -> DataParallelTrainStep:
     """Builds a data-parallel ``step(state, batch) -> (new_state, metrics)`` over ``torch.distributed``.
 
@@ -125,12 +127,29 @@ def make_data_parallel_train_step(
             each rank draws exactly its pieces' part of the whole tree's noise (the result
             equals the replicated step's). On the first call, ``check_ranks`` also checks
             that the ranks' noise keys agree.
+        grad_stats: a :class:`~functrain.GradStatsHook` (e.g. :func:`~functrain.noise_scale_hook`)
+            seeing the micro-batches of *all* ranks: each rank runs ``per_micro_batch`` on its
+            own ``K`` micro-batches, one small all-gather (a float64 vector of ``K`` sizes,
+            losses and values per rank, started with the gradient collectives) hands every
+            rank the stats of all ``world × K`` micro-batches in rank order, and every rank
+            runs ``update`` on them and the global gradient: the hook's state in
+            ``state.extra`` stays replicated and its metrics are equal on every rank. They are
+            those of :func:`functrain.make_train_step` with ``micro_batches`` the ranks'
+            micro-batch sizes in rank order. A hook with an accumulator
+            (``noise_scale_hook(cosine=True)``) has it summed over the ranks: one more
+            all-reduce, of the accumulator's size (for the cosine, one parameter-sized
+            float32-or-wider buffer). The ranks must split their batches into the same number
+            ``K`` of micro-batches (checked on the first call, even without ``check_ranks``:
+            :class:`~functrain.distributed.RankMismatchError`). Not with
+            ``shard_optimizer=True`` (the hook needs the whole global gradient) or
+            ``per_example_clip`` (``ValueError``).
 
     Returns:
         A :class:`DataParallelTrainStep`. Metrics are global (with ``per_example_clip``, see
         there): ``loss``, ``num_examples``,
         ``num_tokens`` (``LossSum``), aux values, ``grad_norm`` (of the global gradient, before
-        clipping), ``update_norm``, ``param_norm`` and ``lr`` when exposed.
+        clipping), ``update_norm``, ``param_norm``, ``lr`` when exposed and the
+        ``grad_stats`` hook's metrics.
 
     Randomness: rank ``r`` computes micro-batch ``i`` with the key
     ``fold_in(rank_key(state.key, r), i + 1)``: different on every rank, the same on every
@@ -169,6 +188,7 @@ def make_data_parallel_train_step(
         sync_buffers=sync_buffers,
         check_ranks=check_ranks,
         per_example_clip=per_example_clip,
+        grad_stats=grad_stats,
         micro_batches=micro_batches,
         strategy=strategy,
         chunk_size=chunk_size,
