@@ -8,10 +8,9 @@ can check that the ranks end bit-for-bit equal). Not collected by pytest.
 
 from __future__ import annotations
 
-import hashlib
-
 import gloo_jobs
 import torch
+from gloo_jobs import digest, gap
 
 import functrain as ft
 from functrain import distributed as dist
@@ -51,24 +50,6 @@ def shares(batch: dict, sizes: list[int], rank: int) -> dict:
 
 def tx(noise: float, seed: int = 7) -> ft.GradientTransformation:
     return ft.chain(ft.dp_noisy_mean(C, noise, B_EXPECTED, seed), ft.sgd(0.5, momentum=0.9))
-
-
-def gap(a, b) -> float:
-    """Largest absolute difference between two pytrees of tensors (inf on a shape mismatch)."""
-    out = 0.0
-    for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(b), strict=True):
-        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
-        if x.shape != y.shape:
-            return float("inf")
-        out = max(out, (x - y).abs().max().item() if x.numel() else 0.0)
-    return out
-
-
-def digest(tree) -> str:
-    h = hashlib.sha256()
-    for leaf in ft.tree.leaves(tree):
-        h.update(leaf.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def run(rank, group, plan, noise, micro_batches=1, seed=7) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gloo_jobs
 import torch
+from gloo_jobs import gap
 
 import functrain as ft
 from functrain import distributed as dist
@@ -68,16 +69,6 @@ def custom_hook(seen: list) -> ft.GradStatsHook:
         update=update,
         name="custom",
     )
-
-
-def gap(a, b) -> float:
-    out = 0.0
-    for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(b), strict=True):
-        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
-        if x.shape != y.shape:
-            return float("inf")
-        out = max(out, (x - y).abs().max().item() if x.numel() else 0.0)
-    return out
 
 
 def compare(rank, group, make_hook, strategy="loop") -> dict:

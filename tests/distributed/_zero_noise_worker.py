@@ -9,10 +9,9 @@ by pytest.
 
 from __future__ import annotations
 
-import hashlib
-
 import gloo_jobs
 import torch
+from gloo_jobs import digest, gap
 
 import functrain as ft
 from functrain import distributed as dist
@@ -52,24 +51,6 @@ def global_batch(step: int, n: int) -> dict[str, torch.Tensor]:
 def shares(batch: dict, sizes: list[int], rank: int) -> dict:
     lo = sum(sizes[:rank])
     return {k: v[lo : lo + sizes[rank]] for k, v in batch.items()}
-
-
-def gap(a, b) -> float:
-    """Largest absolute difference between two pytrees of tensors (inf on a shape mismatch)."""
-    out = 0.0
-    for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(b), strict=True):
-        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
-        if x.shape != y.shape:
-            return float("inf")
-        out = max(out, (x - y).abs().max().item() if x.numel() else 0.0)
-    return out
-
-
-def digest(tree) -> str:
-    h = hashlib.sha256()
-    for leaf in ft.tree.leaves(tree):
-        h.update(leaf.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def run(rank, group, make_tx, plan, **step_kwargs) -> dict:

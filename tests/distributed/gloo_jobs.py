@@ -7,13 +7,16 @@ stderr, killing a rank that outlives the timeout (a deadlock must fail the tests
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).parent
 
@@ -108,3 +111,41 @@ def run_probes(probes: dict, *, init_timeout: float, group_timeout: float) -> No
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     dist.shutdown()
+
+
+def run_job(script: str, world: int, out: Path, timeout: float = 120) -> list[dict]:
+    """Starts ``world`` ranks of ``script``, waits for them and returns :func:`finish`'s results
+    (killing any rank left running on the way out); prints the job's wall time."""
+    start_time = time.monotonic()
+    procs = start(script, world, [str(out)])
+    try:
+        results = finish(procs, out, timeout=timeout)
+    finally:
+        kill_all([procs])
+    print(f"gloo job {script}: {time.monotonic() - start_time:.1f} s")
+    return results
+
+
+def gap(a: Any, b: Any) -> float:
+    """Largest absolute difference between two pytrees of tensors (inf on a shape mismatch)."""
+    import torch
+
+    import functrain as ft
+
+    out = 0.0
+    for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(b), strict=True):
+        x, y = torch.as_tensor(x).double(), torch.as_tensor(y).double()
+        if x.shape != y.shape:
+            return float("inf")
+        out = max(out, (x - y).abs().max().item() if x.numel() else 0.0)
+    return out
+
+
+def digest(tree: Any) -> str:
+    """A hash of a pytree's bytes: equal on two ranks only if the values are bitwise equal."""
+    import functrain as ft
+
+    h = hashlib.sha256()
+    for leaf in ft.tree.leaves(tree):
+        h.update(leaf.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()

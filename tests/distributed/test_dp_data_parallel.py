@@ -17,7 +17,6 @@ Then, in this process (world size 1), the argument checks.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import gloo_jobs
@@ -35,15 +34,7 @@ C, B_EXPECTED, SIGMA = 1.0, 8.0, 1.3  # as in _dp_worker.py
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Runs the worker on 2 ranks once; each rank's results (with its exit code and stderr)."""
-    out = tmp_path_factory.mktemp("dp_ddp")
-    start = time.monotonic()
-    procs = gloo_jobs.start("_dp_worker.py", 2, [str(out)])
-    try:
-        results = gloo_jobs.finish(procs, out, timeout=120)
-    finally:
-        gloo_jobs.kill_all([procs])
-    print(f"gloo job: {time.monotonic() - start:.1f} s")
-    return results
+    return gloo_jobs.run_job("_dp_worker.py", 2, tmp_path_factory.mktemp("dp_ddp"))
 
 
 def _probe(job: list[dict], name: str) -> list[dict]:

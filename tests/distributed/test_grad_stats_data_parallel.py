@@ -11,7 +11,6 @@ on both. Then, in this process, the refused combinations and the world-size-1 st
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import gloo_jobs
@@ -28,15 +27,7 @@ TIGHT = 1e-12  # absolute; values are of order 1 to 100 and differ by rounding o
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Runs the worker on 2 ranks once; each rank's results (with its exit code and stderr)."""
-    out = tmp_path_factory.mktemp("grad_stats_dp")
-    start = time.monotonic()
-    procs = gloo_jobs.start("_grad_stats_worker.py", 2, [str(out)])
-    try:
-        results = gloo_jobs.finish(procs, out, timeout=120)
-    finally:
-        gloo_jobs.kill_all([procs])
-    print(f"gloo job: {time.monotonic() - start:.1f} s")
-    return results
+    return gloo_jobs.run_job("_grad_stats_worker.py", 2, tmp_path_factory.mktemp("grad_stats_dp"))
 
 
 def _probe(job: list[dict], name: str) -> list[dict]:

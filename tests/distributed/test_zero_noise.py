@@ -17,7 +17,6 @@ so a ``shard_optimizer=True`` run adds the very noise of the unsharded one.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import gloo_jobs
@@ -204,15 +203,7 @@ def test_elementwise_member_without_extra_runs_beside_noise():
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Runs the worker on 2 ranks once; each rank's results (with its exit code and stderr)."""
-    out = tmp_path_factory.mktemp("zero_noise")
-    start = time.monotonic()
-    procs = gloo_jobs.start("_zero_noise_worker.py", 2, [str(out)])
-    try:
-        results = gloo_jobs.finish(procs, out, timeout=120)
-    finally:
-        gloo_jobs.kill_all([procs])
-    print(f"gloo job: {time.monotonic() - start:.1f} s")
-    return results
+    return gloo_jobs.run_job("_zero_noise_worker.py", 2, tmp_path_factory.mktemp("zero_noise"))
 
 
 def test_worker_cuts_along_dim_0_and_dim_1():
