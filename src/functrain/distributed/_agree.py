@@ -7,8 +7,8 @@ description on the first call turns that into a :class:`RankMismatchError` raise
 :func:`check_layouts_agree` does the same for shapes and dtypes before ``init_state`` broadcasts
 rank 0's parameters: a broadcast of buckets of different sizes silently fills a larger bucket
 with rank 0's values or aborts the process whose bucket is smaller (gloo).
-:func:`check_noise_keys_agree` compares the values of a DP-SGD step's integer optimizer-state
-leaves (the noise key), which must be equal for the ranks to add the same noise.
+:func:`check_noise_keys_agree` compares the values of the 0-d integer optimizer-state leaves
+(noise keys, counters), which must be equal for the ranks to add the same noise.
 """
 
 from __future__ import annotations
@@ -107,19 +107,24 @@ def check_layouts_agree(params: Any, buffers: Any, group: process.Group) -> None
 
 
 def check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
-    """A DP step: every rank's optimizer state holds the same integer leaves (noise keys, counts).
+    """Every rank's optimizer state holds the same 0-d integer leaves (noise keys, counts).
 
-    The ranks draw the DP noise from ``dp_noisy_mean``'s key in their replicated optimizer
+    The ranks draw noise (``dp_noisy_mean``, ``add_noise``) from the key in their optimizer
     state; with other keys (e.g. ``seed=rank``) they would add different noise and their
-    parameters would silently part. One host read and object all-gather, on the first call.
+    parameters would silently part (under ZeRO-1, a 0-d parameter, which every rank updates
+    whole). Only 0-d leaves: they are replicated even in a sharded state, whose other leaves
+    are pieces that differ between ranks. One host read and object all-gather, on the first
+    call.
     """
     world = process.world_size(group)
     if world == 1:
         return
     ints = [
-        x.tolist()
+        x.item()
         for x in tree.leaves(opt_state)
-        if isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
+        if isinstance(x, torch.Tensor)
+        and x.dim() == 0
+        and not (x.is_floating_point() or x.is_complex())
     ]
     gathered: list[Any] = [None] * world
     with process.collective_errors("the first step's check that all ranks agree", group):
@@ -127,7 +132,8 @@ def check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
     others = [r for r, theirs in enumerate(gathered) if theirs != gathered[0]]
     if others:
         raise RankMismatchError(
-            f"ranks disagree: the optimizer state's integer leaves (dp_noisy_mean's noise key, "
-            f"counters) of rank(s) {others} differ from rank 0's; the DP noise must be drawn "
-            "once, identically, on every rank: build tx with the same seed on every rank"
+            f"ranks disagree: the optimizer state's integer leaves (the noise key of "
+            f"dp_noisy_mean or add_noise, counters) of rank(s) {others} differ from rank 0's; "
+            "the noise must be drawn once, identically, on every rank: build tx with the same "
+            "seed on every rank"
         )

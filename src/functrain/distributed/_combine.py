@@ -137,8 +137,11 @@ def _start_grad_stats(step: DataParallelTrainStep, stats: MicroBatchStats) -> Ca
     vector, lengths = pack_stats(stats)
     gathered = vector.new_empty(world * vector.numel())
     what = "all-gather of the grad_stats micro-batch statistics"
+    # all_gather_into_tensor is deprecated (a FutureWarning every step) where all_gather_single
+    # exists; the same fallback as the ZeRO-1 gathers (_shard_collectives).
+    gather = getattr(tdist, "all_gather_single", None) or tdist.all_gather_into_tensor
     with process.collective_errors(what, group):
-        work = tdist.all_gather_into_tensor(gathered, vector, group=group, async_op=True)
+        work = gather(gathered, vector, group=group, async_op=True)
     pending_acc = None
     at, tensors, (acc_leaves, acc_spec) = _accumulator_parts(stats.accumulated)
     if stats.accumulated is not None:

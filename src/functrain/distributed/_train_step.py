@@ -260,8 +260,9 @@ class DataParallelTrainStep:
         if self.check_ranks:
             opt = None if self.shard_optimizer else opt_state  # shards differ between ranks
             check_ranks_agree(params, opt, buffers, sorted(local), is_sum, self.group)
-            if self.per_example_clip is not None:
-                check_noise_keys_agree(opt_state, self.group)
+            # Not only DP-SGD: add_noise keys that differ part the ranks' parameters too (under
+            # ZeRO-1 a 0-d parameter, which every rank updates whole with its own key).
+            check_noise_keys_agree(opt_state, self.group)
         self._checked = True
 
     def prepare(self, state: TrainState) -> TrainState:

@@ -95,8 +95,10 @@ def make_data_parallel_train_step(
             (as ``DistributedDataParallel`` does for BatchNorm statistics); ``"none"``: each rank
             keeps its own.
         check_ranks: on the first call, check that all ranks agree on parameter shapes, dtypes
-            and values (checksums), the kind of loss and the metric names (one host-side
-            collective), raising :class:`~functrain.distributed.RankMismatchError` otherwise.
+            and values (checksums), the kind of loss, the metric names and the optimizer
+            state's noise keys and counters (its 0-d integer leaves: ``add_noise``,
+            ``dp_noisy_mean``) (host-side collectives), raising
+            :class:`~functrain.distributed.RankMismatchError` otherwise.
         micro_batches: as for :func:`functrain.make_train_step`, for this rank's batch.
         strategy: as for :func:`functrain.make_train_step`.
         chunk_size: as for :func:`functrain.make_train_step`.
