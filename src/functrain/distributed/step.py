@@ -73,8 +73,10 @@ def make_data_parallel_train_step(
 ) -> DataParallelTrainStep:
     """Builds a data-parallel ``step(state, batch) -> (new_state, metrics)`` over ``torch.distributed``.
 
-    Each rank calls the step with its own ``batch`` (any size; sizes and token counts may
-    differ between ranks). The ranks combine gradient *sums* and *counts*, so the result is the
+    Each rank calls the step with its own ``batch`` (sizes and token counts may differ between
+    ranks; at least ``micro_batches`` examples on every rank, except in a DP-SGD step, where a
+    rank's batch may be empty: a rank that refuses its batch raises before the collectives and
+    the others then fail with the group's timeout). The ranks combine gradient *sums* and *counts*, so the result is the
     step :func:`functrain.make_train_step` would take on the concatenation of all ranks'
     batches (to float rounding), and the metrics are those of that global batch on every rank.
     Outside a distributed job (world size 1) it is an ordinary train step.
