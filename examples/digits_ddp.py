@@ -6,6 +6,7 @@ Run on CPU with two processes (gloo)::
     torchrun --nproc_per_node=2 examples/digits_ddp.py --fast          # a quick check (CI)
     torchrun --nproc_per_node=2 examples/digits_ddp.py --no-shard      # whole optimizer state
     torchrun --nproc_per_node=2 examples/digits_ddp.py --dp            # DP-SGD across ranks
+    torchrun --nproc_per_node=2 examples/digits_ddp.py --noise-scale --no-shard  # noise scale
 
 Each rank trains on its shard of every epoch (``dist.shard_indices``), the gradients of the
 ranks are combined into the exact gradient of the global batch, the optimizer state is sharded
@@ -20,12 +21,22 @@ each rank Poisson-samples its fixed shard at rate ``q = batch-size / training im
 (with the sharded optimizer state, each rank draws its pieces' slice of it). Rank 0 runs an RDP
 accountant and logs ``dp/epsilon`` at the end of every epoch (``round(1/q)`` steps) and prints
 the final ``(ε, δ)``.
+
+``--noise-scale`` (with ``--no-shard``; not with ``--dp``: the library refuses ``grad_stats``
+with a sharded optimizer state and in DP-SGD steps) passes
+``grad_stats=ft.noise_scale_hook()``: the ``world × K`` micro-batch gradients of each step (``K``
+= ``--micro-batches``, 2 by default here) give McCandlish et al.'s gradient noise scale,
+identical on every rank. Its metrics are logged each step under the tags ``ft.train_loop``
+gives them (``noise_scale/b_simple``, ``noise_scale/trace_sigma``, ``noise_scale/grad_sq``,
+``noise_scale/gradient_diversity``: names holding a ``/`` keep no ``train/`` prefix), and rank
+0 prints the final simple noise scale ``B_simple`` with a critical-batch hint.
 Without torchrun (``python examples/digits_ddp.py``) the same script runs as one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -57,7 +68,12 @@ def parse_args() -> argparse.Namespace:
         "--fast", action="store_true", help="a short run for CI: 40 steps (--dp: 2 epochs)"
     )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
-    parser.add_argument("--micro-batches", type=positive_int, default=1, help="per rank's batch")
+    parser.add_argument(
+        "--micro-batches",
+        type=positive_int,
+        default=None,
+        help="per rank's batch (default: 1; --noise-scale: 2)",
+    )
     parser.add_argument("--lr", type=positive_float, help="peak learning rate: 3e-3 (--dp: 3e-2)")
     parser.add_argument("--hidden", type=positive_int, default=64)
     parser.add_argument(
@@ -66,6 +82,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=positive_int, help="CPU threads per rank")
     parser.add_argument("--no-shard", action="store_true", help="keep the whole optimizer state")
     parser.add_argument("--dp", action="store_true", help="DP-SGD with Poisson sampling")
+    parser.add_argument(
+        "--noise-scale",
+        action="store_true",
+        help="log the gradient noise scale (noise_scale/*) and print B_simple; needs --no-shard",
+    )
     parser.add_argument("--clip", type=positive_float, default=1.0, help="DP-SGD clipping norm C")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="DP-SGD sigma >= 0")
     parser.add_argument("--delta", type=float, default=1e-5, help="DP-SGD delta for epsilon")
@@ -86,6 +107,22 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--batch-size {args.batch_size} > {N_TRAIN} training images")
     if args.steps is not None and args.epochs is not None:
         parser.error("give --steps or --epochs, not both")
+    if args.noise_scale:
+        # The library refuses grad_stats in both (a ValueError at step construction): say so
+        # here, before the process group exists, as a usage error on every rank.
+        if args.dp:
+            parser.error("--noise-scale does not work with --dp (DP-SGD steps refuse grad_stats)")
+        if not args.no_shard:
+            parser.error(
+                "--noise-scale needs --no-shard (the noise-scale hook needs the whole global "
+                "gradient, which a rank of a sharded optimizer state does not hold)"
+            )
+    if args.micro_batches is None:
+        # The hook needs world × K >= 2 estimates in all; 2 per rank also covers one process
+        # (no torchrun) and gives a less noisy estimate than 1.
+        args.micro_batches = 2 if args.noise_scale else 1
+    elif args.noise_scale and world * args.micro_batches < 2:
+        parser.error("--noise-scale needs at least 2 micro-batches in all: raise --micro-batches")
     if args.dp:
         if args.steps is not None:  # the accountant's epochs are round(1/q) steps
             parser.error("--dp trains whole epochs: use --epochs, not --steps")
@@ -115,6 +152,19 @@ def steps_per_epoch(args: argparse.Namespace, world: int) -> int:
     if args.dp:
         return round(N_TRAIN / args.batch_size)  # PoissonSampler's default at q = B / N
     return (N_TRAIN // world) // (args.batch_size // world)  # drop_last shards, full batches
+
+
+def noise_scale_summary(b_simple: float, batch_size: int) -> str:
+    """The final ``B_simple`` (``repr``: exactly the logged value) and a critical-batch hint."""
+    line = f"noise scale: B_simple={b_simple!r} (global batch {batch_size})"
+    if not (math.isfinite(b_simple) and b_simple > 0):
+        return line + "; not settled (|G|² estimate <= 0): train longer"
+    # McCandlish et al. 2018: steps S = S_min (1 + B_noise / B); B_simple stands in for B_noise.
+    gain = (1 + b_simple / batch_size) / (1 + b_simple / (2 * batch_size))
+    return (
+        line + f"; critical batch ≈ B_simple ≈ {b_simple:.0f} examples: doubling the batch "
+        f"would cut the steps needed ×{gain:.2f} (×2 is perfect scaling, ×1 no gain)"
+    )
 
 
 def load() -> tuple[Batch, Batch]:
@@ -209,7 +259,12 @@ def main() -> None:
     else:
         tx = ft.chain(ft.clip_by_global_norm(1.0), ft.adamw(schedule, weight_decay=1e-4))
         step = dist.make_data_parallel_train_step(
-            loss_fn, tx, shard_optimizer=shard, micro_batches=args.micro_batches
+            loss_fn,
+            tx,
+            shard_optimizer=shard,
+            micro_batches=args.micro_batches,
+            # Default decay 0.99: B_simple is a ratio of moving averages (the bias cancels).
+            grad_stats=ft.noise_scale_hook() if args.noise_scale else None,
         )
         data = batches(train, local_batch, args.seed)
     state = step.init_state(params)
@@ -238,7 +293,7 @@ def main() -> None:
                 flush=True,
             )
 
-    first_loss = last_loss = float("nan")
+    first_loss = last_loss = b_simple = float("nan")
     start = time.perf_counter()
     for i in range(args.steps):
         state, metrics = step(state, next(data))
@@ -252,6 +307,8 @@ def main() -> None:
             writer.write_scalars(i + 1, scalars)
         if i == 0:
             first_loss = float(metrics["loss"])
+        if args.noise_scale and i == args.steps - 1:  # one host read, at the end
+            b_simple = float(metrics["noise_scale/b_simple"])
         if i % 20 == 0 or i == args.steps - 1:
             last_loss = float(metrics["loss"])
             if dist.is_rank_zero():
@@ -289,6 +346,8 @@ def main() -> None:
                 f"steps at q={sample_rate:.6f}, sigma={args.noise_multiplier} (RDP)",
                 flush=True,
             )
+        if args.noise_scale:
+            print(noise_scale_summary(b_simple, args.batch_size), flush=True)
     dist.shutdown()
 
 
