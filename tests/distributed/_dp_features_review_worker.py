@@ -11,7 +11,7 @@ import warnings
 
 import gloo_jobs
 import torch
-from gloo_jobs import digest, gap
+from gloo_jobs import digest, gap, shares
 
 import functrain as ft
 from functrain import distributed as dist
@@ -37,11 +37,6 @@ def global_batch(step: int, n: int, dtype: torch.dtype = torch.float64) -> dict:
     g = torch.Generator().manual_seed(100 + step)
     x = 0.4 * torch.randn(n, 5, generator=g, dtype=torch.float64)
     return {"x": x.to(dtype), "y": torch.randn(n, generator=g, dtype=torch.float64).to(dtype)}
-
-
-def shares(batch: dict, sizes: list[int], rank: int) -> dict:
-    lo = sum(sizes[:rank])
-    return {k: v[lo : lo + sizes[rank]] for k, v in batch.items()}
 
 
 def dp_tx() -> ft.GradientTransformation:

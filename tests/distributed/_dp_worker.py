@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gloo_jobs
 import torch
-from gloo_jobs import digest, gap
+from gloo_jobs import digest, gap, shares
 
 import functrain as ft
 from functrain import distributed as dist
@@ -41,11 +41,6 @@ def global_batch(step: int, n: int) -> dict[str, torch.Tensor]:
         "x": 0.4 * torch.randn(n, 3, generator=g, dtype=torch.float64),
         "y": torch.randn(n, generator=g, dtype=torch.float64),
     }
-
-
-def shares(batch: dict, sizes: list[int], rank: int) -> dict:
-    lo = sum(sizes[:rank])
-    return {k: v[lo : lo + sizes[rank]] for k, v in batch.items()}
 
 
 def tx(noise: float, seed: int = 7) -> ft.GradientTransformation:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gloo_jobs
 import torch
-from gloo_jobs import digest, gap
+from gloo_jobs import digest, gap, shares
 
 import functrain as ft
 from functrain import distributed as dist
@@ -46,11 +46,6 @@ def global_batch(step: int, n: int) -> dict[str, torch.Tensor]:
         "x": 0.4 * torch.randn(n, 8, generator=g, dtype=torch.float64),
         "y": torch.randn(n, generator=g, dtype=torch.float64),
     }
-
-
-def shares(batch: dict, sizes: list[int], rank: int) -> dict:
-    lo = sum(sizes[:rank])
-    return {k: v[lo : lo + sizes[rank]] for k, v in batch.items()}
 
 
 def run(rank, group, make_tx, plan, **step_kwargs) -> dict:

@@ -149,3 +149,20 @@ def digest(tree: Any) -> str:
     for leaf in ft.tree.leaves(tree):
         h.update(leaf.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def probe_results(job: list[dict], name: str) -> list[dict]:
+    """Every rank's results of probe ``name``; fails naming the rank (its exit code and the end
+    of its stderr) that has none, or whose probe recorded an ``error``."""
+    found = []
+    for rank, data in enumerate(job):
+        assert name in data, (rank, data.get("exit"), data.get("stderr", "")[-3000:])
+        assert "error" not in data[name], (rank, data[name]["error"])
+        found.append(data[name])
+    return found
+
+
+def shares(batch: dict, sizes: list[int], rank: int) -> dict:
+    """``rank``'s contiguous rows of a global ``batch`` cut into pieces of ``sizes``."""
+    lo = sum(sizes[:rank])
+    return {k: v[lo : lo + sizes[rank]] for k, v in batch.items()}

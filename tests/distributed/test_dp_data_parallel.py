@@ -37,18 +37,9 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return gloo_jobs.run_job("_dp_worker.py", 2, tmp_path_factory.mktemp("dp_ddp"))
 
 
-def _probe(job: list[dict], name: str) -> list[dict]:
-    found = []
-    for rank, data in enumerate(job):
-        assert name in data, (rank, data.get("exit"), data.get("stderr"))
-        assert "error" not in data[name], data[name]["error"]
-        found.append(data[name])
-    return found
-
-
 @pytest.mark.parametrize("name", ["unequal", "empty", "micro", "noisy", "noisy_micro_empty"])
 def test_ranks_match_one_process_on_the_concatenated_batch(job, name: str):
-    probes = _probe(job, name)
+    probes = gloo_jobs.probe_results(job, name)
     for probe in probes:
         assert probe["names"], probe
         assert probe["params"] < TIGHT and probe["opt_state"] < TIGHT, probe
@@ -62,7 +53,7 @@ def test_ranks_match_one_process_on_the_concatenated_batch(job, name: str):
 
 
 def test_empty_batches_count_zero_and_still_step(job):
-    probe = _probe(job, "empty")[0]
+    probe = gloo_jobs.probe_results(job, "empty")[0]
     assert probe["num_examples"] == [5, 4, 0, 5]
     assert probe["loss"][2] == 0.0 and probe["clipped_fraction"][2] == 0.0
     # The hand-made clipped fractions are those of the concatenated batch (not rank means).
@@ -73,16 +64,16 @@ def test_noise_is_drawn_once_with_the_dp_scale(job):
     n = 20_000
     want = SIGMA * C / B_EXPECTED
     for name in ("noisy", "noisy_micro_empty"):
-        probe = _probe(job, name)[0]
+        probe = gloo_jobs.probe_results(job, name)[0]
         # std of a sample std of n normals: want / sqrt(2n); of its mean: want / sqrt(n).
         assert abs(probe["z_std"] - want) < 4 * want / math.sqrt(2 * n), probe
         assert abs(probe["z_mean"]) < 4 * want / math.sqrt(n), probe
-    quiet = _probe(job, "unequal")[0]
+    quiet = gloo_jobs.probe_results(job, "unequal")[0]
     assert quiet["z_std"] == 0.0  # noise_multiplier=0: nothing on the zero-gradient leaf
 
 
 def test_ranks_with_other_noise_seeds_are_refused(job):
-    for probe in _probe(job, "seed_per_rank"):
+    for probe in gloo_jobs.probe_results(job, "seed_per_rank"):
         assert probe["raised"] and "noise key" in probe["raised"], probe
 
 

@@ -30,18 +30,9 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return gloo_jobs.run_job("_grad_stats_worker.py", 2, tmp_path_factory.mktemp("grad_stats_dp"))
 
 
-def _probe(job: list[dict], name: str) -> list[dict]:
-    found = []
-    for rank, data in enumerate(job):
-        assert name in data, (rank, data.get("exit"), data.get("stderr"))
-        assert "error" not in data[name], data[name]["error"]
-        found.append(data[name])
-    return found
-
-
 @pytest.mark.parametrize("name", ["noise", "noise_vmap", "cosine", "custom"])
 def test_hook_sees_all_ranks_micro_batches_as_one_process_would(job, name: str):
-    probes = _probe(job, name)
+    probes = gloo_jobs.probe_results(job, name)
     for p in probes:
         assert p["names"] is None, p["names"]  # the same metric names as the single process
         assert p["metric_gap"] < TIGHT
@@ -60,7 +51,7 @@ def test_hook_sees_all_ranks_micro_batches_as_one_process_would(job, name: str):
 
 
 def test_ranks_with_different_micro_batch_counts_are_refused_on_every_rank(job):
-    for p in _probe(job, "mismatched_k"):
+    for p in gloo_jobs.probe_results(job, "mismatched_k"):
         assert p["type"] == "RankMismatchError"
         assert "K (micro-batches per rank)" in p["message"]
         assert "2 on rank 0, 3 on rank 1" in p["message"]

@@ -47,24 +47,14 @@ def job() -> list[dict]:
     return results
 
 
-def _probe(job: list[dict], name: str) -> list[dict]:
-    """Every rank's results of one probe (a rank that died before it: its stderr)."""
-    for rank, r in enumerate(job):
-        assert name in r, (rank, r["exit"], r["stderr"][-3000:])
-    out = [r[name] for r in job]
-    for r in out:
-        assert "error" not in r, r.get("error")
-    return out
-
-
 def test_float16_mean_does_not_overflow_in_the_sum(job):
-    for r in _probe(job, "collectives"):
+    for r in gloo_jobs.probe_results(job, "collectives"):
         assert r["half_mean"] == [40000.0, float(torch.tensor(1e-3, dtype=torch.float16))]
         assert r["bf16_sum_is_bf16"] and r["bf16_sum"] == [4.5]
 
 
 def test_integer_mean_is_a_clear_type_error(job):
-    for r in _probe(job, "collectives"):
+    for r in gloo_jobs.probe_results(job, "collectives"):
         assert r["int_mean"]["type"] == "TypeError"
         assert "leaf 0" in r["int_mean"]["message"] and "int64" in r["int_mean"]["message"]
 
@@ -85,7 +75,7 @@ def test_integer_mean_is_refused_in_one_process_too():
     ],
 )
 def test_ranks_with_other_shapes_get_an_error_naming_the_leaf(job, name: str, want: list[str]):
-    for r in _probe(job, "mismatch"):
+    for r in gloo_jobs.probe_results(job, "mismatch"):
         assert r[name]["type"] == "RankMismatchError", r[name]
         for text in want:
             assert text in r[name]["message"]
@@ -95,7 +85,7 @@ def test_ranks_with_other_shapes_get_an_error_naming_the_leaf(job, name: str, wa
 def test_complex_and_non_contiguous_leaves(job):
     z = torch.tensor([1 + 2j, -3j], dtype=torch.complex128)
     nc = torch.arange(6.0, dtype=torch.float64).view(2, 3).t()
-    for r in _probe(job, "collectives"):
+    for r in gloo_jobs.probe_results(job, "collectives"):
         assert r["z_mean"] == [[c.real, c.imag] for c in (1.5 * z).tolist()]
         assert r["nc_mean"] == (1.5 * nc).tolist()
         assert r["z_bcast"] == [[c.real, c.imag] for c in z.tolist()]
@@ -104,7 +94,7 @@ def test_complex_and_non_contiguous_leaves(job):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sharded_optimizers_match_one_float64_process(job, name: str):
-    for rank, r in enumerate(_probe(job, "optimizers")):
+    for rank, r in enumerate(gloo_jobs.probe_results(job, "optimizers")):
         got = r[name]
         # gap <= 1: within rtol 1e-10 of the one-process run, state gathered from both ranks.
         assert got["params"] <= 1 and got["opt_state"] <= 1, (rank, got)
@@ -112,7 +102,7 @@ def test_sharded_optimizers_match_one_float64_process(job, name: str):
 
 
 def test_mixed_dtypes_match_one_process(job):
-    for r in _probe(job, "mixed_dtypes"):
+    for r in gloo_jobs.probe_results(job, "mixed_dtypes"):
         assert r["w"][0] == "torch.float32" and r["b"][0] == "torch.float64"
         assert r["w"][1] < 1e-5
         assert max(r[k][1] for k in ("b", "e", "r")) < 1e-7
@@ -124,7 +114,7 @@ def test_every_rank_exits_cleanly(job):
 
 
 def test_adafactor_is_refused_by_name(job):
-    for r in _probe(job, "adafactor"):
+    for r in gloo_jobs.probe_results(job, "adafactor"):
         assert r["type"] == "ShardingError" and "adafactor" in r["message"]
 
 
