@@ -50,6 +50,7 @@ class Combined(NamedTuple):
     metrics: dict[str, torch.Tensor]  # the global batch's metrics
     buffers: Any  # rank 0's buffers with sync_buffers="broadcast", else this rank's
     grad_stats: MicroBatchStats | None = None  # all ranks' micro-batch stats (with a hook)
+    flags: torch.Tensor | None = None  # every rank's batch state (0 taken, 1 empty, 2 refused)
 
 
 def combine(
@@ -59,10 +60,14 @@ def combine(
     local: dict[str, torch.Tensor],
     counts: dict[str, torch.Tensor],
     is_sum: bool,
+    flags: torch.Tensor | None = None,
 ) -> Combined:
-    """Sums and counts of all ranks from this rank's gradient stage ``result``."""
+    """Sums and counts of all ranks from this rank's gradient stage ``result``; ``flags``
+    (one slot per rank, this rank's set) are summed with the counts."""
     group = step.group
-    stats = Stats(local, counts, is_sum, empty_is_zero=step.per_example_clip is not None)
+    stats = Stats(
+        local, counts, is_sum, empty_is_zero=step.per_example_clip is not None, flags=flags
+    )
     leaves, spec = tree.flatten(result.grads)
     weight = stats.weight
     # A DP-SGD step's gradient is already a sum of clipped per-example gradients: no weights.
@@ -117,7 +122,8 @@ def combine(
     all_stats = None if wait_stats is None else wait_stats()
     if not prescaled and not clipped_sum:
         div_(grads, reduced[0])
-    return Combined(grads, spec, stats.metrics(reduced), new_buffers, all_stats)
+    all_flags = None if flags is None else reduced[-flags.numel() :]
+    return Combined(grads, spec, stats.metrics(reduced), new_buffers, all_stats, all_flags)
 
 
 def _accumulator_parts(accumulated: Any) -> tuple[list[int], list[torch.Tensor], Any]:

@@ -20,6 +20,11 @@ sampling) they are ``0``, as the single-process DP step reports (it divides by `
 A ``grad_stats`` hook's per-micro-batch stats are not summed but gathered: :func:`pack_stats`
 puts this rank's in one float64 vector, and :func:`unpack_stats` reads the all-gathered vectors
 back as the stats of all ``world × K`` micro-batches, in rank order.
+
+With more than one rank the vector ends with one slot per rank, this rank's own set to its
+batch's state (``0`` taken, ``1`` empty, ``2`` refused): the same all-reduce tells every rank
+which ranks had an empty batch or refused theirs, so that all of them raise together (see
+:mod:`functrain.distributed._train_step`) instead of some waiting for a rank that left.
 """
 
 from __future__ import annotations
@@ -103,6 +108,7 @@ class Stats:
         is_sum: bool,
         *,
         empty_is_zero: bool = False,
+        flags: torch.Tensor | None = None,
     ) -> None:
         self.is_sum = is_sum
         self.empty_is_zero = empty_is_zero  # a DP step: means over no examples are 0, not NaN
@@ -126,6 +132,8 @@ class Stats:
             self.aux.append((name, value.dtype, name in counts))
         self.weight = weight
         self.vector = torch.stack(entries)
+        if flags is not None:  # last: the metrics read the vector from its start
+            self.vector = torch.cat([self.vector, flags.to(self.vector)])
 
     def metrics(self, reduced: torch.Tensor) -> dict[str, torch.Tensor]:
         total, examples = reduced[0], reduced[2]

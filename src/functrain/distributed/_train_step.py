@@ -5,6 +5,12 @@ Holds the step's construction and checks, its state methods (``init_state``, ``s
 the ranks (:mod:`functrain.distributed._combine`) and updates (:mod:`functrain.distributed._update`
 or :mod:`functrain.distributed._sharded_update`). Built by, documented with and re-exported from
 :func:`functrain.distributed.step.make_data_parallel_train_step`.
+
+A rank whose batch is empty, or refused by the split, evaluates a stand-in batch of zeros only
+to join every collective with tensors of the right shapes, at zero weight; a flag per rank in
+the counts' all-reduce then tells every rank whether to raise (a refusal anywhere, or every
+batch empty) before anything is written, instead of leaving the others in a collective until
+the group's timeout.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._update import replicated_update
 from functrain.distributed.data import rank_key
+from functrain.distributed.errors import DistributedStepError
 from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, identity
 from functrain.train import _step_checks, dp_stage, gradient, microbatch, rng
@@ -92,6 +99,7 @@ class DataParallelTrainStep:
         for w in caught:  # attributed to the caller of make_data_parallel_train_step
             warnings.warn(w.message, w.category, stacklevel=3)
         self.per_example_clip = per_example_clip
+        self._grad_stats = grad_stats
         self.loss_fn = loss_fn
         self.tx = tx
         self.shard_optimizer = bool(shard_optimizer)
@@ -242,6 +250,60 @@ class DataParallelTrainStep:
 
     # -- the step -------------------------------------------------------------------------
 
+    def _joins_refused(self) -> bool:
+        """Whether a refused or empty batch still joins the step's collectives (several ranks)."""
+        return process.is_distributed() and process.world_size(self.group) > 1
+
+    def _plan(
+        self, batch: Any, host_flags: bool
+    ) -> tuple[microbatch.BatchSplit, Any, float, Exception | None]:
+        """This rank's split, the batch to evaluate, its flag and the refusal (if any).
+
+        An empty batch, or one the split refuses, is replaced by a stand-in of ``K`` zero
+        examples (the same leaf shapes past the first): its gradient stage gives tensors of the
+        right shapes for every collective, which the step then zeroes. Alone (world size 1),
+        or when no stand-in can be built (non-tensor or 0-d leaves), the refusal is raised here;
+        so is any refusal but an empty batch when the flags live on a device (``host_flags``
+        false): reading them there would be a host sync in every step.
+        """
+        k = self._local.micro_batches
+        try:
+            return microbatch.split_batch(batch, k), batch, _TAKEN, None
+        except (ValueError, TypeError) as caught:
+            if not self._joins_refused():
+                raise
+            stand_in = _stand_in(batch, k)
+            if stand_in is None:
+                raise
+            if not host_flags and not (isinstance(k, int) and _is_empty(batch)):
+                raise
+            flag, err = _REFUSED, caught
+            if isinstance(k, int) and _is_empty(batch):
+                if self._grad_stats is None:
+                    flag = _EMPTY
+                else:
+                    # A hook's per-micro-batch statistics have no meaning for K micro-batches
+                    # of no examples (noise_scale_hook's variance estimate would count them).
+                    err = ValueError(
+                        "the batch is empty (leading size 0) on this rank, which a step with "
+                        "grad_stats refuses (its per-micro-batch statistics need examples in "
+                        "every micro-batch): give every rank at least micro_batches examples"
+                    )
+            return (
+                microbatch.split_batch(stand_in, len(tree.leaves(stand_in)[0])),
+                stand_in,
+                flag,
+                err,
+            )
+
+    def _flags(self, flag: float, device: torch.device) -> torch.Tensor | None:
+        """One slot per rank, this rank's set to ``flag`` (``None`` alone: nothing to tell)."""
+        if not self._joins_refused():
+            return None
+        flags = torch.zeros(process.world_size(self.group), dtype=torch.float64)
+        flags[process.rank(self.group)] = flag  # on the host: no device write
+        return flags.to(device)
+
     def _check_opt_state(self, params: Any, opt_state: Any) -> None:
         """This rank's opt state was made for this step (its ``tx``, its shards)."""
         if self.shard_optimizer:
@@ -299,16 +361,23 @@ class DataParallelTrainStep:
             _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
         faults = local_step.faults
         token = faults.begin(extra, params)  # may raise NonFiniteError; sets the loss scale
+        flag, refusal = _TAKEN, None
         try:
-            split = (
-                microbatch.split_batch(batch, local_step.micro_batches)
-                if self.per_example_clip is None
+            if self.per_example_clip is not None:
                 # Fewer micro-batches for a small batch, none for an empty one (Poisson).
-                else dp_stage.split(batch, local_step.micro_batches)  # type: ignore[arg-type]
-            )
+                split = dp_stage.split(batch, local_step.micro_batches)  # type: ignore[arg-type]
+            else:
+                split, batch, flag, refusal = self._plan(batch, _on_host(params))
             devices = gradient._devices(params)
             local_key = None if key is None else rank_key(key, process.rank(group))
-            result = local_step.grad_stage(params, batch, split, buffers, local_key, devices)
+            try:
+                result = local_step.grad_stage(params, batch, split, buffers, local_key, devices)
+            except Exception:
+                if refusal is None:
+                    raise
+                # The stand-in batch cannot be evaluated: this rank cannot join the step's
+                # collectives, and the others fail after the group's timeout, as before.
+                raise refusal from None
         finally:
             faults.end(token)
         # A DP step's clipped sums are example-weighted: no LossSum (its stage has no metas).
@@ -316,9 +385,23 @@ class DataParallelTrainStep:
         local = dict(result.metrics)
         k = split.num_micro_batches
         counts = {n[len(COUNT) :]: local.pop(n) * k for n in list(local) if n.startswith(COUNT)}
+        if flag != _TAKEN:
+            # The stand-in batch weighs nothing: zero counts make every sum this rank sends
+            # zero (_sums.weighted, _combine's scale), and its buffers are not kept.
+            local = {n: v.new_zeros(()) if n in _WEIGHTS else v for n, v in local.items()}
+            counts = {n: c.new_zeros(()) for n, c in counts.items()}
+            result = result._replace(buffers=buffers)
         if not self._checked:
             self._check(params, opt_state, buffers, local, is_sum, result.stats)
-        combined = combine(self, params, result, local, counts, is_sum)
+        flags = self._flags(flag, result.metrics["loss"].device)
+        combined = combine(self, params, result, local, counts, is_sum, flags)
+        if combined.flags is not None and combined.flags.device.type == "cpu":
+            # One read of the summed flags, on the host (gloo's CPU tensors: no device sync):
+            # all ranks raise together. On a device backend the flags are not read (it would
+            # be a host sync in every step): a refusal other than an empty batch was raised
+            # before the collectives (_plan), and an all-empty step has the 0/0 gradient that
+            # nonfinite="skip" skips.
+            _raise_for_flags(combined.flags.tolist(), flag, refusal)
         metrics = combined.metrics
         reset_in_place_writes()
         try:
@@ -352,3 +435,57 @@ class DataParallelTrainStep:
         )
         self._opt_guard.issue(new_state)
         return new_state, metrics
+
+
+_TAKEN, _EMPTY, _REFUSED = 0.0, 1.0, 2.0  # a rank's batch state, summed over the ranks' slots
+_WEIGHTS = ("num_examples", "num_tokens")  # the metrics that weigh a rank's sums
+
+
+def _on_host(params: Any) -> bool:
+    """Whether the step's tensors (so the flags all-reduced with its counts) are CPU tensors."""
+    leaves = tree.leaves(params)
+    return not leaves or leaves[0].device.type == "cpu"
+
+
+def _is_empty(batch: Any) -> bool:
+    """Whether every leaf of ``batch`` is a tensor of leading size 0."""
+    leaves = tree.leaves(batch)
+    return bool(leaves) and all(
+        isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0 for x in leaves
+    )
+
+
+def _stand_in(batch: Any, micro_batches: Any) -> Any:
+    """``K`` zero examples shaped like ``batch``'s leaves past the first dimension, or
+    ``None`` when ``batch`` has no such leaves or ``K`` is not a count or sizes."""
+    leaves = tree.leaves(batch)
+    if not leaves or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves):
+        return None
+    if isinstance(micro_batches, int) and not isinstance(micro_batches, bool):
+        k = micro_batches
+    else:
+        try:
+            k = len(micro_batches)
+        except TypeError:
+            return None
+    if k < 1:
+        return None
+    return tree.map(lambda x: x.new_zeros((k, *x.shape[1:])), batch)
+
+
+def _raise_for_flags(flags: list[float], mine: float, refusal: Exception | None) -> None:
+    """Raises on every rank when one refused its batch (this rank: its own error), or when
+    every rank's batch was empty; the step has then written nothing."""
+    refused = [r for r, f in enumerate(flags) if f == _REFUSED]
+    if refused:
+        if mine == _REFUSED and refusal is not None:
+            raise refusal
+        raise DistributedStepError(
+            f"rank(s) {refused} refused their batch (their own error says why); no rank took "
+            "this step and the state given to it is untouched"
+        )
+    if all(f == _EMPTY for f in flags):
+        raise ValueError(
+            "the batch is empty (leading size 0) on every rank; a step needs at least one "
+            "example (the state given to the step is untouched)"
+        )

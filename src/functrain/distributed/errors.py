@@ -6,13 +6,15 @@ __all__ = ["DistributedStepError", "RankMismatchError", "ShardingError"]
 
 
 class DistributedStepError(RuntimeError):
-    """A collective of a data-parallel step failed: another rank died, hung or left the job.
+    """A collective of a data-parallel step failed: another rank died, hung or left the job,
+    or refused its batch.
 
     Raised instead of hanging forever: a peer that exits closes its connections (the error comes
     at once) and a peer that stops answering makes the collective give up after the process
-    group's timeout (``functrain.distributed.init(timeout=...)``). The train state given to the
-    step is left untouched (not consumed, not half-updated); the job should stop and resume
-    from its last checkpoint.
+    group's timeout (``functrain.distributed.init(timeout=...)``). A peer that refuses its batch
+    (with CPU tensors) joins the step's collectives with a flag, and the others raise this,
+    naming it, at once. The train state given to the step is left untouched (not consumed, not
+    half-updated); the job should stop and resume from its last checkpoint.
 
     Example:
         >>> from functrain.distributed import DistributedStepError

@@ -74,11 +74,17 @@ def make_data_parallel_train_step(
     """Builds a data-parallel ``step(state, batch) -> (new_state, metrics)`` over ``torch.distributed``.
 
     Each rank calls the step with its own ``batch`` (sizes and token counts may differ between
-    ranks; at least ``micro_batches`` examples on every rank, except in a DP-SGD step, where a
-    rank's batch may be empty: a rank that refuses its batch raises before the collectives and
-    the others then fail with the group's timeout). The ranks combine gradient *sums* and *counts*, so the result is the
-    step :func:`functrain.make_train_step` would take on the concatenation of all ranks'
-    batches (to float rounding), and the metrics are those of that global batch on every rank.
+    ranks; a rank's batch may be empty, leading size 0, and then contributes nothing; a
+    non-empty one needs at least ``micro_batches`` examples). With CPU tensors (gloo) a rank
+    that refuses its batch still joins the collectives with zeros and a flag, and then every
+    rank raises: the refusing rank its own error, the others
+    :class:`~functrain.distributed.DistributedStepError`; when every rank's batch is empty,
+    ``ValueError`` on every rank (the state untouched either way). On a GPU the flags are not
+    read (a host sync per step): a refusal raises on its rank alone and an all-empty step is
+    skipped as non-finite (see the data-parallel guide). The ranks combine gradient *sums* and *counts*, so the
+    result is the step :func:`functrain.make_train_step` would take on the concatenation of all
+    ranks' batches (to float rounding), and the metrics are those of that global batch on
+    every rank.
     Outside a distributed job (world size 1) it is an ordinary train step.
 
     Args:
