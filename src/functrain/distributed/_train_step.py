@@ -31,9 +31,18 @@ from functrain.distributed._agree import (
 from functrain.distributed._combine import check_grad_stats_agree, combine
 from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
+from functrain.distributed._uneven import (
+    _EMPTY,
+    _REFUSED,
+    _TAKEN,
+    _WEIGHTS,
+    _is_empty,
+    _on_host,
+    _raise_for_flags,
+    _stand_in,
+)
 from functrain.distributed._update import replicated_update
 from functrain.distributed.data import rank_key
-from functrain.distributed.errors import DistributedStepError
 from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, identity
 from functrain.train import _step_checks, dp_stage, gradient, microbatch, rng
@@ -435,57 +444,3 @@ class DataParallelTrainStep:
         )
         self._opt_guard.issue(new_state)
         return new_state, metrics
-
-
-_TAKEN, _EMPTY, _REFUSED = 0.0, 1.0, 2.0  # a rank's batch state, summed over the ranks' slots
-_WEIGHTS = ("num_examples", "num_tokens")  # the metrics that weigh a rank's sums
-
-
-def _on_host(params: Any) -> bool:
-    """Whether the step's tensors (so the flags all-reduced with its counts) are CPU tensors."""
-    leaves = tree.leaves(params)
-    return not leaves or leaves[0].device.type == "cpu"
-
-
-def _is_empty(batch: Any) -> bool:
-    """Whether every leaf of ``batch`` is a tensor of leading size 0."""
-    leaves = tree.leaves(batch)
-    return bool(leaves) and all(
-        isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 0 for x in leaves
-    )
-
-
-def _stand_in(batch: Any, micro_batches: Any) -> Any:
-    """``K`` zero examples shaped like ``batch``'s leaves past the first dimension, or
-    ``None`` when ``batch`` has no such leaves or ``K`` is not a count or sizes."""
-    leaves = tree.leaves(batch)
-    if not leaves or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves):
-        return None
-    if isinstance(micro_batches, int) and not isinstance(micro_batches, bool):
-        k = micro_batches
-    else:
-        try:
-            k = len(micro_batches)
-        except TypeError:
-            return None
-    if k < 1:
-        return None
-    return tree.map(lambda x: x.new_zeros((k, *x.shape[1:])), batch)
-
-
-def _raise_for_flags(flags: list[float], mine: float, refusal: Exception | None) -> None:
-    """Raises on every rank when one refused its batch (this rank: its own error), or when
-    every rank's batch was empty; the step has then written nothing."""
-    refused = [r for r, f in enumerate(flags) if f == _REFUSED]
-    if refused:
-        if mine == _REFUSED and refusal is not None:
-            raise refusal
-        raise DistributedStepError(
-            f"rank(s) {refused} refused their batch (their own error says why); no rank took "
-            "this step and the state given to it is untouched"
-        )
-    if all(f == _EMPTY for f in flags):
-        raise ValueError(
-            "the batch is empty (leading size 0) on every rank; a step needs at least one "
-            "example (the state given to the step is untouched)"
-        )
