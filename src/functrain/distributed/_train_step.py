@@ -33,6 +33,7 @@ from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._uneven import (
     _EMPTY,
+    _PER_MICRO_BATCH,
     _REFUSED,
     _TAKEN,
     _WEIGHTS,
@@ -268,12 +269,13 @@ class DataParallelTrainStep:
     ) -> tuple[microbatch.BatchSplit, Any, float, Exception | None]:
         """This rank's split, the batch to evaluate, its flag and the refusal (if any).
 
-        An empty batch, or one the split refuses, is replaced by a stand-in of ``K`` zero
-        examples (the same leaf shapes past the first): its gradient stage gives tensors of the
-        right shapes for every collective, which the step then zeroes. Alone (world size 1),
-        or when no stand-in can be built (non-tensor or 0-d leaves), the refusal is raised here;
-        so is any refusal but an empty batch when the flags live on a device (``host_flags``
-        false): reading them there would be a host sync in every step.
+        An empty batch, or one the split refuses, is replaced by a stand-in of ``K``
+        micro-batches of two zero examples (the same leaf shapes past the first): its gradient
+        stage gives tensors of the right shapes for every collective, which the step then
+        zeroes. Alone (world size 1), or when no stand-in can be built (non-tensor or 0-d
+        leaves), the refusal is raised here; so is any refusal (an empty batch with
+        ``grad_stats`` included) when the flags live on a device (``host_flags`` false):
+        reading them there would be a host sync in every step.
         """
         k = self._local.micro_batches
         try:
@@ -298,8 +300,11 @@ class DataParallelTrainStep:
                         "grad_stats refuses (its per-micro-batch statistics need examples in "
                         "every micro-batch): give every rank at least micro_batches examples"
                     )
+            if not host_flags and flag == _REFUSED:
+                raise err from None  # the flags will not be read: refused before the collectives
+            k_in = len(tree.leaves(stand_in)[0]) // _PER_MICRO_BATCH
             return (
-                microbatch.split_batch(stand_in, len(tree.leaves(stand_in)[0])),
+                microbatch.split_batch(stand_in, k_in),
                 stand_in,
                 flag,
                 err,

@@ -18,6 +18,9 @@ from functrain.distributed.errors import DistributedStepError
 
 _TAKEN, _EMPTY, _REFUSED = 0.0, 1.0, 2.0  # a rank's batch state, summed over the ranks' slots
 _WEIGHTS = ("num_examples", "num_tokens")  # the metrics that weigh a rank's sums
+# Zero examples per stand-in micro-batch: two, as batch norm in training mode refuses one value
+# per channel (a stand-in that cannot be evaluated would leave the other ranks waiting).
+_PER_MICRO_BATCH = 2
 
 
 def _on_host(params: Any) -> bool:
@@ -35,8 +38,9 @@ def _is_empty(batch: Any) -> bool:
 
 
 def _stand_in(batch: Any, micro_batches: Any) -> Any:
-    """``K`` zero examples shaped like ``batch``'s leaves past the first dimension, or
-    ``None`` when ``batch`` has no such leaves or ``K`` is not a count or sizes."""
+    """``K`` micro-batches of :data:`_PER_MICRO_BATCH` zero examples each, shaped like
+    ``batch``'s leaves past the first dimension, or ``None`` when ``batch`` has no such leaves
+    or ``K`` is not a count or sizes."""
     leaves = tree.leaves(batch)
     if not leaves or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in leaves):
         return None
@@ -49,7 +53,7 @@ def _stand_in(batch: Any, micro_batches: Any) -> Any:
             return None
     if k < 1:
         return None
-    return tree.map(lambda x: x.new_zeros((k, *x.shape[1:])), batch)
+    return tree.map(lambda x: x.new_zeros((k * _PER_MICRO_BATCH, *x.shape[1:])), batch)
 
 
 def _raise_for_flags(flags: list[float], mine: float, refusal: Exception | None) -> None:
