@@ -286,8 +286,6 @@ class DataParallelTrainStep:
             stand_in = _stand_in(batch, k)
             if stand_in is None:
                 raise
-            if not host_flags and not (isinstance(k, int) and _is_empty(batch)):
-                raise
             flag, err = _REFUSED, caught
             if isinstance(k, int) and _is_empty(batch):
                 if self._grad_stats is None:
@@ -303,12 +301,7 @@ class DataParallelTrainStep:
             if not host_flags and flag == _REFUSED:
                 raise err from None  # the flags will not be read: refused before the collectives
             k_in = len(tree.leaves(stand_in)[0]) // _PER_MICRO_BATCH
-            return (
-                microbatch.split_batch(stand_in, k_in),
-                stand_in,
-                flag,
-                err,
-            )
+            return microbatch.split_batch(stand_in, k_in), stand_in, flag, err
 
     def _flags(self, flag: float, device: torch.device) -> torch.Tensor | None:
         """One slot per rank, this rank's set to ``flag`` (``None`` alone: nothing to tell)."""
