@@ -10,7 +10,6 @@ or another layout's shard with a ``RankMismatchError`` naming both ranks, before
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import gloo_jobs
@@ -42,15 +41,11 @@ def _with_identity(state: ft.TrainState, **changes) -> ft.TrainState:
 
 
 @pytest.fixture(scope="module")
-def job() -> list[dict]:
+def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Runs the worker on 2 ranks once; each rank's results (with its exit code and stderr)."""
-    with tempfile.TemporaryDirectory() as out:
-        procs = gloo_jobs.start("_zero_identity_worker.py", 2, [out])
-        try:
-            results = gloo_jobs.finish(procs, Path(out), timeout=30)
-        finally:
-            gloo_jobs.kill_all([procs])
-    return results
+    return gloo_jobs.run_job(
+        "_zero_identity_worker.py", 2, tmp_path_factory.mktemp("zero_identity"), timeout=30
+    )
 
 
 def test_init_and_shard_state_record_the_identity_as_plain_values() -> None:

@@ -23,9 +23,6 @@ non-contiguous leaves in the collectives; and adafactor refused by name.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import gloo_jobs
 import pytest
 import torch
@@ -36,15 +33,11 @@ NAMES = ["adamw", "sgd", "lion", "clip_adamw", "clip_sgd"]
 
 
 @pytest.fixture(scope="module")
-def job() -> list[dict]:
+def job(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Runs the worker on 2 ranks once; each rank's results (with its exit code and stderr)."""
-    with tempfile.TemporaryDirectory() as out:
-        procs = gloo_jobs.start("_zero_review2_worker.py", 2, [out])
-        try:
-            results = gloo_jobs.finish(procs, Path(out), timeout=60)
-        finally:
-            gloo_jobs.kill_all([procs])
-    return results
+    return gloo_jobs.run_job(
+        "_zero_review2_worker.py", 2, tmp_path_factory.mktemp("zero_review2"), timeout=60
+    )
 
 
 def test_float16_mean_does_not_overflow_in_the_sum(job):
