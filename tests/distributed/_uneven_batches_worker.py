@@ -147,6 +147,23 @@ def grad_stats_empty(rank, group, out_dir) -> dict:
     return out
 
 
+def refused_dp(rank, group, out_dir) -> dict:
+    """A DP-SGD step (its own split: small and empty batches are taken) with rank 1's batch
+    ragged: every rank raises promptly, the state untouched."""
+
+    def dp_loss(p, batch):
+        return (predict(p, batch["x"]) - batch["y"]).square().mean()
+
+    tx = ft.chain(ft.dp_noisy_mean(1.0, 0.5, 6.0, 0), ft.sgd(0.1))
+    step = dist.make_data_parallel_train_step(dp_loss, tx, group=group, per_example_clip=1.0)
+    state = step.init_state(params())
+    before = digest(state.params)
+    mine = shares(global_batch(0, 6), [4, 2], rank)
+    out = raised(lambda: step(state, ragged(mine) if rank == 1 else mine))
+    out["untouched"] = digest(state.params) == before
+    return out
+
+
 def few(batch: dict) -> dict:
     return {k: v[:1] for k, v in batch.items()}
 
@@ -178,6 +195,7 @@ PROBES = {
     "refused_ragged": lambda r, g, o: refusal(r, g, ragged),
     "refused_sharded": lambda r, g, o: refusal(r, g, few, micro_batches=2, shard_optimizer=True),
     "grad_stats_empty": grad_stats_empty,
+    "refused_dp": refused_dp,
 }
 
 if __name__ == "__main__":

@@ -88,3 +88,11 @@ def test_empty_rank_with_grad_stats_is_refused_on_every_rank(job: list[dict]) ->
     assert r0["type"] == "DistributedStepError"
     assert r0["s"] < PROMPT and r1["s"] < PROMPT
     assert r0["untouched"] and r1["untouched"]
+
+
+def test_a_ragged_dp_sgd_batch_makes_every_rank_raise_promptly(job: list[dict]) -> None:
+    r0, r1 = gloo_jobs.probe_results(job, "refused_dp")
+    assert r1["type"] == "ValueError"  # its own error
+    assert r0["type"] == "DistributedStepError" and "[1]" in r0["msg"]
+    assert r0["s"] < PROMPT and r1["s"] < PROMPT
+    assert r0["untouched"] and r1["untouched"]

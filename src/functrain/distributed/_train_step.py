@@ -303,6 +303,23 @@ class DataParallelTrainStep:
             k_in = len(tree.leaves(stand_in)[0]) // _PER_MICRO_BATCH
             return microbatch.split_batch(stand_in, k_in), stand_in, flag, err
 
+    def _plan_dp(
+        self, batch: Any, host_flags: bool
+    ) -> tuple[microbatch.BatchSplit, Any, float, Exception | None]:
+        """:meth:`_plan` for a DP-SGD step, whose split takes small and empty batches
+        (Poisson sampling: fewer micro-batches, or none); a batch it refuses (ragged leaves)
+        joins the collectives on a stand-in with the refusal flag, as in :meth:`_plan`."""
+        k = self._local.micro_batches
+        try:
+            return dp_stage.split(batch, k), batch, _TAKEN, None  # type: ignore[arg-type]
+        except (ValueError, TypeError) as caught:
+            if not (host_flags and self._joins_refused()):
+                raise
+            stand_in = _stand_in(batch, k)
+            if stand_in is None:
+                raise
+            return dp_stage.split(stand_in, k), stand_in, _REFUSED, caught  # type: ignore[arg-type]
+
     def _flags(self, flag: float, device: torch.device) -> torch.Tensor | None:
         """One slot per rank, this rank's set to ``flag`` (``None`` alone: nothing to tell)."""
         if not self._joins_refused():
@@ -371,8 +388,7 @@ class DataParallelTrainStep:
         flag, refusal = _TAKEN, None
         try:
             if self.per_example_clip is not None:
-                # Fewer micro-batches for a small batch, none for an empty one (Poisson).
-                split = dp_stage.split(batch, local_step.micro_batches)  # type: ignore[arg-type]
+                split, batch, flag, refusal = self._plan_dp(batch, _on_host(params))
             else:
                 split, batch, flag, refusal = self._plan(batch, _on_host(params))
             devices = gradient._devices(params)
