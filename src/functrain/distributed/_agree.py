@@ -8,7 +8,9 @@ description on the first call turns that into a :class:`RankMismatchError` raise
 rank 0's parameters: a broadcast of buckets of different sizes silently fills a larger bucket
 with rank 0's values or aborts the process whose bucket is smaller (gloo).
 :func:`check_noise_keys_agree` compares the values of the 0-d integer optimizer-state leaves
-(noise keys, counters), which must be equal for the ranks to add the same noise.
+(noise keys, counters), which must be equal for the ranks to add the same noise, and
+:func:`check_grad_stats_agree` the layout of a ``grad_stats`` hook's gathered statistics. All
+of them gather one description per rank (:func:`_gather`) and compare it with rank 0's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,27 @@ import torch.distributed as tdist
 from functrain import tree
 from functrain.distributed import process
 from functrain.distributed.errors import RankMismatchError
+from functrain.train.grad_stats import MicroBatchStats
+
+
+def _gather(description: Any, group: process.Group, what: str) -> list[Any]:
+    """Every rank's ``description``, in rank order (one object all-gather; a failure names
+    ``what``)."""
+    gathered: list[Any] = [None] * process.world_size(group)
+    with process.collective_errors(what, group):
+        tdist.all_gather_object(gathered, description, group=group)
+    return gathered
+
+
+def _differences(gathered: list[dict[str, Any]]) -> list[tuple[str, int, Any, Any]]:
+    """``(entry, rank, rank 0's value, that rank's value)`` for each entry of a gathered
+    description that differs from rank 0's."""
+    return [
+        (what, r, gathered[0][what], other[what])
+        for r, other in enumerate(gathered)
+        for what in gathered[0]
+        if other[what] != gathered[0][what]
+    ]
 
 
 def check_ranks_agree(
@@ -54,15 +77,8 @@ def check_ranks_agree(
             if isinstance(x, torch.Tensor)
         ],
     }
-    gathered: list[Any] = [None] * world
-    with process.collective_errors("the first step's check that all ranks agree", group):
-        tdist.all_gather_object(gathered, signature, group=group)
-    problems = [
-        f"{what}: rank {r} differs from rank 0"
-        for r, other in enumerate(gathered)
-        for what in signature
-        if other[what] != gathered[0][what]
-    ]
+    gathered = _gather(signature, group, "the first step's check that all ranks agree")
+    problems = [f"{what}: rank {r} differs from rank 0" for what, r, _, _ in _differences(gathered)]
     if problems:
         hint = (
             " (start from the same parameters: step.init_state(...) broadcasts rank 0's)"
@@ -84,20 +100,14 @@ def check_layouts_agree(params: Any, buffers: Any, group: process.Group) -> None
     if world == 1:
         return
     mine = {"parameters": _layout(params, "params"), "buffers": _layout(buffers, "buffers")}
-    gathered: list[Any] = [None] * world
-    with process.collective_errors("init_state's check that all ranks agree", group):
-        tdist.all_gather_object(gathered, mine, group=group)
+    gathered = _gather(mine, group, "init_state's check that all ranks agree")
     problems = []
-    for r, other in enumerate(gathered):
-        for what, ours in gathered[0].items():
-            theirs = other[what]
-            if theirs == ours:
-                continue
-            first = next(
-                (f"{a} on rank 0, {b} on rank {r}" for a, b in zip(ours, theirs) if a != b),
-                f"{len(ours)} leaves on rank 0, {len(theirs)} on rank {r}",
-            )
-            problems.append(f"{what}: {first}")
+    for what, r, ours, theirs in _differences(gathered):
+        first = next(
+            (f"{a} on rank 0, {b} on rank {r}" for a, b in zip(ours, theirs) if a != b),
+            f"{len(ours)} leaves on rank 0, {len(theirs)} on rank {r}",
+        )
+        problems.append(f"{what}: {first}")
     if problems:
         raise RankMismatchError(
             "init_state: ranks disagree on the structure, shapes or dtypes of "
@@ -126,9 +136,7 @@ def check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
         and x.dim() == 0
         and not (x.is_floating_point() or x.is_complex())
     ]
-    gathered: list[Any] = [None] * world
-    with process.collective_errors("the first step's check that all ranks agree", group):
-        tdist.all_gather_object(gathered, ints, group=group)
+    gathered = _gather(ints, group, "the first step's check that all ranks agree")
     others = [r for r, theirs in enumerate(gathered) if theirs != gathered[0]]
     if others:
         raise RankMismatchError(
@@ -136,4 +144,40 @@ def check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
             f"dp_noisy_mean or add_noise, counters) of rank(s) {others} differ from rank 0's; "
             "the noise must be drawn once, identically, on every rank: build tx with the same "
             "seed on every rank"
+        )
+
+
+def check_grad_stats_agree(stats: MicroBatchStats, group: process.Group) -> None:
+    """First call: every rank packs the same layout (``K``, value names and lengths, the
+    accumulator's leaves), else :class:`RankMismatchError` on every rank (one host gather)."""
+    world = process.world_size(group)
+    if world == 1 or not process.is_distributed():
+        return
+    acc = []
+    if stats.accumulated is not None:
+        for leaf in tree.leaves(stats.accumulated):
+            if isinstance(leaf, torch.Tensor):
+                acc.append((tuple(leaf.shape), str(leaf.dtype)))
+            elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+                acc.append(("number", leaf))
+            else:
+                raise TypeError(
+                    "a grad_stats accumulator across ranks must hold tensors and numbers only "
+                    f"(they are summed over the ranks), got a {type(leaf).__name__}"
+                )
+    mine = {
+        "K (micro-batches per rank)": int(stats.sizes.numel()),
+        "per_micro_batch values": [(k, int(v.numel())) for k, v in stats.values.items()],
+        "accumulator": acc,
+    }
+    gathered = _gather(mine, group, "the first step's grad_stats check")
+    problems = [
+        f"{what}: {ours!r} on rank 0, {theirs!r} on rank {r}"
+        for what, r, ours, theirs in _differences(gathered)
+    ]
+    if problems:
+        raise RankMismatchError(
+            "grad_stats across ranks: ranks disagree on " + "; ".join(problems) + " (every "
+            "rank must split its batch into the same number K of micro-batches: give the "
+            "same micro_batches count on every rank)"
         )

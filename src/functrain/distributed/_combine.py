@@ -18,8 +18,9 @@ each rank's per-micro-batch stats (sizes, losses, ``per_micro_batch`` values) pa
 float64 vector, so the hook sees all ``world × K`` micro-batches in rank order; a hook with an
 accumulator (``noise_scale_hook(cosine=True)``) also has its accumulator all-reduced (summed):
 a second all-reduce as large as the accumulator, i.e. gradient-sized for the cosine's sum of
-unit gradients. :func:`check_grad_stats_agree` checks on the first call that the ranks'
-packed vectors agree in layout (``K``, value names), so the all-gather cannot mismatch.
+unit gradients. :func:`functrain.distributed._agree.check_grad_stats_agree` checks on the
+first call that the ranks' packed vectors agree in layout (``K``, value names), so the
+all-gather cannot mismatch.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import torch.distributed as tdist
 from functrain import tree
 from functrain.distributed import collectives, process, zero
 from functrain.distributed._sums import Stats, div_, pack_stats, unpack_stats
-from functrain.distributed.errors import RankMismatchError
 from functrain.train.grad_stats import MicroBatchStats
 
 _NARROW = (torch.float16,)  # dtypes whose range the weighted sums can exceed
@@ -172,43 +172,3 @@ def _start_grad_stats(step: DataParallelTrainStep, stats: MicroBatchStats) -> Ca
         return unpack_stats(gathered, lengths, stats, accumulated)
 
     return wait
-
-
-def check_grad_stats_agree(stats: MicroBatchStats, group: process.Group) -> None:
-    """First call: every rank packs the same layout (``K``, value names and lengths, the
-    accumulator's leaves), else :class:`RankMismatchError` on every rank (one host gather)."""
-    world = process.world_size(group)
-    if world == 1 or not process.is_distributed():
-        return
-    acc = []
-    if stats.accumulated is not None:
-        for leaf in tree.leaves(stats.accumulated):
-            if isinstance(leaf, torch.Tensor):
-                acc.append((tuple(leaf.shape), str(leaf.dtype)))
-            elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
-                acc.append(("number", leaf))
-            else:
-                raise TypeError(
-                    "a grad_stats accumulator across ranks must hold tensors and numbers only "
-                    f"(they are summed over the ranks), got a {type(leaf).__name__}"
-                )
-    mine = {
-        "K (micro-batches per rank)": int(stats.sizes.numel()),
-        "per_micro_batch values": [(k, int(v.numel())) for k, v in stats.values.items()],
-        "accumulator": acc,
-    }
-    gathered: list[Any] = [None] * world
-    with process.collective_errors("the first step's grad_stats check", group):
-        tdist.all_gather_object(gathered, mine, group=group)
-    problems = [
-        f"{what}: {gathered[0][what]!r} on rank 0, {other[what]!r} on rank {r}"
-        for r, other in enumerate(gathered)
-        for what in mine
-        if other[what] != gathered[0][what]
-    ]
-    if problems:
-        raise RankMismatchError(
-            "grad_stats across ranks: ranks disagree on " + "; ".join(problems) + " (every "
-            "rank must split its batch into the same number K of micro-batches: give the "
-            "same micro_batches count on every rank)"
-        )

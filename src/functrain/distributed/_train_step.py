@@ -24,11 +24,12 @@ import torch
 from functrain import tree
 from functrain.distributed import collectives, process, zero
 from functrain.distributed._agree import (
+    check_grad_stats_agree,
     check_layouts_agree,
     check_noise_keys_agree,
     check_ranks_agree,
 )
-from functrain.distributed._combine import check_grad_stats_agree, combine
+from functrain.distributed._combine import combine
 from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._uneven import (
