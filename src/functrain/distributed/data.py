@@ -64,19 +64,20 @@ def _who(rank: int | None, world_size: int | None, group: process.Group) -> tupl
 def shard_sizes(num_examples: int, world_size: int) -> list[int]:
     """How many of ``num_examples`` each rank gets: sizes differ by at most one, larger first.
 
-    Pure arithmetic: it does not consult ``torch.distributed``.
+    Pure arithmetic: it does not consult ``torch.distributed``, so ``world_size`` has no
+    default and ``None`` is refused (pass ``dist.world_size()`` for the process group's size).
 
     Args:
         num_examples: the number of examples to share, a non-negative integer (NumPy's too).
-        world_size: the number of ranks, a positive integer.
+        world_size: the number of ranks, a positive integer (NumPy's too).
 
     Returns:
         A list of ``world_size`` Python ints summing to ``num_examples``; entry ``r`` is rank
         ``r``'s share (0 for the last ranks when ``num_examples < world_size``).
 
     Raises:
-        ValueError: ``num_examples`` or ``world_size`` is not an integer in range (bools are
-            refused).
+        ValueError: ``num_examples`` or ``world_size`` is not an integer in range (bools and
+            ``None`` are refused).
 
     Example:
         >>> from functrain import distributed as dist
@@ -86,7 +87,11 @@ def shard_sizes(num_examples: int, world_size: int) -> list[int]:
     n = _int(num_examples)
     if n is None or n < 0:
         raise ValueError(f"num_examples must be a non-negative int, got {num_examples!r}")
-    _, w = _who(0, world_size, None)
+    w = _int(world_size)
+    # Checked here, not by _who: _who reads the process group's size for None, and a None that
+    # slipped through (an unset config value) gave ``[num_examples]`` outside a job.
+    if w is None or w < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     q, r = divmod(n, w)
     return [q + 1 if i < r else q for i in range(w)]
 

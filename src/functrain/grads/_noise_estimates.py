@@ -244,15 +244,20 @@ def gradient_diversity(
         sizes: micro-batch sizes ``bᵢ``, or ``None``. Empty micro-batches (size 0) add nothing.
 
     Returns:
-        A tensor shaped like ``sq_norms`` without its last dimension, in the promoted dtype of
-        the inputs. NaN when all gradients are zero (``0/0``).
+        A tensor shaped like ``sq_norms`` without its last dimension, in at least float32:
+        half-precision inputs are widened before the arithmetic (float64 inputs stay float64).
+        NaN when all gradients are zero (``0/0``).
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.gradient_diversity([torch.tensor(1.0), torch.tensor(1.0)], torch.tensor(2.0))
         tensor(1.)
     """
-    sq = _stack_sq_norms(sq_norms)
+    # Widened like noise_scale_estimate: K float16 squared norms of 300 sum past 65504, and
+    # with sizes each is multiplied by bᵢ² and the denominator by B² before any division.
+    sq = widen(_stack_sq_norms(sq_norms))
+    if isinstance(combined_sq_norm, torch.Tensor):
+        combined_sq_norm = widen(combined_sq_norm)
     if sizes is None:
         return sq.sum(-1) / combined_sq_norm
     weighted, total, _ = _weighted_sums(sizes, sq, 2)

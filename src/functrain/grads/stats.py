@@ -257,8 +257,10 @@ def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
         b: moments of the other group, with ``a``'s structure and shapes.
 
     Returns:
-        The :class:`GradMoments` of both groups (``count = a.count + b.count``). When one
-        group is empty (``count`` 0) the other is returned as it is, the same object.
+        The :class:`GradMoments` of both groups (``count = a.count + b.count``), with tensors
+        of its own: never ``a``'s or ``b``'s, also when one group is empty (``count`` 0; its
+        values are then ignored, its structure and shapes still checked), so a caller may
+        update the result in place without touching an input.
 
     Raises:
         TreeMismatchError: (a ``ValueError``) the structures or leaf shapes differ.
@@ -272,16 +274,23 @@ def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
         (3, tensor([3.]), tensor([7.]))
     """
     n = a.count + b.count
-    if a.count == 0:
-        return b
-    if b.count == 0:
-        return a
     tree.check_shapes(a.mean, b.mean, ("a.mean", "b.mean"))  # _foreach ops would broadcast
     mean_a, spec = tree.flatten(a.mean)
     mean_b = tree.flatten_up_to(spec, b.mean, ("a.mean", "b.mean"), a.mean)
     m2_a = tree.flatten_up_to(spec, a.m2, ("a.mean", "a.m2"), a.mean)
     m2_b = tree.flatten_up_to(spec, b.m2, ("a.mean", "b.m2"), a.mean)
     dtypes = [torch.promote_types(x.dtype, y.dtype) for x, y in zip(mean_a, mean_b)]
+    if a.count == 0 or b.count == 0:
+        # Copies in the dtypes of the general case: returning the other group itself let an
+        # in-place update of the result (e.g. of an accumulator started empty) change it, and
+        # kept a half-precision m2 that the general case widens.
+        mean, m2 = (mean_b, m2_b) if a.count == 0 else (mean_a, m2_a)
+        m2_dtypes = [
+            torch.promote_types(widen(x).dtype, widen(y).dtype) for x, y in zip(m2_a, m2_b)
+        ]
+        mean = [x.to(d, copy=True) for x, d in zip(mean, dtypes)]
+        m2 = [x.to(d, copy=True) for x, d in zip(m2, m2_dtypes)]
+        return GradMoments(n, tree.unflatten(spec, mean), tree.unflatten(spec, m2))
     # Half-precision leaves in float32 (widen_all returns the same lists when there are none):
     # ``δ²·n_a·n_b/n`` and the sum of the m2s overflowed float16.
     wide_a = widen_all(mean_a)
