@@ -12,6 +12,9 @@ Models: ``TinyGPT`` (a ~3.2M-parameter decoder-only transformer LM, batch 8 × 3
   computes no norms either), plus the all-defaults step (``norm_metrics=True``: ``grad_norm``,
   ``update_norm``, ``param_norm``) and ``nonfinite="ignore"`` (no NaN/inf check, which the
   classic loop lacks too);
+* the autograd loop step with ``grad_stats=ft.noise_scale_hook()`` and with
+  ``noise_scale_hook(cosine=True)``: the gradient-noise-scale metrics from the K micro-batch
+  gradients; the notes give their cost relative to the same step without them;
 * ``make_train_step(..., compile=True)`` (full mode only; compilation time excluded from the
   timing and reported in the notes).
 
@@ -53,6 +56,8 @@ CHECK_STEPS = 3
 # normalisation then magnifies rounding in near-zero gradients); a lost step would show as ~0.3.
 TOL = 1e-2
 BAR_ROWS = ("functrain loop, autograd", "functrain loop, func")
+NOISE_SCALE = "functrain loop, autograd, grad_stats=noise_scale_hook()"
+NOISE_SCALE_COSINE = "functrain loop, autograd, grad_stats=noise_scale_hook(cosine=True)"
 
 
 # --------------------------------------------------------------------------- peak memory
@@ -213,6 +218,13 @@ def _variants(quick: bool) -> dict[str, dict[str, Any]]:
         "nonfinite": "ignore",
     }
     variants["functrain defaults (loop, auto backend, norm metrics)"] = {}
+    # The gradient-noise-scale metrics from the K micro-batch gradients (issue: "at negligible
+    # cost"): compared with the same loop step without them. Fresh hooks: each has its state.
+    for label, hook in (
+        (NOISE_SCALE, ft.noise_scale_hook()),
+        (NOISE_SCALE_COSINE, ft.noise_scale_hook(cosine=True)),
+    ):
+        variants[label] = {**variants["functrain loop, autograd"], "grad_stats": hook}
     if not quick:  # compiling takes tens of seconds
         variants["functrain loop, compile=True (func backend)"] = {
             "strategy": "loop",
@@ -284,6 +296,13 @@ def _bench_model(name: str, quick: bool, section: Section, device: str) -> None:
         section.rows.append(row)
     for label, seconds in compile_seconds.items():
         section.notes.append(f"{name}: {label} compiled in {seconds:.1f} s (not in the timings)")
+    without = times.get("functrain loop, autograd")
+    for label in (NOISE_SCALE, NOISE_SCALE_COSINE):
+        if label in times and without:
+            section.notes.append(
+                f"{name}: {label.removeprefix('functrain loop, autograd, ')} costs "
+                f"{100 * (times[label] / without - 1):+.1f}% of the same step without it"
+            )
     for label in BAR_ROWS:
         if label not in times:
             continue

@@ -100,6 +100,24 @@ def cosine_accumulator_add(
         >>> acc.unit_sum
         [tensor([0.6000, 0.8000])]
     """
+    a_leaves, spec, g_leaves, divisor, unit_sq = _unit_terms(acc, grad, sq_norm)
+    new_sum = torch._foreach_add(a_leaves, torch._foreach_div(g_leaves, divisor))
+    return CosineAccumulator(tree.unflatten(spec, new_sum), unit_sq, acc.count + 1)
+
+
+def _add_in_place(acc: CosineAccumulator, grad: PyTree) -> CosineAccumulator:
+    """:func:`cosine_accumulator_add` writing into ``acc.unit_sum``, for an accumulator that
+    its caller made and alone holds (the train step's, made afresh every step): no
+    parameter-sized temporaries (``addcdiv_`` divides as it adds, bit for bit the same sum)."""
+    a_leaves, spec, g_leaves, divisor, unit_sq = _unit_terms(acc, grad, None)
+    torch._foreach_addcdiv_(a_leaves, g_leaves, [divisor] * len(a_leaves))
+    return CosineAccumulator(tree.unflatten(spec, a_leaves), unit_sq, acc.count + 1)
+
+
+def _unit_terms(
+    acc: CosineAccumulator, grad: PyTree, sq_norm: torch.Tensor | None
+) -> tuple[list[torch.Tensor], Any, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(sum leaves, their spec, gradient leaves, ‖g‖ or its stand-in, new unit_sq_sum)``."""
     a_leaves, spec, other = _utils.flat(acc.unit_sum, {"grad": grad})
     # Half-precision gradients are widened to the accumulator's dtype before scaling.
     g_leaves = [g.to(a.dtype) for a, g in zip(a_leaves, other["grad"])]
@@ -112,11 +130,8 @@ def cosine_accumulator_add(
     # one. A zero gradient divides by inf and adds nothing. Both norms cost one pass: a scaled,
     # overflow-free norm took two more passes and a leaf-sized temporary per leaf (30x slower).
     norm = torch.where(torch.isinf(sq_norm), torch.nan, sq_norm.sqrt())
-    positive = norm > 0
-    unit = torch._foreach_div(g_leaves, torch.where(norm == 0, torch.inf, norm))
-    new_sum = torch._foreach_add(a_leaves, unit)
-    unit_sq = acc.unit_sq_sum + positive.to(acc.unit_sq_sum.dtype)
-    return CosineAccumulator(tree.unflatten(spec, new_sum), unit_sq, acc.count + 1)
+    unit_sq = acc.unit_sq_sum + (norm > 0).to(acc.unit_sq_sum.dtype)
+    return a_leaves, spec, g_leaves, torch.where(norm == 0, torch.inf, norm), unit_sq
 
 
 def mean_pairwise_cosine(acc: CosineAccumulator) -> torch.Tensor:

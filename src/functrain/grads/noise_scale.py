@@ -322,7 +322,8 @@ def noise_scale_hook(
         update=update,
         name=name,
         accumulator_init=cos.cosine_accumulator_init,
-        accumulate=lambda acc, grad, size: cos.cosine_accumulator_add(acc, grad),
+        # The step makes the accumulator afresh for every step and alone holds it.
+        accumulate=lambda acc, grad, size: cos._add_in_place(acc, grad),
     )
 
 

@@ -39,15 +39,25 @@ def safe_increment(count: torch.Tensor) -> torch.Tensor:
     """
     limit = _LIMITS.get(count.dtype)
     if limit is None:
-        limit = INT32_MAX
-        if not (count.is_floating_point() or count.is_complex() or count.dtype == torch.bool):
-            limit = min(limit, torch.iinfo(count.dtype).max)
-        _LIMITS[count.dtype] = limit
+        limit = _limit(count.dtype)
+        # Not while compiling: dynamo guards on the dict's contents, so filling it during the
+        # first trace recompiled the step at its second call.
+        if not torch.compiler.is_compiling():
+            _LIMITS[count.dtype] = limit
     return torch.where(count < limit, count + 1, count)
 
 
-# Per dtype, as it runs once per transform per step: torch.iinfo costs microseconds.
-_LIMITS: dict[torch.dtype, int] = {}
+def _limit(dtype: torch.dtype) -> int:
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return INT32_MAX
+    return min(INT32_MAX, torch.iinfo(dtype).max)
+
+
+# Per dtype, as it runs once per transform per step: torch.iinfo costs microseconds. Filled
+# ahead for the usual counters, so that a compiled step never finds it changed.
+_LIMITS: dict[torch.dtype, int] = {
+    d: _limit(d) for d in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+}
 
 
 def resolve(value: ScalarOrSchedule, count: torch.Tensor) -> Scalar:

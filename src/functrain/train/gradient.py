@@ -50,6 +50,13 @@ from functrain.train.grad_stats import GradStatsHook, MicroBatchStats
 __all__ = ["GradStatsHook", "MicroBatchStats"]  # defined in grad_stats, re-exported here
 
 
+def _any_half(params: Any) -> bool:
+    return any(
+        isinstance(p, torch.Tensor) and p.dtype in (torch.float16, torch.bfloat16)
+        for p in tree.leaves(params)
+    )
+
+
 class GradResult(NamedTuple):
     """Output of the gradient stage (internal)."""
 
@@ -238,13 +245,20 @@ class GradStage:
         losses, sizes, values = [], [], []
         accumulated = None if self.accumulator is None else self.accumulator[0](params)
         streams = self._streams(key, devices)
+        # With a hook, a mean loss is differentiated unweighted and weighted in the sum: the hook
+        # needs the unweighted gradient, and unweighting a weighted one cost a parameter-sized
+        # copy per micro-batch. Half-precision parameters keep the weight before
+        # differentiation, where it keeps the backward pass's headroom.
+        unweighted = self.per_micro_batch is not None and not _any_half(params)
         for i, size in enumerate(split.sizes):
             mb = microbatch.micro_batch(batch, split, i)
             mb_key, seeding = self._micro_batch_rng(streams, key, i, devices)
             self.metas.clear()
             weight = size / split.total  # applied to a mean loss before differentiation
             with seeding:
-                grads, payload = self.grad_fn(params, mb, buffers, mb_key, weight)
+                grads, payload = self.grad_fn(
+                    params, mb, buffers, mb_key, None if unweighted else weight
+                )
             meta = self.metas[-1]
             combiner.add(meta, size, payload)
             if meta.has_buffers:
@@ -254,7 +268,8 @@ class GradStage:
             if self.per_micro_batch is not None:
                 # The hook sees the micro-batch's own gradient, unweighted and unscaled.
                 value, hook_grads = self._unscaled(
-                    payload["value"], grads if meta.is_sum else tree.scale(1 / weight, grads)
+                    payload["value"],
+                    grads if meta.is_sum or unweighted else tree.scale(1 / weight, grads),
                 )
                 if meta.is_sum:
                     b = payload["count"]
@@ -269,7 +284,7 @@ class GradStage:
                 if self.accumulator is not None:
                     accumulated = self.accumulator[1](accumulated, hook_grads, b)
                 del hook_grads
-            acc.add(leaves, 1.0)  # weighted already
+            acc.add(leaves, weight if unweighted and not meta.is_sum else 1.0)
         assert spec is not None
         device = combiner.loss.device  # type: ignore[union-attr]
         stats = self._stats(split, combiner, losses, sizes, values, accumulated)
