@@ -313,7 +313,13 @@ def noise_scale_hook(
         return metrics, new_state
 
     if not cosine:
-        return GradStatsHook(init=init, per_micro_batch=per_micro_batch, update=update, name=name)
+        return GradStatsHook(
+            init=init,
+            per_micro_batch=per_micro_batch,
+            update=update,
+            name=name,
+            per_micro_batch_sq_norm=lambda sq_norm, size: {"sq_norm": sq_norm},
+        )
     from functrain.grads import cosine as cos  # cosine imports this module
 
     return GradStatsHook(

@@ -3,7 +3,8 @@
 Moved out of :mod:`functrain.train.gradient` (which re-exports them, so
 ``gradient._seeding`` and the others keep working): the buffer check, the per-micro-batch RNG
 seeding context, the fast ``backward`` engine call, the ``torch.autograd.grad`` objective
-wrapper, and the small tensor helpers the stage's statistics use.
+wrapper, the small tensor helpers the stage's statistics use, and the backward loop's record
+of per-micro-batch squared norms for a ``per_micro_batch_sq_norm`` hook.
 """
 
 from __future__ import annotations
@@ -117,3 +118,58 @@ def _size_dtype(value: torch.Tensor) -> torch.dtype:
 def _permute(vec: torch.Tensor, perm: list[int]) -> torch.Tensor:
     # Indexing with Python ints keeps everything on the device (no index tensor to upload).
     return torch.stack([vec[j] for j in perm])
+
+
+class _SqNormRecord:
+    """The per-micro-batch ``‖ĝᵢ‖²`` of a :attr:`GradStatsHook.per_micro_batch_sq_norm` hook in
+    the backward loop: a hook on each step-local leaf takes the norm of the gradient backward
+    hands it before it is added into ``.grad`` (once per leaf and backward, all uses of a tied
+    leaf summed), so no micro-batch gradient is kept."""
+
+    def __init__(self, leaves: list[torch.Tensor]) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.losses: list[torch.Tensor] = []
+        self.sizes: list[torch.Tensor] = []
+        self.values: list[dict[str, torch.Tensor]] = []
+        self.handles = [leaf.register_hook(self._square) for leaf in leaves]
+
+    def _square(self, grad: torch.Tensor) -> None:
+        # The norm here, squared with the others in one op per micro-batch.
+        wide = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
+        self.parts.append(torch.linalg.vector_norm(grad, dtype=wide))
+
+    def micro_batch(
+        self, stage: Any, meta: Any, size: int, weight: float, payload: dict[str, Any]
+    ) -> None:
+        """Hands the hook this micro-batch's unweighted, unscaled ``‖ĝᵢ‖²`` and its size."""
+        value, inverse = stage._unscaled(payload["value"], None)
+        parts, self.parts = self.parts, []
+        if parts:
+            sq = torch.stack(parts).square().sum() if len(parts) > 1 else parts[0].square()
+        else:  # no parameter got a gradient
+            sq = torch.zeros((), dtype=_size_dtype(value), device=value.device)
+        if meta.is_sum:  # ∇Tᵢ, to be divided by the count
+            b = payload["count"]
+            factor = _inverse_count(b)
+            self.losses.append(value * factor)
+            self.sizes.append(b)
+            sq = sq * factor.to(sq.dtype).square()
+        else:  # wᵢ∇Lᵢ: the objective was weighted before differentiation
+            b = torch.full((), size, dtype=_size_dtype(value), device=value.device)
+            self.losses.append(value)
+            sq = sq / (weight * weight)
+        if inverse is not None:
+            sq = sq * inverse.to(sq.dtype).square()
+        assert stage.sq_norm_hook is not None
+        self.values.append(stage.sq_norm_hook(sq, b))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _any_half(params: Any) -> bool:
+    return any(
+        isinstance(p, torch.Tensor) and p.dtype in (torch.float16, torch.bfloat16)
+        for p in tree.leaves(params)
+    )

@@ -64,6 +64,14 @@ class GradStatsHook(NamedTuple):
         accumulate: ``accumulate(acc, mean_grad, size) -> acc``, called once per micro-batch
             with what ``per_micro_batch`` gets (in the ``"vmap"`` strategy the micro-batches
             may arrive grouped by size, not in order); it must not keep ``mean_grad`` itself.
+        per_micro_batch_sq_norm: for a hook whose ``per_micro_batch`` depends on ``ĝᵢ`` only
+            through ``‖ĝᵢ‖²``: ``per_micro_batch_sq_norm(sq_norm, size)`` giving the same
+            dict. The eager ``"loop"`` step with the ``"autograd"`` backend then calls it
+            instead (for a hook without an accumulator), forming ``‖ĝᵢ‖²`` parameter by
+            parameter as backward produces the gradients, which are summed in place as
+            without a hook: no micro-batch gradient is kept (the memory of a step without the
+            hook) and the update is the same, bit for bit. Other steps call
+            ``per_micro_batch``.
 
     Example:
         >>> import torch, functrain as ft
@@ -86,3 +94,6 @@ class GradStatsHook(NamedTuple):
     name: str = "grad_stats"
     accumulator_init: Callable[[Any], Any] | None = None
     accumulate: Callable[[Any, Any, torch.Tensor], Any] | None = None
+    per_micro_batch_sq_norm: (
+        Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None
+    ) = None

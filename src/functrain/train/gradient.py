@@ -35,6 +35,7 @@ from functrain.train import microbatch, rng
 
 # The stage's helpers live in _grad_helpers; re-exported (``X as X``) here.
 from functrain.train._grad_helpers import _NO_SEEDING as _NO_SEEDING
+from functrain.train._grad_helpers import _any_half as _any_half
 from functrain.train._grad_helpers import _autograd_grad as _autograd_grad
 from functrain.train._grad_helpers import _backward as _backward
 from functrain.train._grad_helpers import _check_buffers as _check_buffers
@@ -44,17 +45,11 @@ from functrain.train._grad_helpers import _permute as _permute
 from functrain.train._grad_helpers import _run_backward as _run_backward
 from functrain.train._grad_helpers import _seeding as _seeding
 from functrain.train._grad_helpers import _size_dtype as _size_dtype
+from functrain.train._grad_helpers import _SqNormRecord as _SqNormRecord
 from functrain.train.combine import Combiner, _GradSum, _Meta, make_objective
 from functrain.train.grad_stats import GradStatsHook, MicroBatchStats
 
 __all__ = ["GradStatsHook", "MicroBatchStats"]  # defined in grad_stats, re-exported here
-
-
-def _any_half(params: Any) -> bool:
-    return any(
-        isinstance(p, torch.Tensor) and p.dtype in (torch.float16, torch.bfloat16)
-        for p in tree.leaves(params)
-    )
 
 
 class GradResult(NamedTuple):
@@ -81,6 +76,8 @@ class GradStage:
         loss_scale: Callable[[], torch.Tensor] | None = None,
         accumulator: tuple[Callable[[Any], Any], Callable[[Any, Any, torch.Tensor], Any]]
         | None = None,
+        per_micro_batch_sq_norm: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+        | None = None,
     ) -> None:
         self.accepted = loss_lib.accepted_inputs(loss_fn)
         self.metas: list[_Meta] = []
@@ -91,6 +88,12 @@ class GradStage:
         self.per_micro_batch = per_micro_batch
         # The hook's step-local accumulator: (init(params), add(acc, mean_grad, size)).
         self.accumulator = accumulator if per_micro_batch is not None else None
+        # A hook that needs only ‖ĝᵢ‖² runs in the backward loop (see GradStatsHook).
+        self.sq_norm_hook = (
+            per_micro_batch_sq_norm
+            if per_micro_batch is not None and self.accumulator is None
+            else None
+        )
         # The current loss scale when ``loss_fn`` is scaled: the hook sees unscaled values.
         self.loss_scale = loss_scale
         self.backend = backend
@@ -120,7 +123,9 @@ class GradStage:
         """Runs the chosen strategy."""
         if self.strategy == "vmap":
             return self._vmap(params, batch, split, buffers, key, devices)
-        if self.backend == "autograd" and self.per_micro_batch is None:
+        if self.backend == "autograd" and (
+            self.per_micro_batch is None or self.sq_norm_hook is not None
+        ):
             return self._loop_backward(params, batch, split, buffers, key, devices)
         return self._loop(params, batch, split, buffers, key, devices)
 
@@ -148,33 +153,44 @@ class GradStage:
         combiner = Combiner(split.total)
         mbs = microbatch.micro_batches(batch, split)
         streams = self._streams(key, devices)
-        with torch.enable_grad():
-            for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
-                mb_key, seeding = self._micro_batch_rng(streams, key, i, devices)
-                self.metas.clear()
-                weight = size / split.total
-                with seeding:
-                    obj, payload = self.objective(tracked, mb, buffers, mb_key, weight)
-                    meta = self.metas[-1]
-                    if obj.requires_grad:
-                        _backward(obj, inputs, plain)
-                    # else: a loss that does not depend on the params (a constant, a detached
-                    # value) has a zero gradient, as torch.func.grad gives; backward would raise.
-                # A weighted objective is the combiner's weighted loss (same product, same
-                # bits); unweighted, the combiner copies the value (the loss metric never
-                # aliases loss_fn's tensor).
-                weighted = not meta.is_sum and weight != 1.0
-                combiner.add(meta, size, payload, weighted=obj.detach() if weighted else None)
-                del obj
-                if meta.has_buffers:
-                    _check_buffers(buffers, payload["buffers"])
-                    buffers = payload["buffers"]
+        record = None if self.sq_norm_hook is None else _SqNormRecord(leaves)
+        try:
+            with torch.enable_grad():
+                for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
+                    mb_key, seeding = self._micro_batch_rng(streams, key, i, devices)
+                    self.metas.clear()
+                    weight = size / split.total
+                    with seeding:
+                        obj, payload = self.objective(tracked, mb, buffers, mb_key, weight)
+                        meta = self.metas[-1]
+                        if obj.requires_grad:
+                            _backward(obj, inputs, plain)
+                        # else: a loss that does not depend on the params (a constant, a
+                        # detached value) has a zero gradient, as torch.func.grad gives;
+                        # backward would raise.
+                    # A weighted objective is the combiner's weighted loss (same product, same
+                    # bits); unweighted, the combiner copies the value (the loss metric never
+                    # aliases loss_fn's tensor).
+                    weighted = not meta.is_sum and weight != 1.0
+                    combiner.add(meta, size, payload, weighted=obj.detach() if weighted else None)
+                    del obj
+                    if record is not None:
+                        record.micro_batch(self, meta, size, weight, payload)
+                    if meta.has_buffers:
+                        _check_buffers(buffers, payload["buffers"])
+                        buffers = payload["buffers"]
+        finally:
+            if record is not None:
+                record.remove()
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         del leaves, tracked, inputs
         if combiner.count is not None and grads:
             torch._foreach_div_(grads, combiner.count)
         device = combiner.loss.device  # type: ignore[union-attr]
-        return GradResult(tree.unflatten(spec, grads), combiner.metrics(device), buffers, None)
+        stats = None
+        if record is not None:
+            stats = self._stats(split, combiner, record.losses, record.sizes, record.values, None)
+        return GradResult(tree.unflatten(spec, grads), combiner.metrics(device), buffers, stats)
 
     def _streams(
         self, key: torch.Tensor | None, devices: Sequence[torch.device]

@@ -123,14 +123,22 @@ class TrainStep:
             per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
             accumulator=_accumulator(grad_stats),
             loss_scale=None if loss_scale is None else self._current_loss_scale,
+            per_micro_batch_sq_norm=None
+            if grad_stats is None
+            else grad_stats.per_micro_batch_sq_norm,
         )
         if per_example_clip is not None:
             self.grad_stage = dp_stage.ClippedSumStage(
                 loss_fn, per_example_clip, chunk_size=chunk_size, seed_rng=seed_rng
             )
         # The autograd loop's gradients are step-local .grad tensors: the step's own to write.
+        sq_norm_only = (
+            grad_stats is not None
+            and grad_stats.per_micro_batch_sq_norm is not None
+            and grad_stats.accumulate is None
+        )
         writable = (
-            grad_stats is None
+            (grad_stats is None or sq_norm_only)
             and strategy == "loop"
             and grad_backend == "autograd"
             and per_example_clip is None

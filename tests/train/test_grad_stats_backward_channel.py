@@ -1,0 +1,135 @@
+"""``GradStatsHook.per_micro_batch_sq_norm``: the eager autograd loop forms each micro-batch's
+``‖ĝᵢ‖²`` from the gradients backward hands each parameter (no micro-batch gradient kept). Its
+metrics must equal those of the ``"func"`` loop, which hands the hook whole gradients, and its
+update must equal a step without the hook, bit for bit; the squared norms are checked against
+micro-batch gradients computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import functrain as ft
+
+
+def _data(dtype, n=11):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=gen, dtype=dtype)
+    y = torch.randn(n, 2, generator=gen, dtype=dtype)
+    mask = (torch.rand(n, generator=gen) > 0.3).to(dtype)
+    return {"x": x, "y": y, "mask": mask}
+
+
+def _params(dtype, tied=False):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 2, generator=gen, dtype=dtype)
+    params = {"w": w, "b": torch.zeros(2, dtype=dtype), "unused": torch.ones(3, dtype=dtype)}
+    if tied:
+        params["v"] = torch.randn(2, 2, generator=gen, dtype=dtype)
+    return params
+
+
+def _mean_loss(p, b):
+    out = b["x"] @ p["w"] + p["b"]
+    if "v" in p:  # one parameter used twice: its gradient sums both uses
+        out = out @ p["v"] @ p["v"]
+    return ((out - b["y"]) ** 2).mean()
+
+
+def _sum_loss(p, b):
+    per_row = ((b["x"] @ p["w"] + p["b"] - b["y"]) ** 2).sum(1) * b["mask"]
+    return ft.LossSum(per_row.sum(), b["mask"].sum())
+
+
+def _hook_with_records(seen):
+    hook = ft.noise_scale_hook(decay=0.5)
+
+    def record(sq_norm, size):
+        seen.append((sq_norm.clone(), size.clone()))
+        return hook.per_micro_batch_sq_norm(sq_norm, size)
+
+    return hook._replace(per_micro_batch_sq_norm=record)
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "tied"), [(_mean_loss, False), (_mean_loss, True), (_sum_loss, False)]
+)
+def test_the_backward_channel_equals_the_func_loop_and_the_plain_update(loss_fn, tied):
+    dtype = torch.float64
+    params, batch = _params(dtype, tied), _data(dtype)
+    tx = ft.adamw(0.05)
+    seen: list = []
+    steps = {
+        "channel": ft.make_train_step(
+            loss_fn,
+            tx,
+            micro_batches=4,
+            grad_backend="autograd",
+            grad_stats=_hook_with_records(seen),
+        ),
+        "func": ft.make_train_step(
+            loss_fn, tx, micro_batches=4, grad_backend="func", grad_stats=ft.noise_scale_hook(0.5)
+        ),
+        "plain": ft.make_train_step(loss_fn, tx, micro_batches=4, grad_backend="autograd"),
+    }
+    states = {k: ft.TrainState.create(params=params, tx=tx) for k in steps}
+    for _ in range(3):
+        metrics = {}
+        for k, step in steps.items():
+            states[k], metrics[k] = step(states[k], batch)
+        for name, value in metrics["func"].items():
+            torch.testing.assert_close(metrics["channel"][name], value, rtol=1e-10, atol=1e-12)
+    for a, b in zip(ft.tree.leaves(states["channel"]), ft.tree.leaves(states["plain"])):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            assert torch.equal(a, b)  # the hook leaves the update bit for bit as it was
+    assert any(k.startswith("noise_scale/") for k in metrics["channel"])
+
+
+def test_squared_norms_equal_micro_batch_gradients_by_hand():
+    dtype = torch.float64
+    params, batch = _params(dtype, tied=True), _data(dtype)
+    seen: list = []
+    tx = ft.sgd(0.0)  # the parameters stay put: every step sees gradients at `params`
+    step = ft.make_train_step(_mean_loss, tx, micro_batches=4, grad_stats=_hook_with_records(seen))
+    step(ft.TrainState.create(params=params, tx=tx), batch)
+    start = 0
+    for sq_norm, size in seen:
+        n = int(size)
+        rows = {k: v[start : start + n] for k, v in batch.items()}
+        leaves = {k: p.clone().requires_grad_() for k, p in params.items()}
+        grads = torch.autograd.grad(
+            _mean_loss(leaves, rows), list(leaves.values()), allow_unused=True
+        )
+        expected = sum(float(g.square().sum()) for g in grads if g is not None)
+        assert abs(float(sq_norm) - expected) <= 1e-12 * expected
+        start += n
+    assert start == 11 and [int(b) for _, b in seen] == [3, 3, 3, 2]
+
+
+def test_loss_scaling_is_taken_out_of_the_squared_norms():
+    dtype = torch.float32
+    params, batch = _params(dtype), _data(dtype)
+    tx = ft.sgd(0.01)
+    scale = ft.DynamicLossScale(init_scale=2.0**10)
+    out = {}
+    for backend in ("autograd", "func"):
+        step = ft.make_train_step(
+            _mean_loss,
+            tx,
+            micro_batches=4,
+            grad_backend=backend,
+            grad_stats=ft.noise_scale_hook(0.5),
+            loss_scale=scale,
+        )
+        _, out[backend] = step(ft.TrainState.create(params=params, tx=tx), batch)
+    for name in ("noise_scale/trace_sigma", "noise_scale/grad_sq", "noise_scale/b_simple"):
+        torch.testing.assert_close(out["autograd"][name], out["func"][name], rtol=1e-5, atol=0)
+
+
+def test_the_hook_fields_are_optional_and_checked_as_before():
+    hook = ft.noise_scale_hook()
+    assert hook.per_micro_batch_sq_norm is not None and hook.accumulate is None
+    cosine = ft.noise_scale_hook(cosine=True)  # needs whole gradients: no channel
+    assert cosine.per_micro_batch_sq_norm is None
+    plain = ft.GradStatsHook(init=lambda p: None, per_micro_batch=lambda g, b: {}, update=None)
+    assert plain.per_micro_batch_sq_norm is None
