@@ -241,7 +241,9 @@ def noise_scale_hook(
     ``{prefix}b_simple``, ``{prefix}trace_sigma``, ``{prefix}grad_sq`` (bias-corrected moving
     averages, see :func:`noise_scale_metrics`) and ``{prefix}gradient_diversity`` (this step's,
     of the micro-batch sum gradients). The cost is one squared norm per micro-batch and one of
-    the combined gradient. Under ``nonfinite="ignore"`` a step with a NaN or inf gradient
+    the combined gradient; in the eager autograd loop the norms are taken as backward produces
+    each parameter's gradient, and no micro-batch gradient is kept (see
+    :attr:`~functrain.GradStatsHook.per_micro_batch_sq_norm`). Under ``nonfinite="ignore"`` a step with a NaN or inf gradient
     leaves the averages as they were (:func:`noise_scale_update`); its diversity is NaN. A
     ``LossSum`` micro-batch that counts no token is left out of the step's estimates (with
     fewer than two others left they are NaN, and the averages are kept as they were).

@@ -85,10 +85,11 @@ def make_train_step(
             ``nn.Dropout`` and ``torch.rand`` are reproducible and differ between micro-batches.
             Ignored for states without a key.
         grad_backend: ``"func"`` (``torch.func.grad``, one gradient pytree per micro-batch),
-            ``"autograd"`` (reverse mode on step-local leaves that alias the parameters: without
-            a ``grad_stats`` hook, backward accumulates the weighted micro-batch gradients in
-            place, with the memory and speed of a classic loop; with one,
-            ``torch.autograd.grad`` per micro-batch) or ``"auto"`` (the default: ``"autograd"``
+            ``"autograd"`` (reverse mode on step-local leaves that alias the parameters:
+            backward accumulates the weighted micro-batch gradients in place, with the memory
+            and speed of a classic loop, also with a ``grad_stats`` hook that needs only
+            ``‖ĝᵢ‖²`` (:attr:`~functrain.GradStatsHook.per_micro_batch_sq_norm`); with other
+            hooks, ``torch.autograd.grad`` per micro-batch) or ``"auto"`` (the default: ``"autograd"``
             for an eager ``"loop"`` step, ``"func"`` for ``"vmap"`` and compiled steps). Same
             numbers to rounding; either way the gradient is an explicit pytree inside the step
             and nothing is left in any ``.grad``. ``"vmap"`` always uses ``torch.func``.
