@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from micro_batch_reference import micro_batch_grads
 
 import functrain as ft
 
@@ -92,38 +93,35 @@ def test_squared_norms_equal_micro_batch_gradients_by_hand():
     tx = ft.sgd(0.0)  # the parameters stay put: every step sees gradients at `params`
     step = ft.make_train_step(_mean_loss, tx, micro_batches=4, grad_stats=_hook_with_records(seen))
     step(ft.TrainState.create(params=params, tx=tx), batch)
-    start = 0
-    for sq_norm, size in seen:
-        n = int(size)
-        rows = {k: v[start : start + n] for k, v in batch.items()}
-        leaves = {k: p.clone().requires_grad_() for k, p in params.items()}
-        grads = torch.autograd.grad(
-            _mean_loss(leaves, rows), list(leaves.values()), allow_unused=True
-        )
-        expected = sum(float(g.square().sum()) for g in grads if g is not None)
+    sizes = [int(size) for _, size in seen]
+    assert sizes == [3, 3, 3, 2]
+    for (sq_norm, _), grads in zip(seen, micro_batch_grads(_mean_loss, params, batch, sizes)):
+        expected = sum(float(g.square().sum()) for g in grads)
         assert abs(float(sq_norm) - expected) <= 1e-12 * expected
-        start += n
-    assert start == 11 and [int(b) for _, b in seen] == [3, 3, 3, 2]
 
 
-def test_loss_scaling_is_taken_out_of_the_squared_norms():
-    dtype = torch.float32
-    params, batch = _params(dtype), _data(dtype)
+def _assert_backends_agree(loss_fn, params, batch, rtol, **options):
+    """The noise-scale metrics of one step: the autograd channel against the func loop."""
     tx = ft.sgd(0.01)
-    scale = ft.DynamicLossScale(init_scale=2.0**10)
     out = {}
     for backend in ("autograd", "func"):
         step = ft.make_train_step(
-            _mean_loss,
+            loss_fn,
             tx,
             micro_batches=4,
             grad_backend=backend,
             grad_stats=ft.noise_scale_hook(0.5),
-            loss_scale=scale,
+            **options,
         )
         _, out[backend] = step(ft.TrainState.create(params=params, tx=tx), batch)
     for name in ("noise_scale/trace_sigma", "noise_scale/grad_sq", "noise_scale/b_simple"):
-        torch.testing.assert_close(out["autograd"][name], out["func"][name], rtol=1e-5, atol=0)
+        torch.testing.assert_close(out["autograd"][name], out["func"][name], rtol=rtol, atol=0)
+
+
+def test_loss_scaling_is_taken_out_of_the_squared_norms():
+    dtype = torch.float32
+    scale = ft.DynamicLossScale(init_scale=2.0**10)
+    _assert_backends_agree(_mean_loss, _params(dtype), _data(dtype), rtol=1e-5, loss_scale=scale)
 
 
 def test_the_hook_fields_are_optional_and_checked_as_before():
@@ -133,3 +131,16 @@ def test_the_hook_fields_are_optional_and_checked_as_before():
     assert cosine.per_micro_batch_sq_norm is None
     plain = ft.GradStatsHook(init=lambda p: None, per_micro_batch=lambda g, b: {}, update=None)
     assert plain.per_micro_batch_sq_norm is None
+
+
+def test_gradients_taken_inside_loss_fn_do_not_count_as_the_micro_batch_gradient():
+    """A loss with a gradient penalty differentiates with respect to the parameters itself;
+    only the step's own backward pass may feed the leaf hooks."""
+    dtype = torch.float64
+
+    def penalised(p, b):
+        fit = _mean_loss(p, b)
+        (g,) = torch.autograd.grad(fit, [p["w"]], create_graph=True)
+        return fit + 0.1 * g.square().sum()
+
+    _assert_backends_agree(penalised, _params(dtype), _data(dtype), rtol=1e-10)

@@ -309,7 +309,12 @@ def noise_scale_hook(
         combined = _sq_norm_vmappable(grads).to(sq.dtype)
         estimate = noise_scale_estimate(sq, stats.sizes, combined)
         new_state, metrics = noise_scale_metrics(state, estimate, decay, prefix)
-        metrics[f"{prefix}gradient_diversity"] = gradient_diversity(sq, combined, stats.sizes)
+        diversity = gradient_diversity(sq, combined, stats.sizes)
+        # A combined gradient that overflowed (a float16 sum of finite micro-batch gradients)
+        # made the ratio 0; the documented value of a step with a non-finite gradient is NaN.
+        metrics[f"{prefix}gradient_diversity"] = torch.where(
+            torch.isfinite(combined), diversity, torch.nan
+        )
         if cosine:
             metrics[f"{prefix}mean_cosine"] = _mean_cosine_of_nonzero(stats.accumulated)
         return metrics, new_state

@@ -131,9 +131,25 @@ class _SqNormRecord:
         self.losses: list[torch.Tensor] = []
         self.sizes: list[torch.Tensor] = []
         self.values: list[dict[str, torch.Tensor]] = []
+        # Set around the step's own backward call (:meth:`backward`): a gradient that loss_fn
+        # takes itself (a gradient penalty's torch.autograd.grad) reaches the same hooks and
+        # must not count.
+        self.recording = False
         self.handles = [leaf.register_hook(self._square) for leaf in leaves]
 
+    def backward(
+        self, objective: torch.Tensor, inputs: tuple[torch.Tensor, ...], plain: bool
+    ) -> None:
+        """The step's own backward pass (:func:`_backward`), whose gradients the hooks take."""
+        self.recording = True
+        try:
+            _backward(objective, inputs, plain)
+        finally:
+            self.recording = False
+
     def _square(self, grad: torch.Tensor) -> None:
+        if not self.recording:
+            return
         # The norm here, squared with the others in one op per micro-batch.
         wide = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
         self.parts.append(torch.linalg.vector_norm(grad, dtype=wide))

@@ -57,7 +57,8 @@ class GradStatsHook(NamedTuple):
             keep or modify ``ĝᵢ``: only its small outputs are stored.
         update: ``update(stats, grads, hook_state) -> (metrics, new_hook_state)`` with the
             :class:`MicroBatchStats` of the step and the combined gradient; ``metrics`` (a dict
-            of 0-d tensors) joins the step's metrics.
+            of 0-d tensors) joins the step's metrics. It must not keep ``grads`` or views of
+            them in either output: a donating step may then write into them (unscale, clip).
         name: the key of the hook's state in ``state.extra``.
         accumulator_init: ``accumulator_init(params) -> acc``, a step-local accumulator made at
             the start of every step (``None``: no accumulator).

@@ -164,7 +164,7 @@ class GradStage:
                         obj, payload = self.objective(tracked, mb, buffers, mb_key, weight)
                         meta = self.metas[-1]
                         if obj.requires_grad:
-                            _backward(obj, inputs, plain)
+                            (_backward if record is None else record.backward)(obj, inputs, plain)
                         # else: a loss that does not depend on the params (a constant, a
                         # detached value) has a zero gradient, as torch.func.grad gives;
                         # backward would raise.
@@ -282,11 +282,12 @@ class GradStage:
                 buffers = payload["buffers"]
             leaves, spec = tree.flatten(grads)
             if self.per_micro_batch is not None:
-                # The hook sees the micro-batch's own gradient, unweighted and unscaled.
-                value, hook_grads = self._unscaled(
-                    payload["value"],
-                    grads if meta.is_sum or unweighted else tree.scale(1 / weight, grads),
-                )
+                # The hook sees the micro-batch's own gradient, unweighted and unscaled; the
+                # scale comes off first: a half-precision gradient divided by its weight while
+                # still loss-scaled overflowed to inf.
+                value, hook_grads = self._unscaled(payload["value"], grads)
+                if not (meta.is_sum or unweighted):
+                    hook_grads = tree.scale(1 / weight, hook_grads)
                 if meta.is_sum:
                     b = payload["count"]
                     inverse = _inverse_count(b)
@@ -390,10 +391,10 @@ class GradStage:
                     for pos in range(len(chunk)):
                         # Views of the stacked gradients: one micro-batch at a time, no copy.
                         g = tree.unflatten(spec, [leaf[pos] for leaf in leaves])
+                        if inverse is not None:  # first: scaled and unweighted, halves overflow
+                            g = tree.scale(inverse, g)
                         if not meta.is_sum:  # unweighted, as the loop's hook sees it
                             g = tree.scale(split.total / size, g)
-                        if inverse is not None:
-                            g = tree.scale(inverse, g)
                         if meta.is_sum:
                             b = payload["count"][pos]
                             g = tree.scale(inverses[pos], g)
