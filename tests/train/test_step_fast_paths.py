@@ -94,8 +94,9 @@ def test_autograd_loop_skips_exactly_as_the_func_backend(kind, monkeypatch):
         before = ft.tree.map(torch.clone, (state.params, state.opt_state))
         calls.clear()
         state, metrics = step(state, _batch(kind))
-        # The autograd loop's gradients are its own: the fused check ran, not all_finite.
-        assert bool(calls) == (backend == "func")
+        # Both loops' gradients are their own (the autograd loop's .grad tensors, the func
+        # loop's sum of two micro-batches): the fused check ran, not all_finite.
+        assert not calls
         results[backend] = (int(metrics["skipped"]), state.params, before)
     assert results["autograd"][0] == results["func"][0] == (kind is not None)
     if kind is not None:
@@ -125,3 +126,45 @@ def test_learning_rate_metric_with_and_without_inject_hyperparams():
         for _ in range(3):  # the remembered "no lr" answer must stay right on later steps
             state, metrics = step(state, torch.ones(2, 3))
             assert ("lr" in metrics) == has_lr
+
+
+def test_a_single_func_micro_batch_is_not_written_in_place(monkeypatch):
+    """One micro-batch of the func loop hands torch.func's own gradients on (they may be views
+    or shared between leaves): the step checks them with all_finite and never writes them."""
+    calls = []
+    real = faults.all_finite
+    monkeypatch.setattr(faults, "all_finite", lambda g: calls.append(1) or real(g))
+    params, loss_fn = _problem()
+    tx = ft.chain(ft.clip_by_global_norm(1e-3), ft.adamw(1e-2))
+    step = ft.make_train_step(loss_fn, tx, micro_batches=1, grad_backend="func")
+    state = ft.TrainState.create(params=params, tx=tx, seed=None)
+    state, metrics = step(state, _batch(None))
+    assert calls and int(metrics["skipped"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "backend", "micro_batches"),
+    [("loop", "func", 3), ("vmap", "func", 3), ("vmap", "func", [2, 3, 3])],
+)
+def test_summed_gradients_are_clipped_in_place_as_the_pure_path_clips_them(
+    strategy, backend, micro_batches
+):
+    """The func loop's and the vmap strategy's summed gradients are the step's own: the fused
+    kernels clip (and check) them in place. The result equals the pure, copying path."""
+    params, loss_fn = _problem()
+    params = ft.tree.cast(params, torch.float64)
+    batch = ft.tree.cast(_batch(None), torch.float64)
+    tx = ft.chain(ft.clip_by_global_norm(1e-2), ft.adamw(1e-2, weight_decay=1e-2))
+    common = dict(micro_batches=micro_batches, strategy=strategy, grad_backend=backend)
+    fused_step = ft.make_train_step(loss_fn, tx, **common)
+    pure_step = ft.make_train_step(loss_fn, tx, donate=False, fused=False, **common)
+    given = ft.tree.map(torch.clone, batch)
+    s_fused = ft.TrainState.create(params=params, tx=tx, seed=None)
+    s_pure = ft.TrainState.create(params=params, tx=tx, seed=None)
+    for _ in range(3):
+        s_fused, m_fused = fused_step(s_fused, batch)
+        s_pure, m_pure = pure_step(s_pure, batch)
+    assert fused_step.apply_optimizer.last_engine == "kernel"
+    ft.testing.assert_trees_all_close(s_fused.params, s_pure.params, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(m_fused["grad_norm"], m_pure["grad_norm"], rtol=1e-13, atol=0)
+    ft.testing.assert_trees_all_equal(batch, given)  # the inputs are never written

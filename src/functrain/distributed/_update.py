@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain.train import fast
 from functrain.train import faults as faults_lib
 from functrain.train.grad_stats import MicroBatchStats
 from functrain.train.train_step import _merge, _refuse_own_names
@@ -92,9 +93,8 @@ def replicated_update(
     # A DP-SGD step reports no grad_norm: the norm of the clipped sum before noise is not private.
     if step.norm_metrics and step.per_example_clip is None:
         metrics["grad_norm"] = tree.norm(grads_tree)
-        with_grad_norm = getattr(stage, "with_grad_norm", None)
-        if with_grad_norm is not None:  # a leading clip reuses the norm
-            stage = with_grad_norm(metrics["grad_norm"])
+        if isinstance(stage, fast.FusedStage):  # a leading clip reuses the norm
+            stage = stage.for_call(metrics["grad_norm"])
     applied = faults_lib.apply_guarded(
         stage, step.tx, grads_tree, opt_state, params, in_place=step.donate, ok=ok
     )

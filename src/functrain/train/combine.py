@@ -190,9 +190,11 @@ class _GradSum:
         self.scale = 1.0
         self.owned = False
 
-    def add(self, leaves: list[torch.Tensor], weight: float) -> None:
+    def add(self, leaves: list[torch.Tensor], weight: float, fresh: bool = False) -> None:
+        """Adds ``weight × leaves``; ``fresh``: the leaves are new tensors nobody else holds
+        (the sums of a vmap chunk), so the first ones may become the accumulator as they are."""
         if self.acc is None:
-            self.acc, self.scale = leaves, weight
+            self.acc, self.scale, self.owned = leaves, weight, fresh
             return
         if not self.owned:
             self.owned = True
@@ -200,22 +202,32 @@ class _GradSum:
                 self.acc = list(torch._foreach_add(self.acc, leaves, alpha=weight))
                 return
             self.acc = list(torch._foreach_mul(self.acc, self.scale))
+        elif self.scale != 1.0:
+            torch._foreach_mul_(self.acc, self.scale)
+        self.scale = 1.0
         if leaves:
             torch._foreach_add_(self.acc, leaves, alpha=weight)
 
     def result(self, divisor: torch.Tensor | None) -> list[torch.Tensor]:
+        """The weighted sum (divided by ``divisor``); afterwards :attr:`owned` says whether it
+        is made of tensors this sum allocated (a step may then write into them)."""
         assert self.acc is not None
         acc = self.acc
         if not acc:
             return acc
-        if not self.owned and self.scale != 1.0:
-            acc, self.owned = list(torch._foreach_mul(acc, self.scale)), True
+        if self.scale != 1.0:
+            if self.owned:
+                torch._foreach_mul_(acc, self.scale)
+            else:
+                acc, self.owned = list(torch._foreach_mul(acc, self.scale)), True
+            self.scale = 1.0
         if divisor is None:
             return acc
         if self.owned:
             torch._foreach_div_(acc, divisor)
             return acc
-        return list(torch._foreach_div(acc, divisor))
+        acc, self.owned = list(torch._foreach_div(acc, divisor)), True
+        return acc
 
 
 def _ratio(total: torch.Tensor, count: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -96,10 +96,15 @@ class FusedStage:
         self.grad_norm = grad_norm
         self.last_engine: str | None = None  # "kernel", "foreach" or "pure" (for tests, benches)
 
-    def with_grad_norm(self, grad_norm: torch.Tensor | None) -> FusedStage:
-        """This stage for one call, knowing the gradients' norm."""
+    def for_call(
+        self, grad_norm: torch.Tensor | None, *, grads_writable: bool = False
+    ) -> FusedStage:
+        """This stage for one call, knowing the gradients' norm, and whether this call's
+        gradients are the step's to write (beyond what the stage was made with)."""
         stage = FusedStage(
-            update_norm=self.update_norm, grads_writable=self.grads_writable, grad_norm=grad_norm
+            update_norm=self.update_norm,
+            grads_writable=self.grads_writable or grads_writable,
+            grad_norm=grad_norm,
         )
         stage.parent = self  # type: ignore[attr-defined]
         return stage

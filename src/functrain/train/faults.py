@@ -329,11 +329,18 @@ class StepFaults:
 
     # -- after the gradient stage -----------------------------------------------------------
     def check(
-        self, metrics: dict[str, torch.Tensor], grads: Any, extra: dict[str, Any], params: Any
+        self,
+        metrics: dict[str, torch.Tensor],
+        grads: Any,
+        extra: dict[str, Any],
+        params: Any,
+        *,
+        writable: bool = False,
     ) -> Check:
         """Unscales the gradients, decides whether the step is finite, updates the counters.
 
-        Replaces ``metrics["loss"]`` by the unscaled loss when loss scaling.
+        Replaces ``metrics["loss"]`` by the unscaled loss when loss scaling. ``writable``: this
+        call's gradients are the step's own to write (as :attr:`grads_writable` says for all).
         """
         if not self.active:
             return Check(grads, None, {}, {})
@@ -350,7 +357,7 @@ class StepFaults:
             new_extra[LOSS_SCALE_KEY] = self.loss_scale.update(ls_state, ok)
             out_metrics["loss_scale"] = ls_state.scale
         else:
-            ok = self._finite(grads, loss)
+            ok = self._finite(grads, loss, writable or self.grads_writable)
         found_inf = ~ok
         out_metrics["skipped"] = found_inf.to(torch.int32)
         if self.stateful:
@@ -364,7 +371,7 @@ class StepFaults:
             self._record(consecutive)
         return Check(grads, ok, new_extra, out_metrics, found_inf)
 
-    def _finite(self, grads: Any, loss: torch.Tensor) -> torch.Tensor:
+    def _finite(self, grads: Any, loss: torch.Tensor, writable: bool | None = None) -> torch.Tensor:
         """``all_finite(grads) & isfinite(loss)``; for writable gradients in one kernel.
 
         Writable gradients of one floating dtype (the autograd loop's, step-local) and the
@@ -373,7 +380,9 @@ class StepFaults:
         inverse scale of 1: multiplying by 1 leaves every value bit for bit (NaN, inf and -0.0
         included), and one fused call replaces a reduction and a Python call per leaf.
         """
-        leaves = tree.leaves(grads) if self.grads_writable else []
+        if writable is None:
+            writable = self.grads_writable
+        leaves = tree.leaves(grads) if writable else []
         if not leaves or torch.compiler.is_compiling():
             return all_finite(grads) & torch.isfinite(loss)
         first = leaves[0]

@@ -59,6 +59,9 @@ class GradResult(NamedTuple):
     metrics: dict[str, torch.Tensor]  # loss, num_examples, num_tokens, aux
     buffers: Any
     stats: MicroBatchStats | None
+    # The gradients are tensors this call allocated and nobody else holds: the step may write
+    # into them (unscale, clip) instead of copying them.
+    owned: bool = False
 
 
 class GradStage:
@@ -190,7 +193,9 @@ class GradStage:
         stats = None
         if record is not None:
             stats = self._stats(split, combiner, record.losses, record.sizes, record.values, None)
-        return GradResult(tree.unflatten(spec, grads), combiner.metrics(device), buffers, stats)
+        return GradResult(
+            tree.unflatten(spec, grads), combiner.metrics(device), buffers, stats, owned=True
+        )
 
     def _streams(
         self, key: torch.Tensor | None, devices: Sequence[torch.device]
@@ -305,11 +310,9 @@ class GradStage:
         assert spec is not None
         device = combiner.loss.device  # type: ignore[union-attr]
         stats = self._stats(split, combiner, losses, sizes, values, accumulated)
+        summed = acc.result(combiner.count)
         return GradResult(
-            tree.unflatten(spec, acc.result(combiner.count)),
-            combiner.metrics(device),
-            buffers,
-            stats,
+            tree.unflatten(spec, summed), combiner.metrics(device), buffers, stats, acc.owned
         )
 
     def _vmapped(self, weight: float) -> Callable[..., Any]:
@@ -378,7 +381,8 @@ class GradStage:
                 combiner.add(meta, size, payload)
                 leaves, spec = tree.flatten(grads)
                 summed = [g.sum(0) for g in leaves]  # before the hook: it may not keep views
-                acc.add(summed, 1.0)  # mean losses were weighted before differentiation
+                # Mean losses were weighted before differentiation; the sums are new tensors.
+                acc.add(summed, 1.0, fresh=True)
                 if self.per_micro_batch is not None:
                     order.extend(chunk)
                     value, inverse = self._unscaled(payload["value"], None)
@@ -415,9 +419,7 @@ class GradStage:
                 {k: _permute(v, perm) for k, v in stats.values.items()},
                 accumulated,
             )
+        summed = acc.result(combiner.count)
         return GradResult(
-            tree.unflatten(spec, acc.result(combiner.count)),
-            combiner.metrics(device),
-            buffers,
-            stats,
+            tree.unflatten(spec, summed), combiner.metrics(device), buffers, stats, acc.owned
         )

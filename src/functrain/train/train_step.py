@@ -249,7 +249,7 @@ class TrainStep:
             self._scale_slot.scale = None
         metrics = dict(result.metrics)
         # Unscaled gradients and ``ok`` (finite loss and gradients; None with "ignore").
-        check = self.faults.check(metrics, result.grads, extra, params)
+        check = self.faults.check(metrics, result.grads, extra, params, writable=result.owned)
         grads, ok = check.grads, check.ok
         new_extra = {**extra, **check.extra} if check.extra else extra
         if self.grad_stats is not None:
@@ -267,10 +267,13 @@ class TrainStep:
         # Before anything is written: these are added later, after an in-place update.
         _refuse_own_names(metrics)
         stage = self.apply_optimizer
+        grad_norm = None
         if self.norm_metrics and self.per_example_clip is None:  # a DP sum's norm is not private
-            metrics["grad_norm"] = fast.global_norm(grads)
-            if isinstance(stage, fast.FusedStage):  # a leading clip reuses the norm
-                stage = stage.with_grad_norm(metrics["grad_norm"])
+            grad_norm = metrics["grad_norm"] = fast.global_norm(grads)
+        if isinstance(stage, fast.FusedStage) and (grad_norm is not None or result.owned):
+            # A leading clip reuses the norm; gradients the grad stage made afresh may be
+            # unscaled and clipped in place.
+            stage = stage.for_call(grad_norm, grads_writable=result.owned)
         # Compiled: out of place. The in-place stage finds aliased leaves by id(), on which
         # dynamo would guard (a recompile for every new state); the consumed state's memory is
         # freed with it instead of reused.
