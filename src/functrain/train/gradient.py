@@ -114,6 +114,17 @@ class GradStage:
                 "independently per micro-batch, or use strategy='loop'"
             )
 
+    @property
+    def accumulates_in_place(self) -> bool:
+        """Whether backward sums the micro-batch gradients into step-local ``.grad`` tensors
+        (:meth:`_loop_backward`): the eager autograd loop, without a hook or with one that
+        needs only ``‖ĝᵢ‖²``."""
+        return (
+            self.strategy == "loop"
+            and self.backend == "autograd"
+            and (self.per_micro_batch is None or self.sq_norm_hook is not None)
+        )
+
     def __call__(
         self,
         params: Any,
@@ -126,9 +137,7 @@ class GradStage:
         """Runs the chosen strategy."""
         if self.strategy == "vmap":
             return self._vmap(params, batch, split, buffers, key, devices)
-        if self.backend == "autograd" and (
-            self.per_micro_batch is None or self.sq_norm_hook is not None
-        ):
+        if self.accumulates_in_place:
             return self._loop_backward(params, batch, split, buffers, key, devices)
         return self._loop(params, batch, split, buffers, key, devices)
 

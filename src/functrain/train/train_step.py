@@ -131,17 +131,9 @@ class TrainStep:
             self.grad_stage = dp_stage.ClippedSumStage(
                 loss_fn, per_example_clip, chunk_size=chunk_size, seed_rng=seed_rng
             )
-        # The autograd loop's gradients are step-local .grad tensors: the step's own to write.
-        sq_norm_only = (
-            grad_stats is not None
-            and grad_stats.per_micro_batch_sq_norm is not None
-            and grad_stats.accumulate is None
-        )
-        writable = (
-            (grad_stats is None or sq_norm_only)
-            and strategy == "loop"
-            and grad_backend == "autograd"
-            and per_example_clip is None
+        # The backward loop's gradients are step-local .grad tensors: the step's own to write.
+        writable = isinstance(self.grad_stage, gradient.GradStage) and (
+            self.grad_stage.accumulates_in_place
         )
         self.faults.grads_writable = writable
         self._guard = _StructureGuard()
