@@ -189,3 +189,26 @@ def test_owned_says_whether_the_gradients_are_new_tensors(strategy, micro_batche
     ft.testing.assert_trees_all_close(
         result.grads, _reference_grads(params, batch, kind), rtol=1e-12, atol=1e-15
     )
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+@pytest.mark.parametrize("weights", [[1.0], [0.25], [1.0, 1.0], [0.3, 0.7], [0.5, 0.25, 0.25]])
+def test_grad_sum_weights_and_ownership(fresh, weights):
+    """``_GradSum``: Σ wᵢ·gᵢ in float64, and ``owned`` exactly when the result is made of
+    tensors it allocated or was given as fresh; lists not given as fresh are never written."""
+    from functrain.train.combine import _GradSum
+
+    gen = torch.Generator().manual_seed(0)
+    lists = [[torch.randn(3, 2, generator=gen, dtype=torch.float64)] for _ in weights]
+    given = [[t.clone() for t in leaves] for leaves in lists]
+    acc = _GradSum()
+    for leaves, w in zip(lists, weights):
+        acc.add(leaves, w, fresh=fresh)
+    (got,) = acc.result(None)
+    expected = sum(w * leaves[0] for w, leaves in zip(weights, given))
+    torch.testing.assert_close(got, expected, rtol=1e-15, atol=1e-15)
+    assert acc.owned == (fresh or len(weights) > 1 or weights[0] != 1.0)
+    if not fresh:
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(lists, given))
+        if acc.owned:
+            assert all(got.data_ptr() != leaves[0].data_ptr() for leaves in lists)

@@ -192,9 +192,10 @@ class _GradSum:
 
     def add(self, leaves: list[torch.Tensor], weight: float, fresh: bool = False) -> None:
         """Adds ``weight × leaves``; ``fresh``: the leaves are new tensors nobody else holds
-        (the sums of a vmap chunk), so the first ones may become the accumulator as they are."""
+        (the sums of a vmap chunk), so the first ones, unweighted, may become the accumulator
+        as they are."""
         if self.acc is None:
-            self.acc, self.scale, self.owned = leaves, weight, fresh
+            self.acc, self.scale, self.owned = leaves, weight, fresh and weight == 1.0
             return
         if not self.owned:
             self.owned = True
@@ -202,9 +203,7 @@ class _GradSum:
                 self.acc = list(torch._foreach_add(self.acc, leaves, alpha=weight))
                 return
             self.acc = list(torch._foreach_mul(self.acc, self.scale))
-        elif self.scale != 1.0:
-            torch._foreach_mul_(self.acc, self.scale)
-        self.scale = 1.0
+            self.scale = 1.0
         if leaves:
             torch._foreach_add_(self.acc, leaves, alpha=weight)
 
@@ -215,12 +214,8 @@ class _GradSum:
         acc = self.acc
         if not acc:
             return acc
-        if self.scale != 1.0:
-            if self.owned:
-                torch._foreach_mul_(acc, self.scale)
-            else:
-                acc, self.owned = list(torch._foreach_mul(acc, self.scale)), True
-            self.scale = 1.0
+        if self.scale != 1.0:  # one weighted add, not yet copied (an owned sum has scale 1)
+            acc, self.owned, self.scale = list(torch._foreach_mul(acc, self.scale)), True, 1.0
         if divisor is None:
             return acc
         if self.owned:
