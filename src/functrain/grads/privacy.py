@@ -266,12 +266,7 @@ def _standard_normal(
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
     key = key.to(like.device) & _prng.MASK32
     word = _prng.mix32((stream + _STREAM_SALT) & _prng.MASK32)
-    if positions is None:
-        n = like.numel()
-        index = torch.arange(n, dtype=torch.int64, device=like.device) * 2
-    else:
-        n = positions.numel
-        index = positions.index.to(device=like.device, dtype=torch.int64).reshape(-1) * 2
+    n, index = _prng.pair_index(like, positions)
     wide = 2 * n > _prng.MASK32
     u1 = (_bits(index, key, word, wide).to(compute) + 1) * 2.0**-32  # in (0, 1]
     u2 = _bits(index + 1, key, word, wide).to(compute) * 2.0**-32  # in [0, 1)

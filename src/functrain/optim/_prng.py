@@ -118,6 +118,17 @@ def shard_positions(value: Any, leaves: Sequence[torch.Tensor], who: str) -> lis
     return out
 
 
+def pair_index(like: torch.Tensor, positions: Positions | None) -> tuple[int, torch.Tensor]:
+    """``(n, 2 × element indices)`` of the values to draw for ``like``: all of its elements in
+    order, or the ``positions`` of a shard; each value takes the two counters ``2i``, ``2i + 1``
+    (the Box-Muller pair)."""
+    if positions is None:
+        n = like.numel()
+        return n, torch.arange(n, dtype=torch.int64, device=like.device) * 2
+    index = positions.index.to(device=like.device, dtype=torch.int64).reshape(-1)
+    return positions.numel, index * 2
+
+
 def _bits(index: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     # A keyed 32-bit hash of 32-bit indices: two rounds with the key injected before each.
     return mix32(mix32((index + key) & MASK32) ^ key)
@@ -135,12 +146,7 @@ def normal_like(
     """
     compute = torch.float64 if like.dtype == torch.float64 else torch.float32
     key = mix32((key.to(like.device) & MASK32) ^ mix32(stream & MASK32))
-    if positions is None:
-        n = like.numel()
-        index = torch.arange(n, dtype=torch.int64, device=like.device) * 2
-    else:
-        n = positions.numel
-        index = positions.index.to(device=like.device, dtype=torch.int64).reshape(-1) * 2
+    n, index = pair_index(like, positions)
     if 2 * n > MASK32:
         # Indices beyond 32 bits: fold the high part into the key.
         key = mix32(key ^ (index >> 32))
