@@ -11,6 +11,7 @@ import torch
 from micro_batch_reference import micro_batch_grads
 
 import functrain as ft
+from functrain import _sq_norms
 
 
 def _data(dtype, n=11):
@@ -144,3 +145,47 @@ def test_gradients_taken_inside_loss_fn_do_not_count_as_the_micro_batch_gradient
         return fit + 0.1 * g.square().sum()
 
     _assert_backends_agree(penalised, _params(dtype), _data(dtype), rtol=1e-10)
+
+
+@pytest.fixture
+def two_threads():
+    """Large leaves are reduced by rows with several threads (the suite runs on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("two_threads")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_middle_and_small_leaves_all_count(dtype):
+    """The hook's three routes: a leaf of 2^20 elements or more is reduced by rows, a middle
+    one by one vector norm, small ones together after the backward pass (``_SqNormRecord``);
+    together they must give the by-hand squared norms."""
+    gen = torch.Generator().manual_seed(2)
+    wide = _sq_norms.ROWS_MIN_NUMEL // 128 + 1  # w: 128 x wide, reduced by rows
+    params = {
+        "w": torch.randn(128, wide, generator=gen, dtype=dtype) / 30,
+        "b": torch.randn(wide, generator=gen, dtype=dtype),  # small
+        "head": torch.randn(wide, 2, generator=gen, dtype=dtype) / 30,  # small (2 * wide)
+        "mid": torch.randn(64, 600, generator=gen, dtype=dtype) / 10,  # 38400: middle
+    }
+    batch = {
+        "x": torch.randn(10, 128, generator=gen, dtype=dtype),
+        "y": torch.randn(10, 2, generator=gen, dtype=dtype),
+    }
+
+    def loss_fn(p, b):
+        out = torch.tanh(b["x"] @ p["w"] + p["b"]) @ p["head"]
+        out = out + torch.tanh(b["x"][:, :64] @ p["mid"]).mean(1, keepdim=True)
+        return ((out - b["y"]) ** 2).mean()
+
+    seen: list = []
+    tx = ft.sgd(0.0)
+    step = ft.make_train_step(loss_fn, tx, micro_batches=3, grad_stats=_hook_with_records(seen))
+    step(ft.TrainState.create(params=params, tx=tx), batch)
+    sizes = [int(size) for _, size in seen]
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for (sq_norm, _), grads in zip(seen, micro_batch_grads(loss_fn, params, batch, sizes)):
+        expected = sum(float(g.double().square().sum()) for g in grads)
+        assert abs(float(sq_norm) - expected) <= tol * expected

@@ -34,6 +34,7 @@ import torch
 from functrain import tree
 from functrain._precision import HALF as _LOW_PRECISION
 from functrain._precision import widen
+from functrain._sq_norms import sum_sq_norms
 from functrain.grads.stats import GradMoments
 
 __all__ = [
@@ -56,7 +57,7 @@ def _sq_norm_vmappable(grad: PyTree) -> torch.Tensor:
         # One foreach call instead of two Python-dispatched ops per leaf (a step's hook pays
         # this per micro-batch); the same norms, squared and summed as below.
         wide = torch.float32 if leaves[0].dtype in _LOW_PRECISION else None
-        return torch.stack(torch._foreach_norm(leaves, 2, dtype=wide)).square().sum()
+        return sum_sq_norms(leaves, wide)
     # Foreach kernels have no vmap batching rule; per-leaf vector norms do.
     sq = [
         torch.linalg.vector_norm(

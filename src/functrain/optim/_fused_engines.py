@@ -18,6 +18,7 @@ import torch
 
 from functrain import tree
 from functrain._precision import HALF as _HALF
+from functrain._sq_norms import sq_norm, sum_sq_norms
 from functrain.optim import _foreach_engine, _ops, _utils
 from functrain.optim._utils import safe_increment
 from functrain.optim.fused import (
@@ -269,17 +270,14 @@ def _with_norm(
             old_flat = torch.cat(flat, out=scratch[: sum(map(torch.Tensor.numel, flat))])
             _call(job, on, ps, grads_part, part)
             change = old_flat.sub_(torch.cat(flat))
-            if acc is None:
-                squares.append(change.square().sum())
-            else:
-                squares.append(torch.linalg.vector_norm(change, dtype=acc).square())
+            squares.append(sq_norm(change, acc))
             continue
         sizes = [p.numel() for p in ps]
         old = [v.view_as(p) for v, p in zip(scratch[: sum(sizes)].split(sizes), ps)]
         torch._foreach_copy_(old, ps)
         _call(job, on, ps, grads_part, part)
         torch._foreach_sub_(old, ps)
-        squares.append(torch.stack(torch._foreach_norm(old, 2, dtype=acc)).square().sum())
+        squares.append(sum_sq_norms(old, acc))
     return squares
 
 

@@ -13,8 +13,8 @@ the updates only by the rounding of ``p + u`` for finite parameters: where ``p``
 NaN, and a skipped step reports 0 as the pure path does).
 
 **Global norms.** :func:`global_norm` is ``ft.tree.norm`` for the common case of float32 or
-float64 leaves of one dtype on one device, bit for bit, in a handful of kernels instead of
-several per leaf.
+float64 leaves of one dtype on one device, bit for bit, without ``tree.norm``'s per-leaf
+checks.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from functrain import tree
 from functrain._precision import HALF as _HALF
+from functrain._sq_norms import sum_sq_norms
 from functrain.optim import fused
 from functrain.train.optimizer_stage import (
     Applied,
@@ -37,12 +38,12 @@ __all__: list[str] = []  # internal: used by make_train_step
 
 
 def global_norm(values: Any) -> torch.Tensor:
-    """``ft.tree.norm(values)`` (the L2 norm over all leaves), bit for bit, with fewer kernels.
+    """``ft.tree.norm(values)`` (the L2 norm over all leaves), bit for bit, with fewer checks.
 
-    ``tree.norm`` sums ``[0, ‖x₁‖², ‖x₂‖², ...]`` stacked into one vector; so does this, but it
-    squares the per-leaf norms in one kernel. Mixed dtypes or devices, and float16 or bfloat16
-    leaves (which ``tree.norm`` reduces in float32: in float16 two leaves of norm 200 summed to
-    inf here, and bfloat16 rounded each square), use ``tree.norm``.
+    For the common case of float32 or float64 leaves of one dtype on one device this sums the
+    squared norms as ``tree.norm`` does (:func:`functrain._sq_norms.sum_sq_norms`) without its
+    per-leaf type checks. Anything else (mixed dtypes or devices, half precision, which
+    ``tree.norm`` reduces in float32) uses ``tree.norm``.
 
     Example:
         >>> import torch
@@ -54,18 +55,17 @@ def global_norm(values: Any) -> torch.Tensor:
     if not leaves:
         return tree.norm(values)
     first = leaves[0]
+    dtype, device = first.dtype, first.device
     if (
         not first.is_floating_point()
-        or first.dtype in _HALF
-        or any(x.dtype != first.dtype or x.device != first.device for x in leaves)
+        or dtype in _HALF
+        or any(x.dtype != dtype or x.device != device for x in leaves)
     ):
         return tree.norm(values)
-    zero = first.new_zeros((1,))
     nonempty = [x for x in leaves if x.numel()]
     if not nonempty:
-        return zero.reshape(())
-    squares = torch.stack(torch._foreach_norm(nonempty, 2)).square()
-    return torch.cat([zero, squares]).sum().sqrt()
+        return first.new_zeros(())
+    return sum_sq_norms(nonempty).sqrt()
 
 
 class FusedStage:

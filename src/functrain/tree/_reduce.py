@@ -10,6 +10,7 @@ import builtins
 import torch
 
 from functrain._precision import HALF as _HALF
+from functrain._sq_norms import sum_sq_norms
 from functrain.tree._structure import (
     PyTree,
     _check_same,
@@ -67,10 +68,11 @@ _REAL_OF_COMPLEX = {
 
 
 def _stack_promoted(values: list[torch.Tensor]) -> torch.Tensor:
-    dtype = values[0].dtype
+    dtype, device = values[0].dtype, values[0].device
+    if all(v.dtype == dtype and v.device == device for v in values):
+        return torch.stack(values)  # the common case, without a ``to`` call per value
     for v in values[1:]:
         dtype = torch.promote_types(dtype, v.dtype)
-    device = values[0].device
     return torch.stack([v.to(dtype=dtype, device=device) for v in values])
 
 
@@ -188,8 +190,10 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     all_leaves = leaves(tree)
     if not all_leaves:
         return torch.zeros(())
-    bad = [x for x in all_leaves if not (x.is_floating_point() or x.is_complex())]
-    if bad:
+    # Checked per dtype, not per leaf: a model's hundreds of leaves share one or two.
+    dtypes = {x.dtype for x in all_leaves}
+    if not all(d.is_floating_point or d.is_complex for d in dtypes):
+        bad = [x for x in all_leaves if not (x.is_floating_point() or x.is_complex())]
         paths, path_leaves, _ = flatten_with_paths(tree)
         path = next(p for p, x in zip(paths, path_leaves) if x is bad[0])
         where = path_str(path, "tree")
@@ -198,9 +202,8 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     # add nothing to any of these norms (and the inf-norm kernel rejects them). Shapes are
     # static: skipping them does not sync.
     dtype = all_leaves[0].dtype
-    for x in all_leaves[1:]:
-        if x.dtype != dtype:
-            dtype = torch.promote_types(dtype, x.dtype)
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
     dtype = _REAL_OF_COMPLEX.get(dtype, dtype)
     zero = torch.zeros((), dtype=dtype, device=all_leaves[0].device)
     tree_leaves = [leaf for leaf in all_leaves if leaf.numel()]
@@ -211,15 +214,19 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     # Half-precision leaves: per-leaf norms (and, for a half result, their sum) in float32,
     # rounded once at the end. In float16 the squares overflow (two leaves of norm 200 gave
     # inf, the norm being 283); each rounding of a norm or square cost bf16 a further 2⁻⁹.
-    half = any(x.dtype in _HALF for x in tree_leaves)
-    half = half and not any(x.is_complex() for x in tree_leaves)  # complex32: as before
+    live = dtypes if len(tree_leaves) == len(all_leaves) else {x.dtype for x in tree_leaves}
+    half = any(d in _HALF for d in live) and not any(d.is_complex for d in live)  # complex32
     acc = (torch.float32 if dtype in _HALF else dtype) if half else None
-    per_leaf = torch._foreach_norm(tree_leaves, ord, dtype=acc)
-    # Promote before squaring: a float16 leaf's norm beside float32 leaves must not overflow.
-    norms = _stack_promoted([zero if acc is None else zero.to(acc), *per_leaf])
     if ord == 1:
-        return norms.sum().to(dtype)
-    total = norms.square().sum()
+        per_leaf = torch._foreach_norm(tree_leaves, ord, dtype=acc)
+        return _stack_promoted([zero if acc is None else zero.to(acc), *per_leaf]).sum().to(dtype)
+    device = zero.device
+    if all(x.device == device for x in tree_leaves):
+        total = sum_sq_norms(tree_leaves, acc)
+    else:  # leaves on several devices: their norms gathered on the first leaf's
+        per_leaf = torch._foreach_norm(tree_leaves, ord, dtype=acc)
+        # Promote before squaring: a float32 norm beside float64 ones is squared in float64.
+        total = _stack_promoted([zero if acc is None else zero.to(acc), *per_leaf]).square().sum()
     return (total if squared else total.sqrt()).to(dtype)
 
 
