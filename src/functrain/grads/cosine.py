@@ -110,7 +110,22 @@ def _add_in_place(acc: CosineAccumulator, grad: PyTree) -> CosineAccumulator:
     its caller made and alone holds (the train step's, made afresh every step): no
     parameter-sized temporaries (``addcdiv_`` divides as it adds, bit for bit the same sum)."""
     a_leaves, spec, g_leaves, divisor, unit_sq = _unit_terms(acc, grad, None)
-    torch._foreach_addcdiv_(a_leaves, g_leaves, [divisor] * len(a_leaves))
+    # A 0-d leaf promotes with the 0-d divisor in the pure form (a float32 leaf beside a float64
+    # ‖g‖² of mixed-precision params becomes float64); memory cannot change dtype in place, so
+    # such leaves take the pure form's ops. Leaves with dimensions keep their dtype either way.
+    wide = [
+        a.dim() == 0 and torch.promote_types(a.dtype, divisor.dtype) != a.dtype for a in a_leaves
+    ]
+    narrow = [i for i, w in enumerate(wide) if not w]
+    if narrow:
+        torch._foreach_addcdiv_(
+            [a_leaves[i] for i in narrow], [g_leaves[i] for i in narrow], [divisor] * len(narrow)
+        )
+    if len(narrow) < len(a_leaves):
+        a_leaves = [
+            torch.add(a, torch.div(g, divisor)) if w else a
+            for a, g, w in zip(a_leaves, g_leaves, wide)
+        ]
     return CosineAccumulator(tree.unflatten(spec, a_leaves), unit_sq, acc.count + 1)
 
 
