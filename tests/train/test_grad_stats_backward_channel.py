@@ -159,9 +159,8 @@ def two_threads():
 @pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_large_middle_and_small_leaves_all_count(dtype):
-    """The hook's three routes: a leaf of 2^20 elements or more is reduced by rows, a middle
-    one by one vector norm, small ones together after the backward pass (``_SqNormRecord``);
-    together they must give the by-hand squared norms."""
+    """A leaf above ``ROWS_MIN_NUMEL`` is reduced by rows in its hook, the others by one
+    vector norm each (``_SqNormRecord``): together they must give the by-hand squared norms."""
     gen = torch.Generator().manual_seed(2)
     wide = _sq_norms.ROWS_MIN_NUMEL // 128 + 1  # w: 128 x wide, reduced by rows
     params = {

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from functrain import tree
-from functrain._sq_norms import sq_norm, sum_sq_norms
+from functrain._sq_norms import sq_norm
 from functrain.train import rng
 
 __all__: list[str] = []
@@ -121,23 +121,14 @@ def _permute(vec: torch.Tensor, perm: list[int]) -> torch.Tensor:
     return torch.stack([vec[j] for j in perm])
 
 
-# Gradients below this size are reduced together after the micro-batch's backward pass.
-_POOLED_NUMEL = 1 << 15
-
-
 class _SqNormRecord:
     """The per-micro-batch ``‖ĝᵢ‖²`` of a :attr:`GradStatsHook.per_micro_batch_sq_norm` hook in
     the backward loop: a hook on each step-local leaf takes the squared norm of the gradient
     backward hands it before it is added into ``.grad`` (once per leaf and backward, all uses
-    of a tied leaf summed), so no micro-batch gradient is kept (small ones until the pass
-    ends)."""
+    of a tied leaf summed), so no micro-batch gradient is kept."""
 
     def __init__(self, leaves: list[torch.Tensor]) -> None:
         self.parts: list[torch.Tensor] = []  # this micro-batch's per-leaf squared norms
-        # Small gradients, by reduction dtype, reduced together after the backward pass: in a
-        # hook, a torch op on a small tensor cost 7-17 µs (1.4 µs outside), one foreach call
-        # for all of them less than two such ops. Holding them costs little memory.
-        self.small: dict[torch.dtype | None, list[torch.Tensor]] = {}
         self.losses: list[torch.Tensor] = []
         self.sizes: list[torch.Tensor] = []
         self.values: list[dict[str, torch.Tensor]] = []
@@ -161,10 +152,7 @@ class _SqNormRecord:
         if not self.recording:
             return
         wide = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
-        if grad.numel() < _POOLED_NUMEL:
-            self.small.setdefault(wide, []).append(grad)
-        else:
-            self.parts.append(sq_norm(grad, wide))
+        self.parts.append(sq_norm(grad, wide))
 
     def micro_batch(
         self, stage: Any, meta: Any, size: int, weight: float, payload: dict[str, Any]
@@ -172,9 +160,6 @@ class _SqNormRecord:
         """Hands the hook this micro-batch's unweighted, unscaled ``‖ĝᵢ‖²`` and its size."""
         value, inverse = stage._unscaled(payload["value"], None)
         parts, self.parts = self.parts, []
-        for wide, grads in self.small.items():
-            parts.append(sum_sq_norms(grads, wide))
-        self.small = {}
         if parts:
             sq = torch.stack(parts).sum() if len(parts) > 1 else parts[0]
         else:  # no parameter got a gradient
