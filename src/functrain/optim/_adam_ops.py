@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from functrain import _foreach
 from functrain._precision import widen_all
 from functrain.optim import _ops, _utils
 
@@ -40,14 +41,14 @@ def _mu_hat(
         return _ops.div(mu, _bias(b1, count, dtype))
     ahead = _ops.div(_ops.mul(mu, b1), _bias(b1, _utils.safe_increment(count), dtype))
     now = _ops.div(_ops.mul(g, 1 - _ops.on_device(b1, g[0])), _bias(b1, count, dtype))
-    return list(torch._foreach_add(ahead, now))
+    return list(_foreach.add(ahead, now))
 
 
 def _denominator(nu_hat: list[torch.Tensor], eps: Hyper, eps_root: Hyper) -> list[torch.Tensor]:
     """``sqrt(nu_hat + eps_root) + eps``."""
     if not _ops.is_zero(eps_root):
         nu_hat = _ops.add(nu_hat, eps_root)
-    denom = list(torch._foreach_sqrt(nu_hat))
+    denom = list(_foreach.sqrt(nu_hat))
     _ops.add_(denom, eps)
     return denom
 
@@ -90,15 +91,15 @@ def _direction(
     dtype = _ops.scalar_dtype(g)
     correction = _bias(b2, count, dtype)
     if _ops.is_zero(eps_root):
-        denom = list(torch._foreach_sqrt(nu))
+        denom = list(_foreach.sqrt(nu))
     else:
         shift = _ops.on_device(correction * _ops.on_device(eps_root, correction), nu[0])
         denom = _ops.add(nu, shift)
-        torch._foreach_sqrt_(denom)
-    torch._foreach_div_(denom, _ops.on_device(correction.sqrt(), denom[0]))
+        _foreach.sqrt_(denom)
+    _foreach.div_(denom, _ops.on_device(correction.sqrt(), denom[0]))
     _ops.add_(denom, eps)
     out = _mu_hat(g, mu, b1, count, nesterov)
     if any(o is m for o, m in zip(out, mu)):
-        return list(torch._foreach_div(out, denom))
-    torch._foreach_div_(out, denom)
+        return list(_foreach.div(out, denom))
+    _foreach.div_(out, denom)
     return out

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _utils
 
 Scalar = float | int | torch.Tensor
@@ -99,14 +99,14 @@ def mul(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
     """``[x * s]``, each in ``x``'s dtype."""
     if not xs:
         return []
-    return _keep_dtypes(torch._foreach_mul(xs, on_device(cpu_number(s, xs), xs[0])), xs, s)
+    return _keep_dtypes(_foreach.mul(xs, on_device(cpu_number(s, xs), xs[0])), xs, s)
 
 
 def div(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
     """``[x / s]``, each in ``x``'s dtype."""
     if not xs:
         return []
-    return _keep_dtypes(torch._foreach_div(xs, on_device(cpu_number(s, xs), xs[0])), xs, s)
+    return _keep_dtypes(_foreach.div(xs, on_device(cpu_number(s, xs), xs[0])), xs, s)
 
 
 def add_scaled(xs: list[torch.Tensor], a: Scalar, ys: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -114,9 +114,9 @@ def add_scaled(xs: list[torch.Tensor], a: Scalar, ys: list[torch.Tensor]) -> lis
     if not xs:
         return []
     if isinstance(a, torch.Tensor):
-        scaled = torch._foreach_mul(ys, on_device(a, xs[0]))
-        return _keep_dtypes(torch._foreach_add(xs, scaled), xs, a)
-    return list(torch._foreach_add(xs, ys, alpha=a))
+        scaled = _foreach.mul(ys, on_device(a, xs[0]))
+        return _keep_dtypes(_foreach.add(xs, scaled), xs, a)
+    return list(_foreach.add(xs, ys, alpha=a))
 
 
 def add(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
@@ -128,9 +128,9 @@ def add(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
     if not xs:
         return []
     if isinstance(s, torch.Tensor):
-        out = torch.ops.aten._foreach_add.Tensor(xs, on_device(s, xs[0]))
+        out = _foreach.add_tensor(xs, on_device(s, xs[0]))
         return _like(list(out), xs)
-    return list(torch._foreach_add(xs, cpu_number(s, xs)))
+    return list(_foreach.add(xs, cpu_number(s, xs)))
 
 
 def add_(xs: list[torch.Tensor], s: Scalar) -> None:
@@ -138,13 +138,13 @@ def add_(xs: list[torch.Tensor], s: Scalar) -> None:
     if not xs:
         return
     if not isinstance(s, torch.Tensor):
-        torch._foreach_add_(xs, cpu_number(s, xs))
+        _foreach.add_(xs, cpu_number(s, xs))
         return
     s = on_device(s, xs[0])
     if all(x.dim() or x.dtype == s.dtype for x in xs):
-        torch.ops.aten._foreach_add_.Tensor(xs, s)
+        _foreach.add_tensor_(xs, s)
     else:  # a 0-d leaf would be promoted to ``s``'s dtype, which in place cannot hold
-        torch._foreach_copy_(xs, add(xs, s))
+        _foreach.copy_(xs, add(xs, s))
 
 
 def lerp(start: list[torch.Tensor], end: list[torch.Tensor], weight: Scalar) -> list[torch.Tensor]:
@@ -156,8 +156,8 @@ def lerp(start: list[torch.Tensor], end: list[torch.Tensor], weight: Scalar) -> 
     if not start:
         return []
     if not isinstance(weight, torch.Tensor):
-        return list(torch._foreach_lerp(start, end, weight))
-    return list(torch._foreach_lerp(start, end, _per_leaf(weight, start)))
+        return list(_foreach.lerp(start, end, weight))
+    return list(_foreach.lerp(start, end, _per_leaf(weight, start)))
 
 
 def lerp_(start: list[torch.Tensor], end: list[torch.Tensor], weight: Scalar) -> None:
@@ -165,9 +165,9 @@ def lerp_(start: list[torch.Tensor], end: list[torch.Tensor], weight: Scalar) ->
     if not start:
         return
     if not isinstance(weight, torch.Tensor):
-        torch._foreach_lerp_(start, end, weight)
+        _foreach.lerp_(start, end, weight)
     else:
-        torch._foreach_lerp_(start, end, _per_leaf(weight, start))
+        _foreach.lerp_(start, end, _per_leaf(weight, start))
 
 
 def _per_leaf(value: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -226,10 +226,10 @@ def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> li
     v = _like(v, g)
     if isinstance(decay, torch.Tensor):
         out = mul(v, decay)
-        torch._foreach_add_(out, scaled_square(g, decay))
+        _foreach.add_(out, scaled_square(g, decay))
         return out
-    out = list(torch._foreach_mul(v, cpu_number(decay, v)))
-    torch._foreach_addcmul_(out, g, g, 1 - decay)
+    out = list(_foreach.mul(v, cpu_number(decay, v)))
+    _foreach.addcmul_(out, g, g, 1 - decay)
     return out
 
 
@@ -271,14 +271,14 @@ def abs_sq(x: torch.Tensor) -> torch.Tensor:
 def add_abs_sq(acc: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor]:
     """``[a + |x|²]``, each in ``a``'s dtype (``addcmul`` for real leaves)."""
     if not any(x.is_complex() for x in g):
-        return list(torch._foreach_addcmul(acc, g, g))
+        return list(_foreach.addcmul(acc, g, g))
     return [(a + abs_sq(x)).to(a.dtype) for a, x in zip(acc, g)]
 
 
 def sub_abs_sq(acc: list[torch.Tensor], mu: list[torch.Tensor]) -> list[torch.Tensor]:
     """``[a − |m|²]`` (a centred second moment), each in ``a``'s dtype."""
     if not any(m.is_complex() for m in mu):
-        return list(torch._foreach_sub(acc, torch._foreach_mul(mu, mu)))
+        return list(_foreach.sub(acc, _foreach.mul(mu, mu)))
     return [(a - abs_sq(m)).to(a.dtype) for a, m in zip(acc, mu)]
 
 
@@ -289,7 +289,7 @@ def maximum(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor
     has no complex ``maximum``. The result has the promoted dtype of each pair.
     """
     if not any(t.is_complex() for t in (*xs, *ys)):
-        return list(torch._foreach_maximum(xs, ys))
+        return list(_foreach.maximum(xs, ys))
     return [
         torch.maximum(x.real, y.real).to(torch.promote_types(x.dtype, y.dtype))
         for x, y in zip(xs, ys)
@@ -299,7 +299,7 @@ def maximum(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor
 def sign(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """``[sign(x)]``; for a complex ``x`` its phase ``x / |x|`` (``torch.sgn``, NumPy's sign)."""
     if not any(x.is_complex() for x in xs):
-        return list(torch._foreach_sign(xs)) if xs else []
+        return list(_foreach.sign(xs)) if xs else []
     return [torch.sgn(x) if x.is_complex() else torch.sign(x) for x in xs]
 
 
@@ -319,7 +319,7 @@ def scaled_square(g: list[torch.Tensor], decay: torch.Tensor) -> list[torch.Tens
     """``(1 − decay)·g·g`` in that order (``addcmul``'s), each in ``g``'s dtype: ``g·g`` first
     overflows float32 from ``|g| ≈ 1.8e19`` where the product does not."""
     sq = mul(g, 1 - decay)
-    torch._foreach_mul_(sq, g)
+    _foreach.mul_(sq, g)
     return sq
 
 

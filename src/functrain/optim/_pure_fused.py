@@ -106,6 +106,8 @@ def update(tx: Any, updates: Any, state: Any, params: Any) -> tuple[Any, Any] | 
     """
     if not ENABLED or params is None or torch.compiler.is_compiling():
         return None
+    if torch._C._are_functorch_transforms_active():
+        return None  # vmap, grad...: the fused kernel has no batching rule nor derivative
     if not all(fused.spec_of(t) is not None for t in getattr(fused.spec_of(tx), "members", ())):
         return None  # a member without a spec: not recognisable, skip the planning
     ctx = fused.Context(updates, params, None)

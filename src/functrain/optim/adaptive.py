@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _ops, _utils, fused
 from functrain.optim._adam_ops import (
     Hyper,
@@ -220,7 +220,7 @@ def scale_by_amsgrad(
         mu_hat = _ops.div(mu, _bias(b1, count, dtype)) if bias_correction_mu else mu
         nu_eff = _ops.div(nu, _bias(b2, count, dtype)) if bias_correction_nu else nu
         nu_max = _ops.maximum(_ops.cast_like(s["state.nu_max"], wide), nu_eff)
-        out = _ops.cast_like(torch._foreach_div(mu_hat, _denominator(nu_max, eps, eps_root)), g)
+        out = _ops.cast_like(_foreach.div(mu_hat, _denominator(nu_max, eps, eps_root)), g)
         unflat = lambda xs, like: tree.unflatten(spec, _ops.cast_like(xs, like))  # noqa: E731
         new_state = ScaleByAmsgradState(
             count,
@@ -278,11 +278,11 @@ def scale_by_adamax(
             return updates, ScaleByAdamState(count, state.mu, state.nu)
         wide = _operands(g, s["state.mu"], s["state.nu"])
         mu = _ops.moment(wide, s["state.mu"], b1)
-        abs_g = list(torch._foreach_abs(wide))
+        abs_g = list(_foreach.abs(wide))
         _ops.add_(abs_g, eps)
         nu = _ops.maximum(abs_g, _ops.mul(_ops.cast_like(s["state.nu"], wide), b2))
         mu_hat = _ops.div(mu, _bias(b1, count, _ops.scalar_dtype(g)))
-        out = _ops.cast_like(torch._foreach_div(mu_hat, nu), g)
+        out = _ops.cast_like(_foreach.div(mu_hat, nu), g)
         mu, nu = _ops.cast_like(mu, s["state.mu"]), _ops.cast_like(nu, s["state.nu"])
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))
         return tree.unflatten(spec, out), new_state
@@ -363,7 +363,7 @@ def scale_by_radam(
         rectify = (ro >= _ops.scalar(threshold, t)).to(g[0].device)
         mu_hat = _mu_hat(g, mu, b1, count, nesterov)
         nu_hat = _ops.div(nu, 1 - b2_t)
-        adapted = torch._foreach_div(_ops.mul(mu_hat, r), _denominator(nu_hat, eps, eps_root))
+        adapted = _foreach.div(_ops.mul(mu_hat, r), _denominator(nu_hat, eps, eps_root))
         out = _ops.cast_like([torch.where(rectify, a, m) for a, m in zip(adapted, mu_hat)], given)
         mu, nu = _ops.cast_like(mu, s["state.mu"]), _ops.cast_like(nu, s["state.nu"])
         new_state = ScaleByAdamState(count, tree.unflatten(spec, mu), tree.unflatten(spec, nu))

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _ops, fused
 
 __all__ = [
@@ -322,7 +322,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     pairs = [(i, p, u) for i, (p, u) in enumerate(zip(p_leaves, u_leaves)) if u is not None]
     out = list(p_leaves)
     if pairs:
-        sums = torch._foreach_add([p for _, p, _ in pairs], [u for _, _, u in pairs])
+        sums = _foreach.add([p for _, p, _ in pairs], [u for _, _, u in pairs])
         for (i, p, _), s in zip(pairs, sums):
             out[i] = s if s.dtype == p.dtype else s.to(p.dtype)
     return tree.unflatten(spec, out)
@@ -342,6 +342,6 @@ def _apply_plain(params: Params, updates: Updates) -> Params | None:
         return None
     if [p.shape for p in p_leaves] != [u.shape for u in u_leaves]:
         return None
-    sums = torch._foreach_add(p_leaves, u_leaves)
+    sums = _foreach.add(p_leaves, u_leaves)
     out = [s if s.dtype == p.dtype else s.to(p.dtype) for p, s in zip(p_leaves, sums)]
     return _ops.plain_rebuild(params, out)

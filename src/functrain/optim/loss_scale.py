@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _utils
 
 __all__ = ["DynamicLossScale", "LossScaleState", "all_finite"]
@@ -71,7 +71,7 @@ def all_finite(values: Any) -> torch.Tensor:
         for ends in ends_by_dtype.values()
     ]
     if others:
-        norms = torch._foreach_norm(others, float("inf"))
+        norms = _foreach.norm(others, float("inf"))
         flags.extend(torch.isfinite(n).reshape(1).to(device) for n in norms)
     return torch.cat(flags).all() if len(flags) > 1 else flags[0].reshape(())
 
@@ -196,7 +196,7 @@ class DynamicLossScale:
         leaves, spec = tree.flatten(grads)
         tensors = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         if tensors:
-            scaled = torch._foreach_mul([leaves[i] for i in tensors], inv)
+            scaled = _foreach.mul([leaves[i] for i in tensors], inv)
             for i, x in zip(tensors, scaled):
                 leaves[i] = x
         unscaled = tree.unflatten(spec, leaves)

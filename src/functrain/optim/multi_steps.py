@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _ops, _utils
 from functrain.optim._masking import _is_numpy_bool
 from functrain.optim.base import GradientTransformation, _accepts_extra, _check_transform
@@ -132,6 +132,15 @@ def _schedule_value(k: Any) -> int:
     if not value.is_integer():
         raise TypeError(f"every_k_schedule must return an integer, got {k!r}")
     return int(value)
+
+
+def _batched_counters(state: MultiStepsState) -> bool:
+    """Whether ``vmap`` batches the counters (an ensemble): their values cannot be read then,
+    so the traced form's selects run instead (under ``grad`` the eager form still does)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    batched = torch._C._functorch.is_batchedtensor
+    return batched(state.mini_step) or batched(state.gradient_step)
 
 
 class MultiSteps:
@@ -266,10 +275,10 @@ class MultiSteps:
             # A CPU counter tensor broadcasts as a scalar in plain ops (not in every foreach op).
             new = [a + (x - a) / (n + 1) for x, a in zip(g, acc_leaves)]
         elif self._use_grad_mean:
-            step = torch._foreach_div(torch._foreach_sub(g, acc_leaves), n + 1)
-            new = torch._foreach_add(acc_leaves, step)
+            step = _foreach.div(_foreach.sub(g, acc_leaves), n + 1)
+            new = _foreach.add(acc_leaves, step)
         else:
-            new = torch._foreach_add(g, acc_leaves)
+            new = _foreach.add(g, acc_leaves)
         return g, new, spec
 
     def _inner_update(
@@ -286,7 +295,7 @@ class MultiSteps:
         """Accumulates ``updates``; every k-th call returns the inner optimizer's update."""
         if not isinstance(state, MultiStepsState):
             raise TypeError(f"MultiSteps expects a MultiStepsState, got {type(state).__name__}")
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _batched_counters(state):
             return self._update_traced(updates, state, params, extra)
         k = _schedule_value(self._k(state.gradient_step))
         if k < 1:

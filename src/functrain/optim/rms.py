@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _ops, _utils
 from functrain.optim.base import GradientTransformation
 
@@ -85,11 +85,11 @@ def _scaled(
 ) -> list[torch.Tensor]:
     """``g / √(var + eps)`` or ``g / (√var + eps)``."""
     if eps_in_sqrt:
-        denom = list(torch._foreach_sqrt(_ops.add(var, eps)))
+        denom = list(_foreach.sqrt(_ops.add(var, eps)))
     else:
-        denom = list(torch._foreach_sqrt(var))
+        denom = list(_foreach.sqrt(var))
         _ops.add_(denom, eps)
-    return list(torch._foreach_div(g, denom))
+    return list(_foreach.div(g, denom))
 
 
 def _check(decay: Any, eps: Any, initial_scale: Any, bias_correction: bool) -> None:

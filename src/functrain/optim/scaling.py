@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _ops, _utils, fused
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import EmptyState, GradientTransformation, identity
@@ -215,8 +215,8 @@ def scale_by_trust_ratio(
         out = list(g)
         idx = [i for i, (u, w) in enumerate(zip(g, p)) if u is not None and w is not None]
         if idx:
-            p_norms = torch._foreach_norm([p[i] for i in idx])
-            u_norms = torch._foreach_norm([g[i] for i in idx])
+            p_norms = _foreach.norm([p[i] for i in idx])
+            u_norms = _foreach.norm([g[i] for i in idx])
             for i, pn, un in zip(idx, p_norms, u_norms):
                 u = g[i]
                 # The norms are real for complex leaves too (clamp has no complex kernel).

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import optree
 import torch
 
+from functrain import _foreach
 from functrain.tree._structure import PyTree, _check_same, flatten, unflatten
 from functrain.tree._structure import map as tree_map
 
@@ -49,7 +50,7 @@ def add(tree: PyTree, *others: PyTree) -> PyTree:
     """
     out = tree
     for other in others:
-        out = _binary(out, other, torch._foreach_add)
+        out = _binary(out, other, _foreach.add)
     return out
 
 
@@ -74,7 +75,7 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
         >>> ft.tree.sub([torch.ones(1)], [torch.ones(1)])
         [tensor([0.])]
     """
-    return _binary(a, b, torch._foreach_sub)
+    return _binary(a, b, _foreach.sub)
 
 
 def mul(a: PyTree, b: PyTree) -> PyTree:
@@ -98,7 +99,7 @@ def mul(a: PyTree, b: PyTree) -> PyTree:
         >>> ft.tree.mul([torch.tensor([2.0])], [torch.tensor([3.0])])
         [tensor([6.])]
     """
-    return _binary(a, b, torch._foreach_mul)
+    return _binary(a, b, _foreach.mul)
 
 
 def div(a: PyTree, b: PyTree) -> PyTree:
@@ -123,7 +124,7 @@ def div(a: PyTree, b: PyTree) -> PyTree:
         >>> ft.tree.div([torch.tensor([3.0])], [torch.tensor([2.0])])
         [tensor([1.5000])]
     """
-    return _binary(a, b, torch._foreach_div)
+    return _binary(a, b, _foreach.div)
 
 
 def scale(scalar: float | torch.Tensor, tree: PyTree) -> PyTree:
@@ -150,7 +151,7 @@ def scale(scalar: float | torch.Tensor, tree: PyTree) -> PyTree:
         return tree
     if isinstance(scalar, torch.Tensor):
         return unflatten(spec, [_keep_dtype(leaf * scalar, leaf.dtype) for leaf in tree_leaves])
-    return unflatten(spec, torch._foreach_mul(tree_leaves, scalar))
+    return unflatten(spec, _foreach.mul(tree_leaves, scalar))
 
 
 # A complex scalar makes a real leaf complex of the same precision, as a Python complex does.
@@ -219,7 +220,7 @@ def add_scale(a: PyTree, scalar: float | torch.Tensor, b: PyTree) -> PyTree:
             for x, y in zip(a_leaves, b_leaves)
         ]
         return unflatten(spec, out)
-    return unflatten(spec, torch._foreach_add(a_leaves, b_leaves, alpha=scalar))
+    return unflatten(spec, _foreach.add(a_leaves, b_leaves, alpha=scalar))
 
 
 def _inexact(x: torch.Tensor) -> bool:

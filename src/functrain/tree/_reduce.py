@@ -9,6 +9,7 @@ import builtins
 
 import torch
 
+from functrain import _foreach
 from functrain._precision import HALF as _HALF
 from functrain._sq_norms import sum_sq_norms
 from functrain.tree._structure import (
@@ -213,7 +214,7 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     if not tree_leaves:
         return zero
     if ord == float("inf"):
-        return _stack_promoted([zero, *torch._foreach_norm(tree_leaves, ord)]).max()
+        return _stack_promoted([zero, *_foreach.norm(tree_leaves, ord)]).max()
     # Half-precision leaves: per-leaf norms (and, for a half result, their sum) in float32,
     # rounded once at the end. In float16 the squares overflow (two leaves of norm 200 gave
     # inf, the norm being 283); each rounding of a norm or square cost bf16 a further 2⁻⁹.
@@ -221,7 +222,7 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     half = any(d in _HALF for d in live) and not any(d.is_complex for d in live)  # complex32
     acc = (torch.float32 if dtype in _HALF else dtype) if half else None
     if ord == 1:
-        per_leaf = torch._foreach_norm(tree_leaves, ord, dtype=acc)
+        per_leaf = _foreach.norm(tree_leaves, ord, dtype=acc)
         return _stack_promoted([zero if acc is None else zero.to(acc), *per_leaf]).sum().to(dtype)
     device = zero.device
     if all(x.device == device for x in tree_leaves):
