@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain._precision import HALF as _LOW_PRECISION
 from functrain.grads.noise_scale import _sq_norm_vmappable
 from functrain.optim import _utils
@@ -101,7 +101,7 @@ def cosine_accumulator_add(
         [tensor([0.6000, 0.8000])]
     """
     a_leaves, spec, g_leaves, divisor, unit_sq = _unit_terms(acc, grad, sq_norm)
-    new_sum = torch._foreach_add(a_leaves, torch._foreach_div(g_leaves, divisor))
+    new_sum = _foreach.add(a_leaves, _foreach.div(g_leaves, divisor))
     return CosineAccumulator(tree.unflatten(spec, new_sum), unit_sq, acc.count + 1)
 
 

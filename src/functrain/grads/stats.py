@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain._precision import HALF as _HALF
 from functrain._precision import widen, widen_all
 from functrain.grads._gram import _cross_gram as _cross_gram
@@ -294,10 +294,10 @@ def merge_grad_moments(a: GradMoments, b: GradMoments) -> GradMoments:
     # Half-precision leaves in float32 (widen_all returns the same lists when there are none):
     # ``δ²·n_a·n_b/n`` and the sum of the m2s overflowed float16.
     wide_a = widen_all(mean_a)
-    delta = torch._foreach_sub(widen_all(mean_b), wide_a)
-    mean = torch._foreach_add(wide_a, delta, alpha=b.count / n)
-    m2 = torch._foreach_add(widen_all(m2_a), widen_all(m2_b))
-    torch._foreach_addcmul_(m2, delta, delta, value=a.count * b.count / n)
+    delta = _foreach.sub(widen_all(mean_b), wide_a)
+    mean = _foreach.add(wide_a, delta, alpha=b.count / n)
+    m2 = _foreach.add(widen_all(m2_a), widen_all(m2_b))
+    _foreach.addcmul_(m2, delta, delta, value=a.count * b.count / n)
     mean = [x.to(d) if d in _HALF else x for x, d in zip(mean, dtypes)]
     return GradMoments(n, tree.unflatten(spec, mean), tree.unflatten(spec, m2))
 
