@@ -53,12 +53,65 @@ def _loop(op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
     return [op(*(c[i] for c in columns), **{k: v[i] for k, v in keyed.items()}) for i in range(n)]
 
 
-def _wrap(kernel: Callable[..., Any], op: Callable[..., Any], *, scalars_at: int = -1) -> Any:
+def _column(args: Any, i: int) -> Any:
+    """Leaf ``i`` of each list in ``args`` (a tuple or a dict), as a 1-leaf list."""
+    if isinstance(args, dict):
+        return {k: v[i : i + 1] if isinstance(v, (list, tuple)) else v for k, v in args.items()}
+    return tuple(a[i : i + 1] if isinstance(a, (list, tuple)) else a for a in args)
+
+
+def _number_like(s: torch.Tensor) -> bool | int | float | complex:
+    """A Python number of ``s``'s kind, for the dtype a ``Scalar`` argument promotes to."""
+    if s.is_complex():
+        return 1j
+    if s.is_floating_point():
+        return 1.0
+    return True if s.dtype == torch.bool else 1
+
+
+def _scalar_loop(
+    op: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[Any]:
+    """``_loop`` for a ``Scalar`` overload given a 0-d tensor, which the kernel reads as a number.
+
+    A number never promotes a leaf within its kind, but a 0-d tensor beside a 0-d leaf does
+    (``float32`` + ``float64`` gives ``float64``), and beside an integer leaf it gives its own
+    dtype rather than the default one. So 0-d leaves go through as 1-element tensors, and the
+    scalar takes the dtype a number would give an integer leaf.
+    """
+    n = len(args[0])
+    out = []
+    for i in range(n):
+        x = args[0][i]
+        a = [c[i] if isinstance(c, (list, tuple)) else c for c in args]
+        k = {key: v[i] if isinstance(v, (list, tuple)) else v for key, v in kwargs.items()}
+        if not (x.is_floating_point() or x.is_complex()):
+            for j, s in enumerate(a[1:], 1):
+                if isinstance(s, torch.Tensor) and s.dim() == 0 and not isinstance(args[j], list):
+                    a[j] = s.to(torch.result_type(x, _number_like(s)))
+        if x.dim() == 0:
+            a = [t.unsqueeze(0) if isinstance(c, (list, tuple)) else t for c, t in zip(args, a)]
+            out.append(op(*a, **k).squeeze(0))
+        else:
+            out.append(op(*a, **k))
+    return out
+
+
+def _wrap(
+    kernel: Callable[..., Any],
+    op: Callable[..., Any],
+    *,
+    scalars_at: int = -1,
+    number_scalars: bool = False,
+) -> Any:
     """``kernel`` outside functorch transforms, a per-leaf loop of ``op`` inside them.
 
     ``op`` is the out-of-place per-tensor op; an in-place kernel's results are copied into its
     first list (several in-place ops, e.g. ``addcmul_`` and ``lerp_``, have no batching rule).
     ``scalars_at``: the position of an argument that may be a 1-d tensor of per-leaf scalars.
+    ``number_scalars``: the kernel's overload for a lone scalar takes a ``Scalar``, so a 0-d
+    tensor there acts as a Python number (``add``, ``sub``, ``lerp``; ``mul`` and ``div`` have
+    a ``Tensor`` overload that promotes as the per-tensor op does).
     """
     name = kernel.__name__  # "_foreach_add_", or "_foreach_add_.Tensor" for an overload
     in_place = name.split(".")[0].endswith("_")
@@ -70,10 +123,22 @@ def _wrap(kernel: Callable[..., Any], op: Callable[..., Any], *, scalars_at: int
             s = args[scalars_at]
             if isinstance(s, torch.Tensor) and s.dim() == 1:
                 args = (*args[:scalars_at], list(s.unbind(0)), *args[scalars_at + 1 :])
-        out = _loop(op, args, kwargs)
+        wrapped = number_scalars and any(
+            isinstance(a, torch.Tensor) and a.dim() == 0 for a in (*args[1:], *kwargs.values())
+        )
+        loop = _scalar_loop if wrapped else _loop
         if not in_place:
-            return out
-        for x, y in zip(args[0], out):
+            return loop(op, args, kwargs)
+        # One leaf at a time, each written before the next is read: a leaf listed twice (tied
+        # weights) then gets both updates, as from the kernel.
+        for i, x in enumerate(args[0]):
+            (y,) = loop(op, _column(args, i), _column(kwargs, i))
+            # The kernel refuses what ``copy_`` would silently truncate (2.5 into an int);
+            # ``_foreach_copy_`` itself converts.
+            if op is not _second and not torch.can_cast(y.dtype, x.dtype):
+                raise RuntimeError(
+                    f"result type {y.dtype} can't be cast to the desired output type {x.dtype}"
+                )
             x.copy_(y)
         return None
 
@@ -86,19 +151,19 @@ def _second(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-add = _wrap(torch._foreach_add, torch.add)
-add_ = _wrap(torch._foreach_add_, torch.add)
+add = _wrap(torch._foreach_add, torch.add, number_scalars=True)
+add_ = _wrap(torch._foreach_add_, torch.add, number_scalars=True)
 # The ``Tensor`` overloads by name: a 0-d tensor scalar is then not read on the host.
 add_tensor = _wrap(torch.ops.aten._foreach_add.Tensor, torch.add)
 add_tensor_ = _wrap(torch.ops.aten._foreach_add_.Tensor, torch.add)
-sub = _wrap(torch._foreach_sub, torch.sub)
+sub = _wrap(torch._foreach_sub, torch.sub, number_scalars=True)
 mul = _wrap(torch._foreach_mul, torch.mul)
 mul_ = _wrap(torch._foreach_mul_, torch.mul)
 div = _wrap(torch._foreach_div, torch.div)
 div_ = _wrap(torch._foreach_div_, torch.div)
 maximum = _wrap(torch._foreach_maximum, torch.maximum)
-lerp = _wrap(torch._foreach_lerp, torch.lerp)
-lerp_ = _wrap(torch._foreach_lerp_, torch.lerp)
+lerp = _wrap(torch._foreach_lerp, torch.lerp, number_scalars=True)
+lerp_ = _wrap(torch._foreach_lerp_, torch.lerp, number_scalars=True)
 addcmul = _wrap(torch._foreach_addcmul, _pointwise(torch.addcmul), scalars_at=3)
 addcmul_ = _wrap(torch._foreach_addcmul_, _pointwise(torch.addcmul), scalars_at=3)
 addcdiv = _wrap(torch._foreach_addcdiv, _pointwise(torch.addcdiv), scalars_at=3)
