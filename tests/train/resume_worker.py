@@ -102,7 +102,9 @@ def loop_setup() -> tuple[ft.TrainStep, ft.TrainState, Any]:
 
 
 def main(phase: str, outdir: str) -> None:
-    torch.set_num_threads(1)
+    # The thread count of the test process (tests/conftest.py): the reference run there must
+    # compute as these phases do, bit for bit.
+    torch.set_num_threads(int(os.environ.get("FUNCTRAIN_TEST_THREADS", "1")))
     for config in CONFIGS:
         step, state = build(config)
         path = os.path.join(outdir, f"{config}_{N}.safetensors")
