@@ -29,6 +29,7 @@ print(torch.__version__, torch.cuda.get_device_name())
 EOF
 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra --strict-markers" \
     tests/train/test_step_cuda.py tests/grads/test_per_sample_cuda.py tests/optim/test_no_host_reads.py \
+    tests/optim/test_vmap_ensemble.py tests/test_sq_norms.py \
     tests/checkpoint tests/logging/test_async_writer.py tests/tools/test_bench.py \
     2>&1 | tee "$out/tests.log"
 python3 tools/bench.py --device cuda --check --only optimizer step --json "$out/bench_cuda.json" \

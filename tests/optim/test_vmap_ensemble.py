@@ -167,3 +167,18 @@ def test_compiled_update_takes_the_foreach_kernels(name: str, monkeypatch: Any) 
     got_u, _ = torch.compile(tx.update, backend="eager", fullgraph=True)(g, state, p)
     for a, b in zip(ft.tree.leaves(got_u), ft.tree.leaves(want_u)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["adamw", "clip_adamw", "sgd_momentum", "lion"])
+def test_ensemble_on_cuda_matches_members(name: str) -> None:
+    """The same on a GPU (run by tools/gpu_check.sh); members alone may take the fused kernels,
+    whose float64 rounding differs slightly from the per-tensor ops under vmap."""
+    params, grads = _ensemble(0)
+    params, grads = ft.tree.map(lambda x: x.cuda(), (params, grads))
+    got_p, _ = _run_vmapped(MAKERS[name](), params, grads)
+    for i in range(B):
+        want_p, _ = _run_member(MAKERS[name](), params, grads, i)
+        for g, w in zip(ft.tree.leaves(_member(got_p, i)), ft.tree.leaves(want_p)):
+            assert g.is_cuda
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
