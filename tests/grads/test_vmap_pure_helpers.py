@@ -45,3 +45,19 @@ def test_merge_grad_moments_under_vmap_equals_a_loop():
         torch.testing.assert_close(mean[i], whole.mean(0), rtol=1e-12, atol=1e-14)
         centred = whole - whole.mean(0)
         torch.testing.assert_close(m2[i], (centred**2).sum(0), rtol=1e-12, atol=1e-14)
+
+
+def test_grad_moments_under_vmap_equals_a_loop_without_warnings():
+    # Before: torch's "performance drop ... batching rule for aten::addmm_" warning (an error
+    # under warnings-as-errors), from the in-place matrix-vector sums.
+    per_member = torch.randn(3, 6, 2, 5, generator=torch.Generator().manual_seed(2)).double()
+
+    def moments(g):
+        m = ft.grad_moments({"w": g})
+        return m.mean["w"], m.m2["w"]
+
+    mean, m2 = torch.func.vmap(moments)(per_member)
+    for i in range(3):
+        torch.testing.assert_close(mean[i], per_member[i].mean(0), rtol=1e-12, atol=1e-14)
+        centred = per_member[i] - per_member[i].mean(0)
+        torch.testing.assert_close(m2[i], (centred**2).sum(0), rtol=1e-12, atol=1e-14)

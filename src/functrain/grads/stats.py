@@ -175,11 +175,17 @@ def _centred_sums(rows: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tenso
     s1 = torch.zeros_like(centre)
     s2 = torch.zeros_like(centre)
     ones = torch.ones((1, min(block, n)), dtype=centre.dtype, device=rows.device)
+    # In-place addmm_ has no vmap batching rule (torch warns and loops): out of place there.
+    batched = torch._C._are_functorch_transforms_active()
     for part in rows.split(max(block, 1)):
         dev = part - centre  # type promotion widens half rows without a converted copy
-        s1.addmm_(ones[:, : part.shape[0]], dev)  # matrix-vector products: faster than sum(0)
+        w = ones[:, : part.shape[0]]
+        if batched:
+            s1, s2 = s1 + w @ dev, s2 + w @ (dev * dev)
+            continue
+        s1.addmm_(w, dev)  # matrix-vector products: faster than sum(0)
         dev.mul_(dev)
-        s2.addmm_(ones[:, : part.shape[0]], dev)
+        s2.addmm_(w, dev)
     return s1, s2
 
 
