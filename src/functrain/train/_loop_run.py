@@ -5,12 +5,13 @@ state, history, writer and checkpoint cadence and runs its steps, evaluations an
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ class InterruptGuard:
 
     def __init__(self) -> None:
         self.in_step = False
+        self.holding = False  # inside :meth:`held`
         self.pending = False
         self._previous: Any = None
 
@@ -55,7 +57,7 @@ class InterruptGuard:
             signal.signal(signal.SIGINT, self._previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.in_step and not self.pending:
+        if (self.in_step or self.holding) and not self.pending:
             self.pending = True
             print(
                 "\nfunctrain: interrupt received, stopping after this step "
@@ -67,6 +69,23 @@ class InterruptGuard:
 
     def step_done(self) -> None:
         self.in_step = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Holds a Ctrl-C until the block is done (recording a step's metrics: one that landed
+        after the step was marked logged but before the writer had it lost that step's curves,
+        the checkpoint then resuming after it). A second Ctrl-C stops the block at once."""
+        if self.holding or self.in_step:
+            yield
+            return
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
@@ -291,10 +310,11 @@ class Run:
         assert self.metrics is not None
         scalars = {**metric_tags(self.metrics), **self.throughput.mark(final=final)}
         check_scalars(scalars)
-        self.logged_step = self.host_step
-        self.history.record(self.host_step, scalars)
-        if self.writer is not None:
-            self.writer.write_scalars(self.host_step, scalars)
+        with self.guard.held():
+            self.logged_step = self.host_step
+            self.history.record(self.host_step, scalars)
+            if self.writer is not None:
+                self.writer.write_scalars(self.host_step, scalars)
 
     def evaluate(self) -> None:
         if self.eval_step is None or self.eval_step_done == self.host_step:
