@@ -175,8 +175,9 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     than one thread, float32/float64 leaves of 2¹⁹ elements or more are reduced as 1024 rows in
     parallel (faster, and about 10⁴ times more accurate over 2²⁴ values than one sequential
     sum; the same bits for any thread count above one). Works under ``torch.func`` transforms
-    (``vmap``, ``grad``) and ``torch.compile``. Wider leaves are not rescaled: where the sum of squares overflows the dtype (a float32 norm above about 1.8e19,
-    e.g. of ``[1e30, 1e30]``) the norm is ``inf``, as with ``torch.linalg.vector_norm`` and
+    (``vmap``, ``grad``) and ``torch.compile``. Wider leaves are not rescaled: where the sum of
+    squares overflows the dtype (a float32 norm above about 1.8e19, e.g. of ``[1e30, 1e30]``)
+    the norm is ``inf``, as with ``torch.linalg.vector_norm`` and
     ``torch.nn.utils.clip_grad_norm_``.
 
     Example:
@@ -221,16 +222,15 @@ def norm(tree: PyTree, ord: float | None = None, squared: bool = False) -> torch
     live = dtypes if len(tree_leaves) == len(all_leaves) else {x.dtype for x in tree_leaves}
     half = any(d in _HALF for d in live) and not any(d.is_complex for d in live)  # complex32
     acc = (torch.float32 if dtype in _HALF else dtype) if half else None
-    if ord == 1:
-        per_leaf = _foreach.norm(tree_leaves, ord, dtype=acc)
-        return _stack_promoted([zero if acc is None else zero.to(acc), *per_leaf]).sum().to(dtype)
-    device = zero.device
-    if all(x.device == device for x in tree_leaves):
+    if ord == 2 and all(x.device == zero.device for x in tree_leaves):
         total = sum_sq_norms(tree_leaves, acc)
-    else:  # leaves on several devices: their norms gathered on the first leaf's
-        per_leaf = torch._foreach_norm(tree_leaves, ord, dtype=acc)
+    else:  # the 1-norm, or leaves on several devices: per-leaf norms gathered on the first's
+        per_leaf = _foreach.norm(tree_leaves, ord, dtype=acc)
         # Promote before squaring: a float32 norm beside float64 ones is squared in float64.
-        total = _stack_promoted([zero if acc is None else zero.to(acc), *per_leaf]).square().sum()
+        norms = _stack_promoted([zero if acc is None else zero.to(acc), *per_leaf])
+        if ord == 1:
+            return norms.sum().to(dtype)
+        total = norms.square().sum()
     return (total if squared else total.sqrt()).to(dtype)
 
 
