@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from functrain import _foreach
+
 __all__: list[str] = []  # internal
 
 # Leaves from this size are reduced as ROWS rows when torch runs several threads (2-core CPU,
@@ -58,6 +60,7 @@ def _rows_sq(x: torch.Tensor) -> torch.Tensor:
 
 
 def _eager() -> bool:
+    """Neither traced by ``torch.compile`` nor inside a ``torch.func`` transform."""
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
@@ -72,18 +75,16 @@ def sum_sq_norms(leaves: list[torch.Tensor], acc: torch.dtype | None = None) -> 
     Returns:
         The sum in the dtype promoted over the leaves' squared norms.
     """
-    if torch._C._are_functorch_transforms_active():
-        # Foreach kernels have no batching rule (vmap); per-leaf vector norms do.
-        sq = [torch.linalg.vector_norm(x, dtype=acc).square() for x in leaves]
-        return torch.stack(sq).sum() if len(sq) > 1 else sq[0]
-    eager = not torch.compiler.is_compiling()  # traced: the foreach form compiles well
+    # Traced or transformed: the foreach form, which compiles well and which ``_foreach.norm``
+    # runs leaf by leaf under torch.func transforms (the kernel has no batching rule).
+    eager = _eager()
     by_rows = [eager and _by_rows(x, acc) for x in leaves]
     parts = []
     if not all(by_rows):
         rest = [x for x, r in zip(leaves, by_rows) if not r]
         # torch.stack promotes mixed dtypes before the squares: a float32 norm beside float64
         # ones is squared in float64.
-        parts.append(torch.stack(torch._foreach_norm(rest, 2, dtype=acc)).square().sum())
+        parts.append(torch.stack(_foreach.norm(rest, 2, dtype=acc)).square().sum())
     parts += [_rows_sq(x) for x, r in zip(leaves, by_rows) if r]
     total = parts[0]
     for part in parts[1:]:
