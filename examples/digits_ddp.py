@@ -217,6 +217,17 @@ def main() -> None:
     args = parse_args()
     dist.init(timeout=args.timeout)  # gloo on CPU; does nothing without torchrun
     world, rank = dist.world_size(), dist.rank()
+    if args.logdir is not None:
+        # Two launches into one --logdir both ran, interleaving their curves at the same steps.
+        # Rank 0 alone writes there, so it alone takes the examples' lock; every rank learns
+        # the answer, so that a refused launch ends on all of them rather than hanging.
+        error = _common.claim_logdir(args.logdir) if dist.is_rank_zero() else None
+        refused = torch.tensor([float(error is not None)])
+        if dist.all_reduce_tree({"refused": refused}, op="max")["refused"].item():
+            dist.shutdown()
+            # The other ranks end quietly (status 0): one that failed first would have torchrun
+            # stop rank 0 before it prints why. The launch fails with rank 0's status.
+            sys.exit(f"error: {error}" if error is not None else 0)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # Ranks initialise differently: init_state broadcasts rank 0's.

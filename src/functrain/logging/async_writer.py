@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import functools
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -73,8 +74,20 @@ def _write_host_scalars(
 
 def _close_at_exit(ref: weakref.ref[AsyncWriter]) -> None:
     writer = ref()
-    if writer is not None:
+    if writer is None:
+        return
+    try:
         writer.close()
+    except KeyboardInterrupt:
+        # A second Ctrl-C while the exit waits for the last writes (the first one is what
+        # ended the program): stop waiting, quietly. Raised here, Python prints it as
+        # "Exception ignored in atexit callback" with a traceback, after the traceback of the
+        # first Ctrl-C. The event file takes whole records under its lock and flushes them at
+        # exit, so it stays readable; the writes still queued are lost.
+        print(
+            "functrain: AsyncWriter: interrupted at exit; its last buffered values may be missing",
+            file=sys.stderr,
+        )
 
 
 class AsyncWriter(MetricWriter):
