@@ -39,7 +39,10 @@ class Linear(_Rule):
 
     @staticmethod
     def forward(x, weight, bias, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
-        return F.linear(x, weight, bias)
+        # Rows flattened, unflattened by ``on_batch``: ``F.linear`` of a 3-d input returns a
+        # view, and a view returned by a Function can't be modified in place (an in-place
+        # ReLU after a sequence model's linear layer raised).
+        return F.linear(x.flatten(0, -2), weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -50,7 +53,8 @@ class Linear(_Rule):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        rows = g.shape[0]
+        g = g.view(*x.shape[:-1], g.shape[-1])
+        rows = x.shape[0]
         g3, x3 = g.reshape(rows, -1, g.shape[-1]), x.reshape(rows, -1, x.shape[-1])
         ctx.sink.put(
             ctx.slots[0],
@@ -66,7 +70,13 @@ class Linear(_Rule):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
         x = _batch_first(info, x, in_dims[0])
-        return Linear.apply(x, weight, bias, tag, slots, sink, anchor), 0
+        return Linear.on_batch(x, weight, bias, tag, slots, sink, anchor), 0
+
+    @staticmethod
+    def on_batch(x, weight, bias, tag, slots, sink, anchor):  # type: ignore[no-untyped-def]
+        """The call on a physical batch ``x`` (vmap dimension first)."""
+        out = Linear.apply(x, weight, bias, tag, slots, sink, anchor)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _symmetric(pads: Sequence[int]) -> list[int] | None:
@@ -167,8 +177,9 @@ class Conv(_Rule):
         symmetric = _symmetric(pads)
         if symmetric is None:
             x, symmetric = F.pad(x, pads), [0] * len(stride)
-        out = _CONV[weight.dim() - 2](x.flatten(0, 1), weight, bias, stride, symmetric, dilation)
-        return out.unflatten(0, x.shape[:2])
+        # (B·N, out, *spatial), not unflattened here: a view returned by a Function can't be
+        # modified in place (``nn.ReLU(inplace=True)`` after a convolution raised).
+        return _CONV[weight.dim() - 2](x.flatten(0, 1), weight, bias, stride, symmetric, dilation)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -180,6 +191,7 @@ class Conv(_Rule):
     def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         stride, pads, dilation = ctx.conv
+        g = g.unflatten(0, x.shape[:2])
         rows, n, out_channels = g.shape[:3]
         symmetric = _symmetric(pads)
         padded = F.pad(x, pads) if any(pads) else x
@@ -249,6 +261,7 @@ class Conv(_Rule):
         if unbatched:
             x = x.unsqueeze(1)
         out = Conv.apply(x, weight, bias, tag, slots, sink, anchor, stride, pads, dilation)
+        out = out.unflatten(0, x.shape[:2])
         return out.squeeze(1) if unbatched else out
 
 

@@ -366,7 +366,7 @@ class _Rules(TorchFunctionMode):
             raise Unsupported(self.slots[id(bias)], "linear", "as a broadcast bias")
         slots = (self._slot(weight), self._slot(bias))
         out = self._on_batch(
-            x, lambda p: Linear.apply(p, weight, bias, self.tag, slots, self.sink, None)
+            x, lambda p: Linear.on_batch(p, weight, bias, self.tag, slots, self.sink, None)
         )
         if out is not None:
             return out
