@@ -1,10 +1,11 @@
 """Masks for ``masked`` and ``partition``: static boolean (or label) trees applied to pytrees.
 
 A mask is a pytree of booleans that is a prefix of the tree it masks. Applying it replaces each
-masked-out subtree with ``None``. Masks are walked with plain Python over dicts, lists and tuples
-(optree only for other registered nodes and for eager error messages), because
-``torch.compile`` cannot flatten trees of Python constants with optree; this keeps the wrappers
-traceable with ``fullgraph=True``.
+masked-out subtree with ``None``. Under ``torch.func.vmap`` the states of ``masked`` and
+``partition`` carry :class:`MaskedNode` there instead (see :func:`vmappable`). Masks are walked
+with plain Python over dicts, lists and tuples (optree only for other registered nodes and for
+eager error messages), because ``torch.compile`` cannot flatten trees of Python constants with
+optree; this keeps the wrappers traceable with ``fullgraph=True``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import torch
 from functrain import tree
 from functrain.optim.base import GradientTransformation, _call_update
 
-__all__ = ["Mask", "apply_mask", "label_masks", "make_mask", "masked_update"]
+__all__ = [
+    "Mask",
+    "MaskedNode",
+    "apply_mask",
+    "label_masks",
+    "make_mask",
+    "masked_update",
+    "vmappable",
+]
 
 
 def _is_numpy_bool(value: Any) -> bool:
@@ -53,6 +62,71 @@ class Mask(NamedTuple):
     flags: dict[tuple[Any, ...], Any]  # mask path -> flag (a prefix of the masked tree's paths)
     tree: Any  # the mask (or label) tree itself, for eager structure checks
     label: str = "mask"  # what to call it in error messages
+
+
+class MaskedNode(NamedTuple):
+    """A masked-out subtree of a state made under ``torch.func.vmap`` (optax's ``MaskedNode``).
+
+    Eager states keep ``None`` there (the structure checkpoints hold). ``torch.utils._pytree``,
+    which ``vmap`` flattens with, takes ``None`` for a leaf and refuses it as an input or
+    output; an empty NamedTuple is a node with no children to it as to optree.
+    """
+
+
+def _vmap_active() -> bool:
+    """Whether a ``torch.func.vmap`` is running (states must then hold no ``None``)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    if torch.compiler.is_compiling():
+        return True  # the interpreter stack is not traceable; a grad alone is rare here
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+
+
+def _swap(node: Any, to_nodes: bool) -> tuple[Any, bool]:
+    """``(node with None subtrees made MaskedNode() (to_nodes) or the reverse, whether any were)``.
+
+    Descends the containers ``torch.utils._pytree`` knows (dicts, lists, tuples, NamedTuples),
+    as ``vmap`` does; plain Python so that ``torch.compile`` traces it. Unchanged containers are
+    returned as they are, so an eager state goes through untouched. The flag, not ``is``, says
+    what changed: Dynamo cannot trace ``is`` between tuples.
+    """
+    if to_nodes and node is None:
+        return MaskedNode(), True
+    if isinstance(node, MaskedNode):
+        return (None, True) if not to_nodes else (node, False)
+    # Leaves that cannot change are skipped inline, without a call: this runs on every eager
+    # update of a masked state, over every state leaf (a masked Adam's None moments included).
+    skip = torch.Tensor if to_nodes else (torch.Tensor, type(None))
+    if isinstance(node, dict):
+        changed = {}
+        for k, v in node.items():
+            if not isinstance(v, skip):
+                swapped, hit = _swap(v, to_nodes)
+                if hit:
+                    changed[k] = swapped
+        if not changed:
+            return node, False
+        items = {k: changed.get(k, v) for k, v in node.items()}
+        if isinstance(node, collections.defaultdict):
+            return type(node)(node.default_factory, items), True
+        return (items if type(node) is dict else type(node)(items)), True
+    if isinstance(node, (list, tuple)):
+        pairs = [(v, False) if isinstance(v, skip) else _swap(v, to_nodes) for v in node]
+        if not any(hit for _, hit in pairs):
+            return node, False
+        children = [v for v, _ in pairs]
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*children), True
+        return type(node)(children), True
+    return node, False
+
+
+def vmappable(state: Any) -> Any:
+    """``state`` with ``None`` subtrees as :class:`MaskedNode` under ``vmap``, else as it is."""
+    if not _vmap_active():
+        return state
+    return _swap(state, True)[0]
 
 
 def _walk(node: Any, path: tuple[Any, ...], out: dict[tuple[Any, ...], Any]) -> None:
@@ -203,7 +277,12 @@ def masked_update(
     params: Any,
     extra: dict[str, Any],
 ) -> tuple[Any, Any]:
-    """Runs ``inner`` on the unmasked part of ``updates``; masked-out updates pass through."""
+    """Runs ``inner`` on the unmasked part of ``updates``; masked-out updates pass through.
+
+    ``inner`` always sees ``None`` for masked-out state; a state that holds :class:`MaskedNode`
+    (made under ``vmap``) keeps it, and one made eagerly gets it only under ``vmap``.
+    """
+    eager_state, had_nodes = _swap(inner_state, False)
     masked_updates = apply_mask(mask, updates, "updates")
     masked_params = None if params is None else apply_mask(mask, params, "params")
     if mask_compatible_extra_args:
@@ -212,10 +291,12 @@ def masked_update(
             k: apply_mask(mask, v, k) if tree.structure(v) == spec else v for k, v in extra.items()
         }
     new_masked, new_state = _call_update(
-        inner, passes_extra, masked_updates, inner_state, masked_params, extra
+        inner, passes_extra, masked_updates, eager_state, masked_params, extra
     )
     if not torch.compiler.is_compiling():
         tree.check_shapes(masked_updates, new_masked, ("updates", "inner updates"))
+    # A state made under vmap keeps its MaskedNodes; an eager one gets them only under vmap.
+    new_state = _swap(new_state, True)[0] if had_nodes else vmappable(new_state)
     return _map_mask(mask.flags, _merge, "updates", (), updates, new_masked), new_state
 
 

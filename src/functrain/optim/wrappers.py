@@ -3,6 +3,9 @@
 A masked-out part of a pytree travels through the inner transform as ``None`` (an empty subtree),
 so the inner transform neither sees those leaves nor keeps state for them. A tree masked out as a
 whole travels as ``()`` instead (optax's ``MaskedNode``), so that it still counts as given params.
+Under ``torch.func.vmap`` (an ensemble: ``vmap(tx.init)``, ``vmap(tx.update)``), whose pytrees
+refuse ``None`` leaves, the states hold ``_masking.MaskedNode()`` where eager states hold
+``None``; eager states are unchanged, and ``update`` takes either.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import torch
 
 from functrain import tree
 from functrain.optim import _utils, fused
-from functrain.optim._masking import Mask, apply_mask, label_masks, make_mask, masked_update
+from functrain.optim._masking import (
+    Mask,
+    apply_mask,
+    label_masks,
+    make_mask,
+    masked_update,
+    vmappable,
+)
 from functrain.optim.base import (
     GradientTransformation,
     _accepts_extra,
@@ -96,7 +106,8 @@ def masked(
         return make_mask(mask(tree_) if callable(mask) else mask)
 
     def init_fn(params: Any) -> MaskedState:
-        return MaskedState(inner_state=inner.init(apply_mask(get_mask(params), params, "params")))
+        inner_state = inner.init(apply_mask(get_mask(params), params, "params"))
+        return MaskedState(inner_state=vmappable(inner_state))
 
     def update_fn(
         updates: Any, state: MaskedState, params: Any = None, **extra: Any
@@ -175,7 +186,7 @@ def partition(
         masks = get_masks(params)
         return PartitionState(
             {
-                g: MaskedState(tx.init(apply_mask(masks[g], params, "params")))
+                g: MaskedState(vmappable(tx.init(apply_mask(masks[g], params, "params"))))
                 for g, tx in txs.items()
             }
         )
