@@ -30,6 +30,7 @@ from functrain.distributed._agree import (
     check_ranks_agree,
 )
 from functrain.distributed._combine import combine
+from functrain.distributed._compiled import CompiledRegions
 from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._uneven import (
@@ -47,14 +48,21 @@ from functrain.distributed._update import replicated_update
 from functrain.distributed.data import rank_key
 from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, identity
-from functrain.train import _step_checks, dp_stage, gradient, microbatch, rng
+from functrain.train import (
+    _step_checks,
+    compiled,
+    dp_stage,
+    gradient,
+    microbatch,
+    rng,
+)
 from functrain.train import step as step_lib
 from functrain.train.grad_stats import GradStatsHook
 from functrain.train.optimizer_stage import in_place_writes_started, reset_in_place_writes
 from functrain.train.state import TrainState
 
 
-class DataParallelTrainStep:
+class DataParallelTrainStep(CompiledRegions):
     """A data-parallel train step; see :func:`make_data_parallel_train_step`.
 
     Example:
@@ -95,6 +103,15 @@ class DataParallelTrainStep:
                 "whole combined gradient, which a ZeRO-1 rank does not hold): use "
                 "shard_optimizer=False"
             )
+        compile = local.get("compile", False)
+        if compile is not False and (shard_optimizer or grad_stats is not None):
+            # Both would need their own compiled regions around collectives (the sharded
+            # update's all-gather, the hook's all-gathered stats); refused, not run eagerly.
+            which = "shard_optimizer=True" if shard_optimizer else "grad_stats"
+            raise ValueError(
+                f"compile= is not supported with {which} in a data-parallel step: use "
+                f"compile=False, or drop {which}"
+            )
         # per_example_clip with shard_optimizer=True: the ranks' clipped sums are
         # reduce-scattered unweighted (_combine), and the sharded update tells dp_noisy_mean
         # where each piece sits (shard_index), so each piece gets its slice of the whole
@@ -125,6 +142,22 @@ class DataParallelTrainStep:
         self._opt_guard = _step_checks.OptStateGuard(self._check_opt_state)
         self._layout: zero.Layout | None = None
         self._state_map: zero.StateMap | None = None
+        # compile=: the rank-local tensor work runs as two compiled regions around the eager
+        # collectives (the TrainStep above validated the options and, compiling, seeds and
+        # scales the loss the compiled way: no seeding in its grad stage, a LossScaleSlot).
+        options = compiled.compile_options(compile, grad_backend=self._local.grad_backend)
+        self._compiled_grad: compiled.CompiledCore | None = None
+        self._compiled_update: compiled.CompiledCore | None = None
+        if options is not None:
+            self._compiled_grad = compiled.CompiledCore(
+                self._grad_core,
+                options,
+                seed_rng=local["seed_rng"],
+                metas=self._local.grad_stage.metas,
+            )
+            self._compiled_update = compiled.CompiledCore(
+                self._update_core, options, seed_rng=False, metas=[]
+            )
 
     # -- states ---------------------------------------------------------------------------
 
@@ -395,7 +428,15 @@ class DataParallelTrainStep:
             devices = gradient._devices(params)
             local_key = None if key is None else rank_key(key, process.rank(group))
             try:
-                result = local_step.grad_stage(params, batch, split, buffers, local_key, devices)
+                if self._compiled_grad is None:
+                    result = local_step.grad_stage(
+                        params, batch, split, buffers, local_key, devices
+                    )
+                else:
+                    # The entries the step keeps exist from the first call: one compilation.
+                    extra = local_step._full_extra(extra, params)
+                    args = (params, buffers, extra, batch, split, local_key, devices)
+                    result = self._compiled_grad.run(args, key=local_key, devices=devices)
             except Exception:
                 if refusal is None:
                     raise
@@ -427,6 +468,8 @@ class DataParallelTrainStep:
             # nonfinite="skip" skips.
             _raise_for_flags(combined.flags.tolist(), flag, refusal)
         metrics = combined.metrics
+        if self._compiled_update is not None:  # replicated, no grad_stats (construction)
+            return self._finish_compiled(state, combined, metrics, buffers)
         reset_in_place_writes()
         try:
             if self.shard_optimizer:  # no grad_stats (refused at construction)

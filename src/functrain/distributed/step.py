@@ -34,7 +34,7 @@ one in :mod:`functrain.distributed._sharded_update`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -70,6 +70,7 @@ def make_data_parallel_train_step(
     fused: bool = True,
     per_example_clip: float | torch.Tensor | None = None,
     grad_stats: GradStatsHook | None = None,
+    compile: bool | Mapping[str, Any] = False,
 ) -> DataParallelTrainStep:
     """Builds a data-parallel ``step(state, batch) -> (new_state, metrics)`` over ``torch.distributed``.
 
@@ -153,6 +154,17 @@ def make_data_parallel_train_step(
             :class:`~functrain.distributed.RankMismatchError`). Not with
             ``shard_optimizer=True`` (the hook needs the whole global gradient) or
             ``per_example_clip`` (``ValueError``).
+        compile: as for :func:`functrain.make_train_step` (``True`` or a dict of
+            ``torch.compile`` arguments; the same checks and errors), with the collectives
+            kept eager: this rank's gradient stage runs as one ``torch.compile(fullgraph=True)``
+            graph, the all-reduces run eagerly, and the non-finite check, the optimizer update
+            and the metrics run as a second graph. Each compiles once per batch shape (a
+            schedule, the step count, a loss scale are tensors); a rank's empty or refused
+            batch, evaluated on a stand-in, compiles its gradient graph once more. Seeding,
+            error messages and ``recompile_limit`` are those of ``make_train_step``'s compiled
+            step; the compiled update is out of place (no fused in-place kernels). Not with
+            ``shard_optimizer=True``, ``grad_stats`` or ``per_example_clip`` (``ValueError``
+            naming the combination, at construction).
 
     Returns:
         A :class:`DataParallelTrainStep`. Metrics are global (with ``per_example_clip``, see
@@ -210,4 +222,5 @@ def make_data_parallel_train_step(
         max_consecutive_skips=max_consecutive_skips,
         loss_scale=loss_scale,
         fused=fused,
+        compile=compile,
     )

@@ -223,6 +223,15 @@ class CompiledCore:
     ) -> Any:
         """The core's output for these inputs."""
         args = (params, opt_state, buffers, key, step, extra, batch, split, devices)
+        return self.run(args, key=key, devices=devices)
+
+    def run(
+        self, args: tuple[Any, ...], *, key: torch.Tensor | None, devices: list[torch.device]
+    ) -> Any:
+        """``core(*args)`` compiled, for a core of any signature (the data-parallel step's
+        stages): ``args`` begin with the parameters and the optimizer state (or another pytree
+        of tensors), which the eager rerun that explains an error copies; the global generators
+        of ``devices`` are seeded from stream ``1`` of ``key`` around the graph."""
         self.metas.clear()
         mb_key = None if key is None else rng.fold_in(key, 1)
         try:
@@ -233,18 +242,22 @@ class CompiledCore:
             err.add_note(_RECOMPILE_LIMIT_NOTE.format(limit=limit, source=source))
             raise
         except _dynamo_exc.TorchDynamoException as err:
-            real = self._explain(err, mb_key, args)
+            real = self._explain(err, mb_key, args, devices)
             if real is None:
                 raise
             real.add_note(_EAGER_RERUN_NOTE)
             raise real from None
 
     def _explain(
-        self, err: Exception, mb_key: torch.Tensor | None, args: tuple[Any, ...]
+        self,
+        err: Exception,
+        mb_key: torch.Tensor | None,
+        args: tuple[Any, ...],
+        devices: list[torch.device],
     ) -> Exception | None:
         """The error to raise instead of dynamo's ``err``, or ``None`` (``err`` given a note)."""
         if _raised_while_tracing(err):
-            real = self._eager_error(mb_key, args)
+            real = self._eager_error(mb_key, args, devices)
             if real is None:
                 err.add_note(_COMPILE_ONLY_NOTE + _dynamic_hint(self.dynamic))
             return real
@@ -253,7 +266,9 @@ class CompiledCore:
             err.add_note(_untraceable_note(err, self.dynamic))
         return None
 
-    def _eager_error(self, mb_key: torch.Tensor | None, args: tuple[Any, ...]) -> Exception | None:
+    def _eager_error(
+        self, mb_key: torch.Tensor | None, args: tuple[Any, ...], devices: list[torch.device]
+    ) -> Exception | None:
         """The error an eager run of the core raises for ``args`` (``None`` if it succeeds).
 
         Dynamo reports an exception raised by the traced code (``loss_fn``'s, or one of the
@@ -273,7 +288,7 @@ class CompiledCore:
             return None
         self.metas.clear()
         try:
-            with gradient._seeding(mb_key, self.seed_rng, args[-1]):
+            with gradient._seeding(mb_key, self.seed_rng, devices):
                 self.core(*copies, *rest)
         except torch.OutOfMemoryError:  # the eager run's own cost, not the step's error
             return None
