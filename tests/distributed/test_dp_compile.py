@@ -79,6 +79,33 @@ def test_world_size_one_matches_make_train_step() -> None:
     assert int(state.step) == 10
 
 
+def test_world_size_one_with_a_loss_scale_matches_make_train_step() -> None:
+    # float16 loss scaling through the compiled regions: an overflowing step (inf in the batch)
+    # is skipped and halves the scale, as in the eager single-process step.
+    g = torch.Generator().manual_seed(1)
+    params = {"w": torch.randn(4, 6, generator=g), "v": torch.randn(6, generator=g)}
+    tx = ft.adam(1e-2)
+    options = {"micro_batches": 2, "loss_scale": ft.DynamicLossScale(init_scale=2.0**8)}
+    step = dist.make_data_parallel_train_step(_loss, tx, compile=FAST, **options)
+    ref = ft.make_train_step(_loss, tx, **options)
+    state = step.init_state({k: v.clone() for k, v in params.items()})
+    expected = ref.prepare(ft.TrainState.create(params=params, tx=tx))
+    skipped = []
+    for i in range(6):
+        batch = {"x": torch.randn(6, 4, generator=g), "y": torch.randn(6, generator=g)}
+        if i == 2:
+            batch["x"][0, 0] = float("inf")
+        state, metrics = step(state, batch)
+        expected, ref_metrics = ref(expected, batch)
+        skipped.append(int(metrics["skipped"]))
+        assert float(metrics["loss_scale"]) == float(ref_metrics["loss_scale"])
+    assert skipped == [0, 0, 1, 0, 0, 0]
+    torch.testing.assert_close(state.params, expected.params, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        state.extra["loss_scale"].scale, expected.extra["loss_scale"].scale, rtol=0, atol=0
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
