@@ -48,14 +48,7 @@ from functrain.distributed._update import replicated_update
 from functrain.distributed.data import rank_key
 from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, identity
-from functrain.train import (
-    _step_checks,
-    compiled,
-    dp_stage,
-    gradient,
-    microbatch,
-    rng,
-)
+from functrain.train import _step_checks, compiled, dp_stage, gradient, microbatch, rng
 from functrain.train import step as step_lib
 from functrain.train.grad_stats import GradStatsHook
 from functrain.train.optimizer_stage import in_place_writes_started, reset_in_place_writes
