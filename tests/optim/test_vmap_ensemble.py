@@ -12,14 +12,20 @@ from typing import Any
 
 import pytest
 import torch
+from _ensembles import (
+    B,
+    assert_lr_meta_gradient,
+    assert_members_match,
+    member,
+    random_ensemble,
+    run_member,
+    run_vmapped,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import functrain as ft
 from functrain import _foreach
-
-B = 3
-STEPS = 3
 
 # fmt: off
 MAKERS: dict[str, Callable[[], ft.GradientTransformation]] = {
@@ -45,56 +51,20 @@ MAKERS: dict[str, Callable[[], ft.GradientTransformation]] = {
 
 
 def _ensemble(seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Batched float64 params and one batched gradient tree per step."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def tree() -> dict[str, Any]:
-        return {
-            "w": torch.randn(B, 4, 3, generator=gen, dtype=torch.float64),
-            "b": torch.randn(B, 3, generator=gen, dtype=torch.float64),
-        }
-
-    return tree(), [tree() for _ in range(STEPS)]
+    return random_ensemble(seed, {"w": (4, 3), "b": (3,)})
 
 
-def _member(t: Any, i: int) -> Any:
-    return ft.tree.map(lambda x: x[i], t)
-
-
-def _run_vmapped(tx: ft.GradientTransformation, params: Any, grads: list[Any]) -> Any:
-    state = torch.func.vmap(tx.init)(params)
-    for g in grads:
-        updates, state = torch.func.vmap(tx.update)(g, state, params)
-        params = torch.func.vmap(ft.apply_updates)(params, updates)
-    return params, state
-
-
-def _run_member(tx: ft.GradientTransformation, params: Any, grads: list[Any], i: int) -> Any:
-    params = _member(params, i)
-    state = tx.init(params)
-    for g in grads:
-        updates, state = tx.update(_member(g, i), state, params)
-        params = ft.apply_updates(params, updates)
-    return params, state
-
-
-def _assert_matches(tx: ft.GradientTransformation, params: Any, grads: list[Any]) -> None:
-    got_p, got_s = _run_vmapped(tx, params, grads)
-    for i in range(B):
-        want_p, want_s = _run_member(tx, params, grads, i)
-        for g, w in zip(ft.tree.leaves(_member(got_p, i)), ft.tree.leaves(want_p)):
-            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-        got_leaves = ft.tree.leaves(_member(got_s, i))
-        want_leaves = ft.tree.leaves(want_s)
-        assert len(got_leaves) == len(want_leaves)
-        for g, w in zip(got_leaves, want_leaves):
-            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+def _assert_matches(
+    make_tx: Callable[[], ft.GradientTransformation], params: Any, grads: list[Any]
+) -> None:
+    got_params, got_state = run_vmapped(make_tx(), params, grads)
+    assert_members_match(got_params, got_state, make_tx, params, grads)
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_ensemble_matches_members(name: str) -> None:
     params, grads = _ensemble(0)
-    _assert_matches(MAKERS[name](), params, grads)
+    _assert_matches(MAKERS[name], params, grads)
 
 
 @settings(max_examples=10, deadline=None)
@@ -104,13 +74,13 @@ def test_ensemble_matches_members(name: str) -> None:
 )
 def test_ensemble_matches_members_random(seed: int, name: str) -> None:
     params, grads = _ensemble(seed)
-    _assert_matches(MAKERS[name](), params, grads)
+    _assert_matches(MAKERS[name], params, grads)
 
 
 def test_hyperparameter_sweep_over_learning_rates() -> None:
     """``vmap`` over a tensor learning rate, the state and params being shared: a sweep."""
     params, grads = _ensemble(1)
-    p0, g0 = _member(params, 0), _member(grads[0], 0)
+    p0, g0 = member(params, 0), member(grads[0], 0)
     lrs = torch.tensor([1e-3, 1e-2, 1e-1], dtype=torch.float64)
 
     def step(lr: torch.Tensor) -> Any:
@@ -122,32 +92,18 @@ def test_hyperparameter_sweep_over_learning_rates() -> None:
     for i, lr in enumerate(lrs.tolist()):
         tx = ft.adamw(lr, weight_decay=0.1)
         want = ft.apply_updates(p0, tx.update(g0, tx.init(p0), p0)[0])
-        for g, w in zip(ft.tree.leaves(_member(got, i)), ft.tree.leaves(want)):
+        for g, w in zip(ft.tree.leaves(member(got, i)), ft.tree.leaves(want)):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 def test_grad_through_update_for_a_learning_rate() -> None:
-    """Meta-learning a learning rate: ``torch.func.grad`` through two Adam updates.
-
-    Reference: the same function differentiated by plain autograd.
-    """
+    """Meta-learning a learning rate: ``torch.func.grad`` through two clipped Adam updates."""
     params, grads = _ensemble(2)
-    p0 = _member(params, 0)
-    gs = [_member(g, 0) for g in grads[:2]]
-
-    def loss(lr: torch.Tensor) -> torch.Tensor:
-        tx = ft.chain(ft.clip_by_global_norm(1.0), ft.scale_by_adam(), ft.scale(-1.0))
-        state, p = tx.init(p0), p0
-        for g in gs:
-            updates, state = tx.update(g, state, p)
-            p = ft.apply_updates(p, ft.tree.scale(lr, updates))
-        return ft.tree.norm(p, squared=True)
-
-    lr = torch.tensor(0.05, dtype=torch.float64)
-    got = torch.func.grad(loss)(lr)
-    ref = lr.clone().requires_grad_()
-    loss(ref).backward()
-    torch.testing.assert_close(got, ref.grad, rtol=1e-12, atol=1e-12)
+    assert_lr_meta_gradient(
+        lambda: ft.chain(ft.clip_by_global_norm(1.0), ft.scale_by_adam(), ft.scale(-1.0)),
+        params,
+        grads,
+    )
 
 
 @pytest.mark.parametrize("name", ["sgd_momentum", "adamw", "rmsprop", "clip_adam"])
@@ -160,7 +116,7 @@ def test_compiled_update_takes_the_foreach_kernels(name: str, monkeypatch: Any) 
     monkeypatch.setattr(_foreach, "_loop", boom)
     tx = MAKERS[name]()
     params, grads = _ensemble(3)
-    p, g = _member(params, 0), _member(grads[0], 0)
+    p, g = member(params, 0), member(grads[0], 0)
     state = tx.init(p)
     want_u, _ = tx.update(g, state, p)
     torch._dynamo.reset()
@@ -176,9 +132,9 @@ def test_ensemble_on_cuda_matches_members(name: str) -> None:
     whose float64 rounding differs slightly from the per-tensor ops under vmap."""
     params, grads = _ensemble(0)
     params, grads = ft.tree.map(lambda x: x.cuda(), (params, grads))
-    got_p, _ = _run_vmapped(MAKERS[name](), params, grads)
+    got_p, _ = run_vmapped(MAKERS[name](), params, grads)
     for i in range(B):
-        want_p, _ = _run_member(MAKERS[name](), params, grads, i)
-        for g, w in zip(ft.tree.leaves(_member(got_p, i)), ft.tree.leaves(want_p)):
+        want_p, _ = run_member(MAKERS[name](), params, grads, i)
+        for g, w in zip(ft.tree.leaves(member(got_p, i)), ft.tree.leaves(want_p)):
             assert g.is_cuda
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

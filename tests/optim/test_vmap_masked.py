@@ -16,12 +16,19 @@ import optree
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from _ensembles import (
+    B,
+    assert_lr_meta_gradient,
+    assert_members_match,
+    member,
+    random_ensemble,
+    run_member,
+    run_vmapped,
+)
 
 import functrain as ft
 from functrain.optim._masking import MaskedNode
 
-B = 3
-STEPS = 3
 MASK = {"w": True, "b": False, "v": True}
 LABELS = {"w": "adam", "b": "zero", "v": "sgd"}
 
@@ -49,40 +56,7 @@ MAKERS: dict[str, Callable[[], ft.GradientTransformation]] = {
 
 
 def _ensemble(seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    gen = torch.Generator().manual_seed(seed)
-
-    def tree() -> dict[str, Any]:
-        return {
-            "w": torch.randn(B, 4, 3, generator=gen, dtype=torch.float64),
-            "b": torch.randn(B, 3, generator=gen, dtype=torch.float64),
-            "v": torch.randn(B, 2, 2, generator=gen, dtype=torch.float64),
-        }
-
-    return tree(), [tree() for _ in range(STEPS)]
-
-
-def _member(t: Any, i: int) -> Any:
-    return ft.tree.map(lambda x: x[i], t)
-
-
-def _run_member(tx: ft.GradientTransformation, params: Any, grads: list[Any], i: int) -> Any:
-    params = _member(params, i)
-    state = tx.init(params)
-    for g in grads:
-        updates, state = tx.update(_member(g, i), state, params)
-        params = ft.apply_updates(params, updates)
-    return params, state
-
-
-def _assert_members(got_p: Any, got_s: Any, make: Callable[[], Any], params: Any, grads: Any):
-    for i in range(B):
-        want_p, want_s = _run_member(make(), params, grads, i)
-        for g, w in zip(ft.tree.leaves(_member(got_p, i)), ft.tree.leaves(want_p), strict=True):
-            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
-        got_leaves, want_leaves = ft.tree.leaves(_member(got_s, i)), ft.tree.leaves(want_s)
-        assert len(got_leaves) == len(want_leaves)
-        for g, w in zip(got_leaves, want_leaves):
-            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    return random_ensemble(seed, {"w": (4, 3), "b": (3,), "v": (2, 2)})
 
 
 def _none_positions(state: Any) -> list[str]:
@@ -94,14 +68,9 @@ def _none_positions(state: Any) -> list[str]:
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_vmapped_ensemble_matches_members(name: str) -> None:
     params, grads = _ensemble(0)
-    tx = MAKERS[name]()
-    state = torch.func.vmap(tx.init)(params)
-    p = params
-    for g in grads:
-        updates, state = torch.func.vmap(tx.update)(g, state, p)
-        p = torch.func.vmap(ft.apply_updates)(p, updates)
+    p, state = run_vmapped(MAKERS[name](), params, grads)
     assert _none_positions(state) == []
-    _assert_members(p, state, MAKERS[name], params, grads)
+    assert_members_match(p, state, MAKERS[name], params, grads)
 
 
 @pytest.mark.parametrize("name", ["masked_adam", "partition_zero", "nested"])
@@ -110,7 +79,7 @@ def test_stacked_eager_states_with_in_dims(name: str) -> None:
     and its output state holds ``MaskedNode`` (which ``in_dims=0`` then accepts)."""
     params, grads = _ensemble(1)
     tx = MAKERS[name]()
-    members = [tx.init(_member(params, i)) for i in range(B)]
+    members = [tx.init(member(params, i)) for i in range(B)]
     state = ft.tree.map(lambda *xs: torch.stack(xs), *members)
     assert _none_positions(state)  # eager structure: None where masked out
     state_dims = pytree.tree_map(lambda x: None if x is None else 0, state)
@@ -119,25 +88,25 @@ def test_stacked_eager_states_with_in_dims(name: str) -> None:
         in_dims = (0, state_dims if k == 0 else 0, 0)
         updates, state = torch.func.vmap(tx.update, in_dims=in_dims)(g, state, p)
         p = torch.func.vmap(ft.apply_updates)(p, updates)
-    _assert_members(p, state, MAKERS[name], params, grads)
+    assert_members_match(p, state, MAKERS[name], params, grads)
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_eager_state_structure_unchanged(name: str) -> None:
     """Eager states keep ``None`` (checkpoints of them still load), before and after updates."""
     params, grads = _ensemble(2)
-    p, tx = _member(params, 0), MAKERS[name]()
+    p, tx = member(params, 0), MAKERS[name]()
     state = tx.init(p)
     spec = optree.tree_structure(state, none_is_leaf=True)
     assert "MaskedNode" not in str(spec)
     for g in grads:
-        _, state = tx.update(_member(g, 0), state, p)
+        _, state = tx.update(member(g, 0), state, p)
         assert optree.tree_structure(state, none_is_leaf=True) == spec
 
 
 def test_eager_masked_state_holds_none() -> None:
     params, _ = _ensemble(3)
-    state = MAKERS["masked_adam"]().init(_member(params, 0))
+    state = MAKERS["masked_adam"]().init(member(params, 0))
     adam = state.inner_state[0]
     assert adam.mu["b"] is None and adam.nu["b"] is None
     assert isinstance(adam.mu["w"], torch.Tensor)
@@ -148,15 +117,15 @@ def test_member_of_vmapped_state_runs_eagerly() -> None:
     structure, and matches the member trained alone."""
     params, grads = _ensemble(4)
     tx = MAKERS["partition_zero"]()
-    state = _member(torch.func.vmap(tx.init)(params), 1)
+    state = member(torch.func.vmap(tx.init)(params), 1)
     assert state.inner_states["adam"].inner_state[0].mu["b"] == MaskedNode()
     spec = optree.tree_structure(state)
-    p = _member(params, 1)
+    p = member(params, 1)
     for g in grads:
-        updates, state = tx.update(_member(g, 1), state, p)
+        updates, state = tx.update(member(g, 1), state, p)
         p = ft.apply_updates(p, updates)
     assert optree.tree_structure(state) == spec
-    want_p, want_s = _run_member(tx, params, grads, 1)
+    want_p, want_s = run_member(tx, params, grads, 1)
     for a, b in zip(ft.tree.leaves((p, state)), ft.tree.leaves((want_p, want_s)), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -174,28 +143,14 @@ def test_vmapped_state_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 def test_grad_through_masked_update_for_a_learning_rate() -> None:
-    """``torch.func.grad`` through two masked Adam updates; reference: plain autograd."""
+    """``torch.func.grad`` through two partition updates; reference: plain autograd."""
     params, grads = _ensemble(6)
-    p0 = _member(params, 0)
-    gs = [_member(g, 0) for g in grads[:2]]
-
-    def loss(lr: torch.Tensor) -> torch.Tensor:
-        tx = ft.partition(
-            {"adam": ft.chain(ft.scale_by_adam(), ft.scale(-1.0)), "zero": ft.set_to_zero(),
-             "sgd": ft.trace(0.9)},
-            LABELS,
-        )  # fmt: skip
-        state, p = tx.init(p0), p0
-        for g in gs:
-            updates, state = tx.update(g, state, p)
-            p = ft.apply_updates(p, ft.tree.scale(lr, updates))
-        return ft.tree.norm(p, squared=True)
-
-    lr = torch.tensor(0.05, dtype=torch.float64)
-    got = torch.func.grad(loss)(lr)
-    ref = lr.clone().requires_grad_()
-    loss(ref).backward()
-    torch.testing.assert_close(got, ref.grad, rtol=1e-12, atol=1e-12)
+    transforms = {
+        "adam": ft.chain(ft.scale_by_adam(), ft.scale(-1.0)),
+        "zero": ft.set_to_zero(),
+        "sgd": ft.trace(0.9),
+    }
+    assert_lr_meta_gradient(lambda: ft.partition(transforms, LABELS), params, grads)
 
 
 def test_vmap_of_grad_through_masked_update() -> None:
@@ -210,7 +165,7 @@ def test_vmap_of_grad_through_masked_update() -> None:
     lrs = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     got = torch.func.vmap(torch.func.grad(loss))(lrs, params, grads[0])
     for i in range(B):
-        want = torch.func.grad(loss)(lrs[i], _member(params, i), _member(grads[0], i))
+        want = torch.func.grad(loss)(lrs[i], member(params, i), member(grads[0], i))
         torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
 
 
@@ -220,8 +175,8 @@ def test_compiled_update_traces_either_state(vmapped: bool) -> None:
     a vmapped one, and keeps each state's structure."""
     params, grads = _ensemble(8)
     tx = MAKERS["partition_zero"]()
-    p, g = _member(params, 0), _member(grads[0], 0)
-    state = _member(torch.func.vmap(tx.init)(params), 0) if vmapped else tx.init(p)
+    p, g = member(params, 0), member(grads[0], 0)
+    state = member(torch.func.vmap(tx.init)(params), 0) if vmapped else tx.init(p)
     want_u, want_s = tx.update(g, state, p)
     torch._dynamo.reset()
     got_u, got_s = torch.compile(tx.update, backend="eager", fullgraph=True)(g, state, p)
