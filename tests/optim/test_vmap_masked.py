@@ -27,7 +27,7 @@ from _ensembles import (
 )
 
 import functrain as ft
-from functrain.optim._masking import MaskedNode
+from functrain import MaskedNode
 
 MASK = {"w": True, "b": False, "v": True}
 LABELS = {"w": "adam", "b": "zero", "v": "sgd"}

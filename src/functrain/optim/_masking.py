@@ -67,9 +67,19 @@ class Mask(NamedTuple):
 class MaskedNode(NamedTuple):
     """A masked-out subtree of a state made under ``torch.func.vmap`` (optax's ``MaskedNode``).
 
-    Eager states keep ``None`` there (the structure checkpoints hold). ``torch.utils._pytree``,
-    which ``vmap`` flattens with, takes ``None`` for a leaf and refuses it as an input or
-    output; an empty NamedTuple is a node with no children to it as to optree.
+    Eager states of :func:`~functrain.masked` and :func:`~functrain.partition` keep ``None``
+    there (the structure checkpoints hold). ``torch.utils._pytree``, which ``vmap`` flattens
+    with, takes ``None`` for a leaf and refuses it as an input or output; an empty NamedTuple is
+    a node with no children to it as to optree. ``update`` takes either form.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.masked(ft.adam(1e-2), {"w": True, "b": False})
+        >>> members = {"w": torch.ones(4, 2), "b": torch.zeros(4)}  # an ensemble of 4
+        >>> torch.func.vmap(tx.init)(members).inner_state[0].mu["b"]
+        MaskedNode()
+        >>> print(tx.init({"w": torch.ones(2), "b": torch.zeros(())}).inner_state[0].mu["b"])
+        None
     """
 
 

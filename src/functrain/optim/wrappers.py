@@ -20,6 +20,7 @@ from functrain import tree
 from functrain.optim import _utils, fused
 from functrain.optim._masking import (
     Mask,
+    MaskedNode,
     apply_mask,
     label_masks,
     make_mask,
@@ -37,6 +38,7 @@ from functrain.optim.loss_scale import all_finite
 
 __all__ = [
     "ApplyIfFiniteState",
+    "MaskedNode",
     "MaskedState",
     "MultiTransformState",
     "PartitionState",
