@@ -94,7 +94,8 @@ def _vmap_active() -> bool:
 
 
 def _swap(node: Any, to_nodes: bool) -> tuple[Any, bool]:
-    """``(node with None subtrees made MaskedNode() (to_nodes) or the reverse, whether any were)``.
+    """``(node, changed)``: its ``None`` subtrees made ``MaskedNode()`` (``to_nodes``), or its
+    ``MaskedNode`` ones made ``None``; ``changed`` says whether there were any.
 
     Descends the containers ``torch.utils._pytree`` knows (dicts, lists, tuples, NamedTuples),
     as ``vmap`` does; plain Python so that ``torch.compile`` traces it. Unchanged containers are
