@@ -32,3 +32,22 @@ def test_ctrl_c_during_a_replayed_write_interrupts_train_loop_cleanly():
         catch_interrupt=True,
     )
     assert result.interrupted
+
+
+def test_ctrl_c_while_an_event_file_flushes_at_exit_prints_one_line(tmp_path, capsys):
+    # The exit hook of an event file nobody closed let the KeyboardInterrupt of a second Ctrl-C
+    # escape, which Python prints as "Exception ignored in atexit callback" with a traceback.
+    import weakref
+
+    from functrain.logging._event_file import EventFile, _flush_at_exit
+
+    event_file = EventFile(str(tmp_path / "events.out.tfevents.test"), str(tmp_path), 120.0)
+
+    def interrupted_flush() -> None:
+        raise KeyboardInterrupt
+
+    event_file.flush = interrupted_flush  # stands in for SIGINT during the exit's flush
+    _flush_at_exit(weakref.ref(event_file))
+    assert "interrupted while flushing" in capsys.readouterr().err
+    del event_file.flush
+    event_file.close()

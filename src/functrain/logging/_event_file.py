@@ -24,6 +24,7 @@ import atexit
 import functools
 import os
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -130,8 +131,19 @@ def encode_scalar_event(step: int, tags: Sequence[str], values: Sequence[float])
 
 def _flush_at_exit(ref: weakref.ref[EventFile]) -> None:
     event_file = ref()
-    if event_file is not None:
+    if event_file is None:
+        return
+    try:
         event_file.flush()
+    except KeyboardInterrupt:
+        # A second Ctrl-C during the exit (as AsyncWriter's exit hook): one line rather than
+        # "Exception ignored in atexit callback" and a traceback. Readers stop at a record the
+        # interrupted write left incomplete; the records before it are whole.
+        print(
+            f"functrain: interrupted while flushing {event_file.path} at exit; "
+            "its last buffered events may be missing",
+            file=sys.stderr,
+        )
 
 
 class EventFile:
