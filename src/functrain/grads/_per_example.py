@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,36 @@ from functrain import tree
 PyTree = Any
 _RANDOMNESS = ("error", "different", "same")
 _METHODS = ("vmap", "layers")
+# PyTorch's recurrent modules (nn.LSTM, nn.GRU, nn.RNN and their cells) live in this file; their
+# fused kernels have no vmap batching rule and fail with a shape error that names no module.
+_RNN_FILE = os.path.join("torch", "nn", "modules", "rnn.py")
+_VMAP_FAILURES = ("doesn't match the broadcast shape", "Batching rule not implemented")
+
+
+def rnn_vmap_error(err: RuntimeError, where: str, advice: str) -> RuntimeError | None:
+    """A clear error for a recurrent module run under ``torch.func.vmap``, else ``None``.
+
+    Args:
+        err: the error ``vmap`` raised.
+        where: the caller's name for the vmapped computation (starts the message).
+        advice: what to use instead, appended to the message.
+
+    Returns:
+        A ``RuntimeError`` naming the cause (raise it ``from err``), or ``None`` when ``err``
+        did not come from a recurrent module's kernel under ``vmap``.
+    """
+    if not any(text in str(err) for text in _VMAP_FAILURES):
+        return None
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(_RNN_FILE):
+            return RuntimeError(
+                f"{where}: the model runs a recurrent module (nn.LSTM, nn.GRU, nn.RNN or a cell) "
+                "under torch.func.vmap, which PyTorch cannot differentiate per example (its "
+                f"kernels have no vmap batching rule). {advice} Original error: {err}"
+            )
+        tb = tb.tb_next
+    return None
 
 
 def batch_size_of(batch: PyTree, name: str = "batch") -> int:

@@ -56,6 +56,7 @@ from functrain.grads._per_example import (
     _check_options,
     _example_loss,
     batch_size_of,
+    rnn_vmap_error,
 )
 
 __all__ = [
@@ -108,7 +109,18 @@ def _vmap_grad(
     )
 
     def run(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
-        grads, values = vmapped(param_leaves, batch_leaves)
+        try:
+            grads, values = vmapped(param_leaves, batch_leaves)
+        except RuntimeError as err:
+            clear = rnn_vmap_error(
+                err,
+                "per-sample gradients",
+                "Write the recurrence with nn.Linear layers (gates from x @ W_ih.T + h @ W_hh.T), "
+                "or loop over the examples with torch.autograd.grad.",
+            )
+            if clear is not None:
+                raise clear from err
+            raise
         return values, grads
 
     return run

@@ -385,6 +385,12 @@ class GradStage:
                             "cannot batch. Use strategy='loop' (or remove the data-dependent "
                             f"branch). Original error: {err}"
                         ) from err
+                    # Imported here: functrain.grads imports functrain.train.
+                    from functrain.grads._per_example import rnn_vmap_error
+
+                    clear = rnn_vmap_error(err, "strategy='vmap'", "Use strategy='loop'.")
+                    if clear is not None:
+                        raise clear from err
                     raise
                 meta = self.metas[-1]
                 combiner.add(meta, size, payload)
