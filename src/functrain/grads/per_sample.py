@@ -2,8 +2,10 @@
 
 ``loss_fn(params, batch) -> scalar mean loss`` is the same function a train step uses. Each
 example is given back its leading batch dimension (size 1) and differentiated on its own with
-``torch.func.vmap(torch.func.grad(...))``, so any model works: tied weights, custom layers,
-attention, functional code. Nothing hooks into modules. Where every parameter belongs to a
+``torch.func.vmap(torch.func.grad(...))``, so any model ``vmap`` can batch works: tied
+weights, custom layers, attention, functional code (not PyTorch's fused recurrent modules,
+``nn.LSTM``/``nn.GRU``/``nn.RNN``, which ``vmap`` cannot differentiate: an error says so).
+Nothing hooks into modules. Where every parameter belongs to a
 linear, convolution, layer-norm or embedding call, the default ``method="auto"`` takes a faster
 exact route instead: the same vmapped forward, then one backward pass whose layer rules form
 the per-example gradients (``method`` of :func:`per_sample_grads`).
@@ -360,7 +362,8 @@ def per_sample_grads(
             ``LossOutput.aux``): its tensor leaves get the leading batch dimension; its other
             leaves (``None``, numbers, strings), which cannot differ between examples, come
             back once, as returned.
-        method: ``"vmap"`` differentiates each example with ``vmap(grad(...))``: any model.
+        method: ``"vmap"`` differentiates each example with ``vmap(grad(...))``: any model
+            ``vmap`` can batch (not ``nn.LSTM``/``nn.GRU``/``nn.RNN``).
             ``"layers"`` still runs each example's forward under ``vmap`` (so examples cannot
             interact), then takes one ordinary backward pass over the batch in which every
             linear, convolution (``groups=1``), layer-norm and embedding call forms its
