@@ -234,7 +234,10 @@ def freeze(mask: bool | Any) -> GradientTransformation:
     pass through unchanged. ``mask`` is a single boolean or a pytree (prefix) of booleans.
 
     PyTorch: like ``p.requires_grad_(False)``, but without changing the model; frozen
-    parameters still receive gradients, which are discarded here.
+    parameters still receive gradients, which are discarded here. It zeroes what reaches it, so
+    a transform after it that adds to the updates (``add_decayed_weights``, the decay inside
+    ``adamw``) still moves frozen parameters: put ``freeze`` last in such a chain, or use
+    :func:`selective_transform`.
 
     Args:
         mask: ``True`` for the leaves (or subtrees) to freeze.
