@@ -12,6 +12,7 @@ from functrain.optim import (
     hyperparams,
     loss_scale,
     multi_steps,
+    orthogonalized,
     rms,
     scaling,
     schedules,
@@ -28,6 +29,7 @@ from functrain.optim.factorized import *  # noqa: F403
 from functrain.optim.hyperparams import *  # noqa: F403
 from functrain.optim.loss_scale import *  # noqa: F403
 from functrain.optim.multi_steps import *  # noqa: F403
+from functrain.optim.orthogonalized import *  # noqa: F403
 from functrain.optim.rms import *  # noqa: F403
 from functrain.optim.scaling import *  # noqa: F403
 from functrain.optim.schedules import *  # noqa: F403
@@ -45,6 +47,7 @@ __all__ = [
     *hyperparams.__all__,
     *loss_scale.__all__,
     *multi_steps.__all__,
+    *orthogonalized.__all__,
     *rms.__all__,
     *scaling.__all__,
     *schedules.__all__,
