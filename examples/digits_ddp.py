@@ -12,7 +12,8 @@ Each rank trains on its shard of every epoch (``dist.shard_indices``), the gradi
 ranks are combined into the exact gradient of the global batch, the optimizer state is sharded
 across ranks (ZeRO-1: each rank keeps about half of AdamW's moments), and only rank 0 prints,
 writes TensorBoard events (``--logdir``: the ``train/*`` tags of ``ft.train_loop``, at steps 1,
-2, ...) and saves the checkpoint (``--checkpoint``).
+2, ...) and saves the checkpoint (``--checkpoint``). Nothing resumes: a ``--logdir`` that holds
+a run, or that another launch is writing, is refused on every rank (status 1).
 
 ``--dp`` trains with DP-SGD instead (see docs/guides/data-parallel.md, "DP-SGD across ranks"):
 each rank Poisson-samples its fixed shard at rate ``q = batch-size / training images``,
@@ -41,7 +42,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from sklearn.datasets import load_digits
@@ -126,8 +127,9 @@ def parse_args() -> argparse.Namespace:
     if args.dp:
         if args.steps is not None:  # the accountant's epochs are round(1/q) steps
             parser.error("--dp trains whole epochs: use --epochs, not --steps")
-        if not args.noise_multiplier >= 0:
-            parser.error(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
+        # inf passed here and ended in the library's ValueError, a traceback.
+        if not (math.isfinite(args.noise_multiplier) and args.noise_multiplier >= 0):
+            parser.error(f"--noise-multiplier must be >= 0 and finite, got {args.noise_multiplier}")
         if not 0 < args.delta < 1:
             parser.error(f"--delta must be in (0, 1), got {args.delta}")
         args.epochs = args.epochs or (2 if args.fast else 5)
@@ -213,6 +215,48 @@ def make_model(hidden: int) -> Any:
     )
 
 
+def claim_logdir(logdir: str) -> str | None:
+    """Rank 0's claim on ``--logdir``: why the launch must not write there, or None.
+
+    Refused: a directory another launch is writing (the examples' lock), or one that already
+    holds a finished run's events. Nothing here resumes, so a rerun into the same directory
+    would log its steps 1, 2, ... a second time, one zigzagging curve in TensorBoard.
+
+    Args:
+        logdir: the ``--logdir`` directory, created here when missing.
+
+    Returns:
+        The reason for a refusal, or None when the directory is this launch's.
+    """
+    if (error := _common.claim_logdir(logdir)) is not None:
+        return error
+    if _common.holds_a_run(logdir):  # checked under the lock: no launch is writing it now
+        return f"{logdir} already holds a run; choose a new --logdir"
+    return None
+
+
+def refuse_launch(error: str | None, world: int) -> NoReturn:
+    """Ends every rank of a refused launch with a non-zero status, rank 0 saying why once.
+
+    Every rank must fail: torchrun and CI scripts read a rank's status 0 as success. But once a
+    rank fails, torchrun stops the others, so rank 0 prints its message first and the other
+    ranks wait for that (a barrier) before they exit.
+
+    Args:
+        error: rank 0's reason for the refusal; None on the other ranks.
+        world: the number of ranks.
+    """
+    message = f"error: {error}" if error is not None else None
+    if world > 1:
+        if message is not None:
+            print(message, file=sys.stderr, flush=True)
+            message = None  # printed: exit with a bare status, not the message again
+        dist.barrier()  # the others exit only after rank 0 has printed
+    dist.shutdown()
+    # One process (no torchrun): sys.exit prints the message itself and exits with 1.
+    sys.exit(message if message is not None else 1)
+
+
 def main() -> None:
     args = parse_args()
     dist.init(timeout=args.timeout)  # gloo on CPU; does nothing without torchrun
@@ -221,13 +265,10 @@ def main() -> None:
         # Two launches into one --logdir both ran, interleaving their curves at the same steps.
         # Rank 0 alone writes there, so it alone takes the examples' lock; every rank learns
         # the answer, so that a refused launch ends on all of them rather than hanging.
-        error = _common.claim_logdir(args.logdir) if dist.is_rank_zero() else None
+        error = claim_logdir(args.logdir) if dist.is_rank_zero() else None
         refused = torch.tensor([float(error is not None)])
         if dist.all_reduce_tree({"refused": refused}, op="max")["refused"].item():
-            dist.shutdown()
-            # The other ranks end quietly (status 0): one that failed first would have torchrun
-            # stop rank 0 before it prints why. The launch fails with rank 0's status.
-            sys.exit(f"error: {error}" if error is not None else 0)
+            refuse_launch(error, world)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # Ranks initialise differently: init_state broadcasts rank 0's.

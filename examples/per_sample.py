@@ -84,8 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--micro-batches must be >= 2: the noise scale needs two gradients")
     if args.micro_batches > args.batch_size:
         parser.error("--micro-batches must be <= --batch-size")
-    if not args.noise_multiplier >= 0:
-        parser.error(f"--noise-multiplier must be >= 0, got {args.noise_multiplier}")
+    # inf passed here and ended in the library's ValueError, a traceback.
+    if not (math.isfinite(args.noise_multiplier) and args.noise_multiplier >= 0):
+        parser.error(f"--noise-multiplier must be >= 0 and finite, got {args.noise_multiplier}")
     if not 0 < args.delta < 1:
         parser.error(f"--delta must be in (0, 1), got {args.delta}")
     # --fast picks short defaults; values given explicitly win.
