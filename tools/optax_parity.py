@@ -76,6 +76,22 @@ def ndim_mask(p: Any) -> dict[str, bool]:
     return {k: v.ndim > 1 for k, v in p.items()}
 
 
+def muon_in_out(p: Any) -> dict[str, Any]:
+    """Muon axes given as optax's ``(in, out)`` layout, in either library's class (``k`` is a
+    stack of two matrices); ``None`` (AdamW) for the other leaves. A masked-out leaf (``None``,
+    optax's ``MaskedNode``) stays as it is: optax's tree maps need the update's own node there."""
+
+    def axes(v: Any) -> Any:
+        if not hasattr(v, "ndim"):
+            return v
+        if v.ndim < 2:
+            return None
+        lib = ft if isinstance(v, torch.Tensor) else optax.contrib
+        return lib.MuonDimensionNumbers(0, 1) if v.ndim == 2 else lib.MuonDimensionNumbers(1, 2)
+
+    return {k: axes(v) for k, v in p.items()}
+
+
 def double_plus_param(u: Any, p: Any) -> dict[str, Any]:
     return {k: 2 * u[k] + 0.5 * p[k] for k in u}
 
@@ -345,6 +361,9 @@ def tx_cases() -> list[Case]:
         ("MultiSteps", "k schedule, sum", c("MultiSteps", c("sgd", 0.1, 0.9), every_k, False, accumulator_dtype=np.float64), ""),
         ("MultiSteps", "skip_not_finite", c("MultiSteps", c("adam", 0.01), 2, should_skip_update_fn=R("skip_not_finite"), accumulator_dtype=np.float64), "nan"),
         ("skip_large_updates", "via MultiSteps", c("MultiSteps", c("sgd", 0.1), 1, should_skip_update_fn=c(functools.partial, R("skip_large_updates"), max_squared_norm=100.0 ), accumulator_dtype=np.float64), "large"),
+        ("muon", "optax's (in, out) axes, wd", c("muon", 0.05, weight_decay=0.1, adam_weight_decay=0.01, muon_weight_dimension_numbers=muon_in_out), "normal"),
+        ("muon", "adaptive, consistent_rms, lr sched", c("muon", sched, beta=0.9, adaptive=True, consistent_rms=0.2, nesterov=False), "normal"),
+        ("scale_by_muon", "per-step coefficients, masked", c("masked", c("scale_by_muon", ((4.0, -4.5, 1.5), (3.4, -4.7, 2.0)), weight_dimension_numbers=muon_in_out), MASK), "normal"),
         ("dpsgd", "noise_multiplier=0", c("dpsgd", 0.1, 1.0, 0.0, 0, 0.9, True), "per_example"),
         ("differentially_private_aggregate", "noise 0", c("differentially_private_aggregate", 1.0, 0.0, 0), "per_example"),
     ]]

@@ -76,7 +76,8 @@ def _axes(x: torch.Tensor, dims: MuonDimensionNumbers) -> tuple[tuple[int, ...],
 
 def _fans(x: torch.Tensor, dims: MuonDimensionNumbers) -> tuple[int, int]:
     reduction, output = _axes(x, dims)
-    return math.prod(x.shape[a] for a in reduction), math.prod(x.shape[a] for a in output)
+    # Lists, not generators: torch.compile(fullgraph=True) cannot pass a generator to math.prod.
+    return math.prod([x.shape[a] for a in reduction]), math.prod([x.shape[a] for a in output])
 
 
 def _newton_schulz(x: torch.Tensor, coeffs: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
@@ -138,8 +139,8 @@ def _orthogonalize(
     batch = [a for a in range(x.dim()) if a not in reduction and a not in output]
     order = [*batch, *reduction, *output]
     shaped = [x.shape[a] for a in order]
-    fan_in = math.prod(x.shape[a] for a in reduction)
-    matrices = x.permute(order).reshape(-1, fan_in, math.prod(x.shape[a] for a in output))
+    fan_in, fan_out = _fans(x, dims)
+    matrices = x.permute(order).reshape(-1, fan_in, fan_out)
     result = _newton_schulz(matrices, coeffs, steps, eps).reshape(shaped)
     inverse = sorted(range(x.dim()), key=order.__getitem__)
     return result.permute(inverse)
