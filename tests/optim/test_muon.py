@@ -221,6 +221,31 @@ def test_torch_optim_muon_without_nesterov(monkeypatch: pytest.MonkeyPatch) -> N
     )
 
 
+def test_bfloat16_iteration_agrees_with_torch_optim_muon() -> None:
+    """Against PyTorch's own (unpatched) bfloat16 iteration, float32 trajectories agree to the
+    bfloat16 rounding of the orthogonalized updates, with ``ns_dtype=torch.bfloat16`` (whose
+    input is the bias-corrected average, so it rounds differently) as with the default."""
+    gen = torch.Generator().manual_seed(0)
+    params = {"a": torch.randn(64, 32, generator=gen), "b": torch.randn(48, 96, generator=gen)}
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(5)]
+    mine = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    opt = torch.optim.Muon(mine, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=False)
+    for g in grads:
+        for p, k in zip(mine, params):
+            p.grad = g[k].clone()
+        opt.step()
+    ref = dict(zip(params, [p.detach() for p in mine]))
+
+    def gap(**kw: Any) -> float:
+        tx = ft.muon(0.02, beta=0.9, weight_decay=0.1, nesterov=False, **kw)
+        got = _run(tx, params, grads)
+        return max(float((got[k] - ref[k]).abs().max()) for k in ref)
+
+    # Five updates of size lr·√max(1, out/in)·O(1), each off by bfloat16 rounding (2⁻⁸).
+    bound = 5 * 0.02 * 1.5 * 2**-7
+    assert gap(ns_dtype=torch.bfloat16) < bound and gap() < bound
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     rows=st.integers(1, 7),
@@ -253,7 +278,7 @@ def test_update_is_pure_and_state_round_trips() -> None:
     before = ft.tree.map(torch.clone, (grads[0], state, params))
     _, new_state = tx.update(grads[0], state, params)
     ft.testing.assert_trees_all_equal((grads[0], state, params), before)
-    # The state holds plain tensors (the coefficients too): a checkpoint copy continues alike.
+    # The state holds plain tensors: a checkpoint copy continues alike.
     copied = ft.tree.map(torch.clone, new_state)
     a, _ = tx.update(grads[1], new_state, params)
     b, _ = tx.update(grads[1], copied, params)
@@ -331,3 +356,18 @@ def test_errors_name_the_problem() -> None:
     overlap = ft.scale_by_muon(weight_dimension_numbers=ft.MuonDimensionNumbers(0, 0))
     with pytest.raises(ValueError, match="disjoint"):
         overlap.update(params, overlap.init(params))
+
+
+def test_ns_dtype_sets_the_iterations_precision() -> None:
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(24, 40, generator=gen)
+    exact = _ns_by_hand(g.double().T, NS, 5, 1e-8).T  # the (in, out) matrix, float64
+
+    def error(**kw: Any) -> float:
+        tx = ft.scale_by_muon(nesterov=False, **kw)
+        u, _ = tx.update({"w": g}, tx.init({"w": g}))
+        assert u["w"].dtype == torch.float32
+        return float((u["w"].double() - exact).abs().max())
+
+    assert error() < 1e-5  # float32
+    assert 1e-4 < error(ns_dtype=torch.bfloat16) < 5e-2  # bfloat16's 2⁻⁸, compounded

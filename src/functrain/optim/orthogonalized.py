@@ -51,12 +51,14 @@ class MuonDimensionNumbers(NamedTuple):
 
 
 class MuonState(NamedTuple):
-    """State of :func:`scale_by_muon`: the int32 step ``count``, the momentum ``mu`` and the
-    Newton–Schulz coefficients ``ns_coeffs`` (shape ``(3,)`` or ``(steps, 3)``)."""
+    """State of :func:`scale_by_muon`: the int32 step ``count`` and the momentum ``mu``.
+
+    optax's also holds the Newton–Schulz coefficients; here they stay arguments of the
+    transform (Python numbers, which the fused matrix products take).
+    """
 
     count: torch.Tensor
     mu: Any
-    ns_coeffs: torch.Tensor
 
 
 def _axes(x: torch.Tensor, dims: MuonDimensionNumbers) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -80,19 +82,34 @@ def _fans(x: torch.Tensor, dims: MuonDimensionNumbers) -> tuple[int, int]:
     return math.prod([x.shape[a] for a in reduction]), math.prod([x.shape[a] for a in output])
 
 
-def _newton_schulz(x: torch.Tensor, coeffs: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
-    """Orthogonalizes each ``(m, n)`` matrix of a ``(batch, m, n)`` tensor."""
+Rows = tuple[tuple[float, float, float], ...]
+
+
+def _newton_schulz(x: torch.Tensor, rows: Rows, eps: float) -> torch.Tensor:
+    """Orthogonalizes each ``(m, n)`` matrix of a ``(batch, m, n)`` tensor, one step per row.
+
+    The coefficients are Python numbers, so each step is two fused ``baddbmm`` (the scalings
+    ride in the matrix product: 13% faster than separate products in float32 on the CPU, and
+    half the time in bfloat16, whose element-wise ops are slow there).
+    """
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # f(Xᵀ) = f(X)ᵀ: iterate on the smaller Gram matrix
         x = x.mT
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     x = x / (norm + eps)  # spectral norm at most 1
-    coeffs = coeffs.to(x.dtype)
-    rows = coeffs if coeffs.dim() == 2 else coeffs.expand(steps, 3)
-    for c in rows.unbind(0):
+    single = x.shape[0] == 1  # one matrix: 2-D products (bfloat16's batched XXᵀ is 2× slower)
+    if single:
+        x = x[0]
+    for c0, c1, c2 in rows:
         a = x @ x.mT.conj()
-        b = c[1] * a + (c[2] * a) @ a
-        x = c[0] * x + b @ x
+        if single:
+            b = torch.addmm(a, a, a, beta=c1, alpha=c2)  # c₁A + c₂A²
+            x = torch.addmm(x, b, x, beta=c0)  # c₀X + BX
+        else:
+            b = torch.baddbmm(a, a, a, beta=c1, alpha=c2)
+            x = torch.baddbmm(x, b, x, beta=c0)
+    if single:
+        x = x[None]
     return x.mT if transposed else x
 
 
@@ -128,29 +145,35 @@ def orthogonalize_via_newton_schulz(
         >>> torch.allclose(polar, torch.eye(2, dtype=torch.float64))
         True
     """
-    coeffs = _coefficients(ns_coeffs, x.device)
-    return _orthogonalize(x, coeffs, ns_steps, eps, dimension_numbers or MuonDimensionNumbers())
+    rows = _rows(ns_coeffs, ns_steps)
+    return _orthogonalize(x, rows, eps, dimension_numbers or MuonDimensionNumbers(), None)
 
 
 def _orthogonalize(
-    x: torch.Tensor, coeffs: torch.Tensor, steps: int, eps: float, dims: MuonDimensionNumbers
+    x: torch.Tensor,
+    rows: Rows,
+    eps: float,
+    dims: MuonDimensionNumbers,
+    dtype: torch.dtype | None,
 ) -> torch.Tensor:
     reduction, output = _axes(x, dims)
     batch = [a for a in range(x.dim()) if a not in reduction and a not in output]
     order = [*batch, *reduction, *output]
-    shaped = [x.shape[a] for a in order]
-    fan_in, fan_out = _fans(x, dims)
-    matrices = x.permute(order).reshape(-1, fan_in, fan_out)
-    result = _newton_schulz(matrices, coeffs, steps, eps).reshape(shaped)
-    inverse = sorted(range(x.dim()), key=order.__getitem__)
-    return result.permute(inverse)
+    moved = x.permute(order)
+    matrices = moved.reshape(-1, *_fans(x, dims))
+    if dtype is not None:
+        matrices = matrices.to(dtype)
+    result = _newton_schulz(matrices, rows, eps).to(x.dtype).reshape(moved.shape)
+    return result.permute(sorted(range(x.dim()), key=order.__getitem__))
 
 
-def _coefficients(ns_coeffs: Any, device: torch.device) -> torch.Tensor:
-    coeffs = torch.as_tensor(ns_coeffs, dtype=torch.float64, device=device)
+def _rows(ns_coeffs: Any, steps: int) -> Rows:
+    """The coefficients of each step as Python numbers (checked: shape ``(3,)`` or ``(n, 3)``)."""
+    coeffs = torch.as_tensor(ns_coeffs, dtype=torch.float64)
     if coeffs.dim() not in (1, 2) or coeffs.shape[-1] != 3:
         raise ValueError(f"ns_coeffs must have shape (3,) or (steps, 3), got {tuple(coeffs.shape)}")
-    return coeffs
+    listed = coeffs.tolist()
+    return tuple(map(tuple, listed)) if coeffs.dim() == 2 else (tuple(listed),) * steps
 
 
 DimensionNumbers = MuonDimensionNumbers | Any | Callable[[Any], Any] | None
@@ -192,6 +215,7 @@ def scale_by_muon(
     nesterov: bool = True,
     adaptive: bool = False,
     weight_dimension_numbers: DimensionNumbers = None,
+    ns_dtype: torch.dtype | None = None,
 ) -> base.GradientTransformation:
     """Rescales updates by Muon: the orthogonalized, bias-corrected momentum (optax semantics).
 
@@ -206,9 +230,10 @@ def scale_by_muon(
     correction. Without Nesterov the direction is then the same (the iteration normalizes its
     input); with Nesterov, PyTorch's ``(1 − β)·g + β·mu`` weighs the two terms differently in
     the first steps (the gap fades as ``βᵗ``). The iteration runs in the gradient's precision
-    (float32 for float16/bfloat16 gradients) where PyTorch casts to bfloat16, and ``eps`` is
-    added to the norm where PyTorch clamps the norm. The width scaling and weight decay belong
-    to :func:`muon`.
+    (float32 for float16/bfloat16 gradients) where PyTorch always casts to bfloat16:
+    ``ns_dtype=torch.bfloat16`` does the same, about 3× faster on a CPU with bfloat16 support,
+    at bfloat16's accuracy. ``eps`` is added to the norm where PyTorch clamps the norm. The
+    width scaling and weight decay belong to :func:`muon`.
 
     Args:
         ns_coeffs: the Newton–Schulz coefficients ``(c₀, c₁, c₂)`` or one row per step.
@@ -221,6 +246,8 @@ def scale_by_muon(
         weight_dimension_numbers: ``None`` (every leaf is ``(out, in)``-like, see
             :class:`MuonDimensionNumbers`), one :class:`MuonDimensionNumbers` for every leaf, a
             pytree of them like the updates, or a callable ``updates -> such a pytree``.
+        ns_dtype: the dtype of the Newton–Schulz iteration (``None``: the gradient's, at
+            least float32); an extension of optax's signature.
 
     Example:
         >>> import torch, functrain as ft
@@ -235,15 +262,11 @@ def scale_by_muon(
     _utils.check_finite_number("eps", eps, minimum=0.0)
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 0:
         raise ValueError(f"ns_steps must be a non-negative int, got {ns_steps!r}")
-    _coefficients(ns_coeffs, torch.device("cpu"))  # fail at construction, not at the first step
+    _ops.check_dtype("ns_dtype", ns_dtype)
+    rows = _rows(ns_coeffs, ns_steps)
 
     def init_fn(params: Any) -> MuonState:
-        count = _utils.zero_count(params)
-        return MuonState(
-            count=count,
-            mu=_ops.state_zeros(params, mu_dtype, "mu_dtype"),
-            ns_coeffs=_coefficients(ns_coeffs, count.device),
-        )
+        return MuonState(_utils.zero_count(params), _ops.state_zeros(params, mu_dtype, "mu_dtype"))
 
     def update_fn(
         updates: Any, state: MuonState, params: Any = None, **extra: Any
@@ -263,14 +286,12 @@ def scale_by_muon(
             mu_hat = [a + b for a, b in zip(ahead, now)]
         else:
             mu_hat = _ops.div(mu, _bias(beta, count, dtype))
-        out = [_orthogonalize(m, state.ns_coeffs, ns_steps, eps, d) for m, d in zip(mu_hat, dims)]
+        out = [_orthogonalize(m, rows, eps, d, ns_dtype) for m, d in zip(mu_hat, dims)]
         if adaptive:
             out = [(m.conj() * u).sum() * u for m, u in zip(mu_hat, out)]
         out = _ops.cast_like(out, given)
         mu = _ops.cast_like(mu, s["state.mu"])
-        return tree.unflatten(spec, out), MuonState(
-            count, tree.unflatten(spec, mu), state.ns_coeffs
-        )
+        return tree.unflatten(spec, out), MuonState(count, tree.unflatten(spec, mu))
 
     return base.GradientTransformation(init_fn, update_fn)
 
@@ -327,6 +348,7 @@ def muon(
     adam_weight_decay: ScalarOrSchedule = 0.0,
     muon_weight_dimension_numbers: DimensionNumbers = None,
     consistent_rms: float | None = None,
+    ns_dtype: torch.dtype | None = None,
 ) -> base.GradientTransformation:
     """Muon (Jordan et al., 2024) for matrices, AdamW for everything else (optax's alias).
 
@@ -367,6 +389,8 @@ def muon(
         muon_weight_dimension_numbers: which parameters use Muon and their axes (see above).
         consistent_rms: use the shape-independent update RMS of Liu et al. (2025) (``0.2``
             matches AdamW's typical RMS) instead of the width scaling.
+        ns_dtype: the dtype of the Newton–Schulz iteration, as in :func:`scale_by_muon`
+            (``torch.bfloat16``: PyTorch's choice, faster, less accurate).
 
     Example:
         >>> import torch, functrain as ft
@@ -392,6 +416,7 @@ def muon(
             nesterov=nesterov,
             adaptive=adaptive,
             weight_dimension_numbers=inner,
+            ns_dtype=ns_dtype,
         ),
         _scale_by_shape(inner, consistent_rms),
         additive.add_decayed_weights(weight_decay, weight_decay_mask),
