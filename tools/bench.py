@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmarks import Section
 
-SECTIONS = ("optimizer", "step", "per_sample", "logging")
+SECTIONS = ("optimizer", "step", "per_sample", "logging", "muon")
 
 
 def _markdown(section: Section) -> str:

@@ -23,7 +23,7 @@ def failed(section):
     return [f"{name}: {detail}" for name, ok, detail in section.checks if not ok]
 
 
-@pytest.mark.parametrize("name", ["optimizer", "step"])
+@pytest.mark.parametrize("name", ["optimizer", "step", "muon"])
 def test_quick_section_checks_pass(sections, name):
     threads = torch.get_num_threads()
     section = sections(name).run(quick=True)
@@ -58,3 +58,15 @@ def test_optimizer_check_fails_when_the_fast_path_disagrees(sections, monkeypatc
     bad = failed(section)
     assert bad
     assert all("in-step" in line for line in bad)
+
+
+def test_muon_check_fails_when_functrain_disagrees(sections, monkeypatch):
+    import functrain as ft
+
+    muon = ft.muon
+
+    def decaying_more(*args, **kwargs):
+        return muon(*args, **{**kwargs, "weight_decay": 1.0})
+
+    monkeypatch.setattr(ft, "muon", decaying_more)
+    assert failed(sections("muon").run(quick=True))
