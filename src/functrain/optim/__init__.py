@@ -16,6 +16,7 @@ from functrain.optim import (
     rms,
     scaling,
     schedules,
+    updates,
     wrappers,
 )
 from functrain.optim.accumulation import *  # noqa: F403
@@ -33,6 +34,7 @@ from functrain.optim.orthogonalized import *  # noqa: F403
 from functrain.optim.rms import *  # noqa: F403
 from functrain.optim.scaling import *  # noqa: F403
 from functrain.optim.schedules import *  # noqa: F403
+from functrain.optim.updates import *  # noqa: F403
 from functrain.optim.wrappers import *  # noqa: F403
 
 __all__ = [
@@ -51,5 +53,6 @@ __all__ = [
     *rms.__all__,
     *scaling.__all__,
     *schedules.__all__,
+    *updates.__all__,
     *wrappers.__all__,
 ]
