@@ -420,6 +420,9 @@ def function_cases() -> list[tuple[str, str, C, str]]:
             c("per_example_global_norm_clip", R("@gl"), 1.5),
             "per_example",
         ),
+        ("incremental_update", "step_size=0.3", c("incremental_update", g, h, 0.3), "normal"),
+        ("periodic_update", "steps=6, period 3", c("periodic_update", g, h, 6, 3), "normal"),
+        ("periodic_update", "steps=7, period 3", c("periodic_update", g, h, 7, 3), "normal"),
         ("skip_not_finite", "nan step", c("skip_not_finite", R("@g"), 3, None), "nan"),
         (
             "skip_large_updates",

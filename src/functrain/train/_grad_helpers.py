@@ -101,6 +101,40 @@ def _autograd_grad(objective: Callable[..., Any]) -> Callable[..., Any]:
     return grad_fn
 
 
+# torch.func's refusal ("torch.func.{grad, vjp, jacrev, hessian} don't yet support saved tensor
+# hooks"), raised when a saved-tensor hook is pushed under a torch.func transform.
+_FUNC_HOOKS_REFUSAL = "support saved tensor hooks"
+
+
+def _saved_tensor_hooks_error(err: BaseException, where: str) -> ValueError | None:
+    """A clear error for torch.func's refusal of saved-tensor hooks in ``loss_fn``, or ``None``.
+
+    ``err`` (or an exception it chains, as torch.compile's ``BackendCompilerFailed`` does) is
+    matched by message, only once a gradient call has failed: nothing is probed per step.
+    ``where`` names the option that chose torch.func (``"strategy='vmap'"``, ...).
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        if _FUNC_HOOKS_REFUSAL in str(cur):
+            break
+        seen.add(id(cur))
+        cur = getattr(cur, "inner_exception", None) or cur.__cause__ or cur.__context__
+    else:
+        return None
+    # Imported here: functrain.grads imports functrain.train. Same wording as the per-sample
+    # functions' refusal.
+    from functrain.grads._layer_rules import SAVED_TENSOR_HOOKS
+
+    return ValueError(
+        f"{where} takes gradients with torch.func, which cannot differentiate a loss_fn that "
+        f"runs {SAVED_TENSOR_HOOKS}: activation checkpointing (use_reentrant=False, "
+        "checkpoint_sequential) or offloading (save_on_cpu) in loss_fn. Use strategy='loop' "
+        "with grad_backend='autograd' (the default 'auto' picks it for an eager loop step) "
+        "and no compile=, or remove the checkpointing/offloading from loss_fn"
+    )
+
+
 def _inverse_count(count: torch.Tensor) -> torch.Tensor:
     """``1 / count``, and 0 where ``count`` is 0: the hook's scale of ``∇Tᵢ`` and ``Tᵢ``.
 

@@ -234,6 +234,7 @@ class CompiledCore:
         of ``devices`` are seeded from stream ``1`` of ``key`` around the graph."""
         self.metas.clear()
         mb_key = None if key is None else rng.fold_in(key, 1)
+        hooks_on = _hooks_enabled()
         try:
             with gradient._seeding(mb_key, self.seed_rng, devices):
                 return self.fn(*args)
@@ -242,11 +243,17 @@ class CompiledCore:
             err.add_note(_RECOMPILE_LIMIT_NOTE.format(limit=limit, source=source))
             raise
         except _dynamo_exc.TorchDynamoException as err:
+            _restore_hooks(hooks_on)  # before the eager rerun, which may use the hooks
+            clear = gradient._saved_tensor_hooks_error(err, "compile=")
+            if clear is not None:
+                raise clear from err
             real = self._explain(err, mb_key, args, devices)
             if real is None:
                 raise
             real.add_note(_EAGER_RERUN_NOTE)
             raise real from None
+        finally:
+            _restore_hooks(hooks_on)
 
     def _explain(
         self,
@@ -322,6 +329,27 @@ _RECOMPILE_LIMIT_NOTE = (
     "counter in state.extra or a hook state) compiles anew whenever it changes: keep it as a "
     "tensor. The state passed to the step is unchanged"
 )
+
+
+_autograd_c = torch._C._autograd
+
+
+def _hooks_enabled() -> bool | None:
+    """Whether saved-tensor hooks may be pushed (``None`` where torch cannot say)."""
+    is_enabled = getattr(_autograd_c, "_saved_tensors_hooks_is_enabled", None)
+    return None if is_enabled is None else bool(is_enabled())
+
+
+def _restore_hooks(enabled: bool | None) -> None:
+    """Re-enables saved-tensor hooks if they were enabled before a compiled call.
+
+    torch.func transforms disable them while they run; a compilation that fails inside one
+    (a ``loss_fn`` with activation checkpointing under ``compile=``) leaves them disabled for
+    the whole process, so every later ``torch.utils.checkpoint`` or ``save_on_cpu``, even
+    in an eager step, failed with torch.func's refusal. A flag read: no device work.
+    """
+    if enabled and not _autograd_c._saved_tensors_hooks_is_enabled():
+        _autograd_c._saved_tensors_hooks_enable()
 
 
 def _recompile_limit(own: Any) -> tuple[int, str]:

@@ -43,6 +43,7 @@ from functrain.train._grad_helpers import _devices as _devices
 from functrain.train._grad_helpers import _inverse_count as _inverse_count
 from functrain.train._grad_helpers import _permute as _permute
 from functrain.train._grad_helpers import _run_backward as _run_backward
+from functrain.train._grad_helpers import _saved_tensor_hooks_error as _saved_tensor_hooks_error
 from functrain.train._grad_helpers import _seeding as _seeding
 from functrain.train._grad_helpers import _size_dtype as _size_dtype
 from functrain.train._grad_helpers import _SqNormRecord as _SqNormRecord
@@ -285,10 +286,16 @@ class GradStage:
             mb_key, seeding = self._micro_batch_rng(streams, key, i, devices)
             self.metas.clear()
             weight = size / split.total  # applied to a mean loss before differentiation
-            with seeding:
-                grads, payload = self.grad_fn(
-                    params, mb, buffers, mb_key, None if unweighted else weight
-                )
+            try:
+                with seeding:
+                    grads, payload = self.grad_fn(
+                        params, mb, buffers, mb_key, None if unweighted else weight
+                    )
+            except RuntimeError as err:
+                clear = _saved_tensor_hooks_error(err, f"grad_backend={self.backend!r}")
+                if clear is not None:
+                    raise clear from err
+                raise
             meta = self.metas[-1]
             combiner.add(meta, size, payload)
             if meta.has_buffers:
@@ -385,6 +392,9 @@ class GradStage:
                             "cannot batch. Use strategy='loop' (or remove the data-dependent "
                             f"branch). Original error: {err}"
                         ) from err
+                    clear = _saved_tensor_hooks_error(err, "strategy='vmap'")
+                    if clear is not None:
+                        raise clear from err
                     # Imported here: functrain.grads imports functrain.train.
                     from functrain.grads._per_example import rnn_vmap_error
 
