@@ -223,3 +223,43 @@ def _any_half(params: Any) -> bool:
         isinstance(p, torch.Tensor) and p.dtype in (torch.float16, torch.bfloat16)
         for p in tree.leaves(params)
     )
+
+
+_SPARSE_FIX = (
+    "functrain's transforms update dense tensors, and torch.optim.Adam refuses sparse "
+    "gradients too. Build the layer with sparse=False (nn.Embedding / nn.EmbeddingBag): the "
+    "update is the same as with a densified gradient"
+)
+
+
+def _check_dense_grads(grads: Any) -> None:
+    """Raises a path-named ValueError for a sparse gradient (``nn.Embedding(sparse=True)``).
+
+    Sparse gradients are refused rather than densified: densifying would quietly give the
+    dense optimizer's update (every row's moments decay each step) to a user who asked for a
+    sparse layer, likely expecting ``SparseAdam``'s lazy per-row update. Only the layout is
+    read (metadata, no host sync; a constant under ``torch.compile``), and this runs after
+    the gradients and before anything is written, so the state stays usable.
+    """
+    leaves = tree.leaves(grads)
+    if all(not isinstance(g, torch.Tensor) or g.layout == torch.strided for g in leaves):
+        return
+    paths, leaves, _ = tree.flatten_with_paths(grads)
+    for path, g in zip(paths, leaves):
+        if isinstance(g, torch.Tensor) and g.layout != torch.strided:
+            raise ValueError(
+                f"the gradient of {tree.path_str(path, 'params')} has layout {g.layout} "
+                f"(a sparse gradient, e.g. from nn.Embedding(sparse=True)); {_SPARSE_FIX}"
+            )
+
+
+def _sparse_vmap_error(err: BaseException, where: str) -> ValueError | None:
+    """A clear error for a sparse gradient inside ``torch.func`` (which cannot batch one);
+    the failing parameter is not known there, so the message names the usual cause."""
+    if isinstance(err, NotImplementedError) and "Sparse" in str(err):
+        return ValueError(
+            f"{where}: the model produced a sparse gradient (e.g. nn.Embedding(sparse=True) or "
+            f"nn.EmbeddingBag(sparse=True)), which torch.func cannot batch; {_SPARSE_FIX}. "
+            f"Original error: {err}"
+        )
+    return None

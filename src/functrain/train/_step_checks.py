@@ -187,11 +187,52 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * size
 
 
+# Exact answers of _share_bytes, keyed by the two views' geometry: the check runs every step,
+# and interleaved views (columns of one matrix) would otherwise redo an O(numel) test each time.
+_SHARED_CACHE: dict[tuple[Any, ...], bool] = {}
+
+
+def _geometry(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.element_size())
+
+
+def _share_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage whose byte spans intersect share a byte.
+
+    Spans intersect for disjoint interleaved views too (``w[:, :3]`` and ``w[:, 3:]``), which
+    an in-place update writes once each, so spans alone would refuse legal parameters. The
+    views' geometry is replayed on a host mask (one byte per unit of the joint span; the units
+    are elements when both views' elements have one size): no parameter data is read.
+    """
+    key = (_geometry(a), _geometry(b))
+    if key in _SHARED_CACHE:
+        return _SHARED_CACHE[key]
+    unit = a.element_size() if a.element_size() == b.element_size() else 1
+    views = []
+    for t in (a, b):
+        scale = t.element_size() // unit  # 1, or the element size when counting bytes
+        shape, stride = list(t.shape), [s * scale for s in t.stride()]
+        if scale > 1:  # each element covers `scale` consecutive bytes
+            shape, stride = [*shape, scale], [*stride, 1]
+        views.append((shape, stride, t.storage_offset() * scale))
+    base = min(off for _, _, off in views)
+    end = max(_span(t)[1] for t in (a, b)) // unit
+    mask = torch.zeros(end - base, dtype=torch.bool)
+    (shape, stride, off), (shape_b, stride_b, off_b) = views
+    mask.as_strided(shape, stride, off - base).fill_(True)
+    shared = bool(mask.as_strided(shape_b, stride_b, off_b - base).any())
+    if len(_SHARED_CACHE) > 4096:  # geometries are per parameter; bound it all the same
+        _SHARED_CACHE.clear()
+    _SHARED_CACHE[key] = shared
+    return shared
+
+
 def _check_no_overlap(leaves: list[torch.Tensor], params: Any, where: str) -> None:
     """Raises when two parameter leaves share memory, which an in-place update would write
     twice (a tied weight given as two leaves of one tensor, overlapping views).
 
-    Disjoint views of one buffer are fine. Only the storages' addresses are read: no sync.
+    Disjoint views of one buffer are fine, interleaved ones included. Only the storages'
+    addresses and the views' geometry are read: no sync.
     """
     storages: list[int | None] = [leaf.untyped_storage().data_ptr() for leaf in leaves]
     if len(set(storages)) == len(storages):
@@ -207,10 +248,13 @@ def _check_no_overlap(leaves: list[torch.Tensor], params: Any, where: str) -> No
         if ptr is not None:
             by_storage.setdefault(ptr, []).append(i)
     for indices in by_storage.values():
-        reach, owner = -1, -1  # the furthest byte reached so far, and by which leaf
+        # The leaves seen so far whose span may still reach later ones, by span end.
+        active: list[tuple[int, int]] = []
         for (start, stop), j in sorted((_span(leaves[i]), i) for i in indices if leaves[i].numel()):
-            if start < reach:
-                i = owner
+            active = [(end, k) for end, k in active if end > start]
+            shared = [k for _, k in active if _share_bytes(leaves[k], leaves[j])]
+            if shared:
+                i = shared[0]
                 paths = tree.flatten_with_paths(params)[0]
                 first, second = (tree.path_str(paths[k], "params") for k in sorted((i, j)))
                 raise ValueError(
@@ -219,8 +263,7 @@ def _check_no_overlap(leaves: list[torch.Tensor], params: Any, where: str) -> No
                     "a tied weight as one leaf, build the state with TrainState.create(..., "
                     "copy=True) (the default), or use donate=False"
                 )
-            if stop > reach:
-                reach, owner = stop, j
+            active.append((stop, j))
 
 
 def consume_torn(state: TrainState, err: BaseException, by: str) -> None:

@@ -46,6 +46,7 @@ from functrain.train._grad_helpers import _run_backward as _run_backward
 from functrain.train._grad_helpers import _saved_tensor_hooks_error as _saved_tensor_hooks_error
 from functrain.train._grad_helpers import _seeding as _seeding
 from functrain.train._grad_helpers import _size_dtype as _size_dtype
+from functrain.train._grad_helpers import _sparse_vmap_error as _sparse_vmap_error
 from functrain.train._grad_helpers import _SqNormRecord as _SqNormRecord
 from functrain.train.combine import Combiner, _GradSum, _Meta, make_objective
 from functrain.train.grad_stats import GradStatsHook, MicroBatchStats
@@ -376,6 +377,11 @@ class GradStage:
                 try:
                     with _seeding(chunk_key, self.seed_rng, devices):
                         grads, payload = self._vmapped(size / split.total)(params, stacked, buffers)
+                except NotImplementedError as err:
+                    clear = _sparse_vmap_error(err, "strategy='vmap'")
+                    if clear is not None:
+                        raise clear from err
+                    raise
                 except RuntimeError as err:
                     if "running_mean" in str(err) or "inplace arithmetic" in str(err):
                         raise RuntimeError(

@@ -16,6 +16,7 @@ import torch
 from functrain.optim.base import GradientTransformation
 from functrain.optim.loss_scale import DynamicLossScale
 from functrain.train import compiled, dp_stage, fast, faults, gradient, microbatch, rng
+from functrain.train._grad_helpers import _check_dense_grads
 from functrain.train._step_checks import (
     OptStateGuard,
     _check_no_overlap,
@@ -237,6 +238,7 @@ class TrainStep:
         if self._scale_slot is not None:
             self._scale_slot.scale = extra[faults.LOSS_SCALE_KEY].scale
         result = self.grad_stage(params, batch, split, buffers, key, devices)
+        _check_dense_grads(result.grads)  # layouts only: before anything is written
         if self._scale_slot is not None:
             self._scale_slot.scale = None
         metrics = dict(result.metrics)
