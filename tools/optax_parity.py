@@ -262,6 +262,8 @@ def f64_decay_rate(i: Any, exponent: float) -> Any:
 
 F32_POW = "both compute optax's decay 1-(t+1)^-0.8 in float32; float32 pow differs by 1 ulp"
 WIDER = "updates keep their dtype (optax: promoted to a wider accumulator's)"
+SF_WARMUP = "optax builds the warmup inside the alias: its int32 count divides in float32"
+SF_WIDER = "updates keep the params' dtype (optax: promoted to state_dtype's)"
 RHO = "RAdam's rho-4 cancels: optax's b2**t (integer power) is 1 ulp off at t=6, torch's is not"
 
 
@@ -272,6 +274,7 @@ def lr_sched() -> C:
 def tx_cases() -> list[Case]:
     """Every case builds the same spec in both libraries and runs it on one data set."""
     sched = lr_sched()
+    sf_warm = c("warmup_constant_schedule", 0.0, 0.05, 5)  # float64 in both (see resolve)
     # fmt: off
     return [Case(*row) if isinstance(row, tuple) else row for row in [
         ("sgd", "lr=0.1", c("sgd", 0.1), "normal"),
@@ -364,6 +367,14 @@ def tx_cases() -> list[Case]:
         ("muon", "optax's (in, out) axes, wd", c("muon", 0.05, weight_decay=0.1, adam_weight_decay=0.01, muon_weight_dimension_numbers=muon_in_out), "normal"),
         ("muon", "adaptive, consistent_rms, lr sched", c("muon", sched, beta=0.9, adaptive=True, consistent_rms=0.2, nesterov=False), "normal"),
         ("scale_by_muon", "per-step coefficients, masked", c("masked", c("scale_by_muon", ((4.0, -4.5, 1.5), (3.4, -4.7, 2.0)), weight_dimension_numbers=muon_in_out), MASK), "normal"),
+        ("schedule_free_adamw", "defaults", c("schedule_free_adamw"), "normal"),
+        ("schedule_free_adamw", "wd, b1, b2, eps, power", c("schedule_free_adamw", 0.05, None, 0.8, 0.99, 1e-6, 0.1, 1.5), "normal"),
+        Case("schedule_free_adamw", "warmup_steps=5, wd", c("schedule_free_adamw", 0.05, 5, weight_decay=0.1), tol=1e-6, why=SF_WARMUP),
+        ("schedule_free_sgd", "lr=0.1", c("schedule_free_sgd", 0.1), "normal"),
+        ("schedule_free_sgd", "wd, b1=0.5, power 3", c("schedule_free_sgd", 0.1, None, 0.5, 0.05, 3.0), "normal"),
+        Case("schedule_free_sgd", "warmup_steps=4, wd", c("schedule_free_sgd", 0.1, 4, weight_decay=0.05), tol=1e-6, why=SF_WARMUP),
+        ("schedule_free", "adamw chain, float64 warmup, wd", c("schedule_free", c("chain", c("scale_by_rms", 0.99, 1e-6, eps_in_sqrt=False, bias_correction=True), c("add_decayed_weights", 0.1), c("scale_by_learning_rate", sf_warm)), sf_warm, 0.8, 1.5), "normal"),
+        Case("schedule_free", "sgd + lr schedule, state_dtype", c("schedule_free", c("sgd", sched), sched, 0.7, 2.0, np.float64), doc32=SF_WIDER),
         ("dpsgd", "noise_multiplier=0", c("dpsgd", 0.1, 1.0, 0.0, 0, 0.9, True), "per_example"),
         ("differentially_private_aggregate", "noise 0", c("differentially_private_aggregate", 1.0, 0.0, 0), "per_example"),
     ]]
