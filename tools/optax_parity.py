@@ -198,9 +198,14 @@ def make_data(kind: str, seed: int = 0) -> dict[str, Any]:
     elif kind == "per_example":
         grads = [{k: rng.standard_normal((5, *s)) for k, s in SHAPES.items()} for _ in grads]
     params = tree()
+    values = None
+    if kind == "plateau":  # a loss sequence with plateaus, small and large improvements
+        values = [3.0, 2.0, 2.0, 1.99999, 2.0, 1.5, 1.49, 1.5, 1.5, 1.0, 0.99, 0.98]
+        values += [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5][: STEPS - len(values)]
     if kind == "zeros":
         params["s"] = np.zeros(())
-    return {"grads": grads, "params": params, "g": grads[0], "h": tree(), "p": params}
+    data = {"grads": grads, "params": params, "g": grads[0], "h": tree(), "p": params}
+    return data if values is None else {**data, "values": values}
 
 
 def run_transform(spec: C, data: dict[str, Any], dtype: str = "float64") -> float:
@@ -213,10 +218,14 @@ def run_transform(spec: C, data: dict[str, Any], dtype: str = "float64") -> floa
     states = {lib: txs[lib].init(params[lib]) for lib in txs}
     apply = {"ft": ft.apply_updates, "ox": optax.apply_updates}
     worst = 0.0
-    for g in data["grads"]:
+    values = data.get("values")  # per-step ``value=`` (e.g. the loss for reduce_on_plateau)
+    for i, g in enumerate(data["grads"]):
         out = {}
+        kw = {} if values is None else {"value": values[i]}
         for lib, tx in txs.items():
-            out[lib], states[lib] = tx.update(convert(lib, g, dtype), states[lib], params[lib])
+            out[lib], states[lib] = tx.update(
+                convert(lib, g, dtype), states[lib], params[lib], **kw
+            )
             params[lib] = apply[lib](params[lib], out[lib])
         if dtype != "float64":
             ok = same_structure(out["ft"], out["ox"]) and same_structure(*params.values())
@@ -377,6 +386,10 @@ def tx_cases() -> list[Case]:
         Case("schedule_free", "sgd + lr schedule, state_dtype", c("schedule_free", c("sgd", sched), sched, 0.7, 2.0, np.float64), doc32=SF_WIDER),
         ("dpsgd", "noise_multiplier=0", c("dpsgd", 0.1, 1.0, 0.0, 0, 0.9, True), "per_example"),
         ("differentially_private_aggregate", "noise 0", c("differentially_private_aggregate", 1.0, 0.0, 0), "per_example"),
+        ("reduce_on_plateau", "adam chain, patience=2", c("chain", c("adam", 1e-2), c("reduce_on_plateau", 0.5, 2)), "plateau"),
+        ("reduce_on_plateau", "atol, cooldown=2, min_scale", c("reduce_on_plateau", 0.3, 1, 0.0, 0.05, 2, min_scale=0.05), "plateau"),
+        ("reduce_on_plateau", "accumulation_size=3, rtol", c("reduce_on_plateau", 0.5, 1, 1e-2, 0.0, 1, 3), "plateau"),
+        ("reduce_on_plateau", "masked in sgd chain", c("chain", c("sgd", 0.1), c("masked", c("reduce_on_plateau", 0.5, 1), MASK)), "plateau"),
     ]]
     # fmt: on
 
@@ -474,7 +487,9 @@ def main() -> int:
             err, note = float("inf"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:70]}"
         rows.append((name, settings, err, case, note))
 
-    datasets = {k: make_data(k) for k in ("normal", "nan", "large", "zeros", "per_example")}
+    datasets = {
+        k: make_data(k) for k in ("normal", "nan", "large", "zeros", "per_example", "plateau")
+    }
     for case in tx_cases():
         data = datasets[case.kind or "normal"]
         record(case.name, case.settings, functools.partial(run_transform, case.spec, data), case)

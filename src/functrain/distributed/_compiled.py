@@ -77,7 +77,14 @@ class CompiledRegions:
             if isinstance(stage, fast.FusedStage):  # pure tx.update while compiling
                 stage = stage.for_call(metrics["grad_norm"])
         applied = faults.apply_guarded(
-            stage, self.tx, grads, opt_state, params, in_place=False, ok=ok
+            stage,
+            self.tx,
+            grads,
+            opt_state,
+            params,
+            in_place=False,
+            ok=ok,
+            value=metrics.get("loss"),
         )
         update_norm = None
         if self.norm_metrics and applied.updates is not None:

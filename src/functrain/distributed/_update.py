@@ -96,7 +96,14 @@ def replicated_update(
         if isinstance(stage, fast.FusedStage):  # a leading clip reuses the norm
             stage = stage.for_call(metrics["grad_norm"])
     applied = faults_lib.apply_guarded(
-        stage, step.tx, grads_tree, opt_state, params, in_place=step.donate, ok=ok
+        stage,
+        step.tx,
+        grads_tree,
+        opt_state,
+        params,
+        in_place=step.donate,
+        ok=ok,
+        value=metrics.get("loss"),  # the global mean loss: tx.update(..., value=)
     )
     update_norm = None
     if step.norm_metrics:

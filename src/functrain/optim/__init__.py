@@ -13,6 +13,7 @@ from functrain.optim import (
     loss_scale,
     multi_steps,
     orthogonalized,
+    plateau,
     primal_averaging,
     rms,
     scaling,
@@ -32,6 +33,7 @@ from functrain.optim.hyperparams import *  # noqa: F403
 from functrain.optim.loss_scale import *  # noqa: F403
 from functrain.optim.multi_steps import *  # noqa: F403
 from functrain.optim.orthogonalized import *  # noqa: F403
+from functrain.optim.plateau import *  # noqa: F403
 from functrain.optim.primal_averaging import *  # noqa: F403
 from functrain.optim.rms import *  # noqa: F403
 from functrain.optim.scaling import *  # noqa: F403
@@ -52,6 +54,7 @@ __all__ = [
     *loss_scale.__all__,
     *multi_steps.__all__,
     *orthogonalized.__all__,
+    *plateau.__all__,
     *primal_averaging.__all__,
     *rms.__all__,
     *scaling.__all__,

@@ -83,6 +83,7 @@ class FusedStage:
     """
 
     supports_found_inf = True
+    accepts_value = True  # apply_guarded hands it the step's loss as value=
 
     def __init__(
         self,
@@ -124,8 +125,14 @@ class FusedStage:
         *,
         in_place: bool,
         found_inf: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
     ) -> Any:
-        """Runs the optimizer stage (see the class docstring)."""
+        """Runs the optimizer stage (see the class docstring).
+
+        ``value`` (the step's loss) reaches ``tx.update`` on the pure path only: the chains
+        the fused engines recognise ignore it, and one that reads it (``reduce_on_plateau``)
+        is not recognised.
+        """
         if in_place and not torch.compiler.is_compiling():
             mark_in_place_write()  # the engines write group by group: a failure may tear it
             done = fused.update_in_place(
@@ -144,4 +151,6 @@ class FusedStage:
                 return Applied(params, done.opt_state, None, done.update_norm)
             reset_in_place_writes()  # None: nothing was touched
         self._record("pure")
-        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place, found_inf=found_inf)
+        return apply_optimizer(
+            tx, grads, opt_state, params, in_place=in_place, found_inf=found_inf, value=value
+        )

@@ -47,7 +47,7 @@ import torch
 
 from functrain import tree
 from functrain.optim import _utils
-from functrain.optim.base import GradientTransformation
+from functrain.optim.base import GradientTransformation, _accepts_extra, _call_update
 from functrain.optim.loss_scale import DynamicLossScale, LossScaleState, all_finite
 from functrain.train import loss as loss_lib
 
@@ -154,8 +154,10 @@ def skip_unless(tx: GradientTransformation, ok: torch.Tensor) -> GradientTransfo
     into ``+0.0``), in place or not, whatever the parameter's dtype.
     """
 
+    passes_extra = _accepts_extra(tx.update)  # a bare user transform gets no keywords
+
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
-        new_updates, new_state = tx.update(updates, state, params, **extra)
+        new_updates, new_state = _call_update(tx, passes_extra, updates, state, params, extra)
         masked = tree.map(lambda u: torch.where(ok, u, -0.0), new_updates)
         return masked, _select(ok, new_state, state)
 
@@ -172,6 +174,7 @@ def apply_guarded(
     in_place: bool,
     ok: torch.Tensor | None,
     found_inf: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> Any:
     """Runs the step's optimizer stage so that ``ok == False`` changes nothing.
 
@@ -181,14 +184,21 @@ def apply_guarded(
     parameters and the optimizer state bit-for-bit unchanged (in place or not) without reading
     the flag on the host, like ``torch._fused_adam_(..., found_inf=...)``. Otherwise it gets
     :func:`skip_unless` ``(tx, ok)``, which is correct for any stage built on ``tx.update``
-    and ``apply_updates``. ``found_inf``: ``~ok``, if the caller has it already.
+    and ``apply_updates``. ``found_inf``: ``~ok``, if the caller has it already. ``value``: the
+    step's loss, handed on as ``value=`` (for ``tx.update(..., value=loss)``, e.g.
+    :func:`functrain.reduce_on_plateau`); passed only to a stage with ``accepts_value = True``
+    (a replacement stage written before it keeps its signature).
     """
+    passes = value is not None and getattr(apply_optimizer, "accepts_value", False)
+    kw: dict[str, Any] = {"value": value} if passes else {}
     if ok is None:
-        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place)
+        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place, **kw)
     if getattr(apply_optimizer, "supports_found_inf", False):
         found_inf = ~ok if found_inf is None else found_inf
-        return apply_optimizer(tx, grads, opt_state, params, in_place=in_place, found_inf=found_inf)
-    return apply_optimizer(skip_unless(tx, ok), grads, opt_state, params, in_place=in_place)
+        return apply_optimizer(
+            tx, grads, opt_state, params, in_place=in_place, found_inf=found_inf, **kw
+        )
+    return apply_optimizer(skip_unless(tx, ok), grads, opt_state, params, in_place=in_place, **kw)
 
 
 def _check_max(value: Any) -> int | None:

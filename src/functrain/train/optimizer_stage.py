@@ -17,7 +17,12 @@ import optree
 import torch
 
 from functrain import tree
-from functrain.optim.base import GradientTransformation, apply_updates
+from functrain.optim.base import (
+    GradientTransformation,
+    _accepts_extra,
+    _call_update,
+    apply_updates,
+)
 from functrain.train import faults
 
 __all__ = ["find_learning_rate"]
@@ -119,6 +124,7 @@ def apply_optimizer(
     *,
     in_place: bool,
     found_inf: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> Applied:
     """The optimizer stage: ``tx.update`` then ``apply_updates``.
 
@@ -130,11 +136,17 @@ def apply_optimizer(
     parameters and the optimizer state come out bit-for-bit unchanged, with no host read (see
     :func:`functrain.train.faults.apply_guarded`; a fused path may pass it to its kernels and
     fall back to this generic skip otherwise).
+
+    ``value`` (the step's loss) is passed as ``tx.update(..., value=value)`` when ``tx.update``
+    takes extra keyword arguments (chains do; :func:`functrain.reduce_on_plateau` reads it).
     """
     if found_inf is not None:
         tx = faults.skip_unless(tx, ~found_inf)
+    extra = {} if value is None else {"value": value}
     with torch.no_grad():
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        updates, new_opt_state = _call_update(
+            tx, bool(extra) and _accepts_extra(tx.update), grads, opt_state, params, extra
+        )
         if not in_place:
             return Applied(apply_updates(params, updates), new_opt_state, updates)
         p_leaves = tree.leaves(params)
@@ -145,6 +157,7 @@ def apply_optimizer(
 
 
 apply_optimizer.supports_found_inf = True  # type: ignore[attr-defined]
+apply_optimizer.accepts_value = True  # type: ignore[attr-defined]
 
 
 class LearningRateLookup:

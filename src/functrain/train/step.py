@@ -62,7 +62,10 @@ def make_train_step(
     state and metrics. See :mod:`functrain.train.loss` for what ``loss_fn`` may take and return:
     ``loss_fn(params, batch) -> mean loss`` is the simplest form; ``buffers=`` / ``key=``
     parameters, :class:`~functrain.LossSum` (token-count weighted) and
-    :class:`~functrain.LossOutput` (aux metrics, updated buffers) are the richer ones.
+    :class:`~functrain.LossOutput` (aux metrics, updated buffers) are the richer ones. The
+    step's full-batch loss (unscaled) reaches ``tx.update`` as ``value=loss`` when ``tx.update``
+    takes extra keyword arguments (chains do), e.g. for
+    ``ft.chain(ft.adam(1e-3), ft.reduce_on_plateau())``.
 
     Args:
         loss_fn: the loss of one micro-batch.

@@ -281,6 +281,7 @@ class TrainStep:
             in_place=in_place,
             ok=ok,
             found_inf=check.found_inf,
+            value=metrics["loss"],  # the mean loss, unscaled: for tx.update(..., value=)
         )
         del params, opt_state
         new_key = None if key is None else rng.fold_in(key, 0)
