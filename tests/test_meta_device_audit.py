@@ -66,6 +66,12 @@ _ALIASES: dict[str, Callable[[Any], ft.GradientTransformation]] = {
     "lars": ft.lars,
     "noisy_sgd": lambda learning_rate: ft.noisy_sgd(learning_rate, seed=0),
     "sign_sgd": ft.sign_sgd,
+    "muon": lambda learning_rate: ft.muon(learning_rate, weight_decay=0.1),
+    "muon_bf16": lambda learning_rate: ft.muon(learning_rate, ns_dtype=torch.bfloat16),
+    "schedule_free_adamw": lambda learning_rate: ft.schedule_free_adamw(
+        learning_rate, weight_decay=0.1
+    ),
+    "schedule_free_sgd": ft.schedule_free_sgd,
 }
 
 
@@ -241,6 +247,32 @@ def test_train_step_nonfinite_skip_and_loss_scale(fused_: bool) -> None:
 
 def test_train_step_unfused_plain() -> None:
     _train(fused=False, norm_metrics=True)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_train_step_reduce_on_plateau(micro_batches: int) -> None:
+    """The loss reaches ``tx.update`` as ``value=``: the plateau state stays on the device."""
+    tx = ft.chain(ft.adam(1e-3), ft.reduce_on_plateau(patience=1))
+    step = ft.make_train_step(_loss, tx, micro_batches=micro_batches)
+    state = ft.TrainState.create(params=_params(), tx=tx)
+    for _ in range(3):
+        state, metrics = step(state, _batch())
+    _assert_on_meta((state.params, state.opt_state, metrics))
+
+
+def test_parameter_averaging() -> None:
+    params, average = _params(), _params()
+    _assert_on_meta(ft.incremental_update(params, average, 0.1))
+    _assert_on_meta(ft.incremental_update(params, average, torch.tensor(0.1, device=META)))
+    _assert_on_meta(ft.periodic_update(params, average, torch.tensor(4, device=META), 2))
+
+
+def test_schedule_free_eval_params() -> None:
+    tx = ft.schedule_free_adamw(0.1)
+    params = _params()
+    state = tx.init(params)
+    updates, state = tx.update(_params(), state, params)
+    _assert_on_meta(ft.schedule_free_eval_params(state, ft.apply_updates(params, updates)))
 
 
 @pytest.fixture

@@ -232,3 +232,9 @@ def test_type_errors_and_missing_params() -> None:
         tx.update(params, tx.init(params))
     with pytest.raises(ValueError, match="needs a ScheduleFreeState"):
         ft.schedule_free_eval_params(ft.sgd(0.1).init(params), params)
+
+
+def test_warmup_steps_with_a_schedule_learning_rate_is_refused() -> None:
+    for make in (ft.schedule_free_adamw, ft.schedule_free_sgd):
+        with pytest.raises(ValueError, match="warmup_steps needs a number learning_rate"):
+            make(ft.cosine_decay_schedule(0.1, 10), warmup_steps=2)

@@ -257,6 +257,11 @@ def _warmup(learning_rate: Hyper, warmup_steps: int | None) -> ScalarOrSchedule:
         or warmup_steps < 1
     ):
         raise ValueError(f"warmup_steps must be a positive integer or None, got {warmup_steps!r}")
+    if callable(learning_rate):
+        raise ValueError(
+            "warmup_steps needs a number learning_rate (the warmup's peak); with a schedule, "
+            "put the warmup in it (e.g. ft.warmup_constant_schedule) and leave warmup_steps=None"
+        )
     return warmup_constant_schedule(0.0, learning_rate, int(warmup_steps))
 
 
