@@ -90,6 +90,10 @@ def reduce_on_plateau(
         * torch skips a reduction smaller than ``eps``; here there is no ``eps``.
         * ``accumulation_size`` averages several values (e.g. per-batch losses) before the test.
 
+    The step's ``lr`` metric is the learning rate before this scale. Inside
+    :class:`~functrain.MultiSteps` the transform sees the value of the mini-step that completes
+    each accumulation only, as in optax.
+
     Args:
         factor: multiplier of the scale at a reduction, in ``(0, 1)``.
         patience: number of averaged values without improvement that triggers a reduction.

@@ -109,9 +109,13 @@ def schedule_free_eval_params(state: Any, params: Any) -> Any:
     """
     b1, z = getattr(state, "b1", None), getattr(state, "z", None)
     if b1 is None or z is None:
+        # A whole chain's or wrapper's state (ft.chain(clip, schedule_free_adamw(..)),
+        # inject_hyperparams, MultiSteps) is the usual mistake: say where the state lies.
+        found = _find_schedule_free(state, "state")
+        where = f"; it holds one at {' and '.join(found)}: pass that" if found else ""
         raise ValueError(
             "schedule_free_eval_params needs a ScheduleFreeState (the state of "
-            f"ft.schedule_free or its aliases), got {type(state).__name__}"
+            f"ft.schedule_free or its aliases), got {type(state).__name__}{where}"
         )
 
     def one(y: torch.Tensor, zi: torch.Tensor) -> torch.Tensor:
@@ -119,6 +123,22 @@ def schedule_free_eval_params(state: Any, params: Any) -> Any:
         return _interpolate(y.to(wide), zi.to(wide), b1.to(wide)).to(y.dtype)
 
     return tree.map(one, params, z)
+
+
+def _find_schedule_free(state: Any, path: str) -> list[str]:
+    """Where the :class:`ScheduleFreeState` nodes inside ``state`` lie, as Python expressions
+    from ``path`` (``state[1]``, ``state.inner_state``)."""
+    if isinstance(state, ScheduleFreeState):
+        return [path]
+    if isinstance(state, dict):
+        items: Any = ((f"{path}[{k!r}]", v) for k, v in state.items())
+    elif isinstance(state, tuple) and hasattr(state, "_fields"):
+        items = ((f"{path}.{k}", v) for k, v in zip(state._fields, state))
+    elif isinstance(state, (tuple, list)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(state))
+    else:
+        return []
+    return [p for where, v in items for p in _find_schedule_free(v, where)]
 
 
 def _check_b1(b1: Any) -> None:

@@ -61,7 +61,9 @@ def incremental_update(
 
     Dtypes follow torch's promotion, as optax's follow JAX's: a Python ``float`` or 0-d tensor
     ``step_size`` keeps float leaves' dtypes, and integer or bool leaves become floating point
-    (optax does the same; average only the floating leaves if you want them kept). Pure:
+    (optax does the same; average only the floating leaves if you want them kept). A pair of
+    leaves of different dtypes (a float32 average of bfloat16 parameters) is computed in the
+    wider dtype, whereas optax rounds ``step_size * new`` to ``new``'s dtype first. Pure:
     nothing is mutated, and a tensor ``step_size`` is never read on the host.
 
     Args:
@@ -86,8 +88,20 @@ def incremental_update(
     """
     new_leaves, old_leaves, spec = _paired_leaves(new_tensors, old_tensors, same_dtype=False)
     keep = 1.0 - step_size
-    out = [step_size * new + keep * old for new, old in zip(new_leaves, old_leaves)]
+    out = [step_size * new + keep * old for new, old in map(_widened, new_leaves, old_leaves)]
     return tree.unflatten(spec, out)
+
+
+def _widened(new: Any, old: Any) -> tuple[Any, Any]:
+    """Both tensors in their promoted dtype (the result's), before any arithmetic.
+
+    ``step_size * new`` would otherwise be rounded to ``new``'s dtype first: an average kept in
+    float32 beside bfloat16 parameters would lose the increment's low bits at every step.
+    """
+    if isinstance(new, torch.Tensor) and isinstance(old, torch.Tensor) and new.dtype != old.dtype:
+        wide = torch.promote_types(new.dtype, old.dtype)
+        return new.to(wide), old.to(wide)
+    return new, old
 
 
 def periodic_update(
@@ -98,8 +112,9 @@ def periodic_update(
     As optax's ``periodic_update`` (DQN's target network, BYOL). With a tensor ``steps`` (e.g.
     ``state.step``) the choice is a leaf-wise ``torch.where`` on the device, so there is no
     host sync and the function traces under ``torch.compile(fullgraph=True)`` and ``vmap``;
-    with a Python ``int`` it is made on the host and the chosen tree itself is returned (no
-    copy), as optax returns its chosen branch. Nothing is mutated.
+    with a Python ``int`` it is made on the host: ``old_tensors`` itself, or a copy of
+    ``new_tensors`` (never its tensors, so a donating step's in-place update of the parameters
+    leaves the target alone). Nothing is mutated.
 
     Args:
         new_tensors: the latest values (e.g. ``state.params``), a pytree of tensors.
@@ -128,7 +143,14 @@ def periodic_update(
         raise ValueError(f"update_period must be a positive int, got {update_period!r}")
     new_leaves, old_leaves, spec = _paired_leaves(new_tensors, old_tensors, same_dtype=True)
     if not isinstance(steps, torch.Tensor):
-        return new_tensors if steps % update_period == 0 else old_tensors
+        if steps % update_period != 0:
+            return old_tensors
+        # A copy, not ``new_tensors`` itself: the target would otherwise share the parameters'
+        # memory, which a donating train step then updates in place (the target would follow
+        # the online network). optax may return its branch, as JAX arrays are immutable.
+        return tree.unflatten(
+            spec, [x.clone() if isinstance(x, torch.Tensor) else x for x in new_leaves]
+        )
     take_new = torch.remainder(steps, update_period) == 0
     out = [torch.where(take_new, new, old) for new, old in zip(new_leaves, old_leaves)]
     return tree.unflatten(spec, out)
