@@ -211,3 +211,24 @@ def test_wrappers_pass_value_through():
         state = tx.init(params)
         u, state = tx.update([torch.ones(2)], state, params, value=torch.tensor(1.0))
         assert torch.isfinite(u[0]).all()
+
+
+def test_train_step_reports_the_plateau_scale_as_lr_scale() -> None:
+    """A loss that cannot improve: lr stays the injected rate, lr_scale follows the reductions
+    (factor 0.5 each time the count of bad values reaches patience=2, after the first value)."""
+    params = {"w": torch.zeros(2)}
+    tx = ft.chain(
+        ft.inject_hyperparams(ft.sgd)(learning_rate=0.1),
+        ft.reduce_on_plateau(factor=0.5, patience=2),
+    )
+    step = ft.make_train_step(lambda p, b: (b * 0.0 + 1.0).sum() + 0.0 * p["w"].sum(), tx)
+    state = ft.TrainState.create(params=params, tx=tx)
+    scales = []
+    for _ in range(7):
+        state, metrics = step(state, torch.ones(3))
+        assert float(metrics["lr"]) == pytest.approx(0.1)
+        scales.append(float(metrics["lr_scale"]))
+    assert scales == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125]
+    plain = ft.make_train_step(lambda p, b: (p["w"] * b[:2]).sum(), ft.adam(0.1))
+    _, metrics = plain(ft.TrainState.create(params=params, tx=ft.adam(0.1)), torch.ones(3))
+    assert "lr_scale" not in metrics

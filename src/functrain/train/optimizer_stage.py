@@ -160,12 +160,25 @@ apply_optimizer.supports_found_inf = True  # type: ignore[attr-defined]
 apply_optimizer.accepts_value = True  # type: ignore[attr-defined]
 
 
+def find_plateau_scale(opt_state: Any) -> torch.Tensor | None:
+    """The scale of the first :func:`functrain.reduce_on_plateau` state in ``opt_state``, or
+    ``None`` (the factor its updates are multiplied by, 1 until the first reduction)."""
+    from functrain.optim.plateau import ReduceLROnPlateauState  # optim imports this package
+
+    nodes = optree.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, ReduceLROnPlateauState))
+    for node in nodes:
+        if isinstance(node, ReduceLROnPlateauState):
+            return node.scale
+    return None
+
+
 class LearningRateLookup:
-    """:func:`find_learning_rate`, remembering the optimizer-state structures that have none.
+    """:func:`find_learning_rate` and :func:`find_plateau_scale`, remembering the
+    optimizer-state structures that have neither.
 
     The search calls a Python predicate on every node; a structure whose leaves are all
-    plain tensors has no ``hyperparams`` node if it had none before (node types and dict
-    keys are part of the structure), so later steps skip the search (one per train step).
+    plain tensors has no ``hyperparams`` or plateau node if it had none before (node types
+    and dict keys are part of the structure), so later steps skip the search (one per step).
     """
 
     def __init__(self) -> None:
@@ -173,12 +186,16 @@ class LearningRateLookup:
 
     def __call__(self, opt_state: Any) -> Any:
         """The learning rate of ``opt_state`` or ``None``, as :func:`find_learning_rate`."""
+        return self.lookup(opt_state)[0]
+
+    def lookup(self, opt_state: Any) -> tuple[Any, Any]:
+        """``(learning rate, plateau scale)`` of ``opt_state``, each ``None`` when absent."""
         if torch.compiler.is_compiling():  # traced once: nothing to save
-            return find_learning_rate(opt_state)
+            return find_learning_rate(opt_state), find_plateau_scale(opt_state)
         leaves, spec = optree.tree_flatten(opt_state)
         if spec in self._no_lr:
-            return None
-        lr = find_learning_rate(opt_state)
-        if lr is None and all(type(x) is torch.Tensor for x in leaves):
+            return None, None
+        lr, scale = find_learning_rate(opt_state), find_plateau_scale(opt_state)
+        if lr is None and scale is None and all(type(x) is torch.Tensor for x in leaves):
             self._no_lr.add(spec)
-        return lr
+        return lr, scale

@@ -147,8 +147,9 @@ def make_train_step(
         ``num_examples``, ``num_tokens`` (for ``LossSum`` losses: the total count, exact, as a
         float of at least float32), the aux values, ``grad_norm`` (before clipping),
         ``update_norm``, ``param_norm`` (after the update), ``lr`` when the optimizer state
-        exposes one (``inject_hyperparams``) and, with ``nonfinite="skip"``, ``skipped`` (0-d
-        int32, 1 if the step was skipped as non-finite).
+        exposes one (``inject_hyperparams``), ``lr_scale`` with :func:`~functrain.reduce_on_plateau`
+        (its factor on the updates, after ``lr``) and, with ``nonfinite="skip"``, ``skipped``
+        (0-d int32, 1 if the step was skipped as non-finite).
 
     Random streams: micro-batch ``i`` (0-based) uses ``fold_in(state.key, i + 1)`` (with
     ``"vmap"``: chunk ``i``), and the new state's key is ``fold_in(state.key, 0)``. The same

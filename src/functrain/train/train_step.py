@@ -301,16 +301,19 @@ class TrainStep:
         update_norm: torch.Tensor | None,
         device: torch.device,
     ) -> None:
-        """Adds ``update_norm``, ``param_norm`` and ``lr`` (also used by the data-parallel step)."""
+        """Adds ``update_norm``, ``param_norm``, ``lr`` and ``lr_scale`` (also used by the
+        data-parallel step)."""
         if self.norm_metrics:
             if update_norm is not None:
                 metrics["update_norm"] = update_norm
             metrics["param_norm"] = fast.global_norm(params)
-        lr = self._find_learning_rate(opt_state)
+        lr, scale = self._find_learning_rate.lookup(opt_state)
         if lr is not None:
             if not isinstance(lr, torch.Tensor):
                 lr = torch.full((), float(lr), device=device)
             metrics["lr"] = lr
+        if scale is not None:  # reduce_on_plateau's factor on the updates, below lr
+            metrics["lr_scale"] = scale
 
     def prepare(self, state: TrainState) -> TrainState:
         """``state`` with the ``state.extra`` entries this step keeps added where missing.
@@ -348,7 +351,7 @@ class TrainStep:
         return out
 
 
-_OWN_METRICS = ("grad_norm", "update_norm", "param_norm", "lr")
+_OWN_METRICS = ("grad_norm", "update_norm", "param_norm", "lr", "lr_scale")
 
 
 def _refuse_own_names(metrics: dict[str, torch.Tensor]) -> None:
