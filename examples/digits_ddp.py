@@ -124,6 +124,14 @@ def parse_args() -> argparse.Namespace:
         args.micro_batches = 2 if args.noise_scale else 1
     elif args.noise_scale and world * args.micro_batches < 2:
         parser.error("--noise-scale needs at least 2 micro-batches in all: raise --micro-batches")
+    if args.checkpoint is not None:
+        # Checked now, not when the run ends: a bad path there lost the whole run's state.
+        target = os.path.abspath(args.checkpoint)
+        parent = os.path.dirname(target)
+        if os.path.isdir(target):
+            parser.error(f"--checkpoint {args.checkpoint} is a directory; give a file path")
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            parser.error(f"--checkpoint {args.checkpoint}: {parent} is not a writable directory")
     if args.dp:
         if args.steps is not None:  # the accountant's epochs are round(1/q) steps
             parser.error("--dp trains whole epochs: use --epochs, not --steps")

@@ -98,3 +98,18 @@ def test_an_infinite_noise_multiplier_is_a_usage_error(name, argv, monkeypatch, 
             example.parse_args(argv)
     assert err.value.code == 2
     assert "--noise-multiplier must be >= 0 and finite, got inf" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["directory", "missing parent"])
+def test_a_bad_checkpoint_path_is_refused_before_training(where, tmp_path, monkeypatch, capsys):
+    # Checked when the run ended: a directory or a missing parent lost the whole run's state.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = tmp_path if where == "directory" else tmp_path / "nowhere" / "state.ckpt"
+    example = load_example("digits_ddp")
+    monkeypatch.setattr(sys, "argv", ["digits_ddp.py", "--fast", "--checkpoint", str(path)])
+    with pytest.raises(SystemExit) as err:
+        example.parse_args()
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "--checkpoint" in message
+    assert ("is a directory" if where == "directory" else "not a writable directory") in message
