@@ -9,11 +9,7 @@ plateau state. Writes ``OUT/rank{r}.json``.
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import traceback
-
+import gloo_jobs
 import torch
 
 import functrain as ft
@@ -60,18 +56,5 @@ def run(rank: int) -> dict:
     return out
 
 
-def main() -> None:
-    out_dir = sys.argv[1]
-    rank = int(os.environ["RANK"])
-    dist.init(backend="gloo", timeout=30)
-    try:
-        result = run(rank)
-    except Exception:
-        result = {"error": traceback.format_exc()[-3000:]}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.shutdown()
-
-
 if __name__ == "__main__":
-    main()
+    gloo_jobs.run_worker(run, init_timeout=30)

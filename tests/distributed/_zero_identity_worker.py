@@ -16,11 +16,9 @@ Writes ``OUT/rank{r}.json``.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import traceback
 
+import gloo_jobs
 import torch
 
 import functrain as ft
@@ -94,18 +92,5 @@ def run(rank: int, out_dir: str) -> dict:
     }
 
 
-def main() -> None:
-    out_dir = sys.argv[1]
-    rank = int(os.environ["RANK"])
-    dist.init(backend="gloo", timeout=15)
-    try:
-        result = run(rank, out_dir)
-    except Exception:
-        result = {"error": traceback.format_exc()[-3000:]}
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(result, f)
-    dist.shutdown()
-
-
 if __name__ == "__main__":
-    main()
+    gloo_jobs.run_worker(run)

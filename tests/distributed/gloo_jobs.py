@@ -113,6 +113,27 @@ def run_probes(probes: dict, *, init_timeout: float, group_timeout: float) -> No
     dist.shutdown()
 
 
+def run_worker(run: Any, *, init_timeout: float = 15) -> None:
+    """A worker's ``main``: ``run(rank)`` (or ``run(rank, out_dir)``) in the default gloo group,
+    its result (or the traceback of its failure) written to ``<out>/rank<r>.json``."""
+    import inspect
+    import traceback
+
+    from functrain import distributed as dist
+
+    out_dir = sys.argv[1]
+    rank = int(os.environ["RANK"])
+    dist.init(backend="gloo", timeout=init_timeout)
+    try:
+        wants_dir = len(inspect.signature(run).parameters) > 1
+        result = run(rank, out_dir) if wants_dir else run(rank)
+    except Exception:
+        result = {"error": traceback.format_exc()[-3000:]}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.shutdown()
+
+
 def run_job(script: str, world: int, out: Path, timeout: float = 120) -> list[dict]:
     """Starts ``world`` ranks of ``script``, waits for them and returns :func:`finish`'s results
     (killing any rank left running on the way out); prints the job's wall time."""

@@ -198,6 +198,18 @@ def test_per_step_coefficients_and_schedule() -> None:
     assert_trees_all_close(got, want, rtol=1e-9, atol=1e-10)
 
 
+def _torch_muon(params: dict[str, torch.Tensor], grads: list[Any]) -> dict[str, torch.Tensor]:
+    """``torch.optim.Muon(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=False)`` run on
+    ``grads`` from ``params``: the final parameters."""
+    mine = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    opt = torch.optim.Muon(mine, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=False)
+    for g in grads:
+        for p, k in zip(mine, params):
+            p.grad = g[k].clone()
+        opt.step()
+    return dict(zip(params, [p.detach() for p in mine]))
+
+
 def test_torch_optim_muon_without_nesterov(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.optim.Muon without Nesterov: the same direction (its iteration patched to keep
     float64 instead of casting to bfloat16), width scaling and decoupled decay."""
@@ -209,16 +221,8 @@ def test_torch_optim_muon_without_nesterov(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(torch_muon, "_zeropower_via_newtonschulz", full_precision)
     params = {k: v for k, v in _model().items() if v.dim() == 2}
     grads = [{k: g[k] for k in params} for g in _grads(10)]
-    mine = [torch.nn.Parameter(v.clone()) for v in params.values()]
-    opt = torch.optim.Muon(mine, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=False)
-    for g in grads:
-        for p, k in zip(mine, params):
-            p.grad = g[k].clone()
-        opt.step()
     got = _run(ft.muon(0.02, beta=0.9, eps=0.0, weight_decay=0.1, nesterov=False), params, grads)
-    assert_trees_all_close(
-        got, dict(zip(params, [p.detach() for p in mine])), rtol=1e-10, atol=1e-12
-    )
+    assert_trees_all_close(got, _torch_muon(params, grads), rtol=1e-10, atol=1e-12)
 
 
 def test_bfloat16_iteration_agrees_with_torch_optim_muon() -> None:
@@ -228,13 +232,7 @@ def test_bfloat16_iteration_agrees_with_torch_optim_muon() -> None:
     gen = torch.Generator().manual_seed(0)
     params = {"a": torch.randn(64, 32, generator=gen), "b": torch.randn(48, 96, generator=gen)}
     grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(5)]
-    mine = [torch.nn.Parameter(v.clone()) for v in params.values()]
-    opt = torch.optim.Muon(mine, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=False)
-    for g in grads:
-        for p, k in zip(mine, params):
-            p.grad = g[k].clone()
-        opt.step()
-    ref = dict(zip(params, [p.detach() for p in mine]))
+    ref = _torch_muon(params, grads)
 
     def gap(**kw: Any) -> float:
         tx = ft.muon(0.02, beta=0.9, weight_decay=0.1, nesterov=False, **kw)
