@@ -247,6 +247,8 @@ class CompiledCore:
             clear = gradient._saved_tensor_hooks_error(err, "compile=")
             if clear is not None:
                 raise clear from err
+            if "DictMetaData" in str(err):
+                raise ValueError(_LEAFLESS_DICT_MESSAGE) from err
             real = self._explain(err, mb_key, args, devices)
             if real is None:
                 raise
@@ -318,6 +320,17 @@ _COMPILE_ONLY_NOTE = (
     "runs eagerly: this is a torch.compile limitation, not an error in loss_fn; compile=False "
     "runs the step eagerly"
 )
+# torch 2.13's dynamo cannot flatten (optree) a dict that holds no tensor, which the state of
+# a group masking every parameter holds ({"w": None, ...}); its own message calls it a dynamo
+# bug and names none of the user's code.
+_LEAFLESS_DICT_MESSAGE = (
+    "compile=: torch.compile cannot trace a pytree holding a dict without tensors (torch's "
+    "'Unexpected type in sourceless builder: DictMetaData'). The optimizer state holds one "
+    "when a ft.partition / ft.masked group masks every parameter: a label no parameter "
+    "carries, an all-False mask, or ft.muon on a model whose parameters are all matrices (its "
+    "AdamW group is empty). Give every group a parameter, or use compile=False"
+)
+
 _RECOMPILE_LIMIT_NOTE = (
     "functrain: this compiled train step was already compiled for {limit} different input "
     "shapes, dtypes or structures ({source}), and compiles once more for every new one "
