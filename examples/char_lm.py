@@ -7,10 +7,22 @@ step divides the summed loss of all K=4 micro-batches by the batch's real token 
 exact token mean, however the padding falls between micro-batches (averaging per-micro-batch
 means, the classic accumulation bug, would weight tokens of short micro-batches more).
 
+``--optimizer`` picks the update rule (all after clipping the global gradient norm to 1):
+
+- ``adamw`` (default): AdamW with a linear warmup and a cosine decay of ``--lr`` (3e-3).
+- ``muon``: ``ft.muon``, Keller Jordan's recipe: Muon (orthogonalized momentum) for the
+  attention and MLP matrices, AdamW for the token embedding (also the tied output head), the
+  positions and every vector; same schedule; ``--lr`` default 2e-2 (the best of 3e-3, 1e-2,
+  2e-2 and 4e-2 over 150 steps; the AdamW group shares it).
+- ``schedule_free``: ``ft.schedule_free_adamw`` with a linear warmup and no decay (it needs
+  none); evaluation and the text sample use the averaged parameters
+  ``ft.schedule_free_eval_params``, not the ones the gradients are taken at.
+
 TensorBoard gets the default metrics, including ``perf/tokens_per_s``, and a text sample.
 
     python examples/char_lm.py            # about a minute on a laptop CPU
     python examples/char_lm.py --fast     # a few steps (CI)
+    python examples/char_lm.py --optimizer muon
     tensorboard --logdir runs
 """
 
@@ -72,6 +84,8 @@ MODULES = [
 PAD = 0
 HEADS = 4
 MIN_LENGTH = 16  # paragraphs' tails shorter than this are dropped
+OPTIMIZERS = ("adamw", "muon", "schedule_free")
+DEFAULT_LR = {"adamw": 3e-3, "muon": 2e-2, "schedule_free": 3e-3}
 
 
 def corpus() -> str:
@@ -168,6 +182,53 @@ def make_loss(model: ft.FunctionalModel):
     return loss_fn
 
 
+def muon_dims(params: dict[str, torch.Tensor]) -> dict[str, ft.MuonDimensionNumbers | None]:
+    """Muon for the blocks' matrices (``(out, in)`` Linear weights); ``None``: AdamW.
+
+    The embedding (the tied output head) and the positions are matrices too, but Muon's
+    orthogonalization suits hidden layers only: their rows are looked-up vectors, as in Keller
+    Jordan's recipe they stay with AdamW.
+    """
+    return {
+        name: ft.MuonDimensionNumbers() if name.startswith("blocks.") and p.dim() == 2 else None
+        for name, p in params.items()
+    }
+
+
+def make_optimizer(
+    name: str, lr: float, steps: int, params: dict[str, torch.Tensor]
+) -> ft.GradientTransformation:
+    """``clip_by_global_norm(1)`` then the ``--optimizer``, its learning rate in the state."""
+    warmup = min(max(1, steps // 20), steps - 1)  # the warmup must end before the decay
+    if name == "schedule_free":
+        # No decay: schedule-free averaging replaces it. (warmup_steps must be positive.)
+        inner = ft.inject_hyperparams(ft.schedule_free_adamw)(
+            learning_rate=lr, warmup_steps=max(warmup, 1), weight_decay=0.01
+        )
+        return ft.chain(ft.clip_by_global_norm(1.0), inner)
+    schedule = ft.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=warmup, decay_steps=steps, end_value=lr / 20
+    )
+    if name == "muon":
+        inner = ft.inject_hyperparams(ft.muon, static_args=("muon_weight_dimension_numbers",))(
+            learning_rate=schedule,
+            weight_decay=0.01,
+            adam_weight_decay=0.01,
+            muon_weight_dimension_numbers=muon_dims(params),
+        )
+    else:
+        inner = ft.inject_hyperparams(ft.adamw)(learning_rate=schedule, weight_decay=0.01)
+    return ft.chain(ft.clip_by_global_norm(1.0), inner)
+
+
+def eval_params(optimizer: str, state: ft.TrainState) -> dict[str, torch.Tensor]:
+    """The parameters to evaluate and sample at: schedule-free's average ``x``, else ``params``."""
+    if optimizer != "schedule_free":
+        return state.params
+    # opt_state is (clip's state, inject_hyperparams' state around the ScheduleFreeState).
+    return ft.schedule_free_eval_params(state.opt_state[1].inner_state, state.params)
+
+
 @torch.no_grad()
 def sample(model, params, vocab: Vocab, prompt: str, length: int, n: int, seed: int) -> str:
     gen = torch.Generator().manual_seed(seed)
@@ -193,7 +254,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--length", type=positive_int, default=64, help="characters per sequence")
     parser.add_argument("--dim", type=positive_int, default=96, help=f"a multiple of {HEADS}")
     parser.add_argument("--layers", type=positive_int, default=2)
-    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adamw",
+        help="adamw: AdamW, warmup and cosine decay; muon: Muon for the blocks' matrices, "
+        "AdamW for the embedding, positions and vectors, same schedule; schedule_free: "
+        "schedule-free AdamW (warmup, no decay), evaluated at its averaged parameters",
+    )
+    parser.add_argument(
+        "--lr",
+        type=positive_float,
+        help=f"peak learning rate (default: {DEFAULT_LR['adamw']:g} for adamw and "
+        f"schedule_free, {DEFAULT_LR['muon']:g} for muon)",
+    )
     parser.add_argument("--seed", type=_common.seed, default=0)
     parser.add_argument("--device", type=_common.device, default=_common.default_device())
     parser.add_argument(
@@ -204,6 +278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
     if args.length < MIN_LENGTH:
         parser.error(f"--length must be >= {MIN_LENGTH}: shorter pieces of text are dropped")
     if args.dim % HEADS:
@@ -229,20 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     net = CharTransformer(len(vocab), args.length, args.dim, heads=HEADS, layers=args.layers)
     model, params, _ = ft.functionalize(net.to(args.device))
     loss_fn = make_loss(model)
-    warmup = min(max(1, steps // 20), steps - 1)  # the warmup must end before the decay
-    schedule = ft.warmup_cosine_decay_schedule(
-        0.0, args.lr, warmup_steps=warmup, decay_steps=steps, end_value=args.lr / 20
-    )
-    tx = ft.chain(
-        ft.clip_by_global_norm(1.0),
-        ft.inject_hyperparams(ft.adamw)(learning_rate=schedule, weight_decay=0.01),
-    )
+    tx = make_optimizer(args.optimizer, args.lr, steps, params)
     step = ft.make_train_step(loss_fn, tx, micro_batches=args.micro_batches)
     state = ft.TrainState.create(params=params, tx=tx, seed=args.seed)
     batches = ft.TensorBatches({"ids": train_ids}, args.batch_size, seed=args.seed)
     if len(batches) == 0:  # the last partial batch is dropped: an epoch would be empty
         sys.exit(f"error: --batch-size {args.batch_size} > {len(train_ids)} training sequences")
     eval_batches = list(ft.TensorBatches({"ids": eval_ids}, 256, shuffle=False, drop_last=False))
+    evaluate = ft.make_eval_step(loss_fn)
+
+    def eval_step(state: ft.TrainState, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return evaluate(state.replace(params=eval_params(args.optimizer, state)), batch)
 
     logdir = args.logdir or _common.run_dir(os.path.join("runs", "char_lm"))
     if _common.holds_a_run(logdir):  # no checkpoints to resume: a rerun would mix two runs
@@ -263,7 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with AsyncWriter(MultiWriter(writers), max_delay_s=0.5) as writer:
         writer.write_hparams(
-            {"dim": args.dim, "layers": args.layers, "lr": args.lr, "batch": args.batch_size},
+            {
+                "dim": args.dim,
+                "layers": args.layers,
+                "lr": args.lr,
+                "batch": args.batch_size,
+                "optimizer": args.optimizer,
+            },
             {"eval/loss": None},
         )
         result = ft.train_loop(
@@ -272,13 +351,14 @@ def main(argv: list[str] | None = None) -> int:
             batches,
             epochs=-(-steps // len(batches)),
             max_steps=steps,
-            eval_step=ft.make_eval_step(loss_fn),
+            eval_step=eval_step,
             eval_batches=eval_batches,
             eval_every=max(steps // 4, 1),
             writer=writer,
             catch_interrupt=True,
         )
-        text_sample = sample(model, result.state.params, vocab, "Return the ", args.length, 200, 0)
+        final = eval_params(args.optimizer, result.state)
+        text_sample = sample(model, final, vocab, "Return the ", args.length, 200, 0)
         writer.write_text(int(result.state.step), {"sample": f"```\n{text_sample}\n```"})
     elapsed = time.perf_counter() - start
     if result.interrupted:  # no checkpoints here: the curves so far are in TensorBoard
