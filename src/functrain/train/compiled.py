@@ -247,7 +247,7 @@ class CompiledCore:
             clear = gradient._saved_tensor_hooks_error(err, "compile=")
             if clear is not None:
                 raise clear from err
-            if "DictMetaData" in str(err):
+            if "DictMetaData" in str(err) and "sourceless builder" in str(err):
                 raise ValueError(_LEAFLESS_DICT_MESSAGE) from err
             real = self._explain(err, mb_key, args, devices)
             if real is None:
