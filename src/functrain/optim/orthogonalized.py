@@ -160,9 +160,9 @@ def _orthogonalize(
     batch = [a for a in range(x.dim()) if a not in reduction and a not in output]
     order = [*batch, *reduction, *output]
     moved = x.permute(order)
+    if dtype is not None:  # cast and lay out the matrices in one pass, not a copy then a cast
+        moved = moved.to(dtype, memory_format=torch.contiguous_format)
     matrices = moved.reshape(-1, *_fans(x, dims))
-    if dtype is not None:
-        matrices = matrices.to(dtype)
     result = _newton_schulz(matrices, rows, eps).to(x.dtype).reshape(moved.shape)
     return result.permute(sorted(range(x.dim()), key=order.__getitem__))
 
@@ -281,9 +281,10 @@ def scale_by_muon(
         mu = _ops.moment(g, s["state.mu"], beta)
         dtype = _ops.scalar_dtype(g)
         if nesterov:
-            ahead = _ops.mul(_ops.div(mu, _bias(beta, _utils.safe_increment(count), dtype)), beta)
-            now = _ops.mul(_ops.div(g, _bias(beta, count, dtype)), 1 - _ops.on_device(beta, g[0]))
-            mu_hat = [a + b for a, b in zip(ahead, now)]
+            # β·mu/(1 − βᵗ⁺¹) + (1 − β)·g/(1 − βᵗ) in two passes (the scalars first), not five.
+            ahead = _ops.on_device(beta / _bias(beta, _utils.safe_increment(count), dtype), g[0])
+            now = _ops.on_device((1 - beta) / _bias(beta, count, dtype), g[0])
+            mu_hat = [torch.addcmul(m * ahead, x, now) for m, x in zip(mu, g)]
         else:
             mu_hat = _ops.div(mu, _bias(beta, count, dtype))
         out = [_orthogonalize(m, rows, eps, d, ns_dtype) for m, d in zip(mu_hat, dims)]
