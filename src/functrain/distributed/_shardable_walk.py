@@ -29,6 +29,7 @@ _ELEMENTWISE = frozenset(
         "multi_transform",
         "named_chain",
         "partition",
+        "reduce_on_plateau",  # one scale for every element, from the global loss
         "scale",
         "scale_by_adam",
         "scale_by_adamax",
@@ -41,6 +42,7 @@ _ELEMENTWISE = frozenset(
         "scale_by_schedule",
         "scale_by_sign",
         "scale_by_stddev",
+        "schedule_free",  # per element, around its base optimizer (checked in turn)
         "selective_transform",
         "set_to_zero",
         "trace",

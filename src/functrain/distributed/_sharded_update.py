@@ -125,6 +125,8 @@ def sharded_update(
         # Only for the noise transforms, which know it: a custom member declared elementwise
         # may not accept unknown keywords.
         kwargs["shard_index"] = layout.shard_positions(p_leaves)
+    if "loss" in metrics and _accepts_extra(step.tx.update):
+        kwargs["value"] = metrics["loss"]  # the global mean loss, as the replicated update
     with torch.no_grad():
         updates, new_opt_state = tx.update(
             tree.unflatten(spec, grads), opt_state, param_pieces, **kwargs

@@ -10,7 +10,9 @@ transform that would give different numbers, instead of training silently differ
 
 **Supported (exact):** ``sgd`` (momentum, nesterov), ``adam``, ``adamw``, ``nadam``,
 ``nadamw``, ``radam``, ``amsgrad``, ``adamax``, ``rmsprop``, ``adagrad``, ``lion``,
-``sign_sgd`` and their building blocks ``scale``, ``scale_by_learning_rate``,
+``sign_sgd``, ``schedule_free_adamw``, ``schedule_free_sgd`` (and ``schedule_free`` around a
+supported optimizer), ``reduce_on_plateau`` (it reads the global mean loss) and their building
+blocks ``scale``, ``scale_by_learning_rate``,
 ``scale_by_schedule``, ``scale_by_sign``, ``scale_by_adam``, ``scale_by_amsgrad``,
 ``scale_by_adamax``, ``scale_by_radam``, ``scale_by_lion``, ``scale_by_rms``,
 ``scale_by_rss``, ``scale_by_stddev``, ``trace``, ``ema``, ``add_decayed_weights``, ``clip``,
