@@ -1,4 +1,4 @@
-"""``apply_if_finite``, ``partition`` and ``zero_nans`` register opaque specs, unseen by fusion.
+"""``apply_if_finite`` and ``zero_nans`` register opaque specs, unseen by fusion.
 
 The specs describe the wrappers for inspection (``fused.describe``, read by the DP step's ``tx``
 check); ``fused.spec_of`` hides them, so the in-place planner and the pure path's fused kernel
@@ -43,9 +43,11 @@ WRAPPED = {
     "chain_adam_apply_if_finite_lr": lambda: ft.chain(
         ft.scale_by_adam(), ft.apply_if_finite(ft.scale(-0.01), 0)
     ),
-    "partition": lambda: ft.partition({"fast": ft.adamw(1e-2), "slow": ft.sgd(0.1)}, LABELS),
-    "multi_transform_fn": lambda: ft.multi_transform(
-        {"fast": ft.adam(1e-2), "slow": ft.sgd(0.1)}, lambda p: LABELS
+    "partition_zero_nans": lambda: ft.partition(
+        {"fast": ft.adamw(1e-2), "slow": ft.chain(ft.zero_nans(), ft.sgd(0.1))}, LABELS
+    ),
+    "multi_transform_fn_apply_if_finite": lambda: ft.multi_transform(
+        {"fast": ft.adam(1e-2), "slow": ft.apply_if_finite(ft.sgd(0.1), 3)}, lambda p: LABELS
     ),
     "selective_transform": lambda: ft.selective_transform(
         ft.adamw(1e-2), freeze_mask={"w": False, "b": True}
@@ -109,14 +111,15 @@ def test_specs_are_opaque_to_spec_of_and_seen_by_describe():
     assert spec.inner.update is inner.update and spec.max_consecutive_errors == 5
     assert fused.spec_of(guarded) is None
 
+    # partition's spec is a plannable one (tests/optim/test_fused_partition.py), seen by both.
     txs = {"fast": ft.adam(1e-2), "slow": ft.sgd(0.1)}
     part = ft.partition(txs, LABELS)
     spec = fused.describe(part)
     assert isinstance(spec, fused.Partition) and spec.labels is LABELS
+    assert not isinstance(spec, fused.Opaque) and fused.spec_of(part) is spec
     assert {k: v.update for k, v in spec.transforms.items()} == {
         k: v.update for k, v in txs.items()
     }
-    assert fused.spec_of(part) is None
 
     assert isinstance(fused.describe(ft.zero_nans()), fused.ZeroNans)
     assert fused.spec_of(ft.zero_nans()) is None

@@ -1,7 +1,9 @@
 """One optimizer update: functrain's pure and in-step paths vs ``torch.optim`` (and torchopt).
 
-For AdamW (``lr=1e-3``, ``weight_decay=1e-2``) and SGD with momentum 0.9, on two layouts of
-random parameters and gradients, it times one update of
+For AdamW (``lr=1e-3``, ``weight_decay=1e-2``), AdamW in two parameter groups (``torch.optim``'s
+``param_groups`` against ``ft.partition`` of two ``adamw``: half the tensors at a tenth of the
+learning rate without decay) and SGD with momentum 0.9, on two layouts of random parameters and
+gradients, it times one update of
 
 * ``torch.optim`` with its three implementations: the per-tensor for-loop (``foreach=False``),
   ``foreach=True`` and ``fused=True`` (the reference every ratio is taken against);
@@ -50,17 +52,36 @@ TOL_VS_TORCH = 1e-5
 CHECK_STEPS = 5
 COMPILED_PURE_LAYOUTS = ("large tensors",)
 COMPILED_PURE = "functrain pure, compiled (torch.compile of the two calls)"
+# torch.optim's parameter groups: AdamW on half the tensors, AdamW with a tenth of the
+# learning rate and no decay on the others; ``ft.partition`` of two ``adamw``.
+GROUPS = "AdamW, 2 groups"
+
+
+def _group_labels(params: list[torch.Tensor]) -> list[str]:
+    """``GROUPS``: the first half of the tensors in group "a", the rest in "b"."""
+    return ["a" if i < len(params) // 2 else "b" for i in range(len(params))]
 
 
 def _functrain_tx(name: str) -> ft.GradientTransformation:
     if name == "AdamW":
         return ft.adamw(LR, weight_decay=WEIGHT_DECAY)
+    if name == GROUPS:
+        return ft.partition(
+            {"a": ft.adamw(LR, weight_decay=WEIGHT_DECAY), "b": ft.adamw(LR / 10)}, _group_labels
+        )
     return ft.sgd(LR, momentum=MOMENTUM)
 
 
 def _torch_opt(name: str, params: list[torch.Tensor], **impl: Any) -> torch.optim.Optimizer:
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **impl)
+    if name == GROUPS:
+        half = len(params) // 2
+        groups = [
+            {"params": params[:half], "weight_decay": WEIGHT_DECAY},
+            {"params": params[half:], "lr": LR / 10, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=LR, **impl)
     return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, **impl)
 
 
@@ -71,6 +92,8 @@ def _torchopt(name: str) -> Any:
         return None
     if name == "AdamW":
         return torchopt.adamw(LR, weight_decay=WEIGHT_DECAY)
+    if name == GROUPS:
+        return None
     return torchopt.sgd(LR, momentum=MOMENTUM)
 
 
@@ -79,12 +102,17 @@ def _moments(name: str, opt_state: Any) -> list[torch.Tensor]:
     if name == "AdamW":
         adam = opt_state[0]
         return [*adam.mu, *adam.nu]
+    if name == GROUPS:
+        adams = [opt_state.inner_states[g].inner_state[0] for g in ("a", "b")]
+        return [m for a in adams for m in a.mu if m is not None] + [
+            v for a in adams for v in a.nu if v is not None
+        ]
     return list(opt_state[0].trace)
 
 
 def _torch_moments(name: str, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    states = [opt.state[p] for p in opt.param_groups[0]["params"]]
-    if name == "AdamW":
+    states = [opt.state[p] for group in opt.param_groups for p in group["params"]]
+    if name in ("AdamW", GROUPS):
         return [s["exp_avg"] for s in states] + [s["exp_avg_sq"] for s in states]
     return [s["momentum_buffer"] for s in states]
 
@@ -258,6 +286,9 @@ def _bench(
                 "× torch fused": seconds / base,
             }
         )
+    if name == GROUPS:
+        ratio = times["functrain in-step (fused.update_in_place)"] / base
+        section.notes.append(f"{GROUPS}, {layout}: functrain in-step / torch fused = {ratio:.2f}")
     if name == "AdamW":
         for label, key, bar in (
             ("in-step", "functrain in-step (fused.update_in_place)", BARS["in-step vs fused"]),
@@ -285,7 +316,7 @@ def run(quick: bool, device: str = "cpu") -> Section:
     if quick:  # checks first: one thread is faster and steadier on a shared machine
         torch.set_num_threads(1)
     try:
-        for name in ("AdamW", "SGD momentum"):
+        for name in ("AdamW", GROUPS, "SGD momentum"):
             for layout, (n, total) in layouts.items():
                 _check(name, layout, min(n, 40), min(total, 40 * 2_000), section, device)
                 _bench(name, layout, n, total, quick, section, device)

@@ -133,7 +133,7 @@ def _uniform(ctx: Context, states: list[list[torch.Tensor]]) -> bool:
     )
 
 
-def _match(ops: list[Op], ctx: Context) -> _Job | None:
+def _match(ops: list[Op], ctx: Any) -> _Job | None:
     """Recognises ``[clip] [decay] (adam [decay] | [trace]) lr`` with kernel-friendly leaves."""
     kinds = [type(op.spec) for op in ops]
     pos = 0
@@ -189,7 +189,9 @@ def _match(ops: list[Op], ctx: Context) -> _Job | None:
         number = _number(rate)
         if number is None:
             return None
-        wd, decayed = number, frozenset(decay.idx)
+        local = getattr(ctx, "local", None)  # a partition group's numbering of its leaves
+        wd = number
+        decayed = frozenset(decay.idx if local is None else (local[i] for i in decay.idx))
     lr = _learning_rate(ops[pos])
     if lr is None:
         return None
@@ -282,12 +284,12 @@ def _with_norm(
 
 
 def _clip_inputs(
-    job: _Job, ctx: Context, grad_norm: torch.Tensor | None, writable: bool
+    clip: Op | None, ctx: Any, grad_norm: torch.Tensor | None, writable: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """The kernels' gradients and ``grad_scale`` with the clipping factor folded in."""
-    if job.clip is None:
+    if clip is None:
         return ctx.g, None
-    job.clip.new_state = job.clip.state  # before the early return: an empty tree keeps it too
+    clip.new_state = clip.state  # before the early return: an empty tree keeps it too
     if not ctx.g:
         return ctx.g, None
     if any(g.dtype in _HALF for g in ctx.g):
@@ -296,7 +298,7 @@ def _clip_inputs(
         g_norm = tree.norm([*ctx.g, ctx.g[0].new_empty(0, dtype=torch.float32)])
     else:
         g_norm = grad_norm if grad_norm is not None else tree.norm(ctx.g)
-    bound = _ops.on_device(job.clip.spec.max_norm, g_norm)  # type: ignore[attr-defined]
+    bound = _ops.on_device(clip.spec.max_norm, g_norm)  # type: ignore[attr-defined]
     if writable and all(g.dtype != torch.float64 for g in ctx.g):
         # The kernels divide by grad_scale (a float32 tensor) in the same pass.
         scale = torch.where(g_norm < bound, torch.ones_like(g_norm), g_norm / bound)
@@ -311,13 +313,99 @@ def _clip_inputs(
     return [s if s.dtype == g.dtype else s.to(g.dtype) for s, g in zip(scaled, ctx.g)], None
 
 
+class _Group:
+    """The leaves ``idx`` of a :class:`Context`, numbered from 0: one ``partition`` group, which
+    the kernels run as ``torch.optim`` runs a parameter group."""
+
+    def __init__(self, ctx: Context, idx: list[int]) -> None:
+        self.p = [ctx.p[i] for i in idx]
+        self.g = [ctx.g[i] for i in idx]
+        self.n = len(idx)
+        self.found_inf = ctx.found_inf
+        self.local = {i: j for j, i in enumerate(idx)}
+
+
+def _segments(ops: list[Op], ctx: Context) -> tuple[Op | None, list[tuple[Any, list[Op]]]] | None:
+    """``ops`` as (a leading global clip, [(leaves, their ops)]): one segment without
+    ``partition``; with one, a segment per group, after an optional ``clip_by_global_norm`` of
+    every leaf (``None``: another shape, left to the ``"foreach"`` engine)."""
+    if all(op.group is None for op in ops):
+        return None, [(ctx, ops)]
+    head = 0
+    while head < len(ops) and ops[head].group is None:
+        head += 1
+    clip = None
+    if head == 1 and isinstance(ops[0].spec, ClipByGlobalNorm) and len(ops[0].idx) == ctx.n:
+        clip = ops[0]
+    elif head:
+        return None
+    segments: list[tuple[Any, list[Op]]] = []
+    for op in ops[head:]:
+        if op.group is None:  # an op after the partition, on every leaf
+            return None
+        if segments and segments[-1][1][-1].group is op.group:
+            segments[-1][1].append(op)
+        else:
+            segments.append((op.group, [op]))
+    return clip, [(_Group(ctx, group), members) for group, members in segments]
+
+
 def _kernel(
     ops: list[Op], ctx: Context, grad_norm: torch.Tensor | None, want_norm: bool, writable: bool
 ) -> Any:
-    job = _match(ops, ctx)
-    if job is None:
+    found = _segments(ops, ctx)
+    if found is None:
         return False
-    grads, grad_scale = _clip_inputs(job, ctx, grad_norm, writable)
+    head_clip, segments = found
+    jobs = []
+    for part, members in segments:
+        job = _match(members, part)
+        if job is None or (head_clip is not None and job.clip is not None):
+            return False
+        jobs.append(job)
+    # Everything is recognised: from here on tensors are written.
+    grads, grad_scale = _clip_inputs(head_clip, ctx, grad_norm, writable)
+    squares: list[torch.Tensor] = []
+    for (part, _), job in zip(segments, jobs):
+        part_grads = grads if part is ctx else [grads[i] for i in part.local]
+        if head_clip is None:
+            # A clip of the group's own leaves: the step's global norm is not theirs.
+            own_norm = grad_norm if part is ctx else None
+            part_grads, grad_scale = _clip_inputs(
+                job.clip, _Leaves(part.p, part_grads), own_norm, writable
+            )
+        squares += _run(job, part, part_grads, grad_scale, want_norm)
+    if not want_norm:
+        return None
+    if not squares:
+        return torch.zeros(())
+    first = squares[0]
+    dtype = first.dtype
+    for sq in squares[1:]:
+        dtype = torch.promote_types(dtype, sq.dtype)
+    total = torch.stack([s.to(first.device, dtype) for s in squares]).sum().sqrt()
+    # In the leaves' promoted dtype, as ``tree.norm`` of the updates (half sums were float32).
+    result = ctx.p[0].dtype
+    for p in ctx.p[1:]:
+        if p.dtype != result:
+            result = torch.promote_types(result, p.dtype)
+    return total.to(result)
+
+
+class _Leaves(NamedTuple):
+    p: list[torch.Tensor]
+    g: list[torch.Tensor]
+
+
+def _run(
+    job: _Job,
+    ctx: Any,
+    grads: list[torch.Tensor],
+    grad_scale: torch.Tensor | None,
+    want_norm: bool,
+) -> list[torch.Tensor]:
+    """Runs one recognised job on ``ctx``'s leaves; the squared norms of their changes (when
+    ``want_norm``)."""
     core = job.core
     count = None
     if core is not None:
@@ -350,21 +438,7 @@ def _kernel(
         else:
             ps, gs = [ctx.p[i] for i in idx], [grads[i] for i in idx]
             _call(job, on, ps, gs, [[s[i] for i in idx] for s in states])
-    if not want_norm:
-        return None
-    if not squares:
-        return torch.zeros(())
-    first = squares[0]
-    dtype = first.dtype
-    for sq in squares[1:]:
-        dtype = torch.promote_types(dtype, sq.dtype)
-    total = torch.stack([s.to(first.device, dtype) for s in squares]).sum().sqrt()
-    # In the leaves' promoted dtype, as ``tree.norm`` of the updates (half sums were float32).
-    result = ctx.p[0].dtype
-    for p in ctx.p[1:]:
-        if p.dtype != result:
-            result = torch.promote_types(result, p.dtype)
-    return total.to(result)
+    return squares
 
 
 def _call(job: _Job, on: dict[str, Any], ps: list, gs: list, states: list[list]) -> None:

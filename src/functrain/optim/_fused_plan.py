@@ -24,6 +24,7 @@ from functrain.optim._fused_specs import (
     Injected,
     Masked,
     NamedChain,
+    Partition,
     ScaleByAdam,
     ScaleBySchedule,
     Spec,
@@ -45,6 +46,9 @@ class Op:
     idx: list[int]
     new_state: Any = None
     leaves: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)  # of state
+    # The leaves of the innermost ``partition`` group the op belongs to (one list object per
+    # group, shared by its ops), or None outside any partition.
+    group: list[int] | None = None
 
 
 class Plan(NamedTuple):
@@ -93,7 +97,7 @@ _MASK_CACHE: dict[tuple[Any, ...], tuple[Any, list[int]]] = {}
 
 def _mask_subset(mask: Any, current: Any, idx: list[int], ctx: Context) -> tuple[Any, list[int]]:
     """The masked tree (as ``masked`` builds it from ``current``) and its leaf positions."""
-    from functrain.optim._masking import apply_mask, make_mask
+    from functrain.optim._masking import make_mask
 
     key: tuple[Any, ...] = (id(mask), ctx.spec, tuple(idx))
     if callable(mask):
@@ -105,14 +109,55 @@ def _mask_subset(mask: Any, current: Any, idx: list[int], ctx: Context) -> tuple
         positions = hit[1]
     else:
         built = make_mask(mask(_updates_view(current, idx, ctx)) if callable(mask) else mask)
-        ids = {id(x) for x in tree.leaves(apply_mask(built, current, "params"))}
-        positions = [i for i in idx if id(ctx.p[i]) in ids]
-        if len(_MASK_CACHE) > 256:
-            _MASK_CACHE.clear()
-        _MASK_CACHE[key] = (mask, positions)
+        positions = _positions(built, current, idx, ctx)
+        _remember(key, (mask, positions))
+    return _subtree(positions, ctx), positions
+
+
+def _positions(built: Any, current: Any, idx: list[int], ctx: Context) -> list[int]:
+    """The leaf positions among ``idx`` that the :class:`Mask` ``built`` keeps of ``current``."""
+    from functrain.optim._masking import apply_mask
+
+    ids = {id(x) for x in tree.leaves(apply_mask(built, current, "params"))}
+    return [i for i in idx if id(ctx.p[i]) in ids]
+
+
+def _subtree(positions: list[int], ctx: Context) -> Any:
+    """The params tree with ``None`` outside ``positions`` (what a masked member sees)."""
     chosen = set(positions)
-    masked = tree.unflatten(ctx.spec, [p if i in chosen else None for i, p in enumerate(ctx.p)])
-    return masked, positions
+    return tree.unflatten(ctx.spec, [p if i in chosen else None for i, p in enumerate(ctx.p)])
+
+
+def _remember(key: tuple[Any, ...], value: tuple[Any, Any]) -> None:
+    if len(_MASK_CACHE) > 256:
+        _MASK_CACHE.clear()
+    _MASK_CACHE[key] = value
+
+
+def _partition_positions(
+    spec: Partition, current: Any, idx: list[int], ctx: Context
+) -> dict[Any, list[int]] | None:
+    """Each label's leaf positions among ``idx``, as ``partition``'s update masks them (cached
+    like masks); ``None`` where the pure path would raise (an unknown label), so it names it."""
+    from functrain.optim._masking import label_masks
+
+    labels = spec.labels
+    key: tuple[Any, ...] = ("partition", id(spec), ctx.spec, tuple(idx))
+    if callable(labels):
+        key += (tuple(ctx.shapes), tuple(map(_DTYPE, ctx.g)))
+    hit = _MASK_CACHE.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    try:
+        masks = label_masks(
+            labels(_updates_view(current, idx, ctx)) if callable(labels) else labels,
+            spec.transforms,
+        )
+        by_label = {g: _positions(masks[g], current, idx, ctx) for g in spec.transforms}
+    except (TypeError, ValueError):
+        return None
+    _remember(key, (spec, by_label))
+    return by_label
 
 
 def _updates_view(current: Any, idx: list[int], ctx: Context) -> Any:
@@ -138,7 +183,8 @@ def _state_leaves(sub: Any, idx: list[int], ctx: Context) -> list[torch.Tensor] 
             return None
     if len(leaves) != len(idx):
         return None
-    want = ctx.shapes if len(idx) == ctx.n else [ctx.shapes[i] for i in idx]
+    shapes = ctx.shapes
+    want = shapes if len(idx) == ctx.n else [shapes[i] for i in idx]
     if list(map(_SHAPE, leaves)) != want:
         return None
     return leaves
@@ -182,6 +228,8 @@ def _collect(
         if inner is None:
             return None
         return lambda: state._replace(inner_state=inner())
+    if isinstance(spec, Partition):
+        return _collect_partition(spec, state, current, idx, ctx, ops)
     if isinstance(spec, Injected):
         if getattr(state, "_fields", None) != ("count", "hyperparams", "inner_state"):
             return None
@@ -206,6 +254,39 @@ def _collect(
             op.leaves[name] = leaves
     ops.append(op)
     return lambda: op.new_state
+
+
+def _collect_partition(
+    spec: Partition, state: Any, current: Any, idx: list[int], ctx: Context, ops: list[Op]
+) -> Callable[[], Any] | None:
+    """``partition``: each label's transform as a masked member over its leaves, its ops
+    tagged with the group's leaves (the kernel engine runs them group by group)."""
+    inner_states = getattr(state, "inner_states", None)
+    if getattr(state, "_fields", None) != ("inner_states",) or not isinstance(inner_states, dict):
+        return None
+    if any(
+        getattr(inner_states.get(g), "_fields", None) != ("inner_state",) for g in spec.transforms
+    ):
+        return None
+    by_label = _partition_positions(spec, current, idx, ctx)
+    if by_label is None:
+        return None
+    builders = []
+    for g, member in spec.transforms.items():
+        positions = by_label[g]
+        start = len(ops)
+        inner = _collect(
+            member, inner_states[g].inner_state, _subtree(positions, ctx), positions, ctx, ops
+        )
+        if inner is None:
+            return None
+        for op in ops[start:]:
+            if op.group is None:  # ops of a nested partition keep their own, smaller group
+                op.group = positions
+        builders.append((g, inner_states[g], inner))
+    return lambda: state._replace(
+        inner_states={g: old._replace(inner_state=b()) for g, old, b in builders}
+    )
 
 
 def plan(tx: Any, opt_state: Any, ctx: Context) -> Plan | None:

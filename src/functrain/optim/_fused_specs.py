@@ -139,8 +139,10 @@ class ApplyIfFinite(Opaque):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Partition(Opaque):
-    """``partition(transforms, param_labels)`` (``multi_transform``): ``{label: transform}``."""
+class Partition(Spec):
+    """``partition(transforms, param_labels)`` (``multi_transform``): ``{label: transform}``;
+    state ``PartitionState({label: MaskedState(inner_state)})``, each transform on its label's
+    leaves (torch.optim's parameter groups)."""
 
     transforms: dict[Any, Any]
     labels: Any

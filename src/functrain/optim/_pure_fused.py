@@ -54,7 +54,7 @@ def _updates(ops: list[fused.Op], ctx: fused.Context) -> list[torch.Tensor] | No
     lr = float(job.lr)
     if 1 - lr * job.wd == 0:
         return None
-    grads, grad_scale = _clip_inputs(job, ctx, None, False)
+    grads, grad_scale = _clip_inputs(job.clip, ctx, None, False)
     count = safe_increment(core.state.count)
     # Clones keep each tensor's strides, as the kernels and the moments' layout want; one
     # foreach call per list saves a Python dispatch per leaf.

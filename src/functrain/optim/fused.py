@@ -12,15 +12,16 @@ ScaleByAdam(b1, b2, eps, ...))``. The registry is a ``WeakKeyDictionary`` keyed 
 function object (a ``GradientTransformation`` is a tuple, which cannot be weakly referenced), so
 specs cost nothing and vanish with their transform. Composite transforms register composite
 specs (:class:`Chain`, :class:`NamedChain`, :class:`Masked`, :class:`Injected` for
-``inject_hyperparams``) that point at their members. A transform without a spec (a user's own,
-or a wrapper such as ``MultiSteps``) makes the whole optimizer "not recognised", and the caller
-uses the pure path. Wrappers that cannot be fused (``apply_if_finite``, ``partition``,
-``zero_nans``) register :class:`Opaque` specs, for inspection only: :func:`spec_of` hides them,
-so to the planner they are transforms without a spec.
+``inject_hyperparams``, :class:`Partition`) that point at their members. A transform without a
+spec (a user's own, or a wrapper such as ``MultiSteps``) makes the whole optimizer "not
+recognised", and the caller uses the pure path. Wrappers that cannot be fused
+(``apply_if_finite``, ``zero_nans``) register :class:`Opaque` specs, for inspection only:
+:func:`spec_of` hides them, so to the planner they are transforms without a spec.
 
 **Plans.** :func:`update_in_place` walks the spec tree together with the optimizer state into a
-flat list of primitive operations, each on a subset of the parameter leaves (masks give
-subsets), plus a function that rebuilds the state tree. Nothing is evaluated or written while
+flat list of primitive operations, each on a subset of the parameter leaves (masks and
+partition labels give subsets; the ops of one partition group carry the group's leaves), plus a
+function that rebuilds the state tree. Nothing is evaluated or written while
 planning, so the choice of engine (below) is made before any tensor changes.
 
 **Layout.** This module holds the entry point, :func:`update_in_place`. The specs and
@@ -34,7 +35,9 @@ engines keep reaching them as ``fused.X``.
   scale_by_adam [add_decayed_weights] scale_by_learning_rate`` (adam, adamw, coupled-decay Adam)
   and ``[clip_by_global_norm] [add_decayed_weights] [trace] scale_by_learning_rate`` (sgd,
   momentum, Nesterov) run ``torch._fused_adam_`` / ``_fused_adamw_`` / ``_fused_sgd_`` on the
-  state's tensors, grouped by device, dtype and weight-decay mask. The clipping factor is folded
+  state's tensors, grouped by device, dtype and weight-decay mask. A ``partition`` whose every
+  group has such a shape (after an optional global ``clip_by_global_norm``) runs them group by
+  group, as ``torch.optim`` does its parameter groups. The clipping factor is folded
   into the kernel's ``grad_scale`` (or applied to the gradients first), the learning rate may be
   a number, a tensor or a schedule (the kernels take a tensor ``lr``), and a ``found_inf`` flag
   skips the update on the device (the counters then stay as they were). The numbers equal the
