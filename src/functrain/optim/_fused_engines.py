@@ -347,6 +347,14 @@ def _segments(ops: list[Op], ctx: Context) -> tuple[Op | None, list[tuple[Any, l
             segments[-1][1].append(op)
         else:
             segments.append((op.group, [op]))
+    # Each segment runs as a whole optimizer step on the raw gradients, so every leaf must be
+    # in exactly one: a leaf in two (a partition chained after another, a nested partition
+    # followed by an op of its outer group) would step twice instead of composing, and a leaf
+    # in none (a group whose transform is ``identity``, a partition under ``masked``) would
+    # not move where the pure path adds its gradient.
+    seen = [i for group, _ in segments for i in group]
+    if len(seen) != ctx.n or len(set(seen)) != ctx.n:
+        return None
     return clip, [(_Group(ctx, group), members) for group, members in segments]
 
 

@@ -218,7 +218,7 @@ def partition(
             new_states[g] = MaskedState(inner)
         return updates, PartitionState(new_states)
 
-    # Opaque to the fused planner; the DP step's tx check reads it (see ``fused.Opaque``).
+    # Planned by the in-place engines: parameter groups on the fused kernels (``fused``).
     return fused.register(
         GradientTransformation(init_fn, update_fn), fused.Partition(txs, param_labels)
     )
