@@ -232,9 +232,31 @@ def _map_mask(
         return fn(flags[path], first, *rest)
     if first is None:
         return None
+    kind = type(first)
+    if (kind is list or kind is dict) and len(flags) == len(first):
+        # The common case, a flat list or dict of leaves with a flag each: no walk.
+        keys = list(first) if kind is dict else range(len(first))
+        found = [flags.get((*path, k)) for k in keys]  # flags are bools: None means absent
+        if None not in found:
+            values = [first[k] for k in keys] if kind is dict else first
+            if len(rest) == 1:  # merging the inner updates back: the other common call
+                other = [rest[0][k] for k in keys]
+                out = [fn(f, v, o) for f, v, o in zip(found, values, other)]
+            elif rest:
+                others = [[r[k] for k in keys] for r in rest]
+                out = [fn(f, v, *o) for f, v, *o in zip(found, values, *others)]
+            else:
+                out = [fn(f, v) for f, v in zip(found, values)]
+            return dict(zip(keys, out)) if kind is dict else out
 
     def child(key: Any, value: Any) -> Any:
-        return _map_mask(flags, fn, name, (*path, key), value, *(r[key] for r in rest))
+        # The leaf cases inline: this runs for every leaf of every masked update.
+        sub = (*path, key)
+        if sub in flags:
+            return fn(flags[sub], value, *(r[key] for r in rest))
+        if value is None:
+            return None
+        return _map_mask(flags, fn, name, sub, value, *(r[key] for r in rest))
 
     if isinstance(first, dict):
         items = {k: child(k, v) for k, v in first.items()}
