@@ -115,6 +115,24 @@ OPTIMIZERS = {
         ),
         "kernel",
     ),
+    "selective_transform_frozen_group": (
+        lambda: ft.selective_transform(
+            ft.adamw(1e-2, weight_decay=0.1),
+            freeze_mask={"w1": False, "b1": True, "w2": False, "b2": True, "w3": True},
+        ),
+        "kernel",
+    ),
+    "partition_with_set_to_zero": (
+        lambda: ft.partition({"body": ft.sgd(0.1, momentum=0.9), "head": ft.set_to_zero()}, LABELS),
+        "kernel",
+    ),
+    "freeze_after_adamw_takes_foreach": (
+        lambda: ft.chain(
+            ft.adamw(1e-2),
+            ft.freeze({"w1": False, "b1": True, "w2": False, "b2": True, "w3": False}),
+        ),
+        "foreach",
+    ),
     "nesterov_adam_group_takes_foreach": (
         lambda: ft.partition(
             {"body": ft.adamw(1e-2), "head": ft.adam(1e-3, nesterov=True)}, LABELS
@@ -249,3 +267,23 @@ def test_train_step_matches_torch_optim_parameter_groups(donate):
         assert step.apply_optimizer.last_engine == "kernel"
     for name, q in ref.named_parameters():
         torch.testing.assert_close(state.params[name], q.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_frozen_group_is_left_bit_for_bit():
+    """A ``set_to_zero`` group is not written at all: its leaves keep every bit (a ``-0.0``
+    included, which the pure path's ``p + 0.0`` turns into ``+0.0``: equal, not identical)."""
+    tx = ft.partition({"body": ft.adamw(1e-2), "head": ft.set_to_zero()}, LABELS)
+    params = _params()
+    params["b1"][0] = -0.0
+    params["w3"][0, 0] = float("nan")  # a frozen NaN stays NaN, untouched
+    before = _clone(params)
+    state = tx.init(params)
+    for step in range(3):
+        done = fused.update_in_place(tx, _grads(step), state, params, update_norm=True)
+        assert done is not None and done.engine == "kernel"
+        state = done.opt_state
+    for name in ("b1", "b2", "w3"):
+        ft.testing.assert_trees_all_equal(params[name], before[name], bitwise=True)
+    assert not torch.equal(params["w1"], before["w1"])
+    updates, _ = tx.update(_grads(0), tx.init(before), before)
+    assert float(ft.tree.norm({k: updates[k] for k in ("b1", "b2", "w3")})) == 0.0

@@ -49,8 +49,8 @@ WRAPPED = {
     "multi_transform_fn_apply_if_finite": lambda: ft.multi_transform(
         {"fast": ft.adam(1e-2), "slow": ft.apply_if_finite(ft.sgd(0.1), 3)}, lambda p: LABELS
     ),
-    "selective_transform": lambda: ft.selective_transform(
-        ft.adamw(1e-2), freeze_mask={"w": False, "b": True}
+    "selective_transform_lion": lambda: ft.selective_transform(
+        ft.chain(ft.zero_nans(), ft.adamw(1e-2)), freeze_mask={"w": False, "b": True}
     ),
     "masked_zero_nans": lambda: ft.chain(
         ft.masked(ft.zero_nans(), {"w": True, "b": False}), ft.adamw(1e-2)

@@ -26,6 +26,7 @@ from functrain.optim.fused import (
     Scale,
     ScaleByAdam,
     ScaleBySchedule,
+    SetToZero,
     Trace,
 )
 
@@ -177,7 +178,14 @@ def _adam_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) 
     up.put(op.idx, _ops.cast_like(out, g), True)
 
 
+def _zero_b(op: Op, ctx: Context, up: _Updates, grad_norm: torch.Tensor | None) -> None:
+    op.new_state = op.state
+    if op.idx:  # the pure path's zeros, of the updates' dtypes
+        up.put(op.idx, [torch.zeros_like(x) for x in up.take(op.idx)], True)
+
+
 _PRIMITIVES: dict[type, Callable[..., None]] = {
+    SetToZero: _zero_b,
     ClipByGlobalNorm: _clip_b,
     Scale: _scale_b,
     ScaleBySchedule: _scale_b,

@@ -29,6 +29,7 @@ from functrain.optim.fused import (
     Scale,
     ScaleByAdam,
     ScaleBySchedule,
+    SetToZero,
     Trace,
 )
 
@@ -365,16 +366,25 @@ def _kernel(
     if found is None:
         return False
     head_clip, segments = found
-    jobs = []
+    jobs: list[_Job | None] = []
     for part, members in segments:
+        if all(isinstance(op.spec, SetToZero) and len(op.idx) == part.n for op in members):
+            jobs.append(None)  # a frozen group (``set_to_zero``): nothing to write
+            continue
         job = _match(members, part)
         if job is None or (head_clip is not None and job.clip is not None):
             return False
         jobs.append(job)
+    for (_, members), job in zip(segments, jobs):
+        if job is None:
+            for op in members:
+                op.new_state = op.state
     # Everything is recognised: from here on tensors are written.
     grads, grad_scale = _clip_inputs(head_clip, ctx, grad_norm, writable)
     squares: list[torch.Tensor] = []
     for (part, _), job in zip(segments, jobs):
+        if job is None:
+            continue
         part_grads = grads if part is ctx else [grads[i] for i in part.local]
         if head_clip is None:
             # A clip of the group's own leaves: the step's global norm is not theirs.
@@ -385,8 +395,8 @@ def _kernel(
         squares += _run(job, part, part_grads, grad_scale, want_norm)
     if not want_norm:
         return None
-    if not squares:
-        return torch.zeros(())
+    if not squares:  # nothing moved (no leaves, or only frozen groups)
+        return ctx.p[0].new_zeros(()) if ctx.p else torch.zeros(())
     first = squares[0]
     dtype = first.dtype
     for sq in squares[1:]:

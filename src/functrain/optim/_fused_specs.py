@@ -29,6 +29,11 @@ class Identity(Spec):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class SetToZero(Spec):
+    """``set_to_zero()``: zero updates (frozen parameters); state ``EmptyState``."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Chain(Spec):
     """``chain(*members)``: state a tuple of the members' states."""
 

@@ -137,7 +137,7 @@ def set_to_zero() -> GradientTransformation:
         del params, extra
         return tree.zeros_like(updates), state
 
-    return GradientTransformation(init_fn, update_fn)
+    return fused.register(GradientTransformation(init_fn, update_fn), fused.SetToZero())
 
 
 def stateless(f: Callable[[Updates, Params | None], Updates]) -> GradientTransformation:

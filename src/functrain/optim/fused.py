@@ -101,6 +101,7 @@ from functrain.optim._fused_specs import (  # noqa: F401
     Scale,
     ScaleByAdam,
     ScaleBySchedule,
+    SetToZero,
     Spec,
     Trace,
     ZeroNans,
