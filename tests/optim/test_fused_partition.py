@@ -287,3 +287,33 @@ def test_frozen_group_is_left_bit_for_bit():
     assert not torch.equal(params["w1"], before["w1"])
     updates, _ = tx.update(_grads(0), tx.init(before), before)
     assert float(ft.tree.norm({k: updates[k] for k in ("b1", "b2", "w3")})) == 0.0
+
+
+@pytest.mark.parametrize("wrap", ["partition", "masked"])
+def test_injected_hyperparameters_take_their_groups_dtype(wrap):
+    """``inject_hyperparams`` inside a group casts its hyperparameters to the promoted dtype of
+    the leaves it sees (float32 here, beside a float64 group), on both paths."""
+    params = {"w": torch.randn(3, 2), "v": torch.randn(2, dtype=torch.float64)}
+    grads = {"w": torch.randn(3, 2), "v": torch.randn(2, dtype=torch.float64)}
+    injected = ft.inject_hyperparams(ft.adamw)(learning_rate=1e-2, weight_decay=0.1)
+    if wrap == "partition":
+        tx = ft.partition({"a": injected, "b": ft.adam(1e-3)}, {"w": "a", "v": "b"})
+    else:
+        tx = ft.masked(injected, {"w": True, "v": False})
+
+    def with_python_lr(state):
+        # A hyperparameter set by hand as a Python number: cast at the next update.
+        inner = state.inner_states["a"] if wrap == "partition" else state
+        hp = dict(inner.inner_state.hyperparams, learning_rate=0.02)
+        new_inner = inner._replace(inner_state=inner.inner_state._replace(hyperparams=hp))
+        if wrap == "partition":
+            return state._replace(inner_states={**state.inner_states, "a": new_inner})
+        return new_inner
+
+    updates, pure_state = tx.update(grads, with_python_lr(tx.init(params)), params)
+    fast = _clone(params)
+    done = fused.update_in_place(tx, _clone(grads), with_python_lr(tx.init(fast)), fast)
+    assert done is not None
+    ft.testing.assert_trees_all_equal_dtypes(done.opt_state, pure_state)
+    ft.testing.assert_trees_all_close(done.opt_state, pure_state, rtol=1e-6, atol=1e-7)
+    ft.testing.assert_trees_all_close(fast, ft.apply_updates(params, updates), rtol=1e-6, atol=1e-7)

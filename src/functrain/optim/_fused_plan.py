@@ -233,7 +233,9 @@ def _collect(
     if isinstance(spec, Injected):
         if getattr(state, "_fields", None) != ("count", "hyperparams", "inner_state"):
             return None
-        hparams, inner_tx = spec.prepare(ctx.grads_tree, state, ctx.params_tree)
+        # What the pure update sees here: under masked or partition, only its own leaves
+        # (the hyperparameters' dtype is the promoted dtype of those).
+        hparams, inner_tx = spec.prepare(_updates_view(current, idx, ctx), state, current)
         inner = _collect(inner_tx, state.inner_state, current, idx, ctx, ops)
         if inner is None:
             return None
