@@ -12,6 +12,9 @@ Models: ``TinyGPT`` (a ~3.2M-parameter decoder-only transformer LM, batch 8 × 3
   computes no norms either), plus the all-defaults step (``norm_metrics=True``: ``grad_norm``,
   ``update_norm``, ``param_norm``) and ``nonfinite="ignore"`` (no NaN/inf check, which the
   classic loop lacks too);
+* parameter groups: the autograd loop step with ``ft.partition`` of two AdamW (matrices;
+  vectors at a tenth of the learning rate without decay) against the classic loop with
+  ``torch.optim.AdamW(fused=True)`` on the same two ``param_groups``;
 * the autograd loop step with ``grad_stats=ft.noise_scale_hook()`` and with
   ``noise_scale_hook(cosine=True)``: the gradient-noise-scale metrics from the K micro-batch
   gradients; the notes give their cost relative to the same step without them;
@@ -56,6 +59,8 @@ CHECK_STEPS = 3
 # normalisation then magnifies rounding in near-zero gradients); a lost step would show as ~0.3.
 TOL = 1e-2
 BAR_ROWS = ("functrain loop, autograd", "functrain loop, func")
+GROUPS = "functrain loop, autograd, 2 parameter groups (ft.partition)"
+CLASSIC_GROUPS = "classic loop, 2 parameter groups (torch.optim fused)"
 NOISE_SCALE = "functrain loop, autograd, grad_stats=noise_scale_hook()"
 NOISE_SCALE_COSINE = "functrain loop, autograd, grad_stats=noise_scale_hook(cosine=True)"
 
@@ -163,14 +168,21 @@ def _models(
 
 
 class Classic:
-    """The imperative accumulation loop on its own copy of the model."""
+    """The imperative accumulation loop on its own copy of the model (``groups``: two
+    parameter groups, see :func:`_two_groups`)."""
 
-    def __init__(self, factory: Callable[[], nn.Module], loss: Callable) -> None:
+    def __init__(
+        self, factory: Callable[[], nn.Module], loss: Callable, groups: bool = False
+    ) -> None:
         self.module = factory()
         self.loss = loss
-        self.opt = torch.optim.AdamW(
-            self.module.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True
-        )
+        params: Any = list(self.module.parameters())
+        if groups:
+            params = [
+                {"params": [p for p in params if p.dim() > 1]},
+                {"params": [p for p in params if p.dim() <= 1], "lr": LR / 10, "weight_decay": 0.0},
+            ]
+        self.opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> None:
         chunks = {k: v.chunk(K) for k, v in batch.items()}
@@ -189,7 +201,11 @@ class Functrain:
 
     def __init__(self, factory: Callable[[], nn.Module], loss: Callable, **options: Any) -> None:
         model, params, _ = ft.functionalize(factory(), copy=True)
-        tx = ft.adamw(LR, weight_decay=WEIGHT_DECAY)
+        tx = (
+            _two_groups()
+            if options.pop("groups", False)
+            else ft.adamw(LR, weight_decay=WEIGHT_DECAY)
+        )
 
         def loss_fn(p: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
             return loss(model(p, b["x"]), b)
@@ -203,6 +219,15 @@ class Functrain:
 
     def params(self) -> list[torch.Tensor]:
         return [self.state.params[k] for k in self.names]
+
+
+def _two_groups() -> ft.GradientTransformation:
+    """``torch.optim``'s parameter groups as ``ft.partition``: AdamW on the matrices, AdamW at
+    a tenth of the learning rate and without decay on the vectors (biases, norms)."""
+    return ft.partition(
+        {"matrices": ft.adamw(LR, weight_decay=WEIGHT_DECAY), "vectors": ft.adamw(LR / 10)},
+        lambda p: ft.tree.map(lambda x: "matrices" if x.dim() > 1 else "vectors", p),
+    )
 
 
 def _variants(quick: bool) -> dict[str, dict[str, Any]]:
@@ -220,6 +245,8 @@ def _variants(quick: bool) -> dict[str, dict[str, Any]]:
     variants["functrain defaults (loop, auto backend, norm metrics)"] = {}
     # The gradient-noise-scale metrics from the K micro-batch gradients (issue: "at negligible
     # cost"): compared with the same loop step without them. Fresh hooks: each has its state.
+    # Parameter groups: compared with the classic loop's AdamW on the same two groups.
+    variants[GROUPS] = {**variants["functrain loop, autograd"], "groups": True}
     for label, hook in (
         (NOISE_SCALE, ft.noise_scale_hook()),
         (NOISE_SCALE_COSINE, ft.noise_scale_hook(cosine=True)),
@@ -245,8 +272,12 @@ def _bench_model(name: str, quick: bool, section: Section, device: str) -> None:
     factory, loss, batches = _models(quick, device)[name]
     count = sum(p.numel() for p in factory().parameters())
     classic = Classic(factory, loss)
+    classic_groups = Classic(factory, loss, groups=True)
     start = [p.clone() for p in classic.params()]
-    runners: dict[str, Any] = {"classic loop (torch.optim fused)": classic}
+    runners: dict[str, Any] = {
+        "classic loop (torch.optim fused)": classic,
+        CLASSIC_GROUPS: classic_groups,
+    }
     compile_seconds: dict[str, float] = {}
     for label, options in _variants(quick).items():
         try:
@@ -259,15 +290,16 @@ def _bench_model(name: str, quick: bool, section: Section, device: str) -> None:
         except Exception as err:  # e.g. no C++ compiler for torch.compile
             section.notes.append(f"{name}: {label} unavailable ({type(err).__name__}: {err})")
     classic(batches[0])
+    classic_groups(batches[0])
 
     # Correctness: the same further steps on every runner, compared with the classic loop.
     for batch in batches[1:]:
         for runner in runners.values():
             runner(batch)
-    reference = classic.params()
     for label, runner in runners.items():
-        if runner is classic:
+        if runner is classic or runner is classic_groups:
             continue
+        reference = (classic_groups if label == GROUPS else classic).params()
         err = _drift(runner.params(), reference, start)
         section.checks.append(
             (
@@ -303,6 +335,10 @@ def _bench_model(name: str, quick: bool, section: Section, device: str) -> None:
                 f"{name}: {label.removeprefix('functrain loop, autograd, ')} costs "
                 f"{100 * (times[label] / without - 1):+.1f}% of the same step without it"
             )
+    if GROUPS in times:
+        section.notes.append(
+            f"{name}: {GROUPS} / {CLASSIC_GROUPS}: time {times[GROUPS] / times[CLASSIC_GROUPS]:.2f}"
+        )
     for label in BAR_ROWS:
         if label not in times:
             continue
