@@ -273,6 +273,7 @@ F32_POW = "both compute optax's decay 1-(t+1)^-0.8 in float32; float32 pow diffe
 WIDER = "updates keep their dtype (optax: promoted to a wider accumulator's)"
 SF_WARMUP = "optax builds the warmup inside the alias: its int32 count divides in float32"
 SF_WIDER = "updates keep the params' dtype (optax: promoted to state_dtype's)"
+RPROP_STALE = "optax 0.2.8 returns the previous step's update (one step stale, optax PR 1725); functrain the current one, as torch.optim.Rprop"
 RHO = "RAdam's rho-4 cancels: optax's b2**t (integer power) is 1 ulp off at t=6, torch's is not"
 
 
@@ -390,6 +391,58 @@ def tx_cases() -> list[Case]:
         ("reduce_on_plateau", "atol, cooldown=2, min_scale", c("reduce_on_plateau", 0.3, 1, 0.0, 0.05, 2, min_scale=0.05), "plateau"),
         ("reduce_on_plateau", "accumulation_size=3, rtol", c("reduce_on_plateau", 0.5, 1, 1e-2, 0.0, 1, 3), "plateau"),
         ("reduce_on_plateau", "masked in sgd chain", c("chain", c("sgd", 0.1), c("masked", c("reduce_on_plateau", 0.5, 1), MASK)), "plateau"),
+        # AdaBelief, Yogi, Adadelta, Adan, AdamaxW
+        ("adabelief", "defaults", c("adabelief", 1e-2), "normal"),
+        ("adabelief", "nesterov, lr schedule", c("adabelief", sched, 0.8, 0.95, 1e-8, 1e-10, nesterov=True), ""),
+        ("adabelief", "zero grads", c("adabelief", 1e-2), "zeros"),
+        ("scale_by_belief", "b1=0.5, eps_root=1e-6", c("scale_by_belief", 0.5, 0.9, 1e-6, 1e-6), "normal"),
+        ("yogi", "defaults", c("yogi", 1e-2), "normal"),
+        ("yogi", "lr schedule, b2=0.9", c("yogi", sched, 0.5, 0.9, 1e-4), ""),
+        ("yogi", "zero grads", c("yogi", 1e-2), "zeros"),
+        ("scale_by_yogi", "eps_root, init=0", c("scale_by_yogi", 0.8, 0.95, 1e-6, 1e-5, 0.0), "normal"),
+        ("adadelta", "defaults (lr=None)", c("adadelta"), "normal"),
+        ("adadelta", "lr=1, wd, mask", c("adadelta", 1.0, 0.5, 1e-4, weight_decay=0.1, weight_decay_mask=MASK), ""),
+        ("adadelta", "lr schedule, zero grads", c("adadelta", sched, rho=0.95), "zeros"),
+        ("scale_by_adadelta", "rho=0.8, eps=1e-3", c("scale_by_adadelta", 0.8, 1e-3), "normal"),
+        ("adan", "defaults", c("adan", 1e-2), "normal"),
+        ("adan", "wd sched, mask", c("adan", sched, 0.9, 0.8, 0.95, 1e-6, 0.0, weight_decay=sched, mask=MASK), ""),
+        ("adan", "zero grads", c("adan", 1e-2, weight_decay=0.1), "zeros"),
+        ("scale_by_adan", "eps_root", c("scale_by_adan", 0.9, 0.5, 0.9, 1e-6, 1e-4), "normal"),
+        ("adamaxw", "defaults", c("adamaxw", 1e-2), "normal"),
+        ("adamaxw", "wd sched, mask", c("adamaxw", sched, 0.5, 0.9, 1e-3, weight_decay=sched, mask=MASK), ""),
+        ("adamaxw", "callable mask, zero grads", c("adamaxw", 1e-2, weight_decay=0.3, mask=ndim_mask), "zeros"),
+        # Rprop, NovoGrad, Polyak, SM3 (masked: optax has no accumulator for a 0-d leaf), optimistic, Fromage
+        Case("rprop", "lr=0.01", c("rprop", 0.01), "normal", why=RPROP_STALE, doc=True),
+        Case("rprop", "zeros, tight bounds", c("rprop", 0.05, 0.4, 1.5, 0.01, 0.1), "zeros", why=RPROP_STALE, doc=True),
+        Case("scale_by_rprop", "lr=0.1, large", c("scale_by_rprop", 0.1), "large", why=RPROP_STALE, doc=True),
+        ("novograd", "defaults", c("novograd", 1e-2), "normal"),
+        ("novograd", "wd, eps_root, sched", c("novograd", sched, 0.8, 0.5, 1e-3, 1e-4, 0.01), "zeros"),
+        ("scale_by_novograd", "b1=0.5, large", c("scale_by_novograd", 0.5, 0.3), "large"),
+        ("scale_by_novograd", "masked", c("masked", c("scale_by_novograd"), MASK), "normal"),
+        ("polyak_sgd", "defaults", c("polyak_sgd"), "plateau"),
+        ("polyak_sgd", "sps+, f_min, eps, sched", c("polyak_sgd", 0.5, sched, 1.2, 1e-3, "sps+"), "plateau"),
+        ("scale_by_polyak", "f_min=1.0, max_lr=0.3", c("scale_by_polyak", 1.0, 0.3), "plateau"),
+        ("sm3", "masked to ndim>=2", c("masked", c("sm3", 0.1), MASK), "normal"),
+        ("sm3", "momentum=0.5, 1-d too", c("masked", c("sm3", 0.1, 0.5), {"w": True, "b": True, "s": False, "k": True}), "zeros"),
+        ("scale_by_sm3", "b2=0.9, eps=1e-3", c("masked", c("scale_by_sm3", 0.8, 0.9, 1e-3), {"w": True, "b": True, "s": False, "k": True}), "large"),
+        ("optimistic_gradient_descent", "defaults", c("optimistic_gradient_descent", 0.01), "normal"),
+        ("optimistic_gradient_descent", "alpha, beta, sched", c("optimistic_gradient_descent", sched, 0.5, 2.0), "zeros"),
+        ("scale_by_optimistic_gradient", "alpha=2, beta=0.3", c("scale_by_optimistic_gradient", 2.0, 0.3), "normal"),
+        ("optimistic_adam", "lr=1e-2, optimism=0.5", c("optimistic_adam", 1e-2, 0.5), "normal"),
+        ("optimistic_adam", "no nesterov, eps_root", c("optimistic_adam", 1e-2, None, 0.8, 0.9, 1e-6, 1e-8, nesterov=False), "zeros"),
+        ("fromage", "lr=0.01", c("fromage", 0.01), "normal"),
+        ("fromage", "sched, min_norm, zeros", c("fromage", sched, 1e-3), "zeros"),
+        # Constraints, apply_every, AdEMAMix, conditional transforms (lookahead needs LookaheadParams: its own test)
+        ("keep_params_nonnegative", "sgd(1.0) then clamp", c("chain", c("sgd", 1.0), c("keep_params_nonnegative")), "normal"),
+        ("centralize", "then sgd", c("chain", c("centralize"), c("sgd", 0.1)), "normal"),
+        ("apply_every", "k=3", c("apply_every", 3), "normal"),
+        ("apply_every", "k=1, after adam", c("chain", c("adam", 0.01), c("apply_every")), "normal"),
+        ("scale_by_ademamix", "defaults", c("scale_by_ademamix"), "normal"),
+        ("scale_by_ademamix", "b3/alpha schedules, eps_root", c("scale_by_ademamix", 0.8, 0.95, c("linear_schedule", 0.9, 0.999, 10), c("linear_schedule", 0.0, 8.0, 10), 1e-6, 1e-4), "zeros"),
+        ("ademamix", "defaults", c("ademamix", 1e-2), "normal"),
+        ("ademamix", "lr sched, wd, mask", c("ademamix", sched, b3=0.99, weight_decay=0.1, mask=MASK), "normal"),
+        ("conditionally_transform", "adam on odd steps", c("conditionally_transform", c("adam", 0.01), lambda step: step % 2 == 1), "normal"),
+        ("conditionally_mask", "sgd momentum from step 5", c("conditionally_mask", c("sgd", 0.1, 0.9), lambda step: step >= 5), "normal"),
     ]]
     # fmt: on
 

@@ -2,11 +2,9 @@
 
 from functrain.optim import (
     accumulation,
-    adadelta,
-    adan,
     adaptive,
     additive,
-    ademamix,
+    additive_moment,
     aliases,
     aliases_extra,
     base,
@@ -14,32 +12,32 @@ from functrain.optim import (
     clipping,
     conditional,
     constraints,
+    cover_sets,
     factorized,
+    gradient_difference,
     hyperparams,
-    lookahead,
+    layerwise_moments,
     loss_scale,
+    mixed_momenta,
     multi_steps,
-    novograd,
     optimistic,
     orthogonalized,
     plateau,
     polyak,
     primal_averaging,
+    resilient,
     rms,
-    rprop,
+    rms_ratio,
     scaling,
     schedules,
-    sm3,
+    slow_weights,
     updates,
     wrappers,
-    yogi,
 )
 from functrain.optim.accumulation import *  # noqa: F403
-from functrain.optim.adadelta import *  # noqa: F403
-from functrain.optim.adan import *  # noqa: F403
 from functrain.optim.adaptive import *  # noqa: F403
 from functrain.optim.additive import *  # noqa: F403
-from functrain.optim.ademamix import *  # noqa: F403
+from functrain.optim.additive_moment import *  # noqa: F403
 from functrain.optim.aliases import *  # noqa: F403
 from functrain.optim.aliases_extra import *  # noqa: F403
 from functrain.optim.base import *  # noqa: F403
@@ -47,33 +45,33 @@ from functrain.optim.belief import *  # noqa: F403
 from functrain.optim.clipping import *  # noqa: F403
 from functrain.optim.conditional import *  # noqa: F403
 from functrain.optim.constraints import *  # noqa: F403
+from functrain.optim.cover_sets import *  # noqa: F403
 from functrain.optim.factorized import *  # noqa: F403
+from functrain.optim.gradient_difference import *  # noqa: F403
 from functrain.optim.hyperparams import *  # noqa: F403
-from functrain.optim.lookahead import *  # noqa: F403
+from functrain.optim.layerwise_moments import *  # noqa: F403
 from functrain.optim.loss_scale import *  # noqa: F403
+from functrain.optim.mixed_momenta import *  # noqa: F403
 from functrain.optim.multi_steps import *  # noqa: F403
-from functrain.optim.novograd import *  # noqa: F403
 from functrain.optim.optimistic import *  # noqa: F403
 from functrain.optim.orthogonalized import *  # noqa: F403
 from functrain.optim.plateau import *  # noqa: F403
 from functrain.optim.polyak import *  # noqa: F403
 from functrain.optim.primal_averaging import *  # noqa: F403
+from functrain.optim.resilient import *  # noqa: F403
 from functrain.optim.rms import *  # noqa: F403
-from functrain.optim.rprop import *  # noqa: F403
+from functrain.optim.rms_ratio import *  # noqa: F403
 from functrain.optim.scaling import *  # noqa: F403
 from functrain.optim.schedules import *  # noqa: F403
-from functrain.optim.sm3 import *  # noqa: F403
+from functrain.optim.slow_weights import *  # noqa: F403
 from functrain.optim.updates import *  # noqa: F403
 from functrain.optim.wrappers import *  # noqa: F403
-from functrain.optim.yogi import *  # noqa: F403
 
 __all__ = [
     *accumulation.__all__,
-    *adadelta.__all__,
-    *adan.__all__,
     *adaptive.__all__,
     *additive.__all__,
-    *ademamix.__all__,
+    *additive_moment.__all__,
     *aliases.__all__,
     *aliases_extra.__all__,
     *base.__all__,
@@ -81,23 +79,25 @@ __all__ = [
     *clipping.__all__,
     *conditional.__all__,
     *constraints.__all__,
+    *cover_sets.__all__,
     *factorized.__all__,
+    *gradient_difference.__all__,
     *hyperparams.__all__,
-    *lookahead.__all__,
+    *layerwise_moments.__all__,
     *loss_scale.__all__,
+    *mixed_momenta.__all__,
     *multi_steps.__all__,
-    *novograd.__all__,
     *optimistic.__all__,
     *orthogonalized.__all__,
     *plateau.__all__,
     *polyak.__all__,
     *primal_averaging.__all__,
+    *resilient.__all__,
     *rms.__all__,
-    *rprop.__all__,
+    *rms_ratio.__all__,
     *scaling.__all__,
     *schedules.__all__,
-    *sm3.__all__,
+    *slow_weights.__all__,
     *updates.__all__,
     *wrappers.__all__,
-    *yogi.__all__,
 ]

@@ -27,6 +27,7 @@ from functrain.optim.base import GradientTransformation, chain, identity
 __all__ = [
     "adafactor",
     "adagrad",
+    "adamaxw",
     "lamb",
     "lars",
     "lion",
@@ -227,6 +228,47 @@ def lion(
     """
     return chain(
         adaptive.scale_by_lion(b1, b2, mu_dtype),
+        additive.add_decayed_weights(weight_decay, mask),
+        scaling.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamaxw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: Any = None,
+) -> GradientTransformation:
+    """Adamax with decoupled weight decay: :func:`scale_by_adamax`, ``+ weight_decay·p``, ``−lr``.
+
+    Update rule: ``u = −lr · (m̂ / max(b2·ν, |g| + eps) + weight_decay · p)``; see
+    :func:`adamax`. The decay is decoupled as in AdamW (scaled by the learning rate, not
+    by the adaptive denominator). ``torch.optim.Adamax(weight_decay=...)`` adds the decay to
+    the gradient instead (coupled, L2); with ``weight_decay=0`` the two are the same.
+
+    Args:
+        learning_rate: the step size: a number, a 0-d tensor (read at every update) or a
+            schedule of the step count.
+        b1: decay of the first moment (the gradient average), in ``[0, 1)``.
+        b2: decay of the infinity-norm estimate, in ``[0, 1)``.
+        eps: added to ``|g|`` before the maximum.
+        weight_decay: decoupled weight decay coefficient (multiplied by the learning rate); a
+            number, tensor or schedule.
+        mask: pytree of booleans like the params, or a callable returning one: where weight
+            decay applies.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.adamaxw(0.1, weight_decay=0.5)
+        >>> params = {"w": torch.ones(1)}
+        >>> u, _ = tx.update({"w": torch.tensor([2.0])}, tx.init(params), params)
+        >>> u["w"]  # −0.1 · (1 + 0.5 · 1)
+        tensor([-0.1500])
+    """
+    return chain(
+        adaptive.scale_by_adamax(b1, b2, eps),
         additive.add_decayed_weights(weight_decay, mask),
         scaling.scale_by_learning_rate(learning_rate),
     )
