@@ -1,4 +1,4 @@
-"""Shared checks for the Rprop/NovoGrad/Polyak/SM3/optimistic tests: purity, low precision,
+"""Checks every optimizer alias must pass (the Rprop, NovoGrad, Polyak, SM3 and optimistic tests use them): purity, low precision,
 masks, compilation and a train-step smoke run, run on any transform factory."""
 
 from __future__ import annotations
