@@ -66,6 +66,21 @@ def _select(cond: torch.Tensor, new: Any, old: Any) -> Any:
     return tree.map(pick, old, new)
 
 
+def _device_condition(cond: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor condition as a 0-d boolean on ``device`` (a number is true where nonzero).
+
+    A shaped condition is refused: ``torch.where`` would broadcast it and apply the inner
+    transform to some elements and not others (optax's ``lax.cond`` refuses it too).
+    """
+    if cond.dim() != 0:
+        raise ValueError(
+            "should_transform_fn must return a bool or a 0-d tensor, got a tensor of shape "
+            f"{tuple(cond.shape)}"
+        )
+    cond = cond.to(device)
+    return cond if cond.dtype == torch.bool else cond != 0
+
+
 def _conditional(
     inner: GradientTransformation,
     should_transform_fn: ConditionFn,
@@ -85,10 +100,11 @@ def _conditional(
         cond = should_transform_fn(step, **(extra if forward_extra_args else {}))
         new_u, new_state = _call_update(inner, passes_extra, updates, inner_state, params, extra)
         rejected = tree.zeros_like(updates) if mask else updates
-        if isinstance(cond, bool):  # a Python condition: nothing to select on the device
-            chosen = (new_u, new_state) if cond else (rejected, inner_state)
+        if not isinstance(cond, torch.Tensor):  # a host condition: nothing to select on device
+            # bool(), as optax's ``lax.cond`` takes any number (an int, a NumPy bool) as pred.
+            chosen = (new_u, new_state) if bool(cond) else (rejected, inner_state)
             return (*chosen, _utils.safe_increment(step))
-        cond = torch.as_tensor(cond, device=step.device)
+        cond = _device_condition(cond, step.device)
         # Both branches are computed and one is selected on the device: a Python ``if`` on the
         # condition would read it on the host (and break a compiled graph).
         out = tree.map(
@@ -110,11 +126,12 @@ def conditionally_transform(
     others the updates and the inner state pass through unchanged.
 
     ``step`` is the number of earlier calls to ``update`` (an int32 0-d tensor, from 0). The
-    condition may return a Python bool or a 0-d boolean tensor. A tensor condition is applied
-    on the device: the inner update runs at every step and ``torch.where`` keeps either its
-    results or the unchanged updates and state, leaf by leaf, so there is no host read and a
-    compiled step has one graph. The cost is the inner update's at every step; a non-finite
-    value computed on a rejected step is discarded, not propagated. The inner state must keep
+    condition may return a Python bool or number, or a 0-d tensor (true where nonzero). A
+    tensor condition is applied on the device: the inner update runs at every step and
+    ``torch.where`` keeps either its results or the unchanged updates and state, leaf by leaf,
+    so there is no host read and a compiled step has one graph. The cost is the inner
+    update's at every step; a non-finite value computed on a rejected step is discarded, not
+    propagated. The inner state must keep
     its structure and dtypes from step to step (as every transform's does).
 
     Args:

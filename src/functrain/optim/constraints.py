@@ -52,6 +52,9 @@ def keep_params_nonnegative() -> GradientTransformation:
         if not u:
             return updates, state
         p = s["params"]
+        if any(x.is_complex() for x in (*p, *u)):
+            # ``<`` has no meaning for complex numbers (torch's own error names no leaf).
+            raise TypeError("keep_params_nonnegative does not support complex params or updates")
         below = [(t < 0) for t in _foreach.add(p, u)] if _same_dtypes(p, u) else None
         if below is None:  # mixed dtypes: foreach needs one dtype per pair
             below = [(a + b) < 0 for a, b in zip(p, u)]

@@ -53,7 +53,8 @@ def scale_by_sm3(b1: Hyper = 0.9, b2: Hyper = 1.0, eps: Hyper = 1e-8) -> Gradien
 
     A 1-d leaf keeps a full accumulator (its single ``μ₀`` is ``ν`` itself). A 0-d leaf has no
     accumulator in optax's state layout, so its ``ν = c · g²`` has no memory (optax fails on
-    such a leaf). Complex leaves are refused, as in optax. ``torch.optim`` has no SM3.
+    such a leaf). An empty leaf's accumulators stay 0 (optax fails on it: a max over nothing).
+    Complex leaves are refused, as in optax. ``torch.optim`` has no SM3.
 
     Args:
         b1: decay of the momentum of the rescaled updates.
@@ -110,6 +111,9 @@ def scale_by_sm3(b1: Hyper = 0.9, b2: Hyper = 1.0, eps: Hyper = 1e-8) -> Gradien
             nu_new.append(torch.lerp(m, xi * scale, 1 - _ops.on_device(b1, xi)))
             if xi.dim() < 2:
                 new_accs.append([v.to(a.dtype) for a in acc])
+            elif xi.numel() == 0:
+                # amax has no identity for an empty reduction; ν ≥ 0, so the max of nothing is 0.
+                new_accs.append([torch.zeros_like(a) for a in acc])
             else:
                 others = [tuple(j for j in range(xi.dim()) if j != i) for i in range(xi.dim())]
                 new_accs.append([v.amax(dim=o).to(a.dtype) for o, a in zip(others, acc)])
