@@ -342,22 +342,43 @@ def cast_like(xs: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.T
     return _like(xs, likes)
 
 
-def check_decay(name: str, value: Any, *, allow_one: bool = False) -> None:
+def check_decay(
+    name: str, value: Any, *, allow_one: bool = False, allow_schedule: bool = False
+) -> None:
     """Validates a Python-number decay rate: finite and in ``[0, 1)`` (``[0, 1]`` if allowed).
 
     Tensor values and schedules are not inspected (that would read device memory); a tensor's
     shape is metadata and must be 0-d. NumPy scalars are numbers; a bool is refused (``b1=True``
-    would mean a decay of 1, whose bias correction divides by zero).
+    would mean a decay of 1, whose bias correction divides by zero). A schedule is refused
+    unless the transform evaluates it (``allow_schedule``): elsewhere it failed at the first
+    update inside torch's arithmetic, naming nothing.
     """
     check_scalar_tensor(name, value)
-    if callable(value) or isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):
         return
+    if callable(value):
+        if allow_schedule:
+            return
+        refuse_schedule(name, value)
     if not _utils.is_real_number(value):
-        raise TypeError(f"{name} must be a number, a 0-d tensor or a schedule, got {value!r}")
+        kinds = (
+            "a number, a 0-d tensor or a schedule" if allow_schedule else "a number or a 0-d tensor"
+        )
+        raise TypeError(f"{name} must be {kinds}, got {value!r}")
     upper_ok = value <= 1 if allow_one else value < 1
     if not (value >= 0 and upper_ok):
         interval = "[0, 1]" if allow_one else "[0, 1)"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def refuse_schedule(name: str, value: Any) -> None:
+    """Refuses a schedule for a hyperparameter the transform takes as a fixed value."""
+    if callable(value) and not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a number or a 0-d tensor, not a schedule: this transform takes "
+            f"a fixed value (ft.inject_hyperparams(factory)(..., {name}=schedule) evaluates a "
+            "schedule at every step and passes the value)"
+        )
 
 
 def check_scalar_tensor(name: str, value: Any) -> None:

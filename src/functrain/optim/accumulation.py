@@ -62,6 +62,7 @@ def trace(
         >>> tx.update([torch.ones(1)], state)[0]
         [tensor([1.9000])]
     """
+    _ops.refuse_schedule("decay", decay)
     _utils.check_finite_number("decay", decay, minimum=0.0)  # torch.optim.SGD refuses it too
     _ops.check_scalar_tensor("decay", decay)
     _ops.check_dtype("accumulator_dtype", accumulator_dtype)

@@ -63,6 +63,7 @@ def sgd(
     # An integer buffer would silently truncate the momentum to whole numbers.
     _ops.check_dtype("accumulator_dtype", accumulator_dtype)
     if momentum is not None:
+        _ops.refuse_schedule("momentum", momentum)
         _utils.check_finite_number("momentum", momentum, minimum=0.0)  # as torch.optim.SGD
     return chain(
         accumulation.trace(momentum, nesterov, accumulator_dtype)

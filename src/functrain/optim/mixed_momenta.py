@@ -76,7 +76,7 @@ def scale_by_ademamix(
         [tensor([ 1.0001, -1.0001])]
     """
     _check(b1, b2, eps, eps_root, mu_dtype)
-    _ops.check_decay("b3", b3, allow_one=True)
+    _ops.check_decay("b3", b3, allow_one=True, allow_schedule=True)
     _utils.check_finite_number("alpha", alpha)
     _ops.check_scalar_tensor("alpha", alpha)
 
