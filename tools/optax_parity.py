@@ -235,6 +235,48 @@ def run_transform(spec: C, data: dict[str, Any], dtype: str = "float64") -> floa
     return worst
 
 
+def _problem(kind: str) -> Callable[[Any], Any]:
+    """A deterministic objective written once for torch and jax dict params (SHAPES)."""
+    rng = np.random.default_rng(1)
+    scales = {k: 0.5 + rng.random(s) for k, s in SHAPES.items()}
+    targets = {k: rng.standard_normal(s) for k, s in SHAPES.items()}
+
+    def f(p: Any) -> Any:
+        lib_ft = isinstance(p["w"], torch.Tensor)
+        conv = (lambda a: torch.tensor(a)) if lib_ft else jnp.asarray
+        if kind == "ls_quad":
+            return sum((conv(scales[k]) * (p[k] - conv(targets[k])) ** 2).sum() for k in p)
+        x = p["w"].reshape(-1)
+        rosen = (100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2).sum()
+        return rosen + sum((p[k] ** 2).sum() for k in ("b", "s", "k"))
+
+    return f
+
+
+def run_linesearch(spec: C, kind: str) -> float:
+    """20 steps of ``value, grad = ...; tx.update(grad, state, params, value=, grad=, value_fn=)``
+    on a quadratic or Rosenbrock objective; max error of updates and params."""
+    txs = {lib: resolve(lib, spec, {}) for lib in ("ft", "ox")}
+    f = _problem(kind)
+    rng = np.random.default_rng(2)
+    p0 = {k: 0.5 * rng.standard_normal(s) for k, s in SHAPES.items()}
+    params = {lib: convert(lib, p0) for lib in txs}
+    states = {lib: txs[lib].init(params[lib]) for lib in txs}
+    vg = {"ft": lambda p: torch.func.grad_and_value(f)(p)[::-1], "ox": jax.value_and_grad(f)}
+    apply = {"ft": ft.apply_updates, "ox": optax.apply_updates}
+    worst = 0.0
+    for _ in range(STEPS):
+        out = {}
+        for lib, tx in txs.items():
+            value, grad = vg[lib](params[lib])
+            out[lib], states[lib] = tx.update(
+                grad, states[lib], params[lib], value=value, grad=grad, value_fn=f
+            )
+            params[lib] = apply[lib](params[lib], out[lib])
+        worst = max(worst, rel_err(out["ft"], out["ox"]), rel_err(params["ft"], params["ox"]))
+    return worst
+
+
 def run_schedule(spec: C, counts: list[int]) -> float:
     fts, oxs = resolve("ft", spec, {}), resolve("ox", spec, {})
     ox = np.array([np.asarray(oxs(jnp.asarray(n, jnp.int32)), np.float64) for n in counts])
@@ -274,6 +316,7 @@ WIDER = "updates keep their dtype (optax: promoted to a wider accumulator's)"
 SF_WARMUP = "optax builds the warmup inside the alias: its int32 count divides in float32"
 SF_WIDER = "updates keep the params' dtype (optax: promoted to state_dtype's)"
 RPROP_STALE = "optax 0.2.8 returns the previous step's update (one step stale, optax PR 1725); functrain the current one, as torch.optim.Rprop"
+DOG_WIDER = "updates keep the leaf's dtype (optax: promoted by its float64 state: G in x64's default float, or param_dtype)"
 RHO = "RAdam's rho-4 cancels: optax's b2**t (integer power) is 1 ulp off at t=6, torch's is not"
 
 
@@ -287,6 +330,18 @@ def tx_cases() -> list[Case]:
     sf_warm = c("warmup_constant_schedule", 0.0, 0.05, 5)  # float64 in both (see resolve)
     # fmt: off
     return [Case(*row) if isinstance(row, tuple) else row for row in [
+        ("scale_by_lbfgs", "defaults", c("scale_by_lbfgs"), "normal", 1e-10, "random gradients give indefinite curvature pairs (rho < 0); the 10-pair recursion amplifies last-bit differences of BLAS dot products (summation order)"),
+        ("scale_by_lbfgs", "memory_size=3, no init scaling", c("scale_by_lbfgs", 3, False), "normal"),
+        ("lbfgs", "lr=0.1, no linesearch", c("lbfgs", 0.1, linesearch=None), "normal"),
+        ("lbfgs", "lr schedule, memory 4, no linesearch", c("lbfgs", sched, 4, linesearch=None), "zeros"),
+        ("lbfgs", "defaults (zoom), quadratic", c("lbfgs"), "ls_quad"),
+        ("lbfgs", "defaults (zoom), rosenbrock", c("lbfgs"), "ls_rosen"),
+        ("lbfgs", "memory 3, backtracking, rosenbrock", c("lbfgs", None, 3, linesearch=c("scale_by_backtracking_linesearch", 25)), "ls_rosen"),
+        ("scale_by_zoom_linesearch", "sgd, keep, rosenbrock", c("chain", c("sgd", 1.0), c("scale_by_zoom_linesearch", 15)), "ls_rosen"),
+        ("scale_by_zoom_linesearch", "sgd, max_lr=0.5, curv 0.5, rosen", c("chain", c("sgd", 1.0), c("scale_by_zoom_linesearch", 8, 0.5, curv_rtol=0.5, approx_dec_rtol=None)), "ls_rosen"),
+        ("scale_by_zoom_linesearch", "sgd, few steps (fails), quadratic", c("chain", c("sgd", 3.0), c("scale_by_zoom_linesearch", 2, initial_guess_strategy="one")), "ls_quad"),
+        ("scale_by_backtracking_linesearch", "sgd, rosenbrock", c("chain", c("sgd", 1.0), c("scale_by_backtracking_linesearch", 20)), "ls_rosen"),
+        ("scale_by_backtracking_linesearch", "store_grad, rtol, quad", c("chain", c("sgd", 2.0), c("scale_by_backtracking_linesearch", 10, 0.3, 0.5, 2.0, 4.0, 0.0, 1e-3, store_grad=True)), "ls_quad"),
         ("sgd", "lr=0.1", c("sgd", 0.1), "normal"),
         ("sgd", "momentum=0.9, nesterov", c("sgd", 0.05, momentum=0.9, nesterov=True), "normal"),
         ("sgd", "momentum, lr schedule", c("sgd", sched, momentum=0.5), "normal"),
@@ -443,6 +498,15 @@ def tx_cases() -> list[Case]:
         ("ademamix", "lr sched, wd, mask", c("ademamix", sched, b3=0.99, weight_decay=0.1, mask=MASK), "normal"),
         ("conditionally_transform", "adam on odd steps", c("conditionally_transform", c("adam", 0.01), lambda step: step % 2 == 1), "normal"),
         ("conditionally_mask", "sgd momentum from step 5", c("conditionally_mask", c("sgd", 0.1, 0.9), lambda step: step >= 5), "normal"),
+        ("signum", "defaults", c("signum", 1e-2), "normal"),
+        ("signum", "beta=0.5, lr schedule", c("signum", sched, 0.5), "zeros"),
+        ("normalize_by_update_norm", "defaults", c("normalize_by_update_norm"), "normal"),
+        ("normalize_by_update_norm", "scale=-0.1, eps=0", c("normalize_by_update_norm", -0.1, 0.0), "zeros"),
+        Case("scale_by_distance_over_gradients", "defaults, mask (a 0-d leaf's optax update is (1,))", c("masked", c("scale_by_distance_over_gradients"), MASK), "normal", doc32=DOG_WIDER),
+        Case("scale_by_distance_over_gradients", "float64 init params, scale -1, mask", c("masked", c("scale_by_distance_over_gradients", 1e-4, param_dtype=np.float64, global_scale=-1.0), MASK), "normal", doc32=DOG_WIDER),
+        Case("scale_by_distance_over_gradients", "eps=1e-3, zeros, mask", c("masked", c("scale_by_distance_over_gradients", 1e-2, 1e-3, np.float64), MASK), "zeros", doc32=DOG_WIDER),
+        ("stateless_with_tree_map", "2u + p/2", c("stateless_with_tree_map", lambda u, p: 2 * u + 0.5 * p), "normal"),
+        ("with_extra_args_support", "sgd momentum", c("with_extra_args_support", c("sgd", 0.1, 0.9)), "normal"),
     ]]
     # fmt: on
 
@@ -497,6 +561,37 @@ def function_cases() -> list[tuple[str, str, C, str]]:
             c("per_example_global_norm_clip", R("@gl"), 1.5),
             "per_example",
         ),
+        (
+            "per_example_layer_norm_clip",
+            "uniform, clip=1.5",
+            c("per_example_layer_norm_clip", R("@gl"), 1.5),
+            "per_example",
+        ),
+        (
+            "per_example_layer_norm_clip",
+            "by size, clip=2",
+            c("per_example_layer_norm_clip", R("@gl"), 2.0, False),
+            "per_example",
+        ),
+        ("global_norm", "", c("global_norm", g), "normal"),
+        ("safe_norm", "2-norm, min 0.5", c("safe_norm", R("@b"), 0.5), "normal"),
+        ("safe_norm", "min above the norm", c("safe_norm", R("@b"), 100.0), "normal"),
+        (
+            "safe_norm",
+            "ord=1, axis=1, keepdims",
+            c("safe_norm", R("@w2"), 1.0, 1, 1, True),
+            "normal",
+        ),
+        ("safe_norm", "fro, axis=(0, 1)", c("safe_norm", R("@w"), 0.5, "fro", (0, 1)), "normal"),
+        ("safe_root_mean_squares", "min 0.1", c("safe_root_mean_squares", R("@w"), 0.1), "normal"),
+        (
+            "safe_root_mean_squares",
+            "min above",
+            c("safe_root_mean_squares", R("@w"), 50.0),
+            "normal",
+        ),
+        ("safe_increment", "float64 counts", c("safe_increment", R("@b")), "normal"),
+        ("safe_int32_increment", "float64 counts", c("safe_int32_increment", R("@b")), "normal"),
         ("incremental_update", "step_size=0.3", c("incremental_update", g, h, 0.3), "normal"),
         ("periodic_update", "steps=6, period 3", c("periodic_update", g, h, 6, 3), "normal"),
         ("periodic_update", "steps=7, period 3", c("periodic_update", g, h, 7, 3), "normal"),
@@ -513,7 +608,7 @@ def function_cases() -> list[tuple[str, str, C, str]]:
 def function_data(kind: str) -> dict[str, Any]:
     data = make_data(kind)
     g = data["grads"][4] if kind == "nan" else data["g"]
-    return {**data, "g": g, "w": g["k"], "b": g["b"], "gl": [g[k] for k in sorted(g)]}
+    return {**data, "g": g, "w": g["k"], "w2": g["w"], "b": g["b"], "gl": [g[k] for k in sorted(g)]}
 
 
 def state_field_cases() -> list[tuple[str, str]]:
@@ -544,6 +639,14 @@ def main() -> int:
         k: make_data(k) for k in ("normal", "nan", "large", "zeros", "per_example", "plateau")
     }
     for case in tx_cases():
+        if case.kind.startswith("ls_"):
+            record(
+                case.name,
+                case.settings,
+                functools.partial(run_linesearch, case.spec, case.kind),
+                case,
+            )
+            continue
         data = datasets[case.kind or "normal"]
         record(case.name, case.settings, functools.partial(run_transform, case.spec, data), case)
     counts = [*range(41), 50, 99, 100, 101, 1000, 10**6]
@@ -556,6 +659,8 @@ def main() -> int:
     global WIDE_COUNTS
     WIDE_COUNTS = False
     for case in tx_cases():  # float32: every leaf keeps optax's dtype and shape
+        if case.kind.startswith("ls_"):
+            continue
         data = datasets[case.kind or "normal"]
         run = functools.partial(run_transform, case.spec, data, "float32")
         doc32 = Case(case.name, "", case.spec, doc=True, why=case.doc32) if case.doc32 else None

@@ -6,7 +6,13 @@ import math
 
 import pytest
 import torch
-from _alias_contract import check_bfloat16, check_compiles, check_masked, check_pure, check_train_step
+from _alias_contract import (
+    check_bfloat16,
+    check_compiles,
+    check_masked,
+    check_pure,
+    check_train_step,
+)
 
 import functrain as ft
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _alias_contract import check_bfloat16, check_compiles, check_masked, check_pure, check_train_step
+from _alias_contract import (
+    check_bfloat16,
+    check_compiles,
+    check_masked,
+    check_pure,
+    check_train_step,
+)
 
 import functrain as ft
 

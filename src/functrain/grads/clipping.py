@@ -24,7 +24,12 @@ from functrain.grads.per_sample import vmap_chunks
 from functrain.grads.stats import global_row_norms, leaf_row_norms, row_matrix
 from functrain.optim import _utils
 
-__all__ = ["ClippedGradSum", "clipped_grad_sum", "per_example_global_norm_clip"]
+__all__ = [
+    "ClippedGradSum",
+    "clipped_grad_sum",
+    "per_example_global_norm_clip",
+    "per_example_layer_norm_clip",
+]
 
 PyTree = Any
 
@@ -109,6 +114,14 @@ def per_example_global_norm_clip(
         ([tensor([1.7500, 1.7500, 1.7500])], tensor(3))
     """
     _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0, finite=False)
+    leaves, spec = _check_batched(grads, "per_example_global_norm_clip")
+    factors = _clip_factors(leaves, l2_norm_clip)
+    clipped = _rounded(_weighted_sum(leaves, factors), leaves)
+    return tree.unflatten(spec, clipped), (factors < 1).sum()
+
+
+def _check_batched(grads: PyTree, name: str) -> tuple[list[torch.Tensor], Any]:
+    """The leaves of per-example ``grads``; ValueError unless all share a leading dimension."""
     leaves, spec = tree.flatten(grads)
     if not leaves or any(x.dim() == 0 or x.shape[0] != leaves[0].shape[0] for x in leaves):
         why = ""
@@ -117,12 +130,60 @@ def per_example_global_norm_clip(
         except ValueError as err:  # names the first leaf at fault
             why = f": {err}"
         raise ValueError(
-            "per_example_global_norm_clip expects every leaf of grads to have the same "
-            f"leading batch dimension (per-example gradients){why}"
+            f"{name} expects every leaf of grads to have the same leading batch dimension "
+            f"(per-example gradients){why}"
         )
-    factors = _clip_factors(leaves, l2_norm_clip)
-    clipped = _rounded(_weighted_sum(leaves, factors), leaves)
-    return tree.unflatten(spec, clipped), (factors < 1).sum()
+    return leaves, spec
+
+
+def per_example_layer_norm_clip(
+    grads: PyTree, global_l2_norm_clip: float | torch.Tensor, uniform: bool = True
+) -> tuple[PyTree, PyTree]:
+    """Clips each example's gradient leaf by leaf (McMahan et al., 2017) and sums: optax's
+    function.
+
+    Each of the ``K`` leaves ("layers") is clipped on its own, as by
+    :func:`per_example_global_norm_clip`, to ``Cᵢ = C / √K`` (``uniform=True``) or
+    ``Cᵢ = C · √(Dᵢ / D)`` with ``Dᵢ`` the leaf's per-example size and ``D`` their total
+    (``uniform=False``); either way ``Σ Cᵢ² = C²``, so the whole gradient has norm at most
+    ``C``. With one leaf it equals :func:`per_example_global_norm_clip`.
+
+    Args:
+        grads: per-example gradients, every leaf with the same leading batch dimension (not
+            modified).
+        global_l2_norm_clip: ``C ≥ 0``, a number (``inf``: no clipping) or a 0-d floating
+            tensor.
+        uniform: the same clip norm for every leaf, or one proportional to ``√Dᵢ``.
+
+    Returns:
+        ``(clipped_sum, num_clipped)``: a pytree like one example's gradient, and a pytree of
+        the same structure holding each leaf's int64 0-d count of clipped examples (optax:
+        int32).
+
+    Raises:
+        ValueError: no leaves, leaves of different leading dimensions, or a negative or NaN
+            ``global_l2_norm_clip``.
+        TypeError: ``global_l2_norm_clip`` is a schedule, a bool or not a number.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> g = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "b": torch.tensor([[2.0], [0.0]])}
+        >>> ft.per_example_layer_norm_clip(g, 2.0 ** 0.5)
+        ({'a': tensor([0.9000, 1.2000]), 'b': tensor([1.])}, {'a': tensor(1), 'b': tensor(1)})
+    """
+    _check_number("global_l2_norm_clip", global_l2_norm_clip, minimum=0.0, finite=False)
+    leaves, spec = _check_batched(grads, "per_example_layer_norm_clip")
+    if uniform:
+        clips = [global_l2_norm_clip * (1.0 / len(leaves)) ** 0.5 for _ in leaves]
+    else:
+        sizes = [x[0].numel() for x in leaves]
+        clips = [global_l2_norm_clip * (n / sum(sizes)) ** 0.5 for n in sizes]
+    sums, counts = [], []
+    for x, clip in zip(leaves, clips):
+        factors = _clip_factors([x], clip)
+        sums.append(_rounded(_weighted_sum([x], factors), [x])[0])
+        counts.append((factors < 1).sum())
+    return tree.unflatten(spec, sums), tree.unflatten(spec, counts)
 
 
 class ClippedGradSum(NamedTuple):

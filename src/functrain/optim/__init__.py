@@ -7,6 +7,7 @@ from functrain.optim import (
     additive_moment,
     aliases,
     aliases_extra,
+    backtracking,
     base,
     belief,
     clipping,
@@ -17,14 +18,17 @@ from functrain.optim import (
     gradient_difference,
     hyperparams,
     layerwise_moments,
+    linesearch,
     loss_scale,
     mixed_momenta,
     multi_steps,
+    normalization,
     optimistic,
     orthogonalized,
     plateau,
     polyak,
     primal_averaging,
+    quasi_newton,
     resilient,
     rms,
     rms_ratio,
@@ -33,6 +37,7 @@ from functrain.optim import (
     slow_weights,
     updates,
     wrappers,
+    zoom,
 )
 from functrain.optim.accumulation import *  # noqa: F403
 from functrain.optim.adaptive import *  # noqa: F403
@@ -40,6 +45,7 @@ from functrain.optim.additive import *  # noqa: F403
 from functrain.optim.additive_moment import *  # noqa: F403
 from functrain.optim.aliases import *  # noqa: F403
 from functrain.optim.aliases_extra import *  # noqa: F403
+from functrain.optim.backtracking import *  # noqa: F403
 from functrain.optim.base import *  # noqa: F403
 from functrain.optim.belief import *  # noqa: F403
 from functrain.optim.clipping import *  # noqa: F403
@@ -50,14 +56,17 @@ from functrain.optim.factorized import *  # noqa: F403
 from functrain.optim.gradient_difference import *  # noqa: F403
 from functrain.optim.hyperparams import *  # noqa: F403
 from functrain.optim.layerwise_moments import *  # noqa: F403
+from functrain.optim.linesearch import *  # noqa: F403
 from functrain.optim.loss_scale import *  # noqa: F403
 from functrain.optim.mixed_momenta import *  # noqa: F403
 from functrain.optim.multi_steps import *  # noqa: F403
+from functrain.optim.normalization import *  # noqa: F403
 from functrain.optim.optimistic import *  # noqa: F403
 from functrain.optim.orthogonalized import *  # noqa: F403
 from functrain.optim.plateau import *  # noqa: F403
 from functrain.optim.polyak import *  # noqa: F403
 from functrain.optim.primal_averaging import *  # noqa: F403
+from functrain.optim.quasi_newton import *  # noqa: F403
 from functrain.optim.resilient import *  # noqa: F403
 from functrain.optim.rms import *  # noqa: F403
 from functrain.optim.rms_ratio import *  # noqa: F403
@@ -66,6 +75,7 @@ from functrain.optim.schedules import *  # noqa: F403
 from functrain.optim.slow_weights import *  # noqa: F403
 from functrain.optim.updates import *  # noqa: F403
 from functrain.optim.wrappers import *  # noqa: F403
+from functrain.optim.zoom import *  # noqa: F403
 
 __all__ = [
     *accumulation.__all__,
@@ -74,6 +84,7 @@ __all__ = [
     *additive_moment.__all__,
     *aliases.__all__,
     *aliases_extra.__all__,
+    *backtracking.__all__,
     *base.__all__,
     *belief.__all__,
     *clipping.__all__,
@@ -84,14 +95,17 @@ __all__ = [
     *gradient_difference.__all__,
     *hyperparams.__all__,
     *layerwise_moments.__all__,
+    *linesearch.__all__,
     *loss_scale.__all__,
     *mixed_momenta.__all__,
     *multi_steps.__all__,
+    *normalization.__all__,
     *optimistic.__all__,
     *orthogonalized.__all__,
     *plateau.__all__,
     *polyak.__all__,
     *primal_averaging.__all__,
+    *quasi_newton.__all__,
     *resilient.__all__,
     *rms.__all__,
     *rms_ratio.__all__,
@@ -100,4 +114,5 @@ __all__ = [
     *slow_weights.__all__,
     *updates.__all__,
     *wrappers.__all__,
+    *zoom.__all__,
 ]

@@ -19,14 +19,18 @@ from functrain.optim import _ops, fused
 __all__ = [
     "EmptyState",
     "GradientTransformation",
+    "GradientTransformationExtraArgs",
     "TransformInitFn",
     "TransformUpdateFn",
     "apply_updates",
     "chain",
     "identity",
+    "init_empty_state",
     "named_chain",
     "set_to_zero",
     "stateless",
+    "stateless_with_tree_map",
+    "with_extra_args_support",
 ]
 
 PyTree = Any
@@ -92,6 +96,31 @@ class EmptyState(NamedTuple):
         >>> ft.EmptyState()
         EmptyState()
     """
+
+
+# optax's subclass for transforms whose ``update`` takes ``**extra_args``. Every functrain
+# transform does (``chain`` passes keyword arguments to the members that accept them), so it
+# is the same class here: ``GradientTransformationExtraArgs(init, update)`` builds one.
+GradientTransformationExtraArgs = GradientTransformation
+
+
+def init_empty_state(params: Params) -> EmptyState:
+    """The ``init`` of a stateless transform: ignores ``params``, returns :class:`EmptyState`.
+
+    Args:
+        params: the parameters (unused).
+
+    Returns:
+        ``EmptyState()``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.GradientTransformation(ft.init_empty_state, lambda u, s, p=None: (u, s))
+        >>> tx.init({"w": torch.ones(2)})
+        EmptyState()
+    """
+    del params
+    return EmptyState()
 
 
 def identity() -> GradientTransformation:
@@ -165,6 +194,71 @@ def stateless(f: Callable[[Updates, Params | None], Updates]) -> GradientTransfo
         return f(updates, params), state
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def stateless_with_tree_map(
+    f: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> GradientTransformation:
+    """Builds a stateless transform from a per-leaf ``f(update, param) -> update``.
+
+    :func:`stateless` with the tree map done for you: ``f`` gets each update leaf and the
+    matching parameter leaf, or ``None`` when ``update`` is called without params. ``None``
+    leaves of masked updates stay ``None``.
+
+    Args:
+        f: maps one update tensor and its parameter (or ``None``) to the new update tensor.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.stateless_with_tree_map(lambda u, p: u + 0.5 * p)
+        >>> params = {"w": torch.ones(2)}
+        >>> tx.update({"w": torch.zeros(2)}, tx.init(params), params)[0]
+        {'w': tensor([0.5000, 0.5000])}
+    """
+    if not callable(f):
+        raise TypeError(f"stateless_with_tree_map: f must be callable, got {type(f).__name__}")
+
+    def update_fn(
+        updates: Updates, state: EmptyState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, EmptyState]:
+        del state, extra
+        if params is None:
+            return tree.map(lambda u: f(u, None), updates), EmptyState()
+        return tree.map(f, updates, params), EmptyState()
+
+    return GradientTransformation(init_empty_state, update_fn)
+
+
+def with_extra_args_support(tx: GradientTransformation) -> GradientTransformationExtraArgs:
+    """Makes ``tx.update`` accept (and ignore) keyword arguments, as optax's function.
+
+    functrain's own transforms already take ``**extra``, and :func:`chain` passes keyword
+    arguments only to the members that accept them; this is for a hand-written transform
+    whose ``update(updates, state, params=None)`` has no ``**kwargs``, called directly. A
+    transform that accepts them is returned unchanged.
+
+    Args:
+        tx: the transform to adapt.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.GradientTransformation(ft.init_empty_state, lambda u, s, p=None: (u, s))
+        >>> tx = ft.with_extra_args_support(tx)
+        >>> tx.update([torch.ones(1)], tx.init(None), None, loss=torch.tensor(0.5))[0]
+        [tensor([1.])]
+    """
+    tx = _check_transform(tx, "with_extra_args_support argument")
+    if _accepts_extra(tx.update):
+        return tx
+    inner = tx.update
+
+    def update_fn(
+        updates: Updates, state: OptState, params: Params | None = None, **extra: Any
+    ) -> tuple[Updates, OptState]:
+        del extra
+        return inner(updates, state, params)
+
+    return GradientTransformation(tx.init, update_fn)
 
 
 def _accepts_extra(update_fn: Callable[..., Any]) -> bool:
