@@ -485,6 +485,8 @@ def tx_cases() -> list[Case]:
         ("scale_by_optimistic_gradient", "alpha=2, beta=0.3", c("scale_by_optimistic_gradient", 2.0, 0.3), "normal"),
         ("optimistic_adam", "lr=1e-2, optimism=0.5", c("optimistic_adam", 1e-2, 0.5), "normal"),
         ("optimistic_adam", "no nesterov, eps_root", c("optimistic_adam", 1e-2, None, 0.8, 0.9, 1e-6, 1e-8, nesterov=False), "zeros"),
+        ("optimistic_adam_v2", "defaults", c("optimistic_adam_v2", 1e-2), "normal"),
+        ("optimistic_adam_v2", "alpha, beta, lr sched, no nesterov", c("optimistic_adam_v2", sched, alpha=0.5, beta=2.0, b1=0.8, eps_root=1e-8, nesterov=False), "zeros"),
         ("fromage", "lr=0.01", c("fromage", 0.01), "normal"),
         ("fromage", "sched, min_norm, zeros", c("fromage", sched, 1e-3), "zeros"),
         # Constraints, apply_every, AdEMAMix, conditional transforms (lookahead needs LookaheadParams: its own test)

@@ -122,3 +122,22 @@ def test_injectable_learning_rate():
         p = [torch.ones(2)]
         u, _ = tx.update([torch.ones(2)], tx.init(p), p)
         assert torch.isfinite(u[0]).all()
+
+
+def test_optimistic_adam_v2_is_adam_then_optimism_then_learning_rate():
+    """optax's reworked interface: ``−lr · (alpha · rₜ + beta · (rₜ − rₜ₋₁))`` with Adam's
+    direction ``r``, computed here from scale_by_adam's own output over steps (float64)."""
+    lr, alpha, beta = 0.05, 0.7, 1.5
+    tx = ft.optimistic_adam_v2(lr, alpha=alpha, beta=beta, nesterov=False)
+    adam = ft.scale_by_adam()
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    state, adam_state = tx.init(params), adam.init(params)
+    previous = None
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        g = {"w": torch.randn(3, generator=gen, dtype=torch.float64)}
+        u, state = tx.update(g, state, params)
+        r, adam_state = adam.update(g, adam_state, params)
+        change = 0.0 if previous is None else r["w"] - previous
+        torch.testing.assert_close(u["w"], -lr * (alpha * r["w"] + beta * change))
+        previous = r["w"]

@@ -16,6 +16,7 @@ __all__ = [
     "ScaleByOptimisticGradientState",
     "fromage",
     "optimistic_adam",
+    "optimistic_adam_v2",
     "optimistic_gradient_descent",
     "scale_by_optimistic_gradient",
 ]
@@ -169,6 +170,55 @@ def optimistic_adam(
         adaptive.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
         scale_by_optimistic_gradient(alpha=learning_rate, beta=optimism),
         scaling.scale_by_learning_rate(1.0),  # flips the sign
+    )
+
+
+def optimistic_adam_v2(
+    learning_rate: ScalarOrSchedule,
+    *,
+    alpha: Hyper = 1.0,
+    beta: Hyper = 1.0,
+    b1: Hyper = 0.9,
+    b2: Hyper = 0.999,
+    eps: Hyper = 1e-8,
+    eps_root: Hyper = 0.0,
+    mu_dtype: torch.dtype | None = None,
+    nesterov: bool = True,
+) -> GradientTransformation:
+    """Optimistic Adam with optax's reworked interface: the optimism parameters ``alpha`` and
+    ``beta`` apart from the learning rate, which may be a schedule.
+
+    Update rule, with Adam's bias-corrected direction ``r``::
+
+        u = −lr · (alpha · rₜ + beta · (rₜ − rₜ₋₁))
+
+    that is ``chain(scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+    scale_by_optimistic_gradient(alpha, beta), scale_by_learning_rate(learning_rate))``, as
+    optax's ``optimistic_adam_v2``. ``torch.optim`` has no equivalent.
+
+    Args:
+        learning_rate: the step size: a number, a 0-d tensor or a schedule.
+        alpha: the weight of the current direction.
+        beta: the weight of the change of direction (the optimism).
+        b1: Adam's first-moment decay.
+        b2: Adam's second-moment decay.
+        eps: Adam's epsilon outside the square root.
+        eps_root: Adam's epsilon inside the square root.
+        mu_dtype: optional dtype in which Adam's first moment is stored.
+        nesterov: use Nesterov's (NAdam) first moment.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.optimistic_adam_v2(0.1, alpha=1.0, beta=1.0, nesterov=False)
+        >>> params = [torch.zeros(1)]
+        >>> u, _ = tx.update([torch.ones(1)], tx.init(params), params)
+        >>> u  # r₁ = 1, and no change of direction at the first step: −0.1 · 1
+        [tensor([-0.1000])]
+    """
+    return chain(
+        adaptive.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+        scale_by_optimistic_gradient(alpha=alpha, beta=beta),
+        scaling.scale_by_learning_rate(learning_rate),
     )
 
 
