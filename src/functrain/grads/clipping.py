@@ -177,7 +177,9 @@ def per_example_layer_norm_clip(
         clips = [global_l2_norm_clip * (1.0 / len(leaves)) ** 0.5 for _ in leaves]
     else:
         sizes = [x[0].numel() for x in leaves]
-        clips = [global_l2_norm_clip * (n / sum(sizes)) ** 0.5 for n in sizes]
+        # Every leaf empty per example: no entry to clip (optax divides 0 by 0 and raises).
+        total = max(sum(sizes), 1)
+        clips = [global_l2_norm_clip * (n / total) ** 0.5 for n in sizes]
     sums, counts = [], []
     for x, clip in zip(leaves, clips):
         factors = _clip_factors([x], clip)

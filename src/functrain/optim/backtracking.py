@@ -16,6 +16,7 @@ from functrain.optim.linesearch import (
     _check_args,
     _check_nonneg,
     _check_steps,
+    _check_trees,
     _dot,
     _kwargs_for,
     _real_leaves,
@@ -153,6 +154,7 @@ def scale_by_backtracking_linesearch(
         kw = _kwargs_for(value_fn, extra, who)
         u, spec = _real_leaves("updates", updates)
         p, pspec = _real_leaves("params", params)
+        _check_trees(updates, params, grad)
         g = tree.flatten(grad)[0]
         dtype = state.learning_rate.dtype
         value = torch.as_tensor(value, dtype=dtype, device=state.learning_rate.device)

@@ -94,6 +94,13 @@ def _check_args(params: Any, value: Any, grad: Any, value_fn: Any, who: str) -> 
         )
 
 
+def _check_trees(updates: Any, params: Any, grad: Any) -> None:
+    """``params`` and ``grad`` must have the structure and shapes of ``updates`` (optax's tree
+    maps refuse a mismatch); the leaf-wise zips would otherwise drop leaves silently, e.g. take
+    the slope ``⟨u, ∇f⟩`` over part of a ``grad`` with a missing leaf."""
+    _utils.flat(updates, {"params": params, "grad": grad})
+
+
 def _check_steps(name: str, n: Any) -> None:
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(

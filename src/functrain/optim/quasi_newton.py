@@ -169,10 +169,13 @@ def scale_by_lbfgs(
             beta = orho[j] * _rdot([x[j] for x in ou], q, wdtype)
             q = [a + (alphas[j] - beta) * b[j] for a, b in zip(q, ow)]
         out = [a.to(x.dtype) for a, x in zip(q, u)]
+        # Copies: the state must not alias the caller's parameters or gradient buffers, which
+        # a PyTorch loop updates in place (``p.add_(u)``, ``.grad`` zeroed and accumulated);
+        # aliases would make the next differences δw, δu zero or wrong.
         return tree.unflatten(spec, out), ScaleByLBFGSState(
             count=count,
-            params=tree.unflatten(spec, list(p)),
-            updates=tree.unflatten(spec, list(u)),
+            params=tree.unflatten(spec, [x.clone() for x in p]),
+            updates=tree.unflatten(spec, [x.clone() for x in u]),
             diff_params_memory=tree.unflatten(spec, mem_w),
             diff_updates_memory=tree.unflatten(spec, mem_u),
             weights_memory=rhos,

@@ -16,6 +16,7 @@ from functrain.optim.linesearch import (
     _check_args,
     _check_nonneg,
     _check_steps,
+    _check_trees,
     _dot,
     _kwargs_for,
     _real_leaves,
@@ -308,6 +309,7 @@ def scale_by_zoom_linesearch(
         kw = _kwargs_for(value_fn, extra, who)
         u, spec = _real_leaves("updates", updates)
         p, pspec = _real_leaves("params", params)
+        _check_trees(updates, params, grad)
         g = [x.to(y.dtype) for x, y in zip(tree.flatten(grad)[0], p)]
         lr0 = state.learning_rate
         dtype = lr0.dtype
