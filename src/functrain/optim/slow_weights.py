@@ -90,6 +90,8 @@ def lookahead(
     :func:`functrain.make_train_step` (whose loss gets the whole params pytree: write it on
     ``params.fast``), a :class:`LookaheadParams` of gradients, of which only ``.fast`` is used
     (an extension of optax, which takes the former only). ``torch.optim`` has no Lookahead.
+    Wrap the fast optimizer, not ``lookahead`` itself, in :func:`~functrain.masked` or
+    :func:`~functrain.partition`: the params it sees are a fast/slow pair.
 
     Args:
         fast_optimizer: the inner transform, run on the fast weights at every step.
