@@ -178,3 +178,16 @@ def _flat_plain(updates: Any, state_trees: dict[str, Any]) -> tuple[list, Any, d
             return None
         out[name] = other_leaves
     return leaves, tree.structure(updates), out
+
+
+def complex_leaf(values: Any, root: str) -> tuple[str, torch.dtype] | None:
+    """The path (named from ``root``) and dtype of the first complex tensor leaf of
+    ``values``, or ``None``: for the transforms that refuse complex leaves by name."""
+    leaves = tree.leaves(values)
+    if not any(isinstance(x, torch.Tensor) and x.is_complex() for x in leaves):
+        return None
+    paths, leaves, _ = tree.flatten_with_paths(values)
+    path, x = next(
+        (p, x) for p, x in zip(paths, leaves) if isinstance(x, torch.Tensor) and x.is_complex()
+    )
+    return tree.path_str(path, root), x.dtype

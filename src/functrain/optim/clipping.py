@@ -126,15 +126,12 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
 
 def _refuse_complex(updates: Any, name: str) -> None:
     """Raises a ``TypeError`` naming the first complex leaf (complex numbers have no order)."""
-    leaves = tree.leaves(updates)
-    if not any(isinstance(x, torch.Tensor) and x.is_complex() for x in leaves):
-        return
-    paths, leaves, _ = tree.flatten_with_paths(updates)
-    path = next(p for p, x in zip(paths, leaves) if isinstance(x, torch.Tensor) and x.is_complex())
-    raise TypeError(
-        f"{name} clamps real values; {tree.path_str(path, 'updates')} is complex "
-        "(clip its real and imaginary parts separately)"
-    )
+    found = _utils.complex_leaf(updates, "updates")
+    if found is not None:
+        raise TypeError(
+            f"{name} clamps real values; {found[0]} is complex "
+            "(clip its real and imaginary parts separately)"
+        )
 
 
 def _clip_factor(g_norm: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:

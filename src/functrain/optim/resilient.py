@@ -53,13 +53,11 @@ def _check(
 
 def _reject_complex(values: Any, name: str, root: str) -> None:
     """Raises ValueError naming the first complex leaf of ``values`` (optax refuses them too)."""
-    paths, leaves, _ = tree.flatten_with_paths(values)
-    for path, x in zip(paths, leaves):
-        if isinstance(x, torch.Tensor) and x.is_complex():
-            raise ValueError(
-                f"{name} does not support complex leaves (optax neither): "
-                f"{tree.path_str(path, root)} is {x.dtype}"
-            )
+    found = _utils.complex_leaf(values, root)
+    if found is not None:
+        raise ValueError(
+            f"{name} does not support complex leaves (optax neither): {found[0]} is {found[1]}"
+        )
 
 
 def scale_by_rprop(

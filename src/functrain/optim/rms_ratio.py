@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import torch
-
 from functrain import _foreach, tree
 from functrain.optim import _ops, _utils, additive, scaling
 from functrain.optim._adam_ops import Hyper, _operands
@@ -96,14 +94,12 @@ def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> GradientTransforma
 
 def _refuse_complex(values: Any, name: str) -> None:
     """Raises naming the first complex leaf of ``values`` (Adadelta has no complex form)."""
-    paths, leaves, _ = tree.flatten_with_paths(values)
-    for path, x in zip(paths, leaves):
-        if isinstance(x, torch.Tensor) and x.is_complex():
-            raise TypeError(
-                f"scale_by_adadelta does not support complex leaves: {tree.path_str(path, name)} "
-                f"is {x.dtype}; optimise its real and imaginary parts as separate real tensors "
-                "(torch.view_as_real)"
-            )
+    found = _utils.complex_leaf(values, name)
+    if found is not None:
+        raise TypeError(
+            f"scale_by_adadelta does not support complex leaves: {found[0]} is {found[1]}; "
+            "optimise its real and imaginary parts as separate real tensors (torch.view_as_real)"
+        )
 
 
 def adadelta(
