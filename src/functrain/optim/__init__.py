@@ -25,6 +25,7 @@ from functrain.optim import (
     normalization,
     optimistic,
     orthogonalized,
+    param_map,
     plateau,
     polyak,
     primal_averaging,
@@ -63,6 +64,7 @@ from functrain.optim.multi_steps import *  # noqa: F403
 from functrain.optim.normalization import *  # noqa: F403
 from functrain.optim.optimistic import *  # noqa: F403
 from functrain.optim.orthogonalized import *  # noqa: F403
+from functrain.optim.param_map import *  # noqa: F403
 from functrain.optim.plateau import *  # noqa: F403
 from functrain.optim.polyak import *  # noqa: F403
 from functrain.optim.primal_averaging import *  # noqa: F403
@@ -102,6 +104,7 @@ __all__ = [
     *normalization.__all__,
     *optimistic.__all__,
     *orthogonalized.__all__,
+    *param_map.__all__,
     *plateau.__all__,
     *polyak.__all__,
     *primal_averaging.__all__,

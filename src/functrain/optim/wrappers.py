@@ -35,6 +35,7 @@ from functrain.optim.base import (
     set_to_zero,
 )
 from functrain.optim.loss_scale import all_finite
+from functrain.optim.param_map import is_params_placeholder
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -108,6 +109,10 @@ def masked(
         return make_mask(mask(tree_) if callable(mask) else mask)
 
     def init_fn(params: Any) -> MaskedState:
+        if is_params_placeholder(params):
+            # tree_map_params: the placeholder stands for any params tree, so it has no mask
+            # to apply; the inner state over it marks the params-shaped parts (as in optax).
+            return MaskedState(inner_state=inner.init(params))
         inner_state = inner.init(apply_mask(get_mask(params), params, "params"))
         return MaskedState(inner_state=vmappable(inner_state))
 
@@ -185,6 +190,8 @@ def partition(
         return label_masks(labels, txs)
 
     def init_fn(params: Any) -> PartitionState:
+        if is_params_placeholder(params):  # tree_map_params; see masked's init
+            return PartitionState({g: MaskedState(tx.init(params)) for g, tx in txs.items()})
         masks = get_masks(params)
         return PartitionState(
             {
