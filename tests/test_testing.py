@@ -367,3 +367,19 @@ def test_bitwise_equality_tells_signed_zeros_and_nan_payloads_apart():
     testing.assert_trees_all_equal([z, torch.arange(3)], [z.clone(), torch.arange(3)], bitwise=True)
     with pytest.raises(AssertionError):
         testing.assert_trees_all_equal([z], [torch.tensor([complex(-0.0, 1.0)])], bitwise=True)
+
+
+def test_string_leaves_compare_by_equality():
+    """A checkpointed state may hold strings: they compare with ``==`` and by type, naming the
+    path, and the numeric leaves beside them are still checked (before: ``TypeError`` from
+    ``torch.as_tensor``)."""
+    a = {"name": "adamw", "x": torch.ones(2)}
+    testing.assert_trees_all_equal(a, {"name": "adamw", "x": torch.ones(2)})
+    testing.assert_trees_all_close(a, {"name": "adamw", "x": torch.ones(2) + 1e-9})
+    testing.assert_tree_all_finite(a)
+    with pytest.raises(AssertionError, match=r"leaves differ at \['name'\]: 'adamw' vs 'sgd'"):
+        testing.assert_trees_all_equal(a, {"name": "sgd", "x": torch.ones(2)})
+    with pytest.raises(AssertionError, match=r"leaves differ at \['name'\]"):
+        testing.assert_trees_all_close(a, {"name": 1.0, "x": torch.ones(2)})
+    with pytest.raises(AssertionError, match=r"trees differ at \['x'\]"):
+        testing.assert_trees_all_equal(a, {"name": "adamw", "x": torch.zeros(2)})

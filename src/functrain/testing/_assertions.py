@@ -22,6 +22,7 @@ from functrain.testing._structure_asserts import (
     _check_dtype,
     _check_shape,
     _check_two_or_more,
+    _numeric,
     _paired_leaves,
     assert_trees_all_equal_dtypes,
     assert_trees_all_equal_shapes,
@@ -205,7 +206,8 @@ def assert_trees_all_equal(*trees: Any, bitwise: bool = False) -> None:
 
     Args:
         *trees: two or more pytrees of tensors (Python numbers and NumPy arrays are accepted
-            as leaves); each is compared with the first.
+            as leaves; any other leaf, a string say, must be of the same type and ``==``);
+            each is compared with the first.
         bitwise: compare floating and complex leaves by bit pattern.
 
     Raises:
@@ -293,6 +295,8 @@ def assert_tree_all_finite(tree_: Any) -> None:
     """
     paths, leaves, _ = tree.flatten_with_paths(tree_)
     for path, leaf in zip(paths, leaves):
+        if not _numeric(leaf):
+            continue  # a string has no non-finite values
         x = _as_tensor(leaf).detach().cpu()
         if x.is_floating_point() or x.is_complex():
             bad = ~torch.isfinite(x)
