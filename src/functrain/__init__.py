@@ -2,7 +2,8 @@
 
 The public API: optimizer transforms and schedules (optax names), ``ft.tree`` pytree maths,
 ``TrainState`` and ``make_train_step``, per-sample gradients and DP-SGD. Submodules
-``ft.logging``, ``ft.checkpoint``, ``ft.distributed`` and ``ft.testing`` hold the rest.
+``ft.logging``, ``ft.checkpoint``, ``ft.distributed``, ``ft.projections`` and
+``ft.testing`` hold the rest.
 
 Example:
     >>> import torch, functrain as ft
@@ -14,7 +15,17 @@ Example:
     tensor([-0.0100, -0.0100, -0.0100])
 """
 
-from functrain import checkpoint, distributed, grads, logging, optim, testing, train, tree
+from functrain import (
+    checkpoint,
+    distributed,
+    grads,
+    logging,
+    optim,
+    projections,
+    testing,
+    train,
+    tree,
+)
 from functrain.grads import *  # noqa: F403
 from functrain.optim import *  # noqa: F403
 from functrain.train import *  # noqa: F403

@@ -7,25 +7,35 @@ from functrain.optim import (
     additive_moment,
     aliases,
     aliases_extra,
+    async_centering,
     backtracking,
     base,
     belief,
     clipping,
+    coin_betting,
+    complex_split,
     conditional,
     constraints,
     cover_sets,
+    decorrelated,
+    distance_adaptive,
+    dual_averaging,
     factorized,
     gradient_difference,
     hyperparams,
     layerwise_moments,
     linesearch,
     loss_scale,
+    mechanic,
     mixed_momenta,
+    model_based,
+    monitoring,
     multi_steps,
     normalization,
     optimistic,
     orthogonalized,
     param_map,
+    parameter_free,
     plateau,
     polyak,
     primal_averaging,
@@ -35,6 +45,7 @@ from functrain.optim import (
     rms_ratio,
     scaling,
     schedules,
+    sharpness,
     slow_weights,
     updates,
     wrappers,
@@ -46,25 +57,35 @@ from functrain.optim.additive import *  # noqa: F403
 from functrain.optim.additive_moment import *  # noqa: F403
 from functrain.optim.aliases import *  # noqa: F403
 from functrain.optim.aliases_extra import *  # noqa: F403
+from functrain.optim.async_centering import *  # noqa: F403
 from functrain.optim.backtracking import *  # noqa: F403
 from functrain.optim.base import *  # noqa: F403
 from functrain.optim.belief import *  # noqa: F403
 from functrain.optim.clipping import *  # noqa: F403
+from functrain.optim.coin_betting import *  # noqa: F403
+from functrain.optim.complex_split import *  # noqa: F403
 from functrain.optim.conditional import *  # noqa: F403
 from functrain.optim.constraints import *  # noqa: F403
 from functrain.optim.cover_sets import *  # noqa: F403
+from functrain.optim.decorrelated import *  # noqa: F403
+from functrain.optim.distance_adaptive import *  # noqa: F403
+from functrain.optim.dual_averaging import *  # noqa: F403
 from functrain.optim.factorized import *  # noqa: F403
 from functrain.optim.gradient_difference import *  # noqa: F403
 from functrain.optim.hyperparams import *  # noqa: F403
 from functrain.optim.layerwise_moments import *  # noqa: F403
 from functrain.optim.linesearch import *  # noqa: F403
 from functrain.optim.loss_scale import *  # noqa: F403
+from functrain.optim.mechanic import *  # noqa: F403
 from functrain.optim.mixed_momenta import *  # noqa: F403
+from functrain.optim.model_based import *  # noqa: F403
+from functrain.optim.monitoring import *  # noqa: F403
 from functrain.optim.multi_steps import *  # noqa: F403
 from functrain.optim.normalization import *  # noqa: F403
 from functrain.optim.optimistic import *  # noqa: F403
 from functrain.optim.orthogonalized import *  # noqa: F403
 from functrain.optim.param_map import *  # noqa: F403
+from functrain.optim.parameter_free import *  # noqa: F403
 from functrain.optim.plateau import *  # noqa: F403
 from functrain.optim.polyak import *  # noqa: F403
 from functrain.optim.primal_averaging import *  # noqa: F403
@@ -74,6 +95,7 @@ from functrain.optim.rms import *  # noqa: F403
 from functrain.optim.rms_ratio import *  # noqa: F403
 from functrain.optim.scaling import *  # noqa: F403
 from functrain.optim.schedules import *  # noqa: F403
+from functrain.optim.sharpness import *  # noqa: F403
 from functrain.optim.slow_weights import *  # noqa: F403
 from functrain.optim.updates import *  # noqa: F403
 from functrain.optim.wrappers import *  # noqa: F403
@@ -86,25 +108,35 @@ __all__ = [
     *additive_moment.__all__,
     *aliases.__all__,
     *aliases_extra.__all__,
+    *async_centering.__all__,
     *backtracking.__all__,
     *base.__all__,
     *belief.__all__,
     *clipping.__all__,
+    *coin_betting.__all__,
+    *complex_split.__all__,
     *conditional.__all__,
     *constraints.__all__,
     *cover_sets.__all__,
+    *decorrelated.__all__,
+    *distance_adaptive.__all__,
+    *dual_averaging.__all__,
     *factorized.__all__,
     *gradient_difference.__all__,
     *hyperparams.__all__,
     *layerwise_moments.__all__,
     *linesearch.__all__,
     *loss_scale.__all__,
+    *mechanic.__all__,
     *mixed_momenta.__all__,
+    *model_based.__all__,
+    *monitoring.__all__,
     *multi_steps.__all__,
     *normalization.__all__,
     *optimistic.__all__,
     *orthogonalized.__all__,
     *param_map.__all__,
+    *parameter_free.__all__,
     *plateau.__all__,
     *polyak.__all__,
     *primal_averaging.__all__,
@@ -114,6 +146,7 @@ __all__ = [
     *rms_ratio.__all__,
     *scaling.__all__,
     *schedules.__all__,
+    *sharpness.__all__,
     *slow_weights.__all__,
     *updates.__all__,
     *wrappers.__all__,
