@@ -498,6 +498,11 @@ def tx_cases() -> list[Case]:
         ("scale_by_ademamix", "b3/alpha schedules, eps_root", c("scale_by_ademamix", 0.8, 0.95, c("linear_schedule", 0.9, 0.999, 10), c("linear_schedule", 0.0, 8.0, 10), 1e-6, 1e-4), "zeros"),
         ("ademamix", "defaults", c("ademamix", 1e-2), "normal"),
         ("ademamix", "lr sched, wd, mask", c("ademamix", sched, b3=0.99, weight_decay=0.1, mask=MASK), "normal"),
+        # SAM (optax.contrib): transparent mode, one call per adversarial or outer step
+        ("normalize", "then sgd", c("chain", c("normalize"), c("sgd", 0.1)), "normal"),
+        ("sam", "sgd, normalize + sgd", c("sam", c("sgd", 0.05), c("chain", c("normalize"), c("sgd", 0.1))), "normal"),
+        ("sam", "adam, momentum adv, period 3, no reset", c("sam", c("adam", 0.05), c("sgd", 0.02, momentum=0.5), sync_period=3, reset_state=False), "normal"),
+        ("sam", "adamw, period 4, reset", c("sam", c("adamw", 0.01, weight_decay=0.1), c("sgd", 0.02, momentum=0.5), sync_period=4), "zeros"),
         ("conditionally_transform", "adam on odd steps", c("conditionally_transform", c("adam", 0.01), lambda step: step % 2 == 1), "normal"),
         ("conditionally_mask", "sgd momentum from step 5", c("conditionally_mask", c("sgd", 0.1, 0.9), lambda step: step >= 5), "normal"),
         ("signum", "defaults", c("signum", 1e-2), "normal"),
