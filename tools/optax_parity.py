@@ -291,6 +291,117 @@ def run_function(spec: C, data: dict[str, Any]) -> float:
     return rel_err(ft_out, ox_out)
 
 
+def run_with_state(spec: C, data: dict[str, Any], compare_init: bool = True) -> float:
+    """Like run_transform, but also compares the whole optimizer state every step (monitoring
+    transforms record their measures there and leave the updates unchanged)."""
+    txs = {lib: resolve(lib, spec, {}) for lib in ("ft", "ox")}
+    params = {lib: convert(lib, data["params"]) for lib in txs}
+    states = {lib: txs[lib].init(params[lib]) for lib in txs}
+    worst = rel_err(states["ft"], states["ox"]) if compare_init else 0.0
+    for g in data["grads"]:
+        out = {}
+        for lib, tx in txs.items():
+            out[lib], states[lib] = tx.update(convert(lib, g), states[lib], params[lib])
+        params["ft"] = ft.apply_updates(params["ft"], out["ft"])
+        params["ox"] = optax.apply_updates(params["ox"], out["ox"])
+        worst = max(worst, rel_err(out["ft"], out["ox"]), rel_err(states["ft"], states["ox"]))
+    return worst
+
+
+def run_complex(spec: C, data: dict[str, Any]) -> float:
+    """20 steps on complex128 leaves built from two real data sets; real and imaginary parts
+    of updates and parameters are compared (the real leaf ``s`` stays real)."""
+    txs = {lib: resolve(lib, spec, {}) for lib in ("ft", "ox")}
+    h = data["h"]
+
+    def cplx(lib: str, t: dict[str, Any]) -> dict[str, Any]:
+        z = {k: t[k] + 1j * h[k] if k != "s" else t[k] for k in t}
+        if lib == "ft":
+            return {k: torch.tensor(v) for k, v in z.items()}
+        return {k: jnp.asarray(v) for k, v in z.items()}
+
+    params = {lib: cplx(lib, data["params"]) for lib in txs}
+    states = {lib: txs[lib].init(params[lib]) for lib in txs}
+    apply = {"ft": ft.apply_updates, "ox": optax.apply_updates}
+    worst = 0.0
+    for g in data["grads"]:
+        out = {}
+        for lib, tx in txs.items():
+            out[lib], states[lib] = tx.update(cplx(lib, g), states[lib], params[lib])
+            params[lib] = apply[lib](params[lib], out[lib])
+        for a, b in ((out["ft"], out["ox"]), (params["ft"], params["ox"])):
+            pa = [np.asarray(x.detach()) for x in optree.tree_leaves(a, namespace="functrain")]
+            pb = [np.asarray(x) for x in jax.tree.leaves(b)]
+            if [x.dtype for x in pa] != [x.dtype for x in pb]:
+                return float("inf")
+            worst = max(
+                worst,
+                rel_err(
+                    [x.real for x in pa] + [x.imag for x in pa],
+                    [x.real for x in pb] + [x.imag for x in pb],
+                ),
+            )
+    return worst
+
+
+def extra_cases() -> list[tuple[str, str, C, Callable[..., float]]]:
+    ema_norm = c("measure_with_ema", R("tree.norm"), 0.9)
+    return [
+        (
+            "snapshot",
+            "norm before clip",
+            c(
+                "chain",
+                c("sgd", 0.1, 0.9),
+                c("snapshot", "n", R("tree.norm")),
+                c("clip_by_global_norm", 0.5),
+            ),
+            run_with_state,
+        ),
+        (
+            "snapshot",
+            "tree measure |u|",
+            c("snapshot", "abs", lambda u: {k: abs(v) for k, v in u.items()}),
+            run_with_state,
+        ),
+        (
+            "monitor",
+            "norm + ema norm, then clip",
+            c(
+                "chain",
+                c("monitor", {"n": R("tree.norm"), "e": ema_norm}),
+                c("clip_by_global_norm", 4.0),
+            ),
+            run_with_state,
+        ),
+        # optax's ema state of a boolean measure starts as bool and becomes float at step 1; functrain's is float from init (stable state dtypes), so the init state is not compared
+        (
+            "measure_with_ema",
+            "ema(norm(w) > 4) in monitor, after init",
+            c("monitor", {"f": c("measure_with_ema", lambda u: (u["w"] ** 2).sum() > 16.0, 0.8)}),
+            functools.partial(run_with_state, compare_init=False),
+        ),
+        (
+            "measure_with_ema",
+            "no debias, float64 accumulator",
+            c("monitor", {"e": c("measure_with_ema", R("tree.norm"), 0.7, False, np.float64)}),
+            run_with_state,
+        ),
+        (
+            "split_real_and_imaginary",
+            "adam",
+            c("split_real_and_imaginary", c("adam", 0.05)),
+            run_complex,
+        ),
+        (
+            "split_real_and_imaginary",
+            "sgd momentum, lr schedule",
+            c("split_real_and_imaginary", c("sgd", lr_sched(), 0.9)),
+            run_complex,
+        ),
+    ]
+
+
 @dataclass(frozen=True)
 class Case:
     """One comparison; ``tol`` and ``why`` for known rounding gaps, ``doc`` for documented ones."""
@@ -318,6 +429,7 @@ SF_WIDER = "updates keep the params' dtype (optax: promoted to state_dtype's)"
 RPROP_STALE = "optax 0.2.8 returns the previous step's update (one step stale, optax PR 1725); functrain the current one, as torch.optim.Rprop"
 DOG_WIDER = "updates keep the leaf's dtype (optax: promoted by its float64 state: G in x64's default float, or param_dtype)"
 RHO = "RAdam's rho-4 cancels: optax's b2**t (integer power) is 1 ulp off at t=6, torch's is not"
+MECH_CANCEL = "the update is x0 - sum(s)*delta - x: O(1) parameters minus O(1) parameters leave steps ~1e-3 of them, so the base sgd-momentum's last-bit differences grow ~1e3 times (mechanize(adam) agrees exactly)"
 
 
 def lr_sched() -> C:
@@ -512,6 +624,28 @@ def tx_cases() -> list[Case]:
         Case("scale_by_distance_over_gradients", "defaults, mask (a 0-d leaf's optax update is (1,))", c("masked", c("scale_by_distance_over_gradients"), MASK), "normal", doc32=DOG_WIDER),
         Case("scale_by_distance_over_gradients", "float64 init params, scale -1, mask", c("masked", c("scale_by_distance_over_gradients", 1e-4, param_dtype=np.float64, global_scale=-1.0), MASK), "normal", doc32=DOG_WIDER),
         Case("scale_by_distance_over_gradients", "eps=1e-3, zeros, mask", c("masked", c("scale_by_distance_over_gradients", 1e-2, 1e-3, np.float64), MASK), "zeros", doc32=DOG_WIDER),
+        # Learning-rate-free optimizers of optax.contrib (scale_by_dog/dowg are reached through dog(-1.0)/dowg(-1.0): optax.contrib does not export them)
+        ("prodigy", "defaults", c("prodigy"), "normal"),
+        ("prodigy", "lr sched, betas, beta3, wd, coef, d0", c("prodigy", c("linear_schedule", 1.0, 0.1, 15), (0.8, 0.95), 0.9, 1e-6, 1e-3, 2.0, 0.1), "normal"),
+        ("prodigy", "warmup from 0: NaN d in both", c("prodigy", sched), "normal"),
+        ("prodigy", "safeguard_warmup, zeros", c("prodigy", 1.0, estim_lr0=1e-2, safeguard_warmup=True), "zeros"),
+        ("dadapt_adamw", "defaults", c("dadapt_adamw"), "normal"),
+        ("dadapt_adamw", "lr sched, betas, eps, d0, wd", c("dadapt_adamw", c("linear_schedule", 1.0, 0.1, 15), (0.5, 0.9), 1e-6, 1e-2, 0.1), "zeros"),
+        ("dog", "lr -1 (scale_by_dog), distance 1e-2", c("dog", -1.0, ("distance", 1e-2)), "normal"),
+        ("dog", "heuristic 1e-3, eps 1e-4, zeros", c("dog", 0.5, ("heuristic", 1e-3), 1e-4), "zeros"),
+        ("dog", "learning_rate 0.1", c("dog", 1.0, ("learning_rate", 0.1)), "normal"),
+        ("dog", "defaults", c("dog"), "normal"),
+        ("dog", "lr sched, wd, mask", c("dog", sched, ("learning_rate", 0.05), 1e-6, 0.1, MASK), "normal"),
+        ("dowg", "lr -1 (scale_by_dowg), init 0.5, eps 1e-6", c("dowg", -1.0, 0.5, 1e-6), "zeros"),
+        ("dowg", "defaults", c("dowg"), "normal"),
+        ("dowg", "lr sched, wd, mask", c("dowg", sched, 1e-2, 1e-3, 0.1, ndim_mask), "normal"),
+        ("mechanize", "adam(1.0), defaults", c("mechanize", c("adam", 1.0)), "normal"),
+        Case("mechanize", "sgd momentum sched, wd 0, 3 betas", c("mechanize", c("sgd", sched, 0.9), 0.0, 1e-6, 1e-3, 3), tol=1e-10, why=MECH_CANCEL),
+        ("mechanize", "lion, wd 0.1", c("mechanize", c("lion", 1.0), 0.1), "zeros"),
+        ("scale_by_cocob", "defaults", c("scale_by_cocob"), "normal"),
+        ("scale_by_cocob", "alpha 10, eps 1e-3", c("scale_by_cocob", 10.0, 1e-3), "zeros"),
+        ("cocob", "defaults", c("cocob"), "normal"),
+        ("cocob", "lr sched, wd, mask", c("cocob", sched, 50.0, 1e-6, 0.1, MASK), "normal"),
         ("stateless_with_tree_map", "2u + p/2", c("stateless_with_tree_map", lambda u, p: 2 * u + 0.5 * p), "normal"),
         ("with_extra_args_support", "sgd momentum", c("with_extra_args_support", c("sgd", 0.1, 0.9)), "normal"),
     ]]
@@ -602,6 +736,114 @@ def function_cases() -> list[tuple[str, str, C, str]]:
         ("incremental_update", "step_size=0.3", c("incremental_update", g, h, 0.3), "normal"),
         ("periodic_update", "steps=6, period 3", c("periodic_update", g, h, 6, 3), "normal"),
         ("periodic_update", "steps=7, period 3", c("periodic_update", g, h, 7, 3), "normal"),
+        (
+            "projections.projection_non_negative",
+            "tree",
+            c("projections.projection_non_negative", g),
+            "normal",
+        ),
+        (
+            "projections.projection_box",
+            "tree bounds [h, h + 1]",
+            c("projections.projection_box", g, h, c("tree.add", h, c("tree.full_like", h, 1.0))),
+            "normal",
+        ),
+        (
+            "projections.projection_box",
+            "array, scalar bounds",
+            c("projections.projection_box", R("@w"), -0.5, 0.3),
+            "normal",
+        ),
+        (
+            "projections.projection_hypercube",
+            "array, scale=0.5",
+            c("projections.projection_hypercube", R("@w"), 0.5),
+            "normal",
+        ),
+        (
+            "projections.projection_linf_ball",
+            "tree, scale=0.5",
+            c("projections.projection_linf_ball", g, 0.5),
+            "normal",
+        ),
+        (
+            "projections.projection_simplex",
+            "tree",
+            c("projections.projection_simplex", g),
+            "normal",
+        ),
+        (
+            "projections.projection_simplex",
+            "tree, scale=3",
+            c("projections.projection_simplex", g, 3.0),
+            "normal",
+        ),
+        (
+            "projections.projection_simplex",
+            "array, large",
+            c("projections.projection_simplex", R("@w2"), 0.5),
+            "large",
+        ),
+        (
+            "projections.projection_l1_sphere",
+            "tree, scale=2",
+            c("projections.projection_l1_sphere", g, 2.0),
+            "normal",
+        ),
+        (
+            "projections.projection_l1_ball",
+            "tree, outside",
+            c("projections.projection_l1_ball", g),
+            "normal",
+        ),
+        (
+            "projections.projection_l1_ball",
+            "tree, inside",
+            c("projections.projection_l1_ball", g, 100.0),
+            "normal",
+        ),
+        (
+            "projections.projection_l2_sphere",
+            "tree, scale=2",
+            c("projections.projection_l2_sphere", g, 2.0),
+            "normal",
+        ),
+        (
+            "projections.projection_l2_ball",
+            "tree, outside",
+            c("projections.projection_l2_ball", g, 1.5),
+            "normal",
+        ),
+        (
+            "projections.projection_l2_ball",
+            "tree, inside",
+            c("projections.projection_l2_ball", g, 100.0),
+            "normal",
+        ),
+        (
+            "projections.projection_vector",
+            "tree",
+            c("projections.projection_vector", g, h),
+            "normal",
+        ),
+        (
+            "projections.projection_hyperplane",
+            "tree, b=0.5",
+            c("projections.projection_hyperplane", g, h, 0.5),
+            "normal",
+        ),
+        (
+            "projections.projection_halfspace",
+            "tree, violated",
+            c("projections.projection_halfspace", g, h, -5.0),
+            "normal",
+        ),
+        (
+            "projections.projection_halfspace",
+            "tree, satisfied",
+            c("projections.projection_halfspace", g, h, 50.0),
+            "normal",
+        ),
         ("skip_not_finite", "nan step", c("skip_not_finite", R("@g"), 3, None), "nan"),
         (
             "skip_large_updates",
@@ -656,6 +898,8 @@ def main() -> int:
             continue
         data = datasets[case.kind or "normal"]
         record(case.name, case.settings, functools.partial(run_transform, case.spec, data), case)
+    for name, settings, spec, runner in extra_cases():
+        record(name, settings, lambda spec=spec, runner=runner: runner(spec, datasets["normal"]))
     counts = [*range(41), 50, 99, 100, 101, 1000, 10**6]
     for name, settings, spec in schedule_cases():
         record(name, settings, functools.partial(run_schedule, spec, counts))
