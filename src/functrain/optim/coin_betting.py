@@ -12,9 +12,9 @@ import torch
 from functrain import _foreach, tree
 from functrain._precision import widen_all
 from functrain.optim import _ops, _utils, additive, scaling
+from functrain.optim._global_stats import _copy, _refuse_complex
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import GradientTransformation, chain
-from functrain.optim.parameter_free import _copy, _refuse_complex
 
 __all__ = ["COCOBState", "cocob", "scale_by_cocob"]
 

@@ -13,9 +13,7 @@ import torch
 from functrain import _foreach, tree
 from functrain._precision import widen_all
 from functrain.optim import _ops, _utils, additive, scaling
-from functrain.optim._utils import ScalarOrSchedule
-from functrain.optim.base import GradientTransformation, chain, identity
-from functrain.optim.parameter_free import (
+from functrain.optim._global_stats import (
     _copy,
     _on,
     _params_leaves,
@@ -24,6 +22,8 @@ from functrain.optim.parameter_free import (
     _sq_norm,
     _state_dtype,
 )
+from functrain.optim._utils import ScalarOrSchedule
+from functrain.optim.base import GradientTransformation, chain, identity
 
 __all__ = ["DoGState", "DoWGState", "dog", "dowg", "scale_by_dog", "scale_by_dowg"]
 

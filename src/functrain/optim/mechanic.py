@@ -13,8 +13,7 @@ import torch
 from functrain import _foreach, tree
 from functrain._precision import widen_all
 from functrain.optim import _ops, _utils, scaling
-from functrain.optim.base import GradientTransformation
-from functrain.optim.parameter_free import (
+from functrain.optim._global_stats import (
     _copy,
     _dot,
     _on,
@@ -23,6 +22,7 @@ from functrain.optim.parameter_free import (
     _sq_norm,
     _state_dtype,
 )
+from functrain.optim.base import GradientTransformation
 
 __all__ = ["MechanicState", "mechanize"]
 
