@@ -368,7 +368,11 @@ def _kernel(
     head_clip, segments = found
     jobs: list[_Job | None] = []
     for part, members in segments:
-        if all(isinstance(op.spec, SetToZero) and len(op.idx) == part.n for op in members):
+        # ``members`` is empty for an optimizer without ops (``identity()``, a chain of them):
+        # the pure path adds the gradient, which no kernel does (``_match`` declines).
+        if members and all(
+            isinstance(op.spec, SetToZero) and len(op.idx) == part.n for op in members
+        ):
             jobs.append(None)  # a frozen group (``set_to_zero``): nothing to write
             continue
         job = _match(members, part)
@@ -395,18 +399,20 @@ def _kernel(
         squares += _run(job, part, part_grads, grad_scale, want_norm)
     if not want_norm:
         return None
-    if not squares:  # nothing moved (no leaves, or only frozen groups)
-        return ctx.p[0].new_zeros(()) if ctx.p else torch.zeros(())
-    first = squares[0]
-    dtype = first.dtype
-    for sq in squares[1:]:
-        dtype = torch.promote_types(dtype, sq.dtype)
-    total = torch.stack([s.to(first.device, dtype) for s in squares]).sum().sqrt()
+    if not ctx.p:
+        return torch.zeros(())
     # In the leaves' promoted dtype, as ``tree.norm`` of the updates (half sums were float32).
     result = ctx.p[0].dtype
     for p in ctx.p[1:]:
         if p.dtype != result:
             result = torch.promote_types(result, p.dtype)
+    if not squares:  # only frozen groups: nothing moved (a zero of every leaf's dtype too)
+        return ctx.p[0].new_zeros((), dtype=result)
+    first = squares[0]
+    dtype = first.dtype
+    for sq in squares[1:]:
+        dtype = torch.promote_types(dtype, sq.dtype)
+    total = torch.stack([s.to(first.device, dtype) for s in squares]).sum().sqrt()
     return total.to(result)
 
 
