@@ -429,6 +429,7 @@ SF_WIDER = "updates keep the params' dtype (optax: promoted to state_dtype's)"
 RPROP_STALE = "optax 0.2.8 returns the previous step's update (one step stale, optax PR 1725); functrain the current one, as torch.optim.Rprop"
 DOG_WIDER = "updates keep the leaf's dtype (optax: promoted by its float64 state: G in x64's default float, or param_dtype)"
 RHO = "RAdam's rho-4 cancels: optax's b2**t (integer power) is 1 ulp off at t=6, torch's is not"
+MADGRAD_F32 = "optax computes lambda=(lr+eps)*sqrt(k+1) in float32 from its int32 count even with x64; functrain in float64 (as the madgrad package). With lambda in float32 too they agree to 2e-12"
 MECH_CANCEL = "the update is x0 - sum(s)*delta - x: O(1) parameters minus O(1) parameters leave steps ~1e-3 of them, so the base sgd-momentum's last-bit differences grow ~1e3 times (mechanize(adam) agrees exactly)"
 
 
@@ -606,6 +607,26 @@ def tx_cases() -> list[Case]:
         ("centralize", "then sgd", c("chain", c("centralize"), c("sgd", 0.1)), "normal"),
         ("apply_every", "k=3", c("apply_every", 3), "normal"),
         ("apply_every", "k=1, after adam", c("chain", c("adam", 0.01), c("apply_every")), "normal"),
+        # MoMo, ACProp, MADGRAD, ADOPT, simplified AdEMAMix (optax.contrib)
+        ("adopt", "defaults", c("adopt", 1e-2), "normal"),
+        ("adopt", "nesterov, lr sched, zeros", c("adopt", sched, 0.8, 0.9, 1e-3, nesterov=True), "zeros"),
+        ("adopt", "no clipping, large", c("adopt", 1e-2, use_clipping=False), "large"),
+        ("scale_by_adopt", "b2=0.5, masked", c("masked", c("scale_by_adopt", 0.5, 0.5), MASK), "normal"),
+        Case("madgrad", "defaults", c("madgrad", 1e-2), "normal", tol=1e-6, why=MADGRAD_F32),
+        Case("madgrad", "wd, momentum=0.5, sched, zeros", c("madgrad", sched, 0.5, 0.1, 1e-4), "zeros", tol=1e-5, why=MADGRAD_F32),
+        Case("scale_by_madgrad", "momentum=0, large", c("scale_by_madgrad", 0.05, 0.0), "large", tol=1e-6, why=MADGRAD_F32),
+        ("momo", "defaults", c("momo"), "ls_quad"),
+        ("momo", "lr sched, wd, adapt_lower_bound", c("momo", sched, 0.8, 0.1, 0.01, True), "ls_quad"),
+        ("momo", "beta=0.5, lower_bound=-1", c("momo", 0.5, 0.5, -1.0), "ls_quad"),
+        ("momo_adam", "defaults", c("momo_adam"), "ls_quad"),
+        ("momo_adam", "lr sched, wd, adapt_lower_bound", c("momo_adam", sched, 0.8, 0.99, 1e-6, 0.0, 0.01, True), "ls_rosen"),
+        ("momo_adam", "plateau, lower_bound=0.2", c("momo_adam", 0.1, lower_bound=0.2, adapt_lower_bound=True), "plateau"),
+        ("acprop", "defaults", c("acprop", 1e-2), "normal"),
+        ("acprop", "wd sched, mask, zeros", c("acprop", sched, 0.8, 0.9, 1e-8, 1e-10, sched, MASK), "zeros"),
+        ("scale_by_acprop", "b1=0.5, large", c("scale_by_acprop", 0.5, 0.99), "large"),
+        ("simplified_ademamix", "defaults", c("simplified_ademamix", 1e-2), "normal"),
+        ("simplified_ademamix", "alpha sched, wd, mask, zeros", c("simplified_ademamix", sched, 0.9, 0.8, c("linear_schedule", 0.0, 5.0, 10), 1e-6, 1e-4, 0.1, MASK), "zeros"),
+        ("scale_by_simplified_ademamix", "alpha=2, large", c("scale_by_simplified_ademamix", 0.95, 0.9, 2.0), "large"),
         ("scale_by_ademamix", "defaults", c("scale_by_ademamix"), "normal"),
         ("scale_by_ademamix", "b3/alpha schedules, eps_root", c("scale_by_ademamix", 0.8, 0.95, c("linear_schedule", 0.9, 0.999, 10), c("linear_schedule", 0.0, 8.0, 10), 1e-6, 1e-4), "zeros"),
         ("ademamix", "defaults", c("ademamix", 1e-2), "normal"),

@@ -109,3 +109,11 @@ def test_injectable_scaling():
     g = [torch.tensor([2.0])]
     u, _ = tx.update(g, tx.init(g), g, value=1.0)  # γ = 1 / (0.5·2)² = 1 → −0.5·1·2
     torch.testing.assert_close(u[0], torch.tensor([-1.0]))
+
+
+def test_python_float_loss_keeps_float64_precision() -> None:
+    """A Python-float loss went through float32 first: 0.1 became 0.10000000149 in float64."""
+    tx = ft.scale_by_polyak()
+    g = {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    u, _ = tx.update(g, tx.init(g), g, value=0.1)
+    assert u["w"][0].item() == 0.1  # step = (0.1 - 0) / ‖g‖² = 0.1, times g = 1

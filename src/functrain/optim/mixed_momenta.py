@@ -1,4 +1,4 @@
-"""AdEMAMix: Adam with a mixture of a fast and a slow momentum (optax.contrib's ``scale_by_ademamix``, ``ademamix``)."""
+"""AdEMAMix: Adam with a mixture of a fast and a slow momentum (optax.contrib's ``scale_by_ademamix``, ``ademamix`` and their simplified variants)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ from functrain.optim.additive import add_decayed_weights
 from functrain.optim.base import GradientTransformation, chain
 from functrain.optim.scaling import scale_by_learning_rate
 
-__all__ = ["ScaleByAdemamixState", "ademamix", "scale_by_ademamix"]
+__all__ = [
+    "ScaleByAdemamixState",
+    "ScaleBySimplifiedAdEMAMixState",
+    "ademamix",
+    "scale_by_ademamix",
+    "scale_by_simplified_ademamix",
+    "simplified_ademamix",
+]
 
 
 class ScaleByAdemamixState(NamedTuple):
@@ -163,6 +170,139 @@ def ademamix(
     """
     return chain(
         scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+class ScaleBySimplifiedAdEMAMixState(NamedTuple):
+    """State of :func:`scale_by_simplified_ademamix`: the int32 step count ``t``, the
+    accumulated (undamped) momentum ``m`` and the second moment ``n``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> ft.scale_by_simplified_ademamix().init([torch.zeros(1)]).n
+        [tensor([0.])]
+    """
+
+    t: torch.Tensor
+    m: Any
+    n: Any
+
+
+def scale_by_simplified_ademamix(
+    b1: Hyper = 0.99,
+    b2: Hyper = 0.95,
+    alpha: ScalarOrSchedule = 0.0,
+    eps: Hyper = 1e-8,
+    eps_root: Hyper = 0.0,
+) -> GradientTransformation:
+    """Rescales updates by simplified AdEMAMix (Morwani et al., 2025): one slow momentum that
+    sums the gradients without the ``(1 − b1)`` damping, plus ``alpha`` times the gradient.
+
+    Update rule, with ``t`` the step count after increment::
+
+        m ← b1 · m + g                 (no (1 − b1) factor, no bias correction)
+        n ← b2 · n + (1 − b2) · g²
+        u = (m + alpha · g) / (√(n / (1 − b2ᵗ) + eps_root) + eps)
+
+    ``alpha`` may be a schedule of ``t`` before the increment. float16 and bfloat16 leaves are
+    computed in float32 and rounded once, as in :func:`scale_by_adam`. Complex leaves raise a
+    TypeError naming the leaf (optax squares them as ``g·g``, not ``|g|²``, which gives no
+    usable second moment). ``torch.optim`` has no AdEMAMix.
+
+    Args:
+        b1: decay of the accumulated momentum, in ``[0, 1]``.
+        b2: decay of the second moment, in ``[0, 1)``.
+        alpha: weight of the current gradient: a number, 0-d tensor or schedule.
+        eps: added to the denominator outside the square root.
+        eps_root: added inside the square root.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.scale_by_simplified_ademamix(alpha=1.0)
+        >>> params = [torch.zeros(2)]
+        >>> tx.update([torch.tensor([2.0, -2.0])], tx.init(params))[0]  # (g + g) / |g|
+        [tensor([ 2., -2.])]
+    """
+    _ops.check_decay("b1", b1, allow_one=True)
+    _check(0.0, b2, eps, eps_root)
+    _utils.check_finite_number("alpha", alpha)
+    _ops.check_scalar_tensor("alpha", alpha)
+
+    def init_fn(params: Any) -> ScaleBySimplifiedAdEMAMixState:
+        return ScaleBySimplifiedAdEMAMixState(
+            t=_utils.zero_count(params), m=tree.zeros_like(params), n=tree.zeros_like(params)
+        )
+
+    def update_fn(
+        updates: Any, state: ScaleBySimplifiedAdEMAMixState, params: Any = None, **extra: Any
+    ) -> tuple[Any, ScaleBySimplifiedAdEMAMixState]:
+        del params, extra
+        if found := _utils.complex_leaf(updates, "updates"):
+            raise TypeError(
+                f"scale_by_simplified_ademamix takes real leaves; {found[0]} is {found[1]}"
+            )
+        g, spec, s = _utils.flat(updates, {"state.m": state.m, "state.n": state.n})
+        c_alpha = _utils.resolve(alpha, state.t)
+        t = _utils.safe_increment(state.t)
+        if not g:
+            return updates, ScaleBySimplifiedAdEMAMixState(t, state.m, state.n)
+        m_s, n_s = s["state.m"], s["state.n"]
+        x = _operands(g, m_s, n_s)
+        m = _ops.add_scaled(x, b1, _ops.cast_like(m_s, x))
+        n = _ops.moment_sq(x, n_s, b2)
+        denom = _denominator(_ops.div(n, _bias(b2, t, _ops.scalar_dtype(x))), eps, eps_root)
+        num = _ops.add_scaled(m, c_alpha, x)
+        out = _ops.cast_like(list(_foreach.div(num, denom)), g)
+        new = ScaleBySimplifiedAdEMAMixState(
+            t,
+            tree.unflatten(spec, _ops.cast_like(m, m_s)),
+            tree.unflatten(spec, _ops.cast_like(n, n_s)),
+        )
+        return tree.unflatten(spec, out), new
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def simplified_ademamix(
+    learning_rate: ScalarOrSchedule,
+    b1: Hyper = 0.99,
+    b2: Hyper = 0.95,
+    alpha: ScalarOrSchedule = 0.0,
+    eps: Hyper = 1e-8,
+    eps_root: Hyper = 0.0,
+    weight_decay: ScalarOrSchedule = 0.0,
+    mask: Any = None,
+) -> GradientTransformation:
+    """Simplified AdEMAMix (Morwani et al., 2025): :func:`scale_by_simplified_ademamix`,
+    decoupled weight decay, then ``−learning_rate``.
+
+    Update rule: ``u = −lr · ((m + alpha·g) / (√n̂ + eps) + weight_decay · p)`` with ``m`` the
+    undamped sum ``b1·m + g``. Because ``m`` is not damped by ``1 − b1`` it grows to about
+    ``1/(1 − b1)`` times the gradient: scale the learning rate down accordingly (the defaults,
+    as optax's, are ``b1=0.99``, ``b2=0.95``, ``alpha=0``). ``torch.optim`` has no AdEMAMix.
+
+    Args:
+        learning_rate: the step size: a number, a 0-d tensor or a schedule of the step count.
+        b1: decay of the accumulated momentum, in ``[0, 1]``.
+        b2: decay of the second moment, in ``[0, 1)``.
+        alpha: weight of the current gradient: a number, 0-d tensor or schedule.
+        eps: added to the denominator outside the square root.
+        eps_root: added inside the square root.
+        weight_decay: decoupled weight decay (multiplied by the learning rate).
+        mask: pytree of booleans like the params, or a callable returning one: where weight
+            decay applies.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.simplified_ademamix(0.1)
+        >>> params = [torch.ones(2)]
+        >>> tx.update([torch.ones(2)], tx.init(params), params)[0]
+        [tensor([-0.1000, -0.1000])]
+    """
+    return chain(
+        scale_by_simplified_ademamix(b1, b2, alpha, eps, eps_root),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )

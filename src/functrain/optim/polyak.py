@@ -38,7 +38,13 @@ def _value(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor
             "scale_by_polyak needs the loss: call tx.update(updates, state, params, value=loss) "
             "(ft.make_train_step passes the step's loss)"
         )
-    v = torch.as_tensor(value).detach()
+    # A Python number goes straight to ``dtype``: through torch's default float32 a float64
+    # loss of 0.1 became 0.10000000149.
+    v = (
+        value.detach()
+        if isinstance(value, torch.Tensor)
+        else torch.as_tensor(value, dtype=dtype if isinstance(value, float) else None)
+    )
     if v.numel() != 1 or v.is_complex():
         raise TypeError(f"value must be a single real number, got shape {tuple(v.shape)}")
     return v.reshape(()).to(device=device, dtype=dtype)
