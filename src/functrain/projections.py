@@ -15,7 +15,9 @@ Differences from optax: ``projection_box`` and ``projection_hypercube`` accept a
 for a tree with several leaves (optax's ``tree.map`` only accepts that for a single array);
 bounds are cast to each leaf's dtype, so the result keeps the input's dtypes; the sort-based
 projections (simplex, l1) compute float16/bfloat16 leaves in float32 and round once; leaves
-must be tensors (optax also takes Python numbers).
+must be tensors (optax also takes Python numbers); the l2 projections divide by the largest
+magnitude before squaring, so a norm beyond the dtype's squared range (e.g. float32's
+``[1e20, 1e20]`` or ``[1e-30, 1e-30]``) projects correctly where optax gives 0 or inf.
 
 Example:
     Projected gradient descent on the probability simplex: minimise ``‖w − t‖²`` with ``w ≥ 0``
@@ -98,6 +100,19 @@ def _unravel(vec: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor
     """Splits ``vec`` back into tensors shaped and typed as ``leaves``."""
     parts = torch.split(vec, [leaf.numel() for leaf in leaves])
     return [p.reshape(leaf.shape).to(leaf.dtype) for p, leaf in zip(parts, leaves)]
+
+
+def _l2_norm(tree_: Any) -> torch.Tensor:
+    """``‖x‖₂`` of the whole tree without overflow or underflow: ``m · ‖x / m‖₂``, ``m = max|xᵢ|``.
+
+    The plain sum of squares overflows float32 for a norm above about 1.8e19 and underflows
+    below about 1e-19: the l2 projections of ``[1e20, 1e20]`` were zero and those of
+    ``[1e-30, 1e-30]`` were inf. Dividing by the largest magnitude first keeps the squares in
+    range. The identity is exact in real arithmetic, so the gradient is the norm's.
+    """
+    m = tree.norm(tree_, ord=float("inf"))
+    safe = torch.where(m > 0, m, torch.ones_like(m))  # a zero tree: its norm is 0, not 0/0
+    return safe * tree.norm(tree.scale(1 / safe, tree_))
 
 
 def _unit_simplex(v: torch.Tensor) -> torch.Tensor:
@@ -310,6 +325,8 @@ def projection_l2_sphere(tree_: Any, scale: Scalar = 1) -> Any:
     """Projection onto the l2 sphere ``‖p‖₂ = scale``: ``x · scale / ‖x‖₂``.
 
     As optax, a zero input gives NaNs (``0 / 0``): it has no closest point on the sphere.
+    The norm is computed as ``m · ‖x / m‖₂`` with ``m = max|xᵢ|``, so it neither overflows nor
+    underflows.
 
     Args:
         tree_: the tree to project.
@@ -326,11 +343,14 @@ def projection_l2_sphere(tree_: Any, scale: Scalar = 1) -> Any:
     _check_scale("scale", scale, positive=False)
     if not _leaves(tree_, "tree")[0]:
         return tree_
-    return tree.scale(scale / tree.norm(tree_), tree_)
+    return tree.scale(scale / _l2_norm(tree_), tree_)
 
 
 def projection_l2_ball(tree_: Any, scale: Scalar = 1) -> Any:
     """Projection onto the l2 ball ``‖p‖₂ ≤ scale``: ``x · scale / max(‖x‖₂, scale)``.
+
+    The norm is computed as ``m · ‖x / m‖₂`` with ``m = max|xᵢ|``, so it neither overflows nor
+    underflows (a tiny radius works too).
 
     Args:
         tree_: the tree to project.
@@ -347,10 +367,10 @@ def projection_l2_ball(tree_: Any, scale: Scalar = 1) -> Any:
     _check_scale("scale", scale, positive=True)
     if not _leaves(tree_, "tree")[0]:
         return tree_
-    sq = tree.norm(tree_, squared=True)
-    big = torch.maximum(sq, scale**2) if isinstance(scale, torch.Tensor) else sq.clamp(min=scale**2)
-    factor = scale / torch.sqrt(big)
-    return tree.scale(factor, tree_)
+    n = _l2_norm(tree_)
+    # max(‖x‖, scale), not optax's sqrt(max(‖x‖², scale²)): scale² underflows for a tiny radius.
+    big = torch.maximum(n, scale) if isinstance(scale, torch.Tensor) else n.clamp(min=scale)
+    return tree.scale(scale / big, tree_)
 
 
 def projection_vector(x: Any, a: Any) -> Any:

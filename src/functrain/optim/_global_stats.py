@@ -56,6 +56,20 @@ def _copy(params: Any) -> Any:
     return tree.map(lambda x: x.detach().clone(), params)
 
 
+def _moments_like(params: Any) -> Any:
+    """Zeros for Prodigy's and D-Adaptation's per-element moments: float32 for float16 leaves.
+
+    Those moments are scaled by the distance estimate, about ``1e-6 · g`` at the start, and
+    ``(1e-6 · g)²`` is below float16's smallest subnormal: a float16 ``v`` stored 0 and the
+    next step was ``m / (d · eps)``, millions of times too long.
+    """
+
+    def zeros(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x, dtype=torch.float32 if x.dtype == torch.float16 else None)
+
+    return tree.map(zeros, params)
+
+
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """``Σ ⟨a_i, b_i⟩`` over the leaves, summed in (at least) ``dtype``."""
     dots = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]

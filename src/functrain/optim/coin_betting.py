@@ -50,7 +50,9 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> GradientTransformatio
     ``params``. ``torch.optim`` has no COCOB.
 
     Differences from optax: float16/bfloat16 leaves are computed in float32 and rounded once
-    (the state keeps the leaves' dtype); complex leaves are refused.
+    (the state keeps the leaves' dtype, and ``L`` is read as at least ``eps``: float16 rounds
+    the default ``1e-8`` to 0, where optax bets ``0 / 0 = NaN`` on a zero gradient); complex
+    leaves are refused.
 
     Args:
         alpha: bounds the fraction of the wealth bet early on, ``> 0``.
@@ -94,7 +96,13 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> GradientTransformatio
             return updates, state
         g = widen_all(given)
         x, x0, cum, big, total, reward = (_ops.cast_like(widen_all(s[n]), g) for n in names)
-        big = list(_foreach.maximum(big, _foreach.abs(g)))
+        # L starts at eps and only grows, so flooring it at eps changes nothing, except where
+        # the state's dtype rounded eps down: float16 holds 1e-8 as 0, and a zero gradient
+        # then bet 0 / 0 = NaN.
+        big = [
+            torch.maximum(torch.maximum(b, _ops.scalar(eps, b)), a)
+            for b, a in zip(big, _foreach.abs(g))
+        ]
         total = list(_foreach.add(total, _foreach.abs(g)))
         reward = _foreach.sub(reward, _foreach.mul(g, _foreach.sub(x, x0)))
         reward = [torch.clamp(r, min=0.0) for r in reward]  # NaN stays NaN, as jnp.maximum

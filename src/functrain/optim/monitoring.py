@@ -77,12 +77,15 @@ def snapshot(measure_name: str, measure: Measure) -> GradientTransformation:
 class MonitorState(NamedTuple):
     """State of :func:`monitor`: the latest ``measurements`` by name and each measure's state.
 
-    As in optax, ``measurements`` is empty until the first ``update``.
+    ``init`` fills ``measurements`` with each measure applied to the params (as ``snapshot``
+    does), where optax starts from ``{}``: the state keeps one structure, so a fresh state is a
+    checkpoint restore target and a compiled step traces it. The values are replaced by the
+    first ``update``.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.monitor({"norm": ft.tree.norm}).init({"w": torch.ones(2)})
-        MonitorState(measurements={}, measure_states=(EmptyState(),))
+        MonitorState(measurements={'norm': tensor(1.4142)}, measure_states=(EmptyState(),))
     """
 
     measurements: dict[str, Any]
@@ -130,7 +133,12 @@ def monitor(
     names = tuple(txs)
 
     def init_fn(params: Any) -> MonitorState:
-        return MonitorState({}, tuple(txs[n].init(params) for n in names))
+        states = tuple(txs[n].init(params) for n in names)
+        # optax starts from {}; here each measure is applied to the params (as snapshot does),
+        # so the state keeps one structure: a fresh state is a checkpoint restore target, and
+        # torch.compile in make_train_step cannot trace an empty dict.
+        measurements = {n: txs[n].update(params, s, params)[0] for n, s in zip(names, states)}
+        return MonitorState(measurements, states)
 
     def update_fn(
         updates: Any, state: MonitorState, params: Any = None, **extra: Any

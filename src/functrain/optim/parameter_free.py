@@ -20,6 +20,7 @@ from functrain.optim._global_stats import (
     _abs_sum,
     _copy,
     _dot,
+    _moments_like,
     _on,
     _params_leaves,
     _refuse_complex,
@@ -105,8 +106,10 @@ def prodigy(
 
     Differences from optax: ``d`` and ``n`` are stored in the parameters' lowest float dtype
     widened to at least float32 (optax: the lowest dtype, bfloat16 for bfloat16 parameters);
-    float16/bfloat16 leaves are computed in float32 and rounded once. Complex leaves are
-    refused (optax's formulas do not define a complex Prodigy).
+    float16/bfloat16 leaves are computed in float32 and rounded once, and float16 leaves keep
+    ``m``, ``v`` and ``s`` in float32 (``(d · g)²`` with ``d ≈ 1e-6`` is below float16's
+    range: optax's float16 ``v`` stays 0 and its steps are ``m / (d · eps)``, far too long).
+    Complex leaves are refused (optax's formulas do not define a complex Prodigy).
 
     Args:
         learning_rate: multiplies the adapted step: a number, a 0-d tensor or a schedule.
@@ -142,9 +145,9 @@ def prodigy(
         sd = _state_dtype(leaves)
         device = _utils.default_device(params)
         return ProdigyState(
-            exp_avg=tree.zeros_like(params),
-            exp_avg_sq=tree.zeros_like(params),
-            grad_sum=tree.zeros_like(params),
+            exp_avg=_moments_like(params),
+            exp_avg_sq=_moments_like(params),
+            grad_sum=_moments_like(params),
             params0=_copy(params),
             estim_lr=_scalar(estim_lr0, sd, device),
             numerator_weighted=torch.zeros((), dtype=sd, device=device),
@@ -229,7 +232,7 @@ def dadapt_adamw(
     ``fsdp_in_use``) and the order of its updates make its trajectories differ in detail.
 
     Differences from optax: as :func:`prodigy` (float32-or-wider scalars, half-precision leaves
-    computed in float32, complex leaves refused).
+    computed in float32, float16 leaves' moments kept in float32, complex leaves refused).
 
     Args:
         learning_rate: multiplies the adapted step: a number, a 0-d tensor or a schedule.
@@ -253,9 +256,9 @@ def dadapt_adamw(
         sd = _state_dtype(_params_leaves(params, "dadapt_adamw"))
         device = _utils.default_device(params)
         return DAdaptAdamWState(
-            exp_avg=tree.zeros_like(params),
-            exp_avg_sq=tree.zeros_like(params),
-            grad_sum=tree.zeros_like(params),
+            exp_avg=_moments_like(params),
+            exp_avg_sq=_moments_like(params),
+            grad_sum=_moments_like(params),
             estim_lr=_scalar(estim_lr0, sd, device),
             numerator_weighted=torch.zeros((), dtype=sd, device=device),
             count=_utils.zero_count(params),

@@ -113,7 +113,9 @@ def sam(
     use it in a loop of your own.
 
     Differences from optax: the branches are chosen with ``torch.where`` (a NaN in the
-    discarded one does not leak); keyword arguments given to ``update`` (the train step's
+    discarded one does not leak); with ``sync_period=1`` every call is an outer step from the
+    current params, i.e. ``optimizer`` itself (optax's outer step starts from the params of
+    the previous call, a stale cache); keyword arguments given to ``update`` (the train step's
     ``value=``) reach the inner optimizers whose ``update`` accepts them; ``batch_axis_name``
     (a ``jax.lax.pmean`` axis) is accepted for compatibility and must be ``None``: average the
     gradients across processes in ``grad_fn``. ``torch.optim`` has no SAM; the widely used
@@ -180,11 +182,14 @@ def sam(
             adv_optimizer, adv_extra, updates, state.adv_state, params, extra
         )
         adv_updates = negate(adv_updates)
-        opt_updates, opt_state = _call_update(
-            optimizer, opt_extra, updates, state.opt_state, state.cache, extra
-        )
-        opt_updates = tree.map(lambda c, p, u: c - p + u, state.cache, params, opt_updates)
+        # The true weights: the current params on the first call of a period. With
+        # sync_period=1 that call is also the outer one, which optax runs from the cache of the
+        # previous call (stale: every step restarted from the params before the last update).
         cache = _select(first, params, state.cache)
+        opt_updates, opt_state = _call_update(
+            optimizer, opt_extra, updates, state.opt_state, cache, extra
+        )
+        opt_updates = tree.map(lambda c, p, u: c - p + u, cache, params, opt_updates)
         new_updates = _select(last, opt_updates, adv_updates)
         if reset_state:
             adv_state = _select(last, adv_optimizer.init(params), adv_state)
