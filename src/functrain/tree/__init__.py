@@ -17,8 +17,22 @@ Example:
 from __future__ import annotations
 
 from functrain.tree._arith import add, add_scale, cast, clip, div, mul, scale, sub, where
+from functrain.tree._leafwise import batch_shape, cast_like, conj, dtype, min, real
 from functrain.tree._make import full_like, ones_like, zeros_like
+from functrain.tree._moments import (
+    bias_correction,
+    update_infinity_moment,
+    update_moment,
+    update_moment_per_elem_norm,
+)
 from functrain.tree._reduce import allclose, max, norm, size, sum, vdot
+from functrain.tree._state_access import (
+    NamedTupleKey,
+    get,
+    get_all_with_path,
+    map_params,
+    set,
+)
 
 # PyTree, check_shapes and flatten_up_to are not in ``__all__`` but are used across functrain.
 from functrain.tree._structure import (  # noqa: F401
@@ -37,30 +51,45 @@ from functrain.tree._structure import (  # noqa: F401
 )
 
 __all__ = [
+    "NamedTupleKey",
     "TreeMismatchError",
     "add",
     "add_scale",
     "allclose",
+    "batch_shape",
+    "bias_correction",
     "cast",
+    "cast_like",
     "clip",
+    "conj",
     "div",
+    "dtype",
     "flatten",
     "flatten_with_paths",
     "full_like",
+    "get",
+    "get_all_with_path",
     "leaves",
     "map",
+    "map_params",
     "map_with_path",
     "max",
+    "min",
     "mul",
     "norm",
     "ones_like",
     "path_str",
+    "real",
     "scale",
+    "set",
     "size",
     "structure",
     "sub",
     "sum",
     "unflatten",
+    "update_infinity_moment",
+    "update_moment",
+    "update_moment_per_elem_norm",
     "vdot",
     "where",
     "zeros_like",
