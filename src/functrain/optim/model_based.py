@@ -61,7 +61,9 @@ def _check(learning_rate: Any, lower_bound: Any, weight_decay: Any, **decays: An
     _utils.check_finite_number("learning_rate", learning_rate)
     _ops.check_scalar_tensor("learning_rate", learning_rate)
     for name, value in decays.items():
-        _ops.check_decay(name, value, allow_one=name != "b2")
+        # momo_adam's b1 = 1 zeroes its bias correction 1 − b1ᵗ (NaN bounds, no step); momo's
+        # beta = 1 only freezes the first averages.
+        _ops.check_decay(name, value, allow_one=name == "beta")
     for name, value in (("lower_bound", lower_bound), ("weight_decay", weight_decay)):
         _utils.check_finite_number(name, value)
         _ops.check_scalar_tensor(name, value)
@@ -140,11 +142,14 @@ def _step_size(
         lb_now = torch.where(cap < c * bc1 * lb, lowered, lb)
     else:
         lb_now = lb
-    t1 = torch.clamp_min(c * (barf - bc1 * lb_now - gamma) + iprod, 0.0) / norm
-    t1 = torch.where(norm <= _TINY, torch.zeros_like(t1), t1)  # no step without a direction
+    h = torch.clamp_min(c * (barf - bc1 * lb_now - gamma) + iprod, 0.0)
+    t1 = torch.where(norm <= _TINY, torch.zeros_like(h), h / norm)  # no step without a direction
     tau = torch.clamp_max(t1, _ops.on_device(alpha, barf) / bc1)
     if adapt:
-        new_lb = torch.clamp_min(((barf + iprod - gamma) - 0.5 * tau * norm) / bc1, floor)
+        # τ·‖d‖². Where ‖d‖² overflowed to inf (a huge gradient), τ is 0 and 0·inf would make
+        # the bound NaN and every later step NaN; the product's limit there is h (τ = h/‖d‖²).
+        tau_norm = torch.where(torch.isinf(norm), h, tau * norm)
+        new_lb = torch.clamp_min(((barf + iprod - gamma) - 0.5 * tau_norm) / bc1, floor)
     else:
         new_lb = lb
     return tau, new_lb, c
@@ -277,7 +282,7 @@ def momo_adam(
     Args:
         learning_rate: the largest step size (times ``1/bc1``): a number, a 0-d tensor or a
             schedule.
-        b1: decay of the first moment and of the loss averages, in ``[0, 1]``.
+        b1: decay of the first moment and of the loss averages, in ``[0, 1)``.
         b2: decay of the second moment, in ``[0, 1)``.
         eps: added to the preconditioner ``√(v / bc2)``.
         lower_bound: a lower bound of the loss (0 for non-negative losses).
