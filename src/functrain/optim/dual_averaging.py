@@ -66,7 +66,7 @@ def scale_by_madgrad(
     The transform needs ``params``. As in optax and in facebookresearch's ``madgrad``
     package for PyTorch (whose defaults it shares), the learning rate is inside the transform
     (the returned update is already a step, not to be scaled by ``−lr`` again) and ``eps`` is
-    added to it. ``λ`` is computed in float64, as that package's Python doubles (optax computes
+    added to it (the ``madgrad`` package skips that when ``lr = 0``). ``λ`` is computed in float64, as that package's Python doubles (optax computes
     it in float32 from its int32 count even with x64 enabled: a relative difference of about
     1e-8 in float64 runs). float16 and bfloat16 leaves are computed in float32 and each new sum rounded
     to the leaf's dtype once (optax rounds each increment). Complex leaves raise a TypeError
@@ -143,9 +143,14 @@ def madgrad(
     :func:`scale_by_madgrad` (which applies the learning rate itself).
 
     Update rule: ``g ← g + weight_decay · p``, then the dual-averaged step of
-    :func:`scale_by_madgrad`. facebookresearch's PyTorch ``madgrad`` package has the same
-    defaults (``momentum=0.9``, ``eps=1e-6``) and the same coupled weight decay by default;
-    its ``decouple_decay=True`` has no counterpart here. ``torch.optim`` has no MADGRAD.
+    :func:`scale_by_madgrad`. ``torch.optim`` has no MADGRAD. facebookresearch's ``madgrad``
+    package's ``MADGRAD(lr, momentum, weight_decay, eps)`` and ``torch_optimizer.MADGRAD`` are
+    ``madgrad(lr, momentum, weight_decay, eps)``, with the same defaults (``momentum=0.9``,
+    ``eps=1e-6``; their ``lr`` defaults to ``1e-2``, here it is required): float64
+    trajectories agree to ``1e-10`` relative (measured with madgrad 1.3 and torch-optimizer
+    0.3.0; with ``momentum=0`` the packages rebuild ``x₀`` from ``p`` each step, ``1e-12``
+    apart). madgrad's ``decouple_decay=True`` (``p −= (lr + eps) · wd · p`` after the step) is
+    ``chain(scale_by_madgrad(lr, momentum, eps), add_decayed_weights(-(lr + eps) * wd))``.
 
     Args:
         learning_rate: the step size: a number, a 0-d tensor or a schedule of the step count.
