@@ -28,6 +28,7 @@ try:
     import jax
     import jax.numpy as jnp
     import optax
+    import optax.contrib._sophia
 except ImportError:
     print("optax_parity: jax/optax are not installed; skipping (pip install 'jax[cpu]' optax).")
     sys.exit(0)
@@ -44,7 +45,8 @@ STEPS = 20
 SHAPES = {"w": (4, 3), "b": (3,), "s": (), "k": (2, 3, 2)}
 MASK = {"w": True, "b": False, "s": False, "k": True}
 LABELS = {"w": "a", "b": "b", "s": "b", "k": "a"}
-OPTAX_NAMESPACES = (optax, optax.transforms, optax.schedules, optax.contrib)
+# optax.contrib._sophia: scale_by_sophia is not exported by optax.contrib 0.2.8
+OPTAX_NAMESPACES = (optax, optax.transforms, optax.schedules, optax.contrib, optax.contrib._sophia)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,43 @@ def muon_in_out(p: Any) -> dict[str, Any]:
 
 def double_plus_param(u: Any, p: Any) -> dict[str, Any]:
     return {k: 2 * u[k] + 0.5 * p[k] for k in u}
+
+
+def galore_dims(p: Any) -> dict[str, Any]:
+    """GaLore axes in either library's class: ``w`` transposed, ``k`` as (k2, k0·k1)."""
+
+    def axes(v: Any) -> Any:
+        lib = ft if isinstance(v, torch.Tensor) else optax.contrib
+        if v.ndim == 2:
+            return lib.GaLoreDimensionNumbers(-1, 0)
+        return lib.GaLoreDimensionNumbers(2, (0, 1)) if v.ndim == 3 else None
+
+    return {k: axes(v) for k, v in p.items()}
+
+
+def sophia_diag(u: Any, p: Any) -> dict[str, Any]:
+    """A deterministic stand-in for a Hessian diagonal, of either sign (Hutchinson's can be
+    negative), written once for torch and jax dict trees."""
+    return {k: u[k] * p[k] + 0.3 * u[k] ** 2 for k in u}
+
+
+def fixed_probe_hvp() -> Any:
+    """Hutchinson's ``z * (H z)`` with a fixed alternating probe (no RNG), from the line-search
+    runner's ``value_fn=``: torch's reverse-over-reverse product against JAX's jvp."""
+
+    def probe(x: Any) -> Any:
+        z = (-1.0) ** np.arange(int(np.prod(x.shape))).reshape(x.shape)
+        return torch.tensor(z) if isinstance(x, torch.Tensor) else jnp.asarray(z)
+
+    def update(u: Any, s: Any, params: Any = None, value_fn: Any = None, **kw: Any) -> Any:
+        z = {k: probe(v) for k, v in params.items()}
+        if isinstance(params["w"], torch.Tensor):
+            hz = torch.func.vjp(torch.func.grad(value_fn), params)[1](z)[0]
+        else:
+            hz = jax.jvp(jax.grad(value_fn), (params,), (z,))[1]
+        return {k: z[k] * hz[k] for k in z}, s
+
+    return optax.GradientTransformationExtraArgs(lambda p: (), update)
 
 
 def lookup(lib: str, name: str) -> Any:
@@ -431,6 +470,7 @@ RPROP_STALE = "optax 0.2.8 returns the previous step's update (one step stale, o
 DOG_WIDER = "updates keep the leaf's dtype (optax: promoted by its float64 state: G in x64's default float, or param_dtype)"
 RHO = "RAdam's rho-4 cancels: optax's b2**t (integer power) is 1 ulp off at t=6, torch's is not"
 MADGRAD_F32 = "optax computes lambda=(lr+eps)*sqrt(k+1) in float32 from its int32 count even with x64; functrain in float64 (as the madgrad package). With lambda in float32 too they agree to 2e-12"
+GALORE_SVD = "optax rounds float64 gradients to float32 for the SVD (functrain keeps float64): the projectors agree to float32 precision; their signs differ freely, which an odd base optimizer cancels while the projector is unchanged (cases refresh it only under a stateless base: a stateful one mixes states of bases with different signs)"
 MECH_CANCEL = "the update is x0 - sum(s)*delta - x: O(1) parameters minus O(1) parameters leave steps ~1e-3 of them, so the base sgd-momentum's last-bit differences grow ~1e3 times (mechanize(adam) agrees exactly)"
 
 
@@ -456,6 +496,17 @@ def tx_cases() -> list[Case]:
         ("scale_by_zoom_linesearch", "sgd, few steps (fails), quadratic", c("chain", c("sgd", 3.0), c("scale_by_zoom_linesearch", 2, initial_guess_strategy="one")), "ls_quad"),
         ("scale_by_backtracking_linesearch", "sgd, rosenbrock", c("chain", c("sgd", 1.0), c("scale_by_backtracking_linesearch", 20)), "ls_rosen"),
         ("scale_by_backtracking_linesearch", "store_grad, rtol, quad", c("chain", c("sgd", 2.0), c("scale_by_backtracking_linesearch", 10, 0.3, 0.5, 2.0, 4.0, 0.0, 1e-3, store_grad=True)), "ls_quad"),
+        ("scale_by_sophia", "stateless diag, defaults", c("scale_by_sophia", hessian_diagonal_fn=c("stateless", sophia_diag)), "normal"),
+        Case("scale_by_sophia", "interval 3, no clip, f64 mu", c("scale_by_sophia", 0.9, 0.8, 1e-3, 0.5, None, 3, c("stateless", sophia_diag), np.float64), "zeros", doc32=WIDER),
+        ("scale_by_sophia", "large grads, clip 0.5, interval 1", c("scale_by_sophia", 0.5, 0.5, 1e-2, 2.0, 0.5, 1, c("stateless", sophia_diag)), "large"),
+        ("sophia", "lr sched, wd mask, interval 2", c("sophia", sched, weight_decay=0.1, weight_decay_mask=MASK, gamma=0.05, update_interval=2, hessian_diagonal_fn=c("stateless", sophia_diag)), "normal"),
+        ("sophia", "fixed-probe hvp, quadratic", c("sophia", 0.1, 0.5, 0.5, gamma=1.0, update_interval=1, hessian_diagonal_fn=c(fixed_probe_hvp)), "ls_quad"),
+        ("sophia", "fixed-probe hvp, rosenbrock, interval 3", c("sophia", 0.01, update_interval=3, hessian_diagonal_fn=c(fixed_probe_hvp)), "ls_rosen"),
+        Case("galore", "rank 3 (full), adam", c("galore", 0.01, rank=3), "normal", 1e-5, GALORE_SVD),
+        Case("galore", "rank 1, gap 4, plain sgd base, wd mask, lr sched", c("galore", sched, 1, 4, base_optimizer=c("sgd", 1.0), weight_decay=0.1, mask=MASK), "normal", 1e-5, GALORE_SVD),
+        Case("scale_by_galore", "rank 2, dims tree, sgd momentum", c("scale_by_galore", 2, 200, 0.5, c("sgd", 1.0, 0.9), {"w": c("GaLoreDimensionNumbers", 1, 0), "b": None, "s": None, "k": c("GaLoreDimensionNumbers", (0, 1), 2)}), "normal", 1e-5, GALORE_SVD),
+        Case("scale_by_galore", "callable dims, adam b1=0.5", c("scale_by_galore", 2, 200, 1.0, c("scale_by_adam", 0.5), galore_dims), "zeros", 1e-5, GALORE_SVD),
+        Case("scale_by_galore", "callable dims, gap 2, identity base", c("scale_by_galore", 1, 2, 3.0, c("identity"), galore_dims), "normal", 1e-5, GALORE_SVD),
         ("sgd", "lr=0.1", c("sgd", 0.1), "normal"),
         ("sgd", "momentum=0.9, nesterov", c("sgd", 0.05, momentum=0.9, nesterov=True), "normal"),
         ("sgd", "momentum, lr schedule", c("sgd", sched, momentum=0.5), "normal"),

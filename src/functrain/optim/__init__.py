@@ -11,6 +11,7 @@ from functrain.optim import (
     backtracking,
     base,
     belief,
+    clipped_newton,
     clipping,
     coin_betting,
     complex_split,
@@ -26,6 +27,7 @@ from functrain.optim import (
     layerwise_moments,
     linesearch,
     loss_scale,
+    low_rank_projection,
     mechanic,
     mixed_momenta,
     model_based,
@@ -61,6 +63,7 @@ from functrain.optim.async_centering import *  # noqa: F403
 from functrain.optim.backtracking import *  # noqa: F403
 from functrain.optim.base import *  # noqa: F403
 from functrain.optim.belief import *  # noqa: F403
+from functrain.optim.clipped_newton import *  # noqa: F403
 from functrain.optim.clipping import *  # noqa: F403
 from functrain.optim.coin_betting import *  # noqa: F403
 from functrain.optim.complex_split import *  # noqa: F403
@@ -76,6 +79,7 @@ from functrain.optim.hyperparams import *  # noqa: F403
 from functrain.optim.layerwise_moments import *  # noqa: F403
 from functrain.optim.linesearch import *  # noqa: F403
 from functrain.optim.loss_scale import *  # noqa: F403
+from functrain.optim.low_rank_projection import *  # noqa: F403
 from functrain.optim.mechanic import *  # noqa: F403
 from functrain.optim.mixed_momenta import *  # noqa: F403
 from functrain.optim.model_based import *  # noqa: F403
@@ -112,6 +116,7 @@ __all__ = [
     *backtracking.__all__,
     *base.__all__,
     *belief.__all__,
+    *clipped_newton.__all__,
     *clipping.__all__,
     *coin_betting.__all__,
     *complex_split.__all__,
@@ -127,6 +132,7 @@ __all__ = [
     *layerwise_moments.__all__,
     *linesearch.__all__,
     *loss_scale.__all__,
+    *low_rank_projection.__all__,
     *mechanic.__all__,
     *mixed_momenta.__all__,
     *model_based.__all__,
