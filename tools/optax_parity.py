@@ -683,6 +683,8 @@ def tx_cases() -> list[Case]:
         ("scale_by_ademamix", "b3/alpha schedules, eps_root", c("scale_by_ademamix", 0.8, 0.95, c("linear_schedule", 0.9, 0.999, 10), c("linear_schedule", 0.0, 8.0, 10), 1e-6, 1e-4), "zeros"),
         ("ademamix", "defaults", c("ademamix", 1e-2), "normal"),
         ("ademamix", "lr sched, wd, mask", c("ademamix", sched, b3=0.99, weight_decay=0.1, mask=MASK), "normal"),
+        ("flatten", "adamw", c("flatten", c("adamw", 0.01, weight_decay=0.1)), "normal"),
+        ("flatten", "clip + lamb (one trust ratio)", c("flatten", c("chain", c("clip_by_global_norm", 0.5), c("lamb", 0.01))), "normal"),
         # SAM (optax.contrib): transparent mode, one call per adversarial or outer step
         ("normalize", "then sgd", c("chain", c("normalize"), c("sgd", 0.1)), "normal"),
         ("sam", "sgd, normalize + sgd", c("sam", c("sgd", 0.05), c("chain", c("normalize"), c("sgd", 0.1))), "normal"),

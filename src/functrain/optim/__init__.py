@@ -22,6 +22,7 @@ from functrain.optim import (
     distance_adaptive,
     dual_averaging,
     factorized,
+    flat_layout,
     gradient_difference,
     hyperparams,
     layerwise_moments,
@@ -74,6 +75,7 @@ from functrain.optim.decorrelated import *  # noqa: F403
 from functrain.optim.distance_adaptive import *  # noqa: F403
 from functrain.optim.dual_averaging import *  # noqa: F403
 from functrain.optim.factorized import *  # noqa: F403
+from functrain.optim.flat_layout import *  # noqa: F403
 from functrain.optim.gradient_difference import *  # noqa: F403
 from functrain.optim.hyperparams import *  # noqa: F403
 from functrain.optim.layerwise_moments import *  # noqa: F403
@@ -127,6 +129,7 @@ __all__ = [
     *distance_adaptive.__all__,
     *dual_averaging.__all__,
     *factorized.__all__,
+    *flat_layout.__all__,
     *gradient_difference.__all__,
     *hyperparams.__all__,
     *layerwise_moments.__all__,

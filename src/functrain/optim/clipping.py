@@ -12,6 +12,7 @@ from functrain.optim import _ops, _utils, fused
 from functrain.optim.base import EmptyState, GradientTransformation
 
 __all__ = [
+    "AdaptiveGradClipState",
     "ClipByGlobalNormState",
     "ClipState",
     "adaptive_grad_clip",
@@ -21,6 +22,7 @@ __all__ = [
     "unitwise_norm",
 ]
 
+AdaptiveGradClipState = EmptyState
 ClipState = EmptyState
 ClipByGlobalNormState = EmptyState
 

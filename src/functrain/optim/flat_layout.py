@@ -1,0 +1,71 @@
+"""Running a transform on one flat vector (optax's ``flatten``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from functrain import tree
+from functrain.optim.base import (
+    GradientTransformation,
+    _accepts_extra,
+    _call_update,
+    _check_transform,
+)
+
+__all__ = ["flatten"]
+
+
+def _concat(leaves: list[torch.Tensor], like: torch.Tensor | None) -> torch.Tensor:
+    """The leaves as one vector (``torch.cat`` promotes mixed dtypes, as ``jnp.concatenate``);
+    an empty float32 vector when there are none."""
+    if not leaves:
+        device = like.device if like is not None else None
+        return torch.zeros(0, device=device)
+    return torch.cat([x.reshape(-1) for x in leaves])
+
+
+def flatten(inner: GradientTransformation) -> GradientTransformation:
+    """Runs ``inner`` on every leaf concatenated into one vector (optax's ``flatten``).
+
+    ``init`` and ``update`` see a single 1-D tensor instead of the tree: fewer, larger
+    operations for a model of many small tensors, at the cost of one copy in and one out per
+    step. The updates are split back into the tree's shapes, each in its leaf's dtype (optax
+    keeps the concatenation's promoted dtype). ``None`` leaves (masked entries) are skipped.
+    Keyword arguments given to ``update`` reach ``inner`` if it accepts them.
+
+    Global quantities are unchanged by the layout (a global norm, a global clip), per-tensor
+    ones are not: ``flatten(ft.lamb(...))`` computes one trust ratio for the whole model.
+
+    Args:
+        inner: the transform to run on the flat vector.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> tx = ft.flatten(ft.sgd(0.5))
+        >>> params = {"w": torch.ones(2, 2), "b": torch.zeros(3)}
+        >>> updates, _ = tx.update({"w": torch.ones(2, 2), "b": torch.ones(3)}, tx.init(params))
+        >>> updates["w"], updates["b"].shape
+        (tensor([[-0.5000, -0.5000],
+                [-0.5000, -0.5000]]), torch.Size([3]))
+    """
+    _check_transform(inner, "inner")
+    passes_extra = _accepts_extra(inner.update)
+
+    def init_fn(params: Any) -> Any:
+        leaves = tree.leaves(params)
+        return inner.init(_concat(leaves, None))
+
+    def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
+        leaves, spec = tree.flatten(updates)
+        flat_params = None if params is None else _concat(tree.leaves(params), None)
+        flat = _concat(leaves, flat_params)
+        flat_updates, state = _call_update(inner, passes_extra, flat, state, flat_params, extra)
+        sizes = [math.prod(x.shape) for x in leaves]
+        pieces = flat_updates.split(sizes) if leaves else []
+        out = [p.reshape(x.shape).to(x.dtype) for p, x in zip(pieces, leaves)]
+        return tree.unflatten(spec, out), state
+
+    return GradientTransformation(init_fn, update_fn)
