@@ -19,7 +19,7 @@ import pytest
 
 import functrain
 
-SUBMODULES = ["tree", "testing", "logging", "checkpoint", "distributed"]
+SUBMODULES = ["tree", "testing", "logging", "checkpoint", "distributed", "contrib", "projections"]
 
 
 def _modules() -> list[types.ModuleType]:

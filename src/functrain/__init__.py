@@ -2,8 +2,8 @@
 
 The public API: optimizer transforms and schedules (optax names), ``ft.tree`` pytree maths,
 ``TrainState`` and ``make_train_step``, per-sample gradients and DP-SGD. Submodules
-``ft.logging``, ``ft.checkpoint``, ``ft.distributed``, ``ft.projections`` and
-``ft.testing`` hold the rest.
+``ft.logging``, ``ft.checkpoint``, ``ft.distributed``, ``ft.projections`` and ``ft.testing``
+hold the rest; ``ft.contrib`` spells optax.contrib's names (also at the top level).
 
 Example:
     >>> import torch, functrain as ft
@@ -17,6 +17,7 @@ Example:
 
 from functrain import (
     checkpoint,
+    contrib,
     distributed,
     grads,
     logging,

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import tree as _tree
 from functrain._precision import HALF
 
 __all__ = [
@@ -65,13 +65,15 @@ Scalar = float | torch.Tensor
 
 def _leaves(x: Any, name: str, *, floating: bool = False) -> tuple[list[torch.Tensor], Any]:
     """The tensor leaves of ``x`` and its treespec; a non-tensor leaf raises naming its path."""
-    paths, leaves, spec = tree.flatten_with_paths(x)
+    paths, leaves, spec = _tree.flatten_with_paths(x)
     for p, leaf in zip(paths, leaves):
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"{tree.path_str(p, name)} must be a tensor, got {type(leaf).__name__}")
+            raise TypeError(
+                f"{_tree.path_str(p, name)} must be a tensor, got {type(leaf).__name__}"
+            )
         if floating and not leaf.is_floating_point():
             raise TypeError(
-                f"{tree.path_str(p, name)} must be a real floating-point tensor, got {leaf.dtype}"
+                f"{_tree.path_str(p, name)} must be a real floating-point tensor, got {leaf.dtype}"
             )
     return leaves, spec
 
@@ -102,7 +104,7 @@ def _unravel(vec: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor
     return [p.reshape(leaf.shape).to(leaf.dtype) for p, leaf in zip(parts, leaves)]
 
 
-def _l2_norm(tree_: Any) -> torch.Tensor:
+def _l2_norm(tree: Any) -> torch.Tensor:
     """``‖x‖₂`` of the whole tree without overflow or underflow: ``m · ‖x / m‖₂``, ``m = max|xᵢ|``.
 
     The plain sum of squares overflows float32 for a norm above about 1.8e19 and underflows
@@ -110,9 +112,9 @@ def _l2_norm(tree_: Any) -> torch.Tensor:
     ``[1e-30, 1e-30]`` were inf. Dividing by the largest magnitude first keeps the squares in
     range. The identity is exact in real arithmetic, so the gradient is the norm's.
     """
-    m = tree.norm(tree_, ord=float("inf"))
+    m = _tree.norm(tree, ord=float("inf"))
     safe = torch.where(m > 0, m, torch.ones_like(m))  # a zero tree: its norm is 0, not 0/0
-    return safe * tree.norm(tree.scale(1 / safe, tree_))
+    return safe * _tree.norm(_tree.scale(1 / safe, tree))
 
 
 def _unit_simplex(v: torch.Tensor) -> torch.Tensor:
@@ -138,31 +140,31 @@ def _scale_simplex(v: torch.Tensor, scale: Scalar) -> torch.Tensor:
     return scale * _unit_simplex(v / scale)
 
 
-def projection_non_negative(tree_: Any) -> Any:
+def projection_non_negative(tree: Any) -> Any:
     """Projection onto the non-negative orthant: ``max(x, 0)`` element-wise.
 
     Args:
-        tree_: the tree to project.
+        tree: the tree to project.
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes.
+        A tree with ``tree``'s structure, shapes and dtypes.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.projections.projection_non_negative({"w": torch.tensor([1.0, -2.0])})
         {'w': tensor([1., 0.])}
     """
-    leaves, spec = _leaves(tree_, "tree")
-    return tree.unflatten(spec, [torch.relu(x) for x in leaves])
+    leaves, spec = _leaves(tree, "tree")
+    return _tree.unflatten(spec, [torch.relu(x) for x in leaves])
 
 
 def _bound_leaves(bound: Any, name: str, spec: Any, like: Any) -> list[Any]:
     """A scalar bound repeated for every leaf, or the leaves of a bound tree shaped like ``like``."""
     if isinstance(bound, int | float) or (isinstance(bound, torch.Tensor) and bound.ndim == 0):
         return [bound] * spec.num_leaves
-    if isinstance(bound, torch.Tensor) and spec.num_leaves == 1 and tree.structure(like).is_leaf():
+    if isinstance(bound, torch.Tensor) and spec.num_leaves == 1 and _tree.structure(like).is_leaf():
         return [bound]
-    return tree.flatten_up_to(spec, bound, ("tree", name), like)
+    return _tree.flatten_up_to(spec, bound, ("tree", name), like)
 
 
 def _clip(x: torch.Tensor, lo: Any, hi: Any) -> torch.Tensor:
@@ -172,19 +174,19 @@ def _clip(x: torch.Tensor, lo: Any, hi: Any) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def projection_box(tree_: Any, lower: Any, upper: Any) -> Any:
+def projection_box(tree: Any, lower: Any, upper: Any) -> Any:
     """Projection onto the box ``lower ≤ p ≤ upper``: clipping, element-wise.
 
     Where ``lower > upper`` the result is ``upper``, as ``jnp.clip``.
 
     Args:
-        tree_: the tree to project.
-        lower: the lower bound: a number, a 0-d tensor, or a tree with ``tree_``'s structure
+        tree: the tree to project.
+        lower: the lower bound: a number, a 0-d tensor, or a tree with ``tree``'s structure
             (leaves broadcastable to its leaves).
         upper: the upper bound, in the same forms.
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes (bounds are cast to each leaf's
+        A tree with ``tree``'s structure, shapes and dtypes (bounds are cast to each leaf's
         dtype).
 
     Example:
@@ -192,39 +194,39 @@ def projection_box(tree_: Any, lower: Any, upper: Any) -> Any:
         >>> ft.projections.projection_box({"w": torch.tensor([-2.0, 0.5, 3.0])}, -1.0, 1.0)
         {'w': tensor([-1.0000,  0.5000,  1.0000])}
     """
-    leaves, spec = _leaves(tree_, "tree")
-    lo = _bound_leaves(lower, "lower", spec, tree_)
-    hi = _bound_leaves(upper, "upper", spec, tree_)
-    return tree.unflatten(spec, [_clip(x, a, b) for x, a, b in zip(leaves, lo, hi)])
+    leaves, spec = _leaves(tree, "tree")
+    lo = _bound_leaves(lower, "lower", spec, tree)
+    hi = _bound_leaves(upper, "upper", spec, tree)
+    return _tree.unflatten(spec, [_clip(x, a, b) for x, a, b in zip(leaves, lo, hi)])
 
 
-def projection_hypercube(tree_: Any, scale: Any = 1) -> Any:
+def projection_hypercube(tree: Any, scale: Any = 1) -> Any:
     """Projection onto the hypercube ``0 ≤ p ≤ scale`` (the unit hypercube by default).
 
     Args:
-        tree_: the tree to project.
-        scale: the side of the cube: a number, a 0-d tensor or a tree like ``tree_``.
+        tree: the tree to project.
+        scale: the side of the cube: a number, a 0-d tensor or a tree like ``tree``.
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes.
+        A tree with ``tree``'s structure, shapes and dtypes.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.projections.projection_hypercube(torch.tensor([-0.5, 0.25, 2.0]))
         tensor([0.0000, 0.2500, 1.0000])
     """
-    return projection_box(tree_, 0, scale)
+    return projection_box(tree, 0, scale)
 
 
-def projection_linf_ball(tree_: Any, scale: Scalar = 1) -> Any:
+def projection_linf_ball(tree: Any, scale: Scalar = 1) -> Any:
     """Projection onto the l∞ ball ``max |p_i| ≤ scale``: clipping to ``[−scale, scale]``.
 
     Args:
-        tree_: the tree to project.
+        tree: the tree to project.
         scale: the radius, ``≥ 0`` (a number or a 0-d tensor).
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes.
+        A tree with ``tree``'s structure, shapes and dtypes.
 
     Example:
         >>> import torch, functrain as ft
@@ -232,22 +234,22 @@ def projection_linf_ball(tree_: Any, scale: Scalar = 1) -> Any:
         tensor([-1.0000,  0.5000,  1.0000])
     """
     _check_scale("scale", scale, positive=False)
-    return projection_box(tree_, -scale, scale)
+    return projection_box(tree, -scale, scale)
 
 
-def projection_simplex(tree_: Any, scale: Scalar = 1) -> Any:
+def projection_simplex(tree: Any, scale: Scalar = 1) -> Any:
     """Projection onto the simplex ``p ≥ 0, sum(p) = scale`` of the whole tree.
 
     All leaves are treated as one vector: the result sums to ``scale`` over every element of
     every leaf. The threshold is found by sorting (``O(n log n)``), without host reads.
 
     Args:
-        tree_: the tree to project (real floating-point leaves).
+        tree: the tree to project (real floating-point leaves).
         scale: the value the result sums to, ``> 0`` (a number or a 0-d tensor); 1 gives the
             probability simplex.
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes.
+        A tree with ``tree``'s structure, shapes and dtypes.
 
     Example:
         >>> import torch, functrain as ft
@@ -258,25 +260,25 @@ def projection_simplex(tree_: Any, scale: Scalar = 1) -> Any:
         tensor(1.)
     """
     _check_scale("scale", scale, positive=True)
-    leaves, spec = _leaves(tree_, "tree", floating=True)
+    leaves, spec = _leaves(tree, "tree", floating=True)
     if not leaves:
-        return tree_
+        return tree
     out = _scale_simplex(_ravel(leaves), scale)
-    return tree.unflatten(spec, _unravel(out, leaves))
+    return _tree.unflatten(spec, _unravel(out, leaves))
 
 
-def projection_l1_sphere(tree_: Any, scale: Scalar = 1) -> Any:
+def projection_l1_sphere(tree: Any, scale: Scalar = 1) -> Any:
     """Projection onto the l1 sphere ``sum |p_i| = scale``: ``sign(x) ·`` the simplex
     projection of ``|x|``.
 
     A zero input has no closest point; as optax, it maps to zero.
 
     Args:
-        tree_: the tree to project (real floating-point leaves).
+        tree: the tree to project (real floating-point leaves).
         scale: the radius, ``> 0`` (a number or a 0-d tensor).
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes.
+        A tree with ``tree``'s structure, shapes and dtypes.
 
     Example:
         >>> import torch, functrain as ft
@@ -284,15 +286,15 @@ def projection_l1_sphere(tree_: Any, scale: Scalar = 1) -> Any:
         tensor([ 0.5500, -0.4500])
     """
     _check_scale("scale", scale, positive=True)
-    leaves, spec = _leaves(tree_, "tree", floating=True)
+    leaves, spec = _leaves(tree, "tree", floating=True)
     if not leaves:
-        return tree_
+        return tree
     v = _ravel(leaves)
     out = torch.sign(v) * _scale_simplex(v.abs(), scale)
-    return tree.unflatten(spec, _unravel(out, leaves))
+    return _tree.unflatten(spec, _unravel(out, leaves))
 
 
-def projection_l1_ball(tree_: Any, scale: Scalar = 1) -> Any:
+def projection_l1_ball(tree: Any, scale: Scalar = 1) -> Any:
     """Projection onto the l1 ball ``sum |p_i| ≤ scale``.
 
     Inside the ball the input is returned as it is; outside, its l1-sphere projection. Both
@@ -300,11 +302,11 @@ def projection_l1_ball(tree_: Any, scale: Scalar = 1) -> Any:
     choice reads nothing back to the host.
 
     Args:
-        tree_: the tree to project (real floating-point leaves).
+        tree: the tree to project (real floating-point leaves).
         scale: the radius, ``> 0`` (a number or a 0-d tensor).
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes.
+        A tree with ``tree``'s structure, shapes and dtypes.
 
     Example:
         >>> import torch, functrain as ft
@@ -312,16 +314,16 @@ def projection_l1_ball(tree_: Any, scale: Scalar = 1) -> Any:
         {'w': tensor([0.1500, 0.8500]), 'b': tensor(0.)}
     """
     _check_scale("scale", scale, positive=True)
-    leaves, spec = _leaves(tree_, "tree", floating=True)
+    leaves, spec = _leaves(tree, "tree", floating=True)
     if not leaves:
-        return tree_
+        return tree
     v = _ravel(leaves)
     sphere = torch.sign(v) * _scale_simplex(v.abs(), scale)
     out = torch.where(v.abs().sum() <= scale, v, sphere)
-    return tree.unflatten(spec, _unravel(out, leaves))
+    return _tree.unflatten(spec, _unravel(out, leaves))
 
 
-def projection_l2_sphere(tree_: Any, scale: Scalar = 1) -> Any:
+def projection_l2_sphere(tree: Any, scale: Scalar = 1) -> Any:
     """Projection onto the l2 sphere ``‖p‖₂ = scale``: ``x · scale / ‖x‖₂``.
 
     As optax, a zero input gives NaNs (``0 / 0``): it has no closest point on the sphere.
@@ -329,11 +331,11 @@ def projection_l2_sphere(tree_: Any, scale: Scalar = 1) -> Any:
     underflows.
 
     Args:
-        tree_: the tree to project.
+        tree: the tree to project.
         scale: the radius, ``≥ 0`` (a number or a 0-d tensor).
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes.
+        A tree with ``tree``'s structure, shapes and dtypes.
 
     Example:
         >>> import torch, functrain as ft
@@ -341,23 +343,23 @@ def projection_l2_sphere(tree_: Any, scale: Scalar = 1) -> Any:
         tensor([6., 8.])
     """
     _check_scale("scale", scale, positive=False)
-    if not _leaves(tree_, "tree")[0]:
-        return tree_
-    return tree.scale(scale / _l2_norm(tree_), tree_)
+    if not _leaves(tree, "tree")[0]:
+        return tree
+    return _tree.scale(scale / _l2_norm(tree), tree)
 
 
-def projection_l2_ball(tree_: Any, scale: Scalar = 1) -> Any:
+def projection_l2_ball(tree: Any, scale: Scalar = 1) -> Any:
     """Projection onto the l2 ball ``‖p‖₂ ≤ scale``: ``x · scale / max(‖x‖₂, scale)``.
 
     The norm is computed as ``m · ‖x / m‖₂`` with ``m = max|xᵢ|``, so it neither overflows nor
     underflows (a tiny radius works too).
 
     Args:
-        tree_: the tree to project.
+        tree: the tree to project.
         scale: the radius, ``> 0`` (a number or a 0-d tensor).
 
     Returns:
-        A tree with ``tree_``'s structure, shapes and dtypes.
+        A tree with ``tree``'s structure, shapes and dtypes.
 
     Example:
         >>> import torch, functrain as ft
@@ -365,12 +367,12 @@ def projection_l2_ball(tree_: Any, scale: Scalar = 1) -> Any:
         {'w': tensor([0.6000, 0.8000])}
     """
     _check_scale("scale", scale, positive=True)
-    if not _leaves(tree_, "tree")[0]:
-        return tree_
-    n = _l2_norm(tree_)
+    if not _leaves(tree, "tree")[0]:
+        return tree
+    n = _l2_norm(tree)
     # max(‖x‖, scale), not optax's sqrt(max(‖x‖², scale²)): scale² underflows for a tiny radius.
     big = torch.maximum(n, scale) if isinstance(scale, torch.Tensor) else n.clamp(min=scale)
-    return tree.scale(scale / big, tree_)
+    return _tree.scale(scale / big, tree)
 
 
 def projection_vector(x: Any, a: Any) -> Any:
@@ -390,7 +392,7 @@ def projection_vector(x: Any, a: Any) -> Any:
     """
     _leaves(x, "x")
     _leaves(a, "a")
-    return tree.scale(tree.vdot(x, a) / tree.vdot(a, a), a)
+    return _tree.scale(_tree.vdot(x, a) / _tree.vdot(a, a), a)
 
 
 def projection_hyperplane(x: Any, a: Any, b: Scalar) -> Any:
@@ -411,7 +413,7 @@ def projection_hyperplane(x: Any, a: Any, b: Scalar) -> Any:
     """
     _leaves(x, "x")
     _leaves(a, "a")
-    return tree.add_scale(x, (b - tree.vdot(x, a)) / tree.vdot(a, a), a)
+    return _tree.add_scale(x, (b - _tree.vdot(x, a)) / _tree.vdot(a, a), a)
 
 
 def projection_halfspace(x: Any, a: Any, b: Scalar) -> Any:
@@ -436,5 +438,5 @@ def projection_halfspace(x: Any, a: Any, b: Scalar) -> Any:
     """
     _leaves(x, "x")
     _leaves(a, "a")
-    step = ((b - tree.vdot(x, a)) / tree.vdot(a, a)).clamp(max=0)
-    return tree.add_scale(x, step, a)
+    step = ((b - _tree.vdot(x, a)) / _tree.vdot(a, a)).clamp(max=0)
+    return _tree.add_scale(x, step, a)
