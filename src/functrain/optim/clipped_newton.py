@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import optree
 import torch
 
 from functrain import _foreach, tree
@@ -92,7 +93,9 @@ def hutchinson_estimator_diag_hessian(
 
     ``update`` needs ``params`` and the keyword ``obj_fn``: ``obj_fn(params)`` returns the
     scalar loss (close over the batch: ``obj_fn = lambda p: loss_fn(p, batch)``). Parameters
-    that require grad are fine: the product is taken with ``torch.func``.
+    that require grad (``nn.Parameter``) work, but as any op on them the estimate is then
+    differentiable and holds autograd graph, which ``nu`` would carry from step to step: call
+    ``update`` under ``torch.no_grad()`` or pass detached parameters.
 
     Differences from optax: the probes come from functrain's counter-based generator, so they
     differ from JAX's for the same seed; each leaf's probe has that leaf's dtype (optax casts
@@ -138,6 +141,16 @@ def hutchinson_estimator_diag_hessian(
                 "value=, so drive Sophia-H from your own loop (see ft.sophia)"
             )
         leaves, spec = tree.flatten(params)
+        # None leaves (masked out by ft.masked, say) reach torch.func as an opaque "must be
+        # Tensor" error; obj_fn needs the whole tree, so say which leaf is missing.
+        paths, values, _ = optree.tree_flatten_with_path(params, none_is_leaf=True)
+        missing = [p for p, v in zip(paths, values) if v is None]
+        if missing:
+            raise ValueError(
+                f"hutchinson_estimator_diag_hessian: {tree.path_str(missing[0], 'params')} is "
+                "None (masked out?); obj_fn needs every parameter, so do not wrap Sophia-H in "
+                "ft.masked: give it a hessian_diagonal_fn that needs no objective"
+            )
         if any(x.is_complex() for x in leaves):
             path, dtype = _utils.complex_leaf(params, "params")
             raise TypeError(

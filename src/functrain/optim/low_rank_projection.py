@@ -84,6 +84,11 @@ def _layout(shape: torch.Size, dims: GaLoreDimensionNumbers, where: str) -> _Lay
     if len(shape) < 2:
         raise ValueError(f"GaLore needs {where} to have at least 2 dimensions, got {tuple(shape)}")
     red, out = _axes(dims.reduction_axis, len(shape)), _axes(dims.output_axis, len(shape))
+    if len(set(red)) != len(red) or len(set(out)) != len(out):
+        # A repeated axis would pass the checks below and give a matrix of the wrong size.
+        raise ValueError(
+            f"{where}: an axis is repeated in reduction={red} or output={out} ({dims})"
+        )
     if set(red) & set(out):
         raise ValueError(
             f"{where}: reduction axes {red} and output axes {out} must be disjoint ({dims})"
@@ -234,15 +239,20 @@ def scale_by_galore(
                 continue
             g2 = lay.to_matrix(g)
             # Contiguous: the state keeps init's strides, so a compiled step is not retraced.
-            p = torch.where(refresh, _projector(g2, lay, p.shape[1]), p).contiguous()
+            # The projector keeps the state's dtype; the products use the gradient's (they
+            # differ when the updates' dtype is not the params', as other transforms allow).
+            fresh = _projector(g2, lay, p.shape[1]).to(p.dtype)
+            p = torch.where(refresh, fresh, p).contiguous()
             new_p.append(p)
-            low.append(p.T @ g2 if lay.left else g2 @ p)
+            pg = p.to(g2.dtype)
+            low.append(pg.T @ g2 if lay.left else g2 @ pg)
         low_u, base_state = base.update(tree.unflatten(spec, low), state.base_optimizer_state, None)
         out = []
         for u, g, lay, p in zip(tree.leaves(low_u), leaves, lays, new_p):
             if lay is None:
                 out.append(u)
                 continue
+            p = p.to(u.dtype)
             full = p @ u if lay.left else u @ p.T
             out.append((scale * lay.from_matrix(full)).to(g.dtype))
         new_state = GaLoreState(
@@ -261,9 +271,9 @@ def _projector(g2: torch.Tensor, lay: _Layout, r: int) -> torch.Tensor:
     finite = torch.where(torch.isfinite(g2), g2, torch.zeros_like(g2)).to(compute)
     u, _, vh = torch.linalg.svd(finite, full_matrices=False)
     p = u[:, :r] if lay.left else vh[:r, :].T
-    # NaN everywhere when g2 has a non-finite entry (0·inf and 0·nan are NaN), as the SVD of
-    # such a matrix would be; computed without reading the values on the host.
-    poison = g2.abs().amax().to(compute) * 0
+    # NaN everywhere when g2 has a non-finite entry, as the SVD of such a matrix would be;
+    # computed without reading the values on the host (and, unlike amax, on empty g2 too).
+    poison = torch.where(torch.isfinite(g2).all(), 0.0, float("nan")).to(compute)
     return (p + poison).to(g2.dtype)
 
 
