@@ -8,6 +8,10 @@ import math
 
 import pytest
 import torch
+from _two_leaf_reference import flat as _flat
+from _two_leaf_reference import grads as two_leaf_grads
+from _two_leaf_reference import p0 as _p0
+from _two_leaf_reference import run as _run
 
 import functrain as ft
 from functrain import testing
@@ -16,22 +20,7 @@ F64 = torch.float64
 
 
 def _grads(n: int) -> list[list[torch.Tensor]]:
-    gen = torch.Generator().manual_seed(2)
-    out = [
-        [torch.randn(3, generator=gen, dtype=F64), torch.randn(2, generator=gen, dtype=F64)]
-        for _ in range(n)
-    ]
-    out[2][1] = torch.zeros(2, dtype=F64)
-    out[3] = [-x for x in out[1]]
-    return out
-
-
-def _flat(tree: list[torch.Tensor]) -> list[float]:
-    return [v for x in tree for v in x.tolist()]
-
-
-def _p0() -> list[torch.Tensor]:
-    return [torch.linspace(-1, 1, 3, dtype=F64), torch.tensor([0.5, -2.0], dtype=F64)]
+    return two_leaf_grads(n, seed=2, zero_leaf=1)
 
 
 def _mechanic_sgd_ref(grads, p0, lr, wd, eps, s_init, k):
@@ -74,15 +63,6 @@ def _cocob_ref(grads, p0, alpha, eps, lr):
             for i in range(n)
         ]
         out.append(list(x))
-    return out
-
-
-def _run(tx, grads, params):
-    state, out = tx.init(params), []
-    for g in grads:
-        u, state = tx.update(g, state, params)
-        params = ft.apply_updates(params, u)
-        out.append(_flat(params))
     return out
 
 

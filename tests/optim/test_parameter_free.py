@@ -9,6 +9,11 @@ import math
 
 import pytest
 import torch
+from _two_leaf_reference import flat as _flat
+from _two_leaf_reference import grads as two_leaf_grads
+from _two_leaf_reference import lin as _lin
+from _two_leaf_reference import p0 as _p0
+from _two_leaf_reference import run as _run
 
 import functrain as ft
 from functrain import testing
@@ -17,18 +22,7 @@ F64 = torch.float64
 
 
 def _grads(n: int) -> list[list[torch.Tensor]]:
-    gen = torch.Generator().manual_seed(0)
-    out = [
-        [torch.randn(3, generator=gen, dtype=F64), torch.randn(2, generator=gen, dtype=F64)]
-        for _ in range(n)
-    ]
-    out[2][1] = torch.zeros(2, dtype=F64)  # zeros in one leaf
-    out[3] = [-x for x in out[1]]  # a sign flip
-    return out
-
-
-def _flat(tree: list[torch.Tensor]) -> list[float]:
-    return [v for x in tree for v in x.tolist()]
+    return two_leaf_grads(n, seed=0, zero_leaf=1)
 
 
 def _prodigy_ref(grads, p0, lr, b1, b2, b3, eps, d0, coef, wd, safeguard):
@@ -72,24 +66,6 @@ def _dadapt_ref(grads, p0, lr, b1, b2, eps, d0, wd):
         x = [a + b for a, b in zip(x, u)]
         out.append(list(x))
     return out
-
-
-def _run(tx, grads, params):
-    state, out = tx.init(params), []
-    for g in grads:
-        u, state = tx.update(g, state, params)
-        params = ft.apply_updates(params, u)
-        out.append(_flat(params))
-    return out
-
-
-def _p0() -> list[torch.Tensor]:
-    return [torch.linspace(-1, 1, 3, dtype=F64), torch.tensor([0.5, -2.0], dtype=F64)]
-
-
-def _lin(c: object) -> object:
-    c = c.double() if isinstance(c, torch.Tensor) else c
-    return 1.0 - 0.05 * c
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,48 @@
+"""Shared data of the per-element float64 references of the parameter-free optimizers' tests:
+two leaves (so global sums are exercised), gradients with a zero leaf and a sign flip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import functrain as ft
+
+F64 = torch.float64
+
+
+def grads(n: int, seed: int, zero_leaf: int) -> list[list[torch.Tensor]]:
+    """``n`` gradients of the two leaves; step 2 zeroes leaf ``zero_leaf``, step 3 flips step 1."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [
+        [torch.randn(3, generator=gen, dtype=F64), torch.randn(2, generator=gen, dtype=F64)]
+        for _ in range(n)
+    ]
+    out[2][zero_leaf] = torch.zeros_like(out[2][zero_leaf])
+    out[3] = [-x for x in out[1]]
+    return out
+
+
+def flat(tree: list[torch.Tensor]) -> list[float]:
+    return [v for x in tree for v in x.tolist()]
+
+
+def p0() -> list[torch.Tensor]:
+    return [torch.linspace(-1, 1, 3, dtype=F64), torch.tensor([0.5, -2.0], dtype=F64)]
+
+
+def run(tx: ft.GradientTransformation, grads: Any, params: Any) -> list[list[float]]:
+    """The flattened params after each update of ``tx``."""
+    state, out = tx.init(params), []
+    for g in grads:
+        u, state = tx.update(g, state, params)
+        params = ft.apply_updates(params, u)
+        out.append(flat(params))
+    return out
+
+
+def lin(c: object) -> object:
+    """A schedule written once for tensors and numbers: ``1 − 0.05·c``."""
+    c = c.double() if isinstance(c, torch.Tensor) else c
+    return 1.0 - 0.05 * c
