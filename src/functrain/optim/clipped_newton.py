@@ -212,6 +212,8 @@ def scale_by_sophia(
     mu_dtype: torch.dtype | None = None,
     verbose: bool = False,
     print_win_rate_every_n_steps: int = 0,
+    *,
+    refresh_on_host: bool = False,
 ) -> GradientTransformation:
     """Rescales updates by Sophia (Liu et al., 2023): momentum over a clipped Hessian diagonal.
 
@@ -226,10 +228,23 @@ def scale_by_sophia(
     ``update(grads, state, params, **extra)`` receives every keyword given to this ``update``
     (the default, :func:`hutchinson_estimator_diag_hessian`, needs ``obj_fn=``).
 
-    No host reads: the estimate is computed at every step and ``torch.where`` keeps it (and
-    the estimator's new state) on the refresh steps only, as optax's ``lax.cond`` under
-    ``vmap``. The numbers are optax's; the cost is one estimate (about two gradients for
-    Hutchinson's) per step, not per ``update_interval`` steps.
+    Two ways to refresh, with the same numbers (bit for bit) and the same state, the
+    estimator's key included:
+
+    * ``refresh_on_host=False`` (the default): no host reads. The estimate is computed at
+      every step and ``torch.where`` keeps it (and the estimator's new state) on the refresh
+      steps only, as optax's ``lax.cond`` under ``vmap``. The cost is one estimate (about two
+      gradients for Hutchinson's) per step, not per ``update_interval`` steps: on a 2-core
+      CPU, a step of Sophia-H (gradient and update) on a 64-256-10 MLP takes about 3.4 ms
+      against 0.8 ms for AdamW's.
+    * ``refresh_on_host=True``: eager ``update`` reads the refresh condition on the host (one
+      scalar read per step: a device synchronisation on CUDA, free on CPU) and calls
+      ``hessian_diagonal_fn`` (so ``obj_fn``) on refresh steps only; the other steps cost
+      about as much as AdamW's (0.9 ms above, 1.2 ms on average over refresh steps and
+      others with ``update_interval=10``). Recommended for eager training wherever a sync
+      per step is acceptable. Under ``torch.compile`` (``torch.compiler.is_compiling()``)
+      and under ``torch.func`` transforms it falls back to the default path, so it adds no
+      graph break.
 
     float16 and bfloat16 leaves are computed in float32 and rounded once, as in
     :func:`scale_by_adam`; ``mu`` keeps ``mu_dtype``, ``nu`` the parameters' dtypes, and the
@@ -253,6 +268,9 @@ def scale_by_sophia(
             ``print_win_rate_every_n_steps`` steps. This reads the device (a host sync) and
             cannot be traced: a diagnostic for eager runs only.
         print_win_rate_every_n_steps: how often ``verbose`` prints; 0 prints never.
+        refresh_on_host: read the refresh condition on the host and estimate the Hessian
+            diagonal on refresh steps only (eager mode; see above). Keyword-only: a
+            functrain extension.
 
     Example:
         >>> import torch, functrain as ft
@@ -295,6 +313,8 @@ def scale_by_sophia(
             "hessian_diagonal_fn must be a GradientTransformation, got "
             f"{type(hessian_diagonal_fn).__name__}"
         )
+    if not isinstance(refresh_on_host, bool):
+        raise TypeError(f"refresh_on_host must be a bool, got {refresh_on_host!r}")
     hess = hessian_diagonal_fn
     hess_extra = _accepts_extra(hess.update)
 
@@ -336,8 +356,18 @@ def scale_by_sophia(
                 _print_win_rate(out, c, count, print_win_rate_every_n_steps)
             out = [torch.clamp(u, -c, c) for u in out]
 
-        # The estimate at every step, kept on refresh steps only (no host read of the count).
+        # By default the estimate at every step, kept on refresh steps only (no host read).
         refresh = state.count % _ops.on_device(update_interval, state.count) == 0
+        if refresh_on_host and not _traced() and not bool(refresh):
+            # Opt-in host read (eager only): what the torch.where below keeps on a step
+            # that is not a refresh is exactly the old nu and estimator state.
+            new_state = SophiaState(
+                count=count,
+                mu=tree.unflatten(spec, _ops.cast_like(mu, mu_old)),
+                nu=tree.unflatten(spec, nu_old),
+                hessian_fn_state=state.hessian_fn_state,
+            )
+            return tree.unflatten(spec, _ops.cast_like(out, given)), new_state
         diag, hess_state = _call_update(
             hess, hess_extra, updates, state.hessian_fn_state, params, extra
         )
@@ -353,6 +383,11 @@ def scale_by_sophia(
         return tree.unflatten(spec, _ops.cast_like(out, given)), new_state
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def _traced() -> bool:
+    """Whether values cannot be read on the host: under ``torch.compile`` or ``torch.func``."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def _print_win_rate(out: list[torch.Tensor], c: Any, count: torch.Tensor, every: int) -> None:
@@ -378,6 +413,8 @@ def sophia(
     mu_dtype: torch.dtype | None = None,
     verbose: bool = False,
     print_win_rate_every_n_steps: int = 0,
+    *,
+    refresh_on_host: bool = False,
 ) -> GradientTransformation:
     """Sophia (Liu et al., 2023): clipped steps preconditioned by a Hessian-diagonal average.
 
@@ -409,6 +446,9 @@ def sophia(
         mu_dtype: optional dtype in which the momentum is stored.
         verbose: print the win rate (eager only; reads the device).
         print_win_rate_every_n_steps: how often ``verbose`` prints; 0 prints never.
+        refresh_on_host: estimate the Hessian diagonal on refresh steps only, reading the
+            step count on the host: far cheaper in eager training, at one host sync per step
+            on CUDA (see :func:`scale_by_sophia`).
 
     Example:
         >>> import torch, functrain as ft
@@ -436,6 +476,7 @@ def sophia(
             mu_dtype=mu_dtype,
             verbose=verbose,
             print_win_rate_every_n_steps=print_win_rate_every_n_steps,
+            refresh_on_host=refresh_on_host,
         ),
         additive.add_decayed_weights(weight_decay, weight_decay_mask),
         scaling.scale_by_learning_rate(learning_rate),

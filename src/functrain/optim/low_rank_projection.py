@@ -116,6 +116,8 @@ def scale_by_galore(
     scale: float = 1.0,
     base_optimizer: GradientTransformation | None = None,
     weight_dimension_numbers: Any = None,
+    *,
+    refresh_on_host: bool = False,
 ) -> GradientTransformation:
     """Rescales updates by GaLore (Zhao et al., 2024): a base optimizer in a low-rank subspace.
 
@@ -132,13 +134,25 @@ def scale_by_galore(
     ``scale_by_adam``, ``scale_by_lion``, ``scale_by_rms``…, not ``adamw``; weight decay
     belongs to :func:`galore`'s ``weight_decay``. ``torch.optim`` has no GaLore.
 
-    No host reads of the count: the SVD is computed at every step and ``torch.where`` keeps
-    the new projector on refresh steps only (optax's ``lax.cond`` under ``vmap``). On CUDA,
-    ``torch.linalg.svd`` itself may synchronise (its default driver falls back to another
-    when the first does not converge). The numbers are
-    optax's; the cost is one SVD per projected leaf per step, not per ``update_proj_gap``
-    steps. The SVD runs in float32 for float32 and half-precision leaves, as optax's, and in
-    float64 for float64 leaves (optax rounds them to float32 first). A non-finite gradient on
+    Two ways to refresh, with the same numbers (bit for bit) and the same state:
+
+    * ``refresh_on_host=False`` (the default): no host reads of the count. The SVD is
+      computed at every step and ``torch.where`` keeps the new projector on refresh steps
+      only (optax's ``lax.cond`` under ``vmap``). The cost is one SVD per projected leaf per
+      step, not per ``update_proj_gap`` steps: on a 2-core CPU, a 512 × 512 weight at rank
+      128 takes about 34 ms a step against 1.5 ms for Adam's update.
+    * ``refresh_on_host=True``: eager ``update`` reads the count on the host (one scalar
+      read per step: a device synchronisation on CUDA, free on CPU) and runs the SVDs on
+      refresh steps only, so the other steps cost about as much as the base optimizer
+      (2.6 ms a step in the setting above). Recommended for eager training wherever a sync
+      per step is acceptable. Under ``torch.compile`` (``torch.compiler.is_compiling()``)
+      and under ``torch.func`` transforms it falls back to the default path, so it adds no
+      graph break.
+
+    On CUDA, ``torch.linalg.svd`` itself may synchronise (its default driver falls back to
+    another when the first does not converge). The numbers are optax's. The SVD runs in
+    float32 for float32 and half-precision leaves, as optax's, and in float64 for float64
+    leaves (optax rounds them to float32 first). A non-finite gradient on
     a refresh step gives a NaN projector (LAPACK would fail on it). The singular vectors'
     signs are the SVD's and may differ from JAX's: the updates do not depend on them while a
     projector is in use with an odd base optimizer (Adam, SGD, Lion, …), but after a refresh a
@@ -154,6 +168,8 @@ def scale_by_galore(
             :class:`GaLoreDimensionNumbers` (for every leaf with 2 or more dimensions), a tree
             like the params of those and ``None`` (not projected), or a callable
             ``params -> such a tree``.
+        refresh_on_host: read the step count on the host and compute the SVDs on refresh
+            steps only (eager mode; see above). Keyword-only: a functrain extension.
 
     Example:
         >>> import torch, functrain as ft
@@ -179,6 +195,8 @@ def scale_by_galore(
     if update_proj_gap <= 0:
         raise ValueError(f"update_proj_gap must be positive, got {update_proj_gap}")
     _utils.check_finite_number("scale", scale)
+    if not isinstance(refresh_on_host, bool):
+        raise TypeError(f"refresh_on_host must be a bool, got {refresh_on_host!r}")
     spec_dims = weight_dimension_numbers
 
     def layouts(values: Any, root: str) -> tuple[list[torch.Tensor], Any, list[Any]]:
@@ -231,6 +249,10 @@ def scale_by_galore(
         leaves, spec, lays = layouts(updates, "updates")
         old_p = tree.flatten_up_to(spec, state.projector, ("updates", "state.projector"), updates)
         refresh = state.count % update_proj_gap == 0
+        # Opt-in host read: one scalar per step, and only where a Python branch is legal
+        # (eager, no vmap/grad transform). Skipping the SVD leaves exactly the projector the
+        # torch.where below would keep, so both paths give the same bits.
+        svd = not refresh_on_host or _traced() or bool(refresh)
         low, new_p = [], []
         for g, lay, p in zip(leaves, lays, old_p):
             if lay is None:
@@ -241,8 +263,10 @@ def scale_by_galore(
             # Contiguous: the state keeps init's strides, so a compiled step is not retraced.
             # The projector keeps the state's dtype; the products use the gradient's (they
             # differ when the updates' dtype is not the params', as other transforms allow).
-            fresh = _projector(g2, lay, p.shape[1]).to(p.dtype)
-            p = torch.where(refresh, fresh, p).contiguous()
+            if svd:
+                fresh = _projector(g2, lay, p.shape[1]).to(p.dtype)
+                p = torch.where(refresh, fresh, p)
+            p = p.contiguous()
             new_p.append(p)
             pg = p.to(g2.dtype)
             low.append(pg.T @ g2 if lay.left else g2 @ pg)
@@ -263,6 +287,11 @@ def scale_by_galore(
         return tree.unflatten(spec, out), new_state
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def _traced() -> bool:
+    """Whether values cannot be read on the host: under ``torch.compile`` or ``torch.func``."""
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
 
 
 def _projector(g2: torch.Tensor, lay: _Layout, r: int) -> torch.Tensor:
@@ -286,6 +315,8 @@ def galore(
     weight_decay: ScalarOrSchedule = 0.0,
     mask: Any | Callable[[Any], Any] | None = None,
     weight_dimension_numbers: Any = None,
+    *,
+    refresh_on_host: bool = False,
 ) -> GradientTransformation:
     """GaLore (Zhao et al., 2024): memory-efficient training by gradient low-rank projection.
 
@@ -306,6 +337,9 @@ def galore(
             decay applies.
         weight_dimension_numbers: which leaves are projected, and how (see
             :func:`scale_by_galore`).
+        refresh_on_host: read the step count on the host and compute the SVDs on refresh
+            steps only: far cheaper in eager training, at one host sync per step on CUDA
+            (see :func:`scale_by_galore`).
 
     Example:
         >>> import torch, functrain as ft
@@ -320,7 +354,14 @@ def galore(
         197.3
     """
     return chain(
-        scale_by_galore(rank, update_proj_gap, scale, base_optimizer, weight_dimension_numbers),
+        scale_by_galore(
+            rank,
+            update_proj_gap,
+            scale,
+            base_optimizer,
+            weight_dimension_numbers,
+            refresh_on_host=refresh_on_host,
+        ),
         additive.add_decayed_weights(weight_decay, mask),
         scaling.scale_by_learning_rate(learning_rate),
     )
