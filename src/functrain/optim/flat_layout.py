@@ -14,6 +14,7 @@ from functrain.optim.base import (
     _call_update,
     _check_transform,
 )
+from functrain.optim.param_map import is_params_placeholder
 
 __all__ = ["flatten"]
 
@@ -39,6 +40,9 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     Global quantities are unchanged by the layout (a global norm, a global clip), per-tensor
     ones are not: ``flatten(ft.lamb(...))`` computes one trust ratio for the whole model.
 
+    :func:`~functrain.tree_map_params` sees ``inner``'s flat moments as params-shaped: ``f``
+    gets each flat vector (so a cast works; trees in ``rest`` do not match it).
+
     Args:
         inner: the transform to run on the flat vector.
 
@@ -55,6 +59,12 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
     passes_extra = _accepts_extra(inner.update)
 
     def init_fn(params: Any) -> Any:
+        if is_params_placeholder(params):
+            # tree_map_params: the flat vector stands for the params, so the placeholder goes
+            # to inner as it is, and inner's moments are found as params-shaped. Flattening the
+            # childless placeholder would give an empty tensor, and the moments would silently
+            # be taken for non-params.
+            return inner.init(params)
         leaves = tree.leaves(params)
         return inner.init(_concat(leaves, None))
 

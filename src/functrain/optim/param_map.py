@@ -136,10 +136,12 @@ def tree_map_params(
         state_parts = tree.flatten_up_to(spec, state, ("initable's state", "state"))
     except tree.TreeMismatchError as err:
         # Either ``state`` comes from another transform, or the init builds part of its state
-        # from the leaves themselves (a list per leaf), which a placeholder has none of.
+        # from the leaves themselves (a list per leaf), which a placeholder has none of, or
+        # ``state`` lost its NamedTuples in a checkpoint restored without a target.
         raise tree.TreeMismatchError(
             f"tree_map_params: state is not a state of {_name(initable)} as its init builds it "
-            f"over placeholder params (it must map over the params); {err}"
+            f"over placeholder params (it must map over the params; a checkpoint must be "
+            f"restored with a target to keep the state's NamedTuples); {err}"
         ) from None
     out = []
     for path, template, value in zip(paths, template_leaves, state_parts):

@@ -262,12 +262,32 @@ def set(tree: PyTree, filtering: Filtering | None = None, /, **kwargs: Any) -> P
         # Containers without a match are shared, not copied.
         return _with_children(node, new) if changed else node
 
+    def rebuild_train_state(path: Path, state: Any) -> Any:
+        # Through ``replace``, not optree's unflatten: the copy then shares the original's
+        # lease, so a donating step that consumes one consumes the other too, instead of
+        # silently updating the tensors they share in place.
+        children, _, entries, _ = optree.tree_flatten_one_level(state)
+        changes = {}
+        for entry, child in zip(entries, children):
+            new_child = rebuild((*path, entry), child)
+            if new_child is not child:
+                changes[entry] = new_child
+        return state.replace(**changes) if changes else state
+
     def rebuild(path: Path, subtree: Any) -> Any:
+        # Imported here: functrain.train imports functrain.tree.
+        from functrain.train.state import TrainState
+
         paths, nodes, spec = optree.tree_flatten_with_path(
-            subtree, is_leaf=lambda x: _is_named_tuple(x) or isinstance(x, dict)
+            subtree,
+            is_leaf=lambda x: _is_named_tuple(x) or isinstance(x, (dict, TrainState)),
         )
         out = [
-            replace((*path, *p), n) if _is_named_tuple(n) or isinstance(n, dict) else n
+            replace((*path, *p), n)
+            if _is_named_tuple(n) or isinstance(n, dict)
+            else rebuild_train_state((*path, *p), n)
+            if isinstance(n, TrainState)
+            else n
             for p, n in zip(paths, nodes)
         ]
         if all(a is b for a, b in zip(out, nodes)):
