@@ -95,6 +95,13 @@ def tree_map_params(
     sharding specs for the state from the params' specs, or rebuilding moments after a change
     of the params.
 
+    "Params-shaped" follows optax's rule, by the tree structure ``init`` builds over the
+    placeholder, not by leaf shapes: GaLore's projectors, SM3's per-axis accumulators and
+    Adafactor's factored ``(1,)`` placeholders are params-shaped too (a cast works; per-leaf
+    specs in ``rest`` may not fit them). Some 0-d state takes the params' dtype at init
+    (``inject_hyperparams``' hyperparameters, schedule-free's weight sums): to move a whole
+    state to float64, cast them with ``transform_non_params`` as well.
+
     Args:
         initable: the transform that made ``state`` (a ``GradientTransformation``), or its
             ``init`` function. Its ``init`` must map over the params (``ft.tree.zeros_like`` and
