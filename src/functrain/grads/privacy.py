@@ -205,11 +205,12 @@ def _injected_members(spec: fused.Injected) -> Iterator[tuple[str, Any]]:
     yield from dp_members(built)
 
 
-def _base_key(seed: int | torch.Tensor) -> torch.Tensor:
+def _base_key(seed: int | torch.Tensor, name: str = "seed") -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
         if seed.dim() != 0 or seed.dtype.is_floating_point or seed.dtype == torch.bool:
             raise ValueError(
-                f"seed must be an int or a 0-d integer tensor key, got {seed.dtype} {tuple(seed.shape)}"
+                f"{name} must be an int or a 0-d integer tensor key, got {seed.dtype} "
+                f"{tuple(seed.shape)}"
             )
         seed = seed.detach().to(torch.int64)
         # A 64-bit key (e.g. ``ft.random_key``) keeps its high half: folded in, not dropped, so
@@ -217,8 +218,22 @@ def _base_key(seed: int | torch.Tensor) -> torch.Tensor:
         # ``rng_key`` maps to itself and resumes its stream.
         return (seed & _prng.MASK32) ^ _prng.mix32((seed >> 32) & _prng.MASK32)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or a 0-d integer tensor key, got {seed!r}")
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor key, got {seed!r}")
     return _prng.make_key(seed)
+
+
+def _key_or_seed(key: int | torch.Tensor | None, seed: int | torch.Tensor | None) -> torch.Tensor:
+    """The base key from optax's ``key`` (positional) or ``seed=`` (keyword): exactly one."""
+    if key is not None and seed is not None:
+        raise ValueError("give only one of key and seed (both set the noise key)")
+    if key is None and seed is None:
+        # optax 0.2.8 warns and falls back to key 0; a fixed default key for DP noise is a
+        # footgun (every run adds the same noise), so here it is required.
+        raise TypeError(
+            "differentially_private_aggregate needs a noise key: pass key (an int seed or a "
+            "0-d integer tensor key, e.g. ft.random_key(0)) or seed=<int>"
+        )
+    return _base_key(seed, "seed") if key is None else _base_key(key, "key")
 
 
 class DifferentiallyPrivateAggregateState(NamedTuple):
@@ -303,7 +318,9 @@ def _noisy(
 def differentially_private_aggregate(
     l2_norm_clip: float | torch.Tensor,
     noise_multiplier: float | torch.Tensor,
-    seed: int | torch.Tensor,
+    key: int | torch.Tensor | None = None,
+    *,
+    seed: int | torch.Tensor | None = None,
 ) -> GradientTransformation:
     """DP aggregation of per-example gradients, as ``optax.differentially_private_aggregate``.
 
@@ -319,21 +336,30 @@ def differentially_private_aggregate(
     Args:
         l2_norm_clip: ``C``, maximum L2 norm of each per-example gradient.
         noise_multiplier: ``σ``, the noise standard deviation in units of ``C``.
-        seed: an int seed, or a 0-d integer tensor used as the key (e.g. a saved state's).
+        key: the noise key: an int seed, or a 0-d integer tensor used as the key (e.g.
+            ``ft.random_key(0)`` or a saved state's ``rng_key``). An int here is a seed, so
+            the older positional ``differentially_private_aggregate(C, σ, 42)`` is the same.
+        seed: an int seed (or a key tensor), optax's older keyword; give ``key`` or ``seed``.
+
+    Raises:
+        ValueError: both ``key`` and ``seed`` are given.
+        TypeError: neither is given (optax 0.2.8 warns and uses key 0; a fixed default noise
+            key is refused here), or one is not an int or a 0-d integer tensor.
 
     Example:
         >>> import torch, functrain as ft
-        >>> tx = ft.differentially_private_aggregate(1.0, 0.0, seed=0)
+        >>> tx = ft.differentially_private_aggregate(1.0, 0.0, key=0)
         >>> per_example = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}
         >>> tx.update(per_example, tx.init(None))[0]["w"]
         tensor([0.4500, 0.6000])
     """
     _check_number("l2_norm_clip", l2_norm_clip, minimum=0.0)
     _check_number("noise_multiplier", noise_multiplier, minimum=0.0)
-    key = _base_key(seed)
+    base_key = _key_or_seed(key, seed)
 
     def init_fn(params: Any) -> DifferentiallyPrivateAggregateState:
-        return DifferentiallyPrivateAggregateState(rng_key=key.to(_utils.default_device(params)))
+        device = _utils.default_device(params)
+        return DifferentiallyPrivateAggregateState(rng_key=base_key.to(device))
 
     def update_fn(
         updates: Any, state: DifferentiallyPrivateAggregateState, params: Any = None, **extra: Any

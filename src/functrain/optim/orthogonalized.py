@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import optree
 import torch
@@ -27,6 +27,22 @@ __all__ = [
 ]
 
 DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# optax's named coefficient sets (``muon(ns_coeffs="dion")``): Ahn et al. (2025), one row a step.
+NS_COEFFS_PRESETS: dict[str, Any] = {
+    "standard": DEFAULT_NS_COEFFS,
+    "dion": (
+        (4.0848, -6.8946, 2.9270),
+        (3.9505, -6.3029, 2.6377),
+        (3.7418, -5.5913, 2.3037),
+        (2.8769, -3.1427, 1.2046),
+        (2.8366, -3.0525, 1.2012),
+    ),
+}
+Preconditioning = Literal["frobenius", "spectral", "aol", "schatten"]
+PRECONDITIONINGS = ("frobenius", "spectral", "aol", "schatten")
+# The floor of the AOL row sums and of ‖XXᴴ‖_F in the first 'aol'/'schatten' step: a fixed
+# constant in optax (its ``eps`` argument is not passed there), kept for the same numbers.
+_FIRST_STEP_FLOOR = 1e-8
 
 
 class MuonDimensionNumbers(NamedTuple):
@@ -85,7 +101,44 @@ def _fans(x: torch.Tensor, dims: MuonDimensionNumbers) -> tuple[int, int]:
 Rows = tuple[tuple[float, float, float], ...]
 
 
-def _newton_schulz(x: torch.Tensor, rows: Rows, eps: float) -> torch.Tensor:
+def _check_preconditioning(preconditioning: Any) -> None:
+    if not isinstance(preconditioning, str) or preconditioning not in PRECONDITIONINGS:
+        raise ValueError(
+            f"preconditioning must be one of {PRECONDITIONINGS}, got {preconditioning!r}"
+        )
+
+
+def _spectral_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``X / (σ_max(X) + eps)`` per matrix; the SVD in float32 at least (none for half types)."""
+    wide = (
+        x
+        if x.dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128)
+        else x.float()
+    )
+    return (wide / (torch.linalg.matrix_norm(wide, ord=2, keepdim=True) + eps)).to(x.dtype)
+
+
+def _first_step_gram(
+    x: torch.Tensor, a: torch.Tensor, preconditioning: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescales ``X`` and ``A = XXᴴ`` before the first step of the AOL and Schatten-4 variants.
+
+    AOL (Boissin et al., 2025): ``D = diag(1/√max(Σⱼ|Aᵢⱼ|, floor))``, ``X ← DX``, ``A ← DAD``
+    (each row's bound on ``σ_max`` makes ``DX`` a contraction). Schatten-4 (Grishina et al.,
+    2025): ``s = 1/√max(‖A‖_F, floor)`` (``‖A‖_F = ‖X‖²_S4 ≥ σ_max²``), ``X ← sX``, ``A ← s²A``.
+    Reusing the rescaled ``A`` saves one product over recomputing it.
+    """
+    if preconditioning == "aol":
+        s = torch.rsqrt(a.abs().sum(-1, keepdim=True).clamp(min=_FIRST_STEP_FLOOR))
+        return x * s, a * s * s.mT
+    norm = torch.linalg.vector_norm(a, dim=(-2, -1), keepdim=True)
+    s = torch.rsqrt(norm.clamp(min=_FIRST_STEP_FLOOR))
+    return x * s, a * (s * s)
+
+
+def _newton_schulz(
+    x: torch.Tensor, rows: Rows, eps: float, preconditioning: str = "frobenius"
+) -> torch.Tensor:
     """Orthogonalizes each ``(m, n)`` matrix of a ``(batch, m, n)`` tensor, one step per row.
 
     The coefficients are Python numbers, so each step is two fused ``baddbmm`` (the scalings
@@ -95,13 +148,19 @@ def _newton_schulz(x: torch.Tensor, rows: Rows, eps: float) -> torch.Tensor:
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:  # f(Xᵀ) = f(X)ᵀ: iterate on the smaller Gram matrix
         x = x.mT
-    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    x = x / (norm + eps)  # spectral norm at most 1
+    if preconditioning == "frobenius":
+        norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+        x = x / (norm + eps)  # spectral norm at most 1
+    elif preconditioning == "spectral":
+        x = _spectral_normalize(x, eps)
+    # 'aol' and 'schatten' rescale inside the first step instead (as optax: no eps division).
     single = x.shape[0] == 1  # one matrix: 2-D products (bfloat16's batched XXᵀ is 2× slower)
     if single:
         x = x[0]
-    for c0, c1, c2 in rows:
+    for step, (c0, c1, c2) in enumerate(rows):
         a = x @ x.mT.conj()
+        if step == 0 and preconditioning in ("aol", "schatten"):
+            x, a = _first_step_gram(x, a, preconditioning)
         if single:
             b = torch.addmm(a, a, a, beta=c1, alpha=c2)  # c₁A + c₂A²
             x = torch.addmm(x, b, x, beta=c0)  # c₀X + BX
@@ -117,12 +176,29 @@ def orthogonalize_via_newton_schulz(
     x: torch.Tensor,
     ns_coeffs: torch.Tensor | Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
     ns_steps: int = 5,
+    preconditioning: Preconditioning = "frobenius",
     eps: float = 1e-8,
     dimension_numbers: MuonDimensionNumbers | None = None,
 ) -> torch.Tensor:
     """Approximately orthogonalizes ``x`` with a quintic Newton–Schulz iteration.
 
-    Each step maps ``X ← c₀X + (c₁A + c₂A²)X`` with ``A = XXᴴ``, after ``X ← X / (‖X‖_F + eps)``.
+    Each step maps ``X ← c₀X + (c₁A + c₂A²)X`` with ``A = XXᴴ`` (``X`` the wide orientation of
+    the matrix), after scaling ``X`` so that its singular values are at most about 1, as
+    ``preconditioning`` says:
+
+    * ``"frobenius"``: ``X ← X / (‖X‖_F + eps)`` (the default);
+    * ``"spectral"``: ``X ← X / (σ_max(X) + eps)``, an SVD per matrix: costly, but the
+      singular values start as large as they can;
+    * ``"aol"``: in the first step ``X ← DX``, ``A ← DAD`` with ``D = diag(1/√Σⱼ|Aᵢⱼ|)`` (the
+      row sums floored at ``1e-8``), Boissin et al. (2025);
+    * ``"schatten"``: in the first step ``X ← X/√‖A‖_F`` (``‖A‖_F`` floored at ``1e-8``), the
+      Schatten-4 norm of ``X``, Grishina et al. (2025).
+
+    With ``"aol"`` and ``"schatten"`` ``eps`` is not used (optax's fixed floor instead), and
+    with ``ns_steps=0`` they return ``x`` unscaled, as optax does. Difference from optax: for
+    complex ``x`` the Schatten step uses ``A = XXᴴ`` like every other step (optax's ``XXᵀ`` is
+    not a Gram matrix there); real inputs are unaffected.
+
     The default coefficients (Keller Jordan's) push the singular values towards 1 quickly but
     not exactly (to about ``[0.7, 1.2]``); ``ns_coeffs=(1.5, -0.5, 0.0)`` with many steps
     converges to the polar factor ``UVᴴ`` of ``x = UΣVᴴ``.
@@ -131,7 +207,9 @@ def orthogonalize_via_newton_schulz(
         x: a matrix, or a tensor whose matrix is named by ``dimension_numbers``.
         ns_coeffs: ``(c₀, c₁, c₂)``, or one row per step (shape ``(steps, 3)``).
         ns_steps: the number of steps (ignored when ``ns_coeffs`` has one row per step).
-        eps: added to the Frobenius norm before dividing.
+        preconditioning: ``"frobenius"``, ``"spectral"``, ``"aol"`` or ``"schatten"`` (above).
+            Positional before ``eps``, as in optax.
+        eps: added to the Frobenius or spectral norm before dividing.
         dimension_numbers: the reduction and output axes; default: those of
             :class:`MuonDimensionNumbers` (a 2-D ``x`` as it is).
 
@@ -145,8 +223,10 @@ def orthogonalize_via_newton_schulz(
         >>> torch.allclose(polar, torch.eye(2, dtype=torch.float64))
         True
     """
+    _check_preconditioning(preconditioning)
     rows = _rows(ns_coeffs, ns_steps)
-    return _orthogonalize(x, rows, eps, dimension_numbers or MuonDimensionNumbers(), None)
+    dims = dimension_numbers or MuonDimensionNumbers()
+    return _orthogonalize(x, rows, eps, dims, None, preconditioning)
 
 
 def _orthogonalize(
@@ -155,6 +235,7 @@ def _orthogonalize(
     eps: float,
     dims: MuonDimensionNumbers,
     dtype: torch.dtype | None,
+    preconditioning: str = "frobenius",
 ) -> torch.Tensor:
     reduction, output = _axes(x, dims)
     batch = [a for a in range(x.dim()) if a not in reduction and a not in output]
@@ -163,7 +244,7 @@ def _orthogonalize(
     if dtype is not None:  # cast and lay out the matrices in one pass, not a copy then a cast
         moved = moved.to(dtype, memory_format=torch.contiguous_format)
     matrices = moved.reshape(-1, *_fans(x, dims))
-    result = _newton_schulz(matrices, rows, eps).to(x.dtype).reshape(moved.shape)
+    result = _newton_schulz(matrices, rows, eps, preconditioning).to(x.dtype).reshape(moved.shape)
     return result.permute(sorted(range(x.dim()), key=order.__getitem__))
 
 
@@ -214,6 +295,7 @@ def scale_by_muon(
     *,
     nesterov: bool = True,
     adaptive: bool = False,
+    preconditioning: Preconditioning = "frobenius",
     weight_dimension_numbers: DimensionNumbers = None,
     ns_dtype: torch.dtype | None = None,
 ) -> base.GradientTransformation:
@@ -243,6 +325,9 @@ def scale_by_muon(
         mu_dtype: optional dtype in which the momentum is stored.
         nesterov: use the Nesterov look-ahead (the default, as in optax).
         adaptive: scale each orthogonalized update by ``⟨m̂, u⟩`` (Bernstein et al., 2024).
+        preconditioning: how each matrix is scaled before the iteration: ``"frobenius"`` (the
+            default), ``"spectral"``, ``"aol"`` or ``"schatten"`` (see
+            :func:`orthogonalize_via_newton_schulz`).
         weight_dimension_numbers: ``None`` (every leaf is ``(out, in)``-like, see
             :class:`MuonDimensionNumbers`), one :class:`MuonDimensionNumbers` for every leaf, a
             pytree of them like the updates, or a callable ``updates -> such a pytree``.
@@ -263,6 +348,7 @@ def scale_by_muon(
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 0:
         raise ValueError(f"ns_steps must be a non-negative int, got {ns_steps!r}")
     _ops.check_dtype("ns_dtype", ns_dtype)
+    _check_preconditioning(preconditioning)
     rows = _rows(ns_coeffs, ns_steps)
 
     def init_fn(params: Any) -> MuonState:
@@ -287,7 +373,9 @@ def scale_by_muon(
             mu_hat = [torch.addcmul(m * ahead, x, now) for m, x in zip(mu, g)]
         else:
             mu_hat = _ops.div(mu, _bias(beta, count, dtype))
-        out = [_orthogonalize(m, rows, eps, d, ns_dtype) for m, d in zip(mu_hat, dims)]
+        out = [
+            _orthogonalize(m, rows, eps, d, ns_dtype, preconditioning) for m, d in zip(mu_hat, dims)
+        ]
         if adaptive:
             out = [(m.conj() * u).sum() * u for m, u in zip(mu_hat, out)]
         out = _ops.cast_like(out, given)
@@ -333,7 +421,7 @@ def _labels(dims: DimensionNumbers) -> Callable[[Any], Any]:
 
 def muon(
     learning_rate: ScalarOrSchedule,
-    ns_coeffs: Sequence[float] | Sequence[Sequence[float]] = DEFAULT_NS_COEFFS,
+    ns_coeffs: Sequence[float] | Sequence[Sequence[float]] | str = DEFAULT_NS_COEFFS,
     ns_steps: int = 5,
     beta: Hyper = 0.95,
     eps: float = 1e-8,
@@ -343,10 +431,12 @@ def muon(
     *,
     nesterov: bool = True,
     adaptive: bool = False,
+    preconditioning: Preconditioning = "frobenius",
     adam_b1: float = 0.9,
     adam_b2: float = 0.999,
     adam_eps_root: float = 0.0,
     adam_weight_decay: ScalarOrSchedule = 0.0,
+    adam_learning_rate: ScalarOrSchedule | None = None,
     muon_weight_dimension_numbers: DimensionNumbers = None,
     consistent_rms: float | None = None,
     ns_dtype: torch.dtype | None = None,
@@ -358,8 +448,9 @@ def muon(
         u = −lr · (scale · scale_by_muon(g) + weight_decay · p)
         scale = √max(1, fan_out / fan_in)      (or √max(fan_in, fan_out) · consistent_rms)
 
-    and for the others ``adamw(lr, adam_b1, adam_b2, eps, adam_eps_root, mu_dtype,
-    adam_weight_decay, nesterov=nesterov)``. By default the Muon parameters are the 2-D ones;
+    and for the others ``adamw(adam_lr, adam_b1, adam_b2, eps, adam_eps_root, mu_dtype,
+    adam_weight_decay, nesterov=nesterov)`` (``adam_lr``: ``adam_learning_rate``, by default
+    ``learning_rate``). By default the Muon parameters are the 2-D ones;
     ``muon_weight_dimension_numbers`` (a :class:`MuonDimensionNumbers` for all, a pytree like
     the params with ``None`` for AdamW leaves, or a callable ``params -> pytree``) chooses
     them and names their axes, e.g. to include convolutions. A callable is also called on the
@@ -374,7 +465,8 @@ def muon(
 
     Args:
         learning_rate: the step size: a number, a 0-d tensor or a schedule.
-        ns_coeffs: Newton–Schulz coefficients ``(c₀, c₁, c₂)`` or one row per step.
+        ns_coeffs: Newton–Schulz coefficients ``(c₀, c₁, c₂)`` or one row per step, or the
+            name of a preset: ``"standard"`` (the default's) or ``"dion"`` (Ahn et al., 2025).
         ns_steps: the number of Newton–Schulz steps.
         beta: the momentum decay of the Muon parameters.
         eps: Muon's norm ``eps`` and AdamW's ``eps``.
@@ -383,10 +475,14 @@ def muon(
         mu_dtype: optional dtype of both optimizers' first moments.
         nesterov: Nesterov momentum, for Muon and AdamW alike.
         adaptive: see :func:`scale_by_muon`.
+        preconditioning: the scaling before the iteration, see
+            :func:`orthogonalize_via_newton_schulz`.
         adam_b1: AdamW's ``b1``.
         adam_b2: AdamW's ``b2``.
         adam_eps_root: AdamW's ``eps_root``.
         adam_weight_decay: AdamW's weight decay.
+        adam_learning_rate: AdamW's step size (a number, a 0-d tensor or a schedule);
+            ``None``: ``learning_rate``.
         muon_weight_dimension_numbers: which parameters use Muon and their axes (see above).
         consistent_rms: use the shape-independent update RMS of Liu et al. (2025) (``0.2``
             matches AdamW's typical RMS) instead of the width scaling.
@@ -406,6 +502,14 @@ def muon(
     """
     if consistent_rms is not None:
         _utils.check_finite_number("consistent_rms", consistent_rms, minimum=0.0)
+    if isinstance(ns_coeffs, str):
+        if ns_coeffs not in NS_COEFFS_PRESETS:
+            raise ValueError(
+                f"ns_coeffs preset must be one of {tuple(NS_COEFFS_PRESETS)}, got {ns_coeffs!r}"
+            )
+        ns_coeffs = NS_COEFFS_PRESETS[ns_coeffs]
+    if adam_learning_rate is None:
+        adam_learning_rate = learning_rate
     inner = muon_weight_dimension_numbers
     muon_group = base.chain(
         scale_by_muon(
@@ -416,6 +520,7 @@ def muon(
             mu_dtype,
             nesterov=nesterov,
             adaptive=adaptive,
+            preconditioning=preconditioning,
             weight_dimension_numbers=inner,
             ns_dtype=ns_dtype,
         ),
@@ -424,7 +529,7 @@ def muon(
         scaling.scale_by_learning_rate(learning_rate),
     )
     adam_group = aliases.adamw(
-        learning_rate,
+        adam_learning_rate,
         b1=adam_b1,
         b2=adam_b2,
         eps=eps,
