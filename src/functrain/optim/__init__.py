@@ -34,6 +34,7 @@ from functrain.optim import (
     model_based,
     monitoring,
     multi_steps,
+    newton_schulz,
     normalization,
     optimistic,
     orthogonalized,
@@ -87,6 +88,7 @@ from functrain.optim.mixed_momenta import *  # noqa: F403
 from functrain.optim.model_based import *  # noqa: F403
 from functrain.optim.monitoring import *  # noqa: F403
 from functrain.optim.multi_steps import *  # noqa: F403
+from functrain.optim.newton_schulz import *  # noqa: F403
 from functrain.optim.normalization import *  # noqa: F403
 from functrain.optim.optimistic import *  # noqa: F403
 from functrain.optim.orthogonalized import *  # noqa: F403
@@ -138,6 +140,7 @@ __all__ = [
     *low_rank_projection.__all__,
     *mechanic.__all__,
     *mixed_momenta.__all__,
+    *newton_schulz.__all__,
     *model_based.__all__,
     *monitoring.__all__,
     *multi_steps.__all__,
