@@ -151,7 +151,7 @@ def test_hutchinson_probes_are_signs_reproducible_and_keyed() -> None:
             _, state = tx.update(None, state, params, obj_fn=lambda p: p["w"].sum())
         key = ft.optim._prng.split(state.key)[1]
         return {
-            k: ft.optim.clipped_newton._rademacher_like(key, v, i)
+            k: ft.optim.hessian_diagonal._rademacher_like(key, v, i)
             for i, (k, v) in enumerate(sorted(params.items()))
         }
 

@@ -24,6 +24,7 @@ from functrain.optim import (
     factorized,
     flat_layout,
     gradient_difference,
+    hessian_diagonal,
     hyperparams,
     layerwise_moments,
     linesearch,
@@ -78,6 +79,7 @@ from functrain.optim.dual_averaging import *  # noqa: F403
 from functrain.optim.factorized import *  # noqa: F403
 from functrain.optim.flat_layout import *  # noqa: F403
 from functrain.optim.gradient_difference import *  # noqa: F403
+from functrain.optim.hessian_diagonal import *  # noqa: F403
 from functrain.optim.hyperparams import *  # noqa: F403
 from functrain.optim.layerwise_moments import *  # noqa: F403
 from functrain.optim.linesearch import *  # noqa: F403
@@ -133,6 +135,7 @@ __all__ = [
     *factorized.__all__,
     *flat_layout.__all__,
     *gradient_difference.__all__,
+    *hessian_diagonal.__all__,
     *hyperparams.__all__,
     *layerwise_moments.__all__,
     *linesearch.__all__,
