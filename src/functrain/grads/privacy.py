@@ -46,6 +46,7 @@ it: there each call is a whole sampled batch; give it ``micro_batches=K`` instea
 from __future__ import annotations
 
 import math
+import numbers
 import weakref
 from collections.abc import Iterator
 from types import MethodType
@@ -207,7 +208,13 @@ def _injected_members(spec: fused.Injected) -> Iterator[tuple[str, Any]]:
 
 def _base_key(seed: int | torch.Tensor, name: str = "seed") -> torch.Tensor:
     if isinstance(seed, torch.Tensor):
-        if seed.dim() != 0 or seed.dtype.is_floating_point or seed.dtype == torch.bool:
+        # Complex too: ``.to(int64)`` would drop the imaginary part (with only a warning).
+        if (
+            seed.dim() != 0
+            or seed.dtype.is_floating_point
+            or seed.is_complex()
+            or seed.dtype == torch.bool
+        ):
             raise ValueError(
                 f"{name} must be an int or a 0-d integer tensor key, got {seed.dtype} "
                 f"{tuple(seed.shape)}"
@@ -217,9 +224,10 @@ def _base_key(seed: int | torch.Tensor, name: str = "seed") -> torch.Tensor:
         # keys that differ only there give different noise. ``mix32(0) == 0``: a saved 32-bit
         # ``rng_key`` maps to itself and resumes its stream.
         return (seed & _prng.MASK32) ^ _prng.mix32((seed >> 32) & _prng.MASK32)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    # numbers.Integral: NumPy integers are seeds too (as for ft.random_key); bools are not.
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int or a 0-d integer tensor key, got {seed!r}")
-    return _prng.make_key(seed)
+    return _prng.make_key(int(seed))
 
 
 def _key_or_seed(key: int | torch.Tensor | None, seed: int | torch.Tensor | None) -> torch.Tensor:
@@ -336,7 +344,7 @@ def differentially_private_aggregate(
     Args:
         l2_norm_clip: ``C``, maximum L2 norm of each per-example gradient.
         noise_multiplier: ``σ``, the noise standard deviation in units of ``C``.
-        key: the noise key: an int seed, or a 0-d integer tensor used as the key (e.g.
+        key: the noise key: an int seed (Python or NumPy), or a 0-d integer tensor key (e.g.
             ``ft.random_key(0)`` or a saved state's ``rng_key``). An int here is a seed, so
             the older positional ``differentially_private_aggregate(C, σ, 42)`` is the same.
         seed: an int seed (or a key tensor), optax's older keyword; give ``key`` or ``seed``.
@@ -359,7 +367,9 @@ def differentially_private_aggregate(
 
     def init_fn(params: Any) -> DifferentiallyPrivateAggregateState:
         device = _utils.default_device(params)
-        return DifferentiallyPrivateAggregateState(rng_key=base_key.to(device))
+        # A copy: ``.to`` returns ``base_key`` itself on its device, and an in-place change
+        # of one state's key (a restore into it) would change every later init's.
+        return DifferentiallyPrivateAggregateState(rng_key=base_key.to(device, copy=True))
 
     def update_fn(
         updates: Any, state: DifferentiallyPrivateAggregateState, params: Any = None, **extra: Any
@@ -422,7 +432,8 @@ def dp_noisy_mean(
     key = _base_key(seed)
 
     def init_fn(params: Any) -> DifferentiallyPrivateAggregateState:
-        return DifferentiallyPrivateAggregateState(rng_key=key.to(_utils.default_device(params)))
+        device = _utils.default_device(params)  # a copy, as in the aggregate's init
+        return DifferentiallyPrivateAggregateState(rng_key=key.to(device, copy=True))
 
     def update_fn(
         updates: Any, state: DifferentiallyPrivateAggregateState, params: Any = None, **extra: Any

@@ -55,6 +55,16 @@ def _leaf_dims(dims: DimensionNumbers, updates: Any) -> list[MuonDimensionNumber
     paths, leaves, _ = tree.flatten_with_paths(updates)
     if resolved is None or isinstance(resolved, MuonDimensionNumbers):
         return [resolved or MuonDimensionNumbers()] * len(leaves)
+    # First a tree_map over the updates' structure: torch.compile traces it, where optree's
+    # ``is_leaf`` flattening below breaks ``fullgraph`` (a pytree or callable of dims failed
+    # to compile). The path matching handles masked-out leaves whose dims are not ``None``.
+    picked: list[Any] = []
+    try:
+        optree.tree_map(lambda u, d: picked.append(d), updates, resolved)
+    except ValueError:
+        picked = []
+    if len(picked) == len(leaves) and all(isinstance(d, MuonDimensionNumbers) for d in picked):
+        return picked
     found = optree.tree_flatten_with_path(
         resolved, is_leaf=lambda x: isinstance(x, MuonDimensionNumbers)
     )
@@ -197,9 +207,16 @@ def _labels(dims: DimensionNumbers) -> Callable[[Any], Any]:
         resolved = dims(params) if callable(dims) else dims
         if isinstance(resolved, MuonDimensionNumbers):
             return tree.map(lambda p: "muon", params)
-        spec = tree.structure(params)
-        chosen = tree.flatten_up_to(spec, resolved, ("params", "muon_weight_dimension_numbers"))
-        return tree.unflatten(spec, ["adam" if d is None else "muon" for d in chosen])
+        # optree's tree_map, not ``PyTreeSpec.flatten_up_to``: under torch.compile the latter
+        # mis-handles the MuonDimensionNumbers (NamedTuples) and the Nones, so a pytree or
+        # callable ``dims`` broke ``make_train_step(compile=...)`` ("length mismatch").
+        try:
+            return optree.tree_map(lambda p, d: "adam" if d is None else "muon", params, resolved)
+        except ValueError:  # a structure mismatch: raise the path-named error instead
+            tree.flatten_up_to(
+                tree.structure(params), resolved, ("params", "muon_weight_dimension_numbers")
+            )
+            raise
 
     return labels
 
