@@ -46,3 +46,23 @@ def lin(c: object) -> object:
     """A schedule written once for tensors and numbers: ``1 − 0.05·c``."""
     c = c.double() if isinstance(c, torch.Tensor) else c
     return 1.0 - 0.05 * c
+
+
+def assert_train_step_halves_loss(tx: ft.GradientTransformation, init: float, steps: int) -> None:
+    """``steps`` of ``make_train_step`` (K=2) on a least-squares problem from ``w = init``
+    at least halve the loss."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, dtype=F64)
+    batch = {"x": x, "y": x @ torch.tensor([1.0, -2.0, 0.5], dtype=F64)}
+
+    def loss_fn(p: dict, b: dict) -> torch.Tensor:
+        return ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
+
+    params = {"w": torch.full((3,), init, dtype=F64)}
+    step = ft.make_train_step(loss_fn, tx, micro_batches=2)
+    state = step.prepare(ft.TrainState.create(params=params, tx=tx))
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0]

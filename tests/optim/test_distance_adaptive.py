@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _two_leaf_reference import assert_train_step_halves_loss
 from _two_leaf_reference import flat as _flat
 from _two_leaf_reference import grads as two_leaf_grads
 from _two_leaf_reference import lin as _lin
@@ -135,21 +136,7 @@ def test_compiled_with_schedule_compiles_once(tx) -> None:
 )
 def test_inject_hyperparams_and_train_step(make, kw) -> None:
     tx = ft.inject_hyperparams(make)(learning_rate=1.0, **kw)
-    torch.manual_seed(0)
-    x = torch.randn(16, 3, dtype=F64)
-    batch = {"x": x, "y": x @ torch.tensor([1.0, -2.0, 0.5], dtype=F64)}
-
-    def loss_fn(p: dict, b: dict) -> torch.Tensor:
-        return ((b["x"] @ p["w"] - b["y"]) ** 2).mean()
-
-    params = {"w": torch.full((3,), 0.1, dtype=F64)}
-    step = ft.make_train_step(loss_fn, tx, micro_batches=2)
-    state = step.prepare(ft.TrainState.create(params=params, tx=tx))
-    losses = []
-    for _ in range(30):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] < 0.5 * losses[0]
+    assert_train_step_halves_loss(tx, init=0.1, steps=30)
 
 
 def test_bad_arguments_complex_and_empty() -> None:
