@@ -66,3 +66,22 @@ def assert_train_step_halves_loss(tx: ft.GradientTransformation, init: float, st
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0]
+
+
+def assert_compiles_once_like_eager(
+    tx: ft.GradientTransformation, rtol: float, atol: float
+) -> None:
+    """``torch.compile(tx.update, fullgraph=True)`` over six steps compiles once and follows
+    the eager updates (to ``rtol``/``atol``: float32 maths reordered by the compiler)."""
+    params = {"w": torch.linspace(-1, 1, 6).reshape(3, 2), "b": torch.ones(2)}
+    compiled = torch.compile(tx.update, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    se = sc = tx.init(params)
+    pe = pc = params
+    with ft.testing.assert_max_compiles(1):
+        for i in range(6):
+            g = {"w": torch.full((3, 2), 0.1 * (i - 2)) + 0.01, "b": torch.ones(2) * (i % 2 - 0.5)}
+            ue, se = tx.update(g, se, pe)
+            uc, sc = compiled(g, sc, pc)
+            ft.testing.assert_trees_all_close(uc, ue, rtol=rtol, atol=atol)
+            pe, pc = ft.apply_updates(pe, ue), ft.apply_updates(pc, uc)

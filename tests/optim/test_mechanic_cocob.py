@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from _two_leaf_reference import assert_train_step_halves_loss
+from _two_leaf_reference import assert_compiles_once_like_eager, assert_train_step_halves_loss
 from _two_leaf_reference import flat as _flat
 from _two_leaf_reference import grads as two_leaf_grads
 from _two_leaf_reference import p0 as _p0
@@ -119,18 +119,7 @@ def test_pure_masked_bfloat16(make) -> None:
     ],
 )
 def test_compiled_with_schedule_compiles_once(tx) -> None:
-    params = {"w": torch.linspace(-1, 1, 6).reshape(3, 2), "b": torch.ones(2)}
-    compiled = torch.compile(tx.update, fullgraph=True, backend="aot_eager")
-    torch._dynamo.reset()
-    se = sc = tx.init(params)
-    pe = pc = params
-    with testing.assert_max_compiles(1):
-        for i in range(6):
-            g = {"w": torch.full((3, 2), 0.1 * (i - 2)) + 0.01, "b": torch.ones(2) * (i % 2 - 0.5)}
-            ue, se = tx.update(g, se, pe)
-            uc, sc = compiled(g, sc, pc)
-            testing.assert_trees_all_close(uc, ue, rtol=1e-4, atol=1e-7)
-            pe, pc = ft.apply_updates(pe, ue), ft.apply_updates(pc, uc)
+    assert_compiles_once_like_eager(tx, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize(
