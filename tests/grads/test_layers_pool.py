@@ -101,7 +101,9 @@ def test_ties_route_the_gradient_as_contiguous_pooling(pool_calls):
     top = windows.max(-1, keepdim=True).values
     positive_ties = ((windows == top).sum(-1) > 1) & (top[..., 0] > 0)
     assert positive_ties.sum() > 20, positive_ties.sum()
-    _check(loss_fn, params, batch, rtol=0)
+    # A tie routed to another element is off by O(1); float64 rounding of the convolution's
+    # gradient differs between BLAS code paths (2e-14 seen on an AMD CPU), so not rtol=0.
+    _check(loss_fn, params, batch)
     assert pool_calls
 
 

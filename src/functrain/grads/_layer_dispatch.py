@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.grads._layer_rules import SAVED_TENSOR_HOOKS, Unsupported
+from functrain.grads._layer_rules import MAX_NORM, SAVED_TENSOR_HOOKS, Unsupported
 from functrain.grads._per_example import _example_loss, batch_size_of
 
 PyTree = Any
@@ -92,20 +92,48 @@ def reduce_by_layers(
     """``run()`` (a reduction by the layer rules) where ``method`` asks for it, else ``None``.
 
     ``"layers"`` always runs it and turns :class:`Unsupported` into :func:`layers_error`;
-    ``"auto"`` runs it when :func:`ghost_pays` and returns ``None`` (use vmap) if it can't.
+    ``"auto"`` runs it when :func:`ghost_pays` and returns ``None`` (use vmap) if it can't,
+    unless vmap cannot either (``Unsupported.fatal``).
     """
     if method == "layers" or (method == "auto" and ghost_pays(params, batch, chunk_size)):
         try:
             return run()
         except Unsupported as err:
-            if method == "layers":
+            if method == "layers" or err.fatal:
                 raise layers_error(err, params) from None
     return None
 
 
+# PyTorch's fused recurrent kernels (nn.RNN / nn.LSTM / nn.GRU and their cells): no rule, and
+# no vmap batching rule either, so "use method='vmap'" would send the user to another error.
+_RECURRENT = {
+    f"{kind}{cell}" for kind in ("rnn_tanh", "rnn_relu", "lstm", "gru") for cell in ("", "_cell")
+}
+
+
 def layers_error(err: Unsupported, params: PyTree) -> ValueError:
     """The error of ``method="layers"`` when a parameter has no per-layer rule."""
+    if err.index is None:
+        return ValueError(
+            f"method='layers': loss_fn calls {err.call}, whose backward pass would run the "
+            "layer rules inside the forward (they feed the per-example gradients); use "
+            "method='vmap' (torch.func.grad composes with it)"
+        )
     path = tree.path_str(tree.flatten_with_paths(params)[0][err.index], "params")
+    if err.context == MAX_NORM:
+        return ValueError(
+            f"method='layers': {path} is used by {err.call} {err.context}, which per-sample "
+            "gradients cannot do per example and must not do to params (method='vmap' fails "
+            "on it, or changes params where every example looks up the same rows); drop "
+            "max_norm and renormalize the weight outside loss_fn (e.g. after each update)"
+        )
+    if err.call in _RECURRENT:
+        return ValueError(
+            f"method='layers': {path} is used by {err.call}, a fused recurrent kernel "
+            "(nn.RNN, nn.LSTM, nn.GRU or a cell) with no per-layer rule, which method='vmap' "
+            "cannot differentiate per example either (no vmap batching rule); write the "
+            "recurrence with nn.Linear layers (gates from x @ W_ih.T + h @ W_hh.T)"
+        )
     if err.context == SAVED_TENSOR_HOOKS:
         # torch.func's grad refuses these hooks too, so method="vmap" is no way out.
         return ValueError(

@@ -36,29 +36,36 @@ try:  # torch.func internals, for the fast path of _Rules._on_batch; without the
     _VMAP = _functorch.TransformType.Vmap
     _ADD_BATCH_DIM = _functorch._add_batch_dim
     _FAST = True
+    _interpreter_stack = _functorch.get_interpreter_stack
 except (ImportError, AttributeError):  # pragma: no cover - older or newer torch
     _FAST = False
 
 from functrain.grads import _layer_pool
 from functrain.grads._layer_grads import Conv, Embedding, LayerNorm, Linear, Sink
 
-__all__ = ["SAVED_TENSOR_HOOKS", "Unsupported", "forward_under_rules"]
+__all__ = ["MAX_NORM", "SAVED_TENSOR_HOOKS", "Unsupported", "forward_under_rules"]
 
 
 class Unsupported(Exception):
     """A parameter is used by a call with no per-sample rule; use ``vmap(grad)`` instead.
 
     Attributes:
-        index: the parameter's position among the flattened ``params`` leaves.
+        index: the parameter's position among the flattened ``params`` leaves, or ``None``
+            when the refusal concerns ``loss_fn`` itself (it calls ``torch.autograd.grad``).
         call: the name of the torch call that used it.
         context: why no rule could run even if ``call`` has one (for example
             ``"under torch.autocast"`` or ``"with groups=2"``), or ``None``.
+        fatal: ``vmap(grad)`` cannot differentiate the call per example either (``"auto"``
+            raises instead of falling back).
     """
 
-    def __init__(self, index: int, call: str, context: str | None = None) -> None:
+    def __init__(
+        self, index: int | None, call: str, context: str | None = None, fatal: bool = False
+    ) -> None:
         where = f" {context}" if context else ""
-        super().__init__(f"parameter leaf {index} is used by {call}{where} with no per-sample rule")
-        self.index, self.call, self.context = index, call, context
+        what = "loss_fn" if index is None else f"parameter leaf {index}"
+        super().__init__(f"{what} is used by {call}{where} with no per-sample rule")
+        self.index, self.call, self.context, self.fatal = index, call, context, fatal
 
 
 def _tuple(value: int | Sequence[int], n: int) -> tuple[int, ...]:
@@ -92,6 +99,7 @@ _POOL_ARGS = (
     "return_indices",
 )
 _MAX_POOLS = (F.max_pool2d, torch.max_pool2d)
+_RULE_FUNCS = {*_LINEAR_FUNCS, *_CONV_FUNCS, F.layer_norm, F.embedding}
 # Reading a parameter's metadata is harmless; anything else that touches one needs a rule.
 _METADATA = {
     torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
@@ -128,6 +136,18 @@ def _saved_tensor_hooks_on() -> bool:
 
 
 SAVED_TENSOR_HOOKS = "under saved-tensor hooks (torch.utils.checkpoint or saved_tensors_hooks)"
+# F.embedding(max_norm=...) renormalizes rows of the weight in place during the forward (under
+# no_grad): neither method can do that per example (vmap fails on the in-place kernel), and the
+# parameters given to a per-sample function must not change.
+MAX_NORM = "with max_norm (it renormalizes the weight in place during the forward)"
+# Differentiation inside the forward: its backward pass would run the rules' backward (which
+# feed the per-example gradients) before the loss is known, or fail in torch.func's plumbing.
+_AUTOGRAD_CALLS = {
+    torch.autograd.grad: "torch.autograd.grad",
+    torch.autograd.backward: "torch.autograd.backward",
+    torch.Tensor.backward: "Tensor.backward",
+}
+INNER_TRANSFORM = "inside a torch.func.grad, vjp or jvp of loss_fn's own (e.g. a gradient penalty)"
 
 
 def _blocker() -> str | None:
@@ -207,6 +227,10 @@ class _Rules(TorchFunctionMode):
         if func in _METADATA or not torch.is_grad_enabled():
             # Under no_grad a use adds nothing to any gradient (as in torch.func.grad).
             return func(*args, **kwargs)
+        if func in _AUTOGRAD_CALLS and not self._inner_transform():
+            # (Under loss_fn's own torch.func.grad this is that transform's call: the rules
+            # refuse to run inside it instead.)
+            raise Unsupported(None, _AUTOGRAD_CALLS[func], "inside loss_fn")
         self._refuse_wrapped(func, (*args, *kwargs.values()))
         # Under autocast the call casts its inputs below the rule, whose backward would then
         # meet a gradient in the compute dtype and saved tensors in the original one.
@@ -222,8 +246,22 @@ class _Rules(TorchFunctionMode):
                     raise Unsupported(self.slots[id(v)], name, blocker or self.why)
         return func(*args, **kwargs)
 
+    def _inner_transform(self) -> bool:
+        """Whether a ``torch.func`` transform other than ``vmap`` runs above the examples' vmap.
+
+        ``loss_fn``'s own ``torch.func.grad`` / ``vjp`` / ``jvp`` (a gradient penalty) would
+        run a rule's backward inside the forward, or need a forward-mode rule: none exists.
+        """
+        if not _FAST or self.level is None:
+            return False
+        stack = _interpreter_stack() or []
+        return any(i.level() > self.level and i.key() != _VMAP for i in stack)
+
     def _route(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The rule's output for a layer call on parameters, or ``None``."""
+        if func in _RULE_FUNCS and self._inner_transform():
+            self.why = INNER_TRANSFORM
+            return None
         if func in _LINEAR_FUNCS:
             return self._linear(dict(zip(_LINEAR_ARGS, args), **kwargs))
         if func in _CONV_FUNCS:
@@ -325,12 +363,12 @@ class _Rules(TorchFunctionMode):
             self.why = "with a weight that is not a parameter"
             return None
         if a.get("max_norm") is not None:
-            self.why = "with max_norm (it renormalizes the weight in place)"
+            raise Unsupported(self.slots[id(weight)], "embedding", MAX_NORM, fatal=True)
+        # ``sparse=True`` only sets the layout of the summed gradient: the rule's gradients,
+        # per example or summed, are dense, as the per-sample results always are.
+        if a.get("scale_grad_by_freq", False):
+            self.why = "with scale_grad_by_freq=True"
             return None
-        for flag in ("scale_grad_by_freq", "sparse"):
-            if a.get(flag, False):
-                self.why = f"with {flag}=True"
-                return None
         if weight.is_complex():
             self.why = "with complex parameters"
             return None

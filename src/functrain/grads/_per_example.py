@@ -50,6 +50,41 @@ def rnn_vmap_error(err: RuntimeError, where: str, advice: str) -> RuntimeError |
     return None
 
 
+def embedding_vmap_error(err: Exception, where: str) -> ValueError | None:
+    """A clear error for an embedding ``vmap(grad)`` cannot differentiate per example, else
+    ``None``.
+
+    ``max_norm`` renormalizes the weight in place during the forward (``embedding_renorm_``
+    has no batching rule; torch warns, then fails naming only tensor sizes), and
+    ``sparse=True`` makes a sparse gradient, which ``vmap`` cannot stack (torch's error names
+    ``aten::view`` on a sparse backend). ``err`` may be torch's warning raised as an error.
+
+    Args:
+        err: what ``vmap`` raised.
+        where: the caller's name for the vmapped computation (starts the message).
+
+    Returns:
+        A ``ValueError`` naming the layer and the way out (raise it ``from err``), or ``None``.
+    """
+    text = str(err)
+    if "embedding_renorm_" in text:
+        return ValueError(
+            f"{where}: the model calls an embedding with max_norm (nn.Embedding(max_norm=...) "
+            "or F.embedding(..., max_norm=...)), which renormalizes the weight in place during "
+            "the forward: torch.func.vmap cannot do that per example, and per-sample gradients "
+            "must not change params. Drop max_norm and renormalize the weight outside loss_fn "
+            f"(e.g. after each update). Original error: {text}"
+        )
+    if ("Sparse" in text and "backend" in text) or "rule for aten::_sparse_coo" in text:
+        return ValueError(
+            f"{where}: the model makes a sparse gradient (an embedding with sparse=True?), "
+            "which torch.func.vmap cannot form per example. Use sparse=False, or "
+            "method='layers', whose embedding rule forms dense per-example gradients. "
+            f"Original error: {text}"
+        )
+    return None
+
+
 def batch_size_of(batch: PyTree, name: str = "batch") -> int:
     """The common leading dimension of every tensor leaf of ``batch``; raises if they differ."""
     paths, leaves, _ = tree.flatten_with_paths(batch)

@@ -58,6 +58,7 @@ from functrain.grads._per_example import (
     _check_options,
     _example_loss,
     batch_size_of,
+    embedding_vmap_error,
     rnn_vmap_error,
 )
 
@@ -113,7 +114,12 @@ def _vmap_grad(
     def run(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
         try:
             grads, values = vmapped(param_leaves, batch_leaves)
-        except RuntimeError as err:
+        except (RuntimeError, UserWarning) as err:  # torch's warning, when raised as an error
+            embedding = embedding_vmap_error(err, "per-sample gradients")
+            if embedding is not None:
+                raise embedding from err
+            if not isinstance(err, RuntimeError):
+                raise
             clear = rnn_vmap_error(
                 err,
                 "per-sample gradients",
@@ -154,7 +160,7 @@ def _chunk_runner(
         try:
             return per_sample_by_layers(example_loss, param_leaves, batch_leaves, randomness)
         except Unsupported as err:
-            if method == "layers":
+            if method == "layers" or err.fatal:  # fatal: vmap cannot differentiate it either
                 raise layers_error(err, params) from None
         fallback.append(_vmap_grad(example_loss, randomness))
         return fallback[0](param_leaves, batch_leaves)
@@ -370,7 +376,9 @@ def per_sample_grads(
             parameters' per-example gradients from its input and output gradient, as Opacus'
             hooks do, but without hooks. It applies when every parameter is the weight or bias
             of such a call (tied uses add up; uses under ``torch.no_grad`` add nothing and are
-            free) and raises ``ValueError`` naming the first parameter used otherwise; it is
+            free) and raises ``ValueError`` naming the first parameter used otherwise (also
+            inside ``loss_fn``'s own ``torch.func.grad``/``vjp``/``jvp`` or
+            ``torch.autograd.grad``, e.g. a gradient penalty, which ``"vmap"`` handles); it is
             what lets :func:`clipped_grad_sum` and :func:`per_sample_grad_norms` work without
             forming per-sample gradients. ``"auto"`` (default): ``"layers"`` where it applies
             and the call is eager (not under ``torch.compile``), else ``"vmap"``; when the
@@ -378,7 +386,10 @@ def per_sample_grads(
             of ``loss_fn`` can happen twice. Same numbers to rounding either way; on CPU
             ``"layers"`` measured about 10% faster than ``"vmap"`` on an MLP and up to 20% on
             the Opacus MNIST CNN (small CNNs trade places with the allocator's state; see
-            ``tools/bench.py``).
+            ``tools/bench.py``). An embedding with ``max_norm``, which renormalizes its
+            weight in place during the forward, is refused (``ValueError``) by ``"layers"``
+            and ``"auto"``, and by ``"vmap"`` unless every example looks up the same rows
+            (``vmap`` then renormalizes ``params`` in place, as the module would).
 
     Returns:
         A pytree like ``params`` whose leaves have shape ``(batch_size, *param.shape)``; with
