@@ -126,3 +126,10 @@ def test_dp_sgd_run_samples_by_poisson_and_reports_the_privacy_spent(fast_run):
     reference.history = [(1.0, q, 30)]
     assert epsilons[1] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-6)
     assert f"(ε, δ) = ({reference.get_epsilon(1e-5):.2f}, 1e-05) after 30 Poisson-sampled" in stdout
+    # And the PRV ε of the same history, against Opacus' PRV accountant.
+    prv = opacus.PRVAccountant()
+    prv.history = [(1.0, q, 30)]
+    (logged_prv,) = values(acc, "dp/epsilon_prv")
+    assert logged_prv == pytest.approx(prv.get_epsilon(1e-5), rel=1e-6)
+    assert logged_prv < epsilons[1]
+    assert f"ε = {prv.get_epsilon(1e-5):.2f} by the tighter PRV accountant" in stdout

@@ -8,6 +8,7 @@ from functrain.grads import (
     per_sample,
     poisson,
     privacy,
+    prv,
     stats,
     streaming,
 )
@@ -18,6 +19,7 @@ from functrain.grads.noise_scale import *  # noqa: F403
 from functrain.grads.per_sample import *  # noqa: F403
 from functrain.grads.poisson import *  # noqa: F403
 from functrain.grads.privacy import *  # noqa: F403
+from functrain.grads.prv import *  # noqa: F403
 from functrain.grads.stats import *  # noqa: F403
 from functrain.grads.streaming import *  # noqa: F403
 
@@ -29,6 +31,7 @@ __all__ = [
     *per_sample.__all__,
     *poisson.__all__,
     *privacy.__all__,
+    *prv.__all__,
     *stats.__all__,
     *streaming.__all__,
 ]

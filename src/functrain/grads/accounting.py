@@ -176,6 +176,8 @@ def get_noise_multiplier(
     *,
     orders: Sequence[float] | None = None,
     epsilon_tolerance: float = 0.01,
+    accountant: str = "rdp",
+    eps_error: float = 0.01,
 ) -> float:
     """The smallest noise multiplier (to a tolerance) whose run spends at most the target ε.
 
@@ -183,7 +185,10 @@ def get_noise_multiplier(
     ``get_noise_multiplier`` (false position on ``log σ`` rather than its bisection, and each
     ``ε`` skips the fractional orders that provably are not the best one, so it is the same
     ``ε`` at a fraction of the cost). The returned ``σ`` spends ``ε`` in
-    ``[target − epsilon_tolerance, target]``.
+    ``[target − epsilon_tolerance, target]``. With ``accountant="prv"`` the ``ε`` is
+    :class:`~functrain.PRVAccountant`'s upper bound (tighter, so less noise for the same
+    target), except where ``σ`` is so small that its grid would not fit in memory: there the
+    RDP ``ε``, also an upper bound and far above any target, stands in.
 
     Args:
         target_epsilon: the ``ε`` budget (> 0).
@@ -192,6 +197,9 @@ def get_noise_multiplier(
         steps: the number of steps of the run (>= 1).
         orders: the RDP orders (default: Opacus' ``DEFAULT_ALPHAS``).
         epsilon_tolerance: how far below the target the result may land (> 0).
+        accountant: ``"rdp"`` (:class:`RDPAccountant`, Opacus' default here) or ``"prv"``
+            (:class:`~functrain.PRVAccountant`, the default of Opacus' ``PrivacyEngine``).
+        eps_error: the PRV accountant's accuracy (``accountant="prv"`` only).
 
     Returns:
         ``σ``.
@@ -226,9 +234,23 @@ def get_noise_multiplier(
     if _check_steps(steps) == 0:
         raise ValueError("steps must be >= 1: a run of no steps spends nothing, at any noise")
     alphas = _check_orders(orders)
+    if accountant not in ("rdp", "prv"):
+        raise ValueError(f"accountant must be 'rdp' or 'prv', got {accountant!r}")
 
-    def epsilon(sigma: float) -> float:
+    def rdp_epsilon(sigma: float) -> float:
         return _min_epsilon(q, sigma, steps, alphas, target_delta)
+
+    def prv_epsilon(sigma: float) -> float:
+        from functrain.grads import _prv, prv  # prv imports this module
+
+        spent = prv.PRVAccountant()
+        spent.history = [(sigma, q, steps)]
+        try:
+            return spent.get_epsilon(target_delta, eps_error=eps_error)
+        except _prv.GridTooLargeError:
+            return rdp_epsilon(sigma)
+
+    epsilon = prv_epsilon if accountant == "prv" else rdp_epsilon
 
     if epsilon(1e6) > target_epsilon:
         raise ValueError(
@@ -333,7 +355,46 @@ def _min_epsilon(
     return get_privacy_spent(chosen, compute_rdp(q, sigma, steps, chosen), delta)[0]
 
 
-class RDPAccountant:
+class _StepHistory:
+    """The ``(σ, q, steps)`` history shared by the accountants: recording, length, state."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[float, float, int]] = []
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
+        """Records ``steps`` steps with noise multiplier ``σ`` and sampling rate ``q``."""
+        q, sigma = _check_rate_and_noise(sample_rate, noise_multiplier)
+        steps = _check_steps(steps)
+        if self.history and self.history[-1][:2] == (sigma, q):
+            self.history[-1] = (sigma, q, self.history[-1][2] + steps)
+        else:
+            self.history.append((sigma, q, steps))
+
+    def __len__(self) -> int:
+        """The number of steps recorded (Opacus' ``len`` counts history entries instead)."""
+        return sum(steps for _, _, steps in self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history as plain lists (JSON- and checkpoint-friendly)."""
+        return {"history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict` (validated before anything is replaced)."""
+        entries = state.get("history") if isinstance(state, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError(f"a {type(self).__name__} state_dict has a 'history' list")
+        history = []
+        for entry in entries:
+            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+                raise ValueError(
+                    f"history entries are (noise_multiplier, sample_rate, steps): {entry!r}"
+                )
+            q, sigma = _check_rate_and_noise(entry[1], entry[0])
+            history.append((sigma, q, _check_steps(entry[2])))
+        self.history = history
+
+
+class RDPAccountant(_StepHistory):
     """Tracks the privacy spent by a DP-SGD run, as Opacus' ``RDPAccountant``.
 
     Call :meth:`step` once per optimizer step (or with ``steps=`` for many), with the noise
@@ -351,18 +412,6 @@ class RDPAccountant:
         [(1.1, 0.01, 1000)]
     """
 
-    def __init__(self) -> None:
-        self.history: list[tuple[float, float, int]] = []
-
-    def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        """Records ``steps`` steps with noise multiplier ``σ`` and sampling rate ``q``."""
-        q, sigma = _check_rate_and_noise(sample_rate, noise_multiplier)
-        steps = _check_steps(steps)
-        if self.history and self.history[-1][:2] == (sigma, q):
-            self.history[-1] = (sigma, q, self.history[-1][2] + steps)
-        else:
-            self.history.append((sigma, q, steps))
-
     def get_privacy_spent(
         self, *, delta: float, orders: Sequence[float] | None = None
     ) -> tuple[float, float]:
@@ -376,26 +425,3 @@ class RDPAccountant:
     def get_epsilon(self, delta: float, orders: Sequence[float] | None = None) -> float:
         """The ``ε`` spent so far for ``δ``."""
         return self.get_privacy_spent(delta=delta, orders=orders)[0]
-
-    def __len__(self) -> int:
-        """The number of steps recorded (Opacus' ``len`` counts history entries instead)."""
-        return sum(steps for _, _, steps in self.history)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The history as plain lists (JSON- and checkpoint-friendly)."""
-        return {"history": [list(h) for h in self.history]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores a :meth:`state_dict` (validated before anything is replaced)."""
-        entries = state.get("history") if isinstance(state, dict) else None
-        if not isinstance(entries, list):
-            raise ValueError("an RDPAccountant state_dict has a 'history' list")
-        history = []
-        for entry in entries:
-            if not isinstance(entry, (list, tuple)) or len(entry) != 3:
-                raise ValueError(
-                    f"history entries are (noise_multiplier, sample_rate, steps): {entry!r}"
-                )
-            q, sigma = _check_rate_and_noise(entry[1], entry[0])
-            history.append((sigma, q, _check_steps(entry[2])))
-        self.history = history
