@@ -176,8 +176,11 @@ def test_inject_hyperparams() -> None:
 def test_errors_and_empty_tree() -> None:
     tx = ft.momo()
     p = [torch.ones(2)]
-    with pytest.raises(ValueError, match="needs the loss"):
+    # TypeError, as optax's missing required keyword and scale_by_polyak's missing loss.
+    with pytest.raises(TypeError, match="momo needs the loss"):
         tx.update(p, tx.init(p), p)
+    with pytest.raises(TypeError, match="momo_adam needs the loss"):
+        ft.momo_adam().update(p, ft.momo_adam().init(p), p, value=None)
     with pytest.raises(ValueError, match="needs params"):
         tx.update(p, tx.init(p), value=1.0)
     with pytest.raises(TypeError, match="single real number"):

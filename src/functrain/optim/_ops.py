@@ -342,6 +342,16 @@ def cast_like(xs: list[torch.Tensor], likes: list[torch.Tensor]) -> list[torch.T
     return _like(xs, likes)
 
 
+def unshared(out: list[torch.Tensor], kept: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``out`` with a copy of each tensor that is its partner in ``kept`` (the new state's).
+
+    The updates belong to the caller, and PyTorch code changes them in place (``u.mul_(-lr)``,
+    ``p.add_(u)``-style loops): were they the state's own tensors (a momentum returned as
+    the update), that would silently change the optimizer state too.
+    """
+    return [o.clone() if o is k else o for o, k in zip(out, kept)]
+
+
 def check_decay(
     name: str, value: Any, *, allow_one: bool = False, allow_schedule: bool = False
 ) -> None:

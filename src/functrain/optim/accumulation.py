@@ -78,6 +78,8 @@ def trace(
         if not g:
             return updates, state
         out, new_trace = _trace_step(g, other["state.trace"], decay, nesterov)
+        # Without Nesterov the update is the trace itself: return a copy (see _ops.unshared).
+        out = _ops.unshared(out, new_trace)
         return tree.unflatten(spec, out), TraceState(trace=tree.unflatten(spec, new_trace))
 
     fusion = fused.Trace(decay, nesterov, accumulator_dtype)
@@ -174,6 +176,7 @@ def ema(
             out = _ops.div(new_ema, bias)
         # One rounding to the updates' dtype; the average keeps its init dtype.
         out, new_ema = _ops.cast_like(out, g), _ops.cast_like(new_ema, old)
+        out = _ops.unshared(out, new_ema)  # debias=False: the update is the average itself
         return tree.unflatten(spec, out), EmaState(count, tree.unflatten(spec, new_ema))
 
     return GradientTransformation(init_fn, update_fn)

@@ -117,11 +117,12 @@ def scale_by_sm3(b1: Hyper = 0.9, b2: Hyper = 1.0, eps: Hyper = 1e-8) -> Gradien
             else:
                 others = [tuple(j for j in range(xi.dim()) if j != i) for i in range(xi.dim())]
                 new_accs.append([v.amax(dim=o).to(a.dtype) for o, a in zip(others, acc)])
-        out = _ops.cast_like(nu_new, g)
+        kept_nu = _ops.cast_like(nu_new, nu_old)
         new_state = ScaleBySM3State(
-            mu=tree.unflatten(spec, new_accs),
-            nu=tree.unflatten(spec, _ops.cast_like(nu_new, nu_old)),
+            mu=tree.unflatten(spec, new_accs), nu=tree.unflatten(spec, kept_nu)
         )
+        # The update is nu itself: return a copy (see _ops.unshared).
+        out = _ops.unshared(_ops.cast_like(nu_new, g), kept_nu)
         return tree.unflatten(spec, out), new_state
 
     return GradientTransformation(init_fn, update_fn)

@@ -124,12 +124,13 @@ def scale_by_adopt(
         mu = _ops.moment(normed, mu_s, b1_t)
         nu = _ops.moment_sq(x, nu_s, b2_t)
         out = _ops.moment(normed, mu, b1_t) if nesterov else mu
+        kept_mu = _ops.cast_like(mu, mu_s)
         new = ScaleByAdamState(
-            count,
-            tree.unflatten(spec, _ops.cast_like(mu, mu_s)),
-            tree.unflatten(spec, _ops.cast_like(nu, nu_s)),
+            count, tree.unflatten(spec, kept_mu), tree.unflatten(spec, _ops.cast_like(nu, nu_s))
         )
-        return tree.unflatten(spec, _ops.cast_like(out, given)), new
+        # Without Nesterov the update is mu itself: return a copy (see _ops.unshared).
+        out = _ops.unshared(_ops.cast_like(out, given), kept_mu)
+        return tree.unflatten(spec, out), new
 
     return GradientTransformation(init_fn, update_fn)
 

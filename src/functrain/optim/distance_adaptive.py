@@ -98,7 +98,9 @@ def scale_by_dog(init_step: InitStep, eps: Any = 1e-8) -> GradientTransformation
 
     Differences from optax: the 0-d statistics are kept in the parameters' lowest float dtype
     widened to at least float32, and half-precision leaves are reduced in float32; complex
-    leaves are refused.
+    leaves are refused. As in optax, a float32 sum of squared gradient norms overflows once a
+    gradient's norm passes about 1e19 (a diverged run): the step size is then 0 for good. A
+    float64 sum would cost a second, float64, reduction of the gradients at every step.
 
     Args:
         init_step: ``("distance" | "heuristic" | "learning_rate", value)``, value ``≥ 0``.

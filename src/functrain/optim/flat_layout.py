@@ -70,6 +70,12 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
 
     def update_fn(updates: Any, state: Any, params: Any = None, **extra: Any) -> tuple[Any, Any]:
         leaves, spec = tree.flatten(updates)
+        if params is not None:
+            p_leaves = tree.leaves(params)
+            if [x.shape for x in p_leaves] != [x.shape for x in leaves]:
+                # The flat vector cannot tell a transposed leaf (same size) from the right one,
+                # nor which leaf is missing: compare the trees, naming the path.
+                tree.check_shapes(updates, params, ("updates", "params"))
         flat_params = None if params is None else _concat(tree.leaves(params), None)
         flat = _concat(leaves, flat_params)
         flat_updates, state = _call_update(inner, passes_extra, flat, state, flat_params, extra)

@@ -17,7 +17,8 @@ __all__ = ["ScaleByNovogradState", "novograd", "scale_by_novograd"]
 
 class ScaleByNovogradState(NamedTuple):
     """State of :func:`scale_by_novograd`: the int32 ``count``, the first moment ``mu`` (like the
-    parameters) and ``nu``, one 0-d second moment per leaf (in the leaf's dtype).
+    parameters) and ``nu``, one 0-d second moment per leaf (in the leaf's dtype; float32 for a
+    float16 leaf, whose squared norm overflows float16 above a norm of 256).
 
     Example:
         >>> import torch, functrain as ft
@@ -49,9 +50,12 @@ def scale_by_novograd(
         u ← mu
 
     The first moment has no ``(1 − b1)`` factor and no bias correction, as in optax and the
-    paper. ``torch.optim`` has no NovoGrad. The updates keep their own dtype (optax returns
-    them in ``mu_dtype`` when one is given); float16 and bfloat16 leaves are computed in
-    float32 and rounded once.
+    paper. ``torch.optim`` has no NovoGrad.
+
+    Differences from optax: the updates keep their own dtype (optax returns them in
+    ``mu_dtype`` when one is given); float16 and bfloat16 leaves are computed in float32 and
+    rounded once, and a float16 leaf keeps its ``nu`` in float32 (optax: float16, where
+    ``‖g‖²`` overflows to ``inf`` once ``‖g‖ > 256``, and every later update is 0 or NaN).
 
     Args:
         b1: decay of the first moment.
@@ -85,7 +89,7 @@ def scale_by_novograd(
         return ScaleByNovogradState(
             count=_utils.zero_count(params),
             mu=_ops.state_zeros(params, mu_dtype, "mu_dtype"),
-            nu=tree.map(lambda p: p.new_zeros(()), params),
+            nu=tree.map(_nu_zero, params),
         )
 
     def update_fn(
@@ -116,7 +120,12 @@ def scale_by_novograd(
             a = _ops.add_scaled(a, weight_decay, _ops.cast_like(s["params"], a))
         b1_ = _ops.on_device(b1, a[0])
         mu = [torch.where(first, ai, b1_ * m + ai) for ai, m in zip(a, _ops.cast_like(mu_old, a))]
-        out = _ops.cast_like(mu, g)
+        # A copy where the new state would hold the same tensor: an in-place op on the
+        # updates must not change the state's mu.
+        out = [
+            m.clone() if m.dtype == y.dtype == o.dtype else m.to(y.dtype)
+            for m, y, o in zip(mu, g, mu_old)
+        ]
         new_state = ScaleByNovogradState(
             count=count,
             mu=tree.unflatten(spec, _ops.cast_like(mu, mu_old)),
@@ -125,6 +134,12 @@ def scale_by_novograd(
         return tree.unflatten(spec, out), new_state
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def _nu_zero(p: torch.Tensor) -> torch.Tensor:
+    """A leaf's initial ``nu``: float32 for float16 (a squared norm above 65504 would be inf;
+    bfloat16 has float32's range, and float32/float64 keep their dtype)."""
+    return p.new_zeros((), dtype=torch.float32 if p.dtype == torch.float16 else None)
 
 
 def novograd(

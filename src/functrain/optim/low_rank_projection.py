@@ -245,7 +245,11 @@ def scale_by_galore(
     def update_fn(
         updates: Any, state: GaLoreState, params: Any = None, **extra: Any
     ) -> tuple[Any, GaLoreState]:
-        del params, extra
+        del extra
+        if params is not None:
+            # A transposed matrix needs a projector of the same shape, and the base optimizer
+            # would name only the projected shapes: compare with the params themselves.
+            _utils.flat(updates, {"params": params})
         leaves, spec, lays = layouts(updates, "updates")
         old_p = tree.flatten_up_to(spec, state.projector, ("updates", "state.projector"), updates)
         refresh = state.count % update_proj_gap == 0
@@ -254,11 +258,19 @@ def scale_by_galore(
         # torch.where below would keep, so both paths give the same bits.
         svd = not refresh_on_host or _traced() or bool(refresh)
         low, new_p = [], []
-        for g, lay, p in zip(leaves, lays, old_p):
+        for i, (g, lay, p) in enumerate(zip(leaves, lays, old_p)):
             if lay is None:
                 low.append(g)
                 new_p.append(p)
                 continue
+            if tuple(p.shape) != shapes(lay)[0]:
+                # Else torch.where below fails naming no leaf (or, for some shapes, broadcasts).
+                path = tree.flatten_with_paths(updates)[0][i]
+                raise tree.TreeMismatchError(
+                    f"{tree.path_str(path, 'updates')}: shape {tuple(g.shape)} needs a projector "
+                    f"of shape {shapes(lay)[0]}, but {tree.path_str(path, 'state.projector')} "
+                    f"has shape {tuple(p.shape)}"
+                )
             g2 = lay.to_matrix(g)
             # Contiguous: the state keeps init's strides, so a compiled step is not retraced.
             # The projector keeps the state's dtype; the products use the gradient's (they

@@ -100,7 +100,8 @@ def _leaves(name: str, updates: Any, state_trees: dict, params: Any, value: Any)
     if params is None:
         raise ValueError(_NO_PARAMS.format(name=name))
     if value is None:
-        raise ValueError(
+        # TypeError, as optax's required keyword (and scale_by_polyak, reduce_on_plateau here).
+        raise TypeError(
             f"{name} needs the loss: call tx.update(updates, state, params, value=loss) "
             "(ft.make_train_step passes the step's loss)"
         )
@@ -191,6 +192,11 @@ def momo(
     (no ``−learning_rate`` to chain). As in optax the scalar state is kept in the parameters'
     lowest floating dtype; float16 and bfloat16 leaves are computed in float32. Complex leaves
     raise a TypeError naming the leaf. ``torch.optim`` has no MoMo.
+
+    Differences from optax: a missing loss is a TypeError naming the transform and the
+    ``value=`` keyword, whether ``value`` is left out (optax: Python's TypeError for its
+    required keyword) or passed as ``None`` (optax: ValueError); a missing ``params`` is a
+    ValueError, as in optax. The same holds for :func:`momo_adam`.
 
     Args:
         learning_rate: the largest step size: a number, a 0-d tensor or a schedule.

@@ -243,6 +243,9 @@ def schedule_free(
         ratio = torch.nan_to_num(weight / weight_sum, nan=0.0)
         c = torch.where(weight.isnan() | weight_sum.isnan(), weight + weight_sum, ratio)
 
+        # Compare updates with params first: the base optimizer may read neither (sgd), and
+        # the check below would name params "updates" (the root name of _utils.flat).
+        _utils.flat(updates, {"params": params})
         base_updates, base_state = base_optimizer.update(
             updates, state.base_optimizer_state, params, **extra
         )

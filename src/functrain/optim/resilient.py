@@ -142,11 +142,13 @@ def scale_by_rprop(
             steps.append(new_step)
             out.append(torch.where(a < 0, torch.zeros_like(x), new_step * torch.sign(x)))
         out = _ops.cast_like(out, g)
+        kept = _ops.cast_like(out, prev)
         new_state = ScaleByRpropState(
             step_sizes=tree.unflatten(spec, _ops.cast_like(steps, old_steps)),
-            prev_updates=tree.unflatten(spec, _ops.cast_like(out, prev)),
+            prev_updates=tree.unflatten(spec, kept),
         )
-        return tree.unflatten(spec, out), new_state
+        # prev_updates is the update itself: return a copy (see _ops.unshared).
+        return tree.unflatten(spec, _ops.unshared(out, kept)), new_state
 
     return GradientTransformation(init_fn, update_fn)
 

@@ -176,6 +176,9 @@ def sam(
         extra.pop("grad_fn", None)
         if params is None:
             raise ValueError("sam's update needs params (the current, possibly perturbed, ones)")
+        # ``cache − params + update`` would broadcast a wrong shape or fail deep in torch.
+        tree.check_shapes(updates, params, ("updates", "params"))
+        tree.check_shapes(params, state.cache, ("params", "state.cache"))
         steps = state.steps_since_sync
         first, last = steps == 0, steps == sync_period - 1
         adv_updates, adv_state = _call_update(
@@ -209,6 +212,8 @@ def sam(
     ) -> tuple[Any, SAMState]:
         if grad_fn is None:
             raise ValueError("sam(opaque_mode=True) needs update(..., grad_fn=grad_fn)")
+        if params is not None:
+            tree.check_shapes(updates, params, ("updates", "params"))
         adv_params, adv_updates, adv_state = params, updates, state.adv_state
         for i in range(sync_period - 1):
             adv_updates, adv_state = _call_update(

@@ -91,7 +91,15 @@ def lookahead(
     ``params.fast``), a :class:`LookaheadParams` of gradients, of which only ``.fast`` is used
     (an extension of optax, which takes the former only). ``torch.optim`` has no Lookahead.
     Wrap the fast optimizer, not ``lookahead`` itself, in :func:`~functrain.masked` or
-    :func:`~functrain.partition`: the params it sees are a fast/slow pair.
+    :func:`~functrain.partition`: ``lookahead(masked(opt, mask), ...)``.
+
+    Differences from optax: ``masked(lookahead(...), mask)`` with a mask that leaves
+    parameters out is refused at ``init`` (ValueError): the masked-out leaves would get their
+    updates unchanged, the gradients of ``fast`` and of ``slow``, so their fast and slow
+    weights would drift apart (optax runs it). In :func:`~functrain.partition` a lookahead
+    group is refused beside a group that neither holds a lookahead nor is ``set_to_zero()``
+    (whose fast weights would move and slow weights would not); lookaheads in every group,
+    and :func:`~functrain.selective_transform` (frozen leaves: zero updates for both) work.
 
     Args:
         fast_optimizer: the inner transform, run on the fast weights at every step.
@@ -170,3 +178,68 @@ def lookahead(
         return LookaheadParams(fast=u_tree, slow=slow_tree), LookaheadState(fast_state, steps)
 
     return GradientTransformation(init_fn, update_fn)
+
+
+# ---- Refusing a lookahead inside masked/partition (called by functrain.optim.wrappers) ----
+
+_PAIR_HINT = (
+    "; lookahead's params are a (fast, slow) pair: to mask its fast optimizer, write "
+    "lookahead(masked(opt, mask), ...), or give a mask (labels) of the whole pair"
+)
+
+
+def _holds_lookahead(state: Any) -> bool:
+    """Whether ``state`` (an inner transform's state) contains a :class:`LookaheadState`."""
+    if isinstance(state, LookaheadState):
+        return True
+    if isinstance(state, (list, tuple)):
+        return any(_holds_lookahead(x) for x in state if not isinstance(x, torch.Tensor))
+    if isinstance(state, dict):
+        return any(_holds_lookahead(x) for x in state.values() if not isinstance(x, torch.Tensor))
+    return False
+
+
+def _refuse_masked(inner_state: Any, masked_out: str | None) -> None:
+    """``masked(inner, mask)``: a lookahead inside is refused if the mask leaves a leaf out.
+
+    The masked-out leaves get their updates unchanged: ``fast`` moves by its gradient and
+    ``slow`` by its own (zero when the loss is written on ``params.fast``), so the two fall
+    out of step, and evaluating ``slow`` gives those leaves' initial values.
+    """
+    if masked_out is not None and _holds_lookahead(inner_state):
+        raise ValueError(
+            f"masked: the inner transform contains a lookahead but the mask leaves "
+            f"{masked_out} out; masked-out leaves get their updates unchanged (the gradients "
+            "of fast and of slow), so their fast and slow weights would drift apart. Mask the "
+            "fast optimizer instead: lookahead(masked(opt, mask), sync_period, slow_step_size)"
+        )
+
+
+def _refuse_partitioned(
+    states: dict[Any, Any], parts: dict[Any, Any], zeroes: dict[Any, bool]
+) -> None:
+    """``partition``: a lookahead group is refused beside a group that moves ``fast`` alone.
+
+    Args:
+        states: each label's inner state.
+        parts: each label's params (masked: only its own leaves).
+        zeroes: whether each label's transform is ``set_to_zero()`` (frozen leaves).
+    """
+    with_lookahead = [g for g, st in states.items() if _holds_lookahead(st)]
+    if not with_lookahead:
+        return
+    for g in states:
+        if zeroes[g] or g in with_lookahead:
+            continue
+        paths, leaves, _ = tree.flatten_with_paths(parts[g])
+        owned = next((p for p, x in zip(paths, leaves) if isinstance(x, torch.Tensor)), None)
+        if owned is not None:
+            raise ValueError(
+                f"partition: transforms[{with_lookahead[0]!r}] contains a lookahead but "
+                f"transforms[{g!r}] (which updates {tree.path_str(owned, 'params')}) does "
+                "not; lookahead keeps the fast and slow weights of its own leaves in step "
+                "only, so those leaves' slow weights would not follow their fast ones. Give "
+                "every group a lookahead, freeze the others with set_to_zero() "
+                "(ft.selective_transform), or put the partition inside: "
+                "lookahead(partition(...), sync_period, slow_step_size)"
+            )

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
-from functrain.optim import _utils, fused
+from functrain.optim import _utils, fused, slow_weights
 from functrain.optim._masking import (
     Mask,
     MaskedNode,
@@ -113,7 +113,13 @@ def masked(
             # tree_map_params: the placeholder stands for any params tree, so it has no mask
             # to apply; the inner state over it marks the params-shaped parts (as in optax).
             return MaskedState(inner_state=inner.init(params))
-        inner_state = inner.init(apply_mask(get_mask(params), params, "params"))
+        mask_ = get_mask(params)
+        inner_state = inner.init(_masked_params(mask_, params))
+        # A lookahead inside would leave the masked-out leaves' fast and slow weights apart.
+        out = next((p for p, flag in mask_.flags.items() if not flag), None)
+        slow_weights._refuse_masked(
+            inner_state, None if out is None else tree.path_str(out, "params")
+        )
         return MaskedState(inner_state=vmappable(inner_state))
 
     def update_fn(
@@ -193,12 +199,12 @@ def partition(
         if is_params_placeholder(params):  # tree_map_params; see masked's init
             return PartitionState({g: MaskedState(tx.init(params)) for g, tx in txs.items()})
         masks = get_masks(params)
-        return PartitionState(
-            {
-                g: MaskedState(vmappable(tx.init(apply_mask(masks[g], params, "params"))))
-                for g, tx in txs.items()
-            }
-        )
+        parts = {g: _masked_params(masks[g], params) for g in txs}
+        states = {g: tx.init(parts[g]) for g, tx in txs.items()}
+        # A lookahead group beside one that moves only the fast weights (see slow_weights).
+        zeroes = {g: isinstance(fused.spec_of(tx), fused.SetToZero) for g, tx in txs.items()}
+        slow_weights._refuse_partitioned(states, parts, zeroes)
+        return PartitionState({g: MaskedState(vmappable(st)) for g, st in states.items()})
 
     def update_fn(
         updates: Any, state: PartitionState, params: Any = None, **extra: Any
@@ -232,6 +238,16 @@ def partition(
 
 
 multi_transform = partition
+
+
+def _masked_params(mask: Mask, params: Any) -> Any:
+    """``apply_mask`` on the params at ``init``, hinting at the fix for lookahead's params."""
+    try:
+        return apply_mask(mask, params, "params")
+    except tree.TreeMismatchError as err:
+        if isinstance(params, slow_weights.LookaheadParams):
+            raise tree.TreeMismatchError(f"{err}{slow_weights._PAIR_HINT}") from err
+        raise
 
 
 def freeze(mask: bool | Any) -> GradientTransformation:
@@ -432,7 +448,11 @@ def zero_nans() -> GradientTransformation:
     def update_fn(
         updates: Any, state: ZeroNansState, params: Any = None, **extra: Any
     ) -> tuple[Any, ZeroNansState]:
-        del state, params, extra
+        del params, extra
+        # The flags are per leaf: updates of another structure would silently change the
+        # state's (a checkpoint or a compiled step made for it would no longer fit).
+        names = ("updates", "state.found_nan")
+        tree.flatten_up_to(tree.structure(updates), state.found_nan, names, updates)
         found_nan = tree.map(lambda u: torch.isnan(u).any(), updates)
         out = tree.map(lambda u: torch.where(torch.isnan(u), torch.zeros_like(u), u), updates)
         return out, ZeroNansState(found_nan=found_nan)
