@@ -11,6 +11,9 @@ with rank 0's values or aborts the process whose bucket is smaller (gloo).
 (noise keys, counters), which must be equal for the ranks to add the same noise, and
 :func:`check_grad_stats_agree` the layout of a ``grad_stats`` hook's gathered statistics. All
 of them gather one description per rank (:func:`_gather`) and compare it with rank 0's.
+:func:`check_no_rank_failed` gathers whether (and how) each rank's part of a step raised, so that
+a rank-local failure (a compiled region that fails to compile on one rank) raises on every rank
+instead of leaving the others in the step's collectives until the group's timeout.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch.distributed as tdist
 
 from functrain import tree
 from functrain.distributed import process
-from functrain.distributed.errors import RankMismatchError
+from functrain.distributed.errors import DistributedStepError, RankMismatchError
 from functrain.train.grad_stats import MicroBatchStats
 
 
@@ -181,3 +184,59 @@ def check_grad_stats_agree(stats: MicroBatchStats, group: process.Group) -> None
             "rank must split its batch into the same number K of micro-batches: give the "
             "same micro_batches count on every rank)"
         )
+
+
+_MESSAGE_CHARS = 600  # of each failing rank's error in the others' message
+
+
+def _describe(error: BaseException) -> str:
+    """``module.Type: message`` (``Type: message`` for builtins), the message's first paragraph
+    only (dynamo's go on with user-code stacks and hints, which the failing rank prints)."""
+    kind = type(error)
+    name = kind.__qualname__
+    if kind.__module__ != "builtins":
+        name = f"{kind.__module__}.{name}"
+    message = str(error).strip()
+    first = message.split("\n\n", 1)[0]
+    if len(first) > _MESSAGE_CHARS:
+        first = first[:_MESSAGE_CHARS]
+    if first != message:
+        first += " [...]"
+    return f"{name}: {first}"
+
+
+def check_no_rank_failed(error: Exception | None, group: process.Group, what: str) -> None:
+    """Every rank tells the others whether its ``what`` raised ``error``; raises on every rank
+    if one did (one small object all-gather, which every rank must call).
+
+    A rank whose ``error`` is not ``None`` raises it (the original exception, its traceback
+    kept) with a note naming the failing ranks; the others raise :class:`DistributedStepError`
+    naming each failing rank with its error's type and message. If the exchange itself fails
+    (a peer died), a failing rank still raises its own error, with a note saying so.
+    """
+    description = None if error is None else _describe(error)
+    try:
+        gathered = _gather(description, group, f"the ranks' exchange after {what}")
+    except Exception as lost:
+        if error is None:
+            raise
+        error.add_note(
+            f"functrain: raised by {what} on this rank; telling the other ranks failed too "
+            f"({type(lost).__name__}: {lost})"
+        )
+        raise error from None
+    failed = [r for r, d in enumerate(gathered) if d is not None]
+    if not failed:
+        return
+    if error is not None:
+        error.add_note(
+            f"functrain: raised by {what} on rank(s) {failed}, this rank ({process.rank(group)}) "
+            "among them; every rank raises (the others DistributedStepError naming this error) "
+            "and the state given to the step is untouched"
+        )
+        raise error
+    errors = "; ".join(f"rank {r}: {gathered[r]}" for r in failed)
+    raise DistributedStepError(
+        f"{what} raised on rank(s) {failed} ({errors}); every rank raises (the failing ranks "
+        "their own error), no rank took this step and the state given to it is untouched"
+    )

@@ -30,7 +30,7 @@ from functrain.distributed._agree import (
     check_ranks_agree,
 )
 from functrain.distributed._combine import combine
-from functrain.distributed._compiled import CompiledRegions
+from functrain.distributed._compiled import _FAILED, CompiledRegions
 from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._uneven import (
@@ -139,18 +139,7 @@ class DataParallelTrainStep(CompiledRegions):
         # collectives (the TrainStep above validated the options and, compiling, seeds and
         # scales the loss the compiled way: no seeding in its grad stage, a LossScaleSlot).
         options = compiled.compile_options(compile, grad_backend=self._local.grad_backend)
-        self._compiled_grad: compiled.CompiledCore | None = None
-        self._compiled_update: compiled.CompiledCore | None = None
-        if options is not None:
-            self._compiled_grad = compiled.CompiledCore(
-                self._grad_core,
-                options,
-                seed_rng=local["seed_rng"],
-                metas=self._local.grad_stage.metas,
-            )
-            self._compiled_update = compiled.CompiledCore(
-                self._update_core, options, seed_rng=False, metas=[]
-            )
+        self._build_regions(options, local["seed_rng"])
 
     # -- states ---------------------------------------------------------------------------
 
@@ -347,6 +336,38 @@ class DataParallelTrainStep(CompiledRegions):
                 raise
             return dp_stage.split(stand_in, k), stand_in, _REFUSED, caught  # type: ignore[arg-type]
 
+    def _rank_stage(
+        self, params: Any, batch: Any, buffers: Any, extra: Any, key: torch.Tensor | None
+    ) -> tuple[microbatch.BatchSplit, float, Exception | None, Any]:
+        """This rank's split, its flag, the error its flag stands for and its gradient stage.
+
+        A rank whose compiled gradient region raises after the first call joins the step's
+        collectives on zeros with the flag ``_FAILED`` (:mod:`._compiled`) where it can.
+        """
+        plan = self._plan_dp if self.per_example_clip is not None else self._plan
+        split, batch, flag, refusal = plan(batch, _on_host(params))
+        devices = gradient._devices(params)
+        local_key = None if key is None else rank_key(key, process.rank(self.group))
+        try:
+            if self._compiled_grad is None:
+                result = self._local.grad_stage(params, batch, split, buffers, local_key, devices)
+            else:
+                # The entries the step keeps exist from the first call: one compilation.
+                extra = self._local._full_extra(extra, params)
+                args = (params, buffers, extra, batch, split, local_key, devices)
+                result = self._compiled_grad.run(args, key=local_key, devices=devices)
+        except Exception as err:
+            joined = self._join_failed(params, buffers)
+            if joined is not None:  # the flags make every rank raise
+                refused = flag == _REFUSED  # the stand-in failed: the refusal says why
+                return split, flag if refused else _FAILED, refusal if refused else err, joined
+            if refusal is None:
+                raise
+            # The stand-in batch cannot be evaluated: this rank cannot join the step's
+            # collectives (eagerly), and the others fail after the group's timeout.
+            raise refusal from None
+        return split, flag, refusal, result
+
     def _flags(self, flag: float, device: torch.device) -> torch.Tensor | None:
         """One slot per rank, this rank's set to ``flag`` (``None`` alone: nothing to tell)."""
         if not self._joins_refused():
@@ -401,7 +422,7 @@ class DataParallelTrainStep(CompiledRegions):
         _step_checks._check_state(state, "data-parallel train step")
         params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
         step, extra = state.step, state.extra
-        local_step, group = self._local, self.group
+        local_step = self._local
         p_leaves = local_step._guard.check(params)
         self._opt_guard.check(state, params, opt_state)
         if self.shard_optimizer:
@@ -412,30 +433,11 @@ class DataParallelTrainStep(CompiledRegions):
             _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
         faults = local_step.faults
         token = faults.begin(extra, params)  # may raise NonFiniteError; sets the loss scale
-        flag, refusal = _TAKEN, None
         try:
-            if self.per_example_clip is not None:
-                split, batch, flag, refusal = self._plan_dp(batch, _on_host(params))
-            else:
-                split, batch, flag, refusal = self._plan(batch, _on_host(params))
-            devices = gradient._devices(params)
-            local_key = None if key is None else rank_key(key, process.rank(group))
-            try:
-                if self._compiled_grad is None:
-                    result = local_step.grad_stage(
-                        params, batch, split, buffers, local_key, devices
-                    )
-                else:
-                    # The entries the step keeps exist from the first call: one compilation.
-                    extra = local_step._full_extra(extra, params)
-                    args = (params, buffers, extra, batch, split, local_key, devices)
-                    result = self._compiled_grad.run(args, key=local_key, devices=devices)
-            except Exception:
-                if refusal is None:
-                    raise
-                # The stand-in batch cannot be evaluated: this rank cannot join the step's
-                # collectives, and the others fail after the group's timeout, as before.
-                raise refusal from None
+            # compile=, first call: the ranks agree that the region compiled and ran everywhere
+            split, flag, refusal, result = self._compiled_rank_stage(
+                lambda: self._rank_stage(params, batch, buffers, extra, key)
+            )
         finally:
             faults.end(token)
         # A DP step's clipped sums are example-weighted: no LossSum (its stage has no metas).
@@ -459,7 +461,9 @@ class DataParallelTrainStep(CompiledRegions):
             # be a host sync in every step): a refusal other than an empty batch was raised
             # before the collectives (_plan), and an all-empty step has the 0/0 gradient that
             # nonfinite="skip" skips.
-            _raise_for_flags(combined.flags.tolist(), flag, refusal)
+            host_flags = combined.flags.tolist()
+            self._raise_for_failures(host_flags, flag, refusal)  # a compiled region's failure
+            _raise_for_flags(host_flags, flag, refusal)
         metrics = combined.metrics
         if self._compiled_update is not None:  # replicated, no grad_stats (construction)
             return self._finish_compiled(state, combined, metrics, buffers)

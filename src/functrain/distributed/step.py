@@ -164,7 +164,11 @@ def make_data_parallel_train_step(
             error messages and ``recompile_limit`` are those of ``make_train_step``'s compiled
             step; the compiled update is out of place (no fused in-place kernels). Not with
             ``shard_optimizer=True``, ``grad_stats`` or ``per_example_clip`` (``ValueError``
-            naming the combination, at construction).
+            naming the combination, at construction). A region that fails to compile or run
+            on some ranks only does not leave the others waiting in the collectives: the
+            failing rank raises its own error and the others
+            :class:`~functrain.distributed.DistributedStepError` naming it (on the first
+            call always; on later calls where the flags are CPU tensors, i.e. gloo).
 
     Returns:
         A :class:`DataParallelTrainStep`. Metrics are global (with ``per_example_clip``, see
