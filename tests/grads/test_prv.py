@@ -150,6 +150,17 @@ def test_more_noise_or_fewer_steps_never_spend_more(sigma: float, q: float, step
     assert _accountant((sigma, q, steps + steps // 2 + 1)).get_epsilon(DELTA) >= eps - 1e-9
 
 
+def test_the_order_of_the_history_does_not_matter() -> None:
+    # Composition commutes: alternating settings equal the same steps grouped.
+    alternating = ft.PRVAccountant()
+    for _ in range(20):
+        alternating.step(noise_multiplier=1.0, sample_rate=0.02, steps=10)
+        alternating.step(noise_multiplier=2.0, sample_rate=0.05, steps=5)
+    grouped = _accountant((1.0, 0.02, 200), (2.0, 0.05, 100))
+    assert len(alternating.history) == 40
+    assert alternating.get_epsilon(DELTA) == pytest.approx(grouped.get_epsilon(DELTA), abs=1e-12)
+
+
 def test_smaller_eps_error_tightens_the_bounds_around_the_same_value() -> None:
     accountant = _accountant((1.0, 0.02, 500))
     coarse = accountant.get_epsilon_bounds(DELTA, eps_error=0.05)

@@ -140,7 +140,13 @@ class PRVAccountant(_StepHistory):
         """
         _check_delta("delta", delta)
         eps_error, delta_error = _check_errors(delta, eps_error, delta_error)
-        entries = [(sigma, q, steps) for sigma, q, steps in self.history if steps and q > 0]
+        # Composition commutes: equal settings anywhere in the history are one entry (one
+        # discretisation each), and steps with q = 0 spend nothing.
+        merged: dict[tuple[float, float], int] = {}
+        for sigma, q, steps in self.history:
+            if steps and q > 0:
+                merged[sigma, q] = merged.get((sigma, q), 0) + steps
+        entries = [(sigma, q, steps) for (sigma, q), steps in merged.items()]
         if not entries:
             return PRVEpsilon(0.0, 0.0, 0.0)
         if any(sigma == 0 for sigma, _, _ in entries):
