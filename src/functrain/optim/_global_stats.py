@@ -71,9 +71,20 @@ def _moments_like(params: Any) -> Any:
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``Σ ⟨a_i, b_i⟩`` over the leaves, summed in (at least) ``dtype``."""
-    dots = [torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
+    """``Σ ⟨a_i, b_i⟩`` over the leaves, summed in (at least) ``dtype``.
+
+    A pair of dtypes is promoted first: ``vdot`` refuses two (float32 gradients of float64
+    parameters made :func:`~functrain.mechanize` fail).
+    """
+    dots = [torch.vdot(*_promoted(x.reshape(-1), y.reshape(-1))) for x, y in zip(a, b)]
     return _total(dots, dtype)
+
+
+def _promoted(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dtype == y.dtype:
+        return x, y
+    wide = torch.promote_types(x.dtype, y.dtype)
+    return x.to(wide), y.to(wide)
 
 
 def _abs_sum(xs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -42,6 +42,10 @@ def scale_by_acprop(
     computed in float32 and rounded once, as in :func:`scale_by_adam`; complex leaves use
     ``|g − mu|²``. ``torch.optim`` has no ACProp.
 
+    Differences from optax: a float16 leaf keeps its ``nu`` in float32 (optax: float16, where
+    it underflows to 0 for gradients below about ``5e-3``, and the next update, ``g / eps``,
+    is inf).
+
     Args:
         b1: decay of the first moment, in ``[0, 1)``.
         b2: decay of the centred second moment, in ``[0, 1)``.
@@ -62,7 +66,9 @@ def scale_by_acprop(
 
     def init_fn(params: Any) -> ScaleByBeliefState:
         return ScaleByBeliefState(
-            count=_utils.zero_count(params), mu=tree.zeros_like(params), nu=tree.zeros_like(params)
+            count=_utils.zero_count(params),
+            mu=tree.zeros_like(params),
+            nu=tree.map(_nu_zeros, params),
         )
 
     def update_fn(
@@ -95,6 +101,13 @@ def scale_by_acprop(
         return tree.unflatten(spec, _ops.cast_like(out, given)), new
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def _nu_zeros(p: torch.Tensor) -> torch.Tensor:
+    """A leaf's initial ``nu``: float32 for a float16 leaf, whose centred second moment of
+    gradients below about ``5e-3`` underflows to 0; the next step divides by that stored ``nu``
+    (plus ``eps = 1e-16``), so its update was inf. bfloat16 has float32's range."""
+    return torch.zeros_like(p, dtype=torch.float32 if p.dtype == torch.float16 else None)
 
 
 def acprop(

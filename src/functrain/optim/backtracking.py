@@ -88,7 +88,9 @@ def scale_by_backtracking_linesearch(
     Differences from optax: the loop runs ``max_backtracking_steps + 1`` evaluations of
     ``value_fn`` every time and masks those after the search ended (same numbers, no host
     read); ``early_exit=True`` stops early by reading a flag on the host once per iteration.
-    ``verbose`` prints nothing (optax prints failures from the device). Real parameters only.
+    ``verbose`` prints nothing (optax prints failures from the device). The state's scalars
+    (step size, value, ``decrease_error``) are at least float32 (optax: the first leaf's
+    dtype, bfloat16 for bfloat16 params). Real parameters only.
     Not usable in :func:`functrain.train.make_train_step`, which passes only ``value=``.
     ``torch.optim`` has no stand-alone line search.
 

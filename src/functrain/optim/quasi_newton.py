@@ -70,8 +70,9 @@ def scale_by_lbfgs(
     learning rate, as :func:`lbfgs` does.
 
     ``update`` needs ``params``. float16/bfloat16 leaves are combined in float32 and rounded
-    once (optax rounds after every term); the memories keep the leaves' dtypes, the weights are
-    float32 (float64 for float64 params). Complex leaves follow optax's formulas.
+    once (optax rounds after every term); the memories keep the params' dtypes (gradients of
+    another dtype are cast to them), the weights are float32 (float64 for float64 params).
+    Complex leaves follow optax's formulas.
     ``torch.optim.LBFGS`` runs the same recursion inside ``step(closure)``, with its own
     curvature test and stopping rules (see :func:`lbfgs`).
 
@@ -143,8 +144,10 @@ def scale_by_lbfgs(
         curv = _rdot(du, dw, wdtype)
         rho = torch.where(curv == 0.0, torch.zeros_like(curv), 1.0 / curv)
         rho = torch.where(started, rho, torch.zeros_like(rho))
-        mem_w = [mw.index_copy(0, prev, d.unsqueeze(0)) for mw, d in zip(mem_w, dw)]
-        mem_u = [mu.index_copy(0, prev, d.unsqueeze(0)) for mu, d in zip(mem_u, du)]
+        # The memories keep the params' dtypes: gradients of another dtype (bfloat16 ones of
+        # float32 params) made index_copy fail.
+        mem_w = [mw.index_copy(0, prev, d.unsqueeze(0).to(mw.dtype)) for mw, d in zip(mem_w, dw)]
+        mem_u = [mu.index_copy(0, prev, d.unsqueeze(0).to(mu.dtype)) for mu, d in zip(mem_u, du)]
         rhos = state.weights_memory.index_copy(0, prev, rho.reshape(1))
         # 2. γ, the scale of the initial inverse Hessian.
         if scale_init_precond:
@@ -175,7 +178,9 @@ def scale_by_lbfgs(
         return tree.unflatten(spec, out), ScaleByLBFGSState(
             count=count,
             params=tree.unflatten(spec, [x.clone() for x in p]),
-            updates=tree.unflatten(spec, [x.clone() for x in u]),
+            updates=tree.unflatten(
+                spec, [x.to(y.dtype, copy=True) for x, y in zip(u, s["state.updates"])]
+            ),
             diff_params_memory=tree.unflatten(spec, mem_w),
             diff_updates_memory=tree.unflatten(spec, mem_u),
             weights_memory=rhos,

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import _foreach, tree
+from functrain._precision import widen_all
 from functrain.optim import _ops, _utils
 from functrain.optim.base import GradientTransformation
 
@@ -124,6 +125,11 @@ def scale_by_rms(
         u ← g / √(ν̂ + eps)    (eps_in_sqrt=True, optax's default)
         u ← g / (√ν̂ + eps)    (eps_in_sqrt=False, as torch.optim.RMSprop)
 
+    float16 and bfloat16 leaves are computed in float32 and rounded once, as in
+    :func:`scale_by_adam`; ``nu`` keeps the dtype it was initialised with (in float16,
+    ``eps = 1e-8`` is 0 and ``(1 − decay) · g²`` of a gradient below about ``5e-4`` is 0, so
+    such a gradient's update was ``g / 0``).
+
     Args:
         decay: the moving-average coefficient (PyTorch's ``alpha``).
         eps: numerical-stability term; see ``eps_in_sqrt``.
@@ -151,11 +157,12 @@ def scale_by_rms(
         g, spec, s = _utils.flat(updates, {"state.nu": state.nu})
         count = _utils.safe_increment(state.count) if bias_correction else None
         if g:
-            nu = _ops.moment_sq(g, s["state.nu"], decay)
+            x = widen_all(g)  # half precision in float32, rounded once (see the docstring)
+            nu = _ops.moment_sq(x, s["state.nu"], decay)
             nu_hat = nu
             if bias_correction:
-                nu_hat = _ops.div(nu, 1 - _utils.power(decay, count, _ops.scalar_dtype(g)))
-            out = tree.unflatten(spec, _scaled(g, nu_hat, eps, eps_in_sqrt))
+                nu_hat = _ops.div(nu, 1 - _utils.power(decay, count, _ops.scalar_dtype(x)))
+            out = tree.unflatten(spec, _ops.cast_like(_scaled(x, nu_hat, eps, eps_in_sqrt), g))
             nu = tree.unflatten(spec, _ops.cast_like(nu, s["state.nu"]))
         else:
             out, nu = updates, state.nu
@@ -182,7 +189,12 @@ def scale_by_stddev(
         (optionally both divided by 1 − decayᵗ)
         u ← g / √(nu − mu² + eps)    or    g / (√(nu − mu²) + eps)   (eps_in_sqrt=False)
 
-    ``eps_in_sqrt=False`` matches ``torch.optim.RMSprop(centered=True)``.
+    ``eps_in_sqrt=False`` matches ``torch.optim.RMSprop(centered=True)``. float16 and bfloat16
+    leaves are computed in float32 and rounded once, as in :func:`scale_by_rms`.
+
+    Differences from optax: a variance ``nu − mu²`` that rounds below 0 is read as 0 (optax:
+    NaN). At the first bias-corrected step it is ``g² − g²``, 0 up to rounding on either side,
+    so optax's update there is NaN wherever the rounding fell below 0.
 
     Args:
         decay: the moving-average coefficient (PyTorch's ``alpha``).
@@ -212,14 +224,20 @@ def scale_by_stddev(
         g, spec, s = _utils.flat(updates, {"state.mu": state.mu, "state.nu": state.nu})
         count = _utils.safe_increment(state.count) if bias_correction else None
         if g:
-            mu = _ops.moment(g, s["state.mu"], decay)
-            nu = _ops.moment_sq(g, s["state.nu"], decay)
+            x = widen_all(g)  # half precision in float32, rounded once (see the docstring)
+            mu = _ops.moment(x, s["state.mu"], decay)
+            nu = _ops.moment_sq(x, s["state.nu"], decay)
             mu_hat, nu_hat = mu, nu
             if bias_correction:
-                bias = 1 - _utils.power(decay, count, _ops.scalar_dtype(g))
+                bias = 1 - _utils.power(decay, count, _ops.scalar_dtype(x))
                 mu_hat, nu_hat = _ops.div(mu, bias), _ops.div(nu, bias)
             var = _ops.sub_abs_sq(nu_hat, mu_hat)  # nu − |mu|², as optax's abs_sq
-            out = tree.unflatten(spec, _scaled(g, var, eps, eps_in_sqrt))
+            # A variance is >= 0, but nu − mu² of (nearly) equal terms rounds to either side of
+            # 0: at the first bias-corrected step (ν̂ = g², μ̂ = g) some entries came out a few
+            # ulps below 0 and their updates NaN (or, above −eps, set by that rounding). Only
+            # such negative entries change: to 0, the exact variance there.
+            var = [v if v.is_complex() else torch.clamp_min(v, 0.0) for v in var]
+            out = tree.unflatten(spec, _ops.cast_like(_scaled(x, var, eps, eps_in_sqrt), g))
             mu = tree.unflatten(spec, _ops.cast_like(mu, s["state.mu"]))
             nu = tree.unflatten(spec, _ops.cast_like(nu, s["state.nu"]))
         else:

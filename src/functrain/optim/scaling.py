@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import _foreach, tree
+from functrain._precision import widen, widen_all
 from functrain.optim import _ops, _utils, fused
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import EmptyState, GradientTransformation, identity
@@ -191,6 +192,9 @@ def scale_by_trust_ratio(
         ratio = trust_coefficient · ‖p‖ / (‖u‖ + eps), or 1 where ‖p‖ = 0 or ‖u‖ = 0
         u ← ratio · u
 
+    float16/bfloat16 leaves are computed in float32 and rounded once (optax: in the leaf's
+    dtype, where a ratio above 65504, ``‖p‖ = 3`` and ``‖u‖ = 4e-5`` say, is inf).
+
     Args:
         min_norm: lower bound for both norms (0 disables it).
         trust_coefficient: multiplier of the ratio.
@@ -215,16 +219,18 @@ def scale_by_trust_ratio(
         out = list(g)
         idx = [i for i, (u, w) in enumerate(zip(g, p)) if u is not None and w is not None]
         if idx:
-            p_norms = _foreach.norm([p[i] for i in idx])
-            u_norms = _foreach.norm([g[i] for i in idx])
+            # float16/bfloat16 leaves in float32, rounded once: a float16 ratio above 65504
+            # (‖p‖ = 3, ‖u‖ = 4e-5) was inf, and so was the update.
+            p_norms = _foreach.norm(widen_all([p[i] for i in idx]))
+            u_norms = _foreach.norm(widen_all([g[i] for i in idx]))
             for i, pn, un in zip(idx, p_norms, u_norms):
-                u = g[i]
+                u = widen(g[i])
                 # The norms are real for complex leaves too (clamp has no complex kernel).
                 pn = torch.clamp_min(pn.to(_ops.real_dtype(u.dtype)), _ops.on_device(min_norm, u))
                 un = torch.clamp_min(un, _ops.on_device(min_norm, u))
                 ratio = _ops.on_device(trust_coefficient, u) * pn / (un + _ops.on_device(eps, u))
                 safe = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
-                out[i] = u * safe.to(u.dtype)
+                out[i] = (u * safe.to(u.dtype)).to(g[i].dtype)
         return tree.unflatten(spec, out), state
 
     return GradientTransformation(_init_empty, update_fn)
@@ -235,17 +241,19 @@ def _scale_by_param_block(
 ) -> GradientTransformation:
     _utils.check_finite_number("min_scale", min_scale, minimum=0.0)
 
+    def _scaled_by_block(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # float16/bfloat16 in float32, rounded once: |p|² of a float16 entry above 256 was inf,
+        # and so were the rms and the update.
+        x = widen(u)
+        stat = torch.clamp_min(block_fn(widen(w)), _ops.on_device(min_scale, w))
+        return (x * stat.to(x.dtype)).to(u.dtype)
+
     def update_fn(
         updates: Any, state: EmptyState, params: Any = None, **extra: Any
     ) -> tuple[Any, EmptyState]:
         del extra
         g, spec, p = _leaf_pairs(name, updates, params)
-        out = [
-            u
-            if u is None or w is None
-            else u * torch.clamp_min(block_fn(w), _ops.on_device(min_scale, w)).to(u.dtype)
-            for u, w in zip(g, p)
-        ]
+        out = [u if u is None or w is None else _scaled_by_block(u, w) for u, w in zip(g, p)]
         return tree.unflatten(spec, out), state
 
     return GradientTransformation(_init_empty, update_fn)
@@ -253,6 +261,8 @@ def _scale_by_param_block(
 
 def scale_by_param_block_norm(min_scale: float | torch.Tensor = 1e-3) -> GradientTransformation:
     """Scales each leaf's update by ``max(‖p‖, min_scale)``, the L2 norm of its parameter.
+
+    float16/bfloat16 leaves are computed in float32 and rounded once.
 
     Args:
         min_scale: lower bound of the parameter-block statistic.
@@ -270,7 +280,9 @@ def scale_by_param_block_norm(min_scale: float | torch.Tensor = 1e-3) -> Gradien
 def scale_by_param_block_rms(min_scale: float | torch.Tensor = 1e-3) -> GradientTransformation:
     """Scales each leaf's update by ``max(rms(p), min_scale)`` (used by :func:`adafactor`).
 
-    ``rms(p) = sqrt(mean(|p|²))`` over the whole parameter tensor.
+    ``rms(p) = sqrt(mean(|p|²))`` over the whole parameter tensor. float16/bfloat16 leaves are
+    computed in float32 and rounded once (optax: in the leaf's dtype, where ``|p|²`` of a
+    float16 entry above 256 overflows).
 
     Args:
         min_scale: lower bound of the parameter-block statistic.

@@ -117,8 +117,9 @@ def scale_by_zoom_linesearch(
     Differences from optax: the loop runs all ``max_linesearch_steps`` iterations (one value
     and gradient evaluation each) and masks those after the search ended, so no host read;
     ``early_exit=True`` stops early by reading a flag on the host once per iteration (eager
-    mode only). ``verbose`` prints nothing. The step-size scalars are at least float32 (optax
-    keeps bfloat16 ones for bfloat16 params). Real parameters only. Not usable in
+    mode only). ``verbose`` prints nothing. The state's scalars (step size, value, the
+    ``info`` errors) are at least float32 (optax keeps bfloat16 ones for bfloat16 params).
+    Real parameters only. Not usable in
     :func:`functrain.train.make_train_step`, which passes only ``value=``. ``torch.optim.LBFGS``
     has its own strong-Wolfe search (``line_search_fn="strong_wolfe"``), not a transform.
 
