@@ -122,7 +122,7 @@ def test_streaming_drops_each_chunk_before_computing_the_next(monkeypatch, name,
     monkeypatch.setattr(
         streaming,
         "vmap_chunks",
-        lambda loss_fn, params, batch, chunk_size, buffers, randomness: tracking(
+        lambda loss_fn, params, batch, chunk_size, buffers, randomness, method="vmap": tracking(
             loss_fn, params, batch, chunk_size=chunk_size, buffers=buffers, randomness=randomness
         ),
     )

@@ -14,7 +14,7 @@ import torch
 
 from functrain import tree
 from functrain.grads._layer_rules import MAX_NORM, SAVED_TENSOR_HOOKS, Unsupported
-from functrain.grads._per_example import _example_loss, batch_size_of
+from functrain.grads._per_example import RECURRENT_NAMES, _example_loss, batch_size_of
 
 PyTree = Any
 
@@ -79,7 +79,7 @@ def layer_chunks(
     return LayerChunks(example_loss, param_leaves, param_spec, chunks)
 
 
-REDUCTION_METHODS = ("auto", "vmap", "layers")
+REDUCTION_METHODS = ("auto", "vmap", "layers", "loop")
 
 
 def reduce_by_layers(
@@ -104,13 +104,6 @@ def reduce_by_layers(
     return None
 
 
-# PyTorch's fused recurrent kernels (nn.RNN / nn.LSTM / nn.GRU and their cells): no rule, and
-# no vmap batching rule either, so "use method='vmap'" would send the user to another error.
-_RECURRENT = {
-    f"{kind}{cell}" for kind in ("rnn_tanh", "rnn_relu", "lstm", "gru") for cell in ("", "_cell")
-}
-
-
 def layers_error(err: Unsupported, params: PyTree) -> ValueError:
     """The error of ``method="layers"`` when a parameter has no per-layer rule."""
     if err.index is None:
@@ -127,12 +120,14 @@ def layers_error(err: Unsupported, params: PyTree) -> ValueError:
             "on it, or changes params where every example looks up the same rows); drop "
             "max_norm and renormalize the weight outside loss_fn (e.g. after each update)"
         )
-    if err.call in _RECURRENT:
+    if err.call in RECURRENT_NAMES:
+        # No vmap batching rule either, so "use method='vmap'" would send the user to another
+        # error; the loop differentiates one example at a time.
         return ValueError(
             f"method='layers': {path} is used by {err.call}, a fused recurrent kernel "
             "(nn.RNN, nn.LSTM, nn.GRU or a cell) with no per-layer rule, which method='vmap' "
-            "cannot differentiate per example either (no vmap batching rule); write the "
-            "recurrence with nn.Linear layers (gates from x @ W_ih.T + h @ W_hh.T)"
+            "cannot differentiate per example either (no vmap batching rule); use "
+            "method='loop' (one example's gradient after another), which method='auto' picks for it"
         )
     if err.context == SAVED_TENSOR_HOOKS:
         # torch.func's grad refuses these hooks too, so method="vmap" is no way out.

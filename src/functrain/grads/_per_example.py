@@ -1,6 +1,9 @@
 """Per-example plumbing of :mod:`functrain.grads.per_sample` and the layer-rule reductions.
 
-The batch size check, the option checks and ``loss_fn`` wrapped as the loss of one example.
+The batch size check, the option checks, ``loss_fn`` wrapped as the loss of one example, and the
+``"loop"`` method: one autograd pass per example, for models ``vmap`` cannot batch (PyTorch's
+fused recurrent kernels), with the ``randomness`` modes of ``vmap`` reproduced on the default
+generators.
 """
 
 from __future__ import annotations
@@ -8,27 +11,39 @@ from __future__ import annotations
 import inspect
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from functrain import tree
 
 PyTree = Any
 _RANDOMNESS = ("error", "different", "same")
 _METHODS = ("vmap", "layers")
-# PyTorch's recurrent modules (nn.LSTM, nn.GRU, nn.RNN and their cells) live in this file; their
-# fused kernels have no vmap batching rule and fail with a shape error that names no module.
-_RNN_FILE = os.path.join("torch", "nn", "modules", "rnn.py")
-_VMAP_FAILURES = ("doesn't match the broadcast shape", "Batching rule not implemented")
+# PyTorch's recurrent modules (nn.LSTM, nn.GRU, nn.RNN and their cells) live in the first file,
+# sequence packing in the second; their kernels have no vmap batching rule and fail with a shape
+# error that names no module.
+_RNN_FILES = (
+    os.path.join("torch", "nn", "modules", "rnn.py"),
+    os.path.join("torch", "nn", "utils", "rnn.py"),
+)
+_VMAP_FAILURES = (
+    "doesn't match the broadcast shape",
+    "Batching rule not implemented",
+    # vmap's slow fallback: its warning (a float32 nn.LSTM on CPU) raised as an error, and the
+    # stacking of packed sequences of different lengths
+    "not yet implemented the batching rule",
+    "stack expects each tensor to be equal size",
+)
 
 
-def rnn_vmap_error(err: RuntimeError, where: str, advice: str) -> RuntimeError | None:
+def rnn_vmap_error(err: Exception, where: str, advice: str) -> RuntimeError | None:
     """A clear error for a recurrent module run under ``torch.func.vmap``, else ``None``.
 
     Args:
-        err: the error ``vmap`` raised.
+        err: the error ``vmap`` raised (or its fallback's warning, raised as an error).
         where: the caller's name for the vmapped computation (starts the message).
         advice: what to use instead, appended to the message.
 
@@ -40,11 +55,12 @@ def rnn_vmap_error(err: RuntimeError, where: str, advice: str) -> RuntimeError |
         return None
     tb = err.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(_RNN_FILE):
+        if tb.tb_frame.f_code.co_filename.endswith(_RNN_FILES):
             return RuntimeError(
                 f"{where}: the model runs a recurrent module (nn.LSTM, nn.GRU, nn.RNN or a cell) "
-                "under torch.func.vmap, which PyTorch cannot differentiate per example (its "
-                f"kernels have no vmap batching rule). {advice} Original error: {err}"
+                "or packs sequences (torch.nn.utils.rnn) under torch.func.vmap, which PyTorch "
+                "cannot differentiate per example (its kernels have no vmap batching rule). "
+                f"{advice} Original error: {err}"
             )
         tb = tb.tb_next
     return None
@@ -255,3 +271,187 @@ def _example_loss(
         return loss.reshape(()), (aux_split.split(aux) if aux_split is not None else (aux,))
 
     return one_example
+
+
+# --- method="loop" ------------------------------------------------------------------------------
+
+# PyTorch's fused recurrent kernels (what nn.RNN / nn.LSTM / nn.GRU and their cells call): no
+# layer rule and no vmap batching rule, so "auto" differentiates them example by example.
+RECURRENT_NAMES = frozenset(
+    f"{kind}{cell}" for kind in ("rnn_tanh", "rnn_relu", "lstm", "gru") for cell in ("", "_cell")
+)
+# What RecurrentWatch stops: the kernels, and sequence packing (data-dependent shapes).
+_PACKING = ("_pack_padded_sequence", "_pad_packed_sequence")
+_RECURRENT_CALLS = frozenset(
+    getattr(torch, name) for name in (*RECURRENT_NAMES, *_PACKING) if hasattr(torch, name)
+)
+
+# ``(start, stop, (losses, extras), grad_leaves)``: rows ``start:stop`` of a chunk, batched.
+Piece = tuple[int, int, Any, list[torch.Tensor]]
+
+
+class RecurrentCall(Exception):
+    """``loss_fn`` called a fused recurrent kernel under :class:`RecurrentWatch`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"loss_fn calls {name}, a fused recurrent kernel")
+        self.name = name
+
+
+class RecurrentWatch(TorchFunctionMode):
+    """Raises :class:`RecurrentCall` before a fused recurrent kernel runs.
+
+    ``"auto"`` runs its ``vmap`` routes under it: on CPU a float32 ``nn.LSTM`` would otherwise
+    run under ``vmap``'s slow fallback with a warning (an error under ``-W error``) and a float64
+    one fail with a shape error, and the kernel is the model's, whatever its dtype or device.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in _RECURRENT_CALLS:
+            raise RecurrentCall(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def rng_devices(*trees: PyTree) -> list[torch.device]:
+    """The accelerators holding a tensor leaf of ``trees``: their generators serve ``loss_fn``."""
+    found: list[torch.device] = []
+    for t in trees:
+        for x in tree.leaves(t):
+            if (
+                isinstance(x, torch.Tensor)
+                and x.device.type not in ("cpu", "meta")
+                and x.device not in found
+            ):
+                found.append(x.device)
+    return found
+
+
+class Generators:
+    """Get, set and compare the states of the default CPU generator and of ``devices``'."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self.devices = []
+        for device in devices:
+            module = getattr(torch, device.type, None)
+            if hasattr(module, "get_rng_state") and hasattr(module, "set_rng_state"):
+                self.devices.append((device, module))
+
+    def get(self) -> list[torch.Tensor]:
+        """The states (host tensors: no device sync)."""
+        return [torch.get_rng_state()] + [m.get_rng_state(d) for d, m in self.devices]
+
+    def set(self, states: list[torch.Tensor]) -> None:
+        """Puts the generators back to ``states`` (from :meth:`get`)."""
+        torch.set_rng_state(states[0])
+        for (device, module), state in zip(self.devices, states[1:]):
+            module.set_rng_state(state, device)
+
+    def moved(self, states: list[torch.Tensor]) -> bool:
+        """Whether a generator drew numbers since ``states`` were taken."""
+        return not all(torch.equal(a, b) for a, b in zip(states, self.get()))
+
+
+def with_value(example_loss: Callable[..., Any]) -> Callable[..., Any]:
+    """``example_loss`` for ``torch.func.grad(..., has_aux=True)``: the loss also as aux."""
+
+    def run(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:
+        loss, extras = example_loss(param_leaves, example_leaves)
+        # torch.func only passes tensors through as aux, so ``aux`` is wrapped only when present.
+        return loss, (loss.detach(), extras)
+
+    return run
+
+
+def _drew_error() -> RuntimeError:
+    return RuntimeError(
+        "per-sample gradients (method='loop'): loss_fn drew random numbers (dropout or another "
+        "random op) with randomness='error'. Pass randomness='different' (independent draws per "
+        "example) or 'same' (one draw shared by the examples of a chunk), or turn the "
+        "randomness off (model.eval())."
+    )
+
+
+def _example_grad(
+    example_loss: Callable[..., Any], leaves: list[torch.Tensor], example: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor, tuple[Any, ...]]:
+    """One example's ``(grads, loss, extras)`` by ``torch.autograd.grad``.
+
+    Plain autograd rather than ``torch.func.grad``: the same function is differentiated, but
+    under ``torch.func.grad`` PyTorch's fused RNN backward (``MkldnnRnnLayerBackward0``) runs
+    decomposed, op by op: 8× slower for a float32 ``nn.LSTM`` on CPU, 2× for float64.
+    """
+    with torch.enable_grad():  # the caller may be under no_grad; torch.func.grad ignores it too
+        loss, extras = example_loss(leaves, example)
+        if leaves and loss.requires_grad:
+            grads = list(
+                torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            )
+        else:  # no parameter reaches the loss
+            grads = [torch.zeros_like(p) for p in leaves]
+    # Detached: an aux output that depends on params would hold the example's graph.
+    extras = tuple(e.detach() if isinstance(e, torch.Tensor) else e for e in extras)
+    return grads, loss.detach(), extras
+
+
+def loop_grads(
+    example_loss: Callable[..., Any],
+    randomness: str,
+    generators: Generators,
+    stream: bool,
+    has_aux: bool,
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], Iterator[Piece]]:
+    """The ``"loop"`` method: the gradient of ``example_loss``, one example at a time.
+
+    ``vmap``'s randomness modes on the default generators: ``"different"`` lets the examples
+    draw one after another (a naive per-example loop after the same seed draws the same
+    numbers); ``"same"`` puts the generators back to their state at the chunk's start before
+    each of its examples, so all draw what the first drew and the generators end one draw
+    further, as after ``vmap``'s single draw; ``"error"`` raises ``RuntimeError`` when an example
+    moved a generator (put back first).
+
+    Returns:
+        ``pieces(param_leaves, chunk_leaves)`` yielding the chunk stacked as one piece, or one
+        piece per example when ``stream`` (a reduction then holds one gradient at a time).
+    """
+
+    def pieces(param_leaves: list[torch.Tensor], chunk: list[torch.Tensor]) -> Iterator[Piece]:
+        k = chunk[0].shape[0]
+        # Aliases of the (detached) parameters that autograd differentiates; never written.
+        leaves = [p.detach().requires_grad_() for p in param_leaves]
+        start = generators.get() if randomness == "same" and k > 1 else None
+        losses: torch.Tensor | None = None
+        extras: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for i in range(k):
+            if start is not None and i:
+                generators.set(start)
+            before = generators.get() if randomness == "error" else None
+            g, loss, extra = _example_grad(example_loss, leaves, [x[i] for x in chunk])
+            if before is not None and generators.moved(before):
+                generators.set(before)
+                raise _drew_error()
+            if stream:
+                yield i, i + 1, (loss[None], tuple(e[None] for e in extra)), [x[None] for x in g]
+                continue
+            if losses is None:  # the chunk's results, filled in place: no second copy at the end
+                losses = loss.new_empty((k,))
+                extras = [e.new_empty((k, *e.shape)) for e in extra]
+                grads = [x.new_empty((k, *x.shape)) for x in g]
+            losses[i] = loss
+            for out, x in zip([*extras, *grads], [*extra, *g]):
+                out[i].copy_(x)
+            del g, loss, extra  # before the next example's gradient exists
+        if k == 0:  # no example to run: empty results in the parameters' dtypes
+            if has_aux:
+                raise ValueError(
+                    "per-sample gradients (method='loop') of an empty batch with has_aux=True: "
+                    "with no example to run, the structure of aux is unknown"
+                )
+            dtype = param_leaves[0].dtype if param_leaves else torch.get_default_dtype()
+            device = param_leaves[0].device if param_leaves else chunk[0].device
+            losses = torch.empty((0,), dtype=dtype, device=device)
+            grads = [p.new_empty((0, *p.shape)) for p in param_leaves]
+        if losses is not None:
+            yield 0, k, (losses, tuple(extras)), grads
+
+    return pieces

@@ -245,8 +245,11 @@ def clipped_grad_sum(
             layer-norm or embedding call, one backward pass gives each example's gradient
             norm layer by layer and a second, ordinary one the weighted sum
             ``∇ Σᵢ factorᵢ·lossᵢ``; it raises ``ValueError`` naming the parameter otherwise.
-            ``"auto"`` (default): ``"layers"`` when it applies and a chunk's per-sample
-            gradients would take 64 MiB or more, else ``"vmap"``. Ghost clipping costs a
+            ``"loop"`` takes one example's gradient (autograd) at a time and clips and adds it before
+            the next (one gradient alive at a time; any model, PyTorch's recurrent modules
+            included). ``"auto"`` (default): ``"layers"`` when it applies and a chunk's
+            per-sample gradients would take 64 MiB or more, else ``"vmap"``, or ``"loop"``
+            where the model runs ``nn.LSTM``/``nn.GRU``/``nn.RNN`` or a cell. Ghost clipping costs a
             second backward pass but never writes ``chunk × parameters`` numbers, so it wins
             when those are many (a 0.67M-parameter MLP at batch 64, on CPU: about 4× a plain
             gradient against 31× for ``"vmap"``) and loses on small models (a 26k-parameter
@@ -286,7 +289,7 @@ def clipped_grad_sum(
     num_clipped = None
     loss_sum = None
     count = 0
-    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness):
+    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness, method):
         leaves, spec = tree.flatten(c.grads)
         if leaves:
             factors = _clip_factors(leaves, l2_norm_clip)

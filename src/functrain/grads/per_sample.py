@@ -3,12 +3,13 @@
 ``loss_fn(params, batch) -> scalar mean loss`` is the same function a train step uses. Each
 example is given back its leading batch dimension (size 1) and differentiated on its own with
 ``torch.func.vmap(torch.func.grad(...))``, so any model ``vmap`` can batch works: tied
-weights, custom layers, attention, functional code (not PyTorch's fused recurrent modules,
-``nn.LSTM``/``nn.GRU``/``nn.RNN``, which ``vmap`` cannot differentiate: an error says so).
-Nothing hooks into modules. Where every parameter belongs to a
-linear, convolution, layer-norm or embedding call, the default ``method="auto"`` takes a faster
-exact route instead: the same vmapped forward, then one backward pass whose layer rules form
-the per-example gradients (``method`` of :func:`per_sample_grads`).
+weights, custom layers, attention, functional code. Nothing hooks into modules. Where every
+parameter belongs to a linear, convolution, layer-norm or embedding call, the default
+``method="auto"`` takes a faster exact route instead: the same vmapped forward, then one
+backward pass whose layer rules form the per-example gradients. PyTorch's fused recurrent
+modules (``nn.LSTM``/``nn.GRU``/``nn.RNN`` and their cells), which ``vmap`` cannot batch, are
+differentiated one example after another by autograd (``method="loop"``, which
+``"auto"`` picks for them; ``method`` of :func:`per_sample_grads`).
 
 Two extra inputs are explicit rather than hidden:
 
@@ -19,7 +20,15 @@ Two extra inputs are explicit rather than hidden:
   examples, so per-sample gradients of such a model are not defined: use eval mode.
 * **Randomness** inside ``loss_fn`` (dropout) follows ``torch.func.vmap``'s ``randomness``:
   ``"error"`` (default: random ops raise), ``"different"`` (independent draws per example) or
-  ``"same"`` (one draw shared by the examples of a chunk; each chunk draws anew).
+  ``"same"`` (one draw shared by the examples of a chunk; each chunk draws anew). The
+  ``"loop"`` method gives the same semantics on the default generators (CPU and the devices of
+  ``params``, ``batch`` and ``buffers``): ``"different"``: the examples draw one after another,
+  as a plain loop over them after the same seed would; ``"same"``: the generators are put back
+  to their state at the chunk's start before each of its examples; ``"error"``: an example
+  that moved a generator raises ``RuntimeError`` (the generators are put back first; a draw
+  from a ``torch.Generator`` of ``loss_fn``'s own is not seen). The numbers are not those of
+  ``vmap``'s draws in general (``vmap`` draws the chunk's numbers in one call: CPU dropout
+  happens to match, ``randn`` does not).
 
 ``loss_fn`` may return what a train step accepts: a 0-d mean loss, ``ft.LossSum(total, count)``
 (the per-example loss is then the example's own mean ``total / count``, so with unequal counts
@@ -51,16 +60,14 @@ from functrain.grads._layer_dispatch import (  # noqa: F401
     layers_error,
     reduce_by_layers,
 )
-from functrain.grads._layer_passes import per_sample_by_layers
-from functrain.grads._layer_rules import Unsupported
 from functrain.grads._per_example import (
     AuxSplit,
+    Generators,
     _check_options,
-    _example_loss,
     batch_size_of,
-    embedding_vmap_error,
-    rnn_vmap_error,
+    rng_devices,
 )
+from functrain.grads._routes import _chunk_runner
 
 __all__ = [
     "PerSampleChunk",
@@ -97,77 +104,6 @@ class PerSampleChunk(NamedTuple):
     aux: Any
 
 
-def _vmap_grad(
-    example_loss: Callable[..., Any], randomness: str
-) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
-    """The ``"vmap"`` method: ``vmap(grad(example_loss))`` over the chunk's examples."""
-
-    def with_value(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:
-        loss, extras = example_loss(param_leaves, example_leaves)
-        # torch.func only passes tensors through as aux, so ``aux`` is wrapped only when present.
-        return loss, (loss.detach(), extras)
-
-    vmapped = torch.func.vmap(
-        torch.func.grad(with_value, has_aux=True), in_dims=(None, 0), randomness=randomness
-    )
-
-    def run(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
-        try:
-            grads, values = vmapped(param_leaves, batch_leaves)
-        except (RuntimeError, UserWarning) as err:  # torch's warning, when raised as an error
-            embedding = embedding_vmap_error(err, "per-sample gradients")
-            if embedding is not None:
-                raise embedding from err
-            if not isinstance(err, RuntimeError):
-                raise
-            clear = rnn_vmap_error(
-                err,
-                "per-sample gradients",
-                "Write the recurrence with nn.Linear layers (gates from x @ W_ih.T + h @ W_hh.T), "
-                "or loop over the examples with torch.autograd.grad.",
-            )
-            if clear is not None:
-                raise clear from err
-            raise
-        return values, grads
-
-    return run
-
-
-def _chunk_runner(
-    loss_fn: Callable[..., Any],
-    params: PyTree,
-    batch_spec: Any,
-    buffers: PyTree | None,
-    randomness: str,
-    has_aux: bool,
-    method: str,
-    aux_split: AuxSplit,
-) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
-    """``(param_leaves, batch_leaves) -> ((losses, extras), grad_leaves)`` over a chunk."""
-    example_loss = _example_loss(
-        loss_fn, tree.structure(params), batch_spec, buffers, has_aux, aux_split
-    )
-    if method == "vmap" or (method == "auto" and torch.compiler.is_compiling()):
-        return _vmap_grad(example_loss, randomness)
-    if torch.compiler.is_compiling():
-        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
-    fallback: list[Callable[..., Any]] = []  # "auto": the vmap runner, once the rules refused
-
-    def by_layers(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
-        if fallback:
-            return fallback[0](param_leaves, batch_leaves)
-        try:
-            return per_sample_by_layers(example_loss, param_leaves, batch_leaves, randomness)
-        except Unsupported as err:
-            if method == "layers" or err.fatal:  # fatal: vmap cannot differentiate it either
-                raise layers_error(err, params) from None
-        fallback.append(_vmap_grad(example_loss, randomness))
-        return fallback[0](param_leaves, batch_leaves)
-
-    return by_layers
-
-
 def per_sample_chunks(
     loss_fn: Callable[..., Any],
     params: PyTree,
@@ -193,7 +129,8 @@ def per_sample_chunks(
         buffers: non-differentiated state shared by all examples (eval-mode statistics).
         randomness: ``torch.func.vmap`` randomness mode: ``"error"``, ``"different"``, ``"same"``.
         has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is batched per example.
-        method: ``"auto"``, ``"vmap"`` or ``"layers"``, as in :func:`per_sample_grads`.
+        method: ``"auto"``, ``"vmap"``, ``"layers"`` or ``"loop"``, as in
+            :func:`per_sample_grads`.
 
     Yields:
         A :class:`PerSampleChunk` per chunk: ``start``/``stop`` (the chunk's rows), ``grads``
@@ -208,6 +145,21 @@ def per_sample_chunks(
         [(0, 2), (2, 3)]
     """
     _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
+    yield from _chunks(loss_fn, params, batch, chunk_size, buffers, randomness, has_aux, method)
+
+
+def _chunks(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch: PyTree,
+    chunk_size: int | None,
+    buffers: PyTree | None,
+    randomness: str,
+    has_aux: bool,
+    route: str,
+    stream: bool = False,
+) -> Iterator[PerSampleChunk]:
+    """:func:`per_sample_chunks` by ``route`` (see :func:`_chunk_runner`), options checked."""
     n = batch_size_of(batch)
     param_leaves, param_spec = tree.flatten(params)
     # ``torch.func.grad`` composes with autograd: leaves that require grad (``nn.Parameter``s
@@ -219,16 +171,28 @@ def per_sample_chunks(
     # and a clipped sum accumulated over chunks, held every chunk's graph.
     batch_leaves = [x.detach() for x in batch_leaves]
     aux_split = AuxSplit()
+    generators = Generators(rng_devices(param_leaves, batch_leaves, buffers))
     run = _chunk_runner(
-        loss_fn, params, batch_spec, buffers, randomness, has_aux, method, aux_split
+        loss_fn,
+        params,
+        batch_spec,
+        buffers,
+        randomness,
+        has_aux,
+        route,
+        aux_split,
+        generators,
+        stream,
     )
-    for start, stop, chunk in _slices(batch_leaves, n, chunk_size):
-        (losses, extras), grads = run(param_leaves, chunk)
-        aux = aux_split.join(extras) if has_aux else None
-        yield PerSampleChunk(start, stop, tree.unflatten(param_spec, grads), losses, aux)
-        # Released before the next chunk is computed: the caller holds what it still needs, and
-        # these names would keep a second chunk of per-sample gradients alive.
-        del losses, extras, grads, aux, chunk
+    for start, _, chunk in _slices(batch_leaves, n, chunk_size):
+        for first, last, (losses, extras), grads in run(param_leaves, chunk):
+            aux = aux_split.join(extras) if has_aux else None
+            grads = tree.unflatten(param_spec, grads)
+            yield PerSampleChunk(start + first, start + last, grads, losses, aux)
+            # Released before the next piece is computed: the caller holds what it still
+            # needs, and these names would keep a second chunk of per-sample gradients alive.
+            del losses, extras, grads, aux
+        del chunk
 
 
 def vmap_chunks(
@@ -238,16 +202,14 @@ def vmap_chunks(
     chunk_size: int | None,
     buffers: PyTree | None,
     randomness: str,
+    method: str = "vmap",
 ) -> Iterator[PerSampleChunk]:
-    """:func:`per_sample_chunks` by ``vmap(grad)``: the reductions' fallback route (internal)."""
-    return per_sample_chunks(
-        loss_fn,
-        params,
-        batch,
-        chunk_size=chunk_size,
-        buffers=buffers,
-        randomness=randomness,
-        method="vmap",
+    """The reductions' route where they form per-sample gradients (internal): ``"vmap"``,
+    ``"loop"``, or ``"auto"`` (``vmap``, or the loop for a recurrent model). The loop yields
+    one example at a time, so a reduction never holds more than one of its gradients."""
+    route = "vmap-auto" if method == "auto" else method
+    return _chunks(
+        loss_fn, params, batch, chunk_size, buffers, randomness, False, route, stream=True
     )
 
 
@@ -358,7 +320,8 @@ def per_sample_grads(
             ``ValueError`` naming the leaf). An empty batch (size 0) gives empty results, and
             the reductions their value for no examples (a zero clipped sum, ``count`` 0).
         chunk_size: examples per ``vmap`` call, bounding the memory of intermediate activations
-            (the output itself holds the whole batch). ``None``: one call.
+            (the output itself holds the whole batch). ``None``: one call. For ``"loop"``,
+            the examples that share a draw under ``randomness="same"``.
         buffers: non-differentiated state shared by all examples, e.g. a model's eval-mode
             BatchNorm statistics from ``dict(model.named_buffers())``; passed as
             ``loss_fn(params, batch, buffers=buffers)``.
@@ -369,7 +332,13 @@ def per_sample_grads(
             leaves (``None``, numbers, strings), which cannot differ between examples, come
             back once, as returned.
         method: ``"vmap"`` differentiates each example with ``vmap(grad(...))``: any model
-            ``vmap`` can batch (not ``nn.LSTM``/``nn.GRU``/``nn.RNN``).
+            ``vmap`` can batch (not ``nn.LSTM``/``nn.GRU``/``nn.RNN``, whose fused kernels
+            have no batching rule: ``RuntimeError``). ``"loop"`` takes the gradient of
+            each example's loss (the same loss as ``"vmap"``: buffers, ``LossSum`` and aux
+            alike) one example after another, by autograd: any model autograd can differentiate,
+            recurrent modules included, at the speed of a Python loop over the batch
+            (``has_aux`` with an empty batch raises ``ValueError``: no example shows aux's
+            structure).
             ``"layers"`` still runs each example's forward under ``vmap`` (so examples cannot
             interact), then takes one ordinary backward pass over the batch in which every
             linear, convolution (``groups=1``), layer-norm and embedding call forms its
@@ -381,9 +350,11 @@ def per_sample_grads(
             ``torch.autograd.grad``, e.g. a gradient penalty, which ``"vmap"`` handles); it is
             what lets :func:`clipped_grad_sum` and :func:`per_sample_grad_norms` work without
             forming per-sample gradients. ``"auto"`` (default): ``"layers"`` where it applies
-            and the call is eager (not under ``torch.compile``), else ``"vmap"``; when the
-            rules refuse a call the forward is rerun under ``"vmap"``, so Python side effects
-            of ``loss_fn`` can happen twice. Same numbers to rounding either way; on CPU
+            and the call is eager (not under ``torch.compile``), else ``"vmap"``, or
+            ``"loop"`` where ``loss_fn`` calls a fused recurrent kernel (seen before the
+            kernel runs); when the rules or the kernel refuse a call the forward is rerun
+            under the next route, so Python side effects (and random draws) of ``loss_fn``
+            can happen twice. Same numbers to rounding either way; on CPU
             ``"layers"`` measured about 10% faster than ``"vmap"`` on an MLP and up to 20% on
             the Opacus MNIST CNN (small CNNs trade places with the allocator's state; see
             ``tools/bench.py``). An embedding with ``max_norm``, which renormalizes its

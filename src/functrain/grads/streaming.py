@@ -10,7 +10,7 @@ ghost norms). The reductions themselves are those of :mod:`functrain.grads.stats
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import gram_by_layers, sq_norms_by_layers
 from functrain.grads._per_example import _check_options, batch_size_of
-from functrain.grads.per_sample import per_sample_chunks, vmap_chunks
+from functrain.grads.per_sample import PerSampleChunk, _chunks, per_sample_chunks, vmap_chunks
 from functrain.grads.stats import (
     GradMoments,
     GradNorms,
@@ -59,8 +59,11 @@ def per_sample_grad_norms(
     ``"layers"`` takes the norms layer by layer in one backward pass without forming the
     gradients (ghost norms, as :func:`clipped_grad_sum`; it raises ``ValueError`` naming a
     parameter used by a call other than linear, convolution, layer norm or embedding);
-    ``"auto"`` (default) uses ``"layers"`` when it applies and a chunk's per-sample gradients
-    would take 64 MiB or more.
+    ``"loop"`` takes one example's gradient (autograd) at a time and its norms before the next (any
+    model, PyTorch's recurrent modules included); ``"auto"`` (default) uses ``"layers"`` when
+    it applies and a chunk's per-sample gradients would take 64 MiB or more, else ``"vmap"``,
+    or ``"loop"`` where the model runs a recurrent module (``nn.LSTM``, ``nn.GRU``,
+    ``nn.RNN`` or a cell).
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> loss``, as for :func:`per_sample_grads`.
@@ -69,7 +72,7 @@ def per_sample_grad_norms(
         chunk_size: examples per chunk (``None``: one chunk).
         buffers: non-differentiated state passed as ``loss_fn(..., buffers=buffers)``.
         randomness: ``"error"``, ``"different"`` or ``"same"``, as for :func:`per_sample_grads`.
-        method: ``"auto"``, ``"vmap"`` or ``"layers"`` (above).
+        method: ``"auto"``, ``"vmap"``, ``"layers"`` or ``"loop"`` (above).
 
     Returns:
         A :class:`GradNorms` of ``(n,)`` tensors, dtypes as :func:`per_sample_norms` gives
@@ -99,7 +102,7 @@ def per_sample_grad_norms(
     if done is not None:
         return done
     parts = []
-    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness):
+    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness, method):
         parts.append(per_sample_norms(c.grads))
         # Dropped before the next chunk is computed: a loop variable would keep two alive.
         del c
@@ -148,6 +151,7 @@ def per_sample_grad_moments(
     chunk_size: int | None = None,
     buffers: PyTree | None = None,
     randomness: str = "error",
+    method: str = "auto",
 ) -> GradMoments:
     """Moments of the per-sample gradients (mean, variance, SNR), accumulated chunk by chunk.
 
@@ -158,7 +162,7 @@ def per_sample_grad_moments(
     :func:`gradient_diversity_from_moments`.
 
     The sums ``Σ dᵢ`` and ``Σ dᵢ²`` of the deviations ``dᵢ = gᵢ − c`` from the first chunk's
-    mean ``c`` are accumulated and give ``mean = c + Σ dᵢ / n`` and
+    mean ``c`` (the first example's gradient for ``"loop"``) are accumulated and give ``mean = c + Σ dᵢ / n`` and
     ``m2 = Σ dᵢ² − (Σ dᵢ)² / n``. Merging chunk moments with :func:`merge_grad_moments`
     instead rounds every partial mean, which costs the variance a relative ``ε·|mean|/std``
     (2e-4 for float32 gradients with mean/std = 1e4 in chunks of 16, against 3e-7 here).
@@ -170,6 +174,9 @@ def per_sample_grad_moments(
         chunk_size: examples per chunk (``None``: one chunk).
         buffers: non-differentiated state passed as ``loss_fn(..., buffers=buffers)``.
         randomness: ``"error"``, ``"different"`` or ``"same"``, as for :func:`per_sample_grads`.
+        method: ``"vmap"`` (chunks by ``vmap(grad)``), ``"loop"`` (one autograd pass per
+            example, accumulated as it comes: one gradient alive at a time) or ``"auto"``
+            (default: ``"vmap"``, or ``"loop"`` for PyTorch's recurrent modules).
 
     Returns:
         A :class:`GradMoments` with ``count = n``: ``mean`` in the parameters' dtypes, ``m2``
@@ -189,12 +196,13 @@ def per_sample_grad_moments(
         >>> m.mean["w"], ft.grad_variance(m)["w"]
         (tensor([24., 34.]), tensor([648., 968.]))
     """
+    _check_options(chunk_size, randomness, loss_fn, params, method, ("auto", "vmap", "loop"))
     centres: list[torch.Tensor] | None = None
     sums: list[tuple[torch.Tensor, torch.Tensor]] = []
     count = 0
     spec = None
     shapes: list[tuple[torch.Size, torch.dtype]] = []
-    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness):
+    for c in vmap_chunks(loss_fn, params, batch, chunk_size, buffers, randomness, method):
         leaves, spec = tree.flatten(c.grads)
         if not leaves:
             raise ValueError("per_sample_grad_moments needs at least one gradient leaf")
@@ -251,8 +259,10 @@ def per_sample_gram(
     where a rule allows (a linear layer's part is ``(GGᵀ) ⊙ (XXᵀ)`` over its inputs ``X`` and
     output gradients ``G``; convolutions and layer norms form their per-example gradients one
     layer at a time), over each pair of chunks together; it raises ``ValueError`` naming a
-    parameter used by any other call. ``"auto"`` (default) uses ``"layers"`` when it applies
-    and a chunk's per-sample gradients would take 64 MiB or more.
+    parameter used by any other call. ``"loop"`` forms the chunks' gradients with one
+    autograd pass per example (any model, PyTorch's recurrent modules included).
+    ``"auto"`` (default) uses ``"layers"`` when it applies and a chunk's per-sample gradients
+    would take 64 MiB or more, else ``"vmap"``, or ``"loop"`` for a recurrent module.
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> loss``, as for :func:`per_sample_grads`.
@@ -263,7 +273,7 @@ def per_sample_gram(
         buffers: non-differentiated state passed as ``loss_fn(..., buffers=buffers)``.
         randomness: ``"error"``, ``"different"`` or ``"same"``, as for :func:`per_sample_grads`.
         eps: floor on norms when ``cosine``.
-        method: ``"auto"``, ``"vmap"`` or ``"layers"`` (above).
+        method: ``"auto"``, ``"vmap"``, ``"layers"`` or ``"loop"`` (above).
 
     Returns:
         An ``(n, n)`` tensor in the parameters' promoted dtype (half precision formed in
@@ -292,7 +302,7 @@ def per_sample_gram(
         lambda: _gram_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
     )
     if g is None:
-        g, dtype = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness)
+        g, dtype = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness, method)
     else:  # formed in float32 for half-precision gradients, returned as the vmap route does
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in tree.leaves(params)))
     return _to_cosine(g, eps, dtype) if cosine else g.to(dtype)
@@ -335,27 +345,32 @@ def _gram_by_vmap(
     chunk_size: int | None,
     buffers: PyTree | None,
     randomness: str,
+    method: str,
 ) -> tuple[torch.Tensor, torch.dtype]:
-    """``method="vmap"``: blocks of materialized per-sample gradients, two chunks at a time.
+    """``method="vmap"`` or ``"loop"`` (``"auto"``: ``vmap``, or the loop for a recurrent
+    model): blocks of materialized per-sample gradients, two chunks at a time.
 
     Returns the matrix (float32 for half-precision gradients) and the gradients' dtype."""
-    opts = {
-        "chunk_size": chunk_size,
-        "buffers": buffers,
-        "randomness": randomness,
-        "method": "vmap",
-    }
+    opts = {"chunk_size": chunk_size, "buffers": buffers, "randomness": randomness}
+
+    def chunks(part: PyTree) -> Iterator[PerSampleChunk]:
+        if method == "auto":  # not the rules' per-sample gradients: vmap (or the loop)
+            return _chunks(
+                loss_fn, params, part, chunk_size, buffers, randomness, False, "vmap-auto"
+            )
+        return per_sample_chunks(loss_fn, params, part, method=method, **opts)
+
     n = batch_size_of(batch)
     rows = []
     dtype = None
-    for ci in per_sample_chunks(loss_fn, params, batch, **opts):
+    for ci in chunks(batch):
         left = _flat_rows(ci.grads)
         dtype = _gram_dtype(left)
         blocks = [_cross_gram(left, left)]
         # Chunks after ci are recomputed for this row of blocks; earlier ones come by symmetry.
         rest = tree.map(lambda x, stop=ci.stop: x[stop:], batch)
         if ci.stop < n:
-            for cj in per_sample_chunks(loss_fn, params, rest, **opts):
+            for cj in chunks(rest):
                 blocks.append(_cross_gram(left, _flat_rows(cj.grads)))
                 del cj  # before the next one is computed: two chunks alive, not three
         rows.append(blocks)

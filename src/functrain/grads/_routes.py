@@ -1,0 +1,190 @@
+"""How a chunk of examples gets its per-example gradients: the routes behind ``method``.
+
+``"vmap"`` (``vmap(grad(...))``), ``"layers"`` (one vmapped forward, then layer rules in the
+backward pass), ``"loop"`` (autograd, one example after another, for what ``vmap`` cannot batch:
+PyTorch's fused recurrent kernels), and ``"auto"``, which starts with the layer rules (or
+``vmap``) and moves to the next route for the rest of the batch when a call refuses. Each route
+is a runner ``pieces(param_leaves, chunk_leaves)`` yielding ``(start, stop, values, grads)``
+pieces of the chunk (internal; :mod:`functrain.grads.per_sample` uses them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from functrain import tree
+from functrain.grads._layer_dispatch import layers_error
+from functrain.grads._layer_passes import per_sample_by_layers
+from functrain.grads._layer_rules import Unsupported
+from functrain.grads._per_example import (
+    RECURRENT_NAMES,
+    AuxSplit,
+    Generators,
+    Piece,
+    RecurrentCall,
+    RecurrentWatch,
+    _example_loss,
+    embedding_vmap_error,
+    loop_grads,
+    rnn_vmap_error,
+    with_value,
+)
+
+__all__: list[str] = []  # internal
+
+PyTree = Any
+
+
+# loss_fns whose forward ran under RecurrentWatch without a recurrent kernel: "auto" runs them
+# unwatched from then on (the watch costs a Python call per torch call, 2-5% of a small CNN's
+# per-sample pass on CPU). A recurrent kernel met later anyway still fails under vmap, and that
+# failure sends the batch to the loop (a float32 nn.LSTM on CPU runs vmap's slow fallback
+# instead: the same numbers, with torch's warning).
+_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _watch(loss_fn: Any) -> bool:
+    try:
+        return loss_fn not in _WATCHED
+    except TypeError:  # not weakly referable or not hashable: watched every time
+        return True
+
+
+def _vmap_grad(
+    example_loss: Callable[..., Any], randomness: str, auto: Any = None
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
+    """The ``"vmap"`` method: ``vmap(grad(example_loss))`` over the chunk's examples.
+
+    ``auto``: the user's ``loss_fn`` under ``"auto"`` (else ``None``). A recurrent kernel then
+    raises :class:`RecurrentCall` (the caller loops over the examples instead): seen by
+    :class:`RecurrentWatch` before it runs (the first time), or by its failure under ``vmap``.
+    """
+    vmapped = torch.func.vmap(
+        torch.func.grad(with_value(example_loss), has_aux=True),
+        in_dims=(None, 0),
+        randomness=randomness,
+    )
+
+    def run(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
+        try:
+            if auto is not None and _watch(auto):
+                with RecurrentWatch():
+                    grads, values = vmapped(param_leaves, batch_leaves)
+                with contextlib.suppress(TypeError):
+                    _WATCHED.add(auto)
+            else:
+                grads, values = vmapped(param_leaves, batch_leaves)
+        except (RuntimeError, UserWarning) as err:  # torch's warning, when raised as an error
+            embedding = embedding_vmap_error(err, "per-sample gradients")
+            if embedding is not None:
+                raise embedding from err
+            clear = rnn_vmap_error(
+                err,
+                "per-sample gradients",
+                "Use method='loop' (one gradient per example, one after another; "
+                "method='auto' picks it for these modules).",
+            )
+            if clear is not None:
+                raise (RecurrentCall("a recurrent module") if auto is not None else clear) from err
+            raise
+        return values, grads
+
+    return run
+
+
+def _rows(chunk: list[torch.Tensor]) -> int:
+    return chunk[0].shape[0]
+
+
+def _once(
+    run: Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]],
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], Iterator[Piece]]:
+    """A batched route (vmap, layers) as a runner of pieces: the chunk in one piece."""
+
+    def pieces(param_leaves: list[torch.Tensor], chunk: list[torch.Tensor]) -> Iterator[Piece]:
+        values, grads = run(param_leaves, chunk)
+        yield 0, _rows(chunk), values, grads
+
+    return pieces
+
+
+def _auto(
+    first: Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]],
+    vmap: Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]],
+    loop: Callable[[list[torch.Tensor], list[torch.Tensor]], Iterator[Piece]],
+    params: PyTree,
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], Iterator[Piece]]:
+    """``"auto"``: ``first`` (the layer rules or ``vmap``) until a call refuses, then ``vmap``
+    (rules refused a call) or the loop (a fused recurrent kernel), for the rest of the batch."""
+    route: list[Any] = [first]
+
+    def pieces(param_leaves: list[torch.Tensor], chunk: list[torch.Tensor]) -> Iterator[Piece]:
+        while route[0] is not loop:
+            try:
+                values, grads = route[0](param_leaves, chunk)
+            except Unsupported as err:  # only the layer rules raise it
+                if err.fatal:  # vmap cannot differentiate it either
+                    raise layers_error(err, params) from None
+                route[0] = loop if err.call in RECURRENT_NAMES else vmap
+            except RecurrentCall:
+                route[0] = loop
+            else:
+                yield 0, _rows(chunk), values, grads
+                return
+        yield from loop(param_leaves, chunk)
+
+    return pieces
+
+
+def _chunk_runner(
+    loss_fn: Callable[..., Any],
+    params: PyTree,
+    batch_spec: Any,
+    buffers: PyTree | None,
+    randomness: str,
+    has_aux: bool,
+    route: str,
+    aux_split: AuxSplit,
+    generators: Generators,
+    stream: bool,
+) -> Callable[[list[torch.Tensor], list[torch.Tensor]], Iterator[Piece]]:
+    """``pieces(param_leaves, chunk_leaves)`` over a chunk, by ``route``: a ``method`` or
+    ``"vmap-auto"`` (``"auto"`` of a reduction that did not take the rules: ``vmap``, or the
+    loop for a recurrent model). ``stream``: the loop yields its examples one by one."""
+    example_loss = _example_loss(
+        loss_fn, tree.structure(params), batch_spec, buffers, has_aux, aux_split
+    )
+    loop = loop_grads(example_loss, randomness, generators, stream, has_aux)
+    compiling = torch.compiler.is_compiling()
+    if route == "loop":
+        return loop
+    if route == "vmap" or (route in ("auto", "vmap-auto") and compiling):
+        return _once(_vmap_grad(example_loss, randomness))
+    vmap = _vmap_grad(example_loss, randomness, auto=loss_fn)
+    if route == "vmap-auto":
+        return _auto(vmap, vmap, loop, params)
+    if compiling:
+        raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
+
+    def by_layers(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
+        try:
+            return per_sample_by_layers(example_loss, param_leaves, batch_leaves, randomness)
+        except Unsupported as err:
+            if route == "layers":
+                raise layers_error(err, params) from None
+            raise  # "auto" picks the next route
+        except (RuntimeError, UserWarning) as err:
+            # A recurrent kernel on buffers only (a frozen encoder) passes the rules, then fails
+            # under their vmapped forward.
+            if route == "auto" and rnn_vmap_error(err, "", "") is not None:
+                raise RecurrentCall("a recurrent module") from err
+            raise
+
+    if route == "layers":
+        return _once(by_layers)
+    return _auto(by_layers, vmap, loop, params)
