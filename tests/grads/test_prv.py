@@ -150,10 +150,15 @@ def test_tighter_than_rdp_in_dp_sgd_regimes(sigma: float, q: float, steps: int) 
     steps=st.integers(1, 1000),
 )
 def test_more_noise_or_fewer_steps_never_spend_more(sigma: float, q: float, steps: int) -> None:
-    eps = _accountant((sigma, q, steps)).get_epsilon(DELTA)
-    assert eps >= 0
-    assert _accountant((sigma * 1.25, q, steps)).get_epsilon(DELTA) <= eps + 1e-9
-    assert _accountant((sigma, q, steps + steps // 2 + 1)).get_epsilon(DELTA) >= eps - 1e-9
+    # The true ε is monotone; each run's bounds are computed on its own mesh, so the sound
+    # check is that no run's lower bound exceeds the upper bound of a run spending more
+    # (the upper bounds alone can cross by up to eps_error where ε is tiny).
+    base = _accountant((sigma, q, steps)).get_epsilon_bounds(DELTA)
+    assert 0 <= base.lower <= base.upper
+    noisier = _accountant((sigma * 1.25, q, steps)).get_epsilon_bounds(DELTA)
+    longer = _accountant((sigma, q, steps + steps // 2 + 1)).get_epsilon_bounds(DELTA)
+    assert noisier.lower <= base.upper and noisier.estimate <= base.estimate + 0.01
+    assert base.lower <= longer.upper and base.estimate <= longer.estimate + 0.01
 
 
 def test_the_order_of_the_history_does_not_matter() -> None:

@@ -231,6 +231,13 @@ class AuxSplit:
         return tree.unflatten(self.spec, leaves)
 
 
+def for_autograd(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached, or copied if it is an inference tensor (made under
+    ``torch.inference_mode``), which autograd cannot save for backward. Call it with inference
+    mode off, or the copy is an inference tensor again."""
+    return x.clone() if torch.is_inference(x) else x.detach()
+
+
 def _example_loss(
     loss_fn: Callable[..., Any],
     param_spec: Any,
@@ -249,7 +256,8 @@ def _example_loss(
         raise TypeError("buffers were given but loss_fn has no `buffers` keyword argument")
     # Buffers are not differentiated: one that requires grad (frozen weights passed as buffers)
     # made the per-sample gradients hold the graph of their chunk.
-    buffers = tree.map(lambda b: b.detach() if isinstance(b, torch.Tensor) else b, buffers)
+    with torch.inference_mode(False):  # what the loop needs of them (see for_autograd)
+        buffers = tree.map(lambda b: for_autograd(b) if isinstance(b, torch.Tensor) else b, buffers)
 
     # Work on flat leaf lists so that any optree pytree (not only torch's) passes through vmap.
     def one_example(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:
@@ -371,6 +379,7 @@ def _drew_error() -> RuntimeError:
     )
 
 
+@torch.compiler.disable
 def _example_grad(
     example_loss: Callable[..., Any], leaves: list[torch.Tensor], example: list[torch.Tensor]
 ) -> tuple[list[torch.Tensor], torch.Tensor, tuple[Any, ...]]:
@@ -379,8 +388,13 @@ def _example_grad(
     Plain autograd rather than ``torch.func.grad``: the same function is differentiated, but
     under ``torch.func.grad`` PyTorch's fused RNN backward (``MkldnnRnnLayerBackward0``) runs
     decomposed, op by op: 8× slower for a float32 ``nn.LSTM`` on CPU, 2× for float64.
+    Eager under ``torch.compile`` (under a microsecond a call otherwise): the loop runs there
+    as a graph break (see ``_routes``), and torch.compile would otherwise compile ``loss_fn``
+    anew for the example, a graph per call, then fail on ``torch.autograd.grad``.
     """
-    with torch.enable_grad():  # the caller may be under no_grad; torch.func.grad ignores it too
+    # The caller may be under no_grad (torch.func.grad ignores it too) or inference_mode, under
+    # which autograd recorded nothing and every gradient came out as zeros.
+    with torch.inference_mode(False), torch.enable_grad():
         loss, extras = example_loss(leaves, example)
         if leaves and loss.requires_grad:
             grads = list(
@@ -416,8 +430,10 @@ def loop_grads(
 
     def pieces(param_leaves: list[torch.Tensor], chunk: list[torch.Tensor]) -> Iterator[Piece]:
         k = chunk[0].shape[0]
-        # Aliases of the (detached) parameters that autograd differentiates; never written.
-        leaves = [p.detach().requires_grad_() for p in param_leaves]
+        with torch.inference_mode(False):
+            # Aliases of the (detached) parameters that autograd differentiates; never written.
+            leaves = [for_autograd(p).requires_grad_() for p in param_leaves]
+            chunk = [for_autograd(x) for x in chunk]
         start = generators.get() if randomness == "same" and k > 1 else None
         losses: torch.Tensor | None = None
         extras: list[torch.Tensor] = []

@@ -11,6 +11,7 @@ pieces of the chunk (internal; :mod:`functrain.grads.per_sample` uses them).
 from __future__ import annotations
 
 import contextlib
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from functrain.grads._per_example import (
     _example_loss,
     embedding_vmap_error,
     loop_grads,
+    rng_devices,
     rnn_vmap_error,
     with_value,
 )
@@ -39,6 +41,12 @@ __all__: list[str] = []  # internal
 
 PyTree = Any
 
+# What the errors of a recurrent kernel under vmap advise.
+_USE_LOOP = (
+    "Use method='loop' (one gradient per example, one after another; method='auto' picks it "
+    "for these modules)."
+)
+
 
 # loss_fns whose forward ran under RecurrentWatch without a recurrent kernel: "auto" runs them
 # unwatched from then on (the watch costs a Python call per torch call, 2-5% of a small CNN's
@@ -46,13 +54,31 @@ PyTree = Any
 # failure sends the batch to the loop (a float32 nn.LSTM on CPU runs vmap's slow fallback
 # instead: the same numbers, with torch's warning).
 _WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()
+# The same for bound methods (``model.loss``), a new object at every attribute access, which
+# _WATCHED would drop as soon as the call ends: their functions, by instance.
+_WATCHED_METHODS: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
 
 
 def _watch(loss_fn: Any) -> bool:
+    """Whether ``"auto"`` still runs ``loss_fn``'s ``vmap`` routes under the watch."""
     try:
+        if isinstance(loss_fn, types.MethodType):
+            return loss_fn.__func__ not in _WATCHED_METHODS.get(loss_fn.__self__, ())
         return loss_fn not in _WATCHED
     except TypeError:  # not weakly referable or not hashable: watched every time
         return True
+
+
+def _watched(loss_fn: Any) -> None:
+    """Records that ``loss_fn`` ran under the watch without a recurrent kernel."""
+    with contextlib.suppress(TypeError):
+        if isinstance(loss_fn, types.MethodType):
+            owner = loss_fn.__self__
+            if owner not in _WATCHED_METHODS:
+                _WATCHED_METHODS[owner] = weakref.WeakSet()
+            _WATCHED_METHODS[owner].add(loss_fn.__func__)
+        else:
+            _WATCHED.add(loss_fn)
 
 
 def _vmap_grad(
@@ -75,20 +101,14 @@ def _vmap_grad(
             if auto is not None and _watch(auto):
                 with RecurrentWatch():
                     grads, values = vmapped(param_leaves, batch_leaves)
-                with contextlib.suppress(TypeError):
-                    _WATCHED.add(auto)
+                _watched(auto)
             else:
                 grads, values = vmapped(param_leaves, batch_leaves)
         except (RuntimeError, UserWarning) as err:  # torch's warning, when raised as an error
             embedding = embedding_vmap_error(err, "per-sample gradients")
             if embedding is not None:
                 raise embedding from err
-            clear = rnn_vmap_error(
-                err,
-                "per-sample gradients",
-                "Use method='loop' (one gradient per example, one after another; "
-                "method='auto' picks it for these modules).",
-            )
+            clear = rnn_vmap_error(err, "per-sample gradients", _USE_LOOP)
             if clear is not None:
                 raise (RecurrentCall("a recurrent module") if auto is not None else clear) from err
             raise
@@ -118,20 +138,29 @@ def _auto(
     vmap: Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]],
     loop: Callable[[list[torch.Tensor], list[torch.Tensor]], Iterator[Piece]],
     params: PyTree,
+    generators: Generators,
 ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], Iterator[Piece]]:
     """``"auto"``: ``first`` (the layer rules or ``vmap``) until a call refuses, then ``vmap``
-    (rules refused a call) or the loop (a fused recurrent kernel), for the rest of the batch."""
+    (rules refused a call) or the loop (a fused recurrent kernel), for the rest of the batch.
+
+    A refused attempt may have drawn random numbers before the refusal (dropout on the
+    embeddings of an LSTM): the default generators are put back, so the next route draws what
+    it draws when asked for by name (``"auto"`` on a recurrent model is ``"loop"``, bit for bit).
+    """
     route: list[Any] = [first]
 
     def pieces(param_leaves: list[torch.Tensor], chunk: list[torch.Tensor]) -> Iterator[Piece]:
         while route[0] is not loop:
+            before = generators.get()  # host copies of a few KiB: no device sync
             try:
                 values, grads = route[0](param_leaves, chunk)
             except Unsupported as err:  # only the layer rules raise it
                 if err.fatal:  # vmap cannot differentiate it either
                     raise layers_error(err, params) from None
+                generators.set(before)
                 route[0] = loop if err.call in RECURRENT_NAMES else vmap
             except RecurrentCall:
+                generators.set(before)
                 route[0] = loop
             else:
                 yield 0, _rows(chunk), values, grads
@@ -162,12 +191,21 @@ def _chunk_runner(
     loop = loop_grads(example_loss, randomness, generators, stream, has_aux)
     compiling = torch.compiler.is_compiling()
     if route == "loop":
+        if compiling:
+            # Traced, its autograd and pytree calls failed with errors that named neither
+            # (``length mismatch``). Raised while tracing, this makes torch.compile run the
+            # call eagerly (a graph break); fullgraph=True reports it.
+            raise ValueError(
+                "method='loop' runs eagerly only (one autograd pass per example, which "
+                "torch.compile does not trace): keep the call out of a fullgraph region, e.g. "
+                "torch.compiler.disable(ft.per_sample_grads)(..., method='loop')"
+            )
         return loop
     if route == "vmap" or (route in ("auto", "vmap-auto") and compiling):
         return _once(_vmap_grad(example_loss, randomness))
     vmap = _vmap_grad(example_loss, randomness, auto=loss_fn)
     if route == "vmap-auto":
-        return _auto(vmap, vmap, loop, params)
+        return _auto(vmap, vmap, loop, params, generators)
     if compiling:
         raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
 
@@ -181,10 +219,51 @@ def _chunk_runner(
         except (RuntimeError, UserWarning) as err:
             # A recurrent kernel on buffers only (a frozen encoder) passes the rules, then fails
             # under their vmapped forward.
-            if route == "auto" and rnn_vmap_error(err, "", "") is not None:
+            clear = rnn_vmap_error(err, "per-sample gradients (method='layers')", _USE_LOOP)
+            if clear is None:
+                raise
+            if route == "auto":
                 raise RecurrentCall("a recurrent module") from err
-            raise
+            raise clear from err
 
     if route == "layers":
         return _once(by_layers)
-    return _auto(by_layers, vmap, loop, params)
+    return _auto(by_layers, vmap, loop, params, generators)
+
+
+def layers_attempt(
+    method: str, params: PyTree, batch: PyTree, buffers: PyTree | None, run: Callable[[], Any]
+) -> Callable[[], Any]:
+    """``run`` (a reduction by the layer rules, for :func:`reduce_by_layers`) as the
+    reductions' ``"auto"`` and ``"layers"`` should run it.
+
+    A recurrent kernel on buffers only (a frozen encoder: the rules see no parameter in it)
+    fails under the rules' vmapped forward. ``"auto"`` then moves on, as for a call without a
+    rule (to ``vmap``, whose watch sends the batch to the loop), with the default generators
+    put back (as :func:`_auto` does); ``"layers"`` raises an error that names the loop.
+    """
+
+    def attempt() -> Any:
+        if method != "auto":
+            try:
+                return run()
+            except (RuntimeError, UserWarning) as err:
+                clear = rnn_vmap_error(err, "method='layers'", _USE_LOOP)
+                if clear is None:
+                    raise
+                raise clear from err
+        generators = Generators(rng_devices(params, batch, buffers))
+        before = generators.get()
+        try:
+            return run()
+        except Unsupported as err:
+            if not err.fatal:  # vmap runs it next
+                generators.set(before)
+            raise
+        except (RuntimeError, UserWarning) as err:
+            if rnn_vmap_error(err, "", "") is None:
+                raise
+            generators.set(before)
+            raise Unsupported(None, "a recurrent module") from err
+
+    return attempt

@@ -20,6 +20,7 @@ from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import clipped_sum_by_layers
 from functrain.grads._per_example import _check_options, batch_size_of
+from functrain.grads._routes import layers_attempt
 from functrain.grads.per_sample import vmap_chunks
 from functrain.grads.stats import global_row_norms, leaf_row_norms, row_matrix
 from functrain.optim import _utils
@@ -278,8 +279,14 @@ def clipped_grad_sum(
         params,
         batch,
         chunk_size,
-        lambda: _clipped_sum_by_layers(
-            loss_fn, params, batch, l2_norm_clip, chunk_size, buffers, randomness
+        layers_attempt(
+            method,
+            params,
+            batch,
+            buffers,
+            lambda: _clipped_sum_by_layers(
+                loss_fn, params, batch, l2_norm_clip, chunk_size, buffers, randomness
+            ),
         ),
     )
     if done is not None:

@@ -338,7 +338,8 @@ def per_sample_grads(
             alike) one example after another, by autograd: any model autograd can differentiate,
             recurrent modules included, at the speed of a Python loop over the batch
             (``has_aux`` with an empty batch raises ``ValueError``: no example shows aux's
-            structure).
+            structure; eager only: a graph break under ``torch.compile``, refused with
+            ``fullgraph=True``).
             ``"layers"`` still runs each example's forward under ``vmap`` (so examples cannot
             interact), then takes one ordinary backward pass over the batch in which every
             linear, convolution (``groups=1``), layer-norm and embedding call forms its
@@ -353,8 +354,10 @@ def per_sample_grads(
             and the call is eager (not under ``torch.compile``), else ``"vmap"``, or
             ``"loop"`` where ``loss_fn`` calls a fused recurrent kernel (seen before the
             kernel runs); when the rules or the kernel refuse a call the forward is rerun
-            under the next route, so Python side effects (and random draws) of ``loss_fn``
-            can happen twice. Same numbers to rounding either way; on CPU
+            under the next route, so Python side effects of ``loss_fn`` can happen twice
+            (random draws on the default generators are undone first: the numbers are those
+            of the route that ran, for a recurrent model those of ``"loop"``). Same numbers
+            to rounding either way; on CPU
             ``"layers"`` measured about 10% faster than ``"vmap"`` on an MLP and up to 20% on
             the Opacus MNIST CNN (small CNNs trade places with the allocator's state; see
             ``tools/bench.py``). An embedding with ``max_norm``, which renormalizes its

@@ -21,6 +21,7 @@ from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import gram_by_layers, sq_norms_by_layers
 from functrain.grads._per_example import _check_options, batch_size_of
+from functrain.grads._routes import layers_attempt
 from functrain.grads.per_sample import PerSampleChunk, _chunks, per_sample_chunks, vmap_chunks
 from functrain.grads.stats import (
     GradMoments,
@@ -97,7 +98,13 @@ def per_sample_grad_norms(
         params,
         batch,
         chunk_size,
-        lambda: _norms_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
+        layers_attempt(
+            method,
+            params,
+            batch,
+            buffers,
+            lambda: _norms_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
+        ),
     )
     if done is not None:
         return done
@@ -299,7 +306,13 @@ def per_sample_gram(
         params,
         batch,
         chunk_size,
-        lambda: _gram_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
+        layers_attempt(
+            method,
+            params,
+            batch,
+            buffers,
+            lambda: _gram_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
+        ),
     )
     if g is None:
         g, dtype = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness, method)
