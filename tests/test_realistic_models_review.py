@@ -261,9 +261,9 @@ def test_recurrent_model_under_vmap_gives_clear_error(kind: str) -> None:
     model, params, _ = ft.functionalize(build(kind))
     batch = data(kind, 4)
     loss_fn = make_loss(model, False)
-    with pytest.raises(RuntimeError, match="recurrent module.*method='loop'"):
+    with pytest.raises(RuntimeError, match=r"recurrent module.*method='loop'"):
         ft.per_sample_grads(loss_fn, params, batch, method="vmap")
-    with pytest.raises(RuntimeError, match="recurrent module.*method='loop'"):
+    with pytest.raises(RuntimeError, match=r"recurrent module.*method='loop'"):
         ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method="vmap")
     tx = ft.sgd(0.1)
     step = ft.make_train_step(loss_fn, tx, strategy="vmap", micro_batches=2)
