@@ -206,3 +206,32 @@ PROBLEMS = {
 # The problems whose every parameter is a weight or bias of a linear, convolution, layer-norm or
 # embedding call: ``method="layers"`` applies to them.
 LAYER_PROBLEMS = ("mlp", "cnn", "lm", "conv")
+
+
+def naive_per_example(loss_fn: Callable[..., Any], params: dict, batch: dict, **kw: Any) -> tuple:
+    """Per-example gradients (a list of dicts) and losses, one autograd pass per example."""
+    from functrain.train.loss import LossSum
+
+    grads, losses = [], []
+    for i in range(tree.leaves(batch)[0].shape[0]):
+        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        out = loss_fn(p, tree.map(lambda v, i=i: v[i : i + 1], batch), **kw)
+        if isinstance(out, LossSum):  # the count held in at least float32, as documented
+            wide = torch.promote_types(out.total.dtype, torch.float32)
+            count = torch.as_tensor(out.count, dtype=wide)
+            scale = 1 / count if float(count) else torch.zeros((), dtype=wide)
+            out = (out.total.to(wide) * scale).to(out.total.dtype)
+        g = torch.autograd.grad(out, list(p.values()), allow_unused=True, materialize_grads=True)
+        grads.append(dict(zip(p, g)))
+        losses.append(out.detach())
+    return grads, torch.stack(losses)
+
+
+def stacked_examples(grads: list[dict]) -> dict:
+    """:func:`naive_per_example`'s gradients stacked per parameter (a leading batch dim)."""
+    return {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
+
+
+def example_rows(grads: list[dict]) -> torch.Tensor:
+    """One flat row per example: the rows of a Gram matrix or of per-example norms."""
+    return torch.stack([torch.cat([v.flatten() for v in g.values()]) for g in grads])

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_problems import example_rows, naive_per_example, stacked_examples
 from torch import nn
 
 import functrain as ft
@@ -87,49 +88,13 @@ def lm_batch(seed: int, n: int = N) -> dict[str, torch.Tensor]:
     }
 
 
-def naive(loss_fn: Callable[..., Any], params: dict, batch: dict, **kw: Any) -> tuple:
-    """Per-example gradients (a list of dicts) and losses, one autograd pass per example."""
-    grads, losses = [], []
-    for i in range(ft.tree.leaves(batch)[0].shape[0]):
-        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-        out = loss_fn(p, ft.tree.map(lambda v, i=i: v[i : i + 1], batch), **kw)
-        if isinstance(out, ft.LossSum):  # the count held in at least float32, as documented
-            wide = torch.promote_types(out.total.dtype, torch.float32)
-            count = torch.as_tensor(out.count, dtype=wide)
-            scale = 1 / count if float(count) else torch.zeros((), dtype=wide)
-            out = (out.total.to(wide) * scale).to(out.total.dtype)
-        g = torch.autograd.grad(out, list(p.values()), allow_unused=True, materialize_grads=True)
-        grads.append(dict(zip(p, g)))
-        losses.append(out.detach())
-    return grads, torch.stack(losses)
-
-
-def stacked(grads: list[dict]) -> dict:
-    return {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
-
-
-def rows(grads: list[dict]) -> torch.Tensor:
-    return torch.stack([torch.cat([v.flatten() for v in g.values()]) for g in grads])
+naive, stacked, rows = naive_per_example, stacked_examples, example_rows
 
 
 def assert_close(got: dict, want: dict, **tol: Any) -> None:
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], **(tol or TOL), msg=k)
-
-
-@pytest.fixture
-def loop_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the examples differentiated by the loop."""
-    calls: list[int] = []
-    inner = _per_example._example_grad
-
-    def spy(*args: Any) -> Any:
-        calls.append(1)
-        return inner(*args)
-
-    monkeypatch.setattr(_per_example, "_example_grad", spy)
-    return calls
 
 
 @pytest.fixture

@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from grad_problems import example_rows, naive_per_example, stacked_examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import functrain as ft
-from functrain.grads import _per_example, _routes
+from functrain.grads import _routes
 
 F64 = torch.float64
 N, T, IN, HID = 5, 4, 3, 4
@@ -119,49 +120,13 @@ CASES: dict[str, Callable[[], Problem]] = {
 }
 
 
-def naive(
-    loss_fn: Callable[..., Any], params: dict, batch: dict
-) -> tuple[list[dict], torch.Tensor]:
-    """Per-example gradients and losses, one ``torch.autograd.grad`` per example."""
-    grads, losses = [], []
-    for i in range(ft.tree.leaves(batch)[0].shape[0]):
-        p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-        out = loss_fn(p, ft.tree.map(lambda v, i=i: v[i : i + 1], batch))
-        if isinstance(out, ft.LossSum):
-            count = float(out.count)
-            out = out.total / count if count else out.total * 0.0
-        g = torch.autograd.grad(out, list(p.values()), allow_unused=True, materialize_grads=True)
-        grads.append(dict(zip(p, g)))
-        losses.append(out.detach())
-    return grads, torch.stack(losses)
-
-
-def _stacked(grads: list[dict]) -> dict:
-    return {k: torch.stack([g[k] for g in grads]) for k in grads[0]}
-
-
-def _flat(grads: list[dict]) -> torch.Tensor:
-    return torch.stack([torch.cat([v.flatten() for v in g.values()]) for g in grads])
+naive, _stacked, _flat = naive_per_example, stacked_examples, example_rows
 
 
 def _assert_close(got: dict, want: dict) -> None:
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], **TOL, msg=k)
-
-
-@pytest.fixture
-def loop_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts the examples differentiated by the loop."""
-    calls: list[int] = []
-    inner = _per_example._example_grad
-
-    def spy(*args: Any) -> Any:
-        calls.append(1)
-        return inner(*args)
-
-    monkeypatch.setattr(_per_example, "_example_grad", spy)
-    return calls
 
 
 # --- the numbers ---------------------------------------------------------------------------
