@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import optree
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import functrain as ft
+from functrain import testing
 from tests.optim import _alias_contract as contract
 
 STEPS = 30
@@ -37,20 +37,6 @@ class _Ops(TorchDispatchMode):
         if func in self.counted:
             self.calls += 1
         return func(*args, **(kwargs or {}))
-
-
-def _assert_identical(got: Any, want: Any) -> None:
-    """Same structure, dtypes, shapes and bits (NaN where NaN)."""
-    got_leaves, got_spec = optree.tree_flatten(got)
-    want_leaves, want_spec = optree.tree_flatten(want)
-    assert got_spec == want_spec
-    for a, b in zip(got_leaves, want_leaves):
-        if not isinstance(b, torch.Tensor):
-            assert a == b
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape
-        # Bit for bit; NaN (a poisoned GaLore projector) matches NaN.
-        assert torch.equal(a, b) or torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 # --- GaLore -------------------------------------------------------------------------------
@@ -91,7 +77,7 @@ def test_galore_host_refresh_is_bit_identical(dtype: torch.dtype) -> None:
     want = _galore_run(ft.galore(**kw), dtype)
     got = _galore_run(ft.galore(**kw, refresh_on_host=True), dtype)
     for g, w in zip(got, want):
-        _assert_identical(g, w)
+        testing.assert_trees_all_equal(g, w)
 
 
 def test_galore_svd_runs_on_refresh_steps_only() -> None:
@@ -157,7 +143,7 @@ def test_galore_host_refresh_under_vmap_falls_back() -> None:
     u_ref, s_ref = torch.func.vmap(ref.update)(g, torch.func.vmap(ref.init)(g))
     for _ in range(2):
         u_ref, s_ref = torch.func.vmap(ref.update)(g, s_ref)
-    _assert_identical((u, states), (u_ref, s_ref))
+    testing.assert_trees_all_equal((u, states), (u_ref, s_ref))
 
 
 # --- Sophia -------------------------------------------------------------------------------
@@ -200,7 +186,7 @@ def test_sophia_host_refresh_is_bit_identical(
     want = _sophia_run(ft.sophia(**kw), dtype)
     got = _sophia_run(ft.sophia(**kw, refresh_on_host=True), dtype)
     for g, w in zip(got, want):
-        _assert_identical(g, w)
+        testing.assert_trees_all_equal(g, w)
     # The key advanced once per refresh on both paths.
     keys = {int(s[1][0].hessian_fn_state.key) for s in got}
     assert len(keys) == -(-STEPS // int(interval))
