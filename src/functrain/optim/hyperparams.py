@@ -157,10 +157,15 @@ def inject_hyperparams(
 
     Differences from optax: Python numbers become tensors of the floating ``hyperparam_dtype``
     (default: the widest floating dtype of the params, else of the updates, and at least
-    float32), including an
-    integer such as ``learning_rate=1``, so that a later fractional value fits. Tensors given
-    by the caller are copied at ``init`` and keep their dtype. PyTorch's closest equivalent is
-    editing ``optimizer.param_groups[i]["lr"]``, which a compiled step treats as a constant.
+    float32), including an integer such as ``learning_rate=1``, so that a later fractional
+    value fits. Tensors given by the caller are copied at ``init`` and keep their dtype. The
+    state is an :class:`InjectHyperparamsState` ``(count, hyperparams, inner_state)``, the
+    fields of optax's class of that name; optax >= 0.1.9 returns an
+    ``InjectStatefulHyperparamsState`` whose fourth field, ``hyperparams_states``, holds the
+    count again for every schedule (and the state of stateful schedules, which functrain does
+    not have): schedules here are functions of ``count``, and three fields keep saved states
+    loadable. PyTorch's closest equivalent is editing ``optimizer.param_groups[i]["lr"]``,
+    which a compiled step treats as a constant.
 
     Args:
         inner_factory: a function returning a :class:`GradientTransformation`, such as

@@ -11,13 +11,16 @@ from functrain import _foreach
 from functrain.tree._structure import PyTree, _check_same, flatten, unflatten
 from functrain.tree._structure import map as tree_map
 
+# Errors name the arguments as optax spells them (``tree_x``, ``tree_y``).
+_XY = ("tree_x", "tree_y")
+
 
 def _binary(
     a: PyTree,
     b: PyTree,
     foreach: Callable[[list[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]],
 ) -> PyTree:
-    _check_same(a, b)
+    _check_same(a, b, _XY)
     a_leaves, spec = flatten(a)
     b_leaves = flatten(b)[0]
     if not a_leaves:
@@ -25,106 +28,111 @@ def _binary(
     return unflatten(spec, foreach(a_leaves, b_leaves))
 
 
-def add(tree: PyTree, *others: PyTree) -> PyTree:
-    """Leaf-wise sum of one or more trees.
+def add(tree_x: PyTree, tree_y: PyTree, *other_trees: PyTree) -> PyTree:
+    """Leaf-wise sum of two or more trees (optax's ``tree.add``).
 
     ``None`` subtrees stay ``None`` and must be ``None`` in every tree. Dtypes promote as in
     ``torch.add``; the inputs are not modified.
 
     Args:
-        tree: a pytree of tensors.
-        *others: pytrees with ``tree``'s structure and leaf shapes.
+        tree_x: a pytree of tensors.
+        tree_y: a pytree with ``tree_x``'s structure and leaf shapes.
+        *other_trees: more pytrees with ``tree_x``'s structure and leaf shapes.
 
     Returns:
-        A new pytree with ``tree``'s structure holding the sums; ``tree`` itself when
-        ``others`` is empty or the trees have no leaves.
+        A new pytree with ``tree_x``'s structure holding the sums; ``tree_x`` itself when the
+        trees have no leaves.
 
     Raises:
         TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
-            or another tree holds ``None`` where ``tree`` has a leaf; the message names the path.
+            or another tree holds ``None`` where ``tree_x`` has a leaf; the message names the
+            path.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.add([torch.ones(1)], [torch.ones(1)], [torch.ones(1)])
         [tensor([3.])]
     """
-    out = tree
-    for other in others:
+    out = tree_x
+    for other in (tree_y, *other_trees):
         out = _binary(out, other, _foreach.add)
     return out
 
 
-def sub(a: PyTree, b: PyTree) -> PyTree:
-    """Leaf-wise ``a - b``.
+def sub(tree_x: PyTree, tree_y: PyTree) -> PyTree:
+    """Leaf-wise ``tree_x - tree_y``.
 
     ``None`` subtrees stay ``None``; dtypes promote as in ``torch.sub``.
 
     Args:
-        a: a pytree of tensors.
-        b: a pytree with ``a``'s structure and leaf shapes.
+        tree_x: a pytree of tensors.
+        tree_y: a pytree with ``tree_x``'s structure and leaf shapes.
 
     Returns:
-        A new pytree with ``a``'s structure (``a`` itself if it has no leaves).
+        A new pytree with ``tree_x``'s structure (``tree_x`` itself if it has no leaves).
 
     Raises:
         TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
-            or ``b`` holds ``None`` where ``a`` has a leaf; the message names the path.
+            or ``tree_y`` holds ``None`` where ``tree_x`` has a leaf; the message names the
+            path.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.sub([torch.ones(1)], [torch.ones(1)])
         [tensor([0.])]
     """
-    return _binary(a, b, _foreach.sub)
+    return _binary(tree_x, tree_y, _foreach.sub)
 
 
-def mul(a: PyTree, b: PyTree) -> PyTree:
-    """Leaf-wise ``a * b``.
+def mul(tree_x: PyTree, tree_y: PyTree) -> PyTree:
+    """Leaf-wise ``tree_x * tree_y``.
 
     ``None`` subtrees stay ``None``; dtypes promote as in ``torch.mul``.
 
     Args:
-        a: a pytree of tensors.
-        b: a pytree with ``a``'s structure and leaf shapes.
+        tree_x: a pytree of tensors.
+        tree_y: a pytree with ``tree_x``'s structure and leaf shapes.
 
     Returns:
-        A new pytree with ``a``'s structure (``a`` itself if it has no leaves).
+        A new pytree with ``tree_x``'s structure (``tree_x`` itself if it has no leaves).
 
     Raises:
         TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
-            or ``b`` holds ``None`` where ``a`` has a leaf; the message names the path.
+            or ``tree_y`` holds ``None`` where ``tree_x`` has a leaf; the message names the
+            path.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.mul([torch.tensor([2.0])], [torch.tensor([3.0])])
         [tensor([6.])]
     """
-    return _binary(a, b, _foreach.mul)
+    return _binary(tree_x, tree_y, _foreach.mul)
 
 
-def div(a: PyTree, b: PyTree) -> PyTree:
-    """Leaf-wise ``a / b``.
+def div(tree_x: PyTree, tree_y: PyTree) -> PyTree:
+    """Leaf-wise ``tree_x / tree_y``.
 
     ``None`` subtrees stay ``None``; dtypes promote as in ``torch.div`` (true division: integer
     leaves give floating-point results).
 
     Args:
-        a: a pytree of tensors.
-        b: a pytree with ``a``'s structure and leaf shapes.
+        tree_x: a pytree of tensors.
+        tree_y: a pytree with ``tree_x``'s structure and leaf shapes.
 
     Returns:
-        A new pytree with ``a``'s structure (``a`` itself if it has no leaves).
+        A new pytree with ``tree_x``'s structure (``tree_x`` itself if it has no leaves).
 
     Raises:
         TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
-            or ``b`` holds ``None`` where ``a`` has a leaf; the message names the path.
+            or ``tree_y`` holds ``None`` where ``tree_x`` has a leaf; the message names the
+            path.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.div([torch.tensor([3.0])], [torch.tensor([2.0])])
         [tensor([1.5000])]
     """
-    return _binary(a, b, _foreach.div)
+    return _binary(tree_x, tree_y, _foreach.div)
 
 
 def scale(scalar: float | torch.Tensor, tree: PyTree) -> PyTree:
@@ -179,42 +187,43 @@ def _keep_dtype(result: torch.Tensor, base: torch.dtype) -> torch.Tensor:
     return result if result.dtype == target else result.to(target)
 
 
-def add_scale(a: PyTree, scalar: float | torch.Tensor, b: PyTree) -> PyTree:
-    """Returns ``a + scalar * b`` leaf-wise; optax's ``tree_add_scalar_mul``.
+def add_scale(tree_x: PyTree, scalar: float | torch.Tensor, tree_y: PyTree) -> PyTree:
+    """Returns ``tree_x + scalar * tree_y`` leaf-wise (optax's ``tree.add_scale``).
 
-    Each result leaf has the dtype of ``a + b`` (``scalar`` does not promote it, as with
-    :func:`scale`, except that a fractional ``scalar`` makes integer leaves floating point and
-    a complex one makes real leaves complex). ``None`` subtrees stay ``None``.
+    Each result leaf has the dtype of ``tree_x + tree_y`` (``scalar`` does not promote it, as
+    with :func:`scale`, except that a fractional ``scalar`` makes integer leaves floating point
+    and a complex one makes real leaves complex). ``None`` subtrees stay ``None``.
 
     Args:
-        a: a pytree of tensors.
-        scalar: the factor on ``b``, a Python number or a 0-d tensor.
-        b: a pytree with ``a``'s structure and leaf shapes.
+        tree_x: a pytree of tensors.
+        scalar: the factor on ``tree_y``, a Python number or a 0-d tensor.
+        tree_y: a pytree with ``tree_x``'s structure and leaf shapes.
 
     Returns:
-        A new pytree with ``a``'s structure (``a`` itself if it has no leaves).
+        A new pytree with ``tree_x``'s structure (``tree_x`` itself if it has no leaves).
 
     Raises:
         TreeMismatchError: if the structures differ, a leaf's shape differs (no broadcasting),
-            or ``b`` holds ``None`` where ``a`` has a leaf; the message names the path.
+            or ``tree_y`` holds ``None`` where ``tree_x`` has a leaf; the message names the
+            path.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.add_scale([torch.ones(1)], 2.0, [torch.ones(1)])
         [tensor([3.])]
     """
-    _check_same(a, b)
-    a_leaves, spec = flatten(a)
-    b_leaves = flatten(b)[0]
+    _check_same(tree_x, tree_y, _XY)
+    a_leaves, spec = flatten(tree_x)
+    b_leaves = flatten(tree_y)[0]
     if not a_leaves:
-        return a
+        return tree_x
     if isinstance(scalar, (torch.Tensor, complex)) or not all(
         _inexact(x) for x in a_leaves + b_leaves
     ):
         # An integer leaf takes no fractional ``alpha`` (nor a real one a complex ``alpha``); a
-        # Python number then acts as in scale. The result has the dtype of ``a + b``, as with a
-        # Python number: keeping ``a``'s dtype rounded a float64 ``b`` to float32 (and dropped
-        # a complex ``b``'s imaginary part).
+        # Python number then acts as in scale. The result has the dtype of ``x + y``, as with a
+        # Python number: keeping ``tree_x``'s dtype rounded a float64 ``tree_y`` to float32
+        # (and dropped a complex ``tree_y``'s imaginary part).
         out = [
             _keep_dtype(x + y * scalar, torch.promote_types(x.dtype, y.dtype))
             for x, y in zip(a_leaves, b_leaves)
@@ -253,34 +262,36 @@ def cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
     )
 
 
-def where(condition: torch.Tensor | PyTree, a: PyTree, b: PyTree) -> PyTree:
-    """Leaf-wise ``torch.where``; ``condition`` is a single tensor or a tree like ``a``.
+def where(condition: torch.Tensor | PyTree, tree_x: PyTree, tree_y: PyTree) -> PyTree:
+    """Leaf-wise ``torch.where``; ``condition`` is a single tensor or a tree like ``tree_x``.
 
     A single tensor ``condition`` (e.g. a 0-d bool) is broadcast against every leaf; a tree
-    ``condition`` pairs its leaves with those of ``a`` and ``b``. ``None`` subtrees stay ``None``.
+    ``condition`` pairs its leaves with those of ``tree_x`` and ``tree_y``. ``None`` subtrees
+    stay ``None``.
 
     Args:
-        condition: a bool tensor, or a pytree of bool tensors with ``a``'s structure.
-        a: values where ``condition`` is true, a pytree of tensors.
-        b: values where ``condition`` is false, with ``a``'s structure and leaf shapes.
+        condition: a bool tensor, or a pytree of bool tensors with ``tree_x``'s structure.
+        tree_x: values where ``condition`` is true, a pytree of tensors.
+        tree_y: values where ``condition`` is false, with ``tree_x``'s structure and leaf
+            shapes.
 
     Returns:
-        A new pytree with ``a``'s structure; dtypes promote as in ``torch.where``.
+        A new pytree with ``tree_x``'s structure; dtypes promote as in ``torch.where``.
 
     Raises:
-        TreeMismatchError: if ``a`` and ``b`` (or a tree ``condition`` and ``a``) differ in
-            structure, ``a`` and ``b`` in a leaf's shape, or ``b`` holds ``None`` where ``a``
-            has a leaf; the message names the path.
+        TreeMismatchError: if ``tree_x`` and ``tree_y`` (or a tree ``condition`` and
+            ``tree_x``) differ in structure, ``tree_x`` and ``tree_y`` in a leaf's shape, or
+            ``tree_y`` holds ``None`` where ``tree_x`` has a leaf; the message names the path.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.where(torch.tensor(False), [torch.ones(1)], [torch.zeros(1)])
         [tensor([0.])]
     """
-    _check_same(a, b)
+    _check_same(tree_x, tree_y, _XY)
     if isinstance(condition, torch.Tensor):
-        return tree_map(lambda x, y: torch.where(condition, x, y), a, b)
-    return tree_map(lambda c, x, y: torch.where(c, x, y), condition, a, b)
+        return tree_map(lambda x, y: torch.where(condition, x, y), tree_x, tree_y)
+    return tree_map(lambda c, x, y: torch.where(c, x, y), condition, tree_x, tree_y)
 
 
 def clip(tree: PyTree, min_value: float | None = None, max_value: float | None = None) -> PyTree:

@@ -84,22 +84,22 @@ def real(tree: PyTree) -> PyTree:
     return optree.tree_map(lambda x: x.real.contiguous() if x.is_complex() else x, tree)
 
 
-def cast_like(tree: PyTree, other: PyTree) -> PyTree:
-    """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``other`` (optax's).
+def cast_like(tree: PyTree, other_tree: PyTree) -> PyTree:
+    """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``other_tree`` (optax's).
 
     Every leaf is cast, integer ones included (unlike :func:`cast`, which keeps counters); a
     leaf whose counterpart has no ``dtype`` (``None``, a Python number) is kept.
 
     Args:
         tree: a pytree of tensors; ``None`` subtrees stay ``None``.
-        other: a pytree with ``tree``'s structure whose leaves give the dtypes.
+        other_tree: a pytree with ``tree``'s structure whose leaves give the dtypes.
 
     Returns:
         A pytree of ``tree``'s structure; a leaf already of the wanted dtype is returned as it
         is, not copied.
 
     Raises:
-        TreeMismatchError: if ``other`` does not have ``tree``'s structure, naming the path.
+        TreeMismatchError: if ``other_tree`` does not have ``tree``'s structure, naming the path.
 
     Example:
         >>> import torch, functrain as ft
@@ -107,7 +107,7 @@ def cast_like(tree: PyTree, other: PyTree) -> PyTree:
         >>> ft.tree.cast_like({"a": torch.ones(1)}, like)["a"].dtype
         torch.bfloat16
     """
-    return tree_map(lambda x, o: x.to(o.dtype) if hasattr(o, "dtype") else x, tree, other)
+    return tree_map(lambda x, o: x.to(o.dtype) if hasattr(o, "dtype") else x, tree, other_tree)
 
 
 def _leaf_dtype(x: Any) -> torch.dtype:

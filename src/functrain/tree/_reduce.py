@@ -22,15 +22,15 @@ from functrain.tree._structure import (
 )
 
 
-def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
-    """Sum over leaves of the inner products ``<a_i, b_i>``, as a 0-d tensor.
+def vdot(tree_x: PyTree, tree_y: PyTree) -> torch.Tensor:
+    """Sum over leaves of the inner products ``<x_i, y_i>``, as a 0-d tensor.
 
-    ``a`` is conjugated, as in ``torch.vdot``, ``jnp.vdot`` and optax's ``tree_vdot``. Products
-    of float16 and bfloat16 leaves are summed in float32 and the total rounded once.
+    ``tree_x`` is conjugated, as in ``torch.vdot``, ``jnp.vdot`` and optax's ``tree.vdot``.
+    Products of float16 and bfloat16 leaves are summed in float32 and the total rounded once.
 
     Args:
-        a: a pytree of tensors (conjugated).
-        b: a pytree with ``a``'s structure and leaf shapes.
+        tree_x: a pytree of tensors (conjugated).
+        tree_y: a pytree with ``tree_x``'s structure and leaf shapes.
 
     Returns:
         A 0-d tensor in the dtype promoted over all leaves of both trees (integer leaves give
@@ -38,16 +38,16 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
         no leaves.
 
     Raises:
-        TreeMismatchError: if the structures or a leaf's shape differ, or ``b`` holds ``None``
-            where ``a`` has a leaf; the message names the path.
+        TreeMismatchError: if the structures or a leaf's shape differ, or ``tree_y`` holds
+            ``None`` where ``tree_x`` has a leaf; the message names the path.
 
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.vdot([torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 4.0])])
         tensor(11.)
     """
-    _check_same(a, b)
-    a_leaves, b_leaves = flatten(a)[0], flatten(b)[0]
+    _check_same(tree_x, tree_y, ("tree_x", "tree_y"))
+    a_leaves, b_leaves = flatten(tree_x)[0], flatten(tree_y)[0]
     if not a_leaves:
         return torch.zeros(())
     dots, result = [], None
@@ -81,24 +81,34 @@ def _sum_scalars(values: list[torch.Tensor]) -> torch.Tensor:
     return _stack_promoted(values).sum()
 
 
-def sum(tree: PyTree) -> torch.Tensor:
+def sum(tree: PyTree, associative_reduction: bool = False) -> torch.Tensor:
     """Sum of all elements of all leaves, as a 0-d tensor.
 
     float16 and bfloat16 leaves are summed in float32 and the total rounded once.
 
     Args:
         tree: a pytree of tensors; ``None`` subtrees add nothing.
+        associative_reduction: accepted for optax's signature, where ``True`` sums the
+            leaves' totals in a tree-shaped order to compile faster in JAX. Here the totals
+            are always summed in one stacked reduction, so both values give the same result.
 
     Returns:
         A 0-d tensor on the first leaf's device, in the dtype promoted over the leaves' sum
         dtypes (``torch.sum``'s: a float leaf's own, int64 for integer and bool leaves); a
         float32 zero on the CPU if the tree has no leaves.
 
+    Raises:
+        TypeError: if ``associative_reduction`` is not a bool.
+
     Example:
         >>> import torch, functrain as ft
         >>> ft.tree.sum({"a": torch.ones(3), "b": torch.ones(2)})
         tensor(5.)
     """
+    if not isinstance(associative_reduction, bool):
+        raise TypeError(
+            f"associative_reduction must be a bool, got {type(associative_reduction).__name__}"
+        )
     tree_leaves = leaves(tree)
     if not tree_leaves:
         return torch.zeros(())

@@ -138,6 +138,11 @@ def get_all_with_path(
     Attributes of other registered nodes (:class:`~functrain.TrainState`'s ``opt_state``) are
     searched through but are not names themselves.
 
+    Difference from optax: a path holds plain optree keys (the dict key itself, the sequence
+    index as an ``int``) where optax's holds ``jax.tree_util`` key objects (``DictKey``,
+    ``SequenceKey``), which PyTorch has no counterpart of; NamedTuple fields are
+    :class:`NamedTupleKey` in both, so ``filtering`` functions that test for it port unchanged.
+
     Args:
         tree: the tree to search, e.g. an optimizer state or a ``TrainState``; not modified.
         key: the dict key, field name or NamedTuple class name to look for.

@@ -36,6 +36,9 @@ class Schedule(Protocol):
     (JAX's x64 mode) makes them float64; otherwise ``0.1`` scales float64 parameters as
     ``0.10000000149``, a relative ``1.5e-8`` from ``torch.optim``'s Python-float rate.
 
+    Difference from optax: ``optax.Schedule`` is a ``Callable[[Numeric], Numeric]`` alias; this
+    is a ``typing.Protocol`` with the same call, so annotations written with either read alike.
+
     Example:
         >>> import torch, functrain as ft
         >>> schedule: ft.Schedule = ft.linear_schedule(1.0, 0.0, transition_steps=4)
