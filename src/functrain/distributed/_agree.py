@@ -4,21 +4,27 @@ Ranks that silently differ (other parameter values because the initial parameter
 broadcast, other shapes, a mean loss on one rank and a ``LossSum`` on another) would train
 different models or send collectives of different sizes. One ``all_gather_object`` of a small
 description on the first call turns that into a :class:`RankMismatchError` raised on every rank.
+The step's first-call checks (:func:`agree_first_call`, each a :class:`Check`: the ranks'
+description by :func:`describe_ranks` and :func:`describe_noise_keys`, a ``grad_stats`` hook's
+layout by :func:`describe_grad_stats`) also carry, in the first of their exchanges, whether a
+rank's own part of the step raised.
 :func:`check_layouts_agree` does the same for shapes and dtypes before ``init_state`` broadcasts
 rank 0's parameters: a broadcast of buckets of different sizes silently fills a larger bucket
 with rank 0's values or aborts the process whose bucket is smaller (gloo).
-:func:`check_noise_keys_agree` compares the values of the 0-d integer optimizer-state leaves
+:func:`compare_noise_keys` compares the values of the 0-d integer optimizer-state leaves
 (noise keys, counters), which must be equal for the ranks to add the same noise, and
-:func:`check_grad_stats_agree` the layout of a ``grad_stats`` hook's gathered statistics. All
+:func:`compare_grad_stats` the layout of a ``grad_stats`` hook's gathered statistics. All
 of them gather one description per rank (:func:`_gather`) and compare it with rank 0's.
 :func:`check_no_rank_failed` gathers whether (and how) each rank's part of a step raised, so that
-a rank-local failure (a compiled region that fails to compile on one rank) raises on every rank
-instead of leaving the others in the step's collectives until the group's timeout.
+a rank-local failure (a loss that raises on one rank's batch, a compiled region that fails to
+compile on one rank) raises on every rank instead of leaving the others in the step's
+collectives until the group's timeout.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as tdist
@@ -49,23 +55,15 @@ def _differences(gathered: list[dict[str, Any]]) -> list[tuple[str, int, Any, An
     ]
 
 
-def check_ranks_agree(
-    params: Any,
-    opt_state: Any,
-    buffers: Any,
-    metric_names: list[str],
-    is_sum: bool,
-    group: process.Group,
-) -> None:
-    """Raises :class:`RankMismatchError` on every rank if the ranks' descriptions differ."""
-    world = process.world_size(group)
-    if world == 1:
-        return
+def describe_ranks(
+    params: Any, opt_state: Any, buffers: Any, metric_names: list[str], is_sum: bool
+) -> dict[str, Any]:
+    """This rank's description for :func:`compare_ranks` (one host read of checksums)."""
     paths, leaves, _ = tree.flatten_with_paths(params)
     with torch.no_grad():  # checksums: one host read, on the first call only
         sums = [x.double().sum() for x in leaves] + [x.double().square().sum() for x in leaves]
         checksums = torch.stack(sums).tolist() if sums else []
-    signature = {
+    return {
         "parameter shapes and dtypes": [
             (tree.path_str(p, "params"), tuple(x.shape), str(x.dtype))
             for p, x in zip(paths, leaves)
@@ -80,7 +78,11 @@ def check_ranks_agree(
             if isinstance(x, torch.Tensor)
         ],
     }
-    gathered = _gather(signature, group, "the first step's check that all ranks agree")
+
+
+def compare_ranks(gathered: list[dict[str, Any]]) -> None:
+    """Raises :class:`RankMismatchError` (on every rank: all compare the same gathered
+    descriptions) if the ranks' :func:`describe_ranks` differ."""
     problems = [f"{what}: rank {r} differs from rank 0" for what, r, _, _ in _differences(gathered)]
     if problems:
         hint = (
@@ -119,27 +121,27 @@ def check_layouts_agree(params: Any, buffers: Any, group: process.Group) -> None
         )
 
 
-def check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
-    """Every rank's optimizer state holds the same 0-d integer leaves (noise keys, counts).
-
-    The ranks draw noise (``dp_noisy_mean``, ``add_noise``) from the key in their optimizer
-    state; with other keys (e.g. ``seed=rank``) they would add different noise and their
-    parameters would silently part (under ZeRO-1, a 0-d parameter, which every rank updates
-    whole). Only 0-d leaves: they are replicated even in a sharded state, whose other leaves
-    are pieces that differ between ranks. One host read and object all-gather, on the first
-    call.
-    """
-    world = process.world_size(group)
-    if world == 1:
-        return
-    ints = [
+def describe_noise_keys(opt_state: Any) -> list[int]:
+    """The optimizer state's 0-d integer leaves (noise keys, counts) for
+    :func:`compare_noise_keys` (one host read each, on the first call)."""
+    return [
         x.item()
         for x in tree.leaves(opt_state)
         if isinstance(x, torch.Tensor)
         and x.dim() == 0
         and not (x.is_floating_point() or x.is_complex())
     ]
-    gathered = _gather(ints, group, "the first step's check that all ranks agree")
+
+
+def compare_noise_keys(gathered: list[list[int]]) -> None:
+    """Every rank's optimizer state holds the same 0-d integer leaves (noise keys, counts).
+
+    The ranks draw noise (``dp_noisy_mean``, ``add_noise``) from the key in their optimizer
+    state; with other keys (e.g. ``seed=rank``) they would add different noise and their
+    parameters would silently part (under ZeRO-1, a 0-d parameter, which every rank updates
+    whole). Only 0-d leaves: they are replicated even in a sharded state, whose other leaves
+    are pieces that differ between ranks.
+    """
     others = [r for r, theirs in enumerate(gathered) if theirs != gathered[0]]
     if others:
         raise RankMismatchError(
@@ -150,12 +152,9 @@ def check_noise_keys_agree(opt_state: Any, group: process.Group) -> None:
         )
 
 
-def check_grad_stats_agree(stats: MicroBatchStats, group: process.Group) -> None:
-    """First call: every rank packs the same layout (``K``, value names and lengths, the
-    accumulator's leaves), else :class:`RankMismatchError` on every rank (one host gather)."""
-    world = process.world_size(group)
-    if world == 1 or not process.is_distributed():
-        return
+def describe_grad_stats(stats: MicroBatchStats) -> dict[str, Any]:
+    """This rank's packing layout of a ``grad_stats`` hook's stats (``K``, value names and
+    lengths, the accumulator's leaves) for :func:`compare_grad_stats`."""
     acc = []
     if stats.accumulated is not None:
         for leaf in tree.leaves(stats.accumulated):
@@ -168,12 +167,16 @@ def check_grad_stats_agree(stats: MicroBatchStats, group: process.Group) -> None
                     "a grad_stats accumulator across ranks must hold tensors and numbers only "
                     f"(they are summed over the ranks), got a {type(leaf).__name__}"
                 )
-    mine = {
+    return {
         "K (micro-batches per rank)": int(stats.sizes.numel()),
         "per_micro_batch values": [(k, int(v.numel())) for k, v in stats.values.items()],
         "accumulator": acc,
     }
-    gathered = _gather(mine, group, "the first step's grad_stats check")
+
+
+def compare_grad_stats(gathered: list[dict[str, Any]]) -> None:
+    """First call: every rank packs the same layout, else :class:`RankMismatchError` on every
+    rank (the all-gather of the packed stats would mismatch)."""
     problems = [
         f"{what}: {ours!r} on rank 0, {theirs!r} on rank {r}"
         for what, r, ours, theirs in _differences(gathered)
@@ -184,6 +187,45 @@ def check_grad_stats_agree(stats: MicroBatchStats, group: process.Group) -> None
             "rank must split its batch into the same number K of micro-batches: give the "
             "same micro_batches count on every rank)"
         )
+
+
+class Check(NamedTuple):
+    """One of the first call's checks: what its exchange is called, this rank's description
+    (a function: a rank whose part of the step raised has none) and the comparison of all
+    ranks' descriptions, which raises on every rank alike."""
+
+    what: str
+    describe: Callable[[], Any]
+    compare: Callable[[list[Any]], None]
+
+
+def agree_first_call(
+    error: Exception | None, checks: list[Check], group: process.Group, failed_what: str
+) -> None:
+    """The step's first-call checks, the first of whose exchanges also tells every rank
+    whether a rank's own part of the step (``failed_what``) raised ``error``.
+
+    A rank that failed calls it with its ``error`` (its descriptions are not made); the first
+    exchange then raises on every rank as :func:`check_no_rank_failed` does, before anything is
+    compared. Without checks, the failures travel in one object all-gather of their own.
+    Every rank must call it with the same number of checks.
+    """
+    if not checks:
+        check_no_rank_failed(error, group, failed_what)
+        return
+    first = checks[0]
+    description = None
+    if error is None:
+        try:
+            description = first.describe()
+        except Exception as err:  # e.g. a refused grad_stats accumulator: every rank raises
+            error = err
+    gathered = check_no_rank_failed(
+        error, group, failed_what, description=description, exchange=first.what
+    )
+    first.compare(gathered)
+    for check in checks[1:]:
+        check.compare(_gather(check.describe(), group, check.what))
 
 
 _MESSAGE_CHARS = 600  # of each failing rank's error in the others' message
@@ -205,18 +247,27 @@ def _describe(error: BaseException) -> str:
     return f"{name}: {first}"
 
 
-def check_no_rank_failed(error: Exception | None, group: process.Group, what: str) -> None:
+def check_no_rank_failed(
+    error: Exception | None,
+    group: process.Group,
+    what: str,
+    *,
+    description: Any = None,
+    exchange: str | None = None,
+) -> list[Any]:
     """Every rank tells the others whether its ``what`` raised ``error``; raises on every rank
-    if one did (one small object all-gather, which every rank must call).
+    if one did (one small object all-gather, which every rank must call), else returns every
+    rank's ``description`` (sent with it), in rank order.
 
     A rank whose ``error`` is not ``None`` raises it (the original exception, its traceback
     kept) with a note naming the failing ranks; the others raise :class:`DistributedStepError`
     naming each failing rank with its error's type and message. If the exchange itself fails
     (a peer died), a failing rank still raises its own error, with a note saying so.
+    ``exchange`` names the all-gather in that case (default: after ``what``).
     """
-    description = None if error is None else _describe(error)
+    mine = (None if error is None else _describe(error), description)
     try:
-        gathered = _gather(description, group, f"the ranks' exchange after {what}")
+        gathered = _gather(mine, group, exchange or f"the ranks' exchange after {what}")
     except Exception as lost:
         if error is None:
             raise
@@ -225,9 +276,9 @@ def check_no_rank_failed(error: Exception | None, group: process.Group, what: st
             f"({type(lost).__name__}: {lost})"
         )
         raise error from None
-    failed = [r for r, d in enumerate(gathered) if d is not None]
+    failed = [r for r, (d, _) in enumerate(gathered) if d is not None]
     if not failed:
-        return
+        return [theirs for _, theirs in gathered]
     if error is not None:
         error.add_note(
             f"functrain: raised by {what} on rank(s) {failed}, this rank ({process.rank(group)}) "
@@ -235,7 +286,7 @@ def check_no_rank_failed(error: Exception | None, group: process.Group, what: st
             "and the state given to the step is untouched"
         )
         raise error
-    errors = "; ".join(f"rank {r}: {gathered[r]}" for r in failed)
+    errors = "; ".join(f"rank {r}: {gathered[r][0]}" for r in failed)
     raise DistributedStepError(
         f"{what} raised on rank(s) {failed} ({errors}); every rank raises (the failing ranks "
         "their own error), no rank took this step and the state given to it is untouched"

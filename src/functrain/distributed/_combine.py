@@ -18,7 +18,7 @@ each rank's per-micro-batch stats (sizes, losses, ``per_micro_batch`` values) pa
 float64 vector, so the hook sees all ``world × K`` micro-batches in rank order; a hook with an
 accumulator (``noise_scale_hook(cosine=True)``) also has its accumulator all-reduced (summed):
 a second all-reduce as large as the accumulator, i.e. gradient-sized for the cosine's sum of
-unit gradients. :func:`functrain.distributed._agree.check_grad_stats_agree` checks on the
+unit gradients. :func:`functrain.distributed._agree.compare_grad_stats` checks on the
 first call that the ranks' packed vectors agree in layout (``K``, value names), so the
 all-gather cannot mismatch.
 """
@@ -50,7 +50,7 @@ class Combined(NamedTuple):
     metrics: dict[str, torch.Tensor]  # the global batch's metrics
     buffers: Any  # rank 0's buffers with sync_buffers="broadcast", else this rank's
     grad_stats: MicroBatchStats | None = None  # all ranks' micro-batch stats (with a hook)
-    flags: torch.Tensor | None = None  # every rank's batch state (0 taken, 1 empty, 2 refused)
+    flags: torch.Tensor | None = None  # every rank's state (0 taken, 1 empty, 2 refused, 3 failed)
 
 
 def combine(

@@ -12,18 +12,16 @@ A region that fails on one rank only (no compiler on one host, a rank-specific b
 dynamo cannot trace, an out-of-memory error) would leave the other ranks in the step's
 collectives until the group's timeout. So on the first call, which compiles both regions on
 every rank, the ranks exchange one small object after each region
-(:func:`~functrain.distributed._agree.check_no_rank_failed`): if a region raised anywhere, the
+(:func:`~functrain.distributed._agree.check_no_rank_failed`; the first one covers this rank's
+whole part of the step, its checks and split included): if a region raised anywhere, the
 failing rank raises its own exception (with a note naming the failing ranks) and the others
 :class:`~functrain.distributed.DistributedStepError` naming each failing rank with its error's
 type and message. Later calls exchange nothing more: the gradient region recompiles on one rank
 alone (a new batch shape there), which the others cannot know, so a rank whose gradient region
-raises later joins the step's collectives with zeros shaped as the first call's result and the
-flag :data:`_FAILED` in the counts' all-reduce; every rank then exchanges the errors and raises
-as on the first call (an object all-gather on that failing call only). This needs the flags on
-the host (CPU tensors, gloo): with device tensors (NCCL) the flags are not read, and a later
-failure raises on its rank alone while the others wait until the group's timeout. The update
-region's inputs are replicated, so it recompiles on every rank together (a change of the state's
-structure); a later failure of it raises on its rank alone.
+raises later joins the step's collectives on zeros with a flag, as an eager step's failing rank
+does (:mod:`._failure`, where the flags need CPU tensors, gloo). The update region's inputs are
+replicated, so it recompiles on every rank together (a change of the state's structure); a
+later failure of it raises on its rank alone.
 """
 
 from __future__ import annotations
@@ -36,40 +34,19 @@ import torch
 from functrain import tree
 from functrain.distributed import process
 from functrain.distributed._agree import check_no_rank_failed
-from functrain.distributed._uneven import _REFUSED, _on_host
 from functrain.distributed._update import checked_grads
-from functrain.train import compiled, fast, faults, gradient, microbatch, rng
+from functrain.train import compiled, fast, faults, microbatch, rng
 from functrain.train.state import TrainState
 
 __all__: list[str] = []  # internal
 
 T = TypeVar("T")
 
-# A rank's flag in the counts' all-reduce (beside _uneven's taken, empty and refused): its
-# compiled gradient region raised on a call after the first.
-_FAILED = 3.0
-_FIRST_GRAD = "the first run of the compiled gradient region (its compilation included)"
+_FIRST_GRAD = (
+    "the ranks' own part of the first data-parallel step (the checks of the state, the batch's "
+    "split, the first run of the compiled gradient region, its compilation included)"
+)
 _FIRST_UPDATE = "the first run of the compiled update region (its compilation included)"
-_LATER_GRAD = "this step's compiled gradient region (a recompilation, e.g. for a new batch shape)"
-
-
-class _ZeroResult:
-    """A gradient stage result's structure, shapes, dtypes and devices (no tensor kept) and the
-    stage's loss-kind records: zeros like it let a rank whose gradient region failed join the
-    step's collectives."""
-
-    def __init__(self, result: gradient.GradResult, metas: list[Any]) -> None:
-        leaves, self.spec = tree.flatten(result.grads)
-        self.grads = [(x.shape, x.dtype, x.device) for x in leaves]
-        self.metrics = {n: (v.shape, v.dtype, v.device) for n, v in result.metrics.items()}
-        self.metas = list(metas)
-
-    def zeros(self, buffers: Any, metas: list[Any]) -> gradient.GradResult:
-        """Zeros like the result; ``metas`` (emptied by the failed call) refilled as it was."""
-        metas[:] = self.metas  # the step reads the loss kind (mean or LossSum) from them
-        grads = [torch.zeros(s, dtype=d, device=v) for s, d, v in self.grads]
-        metrics = {n: torch.zeros(s, dtype=d, device=v) for n, (s, d, v) in self.metrics.items()}
-        return gradient.GradResult(tree.unflatten(self.spec, grads), metrics, buffers, None, True)
 
 
 class CompiledRegions:
@@ -84,8 +61,7 @@ class CompiledRegions:
     donate: bool
     group: process.Group
     _joins_refused: Callable[[], bool]
-    # Set once the first call's regions ran on every rank (the result's shapes, a flag).
-    _grad_zeros: _ZeroResult | None = None
+    # Set once the first call's update region ran on every rank.
     _update_agreed: bool = False
 
     def _build_regions(self, options: dict[str, Any] | None, seed_rng: bool) -> None:
@@ -112,34 +88,6 @@ class CompiledRegions:
             raise  # not reached: the check raises err
         check_no_rank_failed(None, self.group, what)
         return out
-
-    def _compiled_rank_stage(self, run: Callable[[], T]) -> T:
-        """This rank's stage (``run``, ending with its gradient result) through the compiled
-        gradient region: agreed with the other ranks on the first call only (``run()`` as it is
-        without ``compile=``)."""
-        if self._compiled_grad is None or self._grad_zeros is not None:
-            return run()
-        out = self._agreed(run, _FIRST_GRAD)
-        self._grad_zeros = _ZeroResult(out[-1], self._local.grad_stage.metas)  # type: ignore[index]
-        return out
-
-    def _join_failed(self, params: Any, buffers: Any) -> gradient.GradResult | None:
-        """After the first call, zeros shaped as the gradient region's result, for a rank
-        whose region raised to join the step's collectives with a flag (read on the host),
-        or ``None`` when it cannot (no compile=, first call, alone, device tensors)."""
-        if self._grad_zeros is None or not (self._joins_refused() and _on_host(params)):
-            return None
-        try:
-            return self._grad_zeros.zeros(buffers, self._local.grad_stage.metas)
-        except Exception:  # e.g. out of memory: the rank raises its own error alone
-            return None
-
-    def _raise_for_failures(self, flags: list[float], mine: float, error: Exception | None) -> None:
-        """Every rank raises when one flagged :data:`_FAILED` (a refusing rank its own error
-        too): the errors are exchanged first, on this failing call only."""
-        if any(f == _FAILED for f in flags):
-            own = error if mine in (_FAILED, _REFUSED) else None
-            check_no_rank_failed(own, self.group, _LATER_GRAD)
 
     def _grad_core(
         self,

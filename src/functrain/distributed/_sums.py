@@ -22,9 +22,10 @@ puts this rank's in one float64 vector, and :func:`unpack_stats` reads the all-g
 back as the stats of all ``world × K`` micro-batches, in rank order.
 
 With more than one rank the vector ends with one slot per rank, this rank's own set to its
-batch's state (``0`` taken, ``1`` empty, ``2`` refused): the same all-reduce tells every rank
-which ranks had an empty batch or refused theirs, so that all of them raise together (see
-:mod:`functrain.distributed._train_step`) instead of some waiting for a rank that left.
+batch's state (``0`` taken, ``1`` empty, ``2`` refused, ``3`` its own part of the step raised):
+the same all-reduce tells every rank which ranks had an empty batch, refused theirs or failed,
+so that all of them raise together (see :mod:`functrain.distributed._train_step` and
+:mod:`functrain.distributed._failure`) instead of some waiting for a rank that left.
 """
 
 from __future__ import annotations

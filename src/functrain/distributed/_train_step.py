@@ -10,7 +10,8 @@ A rank whose batch is empty, or refused by the split, evaluates a stand-in batch
 to join every collective with tensors of the right shapes, at zero weight; a flag per rank in
 the counts' all-reduce then tells every rank whether to raise (a refusal anywhere, or every
 batch empty) before anything is written, instead of leaving the others in a collective until
-the group's timeout.
+the group's timeout. A rank whose own part of the step raises (its loss on its batch, out of
+memory) makes every rank raise the same way (:mod:`functrain.distributed._failure`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,10 @@ import torch
 
 from functrain import tree
 from functrain.distributed import collectives, process, zero
-from functrain.distributed._agree import (
-    check_grad_stats_agree,
-    check_layouts_agree,
-    check_noise_keys_agree,
-    check_ranks_agree,
-)
+from functrain.distributed._agree import check_layouts_agree
 from functrain.distributed._combine import combine
-from functrain.distributed._compiled import _FAILED, CompiledRegions
+from functrain.distributed._compiled import CompiledRegions
+from functrain.distributed._failure import _FAILED, RankFailures, RankPart
 from functrain.distributed._sharded_update import sharded_update
 from functrain.distributed._sums import COUNT, with_aux_counts
 from functrain.distributed._uneven import (
@@ -55,7 +52,7 @@ from functrain.train.optimizer_stage import in_place_writes_started, reset_in_pl
 from functrain.train.state import TrainState
 
 
-class DataParallelTrainStep(CompiledRegions):
+class DataParallelTrainStep(CompiledRegions, RankFailures):
     """A data-parallel train step; see :func:`make_data_parallel_train_step`.
 
     Example:
@@ -336,37 +333,44 @@ class DataParallelTrainStep(CompiledRegions):
                 raise
             return dp_stage.split(stand_in, k), stand_in, _REFUSED, caught  # type: ignore[arg-type]
 
-    def _rank_stage(
-        self, params: Any, batch: Any, buffers: Any, extra: Any, key: torch.Tensor | None
-    ) -> tuple[microbatch.BatchSplit, float, Exception | None, Any]:
-        """This rank's split, its flag, the error its flag stands for and its gradient stage.
-
-        A rank whose compiled gradient region raises after the first call joins the step's
-        collectives on zeros with the flag ``_FAILED`` (:mod:`._compiled`) where it can.
-        """
-        plan = self._plan_dp if self.per_example_clip is not None else self._plan
-        split, batch, flag, refusal = plan(batch, _on_host(params))
-        devices = gradient._devices(params)
-        local_key = None if key is None else rank_key(key, process.rank(self.group))
+    def _rank_part(self, state: TrainState, batch: Any) -> RankPart:
+        """The checks of this rank's ``state``, its batch's split and its gradient stage:
+        everything before the step's first collective."""
+        _step_checks._check_state(state, "data-parallel train step")
+        params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
+        extra = state.extra
+        p_leaves = self._local._guard.check(params)
+        self._opt_guard.check(state, params, opt_state)
+        if self.shard_optimizer:
+            # Every call (the guard caches by structure, which another rank's shard shares);
+            # a few Python comparisons: no tensor read, no collective.
+            self._layout_for(params).check_identity(extra, "data-parallel train step")
+        if self.donate:
+            _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
+        faults = self._local.faults
+        token = faults.begin(extra, params)  # may raise NonFiniteError; sets the loss scale
         try:
-            if self._compiled_grad is None:
-                result = self._local.grad_stage(params, batch, split, buffers, local_key, devices)
-            else:
-                # The entries the step keeps exist from the first call: one compilation.
-                extra = self._local._full_extra(extra, params)
-                args = (params, buffers, extra, batch, split, local_key, devices)
-                result = self._compiled_grad.run(args, key=local_key, devices=devices)
-        except Exception as err:
-            joined = self._join_failed(params, buffers)
-            if joined is not None:  # the flags make every rank raise
-                refused = flag == _REFUSED  # the stand-in failed: the refusal says why
-                return split, flag if refused else _FAILED, refusal if refused else err, joined
-            if refusal is None:
-                raise
-            # The stand-in batch cannot be evaluated: this rank cannot join the step's
-            # collectives (eagerly), and the others fail after the group's timeout.
-            raise refusal from None
-        return split, flag, refusal, result
+            plan = self._plan_dp if self.per_example_clip is not None else self._plan
+            split, batch, flag, refusal = plan(batch, _on_host(params))
+            devices = gradient._devices(params)
+            local_key = None if key is None else rank_key(key, process.rank(self.group))
+            try:
+                if self._compiled_grad is None:
+                    result = self._local.grad_stage(
+                        params, batch, split, buffers, local_key, devices
+                    )
+                else:
+                    # The entries the step keeps exist from the first call: one compilation.
+                    extra = self._local._full_extra(extra, params)
+                    args = (params, buffers, extra, batch, split, local_key, devices)
+                    result = self._compiled_grad.run(args, key=local_key, devices=devices)
+            except Exception:
+                if refusal is None:
+                    raise
+                raise refusal from None  # the stand-in batch failed too: the refusal says why
+        finally:
+            faults.end(token)
+        return RankPart(split.num_micro_batches, flag, refusal, result)
 
     def _flags(self, flag: float, device: torch.device) -> torch.Tensor | None:
         """One slot per rank, this rank's set to ``flag`` (``None`` alone: nothing to tell)."""
@@ -382,22 +386,6 @@ class DataParallelTrainStep(CompiledRegions):
             self._map_for(params).check(opt_state, "data-parallel train step")
         else:
             _step_checks._check_opt_state(self.tx, params, opt_state)
-
-    def _check(
-        self, params: Any, opt_state: Any, buffers: Any, local: dict, is_sum: bool, stats: Any
-    ) -> None:
-        """First call: all ranks agree on the state and the metrics (one collective)."""
-        if stats is not None:
-            # Even without check_ranks: ranks packing different layouts (another K) would send
-            # all-gathers of different sizes, which fail obscurely or hang.
-            check_grad_stats_agree(stats, self.group)
-        if self.check_ranks:
-            opt = None if self.shard_optimizer else opt_state  # shards differ between ranks
-            check_ranks_agree(params, opt, buffers, sorted(local), is_sum, self.group)
-            # Not only DP-SGD: add_noise keys that differ part the ranks' parameters too (under
-            # ZeRO-1 a 0-d parameter, which every rank updates whole with its own key).
-            check_noise_keys_agree(opt_state, self.group)
-        self._checked = True
 
     def prepare(self, state: TrainState) -> TrainState:
         """``state`` with the ``state.extra`` entries this step keeps (skip counters, loss scale).
@@ -418,41 +406,34 @@ class DataParallelTrainStep(CompiledRegions):
         """One data-parallel training step on this rank's ``batch``.
 
         Returns the new state and the global metrics (identical on every rank).
+
+        Raises:
+            DistributedStepError: a collective failed, or another rank refused its batch or
+                raised in its own part of the step (its loss, its checks); that rank raises its
+                own error (see :mod:`functrain.distributed._failure`). Every rank raises
+                together and no rank's state changes.
         """
-        _step_checks._check_state(state, "data-parallel train step")
-        params, opt_state, buffers, key = state.params, state.opt_state, state.buffers, state.key
-        step, extra = state.step, state.extra
+        part = self._this_rank(state, batch)
+        result, flag = part.result, part.flag
         local_step = self._local
-        p_leaves = local_step._guard.check(params)
-        self._opt_guard.check(state, params, opt_state)
-        if self.shard_optimizer:
-            # Every call (the guard caches by structure, which another rank's shard shares);
-            # a few Python comparisons: no tensor read, no collective.
-            self._layout_for(params).check_identity(extra, "data-parallel train step")
-        if self.donate:
-            _step_checks._check_no_overlap(p_leaves, params, "data-parallel train step")
-        faults = local_step.faults
-        token = faults.begin(extra, params)  # may raise NonFiniteError; sets the loss scale
-        try:
-            # compile=, first call: the ranks agree that the region compiled and ran everywhere
-            split, flag, refusal, result = self._compiled_rank_stage(
-                lambda: self._rank_stage(params, batch, buffers, extra, key)
-            )
-        finally:
-            faults.end(token)
         # A DP step's clipped sums are example-weighted: no LossSum (its stage has no metas).
         is_sum = self.per_example_clip is None and local_step.grad_stage.metas[-1].is_sum
         local = dict(result.metrics)
-        k = split.num_micro_batches
+        k = part.k
         counts = {n[len(COUNT) :]: local.pop(n) * k for n in list(local) if n.startswith(COUNT)}
         if flag != _TAKEN:
             # The stand-in batch weighs nothing: zero counts make every sum this rank sends
             # zero (_sums.weighted, _combine's scale), and its buffers are not kept.
             local = {n: v.new_zeros(()) if n in _WEIGHTS else v for n, v in local.items()}
             counts = {n: c.new_zeros(()) for n, c in counts.items()}
-            result = result._replace(buffers=buffers)
-        if not self._checked:
-            self._check(params, opt_state, buffers, local, is_sum, result.stats)
+        params = opt_state = buffers = key = step = extra = None
+        if flag != _FAILED:  # a failing rank (zeros) never reads its state: it may be the fault
+            params, opt_state, buffers = state.params, state.opt_state, state.buffers
+            key, step, extra = state.key, state.step, state.extra
+            if flag != _TAKEN:
+                result = result._replace(buffers=buffers)
+            if not self._checked:
+                self._check(None, params, opt_state, buffers, local, is_sum, result.stats)
         flags = self._flags(flag, result.metrics["loss"].device)
         combined = combine(self, params, result, local, counts, is_sum, flags)
         if combined.flags is not None and combined.flags.device.type == "cpu":
@@ -462,8 +443,10 @@ class DataParallelTrainStep(CompiledRegions):
             # before the collectives (_plan), and an all-empty step has the 0/0 gradient that
             # nonfinite="skip" skips.
             host_flags = combined.flags.tolist()
-            self._raise_for_failures(host_flags, flag, refusal)  # a compiled region's failure
-            _raise_for_flags(host_flags, flag, refusal)
+            self._raise_for_failures(host_flags, flag, part.error)  # a rank's own part raised
+            _raise_for_flags(host_flags, flag, part.error)
+        if part.error is not None and flag == _FAILED:  # not reached: joined on CPU, flags read
+            raise part.error
         metrics = combined.metrics
         if self._compiled_update is not None:  # replicated, no grad_stats (construction)
             return self._finish_compiled(state, combined, metrics, buffers)
@@ -488,7 +471,7 @@ class DataParallelTrainStep(CompiledRegions):
             if self.donate and in_place_writes_started():
                 _step_checks.consume_torn(state, err, "a data-parallel train step (donate=True)")
             raise
-        new_buffers = faults.keep_if_skipped(out.ok, combined.buffers, buffers)
+        new_buffers = local_step.faults.keep_if_skipped(out.ok, combined.buffers, buffers)
         if self.donate:
             # Consumed only once every collective succeeded: a failed step leaves it usable.
             state._consume("a data-parallel train step (donate=True)")

@@ -7,7 +7,7 @@ __all__ = ["DistributedStepError", "RankMismatchError", "ShardingError"]
 
 class DistributedStepError(RuntimeError):
     """A collective of a data-parallel step failed: another rank died, hung or left the job,
-    refused its batch, or failed in a compiled region.
+    refused its batch, or raised in its own part of the step.
 
     Raised instead of hanging forever: a peer that exits closes its connections (the error comes
     at once) and a peer that stops answering makes the collective give up after the process
@@ -16,14 +16,18 @@ class DistributedStepError(RuntimeError):
     naming it, at once. The train state given to the step is left untouched (not consumed, not
     half-updated); the job should stop and resume from its last checkpoint.
 
-    With ``compile=``, a compiled region that raises on some ranks only (no compiler on one host,
-    a batch shape dynamo cannot trace, out of memory) makes every rank raise at once: the failing
-    ranks their own exception, unchanged but for a note naming the failing ranks, and the
-    others this error, naming each failing rank with its exception's type and message (the
-    first paragraph). On the first call this holds on every backend (the ranks exchange one
-    small object after each region); on later calls, where one rank may recompile alone (a new
-    batch shape), it needs CPU tensors (gloo): with device tensors a later failure raises on
-    its rank alone and the others wait until the group's timeout.
+    A rank whose own part of the step raises while its process stays alive (its loss on its
+    batch, e.g. a bad token id or a rank-specific shape; a ``grad_stats`` hook; out of memory;
+    the checks of the state it was given; with ``compile=``, a compiled region that fails on one
+    host or for one batch shape) makes every rank raise at once: the failing ranks their own
+    exception, unchanged but for a note naming the failing ranks, and the others this error,
+    naming each failing rank with its exception's type and message (the first paragraph). No
+    rank's state changes, so every rank can call the step again (e.g. with the next batch). On
+    the first call this holds on every backend (the failure travels in the first call's
+    exchange of small objects); on later calls it needs CPU tensors (gloo), whose flags the
+    step reads on the host anyway: with device tensors (NCCL) a later failure raises on its rank
+    alone and the others wait in the step's collectives until the group's timeout, then raise
+    this.
 
     Example:
         >>> from functrain.distributed import DistributedStepError

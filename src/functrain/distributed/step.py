@@ -165,10 +165,7 @@ def make_data_parallel_train_step(
             step; the compiled update is out of place (no fused in-place kernels). Not with
             ``shard_optimizer=True``, ``grad_stats`` or ``per_example_clip`` (``ValueError``
             naming the combination, at construction). A region that fails to compile or run
-            on some ranks only does not leave the others waiting in the collectives: the
-            failing rank raises its own error and the others
-            :class:`~functrain.distributed.DistributedStepError` naming it (on the first
-            call always; on later calls where the flags are CPU tensors, i.e. gloo).
+            on some ranks only raises as any rank-local failure does (see Faults below).
 
     Returns:
         A :class:`DataParallelTrainStep`. Metrics are global (with ``per_example_clip``, see
@@ -185,6 +182,20 @@ def make_data_parallel_train_step(
     makes them fail after the process group's timeout
     (:func:`functrain.distributed.init`); either way the step raises
     :class:`~functrain.distributed.DistributedStepError` and leaves the given state untouched.
+    A rank whose own part of the step raises while its process lives on (anything before the
+    step's first collective: its loss on its batch, e.g. a bad token id, on any micro-batch; a
+    rank-specific shape; a ``grad_stats`` hook; per-example clipping; out of memory; the checks
+    of the state it was given) does not leave the others waiting: every rank raises, the
+    failing one its own exception (same type, a note naming the failing ranks), the others
+    :class:`~functrain.distributed.DistributedStepError` naming it and its error, and no rank's
+    state changes, so the ranks can all call the step again. On the first call the failure
+    travels in the first call's exchange of small objects (the ``check_ranks`` or
+    ``grad_stats`` check; one small object all-gather of its own without either), on every
+    backend. On later calls the failing rank joins the step's collectives on zeros with a flag
+    in the counts' all-reduce the step does anyway, and the errors are exchanged on that call
+    only (a healthy step pays nothing); this needs CPU tensors (gloo), whose flags the step
+    reads on the host: with device tensors (NCCL) a later failure raises on its rank alone and
+    the others wait until the group's timeout, then raise ``DistributedStepError``.
 
     Differences from ``DistributedDataParallel``: no module wrapper and no autograd hooks; the
     gradients are reduced once per step after all micro-batches (no ``no_sync`` needed), as
