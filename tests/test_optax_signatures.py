@@ -3,9 +3,11 @@
 DESIGN: "names, signatures, defaults and numerics follow optax exactly (a user porting optax code
 changes only the import)". ``tests/_optax_signatures.json`` holds the signatures of every public
 name of optax 0.2.8's namespaces (``optax``, ``optax.transforms``, ``optax.schedules``,
-``optax.contrib``, ``optax.tree``, ``optax.tree_utils``, ``optax.projections``, plus the few
-private modules that hold the only optax spelling of a name functrain exports), as read from
-optax by ``tools/optax_signatures.py --json``. The tests here compare functrain's live
+``optax.contrib``, ``optax.tree``, ``optax.tree_utils``, ``optax.projections``,
+``optax.losses``, plus the few private modules that hold the only optax spelling of a name
+functrain exports), as read from optax by ``tools/optax_signatures.py --json``. functrain's
+namespaces of optax's names (``ft.contrib``, ``ft.schedules``, ``ft.transforms``,
+``ft.tree_utils``, ``ft.losses``) are compared with optax's namespace of the same name. The tests here compare functrain's live
 signatures with it: parameter names, order, kinds and defaults, NamedTuple fields and their
 defaults, public methods. Regenerate the table after an optax upgrade (see the tool's header).
 """
@@ -120,9 +122,22 @@ TWINS = _twins()
 LIVE = TOOL.functrain_names()
 
 
+# functrain namespaces that spell an optax namespace of the same name with the same objects.
+MIRRORS = ("contrib", "schedules", "transforms", "tree_utils", "losses")
+
+
+def _canonical(name: str) -> str:
+    """The top-level spelling of a mirrored name: ``x`` for ``schedules.x``, ``tree.add`` for
+    ``tree_utils.tree_add`` (and ``tree.NamedTupleKey`` for ``tree_utils.NamedTupleKey``)."""
+    prefix, _, short = name.rpartition(".")
+    if prefix == "tree_utils":
+        return f"tree.{short.removeprefix('tree_')}"
+    return short if prefix in MIRRORS else name
+
+
 def _key_name(name: str) -> str:
     """``x`` for ``contrib.x`` when both are one object with one twin: listed once, as ``x``."""
-    short = name.removeprefix("contrib.")
+    short = _canonical(name)
     same = short in TWINS and LIVE[short] is LIVE[name] and TWINS[short][1] is TWINS[name][1]
     return short if same else name
 
@@ -144,6 +159,10 @@ def test_reference_was_read_from_optax_0_2_8():
     assert TOOL.resolve(TABLE, "optax.projections", "projection_simplex") is not None
     assert TOOL.resolve(TABLE, "optax.schedules", "cosine_decay_schedule") is not None
     assert TOOL.resolve(TABLE, "optax.transforms", "masked") is not None
+    params = TOOL.resolve(TABLE, "optax.losses", "softmax_cross_entropy_with_integer_labels")
+    assert [p["name"] for p in params["params"]] == ["logits", "labels", "axis", "where"]
+    assert TABLE["optax.losses"]["l2_loss"] == {"same_as": "optax.l2_loss"}
+    assert "dice_loss" in TABLE["optax.losses"] and "dice_loss" not in TABLE["optax"]
 
 
 def test_every_contract_name_has_a_recorded_twin():
@@ -168,15 +187,17 @@ def test_every_contract_name_has_a_recorded_twin():
         "tree.vdot", "tree.norm", "tree.zeros_like", "tree.ones_like", "tree.cast",
         "tree.where", "tree.allclose",
     ]  # fmt: skip
-    contract += [f"contrib.{n}" for n in ft.contrib.__all__]
+    contract += [f"{ns}.{n}" for ns in MIRRORS for n in getattr(ft, ns).__all__]
     contract += [f"projections.{n}" for n in ft.projections.__all__]
+    contract += [n for n in ft.__all__ if n in ft.losses.__all__]
     assert [n for n in contract if n not in TWINS] == []
 
 
 def test_guard_new_public_names_have_a_twin_or_are_listed():
     names = [*ft.optim.__all__, *(f"tree.{n}" for n in ft.tree.__all__)]
-    names += [f"contrib.{n}" for n in ft.contrib.__all__]
+    names += [f"{ns}.{n}" for ns in MIRRORS for n in getattr(ft, ns).__all__]
     names += [f"projections.{n}" for n in ft.projections.__all__]
+    names += [n for n in ft.__all__ if n in ft.losses.__all__]
     unlisted = sorted(n for n in names if n not in TWINS and n not in FUNCTRAIN_ONLY)
     assert unlisted == [], (
         f"{unlisted}: public names without an optax 0.2.8 twin in tests/_optax_signatures.json;"
@@ -244,6 +265,41 @@ def test_inject_hyperparams_state_has_the_fields_of_optaxs_class():
     assert list(state._fields) == TOOL.resolve(TABLE, "optax", "InjectHyperparamsState")["fields"]
     stateful = TOOL.resolve(TABLE, "optax", "InjectStatefulHyperparamsState")["fields"]
     assert stateful == ["count", "hyperparams", "hyperparams_states", "inner_state"]
+
+
+# -- ft.schedules / ft.transforms / ft.tree_utils / ft.losses mirror optax's namespaces -----
+
+
+@pytest.mark.parametrize("namespace", MIRRORS)
+def test_mirrored_namespace_reexports_the_same_objects(namespace):
+    module = getattr(ft, namespace)
+    for name in module.__all__:
+        canonical = _canonical(f"{namespace}.{name}")
+        if canonical in LIVE:  # a top-level (or ft.tree) object: the very same, not a copy
+            assert LIVE[f"{namespace}.{name}"] is LIVE[canonical], f"{namespace}.{name}"
+        else:
+            assert namespace == "losses", f"{namespace}.{name} is not a top-level name"
+
+
+@pytest.mark.parametrize("namespace", MIRRORS)
+def test_mirrored_namespace_lists_the_optax_names_it_leaves_out(namespace):
+    module = getattr(ft, namespace)
+    left_out = sorted(set(TABLE[f"optax.{namespace}"]) - set(module.__all__))
+    undocumented = [n for n in left_out if f"``{n}``" not in module.__doc__]
+    assert undocumented == [], f"ft.{namespace}'s docstring does not list {undocumented}"
+    provided = [n for n in module.__all__ if n not in TABLE[f"optax.{namespace}"]]
+    assert provided == [], f"ft.{namespace} exports names optax.{namespace} lacks: {provided}"
+
+
+def test_top_level_losses_are_optax_top_level_losses():
+    # optax exports some losses at its top level (optax.l2_loss): the recorded table links
+    # optax.losses.<name> to optax.<name> for exactly those.
+    table = TABLE["optax.losses"]
+    optax_top = {n for n, r in table.items() if r.get("same_as") == f"optax.{n}"}
+    ours = {n for n in ft.__all__ if n in ft.losses.__all__}
+    assert ours == optax_top
+    assert all(getattr(ft, n) is getattr(ft.losses, n) for n in ours)
+    assert sorted(ft.losses.__all__) == sorted(table)  # every optax.losses name is provided
 
 
 # -- the optax keyword spellings of ft.tree, against naive loops ---------------------------

@@ -19,7 +19,19 @@ import pytest
 
 import functrain
 
-SUBMODULES = ["tree", "testing", "logging", "checkpoint", "distributed", "contrib", "projections"]
+SUBMODULES = [
+    "tree",
+    "testing",
+    "logging",
+    "checkpoint",
+    "distributed",
+    "contrib",
+    "projections",
+    "losses",
+    "schedules",
+    "transforms",
+    "tree_utils",
+]
 
 
 def _modules() -> list[types.ModuleType]:

@@ -1019,6 +1019,11 @@ def main() -> int:
         "Schedule": "protocol type",
         "add_noise/noisy_sgd/dpsgd noise": "RNGs differ by design (jax threefry vs a counter hash): "
         "compared with zero noise only",
+        **{
+            n: "a loss: compared by tools/optax_losses_parity.py"
+            for n in ft.losses.__all__
+            if n in ft.__all__
+        },
     }
     common = sorted(set(ft.__all__) & set(dir(optax)) | {"dpsgd"})
     missing = [n for n in common if n not in compared and n not in skipped]

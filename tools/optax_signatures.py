@@ -1,9 +1,11 @@
 """Signature parity of functrain's public names with optax's: ``python tools/optax_signatures.py``.
 
 For every public name of ``functrain`` (``ft.*``, ``ft.tree.*``, ``ft.contrib.*``,
-``ft.projections.*``) with a same-named optax counterpart (``optax.*``, ``optax.transforms``,
+``ft.projections.*``, ``ft.losses.*``, ``ft.schedules.*``, ``ft.transforms.*``,
+``ft.tree_utils.*``) with a same-named optax counterpart (``optax.*``, ``optax.transforms``,
 ``optax.schedules``, ``optax.contrib``, ``optax.tree`` / ``optax.tree_utils.tree_*``,
-``optax.projections``), this compares parameter names, order, kinds and defaults, NamedTuple
+``optax.projections``, ``optax.losses``; a namespace's name is looked up in optax's namespace
+of that name), this compares parameter names, order, kinds and defaults, NamedTuple
 fields and their defaults, and the public methods of classes. It prints a markdown table of
 the differences, each classified as:
 
@@ -47,6 +49,10 @@ TWIN_NAMESPACES: dict[str, tuple[str, ...]] = {
     "tree.": ("optax.tree", "optax.tree_utils"),
     "contrib.": ("optax.contrib",),
     "projections.": ("optax.projections",),
+    "losses.": ("optax.losses",),
+    "schedules.": ("optax.schedules",),
+    "transforms.": ("optax.transforms",),
+    "tree_utils.": ("optax.tree_utils",),
 }
 # Private optax modules holding the only optax spelling of a name that functrain exports at its
 # top level (optax.contrib does not export scale_by_sophia, scale_by_dog, ...; optax's
@@ -371,13 +377,19 @@ def twin(table: dict[str, dict], ft_name: str) -> tuple[str, dict] | None:
 
 
 def torch_call(fn: Callable, x: int) -> Any:
-    """Calls a functrain callable default at count ``x`` (an int32 tensor, else a Python int)."""
+    """Calls a functrain callable default at count ``x``: an int32 tensor, else a Python int,
+    else a float tensor (``torch.mean``, the default of a reduction, takes no integers; JAX's
+    ``jnp.mean`` does)."""
     import torch
 
     try:
         return fn(torch.tensor(x, dtype=torch.int32))
     except Exception:
+        pass
+    try:
         return fn(x)
+    except Exception:
+        return fn(torch.tensor(float(x)))
 
 
 def _jax_call(fn: Callable, x: int) -> Any:

@@ -1,9 +1,11 @@
 """functrain: pure-function training for PyTorch, in the style of JAX and optax.
 
 The public API: optimizer transforms and schedules (optax names), ``ft.tree`` pytree maths,
-``TrainState`` and ``make_train_step``, per-sample gradients and DP-SGD. Submodules
+``TrainState`` and ``make_train_step``, per-sample gradients and DP-SGD, and optax's losses
+(``ft.losses``; those optax exports at its top level are here too). Submodules
 ``ft.logging``, ``ft.checkpoint``, ``ft.distributed``, ``ft.projections`` and ``ft.testing``
-hold the rest; ``ft.contrib`` spells optax.contrib's names (also at the top level).
+hold the rest; ``ft.contrib``, ``ft.schedules``, ``ft.transforms`` and ``ft.tree_utils`` spell
+optax's namespaces of those names (the same objects as the top-level ones).
 
 Example:
     >>> import torch, functrain as ft
@@ -21,21 +23,70 @@ from functrain import (
     distributed,
     grads,
     logging,
+    losses,
     optim,
     projections,
+    schedules,
     testing,
     train,
+    transforms,
     tree,
+    tree_utils,
 )
 from functrain.grads import *  # noqa: F403
+from functrain.losses import (
+    convex_kl_divergence,
+    cosine_distance,
+    cosine_similarity,
+    ctc_loss,
+    ctc_loss_with_forward_probs,
+    generalized_kl_divergence,
+    hinge_loss,
+    huber_loss,
+    kl_divergence,
+    l2_loss,
+    log_cosh,
+    ntxent,
+    safe_softmax_cross_entropy,
+    sigmoid_binary_cross_entropy,
+    sigmoid_focal_loss,
+    smooth_labels,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+    squared_error,
+)
 from functrain.optim import *  # noqa: F403
 from functrain.train import *  # noqa: F403
 
 __version__ = "0.1.0"
+
+# The losses optax 0.2.8 exports at its top level (optax.l2_loss); the rest stay in ft.losses.
+_TOP_LEVEL_LOSSES = [
+    "convex_kl_divergence",
+    "cosine_distance",
+    "cosine_similarity",
+    "ctc_loss",
+    "ctc_loss_with_forward_probs",
+    "generalized_kl_divergence",
+    "hinge_loss",
+    "huber_loss",
+    "kl_divergence",
+    "l2_loss",
+    "log_cosh",
+    "ntxent",
+    "safe_softmax_cross_entropy",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_focal_loss",
+    "smooth_labels",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "squared_error",
+]
 
 __all__ = [
     "tree",
     *optim.__all__,
     *train.__all__,
     *grads.__all__,
+    *_TOP_LEVEL_LOSSES,
 ]
