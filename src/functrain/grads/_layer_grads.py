@@ -120,56 +120,120 @@ def _patches(
     return view.reshape(rows, n * math.prod(out_size), -1)
 
 
+# From this many input channels on, one grouped convolution formed the per-example weight
+# gradients faster than the patches and a batched matmul on the CPU (float32, one thread): 0.4-0.8x
+# the time for 8-128 channels in 1-, 2- and 3-d (e.g. 0.57 against 1.15 ms for the Opacus MNIST
+# CNN's 16 -> 32 channel 4x4 layer at batch 64, 0.37x for a dilated 16 -> 16 3x3 layer), about
+# equal at 256 channels, slower at 3-6 channels (1.2-2.2x). In float64 (no oneDNN kernels) it took
+# 0.4-1.0x the time for 13 of 16 layers, 1.2-1.6x for a 3-d and a 32 -> 64 channel one.
+GROUPED_MIN_CHANNELS = 8
+
+
 def _grouped_pays(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether to form per-example weight gradients by one grouped convolution (CPU floats).
 
-    Only for one input channel with over 4x more output positions than output channels: there
-    the patches of :func:`_patches` are runs of one kernel row, many times the size of the
-    gradients they give, and writing them (fresh memory, page faults included) cost more than
-    the grouped kernel: the Opacus MNIST CNN's first layer (1 -> 16 channels, 8x8 kernel, 196
-    positions) took 6.4-7.0 ms instead of 6.8-7.9 ms for per-sample gradients at batch 64. With
-    3 input channels (a 3 -> 32 CIFAR layer, 1024 positions) the grouped kernel was 4% slower.
+    With :data:`GROUPED_MIN_CHANNELS` or more input channels (and a kernel of more than one
+    element: a 1x1 kernel's patches are the input itself), see there. With one input channel,
+    only where there are over 4x more output positions than output channels: there the patches
+    of :func:`_patches` are runs of one kernel row, many times the size of the gradients they
+    give, and writing them (fresh memory, page faults included) cost more than the grouped
+    kernel: the Opacus MNIST CNN's first layer (1 -> 16 channels, 8x8 kernel, 196 positions) took
+    6.4-7.0 ms instead of 6.8-7.9 ms for per-sample gradients at batch 64.
     """
-    return (
-        g.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and weight.shape[1] == 1
-        and math.prod(g.shape[3:]) > 4 * g.shape[2]
-    )
+    if g.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    in_channels = weight.shape[1]
+    if in_channels >= GROUPED_MIN_CHANNELS:
+        return math.prod(weight.shape[2:]) > 1
+    return in_channels == 1 and math.prod(g.shape[3:]) > 4 * g.shape[2]
 
 
 def _grouped_weight_grads(
     g: torch.Tensor,
-    padded: torch.Tensor,
+    source: torch.Tensor,
     weight: torch.Tensor,
     stride: Sequence[int],
+    padding: Sequence[int],
     dilation: Sequence[int],
 ) -> torch.Tensor:
     """``(B, out, in, *kernel)``: example ``b``'s weight gradient is that of group ``b`` of a
-    convolution with ``groups=B`` over the examples' (padded) inputs stacked as channels."""
+    convolution with ``groups=B`` over the examples' inputs stacked as channels (``source``
+    padded by the kernel's symmetric ``padding``), already in the weight's element order."""
     rows, out_channels = g.shape[0], g.shape[2]
-    zeros = [0] * len(stride)
     (_, grads, _) = torch.ops.aten.convolution_backward(
         g.reshape(1, rows * out_channels, *g.shape[3:]),
-        padded.reshape(1, rows * weight.shape[1], *padded.shape[3:]),
+        source.reshape(1, rows * weight.shape[1], *source.shape[3:]),
         weight.new_empty((rows * out_channels, *weight.shape[1:])),  # its shape only
         None,
         list(stride),
-        zeros,
+        list(padding),
         list(dilation),
         False,
-        zeros,
+        [0] * len(stride),
         rows,
         [False, True, False],
     )
     return grads.view(rows, out_channels, *weight.shape[1:])
 
 
+def _transposed_pays(x: torch.Tensor, weight: torch.Tensor, dilation: Sequence[int]) -> bool:
+    """Whether to form a one-channel convolution's per-example weight gradients by one grouped
+    *forward* convolution (:func:`_transposed_weight_grads`): CPU float32 (oneDNN's kernels;
+    in float64 it was 1.0-2.0x slower than the other routes), 1- and 2-d, undilated.
+
+    With cold caches, as in a backward pass, it took 0.43-0.96x the time of the patches and
+    0.70-1.11x that of :func:`_grouped_weight_grads` over 1- and 2-d layers of 6-128 output
+    channels (e.g. 1.05 against 1.40 ms for the Opacus MNIST CNN's first layer, 0.23 against
+    0.27 ms for the 8x8-digits CNN's); dilated and 3-d layers ran 1.1-1.4x slower than grouped.
+    """
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.shape[1] == 1
+        and weight.dim() <= 4
+        and all(d == 1 for d in dilation)
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+
+
+def _transposed_weight_grads(
+    g: torch.Tensor,
+    source: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+) -> torch.Tensor:
+    """``(B, out, 1, *kernel)`` for a one-channel, undilated convolution and ``N = 1``.
+
+    Example ``b``'s weight gradient ``Σ_p g[b, o, p] · x[b, stride·p + k]`` is a correlation
+    of its input with its output gradient dilated by the stride: group ``b`` of a convolution
+    with ``groups=B`` over the examples' inputs stacked as channels, whose kernels are the
+    output gradients. Its output spans at least the kernel (``stride - 1`` more positions at
+    most, cropped).
+    """
+    rows, out_channels = g.shape[0], g.shape[2]
+    kernel = weight.shape[2:]
+    grads = _CONV[len(kernel)](
+        source.reshape(1, rows, *source.shape[3:]),
+        g.reshape(rows * out_channels, 1, *g.shape[3:]),
+        None,
+        1,
+        list(padding),
+        list(stride),
+        rows,
+    )
+    grads = grads[(..., *(slice(0, k) for k in kernel))]
+    return grads.reshape(rows, out_channels, 1, *kernel).contiguous()
+
+
 class Conv(_Rule):
     """``convNd`` (``groups=1``) on ``x: (B, N, C, *spatial)``, the vmap dimension in front.
 
     The per-example weight gradient ``Σ_{n, positions} g ⊗ patch`` is one batched matmul of the
-    output gradient with the input's patches.
+    output gradient with the input's patches, or, on the CPU with ``N = 1`` where it measured
+    faster, one grouped convolution over the examples: :func:`_transposed_weight_grads` (one
+    input channel) or :func:`_grouped_weight_grads` (see :func:`_grouped_pays`).
     """
 
     @staticmethod
@@ -193,15 +257,16 @@ class Conv(_Rule):
         stride, pads, dilation = ctx.conv
         g = g.unflatten(0, x.shape[:2])
         rows, n, out_channels = g.shape[:3]
+        # The kernels below take symmetric padding themselves; only asymmetric padding (and the
+        # patches, which read the padded input) need ``F.pad``'s copy.
         symmetric = _symmetric(pads)
-        padded = F.pad(x, pads) if any(pads) else x
+        source, padding = (
+            (x, symmetric) if symmetric is not None else (F.pad(x, pads), [0] * len(stride))
+        )
         # One kernel call for the input gradient and, in "sum" mode, the summed weight gradient.
         want_weight = ctx.sink.mode == "sum" and ctx.slots[0] is not None
         kernel_grads: list[Any] = [None, None, None]
         if ctx.needs_input_grad[0] or want_weight:
-            source, padding = (
-                (x, symmetric) if symmetric is not None else (padded, [0] * len(stride))
-            )
             kernel_grads = list(
                 torch.ops.aten.convolution_backward(
                     g.flatten(0, 1),
@@ -220,20 +285,24 @@ class Conv(_Rule):
         g_rows = g.movedim(2, 1).reshape(rows, out_channels, -1)
         kernel = weight.shape[2:]
 
-        grouped = n == 1 and _grouped_pays(g, padded, weight)
+        transposed = n == 1 and _transposed_pays(x, weight, dilation)
+        grouped = n == 1 and not transposed and _grouped_pays(g, x, weight)
 
         def channels_last() -> torch.Tensor:
             # (B, out, *kernel·in): each example's weight gradient with the input channels last.
+            padded = F.pad(x, pads) if any(pads) and symmetric is not None else source
             return torch.bmm(g_rows, _patches(padded, g.shape[3:], kernel, stride, dilation))
 
         def per_example() -> torch.Tensor:
+            if transposed:
+                return _transposed_weight_grads(g, source, weight, stride, padding)
             if grouped:
-                return _grouped_weight_grads(g, padded, weight, stride, dilation)
+                return _grouped_weight_grads(g, source, weight, stride, padding, dilation)
             grads = channels_last().view(rows, out_channels, *kernel, weight.shape[1])
             return grads.movedim(-1, 2).contiguous()
 
         # Norms and Gram matrices do not depend on the order of the elements: no reordering.
-        any_order = per_example if grouped else channels_last
+        any_order = per_example if grouped or transposed else channels_last
         ctx.sink.put(
             ctx.slots[0],
             per_example,

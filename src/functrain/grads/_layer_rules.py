@@ -13,7 +13,10 @@ gradient (:mod:`functrain.grads._layer_grads`).
 A ``TorchFunctionMode`` watches every torch call of the forward and routes those calls to the
 rules. A parameter reaching any other call (an elementwise op, a view, a matmul, a grouped
 convolution...) raises :class:`Unsupported`: the rules are only used where they are exact.
-The passes that run a forward under the rules and read what the backward leaves in the
+Two parameter-free calls are routed too, for speed only: CPU max pooling
+(:mod:`functrain.grads._layer_pool`) and cross-entropy of class indices
+(:mod:`functrain.grads._layer_loss`) run once on the physical batch. The passes that run a
+forward under the rules and read what the backward leaves in the
 :class:`~functrain.grads._layer_grads.Sink` are in :mod:`functrain.grads._layer_passes`.
 """
 
@@ -28,20 +31,26 @@ from torch._C import _functorch
 from torch.overrides import TorchFunctionMode
 
 try:  # torch.func internals, for the fast path of _Rules._on_batch; without them: autograd.Function
-    from torch._functorch.pyfunctorch import (
-        retrieve_current_functorch_interpreter,
-        temporarily_pop_interpreter_stack,
-    )
-
+    # The C functions under ``torch._functorch.pyfunctorch``'s
+    # ``retrieve_current_functorch_interpreter`` and ``temporarily_pop_interpreter_stack``
+    # (a Python wrapper object and a generator context manager a call, for each rule call).
+    _peek_interpreter = _functorch.peek_interpreter_stack
+    _pop_layer = _functorch.pop_dynamic_layer_stack
+    _push_layer = _functorch.push_dynamic_layer_stack
     _VMAP = _functorch.TransformType.Vmap
     _ADD_BATCH_DIM = _functorch._add_batch_dim
     _FAST = True
     _interpreter_stack = _functorch.get_interpreter_stack
-except (ImportError, AttributeError):  # pragma: no cover - older or newer torch
+except AttributeError:  # pragma: no cover - older or newer torch
     _FAST = False
 
 from functrain.grads import _layer_pool
 from functrain.grads._layer_grads import Conv, Embedding, LayerNorm, Linear, Sink
+from functrain.grads._layer_loss import (
+    CROSS_ENTROPY_ARGS,
+    cross_entropy_options,
+    cross_entropy_rows,
+)
 
 __all__ = ["MAX_NORM", "SAVED_TENSOR_HOOKS", "Unsupported", "forward_under_rules"]
 
@@ -100,6 +109,8 @@ _POOL_ARGS = (
 )
 _MAX_POOLS = (F.max_pool2d, torch.max_pool2d)
 _RULE_FUNCS = {*_LINEAR_FUNCS, *_CONV_FUNCS, F.layer_norm, F.embedding}
+# Every call :meth:`_Rules._route` may take over (the others run as written).
+_ROUTED = {*_RULE_FUNCS, *_MAX_POOLS, F.cross_entropy}
 # Reading a parameter's metadata is harmless; anything else that touches one needs a rule.
 _METADATA = {
     torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
@@ -191,11 +202,29 @@ class _Rules(TorchFunctionMode):
         ``None`` when ``x`` is not simply batched (or constant) at that level, e.g. inside a
         transform of ``loss_fn``'s own. Calling an autograd.Function's ``vmap`` rule does the
         same through ``torch.func``'s generic machinery at about 0.4 ms a call."""
+        return self._below_examples((x,), run)
+
+    def _below_examples(self, inputs: tuple[Any, ...], run: Callable[..., Any]) -> Any:
+        """:meth:`_on_batch` of several inputs: ``run(*physical inputs)``, or ``None``."""
         level = self.level
-        if level is None or not isinstance(x, torch.Tensor):
+        if level is None:
             return None
-        current = retrieve_current_functorch_interpreter()
+        current = _peek_interpreter()
         if current is None or current.level() != level or current.key() != _VMAP:
+            return None
+        physical = [self._physical(t, level) for t in inputs]
+        if any(p is None for p in physical):
+            return None
+        saved = _pop_layer()
+        try:
+            out = run(*physical)
+        finally:
+            _push_layer(saved)
+        return _ADD_BATCH_DIM(out, 0, level)
+
+    def _physical(self, x: Any, level: int) -> torch.Tensor | None:
+        """``x`` with the examples in front, or ``None`` when it is not simply batched."""
+        if not isinstance(x, torch.Tensor):
             return None
         if _functorch.is_batchedtensor(x):
             inner = _functorch.get_unwrapped(x)
@@ -203,14 +232,10 @@ class _Rules(TorchFunctionMode):
                 inner
             ):
                 return None
-            physical = inner.movedim(_functorch.maybe_get_bdim(x), 0)
-        elif _functorch.is_functorch_wrapped_tensor(x):
+            return inner.movedim(_functorch.maybe_get_bdim(x), 0)
+        if _functorch.is_functorch_wrapped_tensor(x):
             return None
-        else:  # the same for every example
-            physical = x.expand(self.batch_size, *x.shape)
-        with temporarily_pop_interpreter_stack():
-            out = run(physical)
-        return _ADD_BATCH_DIM(out, 0, level)
+        return x.expand(self.batch_size, *x.shape)  # the same for every example
 
     def _slot(self, t: Any) -> int | None:
         """The parameter index of ``t`` (``None`` for no parameter); counts the use."""
@@ -232,18 +257,22 @@ class _Rules(TorchFunctionMode):
             # refuse to run inside it instead.)
             raise Unsupported(None, _AUTOGRAD_CALLS[func], "inside loss_fn")
         self._refuse_wrapped(func, (*args, *kwargs.values()))
-        # Under autocast the call casts its inputs below the rule, whose backward would then
-        # meet a gradient in the compute dtype and saved tensors in the original one.
-        blocker = _blocker()
         self.why = None
-        out = None if blocker else self._route(func, args, kwargs)
-        if out is not None:
-            return out
+        if func in _ROUTED:
+            # Under autocast the call casts its inputs below the rule, whose backward would then
+            # meet a gradient in the compute dtype and saved tensors in the original one.
+            blocker = _blocker()
+            out = None if blocker else self._route(func, args, kwargs)
+            if out is not None:
+                return out
+        elif isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            # ``torch.ops.aten.linear`` would otherwise read "linear has no per-layer rule".
+            self.why = "through torch.ops (the rules watch torch.nn.functional's calls)"
         for value in (*args, *kwargs.values()):
             for v in value if isinstance(value, (list, tuple)) else (value,):
                 if self._is_param(v):
                     name = getattr(func, "__name__", str(func))
-                    raise Unsupported(self.slots[id(v)], name, blocker or self.why)
+                    raise Unsupported(self.slots[id(v)], name, _blocker() or self.why)
         return func(*args, **kwargs)
 
     def _inner_transform(self) -> bool:
@@ -272,9 +301,8 @@ class _Rules(TorchFunctionMode):
             return self._embedding(dict(zip(_EMBEDDING_ARGS, args), **kwargs))
         if func in _MAX_POOLS:
             return self._max_pool(dict(zip(_POOL_ARGS, args), **kwargs))
-        if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            # ``torch.ops.aten.linear`` would otherwise read "linear has no per-layer rule".
-            self.why = "through torch.ops (the rules watch torch.nn.functional's calls)"
+        if func is F.cross_entropy:
+            return self._cross_entropy(dict(zip(CROSS_ENTROPY_ARGS, args), **kwargs))
         return None
 
     def _refuse_wrapped(self, func: Any, values: Sequence[Any]) -> None:
@@ -330,6 +358,21 @@ class _Rules(TorchFunctionMode):
         ):
             return None
         return self._on_batch(x, lambda p: _layer_pool.pool_channels_last(p, a))
+
+    def _cross_entropy(self, a: dict[str, Any]) -> Any:
+        """``F.cross_entropy`` of the physical batch in one call (see
+        :mod:`functrain.grads._layer_loss`), or ``None``."""
+        options = cross_entropy_options(a)
+        if (
+            options is None
+            or self.batch_size == 0
+            or self._is_param(a["input"])
+            or self._is_param(a["target"])
+        ):
+            return None
+        return self._below_examples(
+            (a["input"], a["target"]), lambda x, t: cross_entropy_rows(x, t, *options)
+        )
 
     def _layer_norm(self, a: dict[str, Any]) -> Any:
         x, weight, bias = a["input"], a.get("weight"), a.get("bias")
