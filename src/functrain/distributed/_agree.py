@@ -23,6 +23,7 @@ collectives until the group's timeout.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -200,7 +201,11 @@ class Check(NamedTuple):
 
 
 def agree_first_call(
-    error: Exception | None, checks: list[Check], group: process.Group, failed_what: str
+    error: Exception | None,
+    checks: list[Check],
+    group: process.Group,
+    failed_what: str,
+    on_lost: Callable[[Exception], None] | None = None,
 ) -> None:
     """The step's first-call checks, the first of whose exchanges also tells every rank
     whether a rank's own part of the step (``failed_what``) raised ``error``.
@@ -208,24 +213,38 @@ def agree_first_call(
     A rank that failed calls it with its ``error`` (its descriptions are not made); the first
     exchange then raises on every rank as :func:`check_no_rank_failed` does, before anything is
     compared. Without checks, the failures travel in one object all-gather of their own.
-    Every rank must call it with the same number of checks.
+    Every rank must call it with the same number of checks. ``on_lost`` is told of an
+    exchange that failed (a collective error), before the error propagates.
     """
     if not checks:
-        check_no_rank_failed(error, group, failed_what)
+        check_no_rank_failed(error, group, failed_what, on_lost=on_lost)
         return
-    first = checks[0]
-    description = None
+    descriptions: list[Any] = [None] * len(checks)
     if error is None:
+        # Every description before the first exchange: one that raises on a rank (e.g. a
+        # refused grad_stats accumulator) rides in it, and every rank raises, instead of
+        # leaving the others in a later exchange.
         try:
-            description = first.describe()
-        except Exception as err:  # e.g. a refused grad_stats accumulator: every rank raises
+            descriptions = [check.describe() for check in checks]
+        except Exception as err:
             error = err
     gathered = check_no_rank_failed(
-        error, group, failed_what, description=description, exchange=first.what
+        error,
+        group,
+        failed_what,
+        description=descriptions[0],
+        exchange=checks[0].what,
+        on_lost=on_lost,
     )
-    first.compare(gathered)
-    for check in checks[1:]:
-        check.compare(_gather(check.describe(), group, check.what))
+    checks[0].compare(gathered)
+    for check, description in zip(checks[1:], descriptions[1:]):
+        try:
+            others = _gather(description, group, check.what)
+        except Exception as lost:
+            if on_lost is not None:
+                on_lost(lost)
+            raise
+        check.compare(others)
 
 
 _MESSAGE_CHARS = 600  # of each failing rank's error in the others' message
@@ -233,18 +252,32 @@ _MESSAGE_CHARS = 600  # of each failing rank's error in the others' message
 
 def _describe(error: BaseException) -> str:
     """``module.Type: message`` (``Type: message`` for builtins), the message's first paragraph
-    only (dynamo's go on with user-code stacks and hints, which the failing rank prints)."""
+    only (dynamo's go on with user-code stacks and hints, which the failing rank prints).
+
+    Never raises: the failing rank describes its error just before the exchange the others
+    wait in, so an error whose ``__str__`` raises must not keep it from that exchange.
+    """
     kind = type(error)
     name = kind.__qualname__
     if kind.__module__ != "builtins":
         name = f"{kind.__module__}.{name}"
-    message = str(error).strip()
+    try:
+        message = str(error).strip()
+    except Exception as bad:
+        message = f"<its message could not be rendered: str() raised {type(bad).__name__}>"
     first = message.split("\n\n", 1)[0]
     if len(first) > _MESSAGE_CHARS:
         first = first[:_MESSAGE_CHARS]
     if first != message:
         first += " [...]"
-    return f"{name}: {first}"
+    return f"{name}: {first}" if first else name
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``, skipped where the error's ``__notes__`` is not a list (the
+    error itself is raised all the same)."""
+    with contextlib.suppress(TypeError):
+        error.add_note(note)
 
 
 def check_no_rank_failed(
@@ -254,6 +287,7 @@ def check_no_rank_failed(
     *,
     description: Any = None,
     exchange: str | None = None,
+    on_lost: Callable[[Exception], None] | None = None,
 ) -> list[Any]:
     """Every rank tells the others whether its ``what`` raised ``error``; raises on every rank
     if one did (one small object all-gather, which every rank must call), else returns every
@@ -263,27 +297,36 @@ def check_no_rank_failed(
     kept) with a note naming the failing ranks; the others raise :class:`DistributedStepError`
     naming each failing rank with its error's type and message. If the exchange itself fails
     (a peer died), a failing rank still raises its own error, with a note saying so.
-    ``exchange`` names the all-gather in that case (default: after ``what``).
+    ``exchange`` names the all-gather in that case (default: after ``what``); ``on_lost`` is
+    told of that failure (the collective's error) before anything is raised.
     """
     mine = (None if error is None else _describe(error), description)
+    lost_note = None
     try:
         gathered = _gather(mine, group, exchange or f"the ranks' exchange after {what}")
     except Exception as lost:
+        if on_lost is not None:
+            on_lost(lost)
         if error is None:
             raise
-        error.add_note(
+        lost_note = (
             f"functrain: raised by {what} on this rank; telling the other ranks failed too "
-            f"({type(lost).__name__}: {lost})"
+            f"({_describe(lost)})"
         )
-        raise error from None
+    if lost_note is not None:
+        assert error is not None
+        # Raised here, not in the handler above: its cause and context stay the error's own.
+        _add_note(error, lost_note)
+        raise error
     failed = [r for r, (d, _) in enumerate(gathered) if d is not None]
     if not failed:
         return [theirs for _, theirs in gathered]
     if error is not None:
-        error.add_note(
+        _add_note(
+            error,
             f"functrain: raised by {what} on rank(s) {failed}, this rank ({process.rank(group)}) "
             "among them; every rank raises (the others DistributedStepError naming this error) "
-            "and the state given to the step is untouched"
+            "and the state given to the step is untouched",
         )
         raise error
     errors = "; ".join(f"rank {r}: {gathered[r][0]}" for r in failed)

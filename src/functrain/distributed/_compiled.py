@@ -61,6 +61,7 @@ class CompiledRegions:
     donate: bool
     group: process.Group
     _joins_refused: Callable[[], bool]
+    _lost: Callable[[Exception], None]  # an exchange failed: this rank is out of step
     # Set once the first call's update region ran on every rank.
     _update_agreed: bool = False
 
@@ -84,9 +85,9 @@ class CompiledRegions:
         try:
             out = run()
         except Exception as err:
-            check_no_rank_failed(err, self.group, what)
+            check_no_rank_failed(err, self.group, what, on_lost=self._lost)
             raise  # not reached: the check raises err
-        check_no_rank_failed(None, self.group, what)
+        check_no_rank_failed(None, self.group, what, on_lost=self._lost)
         return out
 
     def _grad_core(

@@ -15,20 +15,37 @@ and no rank's state changes:
   or, with ``compile=``, in the exchange after the first compiled gradient region
   (:mod:`._compiled`). This holds on every backend.
 * **Later calls** exchange nothing more: a failing rank joins the step's collectives on zeros
-  shaped as its first call's result (:class:`ZeroResult`: gradients, metrics, buffers and
-  ``grad_stats`` statistics) with the flag :data:`_FAILED` in its slot of the counts'
-  all-reduce, which every step already does and whose flags it already reads on the host with
-  CPU tensors (gloo). Seeing the flag, every rank exchanges the errors (one object all-gather,
-  on that failing call only) and raises. With device tensors (NCCL) the flags are not read (a
-  host sync in every step): a later failure raises on its rank alone, at once, and the others
-  wait in the gradient collectives until the group's timeout, then raise
-  :class:`~functrain.distributed.DistributedStepError`.
+  shaped as its earlier results (:class:`ZeroResult`: gradients, metrics, buffers and
+  ``grad_stats`` statistics; the metrics' part follows their names, should aux metrics appear
+  later, but cannot know names that first appear on the failing call itself) with the flag
+  :data:`_FAILED` in its slot of the counts' all-reduce, which every step already does and
+  whose flags it already reads on the host with CPU tensors (gloo). Seeing the flag, every rank
+  exchanges the errors (one object all-gather, on that failing call only) and raises. With
+  device tensors (NCCL) the flags are not read (a host sync in every step): a later failure
+  raises on its rank alone, at once, and the others wait in the gradient collectives until the
+  group's timeout, then raise :class:`~functrain.distributed.DistributedStepError`.
 
 The failing rank raises its own exception (its type and traceback, with a note naming the
 failing ranks); the others raise :class:`~functrain.distributed.DistributedStepError` naming each
 failing rank with its error's type and message. Every rank raises before its optimizer update, so
 the state given to the step is untouched (not consumed with ``donate=True``) and the same call
 can be made again on every rank. A healthy step pays nothing: no extra collective, no extra read.
+``NonFiniteError`` (``max_consecutive_skips``) is decided on the replicated skip counters, so
+every rank raises it alike; it is joined as any failure all the same (on device tensors it is
+raised at once), so that a rank whose own checks raised something else first does not wait.
+
+**A rank that leaves a call alone is out of step.** A ``KeyboardInterrupt`` (a signal
+mid-step), ``SystemExit`` or other ``BaseException`` that is not an ``Exception`` propagates on
+its rank at once, wherever it comes from: the others may be waiting in the step's collectives
+(until the peer exits, which closes its connections, or the group's timeout). So may they after
+a failure this rank could not tell them of (device tensors, above) or a collective that failed.
+A new call from that rank would pair its collectives with the others' pending ones, silently
+mixing batches of different calls: instead, every later call on that rank (and its
+``full_state`` gather, its ``init_state`` broadcast) raises
+:class:`~functrain.distributed.DistributedStepError` at once, before any collective
+(:meth:`RankFailures._refuse_out_of_step`). The state given to the interrupted call is not
+written before the update (with ``donate=True``, an update torn by the interrupt is refused as
+consumed). The job should stop on every rank and resume from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ from functrain import tree
 from functrain.distributed import process
 from functrain.distributed._agree import (
     Check,
+    _describe,
     agree_first_call,
     check_no_rank_failed,
     compare_grad_stats,
@@ -53,6 +71,7 @@ from functrain.distributed._agree import (
 )
 from functrain.distributed._compiled import _FIRST_GRAD
 from functrain.distributed._uneven import _REFUSED
+from functrain.distributed.errors import DistributedStepError
 from functrain.train import gradient
 from functrain.train.faults import NonFiniteError
 from functrain.train.state import TrainState
@@ -106,12 +125,18 @@ class ZeroResult:
 
     def __init__(self, result: gradient.GradResult, metas: list[Any]) -> None:
         self.grads = _Layout(result.grads)
-        self.metrics = _Layout(dict(result.metrics))
         self.buffers = _Layout(result.buffers)
         self.stats = None if result.stats is None else _Layout(result.stats)
-        self.metas = list(metas)
+        self.refresh_metrics(result, metas)
         # Where the step's flags live: read on the host (every rank alike) only there.
         self.on_host = result.metrics["loss"].device.type == "cpu"
+
+    def refresh_metrics(self, result: gradient.GradResult, metas: list[Any]) -> None:
+        """The metrics' layout and the loss-kind records of ``result`` (their names and kinds
+        size the counts' all-reduce)."""
+        self.metric_names = tuple(result.metrics)
+        self.metrics = _Layout(dict(result.metrics))
+        self.metas = list(metas)
 
     def zeros(self, metas: list[Any]) -> gradient.GradResult:
         """Zeros like the result; ``metas`` (emptied by the failed call) refilled as it was."""
@@ -148,6 +173,8 @@ class RankFailures:
     _rank_part: Callable[[TrainState, Any], RankPart]
     # The first call's result's layout (several ranks only): set once this rank's part ran.
     _grad_zeros: ZeroResult | None = None
+    # Why this rank is out of step with the others (see _mark_out_of_step), or None.
+    _out_of_step: str | None = None
 
     def _this_rank(self, state: TrainState, batch: Any) -> RankPart:
         """This rank's own part of the step (:meth:`_rank_part`). Where it raises on some ranks
@@ -161,9 +188,10 @@ class RankFailures:
             return part
         try:
             part = self._rank_part(state, batch)
-        except NonFiniteError:
-            raise  # decided on the replicated skip counters: every rank raises it at once
         except Exception as err:
+            # NonFiniteError too: decided on the replicated skip counters, it is raised on every
+            # rank alike, unless this rank's own checks raised something else first (a state
+            # made for another optimizer): joined as any failure, every rank raises its own.
             if not self._joins_refused():
                 raise
             if not self._checked:
@@ -211,7 +239,7 @@ class RankFailures:
             # Not only DP-SGD: add_noise keys that differ part the ranks' parameters too (under
             # ZeRO-1 a 0-d parameter, which every rank updates whole with its own key).
             checks.append(Check(what, lambda: describe_noise_keys(opt_state), compare_noise_keys))
-        agree_first_call(error, checks, self.group, self._part_what)
+        agree_first_call(error, checks, self.group, self._part_what, self._lost)
         self._checked = True
 
     @property
@@ -220,10 +248,17 @@ class RankFailures:
         return _EAGER_PART if self._compiled_grad is None else _COMPILED_PART
 
     def _record_result(self, result: gradient.GradResult) -> None:
-        """Keeps the first result's layout (once, several ranks only): a later failure joins
-        the collectives on zeros like it."""
-        if self._grad_zeros is None and self._joins_refused():
+        """Keeps the result's layout (several ranks only): a later failure joins the
+        collectives on zeros like it. Made on the first call; its metrics' part is made again
+        when their names change (aux metrics that appear later: the counts' all-reduce would
+        otherwise differ in size between a failing rank and the others)."""
+        if not self._joins_refused():
+            return
+        template = self._grad_zeros
+        if template is None:
             self._grad_zeros = ZeroResult(result, self._local.grad_stage.metas)
+        elif template.metric_names != tuple(result.metrics):  # a few string comparisons
+            template.refresh_metrics(result, self._local.grad_stage.metas)
 
     def _joined(self, error: Exception) -> RankPart:
         """A later call's part for a rank whose own part raised ``error``: zeros flagged
@@ -240,12 +275,41 @@ class RankFailures:
             except Exception:  # e.g. out of memory: the rank raises its own error alone
                 zeros = None
         if zeros is None:
+            if not isinstance(error, NonFiniteError):  # that one: every rank raises it alike
+                self._mark_out_of_step(
+                    error, "its own part of the step raised, which the others could not be told"
+                )
             raise error
         return RankPart(1, _FAILED, error, zeros)
+
+    def _mark_out_of_step(self, error: BaseException, how: str) -> None:
+        """Records that a call left this rank out of step with the others (it raised alone,
+        while they may wait in, or be about to enter, that call's collectives): every later
+        call (and ``full_state``, ``init_state``'s broadcast) is refused on this rank."""
+        if self._out_of_step is None and self._joins_refused():
+            self._out_of_step = f"{how}: {_describe(error)}"
+
+    def _lost(self, error: Exception) -> None:
+        """An exchange of the step failed (a collective error): this rank is out of step."""
+        self._mark_out_of_step(error, "a collective of the step failed")
+
+    def _refuse_out_of_step(self, what: str) -> None:
+        """Raises :class:`~functrain.distributed.DistributedStepError` (before any collective)
+        if an earlier call left this rank out of step (:meth:`_mark_out_of_step`)."""
+        if self._out_of_step is None:
+            return
+        raise DistributedStepError(
+            f"{what} is refused on rank {process.rank(self.group)}: an earlier call of this "
+            f"data-parallel step ended on this rank alone ({self._out_of_step}) while the "
+            "other ranks may still wait in, or be about to enter, that call's collectives. A "
+            "new collective from this rank would pair with theirs out of step (the ranks would "
+            "silently combine the batches of different calls, or leave parameters that "
+            "differ). Stop the job on every rank and resume from the last checkpoint"
+        )
 
     def _raise_for_failures(self, flags: list[float], mine: float, error: Exception | None) -> None:
         """Every rank raises when one flagged :data:`_FAILED` (a refusing rank its own error
         too): the errors are exchanged first, on this failing call only."""
         if any(f == _FAILED for f in flags):
             own = error if mine in (_FAILED, _REFUSED) else None
-            check_no_rank_failed(own, self.group, self._part_what)
+            check_no_rank_failed(own, self.group, self._part_what, on_lost=self._lost)

@@ -184,6 +184,8 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
         Raises:
             RankMismatchError: with ``broadcast`` and ``check_ranks``, ranks disagree on the
                 structure, shapes or dtypes of the parameters or buffers (on every rank).
+            DistributedStepError: with ``broadcast``, an earlier call of this step ended on
+                this rank alone (see ``__call__``): refused before the broadcast.
 
         Example:
             >>> import torch, functrain as ft
@@ -194,6 +196,7 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
             torch.Size([4])
         """
         if broadcast and process.world_size(self.group) > 1:
+            self._refuse_out_of_step("init_state's broadcast")
             if self.check_ranks:  # before the broadcast, which cannot tell
                 check_layouts_agree(params, buffers, self.group)
             src = zero._global(0, self.group)
@@ -251,6 +254,8 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
         Raises:
             RankMismatchError: ``state`` holds another rank's shard (or one of another world
                 size), refused before the collective.
+            DistributedStepError: an earlier call of this step ended on this rank alone (see
+                ``__call__``): refused before the collective.
 
         Example:
             >>> import torch, functrain as ft
@@ -262,6 +267,7 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
         """
         if not self.shard_optimizer:
             return state
+        self._refuse_out_of_step("full_state's gather")
         state_map = self._map_for(state.params)
         # Gathering another rank's shard would assemble wrong rows: refused before the collective.
         state_map.layout.check_identity(state.extra, "gathering the optimizer state")
@@ -411,8 +417,25 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
             DistributedStepError: a collective failed, or another rank refused its batch or
                 raised in its own part of the step (its loss, its checks); that rank raises its
                 own error (see :mod:`functrain.distributed._failure`). Every rank raises
-                together and no rank's state changes.
+                together and no rank's state changes. Also raised at once, before any
+                collective, once an earlier call ended on this rank alone (a
+                ``KeyboardInterrupt`` or other ``BaseException`` mid-step, a failed collective,
+                a failure the others could not be told of): a new call would pair its
+                collectives with the others' out of step.
         """
+        self._refuse_out_of_step("this call")
+        try:
+            return self._call(state, batch)
+        except BaseException as err:
+            if not isinstance(err, Exception):
+                # KeyboardInterrupt (a signal mid-step), SystemExit, GeneratorExit: propagated
+                # at once, unlike an Exception (which every rank raises together); the other
+                # ranks may be in the step's collectives, so this rank takes no further part.
+                self._mark_out_of_step(err, "interrupted in the middle of the step")
+            raise
+
+    def _call(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        """:meth:`__call__`'s work."""
         part = self._this_rank(state, batch)
         result, flag = part.result, part.flag
         local_step = self._local
@@ -435,7 +458,11 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
             if not self._checked:
                 self._check(None, params, opt_state, buffers, local, is_sum, result.stats)
         flags = self._flags(flag, result.metrics["loss"].device)
-        combined = combine(self, params, result, local, counts, is_sum, flags)
+        try:
+            combined = combine(self, params, result, local, counts, is_sum, flags)
+        except Exception as err:  # a failed collective, or this rank failing in their midst
+            self._mark_out_of_step(err, "raised in the step's collectives")
+            raise
         if combined.flags is not None and combined.flags.device.type == "cpu":
             # One read of the summed flags, on the host (gloo's CPU tensors: no device sync):
             # all ranks raise together. On a device backend the flags are not read (it would

@@ -29,6 +29,12 @@ class DistributedStepError(RuntimeError):
     alone and the others wait in the step's collectives until the group's timeout, then raise
     this.
 
+    A rank that leaves a call alone (a ``KeyboardInterrupt`` mid-step, which propagates at once;
+    a failure it could not tell the others of; a failed collective) raises this from every later
+    call of that step, and from its ``full_state`` and ``init_state``, before any collective: the
+    others may still wait in that call's collectives, and a new collective would pair with
+    theirs out of step.
+
     Example:
         >>> from functrain.distributed import DistributedStepError
         >>> issubclass(DistributedStepError, RuntimeError)
