@@ -18,6 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from functrain import tree
+from functrain._messages import message
 
 PyTree = Any
 _RANDOMNESS = ("error", "different", "same")
@@ -51,7 +52,7 @@ def rnn_vmap_error(err: Exception, where: str, advice: str) -> RuntimeError | No
         A ``RuntimeError`` naming the cause (raise it ``from err``), or ``None`` when ``err``
         did not come from a recurrent module's kernel under ``vmap``.
     """
-    if not any(text in str(err) for text in _VMAP_FAILURES):
+    if not any(text in message(err) for text in _VMAP_FAILURES):
         return None
     tb = err.__traceback__
     while tb is not None:
@@ -82,7 +83,7 @@ def embedding_vmap_error(err: Exception, where: str) -> ValueError | None:
     Returns:
         A ``ValueError`` naming the layer and the way out (raise it ``from err``), or ``None``.
     """
-    text = str(err)
+    text = message(err)
     if "embedding_renorm_" in text:
         return ValueError(
             f"{where}: the model calls an embedding with max_norm (nn.Embedding(max_norm=...) "

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from functrain import tree
+from functrain._messages import message
 from functrain._sq_norms import sq_norm
 from functrain.train import rng
 
@@ -116,7 +117,7 @@ def _saved_tensor_hooks_error(err: BaseException, where: str) -> ValueError | No
     seen: set[int] = set()
     cur: BaseException | None = err
     while cur is not None and id(cur) not in seen:
-        if _FUNC_HOOKS_REFUSAL in str(cur):
+        if _FUNC_HOOKS_REFUSAL in message(cur):
             break
         seen.add(id(cur))
         cur = getattr(cur, "inner_exception", None) or cur.__cause__ or cur.__context__
@@ -256,7 +257,7 @@ def _check_dense_grads(grads: Any) -> None:
 def _sparse_vmap_error(err: BaseException, where: str) -> ValueError | None:
     """A clear error for a sparse gradient inside ``torch.func`` (which cannot batch one);
     the failing parameter is not known there, so the message names the usual cause."""
-    if isinstance(err, NotImplementedError) and "Sparse" in str(err):
+    if isinstance(err, NotImplementedError) and "Sparse" in message(err):
         return ValueError(
             f"{where}: the model produced a sparse gradient (e.g. nn.Embedding(sparse=True) or "
             f"nn.EmbeddingBag(sparse=True)), which torch.func cannot batch; {_SPARSE_FIX}. "

@@ -253,7 +253,9 @@ class CompiledCore:
             if real is None:
                 raise
             real.add_note(_EAGER_RERUN_NOTE)
-            raise real from None
+            # Its own cause kept (``raise ValueError(...) from err`` in loss_fn); dynamo's error
+            # hidden (``from None`` when it had none).
+            raise real from real.__cause__
         finally:
             _restore_hooks(hooks_on)
 

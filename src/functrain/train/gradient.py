@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain._messages import message
 from functrain.train import loss as loss_lib
 from functrain.train import microbatch, rng
 
@@ -383,7 +384,8 @@ class GradStage:
                         raise clear from err
                     raise
                 except RuntimeError as err:
-                    if "running_mean" in str(err) or "inplace arithmetic" in str(err):
+                    text = message(err)
+                    if "running_mean" in text or "inplace arithmetic" in text:
                         raise RuntimeError(
                             "strategy='vmap': the model updates buffers in place (e.g. BatchNorm "
                             "running statistics in training mode), which cannot be reproduced "
@@ -391,7 +393,7 @@ class GradStage:
                             "normalisation in eval mode / with track_running_stats=False. "
                             f"Original error: {err}"
                         ) from err
-                    if "data-dependent control flow" in str(err):
+                    if "data-dependent control flow" in text:
                         raise RuntimeError(
                             "strategy='vmap': the model reads tensor values on the host (e.g. "
                             "`if mask.all():`, as Hugging Face attention masks do), which vmap "
