@@ -13,9 +13,10 @@ reduces too): average them yourself. ``torch.nn.functional``'s losses *mean* by 
 
 All are differentiable with ``torch.func.grad``, batch with ``torch.func.vmap``, read nothing
 back to the host (so they compile with ``fullgraph=True``; out-of-range integer labels give
-NaN or a zero one-hot row instead of an error) and compute float16/bfloat16 inputs in float32
-before casting the result back (the CTC losses return float32, as optax's). Bad shapes and
-dtypes raise an error naming the argument, before anything is computed.
+NaN, a zero one-hot row or a clamped index, as optax's, instead of an error) and compute
+float16/bfloat16 inputs in float32 before casting the result back (the CTC losses return
+float32, as optax's), also under ``torch.autocast``. Bad shapes and dtypes raise an error
+naming the argument, before anything is computed.
 
 Topic modules: ``classification`` (softmax and sigmoid cross entropies, focal, poly),
 ``margin`` (hinge, perceptron, sparsemax), ``divergence`` (KL), ``regression`` (squared error,

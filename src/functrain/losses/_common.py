@@ -163,20 +163,29 @@ def masked_sum(
     return x.sum(dim=d, keepdim=keepdim)
 
 
+def _neg_inf(x: torch.Tensor) -> torch.Tensor:
+    return torch.full((), -math.inf, dtype=x.dtype, device=x.device)
+
+
 def log_softmax(x: torch.Tensor, d: tuple[int, ...], where: torch.Tensor | None) -> torch.Tensor:
     """``jax.nn.log_softmax(x, d, where)``: masked entries are ``-inf``, NaN-free gradients."""
+    if not d:  # axis=(): each element is its own distribution (torch would reduce them all)
+        out = x - x
+        return out if where is None else torch.where(where, out, _neg_inf(x))
     if where is None:
         if len(d) == 1:
             return torch.log_softmax(x, d[0])
         return x - torch.logsumexp(x, d, keepdim=True)
-    neg_inf = torch.full((), -math.inf, dtype=x.dtype, device=x.device)
+    neg_inf = _neg_inf(x)
     xm = torch.where(where, x, neg_inf)
     peak = xm.detach().amax(dim=d, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     shifted = xm - peak
     total = masked_sum(torch.exp(shifted), d, where, keepdim=True)
     # A fully masked slice sums to 0: log(1) keeps its gradient finite; its entries are -inf.
-    total = torch.where(total == 0, torch.ones_like(total), total)
+    # (A slice whose kept logits are all -inf stays NaN, as jax's.)
+    empty = ~torch.broadcast_to(where, xm.shape).any(d, keepdim=True)
+    total = torch.where(empty, torch.ones_like(total), total)
     return torch.where(where, shifted - torch.log(total), neg_inf)
 
 
@@ -184,17 +193,31 @@ def logsumexp(
     x: torch.Tensor, d: tuple[int, ...], where: torch.Tensor | None, keepdim: bool = False
 ) -> torch.Tensor:
     """``jax.nn.logsumexp(x, d, where=where)``: ``-inf`` for a fully masked slice."""
+    if not d:  # axis=(): nothing to reduce (torch.logsumexp would reduce every axis)
+        return x if where is None else torch.where(where, x, _neg_inf(x))
     if where is None:
         return torch.logsumexp(x, d, keepdim=keepdim)
-    neg_inf = torch.full((), -math.inf, dtype=x.dtype, device=x.device)
+    neg_inf = _neg_inf(x)
     xm = torch.where(where, x, neg_inf)
     peak = xm.detach().amax(dim=d, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     total = masked_sum(torch.exp(xm - peak), d, where, keepdim=True)
-    empty = total == 0
+    # A fully masked slice: log(1) keeps its gradient finite. (Kept logits all -inf give
+    # log(0) = -inf, and the gradient jax's has.)
+    empty = ~torch.broadcast_to(where, xm.shape).any(d, keepdim=True)
     safe = torch.where(empty, torch.ones_like(total), total)
     out = torch.where(empty, neg_inf, torch.log(safe) + peak)
     return out if keepdim else out.squeeze(d) if d else out
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in the inputs' dtype, even under ``torch.autocast`` (which would round it to
+    bfloat16/float16: losses compute in float32)."""
+    device = a.device.type
+    if not torch.amp.is_autocast_available(device):  # e.g. meta
+        return a @ b
+    with torch.autocast(device, enabled=False):
+        return a @ b
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:

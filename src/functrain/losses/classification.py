@@ -197,6 +197,8 @@ def safe_softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> to
     fn = "safe_softmax_cross_entropy"
     logits = c.floating(logits, "logits", fn)
     labels = c.tensor(labels, "labels", fn)
+    if logits.ndim == 0:
+        raise ValueError(f"{fn}: logits must have a class axis (the last), got a 0-d tensor")
     c.broadcastable(labels, logits.shape, ("labels", "logits"), fn)
     out_dtype = c.result_dtype(logits, labels)
     x = logits.to(c.compute_dtype(out_dtype))
@@ -221,7 +223,8 @@ def _move_class_axes(
     # optax keeps the order the axes were given in: a flat label indexes that order.
     d = tuple(a % logits.ndim for a in ((axis,) if isinstance(axis, int) else axis))
     batch = tuple(i for i in range(logits.ndim) if i not in d)
-    shape = (*(logits.shape[i] for i in batch), -1)
+    # The class size spelled out, not -1: an empty batch has no size to infer it from.
+    shape = (*[logits.shape[i] for i in batch], math.prod([logits.shape[i] for i in d]))
     logits = logits.permute(batch + d).reshape(shape)
     if where is not None:
         where = where.permute(batch + d).reshape(shape)
@@ -280,10 +283,15 @@ def softmax_cross_entropy_with_integer_labels(
     batch_shape = flat.shape[:-1]
     c.broadcastable(labels, batch_shape, ("labels", "the batch shape (logits without axis)"), fn)
     num_classes = flat.shape[-1]
+    if num_classes == 0:
+        raise ValueError(f"{fn}: logits have no class (axis {axis!r} has size 0)")
     x = c.widen(flat)
+    # int64 first: gather takes no narrower index, and `label + num_classes` must not wrap
+    # (an int8 label -1 of 200 classes).
+    labels = labels.to(torch.int64)
     index = torch.where(labels < 0, labels + num_classes, labels)
     valid = (index >= 0) & (index < num_classes)
-    index = index.clamp(0, max(num_classes - 1, 0)).expand(batch_shape)
+    index = index.clamp(0, num_classes - 1).expand(batch_shape)
     label_logits = torch.gather(x, -1, index.unsqueeze(-1)).squeeze(-1)
     # An out-of-range label reads NaN, as jax's gather fills (the log-normalizer still has its
     # gradient there, as in optax).
@@ -306,8 +314,8 @@ def poly_loss_cross_entropy(
 
     The cross entropy plus ``ε`` times the first polynomial term ``1 - p_t`` of its Taylor
     expansion (``ε = 2`` for ImageNet classification, ``-1`` for detection, per the paper).
-    ``where`` is passed to the softmax and the sums as given (optax does not expand it here,
-    unlike in :func:`softmax_cross_entropy`).
+    ``where`` is passed to the softmax and the sums as given, and to the cross-entropy term,
+    which expands a ``where`` of lower rank at ``axis`` (as optax's): give it the logits' rank.
 
     Args:
         logits: unnormalised log-probabilities, ``[..., num_classes]`` (floating point).
@@ -330,9 +338,13 @@ def poly_loss_cross_entropy(
     labels = c.floating(labels, "labels", fn)
     c.broadcastable(labels, logits.shape, ("labels", "logits"), fn)
     mask = c.mask(where, fn)
+    d = c.dims(axis, logits.ndim, fn)
     if mask is not None:
         c.broadcastable(mask, logits.shape, ("where", "logits"), fn)
-    d = c.dims(axis, logits.ndim, fn)
+        # The cross-entropy term expands a where of lower rank at axis (optax's does too):
+        # checked here, so that the error names this function.
+        expanded = c.expand_where(mask, axis, logits.ndim)
+        c.broadcastable(expanded, logits.shape, ("where expanded at axis", "logits"), fn)
     out_dtype = c.result_dtype(logits, labels)
     x = logits.to(c.compute_dtype(out_dtype))
     y = labels.to(x.dtype)

@@ -34,6 +34,11 @@ def ctc_loss_with_forward_probs(
     recursion starts from float32 constants): values near ``log_epsilon = -1e5`` do not fit
     in float16.
 
+    ``-inf`` logits of classes absent from a sequence's row of ``labels`` (padding included)
+    are fine (optax's one-hot contraction gives NaN there); a ``-inf`` logit of one of them,
+    or of the blank, gives NaN, as optax's (its arithmetic padding blend takes ``0 · -inf``):
+    write such masked classes as a large negative finite logit instead.
+
     Differences from ``torch.nn.functional.ctc_loss``: batch-major ``[B, T, K]`` logits (not
     time-major log-probabilities ``[T, B, C]``), the log-softmax is taken here, lengths are
     given as padding masks (``1`` = padded), there is no reduction (torch's default divides
@@ -115,8 +120,14 @@ def _ctc(
     repeat = torch.nn.functional.pad(repeat, (0, 1))
 
     logprobs_phi = logprobs[:, :, blank_id : blank_id + 1].transpose(0, 1)  # [T, B, 1]
-    one_hot = c.one_hot(labels, num_classes, dtype)  # [B, N, K]
-    logprobs_emit = torch.einsum("btk,bnk->tbn", logprobs, one_hot)  # [T, B, N]
+    # optax contracts with a one-hot (a label out of [0, K) reads 0); a gather reads the same
+    # values without a matmul, which autocast would run in bfloat16/float16, and without
+    # 0 · -inf = NaN from the -inf logits of classes that are not the label.
+    labels = labels.to(torch.int64)
+    valid = (labels >= 0) & (labels < num_classes)
+    index = labels.clamp(0, num_classes - 1).unsqueeze(1).expand(batch, frames, max_label_len)
+    emit_lp = torch.where(valid.unsqueeze(1), torch.gather(logprobs, -1, index), 0.0)
+    logprobs_emit = emit_lp.transpose(0, 1)  # [T, B, N]
     pads = logit_paddings.transpose(0, 1).to(dtype)  # [T, B]
 
     phi = torch.full((batch, max_label_len + 1), 1.0, dtype=dtype, device=x.device) * log_epsilon

@@ -1,8 +1,10 @@
 """Margin losses: hinge, perceptron and sparsemax, binary and multiclass (optax's).
 
 Element-wise (binary) or per-example (multiclass) losses, never averaged. Multiclass labels
-are integer class indices; one outside ``[0, num_classes)`` has an all-zero one-hot row, as
-``jax.nn.one_hot`` gives (``torch.nn.functional.one_hot`` would raise, after a host read).
+are integer class indices (any integer dtype). As optax's, the hinge and perceptron losses give
+a label outside ``[0, num_classes)`` an all-zero one-hot row (``jax.nn.one_hot``;
+``torch.nn.functional.one_hot`` would raise, after a host read), and the sparsemax loss
+indexes: a negative label counts from the end, then an out-of-range one is clamped.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ def _scores_and_labels(
     labels = c.integer(labels, "labels", fn)
     if scores.ndim == 0:
         raise ValueError(f"{fn}: scores must have a class axis (the last), got a 0-d tensor")
+    if scores.shape[-1] == 0:
+        raise ValueError(f"{fn}: scores have no class (last axis of size 0)")
     c.broadcastable(labels, scores.shape[:-1], ("labels", "scores without its last axis"), fn)
     return scores, labels
 
@@ -116,9 +120,9 @@ def _scores_and_labels(
 def multiclass_hinge_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     r"""Multiclass hinge loss (Crammer–Singer): ``max_j (s_j + 1 - [j = y]) - s_y``.
 
-    Difference from ``torch.nn.functional.multi_margin_loss``: that one sums the hinge over
-    every wrong class (Weston–Watkins) and means over the batch; this takes the largest
-    margin violation, per example.
+    Difference from ``torch.nn.functional.multi_margin_loss``: that one averages the hinge of
+    every wrong class over the ``num_classes`` classes (Weston–Watkins) and means over the
+    batch; this takes the largest margin violation, per example.
 
     Args:
         scores: the model's scores, ``[..., num_classes]``.
@@ -164,14 +168,33 @@ def multiclass_perceptron_loss(scores: torch.Tensor, labels: torch.Tensor) -> to
 
 
 def _sparsemax(z: torch.Tensor) -> torch.Tensor:
-    """The Euclidean projection of each last-axis vector onto the probability simplex."""
+    """The Euclidean projection of each last-axis vector onto the probability simplex.
+
+    optax's ``projection_simplex``, with its arithmetic and its derivative.
+    """
     n = z.shape[-1]
-    z_sorted = torch.sort(z, dim=-1, descending=True).values
+    zd = z.detach()  # (not no_grad: that would leave forward-mode AD on)
+    z_sorted = torch.sort(zd, dim=-1, descending=True).values
     cumsum = z_sorted.cumsum(-1)
     k = torch.arange(1, n + 1, dtype=z.dtype, device=z.device)
-    support = (1 + k * z_sorted > cumsum).sum(-1, keepdim=True)  # >= 1: the largest is in it
-    tau = (torch.gather(cumsum, -1, support - 1) - 1) / support.to(z.dtype)
-    return torch.clamp_min(z - tau, 0)
+    # optax's test, 1/k + z_(k) - cumsum_k / k > 0, holds at k = 1 whatever the magnitude
+    # (the equivalent 1 + k z_(k) > cumsum_k rounds to False for scores ~1e30).
+    count = (1 / k + (z_sorted - cumsum / k) > 0).sum(-1, keepdim=True).clamp_min(1)
+    size = count.to(z.dtype)  # (an integer tensor would divide in the default dtype)
+    # optax's order of operations: z - (cumsum - 1) / size would lose the 1 next to 1e30
+    proba = torch.relu(1 / size + (zd - torch.gather(cumsum, -1, count - 1) / size))
+    # optax's custom JVP, p' = s ⊙ (z' - ⟨s, z'⟩ / |s|) on the support s = {p > 0}, as the
+    # derivative of a term worth 0 (autograd through the sort would also count the entries on
+    # the support's edge, where p = 0).
+    supp = proba > 0
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    # A node of its own: the two terms of the derivative (z' and its mean) are summed here
+    # first, as optax's one-piece JVP does, before other paths add to z's gradient (summed
+    # in another order, scores ~1e30 would swamp the loss's own ±1 terms).
+    zc = z.clone()
+    mean = torch.where(supp, zc, zero).sum(-1, keepdim=True) / supp.sum(-1, keepdim=True)
+    centred = torch.where(supp, zc - mean, zero)
+    return proba + (centred - centred.detach())
 
 
 def multiclass_sparsemax_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -179,11 +202,16 @@ def multiclass_sparsemax_loss(scores: torch.Tensor, labels: torch.Tensor) -> tor
 
     ``p = sparsemax(s)`` (the projection of ``s`` onto the simplex), then
     ``⟨p, s - s_y⟩ + (1 - ‖p‖²) / 2``: zero exactly when ``sparsemax(s)`` is the one-hot of
-    the label. optax vmaps over a leading batch axis; this takes any leading shape.
+    the label. optax vmaps over a leading batch axis; this takes any leading shape. As optax's
+    ``scores[label]``, a label in ``[-num_classes, 0)`` counts from the end and any other one
+    out of range is clamped to ``[0, num_classes)``; ``-inf`` scores (masked classes) get
+    probability 0 (a label at a ``-inf`` score gives ``inf``). The gradient is optax's (the
+    projection's Jacobian on its support).
 
     Args:
         scores: the model's scores, ``[..., num_classes]`` (floating point).
-        labels: integer class indices, broadcastable to ``scores.shape[:-1]``.
+        labels: integer class indices, broadcastable to ``scores.shape[:-1]`` (see above for
+            labels out of range).
 
     Returns:
         The loss of each example, of shape ``scores.shape[:-1]``.
@@ -198,9 +226,15 @@ def multiclass_sparsemax_loss(scores: torch.Tensor, labels: torch.Tensor) -> tor
     scores, labels = _scores_and_labels(scores, labels, fn)
     scores = c.floating(scores, "scores", fn)
     s = c.widen(scores)
-    one_hot = c.one_hot(labels, s.shape[-1], torch.bool)
+    n = s.shape[-1]
+    # optax indexes scores[label]: a negative label counts from the end, then any label out
+    # of range is clamped (jax's gather); read by a gather, so a -inf score elsewhere (a
+    # masked class) is not multiplied by 0.
+    labels = labels.to(torch.int64)
+    index = torch.where(labels < 0, labels + n, labels).clamp(0, n - 1).expand(s.shape[:-1])
+    label_score = torch.gather(s, -1, index.unsqueeze(-1))
+    one_hot = c.one_hot(index, n, torch.bool)
     proba = _sparsemax(s)
-    label_score = (s * one_hot).sum(-1, keepdim=True)
     shifted = torch.where(one_hot, torch.zeros_like(s), s - label_score)
     shifted = torch.where(proba != 0, shifted, torch.zeros_like(s))
     out = (proba * shifted).sum(-1) + 0.5 * (1.0 - (proba * proba).sum(-1))

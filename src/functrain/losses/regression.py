@@ -204,8 +204,11 @@ def _cosine(
         b = b.reshape((1,) * (len(shape) - b.ndim) + tuple(b.shape))
     a_norm2 = c.masked_sum(a * a, d, where, keepdim=True)
     b_norm2 = c.masked_sum(b * b, d, where, keepdim=True)
-    a_unit = a / torch.sqrt(torch.clamp_min(a_norm2, epsilon))
-    b_unit = b / torch.sqrt(torch.clamp_min(b_norm2, epsilon))
+    # jnp.clip is jnp.maximum: a squared norm equal to epsilon gets half its gradient, as
+    # optax's (torch.clamp_min would pass all of it).
+    eps = torch.as_tensor(epsilon, dtype=a.dtype, device=a.device)
+    a_unit = a / torch.sqrt(torch.maximum(a_norm2, eps))
+    b_unit = b / torch.sqrt(torch.maximum(b_norm2, eps))
     return c.masked_sum(a_unit * b_unit, d, where).to(out_dtype)
 
 
@@ -220,7 +223,8 @@ def cosine_distance(
     r"""Cosine distance ``1 - cosine_similarity(predictions, targets)``, per example.
 
     See :func:`cosine_similarity` for ``epsilon``, ``axis`` and ``where``.
-    ``torch.nn.CosineEmbeddingLoss`` with target 1 computes this, then means.
+    ``torch.nn.CosineEmbeddingLoss`` with target 1 computes this (up to its own ``1e-12``
+    in the norms), then means.
 
     Args:
         predictions: predicted vectors, ``[..., dim]`` (floating point).

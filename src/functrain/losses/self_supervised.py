@@ -21,7 +21,10 @@ def ntxent(
     each positive pair ``(i, j)`` (same label, ``i ≠ j``) contributes
     ``-log(exp(s_ij) / (exp(s_ij) + Σ_{k: label_k ≠ label_i} exp(s_ik)))``; the result is
     the mean over all positive pairs (NaN if there is none). Computed max-shifted, in
-    float32 for float16/bfloat16 embeddings.
+    float32 for float16/bfloat16 embeddings; the ``[batch, batch]`` similarities are one
+    matmul (memory ``batch²``, not ``batch² · features``), kept in float32 under
+    ``torch.autocast`` (a backward that runs under autocast, as a compiled step's does,
+    takes autocast's dtype for it, as for any matmul).
 
     Args:
         embeddings: a batch of embeddings, ``[batch, features]`` (floating point).
@@ -48,9 +51,11 @@ def ntxent(
         )
     eps = torch.finfo(embeddings.dtype).eps
     e = c.widen(embeddings)
-    norm2 = torch.clamp_min((e * e).sum(-1, keepdim=True), eps)
+    # torch.maximum, not clamp_min: a tie gets half the gradient, as optax's jnp.clip.
+    floor = torch.full((), eps, dtype=e.dtype, device=e.device)
+    norm2 = torch.maximum((e * e).sum(-1, keepdim=True), floor)
     unit = e / torch.sqrt(norm2)
-    xcs = (unit.unsqueeze(0) * unit.unsqueeze(1)).sum(-1) / temperature
+    xcs = c.matmul(unit, unit.T) / temperature
     same = labels.unsqueeze(1) == labels.unsqueeze(0)
     eye = torch.eye(same.shape[0], dtype=torch.bool, device=same.device)
     matches = same & ~eye
