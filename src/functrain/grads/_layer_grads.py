@@ -127,6 +127,28 @@ def _patches(
 # equal at 256 channels, slower at 3-6 channels (1.2-2.2x). In float64 (no oneDNN kernels) it took
 # 0.4-1.0x the time for 13 of 16 layers, 1.2-1.6x for a 3-d and a 32 -> 64 channel one.
 GROUPED_MIN_CHANNELS = 8
+# One input channel and a 1-d kernel of this many taps or more, with fewer than
+# LONG_ROWS_MAX_OUT output channels: each patch is one contiguous run of the signal, cheap to
+# copy, and the patches with one batched matmul beat both grouped convolutions. Per-example
+# weight gradients alone (CPU time, one thread, float32, batch 32): the M5 audio CNN's first
+# layer (1 -> 32, kernel 80, stride 4, 8000 samples) took 4.8 ms by the patches, 6.1 by the
+# transposed and 8.4 by the grouped route; 1 -> 32 with kernels of 16-64 (stride 4) 1.19-1.38x
+# and 1 -> 48, 64, 96 1.05-1.19x the patches' time by the transposed route, 1.1-2.4x by the
+# grouped one (float64: 1.39x for the M5 layer); from 128 output channels the transposed route
+# won (0.78-0.94x for kernels of 16-80), as it did for kernels under 16 taps (0.36-0.91x, e.g.
+# wav2vec 2.0's 1 -> 512, kernel 10, stride 5 at 0.36x). 2-d kernels with long rows (3 x 40)
+# kept the grouped routes (the patches 2.5x slower).
+LONG_ROWS_MIN_TAPS = 16
+LONG_ROWS_MAX_OUT = 128
+
+
+def _long_rows(weight: torch.Tensor) -> bool:
+    """A one-channel 1-d convolution whose patches are cheap (see :data:`LONG_ROWS_MIN_TAPS`)."""
+    return (
+        weight.dim() == 3
+        and weight.shape[2] >= LONG_ROWS_MIN_TAPS
+        and weight.shape[0] < LONG_ROWS_MAX_OUT
+    )
 
 
 def _grouped_pays(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -134,18 +156,19 @@ def _grouped_pays(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> boo
 
     With :data:`GROUPED_MIN_CHANNELS` or more input channels (and a kernel of more than one
     element: a 1x1 kernel's patches are the input itself), see there. With one input channel,
-    only where there are over 4x more output positions than output channels: there the patches
-    of :func:`_patches` are runs of one kernel row, many times the size of the gradients they
-    give, and writing them (fresh memory, page faults included) cost more than the grouped
-    kernel: the Opacus MNIST CNN's first layer (1 -> 16 channels, 8x8 kernel, 196 positions) took
-    6.4-7.0 ms instead of 6.8-7.9 ms for per-sample gradients at batch 64.
+    only where there are over 4x more output positions than output channels (and not
+    :func:`_long_rows`): there the patches of :func:`_patches` are runs of one kernel row, many
+    times the size of the gradients they give, and writing them (fresh memory, page faults
+    included) cost more than the grouped kernel: the Opacus MNIST CNN's first layer (1 -> 16
+    channels, 8x8 kernel, 196 positions) took 6.4-7.0 ms instead of 6.8-7.9 ms for per-sample
+    gradients at batch 64.
     """
     if g.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
     in_channels = weight.shape[1]
     if in_channels >= GROUPED_MIN_CHANNELS:
         return math.prod(weight.shape[2:]) > 1
-    return in_channels == 1 and math.prod(g.shape[3:]) > 4 * g.shape[2]
+    return in_channels == 1 and math.prod(g.shape[3:]) > 4 * g.shape[2] and not _long_rows(weight)
 
 
 def _grouped_weight_grads(
@@ -185,6 +208,7 @@ def _transposed_pays(x: torch.Tensor, weight: torch.Tensor, dilation: Sequence[i
     0.70-1.11x that of :func:`_grouped_weight_grads` over 1- and 2-d layers of 6-128 output
     channels (e.g. 1.05 against 1.40 ms for the Opacus MNIST CNN's first layer, 0.23 against
     0.27 ms for the 8x8-digits CNN's); dilated and 3-d layers ran 1.1-1.4x slower than grouped.
+    Not for :func:`_long_rows` (long 1-d kernels with few output channels: the patches).
     """
     return (
         x.device.type == "cpu"
@@ -192,6 +216,7 @@ def _transposed_pays(x: torch.Tensor, weight: torch.Tensor, dilation: Sequence[i
         and weight.shape[1] == 1
         and weight.dim() <= 4
         and all(d == 1 for d in dilation)
+        and not _long_rows(weight)
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
     )

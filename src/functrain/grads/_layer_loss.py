@@ -32,7 +32,12 @@ CROSS_ENTROPY_ARGS = (
 def cross_entropy_options(call: dict[str, Any]) -> tuple[int, str] | None:
     """``(ignore_index, reduction)`` of an ``F.cross_entropy`` call the rule reproduces, or
     ``None``: class-index targets ``(N,)`` of logits ``(N, C)`` per example, on the CPU, without
-    class weights, label smoothing or the deprecated ``size_average`` / ``reduce``."""
+    class weights, label smoothing or the deprecated ``size_average`` / ``reduce``.
+
+    Targets of another length are left to ``vmap`` too: on the physical batch the kernel's
+    error would name ``B`` times the example's sizes ("batch_size (15) to match target
+    batch_size (10)" for 3 logit rows and 2 targets).
+    """
     x, target = call.get("input"), call.get("target")
     reduction = call.get("reduction", "mean")
     ignore_index = call.get("ignore_index", -100)
@@ -41,6 +46,7 @@ def cross_entropy_options(call: dict[str, Any]) -> tuple[int, str] | None:
         or not isinstance(target, torch.Tensor)
         or x.dim() != 2
         or target.dim() != 1
+        or target.shape[0] != x.shape[0]
         or x.device.type != "cpu"
         or not x.is_floating_point()
         or target.dtype != torch.int64  # class indices (floats: class probabilities)
