@@ -86,7 +86,7 @@ def _check(loss_fn: Any, params: Any, batch: Any, *, rtol: float = 1e-4) -> None
     )
 
 
-def _conv(cin: int, kernel: tuple[int, ...] = (3, 3), cout: int = 3, seed: int = 0) -> Any:
+def _conv(cin: int, kernel: tuple[int, ...] = (3, 3), cout: int = 8, seed: int = 0) -> Any:
     return {
         "w": _randn(cout, cin, *kernel, seed=seed + 1) / cin,
         "b": _randn(cout, seed=seed + 2),
@@ -139,7 +139,8 @@ SETTINGS: dict[str, Callable[[], Any]] = {
 def test_global_settings(setting: str, cin: int, routes: dict[str, int]) -> None:
     """Deterministic algorithms and oneDNN switched off: the routes stay exact (without
     oneDNN the one-channel layer moves from the transposed to the grouped route)."""
-    params, x = _conv(cin), _randn(4, cin, 9, 8, seed=3)
+    # 8 outputs: float32 grouped convolutions need multiples of 8 channels (see _grouped_pays).
+    params, x = _conv(cin, cout=3 if cin == 1 else 8), _randn(4, cin, 9, 8, seed=3)
     with SETTINGS[setting]():
         _check(_conv_loss(stride=2, padding=1), params, x)
     if cin == 8 or setting == "oneDNN off":
@@ -212,8 +213,8 @@ def test_padding_modes_of_modules(mode: str, cin: int, routes: dict[str, int]) -
     the rule sees the padded input, its gradient flows through ``F.pad``."""
     torch.manual_seed(0)
     for module, x in (
-        (nn.Conv2d(cin, 3, 3, stride=(2, 1), padding=(1, 2), padding_mode=mode), (4, cin, 7, 6)),
-        (nn.Conv1d(cin, 3, 4, padding=2, padding_mode=mode), (4, cin, 9)),
+        (nn.Conv2d(cin, 8, 3, stride=(2, 1), padding=(1, 2), padding_mode=mode), (4, cin, 7, 6)),
+        (nn.Conv1d(cin, 8, 4, padding=2, padding_mode=mode), (4, cin, 9)),
     ):
         params = {k: v.detach() for k, v in module.named_parameters()}
 

@@ -167,6 +167,12 @@ def _grouped_pays(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> boo
         return False
     in_channels = weight.shape[1]
     if in_channels >= GROUPED_MIN_CHANNELS:
+        if x.dtype == torch.float32 and (in_channels % 8 or weight.shape[0] % 8):
+            # oneDNN's grouped float32 kernel is slow off multiples of 8 channels: the weight
+            # gradients alone took 1.25-1.63x the patches' time for 9-36 -> 16 channels and
+            # 1.14-1.27x for 16 -> 10-30 (multiples of 8: 0.38-0.72x); float64 has no such
+            # penalty.
+            return False
         return math.prod(weight.shape[2:]) > 1
     return in_channels == 1 and math.prod(g.shape[3:]) > 4 * g.shape[2] and not _long_rows(weight)
 
