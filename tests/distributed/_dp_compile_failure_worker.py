@@ -11,9 +11,7 @@ fails the test instead of timing out on its own. Not collected by pytest.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import gloo_jobs
@@ -146,40 +144,6 @@ def update_first(rank: int, group: Any, out_dir: str) -> dict:
     return out
 
 
-_COLLECTIVES = (
-    "all_reduce",
-    "all_gather_object",
-    "broadcast",
-    "all_gather_into_tensor",
-    "reduce_scatter_tensor",
-    "all_gather",
-    "broadcast_object_list",
-    "barrier",
-)
-
-
-@contextlib.contextmanager
-def counting() -> Iterator[list[str]]:
-    """The names of the ``torch.distributed`` collectives called inside, in order."""
-    calls: list[str] = []
-    saved = {name: getattr(tdist, name) for name in _COLLECTIVES}
-
-    def counted(name: str) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            return saved[name](*args, **kwargs)
-
-        return call
-
-    for name in _COLLECTIVES:
-        setattr(tdist, name, counted(name))
-    try:
-        yield calls
-    finally:
-        for name, fn in saved.items():
-            setattr(tdist, name, fn)
-
-
 def collectives(rank: int, group: Any, out_dir: str) -> dict:
     """The collectives of four calls of a compiled and of an eager step (same batches)."""
     out: dict = {}
@@ -188,7 +152,7 @@ def collectives(rank: int, group: Any, out_dir: str) -> dict:
         state = step.init_state(params())
         per_call = []
         for s in range(4):
-            with counting() as calls:
+            with gloo_jobs.counting() as calls:
                 state, _ = step(state, shares(batch_at(s, sum(SIZES)), SIZES, rank))
             per_call.append(calls)
         out[name] = per_call

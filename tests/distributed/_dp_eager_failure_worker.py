@@ -14,7 +14,6 @@ pytest.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import time
@@ -316,40 +315,6 @@ def device_flags(rank: int, group: Any, out_dir: str) -> dict:
     return out
 
 
-_COLLECTIVES = (
-    "all_reduce",
-    "all_gather_object",
-    "broadcast",
-    "all_gather_into_tensor",
-    "reduce_scatter_tensor",
-    "all_gather",
-    "broadcast_object_list",
-    "barrier",
-)
-
-
-@contextlib.contextmanager
-def counting() -> Iterator[list[str]]:
-    """The names of the ``torch.distributed`` collectives called inside, in order."""
-    calls: list[str] = []
-    saved = {name: getattr(tdist, name) for name in _COLLECTIVES}
-
-    def counted(name: str) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            return saved[name](*args, **kwargs)
-
-        return call
-
-    for name in _COLLECTIVES:
-        setattr(tdist, name, counted(name))
-    try:
-        yield calls
-    finally:
-        for name, fn in saved.items():
-            setattr(tdist, name, fn)
-
-
 def collectives(rank: int, group: Any, out_dir: str) -> dict:
     """The collectives of each call: four healthy ones, then one failing on rank 1."""
     out: dict = {}
@@ -358,11 +323,11 @@ def collectives(rank: int, group: Any, out_dir: str) -> dict:
         state = step.init_state(params())
         per_call = []
         for s in range(4):
-            with counting() as calls:
+            with gloo_jobs.counting() as calls:
                 state, _ = step(state, share(s, rank))
             per_call.append(calls)
         bad = with_bad_id(share(4, rank)) if rank == 1 else share(4, rank)
-        with counting() as calls:
+        with gloo_jobs.counting() as calls:
             failure = attempt(step, state, bad)
         out[name] = {"healthy": per_call, "failing": calls, "raised": failure["raised"]}
     return out

@@ -7,6 +7,7 @@ stderr, killing a rank that outlives the timeout (a deadlock must fail the tests
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,43 @@ def shares(batch: dict, sizes: list[int], rank: int) -> dict:
     """``rank``'s contiguous rows of a global ``batch`` cut into pieces of ``sizes``."""
     lo = sum(sizes[:rank])
     return {k: v[lo : lo + sizes[rank]] for k, v in batch.items()}
+
+
+_COLLECTIVES = (
+    "all_reduce",
+    "all_gather_object",
+    "broadcast",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "all_gather",
+    "broadcast_object_list",
+    "barrier",
+)
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[list[str]]:
+    """The names of the ``torch.distributed`` collectives called inside, in order."""
+    calls: list[str] = []
+    saved = {name: getattr(_dist(), name) for name in _COLLECTIVES}
+
+    def counted(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return saved[name](*args, **kwargs)
+
+        return call
+
+    for name in _COLLECTIVES:
+        setattr(_dist(), name, counted(name))
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(_dist(), name, fn)
+
+
+def _dist() -> Any:
+    import torch.distributed  # in the workers only: the launcher needs no torch
+
+    return torch.distributed
