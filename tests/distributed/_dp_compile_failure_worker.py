@@ -11,12 +11,10 @@ fails the test instead of timing out on its own. Not collected by pytest.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import gloo_jobs
 import torch
-import torch.distributed as tdist
 from gloo_jobs import digest, gap, shares
 
 import functrain as ft
@@ -64,37 +62,12 @@ def make(loss: Any, group: Any, compile: Any) -> dist.DataParallelTrainStep:
     return dist.make_data_parallel_train_step(loss, ft.adam(0.05), group=group, compile=compile)
 
 
-def attempt(step: Any, state: ft.TrainState, batch: Any) -> dict:
-    """What ``step(state, batch)`` raised (type, message, notes) and how long it took."""
-    start = time.monotonic()
-    try:
-        step(state, batch)
-        out: dict = {"raised": None}
-    except Exception as err:
-        out = {
-            "raised": {
-                "type": f"{type(err).__module__}.{type(err).__qualname__}",
-                "message": str(err),
-                "notes": list(getattr(err, "__notes__", [])),
-            }
-        }
-    out["seconds"] = time.monotonic() - start
-    return out
-
-
-def in_step(group: Any, rank: int) -> float:
-    """One all-reduce of ``rank + 1``: 3 on both ranks when no collective was left behind."""
-    t = torch.tensor([float(rank + 1)])
-    tdist.all_reduce(t, group=group)
-    return float(t)
-
-
 def first_call(rank: int, group: Any, out_dir: str) -> dict:
     """Rank 1 has no working compiler: its first call's gradient region fails to compile."""
     step = make(loss_fn, group, {"backend": broken_backend} if rank == 1 else FAST)
     state = step.init_state(params())
-    out = attempt(step, state, shares(batch_at(0, sum(SIZES)), SIZES, rank))
-    out["in_step"] = in_step(group, rank)
+    out = gloo_jobs.attempt(step, state, shares(batch_at(0, sum(SIZES)), SIZES, rank))
+    out["in_step"] = gloo_jobs.in_step(group, rank)
     return out
 
 
@@ -108,8 +81,8 @@ def later_shape(rank: int, group: Any, out_dir: str) -> dict:
     for s, sizes in enumerate([SIZES, SIZES, [SIZES[0], BAD_ROWS], SIZES]):
         mine = shares(batch_at(s, sum(sizes)), sizes, rank)
         if s == 2:
-            out["failure"] = attempt(compiled, sc, mine)
-            out["in_step"] = in_step(group, rank)
+            out["failure"] = gloo_jobs.attempt(compiled, sc, mine)
+            out["in_step"] = gloo_jobs.in_step(group, rank)
             continue
         sc, _ = compiled(sc, mine)
         se, _ = eager(se, mine)
@@ -134,8 +107,8 @@ def update_first(rank: int, group: Any, out_dir: str) -> dict:
         update.fn = fail
     state, ref = compiled.init_state(params()), eager.init_state(params())
     mine = shares(batch_at(0, sum(SIZES)), SIZES, rank)
-    out = attempt(compiled, state, mine)
-    out["in_step"] = in_step(group, rank)
+    out = gloo_jobs.attempt(compiled, state, mine)
+    out["in_step"] = gloo_jobs.in_step(group, rank)
     update.fn = working
     state, _ = compiled(state, mine)  # donate=True: would raise if the failed call consumed it
     ref, _ = eager(ref, mine)

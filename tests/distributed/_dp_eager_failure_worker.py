@@ -139,31 +139,6 @@ def state_digest(state: ft.TrainState) -> str:
     return digest(state.step, state.params, state.opt_state, state.buffers, state.key, state.extra)
 
 
-def attempt(step: Any, state: Any, batch: Any) -> dict:
-    """What ``step(state, batch)`` raised (type, message, notes) and how long it took."""
-    start = time.monotonic()
-    try:
-        step(state, batch)
-        out: dict = {"raised": None}
-    except Exception as err:
-        out = {
-            "raised": {
-                "type": f"{type(err).__module__}.{type(err).__qualname__}",
-                "message": str(err),
-                "notes": list(getattr(err, "__notes__", [])),
-            }
-        }
-    out["seconds"] = time.monotonic() - start
-    return out
-
-
-def in_step(group: Any, rank: int) -> float:
-    """One all-reduce of ``rank + 1``: 3 on both ranks when no collective was left behind."""
-    t = torch.tensor([float(rank + 1)])
-    tdist.all_reduce(t, group=group)
-    return float(t)
-
-
 def scenario(
     rank: int,
     group: Any,
@@ -197,10 +172,10 @@ def scenario(
                 else:
                     FAIL["hook"] = True
             try:
-                out["failure"] = attempt(step, bad_state, given)
+                out["failure"] = gloo_jobs.attempt(step, bad_state, given)
             finally:
                 FAIL["hook"] = False
-            out["in_step"] = in_step(group, rank)
+            out["in_step"] = gloo_jobs.in_step(group, rank)
             out["untouched"] = state_digest(state) == before  # raises if it was consumed
         state, metrics = step(state, mine)  # the retry (donate=True: the state is usable)
     fresh = make()
@@ -309,7 +284,7 @@ def device_flags(rank: int, group: Any, out_dir: str) -> dict:
     assert step._grad_zeros is not None
     step._grad_zeros.on_host = False  # as a result whose loss lives on a GPU
     bad = with_bad_id(share(1, rank)) if rank == 1 else share(1, rank)
-    out = attempt(step, state, bad)
+    out = gloo_jobs.attempt(step, state, bad)
     if rank == 1:
         time.sleep(SHORT_TIMEOUT + 2)  # alive, as a job that caught the error: rank 0 times out
     return out
@@ -328,7 +303,7 @@ def collectives(rank: int, group: Any, out_dir: str) -> dict:
             per_call.append(calls)
         bad = with_bad_id(share(4, rank)) if rank == 1 else share(4, rank)
         with gloo_jobs.counting() as calls:
-            failure = attempt(step, state, bad)
+            failure = gloo_jobs.attempt(step, state, bad)
         out[name] = {"healthy": per_call, "failing": calls, "raised": failure["raised"]}
     return out
 

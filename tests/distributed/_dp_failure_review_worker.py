@@ -27,7 +27,8 @@ import _dp_eager_failure_worker as base
 import gloo_jobs
 import torch
 import torch.distributed as tdist
-from _dp_eager_failure_worker import digest, in_step, params, state_digest
+from _dp_eager_failure_worker import digest, params, state_digest
+from gloo_jobs import in_step
 
 import functrain as ft
 from functrain import distributed as dist

@@ -228,3 +228,30 @@ def _dist() -> Any:
     import torch.distributed  # in the workers only: the launcher needs no torch
 
     return torch.distributed
+
+
+def attempt(step: Any, state: Any, batch: Any) -> dict:
+    """What ``step(state, batch)`` raised (type, message, notes) and how long it took."""
+    start = time.monotonic()
+    try:
+        step(state, batch)
+        out: dict = {"raised": None}
+    except Exception as err:
+        out = {
+            "raised": {
+                "type": f"{type(err).__module__}.{type(err).__qualname__}",
+                "message": str(err),
+                "notes": list(getattr(err, "__notes__", [])),
+            }
+        }
+    out["seconds"] = time.monotonic() - start
+    return out
+
+
+def in_step(group: Any, rank: int) -> float:
+    """One all-reduce of ``rank + 1``: 3 on both ranks when no collective was left behind."""
+    import torch  # in the workers only
+
+    t = torch.tensor([float(rank + 1)])
+    _dist().all_reduce(t, group=group)
+    return float(t)
