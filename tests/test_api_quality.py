@@ -30,7 +30,17 @@ import functrain as ft
 from functrain.optim.base import GradientTransformation
 from functrain.optim.schedules import Schedule
 
-SUBMODULES = ["tree", "testing", "logging", "checkpoint", "distributed"]
+SUBMODULES = [
+    "tree",
+    "testing",
+    "logging",
+    "checkpoint",
+    "distributed",
+    "second_order",
+    "perturbations",
+    "microbatching",
+    "experimental.aggregating",
+]
 MODULES = [functrain, *(importlib.import_module(f"functrain.{name}") for name in SUBMODULES)]
 PUBLIC = sorted({(m.__name__, name) for m in MODULES for name in m.__all__})
 IDS = [f"{m}.{n}" for m, n in PUBLIC]

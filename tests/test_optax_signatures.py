@@ -68,6 +68,11 @@ DELIBERATE = {
         "numbers, which the fused matrix products take)",
         "optax's also holds the Newton–Schulz coefficients",
     ),
+    "tree.random_like: sampler default": (
+        "functrain keys: the default draws standard normals with functrain's counter-based "
+        "generator from a functrain key (optax: jax.random.normal on a JAX key)",
+        "Differences from optax: keys are functrain keys",
+    ),
     "Schedule: kind": (
         "a typing.Protocol with the call of optax's Callable alias: both are annotations only",
         "Difference from optax: ``optax.Schedule`` is a ``Callable[[Numeric], Numeric]`` alias",

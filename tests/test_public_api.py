@@ -31,6 +31,11 @@ SUBMODULES = [
     "schedules",
     "transforms",
     "tree_utils",
+    "second_order",
+    "perturbations",
+    "microbatching",
+    "experimental",
+    "experimental.aggregating",
 ]
 
 

@@ -21,12 +21,16 @@ from functrain import (
     checkpoint,
     contrib,
     distributed,
+    experimental,
     grads,
     logging,
     losses,
+    microbatching,
     optim,
+    perturbations,
     projections,
     schedules,
+    second_order,
     testing,
     train,
     transforms,
@@ -55,8 +59,28 @@ from functrain.losses import (
     softmax_cross_entropy_with_integer_labels,
     squared_error,
 )
+from functrain.microbatching import microbatch
 from functrain.optim import *  # noqa: F403
+
+# optax's typing aliases (``params: optax.Params``), for annotations in ported code; not in
+# ``__all__``, which lists functrain's own objects.
+from functrain.optim.types import (
+    ConditionFn,
+    MaskOrFn,
+    OptState,
+    Params,
+    ScalarOrSchedule,
+    ShouldSkipUpdateFunction,
+    TransformUpdateExtraArgsFn,
+    Updates,
+)
 from functrain.train import *  # noqa: F403
+from functrain.tree import (
+    bias_correction,
+    update_infinity_moment,
+    update_moment,
+    update_moment_per_elem_norm,
+)
 
 __version__ = "0.1.0"
 
@@ -83,10 +107,20 @@ _TOP_LEVEL_LOSSES = [
     "squared_error",
 ]
 
+# optax's moment helpers at its top level (optax.update_moment is optax.tree.update_moment).
+_TOP_LEVEL_TREE = [
+    "bias_correction",
+    "update_infinity_moment",
+    "update_moment",
+    "update_moment_per_elem_norm",
+]
+
 __all__ = [
     "tree",
     *optim.__all__,
     *train.__all__,
     *grads.__all__,
     *_TOP_LEVEL_LOSSES,
+    *_TOP_LEVEL_TREE,
+    "microbatch",
 ]

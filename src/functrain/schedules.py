@@ -5,13 +5,6 @@ Every name here is the same object as the top-level ``functrain`` one
 (``ft.schedules.cosine_decay_schedule is ft.cosine_decay_schedule``), documented on the
 Optimizers page; nothing here is new.
 
-Not provided (optax.schedules 0.2.8 names functrain does not implement):
-
-* ``inject_stateful_hyperparams``, ``InjectStatefulHyperparamsState``, ``StatefulSchedule``,
-  ``WrappedSchedule``: schedules with their own state. functrain's schedules are functions of
-  the step count, and :func:`inject_hyperparams` keeps optax's three-field
-  ``InjectHyperparamsState`` (see its docstring).
-
 Example:
     >>> import torch
     >>> import functrain.schedules
@@ -22,12 +15,16 @@ Example:
 
 from functrain.optim import (
     InjectHyperparamsState,
+    InjectStatefulHyperparamsState,
     Schedule,
+    StatefulSchedule,
+    WrappedSchedule,
     constant_schedule,
     cosine_decay_schedule,
     cosine_onecycle_schedule,
     exponential_decay,
     inject_hyperparams,
+    inject_stateful_hyperparams,
     join_schedules,
     linear_onecycle_schedule,
     linear_schedule,
@@ -42,12 +39,16 @@ from functrain.optim import (
 
 __all__ = [
     "InjectHyperparamsState",
+    "InjectStatefulHyperparamsState",
     "Schedule",
+    "StatefulSchedule",
+    "WrappedSchedule",
     "constant_schedule",
     "cosine_decay_schedule",
     "cosine_onecycle_schedule",
     "exponential_decay",
     "inject_hyperparams",
+    "inject_stateful_hyperparams",
     "join_schedules",
     "linear_onecycle_schedule",
     "linear_schedule",

@@ -5,15 +5,10 @@ Every name here is the same object as the top-level ``functrain`` one
 (``ft.transforms.masked is ft.masked``), documented on the Optimizers page; nothing here is
 new.
 
-Not provided (optax.transforms 0.2.8 names functrain does not implement):
-
-* ``unitwise_clip``: optax's helper that clips gradient units given their precomputed norms;
-  :func:`adaptive_grad_clip` (which uses it in optax) computes the same clipping from the
-  gradients and parameters, and :func:`unitwise_norm` gives the norms.
-* ``ConditionFn``, ``ShouldSkipUpdateFunction``: typing aliases (annotations only) of the
-  callables :func:`conditionally_transform` / :func:`conditionally_mask` and
-  :class:`MultiSteps` (``should_skip_update_fn``, e.g. :func:`skip_not_finite`) take; any
-  callable of that form works.
+Typing aliases: ``ConditionFn`` and ``ShouldSkipUpdateFunction`` (annotations only, for the
+callables :func:`conditionally_transform` / :func:`conditionally_mask` and :class:`MultiSteps`'s
+``should_skip_update_fn``, e.g. :func:`skip_not_finite`, take) are attributes of this module
+but not in ``__all__``: they are typing objects, not functrain's.
 
 Example:
     >>> import torch
@@ -69,9 +64,11 @@ from functrain.optim import (
     skip_not_finite,
     snapshot,
     trace,
+    unitwise_clip,
     unitwise_norm,
     zero_nans,
 )
+from functrain.optim.types import ConditionFn, ShouldSkipUpdateFunction  # noqa: F401
 
 __all__ = [
     "AddNoiseState",
@@ -115,6 +112,7 @@ __all__ = [
     "skip_not_finite",
     "snapshot",
     "trace",
+    "unitwise_clip",
     "unitwise_norm",
     "zero_nans",
 ]

@@ -4,14 +4,15 @@ writes ``optax.tree_utils.tree_add(...)`` only changes its import.
 ``tree_utils.tree_<name>`` is ``ft.tree.<name>`` (the same object: ``ft.tree_utils.tree_add
 is ft.tree.add``), as optax's ``tree_utils.tree_<name>`` is its ``optax.tree.<name>``;
 ``NamedTupleKey`` is ``ft.tree.NamedTupleKey``. They are documented in :mod:`functrain.tree`,
-and take optax's keyword names (``tree_x``, ``tree_y``, ...). Nothing here is new.
+and take optax's keyword names (``tree_x``, ``tree_y``, ...).
 
-Not provided (optax.tree_utils 0.2.8 names functrain does not implement):
-
-* ``tree_random_like``, ``tree_split_key_like``, ``tree_unwrap_random_key_data``: helpers of
-  JAX's PRNG keys (``jax.random.key`` data, key splitting per leaf). PyTorch has no key
-  arrays; see ``ft.split_key`` / ``ft.fold_in`` and ``torch.randn_like`` per leaf with
-  ``ft.tree.map``.
+Random trees (optax's ``tree_split_key_like``, ``tree_random_like`` and
+``tree_unwrap_random_key_data``, here ``ft.tree.split_key_like`` and so on) work on functrain
+keys: a key is a 0-d ``int64`` CPU tensor (:func:`functrain.random_key`,
+:func:`functrain.split_key`) or a Python integer seed, which stands for
+``ft.random_key(seed)``. A *sampler* is a callable ``sampler(key, shape, dtype)`` returning a
+tensor of that shape and dtype (optax's ``jax.random.normal`` convention); one that also takes
+a ``device`` keyword is asked to draw on the leaf's device.
 
 Example:
     >>> import torch
@@ -21,6 +22,10 @@ Example:
     {'w': tensor([3., 3.])}
     >>> tu.tree_vdot(tree_x=a, tree_y=b)
     tensor(4.)
+    >>> import functrain as ft
+    >>> noise = tu.tree_random_like(ft.random_key(0), {"w": torch.zeros(2, 3)})
+    >>> noise["w"].shape
+    torch.Size([2, 3])
 """
 
 from functrain.tree import NamedTupleKey
@@ -44,12 +49,15 @@ from functrain.tree import min as tree_min
 from functrain.tree import mul as tree_mul
 from functrain.tree import norm as tree_norm
 from functrain.tree import ones_like as tree_ones_like
+from functrain.tree import random_like as tree_random_like
 from functrain.tree import real as tree_real
 from functrain.tree import scale as tree_scale
 from functrain.tree import set as tree_set
 from functrain.tree import size as tree_size
+from functrain.tree import split_key_like as tree_split_key_like
 from functrain.tree import sub as tree_sub
 from functrain.tree import sum as tree_sum
+from functrain.tree import unwrap_random_key_data as tree_unwrap_random_key_data
 from functrain.tree import update_infinity_moment as tree_update_infinity_moment
 from functrain.tree import update_moment as tree_update_moment
 from functrain.tree import update_moment_per_elem_norm as tree_update_moment_per_elem_norm
@@ -79,12 +87,15 @@ __all__ = [
     "tree_mul",
     "tree_norm",
     "tree_ones_like",
+    "tree_random_like",
     "tree_real",
     "tree_scale",
     "tree_set",
     "tree_size",
+    "tree_split_key_like",
     "tree_sub",
     "tree_sum",
+    "tree_unwrap_random_key_data",
     "tree_update_infinity_moment",
     "tree_update_moment",
     "tree_update_moment_per_elem_norm",

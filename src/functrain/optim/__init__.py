@@ -52,6 +52,7 @@ from functrain.optim import (
     schedules,
     sharpness,
     slow_weights,
+    stateful_hyperparams,
     updates,
     wrappers,
     zoom,
@@ -107,6 +108,7 @@ from functrain.optim.scaling import *  # noqa: F403
 from functrain.optim.schedules import *  # noqa: F403
 from functrain.optim.sharpness import *  # noqa: F403
 from functrain.optim.slow_weights import *  # noqa: F403
+from functrain.optim.stateful_hyperparams import *  # noqa: F403
 from functrain.optim.updates import *  # noqa: F403
 from functrain.optim.wrappers import *  # noqa: F403
 from functrain.optim.zoom import *  # noqa: F403
@@ -163,6 +165,7 @@ __all__ = [
     *schedules.__all__,
     *sharpness.__all__,
     *slow_weights.__all__,
+    *stateful_hyperparams.__all__,
     *updates.__all__,
     *wrappers.__all__,
     *zoom.__all__,

@@ -19,6 +19,7 @@ __all__ = [
     "clip",
     "clip_by_block_rms",
     "clip_by_global_norm",
+    "unitwise_clip",
     "unitwise_norm",
 ]
 
@@ -279,6 +280,97 @@ def _unit_norms(x: torch.Tensor, axis: int | tuple[int, ...] | None) -> torch.Te
     return sq.sqrt()
 
 
+def _unitwise_clip(
+    g_norm: torch.Tensor, max_norm: torch.Tensor, grad: torch.Tensor, div_eps: Any
+) -> torch.Tensor:
+    """:func:`unitwise_clip` without its checks; the norms need only broadcast to ``grad``.
+
+    :func:`adaptive_grad_clip` passes its unit norms unbroadcast (in at least float32).
+    """
+    clipped = (grad * (max_norm / torch.clamp_min(g_norm, div_eps))).to(grad.dtype)
+    return torch.where(g_norm < max_norm, grad, clipped)
+
+
+def _unit_operand(name: str, value: Any, grad: torch.Tensor) -> torch.Tensor:
+    """``g_norm`` or ``max_norm`` of :func:`unitwise_clip` as a real tensor of ``grad``'s shape.
+
+    Shapes must be equal, as optax checks (a norm of the wrong shape would otherwise broadcast
+    into a different clipping, or fail inside ``torch.where`` without naming the argument).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or not value.is_floating_point():
+            raise TypeError(
+                f"unitwise_clip: {name} must be a real floating tensor, got {value.dtype}"
+            )
+    elif not _utils.is_real_number(value):
+        raise TypeError(f"unitwise_clip: {name} must be a tensor or a real number, got {value!r}")
+    else:
+        value = torch.tensor(
+            value, dtype=_REAL_OF_COMPLEX.get(grad.dtype, grad.dtype), device=grad.device
+        )
+    if value.shape != grad.shape:
+        raise ValueError(
+            f"unitwise_clip: {name} has shape {tuple(value.shape)} but grad has "
+            f"{tuple(grad.shape)}; they must be equal (unitwise_norm gives norms of grad's shape)"
+        )
+    return _wide(_ops.on_device(value, grad))
+
+
+def unitwise_clip(
+    g_norm: torch.Tensor | float,
+    max_norm: torch.Tensor | float,
+    grad: torch.Tensor,
+    div_eps: float | torch.Tensor = 1e-6,
+) -> torch.Tensor:
+    """Clips ``grad`` unit by unit, given the units' norms (the core of :func:`adaptive_grad_clip`).
+
+    Element-wise::
+
+        out = grad                                   where g_norm < max_norm
+        out = grad · max_norm / max(g_norm, div_eps)  elsewhere
+
+    ``g_norm`` is typically ``unitwise_norm(grad)`` and ``max_norm`` a bound of the same shape
+    (AGC: ``clipping · max(unitwise_norm(param), eps)``); ``div_eps`` only guards the division
+    (with ``g_norm ≥ max_norm`` it matters only where ``max_norm`` is below it). A NaN
+    ``g_norm`` gives NaN (the comparison is false), as in optax.
+
+    Differences from optax: the result has ``grad``'s dtype (optax's promotes it with the
+    norms'); float16/bfloat16 norms are divided in float32. Reads nothing back to the host.
+
+    Args:
+        g_norm: the norm of the unit of each element of ``grad`` (``grad``'s shape).
+        max_norm: the largest allowed unit norm, per element (``grad``'s shape).
+        grad: the floating-point (or complex) tensor to clip.
+        div_eps: lower bound of the divisor ``g_norm``.
+
+    Returns:
+        A tensor of ``grad``'s shape, dtype and device.
+
+    Raises:
+        TypeError: a non-floating ``grad``, or a complex or non-numeric norm.
+        ValueError: ``g_norm`` or ``max_norm`` of a shape other than ``grad``'s; a negative or
+            non-finite ``div_eps``.
+
+    Example:
+        >>> import torch, functrain as ft
+        >>> from functrain.optim.clipping import unitwise_clip
+        >>> grad = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+        >>> g_norm = ft.unitwise_norm(grad)  # 5 for the first row, 0.5 for the second
+        >>> unitwise_clip(g_norm, torch.ones(2, 2), grad)
+        tensor([[0.6000, 0.8000],
+                [0.3000, 0.4000]])
+    """
+    if not isinstance(grad, torch.Tensor) or not (grad.is_floating_point() or grad.is_complex()):
+        got = grad.dtype if isinstance(grad, torch.Tensor) else type(grad).__name__
+        raise TypeError(
+            f"unitwise_clip: grad must be a floating-point or complex tensor, got {got}"
+        )
+    _check_hyperparameter("div_eps", div_eps)
+    g = _unit_operand("g_norm", g_norm, grad)
+    bound = _unit_operand("max_norm", max_norm, grad)
+    return _unitwise_clip(g, bound, grad, _ops.on_device(div_eps, grad))
+
+
 def _check_axis(axis: Any) -> None:
     """Refuses an ``axis`` that is not ``None``, an int or a non-empty sequence of ints.
 
@@ -332,8 +424,7 @@ def adaptive_grad_clip(
         p_norm = _unit_norms(p, axis).to(g_norm.dtype)
         bound = torch.clamp_min(p_norm, _ops.on_device(eps, p_norm))
         max_norm = (_ops.on_device(clipping, bound) * bound).to(g_norm.dtype)
-        clipped = (u * (max_norm / torch.clamp_min(g_norm, 1e-6))).to(u.dtype)
-        return torch.where(g_norm < max_norm, u, clipped)
+        return _unitwise_clip(g_norm, max_norm, u, 1e-6)
 
     def update_fn(
         updates: Any, state: EmptyState, params: Any = None, **extra: Any

@@ -108,8 +108,19 @@ def _recorded(state: InjectHyperparamsState, name: str, default: torch.dtype) ->
     return default
 
 
-def _scheduled(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A schedule's value as a tensor; a non-number means ``name`` was not a schedule."""
+def _scheduled(
+    name: str,
+    value: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    who: str = "inject_hyperparams",
+    called: str = "count",
+) -> torch.Tensor:
+    """A schedule's value as a tensor; a non-number means ``name`` was not a schedule.
+
+    ``who`` (the wrapper) and ``called`` (what the schedule was called with) word the error.
+    """
     numeric = (
         value.dtype != torch.bool and not value.is_complex()
         if isinstance(value, torch.Tensor)
@@ -120,13 +131,111 @@ def _scheduled(name: str, value: Any, dtype: torch.dtype, device: torch.device) 
         # a transform would otherwise fail later with an unrelated message.
         got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
         raise TypeError(
-            f"inject_hyperparams: `{name}` is callable, so it is taken as a schedule of the step "
-            f"count, but {name}(count) gave {got}, not a number; pass "
+            f"{who}: `{name}` is callable, so it is taken as a schedule of the step "
+            f"count, but {name}({called}) gave {got}, not a number; pass "
             f"static_args=({name!r},) if it is not a schedule"
         )
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
     return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _check_wrapper_args(
+    who: str,
+    inner_factory: Any,
+    static_args: str | Iterable[str],
+    hyperparam_dtype: torch.dtype | None,
+) -> tuple[set[str], inspect.Signature, str]:
+    """Checks the arguments of the wrapper ``who`` (``inject_hyperparams`` or a sibling).
+
+    Returns:
+        The names in ``static_args``, ``inner_factory``'s signature and its name.
+    """
+    if not callable(inner_factory):
+        raise TypeError(
+            f"{who} expects a transform factory such as ft.adam, got {type(inner_factory).__name__}"
+        )
+    if hyperparam_dtype is not None:
+        if not isinstance(hyperparam_dtype, torch.dtype):
+            raise TypeError(
+                f"hyperparam_dtype must be a torch.dtype or None, got {hyperparam_dtype!r}"
+            )
+        if not hyperparam_dtype.is_floating_point:
+            # An integer dtype would silently truncate the hyperparameters (0.1 becomes 0).
+            raise ValueError(
+                f"hyperparam_dtype must be a floating-point dtype, got {hyperparam_dtype}"
+            )
+    static = {static_args} if isinstance(static_args, str) else set(static_args)
+    signature = inspect.signature(inner_factory)
+    factory_name = getattr(inner_factory, "__name__", type(inner_factory).__name__)
+    if not static.issubset(signature.parameters):
+        raise ValueError(
+            "`static_args` must specify a subset of `inner_factory`'s parameters. Given "
+            f"`static_args`: {sorted(static)}. `inner_factory` parameters: "
+            f"{sorted(signature.parameters)}"
+        )
+    return static, signature, factory_name
+
+
+def _split_arguments(
+    who: str,
+    inner_factory: Callable[..., GradientTransformation],
+    signature: inspect.Signature,
+    static: set[str],
+    integer_params: set[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Binds a call of the wrapped factory and sorts its arguments as optax does.
+
+    Returns:
+        ``(schedules, numeric, other)``: the callables that are not static, the numbers and
+        tensors to inject, and the arguments passed as given.
+    """
+    factory_name = getattr(inner_factory, "__name__", type(inner_factory).__name__)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:  # name the factory and what it takes, not just "got ... 'x'"
+        raise TypeError(
+            f"{who}({factory_name}): {err}; {factory_name} takes {list(signature.parameters)}"
+        ) from None
+    bound.apply_defaults()
+    arguments: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{who} cannot inject *args; pass keywords")
+        else:
+            arguments[name] = value
+    schedules: dict[str, Callable[[Any], Any]] = {}
+    numeric: dict[str, Any] = {}
+    other: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if name in static or isinstance(value, bool):
+            other[name] = value
+        elif name in integer_params and _is_static_int(value):
+            other[name] = int(value)
+        elif callable(value):
+            schedules[name] = value
+        elif isinstance(value, (int, float, torch.Tensor)):
+            numeric[name] = value
+        else:
+            other[name] = value
+
+    # From init on the factory only sees tensors, which its checks do not inspect (that
+    # would read device memory), so bad Python numbers are refused here, naming the
+    # argument, as the plain factory would refuse them.
+    for name, value in numeric.items():
+        if isinstance(value, float) and not math.isfinite(value):  # ints are finite
+            raise ValueError(f"{who}({factory_name}): {name} must be finite, got {value!r}")
+    if not schedules:
+        # The factory's own range checks (eta >= 0, 0 <= b1 < 1, ...). Skipped with
+        # schedules: the factory need not accept a callable, or a stand-in value, there.
+        inner_factory(**other, **numeric)
+    return schedules, numeric, other
 
 
 def inject_hyperparams(
@@ -188,79 +297,16 @@ def inject_hyperparams(
         >>> u["w"]
         tensor([-0.5000, -0.5000])
     """
-    if not callable(inner_factory):
-        raise TypeError(
-            "inject_hyperparams expects a transform factory such as ft.adam, got "
-            f"{type(inner_factory).__name__}"
-        )
-    if hyperparam_dtype is not None:
-        if not isinstance(hyperparam_dtype, torch.dtype):
-            raise TypeError(
-                f"hyperparam_dtype must be a torch.dtype or None, got {hyperparam_dtype!r}"
-            )
-        if not hyperparam_dtype.is_floating_point:
-            # An integer dtype would silently truncate the hyperparameters (0.1 becomes 0).
-            raise ValueError(
-                f"hyperparam_dtype must be a floating-point dtype, got {hyperparam_dtype}"
-            )
-    static = {static_args} if isinstance(static_args, str) else set(static_args)
-    signature = inspect.signature(inner_factory)
-    factory_name = getattr(inner_factory, "__name__", type(inner_factory).__name__)
-    if not static.issubset(signature.parameters):
-        raise ValueError(
-            "`static_args` must specify a subset of `inner_factory`'s parameters. Given "
-            f"`static_args`: {sorted(static)}. `inner_factory` parameters: "
-            f"{sorted(signature.parameters)}"
-        )
+    static, signature, factory_name = _check_wrapper_args(
+        "inject_hyperparams", inner_factory, static_args, hyperparam_dtype
+    )
     integer_params = _integer_params(signature)
 
     @functools.wraps(inner_factory)
     def wrapped_transform(*args: Any, **kwargs: Any) -> GradientTransformation:
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as err:  # name the factory and what it takes, not just "got ... 'x'"
-            raise TypeError(
-                f"inject_hyperparams({factory_name}): {err}; {factory_name} takes "
-                f"{list(signature.parameters)}"
-            ) from None
-        bound.apply_defaults()
-        arguments: dict[str, Any] = {}
-        for name, value in bound.arguments.items():
-            kind = signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(value)
-            elif kind is inspect.Parameter.VAR_POSITIONAL:
-                if value:
-                    raise TypeError("inject_hyperparams cannot inject *args; pass keywords")
-            else:
-                arguments[name] = value
-        schedules: dict[str, Callable[[Any], Any]] = {}
-        numeric: dict[str, Any] = {}
-        other: dict[str, Any] = {}
-        for name, value in arguments.items():
-            if name in static or isinstance(value, bool):
-                other[name] = value
-            elif name in integer_params and _is_static_int(value):
-                other[name] = int(value)
-            elif callable(value):
-                schedules[name] = value
-            elif isinstance(value, (int, float, torch.Tensor)):
-                numeric[name] = value
-            else:
-                other[name] = value
-
-        # From init on the factory only sees tensors, which its checks do not inspect (that
-        # would read device memory), so bad Python numbers are refused here, naming the
-        # argument, as the plain factory would refuse them.
-        for name, value in numeric.items():
-            if isinstance(value, float) and not math.isfinite(value):  # ints are finite
-                raise ValueError(
-                    f"inject_hyperparams({factory_name}): {name} must be finite, got {value!r}"
-                )
-        if not schedules:
-            # The factory's own range checks (eta >= 0, 0 <= b1 < 1, ...). Skipped with
-            # schedules: the factory need not accept a callable, or a stand-in value, there.
-            inner_factory(**other, **numeric)
+        schedules, numeric, other = _split_arguments(
+            "inject_hyperparams", inner_factory, signature, static, integer_params, args, kwargs
+        )
 
         def build(hparams: dict[str, torch.Tensor]) -> GradientTransformation:
             return inner_factory(**other, **hparams)

@@ -25,6 +25,7 @@ from functrain.tree._moments import (
     update_moment,
     update_moment_per_elem_norm,
 )
+from functrain.tree._random import random_like, split_key_like, unwrap_random_key_data
 from functrain.tree._reduce import allclose, max, norm, size, sum, vdot
 from functrain.tree._state_access import (
     NamedTupleKey,
@@ -79,14 +80,17 @@ __all__ = [
     "norm",
     "ones_like",
     "path_str",
+    "random_like",
     "real",
     "scale",
     "set",
     "size",
+    "split_key_like",
     "structure",
     "sub",
     "sum",
     "unflatten",
+    "unwrap_random_key_data",
     "update_infinity_moment",
     "update_moment",
     "update_moment_per_elem_norm",
