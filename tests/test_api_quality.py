@@ -38,6 +38,7 @@ SUBMODULES = [
     "distributed",
     "second_order",
     "perturbations",
+    "assignment",
     "microbatching",
     "experimental.aggregating",
 ]

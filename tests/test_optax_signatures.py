@@ -4,12 +4,14 @@ DESIGN: "names, signatures, defaults and numerics follow optax exactly (a user p
 changes only the import)". ``tests/_optax_signatures.json`` holds the signatures of every public
 name of optax 0.2.8's namespaces (``optax``, ``optax.transforms``, ``optax.schedules``,
 ``optax.contrib``, ``optax.tree``, ``optax.tree_utils``, ``optax.projections``,
-``optax.losses``, plus the few private modules that hold the only optax spelling of a name
-functrain exports), as read from optax by ``tools/optax_signatures.py --json``. functrain's
-namespaces of optax's names (``ft.contrib``, ``ft.schedules``, ``ft.transforms``,
-``ft.tree_utils``, ``ft.losses``) are compared with optax's namespace of the same name. The tests here compare functrain's live
-signatures with it: parameter names, order, kinds and defaults, NamedTuple fields and their
-defaults, public methods. Regenerate the table after an optax upgrade (see the tool's header).
+``optax.losses``, ``optax.second_order``, ``optax.perturbations``, ``optax.assignment``,
+``optax.microbatching``, ``optax.experimental.aggregating``, plus the few private modules that
+hold the only optax spelling of a name functrain exports), as read from optax by
+``tools/optax_signatures.py --json``. functrain's namespaces of optax's names (``ft.contrib``,
+``ft.schedules``, ``ft.tree_utils``, ``ft.second_order``, ...) are compared with optax's
+namespace of the same name. The tests here compare functrain's live signatures with it:
+parameter names, order, kinds and defaults, NamedTuple fields and their defaults, public
+methods. Regenerate the table after an optax upgrade (see the tool's header).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import inspect
 import json
 import math
 import sys
+import typing
 from pathlib import Path
 from typing import NamedTuple
 
@@ -92,6 +95,8 @@ EXTRAS = {
     "scale_by_muon: ns_dtype extra": "dtype of the Newton-Schulz iteration",
     "muon: ns_dtype extra": "dtype of the Newton-Schulz iteration",
     "orthogonalize_via_newton_schulz: ns_coeffs default": "Muon's coefficients by default",
+    "perturbations.Gumbel.sample: device extra": "sample() draws on a given device",
+    "perturbations.Normal.sample: device extra": "sample() draws on a given device",
 }
 
 # The guard: public names of ft.optim, ft.tree, ft.contrib and ft.projections that optax 0.2.8
@@ -293,6 +298,30 @@ def test_mirrored_namespace_lists_the_optax_names_it_leaves_out(namespace):
     undocumented = [n for n in left_out if f"``{n}``" not in module.__doc__]
     assert undocumented == [], f"ft.{namespace}'s docstring does not list {undocumented}"
     provided = [n for n in module.__all__ if n not in TABLE[f"optax.{namespace}"]]
+    assert provided == [], f"ft.{namespace} exports names optax.{namespace} lacks: {provided}"
+
+
+# functrain namespaces that implement an optax namespace of the same name with their own objects.
+OWN_NAMESPACES = (
+    "second_order",
+    "perturbations",
+    "assignment",
+    "microbatching",
+    "experimental.aggregating",
+)
+
+
+@pytest.mark.parametrize("namespace", OWN_NAMESPACES)
+def test_own_namespace_provides_every_optax_name(namespace):
+    module = ft
+    for part in namespace.split("."):
+        module = getattr(module, part)
+    # optax's modules also hold their typing imports (Any, NamedTuple, ...): not API names
+    optax_names = {n for n in TABLE[f"optax.{namespace}"] if not hasattr(typing, n)}
+    # typing aliases of optax (annotations only) may stay module attributes outside __all__
+    missing = sorted(n for n in optax_names - set(module.__all__) if not hasattr(module, n))
+    assert missing == [], f"ft.{namespace} lacks optax.{namespace}'s {missing}"
+    provided = sorted(set(module.__all__) - optax_names)
     assert provided == [], f"ft.{namespace} exports names optax.{namespace} lacks: {provided}"
 
 

@@ -33,6 +33,7 @@ SUBMODULES = [
     "tree_utils",
     "second_order",
     "perturbations",
+    "assignment",
     "microbatching",
     "experimental",
     "experimental.aggregating",

@@ -2,10 +2,11 @@
 
 For every public name of ``functrain`` (``ft.*``, ``ft.tree.*``, ``ft.contrib.*``,
 ``ft.projections.*``, ``ft.losses.*``, ``ft.schedules.*``, ``ft.transforms.*``,
-``ft.tree_utils.*``) with a same-named optax counterpart (``optax.*``, ``optax.transforms``,
-``optax.schedules``, ``optax.contrib``, ``optax.tree`` / ``optax.tree_utils.tree_*``,
-``optax.projections``, ``optax.losses``; a namespace's name is looked up in optax's namespace
-of that name), this compares parameter names, order, kinds and defaults, NamedTuple
+``ft.tree_utils.*``, ``ft.second_order.*``, ``ft.perturbations.*``, ``ft.assignment.*``,
+``ft.microbatching.*``, ``ft.experimental.aggregating.*``) with a same-named optax counterpart
+(``optax.*``, ``optax.transforms``, ``optax.schedules``, ``optax.contrib``, ``optax.tree`` /
+``optax.tree_utils.tree_*``, ``optax.projections``, ``optax.losses`` and the namespaces of the
+same names; a namespace's name is looked up in optax's namespace of that name), this compares parameter names, order, kinds and defaults, NamedTuple
 fields and their defaults, and the public methods of classes. It prints a markdown table of
 the differences, each classified as:
 
@@ -53,6 +54,11 @@ TWIN_NAMESPACES: dict[str, tuple[str, ...]] = {
     "schedules.": ("optax.schedules",),
     "transforms.": ("optax.transforms",),
     "tree_utils.": ("optax.tree_utils",),
+    "second_order.": ("optax.second_order",),
+    "perturbations.": ("optax.perturbations",),
+    "assignment.": ("optax.assignment",),
+    "microbatching.": ("optax.microbatching",),
+    "experimental.aggregating.": ("optax.experimental.aggregating",),
 }
 # Private optax modules holding the only optax spelling of a name that functrain exports at its
 # top level (optax.contrib does not export scale_by_sophia, scale_by_dog, ...; optax's
@@ -60,6 +66,7 @@ TWIN_NAMESPACES: dict[str, tuple[str, ...]] = {
 # export); searched last, and only for the names those modules define.
 PRIVATE_NAMESPACES = (
     "optax._src.transform",
+    "optax._src.utils",
     "optax.contrib._dog",
     "optax.contrib._muon",
     "optax.contrib._sophia",
@@ -398,6 +405,16 @@ def _jax_call(fn: Callable, x: int) -> Any:
     return fn(jnp.asarray(x, jnp.int32))
 
 
+def _import(namespace: str) -> Any:
+    """A module by dotted name, also where it is only an attribute of its parent
+    (``optax.experimental.aggregating`` is ``optax.experimental._aggregating``)."""
+    try:
+        return importlib.import_module(namespace)
+    except ModuleNotFoundError:
+        parent, _, name = namespace.rpartition(".")
+        return getattr(importlib.import_module(parent), name)
+
+
 def read_optax() -> dict[str, Any]:
     """Every public name of :data:`OPTAX_NAMESPACES`, described; repeats as ``same_as`` links."""
     import optax
@@ -405,7 +422,7 @@ def read_optax() -> dict[str, Any]:
     table: dict[str, dict] = {}
     seen: dict[int, str] = {}
     for namespace in OPTAX_NAMESPACES:
-        module = importlib.import_module(namespace)
+        module = _import(namespace)
         # dir(), not __all__: optax exports names (optax.scale_by_distance_over_gradients,
         # optax.transforms.unitwise_norm) that its __all__ lists do not name.
         names = [n for n in dir(module) if n[0] != "_"]

@@ -18,6 +18,7 @@ Example:
 """
 
 from functrain import (
+    assignment,
     checkpoint,
     contrib,
     distributed,

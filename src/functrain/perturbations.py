@@ -22,7 +22,10 @@ takes an extra keyword-only ``device`` (default: the key's device); the perturbe
 draws each input leaf's ``num_samples`` noises in one ``noise.sample`` call with ``sample_shape
 = (num_samples, *leaf.shape)`` (leaf ``i`` with key ``tree_split_key_like(key, inputs)``'s leaf
 ``i``) where optax splits the key per sample first; ``fun`` is batched over the samples with
-``torch.func.vmap``, as optax's ``jax.vmap``, so it must be ``vmap``-able.
+``torch.func.vmap``, as optax's ``jax.vmap``, so it must be ``vmap``-able (``None`` leaves of
+its input and output are skipped, as optax's); the log-densities are summed, and the magic box
+computed, in at least float32 (in float16 the sum overflowed and the box's gradient cancelled),
+the result keeping optax's dtype.
 
 Example:
     A perturbed argmax with Gumbel noise approaches ``softmax(x / σ)``, and is differentiable.
@@ -43,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,6 +54,7 @@ from typing import Any
 import torch
 
 from functrain import tree as _tree
+from functrain._precision import HALF as _HALF
 from functrain.optim import _prng
 from functrain.tree._random import (
     _float_dtype,
@@ -179,6 +184,11 @@ class Gumbel:
         return -inputs - torch.exp(-inputs)
 
 
+def _wide_sum(log_prob: torch.Tensor) -> torch.Tensor:
+    """Each row's sum, accumulated and returned in float32 for half-precision densities."""
+    return log_prob.sum(1, dtype=torch.float32) if log_prob.dtype in _HALF else log_prob.sum(1)
+
+
 def _check(num_samples: Any, noise: Any) -> None:
     if (
         isinstance(num_samples, bool)
@@ -278,22 +288,39 @@ def make_perturbed_fun(
             # y = x + σz is a constant; z is recomputed from it as (y − x)/σ so that the log
             # density, and through it the magic box, depends on x.
             y = (leaf.detach() + sigma * z).detach()
-            log_probs.append(noise.log_prob((y - leaf) / sigma).reshape(num_samples, -1).sum(1))
+            log_probs.append(noise.log_prob((y - leaf) / sigma).reshape(num_samples, -1))
             shifted.append(y)
-        log_prob = sum(log_probs[1:], log_probs[0])
-        outputs = torch.func.vmap(fun)(_tree.unflatten(spec, shifted))
+        box_dtype = functools.reduce(torch.promote_types, [lp.dtype for lp in log_probs])
+        # The box in at least float32: a float16 sum of log-densities over ~10⁵ elements
+        # overflowed to -inf and exp(-inf - (-inf)) made the value and the gradient NaN; and the
+        # gradient reaching a float16 box, (f(y) - b) / n, was the float16 difference of two
+        # rounded terms, which cancels when f(y) is close to b (a zero gradient).
+        log_prob = sum(_wide_sum(lp) for lp in log_probs)
         box = torch.exp(log_prob - log_prob.detach())
-        baseline = fun(_tree.map(torch.Tensor.detach, inputs)) if use_baseline else None
+        out_spec: list[Any] = []
 
-        def average(out: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        def flat_fun(*flat: torch.Tensor) -> tuple[Any, ...]:
+            # vmapped over flat leaves, with flat outputs: torch.func.vmap refuses None inputs
+            # and outputs (optax's jax.vmap skips them) and knows nothing of containers
+            # registered with functrain.tree only.
+            out_leaves, spec_out = _tree.flatten(fun(_tree.unflatten(spec, list(flat))))
+            out_spec.append(spec_out)
+            return tuple(out_leaves)
+
+        outputs = torch.func.vmap(flat_fun)(*shifted)
+        if use_baseline:
+            baseline = _tree.leaves(fun(_tree.map(torch.Tensor.detach, inputs)))
+        else:
+            baseline = [None] * len(outputs)
+
+        def average(out: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
             weight = box.reshape(num_samples, *([1] * (out.dim() - 1)))
             estimate = weight * out
             if base is not None:
                 estimate = estimate + (1 - weight) * base
-            return estimate.mean(0)
+            # The dtype of optax's result (a box of the densities' dtype times the output).
+            return estimate.mean(0).to(torch.promote_types(box_dtype, out.dtype))
 
-        if baseline is None:
-            return _tree.map(average, outputs)
-        return _tree.map(average, outputs, baseline)
+        return _tree.unflatten(out_spec[0], [average(o, b) for o, b in zip(outputs, baseline)])
 
     return perturbed

@@ -78,8 +78,8 @@ def _ravel(leaves: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([leaf.reshape(-1).to(dtype) for leaf in leaves])
 
 
-def _unravel(v: torch.Tensor, leaves: list[torch.Tensor], spec: Any, who: str) -> Any:
-    """``v`` cut into pieces shaped, typed and placed like ``leaves``, as a pytree."""
+def _unravel(v: torch.Tensor, leaves: list[torch.Tensor], who: str) -> list[torch.Tensor]:
+    """``v`` cut into pieces shaped, typed and placed like ``leaves``."""
     size = sum(leaf.numel() for leaf in leaves)
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{who}: v must be a tensor, got {type(v).__name__}")
@@ -93,19 +93,22 @@ def _unravel(v: torch.Tensor, leaves: list[torch.Tensor], spec: Any, who: str) -
         piece = v[start : start + leaf.numel()].reshape(leaf.shape)
         pieces.append(piece.to(device=leaf.device, dtype=leaf.dtype))
         start += leaf.numel()
-    return _tree.unflatten(spec, pieces)
+    return pieces
 
 
 def _hvp(loss: LossFn, v: torch.Tensor, params: Any, inputs: Any, targets: Any) -> Any:
     leaves, spec = _leaves(params, "hvp")
-    tangents = _unravel(v, leaves, spec, "hvp")
-    grad_fn = torch.func.grad(lambda p: loss(p, inputs, targets))
+    tangents = _unravel(v, leaves, "hvp")
+    # Differentiated in the flat leaves, the tree rebuilt inside the loss: torch.func's own
+    # pytrees refuse None leaves ("Thing passed to transform API must be Tensor") and know
+    # nothing of containers registered with functrain.tree only; optax skips None subtrees.
+    grad_fn = torch.func.grad(lambda flat: loss(_tree.unflatten(spec, flat), inputs, targets))
     # Reverse over reverse: the Hessian is symmetric, so the vector-Jacobian product of the
     # gradient is H v. (optax's forward over reverse, torch.func.jvp, imports torch's jvp
     # decompositions on first use, whose torch.jit.script raises a DeprecationWarning.)
-    _, vjp_fn = torch.func.vjp(grad_fn, params)
+    _, vjp_fn = torch.func.vjp(grad_fn, list(leaves))
     (product,) = vjp_fn(tangents)
-    return product
+    return _tree.unflatten(spec, product)
 
 
 def hvp(loss: LossFn, v: torch.Tensor, params: Any, inputs: Any, targets: Any) -> Any:
@@ -219,8 +222,11 @@ def fisher_diag(
         >>> second_order.fisher_diag(nll, params, torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))
         tensor([25.])
     """
-    leaves, _ = _leaves(params, "fisher_diag")
+    leaves, spec = _leaves(params, "fisher_diag")
     if not leaves:
         return _ravel(leaves)
-    grads = torch.func.grad(negative_log_likelihood)(params, inputs, targets)
-    return torch.square(_ravel(_tree.leaves(grads)))
+
+    def nll(flat: list[torch.Tensor]) -> torch.Tensor:  # in the flat leaves, as _hvp's loss
+        return negative_log_likelihood(_tree.unflatten(spec, flat), inputs, targets)
+
+    return torch.square(_ravel(torch.func.grad(nll)(list(leaves))))

@@ -24,9 +24,11 @@ from functrain.optim import (
     factorized,
     flat_layout,
     gradient_difference,
+    gradient_scaling,
     hessian_diagonal,
     hyperparams,
     layerwise_moments,
+    linear_algebra,
     linesearch,
     loss_scale,
     low_rank_projection,
@@ -45,6 +47,7 @@ from functrain.optim import (
     polyak,
     primal_averaging,
     quasi_newton,
+    random_utils,
     resilient,
     rms,
     rms_ratio,
@@ -80,9 +83,11 @@ from functrain.optim.dual_averaging import *  # noqa: F403
 from functrain.optim.factorized import *  # noqa: F403
 from functrain.optim.flat_layout import *  # noqa: F403
 from functrain.optim.gradient_difference import *  # noqa: F403
+from functrain.optim.gradient_scaling import *  # noqa: F403
 from functrain.optim.hessian_diagonal import *  # noqa: F403
 from functrain.optim.hyperparams import *  # noqa: F403
 from functrain.optim.layerwise_moments import *  # noqa: F403
+from functrain.optim.linear_algebra import *  # noqa: F403
 from functrain.optim.linesearch import *  # noqa: F403
 from functrain.optim.loss_scale import *  # noqa: F403
 from functrain.optim.low_rank_projection import *  # noqa: F403
@@ -101,6 +106,7 @@ from functrain.optim.plateau import *  # noqa: F403
 from functrain.optim.polyak import *  # noqa: F403
 from functrain.optim.primal_averaging import *  # noqa: F403
 from functrain.optim.quasi_newton import *  # noqa: F403
+from functrain.optim.random_utils import *  # noqa: F403
 from functrain.optim.resilient import *  # noqa: F403
 from functrain.optim.rms import *  # noqa: F403
 from functrain.optim.rms_ratio import *  # noqa: F403
@@ -140,6 +146,7 @@ __all__ = [
     *hessian_diagonal.__all__,
     *hyperparams.__all__,
     *layerwise_moments.__all__,
+    *linear_algebra.__all__,
     *linesearch.__all__,
     *loss_scale.__all__,
     *low_rank_projection.__all__,
@@ -158,9 +165,11 @@ __all__ = [
     *polyak.__all__,
     *primal_averaging.__all__,
     *quasi_newton.__all__,
+    *random_utils.__all__,
     *resilient.__all__,
     *rms.__all__,
     *rms_ratio.__all__,
+    *gradient_scaling.__all__,
     *scaling.__all__,
     *schedules.__all__,
     *sharpness.__all__,
