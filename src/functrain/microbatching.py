@@ -33,7 +33,9 @@ and keyword arguments of :func:`micro_vmap`'s function are mapped along axis 0, 
 ``jax.vmap`` (``torch.func.vmap`` itself never maps keyword arguments); outputs of mapped
 functions (and :func:`micro_grad`'s aux) must be tensors or ``None``; :func:`micro_grad`
 differentiates tensors only (optax also takes Python floats); negative ``in_axes`` count from
-each leaf's last axis; bad input raises errors naming the argument, pytree path and shape.
+each leaf's last axis; :func:`micro_vmap`'s ``SUM`` of a mapped axis sums bool and 8/16-bit
+integers in int32 (``jnp.sum``: unsigned ones in uint32); bad input raises errors naming the
+argument, pytree path and shape.
 
 Example:
     >>> import torch
@@ -247,14 +249,35 @@ def _compose(accumulators: AccumulatorTree) -> Accumulator:
     )
 
 
+# bool and integers narrower than 32 bits, which jnp.sum sums in (at least) 32 bits.
+_NARROW = (torch.bool, torch.uint8, torch.int8, torch.int16)
+
+
+def _sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """``jnp.sum(x, axis=0)``: a float, complex or 32/64-bit integer dtype is kept (torch
+    would sum int32 into int64); bool and narrower integers are summed in int32, so that a
+    ``SUM`` over per-example booleans counts them (a bool sum would be their ``any``) and
+    uint8 rows do not wrap around at 256."""
+    return x.sum(0, dtype=torch.int32 if x.dtype in _NARROW else x.dtype)
+
+
+def _mean_rows(x: Any) -> torch.Tensor:
+    """``jnp.mean(x, axis=0)``: integer and bool values are averaged in the default float
+    dtype (as jnp.mean promotes them), so MEAN / RUNNING_MEAN in :func:`micro_vmap` accept
+    per-example integers or booleans (e.g. accuracies), as in optax."""
+    x = _check_tensor(x, "MEAN/RUNNING_MEAN")
+    if x.is_floating_point() or x.is_complex():
+        return x.mean(0)
+    return x.mean(0, dtype=torch.get_default_dtype())
+
+
 def _sum() -> Accumulator:
     return _lift(
         Accumulator(
             init=lambda v: torch.zeros_like(_check_tensor(v, "SUM")),
             update=lambda carry, value, _: carry + value,
             finalize=lambda x: x,
-            # dtype kept (torch would sum int32 into int64; jnp.sum keeps int32).
-            aggregate=lambda x: x.sum(0, dtype=x.dtype),
+            aggregate=lambda x: _sum_rows(_check_tensor(x, "SUM")),
         )
     )
 
@@ -267,7 +290,7 @@ def _mean(num_microbatches: int) -> Accumulator:
             init=lambda v: torch.zeros_like(_check_floating(v)),
             update=lambda carry, value, _: carry + value,
             finalize=lambda carry: carry / num_microbatches,
-            aggregate=lambda x: _check_floating(x).mean(0),
+            aggregate=_mean_rows,
         )
     )
 
@@ -282,7 +305,7 @@ def _running_mean() -> Accumulator:
             init=lambda v: torch.zeros_like(_check_floating(v)),
             update=update,
             finalize=lambda x: x,
-            aggregate=lambda x: _check_floating(x).mean(0),
+            aggregate=_mean_rows,
         )
     )
 

@@ -76,12 +76,24 @@ def _squeeze(x: torch.Tensor, d: tuple[int, ...]) -> torch.Tensor:
     return x.squeeze(d) if d else x
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of ``x``'s statistics: its own, or for integers and bools the default float
+    dtype (jnp.mean promotes them to float; torch's mean refuses them)."""
+    return x.dtype if x.is_floating_point() or x.is_complex() else torch.get_default_dtype()
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype its statistics are computed in (half precision in float32)."""
+    return widen(x.to(_out_dtype(x)))
+
+
 def mean(per_elt_updates: Any, per_elt_axis: int | tuple[int, ...]) -> Any:
-    """The mean of every leaf over its batch axes (half precision averaged in float32)."""
+    """The mean of every leaf over its batch axes (half precision averaged in float32;
+    integers and bools in the default float dtype, as ``jnp.mean``)."""
 
     def one(path: Any, x: Any) -> torch.Tensor:
         d = dims(per_elt_axis, x, tree.path_str(path, "per_elt_updates"))
-        return _squeeze(_mean_keep(widen(x), d), d).to(x.dtype)
+        return _squeeze(_mean_keep(_work(x), d), d).to(_out_dtype(x))
 
     return tree.map_with_path(one, per_elt_updates)
 
@@ -91,18 +103,19 @@ def mean_and_sum_sq_diff(per_elt_updates: Any, per_elt_axis: int | tuple[int, ..
 
     Two passes (the mean first, then the squared deviations from it), as optax: exact where
     ``E[x²] − E[x]²`` cancels catastrophically. Half precision is computed in float32 and
-    rounded once. Returns two trees with the leaves' shapes without the batch axes.
+    rounded once; integers and bools in the default float dtype. Returns two trees with the
+    leaves' shapes without the batch axes.
     """
     paths, leaves, spec = tree.flatten_with_paths(per_elt_updates)
     means, ssds = [], []
     for path, x in zip(paths, leaves):
         d = dims(per_elt_axis, x, tree.path_str(path, "per_elt_updates"))
-        xw = widen(x)
+        xw = _work(x)
         m = _mean_keep(xw, d)
         diff = xw - m
         ssd = (diff * diff).sum(dim=d) if d else diff * diff
-        means.append(_squeeze(m, d).to(x.dtype))
-        ssds.append(ssd.to(x.dtype))
+        means.append(_squeeze(m, d).to(_out_dtype(x)))
+        ssds.append(ssd.to(_out_dtype(x)))
     return tree.unflatten(spec, means), tree.unflatten(spec, ssds)
 
 
