@@ -403,3 +403,31 @@ def test_state_follows_the_params_device():
     state = tx.init(params)
     devices = {x.device.type for x in ft.tree.leaves(state) if isinstance(x, torch.Tensor)}
     assert devices == {"meta"}
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ft.WrappedSchedule(ft.linear_schedule(1.0, 0.0, 10)),
+        # any object of StatefulSchedule's shape, subclass or not
+        type(
+            "Halving",
+            (),
+            {
+                "init": lambda self: torch.tensor(1.0),
+                "update": lambda self, state, **extra: state / 2,
+                "__call__": lambda self, state, **extra: state,
+            },
+        )(),
+    ],
+)
+def test_inject_hyperparams_refuses_a_stateful_schedule_by_name(schedule):
+    # Before: the step count was passed as the schedule's state, failing later with an
+    # AttributeError ("'Tensor' object has no attribute 'count'") that named neither.
+    with pytest.raises(TypeError, match=r"learning_rate is a stateful schedule.*inject_stateful"):
+        ft.inject_hyperparams(ft.sgd)(learning_rate=schedule)
+    # the same schedule is what inject_stateful_hyperparams takes
+    params = {"w": torch.ones(2)}
+    tx = ft.inject_stateful_hyperparams(ft.sgd)(learning_rate=schedule)
+    updates, _ = tx.update({"w": torch.ones(2)}, tx.init(params), params)
+    assert torch.allclose(updates["w"], -torch.ones(2))

@@ -177,6 +177,12 @@ def _check_wrapper_args(
     return static, signature, factory_name
 
 
+def _is_stateful_schedule(value: Any) -> bool:
+    """An object of :class:`~functrain.optim.stateful_hyperparams.StatefulSchedule`'s shape
+    (``init``, ``update`` and a call of its state), which a step-count schedule is not."""
+    return callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
+
+
 def _split_arguments(
     who: str,
     inner_factory: Callable[..., GradientTransformation],
@@ -219,6 +225,13 @@ def _split_arguments(
         elif name in integer_params and _is_static_int(value):
             other[name] = int(value)
         elif callable(value):
+            if who == "inject_hyperparams" and _is_stateful_schedule(value):
+                raise TypeError(
+                    f"{who}({factory_name}): {name} is a stateful schedule "
+                    f"({type(value).__name__}, with init/update/__call__(state)); "
+                    "inject_hyperparams takes schedules of the step count: use "
+                    "ft.inject_stateful_hyperparams for stateful ones"
+                )
             schedules[name] = value
         elif isinstance(value, (int, float, torch.Tensor)):
             numeric[name] = value
