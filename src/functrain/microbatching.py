@@ -50,8 +50,6 @@ Example:
 from __future__ import annotations
 
 import collections
-import dataclasses
-import enum
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
@@ -60,6 +58,24 @@ import torch
 import torch.func
 
 from functrain import tree as _tree
+
+# The public classes live with the built-in accumulations (which construct them) and are
+# re-exported here; PyTreeFn / UpdateFn stay module attributes, as before the split.
+from functrain._microbatching_accumulators import (
+    AccumulationType,
+    Accumulator,
+    AccumulatorTree,
+    PyTreeFn,  # noqa: F401
+    UpdateFn,  # noqa: F401
+    _canonicalize,
+    _select,
+)
+from functrain._microbatching_args import (
+    _check_num_real,
+    _plan,
+    _reshape_leaf,
+    _tensor_leaves,
+)
 from functrain.train.microbatch import _as_int
 
 __all__ = [
@@ -71,102 +87,10 @@ __all__ = [
     "reshape_batch_axis",
 ]
 
-AccumulatorTree: TypeAlias = Any
 Function: TypeAlias = Callable[..., Any]
 VmapFn: TypeAlias = Callable[[Function, Any, Any], Function]
-PyTreeFn: TypeAlias = Callable[[Any], Any]
-UpdateFn: TypeAlias = Callable[[Any, Any, int], Any]
 # optax's namedtuple (type name "Aux"): micro_grad's per-example outputs.
 IndividualOutputs = collections.namedtuple("Aux", ["values", "metrics", "aux"])
-
-
-@dataclasses.dataclass(frozen=True)
-class Accumulator:
-    """How the outputs ``x_0, ..., x_{n-1}`` of the micro-batches are combined.
-
-    The microbatched function runs::
-
-        carry = init(x_0)
-        for i in range(n):
-            carry = update(carry, x_i, i)
-        return finalize(carry)
-
-    Attributes:
-        init: ``f(value)``: the initial state, from the first micro-batch's output (only its
-            structure, shapes and dtypes should matter).
-        update: ``f(carry, value, index)``: the state after micro-batch ``index`` (a Python
-            int).
-        finalize: ``f(carry)``: the result from the final state.
-        aggregate: ``f(per_example_values)``: reduces a leading batch axis in one go (what
-            :func:`micro_vmap` does inside a micro-batch).
-
-    Example:
-        >>> import torch
-        >>> import functrain.microbatching as mb
-        >>> maximum = mb.Accumulator(
-        ...     init=lambda v: torch.full_like(v, -torch.inf),
-        ...     update=lambda c, v, i: torch.maximum(c, v),
-        ...     finalize=lambda c: c,
-        ...     aggregate=lambda v: v.amax(0),
-        ... )
-        >>> mb.microbatch(lambda x: x.max(), 0, 2, maximum)(torch.tensor([1.0, 5.0, 2.0, 3.0]))
-        tensor(5.)
-    """
-
-    init: PyTreeFn
-    update: UpdateFn
-    finalize: PyTreeFn
-    aggregate: PyTreeFn
-
-
-class AccumulationType(enum.Enum):
-    """The built-in accumulations (optax's members and values).
-
-    Example:
-        >>> import functrain.microbatching as mb
-        >>> [t.name for t in mb.AccumulationType]
-        ['MEAN', 'SUM', 'RUNNING_MEAN', 'CONCAT']
-    """
-
-    MEAN = enum.auto()
-    """Average of the micro-batch outputs (divided by all micro-batches)."""
-    SUM = enum.auto()
-    """Sum of the micro-batch outputs."""
-    RUNNING_MEAN = enum.auto()
-    """Average of the micro-batch outputs over the ``num_real_microbatches`` real ones."""
-    CONCAT = enum.auto()
-    """The micro-batch outputs concatenated along axis 0, rows in the original order."""
-
-
-def _normalize_axis(x: torch.Tensor, axis: int, where: str) -> int:
-    if not -x.dim() <= axis < x.dim():
-        raise ValueError(
-            f"{where} has shape {tuple(x.shape)}: it has no axis {axis} to microbatch over "
-            "(in_axes)"
-        )
-    return axis % x.dim()
-
-
-def _tensor_leaves(x: Any, root: str, what: str) -> tuple[list[str], list[torch.Tensor], Any]:
-    """Path names, tensor leaves and treespec of ``x``; a non-tensor leaf raises a TypeError."""
-    paths, leaves, spec = _tree.flatten_with_paths(x)
-    names = [_tree.path_str(p, root) for p in paths]
-    for name, leaf in zip(names, leaves):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor ({what}), got {type(leaf).__name__}")
-    return names, leaves, spec
-
-
-def _reshape_leaf(x: torch.Tensor, microbatch_size: int, axis: int, where: str) -> torch.Tensor:
-    ax = _normalize_axis(x, axis, where)
-    size = x.shape[ax]
-    if size % microbatch_size:
-        raise ValueError(
-            f"{where} has shape {tuple(x.shape)}: its batch axis {axis} of size {size} must be "
-            f"divisible by microbatch_size={microbatch_size}"
-        )
-    # Column-major split (row a + n*b goes to [a, b]) as a view: unflatten then swap.
-    return x.unflatten(ax, (microbatch_size, size // microbatch_size)).transpose(ax, ax + 1)
 
 
 def reshape_batch_axis(tree: Any, microbatch_size: int, axis: int = 0) -> Any:
@@ -200,270 +124,6 @@ def reshape_batch_axis(tree: Any, microbatch_size: int, axis: int = 0) -> Any:
     return _tree.unflatten(
         spec, [_reshape_leaf(x, microbatch_size, axis, n) for n, x in zip(names, leaves)]
     )
-
-
-def _check_tensor(value: Any, kind: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"AccumulationType.{kind} needs tensor outputs, got {type(value).__name__}")
-    return value
-
-
-def _check_floating(value: Any) -> torch.Tensor:
-    if not _check_tensor(value, "MEAN/RUNNING_MEAN").is_floating_point():
-        raise ValueError(
-            f"MEAN and RUNNING_MEAN Accumulators require floating-point values, got {value.dtype}"
-        )
-    return value
-
-
-def _lift(acc: Accumulator) -> Accumulator:
-    """A leaf-wise Accumulator applied to every leaf of a (sub)tree."""
-    return Accumulator(
-        lambda value: _tree.map(acc.init, value),
-        # The value leads: a carry leaf may be an object (CONCAT's slots) but sits where the
-        # value has a leaf.
-        lambda carry, value, i: _tree.map(lambda v, c: acc.update(c, v, i), value, carry),
-        lambda carry: _tree.map(acc.finalize, carry),
-        lambda values: _tree.map(acc.aggregate, values),
-    )
-
-
-def _compose(accumulators: AccumulatorTree) -> Accumulator:
-    """One Accumulator from a pytree of them, each applied to its subtree of the output."""
-    accs, spec = _tree.flatten(accumulators)
-    names = ("accumulator", "output")
-
-    def up_to(x: Any) -> list[Any]:
-        return _tree.flatten_up_to(spec, x, names, accumulators)
-
-    return Accumulator(
-        lambda values: _tree.unflatten(spec, [a.init(v) for a, v in zip(accs, up_to(values))]),
-        lambda carry, value, i: _tree.unflatten(
-            spec,
-            [a.update(c, v, i) for a, c, v in zip(accs, spec.flatten_up_to(carry), up_to(value))],
-        ),
-        lambda carry: _tree.unflatten(
-            spec, [a.finalize(c) for a, c in zip(accs, spec.flatten_up_to(carry))]
-        ),
-        lambda values: _tree.unflatten(spec, [a.aggregate(v) for a, v in zip(accs, up_to(values))]),
-    )
-
-
-# bool and integers narrower than 32 bits, which jnp.sum sums in (at least) 32 bits.
-_NARROW = (torch.bool, torch.uint8, torch.int8, torch.int16)
-
-
-def _sum_rows(x: torch.Tensor) -> torch.Tensor:
-    """``jnp.sum(x, axis=0)``: a float, complex or 32/64-bit integer dtype is kept (torch
-    would sum int32 into int64); bool and narrower integers are summed in int32, so that a
-    ``SUM`` over per-example booleans counts them (a bool sum would be their ``any``) and
-    uint8 rows do not wrap around at 256."""
-    return x.sum(0, dtype=torch.int32 if x.dtype in _NARROW else x.dtype)
-
-
-def _mean_rows(x: Any) -> torch.Tensor:
-    """``jnp.mean(x, axis=0)``: integer and bool values are averaged in the default float
-    dtype (as jnp.mean promotes them), so MEAN / RUNNING_MEAN in :func:`micro_vmap` accept
-    per-example integers or booleans (e.g. accuracies), as in optax."""
-    x = _check_tensor(x, "MEAN/RUNNING_MEAN")
-    if x.is_floating_point() or x.is_complex():
-        return x.mean(0)
-    return x.mean(0, dtype=torch.get_default_dtype())
-
-
-def _sum() -> Accumulator:
-    return _lift(
-        Accumulator(
-            init=lambda v: torch.zeros_like(_check_tensor(v, "SUM")),
-            update=lambda carry, value, _: carry + value,
-            finalize=lambda x: x,
-            aggregate=lambda x: _sum_rows(_check_tensor(x, "SUM")),
-        )
-    )
-
-
-def _mean(num_microbatches: int) -> Accumulator:
-    if num_microbatches <= 0:
-        raise ValueError(f"num_microbatches={num_microbatches} must be positive.")
-    return _lift(
-        Accumulator(
-            init=lambda v: torch.zeros_like(_check_floating(v)),
-            update=lambda carry, value, _: carry + value,
-            finalize=lambda carry: carry / num_microbatches,
-            aggregate=_mean_rows,
-        )
-    )
-
-
-def _running_mean() -> Accumulator:
-    def update(carry: torch.Tensor, value: torch.Tensor, index: int) -> torch.Tensor:
-        p = index / (index + 1)
-        return carry * p + value * (1 - p)
-
-    return _lift(
-        Accumulator(
-            init=lambda v: torch.zeros_like(_check_floating(v)),
-            update=update,
-            finalize=lambda x: x,
-            aggregate=_mean_rows,
-        )
-    )
-
-
-class _Slots:
-    """CONCAT's carry for one leaf: the n micro-batch outputs (a pytree leaf for optree).
-
-    Keeping them apart (rather than writing into one (n, ...) buffer) keeps ``update`` pure
-    without copying the whole buffer per micro-batch; ``finalize`` stacks them once.
-    """
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: tuple[torch.Tensor, ...]) -> None:
-        self.values = values
-
-    def where(self, keep: torch.Tensor, old: _Slots) -> _Slots:
-        """Slots where each changed slot is ``self``'s if ``keep`` else ``old``'s."""
-        return _Slots(
-            tuple(
-                a if a is b else torch.where(keep.to(a.device), a, b)
-                for a, b in zip(self.values, old.values)
-            )
-        )
-
-
-def _concat(num_microbatches: int) -> Accumulator:
-    if num_microbatches <= 0:
-        raise ValueError(f"num_microbatches={num_microbatches} must be positive.")
-
-    def init(value: Any) -> _Slots:
-        zeros = torch.zeros_like(_check_tensor(value, "CONCAT"))
-        return _Slots((zeros,) * num_microbatches)
-
-    def update(carry: _Slots, value: torch.Tensor, index: int) -> _Slots:
-        return _Slots((*carry.values[:index], value, *carry.values[index + 1 :]))
-
-    def finalize(carry: _Slots) -> torch.Tensor:
-        values = carry.values
-        if values[0].dim() == 0:
-            return torch.stack(values)
-        # Row b of micro-batch a is row a + n*b of the batch: stack at dim 1, then merge.
-        return torch.stack(values, 1).flatten(0, 1)
-
-    return _lift(Accumulator(init, update, finalize, lambda x: x))
-
-
-def _canonicalize(accumulator: AccumulatorTree, num_microbatches: int) -> Accumulator:
-    """An Accumulator from a pytree of Accumulators / AccumulationTypes."""
-
-    def one(acc: Any) -> Accumulator:
-        if isinstance(acc, Accumulator):
-            return acc
-        if acc is AccumulationType.MEAN:
-            return _mean(num_microbatches)
-        if acc is AccumulationType.SUM:
-            return _sum()
-        if acc is AccumulationType.RUNNING_MEAN:
-            return _running_mean()
-        if acc is AccumulationType.CONCAT:
-            return _concat(num_microbatches)
-        raise ValueError(f"Unknown accumulator: {acc!r}")
-
-    return _compose(_tree.map(one, accumulator))
-
-
-def _select(keep: torch.Tensor, new: Any, old: Any) -> Any:
-    """``new`` where ``keep`` (a 0-d bool tensor) else ``old``, leaf by leaf, on the device."""
-
-    def one(n: Any, o: Any) -> Any:
-        if isinstance(n, _Slots):
-            return n.where(keep, o)
-        return torch.where(keep.to(n.device), n, o)
-
-    return _tree.map(one, new, old)
-
-
-def _check_num_real(num_real_microbatches: Any) -> int | torch.Tensor | None:
-    if num_real_microbatches is None:
-        return None
-    if isinstance(num_real_microbatches, torch.Tensor):
-        t = num_real_microbatches
-        if t.dim() != 0 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise TypeError(
-                "num_real_microbatches must be an int or a 0-d integer tensor, got a tensor "
-                f"of shape {tuple(t.shape)} and dtype {t.dtype}"
-            )
-        return t
-    k = _as_int(num_real_microbatches)
-    if k is None or k < 0:
-        raise TypeError(
-            "num_real_microbatches must be a non-negative int or a 0-d integer tensor, got "
-            f"{num_real_microbatches!r}"
-        )
-    return k
-
-
-def _plan(
-    microbatch_size: int,
-    argnums: Sequence[int],
-    argnames: Sequence[str],
-    in_axes: Sequence[int],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> tuple[list[tuple[int | str, list[torch.Tensor], list[int], Any]], int]:
-    """Validates the batch arguments; returns their reshaped leaves and the batch size."""
-    entries: list[tuple[int | str, Any, int, str]] = []
-    for i, ax in zip(argnums, in_axes):
-        if not -len(args) <= i < len(args):
-            raise ValueError(
-                f"argnums contains {i} but the function was called with {len(args)} "
-                "positional arguments"
-            )
-        entries.append((i, args[i], ax, f"args[{i}]"))
-    for name, ax in zip(argnames, in_axes[len(argnums) :]):
-        if name not in kwargs:
-            raise ValueError(
-                f"argnames contains {name!r} but the function was called without that "
-                f"keyword argument (got {sorted(kwargs)})"
-            )
-        entries.append((name, kwargs[name], ax, f"kwargs[{name!r}]"))
-    first: tuple[str, int, tuple[int, ...], int] | None = None
-    plan = []
-    for key, value, ax, root in entries:
-        if isinstance(value, dict) and not value:
-            continue  # micro_vmap's kwargs without keywords (and dynamo cannot flatten {})
-        names, leaves, spec = _tensor_leaves(value, root, "a batch argument leaf")
-        axes = []
-        for where, x in zip(names, leaves):
-            a = _normalize_axis(x, ax, where)
-            if first is None:
-                first = (where, x.shape[a], tuple(x.shape), ax)
-            elif x.shape[a] != first[1]:
-                raise ValueError(
-                    "batch arguments must have equal-size batch axes: "
-                    f"{first[0]} has {first[1]} along axis {first[3]} (shape {first[2]}), "
-                    f"{where} has {x.shape[a]} along axis {ax} (shape {tuple(x.shape)})"
-                )
-            axes.append(a)
-        plan.append((key, leaves, axes, spec))
-    if first is None:
-        raise ValueError(
-            f"no batch tensors: the arguments argnums={tuple(argnums)} and "
-            f"argnames={tuple(argnames)} hold no tensor leaves"
-        )
-    where, size, shape, ax = first
-    if size == 0:
-        raise ValueError(f"{where} has shape {shape}: its batch axis {ax} is empty")
-    if size % microbatch_size:
-        raise ValueError(
-            f"batch_size={size} must be divisible by microbatch_size={microbatch_size} "
-            f"({where} has shape {shape}, batch axis {ax})"
-        )
-    plan = [
-        (key, [_reshape_leaf(x, microbatch_size, a, "") for x, a in zip(leaves, axes)], axes, spec)
-        for key, leaves, axes, spec in plan
-    ]
-    return plan, size
 
 
 def microbatch(
