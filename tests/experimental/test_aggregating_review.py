@@ -149,3 +149,22 @@ def test_add_mean_variance_accumulated_equals_full_batch_statistics(steps: int):
         full = np.concatenate([m[k].numpy() for m in micro], axis=0)
         np.testing.assert_allclose(mean[k].numpy(), full.mean(0), rtol=1e-12)
         np.testing.assert_allclose(var[k].numpy(), full.var(0, ddof=1), rtol=1e-10)
+
+
+def test_inject_hyperparams_keeps_an_aliased_int_axis_static():
+    # per_elt_axis is annotated with optax's alias MaybeAxis (int | Sequence[int] | None): it
+    # was injected as a float64 tensor, which the axis check then refused.
+    agg = ft.experimental.aggregating
+    plain = agg.average_incrementally_updates(per_elt_axis=0, accumulation_steps=2)
+    injected = ft.inject_hyperparams(agg.average_incrementally_updates)(
+        per_elt_axis=0, accumulation_steps=2
+    )
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    s_plain, s_inj = plain.init(params), injected.init(params)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        per_example = {"w": torch.randn(5, 3, dtype=torch.float64, generator=gen)}
+        u_plain, s_plain = plain.update(per_example, s_plain, params)
+        u_inj, s_inj = injected.update(per_example, s_inj, params)
+        torch.testing.assert_close(u_inj, u_plain, rtol=0, atol=0)
+    assert "per_elt_axis" not in s_inj.hyperparams

@@ -6,11 +6,13 @@ optax does; building a transform is cheap Python and, under ``torch.compile``, i
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import inspect
 import math
 import numbers
 import re
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -41,17 +43,37 @@ class InjectHyperparamsState(NamedTuple):
     inner_state: Any
 
 
-def _integer_params(signature: inspect.Signature) -> set[str]:
-    """Parameters declared ``int`` or ``bool`` (by annotation or an int default), as optax."""
+def _declares_int(annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        return bool({"int", "bool"} & set(re.split(r"[^\w.]+", annotation)))
+    if annotation in (int, bool):
+        return True
+    # A union with int but no float or tensor (an axis, a count): ``float | int | Tensor``
+    # (a learning rate's Scalar) is a number to inject.
+    members = typing.get_args(annotation)
+    return any(a in (int, bool) for a in members) and not any(
+        a in (float, complex) or a is torch.Tensor or _declares_callable(a) for a in members
+    )
+
+
+def _declares_callable(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (Callable, collections.abc.Callable)
+
+
+def _integer_params(signature: inspect.Signature, fn: Any = None) -> set[str]:
+    """Parameters declared ``int`` or ``bool`` (by annotation or an int default), as optax.
+
+    String annotations are also resolved in ``fn``'s module where they can be, so that an
+    alias (``per_elt_axis: MaybeAxis``, ``MaybeAxis = int | Sequence[int] | None``) counts too;
+    a union that also admits floats or tensors (a learning rate's ``Scalar``) does not.
+    """
+    try:
+        hints = typing.get_type_hints(fn) if fn is not None else {}
+    except Exception:  # unresolvable names: fall back to the annotations' text
+        hints = {}
     names = set()
     for name, param in signature.parameters.items():
-        annotation = param.annotation
-        if isinstance(annotation, str):
-            declared = bool({"int", "bool"} & set(re.split(r"[^\w.]+", annotation)))
-        else:
-            declared = annotation in (int, bool) or any(
-                a in (int, bool) for a in getattr(annotation, "__args__", ())
-            )
+        declared = _declares_int(param.annotation) or (name in hints and _declares_int(hints[name]))
         if declared or (param.default is not param.empty and isinstance(param.default, int)):
             names.add(name)
     return names
@@ -313,7 +335,7 @@ def inject_hyperparams(
     static, signature, factory_name = _check_wrapper_args(
         "inject_hyperparams", inner_factory, static_args, hyperparam_dtype
     )
-    integer_params = _integer_params(signature)
+    integer_params = _integer_params(signature, inner_factory)
 
     @functools.wraps(inner_factory)
     def wrapped_transform(*args: Any, **kwargs: Any) -> GradientTransformation:

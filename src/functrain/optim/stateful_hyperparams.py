@@ -266,7 +266,7 @@ def inject_stateful_hyperparams(
     static, signature, factory_name = _check_wrapper_args(
         _WHO, inner_factory, static_args, hyperparam_dtype
     )
-    integer_params = _integer_params(signature)
+    integer_params = _integer_params(signature, inner_factory)
 
     @functools.wraps(inner_factory)
     def wrapped_transform(*args: Any, **kwargs: Any) -> GradientTransformation:
