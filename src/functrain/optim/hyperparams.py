@@ -205,6 +205,16 @@ def _is_stateful_schedule(value: Any) -> bool:
     return callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))
 
 
+def _numeric_hparams(
+    numeric: dict[str, Any], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The injected numbers' initial state: tensors copied (never aliased), numbers cast."""
+    return {
+        k: v.detach().clone() if isinstance(v, torch.Tensor) else _as_tensor(v, dtype, device)
+        for k, v in numeric.items()
+    }
+
+
 def _split_arguments(
     who: str,
     inner_factory: Callable[..., GradientTransformation],
@@ -350,14 +360,7 @@ def inject_hyperparams(
             count = _utils.zero_count(params)
             dtype = _dtype(hyperparam_dtype, params)
             device = count.device
-            hparams = {
-                k: (
-                    v.detach().clone()
-                    if isinstance(v, torch.Tensor)
-                    else _as_tensor(v, dtype, device)
-                )
-                for k, v in numeric.items()
-            }
+            hparams = _numeric_hparams(numeric, dtype, device)
             hparams.update(
                 {k: _scheduled(k, f(count), dtype, device) for k, f in schedules.items()}
             )

@@ -54,6 +54,7 @@ from functrain.optim.hyperparams import (
     _check_wrapper_args,
     _dtype,
     _integer_params,
+    _numeric_hparams,
     _recorded,
     _scheduled,
     _split_arguments,
@@ -285,14 +286,7 @@ def inject_stateful_hyperparams(
             count = _utils.zero_count(params)
             dtype = _dtype(hyperparam_dtype, params)
             device = count.device
-            hparams = {
-                k: (
-                    v.detach().clone()
-                    if isinstance(v, torch.Tensor)
-                    else _as_tensor(v, dtype, device)
-                )
-                for k, v in numeric.items()
-            }
+            hparams = _numeric_hparams(numeric, dtype, device)
             states = {k: _on_device(f.init(), device) for k, f in schedules.items()}
             hparams.update(
                 {k: _value(k, f(states[k]), dtype, device) for k, f in schedules.items()}
