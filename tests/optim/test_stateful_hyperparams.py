@@ -431,3 +431,39 @@ def test_inject_hyperparams_refuses_a_stateful_schedule_by_name(schedule):
     tx = ft.inject_stateful_hyperparams(ft.sgd)(learning_rate=schedule)
     updates, _ = tx.update({"w": torch.ones(2)}, tx.init(params), params)
     assert torch.allclose(updates["w"], -torch.ones(2))
+
+
+class _CountdownFromPythonNumbers:
+    """A stateful schedule whose init() returns Python numbers (an optax user's habit)."""
+
+    def init(self):
+        return {"lr": 0.1, "calls": 0}
+
+    def update(self, state, **extra_args):
+        return {"lr": state["lr"] * 0.5, "calls": state["calls"] + 1}
+
+    def __call__(self, state, **extra_args):
+        return state["lr"]
+
+
+def test_python_number_schedule_states_become_tensors_and_compile_once():
+    # Before: init() kept the numbers as numbers; the first update made them tensors, so the
+    # state changed type and a compiled update compiled twice.
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    params, grads = _problem(torch.float32, steps=4)
+    tx = sh.inject_stateful_hyperparams(ft.sgd)(learning_rate=_CountdownFromPythonNumbers())
+    state = tx.init(params)
+    schedule_state = state.hyperparams_states["learning_rate"]
+    assert all(isinstance(v, torch.Tensor) for v in schedule_state.values())
+    counter = CompileCounter()
+    update = torch.compile(tx.update, backend=counter, fullgraph=True)
+    p = params
+    for step, gr in enumerate(grads):
+        u, state = update(gr, state, p)
+        expected = {k: -(0.1 * 0.5**step) * g for k, g in gr.items()}
+        testing.assert_trees_all_close(u, expected, rtol=1e-6)
+        p = ft.apply_updates(p, u)
+    assert counter.frame_count == 1
+    assert int(state.hyperparams_states["learning_rate"]["calls"]) == 4

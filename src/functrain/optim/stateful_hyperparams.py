@@ -192,8 +192,17 @@ class InjectStatefulHyperparamsState(NamedTuple):
 
 def _on_device(schedule_state: Any, device: torch.device) -> Any:
     # A schedule's init() cannot know the params' device (optax's init takes no argument):
-    # its CPU tensors would otherwise meet device tensors at every update.
-    return tree.map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, schedule_state)
+    # its CPU tensors would otherwise meet device tensors at every update. Python numbers
+    # become 0-d tensors (as a jitted optax update makes them arrays): kept as numbers, the
+    # state changed type after the first update, and a compiled step recompiled once.
+    def leaf(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.to(device)
+        if isinstance(x, (bool, int, float)):
+            return torch.as_tensor(x, device=device)
+        return x
+
+    return tree.map(leaf, schedule_state)
 
 
 def _value(name: str, value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
