@@ -214,14 +214,13 @@ def build_cases() -> dict[str, Callable[[], Case]]:
     tok[:, 0] = 1  # the padding index in every example
     tok[:, 2] = tok[:, 3]  # a repeated index in every example
     seq = _x(n, 4, 3)
-    no_weight = "with a weight that is not a parameter"
     mha = "multi_head_attention_forward"
     same_even = "Using padding='same' with even kernel"
     return {
         "linear": lambda: _module_case(nn.Linear(4, 3), _x(n, 4)),
         "linear-no-bias": lambda: _module_case(nn.Linear(4, 3, bias=False), _x(n, 4)),
         "linear-bias-only": lambda: _module_case(
-            nn.Linear(4, 3), _x(n, 4), trainable=lambda k: k == "bias", layers=no_weight
+            nn.Linear(4, 3), _x(n, 4), trainable=lambda k: k == "bias"
         ),
         "linear-seq-token-mean": lambda: _module_case(
             _seq(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), _x(n, 6, 4), loss=_tokens_mean

@@ -360,7 +360,6 @@ REFUSED = {
         lambda p, x: F.embedding(IDX[:1], p["e"], scale_grad_by_freq=True).sum() * x.sum(),
         "embedding",
     ),
-    "constant-norm-weight": (lambda p, x: F.layer_norm(x, (5,), W[0], p["b"]).sum(), "layer_norm"),
 }
 
 

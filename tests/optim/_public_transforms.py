@@ -157,6 +157,10 @@ BUILDERS: dict[str, Callable[[], ft.GradientTransformation]] = {
     "chain": lambda: ft.chain(ft.clip_by_global_norm(1.0), _adam()),
     "named_chain": lambda: ft.named_chain(("clip", ft.clip_by_global_norm(1.0)), ("opt", _adam())),
     "inject_hyperparams": lambda: ft.inject_hyperparams(ft.adam)(learning_rate=LR),
+    # A stateful schedule (the wrapped constant) and a plain number, both injected.
+    "inject_stateful_hyperparams": lambda: ft.inject_stateful_hyperparams(ft.adam)(
+        learning_rate=ft.WrappedSchedule(ft.constant_schedule(LR)), b1=0.9
+    ),
     "MultiSteps": lambda: ft.MultiSteps(_adam(), every_k_schedule=2).gradient_transformation(),
     # Matrices only by contract (muon hands the rest to AdamW): the vector and scalar masked.
     "scale_by_muon": _muon_matrix_only,

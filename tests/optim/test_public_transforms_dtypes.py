@@ -52,6 +52,7 @@ HALF_STATE_FLOAT32: dict[str, tuple[str, ...]] = {
     "scale_by_dowg": ("scale_by_dog",),
     "scale_by_distance_over_gradients": ("scale_by_distance_over_gradients",),
     "inject_hyperparams": ("inject_hyperparams",),
+    "inject_stateful_hyperparams": ("inject_stateful_hyperparams",),
     "lbfgs": ("scale_by_lbfgs", "scale_by_zoom_linesearch"),
     "scale_by_lbfgs": ("scale_by_lbfgs",),
     "scale_by_zoom_linesearch": ("scale_by_zoom_linesearch",),
@@ -93,6 +94,8 @@ LOSS_OVERFLOWS_FLOAT16 = {
 }
 # (b) Values that depend on the default dtype, by design.
 DEFAULT_DTYPE_VALUES = {
+    "inject_stateful_hyperparams": "its wrapped schedule computes in the default dtype, as "
+    "every schedule does for an integer count (functrain.optim.schedules)",
     "schedule_free_adamw[warmup]": "its warmup schedule computes in the default dtype, as "
     "every schedule does for an integer count (functrain.optim.schedules)",
 }

@@ -322,20 +322,38 @@ class _Rules(TorchFunctionMode):
                         name = getattr(func, "__name__", str(func))
                         raise Unsupported(self.slots[id(v)], name, "under a torch.func transform")
 
+    def _constant(self, t: Any) -> bool:
+        """``t`` is a tensor that is not a parameter and that no parameter reaches.
+
+        Every call on a parameter either runs a rule, whose output is batched over the examples,
+        or is refused; so a tensor not wrapped by ``torch.func`` (not batched, grad-tracking or
+        functionalized) is the same for every example and does not depend on the parameters: a
+        frozen weight closed over or passed as a buffer, or one computed under ``no_grad``.
+        """
+        return (
+            isinstance(t, torch.Tensor)
+            and not self._is_param(t)
+            and not (_functorch.is_batchedtensor(t) or _functorch.is_functorch_wrapped_tensor(t))
+        )
+
     def _owned(self, weight: Any, bias: Any, x: Any) -> bool:
-        """The call's weight (and bias, if any) are parameters, and its input is not.
+        """The call's weight or bias is a parameter, the other a parameter, a constant (see
+        :meth:`_constant`; bias-only fine-tuning) or absent, and its input is not a parameter.
 
         Otherwise sets :attr:`why`: the refusal then says which argument has no rule.
         """
-        if not self._is_param(weight):
+        weight_param, bias_param = self._is_param(weight), self._is_param(bias)
+        if not (weight_param or bias_param):
+            # No parameter (or only the input): the call runs as written, or is refused.
             self.why = "with a weight that is not a parameter"
-        elif bias is not None and not self._is_param(bias):
-            # A constant bias could be skipped, but one computed from parameters (the output
-            # of another rule) needs its gradient: neither is told apart here.
-            self.why = "with a bias that is not a parameter"
+        elif not (weight_param or self._constant(weight)):
+            # One computed from parameters or per example needs a gradient no rule forms.
+            self.why = "with a weight that is not a parameter and not constant"
+        elif bias is not None and not (bias_param or self._constant(bias)):
+            self.why = "with a bias that is not a parameter and not constant"
         elif self._is_param(x):
             self.why = "with a parameter as its input"
-        elif weight.is_complex():
+        elif (weight if weight_param else bias).is_complex():
             self.why = "with complex parameters"
         else:
             return True
@@ -379,8 +397,10 @@ class _Rules(TorchFunctionMode):
         if self._is_param(x) or not (self._is_param(weight) or self._is_param(bias)):
             self.why = "with a parameter as its input" if self._is_param(x) else None
             return None
-        if any(t is not None and not self._is_param(t) for t in (weight, bias)):
-            self.why = "with a weight or bias that is not a parameter"
+        if any(
+            t is not None and not (self._is_param(t) or self._constant(t)) for t in (weight, bias)
+        ):
+            self.why = "with a weight or bias that is not a parameter and not constant"
             return None
         if any(t is not None and t.is_complex() for t in (weight, bias)):
             self.why = "with complex parameters"
@@ -442,7 +462,7 @@ class _Rules(TorchFunctionMode):
         if weight.dim() != 2:
             self.why = f"with a {weight.dim()}-d weight"
             return None
-        if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
+        if self._is_param(bias) and tuple(bias.shape) != tuple(weight.shape[:1]):
             # A broadcast bias (shape (1,) or ()) sums its gradient over the outputs: no rule.
             raise Unsupported(self.slots[id(bias)], "linear", "as a broadcast bias")
         slots = (self._slot(weight), self._slot(bias))

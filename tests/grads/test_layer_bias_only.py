@@ -1,0 +1,239 @@
+"""``method="layers"`` for bias-only fine-tuning (BitFit / DP-BiTFiT): frozen weights, trained biases.
+
+A linear, convolution or layer-norm call whose weight is a constant (not a parameter, the same
+for every example) and whose bias is a parameter gets the bias's per-sample gradient from the
+rule; a parameter weight with a constant bias too. Every result is compared in float64 with one
+autograd call per example (``naive_per_sample``) and with ``method="vmap"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from grad_problems import naive_per_sample
+from torch import nn
+
+import functrain as ft
+from functrain import tree
+from functrain.grads import _routes
+from functrain.testing import assert_trees_all_close
+
+D = torch.float64
+TOL = {"rtol": 1e-10, "atol": 1e-12}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _split(
+    model: nn.Module, trainable: Callable[[str], bool], as_parameters: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(params, frozen)``: the trained leaves and the constants closed over.
+
+    ``as_parameters`` keeps the frozen ones as the module's own ``nn.Parameter`` (they require
+    grad, as when only the biases are handed to ``per_sample_grads``).
+    """
+    params, frozen = {}, {}
+    for name, p in model.named_parameters():
+        if trainable(name):
+            params[name] = p.detach().clone()
+        else:
+            frozen[name] = p if as_parameters else p.detach().clone()
+    return params, frozen
+
+
+def _problem(
+    model: nn.Module, x: torch.Tensor, classes: int, trainable: Callable[[str], bool], **kw: Any
+) -> tuple[Callable[..., torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = model.double()
+    with torch.no_grad():  # nonzero biases: every term counts
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=_gen(7), dtype=D))
+    params, frozen = _split(model, trainable, **kw)
+
+    def loss_fn(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = torch.func.functional_call(model, {**frozen, **p}, (b["x"],))
+        return F.cross_entropy(out, b["y"])
+
+    batch = {"x": x, "y": torch.randint(0, classes, (x.shape[0],), generator=_gen(2))}
+    return loss_fn, params, batch
+
+
+def _bias(name: str) -> bool:
+    return name.endswith("bias")
+
+
+def mlp(n: int = 6, **kw: Any) -> Any:
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    return _problem(model, torch.randn(n, 5, generator=_gen(1), dtype=D), 3, _bias, **kw)
+
+
+def mnist_cnn(n: int = 4, **kw: Any) -> Any:
+    """The Opacus MNIST example's CNN, biases only."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 8, 2, padding=3),
+        nn.ReLU(),
+        nn.MaxPool2d(2, 1),
+        nn.Conv2d(16, 32, 4, 2),
+        nn.ReLU(),
+        nn.MaxPool2d(2, 1),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
+    )
+    x = torch.randn(n, 1, 28, 28, generator=_gen(1), dtype=D)
+    return _problem(model, x, 10, _bias, **kw)
+
+
+class _Mix(nn.Module):
+    """A trainable conv1d, a layer norm of frozen weight, a bias-only linear, a frozen-bias head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv1d(2, 4, 3, padding=1)  # fully trainable
+        self.norm = nn.LayerNorm(4 * 6)  # weight frozen, bias trained
+        self.hidden = nn.Linear(4 * 6, 7)  # bias only
+        self.head = nn.Linear(7, 3)  # weight trained, bias frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(x)).flatten(1)
+        return self.head(torch.tanh(self.hidden(self.norm(h))))
+
+
+def mix(n: int = 5) -> Any:
+    trainable = {"first.weight", "first.bias", "norm.bias", "hidden.bias", "head.weight"}
+    x = torch.randn(n, 2, 6, generator=_gen(1), dtype=D)
+    return _problem(_Mix(), x, 3, trainable.__contains__)
+
+
+class _Convs(nn.Module):
+    """A bias-only conv3d, a conv2d with nothing trained (no bias, frozen weight: a constant
+    call), a conv2d with a trained weight and a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 3, 2)
+        self.c2 = nn.Conv2d(3, 2, 2, bias=False)
+        self.head = nn.Conv2d(2, 2, 2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.c2(torch.tanh(self.c3(x)).sum(2)))
+        return self.head(h).flatten(1)
+
+
+def convs(n: int = 4) -> Any:
+    x = torch.randn(n, 2, 3, 4, 4, generator=_gen(1), dtype=D)
+    trainable = {"c3.bias", "head.weight"}
+    return _problem(_Convs(), x, 2 * 3 * 3, trainable.__contains__)
+
+
+PROBLEMS = {
+    "mlp": mlp,
+    "mlp-frozen-nn-parameters": lambda: mlp(as_parameters=True),
+    "mnist-cnn": mnist_cnn,
+    "mix": mix,
+    "convs": convs,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_layers_match_naive_loop_and_vmap(name: str) -> None:
+    loss_fn, params, batch = PROBLEMS[name]()
+    expected = naive_per_sample(loss_fn, params, batch)
+    assert all(g.abs().sum() > 0 for g in tree.leaves(expected))  # every bias is used
+    got = ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    assert_trees_all_close(got, expected, **TOL)
+    by_vmap = ft.per_sample_grads(loss_fn, params, batch, method="vmap")
+    assert_trees_all_close(got, by_vmap, **TOL)
+
+
+def test_auto_takes_the_rules_for_bias_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    original = _routes.per_sample_by_layers
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        calls.append("layers")
+        return out
+
+    monkeypatch.setattr(_routes, "per_sample_by_layers", spy)
+    loss_fn, params, batch = mnist_cnn()
+    got = ft.per_sample_grads(loss_fn, params, batch)
+    assert calls == ["layers"]
+    assert_trees_all_close(got, naive_per_sample(loss_fn, params, batch), **TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_ghost_reductions_match_vmap(chunk_size: int | None) -> None:
+    loss_fn, params, batch = mnist_cnn(n=5)
+    kw = {"chunk_size": chunk_size}
+    want = ft.per_sample_grad_norms(loss_fn, params, batch, method="vmap", **kw)
+    got = ft.per_sample_grad_norms(loss_fn, params, batch, method="layers", **kw)
+    assert_trees_all_close(got.global_norm, want.global_norm, **TOL)
+    assert_trees_all_close(got.leaf_norms, want.leaf_norms, **TOL)
+    # The naive loop's norms, for an independent reference.
+    ps = naive_per_sample(loss_fn, params, batch)
+    sq = torch.stack([g.reshape(g.shape[0], -1).square().sum(1) for g in tree.leaves(ps)])
+    assert_trees_all_close(got.global_norm, sq.sum(0).sqrt(), **TOL)
+
+    clip = float(got.global_norm.median())  # about half the examples clipped
+    want_sum = ft.clipped_grad_sum(loss_fn, params, batch, clip, method="vmap", **kw)
+    got_sum = ft.clipped_grad_sum(loss_fn, params, batch, clip, method="layers", **kw)
+    assert_trees_all_close(got_sum.grad_sum, want_sum.grad_sum, **TOL)
+    assert int(got_sum.num_clipped) == int(want_sum.num_clipped) > 0
+    factors = (clip / sq.sum(0).sqrt()).clamp(max=1.0)
+    by_hand = tree.map(lambda g: torch.einsum("i,i...->...", factors, g), ps)
+    assert_trees_all_close(got_sum.grad_sum, by_hand, **TOL)
+
+
+def _per_example_weight(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    # A weight computed from each example's input (a hypernetwork): no rule forms its gradient.
+    w = b["x"].t() @ b["x"]
+    return F.cross_entropy(F.linear(b["x"], w, p["b"]), b["y"])
+
+
+def _grouped_bias_only(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    w = torch.ones(4, 1, 3, dtype=D)
+    return F.conv1d(b["x"], w, p["b"], groups=2).square().mean()
+
+
+def _weight_from_a_parameter(
+    p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    # The weight is the output of another rule: it depends on a parameter, not a constant.
+    w = F.linear(torch.eye(4, dtype=D), p["w"])
+    return F.cross_entropy(F.linear(b["x"], w, p["b"]), b["y"])
+
+
+REFUSED = {
+    "per-example weight": (_per_example_weight, "linear with a weight that is not a parameter"),
+    "groups=2": (_grouped_bias_only, "conv1d with groups=2"),
+    "weight from a parameter": (
+        _weight_from_a_parameter,
+        "linear with a weight that is not a parameter",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_still_refused_without_a_rule(name: str) -> None:
+    loss_fn, match = REFUSED[name]
+    x = torch.randn(
+        3, 2 if name == "groups=2" else 4, *([5] if name == "groups=2" else []), dtype=D
+    )
+    params = {"b": torch.randn(4, dtype=D)}
+    if name == "weight from a parameter":
+        params["w"] = torch.randn(4, 4, dtype=D)
+    batch = {"x": x, "y": torch.tensor([0, 1, 2])}
+    with pytest.raises(ValueError, match=f"params\\['b'\\] is used by {match}"):
+        ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    # "auto" falls back to vmap, which agrees with the naive loop.
+    got = ft.per_sample_grads(loss_fn, params, batch)
+    assert_trees_all_close(got, naive_per_sample(loss_fn, params, batch), **TOL)
