@@ -215,6 +215,26 @@ def _numeric_hparams(
     }
 
 
+def _check_hyperparam_keys(
+    hyperparams: dict[str, Any],
+    numeric: dict[str, Any],
+    schedules: dict[str, Any],
+    factory_name: str,
+) -> None:
+    """A state's ``hyperparams`` hold exactly the injected names."""
+    missing = [k for k in numeric if k not in hyperparams]
+    if missing:
+        raise KeyError(f"state.hyperparams has no entry for {missing}")
+    unknown = [k for k in hyperparams if k not in numeric and k not in schedules]
+    if unknown:
+        # A misspelt entry (``"lr"`` for ``"learning_rate"``) would otherwise be dropped
+        # silently and the step run with the old value; optax fails here too.
+        raise KeyError(
+            f"state.hyperparams has entries {unknown} that {factory_name} does not "
+            f"inject; the injected ones are {sorted([*numeric, *schedules])}"
+        )
+
+
 def _split_arguments(
     who: str,
     inner_factory: Callable[..., GradientTransformation],
@@ -375,17 +395,7 @@ def inject_hyperparams(
                     f"inject_hyperparams expects an InjectHyperparamsState, got "
                     f"{type(state).__name__}"
                 )
-            missing = [k for k in numeric if k not in state.hyperparams]
-            if missing:
-                raise KeyError(f"state.hyperparams has no entry for {missing}")
-            unknown = [k for k in state.hyperparams if k not in numeric and k not in schedules]
-            if unknown:
-                # A misspelt entry (``"lr"`` for ``"learning_rate"``) would otherwise be dropped
-                # silently and the step run with the old value; optax fails here too.
-                raise KeyError(
-                    f"state.hyperparams has entries {unknown} that {factory_name} does not "
-                    f"inject; the injected ones are {sorted([*numeric, *schedules])}"
-                )
+            _check_hyperparam_keys(state.hyperparams, numeric, schedules, factory_name)
             dtype = _dtype(hyperparam_dtype, params, updates)
             device = state.count.device
             hparams = {k: _as_tensor(state.hyperparams[k], dtype, device) for k in numeric}

@@ -51,6 +51,7 @@ from functrain.optim import _utils
 from functrain.optim.base import GradientTransformation
 from functrain.optim.hyperparams import (
     _as_tensor,
+    _check_hyperparam_keys,
     _check_wrapper_args,
     _dtype,
     _integer_params,
@@ -309,16 +310,7 @@ def inject_stateful_hyperparams(
                 raise TypeError(
                     f"{_WHO} expects an InjectStatefulHyperparamsState, got {type(state).__name__}"
                 )
-            missing = [k for k in numeric if k not in state.hyperparams]
-            if missing:
-                raise KeyError(f"state.hyperparams has no entry for {missing}")
-            unknown = [k for k in state.hyperparams if k not in numeric and k not in schedules]
-            if unknown:
-                # A misspelt entry would otherwise be dropped and the step run with the old value.
-                raise KeyError(
-                    f"state.hyperparams has entries {unknown} that {factory_name} does not "
-                    f"inject; the injected ones are {sorted([*numeric, *schedules])}"
-                )
+            _check_hyperparam_keys(state.hyperparams, numeric, schedules, factory_name)
             if set(state.hyperparams_states) != set(schedules):
                 raise KeyError(
                     f"state.hyperparams_states has entries {sorted(state.hyperparams_states)}, "
