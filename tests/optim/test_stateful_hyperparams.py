@@ -467,3 +467,19 @@ def test_python_number_schedule_states_become_tensors_and_compile_once():
         p = ft.apply_updates(p, u)
     assert counter.frame_count == 1
     assert int(state.hyperparams_states["learning_rate"]["calls"]) == 4
+
+
+@pytest.mark.parametrize("stateful", [False, True], ids=["inject", "inject_stateful"])
+def test_a_state_with_missing_or_misspelt_hyperparams_is_refused_by_name(stateful):
+    wrapper = ft.inject_stateful_hyperparams if stateful else ft.inject_hyperparams
+    tx = wrapper(ft.sgd)(learning_rate=0.1, momentum=0.9)
+    params = {"w": torch.ones(2)}
+    grads = {"w": torch.ones(2)}
+    state = tx.init(params)
+    misspelt = {**state.hyperparams, "lr": state.hyperparams["learning_rate"]}
+    del misspelt["learning_rate"]
+    with pytest.raises(KeyError, match=r"no entry for \['learning_rate'\]"):
+        tx.update(grads, state._replace(hyperparams=misspelt), params)
+    extra = {**state.hyperparams, "lr": torch.tensor(0.5)}
+    with pytest.raises(KeyError, match=r"entries \['lr'\] that sgd does not inject"):
+        tx.update(grads, state._replace(hyperparams=extra), params)
