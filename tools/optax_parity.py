@@ -966,6 +966,11 @@ def main() -> int:
         except Exception as exc:  # a crash is a failed comparison
             err, note = float("inf"), f"{type(exc).__name__}: {str(exc).splitlines()[0][:70]}"
         rows.append((name, settings, err, case, note))
+        # Every case jit-compiles its own executables; kept, their code mappings exhausted
+        # vm.max_map_count (65530) near the end of a full run (LLVM: cannot allocate memory).
+        # Dropped after every case, the recompiles took the run past 20 minutes.
+        if len(rows) % 50 == 0:
+            jax.clear_caches()
 
     datasets = {
         k: make_data(k) for k in ("normal", "nan", "large", "zeros", "per_example", "plateau")
