@@ -5,7 +5,9 @@ The public API: optimizer transforms and schedules (optax names), ``ft.tree`` py
 (``ft.losses``; those optax exports at its top level are here too). Submodules
 ``ft.logging``, ``ft.checkpoint``, ``ft.distributed``, ``ft.projections`` and ``ft.testing``
 hold the rest; ``ft.contrib``, ``ft.schedules``, ``ft.transforms`` and ``ft.tree_utils`` spell
-optax's namespaces of those names (the same objects as the top-level ones).
+optax's namespaces of those names (the same objects as the top-level ones), and
+``ft.second_order``, ``ft.perturbations``, ``ft.assignment``, ``ft.microbatching`` and
+``ft.experimental`` implement optax's namespaces of those names.
 
 Example:
     >>> import torch, functrain as ft
