@@ -46,7 +46,6 @@ it: there each call is a whole sampled batch; give it ``micro_batches=K`` instea
 from __future__ import annotations
 
 import math
-import numbers
 import weakref
 from collections.abc import Iterator
 from types import MethodType
@@ -207,27 +206,7 @@ def _injected_members(spec: fused.Injected) -> Iterator[tuple[str, Any]]:
 
 
 def _base_key(seed: int | torch.Tensor, name: str = "seed") -> torch.Tensor:
-    if isinstance(seed, torch.Tensor):
-        # Complex too: ``.to(int64)`` would drop the imaginary part (with only a warning).
-        if (
-            seed.dim() != 0
-            or seed.dtype.is_floating_point
-            or seed.is_complex()
-            or seed.dtype == torch.bool
-        ):
-            raise ValueError(
-                f"{name} must be an int or a 0-d integer tensor key, got {seed.dtype} "
-                f"{tuple(seed.shape)}"
-            )
-        seed = seed.detach().to(torch.int64)
-        # A 64-bit key (e.g. ``ft.random_key``) keeps its high half: folded in, not dropped, so
-        # keys that differ only there give different noise. ``mix32(0) == 0``: a saved 32-bit
-        # ``rng_key`` maps to itself and resumes its stream.
-        return (seed & _prng.MASK32) ^ _prng.mix32((seed >> 32) & _prng.MASK32)
-    # numbers.Integral: NumPy integers are seeds too (as for ft.random_key); bools are not.
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be an int or a 0-d integer tensor key, got {seed!r}")
-    return _prng.make_key(int(seed))
+    return _prng.key32(seed, name)
 
 
 def _key_or_seed(key: int | torch.Tensor | None, seed: int | torch.Tensor | None) -> torch.Tensor:

@@ -15,6 +15,7 @@ slice of the whole tensor's noise: pass its :class:`Positions`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -52,6 +53,36 @@ def make_key(seed: int, device: torch.device | None = None) -> torch.Tensor:
     if seed < 0:
         folded = mix32(folded ^ 0x5BD1E995)
     return torch.tensor(folded, dtype=torch.int64, device=device)
+
+
+def key32(key: Any, name: str = "key") -> torch.Tensor:
+    """The 32-bit key of a functrain key (a 0-d integer tensor, e.g. ``ft.random_key``) or of
+    an integer seed (:func:`make_key`); errors name the argument as ``name``.
+
+    A 64-bit key keeps its high half: folded in, not dropped, so keys that differ only there
+    draw differently. ``mix32(0) == 0``: a saved 32-bit key maps to itself and resumes its
+    stream. Tensor arithmetic only: nothing is read back to the host.
+    """
+    if isinstance(key, torch.Tensor):
+        # Complex too: ``.to(int64)`` would drop the imaginary part (with only a warning).
+        if (
+            key.dim() != 0
+            or key.dtype.is_floating_point
+            or key.is_complex()
+            or key.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"{name} must be an int or a 0-d integer tensor key (ft.random_key), got a "
+                f"{key.dtype} tensor of shape {tuple(key.shape)}"
+            )
+        key = key.detach().to(torch.int64)
+        return (key & MASK32) ^ mix32((key >> 32) & MASK32)
+    # numbers.Integral: NumPy integers are seeds too (as for ft.random_key); bools are not.
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int or a 0-d integer tensor key (ft.random_key), got {key!r}"
+        )
+    return make_key(int(key))
 
 
 def split(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

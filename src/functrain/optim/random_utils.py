@@ -41,24 +41,8 @@ _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 
 
 def _key_bits(key: Any, who: str) -> torch.Tensor:
-    """A 32-bit ``_prng`` key from a functrain key (0-d integer tensor) or a Python int seed.
-
-    A 64-bit key (``ft.random_key``) keeps its high half: it is folded in, not dropped.
-    """
-    if isinstance(key, torch.Tensor):
-        if key.dim() != 0 or key.dtype == torch.bool or key.is_floating_point() or key.is_complex():
-            raise ValueError(
-                f"{who}: key must be an int or a 0-d integer tensor (ft.random_key), got a "
-                f"{key.dtype} tensor of shape {tuple(key.shape)}"
-            )
-        key = key.detach().to(torch.int64)
-        return (key & _prng.MASK32) ^ _prng.mix32((key >> 32) & _prng.MASK32)
-    if isinstance(key, bool) or not isinstance(key, numbers.Integral):
-        raise TypeError(
-            f"{who}: key must be an int or a 0-d integer tensor (ft.random_key), got "
-            f"{type(key).__name__}"
-        )
-    return _prng.make_key(int(key))
+    """A 32-bit ``_prng`` key from a functrain key (0-d integer tensor) or a Python int seed."""
+    return _prng.key32(key, f"{who}: key")
 
 
 def uniform_like(key: torch.Tensor, like: torch.Tensor, low: float, high: float) -> torch.Tensor:

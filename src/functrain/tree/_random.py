@@ -49,28 +49,10 @@ def _as_key(rng_key: Any, name: str = "rng_key") -> torch.Tensor:
 
 
 def _key32(key: Any, device: torch.device | None = None) -> torch.Tensor:
-    """The 32-bit generator key of :mod:`functrain.optim._prng` for a functrain key or seed.
-
-    The high half of the 64-bit key is folded in, not dropped, so keys that differ only there
-    draw differently. Tensor arithmetic only: no value is read, so no device synchronizes.
-    """
-    if isinstance(key, torch.Tensor):
-        if (
-            key.dim() != 0
-            or key.dtype.is_floating_point
-            or key.is_complex()
-            or (key.dtype == torch.bool)
-        ):
-            raise ValueError(
-                f"key must be a 0-d integer tensor (ft.random_key) or an int seed, got a "
-                f"{key.dtype} tensor of shape {tuple(key.shape)}"
-            )
-        key = key.detach().to(torch.int64)
-    else:
-        key = _as_key(key, "key")
-    if device is not None:
-        key = key.to(device)
-    return (key & _prng().MASK32) ^ _prng().mix32((key >> 32) & _prng().MASK32)
+    """The 32-bit generator key of :mod:`functrain.optim._prng` for a functrain key or seed (an
+    int seed stands for ``ft.random_key(seed)``), on ``device`` if given."""
+    key32 = _prng().key32(key if isinstance(key, torch.Tensor) else _as_key(key, "key"))
+    return key32 if device is None else key32.to(device)
 
 
 def _float_dtype(dtype: Any, who: str) -> torch.dtype:
