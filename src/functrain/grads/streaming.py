@@ -20,7 +20,7 @@ from functrain._precision import HALF as _HALF
 from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
 from functrain.grads._layer_passes import gram_by_layers, sq_norms_by_layers
-from functrain.grads._per_example import _check_options, batch_size_of
+from functrain.grads._per_example import Generators, _check_options, batch_size_of, rng_devices
 from functrain.grads._routes import layers_attempt
 from functrain.grads.per_sample import PerSampleChunk, _chunks, per_sample_chunks, vmap_chunks
 from functrain.grads.stats import (
@@ -257,19 +257,24 @@ def per_sample_gram(
 
     With ``c`` chunks, block ``(i, j)`` needs chunks ``i`` and ``j`` at the same time, so at
     most two chunks of gradients are alive, at the cost of recomputing chunk gradients
-    ``c(c+1)/2`` times instead of ``c``. With ``chunk_size=None`` it is one pass. Random ops in
-    ``loss_fn`` are redrawn on each recomputation, so use ``randomness="error"`` (deterministic
-    losses) when the matrix must be exact.
+    ``c(c+1)/2`` times instead of ``c``. With ``chunk_size=None`` it is one pass. With
+    ``randomness="different"`` or ``"same"`` (dropout...), each recomputation of a chunk replays
+    the random draws of its first computation (the default generators are put back to their
+    states before it), so every block sees the same per-sample gradients and the matrix is a
+    Gram matrix; the generators end where one pass over the chunks would leave them.
 
     ``method``: ``"vmap"`` forms the chunks' per-sample gradients as above; ``"layers"`` adds
     up each layer's part of the matrix in one backward pass without forming the gradients
     where a rule allows (a linear layer's part is ``(GGᵀ) ⊙ (XXᵀ)`` over its inputs ``X`` and
     output gradients ``G``; convolutions and layer norms form their per-example gradients one
     layer at a time), over each pair of chunks together; it raises ``ValueError`` naming a
-    parameter used by any other call. ``"loop"`` forms the chunks' gradients with one
-    autograd pass per example (any model, PyTorch's recurrent modules included).
-    ``"auto"`` (default) uses ``"layers"`` when it applies and a chunk's per-sample gradients
-    would take 64 MiB or more, else ``"vmap"``, or ``"loop"`` for a recurrent module.
+    parameter used by any other call. With several chunks it runs each pair of chunks as one
+    batch, whose random draws differ from the chunks' own, so it refuses ``randomness`` other
+    than ``"error"`` there. ``"loop"`` forms the chunks' gradients with one autograd pass per
+    example (any model, PyTorch's recurrent modules included). ``"auto"`` (default) uses
+    ``"layers"`` when it applies and a chunk's per-sample gradients would take 64 MiB or more
+    (and not for random draws over several chunks), else ``"vmap"``, or ``"loop"`` for a
+    recurrent module.
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> loss``, as for :func:`per_sample_grads`.
@@ -288,7 +293,7 @@ def per_sample_gram(
 
     Raises:
         ValueError: bad options, batch leaves of different lengths, or (``"layers"``) a
-            parameter its rules do not cover.
+            parameter its rules do not cover, or random draws over several chunks.
         TypeError: a ``loss_fn`` that is not callable.
 
     Example:
@@ -301,19 +306,33 @@ def per_sample_gram(
                 [0., 1.]])
     """
     _check_options(chunk_size, randomness, loss_fn, params, method, REDUCTION_METHODS)
-    g = reduce_by_layers(
-        method,
-        params,
-        batch,
-        chunk_size,
-        layers_attempt(
+    # Pairs of chunks run as one batch draw other numbers than the chunks alone: no layers.
+    paired_draws = (
+        randomness != "error" and chunk_size is not None and chunk_size < batch_size_of(batch)
+    )
+    if paired_draws and method == "layers":
+        raise ValueError(
+            f"per_sample_gram(method='layers', randomness={randomness!r}) with several "
+            "chunks: the layer rules run each pair of chunks as one batch, whose random "
+            "draws differ from pair to pair, so the blocks would not fit together. Use "
+            "method='vmap' (it replays each chunk's draws), chunk_size=None, or "
+            "randomness='error' with the randomness turned off (model.eval())"
+        )
+    g = None
+    if not paired_draws:
+        g = reduce_by_layers(
             method,
             params,
             batch,
-            buffers,
-            lambda: _gram_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
-        ),
-    )
+            chunk_size,
+            layers_attempt(
+                method,
+                params,
+                batch,
+                buffers,
+                lambda: _gram_by_layers(loss_fn, params, batch, chunk_size, buffers, randomness),
+            ),
+        )
     if g is None:
         g, dtype = _gram_by_vmap(loss_fn, params, batch, chunk_size, buffers, randomness, method)
     else:  # formed in float32 for half-precision gradients, returned as the vmap route does
@@ -374,17 +393,23 @@ def _gram_by_vmap(
         return per_sample_chunks(loss_fn, params, part, method=method, **opts)
 
     n = batch_size_of(batch)
+    replay = _Replay(params, batch, buffers) if randomness != "error" else None
     rows = []
     dtype = None
-    for ci in chunks(batch):
+    # Explicit next() calls: a chunk is computed by next(), after its draws are set up.
+    row_chunks, row_start = chunks(batch), 0
+    while (ci := _next_chunk(row_chunks, replay, row_start)) is not None:
         left = _flat_rows(ci.grads)
         dtype = _gram_dtype(left)
         blocks = [_cross_gram(left, left)]
         # Chunks after ci are recomputed for this row of blocks; earlier ones come by symmetry.
+        row_start = ci.stop
         rest = tree.map(lambda x, stop=ci.stop: x[stop:], batch)
         if ci.stop < n:
-            for cj in chunks(rest):
+            col_chunks, col_start = chunks(rest), ci.stop
+            while (cj := _next_chunk(col_chunks, replay, col_start)) is not None:
                 blocks.append(_cross_gram(left, _flat_rows(cj.grads)))
+                col_start += cj.stop - cj.start
                 del cj  # before the next one is computed: two chunks alive, not three
         rows.append(blocks)
         del ci, left  # likewise before the next row's chunk
@@ -401,3 +426,31 @@ def _gram_by_vmap(
                 g[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
     assert dtype is not None
     return g, dtype
+
+
+class _Replay:
+    """The default generators' states before each chunk's first computation, by the chunk's
+    first row: a recomputed chunk draws the random numbers its first computation drew.
+
+    The first row of blocks computes every chunk once, in order, recording the states; later
+    rows put them back. The last chunk computed is a replay of the last one, so the
+    generators end where the first row left them (one pass over the chunks)."""
+
+    def __init__(self, *trees: PyTree) -> None:
+        self.generators = Generators(rng_devices(*trees))
+        self.states: dict[int, list[torch.Tensor]] = {}
+
+    def before(self, start: int) -> None:
+        if start in self.states:
+            self.generators.set(self.states[start])
+        else:
+            self.states[start] = self.generators.get()
+
+
+def _next_chunk(
+    chunks: Iterator[PerSampleChunk], replay: _Replay | None, start: int
+) -> PerSampleChunk | None:
+    """The next chunk (which starts at row ``start`` of the batch), its draws replayed."""
+    if replay is not None:
+        replay.before(start)
+    return next(chunks, None)
