@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain._precision import HALF as _HALF
 from functrain._precision import widen
 from functrain.grads._layer_dispatch import REDUCTION_METHODS, layer_chunks, reduce_by_layers
@@ -308,7 +308,7 @@ def clipped_grad_sum(
             acc, num_clipped, loss_sum = part, clipped, _wide_sum(c.losses)
         else:
             if acc:  # else there are no parameters
-                torch._foreach_add_(acc, part)
+                _foreach.add_(acc, part)
             num_clipped = num_clipped + clipped
             loss_sum = loss_sum + _wide_sum(c.losses)
         count += c.stop - c.start
@@ -363,7 +363,7 @@ def _clipped_sum_by_layers(
             acc, num_clipped, loss_sum = part, (factors < 1).sum(), _wide_sum(losses)
         else:
             if acc:  # else there are no parameters
-                torch._foreach_add_(acc, part)
+                _foreach.add_(acc, part)
             num_clipped = num_clipped + (factors < 1).sum()
             loss_sum = loss_sum + _wide_sum(losses)
         loss_dtype = losses.dtype

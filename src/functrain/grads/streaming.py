@@ -413,17 +413,11 @@ def _gram_by_vmap(
                 del cj  # before the next one is computed: two chunks alive, not three
         rows.append(blocks)
         del ci, left  # likewise before the next row's chunk
-    ref = rows[0][0]
-    g = torch.empty((n, n), dtype=ref.dtype, device=ref.device)
-    starts = [0]
-    for r in rows:
-        starts.append(starts[-1] + r[0].shape[0])
-    for i, r in enumerate(rows):
-        for k, block in enumerate(r):
-            j = i + k
-            g[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = block
-            if j != i:
-                g[starts[j] : starts[j + 1], starts[i] : starts[i + 1]] = block.T
+    # Concatenated rather than written into an empty matrix: under an outer torch.func.vmap
+    # (an ensemble) the blocks are batched and an unbatched matrix cannot take them in place.
+    g = torch.cat(
+        [torch.cat([rows[j][i - j].T for j in range(i)] + rows[i], dim=1) for i in range(len(rows))]
+    )
     assert dtype is not None
     return g, dtype
 
