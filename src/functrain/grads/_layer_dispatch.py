@@ -25,8 +25,8 @@ GHOST_BYTES = 64 * 2**20
 
 def ghost_pays(params: PyTree, batch: PyTree, chunk_size: int | None) -> bool:
     """Whether ``method="auto"`` should try the layer rules (eager, large per-sample gradients)."""
-    if torch.compiler.is_compiling():
-        return False  # the rules are eager only
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False  # the rules are eager only, outside torch.func transforms
     rows = batch_size_of(batch) if chunk_size is None else chunk_size
     return rows * sum(p.numel() * p.element_size() for p in tree.leaves(params)) >= GHOST_BYTES
 
@@ -72,6 +72,8 @@ def layer_chunks(
     runs the layer rules (``clipped_grad_sum``, ``per_sample_grad_norms``)."""
     if torch.compiler.is_compiling():
         raise ValueError("method='layers' runs eagerly only; use method='vmap' in torch.compile")
+    if torch._C._are_functorch_transforms_active():
+        raise ValueError(eager_only_error("method='layers'"))
     param_leaves, param_spec = tree.flatten(params)
     batch_leaves, batch_spec = tree.flatten(batch)
     example_loss = _example_loss(loss_fn, param_spec, batch_spec, buffers, has_aux=False)
@@ -140,4 +142,14 @@ def layers_error(err: Unsupported, params: PyTree) -> ValueError:
     return ValueError(
         f"method='layers': {path} is used by {err.call}{where}, which has no per-layer rule "
         "(rules: linear, conv1d/2d/3d with groups=1, layer_norm, embedding); use method='vmap'"
+    )
+
+
+def eager_only_error(what: str) -> str:
+    """The refusal of a route that cannot run under an outer ``torch.func`` transform."""
+    return (
+        f"{what} cannot run under a torch.func transform (e.g. torch.func.vmap over an "
+        "ensemble's parameters, or torch.func.grad through the result): it takes autograd "
+        "passes of its own, which the transform cannot see through. Use method='vmap' (or "
+        "'auto', which takes it there)"
     )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from functrain import tree
-from functrain.grads._layer_dispatch import layers_error
+from functrain.grads._layer_dispatch import eager_only_error, layers_error
 from functrain.grads._layer_passes import per_sample_by_layers
 from functrain.grads._layer_rules import Unsupported
 from functrain.grads._per_example import (
@@ -190,6 +190,11 @@ def _chunk_runner(
     )
     loop = loop_grads(example_loss, randomness, generators, stream, has_aux)
     compiling = torch.compiler.is_compiling()
+    # Under an outer torch.func transform (vmap of an ensemble, grad through the gradients)
+    # only vmap composes: the loop's autograd passes and the rules' autograd.Functions do not.
+    transformed = torch._C._are_functorch_transforms_active()
+    if transformed and route in ("loop", "layers"):
+        raise ValueError(eager_only_error(f"method={route!r}"))
     if route == "loop":
         if compiling:
             # Traced, its autograd and pytree calls failed with errors that named neither
@@ -201,7 +206,7 @@ def _chunk_runner(
                 "torch.compiler.disable(ft.per_sample_grads)(..., method='loop')"
             )
         return loop
-    if route == "vmap" or (route in ("auto", "vmap-auto") and compiling):
+    if route == "vmap" or (route in ("auto", "vmap-auto") and (compiling or transformed)):
         return _once(_vmap_grad(example_loss, randomness))
     vmap = _vmap_grad(example_loss, randomness, auto=loss_fn)
     if route == "vmap-auto":

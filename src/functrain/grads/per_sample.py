@@ -164,12 +164,15 @@ def _chunks(
     param_leaves, param_spec = tree.flatten(params)
     # ``torch.func.grad`` composes with autograd: leaves that require grad (``nn.Parameter``s
     # from ``named_parameters()``) gave results holding the whole chunk's graph, kept alive
-    # as long as the results were. Per-sample gradients are values, not differentiable outputs.
-    param_leaves = [p.detach() for p in param_leaves]
+    # as long as the results were. Per-sample gradients are values, not differentiable
+    # outputs, except under an outer torch.func.grad/jvp, which asks for their derivative
+    # (detached, it silently got zero).
+    keep = _differentiated()
+    param_leaves = [p if keep else p.detach() for p in param_leaves]
     batch_leaves, batch_spec = tree.flatten(batch)
     # The same for a batch that requires grad (the output of an upstream model): the results,
     # and a clipped sum accumulated over chunks, held every chunk's graph.
-    batch_leaves = [x.detach() for x in batch_leaves]
+    batch_leaves = [x if keep else x.detach() for x in batch_leaves]
     aux_split = AuxSplit()
     generators = Generators(rng_devices(param_leaves, batch_leaves, buffers))
     run = _chunk_runner(
@@ -351,7 +354,9 @@ def per_sample_grads(
             ``torch.autograd.grad``, e.g. a gradient penalty, which ``"vmap"`` handles); it is
             what lets :func:`clipped_grad_sum` and :func:`per_sample_grad_norms` work without
             forming per-sample gradients. ``"auto"`` (default): ``"layers"`` where it applies
-            and the call is eager (not under ``torch.compile``), else ``"vmap"``, or
+            and the call is eager (not under ``torch.compile`` nor an outer ``torch.func``
+            transform, where ``"layers"`` and ``"loop"`` raise ``ValueError``), else
+            ``"vmap"``, or
             ``"loop"`` where ``loss_fn`` calls a fused recurrent kernel (seen before the
             kernel runs); when the rules or the kernel refuse a call the forward is rerun
             under the next route, so Python side effects of ``loss_fn`` can happen twice
@@ -367,7 +372,11 @@ def per_sample_grads(
 
     Returns:
         A pytree like ``params`` whose leaves have shape ``(batch_size, *param.shape)``; with
-        ``has_aux``, ``(grads, aux)``.
+        ``has_aux``, ``(grads, aux)``. Values without an autograd graph (``params`` that
+        require grad do not keep the chunks' graphs alive); under an outer
+        ``torch.func.grad``/``jvp`` (a penalty on per-sample gradients) they are
+        differentiated as ``vmap(grad(...))`` is. The same holds for the reductions
+        (:func:`clipped_grad_sum`, :func:`per_sample_grad_norms`, :func:`per_sample_gram`...).
 
     Example:
         >>> import torch, functrain as ft
@@ -389,3 +398,14 @@ def per_sample_grads(
         method=method,
     )
     return (grads, values[1]) if has_aux else grads
+
+
+_DIFFERENTIATING = ("Grad", "Jvp")
+
+
+def _differentiated() -> bool:
+    """Whether an outer ``torch.func`` transform differentiates the call (grad, jvp...)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(level.key().name in _DIFFERENTIATING for level in stack)
