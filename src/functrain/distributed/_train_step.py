@@ -1,17 +1,15 @@
 """The :class:`DataParallelTrainStep` object: a data-parallel train step and its states.
 
-Holds the step's construction and checks, its state methods (``init_state``, ``shard_state``,
-``full_state``, ``prepare``) and ``__call__``, which runs this rank's gradient stage, combines
-the ranks (:mod:`functrain.distributed._combine`) and updates (:mod:`functrain.distributed._update`
-or :mod:`functrain.distributed._sharded_update`). Built by, documented with and re-exported from
+Holds the step's construction (its own checks: :mod:`._train_step_args`), its state methods
+(``init_state``, ``shard_state``, ``full_state``, ``prepare``) and ``__call__``, which runs this
+rank's gradient stage, combines the ranks (:mod:`functrain.distributed._combine`) and updates
+(:mod:`._train_step_update`). Built by, documented with and re-exported from
 :func:`functrain.distributed.step.make_data_parallel_train_step`.
 
-A rank whose batch is empty, or refused by the split, evaluates a stand-in batch of zeros only
-to join every collective with tensors of the right shapes, at zero weight; a flag per rank in
-the counts' all-reduce then tells every rank whether to raise (a refusal anywhere, or every
-batch empty) before anything is written, instead of leaving the others in a collective until
-the group's timeout. A rank whose own part of the step raises (its loss on its batch, out of
-memory) makes every rank raise the same way (:mod:`functrain.distributed._failure`).
+A rank whose batch is empty, or refused by the split, joins every collective on a stand-in
+batch at zero weight, with a flag that makes every rank raise together where it must
+(:mod:`._train_step_plan`). A rank whose own part of the step raises (its loss on its batch, out
+of memory) makes every rank raise the same way (:mod:`functrain.distributed._failure`).
 """
 
 from __future__ import annotations
@@ -28,31 +26,23 @@ from functrain.distributed._agree import check_layouts_agree
 from functrain.distributed._combine import combine
 from functrain.distributed._compiled import CompiledRegions
 from functrain.distributed._failure import _FAILED, RankFailures, RankPart
-from functrain.distributed._sharded_update import sharded_update
-from functrain.distributed._sums import COUNT, with_aux_counts
-from functrain.distributed._uneven import (
-    _EMPTY,
-    _PER_MICRO_BATCH,
-    _REFUSED,
-    _TAKEN,
-    _WEIGHTS,
-    _is_empty,
-    _on_host,
-    _raise_for_flags,
-    _stand_in,
-)
-from functrain.distributed._update import replicated_update
+from functrain.distributed._sums import with_aux_counts
+from functrain.distributed._train_step_args import check_arguments
+from functrain.distributed._train_step_plan import BatchPlans
+from functrain.distributed._train_step_update import OptimizerStage
+
+# _on_host and _raise_for_flags are looked up here at call time (tests replace them here).
+from functrain.distributed._uneven import _TAKEN, _on_host, _raise_for_flags
 from functrain.distributed.data import rank_key
 from functrain.distributed.shardable import check_shardable
 from functrain.optim.base import GradientTransformation, identity
-from functrain.train import _step_checks, compiled, dp_stage, gradient, microbatch, rng
+from functrain.train import _step_checks, compiled, gradient
 from functrain.train import step as step_lib
 from functrain.train.grad_stats import GradStatsHook
-from functrain.train.optimizer_stage import in_place_writes_started, reset_in_place_writes
 from functrain.train.state import TrainState
 
 
-class DataParallelTrainStep(CompiledRegions, RankFailures):
+class DataParallelTrainStep(CompiledRegions, RankFailures, BatchPlans, OptimizerStage):
     """A data-parallel train step; see :func:`make_data_parallel_train_step`.
 
     Example:
@@ -77,31 +67,14 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
         grad_stats: GradStatsHook | None = None,
         **local: Any,
     ) -> None:
-        if sync_buffers not in ("broadcast", "none"):
-            raise ValueError(f"sync_buffers must be 'broadcast' or 'none', got {sync_buffers!r}")
-        if (
-            isinstance(bucket_cap_mb, bool)
-            or not isinstance(bucket_cap_mb, (int, float))
-            or bucket_cap_mb <= 0
-        ):
-            raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb!r}")
-        if grad_stats is not None and shard_optimizer:
-            # The hook's update needs the whole global gradient; a ZeRO-1 rank holds only its
-            # pieces, and gathering the rest would cost a gradient-sized all-gather per step.
-            raise ValueError(
-                "grad_stats is not supported with shard_optimizer=True (the hook needs the "
-                "whole combined gradient, which a ZeRO-1 rank does not hold): use "
-                "shard_optimizer=False"
-            )
         compile = local.get("compile", False)
-        if compile is not False and (shard_optimizer or grad_stats is not None):
-            # Both would need their own compiled regions around collectives (the sharded
-            # update's all-gather, the hook's all-gathered stats); refused, not run eagerly.
-            which = "shard_optimizer=True" if shard_optimizer else "grad_stats"
-            raise ValueError(
-                f"compile= is not supported with {which} in a data-parallel step: use "
-                f"compile=False, or drop {which}"
-            )
+        check_arguments(
+            sync_buffers=sync_buffers,
+            bucket_cap_mb=bucket_cap_mb,
+            shard_optimizer=shard_optimizer,
+            grad_stats=grad_stats,
+            compile=compile,
+        )
         # per_example_clip with shard_optimizer=True: the ranks' clipped sums are
         # reduce-scattered unweighted (_combine), and the sharded update tells dp_noisy_mean
         # where each piece sits (shard_index), so each piece gets its slice of the whole
@@ -139,21 +112,6 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
         self._build_regions(options, local["seed_rng"])
 
     # -- states ---------------------------------------------------------------------------
-
-    def _layout_for(self, params: Any) -> zero.Layout:
-        if self._layout is None:
-            self._layout = zero.Layout(
-                tree.leaves(params),
-                process.rank(self.group),
-                process.world_size(self.group),
-                self.bucket_cap_mb,
-            )
-        return self._layout
-
-    def _map_for(self, params: Any) -> zero.StateMap:
-        if self._state_map is None:
-            self._state_map = zero.StateMap(self.tx, params, self._layout_for(params))
-        return self._state_map
 
     def init_state(
         self,
@@ -279,66 +237,6 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
 
     # -- the step -------------------------------------------------------------------------
 
-    def _joins_refused(self) -> bool:
-        """Whether a refused or empty batch still joins the step's collectives (several ranks)."""
-        return process.is_distributed() and process.world_size(self.group) > 1
-
-    def _plan(
-        self, batch: Any, host_flags: bool
-    ) -> tuple[microbatch.BatchSplit, Any, float, Exception | None]:
-        """This rank's split, the batch to evaluate, its flag and the refusal (if any).
-
-        An empty batch, or one the split refuses, is replaced by a stand-in of ``K``
-        micro-batches of two zero examples (the same leaf shapes past the first): its gradient
-        stage gives tensors of the right shapes for every collective, which the step then
-        zeroes. Alone (world size 1), or when no stand-in can be built (non-tensor or 0-d
-        leaves), the refusal is raised here; so is any refusal (an empty batch with
-        ``grad_stats`` included) when the flags live on a device (``host_flags`` false):
-        reading them there would be a host sync in every step.
-        """
-        k = self._local.micro_batches
-        try:
-            return microbatch.split_batch(batch, k), batch, _TAKEN, None
-        except (ValueError, TypeError) as caught:
-            if not self._joins_refused():
-                raise
-            stand_in = _stand_in(batch, k)
-            if stand_in is None:
-                raise
-            flag, err = _REFUSED, caught
-            if isinstance(k, int) and _is_empty(batch):
-                if self._grad_stats is None:
-                    flag = _EMPTY
-                else:
-                    # A hook's per-micro-batch statistics have no meaning for K micro-batches
-                    # of no examples (noise_scale_hook's variance estimate would count them).
-                    err = ValueError(
-                        "the batch is empty (leading size 0) on this rank, which a step with "
-                        "grad_stats refuses (its per-micro-batch statistics need examples in "
-                        "every micro-batch): give every rank at least micro_batches examples"
-                    )
-            if not host_flags and flag == _REFUSED:
-                raise err from None  # the flags will not be read: refused before the collectives
-            k_in = len(tree.leaves(stand_in)[0]) // _PER_MICRO_BATCH
-            return microbatch.split_batch(stand_in, k_in), stand_in, flag, err
-
-    def _plan_dp(
-        self, batch: Any, host_flags: bool
-    ) -> tuple[microbatch.BatchSplit, Any, float, Exception | None]:
-        """:meth:`_plan` for a DP-SGD step, whose split takes small and empty batches
-        (Poisson sampling: fewer micro-batches, or none); a batch it refuses (ragged leaves)
-        joins the collectives on a stand-in with the refusal flag, as in :meth:`_plan`."""
-        k = self._local.micro_batches
-        try:
-            return dp_stage.split(batch, k), batch, _TAKEN, None  # type: ignore[arg-type]
-        except (ValueError, TypeError) as caught:
-            if not (host_flags and self._joins_refused()):
-                raise
-            stand_in = _stand_in(batch, k)
-            if stand_in is None:
-                raise
-            return dp_stage.split(stand_in, k), stand_in, _REFUSED, caught  # type: ignore[arg-type]
-
     def _rank_part(self, state: TrainState, batch: Any) -> RankPart:
         """The checks of this rank's ``state``, its batch's split and its gradient stage:
         everything before the step's first collective."""
@@ -377,21 +275,6 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
         finally:
             faults.end(token)
         return RankPart(split.num_micro_batches, flag, refusal, result)
-
-    def _flags(self, flag: float, device: torch.device) -> torch.Tensor | None:
-        """One slot per rank, this rank's set to ``flag`` (``None`` alone: nothing to tell)."""
-        if not self._joins_refused():
-            return None
-        flags = torch.zeros(process.world_size(self.group), dtype=torch.float64)
-        flags[process.rank(self.group)] = flag  # on the host: no device write
-        return flags.to(device)
-
-    def _check_opt_state(self, params: Any, opt_state: Any) -> None:
-        """This rank's opt state was made for this step (its ``tx``, its shards)."""
-        if self.shard_optimizer:
-            self._map_for(params).check(opt_state, "data-parallel train step")
-        else:
-            _step_checks._check_opt_state(self.tx, params, opt_state)
 
     def prepare(self, state: TrainState) -> TrainState:
         """``state`` with the ``state.extra`` entries this step keeps (skip counters, loss scale).
@@ -438,17 +321,9 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
         """:meth:`__call__`'s work."""
         part = self._this_rank(state, batch)
         result, flag = part.result, part.flag
-        local_step = self._local
         # A DP step's clipped sums are example-weighted: no LossSum (its stage has no metas).
-        is_sum = self.per_example_clip is None and local_step.grad_stage.metas[-1].is_sum
-        local = dict(result.metrics)
-        k = part.k
-        counts = {n[len(COUNT) :]: local.pop(n) * k for n in list(local) if n.startswith(COUNT)}
-        if flag != _TAKEN:
-            # The stand-in batch weighs nothing: zero counts make every sum this rank sends
-            # zero (_sums.weighted, _combine's scale), and its buffers are not kept.
-            local = {n: v.new_zeros(()) if n in _WEIGHTS else v for n, v in local.items()}
-            counts = {n: c.new_zeros(()) for n, c in counts.items()}
+        is_sum = self.per_example_clip is None and self._local.grad_stage.metas[-1].is_sum
+        local, counts = self._weighed(part)
         params = opt_state = buffers = key = step = extra = None
         if flag != _FAILED:  # a failing rank (zeros) never reads its state: it may be the fault
             params, opt_state, buffers = state.params, state.opt_state, state.buffers
@@ -477,35 +352,14 @@ class DataParallelTrainStep(CompiledRegions, RankFailures):
         metrics = combined.metrics
         if self._compiled_update is not None:  # replicated, no grad_stats (construction)
             return self._finish_compiled(state, combined, metrics, buffers)
-        reset_in_place_writes()
-        try:
-            if self.shard_optimizer:  # no grad_stats (refused at construction)
-                out = sharded_update(
-                    self, combined.grads, combined.spec, params, opt_state, extra, metrics
-                )
-            else:
-                out = replicated_update(
-                    self,
-                    combined.grads,
-                    combined.spec,
-                    params,
-                    opt_state,
-                    extra,
-                    metrics,
-                    combined.grad_stats,
-                )
-        except BaseException as err:
-            if self.donate and in_place_writes_started():
-                _step_checks.consume_torn(state, err, "a data-parallel train step (donate=True)")
-            raise
-        new_buffers = local_step.faults.keep_if_skipped(out.ok, combined.buffers, buffers)
-        if self.donate:
-            # Consumed only once every collective succeeded: a failed step leaves it usable.
-            state._consume("a data-parallel train step (donate=True)")
-        new_key = None if key is None else rng.fold_in(key, 0)
-        new_state = TrainState(step + 1, out.params, out.opt_state, new_buffers, new_key, out.extra)
-        self._local._finish_metrics(
-            metrics, out.params, out.opt_state, out.update_norm, new_state.step.device
+        return self._eager_update(
+            state,
+            combined,
+            metrics,
+            params=params,
+            opt_state=opt_state,
+            buffers=buffers,
+            key=key,
+            step=step,
+            extra=extra,
         )
-        self._opt_guard.issue(new_state)
-        return new_state, metrics
