@@ -2,8 +2,9 @@
 
 A linear, convolution or layer-norm call whose weight is a constant (not a parameter, the same
 for every example) and whose bias is a parameter gets the bias's per-sample gradient from the
-rule; a parameter weight with a constant bias too. Every result is compared in float64 with one
-autograd call per example (``naive_per_sample``) and with ``method="vmap"``.
+rule; a parameter weight with a constant bias too. Grouped and depthwise convolutions
+(``groups > 1``) have the bias-only rule only (no grouped weight rule). Every result is compared
+in float64 with one autograd call per example (``naive_per_sample``) and with ``method="vmap"``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from grad_problems import naive_per_sample
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import functrain as ft
 from functrain import tree
-from functrain.grads import _routes
+from functrain.grads import _layer_rules, _routes
 from functrain.testing import assert_trees_all_close
 
 D = torch.float64
@@ -199,11 +202,6 @@ def _per_example_weight(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     return F.cross_entropy(F.linear(b["x"], w, p["b"]), b["y"])
 
 
-def _grouped_bias_only(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
-    w = torch.ones(4, 1, 3, dtype=D)
-    return F.conv1d(b["x"], w, p["b"], groups=2).square().mean()
-
-
 def _weight_from_a_parameter(
     p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 ) -> torch.Tensor:
@@ -214,7 +212,6 @@ def _weight_from_a_parameter(
 
 REFUSED = {
     "per-example weight": (_per_example_weight, "linear with a weight that is not a parameter"),
-    "groups=2": (_grouped_bias_only, "conv1d with groups=2"),
     "weight from a parameter": (
         _weight_from_a_parameter,
         "linear with a weight that is not a parameter",
@@ -225,9 +222,7 @@ REFUSED = {
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_still_refused_without_a_rule(name: str) -> None:
     loss_fn, match = REFUSED[name]
-    x = torch.randn(
-        3, 2 if name == "groups=2" else 4, *([5] if name == "groups=2" else []), dtype=D
-    )
+    x = torch.randn(3, 4, dtype=D)
     params = {"b": torch.randn(4, dtype=D)}
     if name == "weight from a parameter":
         params["w"] = torch.randn(4, 4, dtype=D)
@@ -237,3 +232,209 @@ def test_still_refused_without_a_rule(name: str) -> None:
     # "auto" falls back to vmap, which agrees with the naive loop.
     got = ft.per_sample_grads(loss_fn, params, batch)
     assert_trees_all_close(got, naive_per_sample(loss_fn, params, batch), **TOL)
+
+
+# Grouped and depthwise convolutions (groups > 1): frozen weights, trained biases.
+
+
+class _Grouped(nn.Module):
+    """A frozen depthwise convolution, a frozen grouped one, a frozen linear head; biases trained.
+
+    The depthwise bias's gradient passes through the grouped convolution's input gradient.
+    """
+
+    def __init__(self, dims: int, channels: int, mult: int, groups: int, **conv: Any) -> None:
+        super().__init__()
+        conv_nd = (nn.Conv1d, nn.Conv2d)[dims - 1]
+        width = channels * mult
+        self.depthwise = conv_nd(channels, width, groups=channels, **conv)
+        self.grouped = conv_nd(width, width, 2, padding=1, groups=groups)
+        self.head = nn.Linear(width, 3)
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.grouped(torch.tanh(self.depthwise(x))))
+        return self.head(h.mean(tuple(range(-self.dims, 0))))
+
+
+def grouped_cnn(
+    n: int = 5,
+    dims: int = 2,
+    channels: int = 3,
+    mult: int = 2,
+    groups: int = 2,
+    size: int = 7,
+    **conv: Any,
+) -> Any:
+    torch.manual_seed(3)  # the module's initial weights
+    conv = {"kernel_size": 3, **conv}
+    model = _Grouped(dims, channels, mult, groups, **conv)
+    x = torch.randn(n, channels, *[size] * dims, generator=_gen(1), dtype=D)
+    return _problem(model, x, 3, _bias)
+
+
+def _check_reductions(loss_fn: Any, params: Any, batch: Any, chunk_size: int | None = None) -> None:
+    """``method="layers"`` grads, norms and clipped sum against the float64 naive loop."""
+    expected = naive_per_sample(loss_fn, params, batch)
+    assert all(g.abs().sum() > 0 for g in tree.leaves(expected))  # every bias is used
+    kw = {"method": "layers", "chunk_size": chunk_size}
+    got = ft.per_sample_grads(loss_fn, params, batch, **kw)
+    assert_trees_all_close(got, expected, **TOL)
+    leaf_sq = tree.map(lambda g: g.reshape(g.shape[0], -1).square().sum(1), expected)
+    norms = ft.per_sample_grad_norms(loss_fn, params, batch, **kw)
+    assert_trees_all_close(norms.leaf_norms, tree.map(torch.sqrt, leaf_sq), **TOL)
+    total = torch.stack(tree.leaves(leaf_sq)).sum(0).sqrt()
+    assert_trees_all_close(norms.global_norm, total, **TOL)
+    # Halfway between two middle norms: about half the examples clipped, none at the boundary.
+    ordered = total.sort().values
+    clip = float(ordered[len(ordered) // 2 - 1 : len(ordered) // 2 + 1].mean())
+    out = ft.clipped_grad_sum(loss_fn, params, batch, clip, **kw)
+    factors = (clip / total).clamp(max=1.0)
+    by_hand = tree.map(lambda g: torch.einsum("i,i...->...", factors, g), expected)
+    assert_trees_all_close(out.grad_sum, by_hand, **TOL)
+    assert int(out.num_clipped) == int((total > clip).sum()) > 0
+
+
+GROUPED = {
+    "conv2d-depthwise": lambda: grouped_cnn(groups=6),
+    "conv2d-grouped-strided": lambda: grouped_cnn(groups=3, stride=2, padding=1),
+    "conv2d-same-dilated": lambda: grouped_cnn(mult=1, groups=3, padding="same", dilation=2),
+    "conv1d-depthwise-valid": lambda: grouped_cnn(dims=1, size=9, groups=6, padding="valid"),
+    "conv1d-grouped-strided-dilated": lambda: grouped_cnn(
+        dims=1, size=11, channels=4, groups=2, stride=3, padding=2, dilation=2
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUPED))
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_grouped_bias_only_matches_naive_loop(name: str, chunk_size: int | None) -> None:
+    _check_reductions(*GROUPED[name](), chunk_size=chunk_size)
+
+
+# torch's own warning (the naive loop's calls raise it too) for an even kernel with "same".
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@settings(max_examples=20, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2]),
+    channels=st.integers(1, 4),
+    mult=st.integers(1, 2),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.sampled_from([0, 1, 2, "same", "valid"]),
+    dilation=st.integers(1, 2),
+    data=st.data(),
+)
+def test_grouped_bias_only_matches_naive_loop_hypothesis(
+    dims: int,
+    channels: int,
+    mult: int,
+    kernel: int,
+    stride: int,
+    padding: int | str,
+    dilation: int,
+    data: st.DataObject,
+) -> None:
+    if padding == "same":
+        stride = 1  # torch refuses padding="same" with a stride
+    if channels == 1:
+        mult = 2  # the second convolution's groups > 1 (the first's is 1: the groups=1 rule)
+    width = channels * mult
+    groups = data.draw(st.sampled_from([g for g in range(2, width + 1) if width % g == 0]))
+    conv = {"kernel_size": kernel, "stride": stride, "padding": padding, "dilation": dilation}
+    size = dilation * (kernel - 1) + 1 + data.draw(st.integers(0, 3))
+    problem = grouped_cnn(
+        n=3, dims=dims, channels=channels, mult=mult, groups=groups, size=size, **conv
+    )
+    _check_reductions(*problem)
+
+
+def _spy_layers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    original = _routes.per_sample_by_layers
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        calls.append("layers")
+        return out
+
+    monkeypatch.setattr(_routes, "per_sample_by_layers", spy)
+    return calls
+
+
+def test_auto_takes_the_rules_for_grouped_bias_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy_layers(monkeypatch)
+    loss_fn, params, batch = grouped_cnn(groups=6)
+    got = ft.per_sample_grads(loss_fn, params, batch)
+    assert calls == ["layers"]
+    assert_trees_all_close(got, naive_per_sample(loss_fn, params, batch), **TOL)
+
+
+def test_grouped_bias_only_fast_and_generic_vmap_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below the vmap directly (``_on_batch``) or through ConvBias's ``vmap`` rule; with an
+    example's own input, a per-example input without its batch dimension, and an input that is
+    the same for every example."""
+    w = torch.randn(4, 1, 3, generator=_gen(4), dtype=D)
+    shared = torch.randn(1, 2, 6, generator=_gen(5), dtype=D)
+
+    def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        own = F.conv1d(x, w, p["b"], padding=1, groups=2)
+        unbatched = F.conv1d(x[0], w, p["b"], stride=2, groups=2)
+        same = F.conv1d(shared, w, p["c"], dilation=2, groups=2)
+        return own.tanh().sum() + unbatched.square().sum() + (same * x.sum()).sum()
+
+    params = {"b": torch.randn(4, generator=_gen(6), dtype=D), "c": torch.zeros(4, dtype=D)}
+    x = torch.randn(4, 2, 6, generator=_gen(7), dtype=D)
+    expected = naive_per_sample(loss_fn, params, x)
+    assert expected["c"].abs().sum() > 0
+    available = _layer_rules._FAST
+    for fast in (True, False):
+        monkeypatch.setattr(_layer_rules, "_FAST", fast and available)
+        got = ft.per_sample_grads(loss_fn, params, x, method="layers")
+        assert_trees_all_close(got, expected, **TOL)
+
+
+def test_grouped_bias_only_empty_batch() -> None:
+    w = torch.randn(4, 1, 2, 2, generator=_gen(4), dtype=D)
+
+    def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, w, p["b"], groups=2).square().sum()
+
+    params = {"b": torch.randn(4, generator=_gen(6), dtype=D)}
+    x = torch.randn(0, 2, 3, 3, dtype=D)
+    got = ft.per_sample_grads(loss_fn, params, x, method="layers")
+    assert got["b"].shape == (0, 4)
+    norms = ft.per_sample_grad_norms(loss_fn, params, x, method="layers")
+    assert norms.global_norm.shape == (0,)
+
+
+def _grouped_weight(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    # A trained grouped weight with a constant bias: no grouped weight rule exists.
+    return F.conv1d(x, p["w"], torch.ones(4, dtype=D), groups=2).square().mean()
+
+
+def _grouped_mismatched_bias(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    # A broadcast bias: torch's convolution refuses it, the rule must not add it.
+    return F.conv1d(x, torch.ones(4, 1, 3, dtype=D), p["w"], groups=2).square().mean()
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "shape", "match"),
+    [
+        (_grouped_weight, (4, 1, 3), "conv1d with groups=2"),
+        (_grouped_mismatched_bias, (1,), "conv1d with a bias of shape \\(1,\\)"),
+    ],
+)
+def test_grouped_still_refused_without_a_rule(
+    loss_fn: Any, shape: tuple[int, ...], match: str
+) -> None:
+    params = {"w": torch.randn(shape, generator=_gen(8), dtype=D)}
+    x = torch.randn(3, 2, 5, generator=_gen(9), dtype=D)
+    with pytest.raises(ValueError, match=f"params\\['w'\\] is used by {match}"):
+        ft.per_sample_grads(loss_fn, params, x, method="layers")
+    if shape == (1,):
+        with pytest.raises(RuntimeError, match="bias"):  # torch's own refusal, via vmap
+            ft.per_sample_grads(loss_fn, params, x)
+    else:  # "auto" falls back to vmap, which agrees with the naive loop
+        got = ft.per_sample_grads(loss_fn, params, x)
+        assert_trees_all_close(got, naive_per_sample(loss_fn, params, x), **TOL)
