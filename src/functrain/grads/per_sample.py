@@ -345,8 +345,9 @@ def per_sample_grads(
             ``fullgraph=True``).
             ``"layers"`` still runs each example's forward under ``vmap`` (so examples cannot
             interact), then takes one ordinary backward pass over the batch in which every
-            linear, convolution (``groups=1``), layer-norm and embedding call forms its
-            parameters' per-example gradients from its input and output gradient, as Opacus'
+            linear, convolution (``groups=1``; grouped: its bias only), layer-norm and
+            embedding call forms its parameters' per-example gradients from its input and
+            output gradient, as Opacus'
             hooks do, but without hooks. It applies when every parameter is the weight or bias
             of such a call (tied uses add up; uses under ``torch.no_grad`` add nothing and are
             free) and raises ``ValueError`` naming the first parameter used otherwise (also
