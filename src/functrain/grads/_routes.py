@@ -46,6 +46,23 @@ _USE_LOOP = (
     "Use method='loop' (one gradient per example, one after another; method='auto' picks it "
     "for these modules)."
 )
+# ... and under an outer torch.func transform, where the loop is refused too (it named the loop,
+# whose refusal named vmap: each error sent the user to the other).
+_NO_LOOP_UNDER_TRANSFORM = (
+    "Under an outer torch.func transform (vmap over an ensemble, grad through the result) "
+    "method='loop' cannot run either (it takes autograd passes of its own): call the "
+    "per-sample function outside the transform, e.g. once per ensemble member."
+)
+
+_DIFFERENTIATING = ("Grad", "Jvp")
+
+
+def _differentiated() -> bool:
+    """Whether an outer ``torch.func`` transform differentiates the call (grad, jvp...)."""
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(level.key().name in _DIFFERENTIATING for level in stack)
 
 
 # loss_fns whose forward ran under RecurrentWatch without a recurrent kernel: "auto" runs them
@@ -81,17 +98,35 @@ def _watched(loss_fn: Any) -> None:
             _WATCHED.add(loss_fn)
 
 
+def _with_live_value(example_loss: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`with_value` without its ``detach``: under an outer ``torch.func.grad``/``jvp``
+    the per-example losses are results to differentiate (detached, they got a silent zero)."""
+
+    def run(param_leaves: list[torch.Tensor], example_leaves: list[torch.Tensor]) -> Any:
+        loss, extras = example_loss(param_leaves, example_leaves)
+        return loss, (loss, extras)
+
+    return run
+
+
 def _vmap_grad(
-    example_loss: Callable[..., Any], randomness: str, auto: Any = None
+    example_loss: Callable[..., Any],
+    randomness: str,
+    auto: Any = None,
+    transformed: bool = False,
 ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[Any, list[torch.Tensor]]]:
     """The ``"vmap"`` method: ``vmap(grad(example_loss))`` over the chunk's examples.
 
     ``auto``: the user's ``loss_fn`` under ``"auto"`` (else ``None``). A recurrent kernel then
     raises :class:`RecurrentCall` (the caller loops over the examples instead): seen by
     :class:`RecurrentWatch` before it runs (the first time), or by its failure under ``vmap``.
+    ``transformed``: the call runs under an outer ``torch.func`` transform (the loop is no
+    way out; a differentiating one gets differentiable losses).
     """
+    value = _with_live_value if transformed and _differentiated() else with_value
+    advice = _NO_LOOP_UNDER_TRANSFORM if transformed else _USE_LOOP
     vmapped = torch.func.vmap(
-        torch.func.grad(with_value(example_loss), has_aux=True),
+        torch.func.grad(value(example_loss), has_aux=True),
         in_dims=(None, 0),
         randomness=randomness,
     )
@@ -108,7 +143,7 @@ def _vmap_grad(
             embedding = embedding_vmap_error(err, "per-sample gradients")
             if embedding is not None:
                 raise embedding from err
-            clear = rnn_vmap_error(err, "per-sample gradients", _USE_LOOP)
+            clear = rnn_vmap_error(err, "per-sample gradients", advice)
             if clear is not None:
                 raise (RecurrentCall("a recurrent module") if auto is not None else clear) from err
             raise
@@ -207,7 +242,7 @@ def _chunk_runner(
             )
         return loop
     if route == "vmap" or (route in ("auto", "vmap-auto") and (compiling or transformed)):
-        return _once(_vmap_grad(example_loss, randomness))
+        return _once(_vmap_grad(example_loss, randomness, transformed=transformed))
     vmap = _vmap_grad(example_loss, randomness, auto=loss_fn)
     if route == "vmap-auto":
         return _auto(vmap, vmap, loop, params, generators)

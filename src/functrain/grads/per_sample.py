@@ -67,7 +67,7 @@ from functrain.grads._per_example import (
     batch_size_of,
     rng_devices,
 )
-from functrain.grads._routes import _chunk_runner
+from functrain.grads._routes import _chunk_runner, _differentiated
 
 __all__ = [
     "PerSampleChunk",
@@ -399,14 +399,3 @@ def per_sample_grads(
         method=method,
     )
     return (grads, values[1]) if has_aux else grads
-
-
-_DIFFERENTIATING = ("Grad", "Jvp")
-
-
-def _differentiated() -> bool:
-    """Whether an outer ``torch.func`` transform differentiates the call (grad, jvp...)."""
-    if not torch._C._are_functorch_transforms_active():
-        return False
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    return any(level.key().name in _DIFFERENTIATING for level in stack)
