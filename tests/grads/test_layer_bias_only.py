@@ -285,9 +285,16 @@ def _check_reductions(loss_fn: Any, params: Any, batch: Any, chunk_size: int | N
     assert_trees_all_close(norms.leaf_norms, tree.map(torch.sqrt, leaf_sq), **TOL)
     total = torch.stack(tree.leaves(leaf_sq)).sum(0).sqrt()
     assert_trees_all_close(norms.global_norm, total, **TOL)
-    # Halfway between two middle norms: about half the examples clipped, none at the boundary.
+    # Halfway across the widest gap between sorted norms: some examples clipped, none at the
+    # boundary (two middle norms can tie, and rounding then decided the count). All equal:
+    # half the smallest, so every example is clipped.
     ordered = total.sort().values
-    clip = float(ordered[len(ordered) // 2 - 1 : len(ordered) // 2 + 1].mean())
+    gaps = ordered[1:] - ordered[:-1]
+    if len(gaps) and float(gaps.max()) > 1e-6 * float(ordered[-1]):
+        i = int(gaps.argmax())
+        clip = float(ordered[i : i + 2].mean())
+    else:
+        clip = float(ordered[0]) / 2
     out = ft.clipped_grad_sum(loss_fn, params, batch, clip, **kw)
     factors = (clip / total).clamp(max=1.0)
     by_hand = tree.map(lambda g: torch.einsum("i,i...->...", factors, g), expected)
@@ -302,6 +309,10 @@ GROUPED = {
     "conv1d-depthwise-valid": lambda: grouped_cnn(dims=1, size=9, groups=6, padding="valid"),
     "conv1d-grouped-strided-dilated": lambda: grouped_cnn(
         dims=1, size=11, channels=4, groups=2, stride=3, padding=2, dilation=2
+    ),
+    # Examples whose norms tie (a review's hypothesis case): the clip must avoid the tie.
+    "conv2d-tied-norms": lambda: grouped_cnn(
+        n=3, dims=2, channels=1, mult=2, groups=2, size=1, kernel_size=1, stride=2, padding=1
     ),
 }
 
