@@ -132,6 +132,11 @@ def _vmap_grad(
     )
 
     def run(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
+        if batch_leaves and batch_leaves[0].shape[0] == 0:
+            return _empty_by_stand_in(attempt, param_leaves, batch_leaves)
+        return attempt(param_leaves, batch_leaves)
+
+    def attempt(param_leaves: list[torch.Tensor], batch_leaves: list[torch.Tensor]) -> Any:
         try:
             if auto is not None and _watch(auto):
                 with RecurrentWatch():
@@ -150,6 +155,29 @@ def _vmap_grad(
         return values, grads
 
     return run
+
+
+def _empty_by_stand_in(
+    run: Callable[[list[torch.Tensor], list[torch.Tensor]], Any],
+    param_leaves: list[torch.Tensor],
+    batch_leaves: list[torch.Tensor],
+) -> Any:
+    """``run`` over an empty chunk: one example of zeros, of which nothing is kept.
+
+    vmap over an empty dimension fails in some batching rules (a convolution's gave
+    "Expected input batch_size (0) to match target batch_size (1)" in a cross-entropy after
+    it); one stand-in example gives the outputs' shapes and dtypes, sliced to zero rows. Its
+    random draws are undone: an empty batch draws nothing, as the loop's does.
+    """
+    generators = Generators(rng_devices(param_leaves, batch_leaves))
+    before = generators.get()
+    try:
+        values, grads = run(param_leaves, [x.new_zeros((1, *x.shape[1:])) for x in batch_leaves])
+    finally:
+        generators.set(before)
+    return tree.map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, values), [
+        g[:0] for g in grads
+    ]
 
 
 def _rows(chunk: list[torch.Tensor]) -> int:
