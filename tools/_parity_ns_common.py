@@ -112,3 +112,11 @@ def spd(seed: int, n: int, cond: float = 50.0) -> np.ndarray:
     """A random symmetric positive definite ``n × n`` matrix with eigenvalues in [1, cond]."""
     q, _ = np.linalg.qr(rng(seed).standard_normal((n, n)))
     return (q * np.geomspace(1.0, cond, n)) @ q.T
+
+
+def outcome(fn: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    """``("ok", fn(...))``, or the name of the ValueError/KeyError/TypeError it raised."""
+    try:
+        return "ok", fn(*args, **kwargs)
+    except (ValueError, KeyError, TypeError) as exc:
+        return type(exc).__name__, None

@@ -59,7 +59,10 @@ _MOMENTS = (
 _TREE_RANDOM = ("random_like", "split_key_like", "unwrap_random_key_data")
 _TOP = ("WrappedSchedule", "inject_stateful_hyperparams", "matrix_inverse_pth_root", "microbatch")
 _TOP += ("multi_normal", "nnls", "power_iteration", "scale_gradient", *_MOMENTS)
-NAMESPACES_TOOL = (*_TOP, *(f"tree.{n}" for n in (*_MOMENTS, *_TREE_RANDOM)))
+_TOP += ("init_empty_state", "lookahead", "tree_map_params", "value_and_grad_from_state")
+_TREE_REST = ("allclose", "batch_shape", "cast", "cast_like", "conj", "dtype", "get")
+_TREE_REST += ("get_all_with_path", "map_params", "min", "real", "set", "size", "where")
+NAMESPACES_TOOL = (*_TOP, *(f"tree.{n}" for n in (*_MOMENTS, *_TREE_RANDOM, *_TREE_REST)))
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _parity_ns_aggregating  # noqa: E402
 import _parity_ns_functions  # noqa: E402
 import _parity_ns_micro  # noqa: E402
+import _parity_ns_rest  # noqa: E402
+import _parity_ns_state_access  # noqa: E402
 import _parity_ns_trees  # noqa: E402
 from _parity_ns_common import TOL, Case  # noqa: E402
 
-MODULES = (_parity_ns_functions, _parity_ns_trees, _parity_ns_micro, _parity_ns_aggregating)
+MODULES = (
+    _parity_ns_functions,
+    _parity_ns_trees,
+    _parity_ns_micro,
+    _parity_ns_aggregating,
+    _parity_ns_rest,
+    _parity_ns_state_access,
+)
 
 
 def main() -> int:
