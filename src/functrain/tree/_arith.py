@@ -239,8 +239,12 @@ def _inexact(x: torch.Tensor) -> bool:
 def cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
     """Casts floating-point leaves to ``dtype`` (``None`` leaves the tree as is).
 
-    Floating-point and complex leaves are cast; integer and boolean leaves keep their dtype, as
-    optax's ``tree_cast`` does for counters. ``None`` subtrees stay ``None``.
+    Floating-point and complex leaves are cast; integer and boolean leaves keep their dtype, so
+    casting an optimizer state leaves its step counters integers. ``None`` subtrees stay
+    ``None``.
+
+    Difference from optax: optax 0.2.8's ``tree.cast`` casts every leaf, integer ones included
+    (:func:`cast_like` does, as optax's).
 
     Args:
         tree: a pytree of tensors (every leaf must be a tensor).
