@@ -158,15 +158,7 @@ def test_layers_match_naive_loop_and_vmap(name: str) -> None:
 
 
 def test_auto_takes_the_rules_for_bias_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    original = _routes.per_sample_by_layers
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        calls.append("layers")
-        return out
-
-    monkeypatch.setattr(_routes, "per_sample_by_layers", spy)
+    calls = _spy_layers(monkeypatch)
     loss_fn, params, batch = mnist_cnn()
     got = ft.per_sample_grads(loss_fn, params, batch)
     assert calls == ["layers"]
