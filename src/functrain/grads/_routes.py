@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import _func_transforms, tree
 from functrain.grads._layer_dispatch import eager_only_error, layers_error
 from functrain.grads._layer_passes import per_sample_by_layers
 from functrain.grads._layer_rules import Unsupported
@@ -53,17 +53,6 @@ _NO_LOOP_UNDER_TRANSFORM = (
     "method='loop' cannot run either (it takes autograd passes of its own): call the "
     "per-sample function outside the transform, e.g. once per ensemble member."
 )
-
-_DIFFERENTIATING = ("Grad", "Jvp")
-
-
-def _differentiated() -> bool:
-    """Whether an outer ``torch.func`` transform differentiates the call (grad, jvp...)."""
-    if not torch._C._are_functorch_transforms_active():
-        return False
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    return any(level.key().name in _DIFFERENTIATING for level in stack)
-
 
 # loss_fns whose forward ran under RecurrentWatch without a recurrent kernel: "auto" runs them
 # unwatched from then on (the watch costs a Python call per torch call, 2-5% of a small CNN's
@@ -123,7 +112,7 @@ def _vmap_grad(
     ``transformed``: the call runs under an outer ``torch.func`` transform (the loop is no
     way out; a differentiating one gets differentiable losses).
     """
-    value = _with_live_value if transformed and _differentiated() else with_value
+    value = _with_live_value if transformed and _func_transforms.differentiating() else with_value
     advice = _NO_LOOP_UNDER_TRANSFORM if transformed else _USE_LOOP
     vmapped = torch.func.vmap(
         torch.func.grad(value(example_loss), has_aux=True),

@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _func_transforms, tree
 
 # REDUCTION_METHODS, layer_chunks and reduce_by_layers moved to _layer_dispatch; they stay
 # importable from here, as before the split.
@@ -67,7 +67,7 @@ from functrain.grads._per_example import (
     batch_size_of,
     rng_devices,
 )
-from functrain.grads._routes import _chunk_runner, _differentiated
+from functrain.grads._routes import _chunk_runner
 
 __all__ = [
     "PerSampleChunk",
@@ -167,7 +167,7 @@ def _chunks(
     # as long as the results were. Per-sample gradients are values, not differentiable
     # outputs, except under an outer torch.func.grad/jvp, which asks for their derivative
     # (detached, it silently got zero).
-    keep = _differentiated()
+    keep = _func_transforms.differentiating()
     param_leaves = [p if keep else p.detach() for p in param_leaves]
     batch_leaves, batch_spec = tree.flatten(batch)
     # The same for a batch that requires grad (the output of an upstream model): the results,

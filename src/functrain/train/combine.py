@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from functrain import _foreach
 from functrain._precision import accumulation_dtype
 from functrain.train import loss as loss_lib
 
@@ -200,12 +201,12 @@ class _GradSum:
         if not self.owned:
             self.owned = True
             if self.scale == 1.0:
-                self.acc = list(torch._foreach_add(self.acc, leaves, alpha=weight))
+                self.acc = list(_foreach.add(self.acc, leaves, alpha=weight))
                 return
-            self.acc = list(torch._foreach_mul(self.acc, self.scale))
+            self.acc = list(_foreach.mul(self.acc, self.scale))
             self.scale = 1.0
         if leaves:
-            torch._foreach_add_(self.acc, leaves, alpha=weight)
+            _foreach.add_(self.acc, leaves, alpha=weight)
 
     def result(self, divisor: torch.Tensor | None) -> list[torch.Tensor]:
         """The weighted sum (divided by ``divisor``); afterwards :attr:`owned` says whether it
@@ -215,13 +216,13 @@ class _GradSum:
         if not acc:
             return acc
         if self.scale != 1.0:  # one weighted add, not yet copied (an owned sum has scale 1)
-            acc, self.owned, self.scale = list(torch._foreach_mul(acc, self.scale)), True, 1.0
+            acc, self.owned, self.scale = list(_foreach.mul(acc, self.scale)), True, 1.0
         if divisor is None:
             return acc
         if self.owned:
-            torch._foreach_div_(acc, divisor)
+            _foreach.div_(acc, divisor)
             return acc
-        acc, self.owned = list(torch._foreach_div(acc, divisor)), True
+        acc, self.owned = list(_foreach.div(acc, divisor)), True
         return acc
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain._precision import accumulation_dtype
 from functrain.grads import privacy
 from functrain.grads.clipping import _check_number, clipped_grad_sum
@@ -197,7 +197,7 @@ class ClippedSumStage:
                 # Copies: autograd may hand one tensor to several leaves, and we add in place.
                 acc = [g.to(accumulation_dtype(g.dtype), copy=True) for g in part]
             else:
-                torch._foreach_add_(acc, [g.to(a.dtype) for g, a in zip(part, acc)])
+                _foreach.add_(acc, [g.to(a.dtype) for g, a in zip(part, acc)])
             loss_dtype = out.loss_sum.dtype
             loss_sum = loss_sum + out.loss_sum  # promotes to the wider of the two
             clipped = clipped + out.num_clipped.to(device)

@@ -393,7 +393,12 @@ class StepFaults:
         if writable is None:
             writable = self.grads_writable
         leaves = tree.leaves(grads) if writable else []
-        if not leaves or torch.compiler.is_compiling():
+        # Traced, or under a torch.func transform (the fused kernel has no batching rule).
+        if (
+            not leaves
+            or torch.compiler.is_compiling()
+            or torch._C._are_functorch_transforms_active()
+        ):
             return all_finite(grads) & torch.isfinite(loss)
         first = leaves[0]
         device, dtype = first.device, first.dtype

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain._messages import message
 from functrain.train import loss as loss_lib
 from functrain.train import microbatch, rng
@@ -200,7 +200,7 @@ class GradStage:
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         del leaves, tracked, inputs
         if combiner.count is not None and grads:
-            torch._foreach_div_(grads, combiner.count)
+            _foreach.div_(grads, combiner.count)
         device = combiner.loss.device  # type: ignore[union-attr]
         stats = None
         if record is not None:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim.base import (
     GradientTransformation,
     _accepts_extra,
@@ -112,7 +112,7 @@ def _add_in_place(params: Any, updates: Any, keep: set[int]) -> Any:
             same_u.append(u)
     if same:
         mark_in_place_write()
-        torch._foreach_add_(same, same_u)
+        _foreach.add_(same, same_u)
     return tree.unflatten(spec, out)
 
 

@@ -155,6 +155,12 @@ def make_train_step(
     ``"vmap"``: chunk ``i``), and the new state's key is ``fold_in(state.key, 0)``. The same
     state and batch give the same result.
 
+    Ensembles: a step called under ``torch.func.vmap`` (over a stack of members' parameters or
+    states, as ``jax.vmap`` of a train step) runs its pure path: nothing is donated, ``"auto"``
+    takes ``torch.func``'s gradients, and each member gets what a call of its own gives.
+    ``grad_backend="autograd"``, ``compile=`` and differentiating through the step
+    (``torch.func.grad``/``jvp`` of its result) raise ``ValueError`` there.
+
     Differences from the classic PyTorch loop (``(loss / K).backward()`` per micro-batch, then
     ``optimizer.step()``, ``zero_grad()``): no ``.grad`` state; uneven micro-batches and
     token-count losses are weighted exactly (``loss / K`` is only exact for equal sizes and mean

@@ -8,11 +8,13 @@ the optimizer update, the new state and metrics) that ``compile=`` can run as on
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
+from functrain import _func_transforms
 from functrain.optim.base import GradientTransformation
 from functrain.optim.loss_scale import DynamicLossScale
 from functrain.train import compiled, dp_stage, fast, faults, gradient, microbatch, rng
@@ -81,7 +83,8 @@ class TrainStep:
             grad_backend,
             {"donate": donate, "seed_rng": seed_rng, "norm_metrics": norm_metrics, "fused": fused},
         )
-        if grad_backend == "auto":
+        chosen = grad_backend == "auto"
+        if chosen:
             # Reverse mode accumulating in place matches the classic loop's time and memory;
             # vmap and compiled steps need torch.func.
             eager_loop = strategy == "loop" and compile is False
@@ -114,24 +117,38 @@ class TrainStep:
                 compile=compile,
                 loss_fn=loss_fn,
             )
-        self.grad_stage: gradient.GradStage | dp_stage.ClippedSumStage = gradient.GradStage(
-            scaled_loss,
-            strategy=strategy,
-            chunk_size=chunk_size,
-            # A compiled step seeds outside the graph (seeding reads the key on the host).
-            seed_rng=seed_rng and compile_options is None,
-            backend=grad_backend,
-            per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
-            accumulator=_accumulator(grad_stats),
-            loss_scale=None if loss_scale is None else self._current_loss_scale,
-            per_micro_batch_sq_norm=None
-            if grad_stats is None
-            else grad_stats.per_micro_batch_sq_norm,
-        )
+
+        def grad_stage(backend: str) -> gradient.GradStage:
+            return gradient.GradStage(
+                scaled_loss,
+                strategy=strategy,
+                chunk_size=chunk_size,
+                # A compiled step seeds outside the graph (seeding reads the key on the host).
+                seed_rng=seed_rng and compile_options is None,
+                backend=backend,
+                per_micro_batch=None if grad_stats is None else grad_stats.per_micro_batch,
+                accumulator=_accumulator(grad_stats),
+                loss_scale=None if loss_scale is None else self._current_loss_scale,
+                per_micro_batch_sq_norm=None
+                if grad_stats is None
+                else grad_stats.per_micro_batch_sq_norm,
+            )
+
+        self.grad_stage: gradient.GradStage | dp_stage.ClippedSumStage = grad_stage(grad_backend)
+        # Under an outer torch.func transform (vmap over an ensemble's states, grad through a
+        # step) backward() cannot run: "auto" then takes torch.func's gradients (made on first
+        # use); an explicit "autograd" is refused there.
+        self._transformable_stage: Callable[[], gradient.GradStage] | None = None
+        if chosen and grad_backend == "autograd":
+            self._transformable_stage = functools.cache(lambda: grad_stage("func"))
+        elif grad_backend == "func":
+            self._transformable_stage = lambda: self.grad_stage  # type: ignore[return-value]
         if per_example_clip is not None:
             self.grad_stage = dp_stage.ClippedSumStage(
                 loss_fn, per_example_clip, chunk_size=chunk_size, seed_rng=seed_rng
             )
+            clipped_stage = self.grad_stage
+            self._transformable_stage = lambda: clipped_stage  # vmap under the transform
         # The backward loop's gradients are step-local .grad tensors: the step's own to write.
         writable = isinstance(self.grad_stage, gradient.GradStage) and (
             self.grad_stage.accumulates_in_place
@@ -154,6 +171,28 @@ class TrainStep:
                 self._core, compile_options, seed_rng=seed_rng, metas=self.grad_stage.metas
             )
 
+    def _check_transformable(self) -> None:
+        """Refuses, by name, what cannot run under an outer ``torch.func`` transform."""
+        why = None
+        if _func_transforms.differentiating():
+            # The step's own gradients and in-place optimizer state are values, not a graph:
+            # a derivative through them came out wrong (SGD) or zero (momentum, Adam).
+            why = (
+                "differentiating through the step (its gradients and optimizer update are "
+                "values; for a derivative through an update, call torch.func.grad of loss_fn "
+                "and tx.update yourself)"
+            )
+        elif self._compiled is not None:
+            why = "compile= (torch.compile the transformed function instead)"
+        elif self._transformable_stage is None:
+            why = "grad_backend='autograd' (backward() cannot run there; use 'func' or 'auto')"
+        if why is not None:
+            raise ValueError(
+                "this train step was called under a torch.func transform (e.g. "
+                "torch.func.vmap over an ensemble's states, or torch.func.grad through the "
+                f"step), where {why} cannot run"
+            )
+
     def _current_loss_scale(self) -> torch.Tensor:
         """The scale ``loss_fn`` is multiplied by in this call (eager or compiled)."""
         if self._scale_slot is not None:
@@ -172,9 +211,15 @@ class TrainStep:
             state._key,
         )
         step, extra = state._step, state._extra
+        # Under an outer torch.func.vmap nothing is donated (the fused in-place kernels have no
+        # batching rule): the step runs its pure path.
+        transformed = _func_transforms.active()
+        if transformed:
+            self._check_transformable()
+        donate = self.donate and not transformed
         self._opt_guard.check(state, params, opt_state)
         p_leaves = self._guard.check(params)
-        if self.donate:
+        if donate:
             _check_no_overlap(p_leaves, params, "train step (donate=True)")
         token = self.faults.begin(extra, params)  # may raise NonFiniteError; sets the scale
         reset_in_place_writes()
@@ -188,7 +233,7 @@ class TrainStep:
             devices = [] if key is None else list({p.device: None for p in p_leaves})
             if self._compiled is None:
                 fields, metrics = self._core(
-                    params, opt_state, buffers, key, step, extra, batch, split, devices
+                    params, opt_state, buffers, key, step, extra, batch, split, devices, transformed
                 )
             else:
                 fields, metrics = self._compiled(
@@ -203,12 +248,12 @@ class TrainStep:
                     devices,
                 )
         except BaseException as err:
-            if self.donate and in_place_writes_started():
+            if donate and in_place_writes_started():
                 consume_torn(state, err, "a train step (donate=True)")
             raise
         finally:
             self.faults.end(token)
-        if self.donate:
+        if donate:
             # Consumed only once the update succeeded: a step that fails before it writes into
             # the state's memory leaves the state usable.
             state._consume("a train step (donate=True)")
@@ -229,15 +274,21 @@ class TrainStep:
         batch: Any,
         split: microbatch.BatchSplit,
         devices: list[torch.device],
+        transformed: bool = False,
     ) -> tuple[tuple[Any, ...], dict[str, torch.Tensor]]:
         """The step's tensor computation: the new state's fields and the metrics.
 
         Pure apart from the donated parameter memory, with no host reads: this is what
-        ``compile=`` runs under ``torch.compile(fullgraph=True)``.
+        ``compile=`` runs under ``torch.compile(fullgraph=True)``. ``transformed``: under an
+        outer ``torch.func`` transform (torch.func's gradients, the pure optimizer stage).
         """
         if self._scale_slot is not None:
             self._scale_slot.scale = extra[faults.LOSS_SCALE_KEY].scale
-        result = self.grad_stage(params, batch, split, buffers, key, devices)
+        grad_stage = self.grad_stage
+        if transformed:
+            assert self._transformable_stage is not None  # _check_transformable
+            grad_stage = self._transformable_stage()
+        result = grad_stage(params, batch, split, buffers, key, devices)
         _check_dense_grads(result.grads)  # layouts only: before anything is written
         if self._scale_slot is not None:
             self._scale_slot.scale = None
@@ -260,7 +311,7 @@ class TrainStep:
         _merge(metrics, check.metrics, "the non-finite check")
         # Before anything is written: these are added later, after an in-place update.
         _refuse_own_names(metrics)
-        stage = self.apply_optimizer
+        stage = apply_optimizer if transformed else self.apply_optimizer
         grad_norm = None
         if self.norm_metrics and self.per_example_clip is None:  # a DP sum's norm is not private
             grad_norm = metrics["grad_norm"] = fast.global_norm(grads)
@@ -271,7 +322,7 @@ class TrainStep:
         # Compiled: out of place. The in-place stage finds aliased leaves by id(), on which
         # dynamo would guard (a recompile for every new state); the consumed state's memory is
         # freed with it instead of reused.
-        in_place = self.donate and not torch.compiler.is_compiling()
+        in_place = self.donate and not torch.compiler.is_compiling() and not transformed
         applied = faults.apply_guarded(
             stage,
             self.tx,
