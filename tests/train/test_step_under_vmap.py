@@ -123,3 +123,72 @@ def test_differentiating_through_a_step_is_refused(transform):
             torch.func.grad(after)(member["w1"])
         else:
             torch.func.jvp(after, (member["w1"],), (torch.ones_like(member["w1"]),))
+
+
+def _dropout_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = torch.nn.functional.dropout(torch.tanh(b["x"] @ p["w1"]), 0.5)
+    return ((hidden @ p["w2"] - b["y"]) ** 2).mean()
+
+
+def _keyed_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], key: torch.Tensor):
+    # A loss that uses its micro-batch key (a batched tensor under vmap) as a value.
+    jitter = (key % 7).to(b["x"].dtype) * 1e-3
+    return _loss(p, b) + jitter * p["w2"].sum()
+
+
+@pytest.mark.parametrize("loss_fn", [_loss, _keyed_loss])
+def test_a_key_per_member_without_seeding(loss_fn):
+    """Per-member keys fold as tensors under vmap: the new keys and the loss_fn keys equal
+    each member's own, bit for bit."""
+    members, batch = _data()
+    keys = torch.stack([ft.random_key(i) for i in range(MEMBERS)])
+    tx = ft.adam(0.05)
+    step = ft.make_train_step(loss_fn, tx, micro_batches=3, seed_rng=False)
+
+    def run(member, key):
+        state = ft.TrainState.create(params=member, tx=tx, key=key)
+        for _ in range(STEPS):
+            state, _ = step(state, batch)
+        return state.params, state.key
+
+    got = torch.func.vmap(run)(members, keys)
+    for i in range(MEMBERS):
+        params, key = run({k: v[i].clone() for k, v in members.items()}, keys[i])
+        assert torch.equal(got[1][i], key)
+        ft.testing.assert_trees_all_close(
+            ft.tree.map(lambda x, i=i: x[i], got[0]), params, rtol=1e-10, atol=1e-12
+        )
+
+
+def test_a_key_per_member_with_seeding_is_refused_by_name():
+    members, batch = _data()
+    keys = torch.stack([ft.random_key(i) for i in range(MEMBERS)])
+    tx = ft.adam(0.05)
+    step = ft.make_train_step(_dropout_loss, tx)
+
+    def run(member, key):
+        return step(ft.TrainState.create(params=member, tx=tx, key=key), batch)[0].params
+
+    with pytest.raises(ValueError, match=r"batched state.key\) with seed_rng=True"):
+        torch.func.vmap(run, randomness="different")(members, keys)
+
+
+def test_a_shared_key_seeds_every_member_alike():
+    """One key for all members: with vmap's randomness='same' each member draws the dropout
+    masks a call of its own draws."""
+    members, batch = _data()
+    tx = ft.sgd(0.1)
+    step = ft.make_train_step(_dropout_loss, tx, micro_batches=2)
+
+    def run(member):
+        state = ft.TrainState.create(params=member, tx=tx, seed=3)
+        for _ in range(STEPS):
+            state, _ = step(state, batch)
+        return state.params
+
+    got = torch.func.vmap(run, randomness="same")(members)
+    for i in range(MEMBERS):
+        alone = run({k: v[i].clone() for k, v in members.items()})
+        ft.testing.assert_trees_all_close(
+            ft.tree.map(lambda x, i=i: x[i], got), alone, rtol=1e-10, atol=1e-12
+        )

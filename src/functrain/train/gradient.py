@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import _foreach, tree
+from functrain import _foreach, _func_transforms, tree
 from functrain._messages import message
 from functrain.train import loss as loss_lib
 from functrain.train import microbatch, rng
@@ -212,8 +212,9 @@ class GradStage:
     def _streams(
         self, key: torch.Tensor | None, devices: Sequence[torch.device]
     ) -> rng.MicroBatchStreams | None:
-        """The step's micro-batch streams from one read of ``key`` (eager steps only)."""
-        if key is None or torch.compiler.is_compiling():
+        """The step's micro-batch streams from one read of ``key`` (eager steps only; under a
+        torch.func transform a member's own key is batched, and only tensor ops can fold it)."""
+        if key is None or torch.compiler.is_compiling() or _func_transforms.active():
             return None
         return rng.MicroBatchStreams(key, self.seed_rng, devices)
 

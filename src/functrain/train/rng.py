@@ -37,6 +37,8 @@ from collections.abc import Sequence
 
 import torch
 
+from functrain import _func_transforms
+
 __all__ = [
     "fold_in",
     "key_generator",
@@ -78,11 +80,13 @@ def _mix_int(z: int) -> int:
 
 
 def _derive(key: torch.Tensor, offset: int) -> torch.Tensor:
-    """``_mix(key + offset)``: Python integers in eager mode (a few µs), tensors when compiling.
+    """``_mix(key + offset)``: Python integers in eager mode (a few µs), tensors when compiling
+    or under a ``torch.func`` transform.
 
     Both give the same bits; reading a CPU key is not a device synchronization.
     """
-    if torch.compiler.is_compiling():
+    # Traced, or under a torch.func transform (a batched key, one per ensemble member).
+    if torch.compiler.is_compiling() or _func_transforms.active():
         return _mix(key + _signed(offset))
     return torch.tensor(_signed(_mix_int(int(key) + offset)), dtype=torch.int64)
 

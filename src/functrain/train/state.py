@@ -239,7 +239,7 @@ class TrainState:
         params = _owned(params, copy)
         buffers = None if buffers is None else _owned(buffers, copy)
         if key is not None:
-            rng.key_seed(key)  # validates dtype, shape and device
+            rng._check_key(key)  # dtype, shape and device only: its value is not read
             key = key.clone() if copy else key
         elif seed is not None:
             key = rng.random_key(seed)

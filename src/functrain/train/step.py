@@ -158,8 +158,11 @@ def make_train_step(
     Ensembles: a step called under ``torch.func.vmap`` (over a stack of members' parameters or
     states, as ``jax.vmap`` of a train step) runs its pure path: nothing is donated, ``"auto"``
     takes ``torch.func``'s gradients, and each member gets what a call of its own gives.
-    ``grad_backend="autograd"``, ``compile=`` and differentiating through the step
-    (``torch.func.grad``/``jvp`` of its result) raise ``ValueError`` there.
+    Keys: one key shared by the members seeds them alike (vmap's ``randomness`` then decides
+    whether their draws differ); a key per member (a batched ``state.key``) folds as tensors
+    and needs ``seed_rng=False``. ``grad_backend="autograd"``, ``compile=``, a key per member
+    with ``seed_rng=True`` and differentiating through the step (``torch.func.grad``/``jvp``
+    of its result) raise ``ValueError`` there.
 
     Differences from the classic PyTorch loop (``(loss / K).backward()`` per micro-batch, then
     ``optimizer.step()``, ``zero_grad()``): no ``.grad`` state; uneven micro-batches and

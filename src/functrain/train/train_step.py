@@ -96,6 +96,7 @@ class TrainStep:
         self.micro_batches = micro_batches
         self.strategy = strategy
         self.donate = donate
+        self.seed_rng = seed_rng
         self.grad_stats = grad_stats
         self.norm_metrics = norm_metrics
         self.faults = faults.StepFaults(nonfinite, max_consecutive_skips, loss_scale)
@@ -171,10 +172,17 @@ class TrainStep:
                 self._core, compile_options, seed_rng=seed_rng, metas=self.grad_stage.metas
             )
 
-    def _check_transformable(self) -> None:
+    def _check_transformable(self, key: torch.Tensor | None) -> None:
         """Refuses, by name, what cannot run under an outer ``torch.func`` transform."""
         why = None
-        if _func_transforms.differentiating():
+        if self.seed_rng and key is not None and torch._C._functorch.is_batchedtensor(key):
+            why = (
+                "a key per member (a batched state.key) with seed_rng=True (seeding the "
+                "generators for loss_fn's random ops reads the key on the host; give the "
+                "members one shared key and vmap with randomness='different' for independent "
+                "draws, or pass seed_rng=False)"
+            )
+        elif _func_transforms.differentiating():
             # The step's own gradients and in-place optimizer state are values, not a graph:
             # a derivative through them came out wrong (SGD) or zero (momentum, Adam).
             why = (
@@ -215,7 +223,7 @@ class TrainStep:
         # batching rule): the step runs its pure path.
         transformed = _func_transforms.active()
         if transformed:
-            self._check_transformable()
+            self._check_transformable(key)
         donate = self.donate and not transformed
         self._opt_guard.check(state, params, opt_state)
         p_leaves = self._guard.check(params)
