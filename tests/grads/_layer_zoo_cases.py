@@ -241,10 +241,10 @@ def build_cases() -> dict[str, Callable[[], Case]]:
             nn.Conv2d(1, 2, 3, padding=1), _x(n, 1, 6, 6)
         ),
         "conv2d-groups": lambda: _module_case(
-            nn.Conv2d(4, 6, 3, groups=2, stride=2), _x(n, 4, 7, 7), layers="groups=2"
+            nn.Conv2d(4, 6, 3, groups=2, stride=2), _x(n, 4, 7, 7)
         ),
         "conv2d-depthwise": lambda: _module_case(
-            nn.Conv2d(3, 6, 3, groups=3, padding=1), _x(n, 3, 5, 5), layers="groups=3"
+            nn.Conv2d(3, 6, 3, groups=3, padding=1), _x(n, 3, 5, 5)
         ),
         "conv2d-same": lambda: _module_case(
             nn.Conv2d(2, 3, (3, 5), padding="same"), _x(n, 2, 5, 6)

@@ -178,7 +178,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], torc
 
 
 # Cases with a parameter in a call that has no rule: "layers" refuses, "auto" falls back.
-REFUSED = {"batchnorm_eval", "conv1d_groups2", "conv2d_depthwise", "layernorm_groupnorm"}
+# (Grouped and depthwise convolutions, once refused, have a rule: test_layer_grouped_weight.py.)
+REFUSED = {"batchnorm_eval", "layernorm_groupnorm"}
 
 
 def _flat_pool(pool: nn.Module) -> nn.Module:

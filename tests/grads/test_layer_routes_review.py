@@ -342,18 +342,16 @@ def test_long_one_channel_kernels_take_the_patches(
     assert not any(routes[k] for k in {"transposed", "grouped", "patches"} - {route})
 
 
-def test_grouped_convolutions_still_refused() -> None:
+def test_grouped_convolutions_take_their_rule() -> None:
+    """A trained grouped weight (once refused) has a rule of its own (``_layer_grouped_conv``;
+    its tests: test_layer_grouped_weight.py): every reduction, float32, against the loop."""
     params = {"w": _randn(4, 4, 3, 3, seed=13)}
     x = _randn(3, 8, 5, 5, seed=14)
 
     def loss_fn(p: Any, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, p["w"], groups=2).square().sum()
 
-    with pytest.raises(ValueError, match=r"params\['w'\] is used by conv2d with groups=2"):
-        ft.per_sample_grads(loss_fn, params, x, method="layers")
-    auto = _flat(ft.per_sample_grads(loss_fn, params, x))
-    reference = _flat(naive_per_sample(loss_fn, _double(params), x.double()))
-    torch.testing.assert_close(auto.double(), reference, rtol=1e-4, atol=1e-4)
+    _check(loss_fn, params, x)
 
 
 def test_dp_sgd_step_of_a_cnn_equals_clipping_by_hand(

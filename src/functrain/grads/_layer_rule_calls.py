@@ -14,6 +14,7 @@ import torch
 from torch._C import _functorch
 
 from functrain.grads._layer_grads import Conv, Embedding, LayerNorm, Linear, Sink
+from functrain.grads._layer_grouped_conv import GroupedConv, grouped_refusal
 from functrain.grads._layer_rule_bias import CONV_CALLS, ConvBias
 from functrain.grads._layer_rule_support import MAX_NORM, Unsupported, _same_padding, _tuple
 
@@ -166,11 +167,13 @@ class _LayerCalls:
         x, weight, bias = a["input"], a["weight"], a.get("bias")
         if not self._owned(weight, bias, x):
             return None
-        if a.get("groups", 1) != 1:
+        groups = a.get("groups", 1)
+        if groups != 1:
             if not self._is_param(weight):  # a constant weight (see _owned): bias-only
                 return self._grouped_conv_bias(dims, a)
-            self.why = f"with groups={a['groups']}"  # no grouped weight rule
-            return None
+            self.why = grouped_refusal(weight, bias, groups)
+            if self.why is not None:
+                return None
         dilation = _tuple(a.get("dilation", 1), dims)
         padding = a.get("padding", 0)
         stride = _tuple(a.get("stride", 1), dims)
@@ -185,6 +188,8 @@ class _LayerCalls:
         else:
             pads = [w for p in reversed(_tuple(padding, dims)) for w in (p, p)]
         slots = (self._slot(weight), self._slot(bias))
+        if groups != 1:  # a trained grouped or depthwise weight
+            return self._grouped_conv(x, weight, bias, slots, (stride, pads, dilation, groups))
         out = self._on_batch(
             x,
             lambda p: Conv.on_batch(
@@ -196,6 +201,21 @@ class _LayerCalls:
         return Conv.apply(
             x, weight, bias, self.tag, slots, self.sink, self.anchor, stride, pads, dilation
         )
+
+    def _grouped_conv(
+        self, x: Any, weight: Any, bias: Any, slots: tuple[Any, Any], conv: tuple[Any, ...]
+    ) -> Any:
+        """A grouped convolution of parameter weight (:mod:`functrain.grads._layer_grouped_conv`);
+        ``conv`` is ``(stride, pads, dilation, groups)``."""
+        out = self._on_batch(
+            x,
+            lambda p: GroupedConv.on_batch(
+                p, weight, bias, self.tag, slots, self.sink, None, *conv
+            ),
+        )
+        if out is not None:
+            return out
+        return GroupedConv.apply(x, weight, bias, self.tag, slots, self.sink, self.anchor, *conv)
 
     def _grouped_conv_bias(self, dims: int, a: dict[str, Any]) -> Any:
         """A grouped convolution of constant weight and parameter bias (see
