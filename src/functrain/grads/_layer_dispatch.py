@@ -141,8 +141,8 @@ def layers_error(err: Unsupported, params: PyTree) -> ValueError:
     where = f" {err.context}" if err.context else ""
     return ValueError(
         f"method='layers': {path} is used by {err.call}{where}, which has no per-layer rule "
-        "(rules: linear, conv1d/2d/3d with groups=1 (grouped: a trained bias only), layer_norm, "
-        "embedding); use method='vmap'"
+        "(rules: linear, conv1d/2d/3d (grouped and depthwise included), layer_norm, embedding); "
+        "use method='vmap'"
     )
 
 

@@ -5,8 +5,8 @@ every example) and whose bias is a parameter runs as two steps: the convolution 
 an ordinary torch call (its input gradient is then autograd's own grouped one), and
 :class:`ConvBias`, which adds the bias on the physical batch and, in its backward pass, hands the
 :class:`~functrain.grads._layer_kernels.Sink` the bias's gradient: each example's output gradient
-summed over its positions, whatever the groups. No grouped *weight* rule exists: a trained
-grouped weight is still refused.
+summed over its positions, whatever the groups. A trained grouped weight has its own rule
+(:mod:`functrain.grads._layer_grouped_conv`).
 """
 
 from __future__ import annotations

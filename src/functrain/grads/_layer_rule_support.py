@@ -23,7 +23,8 @@ class Unsupported(Exception):
             when the refusal concerns ``loss_fn`` itself (it calls ``torch.autograd.grad``).
         call: the name of the torch call that used it.
         context: why no rule could run even if ``call`` has one (for example
-            ``"under torch.autocast"`` or ``"with groups=2"``), or ``None``.
+            ``"under torch.autocast"`` or ``"with padding='same' and a stride other than
+            1"``), or ``None``.
         fatal: ``vmap(grad)`` cannot differentiate the call per example either (``"auto"``
             raises instead of falling back).
     """

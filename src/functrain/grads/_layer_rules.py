@@ -11,10 +11,10 @@ per-example gradients (or only their norms: ghost clipping) from its saved input
 gradient (:mod:`functrain.grads._layer_grads`).
 
 A ``TorchFunctionMode`` watches every torch call of the forward and routes those calls to the
-rules. A parameter reaching any other call (an elementwise op, a view, a matmul, the weight of
-a grouped convolution...) raises :class:`Unsupported`: the rules are only used where they are
-exact. (A grouped convolution with a constant weight and a trained bias has a bias-only rule:
-:mod:`functrain.grads._layer_rule_bias`.)
+rules. A parameter reaching any other call (an elementwise op, a view, a matmul...) raises
+:class:`Unsupported`: the rules are only used where they are exact. Grouped and depthwise
+convolutions have their own rules: :mod:`functrain.grads._layer_grouped_conv` (a trained
+weight) and :mod:`functrain.grads._layer_rule_bias` (a constant weight, a trained bias).
 Two parameter-free calls are routed too, for speed only: CPU max pooling
 (:mod:`functrain.grads._layer_pool`) and cross-entropy of class indices
 (:mod:`functrain.grads._layer_loss`) run once on the physical batch. The passes that run a

@@ -242,8 +242,8 @@ def clipped_grad_sum(
             ``"same"``.
         method: ``"vmap"`` forms per-sample gradients with ``vmap(grad)``, clips and sums
             them. ``"layers"`` never forms them ("ghost clipping", Li et al. 2021): when every
-            parameter is the weight or bias of a linear, convolution (``groups=1``;
-            grouped: the bias), layer-norm or embedding call, one backward pass gives each
+            parameter is the weight or bias of a linear, convolution (grouped and depthwise
+            included), layer-norm or embedding call, one backward pass gives each
             example's gradient norm layer by layer and a second, ordinary one the weighted sum
             ``∇ Σᵢ factorᵢ·lossᵢ``; it raises ``ValueError`` naming the parameter otherwise.
             ``"loop"`` takes one example's gradient (autograd) at a time and clips and adds it before

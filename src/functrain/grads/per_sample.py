@@ -345,7 +345,7 @@ def per_sample_grads(
             ``fullgraph=True``).
             ``"layers"`` still runs each example's forward under ``vmap`` (so examples cannot
             interact), then takes one ordinary backward pass over the batch in which every
-            linear, convolution (``groups=1``; grouped: its bias only), layer-norm and
+            linear, convolution (grouped and depthwise included), layer-norm and
             embedding call forms its parameters' per-example gradients from its input and
             output gradient, as Opacus'
             hooks do, but without hooks. It applies when every parameter is the weight or bias
