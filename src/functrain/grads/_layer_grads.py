@@ -258,6 +258,67 @@ def _transposed_weight_grads(
     return grads.reshape(rows, out_channels, 1, *kernel).contiguous()
 
 
+def conv_backward_start(
+    ctx: Any,
+    g: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    pads: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> tuple[torch.Tensor, list[int] | None, torch.Tensor, list[int], list[Any]]:
+    """What the convolution rules' backward passes (:class:`Conv`, ``GroupedConv``) start with.
+
+    Returns ``g`` as ``(B, N, out, *spatial)``; the symmetric padding (``None`` if asymmetric);
+    the input as the kernels take it with its padding (the kernels pad symmetrically
+    themselves, so only asymmetric padding pays ``F.pad``'s copy); and one aten call's input
+    gradient and, in ``"sum"`` mode, summed weight gradient (``[gx, gw, None]``, ``None`` where
+    not asked for).
+    """
+    g = g.unflatten(0, x.shape[:2])
+    symmetric = _symmetric(pads)
+    source, padding = (
+        (x, symmetric) if symmetric is not None else (F.pad(x, pads), [0] * len(stride))
+    )
+    want_weight = ctx.sink.mode == "sum" and ctx.slots[0] is not None
+    kernel_grads: list[Any] = [None, None, None]
+    if ctx.needs_input_grad[0] or want_weight:
+        kernel_grads = list(
+            torch.ops.aten.convolution_backward(
+                g.flatten(0, 1),
+                source.flatten(0, 1),
+                weight,
+                None,
+                list(stride),
+                padding,
+                list(dilation),
+                False,
+                [0] * len(stride),
+                groups,
+                [ctx.needs_input_grad[0], want_weight, False],
+            )
+        )
+    return g, symmetric, source, padding, kernel_grads
+
+
+def conv_input_grad(
+    ctx: Any,
+    kernel_grads: list[Any],
+    rows_n: Sequence[int],
+    symmetric: list[int] | None,
+    pads: Sequence[int],
+) -> torch.Tensor | None:
+    """The input gradient ``(B, N, C, *spatial)`` from :func:`conv_backward_start`'s call, or
+    ``None`` when the input needs none; cropped where ``F.pad`` padded asymmetrically."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    gx = kernel_grads[0].unflatten(0, tuple(rows_n))
+    if symmetric is None:
+        gx = F.pad(gx, [-w for w in pads])  # the gradient of F.pad crops
+    return gx
+
+
 class Conv(_Rule):
     """``convNd`` (``groups=1``) on ``x: (B, N, C, *spatial)``, the vmap dimension in front.
 
@@ -286,33 +347,10 @@ class Conv(_Rule):
     def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         stride, pads, dilation = ctx.conv
-        g = g.unflatten(0, x.shape[:2])
-        rows, n, out_channels = g.shape[:3]
-        # The kernels below take symmetric padding themselves; only asymmetric padding (and the
-        # patches, which read the padded input) need ``F.pad``'s copy.
-        symmetric = _symmetric(pads)
-        source, padding = (
-            (x, symmetric) if symmetric is not None else (F.pad(x, pads), [0] * len(stride))
+        g, symmetric, source, padding, kernel_grads = conv_backward_start(
+            ctx, g, x, weight, stride, pads, dilation, 1
         )
-        # One kernel call for the input gradient and, in "sum" mode, the summed weight gradient.
-        want_weight = ctx.sink.mode == "sum" and ctx.slots[0] is not None
-        kernel_grads: list[Any] = [None, None, None]
-        if ctx.needs_input_grad[0] or want_weight:
-            kernel_grads = list(
-                torch.ops.aten.convolution_backward(
-                    g.flatten(0, 1),
-                    source.flatten(0, 1),
-                    weight,
-                    None,
-                    list(stride),
-                    padding,
-                    list(dilation),
-                    False,
-                    [0] * len(stride),
-                    1,
-                    [ctx.needs_input_grad[0], want_weight, False],
-                )
-            )
+        rows, n, out_channels = g.shape[:3]
         g_rows = g.movedim(2, 1).reshape(rows, out_channels, -1)
         kernel = weight.shape[2:]
 
@@ -342,11 +380,7 @@ class Conv(_Rule):
             lambda: _row_gram(any_order()),
         )
         ctx.sink.put(ctx.slots[1], lambda: g_rows.sum(2), lambda: g_rows.sum((0, 2)))
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = kernel_grads[0].unflatten(0, (rows, n))
-            if symmetric is None:
-                gx = F.pad(gx, [-w for w in pads])  # the gradient of F.pad crops
+        gx = conv_input_grad(ctx, kernel_grads, g.shape[:2], symmetric, pads)
         return gx, None, None, None, None, None, None, None, None, None
 
     @staticmethod

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from functrain.grads._layer_grads import _CONV, _symmetric
+from functrain.grads._layer_grads import _CONV, _symmetric, conv_backward_start, conv_input_grad
 from functrain.grads._layer_kernels import _batch_first, _row_gram, _row_sq, _Rule
 
 __all__ = ["GroupedConv", "grouped_refusal"]
@@ -203,31 +203,11 @@ class GroupedConv(_Rule):
     def backward(ctx: Any, g: torch.Tensor) -> Any:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         stride, pads, dilation, groups = ctx.conv
-        g = g.unflatten(0, x.shape[:2])
-        rows, n, out_channels = g.shape[:3]
-        symmetric = _symmetric(pads)
-        source, padding = (
-            (x, symmetric) if symmetric is not None else (F.pad(x, pads), [0] * len(stride))
-        )
         # The grouped input gradient and, in "sum" mode, the summed weight gradient: one call.
-        want_weight = ctx.sink.mode == "sum" and ctx.slots[0] is not None
-        kernel_grads: list[Any] = [None, None, None]
-        if ctx.needs_input_grad[0] or want_weight:
-            kernel_grads = list(
-                torch.ops.aten.convolution_backward(
-                    g.flatten(0, 1),
-                    source.flatten(0, 1),
-                    weight,
-                    None,
-                    list(stride),
-                    padding,
-                    list(dilation),
-                    False,
-                    [0] * len(stride),
-                    groups,
-                    [ctx.needs_input_grad[0], want_weight, False],
-                )
-            )
+        g, symmetric, source, padding, kernel_grads = conv_backward_start(
+            ctx, g, x, weight, stride, pads, dilation, groups
+        )
+        rows, n, out_channels = g.shape[:3]
         route = _route(x, weight, dilation)
 
         def padded() -> torch.Tensor:
@@ -254,11 +234,7 @@ class GroupedConv(_Rule):
         )
         g_rows = g.movedim(2, 1).reshape(rows, out_channels, -1)
         ctx.sink.put(ctx.slots[1], lambda: g_rows.sum(2), lambda: g_rows.sum((0, 2)))
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = kernel_grads[0].unflatten(0, (rows, n))
-            if symmetric is None:
-                gx = F.pad(gx, [-w for w in pads])  # the gradient of F.pad crops
+        gx = conv_input_grad(ctx, kernel_grads, (rows, n), symmetric, pads)
         return gx, None, None, None, None, None, None, None, None, None, None
 
     @staticmethod
