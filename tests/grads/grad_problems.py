@@ -235,3 +235,50 @@ def stacked_examples(grads: list[dict]) -> dict:
 def example_rows(grads: list[dict]) -> torch.Tensor:
     """One flat row per example: the rows of a Gram matrix or of per-example norms."""
     return torch.stack([torch.cat([v.flatten() for v in g.values()]) for g in grads])
+
+
+def check_layer_reductions(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    batch: Any,
+    chunk_size: int | None = None,
+    every_used: bool = True,
+    gram: bool = False,
+    tol: dict[str, float] | None = None,
+) -> None:
+    """``method="layers"`` per-sample grads, norms, clipped sum (and with ``gram`` the Gram
+    matrix) against :func:`naive_per_sample` (float64 problems)."""
+    import functrain as ft  # the problems above need only functrain.tree
+    from functrain.testing import assert_trees_all_close
+
+    tol = tol or {"rtol": 1e-10, "atol": 1e-12}
+    expected = naive_per_sample(loss_fn, params, batch)
+    if every_used:  # (a drawn geometry may see only padding: a zero gradient)
+        assert all(g.abs().sum() > 0 for g in tree.leaves(expected))
+    kw = {"method": "layers", "chunk_size": chunk_size}
+    got = ft.per_sample_grads(loss_fn, params, batch, **kw)
+    assert_trees_all_close(got, expected, **tol)
+    leaf_sq = tree.map(lambda g: g.reshape(g.shape[0], -1).square().sum(1), expected)
+    norms = ft.per_sample_grad_norms(loss_fn, params, batch, **kw)
+    assert_trees_all_close(norms.leaf_norms, tree.map(torch.sqrt, leaf_sq), **tol)
+    total = torch.stack(tree.leaves(leaf_sq)).sum(0).sqrt()
+    assert_trees_all_close(norms.global_norm, total, **tol)
+    # Halfway across the widest gap between sorted norms: some examples clipped, none at the
+    # boundary (two norms can tie, and rounding then decided the count). All equal: half the
+    # smallest, so every example is clipped.
+    ordered = total.sort().values
+    gaps = ordered[1:] - ordered[:-1]
+    if len(gaps) and float(gaps.max()) > 1e-6 * float(ordered[-1]):
+        i = int(gaps.argmax())
+        clip = float(ordered[i : i + 2].mean())
+    else:
+        clip = float(ordered[0]) / 2
+    out = ft.clipped_grad_sum(loss_fn, params, batch, clip, **kw)
+    factors = (clip / total).clamp(max=1.0)
+    by_hand = tree.map(lambda g: torch.einsum("i,i...->...", factors, g), expected)
+    assert_trees_all_close(out.grad_sum, by_hand, **tol)
+    assert int(out.num_clipped) == int((total > clip).sum()) > 0
+    if gram:
+        flat = torch.cat([g.reshape(g.shape[0], -1) for g in tree.leaves(expected)], 1)
+        matrix = ft.per_sample_gram(loss_fn, params, batch, **kw)
+        assert_trees_all_close(matrix, flat @ flat.T, **tol)

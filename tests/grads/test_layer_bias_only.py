@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from grad_problems import naive_per_sample
+from grad_problems import check_layer_reductions, naive_per_sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -266,35 +266,6 @@ def grouped_cnn(
     return _problem(model, x, 3, _bias)
 
 
-def _check_reductions(loss_fn: Any, params: Any, batch: Any, chunk_size: int | None = None) -> None:
-    """``method="layers"`` grads, norms and clipped sum against the float64 naive loop."""
-    expected = naive_per_sample(loss_fn, params, batch)
-    assert all(g.abs().sum() > 0 for g in tree.leaves(expected))  # every bias is used
-    kw = {"method": "layers", "chunk_size": chunk_size}
-    got = ft.per_sample_grads(loss_fn, params, batch, **kw)
-    assert_trees_all_close(got, expected, **TOL)
-    leaf_sq = tree.map(lambda g: g.reshape(g.shape[0], -1).square().sum(1), expected)
-    norms = ft.per_sample_grad_norms(loss_fn, params, batch, **kw)
-    assert_trees_all_close(norms.leaf_norms, tree.map(torch.sqrt, leaf_sq), **TOL)
-    total = torch.stack(tree.leaves(leaf_sq)).sum(0).sqrt()
-    assert_trees_all_close(norms.global_norm, total, **TOL)
-    # Halfway across the widest gap between sorted norms: some examples clipped, none at the
-    # boundary (two middle norms can tie, and rounding then decided the count). All equal:
-    # half the smallest, so every example is clipped.
-    ordered = total.sort().values
-    gaps = ordered[1:] - ordered[:-1]
-    if len(gaps) and float(gaps.max()) > 1e-6 * float(ordered[-1]):
-        i = int(gaps.argmax())
-        clip = float(ordered[i : i + 2].mean())
-    else:
-        clip = float(ordered[0]) / 2
-    out = ft.clipped_grad_sum(loss_fn, params, batch, clip, **kw)
-    factors = (clip / total).clamp(max=1.0)
-    by_hand = tree.map(lambda g: torch.einsum("i,i...->...", factors, g), expected)
-    assert_trees_all_close(out.grad_sum, by_hand, **TOL)
-    assert int(out.num_clipped) == int((total > clip).sum()) > 0
-
-
 GROUPED = {
     "conv2d-depthwise": lambda: grouped_cnn(groups=6),
     "conv2d-grouped-strided": lambda: grouped_cnn(groups=3, stride=2, padding=1),
@@ -313,7 +284,7 @@ GROUPED = {
 @pytest.mark.parametrize("name", sorted(GROUPED))
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_grouped_bias_only_matches_naive_loop(name: str, chunk_size: int | None) -> None:
-    _check_reductions(*GROUPED[name](), chunk_size=chunk_size)
+    check_layer_reductions(*GROUPED[name](), chunk_size=chunk_size)
 
 
 # torch's own warning (the naive loop's calls raise it too) for an even kernel with "same".
@@ -350,7 +321,7 @@ def test_grouped_bias_only_matches_naive_loop_hypothesis(
     problem = grouped_cnn(
         n=3, dims=dims, channels=channels, mult=mult, groups=groups, size=size, **conv
     )
-    _check_reductions(*problem)
+    check_layer_reductions(*problem)
 
 
 def _spy_layers(monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from grad_problems import naive_per_sample
+from grad_problems import check_layer_reductions, naive_per_sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -92,40 +92,6 @@ def grouped_cnn(
     return _problem(model, x, 3, trainable)
 
 
-def _check_reductions(
-    loss_fn: Any, params: Any, batch: Any, chunk_size: int | None = None, every_used: bool = True
-) -> None:
-    """``method="layers"`` grads, norms, clipped sum and Gram matrix against the naive loop."""
-    expected = naive_per_sample(loss_fn, params, batch)
-    if every_used:  # (a drawn geometry may see only padding: a zero gradient)
-        assert all(g.abs().sum() > 0 for g in tree.leaves(expected))
-    kw = {"method": "layers", "chunk_size": chunk_size}
-    got = ft.per_sample_grads(loss_fn, params, batch, **kw)
-    assert_trees_all_close(got, expected, **TOL)
-    leaf_sq = tree.map(lambda g: g.reshape(g.shape[0], -1).square().sum(1), expected)
-    norms = ft.per_sample_grad_norms(loss_fn, params, batch, **kw)
-    assert_trees_all_close(norms.leaf_norms, tree.map(torch.sqrt, leaf_sq), **TOL)
-    total = torch.stack(tree.leaves(leaf_sq)).sum(0).sqrt()
-    assert_trees_all_close(norms.global_norm, total, **TOL)
-    # Halfway across the widest gap between sorted norms: some examples clipped, none at the
-    # boundary (rounding would decide a tie). All equal: half the smallest clips every example.
-    ordered = total.sort().values
-    gaps = ordered[1:] - ordered[:-1]
-    if len(gaps) and float(gaps.max()) > 1e-6 * float(ordered[-1]):
-        i = int(gaps.argmax())
-        clip = float(ordered[i : i + 2].mean())
-    else:
-        clip = float(ordered[0]) / 2
-    out = ft.clipped_grad_sum(loss_fn, params, batch, clip, **kw)
-    factors = (clip / total).clamp(max=1.0)
-    by_hand = tree.map(lambda g: torch.einsum("i,i...->...", factors, g), expected)
-    assert_trees_all_close(out.grad_sum, by_hand, **TOL)
-    assert int(out.num_clipped) == int((total > clip).sum()) > 0
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in tree.leaves(expected)], 1)
-    gram = ft.per_sample_gram(loss_fn, params, batch, **kw)
-    assert_trees_all_close(gram, flat @ flat.T, **TOL)
-
-
 @pytest.fixture(params=["stacked", "depthwise", "chosen"])
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Forces a per-example route (``"depthwise"`` where a call has one input channel per
@@ -174,7 +140,7 @@ GROUPED = {
 @pytest.mark.parametrize("name", sorted(GROUPED))
 @pytest.mark.parametrize("chunk_size", [None, 2])
 def test_grouped_weight_matches_naive_loop(name: str, chunk_size: int | None, route: str) -> None:
-    _check_reductions(*GROUPED[name](), chunk_size=chunk_size)
+    check_layer_reductions(*GROUPED[name](), chunk_size=chunk_size, gram=True)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -218,7 +184,7 @@ def test_grouped_weight_matches_naive_loop_hypothesis(
     if force is not None:  # (hypothesis runs one function many times: no monkeypatch fixture)
         _layer_grouped_conv._route = lambda x, w, d: force if w.shape[1] == 1 else "stacked"
     try:
-        _check_reductions(*problem, every_used=False)
+        check_layer_reductions(*problem, every_used=False, gram=True)
     finally:
         _layer_grouped_conv._route = choose
 
@@ -270,7 +236,7 @@ class _MobileNetBlock(nn.Module):
 def test_mobilenet_style_block(chunk_size: int | None, route: str) -> None:
     torch.manual_seed(5)
     x = torch.randn(6, 3, 12, 12, generator=_gen(1), dtype=D)
-    _check_reductions(*_problem(_MobileNetBlock(), x, 4), chunk_size=chunk_size)
+    check_layer_reductions(*_problem(_MobileNetBlock(), x, 4), chunk_size=chunk_size, gram=True)
 
 
 def test_tied_grouped_weights_add_up(route: str) -> None:
@@ -288,7 +254,7 @@ def test_tied_grouped_weights_add_up(route: str) -> None:
         "b": torch.randn(4, generator=_gen(5), dtype=D),
     }
     x = torch.randn(5, 4, 9, 9, generator=_gen(6), dtype=D)
-    _check_reductions(loss_fn, params, x)
+    check_layer_reductions(loss_fn, params, x, gram=True)
 
 
 def test_fast_and_generic_vmap_paths(monkeypatch: pytest.MonkeyPatch, route: str) -> None:
