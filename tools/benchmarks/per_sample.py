@@ -11,7 +11,9 @@ On the same model, weights and batch of 64, it times
 
 Models: ``mnist_cnn`` is the CNN of Opacus' MNIST example (1×28×28 inputs, 26k parameters), the
 issue's reference "small CNN"; ``digits_cnn`` is the CNN of ``examples/per_sample.py`` (1×8×8,
-42k parameters). Inputs are random: only shapes matter for speed. Ratios are taken within each
+42k parameters); ``separable_cnn`` is a MobileNet-style CNN of depthwise and pointwise
+convolutions (1×28×28, 3.9k parameters), which the grouped-convolution rules cover. Inputs are
+random: only shapes matter for speed. Ratios are taken within each
 interleaved round, then the median over rounds, in wall-clock and in process CPU time. Checks compare the gradients
 of the three per-sample methods and the two clipped sums. In full mode a ``torch.compile``-d
 ``ft.per_sample_grads`` is timed too (compilation excluded), as functrain's opt-in.
@@ -85,10 +87,30 @@ def mnist_mlp() -> nn.Module:
     )
 
 
+def separable_cnn() -> nn.Module:
+    """A MobileNet-style CNN for 1×28×28: depthwise 3×3 and pointwise 1×1 convolutions."""
+    return nn.Sequential(
+        OrderedDict(
+            stem=nn.Conv2d(1, 16, 3, 2, padding=1),
+            relu1=nn.ReLU(),
+            dw1=nn.Conv2d(16, 16, 3, padding=1, groups=16),
+            pw1=nn.Conv2d(16, 32, 1),
+            relu2=nn.ReLU(),
+            dw2=nn.Conv2d(32, 32, 3, 2, padding=1, groups=32),
+            pw2=nn.Conv2d(32, 64, 1),
+            relu3=nn.ReLU(),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(64, 10),
+        )
+    )
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "mnist_cnn": (mnist_cnn, (1, 28, 28)),
     "digits_cnn": (digits_cnn, (1, 8, 8)),
     "mnist_mlp": (mnist_mlp, (1, 28, 28)),
+    "separable_cnn": (separable_cnn, (1, 28, 28)),
 }
 
 
