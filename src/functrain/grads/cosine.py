@@ -118,7 +118,7 @@ def _add_in_place(acc: CosineAccumulator, grad: PyTree) -> CosineAccumulator:
     ]
     narrow = [i for i, w in enumerate(wide) if not w]
     if narrow:
-        torch._foreach_addcdiv_(
+        _foreach.addcdiv_(
             [a_leaves[i] for i in narrow], [g_leaves[i] for i in narrow], [divisor] * len(narrow)
         )
     if len(narrow) < len(a_leaves):

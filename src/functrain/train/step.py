@@ -160,9 +160,10 @@ def make_train_step(
     takes ``torch.func``'s gradients, and each member gets what a call of its own gives.
     Keys: one key shared by the members seeds them alike (vmap's ``randomness`` then decides
     whether their draws differ); a key per member (a batched ``state.key``) folds as tensors
-    and needs ``seed_rng=False``. ``grad_backend="autograd"``, ``compile=``, a key per member
-    with ``seed_rng=True`` and differentiating through the step (``torch.func.grad``/``jvp``
-    of its result) raise ``ValueError`` there.
+    and needs ``seed_rng=False``. ``grad_backend="autograd"``, ``compile=``,
+    ``max_consecutive_skips``, a key per member with ``seed_rng=True`` and differentiating
+    through the step (``torch.func.grad``/``jvp`` of its result) raise ``ValueError`` there.
+    Each member needs its own buffers (BatchNorm statistics), stacked like its parameters.
 
     Differences from the classic PyTorch loop (``(loss / K).backward()`` per micro-batch, then
     ``optimizer.step()``, ``zero_grad()``): no ``.grad`` state; uneven micro-batches and

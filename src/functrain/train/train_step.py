@@ -192,6 +192,13 @@ class TrainStep:
             )
         elif self._compiled is not None:
             why = "compile= (torch.compile the transformed function instead)"
+        elif self.faults.max_consecutive_skips is not None:
+            # Raising NonFiniteError reads the skip count on the host; a member's count is a
+            # batched tensor there (it failed from the second call with vmap's ".item()" error).
+            why = (
+                "max_consecutive_skips (raising NonFiniteError reads each member's skip count "
+                "on the host; watch the 'skipped' metric instead, or step the members one by one)"
+            )
         elif self._transformable_stage is None:
             why = "grad_backend='autograd' (backward() cannot run there; use 'func' or 'auto')"
         if why is not None:
