@@ -192,3 +192,27 @@ def test_a_shared_key_seeds_every_member_alike():
         ft.testing.assert_trees_all_close(
             ft.tree.map(lambda x, i=i: x[i], got), alone, rtol=1e-10, atol=1e-12
         )
+
+
+def test_stacked_states_in_and_out_of_vmap():
+    """``jax.vmap(train_step)(states, batch)``'s form: states made by one vmap, stepped by
+    another; their ``None`` key and buffers are empty subtrees, not leaves vmap refuses."""
+    members, batch = _data()
+    tx = ft.adam(0.05)
+    step = ft.make_train_step(_loss, tx, micro_batches=2)
+    states = torch.func.vmap(lambda m: ft.TrainState.create(params=m, tx=tx, seed=None))(members)
+    assert states.key is None and states.buffers is None
+    assert states.params["w1"].shape == (MEMBERS, 4, 5)
+    for _ in range(STEPS):
+        states, metrics = torch.func.vmap(lambda s: step(s, batch))(states)
+    assert int(states.step[0]) == STEPS and metrics["loss"].shape == (MEMBERS,)
+    for i in range(MEMBERS):
+        params, opt_state, _ = _run(
+            {k: v[i].clone() for k, v in members.items()}, batch, dict(micro_batches=2), lambda: tx
+        )
+        ft.testing.assert_trees_all_close(
+            ft.tree.map(lambda x, i=i: x[i], (states.params, states.opt_state)),
+            (params, opt_state),
+            rtol=1e-10,
+            atol=1e-12,
+        )

@@ -377,13 +377,32 @@ optree.register_pytree_node(
     _unflatten,
     namespace=getattr(optree.registry, "__GLOBAL_NAMESPACE"),
 )
+
+
+def _torch_flatten(state: TrainState) -> tuple[list[Any], tuple[str, ...]]:
+    """The fields that are not ``None``, named by the context: torch's pytrees take ``None`` as
+    a leaf, and ``torch.func.vmap`` over stacked states (an ensemble) refused a ``None`` key or
+    buffers ("Got in_dim=0 for an input but the input is of type NoneType")."""
+    values = _flatten(state)[0]
+    present = tuple(n for n, v in zip(_FIELDS, values) if v is not None)
+    return [v for v in values if v is not None], present
+
+
+def _torch_unflatten(children: Any, present: tuple[str, ...]) -> TrainState:
+    given = dict(zip(present, children))
+    return TrainState(*(given.get(name) for name in _FIELDS))
+
+
 torch_pytree.register_pytree_node(
     TrainState,
-    lambda s: (list(_flatten(s)[0]), None),
-    lambda children, ctx: TrainState(*children),
+    _torch_flatten,
+    _torch_unflatten,
     serialized_type_name="functrain.TrainState",
     flatten_with_keys_fn=lambda s: (
-        [(torch_pytree.GetAttrKey(n), v) for n, v in zip(_FIELDS, _flatten(s)[0])],
-        None,
+        [
+            (torch_pytree.GetAttrKey(n), v)
+            for n, v in zip(_torch_flatten(s)[1], _torch_flatten(s)[0])
+        ],
+        _torch_flatten(s)[1],
     ),
 )
