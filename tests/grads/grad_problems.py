@@ -282,3 +282,19 @@ def check_layer_reductions(
         flat = torch.cat([g.reshape(g.shape[0], -1) for g in tree.leaves(expected)], 1)
         matrix = ft.per_sample_gram(loss_fn, params, batch, **kw)
         assert_trees_all_close(matrix, flat @ flat.T, **tol)
+
+
+def spy_layer_route(monkeypatch: Any) -> list[str]:
+    """Records ``"layers"`` each time the per-sample layer rules run (``_routes``' entry)."""
+    from functrain.grads import _routes
+
+    calls: list[str] = []
+    original = _routes.per_sample_by_layers
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        calls.append("layers")
+        return out
+
+    monkeypatch.setattr(_routes, "per_sample_by_layers", spy)
+    return calls

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from grad_problems import check_layer_reductions, naive_per_sample
+from grad_problems import check_layer_reductions, naive_per_sample, spy_layer_route
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import functrain as ft
 from functrain import tree
-from functrain.grads import _layer_grouped_conv, _layer_rules, _routes
+from functrain.grads import _layer_grouped_conv, _layer_rules
 from functrain.testing import assert_trees_all_close
 
 D = torch.float64
@@ -189,21 +189,8 @@ def test_grouped_weight_matches_naive_loop_hypothesis(
         _layer_grouped_conv._route = choose
 
 
-def _spy_layers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    calls: list[str] = []
-    original = _routes.per_sample_by_layers
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        calls.append("layers")
-        return out
-
-    monkeypatch.setattr(_routes, "per_sample_by_layers", spy)
-    return calls
-
-
 def test_auto_takes_the_layer_route(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _spy_layers(monkeypatch)
+    calls = spy_layer_route(monkeypatch)
     loss_fn, params, batch = grouped_cnn(groups=6)
     got = ft.per_sample_grads(loss_fn, params, batch)
     assert calls == ["layers"]
