@@ -30,6 +30,7 @@ from functrain.grads._layer_kernels import _outer_sum as _outer_sum
 from functrain.grads._layer_kernels import _row_gram as _row_gram
 from functrain.grads._layer_kernels import _row_sq as _row_sq
 from functrain.grads._layer_kernels import _Rule as _Rule
+from functrain.grads._layer_kernels import stacked_weight_grads
 
 __all__ = ["Conv", "Embedding", "LayerNorm", "Linear", "Sink"]
 
@@ -186,23 +187,9 @@ def _grouped_weight_grads(
     dilation: Sequence[int],
 ) -> torch.Tensor:
     """``(B, out, in, *kernel)``: example ``b``'s weight gradient is that of group ``b`` of a
-    convolution with ``groups=B`` over the examples' inputs stacked as channels (``source``
-    padded by the kernel's symmetric ``padding``), already in the weight's element order."""
-    rows, out_channels = g.shape[0], g.shape[2]
-    (_, grads, _) = torch.ops.aten.convolution_backward(
-        g.reshape(1, rows * out_channels, *g.shape[3:]),
-        source.reshape(1, rows * weight.shape[1], *source.shape[3:]),
-        weight.new_empty((rows * out_channels, *weight.shape[1:])),  # its shape only
-        None,
-        list(stride),
-        list(padding),
-        list(dilation),
-        False,
-        [0] * len(stride),
-        rows,
-        [False, True, False],
-    )
-    return grads.view(rows, out_channels, *weight.shape[1:])
+    convolution with ``groups=B`` over the examples' inputs stacked as channels
+    (:func:`~functrain.grads._layer_kernels.stacked_weight_grads` with ``groups=1``)."""
+    return stacked_weight_grads(g, source, weight, stride, padding, dilation, 1)
 
 
 def _transposed_pays(x: torch.Tensor, weight: torch.Tensor, dilation: Sequence[int]) -> bool:

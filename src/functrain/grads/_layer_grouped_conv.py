@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from functrain.grads._layer_grads import _CONV, _symmetric, conv_backward_start, conv_input_grad
-from functrain.grads._layer_kernels import _batch_first, _row_gram, _row_sq, _Rule
+from functrain.grads._layer_kernels import (
+    _batch_first,
+    _row_gram,
+    _row_sq,
+    _Rule,
+    stacked_weight_grads,
+)
 
 __all__ = ["GroupedConv", "grouped_refusal"]
 
@@ -55,40 +61,6 @@ def grouped_refusal(weight: torch.Tensor, bias: Any, groups: Any) -> str | None:
             f"of shape {tuple(weight.shape)} and dtype {weight.dtype}"
         )
     return None
-
-
-def _stacked_grads(
-    g: torch.Tensor,
-    source: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> torch.Tensor:
-    """``(B, C_out, C_in/G, *kernel)``, in the weight's element order: the weight gradient of a
-    convolution with ``groups = B·G`` over ``(N, B·C_in, *spatial)`` (``source`` padded by the
-    symmetric ``padding``): group ``b·G + j`` holds example ``b``'s group ``j``."""
-    rows, n, out_channels = g.shape[:3]
-    if rows == 0 or n == 0:  # no groups (B·G = 0), or nothing to sum
-        return weight.new_zeros((rows, *weight.shape))
-    # (B, N, C, ...) -> (N, B·C, ...): a view for N = 1.
-    gn = g.movedim(1, 0).reshape(n, rows * out_channels, *g.shape[3:])
-    xn = source.movedim(1, 0).reshape(n, rows * source.shape[2], *source.shape[3:])
-    (_, grads, _) = torch.ops.aten.convolution_backward(
-        gn,
-        xn,
-        weight.new_empty((rows * out_channels, *weight.shape[1:])),  # its shape only
-        None,
-        list(stride),
-        list(padding),
-        list(dilation),
-        False,
-        [0] * len(stride),
-        rows * groups,
-        [False, True, False],
-    )
-    return grads.view(rows, out_channels, *weight.shape[1:])
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -217,7 +189,7 @@ class GroupedConv(_Rule):
             # Norms and Gram entries do not depend on the elements' order: no reordering.
             if route == "depthwise":
                 return _depthwise_grads(g, padded(), weight, stride, dilation)
-            return _stacked_grads(g, source, weight, stride, padding, dilation, groups)
+            return stacked_weight_grads(g, source, weight, stride, padding, dilation, groups)
 
         def per_example() -> torch.Tensor:
             grads = any_order()

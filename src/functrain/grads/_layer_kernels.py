@@ -9,14 +9,14 @@ re-exports everything here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from functrain._precision import widen
 
-__all__ = ["Sink"]
+__all__ = ["Sink", "stacked_weight_grads"]
 
 
 # Squared norms and Gram entries of half-precision gradients are formed in float32: in float16 a
@@ -163,3 +163,38 @@ class _Rule(torch.autograd.Function):
         if torch._C._are_functorch_transforms_active():
             return super().apply(*args)  # the vmap rule, through torch.func's machinery
         return _C_APPLY.__get__(None, cls)(*args)
+
+
+def stacked_weight_grads(
+    g: torch.Tensor,
+    source: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """Per-example weight gradients of a convolution with ``groups`` (1 included):
+    ``(B, C_out, C_in/G, *kernel)``, in the weight's element order. They are the weight gradient
+    of one convolution with ``groups = B·G`` over ``(N, B·C_in, *spatial)`` (``source`` padded
+    by the symmetric ``padding``), whose group ``b·G + j`` holds example ``b``'s group ``j``."""
+    rows, n, out_channels = g.shape[:3]
+    if rows == 0 or n == 0:  # no groups (B·G = 0), or nothing to sum
+        return weight.new_zeros((rows, *weight.shape))
+    # (B, N, C, ...) -> (N, B·C, ...): a view for N = 1.
+    gn = g.movedim(1, 0).reshape(n, rows * out_channels, *g.shape[3:])
+    xn = source.movedim(1, 0).reshape(n, rows * source.shape[2], *source.shape[3:])
+    (_, grads, _) = torch.ops.aten.convolution_backward(
+        gn,
+        xn,
+        weight.new_empty((rows * out_channels, *weight.shape[1:])),  # its shape only
+        None,
+        list(stride),
+        list(padding),
+        list(dilation),
+        False,
+        [0] * len(stride),
+        rows * groups,
+        [False, True, False],
+    )
+    return grads.view(rows, out_channels, *weight.shape[1:])
