@@ -106,25 +106,6 @@ def test_what_cannot_run_under_vmap_is_refused_by_name(options, match):
         torch.func.vmap(lambda m: _run(m, batch, options, lambda: ft.adam(0.05)))(members)
 
 
-# torch.func.jvp's first use imports a module that calls the deprecated torch.jit.script.
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-@pytest.mark.parametrize("transform", ["grad", "jvp"])
-def test_differentiating_through_a_step_is_refused(transform):
-    """Its gradients and update are values: a derivative through them was wrong or zero."""
-    members, batch = _data()
-    member = {k: v[0] for k, v in members.items()}
-
-    def after(w1: torch.Tensor) -> torch.Tensor:
-        params, _, _ = _run({**member, "w1": w1}, batch, {}, lambda: ft.sgd(0.1))
-        return _loss(params, batch)
-
-    with pytest.raises(ValueError, match="differentiating through the step"):
-        if transform == "grad":
-            torch.func.grad(after)(member["w1"])
-        else:
-            torch.func.jvp(after, (member["w1"],), (torch.ones_like(member["w1"]),))
-
-
 def _dropout_loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = torch.nn.functional.dropout(torch.tanh(b["x"] @ p["w1"]), 0.5)
     return ((hidden @ p["w2"] - b["y"]) ** 2).mean()

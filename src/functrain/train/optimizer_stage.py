@@ -10,13 +10,14 @@ it and fall back to it. :func:`find_learning_rate` (and its cached form,
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, NamedTuple
 
 import optree
 import torch
 
-from functrain import _foreach, tree
+from functrain import _foreach, _func_transforms, tree
 from functrain.optim.base import (
     GradientTransformation,
     _accepts_extra,
@@ -143,7 +144,10 @@ def apply_optimizer(
     if found_inf is not None:
         tx = faults.skip_unless(tx, ~found_inf)
     extra = {} if value is None else {"value": value}
-    with torch.no_grad():
+    # Under torch.func.grad/jvp through the step (meta-learning) the update is part of the
+    # derivative; torch.func respects an inner no_grad, which made it a constant.
+    tracked = _func_transforms.differentiating()
+    with contextlib.nullcontext() if tracked else torch.no_grad():
         updates, new_opt_state = _call_update(
             tx, bool(extra) and _accepts_extra(tx.update), grads, opt_state, params, extra
         )

@@ -24,7 +24,7 @@ import optree
 import torch
 import torch.utils._pytree as torch_pytree
 
-from functrain import tree
+from functrain import _func_transforms, tree
 from functrain.optim.base import GradientTransformation
 from functrain.train import rng
 
@@ -60,7 +60,7 @@ def _check_tensor_tree(name: str, value: Any, floating: bool = False) -> None:
 def _check_no_grad(name: str, value: Any) -> None:
     paths, leaves, _ = tree.flatten_with_paths(value)
     for path, leaf in zip(paths, leaves):
-        if leaf.requires_grad:
+        if leaf.requires_grad and not _tracked_by_transform(leaf):
             # A step differentiates with torch.func and updates params in place: a leaf that
             # is part of an autograd graph failed deep inside the step with a cryptic message.
             raise ValueError(
@@ -93,8 +93,21 @@ def _check_fields(changes: dict[str, Any]) -> None:
         raise TypeError(f"TrainState.replace: extra must be a dict, got {type(extra).__name__}")
 
 
+def _tracked_by_transform(x: torch.Tensor) -> bool:
+    """Whether ``x`` is an input (or a function of one) of an outer ``torch.func.grad``/``jvp``:
+    its ``requires_grad`` is the transform's, not an autograd graph of the caller's."""
+    return _func_transforms.differentiating() and torch._C._functorch.is_gradtrackingtensor(x)
+
+
 def _owned(value: Any, copy: bool) -> Any:
-    return optree.tree_map(lambda x: x.detach().clone() if copy else x.detach(), value)
+    # Detached from any autograd graph, but not from an outer torch.func.grad/jvp: there the
+    # state is a function of the transform's inputs (meta-learning through steps), and
+    # detaching made every derivative through it silently zero.
+    def own(x: torch.Tensor) -> torch.Tensor:
+        x = x if _tracked_by_transform(x) else x.detach()
+        return x.clone() if copy else x
+
+    return optree.tree_map(own, value)
 
 
 class _Lease:

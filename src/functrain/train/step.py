@@ -161,9 +161,15 @@ def make_train_step(
     Keys: one key shared by the members seeds them alike (vmap's ``randomness`` then decides
     whether their draws differ); a key per member (a batched ``state.key``) folds as tensors
     and needs ``seed_rng=False``. ``grad_backend="autograd"``, ``compile=``,
-    ``max_consecutive_skips``, a key per member with ``seed_rng=True`` and differentiating
-    through the step (``torch.func.grad``/``jvp`` of its result) raise ``ValueError`` there.
-    Each member needs its own buffers (BatchNorm statistics), stacked like its parameters.
+    ``max_consecutive_skips`` and a key per member with ``seed_rng=True`` raise ``ValueError``
+    there. Each member needs its own buffers (BatchNorm statistics), stacked like its parameters.
+
+    Meta-learning: as ``jax.grad`` through an optax training loop, ``torch.func.grad`` (or
+    ``jvp``) of a function of the state after some steps differentiates through them: through
+    each micro-batch gradient (second order), the accumulation and ``tx.update``, with respect
+    to the initial parameters (``TrainState.create`` inside the transform keeps them its
+    inputs) or to a tensor hyperparameter such as the learning rate. The step then runs the same
+    pure path as under ``vmap``, with the same refusals.
 
     Differences from the classic PyTorch loop (``(loss / K).backward()`` per micro-batch, then
     ``optimizer.step()``, ``zero_grad()``): no ``.grad`` state; uneven micro-batches and

@@ -182,14 +182,6 @@ class TrainStep:
                 "members one shared key and vmap with randomness='different' for independent "
                 "draws, or pass seed_rng=False)"
             )
-        elif _func_transforms.differentiating():
-            # The step's own gradients and in-place optimizer state are values, not a graph:
-            # a derivative through them came out wrong (SGD) or zero (momentum, Adam).
-            why = (
-                "differentiating through the step (its gradients and optimizer update are "
-                "values; for a derivative through an update, call torch.func.grad of loss_fn "
-                "and tx.update yourself)"
-            )
         elif self._compiled is not None:
             why = "compile= (torch.compile the transformed function instead)"
         elif self.faults.max_consecutive_skips is not None:
