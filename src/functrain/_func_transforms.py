@@ -33,3 +33,10 @@ def differentiating() -> bool:
         return False
     stack = torch._C._functorch.get_interpreter_stack() or ()
     return any(level.key().name in _DIFFERENTIATING for level in stack)
+
+
+def detach(x: torch.Tensor) -> torch.Tensor:
+    """``x.detach()``, except under a differentiating transform: a loss or aux metric then stays
+    a function of the transform's inputs (``torch.func.grad`` of a step's ``loss`` metric, as
+    ``jax.grad`` of a train step's loss), where ``detach`` made its derivative silently 0."""
+    return x if differentiating() else x.detach()

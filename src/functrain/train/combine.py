@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import _foreach
+from functrain import _foreach, _func_transforms
 from functrain._precision import accumulation_dtype
 from functrain.train import loss as loss_lib
 
@@ -73,12 +73,12 @@ def make_objective(
             # gradient of a scaled float16 loss keeps the headroom of the weighted sum.
             objective = objective * weight
         payload: dict[str, Any] = {
-            "value": parsed.objective.detach(),
+            "value": _func_transforms.detach(parsed.objective),
             "aux": parsed.aux_values,
             "aux_counts": parsed.aux_counts,
         }
         if parsed.count is not None:
-            payload["count"] = parsed.count.detach()
+            payload["count"] = _func_transforms.detach(parsed.count)
         if parsed.buffers is not None:
             payload["buffers"] = parsed.buffers
         return objective, payload

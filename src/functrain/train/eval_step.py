@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from functrain import _func_transforms
 from functrain.train import gradient, microbatch, rng
 from functrain.train import loss as loss_lib
 from functrain.train._step_checks import _check_state
@@ -50,7 +52,10 @@ class EvalStep:
         split = microbatch.split_batch(batch, self.micro_batches)
         devices = gradient._devices(params)
         combiner = Combiner(split.total)
-        with torch.no_grad():
+        # Under torch.func.grad/jvp the loss is differentiated (a validation loss in
+        # meta-learning); torch.func respects an inner no_grad, which made it a constant.
+        tracked = _func_transforms.differentiating()
+        with contextlib.nullcontext() if tracked else torch.no_grad():
             for i, size in enumerate(split.sizes):
                 mb = microbatch.micro_batch(batch, split, i)
                 mb_key = None if key is None else rng.fold_in(key, i + 1)
@@ -70,7 +75,8 @@ def make_eval_step(
     """Builds ``eval_step(state, batch) -> metrics``: the loss with no gradient work.
 
     Runs under ``torch.no_grad`` with the same ``loss_fn`` forms as :func:`make_train_step`
-    (micro-batching bounds memory; the combination is exact). Buffers are read, never updated:
+    (micro-batching bounds memory; the combination is exact). Under ``torch.func.grad``/``jvp``
+    the metrics are differentiated instead (a validation loss in meta-learning). Buffers are read, never updated:
     buffers a loss returns are ignored, so use an eval-mode model (``model.eval()``) for
     BatchNorm's running statistics (and dropout off). The state is not consumed.
 

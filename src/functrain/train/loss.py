@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _func_transforms, tree
 
 __all__ = ["LossOutput", "LossSum"]
 
@@ -157,7 +157,7 @@ def _check_scalar(
 def _aux_scalar(value: Any, where: str, like: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor) and not (value.is_floating_point() or value.is_complex()):
         value = value.to(_count_dtype(like))  # counts such as (pred == y).sum(), exactly
-    return _check_scalar(value, where, "a 0-d tensor or ft.LossSum").detach()
+    return _func_transforms.detach(_check_scalar(value, where, "a 0-d tensor or ft.LossSum"))
 
 
 def parse(result: Any) -> Parsed:
@@ -192,7 +192,9 @@ def parse(result: Any) -> Parsed:
                 raise TypeError(f"LossOutput.aux keys must be strings, got {where}")
             if isinstance(value, LossSum):
                 aux_values[name] = _aux_scalar(value.total, where + ".total", objective)
-                aux_counts[name] = _as_count(value.count, aux_values[name], where).detach()
+                aux_counts[name] = _func_transforms.detach(
+                    _as_count(value.count, aux_values[name], where)
+                )
             else:
                 aux_values[name] = _aux_scalar(value, where, objective)
     if buffers is not None:
