@@ -29,7 +29,8 @@ def active() -> bool:
 
 def differentiating() -> bool:
     """Whether an active ``torch.func`` transform differentiates the call (grad, jvp...)."""
-    if not active():
+    # Dynamo cannot trace the interpreter stack; a compiled step never runs under a transform.
+    if torch.compiler.is_compiling() or not active():
         return False
     stack = torch._C._functorch.get_interpreter_stack() or ()
     return any(level.key().name in _DIFFERENTIATING for level in stack)
