@@ -27,9 +27,54 @@ from typing import Any
 
 import torch
 
+from functrain import _func_transforms
+
 __all__: list[str] = []  # internal
 
 _transforms_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
+
+
+def may_write(*values: Any) -> bool:
+    """Whether temporaries computed from ``values`` may be written in place.
+
+    False while they may be differentiated: a ``torch.func`` ``grad``/``jvp`` is active, or
+    autograd records (grad mode on) and some tensor among ``values`` (tensors, lists of them,
+    anything else ignored) requires grad. Writing a temporary in place then fails the backward
+    pass when an op saved it (``sqrt`` saves its result), so callers take the out-of-place op.
+    Otherwise in place keeps the fast path's speed and its numbers bit for bit.
+
+    Example:
+        >>> import torch
+        >>> from functrain import _foreach
+        >>> _foreach.may_write([torch.ones(2)], 0.5)
+        True
+        >>> _foreach.may_write([torch.ones(2, requires_grad=True)])
+        False
+    """
+    # Dynamo cannot trace the functorch interpreter stack; compiled code is functionalized
+    # anyway, and its transforms' wrapped tensors report ``requires_grad`` below.
+    if _transforms_active() and not torch.compiler.is_compiling():
+        return not _func_transforms.differentiating()
+    if not _grad_enabled():
+        return True
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                return False
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                if isinstance(x, torch.Tensor) and x.requires_grad:
+                    return False
+    return True
+
+
+def _tracked_scalar(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a tensor scalar argument (not a list of leaves) requires grad under autograd."""
+    for a in (*args[1:], *kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return _grad_enabled()
+    return False
 
 
 def _norm(x: torch.Tensor, ord: float = 2, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -104,7 +149,8 @@ def _wrap(
     scalars_at: int = -1,
     number_scalars: bool = False,
 ) -> Any:
-    """``kernel`` outside functorch transforms, a per-leaf loop of ``op`` inside them.
+    """``kernel`` outside functorch transforms, a per-leaf loop of ``op`` inside them (and for a
+    tensor scalar that requires grad: the kernels' derivatives fail for it).
 
     ``op`` is the out-of-place per-tensor op; an in-place kernel's results are copied into its
     first list (several in-place ops, e.g. ``addcmul_`` and ``lerp_``, have no batching rule).
@@ -117,7 +163,17 @@ def _wrap(
     in_place = name.split(".")[0].endswith("_")
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        if not _transforms_active():
+        # A 1-d tensor of per-leaf scalars has no derivative formula at all ("derivative for
+        # aten::_foreach_addcmul is not implemented"), even when only the leaves require grad.
+        if (
+            not _transforms_active()
+            and not _tracked_scalar(args, kwargs)
+            and not (
+                0 <= scalars_at < len(args)
+                and isinstance(args[scalars_at], torch.Tensor)
+                and not may_write(*args[:scalars_at])
+            )
+        ):
             return kernel(*args, **kwargs)
         if 0 <= scalars_at < len(args):
             s = args[scalars_at]
@@ -176,3 +232,30 @@ clone = _wrap(torch._foreach_clone, torch.clone)
 copy_ = _wrap(torch._foreach_copy_, _second)
 zero_ = _wrap(torch._foreach_zero_, torch.zeros_like)
 norm = _wrap(torch._foreach_norm, _norm)
+
+
+def maybe_in_place(
+    in_place: bool,
+    op_: Callable[..., Any],
+    op: Callable[..., Any],
+    xs: list[torch.Tensor],
+    *args: Any,
+    **kwargs: Any,
+) -> list[torch.Tensor]:
+    """``op_(xs, ...)`` on a caller's own temporaries when ``in_place``, else ``op(xs, ...)``.
+
+    Returns the list to use from then on. ``in_place`` is a :func:`may_write` of what the
+    temporaries were computed from: the in-place wrappers themselves always write in place (the
+    in-step engines update their state that way by design).
+
+    Example:
+        >>> import torch
+        >>> from functrain import _foreach
+        >>> xs = [torch.ones(2)]
+        >>> _foreach.maybe_in_place(True, _foreach.add_, _foreach.add, xs, 1.0) is xs
+        True
+    """
+    if in_place:
+        op_(xs, *args, **kwargs)
+        return xs
+    return list(op(xs, *args, **kwargs))

@@ -48,9 +48,7 @@ def _denominator(nu_hat: list[torch.Tensor], eps: Hyper, eps_root: Hyper) -> lis
     """``sqrt(nu_hat + eps_root) + eps``."""
     if not _ops.is_zero(eps_root):
         nu_hat = _ops.add(nu_hat, eps_root)
-    denom = list(_foreach.sqrt(nu_hat))
-    _ops.add_(denom, eps)
-    return denom
+    return _ops.add_fresh(list(_foreach.sqrt(nu_hat)), eps)
 
 
 def _operands(g: list[torch.Tensor], *states: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -90,16 +88,17 @@ def _direction(
     """
     dtype = _ops.scalar_dtype(g)
     correction = _bias(b2, count, dtype)
+    # Written in place unless differentiated (autograd refuses writes into ``sqrt``'s result).
+    w = _foreach.may_write(g, mu, nu, b1, correction, eps, eps_root)
     if _ops.is_zero(eps_root):
         denom = list(_foreach.sqrt(nu))
     else:
         shift = _ops.on_device(correction * _ops.on_device(eps_root, correction), nu[0])
-        denom = _ops.add(nu, shift)
-        _foreach.sqrt_(denom)
-    _foreach.div_(denom, _ops.on_device(correction.sqrt(), denom[0]))
-    _ops.add_(denom, eps)
+        denom = _foreach.maybe_in_place(w, _foreach.sqrt_, _foreach.sqrt, _ops.add(nu, shift))
+    scale = _ops.on_device(correction.sqrt(), denom[0])
+    denom = _foreach.maybe_in_place(w, _foreach.div_, _foreach.div, denom, scale)
+    denom = _foreach.maybe_in_place(w, _ops.add_, _ops.add, denom, eps)
     out = _mu_hat(g, mu, b1, count, nesterov)
     if any(o is m for o, m in zip(out, mu)):
         return list(_foreach.div(out, denom))
-    _foreach.div_(out, denom)
-    return out
+    return _foreach.maybe_in_place(w, _foreach.div_, _foreach.div, out, denom)

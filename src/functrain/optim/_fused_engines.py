@@ -44,7 +44,11 @@ _DTYPE = attrgetter("dtype")
 
 
 def _number(value: Any) -> float | None:
-    """``value`` as a float if that needs no device read (numbers, CPU tensors), else None."""
+    """``value`` as a float if that needs no device read (numbers, CPU tensors), else None.
+
+    Also None for a tensor that autograd tracks (a learned learning rate): as a float it would
+    silently lose its derivative, so the caller takes the differentiable path.
+    """
     if _utils.is_real_number(value):  # NumPy scalars too: the kernel, as for Python floats
         return float(value)
     if (
@@ -52,6 +56,7 @@ def _number(value: Any) -> float | None:
         and value.dim() == 0
         and value.device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and not (value.requires_grad and torch.is_grad_enabled())
     ):
         return float(value)
     return None

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _utils
 from functrain.optim._adam_ops import Hyper
 
@@ -40,7 +40,8 @@ def _state_dtype(leaves: list[torch.Tensor]) -> torch.dtype:
 
 def _scalar(value: Hyper, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.detach().to(dtype=dtype, device=device, copy=True)
+        # Not detached: a tensor hyperparameter may be differentiated (optax's jax.grad).
+        return value.to(dtype=dtype, device=device, copy=True)
     return torch.tensor(value, dtype=dtype, device=device)
 
 
@@ -52,8 +53,9 @@ def _on(value: Hyper, like: torch.Tensor) -> Hyper:
 
 
 def _copy(params: Any) -> Any:
-    """The initial point: a copy, so that the state never aliases the live parameters."""
-    return tree.map(lambda x: x.detach().clone(), params)
+    """The initial point: a copy, so that the state never aliases the live parameters (not
+    detached: a derivative w.r.t. the initial parameters goes through it, as in optax)."""
+    return tree.map(lambda x: x.clone(), params)
 
 
 def _moments_like(params: Any) -> Any:
@@ -95,6 +97,16 @@ def _abs_sum(xs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 def _sq_norm(xs: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """The squared global L2 norm, reduced in at least ``dtype``."""
     return tree.norm([x.to(torch.promote_types(x.dtype, dtype)) for x in xs], squared=True)
+
+
+def _root(sq: torch.Tensor) -> torch.Tensor:
+    """``√sq`` of a squared norm, with derivative 0 rather than NaN at ``sq = 0`` when it may
+    be differentiated (``√``'s infinite slope times ``d(sq) = 0``): DoG's first distance from
+    the initial point is exactly 0, as ``linalg.vector_norm``'s subgradient at 0."""
+    if _foreach.may_write(sq):
+        return torch.sqrt(sq)
+    positive = sq > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, sq, 1)), 0)
 
 
 def _total(values: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -147,6 +147,13 @@ def add_(xs: list[torch.Tensor], s: Scalar) -> None:
         _foreach.copy_(xs, add(xs, s))
 
 
+def add_fresh(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
+    """``[x + s]`` written into ``xs``, the caller's own temporaries, unless they may be
+    differentiated (:func:`functrain._foreach.may_write`): then a new list, as autograd refuses
+    the in-place write of a saved tensor (``sqrt``'s result). Returns the list to use."""
+    return _foreach.maybe_in_place(_foreach.may_write(xs, s), add_, add, xs, s)
+
+
 def lerp(start: list[torch.Tensor], end: list[torch.Tensor], weight: Scalar) -> list[torch.Tensor]:
     """``[torch.lerp(a, b, weight)]`` without reading a tensor ``weight`` on the host.
 
@@ -226,11 +233,11 @@ def moment_sq(g: list[torch.Tensor], v: list[torch.Tensor], decay: Scalar) -> li
     v = _like(v, g)
     if isinstance(decay, torch.Tensor):
         out = mul(v, decay)
-        _foreach.add_(out, scaled_square(g, decay))
-        return out
+        w = _foreach.may_write(out, g, decay)
+        return _foreach.maybe_in_place(w, _foreach.add_, _foreach.add, out, scaled_square(g, decay))
     out = list(_foreach.mul(v, cpu_number(decay, v)))
-    _foreach.addcmul_(out, g, g, 1 - decay)
-    return out
+    w = _foreach.may_write(out, g)
+    return _foreach.maybe_in_place(w, _foreach.addcmul_, _foreach.addcmul, out, g, g, 1 - decay)
 
 
 def _complex_moment(decay: Scalar) -> Any:
@@ -319,8 +326,7 @@ def scaled_square(g: list[torch.Tensor], decay: torch.Tensor) -> list[torch.Tens
     """``(1 − decay)·g·g`` in that order (``addcmul``'s), each in ``g``'s dtype: ``g·g`` first
     overflows float32 from ``|g| ≈ 1.8e19`` where the product does not."""
     sq = mul(g, 1 - decay)
-    _foreach.mul_(sq, g)
-    return sq
+    return _foreach.maybe_in_place(_foreach.may_write(sq, g), _foreach.mul_, _foreach.mul, sq, g)
 
 
 def scalar(value: Scalar, like: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ def _updates(ops: list[fused.Op], ctx: fused.Context) -> list[torch.Tensor] | No
     core = job.core
     assert core is not None
     mu_l, nu_l = core.leaves["mu"], core.leaves["nu"]  # in tree order (fused._state_leaves)
+    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, chain(mu_l, nu_l))):
+        return None  # moments of an earlier tracked step: differentiated, no kernel
     lr = float(job.lr)
     if 1 - lr * job.wd == 0:
         return None
@@ -116,7 +118,10 @@ def update(tx: Any, updates: Any, state: Any, params: Any) -> tuple[Any, Any] | 
     if list(map(_SHAPE, ctx.g)) != ctx.shapes:
         return None  # the members name the mismatch
     if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, chain(ctx.g, ctx.p))):
-        return None  # differentiating through the update: the kernels have no derivative
+        # Differentiating through the update: the kernels have no derivative. Tracked moments
+        # are refused in ``_updates``, tracked hyperparameters (``adam(lr_tensor)``, injected
+        # ones, a schedule's value) by the plan (``_fused_engines._number``).
+        return None
     made = fused.plan(tx, state, ctx)
     if made is None:
         return None

@@ -279,7 +279,7 @@ def scale_by_adamax(
         wide = _operands(g, s["state.mu"], s["state.nu"])
         mu = _ops.moment(wide, s["state.mu"], b1)
         abs_g = list(_foreach.abs(wide))
-        _ops.add_(abs_g, eps)
+        abs_g = _ops.add_fresh(abs_g, eps)
         nu = _ops.maximum(abs_g, _ops.mul(_ops.cast_like(s["state.nu"], wide), b2))
         mu_hat = _ops.div(mu, _bias(b1, count, _ops.scalar_dtype(g)))
         out = _ops.cast_like(_foreach.div(mu_hat, nu), g)

@@ -81,7 +81,9 @@ def scale_by_yogi(
         nu = _yogi_nu(g, _ops.cast_like(s["state.nu"], g), b2)
         dtype = _ops.scalar_dtype(g)
         out = _ops.div(mu, _bias(b1, count, dtype))
-        _foreach.div_(out, _denominator(_ops.div(nu, _bias(b2, count, dtype)), eps, eps_root))
+        denom = _denominator(_ops.div(nu, _bias(b2, count, dtype)), eps, eps_root)
+        w = _foreach.may_write(out, denom)
+        out = _foreach.maybe_in_place(w, _foreach.div_, _foreach.div, out, denom)
         new_state = ScaleByAdamState(
             count,
             tree.unflatten(spec, _ops.cast_like(mu, s["state.mu"])),
@@ -111,7 +113,9 @@ def _yogi_nu(g: list[torch.Tensor], v: list[torch.Tensor], b2: Hyper) -> list[to
         ]
     sq = list(_foreach.mul(g, g))
     step = list(_foreach.sign(_foreach.sub(v, sq)))
-    _foreach.mul_(step, sq)
+    step = _foreach.maybe_in_place(
+        _foreach.may_write(step, sq), _foreach.mul_, _foreach.mul, step, sq
+    )
     return _ops.add_scaled(v, rate, step)
 
 

@@ -91,7 +91,7 @@ def scale_by_acprop(
         v_hat = _ops.div(_ops.cast_like(nu_s, x), _bias(b2, t, _ops.scalar_dtype(x)))
         v_hat = [torch.where(initial, torch.ones_like(v), v) for v in v_hat]
         denom = list(_foreach.sqrt(v_hat))
-        _ops.add_(denom, eps)
+        denom = _ops.add_fresh(denom, eps)
         out = list(_foreach.div(x, denom))
         new = ScaleByBeliefState(
             count,

@@ -92,8 +92,9 @@ def scale_by_belief(
             nu = _ops.add(nu, eps_root)
         dtype = _ops.scalar_dtype(g)
         denom = _ops.div(nu, _bias(b2, count, dtype))
-        _foreach.sqrt_(denom)
-        _ops.add_(denom, eps)
+        w = _foreach.may_write(denom, eps)
+        denom = _foreach.maybe_in_place(w, _foreach.sqrt_, _foreach.sqrt, denom)
+        denom = _foreach.maybe_in_place(w, _ops.add_, _ops.add, denom, eps)
         out = _mu_hat(g, mu, b1, count, nesterov)
         out = list(_foreach.div(out, denom))
         new_state = ScaleByBeliefState(

@@ -18,6 +18,7 @@ from functrain.optim._global_stats import (
     _on,
     _params_leaves,
     _refuse_complex,
+    _root,
     _scalar,
     _sq_norm,
     _state_dtype,
@@ -123,7 +124,7 @@ def scale_by_dog(init_step: InitStep, eps: Any = 1e-8) -> GradientTransformation
         if kind == "distance":
             r = _scalar(value, sd, device)
         elif kind == "heuristic":
-            norm = torch.sqrt(_sq_norm(widen_all(leaves), sd)) if leaves else torch.zeros(())
+            norm = _root(_sq_norm(widen_all(leaves), sd)) if leaves else torch.zeros(())
             r = (_on(value, norm) * (1 + norm)).to(dtype=sd, device=device)
         else:
             r = torch.zeros((), dtype=sd, device=device)
@@ -142,7 +143,7 @@ def scale_by_dog(init_step: InitStep, eps: Any = 1e-8) -> GradientTransformation
         if not g:
             return updates, state._replace(is_init_step=torch.zeros_like(state.is_init_step))
         sd = state.max_dist.dtype
-        dist = torch.sqrt(_sq_norm(list(_foreach.sub(x0, x)), sd))
+        dist = _root(_sq_norm(list(_foreach.sub(x0, x)), sd))
         max_dist = torch.maximum(state.max_dist, dist).to(sd)
         sum_sq = (state.sum_sq_norm_grads + _sq_norm(widen_all(g), sd)).to(sd)
         lr = max_dist / torch.sqrt(sum_sq + _on(eps, sum_sq))

@@ -92,7 +92,9 @@ def scale_by_madgrad(
             count=_utils.zero_count(params),
             grad_sum_sq=tree.zeros_like(params),
             s=tree.zeros_like(params),
-            x0=tree.map(lambda x: x.detach().clone(), params),  # the caller may mutate params
+            # A copy (the caller may mutate params), not detached: derivatives w.r.t. the
+            # initial parameters go through it, as in optax.
+            x0=tree.map(lambda x: x.clone(), params),
         )
 
     def update_fn(
@@ -117,7 +119,7 @@ def scale_by_madgrad(
         gsq = _ops.add_scaled(_ops.cast_like(gs_s, x), lamb, list(_foreach.mul(x, x)))
         acc = _ops.add_scaled(_ops.cast_like(s_s, x), lamb, x)
         sigma = _cbrt(gsq)
-        _ops.add_(sigma, eps)
+        sigma = _ops.add_fresh(sigma, eps)
         z = list(_foreach.sub(_ops.cast_like(x0_s, x), _foreach.div(acc, sigma)))
         p_x = _ops.cast_like(p, x)
         # (1 − momentum)·z + momentum·p − p = (1 − momentum)·(z − p)

@@ -107,7 +107,9 @@ def scale_by_adan(
         out = _ops.add_scaled(
             _ops.div(m, _bias(b1, t, dtype)), rate, _ops.div(v, _bias(b2, t, dtype))
         )
-        _foreach.div_(out, _denominator(_ops.div(n, _bias(b3, t, dtype)), eps, eps_root))
+        denom = _denominator(_ops.div(n, _bias(b3, t, dtype)), eps, eps_root)
+        w = _foreach.may_write(out, denom)
+        out = _foreach.maybe_in_place(w, _foreach.div_, _foreach.div, out, denom)
         kept = [_ops.cast_like(x, like) for x, like in ((m, m0), (v, v0), (n, n0))]
         prev = _ops.cast_like(list(_foreach.clone(given)), g0)  # not an alias of the input
         new_state = ScaleByAdanState(*(tree.unflatten(spec, x) for x in (*kept, prev)), t=t)

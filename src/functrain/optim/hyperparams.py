@@ -208,9 +208,10 @@ def _is_stateful_schedule(value: Any) -> bool:
 def _numeric_hparams(
     numeric: dict[str, Any], dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """The injected numbers' initial state: tensors copied (never aliased), numbers cast."""
+    """The injected numbers' initial state: tensors copied (never aliased, but not detached: a
+    hypergradient w.r.t. a tensor learning rate goes through the copy), numbers cast."""
     return {
-        k: v.detach().clone() if isinstance(v, torch.Tensor) else _as_tensor(v, dtype, device)
+        k: v.clone() if isinstance(v, torch.Tensor) else _as_tensor(v, dtype, device)
         for k, v in numeric.items()
     }
 

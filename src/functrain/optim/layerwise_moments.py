@@ -114,7 +114,7 @@ def scale_by_novograd(
             for n, v in zip(sq, _ops.cast_like([v.real for v in nu_old], sq))
         ]
         denom = list(_foreach.sqrt(_ops.add(nu, eps_root) if not _ops.is_zero(eps_root) else nu))
-        _ops.add_(denom, eps)
+        denom = _ops.add_fresh(denom, eps)
         a = [y / d.to(y.dtype) for y, d in zip(x, denom)]
         if decays:
             a = _ops.add_scaled(a, weight_decay, _ops.cast_like(s["params"], a))

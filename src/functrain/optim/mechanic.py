@@ -19,6 +19,7 @@ from functrain.optim._global_stats import (
     _on,
     _params_leaves,
     _refuse_complex,
+    _root,
     _sq_norm,
     _state_dtype,
 )
@@ -154,7 +155,8 @@ def mechanize(
         v = betas**2 * state.v + h**2
         r = betas * state.r + clipped_h * state.s
         wealth = (_on(s_init, m) / num_betas) * m + torch.clamp(r, min=0.0)
-        new_s = wealth / (torch.sqrt(v) + _on(eps, v))
+        # _root: v is 0 at the first step (h = 0), where √'s slope would make derivatives NaN.
+        new_s = wealth / (_root(v) + _on(eps, v))
         x0w = widen_all(x0)
         new_x = _ops.add_scaled(x0w, -new_s.sum(), delta)
         out = _ops.cast_like(list(_foreach.sub(new_x, x)), given)

@@ -83,7 +83,7 @@ def _init_scalars(params: Any, lower_bound: Any) -> tuple[torch.Tensor, ...]:
     dtype, device = _lowest_dtype(params), _utils.default_device(params)
     zero = torch.zeros((), dtype=dtype, device=device)
     if isinstance(lower_bound, torch.Tensor):
-        lb = lower_bound.detach().to(dtype=dtype, device=device).clone()
+        lb = lower_bound.to(dtype=dtype, device=device).clone()  # differentiable, as optax
     else:  # straight to ``dtype``: through float32 a float64 bound 0.2 would be 3e-9 off
         lb = torch.tensor(lower_bound, dtype=dtype, device=device)
     return zero, zero.clone(), lb
@@ -346,8 +346,9 @@ def momo_adam(
         bc1 = (1 - _utils.power(b1, count, scalar)).to(work)
         bc2 = (1 - _utils.power(b2, count, scalar)).to(work)
         precond = _ops.div(eas, bc2)
-        _foreach.sqrt_(precond)
-        _ops.add_(precond, eps)
+        w = _foreach.may_write(precond, eps)  # autograd refuses writes into sqrt's result
+        precond = _foreach.maybe_in_place(w, _foreach.sqrt_, _foreach.sqrt, precond)
+        precond = _foreach.maybe_in_place(w, _ops.add_, _ops.add, precond, eps)
         weighted = list(_foreach.div(ea, precond))
         norm, iprod = _vdot(ea, weighted, work), _vdot(ea, p_x, work)
         gamma = b1_w * state.gamma.to(work) + (1 - b1_w) * _vdot(x, p_x, work)

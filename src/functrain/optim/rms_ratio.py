@@ -77,11 +77,13 @@ def scale_by_adadelta(rho: Hyper = 0.9, eps: Hyper = 1e-6) -> GradientTransforma
         e_g = _ops.moment_sq(g, s["state.e_g"], rho)
         e_x = _ops.cast_like(s["state.e_x"], g)
         u = _ops.add(e_x, eps)
-        _foreach.sqrt_(u)
         den = _ops.add(e_g, eps)
-        _foreach.sqrt_(den)
-        _foreach.div_(u, den)
-        _foreach.mul_(u, g)
+        # In place unless differentiated (autograd refuses writes into ``sqrt``'s result).
+        w = _foreach.may_write(u, den, g)
+        u = _foreach.maybe_in_place(w, _foreach.sqrt_, _foreach.sqrt, u)
+        den = _foreach.maybe_in_place(w, _foreach.sqrt_, _foreach.sqrt, den)
+        u = _foreach.maybe_in_place(w, _foreach.div_, _foreach.div, u, den)
+        u = _foreach.maybe_in_place(w, _foreach.mul_, _foreach.mul, u, g)
         e_x = _ops.moment_sq(u, e_x, rho)
         new_state = ScaleByAdaDeltaState(
             tree.unflatten(spec, _ops.cast_like(e_g, s["state.e_g"])),

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _utils
 from functrain.optim.base import GradientTransformation
 from functrain.optim.linesearch import (
@@ -63,6 +63,8 @@ class ScaleByZoomLinesearchState(NamedTuple):
 
 def _cubicmin(a, fa, fpa, b, fb, c, fc):
     """Minimiser of the cubic through (a, fa) with slope fpa, (b, fb) and (c, fc); NaN if none."""
+    if not _foreach.may_write(a, fa, fpa, b, fb, c, fc):
+        return _cubicmin_tracked(a, fa, fpa, b, fb, c, fc)
     db, dc = b - a, c - a
     denom = (db * dc) ** 2 * (db - dc)
     v0, v1 = fb - fa - fpa * db, fc - fa - fpa * dc
@@ -72,9 +74,35 @@ def _cubicmin(a, fa, fpa, b, fb, c, fc):
     return a + (-big_b + torch.sqrt(radical)) / (3.0 * big_a)
 
 
+def _safe(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    return torch.where(bad, torch.ones_like(x), x)
+
+
+def _cubicmin_tracked(a, fa, fpa, b, fb, c, fc):
+    """:func:`_cubicmin` under autograd: NaN where there is no minimiser, computed from safe
+    operands there. A ``torch.where`` that drops the NaN candidate still multiplies its zero
+    cotangent by the NaN derivative (0·∞), which made every derivative of the search NaN."""
+    db, dc = b - a, c - a
+    denom = (db * dc) ** 2 * (db - dc)
+    bad = denom == 0
+    denom = _safe(denom, bad)
+    v0, v1 = fb - fa - fpa * db, fc - fa - fpa * dc
+    big_a = (dc**2 * v0 + (-(db**2)) * v1) / denom
+    big_b = ((-(dc**3)) * v0 + db**3 * v1) / denom
+    radical = big_b * big_b - 3.0 * big_a * fpa
+    bad = bad | (radical < 0) | (big_a == 0)
+    out = a + (-big_b + torch.sqrt(_safe(radical, bad))) / (3.0 * _safe(big_a, bad))
+    return torch.where(bad, torch.nan, out)
+
+
 def _quadmin(a, fa, fpa, b, fb):
     """Minimiser of the quadratic through (a, fa) with slope fpa and (b, fb)."""
     db = b - a
+    if not _foreach.may_write(a, fa, fpa, b, fb):  # safe operands, as _cubicmin_tracked
+        bad = db == 0
+        big_b = (fb - fa - fpa * db) / _safe(db**2, bad)
+        bad = bad | (big_b == 0)
+        return torch.where(bad, torch.nan, a - fpa / (2.0 * _safe(big_b, bad)))
     big_b = (fb - fa - fpa * db) / (db**2)
     return a - fpa / (2.0 * big_b)
 
