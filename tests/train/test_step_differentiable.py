@@ -269,3 +269,29 @@ def test_the_loss_metrics_of_train_and_eval_steps_are_differentiable(loss_fn, mi
         if loss_fn is _with_aux:
             aux = torch.func.grad(lambda p: metrics_of(p, run)["w2_sq"])(params)
             torch.testing.assert_close(aux["w2"], 2 * params["w2"])
+
+
+def test_replace_inside_the_transform_differentiates_the_new_fields():
+    """``state.replace(opt_state=...)`` with a tracked learning rate (the learned-lr example's
+    move) gives the same hypergradient as building the optimizer with it; ``replace`` read the
+    storages of the transform's wrapped tensors ("Cannot access storage of TensorWrapper")."""
+    params, batch, val = _problem()
+    tx = ft.inject_hyperparams(ft.sgd)(learning_rate=0.1, momentum=0.9)
+
+    def by_replace(lr: torch.Tensor) -> torch.Tensor:
+        state = ft.TrainState.create(params=params, tx=tx)
+        hyperparams = {**state.opt_state.hyperparams, "learning_rate": lr}
+        state = state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+        step = ft.make_train_step(_loss, tx)
+        for _ in range(STEPS):
+            state, _ = step(state, batch)
+        return _loss(state.params, val)
+
+    lr = torch.tensor(0.1, dtype=D)
+    got = torch.func.grad(by_replace)(lr)
+    want = torch.func.grad(
+        lambda r: _loss(_after_steps(ft.sgd(r, momentum=0.9), {}, params, batch), val)
+    )(lr)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    members = torch.func.vmap(by_replace)(torch.tensor([0.05, 0.1], dtype=D))
+    torch.testing.assert_close(members[1], by_replace(lr))

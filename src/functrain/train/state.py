@@ -141,9 +141,11 @@ def _shares_writable_memory(source: TrainState, derived: TrainState) -> bool:
     """
     if not {"params", "opt_state"} & set(_replaced(source, derived)):
         return True  # the common case (replace(key=...), prepare): shared, nothing to compare
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _func_transforms.active():
         # Dynamo cannot trace untyped_storage() (a graph break, an error with fullgraph=True),
-        # and traced tensors' storages are not the real ones: assume sharing, the safe side.
+        # and traced tensors' storages are not the real ones; torch.func's wrapped tensors
+        # have none ("Cannot access storage of TensorWrapper", replace() under grad or vmap):
+        # assume sharing, the safe side.
         return True
     return not _storages(source).isdisjoint(_storages(derived))
 
