@@ -97,7 +97,9 @@ def get_per_element_mean_and_sum_sq_diff_grads(
     ``m ← m + δ/(k+1)`` and ``S ← S + S_b + δ²·k·b/(k+1)``. The last micro-batch outputs them
     (``sample_size = accumulation_steps·b``, a tensor) and sets ``ready``; the others output
     zeros. The formula assumes micro-batches of equal size (as optax does): with unequal
-    ones the mean is the average of the micro-batch means.
+    ones the mean is the average of the micro-batch means. Difference from optax: the size
+    factor ``k·b/(k+1)`` is computed in the statistics' dtype (float64 for float64 updates),
+    where optax computes it from int32 counts in float32 (8/3 is then rounded to float32).
 
     Args:
         per_elt_axis: the batch axis or axes of every leaf.
@@ -381,6 +383,9 @@ def add_mean_variance_to_opt(
     ``chain(track_per_element_mean_and_variance_with_ema(ema_decay), opt)``: ``update`` takes
     per-element gradients, ``opt`` steps on their mean (once per ``accumulation_steps``
     calls), and :func:`get_unbiased_mean_and_variance_ema` reads the statistics from the state.
+    Difference from optax: with ``accumulation_steps > 1`` the variance's ``1/(n − 1)`` is
+    computed in the statistics' dtype, where optax computes it in float32 (its ``n`` is an
+    int32 step count times the batch size).
 
     Args:
         opt: the optimizer to run on the mean gradient.

@@ -24,7 +24,9 @@ def min(tree: PyTree) -> torch.Tensor:
 
     Returns:
         A 0-d tensor in the dtype promoted over all leaves, on the first non-empty leaf's
-        device.
+        device. Difference from optax: an integer-only tree gives an integer (int64 for int64
+        leaves), where ``optax.tree.min`` starts its reduction from a float ``inf`` and gives a
+        float.
 
     Raises:
         ValueError: if no leaf has an element (optax returns ``inf`` there; this matches

@@ -255,7 +255,8 @@ def allclose(
 
     A leaf pair is close when ``|x - y| <= atol + rtol * |y|`` element-wise. Dtypes may differ
     (an integer beside a float is compared in float64); ``b``'s leaf is moved to ``a``'s
-    leaf's device. A structure or shape mismatch gives ``False``, not an error.
+    leaf's device. A structure or shape mismatch gives ``False``, not an error (difference
+    from optax, whose ``tree.allclose`` raises on a structure mismatch).
 
     Args:
         a: a pytree of tensors.
