@@ -40,6 +40,10 @@ NONSMOOTH = {
 # it). A larger eps moves the run off the tie; the maths is the same.
 OVERRIDES = {
     "scale_by_distance_over_gradients": lambda: ft.scale_by_distance_over_gradients(eps=1.0),
+    # optax stops the gradient through the first step's 1/‖u‖ scaling (finite differences see
+    # it): test_differentiable_review.py checks that step against a hand Jacobian instead.
+    "scale_by_lbfgs": lambda: ft.scale_by_lbfgs(scale_init_precond=False),
+    "lbfgs[linesearch=None]": lambda: ft.lbfgs(1e-2, linesearch=None, scale_init_precond=False),
 }
 
 # Updates that are not parameter-shaped (a measure's average): differentiate the updates.

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 
 Scalar = float | int | torch.Tensor
 ScalarOrSchedule = Scalar | Callable[[Any], Scalar]
@@ -191,3 +191,13 @@ def complex_leaf(values: Any, root: str) -> tuple[str, torch.dtype] | None:
         (p, x) for p, x in zip(paths, leaves) if isinstance(x, torch.Tensor) and x.is_complex()
     )
     return tree.path_str(path, root), x.dtype
+
+
+def loss_value(value: torch.Tensor, *tracked_by: Any) -> torch.Tensor:
+    """The ``value=`` loss of an update: kept in the graph when the update is differentiated
+    (a ``torch.func`` ``grad``/``jvp``, or gradients or params that autograd tracks: the step
+    size then depends on the loss, as under optax's ``jax.grad``), else detached, so that a
+    torch-style loop passing a loss that still has its graph does not chain every step's graph
+    into the updates and the state (a loss average in the state would keep them all)."""
+    leaves = [tree.leaves(t) if not isinstance(t, list) else t for t in tracked_by]
+    return value.detach() if _foreach.may_write(*leaves) else value

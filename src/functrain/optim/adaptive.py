@@ -316,6 +316,9 @@ def scale_by_radam(
     correction, i.e. divides by ``√v̂ + eps / √(1 − b2ᵗ)``. With ``eps=0`` the trajectories
     coincide; with the default ``eps`` they differ by about ``eps / √v̂`` relatively.
 
+    Differentiated through (``torch.func.grad``, meta-learning), an unrectified step has the
+    derivative of ``û``; optax's is NaN there (the negative radicand of the branch not taken).
+
     Args:
         b1: decay of the first moment (the gradient average), in ``[0, 1)``.
         b2: decay of the second moment (the squared-gradient average), in ``[0, 1)``.
@@ -359,8 +362,13 @@ def scale_by_radam(
         b2_ = b2.to(device=t.device, dtype=dtype) if isinstance(b2, torch.Tensor) else b2
         ro_inf = 2.0 / (1.0 - b2_) - 1.0
         ro = ro_inf - 2 * t * b2_t / (1 - b2_t)
-        r = torch.sqrt((ro - 4) * (ro - 2) * ro_inf / ((ro_inf - 4) * (ro_inf - 2) * ro))
-        rectify = (ro >= _ops.scalar(threshold, t)).to(g[0].device)
+        rectify = ro >= _ops.scalar(threshold, t)
+        # Unrectified early steps have a negative radicand; its NaN root is discarded by the
+        # ``where`` below, but 0·NaN made every derivative NaN (optax's too). A root of 1 there
+        # (a 0-d double ``where``) keeps the values and gives the derivative of the branch taken.
+        rad = (ro - 4) * (ro - 2) * ro_inf / ((ro_inf - 4) * (ro_inf - 2) * ro)
+        r = torch.sqrt(torch.where(rectify, rad, torch.ones_like(rad)))
+        rectify = rectify.to(g[0].device)
         mu_hat = _mu_hat(g, mu, b1, count, nesterov)
         nu_hat = _ops.div(nu, 1 - b2_t)
         adapted = _foreach.div(_ops.mul(mu_hat, r), _denominator(nu_hat, eps, eps_root))

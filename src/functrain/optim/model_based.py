@@ -110,10 +110,13 @@ def _leaves(name: str, updates: Any, state_trees: dict, params: Any, value: Any)
     return _utils.flat(updates, {**state_trees, "params": params})
 
 
-def _loss(value: Any, like: torch.Tensor) -> torch.Tensor:
-    """The loss as a 0-d tensor like ``like`` (detached: it sets a step size, not a graph)."""
+def _loss(value: Any, like: torch.Tensor, *tracked_by: Any) -> torch.Tensor:
+    """The loss as a 0-d tensor like ``like``: when the update is differentiated (``tracked_by``,
+    its gradients and params, tracked) not detached, so that the derivative follows the loss
+    too (the model's step size depends on it), as optax's ``jax.grad``; else detached
+    (:func:`functrain.optim._utils.loss_value`: the state's loss average would chain graphs)."""
     if isinstance(value, torch.Tensor):
-        v = value.detach()
+        v = _utils.loss_value(value, *tracked_by)
     else:  # straight to ``like``'s dtype: a Python float through float32 is 1e-8 off
         v = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if v.numel() != 1 or v.is_complex():
@@ -229,7 +232,7 @@ def momo(
         ea_s, p = s["state.exp_avg"], s["params"]
         work = torch.promote_types(state.barf.dtype, torch.float32)
         barf_s = state.barf.to(work)
-        f = _loss(value, barf_s)
+        f = _loss(value, barf_s, g, p)
         bt = _ops.on_device(beta, barf_s) * (state.count > 0).to(work)  # 0 at the first step
         barf = bt * barf_s + (1 - bt) * f
         if not g:
@@ -327,7 +330,7 @@ def momo_adam(
         work = torch.promote_types(state.barf.dtype, torch.float32)
         barf_s = state.barf.to(work)
         b1_w = _ops.on_device(b1, barf_s)
-        barf = b1_w * barf_s + (1 - b1_w) * _loss(value, barf_s)
+        barf = b1_w * barf_s + (1 - b1_w) * _loss(value, barf_s, g, p)
         if not g:
             new = MomoAdamState(
                 state.exp_avg,

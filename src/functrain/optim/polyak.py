@@ -31,8 +31,15 @@ def _check(f_min: Any, max_learning_rate: Any, eps: Any, variant: str) -> None:
         raise ValueError(f"variant must be 'sps' or 'sps+', got {variant!r}")
 
 
-def _value(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The loss as a 0-d tensor of ``dtype`` on ``device`` (detached: a step size, not a graph)."""
+def _value(
+    value: Any, dtype: torch.dtype, device: torch.device, grads: list[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The loss as a 0-d tensor of ``dtype`` on ``device``.
+
+    Kept in the graph when the update is differentiated (``grads`` tracked): the step size
+    depends on the loss, and a derivative through the update (meta-learning) takes that path,
+    as optax's ``jax.grad`` does. Detached otherwise (:func:`functrain.optim._utils.loss_value`).
+    """
     if value is None:
         raise TypeError(
             "scale_by_polyak needs the loss: call tx.update(updates, state, params, value=loss) "
@@ -41,7 +48,7 @@ def _value(value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     # A Python number goes straight to ``dtype``: through torch's default float32 a float64
     # loss of 0.1 became 0.10000000149.
     v = (
-        value.detach()
+        _utils.loss_value(value, grads or [])
         if isinstance(value, torch.Tensor)
         else torch.as_tensor(value, dtype=dtype if isinstance(value, float) else None)
     )
@@ -104,7 +111,7 @@ def scale_by_polyak(
         norms = _foreach.norm(widen_all(g))  # float32 sums for half-precision leaves
         dtype = _utils.float_dtype(list(norms))
         sq = torch.stack([n.to(dtype) for n in norms]).square().sum()
-        gap = _value(value, dtype, sq.device) - _ops.on_device(f_min, sq)
+        gap = _value(value, dtype, sq.device, g) - _ops.on_device(f_min, sq)
         if variant == "sps+":
             gap = torch.clamp_min(gap, 0.0)
         denom = sq + _ops.on_device(eps, sq)

@@ -67,7 +67,9 @@ def scale_by_lbfgs(
     false), and ``γ = min(1, 1/‖u‖)`` at the first step. The memory is updated first, from the
     ``params`` given (so that, chained before a line search, it only sees accepted steps).
     The output is a descent direction only after a sign flip: chain it with ``scale(-1)`` or a
-    learning rate, as :func:`lbfgs` does.
+    learning rate, as :func:`lbfgs` does. Differentiated through (``torch.func.grad``,
+    meta-learning), the first step's ``‖u‖`` is a constant, as optax's ``stop_gradient``
+    there: the derivative is optax's, not the one of the formula above.
 
     ``update`` needs ``params``. float16/bfloat16 leaves are combined in float32 and rounded
     once (optax rounds after every term); the memories keep the params' dtypes (gradients of
@@ -142,7 +144,11 @@ def scale_by_lbfgs(
             torch.where(started, a - b, torch.zeros_like(a)) for a, b in zip(u, s["state.updates"])
         ]
         curv = _rdot(du, dw, wdtype)
-        rho = torch.where(curv == 0.0, torch.zeros_like(curv), 1.0 / curv)
+        # Double ``where``s (0-d, same values): the branch not taken divided by 0, and its inf
+        # times the zero cotangent made derivatives NaN (optax's too) after a step that did not
+        # move, e.g. a schedule starting at 0.
+        flat = curv == 0.0
+        rho = torch.where(flat, torch.zeros_like(curv), 1.0 / torch.where(flat, 1.0, curv))
         rho = torch.where(started, rho, torch.zeros_like(rho))
         # The memories keep the params' dtypes: gradients of another dtype (bfloat16 ones of
         # float32 params) made index_copy fail.
@@ -152,8 +158,12 @@ def scale_by_lbfgs(
         # 2. γ, the scale of the initial inverse Hessian.
         if scale_init_precond:
             den = _rdot(du, du, wdtype)
-            gamma = torch.where(den > 0.0, curv / den, torch.ones_like(den))
-            first = torch.clamp(1.0 / _rdot(u, u, wdtype).sqrt(), max=1.0)
+            curved = den > 0.0
+            gamma = torch.where(curved, curv / torch.where(curved, den, 1.0), torch.ones_like(den))
+            # optax takes this norm of ``stop_gradient(updates)``: derivatives treat the first
+            # step's scale as a constant (numerics follow optax, derivatives included).
+            u_const = [x.detach() for x in u]
+            first = torch.clamp(1.0 / _rdot(u_const, u_const, wdtype).sqrt(), max=1.0)
             gamma = torch.where(started, gamma, first)
         else:
             gamma = torch.ones((), dtype=wdtype, device=rhos.device)

@@ -236,8 +236,28 @@ def scale_by_trust_ratio(
     return GradientTransformation(_init_empty, update_fn)
 
 
+def _clamped_norm(w: torch.Tensor, floor: Any) -> torch.Tensor:
+    """``max(‖w‖, floor)``; torch's norm has a finite derivative at 0 (optax's ``safe_norm``)."""
+    return torch.clamp_min(torch.linalg.vector_norm(w), floor)
+
+
+def _clamped_rms(w: torch.Tensor, floor: Any) -> torch.Tensor:
+    """``max(sqrt(mean(|w|²)), floor)`` with optax's ``safe_root_mean_squares`` derivative.
+
+    ``clamp_min(sqrt(...))`` has a NaN derivative at ``w = 0``: the clamp sends ``sqrt`` a zero
+    cotangent, and ``0 / (2·sqrt(0))`` is NaN. Where the floor wins, the root is taken of 1
+    instead (a double ``where``), so the derivative there is 0, as optax's. Same values.
+    """
+    sq = _ops.abs_sq(w).mean()
+    small = sq.sqrt() <= floor
+    root = torch.where(small, torch.ones_like(sq), sq).sqrt()
+    return torch.where(small, floor, root)
+
+
 def _scale_by_param_block(
-    name: str, min_scale: float | torch.Tensor, block_fn: Callable[[torch.Tensor], torch.Tensor]
+    name: str,
+    min_scale: float | torch.Tensor,
+    stat_fn: Callable[[torch.Tensor, Any], torch.Tensor],
 ) -> GradientTransformation:
     _utils.check_finite_number("min_scale", min_scale, minimum=0.0)
 
@@ -245,7 +265,7 @@ def _scale_by_param_block(
         # float16/bfloat16 in float32, rounded once: |p|² of a float16 entry above 256 was inf,
         # and so were the rms and the update.
         x = widen(u)
-        stat = torch.clamp_min(block_fn(widen(w)), _ops.on_device(min_scale, w))
+        stat = stat_fn(widen(w), _ops.on_device(min_scale, w))
         return (x * stat.to(x.dtype)).to(u.dtype)
 
     def update_fn(
@@ -274,7 +294,7 @@ def scale_by_param_block_norm(min_scale: float | torch.Tensor = 1e-3) -> Gradien
         >>> tx.update([torch.ones(2)], tx.init(params), params)[0]
         [tensor([5., 5.])]
     """
-    return _scale_by_param_block("scale_by_param_block_norm", min_scale, torch.linalg.vector_norm)
+    return _scale_by_param_block("scale_by_param_block_norm", min_scale, _clamped_norm)
 
 
 def scale_by_param_block_rms(min_scale: float | torch.Tensor = 1e-3) -> GradientTransformation:
@@ -282,7 +302,8 @@ def scale_by_param_block_rms(min_scale: float | torch.Tensor = 1e-3) -> Gradient
 
     ``rms(p) = sqrt(mean(|p|²))`` over the whole parameter tensor. float16/bfloat16 leaves are
     computed in float32 and rounded once (optax: in the leaf's dtype, where ``|p|²`` of a
-    float16 entry above 256 overflows).
+    float16 entry above 256 overflows). Where ``min_scale`` wins (``p = 0`` included) the
+    derivative w.r.t. ``p`` is 0, as optax's ``safe_root_mean_squares``, not NaN.
 
     Args:
         min_scale: lower bound of the parameter-block statistic.
@@ -294,6 +315,4 @@ def scale_by_param_block_rms(min_scale: float | torch.Tensor = 1e-3) -> Gradient
         >>> tx.update([torch.ones(2)], tx.init(params), params)[0]
         [tensor([3., 3.])]
     """
-    return _scale_by_param_block(
-        "scale_by_param_block_rms", min_scale, lambda p: _ops.abs_sq(p).mean().sqrt()
-    )
+    return _scale_by_param_block("scale_by_param_block_rms", min_scale, _clamped_rms)

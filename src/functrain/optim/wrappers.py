@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _utils, fused, slow_weights
 from functrain.optim._masking import (
     Mask,
@@ -342,6 +342,42 @@ def _select(condition: torch.Tensor, new: Any, old: Any) -> Any:
     return tree.map(pick, new, old)
 
 
+def _stand_in(apply: torch.Tensor, updates: Any) -> Any:
+    """``updates`` where the step is applied, ones where it is skipped.
+
+    Derivatives only: the inner results of a skipped step are discarded by a ``torch.where``,
+    whose backward sends them a zero cotangent, but that zero times the inf or NaN derivatives
+    of an update computed from non-finite gradients is NaN (optax's ``lax.cond`` differentiates
+    the branch taken only). Ones, not zeros: a zero stand-in would put ``sqrt(0)``, ``x/‖x‖``
+    and the like, whose derivatives are infinite, in the discarded branch. The outer
+    ``torch.where`` gives the non-finite gradients themselves a zero derivative, as optax.
+    """
+
+    def pick(u: Any) -> Any:
+        if isinstance(u, torch.Tensor) and (u.is_floating_point() or u.is_complex()):
+            return torch.where(apply.to(u.device), u, torch.ones_like(u))
+        return u
+
+    return tree.map(pick, updates)
+
+
+def _tracked(*trees: Any) -> bool:
+    """Whether anything among ``trees``' leaves may be differentiated (``may_write`` false);
+    the leaves are only listed where that depends on them (grad mode on, no ``torch.func``)."""
+    if not _foreach.may_write():  # a torch.func grad/jvp is active
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return not _foreach.may_write(*(tree.leaves(t) for t in trees))
+
+
+def _any_requires_grad(trees: Any) -> bool:
+    """Whether autograd records any tensor leaf of ``trees`` (grad mode on and requires_grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in tree.leaves(trees))
+
+
 def apply_if_finite(
     inner: GradientTransformation, max_consecutive_errors: int
 ) -> GradientTransformation:
@@ -354,7 +390,10 @@ def apply_if_finite(
 
     Without host syncs there is no branch: ``inner`` is evaluated at every step and
     ``torch.where`` keeps its results or the old ones (optax's ``lax.cond`` does the same under
-    ``vmap``). PyTorch's ``GradScaler`` skips steps in a similar way.
+    ``vmap``). PyTorch's ``GradScaler`` skips steps in a similar way. When the update is
+    differentiated (``torch.func.grad``, autograd tracking an input or a hyperparameter), a
+    skipped step feeds ``inner`` a finite stand-in instead of the non-finite updates, so that
+    derivatives stay finite, as through optax's ``lax.cond``; the values are the same.
 
     Args:
         inner: the transform to guard.
@@ -400,9 +439,18 @@ def apply_if_finite(
             _utils.safe_increment(state.notfinite_count),
         )
         apply = isfinite | (notfinite_count > max_consecutive_errors)
-        new_updates, new_inner = _call_update(
-            inner, passes_extra, updates, state.inner_state, params, extra
-        )
+
+        def run(inner_updates: Any) -> tuple[Any, Any]:
+            return _call_update(
+                inner, passes_extra, inner_updates, state.inner_state, params, extra
+            )
+
+        tracked = _tracked(updates, state.inner_state, params, extra)
+        new_updates, new_inner = run(_stand_in(apply, updates) if tracked else updates)
+        if not tracked and _any_requires_grad((new_updates, new_inner)):
+            # Autograd tracks a tensor in the inner transform's closure (a hyperparameter),
+            # out of may_write's sight: take the tracked path (a rare second call).
+            new_updates, new_inner = run(_stand_in(apply, updates))
         out = tree.map(lambda u: torch.where(apply, u, torch.zeros_like(u)), new_updates)
         return out, ApplyIfFiniteState(
             notfinite_count=notfinite_count,
