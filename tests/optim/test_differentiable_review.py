@@ -273,3 +273,58 @@ def test_a_loss_with_its_graph_does_not_leak_into_untracked_updates(name):
         params = ft.apply_updates(params, updates)
     tensors = [x for x in ft.tree.leaves((updates, state, params)) if isinstance(x, torch.Tensor)]
     assert not any(x.requires_grad for x in tensors)
+
+
+# A large eps keeps the update smooth near a zero gradient (with 1e-8 it is ≈ −lr·sign(g) a
+# hair away from 0), so that finite differences resolve its derivative there.
+ZERO_GRAD_CASES = {
+    "adam": lambda: ft.adam(0.1, eps=0.5),
+    "nadam": lambda: ft.nadam(0.1, eps=0.5),
+    "amsgrad": lambda: ft.amsgrad(0.1, eps=0.5),
+    "rmsprop": lambda: ft.rmsprop(0.1, eps=0.5),
+    "adagrad": lambda: ft.adagrad(0.1, eps=0.5),
+    "adabelief": lambda: ft.adabelief(0.1, eps=0.5),
+    "yogi": lambda: ft.yogi(0.1, eps=0.5),
+    "lamb": lambda: ft.lamb(0.1, eps=0.5),
+    "adafactor": lambda: ft.adafactor(0.1, eps=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_GRAD_CASES))
+def test_zero_gradients_keep_derivatives_finite(name):
+    """Exactly zero moments: ``z`` sits at the minimum of ``z²`` (a gradient ``2z`` that is 0
+    but still a function of ``z``), ``unused`` is not in the loss. √0's infinite slope (or a
+    trust ratio over a zero norm) times a zero made every derivative through the update NaN
+    (optax's too), e.g. in MAML-style loops over models with unused leaves."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(8, generator=gen, dtype=torch.float64)
+
+    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return ((x @ p["w"] - y) ** 2).mean() + (p["z"] ** 2).sum() + 0 * p["unused"].sum()
+
+    def after(w: torch.Tensor, z: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+        tx = ZERO_GRAD_CASES[name]()
+        p = {"w": w, "z": z, "unused": unused}
+        state = tx.init(p)
+        for _ in range(3):
+            updates, state = tx.update(torch.func.grad(loss)(p), state, p)
+            p = ft.apply_updates(p, updates)
+        return (p["w"] ** 2).sum() + p["z"].sum() + p["unused"].sum()
+
+    w = torch.randn(3, generator=gen, dtype=torch.float64)
+    z = torch.zeros(2, dtype=torch.float64)
+    unused = torch.randn(2, generator=gen, dtype=torch.float64)
+    d_w, d_z, d_unused = torch.func.grad(after, argnums=(0, 1, 2))(w, z, unused)
+    # The unused leaf never moves (zero gradients, no decay): its derivative is exactly 1.
+    torch.testing.assert_close(d_unused, torch.ones(2, dtype=torch.float64))
+
+    def fd(f: Callable[[torch.Tensor], torch.Tensor], at: torch.Tensor) -> torch.Tensor:
+        steps = torch.eye(at.numel(), dtype=torch.float64) * 1e-6
+        return torch.stack([(f(at + e) - f(at - e)) / 2e-6 for e in steps])
+
+    torch.testing.assert_close(d_w, fd(lambda v: after(v, z, unused), w), rtol=1e-6, atol=1e-8)
+    if name == "lamb":
+        return  # its trust ratio is 1 at exactly p = 0 and ‖p‖/‖u‖ beside it: a jump there
+    # √(z²) = |z| at the minimum: central differences there carry an O(h) error.
+    torch.testing.assert_close(d_z, fd(lambda v: after(w, v, unused), z), rtol=1e-3, atol=1e-6)

@@ -48,7 +48,7 @@ def _denominator(nu_hat: list[torch.Tensor], eps: Hyper, eps_root: Hyper) -> lis
     """``sqrt(nu_hat + eps_root) + eps``."""
     if not _ops.is_zero(eps_root):
         nu_hat = _ops.add(nu_hat, eps_root)
-    return _ops.add_fresh(list(_foreach.sqrt(nu_hat)), eps)
+    return _ops.add_fresh(_ops.sqrt(nu_hat), eps)
 
 
 def _operands(g: list[torch.Tensor], *states: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -91,7 +91,7 @@ def _direction(
     # Written in place unless differentiated (autograd refuses writes into ``sqrt``'s result).
     w = _foreach.may_write(g, mu, nu, b1, correction, eps, eps_root)
     if _ops.is_zero(eps_root):
-        denom = list(_foreach.sqrt(nu))
+        denom = _ops.sqrt(nu)
     else:
         shift = _ops.on_device(correction * _ops.on_device(eps_root, correction), nu[0])
         denom = _foreach.maybe_in_place(w, _foreach.sqrt_, _foreach.sqrt, _ops.add(nu, shift))

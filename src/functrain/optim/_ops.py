@@ -147,6 +147,20 @@ def add_(xs: list[torch.Tensor], s: Scalar) -> None:
         _foreach.copy_(xs, add(xs, s))
 
 
+def sqrt(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[√x]`` as new tensors; when they may be differentiated (:func:`functrain._foreach.
+    may_write` false), with derivative 0 instead of ∞ where ``x`` is exactly 0.
+
+    A second moment that is exactly 0 (a leaf whose gradients were all 0) has a zero numerator
+    beside it, so the update's true derivative there is 0; ``√``'s infinite slope times that
+    zero made every derivative through the update NaN (as in optax). Values are unchanged
+    (negative inputs still give NaN).
+    """
+    if _foreach.may_write(xs):
+        return list(_foreach.sqrt(xs))
+    return [torch.where(x == 0, 0, torch.sqrt(torch.where(x == 0, 1, x))) for x in xs]
+
+
 def add_fresh(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:
     """``[x + s]`` written into ``xs``, the caller's own temporaries, unless they may be
     differentiated (:func:`functrain._foreach.may_write`): then a new list, as autograd refuses

@@ -90,7 +90,7 @@ def scale_by_acprop(
         t = torch.where(initial, count, state.count)
         v_hat = _ops.div(_ops.cast_like(nu_s, x), _bias(b2, t, _ops.scalar_dtype(x)))
         v_hat = [torch.where(initial, torch.ones_like(v), v) for v in v_hat]
-        denom = list(_foreach.sqrt(v_hat))
+        denom = _ops.sqrt(v_hat)
         denom = _ops.add_fresh(denom, eps)
         out = list(_foreach.div(x, denom))
         new = ScaleByBeliefState(

@@ -115,7 +115,7 @@ def scale_by_adopt(
         if any(v.is_complex() for v in nu_x):  # nu's imaginary parts are zero
             denom = [torch.sqrt(v.real if v.is_complex() else v) for v in nu_x]
         else:
-            denom = list(_foreach.sqrt(nu_x))
+            denom = _ops.sqrt(nu_x)
         denom = _floor(denom, eps)
         normed = list(_foreach.div(x, denom))
         if use_clipping:

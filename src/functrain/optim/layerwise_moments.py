@@ -113,7 +113,7 @@ def scale_by_novograd(
             # A complex leaf's nu is complex with a zero imaginary part (optax's dtype).
             for n, v in zip(sq, _ops.cast_like([v.real for v in nu_old], sq))
         ]
-        denom = list(_foreach.sqrt(_ops.add(nu, eps_root) if not _ops.is_zero(eps_root) else nu))
+        denom = _ops.sqrt(_ops.add(nu, eps_root) if not _ops.is_zero(eps_root) else nu)
         denom = _ops.add_fresh(denom, eps)
         a = [y / d.to(y.dtype) for y, d in zip(x, denom)]
         if decays:

@@ -189,7 +189,7 @@ def prodigy(
             beta3 * state.numerator_weighted + (d / _on(estim_lr0, d)) * dlr * numerator_acum
         )
         new_d = torch.maximum(d, estim_lr_coef * numerator / _abs_sum(new_sk, sd))
-        denom = _ops.add_fresh(list(_foreach.sqrt(new_eas)), new_d * _on(eps, new_d))
+        denom = _ops.add_fresh(_ops.sqrt(new_eas), new_d * _on(eps, new_d))
         out = _ops.mul(list(_foreach.div(new_ea, denom)), -dlr)
         if not _ops.is_zero(weight_decay):
             out = _ops.add_scaled(out, -_on(weight_decay, dlr) * dlr, x)
@@ -294,7 +294,7 @@ def dadapt_adamw(
         sb2 = b2**0.5
         lr = _utils.resolve(learning_rate, state.count)
         dlr = (state.estim_lr * lr * _bias(b1, b2, count, g)).to(sd)
-        old_denom = _ops.add_fresh(list(_foreach.sqrt(_ops.cast_like(eas, g))), eps)
+        old_denom = _ops.add_fresh(_ops.sqrt(_ops.cast_like(eas, g)), eps)
         numerator_acum = _dot(g, _foreach.div(_ops.cast_like(sk, g), old_denom), sd)
         dlr_g = _ops.mul(g, dlr)
         new_ea = _ops.moment(dlr_g, ea, b1)
@@ -302,7 +302,7 @@ def dadapt_adamw(
         new_sk = _ops.moment(dlr_g, sk, sb2)
         numerator = sb2 * state.numerator_weighted + (1 - sb2) * dlr * numerator_acum
         new_d = torch.maximum(state.estim_lr, numerator / ((1 - sb2) * _abs_sum(new_sk, sd)))
-        denom = _ops.add_fresh(list(_foreach.sqrt(new_eas)), eps)
+        denom = _ops.add_fresh(_ops.sqrt(new_eas), eps)
         out = _ops.mul(list(_foreach.div(new_ea, denom)), -1.0)
         if not _ops.is_zero(weight_decay):
             x = _ops.cast_like(s["params"], g)

@@ -88,7 +88,7 @@ def _scaled(
     if eps_in_sqrt:
         denom = list(_foreach.sqrt(_ops.add(var, eps)))
     else:
-        denom = _ops.add_fresh(list(_foreach.sqrt(var)), eps)
+        denom = _ops.add_fresh(_ops.sqrt(var), eps)
     return list(_foreach.div(g, denom))
 
 

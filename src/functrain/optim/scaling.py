@@ -228,8 +228,12 @@ def scale_by_trust_ratio(
                 # The norms are real for complex leaves too (clamp has no complex kernel).
                 pn = torch.clamp_min(pn.to(_ops.real_dtype(u.dtype)), _ops.on_device(min_norm, u))
                 un = torch.clamp_min(un, _ops.on_device(min_norm, u))
-                ratio = _ops.on_device(trust_coefficient, u) * pn / (un + _ops.on_device(eps, u))
-                safe = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
+                # A double where: a zero update norm's inf ratio, though discarded, made every
+                # derivative through the update NaN (0·inf; a leaf with zero gradients in LAMB).
+                bad = (pn == 0) | (un == 0)
+                den = torch.where(bad, torch.ones_like(un), un + _ops.on_device(eps, u))
+                ratio = _ops.on_device(trust_coefficient, u) * pn / den
+                safe = torch.where(bad, torch.ones_like(ratio), ratio)
                 out[i] = (u * safe.to(u.dtype)).to(g[i].dtype)
         return tree.unflatten(spec, out), state
 
