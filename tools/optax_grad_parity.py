@@ -276,6 +276,15 @@ NO_DERIVATIVE = {
 }
 
 
+# Cases where the update kinks at the point compared, so central differences do not settle a
+# disagreement: they are reported without that arbitration, with the reason.
+FD_UNSTABLE = {
+    ("scale_by_galore", "callable dims, adam b1=0.5"): "Adam on a leaf whose gradient is "
+    "exactly 0 (zeros data): √v = |cε| kinks there; central differences range from -11.6 to "
+    "-13.4 over h = 1e-7 to 1e-3",
+}
+
+
 def compare(case: op.Case) -> dict[str, Any]:
     """One case's row: errors, status and a note."""
     problem = Problem(case.kind or "normal")
@@ -324,7 +333,10 @@ def compare(case: op.Case) -> dict[str, Any]:
         row["status"] = "DIFF (documented)" if case.doc else "WRONG"
         if dL[0] > max(tol, 1e-12) or dL[1] or dL[2]:
             row["note"] += f"L itself differs by {dL[0]:.1e} (a value mismatch); "
-    if row["status"] != "PASS":  # the finite difference tells which side is right
+    unstable = FD_UNSTABLE.get((case.name, case.settings))
+    if unstable is not None and row["status"] == "NaN in optax only":
+        row["note"] += f"no finite-difference check: {unstable}; "
+    elif row["status"] != "PASS":  # the finite difference tells which side is right
         checks = (("p", dp > tol or dp_ft_bad or dp_ox_bad), ("lr", dlr > tol or lr_ft_bad or lr_ox_bad))  # fmt: skip
         for g, (wrt, bad) in enumerate(checks, 1):
             if bad:
