@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from functrain import _foreach, tree
-from functrain.optim import _utils
+from functrain.optim import _ops, _utils
 from functrain.optim._adam_ops import Hyper
 
 
@@ -103,10 +103,7 @@ def _root(sq: torch.Tensor) -> torch.Tensor:
     """``√sq`` of a squared norm, with derivative 0 rather than NaN at ``sq = 0`` when it may
     be differentiated (``√``'s infinite slope times ``d(sq) = 0``): DoG's first distance from
     the initial point is exactly 0, as ``linalg.vector_norm``'s subgradient at 0."""
-    if _foreach.may_write(sq):
-        return torch.sqrt(sq)
-    positive = sq > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, sq, 1)), 0)
+    return torch.sqrt(sq) if _foreach.may_write(sq) else _ops.safe_sqrt(sq)
 
 
 def _total(values: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

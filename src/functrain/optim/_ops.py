@@ -158,7 +158,13 @@ def sqrt(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     """
     if _foreach.may_write(xs):
         return list(_foreach.sqrt(xs))
-    return [torch.where(x == 0, 0, torch.sqrt(torch.where(x == 0, 1, x))) for x in xs]
+    return [safe_sqrt(x) for x in xs]
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``√x`` with derivative 0 instead of ∞ where ``x`` is exactly 0 (a double ``where``):
+    the same values, negative inputs included (NaN)."""
+    return torch.where(x == 0, 0, torch.sqrt(torch.where(x == 0, 1, x)))
 
 
 def add_fresh(xs: list[torch.Tensor], s: Scalar) -> list[torch.Tensor]:

@@ -215,9 +215,9 @@ def clip_by_block_rms(threshold: float | torch.Tensor) -> GradientTransformation
     def clip_leaf(u: torch.Tensor) -> torch.Tensor:
         # |u|² (optax's abs_sq: a complex u squared would be complex), in at least float32.
         sq = _ops.abs_sq(_wide(u)).mean()
-        # √ of a safe operand at 0 (same value): a zero update's √0 had an infinite slope,
-        # and the clamp's zero cotangent times it made derivatives through the update NaN.
-        rms = torch.where(sq > 0, torch.where(sq > 0, sq, 1).sqrt(), 0)
+        # A zero update's √0 had an infinite slope, and the clamp's zero cotangent times it
+        # made derivatives through the update NaN.
+        rms = _ops.safe_sqrt(sq)
         denom = torch.clamp_min(rms / _ops.on_device(threshold, rms), 1.0)
         return (u / denom).to(u.dtype)  # a 0-d leaf would take the float32 denominator's dtype
 
