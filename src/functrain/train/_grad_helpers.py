@@ -156,6 +156,9 @@ def _permute(vec: torch.Tensor, perm: list[int]) -> torch.Tensor:
     return torch.stack([vec[j] for j in perm])
 
 
+_DOT_DTYPES = (torch.float32, torch.float64)
+
+
 class _SqNormRecord:
     """The per-micro-batch ``‖ĝᵢ‖²`` of a :attr:`GradStatsHook.per_micro_batch_sq_norm` hook in
     the backward loop: a hook on each step-local leaf takes the squared norm of the gradient
@@ -185,6 +188,17 @@ class _SqNormRecord:
 
     def _square(self, grad: torch.Tensor) -> None:
         if not self.recording:
+            return
+        if (
+            grad.dtype in _DOT_DTYPES
+            and type(grad) is torch.Tensor
+            and grad.layout == torch.strided
+            and grad.is_contiguous()
+        ):
+            # One BLAS dot: about half the time of vector_norm + square for a hot gradient, a
+            # visible share of the hook's cost since it runs for every leaf and micro-batch.
+            flat = grad.view(-1)
+            self.parts.append(torch.dot(flat, flat))
             return
         wide = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
         self.parts.append(sq_norm(grad, wide))
