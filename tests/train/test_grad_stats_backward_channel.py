@@ -128,10 +128,10 @@ def test_loss_scaling_is_taken_out_of_the_squared_norms():
 def test_the_hook_fields_are_optional_and_checked_as_before():
     hook = ft.noise_scale_hook()
     assert hook.per_micro_batch_sq_norm is not None and hook.accumulate is None
-    cosine = ft.noise_scale_hook(cosine=True)  # needs whole gradients: no channel
-    assert cosine.per_micro_batch_sq_norm is None
+    cosine = ft.noise_scale_hook(cosine=True)  # its unit-gradient sum is formed in backward
+    assert cosine.per_micro_batch_sq_norm is not None and cosine.accumulates_unit_gradients
     plain = ft.GradStatsHook(init=lambda p: None, per_micro_batch=lambda g, b: {}, update=None)
-    assert plain.per_micro_batch_sq_norm is None
+    assert plain.per_micro_batch_sq_norm is None and not plain.accumulates_unit_gradients
 
 
 def test_gradients_taken_inside_loss_fn_do_not_count_as_the_micro_batch_gradient():

@@ -110,6 +110,15 @@ def _add_in_place(acc: CosineAccumulator, grad: PyTree) -> CosineAccumulator:
     its caller made and alone holds (the train step's, made afresh every step): no
     parameter-sized temporaries (``addcdiv_`` divides as it adds, bit for bit the same sum)."""
     a_leaves, spec, g_leaves, divisor, unit_sq = _unit_terms(acc, grad, None)
+    a_leaves = _add_units_in_place(a_leaves, g_leaves, divisor)
+    return CosineAccumulator(tree.unflatten(spec, a_leaves), unit_sq, acc.count + 1)
+
+
+def _add_units_in_place(
+    a_leaves: list[torch.Tensor], g_leaves: list[torch.Tensor], divisor: torch.Tensor
+) -> list[torch.Tensor]:
+    """``a + g / divisor`` for each pair, written into ``a`` where its dtype allows."""
+    g_leaves = [g.to(a.dtype) for a, g in zip(a_leaves, g_leaves)]
     # A 0-d leaf promotes with the 0-d divisor in the pure form (a float32 leaf beside a float64
     # ‖g‖² of mixed-precision params becomes float64); memory cannot change dtype in place, so
     # such leaves take the pure form's ops. Leaves with dimensions keep their dtype either way.
@@ -126,7 +135,7 @@ def _add_in_place(acc: CosineAccumulator, grad: PyTree) -> CosineAccumulator:
             torch.add(a, torch.div(g, divisor)) if w else a
             for a, g, w in zip(a_leaves, g_leaves, wide)
         ]
-    return CosineAccumulator(tree.unflatten(spec, a_leaves), unit_sq, acc.count + 1)
+    return a_leaves
 
 
 def _unit_terms(
@@ -138,15 +147,29 @@ def _unit_terms(
     g_leaves = [g.to(a.dtype) for a, g in zip(a_leaves, other["grad"])]
     if sq_norm is None:
         sq_norm = _sq_norm_vmappable(grad)
-    sq_norm = sq_norm.to(torch.promote_types(sq_norm.dtype, acc.unit_sq_sum.dtype))
+    divisor, unit_sq = _unit_divisor(sq_norm, acc.unit_sq_sum)
+    return a_leaves, spec, g_leaves, divisor, unit_sq
+
+
+def _unit_divisor(
+    sq_norm: torch.Tensor, unit_sq_sum: torch.Tensor, counts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(‖g‖ or its stand-in, unit_sq_sum plus one for a non-zero g)`` from ``‖g‖²``.
+
+    ``counts`` False (a 0-d bool) makes ``g`` count as zero whatever its norm: the train step's
+    backward loop takes the norm of a positive multiple of the micro-batch's mean gradient,
+    and that multiple is 0 for a ``LossSum`` micro-batch that counts no unit."""
+    sq_norm = sq_norm.to(torch.promote_types(sq_norm.dtype, unit_sq_sum.dtype))
     # Divide by ‖g‖ (rsqrt of a clamped ‖g‖² made the unit vectors of gradients below 1e-19,
     # whose float32 squares are subnormal, far too short). An overflowed ‖g‖² (‖g‖ > 1.8e19 in
     # float32) leaves no direction: NaN, where rsqrt(inf) = 0 counted a zero vector as a unit
     # one. A zero gradient divides by inf and adds nothing. Both norms cost one pass: a scaled,
     # overflow-free norm took two more passes and a leaf-sized temporary per leaf (30x slower).
     norm = torch.where(torch.isinf(sq_norm), torch.nan, sq_norm.sqrt())
-    unit_sq = acc.unit_sq_sum + (norm > 0).to(acc.unit_sq_sum.dtype)
-    return a_leaves, spec, g_leaves, torch.where(norm == 0, torch.inf, norm), unit_sq
+    if counts is not None:
+        norm = torch.where(counts, norm, 0.0)
+    unit_sq = unit_sq_sum + (norm > 0).to(unit_sq_sum.dtype)
+    return torch.where(norm == 0, torch.inf, norm), unit_sq
 
 
 def mean_pairwise_cosine(acc: CosineAccumulator) -> torch.Tensor:

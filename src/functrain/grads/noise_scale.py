@@ -258,8 +258,11 @@ def noise_scale_hook(
     cosine between the micro-batch gradients (near 1: they agree, the gradient is mostly
     signal; near 0: mostly noise), from a running sum of unit gradients (see
     :mod:`functrain.grads.cosine`): one parameter-sized float32-or-wider buffer for the step and
-    one pass over it per micro-batch. Micro-batches with a zero gradient (a ``LossSum`` one
-    that counts no token) are left out of the pairs; with fewer than two left it is NaN.
+    one pass over it per micro-batch. In the eager autograd loop backward still sums the
+    micro-batch gradients in place; each micro-batch's gradients are held until it ends (see
+    :attr:`~functrain.GradStatsHook.accumulates_unit_gradients`). Micro-batches with a zero
+    gradient (a ``LossSum`` one that counts no token) are left out of the pairs; with fewer
+    than two left it is NaN.
 
     Args:
         decay: moving-average decay for ``B_simple``, in ``[0, 1)``.
@@ -337,6 +340,8 @@ def noise_scale_hook(
         accumulator_init=cos.cosine_accumulator_init,
         # The step makes the accumulator afresh for every step and alone holds it.
         accumulate=lambda acc, grad, size: cos._add_in_place(acc, grad),
+        per_micro_batch_sq_norm=lambda sq_norm, size: {"sq_norm": sq_norm},
+        accumulates_unit_gradients=True,
     )
 
 

@@ -10,6 +10,7 @@ of per-micro-batch squared norms for a ``per_micro_batch_sq_norm`` hook.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -163,9 +164,18 @@ class _SqNormRecord:
     """The per-micro-batch ``‖ĝᵢ‖²`` of a :attr:`GradStatsHook.per_micro_batch_sq_norm` hook in
     the backward loop: a hook on each step-local leaf takes the squared norm of the gradient
     backward hands it before it is added into ``.grad`` (once per leaf and backward, all uses
-    of a tied leaf summed), so no micro-batch gradient is kept."""
+    of a tied leaf summed), so no micro-batch gradient is kept.
 
-    def __init__(self, leaves: list[torch.Tensor]) -> None:
+    With ``units`` (a fresh :class:`~functrain.CosineAccumulator` of the leaves, for a hook
+    with :attr:`GradStatsHook.accumulates_unit_gradients`) it also adds each micro-batch's unit
+    gradient into ``units.unit_sum``. ``ĝᵢ/‖ĝᵢ‖`` is the unit vector of the gradient backward
+    produces (a positive multiple of ``ĝᵢ``), so neither weights nor the loss scale come off:
+    after the first backward that gradient is ``.grad`` itself; later ones are held from their
+    hooks until the micro-batch ends (at most one micro-batch's gradients, as
+    ``torch.autograd.grad`` would return them), while backward still sums them in place.
+    """
+
+    def __init__(self, leaves: list[torch.Tensor], units: Any = None) -> None:
         self.parts: list[torch.Tensor] = []  # this micro-batch's per-leaf squared norms
         self.losses: list[torch.Tensor] = []
         self.sizes: list[torch.Tensor] = []
@@ -174,7 +184,13 @@ class _SqNormRecord:
         # takes itself (a gradient penalty's torch.autograd.grad) reaches the same hooks and
         # must not count.
         self.recording = False
-        self.handles = [leaf.register_hook(self._square) for leaf in leaves]
+        self.leaves = leaves
+        self.units = units
+        self.unit_leaves = None if units is None else tree.leaves(units.unit_sum)
+        self.held: list[tuple[int, torch.Tensor]] = []  # (leaf index, gradient) to add
+        self.handles = [
+            leaf.register_hook(functools.partial(self._square, i)) for i, leaf in enumerate(leaves)
+        ]
 
     def backward(
         self, objective: torch.Tensor, inputs: tuple[torch.Tensor, ...], plain: bool
@@ -186,9 +202,11 @@ class _SqNormRecord:
         finally:
             self.recording = False
 
-    def _square(self, grad: torch.Tensor) -> None:
+    def _square(self, index: int, grad: torch.Tensor) -> None:
         if not self.recording:
             return
+        if self.units is not None and self.units.count > 0:
+            self.held.append((index, grad))
         if (
             grad.dtype in _DOT_DTYPES
             and type(grad) is torch.Tensor
@@ -213,6 +231,7 @@ class _SqNormRecord:
             sq = torch.stack(parts).sum() if len(parts) > 1 else parts[0]
         else:  # no parameter got a gradient
             sq = torch.zeros((), dtype=_size_dtype(value), device=value.device)
+        raw = sq
         if meta.is_sum:  # ∇Tᵢ, to be divided by the count
             b = payload["count"]
             factor = _inverse_count(b)
@@ -227,6 +246,37 @@ class _SqNormRecord:
             sq = sq * inverse.to(sq.dtype).square()
         assert stage.sq_norm_hook is not None
         self.values.append(stage.sq_norm_hook(sq, b))
+        if self.units is not None:
+            self._add_unit(raw, None if not meta.is_sum else factor != 0)
+
+    def _add_unit(self, sq_norm: torch.Tensor, counts: torch.Tensor | None) -> None:
+        """Adds this micro-batch's unit gradient (``sq_norm``: the squared norm of the
+        gradient backward produced) into ``units``; drops the held gradients."""
+        from functrain.grads import cosine  # functrain.grads imports functrain.train
+
+        units = self.units
+        divisor, unit_sq = cosine._unit_divisor(sq_norm, units.unit_sq_sum, counts)
+        if units.count == 0:  # the first backward's gradients are the .grad tensors
+            held = [(i, leaf.grad) for i, leaf in enumerate(self.leaves) if leaf.grad is not None]
+        else:
+            held, self.held = self.held, []
+        assert self.unit_leaves is not None
+        if held:
+            added = cosine._add_units_in_place(
+                [self.unit_leaves[i] for i, _ in held], [g for _, g in held], divisor
+            )
+            for (i, _), a in zip(held, added):
+                self.unit_leaves[i] = a
+        self.units = units._replace(unit_sq_sum=unit_sq, count=units.count + 1)
+
+    @property
+    def accumulated(self) -> Any:
+        """The :class:`~functrain.CosineAccumulator` formed so far (``None`` without units)."""
+        if self.units is None:
+            return None
+        assert self.unit_leaves is not None
+        spec = tree.structure(self.units.unit_sum)
+        return self.units._replace(unit_sum=tree.unflatten(spec, self.unit_leaves))
 
     def remove(self) -> None:
         for handle in self.handles:

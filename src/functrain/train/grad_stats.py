@@ -73,6 +73,15 @@ class GradStatsHook(NamedTuple):
             without a hook: no micro-batch gradient is kept (the memory of a step without the
             hook) and the update is the same, bit for bit. Other steps call
             ``per_micro_batch``.
+        accumulates_unit_gradients: ``True`` for a hook whose accumulator is a
+            :class:`~functrain.CosineAccumulator` (``accumulator_init`` is
+            :func:`~functrain.cosine_accumulator_init` and ``accumulate`` adds ``ĝᵢ/‖ĝᵢ‖`` as
+            :func:`~functrain.cosine_accumulator_add` does) and that has
+            ``per_micro_batch_sq_norm``. The eager autograd loop then forms the accumulator
+            itself (the same sums to rounding) while backward still sums the micro-batch
+            gradients in place: one micro-batch's gradients are held until it ends, as
+            ``torch.autograd.grad`` per micro-batch would hold them, without its
+            parameter-sized sum and copies. Other steps call ``accumulate``.
 
     Example:
         >>> import torch, functrain as ft
@@ -98,3 +107,4 @@ class GradStatsHook(NamedTuple):
     per_micro_batch_sq_norm: (
         Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None
     ) = None
+    accumulates_unit_gradients: bool = False

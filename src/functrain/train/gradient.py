@@ -84,6 +84,7 @@ class GradStage:
         | None = None,
         per_micro_batch_sq_norm: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
         | None = None,
+        accumulates_unit_gradients: bool = False,
     ) -> None:
         self.accepted = loss_lib.accepted_inputs(loss_fn)
         self.metas: list[_Meta] = []
@@ -94,10 +95,12 @@ class GradStage:
         self.per_micro_batch = per_micro_batch
         # The hook's step-local accumulator: (init(params), add(acc, mean_grad, size)).
         self.accumulator = accumulator if per_micro_batch is not None else None
-        # A hook that needs only ‖ĝᵢ‖² runs in the backward loop (see GradStatsHook).
+        # A hook that needs only ‖ĝᵢ‖² (and perhaps a running sum of unit gradients) runs in
+        # the backward loop (see GradStatsHook).
+        self.units_in_backward = self.accumulator is not None and accumulates_unit_gradients
         self.sq_norm_hook = (
             per_micro_batch_sq_norm
-            if per_micro_batch is not None and self.accumulator is None
+            if per_micro_batch is not None and (self.accumulator is None or self.units_in_backward)
             else None
         )
         # The current loss scale when ``loss_fn`` is scaled: the hook sees unscaled values.
@@ -168,7 +171,10 @@ class GradStage:
         combiner = Combiner(split.total)
         mbs = microbatch.micro_batches(batch, split)
         streams = self._streams(key, devices)
-        record = None if self.sq_norm_hook is None else _SqNormRecord(leaves)
+        record = None
+        if self.sq_norm_hook is not None:
+            units = self.accumulator[0](params) if self.units_in_backward else None  # type: ignore[index]
+            record = _SqNormRecord(leaves, units)
         try:
             with torch.enable_grad():
                 for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
@@ -204,7 +210,9 @@ class GradStage:
         device = combiner.loss.device  # type: ignore[union-attr]
         stats = None
         if record is not None:
-            stats = self._stats(split, combiner, record.losses, record.sizes, record.values, None)
+            stats = self._stats(
+                split, combiner, record.losses, record.sizes, record.values, record.accumulated
+            )
         return GradResult(
             tree.unflatten(spec, grads), combiner.metrics(device), buffers, stats, owned=True
         )

@@ -91,8 +91,10 @@ def make_train_step(
             ``"autograd"`` (reverse mode on step-local leaves that alias the parameters:
             backward accumulates the weighted micro-batch gradients in place, with the memory
             and speed of a classic loop, also with a ``grad_stats`` hook that needs only
-            ``‖ĝᵢ‖²`` (:attr:`~functrain.GradStatsHook.per_micro_batch_sq_norm`); with other
-            hooks, ``torch.autograd.grad`` per micro-batch) or ``"auto"`` (the default: ``"autograd"``
+            ``‖ĝᵢ‖²`` (:attr:`~functrain.GradStatsHook.per_micro_batch_sq_norm`), perhaps with
+            a running sum of unit gradients (``noise_scale_hook(cosine=True)``, see
+            :attr:`~functrain.GradStatsHook.accumulates_unit_gradients`); with other hooks,
+            ``torch.autograd.grad`` per micro-batch) or ``"auto"`` (the default: ``"autograd"``
             for an eager ``"loop"`` step, ``"func"`` for ``"vmap"`` and compiled steps). Same
             numbers to rounding; either way the gradient is an explicit pytree inside the step
             and nothing is left in any ``.grad``. ``"vmap"`` always uses ``torch.func``.

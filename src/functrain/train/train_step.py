@@ -133,6 +133,8 @@ class TrainStep:
                 per_micro_batch_sq_norm=None
                 if grad_stats is None
                 else grad_stats.per_micro_batch_sq_norm,
+                accumulates_unit_gradients=grad_stats is not None
+                and grad_stats.accumulates_unit_gradients,
             )
 
         self.grad_stage: gradient.GradStage | dp_stage.ClippedSumStage = grad_stage(grad_backend)
