@@ -64,6 +64,7 @@ from functrain.losses import (
 )
 from functrain.microbatching import microbatch
 from functrain.optim import *  # noqa: F403
+from functrain.optim.torch_state import opt_state_from_torch, opt_state_to_torch
 
 # optax's typing aliases (``params: optax.Params``), for annotations in ported code; not in
 # ``__all__``, which lists functrain's own objects.
@@ -121,6 +122,8 @@ _TOP_LEVEL_TREE = [
 __all__ = [
     "tree",
     *optim.__all__,
+    "opt_state_from_torch",
+    "opt_state_to_torch",
     *train.__all__,
     *grads.__all__,
     *_TOP_LEVEL_LOSSES,
