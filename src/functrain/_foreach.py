@@ -69,6 +69,59 @@ def may_write(*values: Any) -> bool:
     return True
 
 
+def differentiated(grads: Any, params: Any = ()) -> bool:
+    r"""Whether an update of ``grads`` (a list of tensors) at ``params`` is differentiated.
+
+    True under a differentiating ``torch.func`` transform, or when autograd records (grad mode
+    on) and a gradient requires grad (``create_graph=True``: MAML, gradcheck) or a parameter
+    that is not an ``nn.Parameter`` does (a plain tensor made to require grad, the result of a
+    previous differentiable step). ``nn.Parameter``\ s do not count: the torch-style loop
+    ``tx.update(grads, state, dict(net.named_parameters()))`` outside ``no_grad`` is not
+    differentiated, as ``torch.optim`` treats a module's weights as constants. Tracked tensor
+    hyperparameters need no signal here: their graphs are kept regardless.
+
+    Example:
+        >>> import torch
+        >>> from functrain import _foreach
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> _foreach.differentiated([torch.ones(2)], [p])
+        False
+        >>> _foreach.differentiated([torch.ones(2, requires_grad=True)], [p])
+        True
+    """
+    if _transforms_active() and not torch.compiler.is_compiling():
+        return _func_transforms.differentiating()
+    if not _grad_enabled():
+        return False
+    return any(isinstance(g, torch.Tensor) and g.requires_grad for g in grads) or any(
+        isinstance(p, torch.Tensor) and p.requires_grad and not isinstance(p, torch.nn.Parameter)
+        for p in params
+    )
+
+
+def constants(grads: Any, xs: list[Any]) -> list[Any]:
+    r"""``xs`` (parameters or a copy of the initial ones) detached when autograd would record
+    them but the update of ``grads`` is not :func:`differentiated`, else ``xs`` itself.
+
+    Without it, a torch-style loop whose params are ``nn.Parameter``\ s built a graph through
+    every update that uses them (weight decay, distances from the initial point): the state
+    then chained one step's graph into the next (memory growing with the steps) and took the
+    slow out-of-place paths. Detaching loses no derivative w.r.t. anything else.
+
+    Example:
+        >>> import torch
+        >>> from functrain import _foreach
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> _foreach.constants([torch.ones(2)], [p])[0].requires_grad
+        False
+    """
+    if not _grad_enabled() or not any(isinstance(x, torch.Tensor) and x.requires_grad for x in xs):
+        return xs
+    if differentiated(grads, xs):
+        return xs
+    return [x.detach() if isinstance(x, torch.Tensor) else x for x in xs]
+
+
 def _tracked_scalar(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether a tensor scalar argument (not a list of leaves) requires grad under autograd."""
     for a in (*args[1:], *kwargs.values()):

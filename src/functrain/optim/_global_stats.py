@@ -14,9 +14,14 @@ from functrain.optim._adam_ops import Hyper
 
 
 def _params_leaves(params: Any, name: str) -> list[torch.Tensor]:
-    """The tensor leaves of ``params``, refusing complex ones by path."""
+    r"""The tensor leaves of ``params`` for an ``init`` (``nn.Parameter``\ s detached, as
+    :func:`functrain.optim._utils.initial_copy`), refusing complex ones by path."""
     _refuse_complex(params, "params", name)
-    return [x for x in tree.leaves(params) if isinstance(x, torch.Tensor)]
+    return [
+        x.detach() if isinstance(x, torch.nn.Parameter) else x
+        for x in tree.leaves(params)
+        if isinstance(x, torch.Tensor)
+    ]
 
 
 def _refuse_complex(values: Any, root: str, name: str) -> None:
@@ -53,9 +58,9 @@ def _on(value: Hyper, like: torch.Tensor) -> Hyper:
 
 
 def _copy(params: Any) -> Any:
-    """The initial point: a copy, so that the state never aliases the live parameters (not
-    detached: a derivative w.r.t. the initial parameters goes through it, as in optax)."""
-    return tree.map(lambda x: x.clone(), params)
+    """The initial point: a copy, so that the state never aliases the live parameters
+    (:func:`functrain.optim._utils.initial_copy`: an ``nn.Parameter`` is copied detached)."""
+    return tree.map(_utils.initial_copy, params)
 
 
 def _moments_like(params: Any) -> Any:

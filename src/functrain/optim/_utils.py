@@ -123,15 +123,60 @@ def check_finite_number(name: str, value: Any, *, minimum: float | None = None) 
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
-def flat(updates: Any, state_trees: dict[str, Any]) -> tuple[list[torch.Tensor], Any, dict]:
-    """Flattens ``updates`` and checks each state tree has its structure and shapes.
+def flat(
+    updates: Any, state_trees: dict[str, Any], constants: tuple[str, ...] = ("params",)
+) -> tuple[list[torch.Tensor], Any, dict]:
+    r"""Flattens ``updates`` and checks each state tree has its structure and shapes.
 
     Returns the update leaves, the treespec, and the leaves of each named state tree. Update
     leaves must be floating-point (or complex) tensors. Mismatches raise :class:`functrain.tree.TreeMismatchError` naming the path.
+    The trees named in ``constants`` (functions of the parameters only: the params, a copy of
+    the initial ones) come back detached when the update is not differentiated
+    (:func:`functrain._foreach.constants`: ``nn.Parameter``\ s in a torch-style loop).
     """
     fast = _flat_plain(updates, state_trees)
-    if fast is not None:
-        return fast
+    if fast is None:
+        fast = _flat_checked(updates, state_trees)
+    leaves, spec, out = fast
+    for name in constants:
+        if name in out:
+            out[name] = _foreach.constants(leaves, out[name])
+    return leaves, spec, out
+
+
+def initial_copy(x: Any) -> Any:
+    """A copy of an initial parameter for a state (never aliasing the live one).
+
+    Kept in the graph (a derivative w.r.t. the initial parameters goes through it, as in
+    optax) except for an ``nn.Parameter``: that is a module's weight in a torch-style loop,
+    not an input being differentiated, and its copy made every such state hold a graph
+    (``copy.deepcopy(state)`` failed, later updates chained it). Differentiate w.r.t. a
+    module's weights with ``torch.func`` or pass ``p.clone()`` / a plain tensor.
+
+    Example:
+        >>> import torch
+        >>> from functrain.optim import _utils
+        >>> _utils.initial_copy(torch.nn.Parameter(torch.ones(1))).requires_grad
+        False
+    """
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.detach().clone() if isinstance(x, torch.nn.Parameter) else x.clone()
+
+
+def retree(original: Any, spec: Any, leaves: list[Any]) -> Any:
+    """A state field that :func:`flat` may have detached (``constants``), as a tree again:
+    ``leaves`` unflattened with ``spec`` when grad mode is on, else ``original`` as it was
+    (nothing is detached under ``no_grad``, and the tree is not rebuilt)."""
+    if not torch.is_grad_enabled():
+        return original
+    return tree.unflatten(spec, leaves)
+
+
+def _flat_checked(
+    updates: Any, state_trees: dict[str, Any]
+) -> tuple[list[torch.Tensor], Any, dict]:
+    """:func:`flat`'s general path: every check, naming the first problem's path."""
     paths, u_leaves, spec = tree.flatten_with_paths(updates)
     for p, u in zip(paths, u_leaves):
         if not isinstance(u, torch.Tensor) or not (u.is_floating_point() or u.is_complex()):
@@ -193,11 +238,14 @@ def complex_leaf(values: Any, root: str) -> tuple[str, torch.dtype] | None:
     return tree.path_str(path, root), x.dtype
 
 
-def loss_value(value: torch.Tensor, *tracked_by: Any) -> torch.Tensor:
-    """The ``value=`` loss of an update: kept in the graph when the update is differentiated
-    (a ``torch.func`` ``grad``/``jvp``, or gradients or params that autograd tracks: the step
-    size then depends on the loss, as under optax's ``jax.grad``), else detached, so that a
-    torch-style loop passing a loss that still has its graph does not chain every step's graph
-    into the updates and the state (a loss average in the state would keep them all)."""
-    leaves = [tree.leaves(t) if not isinstance(t, list) else t for t in tracked_by]
-    return value.detach() if _foreach.may_write(*leaves) else value
+def loss_value(value: torch.Tensor, grads: Any, params: Any = ()) -> torch.Tensor:
+    r"""The ``value=`` loss of an update: kept in the graph when the update is
+    :func:`functrain._foreach.differentiated` (a ``torch.func`` ``grad``/``jvp``, tracked
+    gradients, params computed by a tracked step: the step size then depends on the loss, as
+    under optax's ``jax.grad``), else detached, so that a torch-style loop passing a loss that
+    still has its graph does not chain every step's graph into the updates and the state (a
+    loss average in the state would keep them all). Params that merely require grad
+    (``nn.Parameter``\ s) do not count: they kept the whole forward graph in momo's state."""
+    g = grads if isinstance(grads, list) else tree.leaves(grads)
+    p = params if isinstance(params, list) else tree.leaves(params)
+    return value if _foreach.differentiated(g, p) else value.detach()

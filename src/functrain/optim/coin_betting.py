@@ -91,7 +91,8 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> GradientTransformatio
             raise ValueError(scaling._NO_PARAMS.format(name="scale_by_cocob"))
         _refuse_complex(updates, "updates", "scale_by_cocob")
         names = ("params", *(f"state.{f}" for f in COCOBState._fields))
-        given, spec, s = _utils.flat(updates, dict(zip(names, (params, *state))))
+        constants = ("params", "state.init_particles")  # functions of the params only
+        given, spec, s = _utils.flat(updates, dict(zip(names, (params, *state))), constants)
         if not given:
             return updates, state
         g = widen_all(given)
@@ -113,7 +114,7 @@ def scale_by_cocob(alpha: Any = 100.0, eps: Any = 1e-8) -> GradientTransformatio
         out = _foreach.sub(_foreach.add(x0, _foreach.mul(frac, _foreach.add(big, reward))), x)
         state_like = [s[f"state.{f}"] for f in COCOBState._fields[1:]]
         new = COCOBState(
-            state.init_particles,
+            _utils.retree(state.init_particles, spec, s["state.init_particles"]),
             *(
                 tree.unflatten(spec, _ops.cast_like(t, like))
                 for t, like in zip((cum, big, total, reward), state_like)

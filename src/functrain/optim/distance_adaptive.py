@@ -70,8 +70,13 @@ def _flat_real(updates: Any, params: Any, init_params: Any, name: str) -> tuple:
     if params is None:
         raise ValueError(scaling._NO_PARAMS.format(name=name))
     _refuse_complex(updates, "updates", name)
-    g, spec, s = _utils.flat(updates, {"params": params, "state.init_params": init_params})
-    return g, spec, widen_all(s["params"]), widen_all(s["state.init_params"])
+    # The initial point is a function of the params only: a constant unless differentiated.
+    constants = ("params", "state.init_params")
+    g, spec, s = _utils.flat(
+        updates, {"params": params, "state.init_params": init_params}, constants
+    )
+    x0 = _utils.retree(init_params, spec, s["state.init_params"])
+    return g, spec, widen_all(s["params"]), widen_all(s["state.init_params"]), x0
 
 
 def _scaled(g: list[torch.Tensor], lr: torch.Tensor) -> list[torch.Tensor]:
@@ -139,7 +144,7 @@ def scale_by_dog(init_step: InitStep, eps: Any = 1e-8) -> GradientTransformation
         updates: Any, state: DoGState, params: Any = None, **extra: Any
     ) -> tuple[Any, DoGState]:
         del extra
-        g, spec, x, x0 = _flat_real(updates, params, state.init_params, "scale_by_dog")
+        g, spec, x, x0, init = _flat_real(updates, params, state.init_params, "scale_by_dog")
         if not g:
             return updates, state._replace(is_init_step=torch.zeros_like(state.is_init_step))
         sd = state.max_dist.dtype
@@ -149,7 +154,7 @@ def scale_by_dog(init_step: InitStep, eps: Any = 1e-8) -> GradientTransformation
         lr = max_dist / torch.sqrt(sum_sq + _on(eps, sum_sq))
         if kind == "learning_rate":
             lr = torch.where(state.is_init_step, _on(value, lr), lr)
-        new = DoGState(torch.zeros_like(state.is_init_step), state.init_params, max_dist, sum_sq)
+        new = DoGState(torch.zeros_like(state.is_init_step), init, max_dist, sum_sq)
         return tree.unflatten(spec, _scaled(g, lr)), new
 
     return GradientTransformation(init_fn, update_fn)
@@ -235,7 +240,7 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> GradientTr
         updates: Any, state: DoWGState, params: Any = None, **extra: Any
     ) -> tuple[Any, DoWGState]:
         del extra
-        g, spec, x, x0 = _flat_real(updates, params, state.init_params, "scale_by_dowg")
+        g, spec, x, x0, init = _flat_real(updates, params, state.init_params, "scale_by_dowg")
         if not g:
             return updates, state
         sd = state.estim_sq_dist.dtype
@@ -243,7 +248,7 @@ def scale_by_dowg(init_estim_sq_dist: Any = None, eps: Any = 1e-4) -> GradientTr
         estim = estim.to(sd)
         weighted = (estim * _sq_norm(widen_all(g), sd) + state.weighted_sq_norm_grads).to(sd)
         lr = estim / (torch.sqrt(weighted) + _on(eps, weighted))
-        new = DoWGState(state.init_params, weighted, estim)
+        new = DoWGState(init, weighted, estim)
         return tree.unflatten(spec, _scaled(g, lr)), new
 
     return GradientTransformation(init_fn, update_fn)

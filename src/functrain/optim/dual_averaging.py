@@ -92,9 +92,9 @@ def scale_by_madgrad(
             count=_utils.zero_count(params),
             grad_sum_sq=tree.zeros_like(params),
             s=tree.zeros_like(params),
-            # A copy (the caller may mutate params), not detached: derivatives w.r.t. the
-            # initial parameters go through it, as in optax.
-            x0=tree.map(lambda x: x.clone(), params),
+            # A copy (the caller may mutate params); derivatives w.r.t. initial parameters
+            # go through it, as in optax, unless they are nn.Parameters (initial_copy).
+            x0=tree.map(_utils.initial_copy, params),
         )
 
     def update_fn(
@@ -106,7 +106,9 @@ def scale_by_madgrad(
         if found := _utils.complex_leaf(updates, "updates"):
             raise TypeError(f"scale_by_madgrad takes real leaves; {found[0]} is {found[1]}")
         trees = {"state.grad_sum_sq": state.grad_sum_sq, "state.s": state.s}
-        g, spec, s = _utils.flat(updates, {**trees, "state.x0": state.x0, "params": params})
+        g, spec, s = _utils.flat(
+            updates, {**trees, "state.x0": state.x0, "params": params}, ("params", "state.x0")
+        )
         count = _utils.safe_increment(state.count)
         if not g:
             return updates, MadgradState(count, state.grad_sum_sq, state.s, state.x0)
@@ -128,7 +130,7 @@ def scale_by_madgrad(
             count,
             tree.unflatten(spec, _ops.cast_like(gsq, gs_s)),
             tree.unflatten(spec, _ops.cast_like(acc, s_s)),
-            state.x0,
+            _utils.retree(state.x0, spec, x0_s),
         )
         return tree.unflatten(spec, _ops.cast_like(out, g)), new
 

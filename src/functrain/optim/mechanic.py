@@ -129,7 +129,9 @@ def mechanize(
             updates, state.base_optimizer_state, params, **extra
         )
         given, spec, s = _utils.flat(
-            updates, {"params": params, "state.x0": state.x0, "base updates": base_updates}
+            updates,
+            {"params": params, "state.x0": state.x0, "base updates": base_updates},
+            ("params", "state.x0"),  # functions of the params only
         )
         if not given:
             return base_updates, state._replace(base_optimizer_state=base_state, count=count)

@@ -170,7 +170,8 @@ def prodigy(
         _refuse_complex(updates, "updates", "prodigy")
         names = ("params", "state.exp_avg", "state.exp_avg_sq", "state.grad_sum", "state.params0")
         trees = (params, state.exp_avg, state.exp_avg_sq, state.grad_sum, state.params0)
-        given, spec, s = _utils.flat(updates, dict(zip(names, trees)))
+        constants = ("params", "state.params0")  # functions of the params only
+        given, spec, s = _utils.flat(updates, dict(zip(names, trees)), constants)
         count = _utils.safe_increment(state.count)
         if not given:
             return updates, state._replace(count=count)
@@ -198,7 +199,7 @@ def prodigy(
                 tree.unflatten(spec, _ops.cast_like(t, like))
                 for t, like in ((new_ea, ea), (new_eas, eas), (new_sk, sk))
             ),
-            params0=state.params0,
+            params0=_utils.retree(state.params0, spec, s["state.params0"]),
             estim_lr=new_d,
             numerator_weighted=numerator.to(sd),
             count=count,
