@@ -164,6 +164,28 @@ def initial_copy(x: Any) -> Any:
     return x.detach().clone() if isinstance(x, torch.nn.Parameter) else x.clone()
 
 
+def constant_tree(values: Any, grads: Any = ()) -> Any:
+    r"""``values`` (the params, or a function of them only) with its tensor leaves detached
+    when an update of ``grads`` is not :func:`functrain._foreach.differentiated`, else
+    ``values`` itself: :func:`flat`'s ``constants`` for a whole tree, e.g. the params an
+    ``init`` measures or an objective is evaluated at (``nn.Parameter``\ s in a torch-style
+    loop would otherwise leave a graph to the module's weights in the state).
+
+    Example:
+        >>> import torch
+        >>> from functrain.optim import _utils
+        >>> p = {"w": torch.nn.Parameter(torch.ones(2))}
+        >>> _utils.constant_tree(p)["w"].requires_grad
+        False
+    """
+    if not torch.is_grad_enabled():
+        return values
+    leaves, spec = tree.flatten(values)
+    g = grads if isinstance(grads, list) else tree.leaves(grads)
+    out = _foreach.constants(g, leaves)
+    return values if out is leaves else tree.unflatten(spec, out)
+
+
 def retree(original: Any, spec: Any, leaves: list[Any]) -> Any:
     """A state field that :func:`flat` may have detached (``constants``), as a tree again:
     ``leaves`` unflattened with ``spec`` when grad mode is on, else ``original`` as it was

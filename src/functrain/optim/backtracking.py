@@ -17,6 +17,7 @@ from functrain.optim.linesearch import (
     _check_nonneg,
     _check_steps,
     _check_trees,
+    _constants,
     _dot,
     _kwargs_for,
     _real_leaves,
@@ -158,6 +159,7 @@ def scale_by_backtracking_linesearch(
         p, pspec = _real_leaves("params", params)
         _check_trees(updates, params, grad)
         g = tree.flatten(grad)[0]
+        p, value = _constants(u, g, p, value)
         dtype = state.learning_rate.dtype
         value = torch.as_tensor(value, dtype=dtype, device=state.learning_rate.device)
         slope = _dot(u, g, dtype)

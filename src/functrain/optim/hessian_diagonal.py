@@ -72,7 +72,7 @@ def _rademacher_like(key: torch.Tensor, like: torch.Tensor, stream: int) -> torc
 def hutchinson_estimator_diag_hessian(
     random_seed: int | torch.Tensor | None = None,
 ) -> GradientTransformation:
-    """Estimates the Hessian's diagonal by Hutchinson's method: ``z ⊙ (∇²f · z)``.
+    r"""Estimates the Hessian's diagonal by Hutchinson's method: ``z ⊙ (∇²f · z)``.
 
     ``z`` is a Rademacher vector (independent ±1 entries) shaped like the parameters, so
     ``E[z ⊙ Hz] = diag(H)``: the estimate is unbiased but noisy. ``Hz`` is a Hessian-vector
@@ -83,10 +83,11 @@ def hutchinson_estimator_diag_hessian(
     like ``params``.
 
     ``update`` needs ``params`` and the keyword ``obj_fn``: ``obj_fn(params)`` returns the
-    scalar loss (close over the batch: ``obj_fn = lambda p: loss_fn(p, batch)``). Parameters
-    that require grad (``nn.Parameter``) work, but as any op on them the estimate is then
-    differentiable and holds autograd graph, which ``nu`` would carry from step to step: call
-    ``update`` under ``torch.no_grad()`` or pass detached parameters.
+    scalar loss (close over the batch: ``obj_fn = lambda p: loss_fn(p, batch)``).
+    ``nn.Parameter``\ s are constants here, as to ``torch.optim``: the estimate holds no graph
+    to a module's weights (which Sophia's ``nu`` would carry from step to step). It stays
+    differentiable when the update is (a ``torch.func`` transform, tracked gradients, or
+    tracked params that are not ``nn.Parameter``\ s).
 
     Differences from optax: the probes come from functrain's counter-based generator, so they
     differ from JAX's for the same seed; each leaf's probe has that leaf's dtype (optax casts
@@ -119,7 +120,7 @@ def hutchinson_estimator_diag_hessian(
         obj_fn: Callable[[Any], torch.Tensor] | None = None,
         **extra: Any,
     ) -> tuple[Any, HutchinsonState]:
-        del updates, extra
+        del extra
         if params is None:
             raise ValueError(
                 "hutchinson_estimator_diag_hessian needs params: call "
@@ -148,6 +149,9 @@ def hutchinson_estimator_diag_hessian(
                 f"hutchinson_estimator_diag_hessian: {path} is {dtype}; complex parameters "
                 "are not supported"
             )
+        # Evaluated at constants unless the update is differentiated: torch.func's result at
+        # nn.Parameters would keep an autograd graph to the module's weights (the same numbers).
+        params = _utils.constant_tree(params, updates)
         next_key, sample_key = _prng.split(state.key)
         signs = tree.unflatten(
             spec, [_rademacher_like(sample_key, x, i) for i, x in enumerate(leaves)]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _utils
 
 __all__ = ["value_and_grad_from_state"]
@@ -99,6 +99,22 @@ def _check_trees(updates: Any, params: Any, grad: Any) -> None:
     maps refuse a mismatch); the leaf-wise zips would otherwise drop leaves silently, e.g. take
     the slope ``⟨u, ∇f⟩`` over part of a ``grad`` with a missing leaf."""
     _utils.flat(updates, {"params": params, "grad": grad})
+
+
+def _constants(
+    u: list[torch.Tensor], g: list[torch.Tensor], p: list[torch.Tensor], value: Any
+) -> tuple[list[torch.Tensor], Any]:
+    r"""The params ``p`` and the loss ``value`` a line search starts from, detached unless
+    the update is :func:`functrain._foreach.differentiated` (a ``torch.func`` transform,
+    tracked directions or gradients, tracked params that are not ``nn.Parameter``\ s): in a
+    torch-style loop, ``value_fn`` evaluated at ``nn.Parameter``\ s and a ``value=`` loss
+    with its forward graph kept graphs to the module's weights in the state (the value, the
+    step size, the errors) and the updates. Under ``torch.func`` nothing changes (optax
+    cannot differentiate its ``while_loop`` at all)."""
+    if not torch.is_grad_enabled() or _foreach.differentiated([*u, *g], p):
+        return p, value
+    p = [x.detach() for x in p]
+    return p, value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def _check_steps(name: str, n: Any) -> None:

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from functrain import tree
+from functrain.optim import _utils
 from functrain.optim.accumulation import ema
 from functrain.optim.base import (
     GradientTransformation,
@@ -63,7 +64,9 @@ def snapshot(measure_name: str, measure: Measure) -> GradientTransformation:
         raise TypeError(f"snapshot: measure must be callable, got {type(measure).__name__}")
 
     def init_fn(params: Any) -> SnapshotState:
-        return SnapshotState({measure_name: measure(params)})
+        # A placeholder measure of the params: as torch.optim, a module's weights are
+        # constants here (no graph to them in the state), unless the caller differentiates.
+        return SnapshotState({measure_name: measure(_utils.constant_tree(params))})
 
     def update_fn(
         updates: Any, state: SnapshotState, params: Any = None, **extra: Any
@@ -133,6 +136,7 @@ def monitor(
     names = tuple(txs)
 
     def init_fn(params: Any) -> MonitorState:
+        params = _utils.constant_tree(params)  # as snapshot's init: no graph to nn.Parameters
         states = tuple(txs[n].init(params) for n in names)
         # optax starts from {}; here each measure is applied to the params (as snapshot does),
         # so the state keeps one structure: a fresh state is a checkpoint restore target, and

@@ -176,6 +176,9 @@ def scale_by_distance_over_gradients(
     def init_fn(params: Any) -> ScaleByDistanceOverGradientsState:
         paths, leaves, spec = tree.flatten_with_paths(params)
         wide = [_state_dtype(x, tree.path_str(p, "params")) for p, x in zip(paths, leaves)]
+        # The initial point and its norm are constants unless differentiated (nn.Parameters
+        # in a torch-style loop: no graph to the module's weights in the state).
+        leaves = _foreach.constants([], leaves)
         norms = _foreach.norm([x.to(w) for x, w in zip(leaves, wide)]) if leaves else []
         dist = [reps_rel * (1 + n) for n in norms]
         sos = [torch.zeros(1, dtype=w, device=x.device) for x, w in zip(leaves, wide)]
@@ -191,8 +194,10 @@ def scale_by_distance_over_gradients(
         del extra
         if params is None:
             raise ValueError(scaling._NO_PARAMS.format(name="scale_by_distance_over_gradients"))
+        # The initial point is a function of the params only: a constant unless differentiated.
+        constants = ("params", "state.init_params")
         g, spec, s = _utils.flat(
-            updates, {"params": params, "state.init_params": state.init_params}
+            updates, {"params": params, "state.init_params": state.init_params}, constants
         )
         if not g:
             return updates, state
@@ -209,7 +214,9 @@ def scale_by_distance_over_gradients(
         eta = [global_scale * (dist / torch.sqrt(G + eps)).reshape(()) for dist, G in zip(d, sos)]
         out = [(x.to(e.dtype) * e).to(x.dtype) for x, e in zip(g, eta)]
         new = ScaleByDistanceOverGradientsState(
-            tree.unflatten(spec, d), tree.unflatten(spec, sos), state.init_params
+            tree.unflatten(spec, d),
+            tree.unflatten(spec, sos),
+            _utils.retree(state.init_params, spec, s["state.init_params"]),
         )
         return tree.unflatten(spec, out), new
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain import tree
+from functrain import _foreach, tree
 from functrain.optim import _ops, _utils, additive, aliases, rms, scaling
 from functrain.optim._utils import ScalarOrSchedule
 from functrain.optim.base import GradientTransformation, chain
@@ -216,8 +216,12 @@ def schedule_free(
     def init_fn(params: Any) -> ScheduleFreeState:
         dtype = _lowest_float(params)
         device = _utils.default_device(params)
-        # A copy: z must not alias the parameters, which a caller may update in place.
-        z = tree.map(lambda p: p.to(dtype=state_dtype or p.dtype, copy=True), params)
+        # A copy: z must not alias the parameters, which a caller may update in place; of
+        # constants unless differentiated (no graph to nn.Parameters in a torch-style loop).
+        z = tree.map(
+            lambda p: p.to(dtype=state_dtype or p.dtype, copy=True),
+            _utils.constant_tree(params),
+        )
         return ScheduleFreeState(
             b1=torch.as_tensor(b1, dtype=dtype, device=device),
             weight_sum=torch.zeros((), dtype=dtype, device=device),
@@ -245,11 +249,14 @@ def schedule_free(
 
         # Compare updates with params first: the base optimizer may read neither (sgd), and
         # the check below would name params "updates" (the root name of _utils.flat).
-        _utils.flat(updates, {"params": params})
+        g = _utils.flat(updates, {"params": params})[0]
         base_updates, base_state = base_optimizer.update(
             updates, state.base_optimizer_state, params, **extra
         )
-        y, spec, s = _utils.flat(params, {"state.z": state.z, "updates": base_updates})
+        y, spec, s = _utils.flat(params, {"state.z": state.z, "updates": base_updates}, ())
+        # The params are constants unless the update is differentiated: nn.Parameters in a
+        # torch-style loop leave no graph in z or the updates.
+        y = _foreach.constants(g, y)
         new_z, out = [], []
         for yi, zi, ui in zip(y, s["state.z"], s["updates"]):
             wide = _compute_dtype(yi.dtype, zi.dtype, ui.dtype)

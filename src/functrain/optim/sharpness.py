@@ -164,7 +164,8 @@ def sam(
             adv_state=adv_optimizer.init(params),
             # A copy: a compiled update guards on inputs that alias each other (it would
             # recompile at every call), and a donating step reuses the old params' memory.
-            cache=None if opaque_mode else tree.map(torch.clone, params),
+            # Of constants unless differentiated: no graph to nn.Parameters in the state.
+            cache=None if opaque_mode else tree.map(_utils.initial_copy, params),
         )
 
     def negate(updates: Any) -> Any:
@@ -179,6 +180,10 @@ def sam(
         # ``cache − params + update`` would broadcast a wrong shape or fail deep in torch.
         tree.check_shapes(updates, params, ("updates", "params"))
         tree.check_shapes(params, state.cache, ("params", "state.cache"))
+        # The params (and the cache, a copy of them) are constants unless the update is
+        # differentiated: nn.Parameters in a torch-style loop leave no graph in the cache or
+        # in the outer update's cache − params. The inner optimizers see the same params.
+        params = _utils.constant_tree(params, updates)
         steps = state.steps_since_sync
         first, last = steps == 0, steps == sync_period - 1
         adv_updates, adv_state = _call_update(

@@ -58,9 +58,12 @@ class LookaheadParams(NamedTuple):
         """``fast`` is ``params``; ``slow`` a clone of it.
 
         A clone, not the same objects (as optax's): a compiled step guards on inputs that
-        alias each other, so shared leaves would recompile it after the first update.
+        alias each other, so shared leaves would recompile it after the first update. The
+        clone of an ``nn.Parameter`` is detached (a module's weights are constants to a
+        torch-style loop, as :func:`~functrain.lookahead`'s update treats them); a plain
+        tensor's keeps its graph.
         """
-        return cls(fast=params, slow=tree.map(torch.clone, params))
+        return cls(fast=params, slow=tree.map(_utils.initial_copy, params))
 
 
 def lookahead(
@@ -151,7 +154,13 @@ def lookahead(
         )
         steps = state.steps_since_sync
         sync = steps == sync_period - 1
-        u, spec, s = _utils.flat(u_tree, {"params.fast": params.fast, "params.slow": params.slow})
+        # Fast and slow weights are constants unless the update is differentiated
+        # (nn.Parameters in a torch-style loop: no graph in the updates).
+        u, spec, s = _utils.flat(
+            u_tree,
+            {"params.fast": params.fast, "params.slow": params.slow},
+            ("params.fast", "params.slow"),
+        )
         if u:
             fast, slow = s["params.fast"], s["params.slow"]
             wide = [torch.promote_types(x.dtype, torch.float32) for x in u]

@@ -17,6 +17,7 @@ from functrain.optim.linesearch import (
     _check_nonneg,
     _check_steps,
     _check_trees,
+    _constants,
     _dot,
     _kwargs_for,
     _real_leaves,
@@ -340,6 +341,7 @@ def scale_by_zoom_linesearch(
         p, pspec = _real_leaves("params", params)
         _check_trees(updates, params, grad)
         g = [x.to(y.dtype) for x, y in zip(tree.flatten(grad)[0], p)]
+        p, value = _constants(u, g, p, value)
         lr0 = state.learning_rate
         dtype = lr0.dtype
         value = torch.as_tensor(value, device=lr0.device).to(dtype)
