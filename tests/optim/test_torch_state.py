@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import _torch_runs
 import pytest
 import torch
+from _torch_runs import functional, make_batches, mse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,40 +34,16 @@ class Net(torch.nn.Module):
         return self.head(torch.tanh(self.l3(x)))
 
 
-_gen = torch.Generator().manual_seed(1)
-BATCHES = [
-    (
-        torch.randn(5, 4, generator=_gen, dtype=torch.float64),
-        torch.randn(5, 2, generator=_gen, dtype=torch.float64),
-    )
-    for _ in range(12)
-]
+BATCHES = make_batches(1, 12)
+_loss = mse
 
 
-def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ((out - y) ** 2).mean()
-
-
-def torch_steps(net: Net, opt: torch.optim.Optimizer, start: int, stop: int, sched=None) -> None:
-    for x, y in BATCHES[start:stop]:
-        opt.zero_grad()
-        _loss(net(x), y).backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
+def torch_steps(net, opt, start: int, stop: int, sched=None, clip=None) -> None:
+    _torch_runs.torch_steps(BATCHES, net, opt, start, stop, sched, clip)
 
 
 def ft_steps(model, tx, params, state, start: int, stop: int):
-    grad = torch.func.grad(lambda p, x, y: _loss(model(p, x), y))
-    for x, y in BATCHES[start:stop]:
-        updates, state = tx.update(grad(params, x, y), state, params)
-        params = ft.apply_updates(params, updates)
-    return params, state
-
-
-def functional(net: Net):
-    model, params, _ = ft.functionalize(net)
-    return model, {k: v.detach().clone() for k, v in params.items()}
+    return _torch_runs.ft_steps(BATCHES, model, tx, params, state, start, stop)
 
 
 CASES = {

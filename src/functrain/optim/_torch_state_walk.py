@@ -72,6 +72,8 @@ _COUNTED = (
     WeightDecayScheduleState,
 )
 _UNKNOWN, _SCHEDULED = "unknown", "scheduled"  # the learning rate before a trace, when not a number
+# Fields that hold signed sums of gradients: with torch's maximize=True, of the negated gradient.
+_SIGNED = ("exp_avg", "momentum_buffer", "grad_avg")
 _SUPPORTED = "Adam, AdamW, RAdam, Adamax, SGD, RMSprop, Adagrad, Adadelta"
 
 
@@ -151,6 +153,8 @@ class _Ctx:
     ]  # torch position -> state entry (from_torch: read; to: built)
     step: int | None
     to_torch: bool
+    groups: list[dict[str, Any]]  # torch's param_groups
+    group_of: list[int]  # torch position -> index of its param group
     consumed: set[tuple[int, str]] = dataclasses.field(default_factory=set)
     vary: bool = False  # inside inject_hyperparams with schedules: its scales change with time
 
@@ -171,10 +175,37 @@ def _scale_of(ctx: _Ctx, tx: Any, pre: Any) -> Any:
     return pre
 
 
+def _describe(pre: Any) -> str:
+    if _is_marker(pre):
+        return "a scheduled factor" if pre == _SCHEDULED else "an unknown factor"
+    return f"{float(pre):g}" if isinstance(pre, (int, float)) or pre.ndim == 0 else "a tensor"
+
+
+def _check_options(ctx: _Ctx, k: int, torch_field: str, name: str) -> None:
+    """Refuses torch options under which the field means something else than tx's."""
+    index = ctx.group_of[k]
+    group = ctx.groups[index]
+    if group.get("maximize") and torch_field in _SIGNED:
+        raise ValueError(
+            f"{name}: torch param_groups[{index}] has maximize=True, so its {torch_field!r} sums "
+            "negated gradients, and functrain minimises: not converted (to continue a "
+            "maximisation, minimise the negated objective and set maximize to False in the "
+            "state dict's param_groups, or in torch's optimizer going back)"
+        )
+    if torch_field == "momentum_buffer" and group.get("dampening", 0) != 0:
+        raise ValueError(
+            f"{name}: torch param_groups[{index}] has dampening={group['dampening']:g}: "
+            "torch.optim.SGD's buffer follows b <- momentum * b + (1 - dampening) * g (its first "
+            "is g), ft.trace's t <- decay * t + g; no exact conversion"
+        )
+
+
 def _slot(ctx: _Ctx, node: Any, field: str, kind: str | None, pre: Any, where: str) -> Any:
     """Fills (from torch) or reads (to torch) one per-parameter field of a state."""
     table = _SLOTS[(type(node), field)]
     value = getattr(node, field)
+    if not ctx.to_torch and not ctx.entries:
+        return value  # torch keeps no per-parameter state (SGD without momentum): tx's init
     leaves = ctx.spec.flatten_up_to(value)
     out = []
     for i, leaf in enumerate(leaves):
@@ -204,16 +235,32 @@ def _slot(ctx: _Ctx, node: Any, field: str, kind: str | None, pre: Any, where: s
         if (k, torch_field) in ctx.consumed:
             raise ValueError(f"{name}: torch's {torch_field!r} would fill two states of tx")
         ctx.consumed.add((k, torch_field))
+        _check_options(ctx, k, torch_field, name)
         if isinstance(node, TraceState) and _is_marker(pre):
             raise ValueError(
                 f"{name}: a learning rate that is {pre} is applied before this momentum "
                 "buffer (optax's order), torch's is applied after it: no exact conversion"
+            )
+        unit = pre is None or (isinstance(pre, (int, float)) and pre == 1)
+        if not isinstance(node, TraceState) and not unit:
+            # Only a momentum buffer is linear in its inputs with torch's learning rate applied
+            # after it; torch feeds its other states the gradient itself.
+            raise ValueError(
+                f"{name}: tx scales the updates by {_describe(pre)} before it, but "
+                f"torch.optim's {torch_field!r} is of the unscaled gradient; no exact "
+                "conversion (scale the loss instead, or scale after this transform)"
             )
         if ctx.to_torch:
             t = leaf.detach().clone()
             ctx.entries.setdefault(k, {})[torch_field] = t if pre is None else t / pre
             out.append(leaf)
             continue
+        if torch_field not in ctx.entries[k]:
+            raise ValueError(
+                f"{name}: tx keeps it but torch keeps no {torch_field!r} (only "
+                f"{sorted(ctx.entries[k])}); tx must keep what torch keeps, no more (e.g. no "
+                "momentum, no centring where torch had none)"
+            )
         src = ctx.entries[k][torch_field]
         if tuple(src.shape) != tuple(ctx.shapes[i]):
             raise ValueError(
@@ -269,10 +316,13 @@ def _walk(ctx: _Ctx, node: Any, tx: Any, pre: Any, where: str) -> tuple[Any, Any
         return node._replace(inner_state=inner), after
     if isinstance(node, PartitionState):
         txs = spec.transforms if isinstance(spec, fused.Partition) else {}
-        new = {}
+        new, same = {}, isinstance(spec, fused.Partition)
         for label, sub in node.inner_states.items():
-            new[label], _ = _walk(ctx, sub, txs.get(label), pre, f"{where}.inner_states[{label!r}]")
-        return node._replace(inner_states=new), _UNKNOWN
+            where_sub = f"{where}.inner_states[{label!r}]"
+            new[label], after = _walk(ctx, sub, txs.get(label), pre, where_sub)
+            same = same and after is pre
+        # Unless no member scales (clipping per group, say), the scaling now depends on the leaf.
+        return node._replace(inner_states=new), pre if same else _UNKNOWN
     if isinstance(node, InjectHyperparamsState):
         inner_tx, inner_pre, vary = None, _UNKNOWN, ctx.vary
         if isinstance(spec, fused.Injected) and spec.factory is not None:
@@ -281,10 +331,13 @@ def _walk(ctx: _Ctx, node: Any, tx: Any, pre: Any, where: str) -> tuple[Any, Any
             ctx.vary = vary or bool(spec.schedules)
         count = _count(ctx, node.count, where + ".count")
         try:
-            inner, _ = _walk(ctx, node.inner_state, inner_tx, inner_pre, where + ".inner_state")
+            inner, after = _walk(ctx, node.inner_state, inner_tx, inner_pre, where + ".inner_state")
         finally:
             ctx.vary = vary
-        return node._replace(count=count, inner_state=inner), _UNKNOWN
+        # Its hyperparameters may change between steps: only a member that scales nothing (an
+        # injected clip, say) leaves the scaling known.
+        same = inner_tx is not None and after is inner_pre
+        return node._replace(count=count, inner_state=inner), pre if same else _UNKNOWN
     if isinstance(node, ZeroNansState):
         return node, pre
     if isinstance(node, (tuple, list)) and not hasattr(node, "_fields"):
@@ -354,16 +407,39 @@ def _positions(params: Any, order: Sequence[Any] | None) -> tuple[list[Any], lis
     return [tree.path_str(p, "params") for p in paths], pos_of_leaf
 
 
+def _named_order(
+    params: Any, order: Sequence[Any] | None, groups: list[dict[str, Any]]
+) -> Sequence[Any] | None:
+    """The order torch's ``param_names`` give (torch >= 2.6, optimizers built from
+    ``named_parameters()``), checked against ``order=``; ``order`` when they name no params."""
+    if not groups or not all("param_names" in g for g in groups):
+        return order
+    names = [n for g in groups for n in g["param_names"]]
+    paths, _, _ = tree.flatten_with_paths(params)
+    by_name = {".".join(str(e) for e in path): path for path in paths}
+    if len(set(names)) != len(names) or not all(n in by_name for n in names):
+        return order  # names of another module (a wrapper's prefix, a submodule's own names)
+    if order is None:
+        return [by_name[n] for n in names]
+    for k, (key, n) in enumerate(zip(order, names)):
+        if (key if isinstance(key, tuple) else (key,)) != by_name[n]:
+            raise ValueError(
+                f"order[{k}] = {key!r} but torch's param_groups name parameter {k} {n!r}"
+            )
+    return order
+
+
 def _context(params: Any, order: Any, groups: list[dict[str, Any]], to_torch: bool) -> _Ctx:
-    paths, pos_of_leaf = _positions(params, order)
     leaves, spec = tree.flatten(params)
     n_torch = sum(len(g["params"]) for g in groups)
     if n_torch != len(leaves):
         raise ValueError(
             f"the torch optimizer has {n_torch} parameters but params has {len(leaves)} leaves"
         )
+    paths, pos_of_leaf = _positions(params, _named_order(params, order, groups))
     shapes = [leaf.shape for leaf in leaves]
-    return _Ctx(paths, shapes, pos_of_leaf, spec, {}, {}, None, to_torch)
+    group_of = [i for i, g in enumerate(groups) for _ in g["params"]]
+    return _Ctx(paths, shapes, pos_of_leaf, spec, {}, {}, None, to_torch, groups, group_of)
 
 
 def _required(family: str, group: dict[str, Any]) -> set[str]:

@@ -56,13 +56,19 @@ def opt_state_from_torch(
     ``tx`` keeps state for it (leave frozen parameters out with ``ft.selective_transform`` or
     ``ft.partition``: their state is then empty); a shape mismatch; torch state that ``tx`` has
     no place for (torch SGD momentum into ``ft.adamw``) or ``tx`` state torch lacks; a momentum
-    buffer after a scheduled learning rate; ``tx`` states no torch state fills (Lion, ...).
+    buffer after a scheduled learning rate; a scaling before any other state (``ft.chain(
+    ft.scale(c), ft.adam(lr))``: torch's moments are of the gradient itself); ``maximize=True``
+    where torch keeps sums of the negated gradient (``exp_avg``, ``momentum_buffer``,
+    ``grad_avg``); SGD ``dampening`` with momentum; ``step=`` other than torch's step; ``tx``
+    states no torch state fills (Lion, ``MultiSteps``, ...).
 
     Parameters correspond in order: torch numbers them across ``param_groups``; the leaves of
     ``params`` are taken in insertion order (dict keys as inserted, not sorted), which for the
     dict of ``ft.functionalize(net)`` is ``net.parameters()``'s order, tied weights counted once
-    as in torch. ``order=`` (a list of ``params`` keys or key tuples, one per torch index)
-    overrides it. Several param groups go to ``ft.partition``: each parameter fills whatever
+    as in torch. Where torch recorded ``param_names`` (an optimizer built from
+    ``named_parameters()``) and they are the paths of ``params`` (dotted keys), they give the
+    order, and ``order=`` must agree with them. ``order=`` (a list of ``params`` keys or key
+    tuples, one per torch index) overrides the default. Several param groups go to ``ft.partition``: each parameter fills whatever
     sub-state holds it. Hyperparameters (learning rate, betas, ...) are the user's to match;
     ``inject_hyperparams``' values are left as ``tx`` made them. The moments are copies in the
     dtype and device of ``tx.init``'s leaves.
@@ -72,7 +78,8 @@ def opt_state_from_torch(
         params: the params pytree (e.g. the dict of ``ft.functionalize(net)``).
         torch_state: a ``torch.optim.Optimizer`` or its ``state_dict()``.
         order: optional params keys/paths in torch's parameter order.
-        step: the step count for a torch optimizer that keeps none (SGD) when ``tx`` counts.
+        step: the step count for a torch optimizer that keeps none (SGD) when ``tx`` counts
+            (``0`` for one that took none); elsewhere it must equal torch's.
 
     Returns:
         ``tx``'s state, ready for ``tx.update`` or ``ft.TrainState``.
@@ -126,8 +133,6 @@ def opt_state_from_torch(
     step_of = dict(zip(with_step, steps))
     # A step of 0 is a state torch made before any step (Adagrad makes it in __init__).
     entries = {k: e for k, e in raw.items() if e and step_of.get(k) != 0}
-    if not entries:
-        return init
     stepped = [k for k in entries if k in step_of]
     for k in stepped:
         if step_of[k] != step_of[stepped[0]]:
@@ -138,7 +143,15 @@ def opt_state_from_torch(
                 f"is at step {step_of[a]:g}, {ctx.paths[leaf_b]} (torch parameter {b}) at "
                 f"{step_of[b]:g}; functrain keeps one count"
             )
-    ctx.step = int(step_of[stepped[0]]) if stepped else step
+    # torch.optim.SGD keeps no step: its state (none at all without momentum) says nothing.
+    stepless = family == "sgd" or (family is None and all("dampening" in g for g in groups))
+    # No state from an optimizer that keeps a step: it took none.
+    torch_step = (None if entries or stepless else 0) if not stepped else int(step_of[stepped[0]])
+    if step is not None and torch_step is not None and step != torch_step:
+        raise ValueError(f"step={step} but torch's state is at step {torch_step}")
+    ctx.step = torch_step if torch_step is not None else step
+    if not entries and ctx.step == 0:
+        return init
     ctx.entries = entries
     for k, e in entries.items():
         ctx.families[k] = family or _family_of_fields(set(e) - {"step"}, groups, k)
@@ -171,8 +184,8 @@ def opt_state_to_torch(
     holds copies of the moments ``tx`` keeps for it and ``step`` as torch stores it (a float
     CPU tensor in torch's scalar dtype; float32 on the parameter's device for fused or
     capturable groups; SGD keeps none). Parameters ``tx`` keeps no state for get no entry.
-    ``step`` defaults to the state's counters, which must agree; pass ``step=`` when ``tx``
-    counts nothing (``ft.rmsprop`` with a constant learning rate).
+    ``step`` is the state's counters, which must agree (with ``step=`` too); pass ``step=``
+    when ``tx`` counts nothing (``ft.rmsprop`` with a constant learning rate).
 
     Args:
         tx: the functrain optimizer whose state this is.
@@ -223,7 +236,9 @@ def opt_state_to_torch(
                 raise ValueError(
                     f"the state's step counters differ: {names[0]} = {values[0]:g}, {name} = {v:g}"
                 )
-        step = int(values[0]) if step is None else step
+        if step is not None and step != values[0]:
+            raise ValueError(f"step={step} but the state's step counters are at {values[0]:g}")
+        step = int(values[0])
     ids = [i for g in groups for i in g["params"]]
     state = {}
     for k, entry in sorted(ctx.entries.items()):
