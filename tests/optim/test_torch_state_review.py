@@ -430,3 +430,17 @@ def test_multisteps_refused_by_name() -> None:
     _, opt, params = _stepped(lambda p: torch.optim.Adam(p, lr=1e-2))
     with pytest.raises(ValueError, match="MultiStepsState"):
         ft.opt_state_from_torch(ft.MultiSteps(ft.adam(1e-2), 2), params, opt)
+
+
+def test_a_tx_without_any_state_torch_needs_is_refused_going_back() -> None:
+    """``ft.sgd`` keeps nothing torch's Adam needs: handing its state to Adam would restart
+    every moment silently."""
+    net = Net()
+    _, params = functional(net)
+    tx = ft.sgd(0.1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"holds none of what torch.optim.Adam keeps.*exp_avg"):
+        ft.opt_state_to_torch(tx, tx.init(params), params, opt)
+    # A plain SGD keeps nothing either: nothing to refuse.
+    plain = torch.optim.SGD(net.parameters(), lr=0.1)
+    assert ft.opt_state_to_torch(tx, tx.init(params), params, plain)["state"] == {}

@@ -240,6 +240,17 @@ def opt_state_to_torch(
             raise ValueError(f"step={step} but the state's step counters are at {values[0]:g}")
         step = int(values[0])
     ids = [i for g in groups for i in g["params"]]
+    needs = [k for k, (group, _) in enumerate(torch_params) if _required(family, group)]
+    if needs and not ctx.entries:
+        # Frozen (masked) parameters get no entry, but a tx that keeps nothing torch needs for
+        # any parameter is the wrong optimizer (ft.sgd's empty state into torch's Adam): torch
+        # would restart every moment silently.
+        leaf = ctx.pos_of_leaf.index(needs[0])
+        raise ValueError(
+            f"tx's state holds none of what torch.optim.{type(optimizer).__name__} keeps "
+            f"({sorted(_required(family, torch_params[needs[0]][0]))} for {ctx.paths[leaf]}, "
+            f"torch parameter {needs[0]}): is tx the optimizer this torch one continues?"
+        )
     state = {}
     for k, entry in sorted(ctx.entries.items()):
         group, p = torch_params[k]
