@@ -125,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tx = ft.adamw(args.lr, weight_decay=args.weight_decay)  # torch's AdamW defaults otherwise
     opt_state = ft.opt_state_from_torch(tx, params, checkpoint["optimizer"])
+    resumed_at = torch.tensor(torch_steps)  # the state's step counts on from torch's
     states = {
         "functrain": ft.TrainState.create(params=params, tx=tx, seed=None).replace(
-            opt_state=opt_state
+            step=resumed_at, opt_state=opt_state
         ),
         "functrain_fresh_moments": ft.TrainState.create(params=params, tx=tx, seed=None),
     }
