@@ -157,9 +157,6 @@ def _permute(vec: torch.Tensor, perm: list[int]) -> torch.Tensor:
     return torch.stack([vec[j] for j in perm])
 
 
-_DOT_DTYPES = (torch.float32, torch.float64)
-
-
 class _SqNormRecord:
     """The per-micro-batch ``‖ĝᵢ‖²`` of a :attr:`GradStatsHook.per_micro_batch_sq_norm` hook in
     the backward loop: a hook on each step-local leaf takes the squared norm of the gradient
@@ -175,7 +172,7 @@ class _SqNormRecord:
     ``torch.autograd.grad`` would return them), while backward still sums them in place.
     """
 
-    def __init__(self, leaves: list[torch.Tensor], units: Any = None) -> None:
+    def __init__(self, leaves: list[torch.Tensor], units: Any = None, spec: Any = None) -> None:
         self.parts: list[torch.Tensor] = []  # this micro-batch's per-leaf squared norms
         self.losses: list[torch.Tensor] = []
         self.sizes: list[torch.Tensor] = []
@@ -188,6 +185,11 @@ class _SqNormRecord:
         self.units = units
         self.unit_leaves = None if units is None else tree.leaves(units.unit_sum)
         self.held: list[tuple[int, torch.Tensor]] = []  # (leaf index, gradient) to add
+        # Whether this micro-batch's unit gradient is read from .grad (the first backward) or
+        # from the gradients its hooks hold.
+        self.from_grad = False
+        self.hold = False
+        self.spec = spec  # the params' structure, for the sparse error's path
         self.handles = [
             leaf.register_hook(functools.partial(self._square, i)) for i, leaf in enumerate(leaves)
         ]
@@ -196,6 +198,14 @@ class _SqNormRecord:
         self, objective: torch.Tensor, inputs: tuple[torch.Tensor, ...], plain: bool
     ) -> None:
         """The step's own backward pass (:func:`_backward`), whose gradients the hooks take."""
+        # The first micro-batch's gradients are read from .grad, unless loss_fn ran a backward
+        # of its own into it (not counted, as later micro-batches' hooks do not count it).
+        self.from_grad = (
+            self.units is not None
+            and self.units.count == 0
+            and all(leaf.grad is None for leaf in self.leaves)
+        )
+        self.hold = self.units is not None and not self.from_grad
         self.recording = True
         try:
             _backward(objective, inputs, plain)
@@ -205,19 +215,13 @@ class _SqNormRecord:
     def _square(self, index: int, grad: torch.Tensor) -> None:
         if not self.recording:
             return
-        if self.units is not None and self.units.count > 0:
+        if grad.layout != torch.strided:  # the step's clear error, not a crash in sq_norm
+            _check_dense_grads(self._with(index, grad))
+        if self.hold:
             self.held.append((index, grad))
-        if (
-            grad.dtype in _DOT_DTYPES
-            and type(grad) is torch.Tensor
-            and grad.layout == torch.strided
-            and grad.is_contiguous()
-        ):
-            # One BLAS dot: about half the time of vector_norm + square for a hot gradient, a
-            # visible share of the hook's cost since it runs for every leaf and micro-batch.
-            flat = grad.view(-1)
-            self.parts.append(torch.dot(flat, flat))
-            return
+        # Not the BLAS dot: MKL's sdot/ddot gave different bits for the same values at
+        # another memory offset (a view a cat's backward hands over) or thread count;
+        # sq_norm's are the same (see functrain._sq_norms).
         wide = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
         self.parts.append(sq_norm(grad, wide))
 
@@ -256,10 +260,11 @@ class _SqNormRecord:
 
         units = self.units
         divisor, unit_sq = cosine._unit_divisor(sq_norm, units.unit_sq_sum, counts)
-        if units.count == 0:  # the first backward's gradients are the .grad tensors
+        if self.from_grad:  # the first backward's gradients are the .grad tensors
             held = [(i, leaf.grad) for i, leaf in enumerate(self.leaves) if leaf.grad is not None]
-        else:
+        else:  # empty without a backward this micro-batch (a loss that ignores the params)
             held, self.held = self.held, []
+        self.from_grad = self.hold = False
         assert self.unit_leaves is not None
         if held:
             added = cosine._add_units_in_place(
@@ -278,9 +283,15 @@ class _SqNormRecord:
         spec = tree.structure(self.units.unit_sum)
         return self.units._replace(unit_sum=tree.unflatten(spec, self.unit_leaves))
 
+    def _with(self, index: int, grad: torch.Tensor) -> Any:
+        """The leaves with ``grad`` at ``index``, as the params' pytree where it is known."""
+        leaves = [grad if j == index else leaf for j, leaf in enumerate(self.leaves)]
+        return leaves if self.spec is None else tree.unflatten(self.spec, leaves)
+
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.held = []  # not kept alive by a traceback that holds this record
 
 
 def _any_half(params: Any) -> bool:

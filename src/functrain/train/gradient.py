@@ -40,6 +40,7 @@ from functrain.train._grad_helpers import _any_half as _any_half
 from functrain.train._grad_helpers import _autograd_grad as _autograd_grad
 from functrain.train._grad_helpers import _backward as _backward
 from functrain.train._grad_helpers import _check_buffers as _check_buffers
+from functrain.train._grad_helpers import _check_dense_grads as _check_dense_grads
 from functrain.train._grad_helpers import _devices as _devices
 from functrain.train._grad_helpers import _inverse_count as _inverse_count
 from functrain.train._grad_helpers import _permute as _permute
@@ -174,7 +175,7 @@ class GradStage:
         record = None
         if self.sq_norm_hook is not None:
             units = self.accumulator[0](params) if self.units_in_backward else None  # type: ignore[index]
-            record = _SqNormRecord(leaves, units)
+            record = _SqNormRecord(leaves, units, spec)
         try:
             with torch.enable_grad():
                 for i, (size, mb) in enumerate(zip(split.sizes, mbs)):
@@ -314,6 +315,8 @@ class GradStage:
                 buffers = payload["buffers"]
             leaves, spec = tree.flatten(grads)
             if self.per_micro_batch is not None:
+                # The step's clear error for a sparse gradient, before the hook's norms fail.
+                _check_dense_grads(grads)
                 # The hook sees the micro-batch's own gradient, unweighted and unscaled; the
                 # scale comes off first: a half-precision gradient divided by its weight while
                 # still loss-scaled overflowed to inf.
