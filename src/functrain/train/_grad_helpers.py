@@ -19,7 +19,7 @@ import torch
 from functrain import tree
 from functrain._messages import message
 from functrain._sq_norms import sq_norm
-from functrain.train import rng
+from functrain.train import _recompute, rng
 
 __all__: list[str] = []
 
@@ -93,9 +93,13 @@ def _autograd_grad(objective: Callable[..., Any]) -> Callable[..., Any]:
         leaves, spec = tree.flatten(params)
         leaves = [p.detach().requires_grad_() for p in leaves]
         with torch.enable_grad():
-            obj, payload = objective(tree.unflatten(spec, leaves), mb, buffers, key, weight)
+            with _recompute.recorded_calls() as calls:
+                obj, payload = objective(tree.unflatten(spec, leaves), mb, buffers, key, weight)
             if obj.requires_grad:
-                grads = torch.autograd.grad(obj, leaves, allow_unused=True, materialize_grads=True)
+                with _recompute.recomputing(calls):  # activation checkpointing's recompute
+                    grads = torch.autograd.grad(
+                        obj, leaves, allow_unused=True, materialize_grads=True
+                    )
             else:  # independent of the params: zero, as torch.func.grad gives (grad would raise)
                 grads = tuple(torch.zeros_like(p) for p in leaves)
         return tree.unflatten(spec, list(grads)), payload

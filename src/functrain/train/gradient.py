@@ -31,8 +31,8 @@ import torch
 
 from functrain import _foreach, _func_transforms, tree
 from functrain._messages import message
+from functrain.train import _recompute, microbatch, rng
 from functrain.train import loss as loss_lib
-from functrain.train import microbatch, rng
 
 # The stage's helpers live in _grad_helpers; re-exported (``X as X``) here.
 from functrain.train._grad_helpers import _NO_SEEDING as _NO_SEEDING
@@ -183,10 +183,14 @@ class GradStage:
                     self.metas.clear()
                     weight = size / split.total
                     with seeding:
-                        obj, payload = self.objective(tracked, mb, buffers, mb_key, weight)
+                        with _recompute.recorded_calls() as calls:
+                            obj, payload = self.objective(tracked, mb, buffers, mb_key, weight)
                         meta = self.metas[-1]
                         if obj.requires_grad:
-                            (_backward if record is None else record.backward)(obj, inputs, plain)
+                            with _recompute.recomputing(calls):  # activation checkpointing
+                                (_backward if record is None else record.backward)(
+                                    obj, inputs, plain
+                                )
                         # else: a loss that does not depend on the params (a constant, a
                         # detached value) has a zero gradient, as torch.func.grad gives;
                         # backward would raise.

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from functrain.train import _recompute
 from functrain.train._module_utils import (
     _add_placement_note,
     _aliases,
@@ -82,6 +83,10 @@ class FunctionalModel:
 
     The model is bound to the submodules it saw when built: replacing one (``net[0] = ...``) or
     registering a parametrization afterwards raises on the next call; rebuild the model then.
+
+    Activation checkpointing inside the module's ``forward`` recomputes during backward, after
+    the call returned: ``make_train_step``'s step reinstalls the call's tensors for that
+    recompute; a backward run by hand recomputes with the module's own tensors.
 
     Example:
         >>> import torch, functrain as ft
@@ -257,6 +262,8 @@ class FunctionalModel:
         tensors = {**params, **buffers}
         for alias, name in self._aliases:
             tensors[alias] = tensors[name]
+        if not torch.compiler.is_compiling():
+            _recompute.note(self, tensors)  # for activation checkpointing's recompute
         if torch.compiler.is_compiling() or self._slots is None:
             # functional_call writes reassigned tensors back into the dict it was given
             out = functional_call(
@@ -268,16 +275,9 @@ class FunctionalModel:
         for modules, key, child in self._links:
             if modules.get(key) is not child:
                 raise self._structure_error(f"submodule {key!r} was replaced or removed")
-        # functional_call's swap, minus its per-call name resolution and checks (the names were
-        # resolved once in __init__ and checked by _check_names): ~4% of a small model's step.
         saved: list[tuple[dict[str, Any], str, Any]] = []
         try:
-            for name, tensor in tensors.items():
-                table, attr = self._slots[name]
-                if attr not in table:  # e.g. a parametrization registered since
-                    raise self._structure_error(f"{name!r} is no longer a parameter or buffer")
-                saved.append((table, attr, table[attr]))
-                table[attr] = tensor
+            self._swap_in(tensors, saved)
             out = self.module(*args, **kwargs)
             for name, first in self._buffer_slots:
                 table, attr = self._slots[name]
@@ -285,10 +285,45 @@ class FunctionalModel:
                     buffers[first] = table[attr]
             return out
         finally:
-            for table, attr, original in reversed(saved):
-                table[attr] = original
-            for rnn in self._rnns:
-                rnn._init_flat_weights()
+            self._swap_out(saved)
+
+    def _swap_in(
+        self, tensors: dict[str, Any], saved: list[tuple[dict[str, Any], str, Any]]
+    ) -> None:
+        """Puts ``tensors`` into the module's slots, appending what they held to ``saved``.
+
+        functional_call's swap, minus its per-call name resolution and checks (the names were
+        resolved once in __init__ and checked by _check_names): ~4% of a small model's step.
+        """
+        assert self._slots is not None
+        for name, tensor in tensors.items():
+            table, attr = self._slots[name]
+            if attr not in table:  # e.g. a parametrization registered since
+                raise self._structure_error(f"{name!r} is no longer a parameter or buffer")
+            saved.append((table, attr, table[attr]))
+            table[attr] = tensor
+
+    def _swap_out(self, saved: list[tuple[dict[str, Any], str, Any]]) -> None:
+        for table, attr, original in reversed(saved):
+            table[attr] = original
+        for rnn in self._rnns:
+            rnn._init_flat_weights()
+
+    def _install(self, tensors: dict[str, Any]) -> contextlib.ExitStack:
+        """The module holding ``tensors`` until the returned stack is closed (a recompute of
+        activation checkpointing during backward, :mod:`functrain.train._recompute`)."""
+        stack = contextlib.ExitStack()
+        if self._slots is None:
+            stack.enter_context(
+                torch.nn.utils.stateless._reparametrize_module(
+                    self.module, tensors, tie_weights=False, strict=False
+                )
+            )
+            return stack
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        stack.callback(self._swap_out, saved)
+        self._swap_in(tensors, saved)
+        return stack
 
     def __call__(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """The forward output, using the snapshot buffers read-only.
