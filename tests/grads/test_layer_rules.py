@@ -307,10 +307,11 @@ def test_autocast_is_refused_and_auto_falls_back(monkeypatch):
     assert_trees_all_equal(got.grad_sum, expected.grad_sum)
 
 
-@pytest.mark.parametrize("method", ["layers", "auto"])
+@pytest.mark.parametrize("method", ["layers", "vmap"])
 def test_activation_checkpointing_gets_a_clear_error(method, monkeypatch):
-    """``torch.utils.checkpoint`` recomputes the forward in the backward, outside the vmap over
-    examples; neither route supports it, and the error says so instead of a functorch internal."""
+    """``torch.utils.checkpoint`` recomputes the forward in the backward, outside the rules and
+    the vmap over examples; neither route supports it, and the error says so (and names the
+    loop, which does) instead of a functorch internal."""
     monkeypatch.setattr(_layer_dispatch, "GHOST_BYTES", 0)
     model, params, _ = ft.functionalize(
         torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
@@ -322,15 +323,18 @@ def test_activation_checkpointing_gets_a_clear_error(method, monkeypatch):
         return F.cross_entropy(out, b["y"])
 
     message = (
-        r"params\['0.weight'\] is used by linear under saved-tensor hooks.*without activation "
+        r"params\['0.weight'\] is used by linear under saved-tensor hooks.*method='loop'"
         if method == "layers"
-        else "saved tensor hooks"  # auto falls back to vmap; torch.func names the problem
+        else r"method='vmap': loss_fn runs under saved-tensor hooks.*method='loop'"
     )
-    with pytest.raises((ValueError, RuntimeError), match=message):
+    with pytest.raises(ValueError, match=message):
         ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method=method)
-    if method == "layers":
-        with pytest.raises(ValueError, match=message):
-            ft.per_sample_grads(loss_fn, params, batch, method="layers")
+    with pytest.raises(ValueError, match=message):
+        ft.per_sample_grads(loss_fn, params, batch, method=method)
+    # "auto" takes the loop, whose autograd passes recompute as torch does.
+    got = ft.clipped_grad_sum(loss_fn, params, batch, 1.0)
+    want = ft.clipped_grad_sum(loss_fn, params, batch, 1.0, method="loop")
+    assert_trees_all_equal(got.grad_sum, want.grad_sum)
 
 
 def _gram_reference(ps):

@@ -135,8 +135,9 @@ def layers_error(err: Unsupported, params: PyTree) -> ValueError:
         # torch.func's grad refuses these hooks too, so method="vmap" is no way out.
         return ValueError(
             f"method='layers': {path} is used by {err.call} {err.context}, whose backward "
-            "recomputes or reloads tensors outside the per-example vmap; per-sample gradients "
-            "need loss_fn without activation checkpointing or offloading"
+            "recomputes or reloads tensors outside the per-layer rules, and method='vmap' "
+            "cannot differentiate them either; use method='loop' (one autograd pass per "
+            "example), which method='auto' picks for them"
         )
     where = f" {err.context}" if err.context else ""
     return ValueError(

@@ -395,12 +395,16 @@ def _example_grad(
     """
     # The caller may be under no_grad (torch.func.grad ignores it too) or inference_mode, under
     # which autograd recorded nothing and every gradient came out as zeros.
+    from functrain.train import _recompute  # functrain.train imports functrain.grads
+
     with torch.inference_mode(False), torch.enable_grad():
-        loss, extras = example_loss(leaves, example)
+        with _recompute.recorded_calls() as calls:
+            loss, extras = example_loss(leaves, example)
         if leaves and loss.requires_grad:
-            grads = list(
-                torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-            )
+            with _recompute.recomputing(calls):  # activation checkpointing inside a module
+                grads = list(
+                    torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+                )
         else:  # no parameter reaches the loss
             grads = [torch.zeros_like(p) for p in leaves]
     # Detached: an aux output that depends on params would hold the example's graph.

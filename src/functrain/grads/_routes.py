@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from functrain import _func_transforms, tree
+from functrain._messages import message
 from functrain.grads._layer_dispatch import eager_only_error, layers_error
 from functrain.grads._layer_passes import per_sample_by_layers
-from functrain.grads._layer_rules import Unsupported
+from functrain.grads._layer_rules import SAVED_TENSOR_HOOKS, Unsupported
 from functrain.grads._per_example import (
     RECURRENT_NAMES,
     AuxSplit,
@@ -41,10 +42,12 @@ __all__: list[str] = []  # internal
 
 PyTree = Any
 
+# torch.func's refusal of saved-tensor hooks (activation checkpointing) in the loss.
+_FUNC_HOOKS_REFUSAL = "support saved tensor hooks"
 # What the errors of a recurrent kernel under vmap advise.
 _USE_LOOP = (
     "Use method='loop' (one gradient per example, one after another; method='auto' picks it "
-    "for these modules)."
+    "for these modules and for activation checkpointing)."
 )
 # ... and under an outer torch.func transform, where the loop is refused too (it named the loop,
 # whose refusal named vmap: each error sent the user to the other).
@@ -140,6 +143,13 @@ def _vmap_grad(
             clear = rnn_vmap_error(err, "per-sample gradients", advice)
             if clear is not None:
                 raise (RecurrentCall("a recurrent module") if auto is not None else clear) from err
+            if _FUNC_HOOKS_REFUSAL in message(err):
+                if auto is not None and not transformed:
+                    raise RecurrentCall("saved-tensor hooks") from err  # the loop can
+                raise ValueError(
+                    "method='vmap': loss_fn runs under saved-tensor hooks (activation "
+                    "checkpointing or offloading), which torch.func cannot differentiate. " + advice
+                ) from err
             raise
         return values, grads
 
@@ -210,7 +220,10 @@ def _auto(
                 if err.fatal:  # vmap cannot differentiate it either
                     raise layers_error(err, params) from None
                 generators.set(before)
-                route[0] = loop if err.call in RECURRENT_NAMES else vmap
+                # torch.func cannot differentiate saved-tensor hooks (activation
+                # checkpointing) either: the loop's autograd passes can.
+                to_loop = err.call in RECURRENT_NAMES or err.context == SAVED_TENSOR_HOOKS
+                route[0] = loop if to_loop else vmap
             except RecurrentCall:
                 generators.set(before)
                 route[0] = loop
