@@ -4,10 +4,17 @@ A :class:`~functrain.FunctionalModel` puts the step's tensors into its module on
 call runs. ``torch.utils.checkpoint`` (``use_reentrant=False``, ``checkpoint_sequential``) runs
 the checkpointed forward again during backward, after that call returned: the module then held
 its own tensors, and the gradients of every step after the first were taken at stale
-parameters, silently. The step records the model calls of a micro-batch's forward
-(:func:`recorded_calls`); while that micro-batch's backward runs (:func:`recomputing`), the
-first module forward of a recorded model (a recompute: backward runs no forward otherwise)
-reinstalls the tensors that model's call used, until the backward ends.
+parameters, silently. The step records the model calls of a micro-batch's forward made with
+grad enabled (:func:`recorded_calls`; a call under ``no_grad``, such as a teacher's, builds no
+graph and is never recomputed); while that micro-batch's backward runs (:func:`recomputing`),
+each recorded module holds the tensors, and runs in the mode, of its call.
+
+They are installed for the whole backward, not at the recompute's first module forward: a
+checkpointed function may read a parameter without running any submodule
+(``checkpoint(lambda t: t @ self.w, x)``). A module that two calls used with different
+tensors or modes (one model called with two parameter sets, a model of a submodule of
+another model, ``model.train()`` and ``model.eval()`` of one module) cannot hold both: nothing
+is installed in it, and a forward of it during backward (a recompute) raises.
 """
 
 from __future__ import annotations
@@ -19,24 +26,27 @@ from typing import Any
 
 import torch
 
-__all__: list[str] = []  # internal
+__all__: list[str] = []
 
 _LOCAL = threading.local()
-_AMBIGUOUS = object()  # a model called with two different sets of tensors in one forward
 
 
-def note(model: Any, tensors: dict[str, Any]) -> None:
-    """Records a model call (``FunctionalModel._swap_and_run``) while the step records."""
+def note(model: Any, tensors: dict[str, Any], params: Any, source: Any) -> None:
+    """Records a model call (``FunctionalModel._swap_and_run``) while the step records.
+
+    ``tensors`` are the ones swapped in; ``params`` and ``source`` (the buffers the call was
+    given, before it copied them) tell two calls with the same inputs apart from others.
+    """
     calls = getattr(_LOCAL, "calls", None)
-    if calls is not None:
-        calls.append((model, tensors))
+    if calls is not None and torch.is_grad_enabled():
+        calls.append((model, tensors, params, source))
 
 
 @contextlib.contextmanager
-def recorded_calls() -> Iterator[list[tuple[Any, dict[str, Any]]]]:
-    """Collects ``(model, tensors)`` of the model calls made in this thread meanwhile."""
+def recorded_calls() -> Iterator[list[tuple[Any, ...]]]:
+    """Collects the model calls made in this thread meanwhile (see :func:`note`)."""
     outer = getattr(_LOCAL, "calls", None)
-    calls: list[tuple[Any, dict[str, Any]]] = []
+    calls: list[tuple[Any, ...]] = []
     _LOCAL.calls = calls
     try:
         yield calls
@@ -44,52 +54,79 @@ def recorded_calls() -> Iterator[list[tuple[Any, dict[str, Any]]]]:
         _LOCAL.calls = outer
 
 
-def _used(calls: list[tuple[Any, dict[str, Any]]]) -> dict[Any, Any]:
-    """Each model's tensors, or ``_AMBIGUOUS`` when its calls used different ones."""
-    used: dict[Any, Any] = {}
-    for model, tensors in calls:
-        seen = used.get(model)
-        if seen is None:
-            used[model] = tensors
-        elif seen is not _AMBIGUOUS and (
-            seen.keys() != tensors.keys() or any(seen[k] is not t for k, t in tensors.items())
+def _same(a: Any, b: Any) -> bool:
+    return a is b or (a.keys() == b.keys() and all(a[k] is t for k, t in b.items()))
+
+
+def _settings(calls: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, Any]], list[Any]]:
+    """``([(model, tensors)] to install, [modules that must not run a forward])``."""
+    first: dict[int, tuple[Any, ...]] = {}  # id(module) -> its first call
+    clashing: set[int] = set()
+    for call in calls:
+        model, _, params, source = call
+        seen = first.setdefault(id(model.module), call)
+        if seen is not call and not (
+            seen[0].training == model.training and _same(seen[2], params) and _same(seen[3], source)
         ):
-            used[model] = _AMBIGUOUS
-    return used
+            clashing.add(id(model.module))
+    roots = [(c[0], c[1]) for c in first.values()]
+    if len(roots) > 1:  # a module inside another one's tree: which call does it recompute?
+        owner: dict[int, int] = {}
+        for model, _ in roots:
+            for sub in model.module.modules():
+                other = owner.setdefault(id(sub), id(model.module))
+                if other != id(model.module):
+                    clashing.update((other, id(model.module)))
+    install = [r for r in roots if id(r[0].module) not in clashing]
+    refused = [r[0].module for r in roots if id(r[0].module) in clashing]
+    return install, refused
+
+
+def _refuse(roots: list[Any]) -> torch.utils.hooks.RemovableHandle:
+    """A forward pre-hook raising on a forward of ``roots`` (or a submodule) not run by a
+    functional model's own call (which swaps its tensors in first)."""
+    owned = {id(sub): root for root in roots for sub in root.modules()}
+    own = {id(root): [t for _, t in root.named_parameters()] for root in roots}
+
+    def before_forward(module: torch.nn.Module, args: Any) -> None:
+        root = owned.get(id(module))
+        if root is None:
+            return
+        held = [t for _, t in root.named_parameters()]
+        if len(held) != len(own[id(root)]) or any(a is not b for a, b in zip(held, own[id(root)])):
+            return  # a functional call is running (checkpoint around a model call)
+        raise RuntimeError(
+            f"activation checkpointing recomputed a forward of {type(module).__name__} "
+            "during backward, but this micro-batch's ft.functionalize models called it with "
+            "two different sets of parameters, buffers or modes (one model with two parameter "
+            "sets, a model of a submodule of another model, model.train() and model.eval()), "
+            "and the recompute cannot tell which it needs: give each its own module "
+            "(ft.functionalize(copy.deepcopy(module)))"
+        )
+
+    return torch.nn.modules.module.register_module_forward_pre_hook(before_forward)
 
 
 @contextlib.contextmanager
-def recomputing(calls: list[tuple[Any, dict[str, Any]]]) -> Iterator[None]:
-    """Around a backward pass: a forward of a recorded model's module (or submodule) first
-    reinstalls that model's tensors; all are put back when the backward ends."""
+def recomputing(calls: list[tuple[Any, ...]]) -> Iterator[None]:
+    """Around a backward pass: each recorded module holds its call's tensors (and mode)
+    until the backward ends; a module two calls used differently refuses a recompute."""
     if not calls:
         yield
         return
-    used = _used(calls)
-    owners: dict[int, Any] = {}
-    installed: dict[Any, contextlib.ExitStack] = {}
-
-    def before_forward(module: torch.nn.Module, args: Any) -> None:
-        if not owners:
-            for model in used:
-                for sub in model.module.modules():
-                    owners.setdefault(id(sub), model)
-        model = owners.get(id(module))
-        if model is None or model in installed:
-            return
-        if used[model] is _AMBIGUOUS:
-            raise RuntimeError(
-                f"activation checkpointing recomputed a forward of {type(module).__name__} "
-                "during backward, but this micro-batch called its ft.functionalize model with "
-                "two different sets of parameters, and the recompute cannot tell which it "
-                "needs: give each set its own model (ft.functionalize(copy.deepcopy(module)))"
-            )
-        installed[model] = model._install(used[model])
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(before_forward)
-    try:
+    if len(calls) == 1 and calls[0][0].training is None and calls[0][0]._slots is not None:
+        model, tensors = calls[0][0], calls[0][1]  # the usual case, without the ExitStacks
+        saved: list[tuple[dict[str, Any], str, Any]] = []
+        try:
+            model._swap_in(tensors, saved)
+            yield
+        finally:
+            model._swap_out(saved)
+        return
+    install, refused = _settings(calls)
+    with contextlib.ExitStack() as stack:
+        if refused:
+            stack.callback(_refuse(refused).remove)
+        for model, tensors in install:
+            stack.enter_context(model._install(tensors))
         yield
-    finally:
-        handle.remove()
-        for stack in reversed(installed.values()):
-            stack.close()

@@ -85,7 +85,7 @@ class FunctionalModel:
     registering a parametrization afterwards raises on the next call; rebuild the model then.
 
     Activation checkpointing inside the module's ``forward`` recomputes during backward, after
-    the call returned: ``make_train_step``'s step reinstalls the call's tensors for that
+    the call returned: ``make_train_step``'s step reinstalls the call's tensors and mode for that
     recompute; a backward run by hand recomputes with the module's own tensors.
 
     Example:
@@ -240,12 +240,14 @@ class FunctionalModel:
             "reaches its tensors: rebuild it with ft.functionalize(module)"
         )
 
-    def _run(self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any) -> Any:
+    def _run(
+        self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any, source: Any
+    ) -> Any:
         compiling = torch.compiler.is_compiling()
         if not compiling:
             _drop_cached(self._cache_keys)
         try:
-            return self._swap_and_run(params, buffers, args, kwargs)
+            return self._swap_and_run(params, buffers, args, kwargs, source)
         except Exception as err:
             with _no_function_modes():
                 _add_placement_note(err, {**params, **buffers})
@@ -255,15 +257,16 @@ class FunctionalModel:
                 _drop_cached(self._cache_keys)
 
     def _swap_and_run(
-        self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any
+        self, params: dict[str, Any], buffers: dict[str, Any], args: Any, kwargs: Any, source: Any
     ) -> Any:
-        """Runs the forward on ``params`` and ``buffers``; a buffer the forward *reassigns*
-        (``self.avg = 0.9 * self.avg + ...``, not in place) is written back into ``buffers``."""
+        """Runs the forward on ``params`` and ``buffers`` (copies of ``source``); a buffer the
+        forward *reassigns* (``self.avg = 0.9 * self.avg + ...``, not in place) is written back
+        into ``buffers``."""
         tensors = {**params, **buffers}
         for alias, name in self._aliases:
             tensors[alias] = tensors[name]
         if not torch.compiler.is_compiling():
-            _recompute.note(self, tensors)  # for activation checkpointing's recompute
+            _recompute.note(self, tensors, params, source)  # activation checkpointing
         if torch.compiler.is_compiling() or self._slots is None:
             # functional_call writes reassigned tensors back into the dict it was given
             out = functional_call(
@@ -313,16 +316,22 @@ class FunctionalModel:
         """The module holding ``tensors`` until the returned stack is closed (a recompute of
         activation checkpointing during backward, :mod:`functrain.train._recompute`)."""
         stack = contextlib.ExitStack()
-        if self._slots is None:
-            stack.enter_context(
-                torch.nn.utils.stateless._reparametrize_module(
-                    self.module, tensors, tie_weights=False, strict=False
+        try:
+            # the recompute runs in the call's mode: dropout, BatchNorm as in the forward
+            stack.enter_context(self._mode())
+            if self._slots is None:
+                stack.enter_context(
+                    torch.nn.utils.stateless._reparametrize_module(
+                        self.module, tensors, tie_weights=False, strict=False
+                    )
                 )
-            )
-            return stack
-        saved: list[tuple[dict[str, Any], str, Any]] = []
-        stack.callback(self._swap_out, saved)
-        self._swap_in(tensors, saved)
+                return stack
+            saved: list[tuple[dict[str, Any], str, Any]] = []
+            stack.callback(self._swap_out, saved)
+            self._swap_in(tensors, saved)
+        except BaseException:  # a structure error half-way: put back what was swapped in
+            stack.close()
+            raise
         return stack
 
     def __call__(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
@@ -345,7 +354,7 @@ class FunctionalModel:
                 )
             copies = {k: v.clone() for k, v in self.buffers.items()}
             buffers = dict(copies)
-            out = self._run(params, buffers, args, kwargs)
+            out = self._run(params, buffers, args, kwargs, self.buffers)
         # Any other in-place buffer write (spectral_norm's u and v, a custom counter) bumps the
         # copy's version counter, a reassigned buffer comes back as another tensor: refuse to
         # drop either silently. Dynamo cannot trace _version, and inference tensors have none.
@@ -389,7 +398,7 @@ class FunctionalModel:
         self._check_names(params, buffers)
         new_buffers = {k: v.clone() for k, v in buffers.items()}
         with self._mode():
-            out = self._run(params, new_buffers, args, kwargs)
+            out = self._run(params, new_buffers, args, kwargs, buffers)
         return out, new_buffers
 
     def __repr__(self) -> str:
