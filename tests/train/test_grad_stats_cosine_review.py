@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_grad_stats_cosine_backward import _split
 
 import functrain as ft
 from functrain.train._grad_helpers import _SqNormRecord
@@ -26,14 +27,6 @@ def _by_hand(mean_loss, params, micro_batches):
             flat.append(vec)
     pairs = [float(a @ b / (a.norm() * b.norm())) for a, b in itertools.combinations(flat, 2)]
     return sum(pairs) / len(pairs) if pairs else math.nan
-
-
-def _split(batch, sizes):
-    out, start = [], 0
-    for size in sizes:
-        out.append({k: v[start : start + size] for k, v in batch.items()})
-        start += size
-    return out
 
 
 def _step(loss_fn, params, batch, sizes, hook=True, backend="autograd"):
