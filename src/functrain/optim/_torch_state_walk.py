@@ -157,6 +157,7 @@ class _Ctx:
     group_of: list[int]  # torch position -> index of its param group
     consumed: set[tuple[int, str]] = dataclasses.field(default_factory=set)
     vary: bool = False  # inside inject_hyperparams with schedules: its scales change with time
+    order_hint: str = ""  # appended to shape mismatches when the order is params' own
 
 
 def _is_marker(pre: Any) -> bool:
@@ -265,7 +266,7 @@ def _slot(ctx: _Ctx, node: Any, field: str, kind: str | None, pre: Any, where: s
         if tuple(src.shape) != tuple(ctx.shapes[i]):
             raise ValueError(
                 f"{ctx.paths[i]} has shape {tuple(ctx.shapes[i])} but torch parameter {k}'s "
-                f"{torch_field!r} has shape {tuple(src.shape)}"
+                f"{torch_field!r} has shape {tuple(src.shape)}{ctx.order_hint}"
             )
         new = src.detach().to(device=leaf.device, dtype=leaf.dtype, copy=True)
         out.append(new if pre is None else new * pre)
@@ -436,10 +437,19 @@ def _context(params: Any, order: Any, groups: list[dict[str, Any]], to_torch: bo
         raise ValueError(
             f"the torch optimizer has {n_torch} parameters but params has {len(leaves)} leaves"
         )
-    paths, pos_of_leaf = _positions(params, _named_order(params, order, groups))
+    named = _named_order(params, order, groups)
+    paths, pos_of_leaf = _positions(params, named)
     shapes = [leaf.shape for leaf in leaves]
     group_of = [i for i, g in enumerate(groups) for _ in g["params"]]
-    return _Ctx(paths, shapes, pos_of_leaf, spec, {}, {}, None, to_torch, groups, group_of)
+    ctx = _Ctx(paths, shapes, pos_of_leaf, spec, {}, {}, None, to_torch, groups, group_of)
+    if named is None:
+        # Param groups built from net.parameters() in another order (weights, then biases)
+        # record no names; the user cannot guess that order= is the way out.
+        ctx.order_hint = (
+            "; torch's parameters were taken in params' insertion order (its param_groups name "
+            "none): for groups built in another order, pass order=[params keys in torch's order]"
+        )
+    return ctx
 
 
 def _required(family: str, group: dict[str, Any]) -> set[str]:

@@ -117,7 +117,7 @@ def opt_state_from_torch(
             if tuple(ctx.shapes[i]) != shapes[k]:
                 raise ValueError(
                     f"{ctx.paths[i]} has shape {tuple(ctx.shapes[i])} but torch parameter {k} "
-                    f"has shape {shapes[k]}"
+                    f"has shape {shapes[k]}{ctx.order_hint}"
                 )
     ids = [i for g in groups for i in g["params"]]
     raw = {k: torch_state["state"].get(i, {}) for k, i in enumerate(ids)}
@@ -223,7 +223,7 @@ def opt_state_to_torch(
         if tuple(ctx.shapes[i]) != tuple(torch_params[k][1].shape):
             raise ValueError(
                 f"{ctx.paths[i]} has shape {tuple(ctx.shapes[i])} but torch parameter {k} has "
-                f"shape {tuple(torch_params[k][1].shape)}"
+                f"shape {tuple(torch_params[k][1].shape)}{ctx.order_hint}"
             )
     ctx.families = dict.fromkeys(range(len(torch_params)), family)
     _walk(ctx, opt_state, tx, None, "opt_state")
