@@ -13,8 +13,8 @@ and a pre-LayerNorm transformer block (attention and MLP halves checkpointed), w
 momentum, Adam) on a copy of the module over the global batch. Parameters, loss and
 ``grad_norm`` agree to rounding; the hook's metrics equal the single-process step's on the
 same module without checkpointing, split into the ranks' micro-batches in rank order.
-These need ``grad_backend='autograd'`` (or ``'auto'``): the step's default, ``'func'``, refuses
-the checkpoint (``xfail``, strict).
+They take ``grad_backend='auto'`` (the default, as ``make_train_step``'s) or ``'autograd'``;
+``'func'`` refuses the checkpoint by name.
 """
 
 from __future__ import annotations
@@ -80,13 +80,5 @@ def test_cosine_hook_sees_the_uncheckpointed_micro_batch_gradients(
                 assert abs(g[k] - w[k]) <= TIGHT * max(1.0, abs(w[k])), (k, g[k], w[k])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # the probe recorded the step's ValueError
-    reason="make_data_parallel_train_step defaults to grad_backend='func' (make_train_step: "
-    "'auto'), and torch.func refuses the checkpoint's saved-tensor hooks; its error says "
-    "'the default auto picks autograd', which is not this step's default "
-    "(src/functrain/distributed/step.py)",
-)
 def test_default_grad_backend_trains_a_checkpointed_module(job: list[dict]) -> None:
     _check_matches_torch(gloo_jobs.probe_results(job, "default_backend"))

@@ -62,7 +62,7 @@ def make_data_parallel_train_step(
     chunk_size: int | None = None,
     donate: bool = True,
     seed_rng: bool = True,
-    grad_backend: Literal["func", "autograd"] = "func",
+    grad_backend: Literal["auto", "func", "autograd"] = "auto",
     norm_metrics: bool = True,
     nonfinite: Literal["skip", "ignore"] = "skip",
     max_consecutive_skips: int | None = None,
