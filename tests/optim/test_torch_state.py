@@ -242,7 +242,7 @@ def test_frozen_parameter() -> None:
     torch_steps(net, opt, 0, 3)
     model, params = functional(net)
     with pytest.raises(
-        ValueError, match=r"params\['l1.bias'\] \(torch parameter 1\).*selective_transform"
+        ValueError, match=r"params\['l1.bias'\] \(torch parameter 1: .*selective_transform"
     ):
         ft.opt_state_from_torch(ft.adam(1e-2), params, opt)
     freeze = {k: k == "l1.bias" for k in params}
@@ -304,7 +304,9 @@ def test_error_missing_state() -> None:
     _, opt, params = _adam_after()
     sd = opt.state_dict()
     del sd["state"][4]
-    with pytest.raises(ValueError, match=r"no state for params\['l3.bias'\] \(torch parameter 4\)"):
+    with pytest.raises(
+        ValueError, match=r"no stepped state for params\['l3.bias'\] \(torch parameter 4: none"
+    ):
         ft.opt_state_from_torch(ft.adam(1e-2), params, sd)
 
 

@@ -444,3 +444,16 @@ def test_a_tx_without_any_state_torch_needs_is_refused_going_back() -> None:
     # A plain SGD keeps nothing either: nothing to refuse.
     plain = torch.optim.SGD(net.parameters(), lr=0.1)
     assert ft.opt_state_to_torch(tx, tx.init(params), params, plain)["state"] == {}
+
+
+def test_adagrads_frozen_parameter_is_named_with_its_step_0_state() -> None:
+    """torch's Adagrad makes every parameter's state (step 0) in ``__init__``: a parameter
+    that never gets a gradient keeps it, and the refusal says so rather than "no state"."""
+    net = Net()
+    net.head.bias.requires_grad_(False)
+    opt = torch.optim.Adagrad(net.parameters(), lr=0.1)
+    torch_steps(net, opt, 0, 2)
+    assert float(opt.state[net.head.bias]["step"]) == 0
+    _, params = functional(net)
+    with pytest.raises(ValueError, match=r"params\['head.bias'\].*one at step 0 as Adagrad"):
+        ft.opt_state_from_torch(ft.adagrad(0.1), params, opt)

@@ -218,8 +218,9 @@ def _slot(ctx: _Ctx, node: Any, field: str, kind: str | None, pre: Any, where: s
         family = ctx.families.get(k)
         if family is None:
             raise ValueError(
-                f"torch has no state for {ctx.paths[i]} (torch parameter {k}) while others have "
-                f"some, but tx keeps {where}.{field} for it; a parameter that never gets a "
+                f"torch has no stepped state for {ctx.paths[i]} (torch parameter {k}: none, or "
+                "one at step 0 as Adagrad makes in __init__) while others have some, but tx "
+                f"keeps {where}.{field} for it; a parameter that never gets a "
                 "gradient must be left out of the optimizer's state: wrap it with "
                 "ft.selective_transform(tx, freeze_mask=...) or ft.partition/ft.masked, whose "
                 "state there is a MaskedNode"
