@@ -55,15 +55,11 @@ def _split(batch, sizes):
 
 
 def _metrics(loss_fn, params, batch, sizes, backend="autograd", **options):
+    """One SGD step with ``noise_scale_hook(cosine=True)`` (``grad_stats=None``: without it)."""
     tx = ft.sgd(0.1)
+    options.setdefault("grad_stats", ft.noise_scale_hook(cosine=True))
     step = ft.make_train_step(
-        loss_fn,
-        tx,
-        micro_batches=sizes,
-        grad_backend=backend,
-        grad_stats=ft.noise_scale_hook(cosine=True),
-        donate=False,
-        **options,
+        loss_fn, tx, micro_batches=sizes, grad_backend=backend, donate=False, **options
     )
     state, metrics = step(ft.TrainState.create(params=params, tx=tx), batch)
     return state, metrics, step

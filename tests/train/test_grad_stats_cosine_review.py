@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_grad_stats_cosine_backward import _split
+from test_grad_stats_cosine_backward import _metrics, _split
 
 import functrain as ft
 from functrain.train._grad_helpers import _SqNormRecord
@@ -30,16 +30,8 @@ def _by_hand(mean_loss, params, micro_batches):
 
 
 def _step(loss_fn, params, batch, sizes, hook=True, backend="autograd"):
-    tx = ft.sgd(0.1)
-    step = ft.make_train_step(
-        loss_fn,
-        tx,
-        micro_batches=sizes,
-        grad_backend=backend,
-        grad_stats=ft.noise_scale_hook(cosine=True) if hook else None,
-        donate=False,
-    )
-    return step(ft.TrainState.create(params=params, tx=tx), batch)
+    off = {} if hook else {"grad_stats": None}
+    return _metrics(loss_fn, params, batch, sizes, backend, **off)[:2]
 
 
 def _data(n, seed=0):
